@@ -1,0 +1,9 @@
+//! `file`: JSON lines, CSV and Parquet files as a source; JSON lines and Parquet as a sink.
+
+mod config;
+mod sink;
+mod source;
+
+pub use config::{FileFormat, FileSinkConfig, FileSourceConfig};
+pub use sink::FileSink;
+pub use source::FileSource;

@@ -1,0 +1,499 @@
+//! The file source: a file or a directory of files, one partition per file.
+//!
+//! `_offset` is the record's position in its file, counting from 0 (blank lines of a JSON
+//! lines file are skipped and not counted). A record that does not decode stops the read
+//! with an error naming the file, the line, the offset and the reason: the batch is decoded
+//! in one call, and only when that fails are its records decoded one by one to find the bad
+//! one.
+//!
+//! Reads are synchronous: a local file is read a batch at a time, and decoding, not I/O,
+//! dominates. `read` has no await point, so it is cancel safe.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::compute::cast;
+use arrow::datatypes::{Schema, SchemaRef};
+use async_trait::async_trait;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use sluice_engine::batch::{self, Envelope, PartitionInfo};
+use sluice_engine::source::{Assignment, PartitionReader, Source};
+use sluice_engine::{Error, Result};
+
+use super::{FileFormat, FileSourceConfig};
+
+const INFER_RECORDS: usize = 1000;
+
+pub struct FileSource {
+    files: Vec<PathBuf>,
+    format: FileFormat,
+    records: SchemaRef,
+    schema: SchemaRef,
+    config: FileSourceConfig,
+    batch_size: usize,
+    next: usize,
+}
+
+impl FileSource {
+    /// Lists the files and settles the schema (declared, inferred, or from Parquet).
+    pub fn open(config: FileSourceConfig, batch_size: usize) -> Result<Self> {
+        let files = list_files(&config.path)?;
+        let format = match config.resolved_format() {
+            Some(f) => f,
+            None => {
+                let formats: Vec<_> = files.iter().map(|f| FileFormat::from_path(f)).collect();
+                match formats.first() {
+                    Some(Some(f)) if formats.iter().all(|g| *g == Some(*f)) => *f,
+                    _ => {
+                        return Err(Error::Plan(format!(
+                            "the files in `{}` do not share one known extension: set `format`",
+                            config.path.display()
+                        )));
+                    }
+                }
+            }
+        };
+        let records: SchemaRef = match (&config.schema, format) {
+            (Some(spec), _) => spec.to_arrow(),
+            (None, FileFormat::Parquet) => parquet_schema(&files[0])?,
+            (None, FileFormat::Jsonl) => infer_jsonl(&files[0])?,
+            (None, FileFormat::Csv) => infer_csv(&files[0], &config)?,
+        };
+        let schema = batch::with_metadata(&records)?;
+        Ok(FileSource {
+            files,
+            format,
+            records,
+            schema,
+            config,
+            batch_size: batch_size.max(1),
+            next: 0,
+        })
+    }
+
+    fn reader(&self, index: usize) -> Result<Box<dyn PartitionReader>> {
+        let path = &self.files[index];
+        let info = Arc::new(PartitionInfo {
+            id: index as u32,
+            name: path.display().to_string().into(),
+        });
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let common = Common {
+            info,
+            schema: self.schema.clone(),
+            records: self.records.clone(),
+            next_offset: 0,
+            done: false,
+        };
+        Ok(match self.format {
+            FileFormat::Jsonl => Box::new(JsonlReader {
+                common,
+                file: BufReader::with_capacity(1 << 20, file),
+                line: 0,
+                buf: Vec::new(),
+                starts: Vec::new(),
+                max_record: self.config.max_record_size.0 as usize,
+                batch_size: self.batch_size,
+            }),
+            FileFormat::Csv => Box::new(CsvReader {
+                decoder: csv_builder(self.records.clone(), &self.config)
+                    .with_batch_size(self.batch_size)
+                    .build_decoder(),
+                common,
+                file: BufReader::with_capacity(1 << 20, file),
+            }),
+            FileFormat::Parquet => {
+                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .and_then(|b| b.with_batch_size(self.batch_size).build())
+                    .map_err(|e| {
+                        Error::Plan(format!(
+                            "{}: not a readable Parquet file: {e}",
+                            path.display()
+                        ))
+                    })?;
+                Box::new(ParquetReader { common, reader })
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Source for FileSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn partition_hint(&self) -> usize {
+        self.files.len()
+    }
+
+    async fn next_assignment(&mut self) -> Result<Option<Assignment>> {
+        if self.next >= self.files.len() {
+            return Ok(None);
+        }
+        let reader = self.reader(self.next)?;
+        self.next += 1;
+        Ok(Some(Assignment::Assign(reader)))
+    }
+}
+
+fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+        let entry = entry.map_err(|e| Error::io(path, e))?;
+        let name = entry.file_name();
+        let hidden = name.to_string_lossy().starts_with('.');
+        if !hidden
+            && entry
+                .file_type()
+                .map_err(|e| Error::io(entry.path(), e))?
+                .is_file()
+        {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Plan(format!(
+            "the directory `{}` has no files to read",
+            path.display()
+        )));
+    }
+    Ok(files)
+}
+
+fn parquet_schema(path: &Path) -> Result<SchemaRef> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .map(|b| b.schema().clone())
+        .map_err(|e| {
+            Error::Plan(format!(
+                "{}: not a readable Parquet file: {e}",
+                path.display()
+            ))
+        })
+}
+
+fn infer_jsonl(path: &Path) -> Result<SchemaRef> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let (schema, _) =
+        arrow::json::reader::infer_json_schema(BufReader::new(file), Some(INFER_RECORDS))
+            .map_err(|e| Error::Plan(format!("{}: cannot infer a schema: {e}", path.display())))?;
+    Ok(Arc::new(schema))
+}
+
+fn infer_csv(path: &Path, config: &FileSourceConfig) -> Result<SchemaRef> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let (schema, _) = arrow::csv::reader::Format::default()
+        .with_header(config.header)
+        .with_delimiter(config.delimiter as u8)
+        .infer_schema(file, Some(INFER_RECORDS))
+        .map_err(|e| Error::Plan(format!("{}: cannot infer a schema: {e}", path.display())))?;
+    Ok(Arc::new(schema))
+}
+
+fn csv_builder(schema: SchemaRef, config: &FileSourceConfig) -> arrow::csv::ReaderBuilder {
+    arrow::csv::ReaderBuilder::new(schema)
+        .with_header(config.header)
+        .with_header_validation(config.header)
+        .with_delimiter(config.delimiter as u8)
+}
+
+/// What every file reader shares.
+struct Common {
+    info: Arc<PartitionInfo>,
+    schema: SchemaRef,
+    records: SchemaRef,
+    next_offset: i64,
+    done: bool,
+}
+
+impl Common {
+    fn envelope(&mut self, records: RecordBatch) -> Result<Envelope> {
+        let first = self.next_offset;
+        let batch = batch::append_metadata(&self.schema, records, self.info.id, first, None, None)?;
+        self.next_offset += batch.num_rows() as i64;
+        Ok(Envelope {
+            partition: self.info.clone(),
+            offsets: first..self.next_offset,
+            batch,
+        })
+    }
+
+    fn bad(&self, at: String, reason: String) -> Error {
+        Error::BadRecord {
+            origin: format!("{} {at}", self.info.name),
+            reason,
+        }
+    }
+}
+
+struct JsonlReader {
+    common: Common,
+    file: BufReader<File>,
+    /// Lines consumed so far.
+    line: u64,
+    /// The lines of the batch being read, back to back.
+    buf: Vec<u8>,
+    /// For each record of `buf`: where it starts and its line number.
+    starts: Vec<(usize, u64)>,
+    max_record: usize,
+    batch_size: usize,
+}
+
+impl JsonlReader {
+    fn decoder(&self) -> Result<arrow::json::reader::Decoder> {
+        arrow::json::ReaderBuilder::new(self.common.records.clone())
+            .with_batch_size(self.batch_size.max(self.starts.len()))
+            .build_decoder()
+            .map_err(|e| Error::arrow("building the JSON decoder", e))
+    }
+
+    /// Appends the next line to `buf`; false at the end of the file.
+    fn next_line(&mut self) -> Result<bool> {
+        let start = self.buf.len();
+        loop {
+            let available = match self.file.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(&*self.common.info.name, e)),
+            };
+            if available.is_empty() {
+                return Ok(self.buf.len() > start);
+            }
+            let (take, complete) = match available.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            if self.buf.len() - start + take > self.max_record + 1 {
+                let line = self.line + 1;
+                return Err(self.common.bad(
+                    format!("line {line}"),
+                    format!(
+                        "the record is larger than max_record_size ({})",
+                        sluice_engine::config::ByteSize(self.max_record as u64)
+                    ),
+                ));
+            }
+            self.buf.extend_from_slice(&available[..take]);
+            self.file.consume(take);
+            if complete {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn decode(&self, bytes: &[u8]) -> std::result::Result<Option<RecordBatch>, String> {
+        let mut decoder = self.decoder().map_err(|e| e.to_string())?;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let used = decoder.decode(rest).map_err(|e| clean_json_error(&e))?;
+            if used == 0 {
+                break;
+            }
+            rest = &rest[used..];
+        }
+        decoder.flush().map_err(|e| clean_json_error(&e))
+    }
+
+    /// Finds the first record of the batch that does not decode on its own.
+    fn locate_bad_record(&self, batch_error: String) -> Error {
+        for (i, &(start, line)) in self.starts.iter().enumerate() {
+            let end = self.starts.get(i + 1).map_or(self.buf.len(), |s| s.0);
+            let offset = self.common.next_offset + i as i64;
+            let at = format!("line {line} (offset {offset})");
+            match self.decode(&self.buf[start..end]) {
+                Err(reason) => return self.common.bad(at, reason),
+                Ok(Some(b)) if b.num_rows() != 1 => {
+                    return self
+                        .common
+                        .bad(at, "the line holds more than one JSON value".into());
+                }
+                Ok(_) => {}
+            }
+        }
+        let first = self.common.next_offset;
+        self.common.bad(
+            format!("offsets {first}..={}", first + self.starts.len() as i64 - 1),
+            batch_error,
+        )
+    }
+}
+
+#[async_trait]
+impl PartitionReader for JsonlReader {
+    fn info(&self) -> &Arc<PartitionInfo> {
+        &self.common.info
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
+        if self.common.done {
+            return Ok(None);
+        }
+        self.buf.clear();
+        self.starts.clear();
+        while self.starts.len() < max {
+            let start = self.buf.len();
+            if !self.next_line()? {
+                self.common.done = true;
+                break;
+            }
+            self.line += 1;
+            if self.buf[start..].iter().all(u8::is_ascii_whitespace) {
+                self.buf.truncate(start);
+                continue;
+            }
+            self.starts.push((start, self.line));
+        }
+        if self.starts.is_empty() {
+            return Ok(None);
+        }
+        let records = match self.decode(&self.buf) {
+            Ok(Some(b)) if b.num_rows() == self.starts.len() => b,
+            Ok(_) => {
+                return Err(self.locate_bad_record("a line holds more than one JSON value".into()));
+            }
+            Err(reason) => return Err(self.locate_bad_record(reason)),
+        };
+        self.common.envelope(records).map(Some)
+    }
+}
+
+/// Arrow's JSON errors, said for a person.
+fn clean_json_error(e: &arrow::error::ArrowError) -> String {
+    let text = e.to_string();
+    let text = text.strip_prefix("Json error: ").unwrap_or(&text);
+    if let Some(rest) = text.split("non-nullable").nth(1) {
+        if let Some(name) = rest
+            .split("name: \"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        {
+            return format!("missing required field `{name}` (it is declared nullable: false)");
+        }
+    }
+    text.to_string()
+}
+
+struct CsvReader {
+    common: Common,
+    file: BufReader<File>,
+    decoder: arrow::csv::reader::Decoder,
+}
+
+#[async_trait]
+impl PartitionReader for CsvReader {
+    fn info(&self) -> &Arc<PartitionInfo> {
+        &self.common.info
+    }
+
+    async fn read(&mut self, _max: usize) -> Result<Option<Envelope>> {
+        if self.common.done {
+            return Ok(None);
+        }
+        let first = self.common.next_offset;
+        loop {
+            if self.decoder.capacity() == 0 {
+                break;
+            }
+            let available = match self.file.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(&*self.common.info.name, e)),
+            };
+            if available.is_empty() {
+                self.common.done = true;
+                break;
+            }
+            let used = self.decoder.decode(available).map_err(|e| {
+                self.common
+                    .bad(format!("after offset {first}"), clean_csv_error(&e))
+            })?;
+            self.file.consume(used);
+        }
+        match self.decoder.flush() {
+            Ok(Some(records)) => self.common.envelope(records).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self
+                .common
+                .bad(format!("offsets from {first}"), clean_csv_error(&e))),
+        }
+    }
+}
+
+fn clean_csv_error(e: &arrow::error::ArrowError) -> String {
+    let text = e.to_string();
+    text.strip_prefix("Csv error: ")
+        .or_else(|| text.strip_prefix("Parser error: "))
+        .unwrap_or(&text)
+        .to_string()
+}
+
+struct ParquetReader {
+    common: Common,
+    reader: ParquetRecordBatchReader,
+}
+
+impl ParquetReader {
+    /// Selects the declared columns by name and casts them to the declared types.
+    fn conform(&self, batch: RecordBatch) -> Result<RecordBatch> {
+        let want: &Schema = &self.common.records;
+        if batch.schema().fields() == want.fields() {
+            return Ok(batch);
+        }
+        let mut columns = Vec::with_capacity(want.fields().len());
+        for field in want.fields() {
+            let column = match batch.column_by_name(field.name()) {
+                Some(c) => cast(c, field.data_type()).map_err(|e| {
+                    self.common.bad(
+                        format!("column `{}`", field.name()),
+                        format!("cannot read as {}: {e}", field.data_type()),
+                    )
+                })?,
+                None if field.is_nullable() => {
+                    arrow::array::new_null_array(field.data_type(), batch.num_rows())
+                }
+                None => {
+                    return Err(self.common.bad(
+                        "schema".into(),
+                        format!(
+                            "the file has no column `{}`, declared nullable: false",
+                            field.name()
+                        ),
+                    ));
+                }
+            };
+            columns.push(column);
+        }
+        RecordBatch::try_new(self.common.records.clone(), columns)
+            .map_err(|e| self.common.bad("schema".into(), e.to_string()))
+    }
+}
+
+#[async_trait]
+impl PartitionReader for ParquetReader {
+    fn info(&self) -> &Arc<PartitionInfo> {
+        &self.common.info
+    }
+
+    async fn read(&mut self, _max: usize) -> Result<Option<Envelope>> {
+        match self.reader.next() {
+            None => Ok(None),
+            Some(Err(e)) => Err(self.common.bad(
+                format!("after offset {}", self.common.next_offset),
+                e.to_string(),
+            )),
+            Some(Ok(batch)) => {
+                let records = self.conform(batch)?;
+                self.common.envelope(records).map(Some)
+            }
+        }
+    }
+}

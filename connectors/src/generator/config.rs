@@ -1,0 +1,88 @@
+use serde::Deserialize;
+use sluice_engine::config::{Duration, Location, Node, Problems};
+
+/// Synthetic view events of a streaming service, deterministic by seed.
+///
+/// ```yaml
+/// source:
+///   type: generator
+///   partitions: 4
+///   count: 1000000
+///   seed: 42
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorConfig {
+    /// Number of partitions; each user belongs to exactly one (default 1).
+    #[serde(default = "one")]
+    pub partitions: u32,
+    /// Records to generate across all partitions; omit for an endless stream.
+    pub count: Option<u64>,
+    /// Records per second across all partitions; omit to generate as fast as possible.
+    pub rate: Option<f64>,
+    /// Distinct users: the cardinality of the `user_id` key (default 100000).
+    #[serde(default = "default_users")]
+    pub users: u64,
+    /// Distinct titles; popular titles get most views (default 10000).
+    #[serde(default = "default_titles")]
+    pub titles: u64,
+    /// Seed of the random sequence: the same seed gives the same records (default 0).
+    #[serde(default)]
+    pub seed: u64,
+    /// Event time of each partition's first record, RFC 3339 (default 2026-01-01T00:00:00Z).
+    pub start_time: Option<String>,
+    /// Event time between consecutive records of a partition (default: 1s divided by the
+    /// partition's rate, or 1ms without a rate).
+    pub interval: Option<Duration>,
+    /// Records arrive up to this much later than their event time says, out of order
+    /// (default 0: event time increases).
+    pub disorder: Option<Duration>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_users() -> u64 {
+    100_000
+}
+fn default_titles() -> u64 {
+    10_000
+}
+
+impl GeneratorConfig {
+    /// Pure checks, every problem collected.
+    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
+        let mut bad = |key: &str, msg: String| problems.at_key(node, path, key, msg);
+        if self.partitions == 0 {
+            bad("partitions", "must be at least 1".into());
+        }
+        if self.users < u64::from(self.partitions) {
+            bad(
+                "users",
+                format!(
+                    "{} users cannot fill {} partitions: every partition needs at least one user",
+                    self.users, self.partitions
+                ),
+            );
+        }
+        if self.titles == 0 {
+            bad("titles", "must be at least 1".into());
+        }
+        if let Some(rate) = self.rate {
+            if !(rate > 0.0 && rate.is_finite()) {
+                bad(
+                    "rate",
+                    format!("must be a positive number of records per second, found {rate}"),
+                );
+            }
+        }
+        if let Some(t) = &self.start_time {
+            if super::parse_time_ms(t).is_none() {
+                bad(
+                    "start_time",
+                    format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! sluice-connectors: where records come from and where they go.
+//!
+//! One folder per system, each with `config.rs` (the YAML struct, whose doc comments are
+//! the user documentation), `source.rs` and/or `sink.rs`. The engine knows them only through
+//! `sluice_engine::source::Source` and `sluice_engine::sink::Sink`.
+
+pub mod file;
+pub mod generator;
+pub mod json;
+pub mod null;
+pub mod stdout;

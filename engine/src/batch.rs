@@ -1,0 +1,191 @@
+//! Batches and the metadata columns that travel with them.
+//!
+//! Every source appends four columns to the records it reads: `_partition` (UInt32),
+//! `_offset` (Int64, the record's position in its partition), `_key` (Utf8, nullable) and
+//! `_timestamp` (event time in milliseconds, UTC, nullable). Stages see and may use them, so
+//! every output and every failure can be traced to its input. Sinks leave them out unless a
+//! sink selects them.
+//!
+//! Batches move between tasks inside an [`Envelope`], which also records the partition and
+//! the offset range read, because a stage may filter out every row that carried them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, UInt32Array, new_null_array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use crate::{Error, Result};
+
+pub const PARTITION: &str = "_partition";
+pub const OFFSET: &str = "_offset";
+pub const KEY: &str = "_key";
+pub const TIMESTAMP: &str = "_timestamp";
+
+/// The names of the metadata columns, in the order sources append them.
+pub const METADATA_COLUMNS: [&str; 4] = [PARTITION, OFFSET, KEY, TIMESTAMP];
+
+pub fn is_metadata(name: &str) -> bool {
+    METADATA_COLUMNS.contains(&name)
+}
+
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+fn metadata_fields() -> [Field; 4] {
+    [
+        Field::new(PARTITION, DataType::UInt32, false),
+        Field::new(OFFSET, DataType::Int64, false),
+        Field::new(KEY, DataType::Utf8, true),
+        Field::new(TIMESTAMP, timestamp_type(), true),
+    ]
+}
+
+/// The schema a source produces: its record fields followed by the metadata columns.
+pub fn with_metadata(records: &Schema) -> Result<SchemaRef> {
+    let mut fields: Vec<Field> = records
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    for f in &fields {
+        if is_metadata(f.name()) {
+            return Err(Error::Plan(format!(
+                "the record field `{}` has the name of a metadata column; rename it",
+                f.name()
+            )));
+        }
+    }
+    fields.extend(metadata_fields());
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Where a batch came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// Index of the partition within its source.
+    pub id: u32,
+    /// A name for people: a file path, `topic/3`, `generator/2`.
+    pub name: Arc<str>,
+}
+
+/// A batch in flight with its provenance.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub partition: Arc<PartitionInfo>,
+    /// Offsets read from the partition for this batch, whether or not rows survive stages.
+    pub offsets: Range<i64>,
+    pub batch: RecordBatch,
+}
+
+impl Envelope {
+    /// "data/views.jsonl offsets 0..8191" — for error messages.
+    pub fn origin(&self) -> String {
+        if self.offsets.end - self.offsets.start == 1 {
+            format!("{} offset {}", self.partition.name, self.offsets.start)
+        } else {
+            format!(
+                "{} offsets {}..={}",
+                self.partition.name,
+                self.offsets.start,
+                self.offsets.end - 1
+            )
+        }
+    }
+}
+
+/// Appends the metadata columns to decoded records.
+///
+/// `key` and `timestamp` default to nulls when the source has none. `records` must not
+/// already hold metadata columns; `schema` is the source's full schema.
+pub fn append_metadata(
+    schema: &SchemaRef,
+    records: RecordBatch,
+    partition: u32,
+    first_offset: i64,
+    key: Option<ArrayRef>,
+    timestamp: Option<ArrayRef>,
+) -> Result<RecordBatch> {
+    let n = records.num_rows();
+    let mut columns = records.columns().to_vec();
+    columns.push(Arc::new(UInt32Array::from_value(partition, n)));
+    columns.push(Arc::new(Int64Array::from_iter_values(
+        first_offset..first_offset + n as i64,
+    )));
+    columns.push(key.unwrap_or_else(|| new_null_array(&DataType::Utf8, n)));
+    columns.push(timestamp.unwrap_or_else(|| new_null_array(&timestamp_type(), n)));
+    RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| Error::arrow("attaching metadata columns", e))
+}
+
+/// Which columns a sink writes: all record columns, plus the metadata columns it names.
+#[derive(Debug, Clone, Default)]
+pub struct ColumnSelection {
+    pub keep_metadata: Vec<String>,
+}
+
+impl ColumnSelection {
+    /// Drops metadata columns that were not selected. Cheap: columns are shared, not copied.
+    pub fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let schema = batch.schema();
+        let keep: Vec<usize> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !is_metadata(f.name()) || self.keep_metadata.contains(f.name()))
+            .map(|(i, _)| i)
+            .collect();
+        if keep.len() == schema.fields().len() {
+            return Ok(batch.clone());
+        }
+        batch
+            .project(&keep)
+            .map_err(|e| Error::arrow("selecting sink columns", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, StringArray};
+
+    #[test]
+    fn metadata_round_trip() {
+        let records = Schema::new(vec![Field::new("a", DataType::Utf8, true)]);
+        let schema = with_metadata(&records).unwrap();
+        let batch = RecordBatch::try_new(
+            Arc::new(records),
+            vec![Arc::new(StringArray::from(vec!["x", "y"]))],
+        )
+        .unwrap();
+        let full = append_metadata(&schema, batch, 3, 10, None, None).unwrap();
+        assert_eq!(full.num_columns(), 5);
+        let offsets = full
+            .column(2)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(offsets.values(), &[10, 11]);
+        assert_eq!(full.column(3).null_count(), 2);
+        let out = ColumnSelection {
+            keep_metadata: vec![OFFSET.into()],
+        }
+        .apply(&full)
+        .unwrap();
+        assert_eq!(
+            out.schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>(),
+            vec!["a", "_offset"]
+        );
+    }
+
+    #[test]
+    fn record_fields_may_not_shadow_metadata() {
+        let records = Schema::new(vec![Field::new("_offset", DataType::Int64, true)]);
+        assert!(with_metadata(&records).is_err());
+    }
+}

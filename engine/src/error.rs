@@ -1,0 +1,115 @@
+//! The engine's error type.
+//!
+//! Every error says which side is at fault through [`ErrorClass`]: bad input or
+//! configuration (the user's), an outside system (retry may help), or a bug (ours). The class
+//! is what decides between retrying, dead-lettering and stopping once failure policies exist;
+//! until then every error stops the pipeline with a message naming where it happened.
+
+use std::path::PathBuf;
+
+use crate::config::Problems;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Who is at fault, and whether trying again can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// A record could not be decoded or does not fit the declared schema.
+    Decode,
+    /// A function rejected a record; trying again gives the same answer.
+    Permanent,
+    /// An outside system failed in a way that may pass (timeouts, refused connections).
+    Transient,
+    /// A bug or broken invariant in Sluice itself.
+    Internal,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Decode => "decode",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Transient => "transient",
+            ErrorClass::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pipeline file has problems; each names its YAML path and line:column.
+    #[error("{0}")]
+    Config(#[from] Problems),
+
+    /// A record read from `origin` could not be turned into a row of the schema.
+    #[error("bad record in {origin}: {reason}")]
+    BadRecord { origin: String, reason: String },
+
+    /// A stage failed on a batch or on some of its rows.
+    #[error("stage `{stage}` failed on {origin}: {message}")]
+    Stage {
+        stage: String,
+        origin: String,
+        class: ErrorClass,
+        message: String,
+    },
+
+    /// Planning a stage against its input schema failed (bad SQL, unknown column, …).
+    #[error("{0}")]
+    Plan(String),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Arrow {
+        context: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+
+    /// A function stage's own error, classified by the function.
+    #[error("{message}")]
+    Function { class: ErrorClass, message: String },
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Config(_) | Error::BadRecord { .. } | Error::Plan(_) => ErrorClass::Decode,
+            Error::Stage { class, .. } | Error::Function { class, .. } => *class,
+            Error::Io { .. } => ErrorClass::Transient,
+            Error::Arrow { .. } => ErrorClass::Permanent,
+            Error::Internal(_) => ErrorClass::Internal,
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn arrow(context: impl Into<String>, source: arrow::error::ArrowError) -> Self {
+        Error::Arrow {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A permanent failure raised by a function on its input.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Error::Function {
+            class: ErrorClass::Permanent,
+            message: message.into(),
+        }
+    }
+}

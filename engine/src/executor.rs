@@ -1,0 +1,547 @@
+//! The executor: runs a planned pipeline on tokio.
+//!
+//! # Tasks
+//! ```text
+//!  reader task per partition ──► worker task (owns one instance of every stage) ──► sink task
+//!  (batches by size/window)        × N workers, each fed by one bounded channel       (one)
+//! ```
+//! - A **reader** reads its partition, cuts batches by `batch_size` / `batch_window` and
+//!   sends them to the worker its partition is routed to.
+//! - A **worker** runs the stage chain on one batch at a time and sends the result on.
+//!   Several partitions may share a worker; a partition is served by one worker at a time,
+//!   so records of a partition stay in order.
+//! - The **sink** task writes batches and rolls files on a timer.
+//!
+//! Every channel is bounded: a slow sink blocks workers, which block readers, which stop
+//! reading. Memory stays bounded by the channel capacities times the batch size.
+//!
+//! # Moving partitions
+//! Partitions are assigned and revoked while the pipeline runs, and a partition can be
+//! moved to another worker ([`Control::MovePartition`]). A move is a barrier in the data:
+//! the reader sends `Release` to the old worker after its last batch there, waits until the
+//! worker has processed everything before it, and only then sends to the new worker.
+//!
+//! # Clean shutdown
+//! Cancelling the shutdown token stops the readers; each sends what it has buffered. The
+//! workers finish the batches in their channels, the sink writes them and closes. Nothing
+//! that was read is dropped. The first error anywhere stops the pipeline the same way and is
+//! returned.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, Int64Array, RecordBatch};
+use arrow::compute::concat_batches;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{ColumnSelection, Envelope, OFFSET, PartitionInfo};
+use crate::sink::Sink;
+use crate::source::{Assignment, PartitionReader, Source};
+use crate::stage::{PlannedStage, RowFailure, Stage, StageContext};
+use crate::stats::{RunStats, StageStats};
+use crate::{Error, Result};
+
+/// How a source's records are cut into batches, like an event source mapping's batch size
+/// and batching window: a batch is sent when it holds `size` records or when `window` has
+/// passed since its first record, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub size: usize,
+    pub window: Duration,
+}
+
+/// A pipeline ready to run: every component built, every stage planned.
+pub struct Pipeline {
+    pub name: Arc<str>,
+    pub source: Box<dyn Source>,
+    pub batching: Batching,
+    pub stages: Vec<PlannedStage>,
+    pub sink: Box<dyn Sink>,
+    pub columns: ColumnSelection,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Worker tasks; default: one per partition, at most one per core.
+    pub workers: Option<usize>,
+    /// Batches each channel holds before its sender waits.
+    pub channel_capacity: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            workers: None,
+            channel_capacity: 4,
+        }
+    }
+}
+
+/// Commands to a running pipeline.
+#[derive(Debug)]
+pub enum Control {
+    /// Routes a partition to another worker, keeping its records in order.
+    MovePartition { partition: u32, worker: usize },
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunReport {
+    pub workers: usize,
+    pub elapsed: Duration,
+    pub sink: String,
+}
+
+enum WorkerMsg {
+    Batch(Envelope),
+    /// Everything of `partition` sent before this has been processed once `done` fires.
+    Release {
+        partition: u32,
+        done: oneshot::Sender<()>,
+    },
+}
+
+#[derive(Clone)]
+struct Route {
+    worker: usize,
+    tx: mpsc::Sender<WorkerMsg>,
+}
+
+struct PartitionHandle {
+    worker: usize,
+    route: watch::Sender<Route>,
+    stop: CancellationToken,
+}
+
+/// Runs the pipeline until its source ends, `shutdown` is cancelled, or something fails.
+pub async fn run(
+    pipeline: Pipeline,
+    options: RunOptions,
+    stats: Arc<RunStats>,
+    shutdown: CancellationToken,
+    mut control: Option<mpsc::Receiver<Control>>,
+) -> Result<RunReport> {
+    let started = Instant::now();
+    let Pipeline {
+        name,
+        mut source,
+        batching,
+        stages,
+        sink,
+        columns,
+    } = pipeline;
+    let worker_count = options.workers.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        source.partition_hint().clamp(1, cores)
+    });
+    let cap = options.channel_capacity.max(1);
+    let stop = shutdown.child_token();
+
+    let (sink_tx, sink_rx) = mpsc::channel::<Envelope>(cap);
+    let sink_task = tokio::spawn(sink_loop(sink, sink_rx, columns, stats.clone()));
+
+    let mut workers = JoinSet::new();
+    let mut routes = Vec::with_capacity(worker_count);
+    for id in 0..worker_count {
+        let (tx, rx) = mpsc::channel(cap);
+        routes.push(tx);
+        let chain = stages.clone();
+        let (name, sink_tx, stats) = (name.clone(), sink_tx.clone(), stats.clone());
+        workers.spawn(worker_loop(id, name, chain, rx, sink_tx, stats));
+    }
+    drop(sink_tx);
+
+    let mut readers: JoinSet<(u32, Result<()>)> = JoinSet::new();
+    let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
+    let mut load = vec![0usize; worker_count];
+    let mut first_error: Option<Error> = None;
+    let record = |e: Error, first: &mut Option<Error>| {
+        if first.is_none() {
+            *first = Some(e);
+        } else {
+            tracing::debug!(error = %e, "further error while stopping");
+        }
+    };
+    let mut assigning = true;
+
+    loop {
+        if !assigning && readers.is_empty() {
+            break;
+        }
+        tokio::select! {
+            assignment = source.next_assignment(), if assigning => match assignment {
+                Ok(Some(Assignment::Assign(reader))) => {
+                    let id = reader.info().id;
+                    let worker = (0..worker_count).min_by_key(|w| load[*w]).unwrap_or(0);
+                    load[worker] += 1;
+                    let (route, route_rx) = watch::channel(Route { worker, tx: routes[worker].clone() });
+                    let part_stop = stop.child_token();
+                    readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
+                    partitions.insert(id, PartitionHandle { worker, route, stop: part_stop });
+                }
+                Ok(Some(Assignment::Revoke(id))) => {
+                    if let Some(p) = partitions.get(&id) {
+                        p.stop.cancel();
+                    }
+                }
+                Ok(None) => assigning = false,
+                Err(e) => {
+                    record(e, &mut first_error);
+                    stop.cancel();
+                    assigning = false;
+                }
+            },
+            Some(joined) = readers.join_next() => {
+                let (id, result) = joined.unwrap_or_else(|e| (u32::MAX, Err(Error::Internal(format!("a reader task panicked: {e}")))));
+                if let Some(p) = partitions.remove(&id) {
+                    load[p.worker] -= 1;
+                }
+                if let Err(e) = result {
+                    record(e, &mut first_error);
+                    stop.cancel();
+                }
+            }
+            Some(joined) = workers.join_next() => {
+                // A worker ends before the readers only when it failed.
+                let e = match joined {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => Error::Internal("a worker stopped while partitions were still being read".into()),
+                    Err(e) => Error::Internal(format!("a worker task panicked: {e}")),
+                };
+                record(e, &mut first_error);
+                stop.cancel();
+            }
+            Some(cmd) = recv_control(&mut control) => match cmd {
+                Control::MovePartition { partition, worker } => {
+                    match (partitions.get_mut(&partition), routes.get(worker)) {
+                        (Some(p), Some(tx)) if p.worker != worker => {
+                            load[p.worker] -= 1;
+                            load[worker] += 1;
+                            p.worker = worker;
+                            p.route.send_replace(Route { worker, tx: tx.clone() });
+                        }
+                        (Some(_), Some(_)) => {}
+                        _ => tracing::warn!(partition, worker, "cannot move: no such partition or worker"),
+                    }
+                }
+            },
+            _ = stop.cancelled(), if assigning => assigning = false,
+        }
+    }
+
+    drop(partitions);
+    drop(routes);
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => record(e, &mut first_error),
+            Err(e) => record(
+                Error::Internal(format!("a worker task panicked: {e}")),
+                &mut first_error,
+            ),
+        }
+    }
+    let sink_summary = match sink_task.await {
+        Ok(Ok(summary)) => Some(summary),
+        Ok(Err(e)) => {
+            record(e, &mut first_error);
+            None
+        }
+        Err(e) => {
+            record(
+                Error::Internal(format!("the sink task panicked: {e}")),
+                &mut first_error,
+            );
+            None
+        }
+    };
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(RunReport {
+            workers: worker_count,
+            elapsed: started.elapsed(),
+            sink: sink_summary.unwrap_or_default(),
+        }),
+    }
+}
+
+async fn recv_control(control: &mut Option<mpsc::Receiver<Control>>) -> Option<Control> {
+    match control {
+        Some(rx) => match rx.recv().await {
+            Some(cmd) => Some(cmd),
+            None => {
+                *control = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Accumulates reads into batches of `size` records or `window` of time.
+struct Batcher {
+    batching: Batching,
+    parts: Vec<Envelope>,
+    rows: usize,
+    deadline: Option<tokio::time::Instant>,
+    ended: bool,
+}
+
+impl Batcher {
+    fn new(batching: Batching) -> Self {
+        Batcher {
+            batching,
+            parts: Vec::new(),
+            rows: 0,
+            deadline: None,
+            ended: false,
+        }
+    }
+
+    /// The next batch, or `None` when the partition has ended and nothing is buffered.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: what was read stays buffered in `self`.
+    async fn next(&mut self, reader: &mut dyn PartitionReader) -> Result<Option<Envelope>> {
+        while !self.ended && self.rows < self.batching.size {
+            let want = self.batching.size - self.rows;
+            let read = match self.deadline {
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, reader.read(want)).await {
+                        Ok(read) => read?,
+                        Err(_) => break,
+                    }
+                }
+                None => reader.read(want).await?,
+            };
+            match read {
+                Some(env) if env.batch.num_rows() > 0 => {
+                    if self.parts.is_empty() {
+                        self.deadline = Some(tokio::time::Instant::now() + self.batching.window);
+                    }
+                    self.rows += env.batch.num_rows();
+                    self.parts.push(env);
+                }
+                Some(_) => {}
+                None => self.ended = true,
+            }
+        }
+        self.take()
+    }
+
+    /// Whatever is buffered, as one batch.
+    fn take(&mut self) -> Result<Option<Envelope>> {
+        self.rows = 0;
+        self.deadline = None;
+        match self.parts.len() {
+            0 => Ok(None),
+            1 => Ok(self.parts.pop()),
+            _ => {
+                let parts = std::mem::take(&mut self.parts);
+                let schema = parts[0].batch.schema();
+                let batch = concat_batches(&schema, parts.iter().map(|p| &p.batch))
+                    .map_err(|e| Error::arrow("joining reads into a batch", e))?;
+                Ok(Some(Envelope {
+                    partition: parts[0].partition.clone(),
+                    offsets: parts[0].offsets.start..parts[parts.len() - 1].offsets.end,
+                    batch,
+                }))
+            }
+        }
+    }
+}
+
+async fn read_partition(
+    mut reader: Box<dyn PartitionReader>,
+    batching: Batching,
+    mut route: watch::Receiver<Route>,
+    stop: CancellationToken,
+    stats: Arc<RunStats>,
+) -> (u32, Result<()>) {
+    let info = reader.info().clone();
+    let result = async {
+        let mut batcher = Batcher::new(batching);
+        let mut current = route.borrow_and_update().clone();
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => batcher.take()?,
+                next = batcher.next(reader.as_mut()) => next?,
+            };
+            let Some(env) = next else { break };
+            if route.has_changed().unwrap_or(false) {
+                let new = route.borrow_and_update().clone();
+                if new.worker != current.worker {
+                    hand_off(&info, &current).await;
+                    current = new;
+                }
+            }
+            RunStats::add(&stats.records_in, env.batch.num_rows() as u64);
+            RunStats::add(&stats.batches_in, 1);
+            if current.tx.send(WorkerMsg::Batch(env)).await.is_err() {
+                // The worker is gone: the pipeline is stopping and the worker's error says why.
+                break;
+            }
+            if stop.is_cancelled() {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    (info.id, result)
+}
+
+/// Waits until the old worker has processed everything this partition sent it.
+async fn hand_off(info: &PartitionInfo, old: &Route) {
+    let (done, processed) = oneshot::channel();
+    let release = WorkerMsg::Release {
+        partition: info.id,
+        done,
+    };
+    if old.tx.send(release).await.is_ok() {
+        let _ = processed.await;
+    }
+    tracing::debug!(partition = %info.name, from = old.worker, "partition handed off");
+}
+
+async fn worker_loop(
+    id: usize,
+    pipeline: Arc<str>,
+    planned: Vec<PlannedStage>,
+    mut rx: mpsc::Receiver<WorkerMsg>,
+    sink: mpsc::Sender<Envelope>,
+    stats: Arc<RunStats>,
+) -> Result<()> {
+    let mut chain: Vec<(Box<dyn Stage>, StageContext)> = Vec::with_capacity(planned.len());
+    for (i, stage) in planned.iter().enumerate() {
+        let ctx = StageContext {
+            pipeline: pipeline.clone(),
+            stage: stage.name.clone(),
+            worker: id,
+        };
+        let mut instance = stage.factory.create()?;
+        let t0 = Instant::now();
+        instance.open(&ctx).await.map_err(|e| Error::Stage {
+            stage: stage.name.to_string(),
+            origin: format!("start-up of worker {id}"),
+            class: e.class(),
+            message: e.to_string(),
+        })?;
+        stats.stages[i]
+            .cold_start_nanos
+            .fetch_max(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        chain.push((instance, ctx));
+    }
+
+    while let Some(msg) = rx.recv().await {
+        let mut env = match msg {
+            WorkerMsg::Batch(env) => env,
+            WorkerMsg::Release { partition, done } => {
+                tracing::trace!(worker = id, partition, "released partition");
+                let _ = done.send(());
+                continue;
+            }
+        };
+        for (i, (stage, ctx)) in chain.iter_mut().enumerate() {
+            if env.batch.num_rows() == 0 {
+                break;
+            }
+            env.batch = run_stage(stage.as_mut(), ctx, &env, &stats.stages[i]).await?;
+        }
+        if env.batch.num_rows() > 0 && sink.send(env).await.is_err() {
+            break;
+        }
+    }
+
+    for (stage, ctx) in &mut chain {
+        stage.close(ctx).await?;
+    }
+    Ok(())
+}
+
+async fn run_stage(
+    stage: &mut dyn Stage,
+    ctx: &StageContext,
+    env: &Envelope,
+    stats: &StageStats,
+) -> Result<RecordBatch> {
+    let rows = env.batch.num_rows() as u64;
+    let t0 = Instant::now();
+    let output = stage
+        .process_batch(env.batch.clone(), ctx)
+        .await
+        .map_err(|e| Error::Stage {
+            stage: ctx.stage.to_string(),
+            origin: env.origin(),
+            class: e.class(),
+            message: e.to_string(),
+        })?;
+    RunStats::add(&stats.busy_nanos, t0.elapsed().as_nanos() as u64);
+    RunStats::add(&stats.batches, 1);
+    RunStats::add(&stats.rows_in, rows);
+    RunStats::add(&stats.rows_out, output.batch.num_rows() as u64);
+    if !output.failed.is_empty() {
+        RunStats::add(&stats.rows_failed, output.failed.len() as u64);
+        // Until dead-letter routing exists, a failed row stops the pipeline.
+        return Err(row_failure(ctx, env, &output.failed));
+    }
+    Ok(output.batch)
+}
+
+fn row_failure(ctx: &StageContext, env: &Envelope, failed: &[RowFailure]) -> Error {
+    let first = &failed[0];
+    let offset = env
+        .batch
+        .column_by_name(OFFSET)
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+        .filter(|c| first.row < c.len())
+        .map(|c| c.value(first.row));
+    let origin = match offset {
+        Some(o) => format!("{} offset {o}", env.partition.name),
+        None => env.origin(),
+    };
+    let more = match failed.len() {
+        1 => String::new(),
+        n => format!(" (and {} more rows of the batch)", n - 1),
+    };
+    Error::Stage {
+        stage: ctx.stage.to_string(),
+        origin,
+        class: first.class,
+        message: format!("{}{more}", first.reason),
+    }
+}
+
+async fn sink_loop(
+    mut sink: Box<dyn Sink>,
+    mut rx: mpsc::Receiver<Envelope>,
+    columns: ColumnSelection,
+    stats: Arc<RunStats>,
+) -> Result<String> {
+    let mut ticker = sink.tick_interval().map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(env) = msg else { break };
+                let batch = columns.apply(&env.batch)?;
+                let rows = batch.num_rows() as u64;
+                sink.write(batch).await?;
+                RunStats::add(&stats.records_out, rows);
+            }
+            _ = async { ticker.as_mut().expect("guarded").tick().await }, if ticker.is_some() => {
+                sink.tick().await?;
+            }
+        }
+    }
+    sink.close().await?;
+    Ok(sink.summary())
+}

@@ -1,0 +1,18 @@
+//! sluice-engine: the core of Sluice.
+//!
+//! It owns the shapes every other crate builds on — batches and their metadata columns
+//! ([`batch`]), the [`stage::Stage`], [`source::Source`] and [`sink::Sink`] traits, the
+//! configuration mechanism ([`config`]) — and the [`executor`] that runs a pipeline. It holds
+//! no connector or function code: those live in `sluice-connectors` and `sluice-udfs`, and
+//! reach the engine only through these traits.
+
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod executor;
+pub mod sink;
+pub mod source;
+pub mod stage;
+pub mod stats;
+
+pub use error::{Error, ErrorClass, Result};

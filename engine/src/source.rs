@@ -1,0 +1,61 @@
+//! Sources and the partitions they read.
+//!
+//! A [`Source`] tells the executor which partitions this process owns, as a stream of
+//! [`Assignment`]s: a bounded source (files, a generator with a count) assigns all its
+//! partitions and then says it is done; Kafka assigns and revokes partitions as the group
+//! rebalances. Each assigned partition is read by its own [`PartitionReader`], so
+//! partitions are read concurrently and in order within each one.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+
+use crate::Result;
+use crate::batch::{Envelope, PartitionInfo};
+
+/// Reads the records of one partition in order.
+#[async_trait]
+pub trait PartitionReader: Send {
+    fn info(&self) -> &Arc<PartitionInfo>;
+
+    /// Returns between 1 and `max` records, waiting until at least one is available, or
+    /// `None` when the partition has ended. The batch has the source's full schema,
+    /// metadata columns included.
+    ///
+    /// # Errors
+    /// A record that cannot be decoded is an [`crate::Error::BadRecord`] naming the
+    /// partition, the offset (and line, for text files) and the reason.
+    ///
+    /// # Cancel safety
+    /// Must be cancel safe: when the future is dropped before it completes, no record is
+    /// lost and the next call returns it.
+    async fn read(&mut self, max: usize) -> Result<Option<Envelope>>;
+
+    /// Records known to exist but not read yet, where the source can tell.
+    fn backlog(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A change in the partitions this process reads.
+pub enum Assignment {
+    Assign(Box<dyn PartitionReader>),
+    /// Stop reading the partition: what was read is processed, then the reader is dropped.
+    Revoke(u32),
+}
+
+#[async_trait]
+pub trait Source: Send {
+    /// The schema of every batch, metadata columns included.
+    fn schema(&self) -> SchemaRef;
+
+    /// How many partitions the source expects to assign, to size the worker pool.
+    fn partition_hint(&self) -> usize;
+
+    /// The next change of assignment; `Ok(None)` once no more will come.
+    ///
+    /// # Cancel safety
+    /// Must be cancel safe.
+    async fn next_assignment(&mut self) -> Result<Option<Assignment>>;
+}

@@ -1,0 +1,104 @@
+//! The stage trait: one hot method that turns a batch into a batch.
+//!
+//! A stage kind (SQL, a Rust function, a model, an HTTP call) is planned once per pipeline
+//! into a [`StageFactory`], which knows the stage's output schema. Each worker asks the
+//! factory for its own [`Stage`] instance and calls [`Stage::open`] once before the first
+//! batch: that is where a stage loads models or opens connection pools (the "initialise
+//! outside the handler" rule of function platforms), and its duration is reported as the
+//! stage's cold start. The instance is then reused for every batch the worker processes.
+//!
+//! A stage never spawns tasks of its own: work it starts must end when the worker drops it
+//! (on shutdown or when partitions move).
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+
+use crate::{ErrorClass, Result};
+
+/// What a stage knows about where it runs.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    pub pipeline: Arc<str>,
+    pub stage: Arc<str>,
+    /// Index of the worker that owns this instance.
+    pub worker: usize,
+}
+
+/// One input row a stage could not process, with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowFailure {
+    /// Index of the row in the batch given to [`Stage::process_batch`].
+    pub row: usize,
+    pub class: ErrorClass,
+    pub reason: String,
+}
+
+/// The rows a stage produced, and the input rows it failed on.
+#[derive(Debug)]
+pub struct StageOutput {
+    pub batch: RecordBatch,
+    pub failed: Vec<RowFailure>,
+}
+
+impl StageOutput {
+    pub fn ok(batch: RecordBatch) -> Self {
+        StageOutput {
+            batch,
+            failed: Vec::new(),
+        }
+    }
+}
+
+/// A running instance of a stage, owned by one worker.
+///
+/// # Errors
+/// `process_batch` returns `Err` when the whole batch failed, with the error's class telling
+/// whether it may be retried. Rows that failed on their own go in [`StageOutput::failed`]
+/// and the other rows go on.
+///
+/// # Checkpointing
+/// Stateless stages need nothing. Stateful stages write their state in
+/// [`Stage::on_checkpoint`], which the engine calls between batches, never during one.
+#[async_trait]
+pub trait Stage: Send {
+    /// Prepares the instance before its first batch (cold start).
+    async fn open(&mut self, _ctx: &StageContext) -> Result<()> {
+        Ok(())
+    }
+
+    /// Processes one batch. The output schema is the factory's `output_schema`.
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        ctx: &StageContext,
+    ) -> Result<StageOutput>;
+
+    /// Persists state at a checkpoint barrier.
+    async fn on_checkpoint(&mut self, _ctx: &StageContext) -> Result<()> {
+        Ok(())
+    }
+
+    /// Releases what `open` acquired. Called once when the worker stops.
+    async fn close(&mut self, _ctx: &StageContext) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A planned stage: validated against its input schema, ready to make instances.
+pub trait StageFactory: Send + Sync {
+    /// The schema of the batches the stage's instances produce.
+    fn output_schema(&self) -> SchemaRef;
+
+    /// Makes an instance for one worker. Cheap; expensive set-up belongs in `open`.
+    fn create(&self) -> Result<Box<dyn Stage>>;
+}
+
+/// A stage in a pipeline: its YAML name and its factory.
+#[derive(Clone)]
+pub struct PlannedStage {
+    pub name: Arc<str>,
+    pub factory: Arc<dyn StageFactory>,
+}
