@@ -1,1 +1,5 @@
+//! sluice-udfs: the built-in stages — DataFusion SQL ([`sql`]) and the registry of Rust
+//! functions ([`functions`]).
 
+pub mod functions;
+pub mod sql;

@@ -1,0 +1,110 @@
+//! The registry of Rust functions usable as `function` stages, by name.
+//!
+//! ```yaml
+//! - name: assign_variant
+//!   type: function
+//!   function: ab_bucket
+//!   params: { key: user_id, experiment: row-order-2026, variants: { control: 50, treatment: 50 } }
+//! ```
+//!
+//! A function's `params` are a serde struct read with located errors; it is then planned
+//! against its input schema ([`FunctionSpec::plan`]) into a stage factory. Adding a function
+//! means writing those two pieces and one line in [`REGISTRY`].
+
+mod ab_bucket;
+mod extract;
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde::de::DeserializeOwned;
+use sluice_engine::config::{Location, Node, Problems, from_node};
+use sluice_engine::stage::{RowFailure, StageFactory};
+use sluice_engine::{Error, Result};
+
+/// A function's parameters, read and checked, ready to plan against an input schema.
+pub trait FunctionSpec: Send + Sync {
+    /// Checks the input columns the function needs and returns its stage factory.
+    /// The error is a sentence for the user, placed at the stage's `params`.
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String>;
+}
+
+/// Parameters that can check themselves beyond their types (pure, no I/O).
+pub trait Params: DeserializeOwned + FunctionSpec + 'static {
+    fn validate(&self, _node: &Node, _path: &Location, _problems: &mut Problems) {}
+}
+
+/// A registered function.
+pub struct FunctionEntry {
+    pub name: &'static str,
+    /// One line for `sluice validate` and error messages.
+    pub summary: &'static str,
+    pub parse: fn(&Node, &Location, &mut Problems) -> Option<Box<dyn FunctionSpec>>,
+}
+
+fn parse<P: Params>(node: &Node, path: &Location, problems: &mut Problems) -> Option<Box<dyn FunctionSpec>> {
+    let before = problems.len();
+    let params: P = from_node(node, path, &[], problems)?;
+    params.validate(node, path, problems);
+    (problems.len() == before).then(|| Box::new(params) as Box<dyn FunctionSpec>)
+}
+
+/// Every function, by name.
+pub static REGISTRY: &[FunctionEntry] = &[
+    FunctionEntry {
+        name: "ab_bucket",
+        summary: "assigns each row to an experiment variant by a stable hash of a key column",
+        parse: parse::<ab_bucket::AbBucket>,
+    },
+    FunctionEntry {
+        name: "extract",
+        summary: "extracts named regex groups of a text column into new columns",
+        parse: parse::<extract::Extract>,
+    },
+];
+
+pub fn lookup(name: &str) -> Option<&'static FunctionEntry> {
+    REGISTRY.iter().find(|f| f.name == name)
+}
+
+pub fn names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|f| f.name).collect()
+}
+
+/// The input schema plus new nullable columns; fails when a name is taken.
+fn extend_schema(input: &SchemaRef, new: &[(&str, DataType)]) -> Result<SchemaRef, String> {
+    let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for (name, ty) in new {
+        if input.field_with_name(name).is_ok() {
+            return Err(format!(
+                "the output column `{name}` already exists in the input; choose another name"
+            ));
+        }
+        fields.push(Field::new(*name, ty.clone(), true));
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Input columns plus the new ones, without the rows that failed.
+fn assemble(
+    schema: &SchemaRef,
+    input: &RecordBatch,
+    new: Vec<ArrayRef>,
+    failed: &[RowFailure],
+) -> Result<RecordBatch> {
+    let mut columns = input.columns().to_vec();
+    columns.extend(new);
+    let batch = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| Error::arrow("assembling function output", e))?;
+    if failed.is_empty() {
+        return Ok(batch);
+    }
+    let mut keep = vec![true; batch.num_rows()];
+    for f in failed {
+        keep[f.row] = false;
+    }
+    filter_record_batch(&batch, &BooleanArray::from(keep))
+        .map_err(|e| Error::arrow("removing failed rows", e))
+}
