@@ -1,1 +1,31 @@
+//! Sluice: a streaming pipeline engine. YAML pipelines read partitioned streams, run
+//! function stages on Arrow batches, and write to sinks.
+//!
+//! This crate is the `sluice` command and the glue between the configuration and the
+//! engine: [`config`] reads pipeline files, [`plan`] builds them, [`testing`] runs their
+//! `tests:` cases, [`status`] reports on runs.
 
+pub mod config;
+pub mod plan;
+pub mod status;
+pub mod testing;
+
+use std::sync::Arc;
+
+use sluice_engine::executor::{self, RunOptions, RunReport};
+use sluice_engine::stats::RunStats;
+use tokio_util::sync::CancellationToken;
+
+/// Loads, builds and runs a pipeline file to its end; for tests and benches that want the
+/// whole path `sluice run` takes, without a process.
+pub async fn run_file(
+    path: &std::path::Path,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Arc<RunStats>, RunReport)> {
+    let config = config::load(path)?;
+    let pipeline = plan::build(&config).await?;
+    let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
+    let report = executor::run(pipeline, options, stats.clone(), shutdown, None).await?;
+    Ok((stats, report))
+}

@@ -1,1 +1,243 @@
-fn main() {}
+//! The `sluice` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::{config, plan, status, testing};
+use sluice_engine::executor::{self, RunOptions};
+use sluice_engine::stats::RunStats;
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Streaming pipelines of Arrow function stages, declared in YAML.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline until its source ends or Ctrl-C.
+    Run {
+        /// The pipeline file.
+        file: PathBuf,
+        /// Worker tasks (default: one per partition, at most one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// No status line and no summary.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check pipeline files and print every problem.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run the `tests:` cases of pipeline files.
+    Test {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List the functions usable in `function` stages.
+    Functions,
+}
+
+/// Exit codes: 0 success, 1 the pipeline failed or a test failed, 2 the file has problems.
+const FAILED: u8 = 1;
+const INVALID: u8 = 2;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Run {
+                file,
+                workers,
+                quiet,
+            } => run(file, workers, quiet).await,
+            Command::Validate { files } => validate(files).await,
+            Command::Test { files } => test(files).await,
+            Command::Functions => {
+                for f in sluice_udfs::functions::REGISTRY {
+                    println!("{:12} {}", f.name, f.summary);
+                }
+                0
+            }
+        }
+    });
+    ExitCode::from(code)
+}
+
+async fn run(file: PathBuf, workers: Option<usize>, quiet: bool) -> u8 {
+    let config = match config::load(&file) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return INVALID;
+        }
+    };
+    if config.dead_letter.is_some() {
+        eprintln!(
+            "warning: dead_letter is read but not used yet: a failed record stops the pipeline with its origin and reason"
+        );
+    }
+    if config.checkpoint.is_some() {
+        eprintln!(
+            "warning: checkpoint is read but not used yet: a restarted pipeline reads its source from the start"
+        );
+    }
+    let pipeline = match plan::build(&config).await {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return INVALID;
+        }
+    };
+    let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let status_done = CancellationToken::new();
+    if !quiet {
+        status::spawn_status_line(config.name.clone(), stats.clone(), status_done.clone());
+    }
+    let options = RunOptions {
+        workers,
+        ..RunOptions::default()
+    };
+    let result = executor::run(pipeline, options, stats.clone(), shutdown, None).await;
+    status_done.cancel();
+    tokio::task::yield_now().await;
+    match result {
+        Ok(report) => {
+            if !quiet {
+                eprintln!("{}", status::summary(&config.name, &stats, &report));
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!(
+                "{}: stopped after {} records in, {} out",
+                config.name,
+                status::count(RunStats::get(&stats.records_in)),
+                status::count(RunStats::get(&stats.records_out))
+            );
+            FAILED
+        }
+    }
+}
+
+/// First SIGINT or SIGTERM: stop reading and finish what is in flight. Second: exit now.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
+        for round in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                eprintln!("\nstopping: finishing the batches in flight (signal again to abort)");
+                shutdown.cancel();
+            } else {
+                eprintln!("aborted");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn validate(files: Vec<PathBuf>) -> u8 {
+    let mut code = 0;
+    for file in files {
+        let result = match config::load(&file) {
+            Ok(c) => plan::check(&c).await,
+            Err(p) => Err(p),
+        };
+        match result {
+            Ok(()) => println!("{}: ok", file.display()),
+            Err(problems) => {
+                println!("{problems}");
+                println!(
+                    "{}: {} problem{}",
+                    file.display(),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                );
+                code = INVALID;
+            }
+        }
+    }
+    code
+}
+
+async fn test(files: Vec<PathBuf>) -> u8 {
+    let (mut passed, mut failed) = (0, 0);
+    let mut code = 0;
+    for file in files {
+        let config = match config::load(&file) {
+            Ok(c) => c,
+            Err(problems) => {
+                println!("{problems}");
+                code = INVALID;
+                continue;
+            }
+        };
+        if config.tests.is_empty() {
+            println!("{}: no tests", file.display());
+            continue;
+        }
+        match testing::run_tests(&config).await {
+            Err(problems) => {
+                println!("{problems}");
+                code = INVALID;
+            }
+            Ok(outcomes) => {
+                for o in outcomes {
+                    match o.failure {
+                        None => {
+                            passed += 1;
+                            println!("ok      {} / {}", file.display(), o.name);
+                        }
+                        Some(why) => {
+                            failed += 1;
+                            println!("FAILED  {} / {}", file.display(), o.name);
+                            for line in why.lines() {
+                                println!("        {line}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 && code == 0 {
+        FAILED
+    } else {
+        code
+    }
+}

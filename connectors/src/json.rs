@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use arrow::json::writer::{JsonArray, LineDelimited, Writer, WriterBuilder};
 use sluice_engine::{Error, Result};
 
@@ -27,4 +28,86 @@ pub fn to_json_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Value>> {
         return Ok(Vec::new());
     }
     serde_json::from_slice(&buf).map_err(|e| Error::Internal(format!("re-reading JSON rows: {e}")))
+}
+
+/// Why a set of JSON records did not decode, and which record (by index) when one alone
+/// is at fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    pub index: Option<usize>,
+    pub reason: String,
+}
+
+/// Decodes JSON records stored back to back in `buf` (record `i` starts at `starts[i]`)
+/// into one batch of `schema`.
+///
+/// The whole buffer is decoded in one pass; only when that fails is each record decoded on
+/// its own to find the first bad one, so the cost of locating errors is paid only on errors.
+pub fn decode_records(
+    schema: &SchemaRef,
+    buf: &[u8],
+    starts: &[usize],
+) -> std::result::Result<RecordBatch, DecodeError> {
+    let whole = decode(schema, buf, starts.len());
+    if let Ok(Some(batch)) = &whole {
+        if batch.num_rows() == starts.len() {
+            return Ok(batch.clone());
+        }
+    }
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(buf.len());
+        let reason = match decode(schema, &buf[start..end], 1) {
+            Err(reason) => reason,
+            Ok(Some(b)) if b.num_rows() == 1 => continue,
+            Ok(_) => "the record holds more than one JSON value".to_string(),
+        };
+        return Err(DecodeError {
+            index: Some(i),
+            reason,
+        });
+    }
+    Err(DecodeError {
+        index: None,
+        reason: match whole {
+            Err(reason) => reason,
+            Ok(_) => "the records decode to a different number of rows".to_string(),
+        },
+    })
+}
+
+fn decode(
+    schema: &SchemaRef,
+    bytes: &[u8],
+    records: usize,
+) -> std::result::Result<Option<RecordBatch>, String> {
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(records.max(1))
+        .build_decoder()
+        .map_err(|e| clean_error(&e))?;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let used = decoder.decode(rest).map_err(|e| clean_error(&e))?;
+        if used == 0 {
+            // The decoder is full: more values than records.
+            return Ok(None);
+        }
+        rest = &rest[used..];
+    }
+    decoder.flush().map_err(|e| clean_error(&e))
+}
+
+/// Arrow's JSON errors, said for a person.
+fn clean_error(e: &arrow::error::ArrowError) -> String {
+    let text = e.to_string();
+    let text = text.strip_prefix("Json error: ").unwrap_or(&text);
+    if let Some(rest) = text.split("non-nullable").nth(1) {
+        if let Some(name) = rest
+            .split("name: \"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        {
+            return format!("missing required field `{name}` (it is declared nullable: false)");
+        }
+    }
+    text.to_string()
 }

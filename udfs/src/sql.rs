@@ -70,8 +70,11 @@ async fn plan(query: &str, input: &SchemaRef) -> Result<Planned, String> {
         schema: input.clone(),
         batch: Mutex::new(None),
     });
-    let table = StreamingTable::try_new(input.clone(), vec![slot.clone() as Arc<dyn PartitionStream>])
-        .map_err(|e| e.to_string())?;
+    let table = StreamingTable::try_new(
+        input.clone(),
+        vec![slot.clone() as Arc<dyn PartitionStream>],
+    )
+    .map_err(|e| e.to_string())?;
     ctx.register_table(INPUT_TABLE, Arc::new(table))
         .map_err(|e| e.to_string())?;
     let options = SQLOptions::new()
@@ -82,10 +85,7 @@ async fn plan(query: &str, input: &SchemaRef) -> Result<Planned, String> {
         .sql_with_options(query, options)
         .await
         .map_err(|e| clean(&e))?;
-    let plan = frame
-        .create_physical_plan()
-        .await
-        .map_err(|e| clean(&e))?;
+    let plan = frame.create_physical_plan().await.map_err(|e| clean(&e))?;
     if plan.properties().output_partitioning().partition_count() != 1 {
         return Err("the query plan has more than one partition; this is a bug in Sluice".into());
     }
@@ -99,7 +99,12 @@ async fn plan(query: &str, input: &SchemaRef) -> Result<Planned, String> {
 /// DataFusion's error text, without the enum's prefix noise.
 fn clean(e: &datafusion::error::DataFusionError) -> String {
     let text = e.strip_backtrace();
-    for prefix in ["Error during planning: ", "SQL error: ", "Schema error: ", "This feature is not implemented: "] {
+    for prefix in [
+        "Error during planning: ",
+        "SQL error: ",
+        "Schema error: ",
+        "This feature is not implemented: ",
+    ] {
         if let Some(rest) = text.strip_prefix(prefix) {
             return rest.to_string();
         }
@@ -157,7 +162,11 @@ impl Stage for SqlStage {
         Ok(())
     }
 
-    async fn process_batch(&mut self, batch: RecordBatch, _ctx: &StageContext) -> Result<StageOutput> {
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        _ctx: &StageContext,
+    ) -> Result<StageOutput> {
         let planned = self
             .planned
             .as_ref()
@@ -222,8 +231,15 @@ mod tests {
         let mut stage = factory.create().unwrap();
         stage.open(&ctx()).await.unwrap();
         for _ in 0..3 {
-            let out = stage.process_batch(batch.clone(), &ctx()).await.unwrap().batch;
-            assert_eq!(out.column(0).as_primitive::<Int64Type>().values(), &[10, 30]);
+            let out = stage
+                .process_batch(batch.clone(), &ctx())
+                .await
+                .unwrap()
+                .batch;
+            assert_eq!(
+                out.column(0).as_primitive::<Int64Type>().values(),
+                &[10, 30]
+            );
             assert_eq!(out.column(1).as_string::<i32>().value(0), "PLAY");
         }
     }

@@ -95,8 +95,8 @@ impl FileSource {
                 line: 0,
                 buf: Vec::new(),
                 starts: Vec::new(),
+                lines: Vec::new(),
                 max_record: self.config.max_record_size.0 as usize,
-                batch_size: self.batch_size,
             }),
             FileFormat::Csv => Box::new(CsvReader {
                 decoder: csv_builder(self.records.clone(), &self.config)
@@ -242,20 +242,13 @@ struct JsonlReader {
     line: u64,
     /// The lines of the batch being read, back to back.
     buf: Vec<u8>,
-    /// For each record of `buf`: where it starts and its line number.
-    starts: Vec<(usize, u64)>,
+    /// For each record of `buf`: where it starts, and its line number.
+    starts: Vec<usize>,
+    lines: Vec<u64>,
     max_record: usize,
-    batch_size: usize,
 }
 
 impl JsonlReader {
-    fn decoder(&self) -> Result<arrow::json::reader::Decoder> {
-        arrow::json::ReaderBuilder::new(self.common.records.clone())
-            .with_batch_size(self.batch_size.max(self.starts.len()))
-            .build_decoder()
-            .map_err(|e| Error::arrow("building the JSON decoder", e))
-    }
-
     /// Appends the next line to `buf`; false at the end of the file.
     fn next_line(&mut self) -> Result<bool> {
         let start = self.buf.len();
@@ -289,42 +282,6 @@ impl JsonlReader {
             }
         }
     }
-
-    fn decode(&self, bytes: &[u8]) -> std::result::Result<Option<RecordBatch>, String> {
-        let mut decoder = self.decoder().map_err(|e| e.to_string())?;
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let used = decoder.decode(rest).map_err(|e| clean_json_error(&e))?;
-            if used == 0 {
-                break;
-            }
-            rest = &rest[used..];
-        }
-        decoder.flush().map_err(|e| clean_json_error(&e))
-    }
-
-    /// Finds the first record of the batch that does not decode on its own.
-    fn locate_bad_record(&self, batch_error: String) -> Error {
-        for (i, &(start, line)) in self.starts.iter().enumerate() {
-            let end = self.starts.get(i + 1).map_or(self.buf.len(), |s| s.0);
-            let offset = self.common.next_offset + i as i64;
-            let at = format!("line {line} (offset {offset})");
-            match self.decode(&self.buf[start..end]) {
-                Err(reason) => return self.common.bad(at, reason),
-                Ok(Some(b)) if b.num_rows() != 1 => {
-                    return self
-                        .common
-                        .bad(at, "the line holds more than one JSON value".into());
-                }
-                Ok(_) => {}
-            }
-        }
-        let first = self.common.next_offset;
-        self.common.bad(
-            format!("offsets {first}..={}", first + self.starts.len() as i64 - 1),
-            batch_error,
-        )
-    }
 }
 
 #[async_trait]
@@ -339,6 +296,7 @@ impl PartitionReader for JsonlReader {
         }
         self.buf.clear();
         self.starts.clear();
+        self.lines.clear();
         while self.starts.len() < max {
             let start = self.buf.len();
             if !self.next_line()? {
@@ -350,36 +308,24 @@ impl PartitionReader for JsonlReader {
                 self.buf.truncate(start);
                 continue;
             }
-            self.starts.push((start, self.line));
+            self.starts.push(start);
+            self.lines.push(self.line);
         }
         if self.starts.is_empty() {
             return Ok(None);
         }
-        let records = match self.decode(&self.buf) {
-            Ok(Some(b)) if b.num_rows() == self.starts.len() => b,
-            Ok(_) => {
-                return Err(self.locate_bad_record("a line holds more than one JSON value".into()));
+        match crate::json::decode_records(&self.common.records, &self.buf, &self.starts) {
+            Ok(records) => self.common.envelope(records).map(Some),
+            Err(e) => {
+                let first = self.common.next_offset;
+                let at = match e.index {
+                    Some(i) => format!("line {} (offset {})", self.lines[i], first + i as i64),
+                    None => format!("offsets {first}..={}", first + self.starts.len() as i64 - 1),
+                };
+                Err(self.common.bad(at, e.reason))
             }
-            Err(reason) => return Err(self.locate_bad_record(reason)),
-        };
-        self.common.envelope(records).map(Some)
-    }
-}
-
-/// Arrow's JSON errors, said for a person.
-fn clean_json_error(e: &arrow::error::ArrowError) -> String {
-    let text = e.to_string();
-    let text = text.strip_prefix("Json error: ").unwrap_or(&text);
-    if let Some(rest) = text.split("non-nullable").nth(1) {
-        if let Some(name) = rest
-            .split("name: \"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-        {
-            return format!("missing required field `{name}` (it is declared nullable: false)");
         }
     }
-    text.to_string()
 }
 
 struct CsvReader {

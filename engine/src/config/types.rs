@@ -67,6 +67,9 @@ impl fmt::Display for ByteSize {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{name}", self.0 / size);
             }
+            if self.0 >= size {
+                return write!(f, "{:.1}{name}", self.0 as f64 / size as f64);
+            }
         }
         write!(f, "{}B", self.0)
     }
@@ -135,5 +138,8 @@ mod tests {
             Duration::from_millis(250)
         );
         assert!("soon".parse::<Duration>().is_err());
+        assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
+        assert_eq!(ByteSize(11_598_366).to_string(), "11.1MiB");
+        assert_eq!(ByteSize(999).to_string(), "999B");
     }
 }

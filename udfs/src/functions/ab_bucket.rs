@@ -78,7 +78,12 @@ impl Params for AbBucket {
     fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
         let total: u64 = self.variants.0.iter().map(|(_, w)| u64::from(*w)).sum();
         if self.variants.0.is_empty() || total == 0 {
-            problems.at_key(node, path, "variants", "needs at least one variant with a weight above 0");
+            problems.at_key(
+                node,
+                path,
+                "variants",
+                "needs at least one variant with a weight above 0",
+            );
         }
         if self.experiment.is_empty() {
             problems.at_key(node, path, "experiment", "must not be empty");
@@ -187,8 +192,9 @@ impl AbBucketStage {
                 let text = text.as_string::<i32>();
                 for i in 0..n {
                     out.push(
-                        text.is_valid(i)
-                            .then(|| xxh3_64_with_seed(text.value(i).as_bytes(), self.seed) % BUCKETS),
+                        text.is_valid(i).then(|| {
+                            xxh3_64_with_seed(text.value(i).as_bytes(), self.seed) % BUCKETS
+                        }),
                     );
                 }
             }
@@ -199,7 +205,11 @@ impl AbBucketStage {
 
 #[async_trait]
 impl Stage for AbBucketStage {
-    async fn process_batch(&mut self, batch: RecordBatch, _ctx: &StageContext) -> Result<StageOutput> {
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        _ctx: &StageContext,
+    ) -> Result<StageOutput> {
         let column = batch
             .column_by_name(&self.key)
             .ok_or_else(|| Error::Internal(format!("key column `{}` vanished", self.key)))?;
@@ -224,7 +234,10 @@ impl Stage for AbBucketStage {
                     failed.push(RowFailure {
                         row,
                         class: ErrorClass::Permanent,
-                        reason: format!("the key `{}` is null: no variant can be assigned", self.key),
+                        reason: format!(
+                            "the key `{}` is null: no variant can be assigned",
+                            self.key
+                        ),
                     });
                 }
             }
@@ -255,13 +268,23 @@ mod tests {
     }
 
     fn ctx() -> StageContext {
-        StageContext { pipeline: "p".into(), stage: "ab".into(), worker: 0 }
+        StageContext {
+            pipeline: "p".into(),
+            stage: "ab".into(),
+            worker: 0,
+        }
     }
 
     #[tokio::test]
     async fn splits_by_weight_stably_and_fails_null_keys() {
-        let schema = Arc::new(Schema::new(vec![Field::new("user_id", DataType::Int64, true)]));
-        let factory = spec(&[("control", 90), ("treatment", 10)]).plan(&schema).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "user_id",
+            DataType::Int64,
+            true,
+        )]));
+        let factory = spec(&[("control", 90), ("treatment", 10)])
+            .plan(&schema)
+            .unwrap();
         let mut stage = factory.create().unwrap();
         let mut ids: Vec<Option<i64>> = (0..20_000).map(Some).collect();
         ids[5] = None;
@@ -274,19 +297,34 @@ mod tests {
         let treatment = variants.iter().filter(|v| *v == Some("treatment")).count();
         assert!((1_700..2_300).contains(&treatment), "{treatment}");
         // Same key, same variant, in another instance.
-        let again = factory.create().unwrap().process_batch(batch, &ctx()).await.unwrap();
+        let again = factory
+            .create()
+            .unwrap()
+            .process_batch(batch, &ctx())
+            .await
+            .unwrap();
         assert_eq!(out.batch, again.batch);
         // Pinned values: a change of hash would silently move users between variants.
-        let buckets = out.batch.column(2).as_primitive::<arrow::datatypes::UInt16Type>();
+        let buckets = out
+            .batch
+            .column(2)
+            .as_primitive::<arrow::datatypes::UInt16Type>();
         assert_eq!(&buckets.values()[..3], &[5391, 301, 1837]);
     }
 
     #[test]
     fn plan_checks_the_key() {
-        let schema = Arc::new(Schema::new(vec![Field::new("user_id", DataType::Float64, true)]));
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "user_id",
+            DataType::Float64,
+            true,
+        )]));
         let e = spec(&[("a", 1)]).plan(&schema).err().unwrap();
         assert!(e.contains("integer or text"), "{e}");
-        let e = spec(&[("a", 1)]).plan(&Arc::new(Schema::empty())).err().unwrap();
+        let e = spec(&[("a", 1)])
+            .plan(&Arc::new(Schema::empty()))
+            .err()
+            .unwrap();
         assert!(e.contains("not in the input"), "{e}");
     }
 }

@@ -49,7 +49,12 @@ enum OnMismatch {
 impl Params for Extract {
     fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
         match Regex::new(&self.pattern) {
-            Err(e) => problems.at_key(node, path, "pattern", format!("not a valid regular expression: {e}")),
+            Err(e) => problems.at_key(
+                node,
+                path,
+                "pattern",
+                format!("not a valid regular expression: {e}"),
+            ),
             Ok(re) if re.capture_names().flatten().next().is_none() => problems.at_key(
                 node,
                 path,
@@ -66,8 +71,15 @@ impl FunctionSpec for Extract {
         let field = input
             .field_with_name(&self.column)
             .map_err(|_| format!("the column `{}` is not in the input", self.column))?;
-        if !matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
-            return Err(format!("the column `{}` is {}, not text", self.column, field.data_type()));
+        if !matches!(
+            field.data_type(),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        ) {
+            return Err(format!(
+                "the column `{}` is {}, not text",
+                self.column,
+                field.data_type()
+            ));
         }
         let regex = Regex::new(&self.pattern).map_err(|e| e.to_string())?;
         let groups: Vec<(usize, String)> = regex
@@ -75,7 +87,10 @@ impl FunctionSpec for Extract {
             .enumerate()
             .filter_map(|(i, n)| n.map(|n| (i, n.to_string())))
             .collect();
-        let new: Vec<(&str, DataType)> = groups.iter().map(|(_, n)| (n.as_str(), DataType::Utf8)).collect();
+        let new: Vec<(&str, DataType)> = groups
+            .iter()
+            .map(|(_, n)| (n.as_str(), DataType::Utf8))
+            .collect();
         let output = extend_schema(input, &new)?;
         Ok(Arc::new(ExtractFactory {
             column: self.column.clone(),
@@ -123,11 +138,16 @@ struct ExtractStage {
 
 #[async_trait]
 impl Stage for ExtractStage {
-    async fn process_batch(&mut self, batch: RecordBatch, _ctx: &StageContext) -> Result<StageOutput> {
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        _ctx: &StageContext,
+    ) -> Result<StageOutput> {
         let column = batch
             .column_by_name(&self.column)
             .ok_or_else(|| Error::Internal(format!("column `{}` vanished", self.column)))?;
-        let text = cast(column, &DataType::Utf8).map_err(|e| Error::arrow("reading the column", e))?;
+        let text =
+            cast(column, &DataType::Utf8).map_err(|e| Error::arrow("reading the column", e))?;
         let text = text.as_string::<i32>();
         let n = text.len();
         let mut builders: Vec<StringBuilder> = self
@@ -165,7 +185,10 @@ impl Stage for ExtractStage {
                 }
             }
         }
-        let new: Vec<ArrayRef> = builders.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef).collect();
+        let new: Vec<ArrayRef> = builders
+            .iter_mut()
+            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
         let out = assemble(&self.output, &batch, new, &failed)?;
         Ok(StageOutput { batch: out, failed })
     }
@@ -188,14 +211,25 @@ mod tests {
         let mut stage = spec.plan(&schema).unwrap().create().unwrap();
         let batch = RecordBatch::try_new(
             schema,
-            vec![Arc::new(StringArray::from(vec![Some("tvapp/4.2 (x)"), Some("junk"), None]))],
+            vec![Arc::new(StringArray::from(vec![
+                Some("tvapp/4.2 (x)"),
+                Some("junk"),
+                None,
+            ]))],
         )
         .unwrap();
-        let ctx = StageContext { pipeline: "p".into(), stage: "x".into(), worker: 0 };
+        let ctx = StageContext {
+            pipeline: "p".into(),
+            stage: "x".into(),
+            worker: 0,
+        };
         let out = stage.process_batch(batch, &ctx).await.unwrap();
         assert_eq!(out.batch.num_rows(), 1);
         assert_eq!(out.batch.column(1).as_string::<i32>().value(0), "tvapp");
         assert_eq!(out.batch.column(2).as_string::<i32>().value(0), "4.2");
-        assert_eq!(out.failed.iter().map(|f| f.row).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            out.failed.iter().map(|f| f.row).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
     }
 }

@@ -44,7 +44,11 @@ pub struct FunctionEntry {
     pub parse: fn(&Node, &Location, &mut Problems) -> Option<Box<dyn FunctionSpec>>,
 }
 
-fn parse<P: Params>(node: &Node, path: &Location, problems: &mut Problems) -> Option<Box<dyn FunctionSpec>> {
+fn parse<P: Params>(
+    node: &Node,
+    path: &Location,
+    problems: &mut Problems,
+) -> Option<Box<dyn FunctionSpec>> {
     let before = problems.len();
     let params: P = from_node(node, path, &[], problems)?;
     params.validate(node, path, problems);

@@ -1,0 +1,548 @@
+//! The pipeline file: its top-level sections and the closed sets of source, stage and sink
+//! kinds.
+//!
+//! ```yaml
+//! name: quickstart
+//! source: { type: generator, partitions: 4, count: 1000000, batch_size: 8192 }
+//! stages:
+//!   - name: plays
+//!     type: sql
+//!     query: SELECT user_id, title_id FROM input WHERE event_type = 'play'
+//! sink: { type: file, path: out/quickstart }
+//! ```
+//!
+//! [`load`] reads a whole file and returns every problem in it at once, each with its YAML
+//! path and line:column (see `sluice_engine::config`). It does no I/O beyond reading the
+//! file: opening data files and planning queries happen in [`crate::plan`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sluice_connectors::file::{FileSinkConfig, FileSourceConfig};
+use sluice_connectors::generator::GeneratorConfig;
+use sluice_connectors::null::NullConfig;
+use sluice_connectors::stdout::StdoutConfig;
+use sluice_engine::batch;
+use sluice_engine::config::yaml::{self, Env, ProcessEnv};
+use sluice_engine::config::{
+    Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
+};
+use sluice_engine::executor::Batching;
+use sluice_udfs::functions::{self, FunctionSpec};
+
+const TOP_LEVEL: &[&str] = &[
+    "name",
+    "source",
+    "stages",
+    "sink",
+    "dead_letter",
+    "checkpoint",
+    "tests",
+];
+
+/// A pipeline file, read and checked.
+pub struct PipelineConfig {
+    pub file: String,
+    pub name: String,
+    pub source: SourceConfig,
+    pub stages: Vec<StageConfig>,
+    pub sink: SinkConfig,
+    pub dead_letter: Option<SinkConfig>,
+    pub checkpoint: Option<CheckpointConfig>,
+    pub tests: Vec<TestCase>,
+}
+
+pub struct SourceConfig {
+    pub batching: Batching,
+    pub kind: SourceKind,
+    /// Where the source is in the file, for problems found while building it.
+    pub at: At,
+}
+
+pub enum SourceKind {
+    Generator(GeneratorConfig),
+    File(FileSourceConfig),
+}
+
+pub struct StageConfig {
+    pub name: String,
+    pub kind: StageKind,
+    pub at: At,
+}
+
+pub enum StageKind {
+    Sql {
+        query: String,
+    },
+    Function {
+        function: String,
+        spec: Box<dyn FunctionSpec>,
+    },
+}
+
+impl StageKind {
+    /// The key whose value a planning problem points at.
+    pub fn main_key(&self) -> &'static str {
+        match self {
+            StageKind::Sql { .. } => "query",
+            StageKind::Function { .. } => "params",
+        }
+    }
+}
+
+pub struct SinkConfig {
+    pub kind: SinkKind,
+    /// Metadata columns (`_partition`, `_offset`, `_key`, `_timestamp`) to write as well.
+    pub metadata_columns: Vec<String>,
+    pub at: At,
+}
+
+pub enum SinkKind {
+    File(FileSinkConfig),
+    Stdout(StdoutConfig),
+    Null(NullConfig),
+}
+
+/// Where checkpoints are kept and how often they are taken.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// A directory for the checkpoint store.
+    pub dir: PathBuf,
+    /// Time between checkpoints (default 10s).
+    #[serde(default = "default_checkpoint_interval")]
+    pub interval: Duration,
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A `tests:` case: records in, the exact records expected out of the last stage.
+pub struct TestCase {
+    pub name: String,
+    pub input: Vec<(Node, serde_json::Value)>,
+    pub expected: Vec<serde_json::Value>,
+    pub at: At,
+}
+
+/// A component's node and YAML path, kept to place problems found after parsing.
+#[derive(Clone)]
+pub struct At {
+    pub node: Node,
+    pub path: Location,
+}
+
+impl At {
+    /// A problem about `key` of this component (or the component itself when absent).
+    pub fn problem(&self, problems: &mut Problems, key: &str, message: impl Into<String>) {
+        problems.at_key(&self.node, &self.path, key, message);
+    }
+}
+
+/// Reads a pipeline file with the process environment.
+pub fn load(path: &Path) -> Result<PipelineConfig, Problems> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut p = Problems::new(&name);
+        p.push(sluice_engine::config::Problem {
+            path: Location::root(),
+            mark: None,
+            message: format!("cannot read the file: {e}"),
+        });
+        p
+    })?;
+    parse(&name, &text, &ProcessEnv)
+}
+
+/// Reads pipeline text; `file` names it in messages.
+pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Problems> {
+    let mut problems = Problems::new(file);
+    let Some(root) = yaml::parse(text, env, &mut problems) else {
+        return Err(problems.sorted());
+    };
+    let root_path = Location::root();
+    if !check_keys(&root, &root_path, TOP_LEVEL, &mut problems) {
+        return Err(problems.sorted());
+    }
+    let required = |key: &str, problems: &mut Problems| -> Option<&Node> {
+        let node = root.get(key);
+        if node.is_none() {
+            problems.at(
+                &root_path.key(key),
+                &root,
+                format!("missing required field `{key}`"),
+            );
+        }
+        node
+    };
+
+    let name = required("name", &mut problems)
+        .and_then(|n| from_node::<String>(n, &Location::new("name"), &[], &mut problems));
+    if let Some(n) = &name {
+        if n.trim().is_empty() {
+            problems.at_key(&root, &root_path, "name", "must not be empty");
+        }
+    }
+    let source = required("source", &mut problems).and_then(|n| parse_source(n, &mut problems));
+    let stages = parse_stages(root.get("stages"), &mut problems);
+    let sink = required("sink", &mut problems)
+        .and_then(|n| parse_sink(n, &Location::new("sink"), &mut problems));
+    let dead_letter = root
+        .get("dead_letter")
+        .and_then(|n| parse_sink(n, &Location::new("dead_letter"), &mut problems));
+    let checkpoint = root.get("checkpoint").and_then(|n| {
+        from_node::<CheckpointConfig>(n, &Location::new("checkpoint"), &[], &mut problems)
+    });
+    let tests = parse_tests(root.get("tests"), &mut problems);
+
+    match (name, source, stages, sink) {
+        (Some(name), Some(source), Some(stages), Some(sink)) if problems.is_empty() => {
+            Ok(PipelineConfig {
+                file: file.to_string(),
+                name,
+                source,
+                stages,
+                sink,
+                dead_letter,
+                checkpoint,
+                tests,
+            })
+        }
+        _ => Err(problems.sorted()),
+    }
+}
+
+const SOURCE_KINDS: &[&str] = &["generator", "file"];
+const SOURCE_COMMON: &[&str] = &["type", "batch_size", "batch_window"];
+
+/// Fields every source has.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceCommon {
+    #[serde(rename = "type")]
+    _type: String,
+    /// The most records in one batch (default 8192).
+    #[serde(default = "default_batch_size")]
+    batch_size: usize,
+    /// The longest a batch waits to fill up after its first record (default 100ms).
+    #[serde(default = "default_batch_window")]
+    batch_window: Duration,
+}
+
+fn default_batch_size() -> usize {
+    8192
+}
+fn default_batch_window() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn parse_source(node: &Node, problems: &mut Problems) -> Option<SourceConfig> {
+    let path = Location::new("source");
+    let (kind, node) = split_kind(node, &path, SOURCE_KINDS, problems)?;
+    let common = select_keys(node, SOURCE_COMMON, true);
+    let rest = select_keys(node, SOURCE_COMMON, false);
+    let common: Option<SourceCommon> = from_node(&common, &path, &[], problems);
+    let kind = match kind {
+        "generator" => {
+            from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: GeneratorConfig| {
+                c.validate(node, &path, problems);
+                SourceKind::Generator(c)
+            })
+        }
+        "file" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: FileSourceConfig| {
+            c.validate(node, &path, problems);
+            SourceKind::File(c)
+        }),
+        _ => unreachable!("split_kind checked the kind"),
+    };
+    let common = common?;
+    if common.batch_size == 0 {
+        problems.at_key(node, &path, "batch_size", "must be at least 1");
+    }
+    Some(SourceConfig {
+        batching: Batching {
+            size: common.batch_size,
+            window: common.batch_window.get(),
+        },
+        kind: kind?,
+        at: At {
+            node: node.clone(),
+            path,
+        },
+    })
+}
+
+const STAGE_KINDS: &[&str] = &["sql", "function"];
+const STAGE_COMMON: &[&str] = &["name", "type"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageCommon {
+    /// A stable name: it labels metrics, errors and dead-lettered records.
+    name: String,
+    #[serde(rename = "type")]
+    _type: String,
+}
+
+/// `type: sql`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlStageConfig {
+    /// A SELECT over the table `input`, which holds the incoming batch.
+    query: String,
+}
+
+/// `type: function`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FunctionStageConfig {
+    /// The function's name in the registry.
+    function: String,
+    /// The function's parameters; read by the function itself.
+    #[serde(default)]
+    #[allow(dead_code)]
+    params: serde::de::IgnoredAny,
+}
+
+fn parse_stages(node: Option<&Node>, problems: &mut Problems) -> Option<Vec<StageConfig>> {
+    let Some(node) = node else {
+        return Some(Vec::new());
+    };
+    let path = Location::new("stages");
+    let items = match &node.value {
+        Value::Seq(items) => items,
+        _ if node.is_null() => return Some(Vec::new()),
+        _ => {
+            problems.at(
+                &path,
+                node,
+                format!("expected a list of stages, found {}", node.describe()),
+            );
+            return None;
+        }
+    };
+    let mut stages = Vec::with_capacity(items.len());
+    let mut complete = true;
+    for (i, item) in items.iter().enumerate() {
+        match parse_stage(item, &path.index(i), problems) {
+            Some(stage) => stages.push(stage),
+            None => complete = false,
+        }
+    }
+    for (i, stage) in stages.iter().enumerate() {
+        let name = &stage.name;
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            stage.at.problem(
+                problems,
+                "name",
+                format!("`{name}` is not a valid stage name: use letters, digits, _ and -"),
+            );
+        }
+        if let Some(first) = stages[..i].iter().find(|s| s.name == *name) {
+            stage.at.problem(
+                problems,
+                "name",
+                format!(
+                    "the stage name `{name}` is already used by {} (line {})",
+                    first.at.path, first.at.node.mark.line
+                ),
+            );
+        }
+    }
+    complete.then_some(stages)
+}
+
+fn parse_stage(node: &Node, path: &Location, problems: &mut Problems) -> Option<StageConfig> {
+    let (kind, node) = split_kind(node, path, STAGE_KINDS, problems)?;
+    let common = select_keys(node, STAGE_COMMON, true);
+    let rest = select_keys(node, STAGE_COMMON, false);
+    let common: Option<StageCommon> = from_node(&common, path, &[], problems);
+    let kind = match kind {
+        "sql" => from_node(&rest, path, STAGE_COMMON, problems).and_then(|c: SqlStageConfig| {
+            if c.query.trim().is_empty() {
+                problems.at_key(node, path, "query", "must not be empty");
+                return None;
+            }
+            Some(StageKind::Sql { query: c.query })
+        }),
+        "function" => {
+            let c: Option<FunctionStageConfig> = from_node(&rest, path, STAGE_COMMON, problems);
+            c.and_then(|c| parse_function(node, path, c.function, problems))
+        }
+        _ => unreachable!("split_kind checked the kind"),
+    };
+    Some(StageConfig {
+        name: common?.name,
+        kind: kind?,
+        at: At {
+            node: node.clone(),
+            path: path.clone(),
+        },
+    })
+}
+
+fn parse_function(
+    node: &Node,
+    path: &Location,
+    function: String,
+    problems: &mut Problems,
+) -> Option<StageKind> {
+    let Some(entry) = functions::lookup(&function) else {
+        problems.at_key(
+            node,
+            path,
+            "function",
+            format!(
+                "unknown function `{function}`, expected one of {}",
+                functions::names().join(", ")
+            ),
+        );
+        return None;
+    };
+    let empty = Node {
+        mark: node.mark,
+        value: Value::Map(Vec::new()),
+    };
+    let params = node.get("params").unwrap_or(&empty);
+    let spec = (entry.parse)(params, &path.key("params"), problems)?;
+    Some(StageKind::Function { function, spec })
+}
+
+const SINK_KINDS: &[&str] = &["file", "stdout", "null"];
+const SINK_COMMON: &[&str] = &["type", "metadata_columns"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinkCommon {
+    #[serde(rename = "type")]
+    _type: String,
+    /// Metadata columns to write along with the record columns (default none).
+    #[serde(default)]
+    metadata_columns: Vec<String>,
+}
+
+fn parse_sink(node: &Node, path: &Location, problems: &mut Problems) -> Option<SinkConfig> {
+    let (kind, node) = split_kind(node, path, SINK_KINDS, problems)?;
+    let common = select_keys(node, SINK_COMMON, true);
+    let rest = select_keys(node, SINK_COMMON, false);
+    let common: Option<SinkCommon> = from_node(&common, path, &[], problems);
+    let kind = match kind {
+        "file" => from_node(&rest, path, SINK_COMMON, problems).map(|c: FileSinkConfig| {
+            c.validate(node, path, problems);
+            SinkKind::File(c)
+        }),
+        "stdout" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Stdout),
+        "null" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Null),
+        _ => unreachable!("split_kind checked the kind"),
+    };
+    let common = common?;
+    for name in &common.metadata_columns {
+        if !batch::is_metadata(name) {
+            problems.at_key(
+                node,
+                path,
+                "metadata_columns",
+                format!(
+                    "`{name}` is not a metadata column, expected some of {}",
+                    batch::METADATA_COLUMNS.join(", ")
+                ),
+            );
+        }
+    }
+    Some(SinkConfig {
+        kind: kind?,
+        metadata_columns: common.metadata_columns,
+        at: At {
+            node: node.clone(),
+            path: path.clone(),
+        },
+    })
+}
+
+const TEST_KEYS: &[&str] = &["name", "input", "expected"];
+
+fn parse_tests(node: Option<&Node>, problems: &mut Problems) -> Vec<TestCase> {
+    let path = Location::new("tests");
+    let Some(node) = node else { return Vec::new() };
+    let Value::Seq(items) = &node.value else {
+        problems.at(
+            &path,
+            node,
+            format!("expected a list of test cases, found {}", node.describe()),
+        );
+        return Vec::new();
+    };
+    let mut tests = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = path.index(i);
+        if !check_keys(item, &path, TEST_KEYS, problems) {
+            continue;
+        }
+        let name = match item.get("name").and_then(Node::scalar) {
+            Some(n) => n.to_string(),
+            None => {
+                problems.at(&path.key("name"), item, "missing required field `name`");
+                continue;
+            }
+        };
+        let rows = |key: &str, problems: &mut Problems| -> Option<Vec<Node>> {
+            let Some(list) = item.get(key) else {
+                problems.at(
+                    &path.key(key),
+                    item,
+                    format!("missing required field `{key}`"),
+                );
+                return None;
+            };
+            match &list.value {
+                Value::Seq(rows) => {
+                    let mut ok = true;
+                    for (j, row) in rows.iter().enumerate() {
+                        if !matches!(row.value, Value::Map(_)) {
+                            problems.at(
+                                &path.key(key).index(j),
+                                row,
+                                format!("expected a record (a mapping), found {}", row.describe()),
+                            );
+                            ok = false;
+                        }
+                    }
+                    ok.then(|| rows.clone())
+                }
+                _ => {
+                    problems.at(
+                        &path.key(key),
+                        list,
+                        format!("expected a list of records, found {}", list.describe()),
+                    );
+                    None
+                }
+            }
+        };
+        let input = rows("input", problems);
+        let expected = rows("expected", problems);
+        if let (Some(input), Some(expected)) = (input, expected) {
+            tests.push(TestCase {
+                name,
+                input: input
+                    .into_iter()
+                    .map(|n| {
+                        let json = n.to_json();
+                        (n, json)
+                    })
+                    .collect(),
+                expected: expected.iter().map(Node::to_json).collect(),
+                at: At {
+                    node: item.clone(),
+                    path,
+                },
+            });
+        }
+    }
+    tests
+}

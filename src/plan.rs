@@ -1,0 +1,132 @@
+//! From a checked configuration to a pipeline ready to run: open the source (which settles
+//! its schema), plan every stage against the schema the stage before it produces, open the
+//! sink. Problems found here point at the component in the YAML that caused them.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use sluice_connectors::file::{FileSink, FileSource};
+use sluice_connectors::generator::{GeneratorSource, record_schema};
+use sluice_connectors::null::NullSink;
+use sluice_connectors::stdout::StdoutSink;
+use sluice_engine::batch::{self, ColumnSelection};
+use sluice_engine::config::Problems;
+use sluice_engine::executor::Pipeline;
+use sluice_engine::sink::Sink;
+use sluice_engine::source::Source;
+use sluice_engine::stage::{PlannedStage, StageFactory};
+use sluice_udfs::sql::SqlStageFactory;
+
+use crate::config::{PipelineConfig, SinkConfig, SinkKind, SourceConfig, SourceKind, StageKind};
+
+/// Opens the source; its schema includes the metadata columns.
+pub fn open_source(config: &SourceConfig, problems: &mut Problems) -> Option<Box<dyn Source>> {
+    let opened: sluice_engine::Result<Box<dyn Source>> = match &config.kind {
+        SourceKind::Generator(g) => GeneratorSource::new(g.clone()).map(|s| Box::new(s) as _),
+        SourceKind::File(f) => {
+            FileSource::open(f.clone(), config.batching.size).map(|s| Box::new(s) as _)
+        }
+    };
+    match opened {
+        Ok(source) => Some(source),
+        Err(e) => {
+            let key = match config.kind {
+                SourceKind::File(_) => "path",
+                SourceKind::Generator(_) => "type",
+            };
+            config.at.problem(problems, key, e.to_string());
+            None
+        }
+    }
+}
+
+/// The source's schema when it can be known without reading data (declared, or fixed by
+/// the source kind); `sluice test` uses it so that tests need no data files.
+pub fn declared_schema(config: &SourceConfig) -> Option<SchemaRef> {
+    let records = match &config.kind {
+        SourceKind::Generator(_) => record_schema(),
+        SourceKind::File(f) => f.schema.as_ref()?.to_arrow().as_ref().clone(),
+    };
+    batch::with_metadata(&records).ok()
+}
+
+/// Plans every stage in order. Stops at the first stage that cannot be planned, since the
+/// stages after it have no input schema.
+pub async fn plan_stages(
+    config: &PipelineConfig,
+    input: SchemaRef,
+    problems: &mut Problems,
+) -> Option<Vec<PlannedStage>> {
+    let mut schema = input;
+    let mut planned = Vec::with_capacity(config.stages.len());
+    for stage in &config.stages {
+        let factory: Result<Arc<dyn StageFactory>, String> = match &stage.kind {
+            StageKind::Sql { query } => SqlStageFactory::plan(query, schema.clone())
+                .await
+                .map(|f| Arc::new(f) as _),
+            StageKind::Function { spec, .. } => spec.plan(&schema),
+        };
+        match factory {
+            Ok(factory) => {
+                schema = factory.output_schema();
+                planned.push(PlannedStage {
+                    name: stage.name.as_str().into(),
+                    factory,
+                });
+            }
+            Err(reason) => {
+                stage.at.problem(problems, stage.kind.main_key(), reason);
+                return None;
+            }
+        }
+    }
+    Some(planned)
+}
+
+fn open_sink(config: &SinkConfig, problems: &mut Problems) -> Option<Box<dyn Sink>> {
+    let opened: sluice_engine::Result<Box<dyn Sink>> = match &config.kind {
+        SinkKind::File(f) => FileSink::open(f.clone()).map(|s| Box::new(s) as _),
+        SinkKind::Stdout(_) => Ok(Box::new(StdoutSink::default())),
+        SinkKind::Null(_) => Ok(Box::new(NullSink::default())),
+    };
+    opened
+        .map_err(|e| config.at.problem(problems, "path", e.to_string()))
+        .ok()
+}
+
+/// Checks everything `run` would, without opening the sink or reading records.
+pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
+    let mut problems = Problems::new(&config.file);
+    if let Some(source) = open_source(&config.source, &mut problems) {
+        plan_stages(config, source.schema(), &mut problems).await;
+    }
+    problems.into_result(())
+}
+
+/// Builds the pipeline: source opened, stages planned, sink opened.
+pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
+    let mut problems = Problems::new(&config.file);
+    let source = open_source(&config.source, &mut problems);
+    let stages = match &source {
+        Some(s) => plan_stages(config, s.schema(), &mut problems).await,
+        None => None,
+    };
+    let sink = if problems.is_empty() {
+        open_sink(&config.sink, &mut problems)
+    } else {
+        None
+    };
+    match (source, stages, sink) {
+        (Some(source), Some(stages), Some(sink)) if problems.is_empty() => Ok(Pipeline {
+            name: config.name.as_str().into(),
+            source,
+            batching: config.source.batching,
+            stages,
+            sink,
+            columns: ColumnSelection {
+                keep_metadata: config.sink.metadata_columns.clone(),
+            },
+        }),
+        _ => Err(problems.sorted()),
+    }
+}

@@ -1,0 +1,113 @@
+//! What `sluice run` shows a person: a live status line on a terminal, and a summary.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_engine::executor::RunReport;
+use sluice_engine::stats::RunStats;
+use tokio_util::sync::CancellationToken;
+
+/// `1234567` → `1,234,567`.
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `412345.0` → `412k/s`.
+pub fn rate(per_sec: f64) -> String {
+    if per_sec >= 1e6 {
+        format!("{:.2}M/s", per_sec / 1e6)
+    } else if per_sec >= 1e3 {
+        format!("{:.0}k/s", per_sec / 1e3)
+    } else {
+        format!("{per_sec:.0}/s")
+    }
+}
+
+/// Redraws one status line on stderr until `done` is cancelled, when stderr is a terminal.
+pub fn spawn_status_line(name: String, stats: Arc<RunStats>, done: CancellationToken) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut last = (0u64, 0u64, Instant::now());
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let (rin, rout) = (
+                RunStats::get(&stats.records_in),
+                RunStats::get(&stats.records_out),
+            );
+            let dt = last.2.elapsed().as_secs_f64().max(1e-3);
+            eprint!(
+                "\r\x1b[2K▶ {name}  in {} ({})  out {} ({})  failed {}  {:.1}s",
+                count(rin),
+                rate((rin - last.0) as f64 / dt),
+                count(rout),
+                rate((rout - last.1) as f64 / dt),
+                count(RunStats::get(&stats.records_failed)),
+                started.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+            last = (rin, rout, Instant::now());
+        }
+        eprint!("\r\x1b[2K");
+    });
+}
+
+/// The end-of-run summary: totals, per-stage counts and timings, what the sink wrote.
+pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    let rin = RunStats::get(&stats.records_in);
+    let mut out = format!(
+        "{name}: {} records in, {} out, {} failed in {:.2}s ({}, {} workers)\n",
+        count(rin),
+        count(RunStats::get(&stats.records_out)),
+        count(RunStats::get(&stats.records_failed)),
+        secs,
+        rate(rin as f64 / secs),
+        report.workers,
+    );
+    let width = stats.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    for s in &stats.stages {
+        let batches = RunStats::get(&s.batches).max(1);
+        let busy = Duration::from_nanos(RunStats::get(&s.busy_nanos));
+        out.push_str(&format!(
+            "  stage {:width$}  {:>12} in  {:>12} out  {:>6} batches  {:>9.3}ms/batch  cold start {:.1}ms\n",
+            s.name,
+            count(RunStats::get(&s.rows_in)),
+            count(RunStats::get(&s.rows_out)),
+            count(RunStats::get(&s.batches)),
+            busy.as_secs_f64() * 1e3 / batches as f64,
+            s.cold_start().as_secs_f64() * 1e3,
+        ));
+    }
+    out.push_str(&format!("  sink: {}", report.sink));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_numbers_for_people() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(1234567), "1,234,567");
+        assert_eq!(count(100), "100");
+        assert_eq!(rate(412_345.0), "412k/s");
+        assert_eq!(rate(12_500_000.0), "12.50M/s");
+    }
+}

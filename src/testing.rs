@@ -1,0 +1,226 @@
+//! `sluice test`: runs the `tests:` cases of a pipeline file.
+//!
+//! Each case's `input` records are decoded with the source's schema (as the source would
+//! decode them), given metadata columns (partition 0, offsets from 0), run through every
+//! stage, and the rows the sink would write are compared, in order and exactly, with
+//! `expected`. A mismatch prints a diff: per row, the fields that differ.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use serde_json::Value as Json;
+use sluice_connectors::json::{decode_records, to_json_rows};
+use sluice_engine::batch::{self, ColumnSelection, is_metadata};
+use sluice_engine::config::Problems;
+use sluice_engine::stage::{PlannedStage, StageContext};
+
+use crate::config::{PipelineConfig, TestCase};
+use crate::plan;
+
+/// The result of one test case.
+pub struct Outcome {
+    pub name: String,
+    /// `None` when it passed; otherwise what went wrong, for a person.
+    pub failure: Option<String>,
+}
+
+/// Runs every test case. Problems mean the tests could not run at all (bad input records,
+/// stages that do not plan).
+pub async fn run_tests(config: &PipelineConfig) -> Result<Vec<Outcome>, Problems> {
+    let mut problems = Problems::new(&config.file);
+    let schema = match plan::declared_schema(&config.source) {
+        Some(s) => s,
+        None => match plan::open_source(&config.source, &mut problems) {
+            Some(source) => source.schema(),
+            None => return Err(problems),
+        },
+    };
+    let Some(stages) = plan::plan_stages(config, schema.clone(), &mut problems).await else {
+        return Err(problems);
+    };
+    let columns = ColumnSelection {
+        keep_metadata: config.sink.metadata_columns.clone(),
+    };
+    let mut outcomes = Vec::with_capacity(config.tests.len());
+    for case in &config.tests {
+        match run_case(config, case, &schema, &stages, &columns, &mut problems).await {
+            Some(failure) => outcomes.push(Outcome {
+                name: case.name.clone(),
+                failure,
+            }),
+            None => return Err(problems.sorted()),
+        }
+    }
+    Ok(outcomes)
+}
+
+/// `None` when the case could not run (problems recorded); `Some(None)` when it passed.
+async fn run_case(
+    config: &PipelineConfig,
+    case: &TestCase,
+    schema: &SchemaRef,
+    stages: &[PlannedStage],
+    columns: &ColumnSelection,
+    problems: &mut Problems,
+) -> Option<Option<String>> {
+    let records: SchemaRef = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| !is_metadata(f.name()))
+            .cloned()
+            .collect::<Vec<_>>(),
+    ));
+    let mut buf = Vec::new();
+    let mut starts = Vec::with_capacity(case.input.len());
+    for (_, json) in &case.input {
+        starts.push(buf.len());
+        serde_json::to_writer(&mut buf, json).expect("JSON values serialize");
+        buf.push(b'\n');
+    }
+    let input_path = case.at.path.key("input");
+    let decoded = match decode_records(&records, &buf, &starts) {
+        Ok(b) => b,
+        Err(e) => {
+            let (path, node) = match e.index {
+                Some(i) => (input_path.index(i), &case.input[i].0),
+                None => (input_path, &case.at.node),
+            };
+            problems.at(
+                &path,
+                node,
+                format!("the record does not fit the source schema: {}", e.reason),
+            );
+            return None;
+        }
+    };
+    let mut batch = match batch::append_metadata(schema, decoded, 0, 0, None, None) {
+        Ok(b) => b,
+        Err(e) => return Some(Some(e.to_string())),
+    };
+    for stage in stages {
+        let ctx = StageContext {
+            pipeline: config.name.as_str().into(),
+            stage: stage.name.clone(),
+            worker: 0,
+        };
+        let result = async {
+            let mut instance = stage.factory.create()?;
+            instance.open(&ctx).await?;
+            let out = instance.process_batch(batch.clone(), &ctx).await?;
+            instance.close(&ctx).await?;
+            Ok::<_, sluice_engine::Error>(out)
+        }
+        .await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => return Some(Some(format!("stage `{}` failed: {e}", stage.name))),
+        };
+        if let Some(f) = out.failed.first() {
+            let offset = batch
+                .column_by_name(batch::OFFSET)
+                .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
+                .map(|c| c.value(f.row));
+            let which = offset.map_or(String::new(), |o| format!(" input record {o}:"));
+            return Some(Some(format!(
+                "stage `{}` failed{which} {} ({} of {} rows failed)",
+                stage.name,
+                f.reason,
+                out.failed.len(),
+                batch.num_rows()
+            )));
+        }
+        batch = out.batch;
+    }
+    let actual = match columns.apply(&batch).and_then(|b| to_json_rows(&b)) {
+        Ok(rows) => rows,
+        Err(e) => return Some(Some(e.to_string())),
+    };
+    Some(diff(&case.expected, &actual))
+}
+
+/// Numbers compare by value (`10` equals `10.0`); everything else exactly.
+fn same(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => x == y || x.as_f64() == y.as_f64(),
+        (Json::Array(x), Json::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        (Json::Object(x), Json::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// A readable account of how `actual` differs from `expected`, or `None` when it does not.
+fn diff(expected: &[Json], actual: &[Json]) -> Option<String> {
+    let mut out = String::new();
+    for i in 0..expected.len().max(actual.len()) {
+        match (expected.get(i), actual.get(i)) {
+            (Some(e), Some(a)) if same(e, a) => {}
+            (Some(Json::Object(e)), Some(Json::Object(a))) => {
+                let _ = writeln!(out, "  row {i}:");
+                for (k, ev) in e {
+                    match a.get(k) {
+                        None => {
+                            let _ = writeln!(
+                                out,
+                                "    {k}: expected {ev}, but the output has no such column"
+                            );
+                        }
+                        Some(av) if !same(ev, av) => {
+                            let _ = writeln!(out, "    {k}: expected {ev}, got {av}");
+                        }
+                        Some(_) => {}
+                    }
+                }
+                for (k, av) in a {
+                    if !e.contains_key(k) {
+                        let _ = writeln!(out, "    {k}: not expected, got {av}");
+                    }
+                }
+            }
+            (Some(e), Some(a)) => {
+                let _ = writeln!(out, "  row {i}:\n    - {e}\n    + {a}");
+            }
+            (Some(e), None) => {
+                let _ = writeln!(out, "  row {i} is missing from the output:\n    - {e}");
+            }
+            (None, Some(a)) => {
+                let _ = writeln!(out, "  row {i} was not expected:\n    + {a}");
+            }
+            (None, None) => {}
+        }
+    }
+    if out.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "expected {} rows, got {}\n{}",
+            expected.len(),
+            actual.len(),
+            out.trim_end()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn diff_names_fields_and_rows() {
+        let expected = vec![json!({"a": 1, "b": "x"}), json!({"a": 2})];
+        assert_eq!(
+            diff(&expected, &[json!({"a": 1.0, "b": "x"}), json!({"a": 2})]),
+            None
+        );
+        let d = diff(&expected, &[json!({"a": 1, "b": "y"})]).unwrap();
+        assert!(d.contains("b: expected \"x\", got \"y\""), "{d}");
+        assert!(d.contains("row 1 is missing"), "{d}");
+        assert!(d.starts_with("expected 2 rows, got 1"), "{d}");
+    }
+}
