@@ -16,15 +16,14 @@ use sluice_engine::executor::{self, RunOptions, RunReport};
 use sluice_engine::stats::RunStats;
 use tokio_util::sync::CancellationToken;
 
-/// Loads, builds and runs a pipeline file to its end; for tests and benches that want the
-/// whole path `sluice run` takes, without a process.
-pub async fn run_file(
-    path: &std::path::Path,
+/// Builds and runs a pipeline to its end: the path `sluice run` takes, without a process,
+/// for tests and benches.
+pub async fn run_config(
+    config: &config::PipelineConfig,
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(Arc<RunStats>, RunReport)> {
-    let config = config::load(path)?;
-    let pipeline = plan::build(&config).await?;
+    let pipeline = plan::build(config).await?;
     let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
     let report = executor::run(pipeline, options, stats.clone(), shutdown, None).await?;
     Ok((stats, report))

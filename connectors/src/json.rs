@@ -100,12 +100,14 @@ fn decode(
 fn clean_error(e: &arrow::error::ArrowError) -> String {
     let text = e.to_string();
     let text = text.strip_prefix("Json error: ").unwrap_or(&text);
+    // "Encountered unmasked nulls in non-nullable StructArray child: Field { "id": Int64 }"
     if let Some(rest) = text.split("non-nullable").nth(1) {
-        if let Some(name) = rest
+        let name = rest
             .split("name: \"")
             .nth(1)
-            .and_then(|r| r.split('"').next())
-        {
+            .or_else(|| rest.split("Field { \"").nth(1))
+            .and_then(|r| r.split('"').next());
+        if let Some(name) = name {
             return format!("missing required field `{name}` (it is declared nullable: false)");
         }
     }

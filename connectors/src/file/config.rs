@@ -100,7 +100,9 @@ impl FileSourceConfig {
                 ),
             );
         }
-        let text = matches!(format, Some(FileFormat::Jsonl | FileFormat::Csv) | None);
+        // A directory without `format` is checked once its files are listed.
+        let text = matches!(format, Some(FileFormat::Jsonl | FileFormat::Csv))
+            || (format.is_none() && !self.path.is_dir());
         if text && self.schema.is_none() && !self.infer_schema {
             problems.at_key(
                 node,

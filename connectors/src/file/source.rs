@@ -56,6 +56,14 @@ impl FileSource {
                 }
             }
         };
+        let text = matches!(format, FileFormat::Jsonl | FileFormat::Csv);
+        if text && config.schema.is_none() && !config.infer_schema {
+            return Err(Error::Plan(format!(
+                "the {} files in `{}` need a `schema`, or `infer_schema: true`",
+                format.extension(),
+                config.path.display()
+            )));
+        }
         let records: SchemaRef = match (&config.schema, format) {
             (Some(spec), _) => spec.to_arrow(),
             (None, FileFormat::Parquet) => parquet_schema(&files[0])?,

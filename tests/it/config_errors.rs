@@ -1,0 +1,249 @@
+//! Broken pipeline files: every problem is reported, each with its YAML path, its
+//! line:column and what was expected.
+
+use crate::parse;
+
+/// The problems in `yaml`, one per line.
+fn problems(yaml: &str) -> Vec<String> {
+    match parse(yaml, &[]) {
+        Ok(_) => panic!("expected problems in:\n{yaml}"),
+        Err(text) => text.lines().map(str::to_string).collect(),
+    }
+}
+
+fn one_problem(yaml: &str) -> String {
+    let mut p = problems(yaml);
+    assert_eq!(p.len(), 1, "expected one problem, got {p:#?}");
+    p.remove(0)
+}
+
+const SINK: &str = "sink:\n  type: stdout\n";
+
+#[test]
+fn misspelled_stage_field() {
+    let yaml = "name: x
+source:
+  type: generator
+stages:
+  - name: a
+    type: sql
+    query: SELECT * FROM input
+  - name: b
+    type: sql
+    batch_sise: 10
+    query: SELECT * FROM input
+sink:
+  type: stdout
+";
+    assert_eq!(
+        one_problem(yaml),
+        "stages[1].batch_sise: unknown field, expected one of name, type, query (x.yaml:10:5)"
+    );
+}
+
+#[test]
+fn unknown_top_level_section() {
+    let yaml = format!("name: x\nsource:\n  type: generator\nsinks:\n  type: stdout\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "sinks: unknown field, expected one of name, source, stages, sink, dead_letter, checkpoint, tests (x.yaml:4:1)"
+    );
+}
+
+#[test]
+fn missing_sink() {
+    assert_eq!(
+        one_problem("name: x\nsource:\n  type: generator\n"),
+        "sink: missing required field `sink` (x.yaml:1:1)"
+    );
+}
+
+#[test]
+fn unknown_source_type() {
+    let yaml = format!("name: x\nsource:\n  type: kafak\n  topic: views\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "source.type: unknown type `kafak`, expected one of generator, file (x.yaml:3:9)"
+    );
+}
+
+#[test]
+fn text_where_a_number_belongs() {
+    let yaml = format!("name: x\nsource:\n  type: generator\n  batch_size: lots\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "source.batch_size: expected a whole number, found `lots` (x.yaml:4:15)"
+    );
+}
+
+#[test]
+fn negative_partition_count() {
+    let yaml = format!("name: x\nsource:\n  type: generator\n  partitions: -2\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "source.partitions: -2 is out of range: expected a whole number from 0 to 4294967295 (x.yaml:4:15)"
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let yaml = format!("name: x\nsource:\n  type: generator\n  batch_window: soon\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "source.batch_window: expected a duration such as 500ms, 5s or 2m, found `soon` (x.yaml:4:17)"
+    );
+}
+
+#[test]
+fn duplicate_stage_names() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: generator\nstages:\n  - {{ name: a, type: sql, query: SELECT 1 }}\n  - {{ name: a, type: sql, query: SELECT 2 }}\n{SINK}"
+    );
+    assert_eq!(
+        one_problem(&yaml),
+        "stages[1].name: the stage name `a` is already used by stages[0] (line 5) (x.yaml:6:13)"
+    );
+}
+
+#[test]
+fn unknown_function() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: generator\nstages:\n  - name: f\n    type: function\n    function: ab_buckets\n{SINK}"
+    );
+    assert_eq!(
+        one_problem(&yaml),
+        "stages[0].function: unknown function `ab_buckets`, expected one of ab_bucket, extract (x.yaml:7:15)"
+    );
+}
+
+#[test]
+fn misspelled_function_parameter() {
+    let yaml = format!(
+        "name: x
+source:
+  type: generator
+stages:
+  - name: f
+    type: function
+    function: ab_bucket
+    params:
+      keey: user_id
+      experiment: e
+      variants: {{ a: 1 }}
+{SINK}"
+    );
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "stages[0].params.keey: unknown field, expected one of key, experiment, variants, output, bucket_output (x.yaml:9:7)".to_string(),
+            "stages[0].params.key: missing required field (x.yaml:9:7)".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn unknown_schema_type() {
+    let yaml = format!(
+        "name: x
+source:
+  type: file
+  path: data.jsonl
+  schema:
+    - {{ name: id, type: int64 }}
+    - {{ name: tags, type: lst }}
+{SINK}"
+    );
+    assert_eq!(
+        one_problem(&yaml),
+        "source.schema[1]: unknown type `lst`, expected one of bool, int8, int16, int32, int64, uint8, uint16, uint32, uint64, float32, float64, utf8, binary, date32, timestamp, decimal128, list, struct (x.yaml:7:7)"
+    );
+}
+
+#[test]
+fn unset_environment_variable() {
+    let yaml = format!("name: x\nsource:\n  type: generator\n  count: ${{COUNT}}\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "environment variable COUNT is not set (write ${COUNT:-default} to give a default) (x.yaml:4:10)"
+    );
+    let ok = parse(&yaml, &[("COUNT", "12")]).unwrap();
+    let sluice::config::SourceKind::Generator(g) = ok.source.kind else {
+        panic!()
+    };
+    assert_eq!(g.count, Some(12));
+}
+
+#[test]
+fn invalid_yaml_syntax() {
+    let p = one_problem("name: x\nsource: { type: generator\nsink: {}\n");
+    assert!(p.starts_with("invalid YAML: "), "{p}");
+    assert!(p.ends_with("(x.yaml:3:5)"), "{p}");
+}
+
+#[test]
+fn stage_without_a_type() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: generator\nstages:\n  - name: a\n    query: SELECT 1\n{SINK}"
+    );
+    assert_eq!(
+        one_problem(&yaml),
+        "stages[0]: missing field `type`, expected one of sql, function (x.yaml:5:5)"
+    );
+}
+
+#[test]
+fn unknown_metadata_column() {
+    let yaml = "name: x\nsource:\n  type: generator\nsink:\n  type: stdout\n  metadata_columns: [_offset, _offest]\n";
+    assert_eq!(
+        one_problem(yaml),
+        "sink.metadata_columns: `_offest` is not a metadata column, expected some of _partition, _offset, _key, _timestamp (x.yaml:6:21)"
+    );
+}
+
+#[test]
+fn text_file_without_schema() {
+    let yaml = format!("name: x\nsource:\n  type: file\n  path: in.csv\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "source.schema: a jsonl or csv source needs a `schema`, or `infer_schema: true` to infer one from the data (x.yaml:3:3)"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once_in_file_order() {
+    let yaml = "name: x
+source:
+  type: generator
+  partitions: many
+  colour: blue
+stages:
+  - name: a
+    type: sql
+    qeury: SELECT 1
+sink:
+  type: file
+  format: jsonl
+";
+    assert_eq!(
+        problems(yaml),
+        vec![
+            "source.partitions: expected a whole number, found `many` (x.yaml:4:15)",
+            "source.colour: unknown field, expected one of type, batch_size, batch_window, partitions, count, rate, users, titles, seed, start_time, interval, disorder (x.yaml:5:3)",
+            "stages[0].query: missing required field (x.yaml:7:5)",
+            "stages[0].qeury: unknown field, expected one of name, type, query (x.yaml:9:5)",
+            "sink.path: missing required field (x.yaml:11:3)",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_query_on_a_missing_column_points_at_the_query() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: generator\nstages:\n  - name: a\n    type: sql\n    query: SELECT user_idd FROM input\n{SINK}"
+    );
+    let config = parse(&yaml, &[]).unwrap();
+    let problems = sluice::plan::check(&config).await.unwrap_err().to_string();
+    assert!(problems.starts_with("stages[0].query: "), "{problems}");
+    assert!(problems.contains("user_idd"), "{problems}");
+    assert!(problems.ends_with("(x.yaml:7:12)"), "{problems}");
+}
