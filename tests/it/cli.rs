@@ -1,1 +1,154 @@
+//! The `sluice` command as a user runs it: exit codes, messages, the test runner's diff,
+//! and a clean stop on SIGINT.
 
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{read_lines, root, sluice, text};
+
+#[test]
+fn validate_accepts_the_examples_and_lists_every_problem() {
+    let out = sluice(&["validate", "pipelines/quickstart.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(text(&out.stdout), "pipelines/quickstart.yaml: ok\n");
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "name: x\nsource:\n  type: generator\n  batch_size: -1\nstages:\n  - name: a\n    type: sql\n    query: SELECT 1\n    retries: 3\nsink:\n  type: kafka\n",
+    )
+    .unwrap();
+    let out = sluice(&["validate", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let f = broken.display();
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "source.batch_size: -1 is out of range: expected a whole number from 0 to 18446744073709551615 ({f}:4:15)\n\
+             stages[0].retries: unknown field, expected one of name, type, query ({f}:9:5)\n\
+             sink.type: unknown type `kafka`, expected one of file, stdout, null ({f}:11:9)\n\
+             {f}: 3 problems\n"
+        )
+    );
+}
+
+#[test]
+fn test_passes_on_the_example_and_shows_a_diff_on_a_wrong_expectation() {
+    let out = sluice(&["test", "pipelines/quickstart.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).ends_with("1 passed, 0 failed\n"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.yaml");
+    let yaml = std::fs::read_to_string(root().join("pipelines/quickstart.yaml"))
+        .unwrap()
+        .replace("quality: uhd", "quality: hd");
+    std::fs::write(&wrong, yaml).unwrap();
+    let out = sluice(&["test", wrong.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    assert!(
+        stdout.contains("row 1:\n            quality: expected \"hd\", got \"uhd\""),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with("0 passed, 1 failed\n"), "{stdout}");
+}
+
+#[test]
+fn bad_input_stops_the_run_with_its_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("views.jsonl");
+    std::fs::write(
+        &input,
+        "{\"user_id\": 1}\n{\"user_id\": 2}\n{\"user_id\": \"x\"}\n",
+    )
+    .unwrap();
+    let pipeline = dir.path().join("p.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: p\nsource:\n  type: file\n  path: {}\n  schema: [{{ name: user_id, type: int64, nullable: false }}]\nsink:\n  type: null\n",
+            input.display()
+        ),
+    )
+    .unwrap();
+    let out = sluice(&["run", pipeline.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: bad record in {} line 3 (offset 2): ",
+            input.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigint_finishes_what_was_read_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let pipeline = dir.path().join("endless.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: endless\nsource:\n  type: generator\n  partitions: 2\n  rate: 20000\n  batch_window: 20ms\nsink:\n  type: file\n  path: {}\n  max_file_size: 200KiB\n",
+            out_dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", pipeline.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the first file is complete, then interrupt.
+    let started = Instant::now();
+    while !(out_dir.exists()
+        && std::fs::read_dir(&out_dir)
+            .unwrap()
+            .any(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no output file appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stopping: finishing the batches in flight"),
+        "{stderr}"
+    );
+    // "endless: N records in, N out, 0 failed in …": nothing read was dropped.
+    let summary = stderr
+        .lines()
+        .find(|l| l.starts_with("endless: "))
+        .expect(&stderr);
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(words[1], words[4], "{summary}");
+    let written = read_lines(&out_dir).len();
+    assert_eq!(words[1].replace(',', "").parse::<usize>().unwrap(), written);
+    assert!(written > 0);
+}
+
+#[test]
+fn functions_are_listed() {
+    let out = sluice(&["functions"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("ab_bucket") && stdout.contains("extract"),
+        "{stdout}"
+    );
+}
