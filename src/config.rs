@@ -179,10 +179,10 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
 
     let name = required("name", &mut problems)
         .and_then(|n| from_node::<String>(n, &Location::new("name"), &[], &mut problems));
-    if let Some(n) = &name {
-        if n.trim().is_empty() {
-            problems.at_key(&root, &root_path, "name", "must not be empty");
-        }
+    if let Some(n) = &name
+        && n.trim().is_empty()
+    {
+        problems.at_key(&root, &root_path, "name", "must not be empty");
     }
     let source = required("source", &mut problems).and_then(|n| parse_source(n, &mut problems));
     let stages = parse_stages(root.get("stages"), &mut problems);

@@ -49,10 +49,10 @@ pub fn decode_records(
     starts: &[usize],
 ) -> std::result::Result<RecordBatch, DecodeError> {
     let whole = decode(schema, buf, starts.len());
-    if let Ok(Some(batch)) = &whole {
-        if batch.num_rows() == starts.len() {
-            return Ok(batch.clone());
-        }
+    if let Ok(Some(batch)) = &whole
+        && batch.num_rows() == starts.len()
+    {
+        return Ok(batch.clone());
     }
     for (i, &start) in starts.iter().enumerate() {
         let end = starts.get(i + 1).copied().unwrap_or(buf.len());

@@ -286,6 +286,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rolls_by_age_on_tick_without_new_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), FileFormat::Jsonl, 1 << 30);
+        cfg.max_file_age = Some(sluice_engine::config::Duration::from_millis(30));
+        let mut sink = FileSink::open(cfg).unwrap();
+        assert_eq!(sink.tick_interval(), Some(Duration::from_millis(30)));
+        sink.write(batch(3)).await.unwrap();
+        sink.tick().await.unwrap();
+        assert_eq!(
+            names(dir.path()),
+            vec![".part-00000.jsonl.tmp"],
+            "too young to roll"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        sink.tick().await.unwrap();
+        assert_eq!(names(dir.path()), vec!["part-00000.jsonl"]);
+        assert!(
+            sink.summary().starts_with("3 rows in 1 jsonl file"),
+            "{}",
+            sink.summary()
+        );
+    }
+
+    #[tokio::test]
     async fn parquet_files_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = FileSink::open(config(dir.path(), FileFormat::Parquet, 1 << 30)).unwrap();

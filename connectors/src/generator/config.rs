@@ -68,21 +68,21 @@ impl GeneratorConfig {
         if self.titles == 0 {
             bad("titles", "must be at least 1".into());
         }
-        if let Some(rate) = self.rate {
-            if !(rate > 0.0 && rate.is_finite()) {
-                bad(
-                    "rate",
-                    format!("must be a positive number of records per second, found {rate}"),
-                );
-            }
+        if let Some(rate) = self.rate
+            && !(rate > 0.0 && rate.is_finite())
+        {
+            bad(
+                "rate",
+                format!("must be a positive number of records per second, found {rate}"),
+            );
         }
-        if let Some(t) = &self.start_time {
-            if super::parse_time_ms(t).is_none() {
-                bad(
-                    "start_time",
-                    format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
-                );
-            }
+        if let Some(t) = &self.start_time
+            && super::parse_time_ms(t).is_none()
+        {
+            bad(
+                "start_time",
+                format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
+            );
         }
     }
 }

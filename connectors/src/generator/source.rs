@@ -234,7 +234,7 @@ impl GeneratorPartition {
             user_id.append_value((user * plan.partitions + self.partition + 1) as i64);
             // Squaring a uniform number skews views toward low (popular) title ids.
             let u = u64::from(a as u32);
-            title_id.append_value((((u * u) >> 32) * plan.titles >> 32) as i64 + 1);
+            title_id.append_value(((((u * u) >> 32) * plan.titles) >> 32) as i64 + 1);
             event_type.append_value(EVENT_TYPES[plan.event_types[(b & 0xff) as usize] as usize].0);
             device.append_value(DEVICES[plan.devices[((b >> 8) & 0xff) as usize] as usize].0);
             country.append_value(COUNTRIES[plan.countries[((b >> 16) & 0xff) as usize] as usize].0);

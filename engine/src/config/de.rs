@@ -129,7 +129,7 @@ impl de::Error for DeError {
 fn describe(unexp: de::Unexpected<'_>) -> String {
     use de::Unexpected as U;
     match unexp {
-        U::Str(s) if s.is_empty() => "an empty value".to_string(),
+        U::Str("") => "an empty value".to_string(),
         U::Str(s) => format!("`{s}`"),
         U::Signed(i) => format!("`{i}`"),
         U::Unsigned(i) => format!("`{i}`"),
@@ -491,10 +491,10 @@ impl<'de> de::MapAccess<'de> for MapAccess<'_, '_> {
         while let Some((k, v)) = self.entries.get(self.next) {
             self.next += 1;
             let key = k.scalar().unwrap_or_default();
-            if let Some(fields) = self.fields {
-                if !fields.contains(&key) {
-                    continue;
-                }
+            if let Some(fields) = self.fields
+                && !fields.contains(&key)
+            {
+                continue;
             }
             let path = self.parent.path.key(key);
             self.value = Some((v, path.clone()));

@@ -149,20 +149,21 @@ fn resolve_plain(text: &str) -> Plain<'_> {
         _ => {}
     }
     let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(i) = text.parse::<i128>() {
-            return Plain::Int(i);
-        }
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(i) = text.parse::<i128>()
+    {
+        return Plain::Int(i);
     }
-    if let Some(hex) = text.strip_prefix("0x") {
-        if let Ok(i) = i128::from_str_radix(hex, 16) {
-            return Plain::Int(i);
-        }
+    if let Some(hex) = text.strip_prefix("0x")
+        && let Ok(i) = i128::from_str_radix(hex, 16)
+    {
+        return Plain::Int(i);
     }
-    if let Some(oct) = text.strip_prefix("0o") {
-        if let Ok(i) = i128::from_str_radix(oct, 8) {
-            return Plain::Int(i);
-        }
+    if let Some(oct) = text.strip_prefix("0o")
+        && let Ok(i) = i128::from_str_radix(oct, 8)
+    {
+        return Plain::Int(i);
     }
     let looks_numeric = digits
         .bytes()
@@ -171,10 +172,8 @@ fn resolve_plain(text: &str) -> Plain<'_> {
         && digits
             .bytes()
             .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
-    if looks_numeric {
-        if let Ok(f) = text.parse::<f64>() {
-            return Plain::Float(f);
-        }
+    if looks_numeric && let Ok(f) = text.parse::<f64>() {
+        return Plain::Float(f);
     }
     Plain::Str(text)
 }
