@@ -113,16 +113,20 @@ async fn run(file: PathBuf, workers: Option<usize>, quiet: bool) -> u8 {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let status_done = CancellationToken::new();
-    if !quiet {
-        status::spawn_status_line(config.name.clone(), stats.clone(), status_done.clone());
-    }
+    let status_line = if quiet {
+        None
+    } else {
+        status::spawn_status_line(config.name.clone(), stats.clone(), status_done.clone())
+    };
     let options = RunOptions {
         workers,
         ..RunOptions::default()
     };
     let result = executor::run(pipeline, options, stats.clone(), shutdown, None).await;
     status_done.cancel();
-    tokio::task::yield_now().await;
+    if let Some(line) = status_line {
+        let _ = line.await;
+    }
     match result {
         Ok(report) => {
             if !quiet {

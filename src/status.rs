@@ -33,11 +33,16 @@ pub fn rate(per_sec: f64) -> String {
 }
 
 /// Redraws one status line on stderr until `done` is cancelled, when stderr is a terminal.
-pub fn spawn_status_line(name: String, stats: Arc<RunStats>, done: CancellationToken) {
+/// Await the handle after cancelling: the task erases its line before it ends.
+pub fn spawn_status_line(
+    name: String,
+    stats: Arc<RunStats>,
+    done: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     if !std::io::stderr().is_terminal() {
-        return;
+        return None;
     }
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         let started = Instant::now();
         let mut last = (0u64, 0u64, Instant::now());
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -64,7 +69,7 @@ pub fn spawn_status_line(name: String, stats: Arc<RunStats>, done: CancellationT
             last = (rin, rout, Instant::now());
         }
         eprint!("\r\x1b[2K");
-    });
+    }))
 }
 
 /// The end-of-run summary: totals, per-stage counts and timings, what the sink wrote.
