@@ -5,9 +5,10 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# System packages: mold links the big binaries in seconds; pkg-config and a C toolchain
+# System packages: mold links the big binaries in seconds; clang and libclang-dev build
+# RocksDB (C++) and its bindings; pkg-config and a C toolchain
 # build the C parts of compression crates.
-APT_PACKAGES := mold pkg-config build-essential
+APT_PACKAGES := mold pkg-config build-essential clang libclang-dev
 QUICKSTART := pipelines/quickstart.yaml
 
 .PHONY: run test deps build lint bench clean

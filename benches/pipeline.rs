@@ -114,6 +114,7 @@ fn bench_pipeline(c: &mut Criterion) {
             }],
             sink: Box::new(NullSink::default()),
             columns: ColumnSelection::default(),
+            checkpoint: None,
         };
         let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
         let options = RunOptions {

@@ -48,8 +48,15 @@ pub struct PipelineConfig {
     pub stages: Vec<StageConfig>,
     pub sink: SinkConfig,
     pub dead_letter: Option<SinkConfig>,
-    pub checkpoint: Option<CheckpointConfig>,
+    pub checkpoint: Option<Checkpointing>,
     pub tests: Vec<TestCase>,
+}
+
+/// The `checkpoint` section, read.
+pub struct Checkpointing {
+    pub dir: PathBuf,
+    pub interval: std::time::Duration,
+    pub at: At,
 }
 
 pub struct SourceConfig {
@@ -103,15 +110,17 @@ pub enum SinkKind {
     Null(NullConfig),
 }
 
-/// Where checkpoints are kept and how often they are taken.
+/// Where checkpoints are kept and how often they are taken. With it, a restarted pipeline
+/// goes on from the last checkpoint; without it, every run starts at the beginning.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CheckpointConfig {
-    /// A directory for the checkpoint store.
-    pub dir: PathBuf,
-    /// Time between checkpoints (default 10s).
+struct CheckpointConfig {
+    /// A directory for the checkpoint store (RocksDB), one per pipeline.
+    dir: PathBuf,
+    /// Time between checkpoints (default 10s). Records written after the last checkpoint
+    /// are written again after a crash, so this bounds the duplicates.
     #[serde(default = "default_checkpoint_interval")]
-    pub interval: Duration,
+    interval: Duration,
 }
 
 fn default_checkpoint_interval() -> Duration {
@@ -192,7 +201,19 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
         .get("dead_letter")
         .and_then(|n| parse_sink(n, &Location::new("dead_letter"), &mut problems));
     let checkpoint = root.get("checkpoint").and_then(|n| {
-        from_node::<CheckpointConfig>(n, &Location::new("checkpoint"), &[], &mut problems)
+        let path = Location::new("checkpoint");
+        let c: CheckpointConfig = from_node(n, &path, &[], &mut problems)?;
+        if c.interval.get().is_zero() {
+            problems.at_key(n, &path, "interval", "must be longer than 0s");
+        }
+        Some(Checkpointing {
+            dir: c.dir,
+            interval: c.interval.get(),
+            at: At {
+                node: n.clone(),
+                path,
+            },
+        })
     });
     let tests = parse_tests(root.get("tests"), &mut problems);
 

@@ -97,11 +97,6 @@ async fn run(file: PathBuf, workers: Option<usize>, quiet: bool) -> u8 {
             "warning: dead_letter is read but not used yet: a failed record stops the pipeline with its origin and reason"
         );
     }
-    if config.checkpoint.is_some() {
-        eprintln!(
-            "warning: checkpoint is read but not used yet: a restarted pipeline reads its source from the start"
-        );
-    }
     let pipeline = match plan::build(&config).await {
         Ok(p) => p,
         Err(problems) => {

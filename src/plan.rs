@@ -10,8 +10,9 @@ use sluice_connectors::generator::{GeneratorSource, record_schema};
 use sluice_connectors::null::NullSink;
 use sluice_connectors::stdout::StdoutSink;
 use sluice_engine::batch::{self, ColumnSelection};
+use sluice_engine::checkpoint::RocksStore;
 use sluice_engine::config::Problems;
-use sluice_engine::executor::Pipeline;
+use sluice_engine::executor::{CheckpointPolicy, Pipeline};
 use sluice_engine::sink::Sink;
 use sluice_engine::source::Source;
 use sluice_engine::stage::{PlannedStage, StageFactory};
@@ -111,6 +112,19 @@ pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
         Some(s) => plan_stages(config, s.schema(), &mut problems).await,
         None => None,
     };
+    let checkpoint = config
+        .checkpoint
+        .as_ref()
+        .and_then(|c| match RocksStore::open(&c.dir) {
+            Ok(store) => Some(CheckpointPolicy {
+                store: Arc::new(store),
+                interval: c.interval,
+            }),
+            Err(e) => {
+                c.at.problem(&mut problems, "dir", e.to_string());
+                None
+            }
+        });
     let sink = if problems.is_empty() {
         open_sink(&config.sink, &mut problems)
     } else {
@@ -118,6 +132,7 @@ pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
     };
     match (source, stages, sink) {
         (Some(source), Some(stages), Some(sink)) if problems.is_empty() => Ok(Pipeline {
+            checkpoint,
             name: config.name.as_str().into(),
             source,
             batching: config.source.batching,

@@ -76,6 +76,10 @@ pub enum Error {
     #[error("{message}")]
     Function { class: ErrorClass, message: String },
 
+    /// The checkpoint store failed: the run stops rather than go on without checkpoints.
+    #[error("checkpoint store {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -85,7 +89,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::BadRecord { .. } | Error::Plan(_) => ErrorClass::Decode,
             Error::Stage { class, .. } | Error::Function { class, .. } => *class,
-            Error::Io { .. } => ErrorClass::Transient,
+            Error::Io { .. } | Error::Checkpoint { .. } => ErrorClass::Transient,
             Error::Arrow { .. } => ErrorClass::Permanent,
             Error::Internal(_) => ErrorClass::Internal,
         }

@@ -21,6 +21,13 @@
 //! the reader sends `Release` to the old worker after its last batch there, waits until the
 //! worker has processed everything before it, and only then sends to the new worker.
 //!
+//! # Checkpoints
+//! With a [`CheckpointPolicy`], the source is restored from the last checkpoint before the
+//! first assignment, and the sink task takes a checkpoint every interval and at the end:
+//! flush the sink, then commit the offsets of everything it has received (see
+//! [`crate::checkpoint`]). Workers forward batches that stages emptied, so that their
+//! offsets count as done.
+//!
 //! # Clean shutdown
 //! Cancelling the shutdown token stops the readers; each sends what it has buffered. The
 //! workers finish the batches in their channels, the sink writes them and closes. Nothing
@@ -39,6 +46,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{ColumnSelection, Envelope, OFFSET, PartitionInfo};
+use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::sink::Sink;
 use crate::source::{Assignment, PartitionReader, Source};
 use crate::stage::{PlannedStage, RowFailure, Stage, StageContext};
@@ -62,6 +70,14 @@ pub struct Pipeline {
     pub stages: Vec<PlannedStage>,
     pub sink: Box<dyn Sink>,
     pub columns: ColumnSelection,
+    pub checkpoint: Option<CheckpointPolicy>,
+}
+
+/// Where and how often checkpoints are taken.
+#[derive(Clone)]
+pub struct CheckpointPolicy {
+    pub store: Arc<dyn CheckpointStore>,
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +149,21 @@ pub async fn run(
         stages,
         sink,
         columns,
+        checkpoint,
     } = pipeline;
+    if let Some(policy) = &checkpoint {
+        let store = policy.store.clone();
+        let last = tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| Error::Internal(format!("loading the checkpoint: {e}")))??;
+        tracing::info!(
+            checkpoint = last.id,
+            partitions = last.offsets.len(),
+            "restoring"
+        );
+        stats.checkpoints.store(last.id, Ordering::Relaxed);
+        source.restore(Arc::new(last));
+    }
     let worker_count = options.workers.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         source.partition_hint().clamp(1, cores)
@@ -142,7 +172,7 @@ pub async fn run(
     let stop = shutdown.child_token();
 
     let (sink_tx, sink_rx) = mpsc::channel::<Envelope>(cap);
-    let sink_task = tokio::spawn(sink_loop(sink, sink_rx, columns, stats.clone()));
+    let sink_task = tokio::spawn(sink_loop(sink, sink_rx, columns, checkpoint, stats.clone()));
 
     let mut workers = JoinSet::new();
     let mut routes = Vec::with_capacity(worker_count);
@@ -453,7 +483,8 @@ async fn worker_loop(
             }
             env.batch = run_stage(stage.as_mut(), ctx, &env, &stats.stages[i]).await?;
         }
-        if env.batch.num_rows() > 0 && sink.send(env).await.is_err() {
+        // Sent even when empty: the sink task counts its offsets as done.
+        if sink.send(env).await.is_err() {
             break;
         }
     }
@@ -521,27 +552,90 @@ async fn sink_loop(
     mut sink: Box<dyn Sink>,
     mut rx: mpsc::Receiver<Envelope>,
     columns: ColumnSelection,
+    checkpoint: Option<CheckpointPolicy>,
     stats: Arc<RunStats>,
 ) -> Result<String> {
-    let mut ticker = sink.tick_interval().map(|every| {
-        let mut t = tokio::time::interval(every);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
+    let mut ticker = sink.tick_interval().map(interval);
+    let mut checkpoints = checkpoint.as_ref().map(|c| interval(c.interval));
+    // Per partition: the next offset after everything received (written or emptied).
+    let mut progress: HashMap<Arc<str>, i64> = HashMap::new();
+    let mut committed: HashMap<Arc<str>, i64> = HashMap::new();
     loop {
         tokio::select! {
             msg = rx.recv() => {
                 let Some(env) = msg else { break };
-                let batch = columns.apply(&env.batch)?;
-                let rows = batch.num_rows() as u64;
-                sink.write(batch).await?;
-                RunStats::add(&stats.records_out, rows);
+                if env.batch.num_rows() > 0 {
+                    let batch = columns.apply(&env.batch)?;
+                    let rows = batch.num_rows() as u64;
+                    sink.write(batch).await?;
+                    RunStats::add(&stats.records_out, rows);
+                }
+                progress.insert(env.partition.name.clone(), env.offsets.end);
             }
-            _ = async { ticker.as_mut().expect("guarded").tick().await }, if ticker.is_some() => {
-                sink.tick().await?;
+            _ = tick(&mut ticker), if ticker.is_some() => sink.tick().await?,
+            _ = tick(&mut checkpoints), if checkpoints.is_some() => {
+                if let Some(policy) = &checkpoint {
+                    take_checkpoint(sink.as_mut(), policy, &progress, &mut committed, &stats).await?;
+                }
             }
         }
     }
     sink.close().await?;
+    if let Some(policy) = &checkpoint {
+        take_checkpoint(sink.as_mut(), policy, &progress, &mut committed, &stats).await?;
+    }
     Ok(sink.summary())
+}
+
+fn interval(every: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// # Cancel safety
+/// Cancel safe: waits on the interval only.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Flushes the sink, then commits the offsets that advanced since the last checkpoint.
+async fn take_checkpoint(
+    sink: &mut dyn Sink,
+    policy: &CheckpointPolicy,
+    progress: &HashMap<Arc<str>, i64>,
+    committed: &mut HashMap<Arc<str>, i64>,
+    stats: &RunStats,
+) -> Result<()> {
+    let changed: std::collections::BTreeMap<String, i64> = progress
+        .iter()
+        .filter(|(name, offset)| committed.get(*name) != Some(offset))
+        .map(|(name, offset)| (name.to_string(), *offset))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    sink.flush().await?;
+    let checkpoint = Checkpoint {
+        id: stats.checkpoints.load(Ordering::Relaxed) + 1,
+        offsets: changed,
+    };
+    let store = policy.store.clone();
+    let id = checkpoint.id;
+    let checkpoint =
+        tokio::task::spawn_blocking(move || store.commit(&checkpoint).map(|_| checkpoint))
+            .await
+            .map_err(|e| Error::Internal(format!("committing a checkpoint: {e}")))??;
+    for (name, offset) in checkpoint.offsets {
+        committed.insert(name.into(), offset);
+    }
+    stats.checkpoints.store(id, Ordering::Relaxed);
+    tracing::debug!(checkpoint = id, took = ?t0.elapsed(), "checkpoint committed");
+    Ok(())
 }

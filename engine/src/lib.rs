@@ -7,6 +7,7 @@
 //! reach the engine only through these traits.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod executor;

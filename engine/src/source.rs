@@ -13,6 +13,7 @@ use async_trait::async_trait;
 
 use crate::Result;
 use crate::batch::{Envelope, PartitionInfo};
+use crate::checkpoint::Checkpoint;
 
 /// Reads the records of one partition in order.
 #[async_trait]
@@ -52,6 +53,11 @@ pub trait Source: Send {
 
     /// How many partitions the source expects to assign, to size the worker pool.
     fn partition_hint(&self) -> usize;
+
+    /// Where to start: every partition assigned from now on starts at its offset in
+    /// `checkpoint` (the next record to read), or at its beginning when it has none.
+    /// Called before the first assignment when the pipeline checkpoints.
+    fn restore(&mut self, checkpoint: Arc<Checkpoint>);
 
     /// The next change of assignment; `Ok(None)` once no more will come.
     ///

@@ -35,6 +35,8 @@ pub struct RunStats {
     /// Records that failed in a stage or at decoding.
     pub records_failed: AtomicU64,
     pub batches_in: AtomicU64,
+    /// The id of the last committed checkpoint.
+    pub checkpoints: AtomicU64,
     pub stages: Vec<StageStats>,
 }
 

@@ -92,6 +92,7 @@ fn pipeline(source: Box<dyn Source>, sink: Recording, size: usize, window: Durat
         columns: ColumnSelection {
             keep_metadata: vec!["_partition".into(), "_offset".into()],
         },
+        checkpoint: None,
     }
 }
 
@@ -160,6 +161,7 @@ impl Source for Rebalancing {
     fn partition_hint(&self) -> usize {
         2
     }
+    fn restore(&mut self, _: Arc<sluice_engine::checkpoint::Checkpoint>) {}
     async fn next_assignment(&mut self) -> sluice_engine::Result<Option<Assignment>> {
         let delay = [0, 50, 200, 100, 0]
             .get(self.step as usize)

@@ -80,6 +80,14 @@ impl FileSink {
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
             let name = name.to_string_lossy();
+            // A file a crashed run left unfinished: its records were never checkpointed and
+            // will be written again, so it goes.
+            if name.starts_with(&format!(".{}-", config.prefix)) && name.ends_with(".tmp") {
+                let stale = dir.join(&*name);
+                tracing::info!(file = %stale.display(), "removing an unfinished file of an earlier run");
+                std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+                continue;
+            }
             let seq = name
                 .strip_prefix(&format!("{}-", config.prefix))
                 .and_then(|r| r.strip_suffix(&format!(".{ext}")))
@@ -278,11 +286,16 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join("part-00001.jsonl")).unwrap();
         assert_eq!(text, "{\"n\":0}\n{\"n\":1}\n");
 
-        // A second run continues the sequence instead of overwriting.
+        // A second run continues the sequence instead of overwriting, and removes what a
+        // crashed run left unfinished.
+        std::fs::write(dir.path().join(".part-00007.jsonl.tmp"), "half a ro").unwrap();
         let mut again = FileSink::open(config(dir.path(), FileFormat::Jsonl, 100)).unwrap();
         again.write(batch(1)).await.unwrap();
         again.close().await.unwrap();
-        assert!(dir.path().join("part-00002.jsonl").exists());
+        assert_eq!(
+            names(dir.path()),
+            vec!["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+        );
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use arrow::datatypes::{Schema, SchemaRef};
 use async_trait::async_trait;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
+use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::source::{Assignment, PartitionReader, Source};
 use sluice_engine::{Error, Result};
 
@@ -35,6 +36,7 @@ pub struct FileSource {
     config: FileSourceConfig,
     batch_size: usize,
     next: usize,
+    start: Arc<Checkpoint>,
 }
 
 impl FileSource {
@@ -79,6 +81,7 @@ impl FileSource {
             config,
             batch_size: batch_size.max(1),
             next: 0,
+            start: Arc::default(),
         })
     }
 
@@ -90,6 +93,7 @@ impl FileSource {
         });
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let common = Common {
+            skip: self.start.start_of(&info.name),
             info,
             schema: self.schema.clone(),
             records: self.records.clone(),
@@ -136,6 +140,10 @@ impl Source for FileSource {
 
     fn partition_hint(&self) -> usize {
         self.files.len()
+    }
+
+    fn restore(&mut self, checkpoint: Arc<Checkpoint>) {
+        self.start = checkpoint;
     }
 
     async fn next_assignment(&mut self) -> Result<Option<Assignment>> {
@@ -216,6 +224,8 @@ fn csv_builder(schema: SchemaRef, config: &FileSourceConfig) -> arrow::csv::Read
 
 /// What every file reader shares.
 struct Common {
+    /// Records before this offset were processed by an earlier run: read and dropped.
+    skip: i64,
     info: Arc<PartitionInfo>,
     schema: SchemaRef,
     records: SchemaRef,
@@ -224,8 +234,16 @@ struct Common {
 }
 
 impl Common {
+    /// Gives decoded records their offsets; records before `skip` yield an empty envelope.
     fn envelope(&mut self, records: RecordBatch) -> Result<Envelope> {
-        let first = self.next_offset;
+        let mut records = records;
+        let mut first = self.next_offset;
+        if first < self.skip {
+            let drop = ((self.skip - first) as usize).min(records.num_rows());
+            records = records.slice(drop, records.num_rows() - drop);
+            first += drop as i64;
+            self.next_offset = first;
+        }
         let batch = batch::append_metadata(&self.schema, records, self.info.id, first, None, None)?;
         self.next_offset += batch.num_rows() as i64;
         Ok(Envelope {

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use rand_pcg::Pcg64Mcg;
 use rand_pcg::rand_core::{Rng, SeedableRng};
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
+use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::source::{Assignment, PartitionReader, Source};
 use sluice_engine::{Error, Result};
 use tokio::time::Instant;
@@ -113,6 +114,7 @@ pub struct GeneratorSource {
     plan: Plan,
     config: GeneratorConfig,
     next_partition: u32,
+    start: Arc<Checkpoint>,
 }
 
 impl GeneratorSource {
@@ -147,30 +149,36 @@ impl GeneratorSource {
             plan,
             config,
             next_partition: 0,
+            start: Arc::default(),
         })
     }
 
     /// A reader for one partition, for benches and tests that drive partitions directly.
+    /// It starts where the restored checkpoint says, jumping its random sequence ahead, so
+    /// its records are those an uninterrupted run would have made.
     pub fn partition(&self, id: u32) -> GeneratorPartition {
         let p = u64::from(id);
         let n = u64::from(self.config.partitions.max(1));
+        let name: Arc<str> = format!("generator/{id}").into();
         let count = self.config.count.map(|c| c / n + u64::from(p < c % n));
+        let start = self.start.start_of(&name).max(0) as u64;
+        let start = count.map_or(start, |c| start.min(c));
         let rate = self.config.rate.map(|r| r / n as f64);
         let seed = self.config.seed ^ p.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = Pcg64Mcg::seed_from_u64(seed);
+        rng.advance(u128::from(start) * DRAWS_PER_RECORD);
         GeneratorPartition {
-            info: Arc::new(PartitionInfo {
-                id,
-                name: format!("generator/{id}").into(),
-            }),
+            info: Arc::new(PartitionInfo { id, name }),
             plan: self.plan.clone(),
             partition: p,
             users_here: self.plan.users_per_partition + u64::from(p < self.plan.extra_users),
-            rng: Pcg64Mcg::seed_from_u64(seed),
-            next_offset: 0,
-            remaining: count,
+            rng,
+            next_offset: start as i64,
+            remaining: count.map(|c| c - start),
             pace: rate.map(|rate| Pace {
                 rate,
                 started: Instant::now(),
+                first_offset: start as i64,
             }),
         }
     }
@@ -186,6 +194,10 @@ impl Source for GeneratorSource {
         self.config.partitions as usize
     }
 
+    fn restore(&mut self, checkpoint: Arc<Checkpoint>) {
+        self.start = checkpoint;
+    }
+
     async fn next_assignment(&mut self) -> Result<Option<Assignment>> {
         if self.next_partition >= self.config.partitions {
             return Ok(None);
@@ -196,11 +208,15 @@ impl Source for GeneratorSource {
     }
 }
 
-/// Paces a rate-limited partition: record `i` is due at `started + i / rate`.
+/// Paces a rate-limited partition: record `first_offset + i` is due at `started + i / rate`.
 struct Pace {
     rate: f64,
     started: Instant,
+    first_offset: i64,
 }
+
+/// Random numbers drawn per record; restoring jumps the sequence ahead by this much.
+const DRAWS_PER_RECORD: u128 = 2;
 
 pub struct GeneratorPartition {
     info: Arc<PartitionInfo>,
@@ -286,11 +302,12 @@ impl GeneratorPartition {
         let Some(pace) = &self.pace else { return max };
         loop {
             let elapsed = pace.started.elapsed().as_secs_f64();
-            let due = (elapsed * pace.rate) as i64 + 1 - self.next_offset;
+            let produced = self.next_offset - pace.first_offset;
+            let due = (elapsed * pace.rate) as i64 + 1 - produced;
             if due > 0 {
                 return (due as u64).min(max);
             }
-            let next_due = (self.next_offset as f64) / pace.rate;
+            let next_due = produced as f64 / pace.rate;
             let wait = Duration::from_secs_f64((next_due - elapsed).max(0.0005));
             tokio::time::sleep(wait).await;
         }
@@ -317,7 +334,8 @@ impl PartitionReader for GeneratorPartition {
 
     fn backlog(&self) -> Option<u64> {
         let pace = self.pace.as_ref()?;
-        let due = (pace.started.elapsed().as_secs_f64() * pace.rate) as i64 - self.next_offset;
+        let due = (pace.started.elapsed().as_secs_f64() * pace.rate) as i64
+            - (self.next_offset - pace.first_offset);
         let due = due.max(0) as u64;
         Some(self.remaining.map_or(due, |r| due.min(r)))
     }
@@ -383,6 +401,21 @@ mod tests {
             }
         }
         assert_eq!(total, 1000);
+    }
+
+    #[test]
+    fn restored_partitions_continue_the_same_sequence() {
+        let mut whole = source(3, 2).partition(1);
+        let all = whole.generate(500).unwrap().batch;
+        let mut restored = source(3, 2);
+        restored.restore(Arc::new(Checkpoint {
+            id: 1,
+            offsets: [("generator/1".to_string(), 200)].into(),
+        }));
+        let mut rest = restored.partition(1);
+        let env = rest.generate(1000).unwrap();
+        assert_eq!(env.offsets, 200..500, "the count ends the partition at 500");
+        assert_eq!(env.batch, all.slice(200, 300));
     }
 
     #[test]
