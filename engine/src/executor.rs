@@ -197,6 +197,9 @@ pub async fn run(
         }
     };
     let mut assigning = true;
+    // A worker that ends early without an error of its own lost its sink: the sink task's
+    // error, read at the end, is the one to report.
+    let mut worker_stopped = false;
 
     loop {
         if !assigning && readers.is_empty() {
@@ -236,13 +239,12 @@ pub async fn run(
                 }
             }
             Some(joined) = workers.join_next() => {
-                // A worker ends before the readers only when it failed.
-                let e = match joined {
-                    Ok(Err(e)) => e,
-                    Ok(Ok(())) => Error::Internal("a worker stopped while partitions were still being read".into()),
-                    Err(e) => Error::Internal(format!("a worker task panicked: {e}")),
-                };
-                record(e, &mut first_error);
+                // A worker ends before the readers only when it or the sink failed.
+                match joined {
+                    Ok(Err(e)) => record(e, &mut first_error),
+                    Ok(Ok(())) => worker_stopped = true,
+                    Err(e) => record(Error::Internal(format!("a worker task panicked: {e}")), &mut first_error),
+                }
                 stop.cancel();
             }
             Some(cmd) = recv_control(&mut control) => match cmd {
@@ -289,6 +291,12 @@ pub async fn run(
             None
         }
     };
+    if worker_stopped {
+        record(
+            Error::Internal("a worker stopped while partitions were still being read".into()),
+            &mut first_error,
+        );
+    }
     match first_error {
         Some(e) => Err(e),
         None => Ok(RunReport {

@@ -279,14 +279,8 @@ async fn a_slow_sink_holds_back_the_source_and_shutdown_drains() {
     }
 }
 
-#[tokio::test]
-async fn batches_are_cut_by_size() {
-    let p = pipeline(
-        Box::new(generator(1, Some(1000), None)),
-        Recording::default(),
-        64,
-        Duration::from_secs(10),
-    );
+/// Runs with default options until the source ends.
+async fn run_to_end(p: Pipeline) -> Arc<RunStats> {
     let stats = RunStats::new([]);
     executor::run(
         p,
@@ -297,6 +291,18 @@ async fn batches_are_cut_by_size() {
     )
     .await
     .unwrap();
+    stats
+}
+
+#[tokio::test]
+async fn batches_are_cut_by_size() {
+    let p = pipeline(
+        Box::new(generator(1, Some(1000), None)),
+        Recording::default(),
+        64,
+        Duration::from_secs(10),
+    );
+    let stats = run_to_end(p).await;
     assert_eq!(RunStats::get(&stats.batches_in), 16); // 15 × 64 + 40
     assert_eq!(RunStats::get(&stats.records_out), 1000);
 }
@@ -311,16 +317,7 @@ async fn batches_are_cut_by_window_when_records_trickle_in() {
         100_000,
         Duration::from_millis(20),
     );
-    let stats = RunStats::new([]);
-    executor::run(
-        p,
-        RunOptions::default(),
-        stats.clone(),
-        CancellationToken::new(),
-        None,
-    )
-    .await
-    .unwrap();
+    let stats = run_to_end(p).await;
     assert!(
         RunStats::get(&stats.batches_in) > 2,
         "{}",
@@ -362,4 +359,52 @@ sink:
             input.display()
         )
     );
+}
+
+/// Fails its third write.
+struct FailingSink(u32);
+
+#[async_trait]
+impl Sink for FailingSink {
+    async fn write(&mut self, _: RecordBatch) -> sluice_engine::Result<()> {
+        self.0 += 1;
+        if self.0 == 3 {
+            return Err(sluice_engine::Error::io(
+                "out/x",
+                std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full"),
+            ));
+        }
+        Ok(())
+    }
+    async fn flush(&mut self) -> sluice_engine::Result<()> {
+        Ok(())
+    }
+    async fn close(&mut self) -> sluice_engine::Result<()> {
+        Ok(())
+    }
+    fn summary(&self) -> String {
+        String::new()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_error_is_the_error_reported() {
+    let mut p = pipeline(
+        Box::new(generator(2, None, None)),
+        Recording::default(),
+        100,
+        Duration::from_millis(10),
+    );
+    p.sink = Box::new(FailingSink(0));
+    let stats = RunStats::new([]);
+    let e = executor::run(
+        p,
+        RunOptions::default(),
+        stats,
+        CancellationToken::new(),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.to_string(), "out/x: disk full");
 }
