@@ -185,7 +185,8 @@ pub async fn run(
     }
     drop(sink_tx);
 
-    let mut readers: JoinSet<(u32, Result<()>)> = JoinSet::new();
+    let mut readers: JoinSet<Result<()>> = JoinSet::new();
+    let mut reader_tasks: HashMap<tokio::task::Id, u32> = HashMap::new();
     let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
     let mut load = vec![0usize; worker_count];
     let mut first_error: Option<Error> = None;
@@ -213,7 +214,8 @@ pub async fn run(
                     load[worker] += 1;
                     let (route, route_rx) = watch::channel(Route { worker, tx: routes[worker].clone() });
                     let part_stop = stop.child_token();
-                    readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
+                    let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
+                    reader_tasks.insert(task.id(), id);
                     partitions.insert(id, PartitionHandle { worker, route, stop: part_stop });
                 }
                 Ok(Some(Assignment::Revoke(id))) => {
@@ -228,9 +230,12 @@ pub async fn run(
                     assigning = false;
                 }
             },
-            Some(joined) = readers.join_next() => {
-                let (id, result) = joined.unwrap_or_else(|e| (u32::MAX, Err(Error::Internal(format!("a reader task panicked: {e}")))));
-                if let Some(p) = partitions.remove(&id) {
+            Some(joined) = readers.join_next_with_id() => {
+                let (task, result) = match joined {
+                    Ok((task, result)) => (task, result),
+                    Err(e) => (e.id(), Err(Error::Internal(format!("a reader task panicked: {e}")))),
+                };
+                if let Some(p) = reader_tasks.remove(&task).and_then(|id| partitions.remove(&id)) {
                     load[p.worker] -= 1;
                 }
                 if let Err(e) = result {
@@ -399,9 +404,9 @@ async fn read_partition(
     mut route: watch::Receiver<Route>,
     stop: CancellationToken,
     stats: Arc<RunStats>,
-) -> (u32, Result<()>) {
+) -> Result<()> {
     let info = reader.info().clone();
-    let result = async {
+    {
         let mut batcher = Batcher::new(batching);
         let mut current = route.borrow_and_update().clone();
         loop {
@@ -430,8 +435,6 @@ async fn read_partition(
         }
         Ok(())
     }
-    .await;
-    (info.id, result)
 }
 
 /// Waits until the old worker has processed everything this partition sent it.

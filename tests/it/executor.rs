@@ -408,3 +408,72 @@ async fn a_sink_error_is_the_error_reported() {
     .unwrap_err();
     assert_eq!(e.to_string(), "out/x: disk full");
 }
+
+/// A partition reader that panics on its first read.
+struct Panicking(Arc<sluice_engine::batch::PartitionInfo>);
+
+#[async_trait]
+impl sluice_engine::source::PartitionReader for Panicking {
+    fn info(&self) -> &Arc<sluice_engine::batch::PartitionInfo> {
+        &self.0
+    }
+    async fn read(
+        &mut self,
+        _: usize,
+    ) -> sluice_engine::Result<Option<sluice_engine::batch::Envelope>> {
+        panic!("a bug in a reader");
+    }
+}
+
+/// Partition 0 from an endless generator, and partition 1 that panics.
+struct WithPanic(GeneratorSource, u32);
+
+#[async_trait]
+impl Source for WithPanic {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+    fn partition_hint(&self) -> usize {
+        2
+    }
+    fn restore(&mut self, _: Arc<sluice_engine::checkpoint::Checkpoint>) {}
+    async fn next_assignment(&mut self) -> sluice_engine::Result<Option<Assignment>> {
+        self.1 += 1;
+        Ok(match self.1 {
+            1 => Some(Assignment::Assign(Box::new(self.0.partition(0)))),
+            2 => Some(Assignment::Assign(Box::new(Panicking(Arc::new(
+                sluice_engine::batch::PartitionInfo {
+                    id: 1,
+                    name: "bad/1".into(),
+                },
+            ))))),
+            _ => None,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_reader_stops_the_run_with_an_error() {
+    let p = pipeline(
+        Box::new(WithPanic(generator(2, None, None), 0)),
+        Recording::default(),
+        100,
+        Duration::from_millis(10),
+    );
+    let run = executor::run(
+        p,
+        RunOptions::default(),
+        RunStats::new([]),
+        CancellationToken::new(),
+        None,
+    );
+    let e = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the endless partition must be stopped too")
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("internal error: a reader task panicked"),
+        "{e}"
+    );
+}
