@@ -118,11 +118,8 @@ async fn run_case(
             Err(e) => return Some(Some(format!("stage `{}` failed: {e}", stage.name))),
         };
         if let Some(f) = out.failed.first() {
-            let offset = batch
-                .column_by_name(batch::OFFSET)
-                .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
-                .map(|c| c.value(f.row));
-            let which = offset.map_or(String::new(), |o| format!(" input record {o}:"));
+            let which = batch::offset_at(&batch, f.row)
+                .map_or(String::new(), |o| format!(" input record {o}:"));
             return Some(Some(format!(
                 "stage `{}` failed{which} {} ({} of {} rows failed)",
                 stage.name,

@@ -12,7 +12,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, UInt32Array, new_null_array};
+use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::{Error, Result};
@@ -119,6 +119,16 @@ pub fn append_metadata(
         .map_err(|e| Error::arrow("attaching metadata columns", e))
 }
 
+/// The `_offset` of a row, when the batch still carries the column (a SQL stage may have
+/// dropped it).
+pub fn offset_at(batch: &RecordBatch, row: usize) -> Option<i64> {
+    batch
+        .column_by_name(OFFSET)
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+        .filter(|c| row < c.len())
+        .map(|c| c.value(row))
+}
+
 /// Which columns a sink writes: all record columns, plus the metadata columns it names.
 #[derive(Debug, Clone, Default)]
 pub struct ColumnSelection {
@@ -148,7 +158,7 @@ impl ColumnSelection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Array, StringArray};
+    use arrow::array::StringArray;
 
     #[test]
     fn metadata_round_trip() {

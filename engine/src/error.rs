@@ -108,12 +108,4 @@ impl Error {
             source,
         }
     }
-
-    /// A permanent failure raised by a function on its input.
-    pub fn permanent(message: impl Into<String>) -> Self {
-        Error::Function {
-            class: ErrorClass::Permanent,
-            message: message.into(),
-        }
-    }
 }

@@ -39,13 +39,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, Int64Array, RecordBatch};
+use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{ColumnSelection, Envelope, OFFSET, PartitionInfo};
+use crate::batch::{ColumnSelection, Envelope, PartitionInfo, offset_at};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::sink::Sink;
 use crate::source::{Assignment, PartitionReader, Source};
@@ -537,13 +537,7 @@ async fn run_stage(
 
 fn row_failure(ctx: &StageContext, env: &Envelope, failed: &[RowFailure]) -> Error {
     let first = &failed[0];
-    let offset = env
-        .batch
-        .column_by_name(OFFSET)
-        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
-        .filter(|c| first.row < c.len())
-        .map(|c| c.value(first.row));
-    let origin = match offset {
+    let origin = match offset_at(&env.batch, first.row) {
         Some(o) => format!("{} offset {o}", env.partition.name),
         None => env.origin(),
     };

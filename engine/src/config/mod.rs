@@ -87,10 +87,6 @@ impl Problems {
         }
     }
 
-    pub fn file(&self) -> &str {
-        &self.file
-    }
-
     pub fn push(&mut self, problem: Problem) {
         self.list.push(problem);
     }
