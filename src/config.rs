@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sluice_connectors::file::{FileSinkConfig, FileSourceConfig};
 use sluice_connectors::generator::GeneratorConfig;
+use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use sluice_connectors::null::NullConfig;
 use sluice_connectors::stdout::StdoutConfig;
 use sluice_engine::batch;
@@ -69,6 +70,7 @@ pub struct SourceConfig {
 pub enum SourceKind {
     Generator(GeneratorConfig),
     File(FileSourceConfig),
+    Kafka(KafkaSourceConfig),
 }
 
 pub struct StageConfig {
@@ -99,13 +101,15 @@ impl StageKind {
 
 pub struct SinkConfig {
     pub kind: SinkKind,
-    /// Metadata columns (`_partition`, `_offset`, `_key`, `_timestamp`) to write as well.
+    /// Metadata columns (`_partition`, `_offset`, `_key`, `_timestamp`; Kafka: `_topic`,
+    /// `_headers`) to write as well.
     pub metadata_columns: Vec<String>,
     pub at: At,
 }
 
 pub enum SinkKind {
     File(FileSinkConfig),
+    Kafka(KafkaSinkConfig),
     Stdout(StdoutConfig),
     Null(NullConfig),
 }
@@ -234,7 +238,7 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
     }
 }
 
-const SOURCE_KINDS: &[&str] = &["generator", "file"];
+const SOURCE_KINDS: &[&str] = &["generator", "file", "kafka"];
 const SOURCE_COMMON: &[&str] = &["type", "batch_size", "batch_window"];
 
 /// Fields every source has.
@@ -274,6 +278,10 @@ fn parse_source(node: &Node, problems: &mut Problems) -> Option<SourceConfig> {
         "file" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: FileSourceConfig| {
             c.validate(node, &path, problems);
             SourceKind::File(c)
+        }),
+        "kafka" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: KafkaSourceConfig| {
+            c.validate(node, &path, problems);
+            SourceKind::Kafka(c)
         }),
         _ => unreachable!("split_kind checked the kind"),
     };
@@ -434,7 +442,7 @@ fn parse_function(
     Some(StageKind::Function { function, spec })
 }
 
-const SINK_KINDS: &[&str] = &["file", "stdout", "null"];
+const SINK_KINDS: &[&str] = &["file", "kafka", "stdout", "null"];
 const SINK_COMMON: &[&str] = &["type", "metadata_columns"];
 
 #[derive(Deserialize)]
@@ -457,6 +465,10 @@ fn parse_sink(node: &Node, path: &Location, problems: &mut Problems) -> Option<S
             c.validate(node, path, problems);
             SinkKind::File(c)
         }),
+        "kafka" => from_node(&rest, path, SINK_COMMON, problems).map(|c: KafkaSinkConfig| {
+            c.validate(node, path, problems);
+            SinkKind::Kafka(c)
+        }),
         "stdout" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Stdout),
         "null" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Null),
         _ => unreachable!("split_kind checked the kind"),
@@ -470,7 +482,7 @@ fn parse_sink(node: &Node, path: &Location, problems: &mut Problems) -> Option<S
                 "metadata_columns",
                 format!(
                     "`{name}` is not a metadata column, expected some of {}",
-                    batch::METADATA_COLUMNS.join(", ")
+                    batch::ALL_METADATA_COLUMNS.join(", ")
                 ),
             );
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use sluice_connectors::file::{FileSink, FileSource};
 use sluice_connectors::generator::{GeneratorSource, record_schema};
+use sluice_connectors::kafka::{KafkaSink, KafkaSource};
 use sluice_connectors::null::NullSink;
 use sluice_connectors::stdout::StdoutSink;
 use sluice_engine::batch::{self, ColumnSelection};
@@ -27,13 +28,16 @@ pub fn open_source(config: &SourceConfig, problems: &mut Problems) -> Option<Box
         SourceKind::File(f) => {
             FileSource::open(f.clone(), config.batching.size).map(|s| Box::new(s) as _)
         }
+        SourceKind::Kafka(k) => {
+            KafkaSource::new(k.clone(), config.batching.size).map(|s| Box::new(s) as _)
+        }
     };
     match opened {
         Ok(source) => Some(source),
         Err(e) => {
             let key = match config.kind {
                 SourceKind::File(_) => "path",
-                SourceKind::Generator(_) => "type",
+                SourceKind::Generator(_) | SourceKind::Kafka(_) => "type",
             };
             config.at.problem(problems, key, e.to_string());
             None
@@ -47,6 +51,10 @@ pub fn declared_schema(config: &SourceConfig) -> Option<SchemaRef> {
     let records = match &config.kind {
         SourceKind::Generator(_) => record_schema(),
         SourceKind::File(f) => f.schema.as_ref()?.to_arrow().as_ref().clone(),
+        // The Kafka source's schema never needs a connection.
+        SourceKind::Kafka(k) => {
+            return KafkaSource::new(k.clone(), 1).ok().map(|s| s.schema());
+        }
     };
     batch::with_metadata(&records).ok()
 }
@@ -84,14 +92,24 @@ pub async fn plan_stages(
     Some(planned)
 }
 
-fn open_sink(config: &SinkConfig, problems: &mut Problems) -> Option<Box<dyn Sink>> {
+/// Opens the sink; `input` is the schema of the batches it will write.
+fn open_sink(
+    config: &SinkConfig,
+    input: &arrow::datatypes::Schema,
+    problems: &mut Problems,
+) -> Option<Box<dyn Sink>> {
     let opened: sluice_engine::Result<Box<dyn Sink>> = match &config.kind {
         SinkKind::File(f) => FileSink::open(f.clone()).map(|s| Box::new(s) as _),
+        SinkKind::Kafka(k) => KafkaSink::open(k.clone(), input).map(|s| Box::new(s) as _),
         SinkKind::Stdout(_) => Ok(Box::new(StdoutSink::default())),
         SinkKind::Null(_) => Ok(Box::new(NullSink::default())),
     };
+    let key = match config.kind {
+        SinkKind::Kafka(_) => "type",
+        _ => "path",
+    };
     opened
-        .map_err(|e| config.at.problem(problems, "path", e.to_string()))
+        .map_err(|e| config.at.problem(problems, key, e.to_string()))
         .ok()
 }
 
@@ -125,10 +143,18 @@ pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
                 None
             }
         });
-    let sink = if problems.is_empty() {
-        open_sink(&config.sink, &mut problems)
-    } else {
-        None
+    let sink = match (&source, &stages) {
+        (Some(source), Some(stages)) if problems.is_empty() => {
+            let last = stages
+                .last()
+                .map_or_else(|| source.schema(), |s| s.factory.output_schema());
+            let input = ColumnSelection {
+                keep_metadata: config.sink.metadata_columns.clone(),
+            }
+            .apply_schema(&last);
+            open_sink(&config.sink, &input, &mut problems)
+        }
+        _ => None,
     };
     match (source, stages, sink) {
         (Some(source), Some(stages), Some(sink)) if problems.is_empty() => Ok(Pipeline {

@@ -7,5 +7,6 @@
 pub mod file;
 pub mod generator;
 pub mod json;
+pub mod kafka;
 pub mod null;
 pub mod stdout;

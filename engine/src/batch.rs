@@ -22,15 +22,45 @@ pub const OFFSET: &str = "_offset";
 pub const KEY: &str = "_key";
 pub const TIMESTAMP: &str = "_timestamp";
 
-/// The names of the metadata columns, in the order sources append them.
+/// Kafka only: the record's topic.
+pub const TOPIC: &str = "_topic";
+/// Kafka only: the record's headers, a map from name to bytes.
+pub const HEADERS: &str = "_headers";
+
+/// The names of the metadata columns every source appends, in order.
 pub const METADATA_COLUMNS: [&str; 4] = [PARTITION, OFFSET, KEY, TIMESTAMP];
+/// Every metadata column name: the common four, then the ones some sources add.
+pub const ALL_METADATA_COLUMNS: [&str; 6] = [PARTITION, OFFSET, KEY, TIMESTAMP, TOPIC, HEADERS];
 
 pub fn is_metadata(name: &str) -> bool {
-    METADATA_COLUMNS.contains(&name)
+    ALL_METADATA_COLUMNS.contains(&name)
 }
 
 pub fn timestamp_type() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// `_headers`: header name to value bytes; a record without headers has an empty map.
+pub fn headers_type() -> DataType {
+    let entries = Field::new(
+        "entries",
+        DataType::Struct(
+            vec![
+                Field::new("keys", DataType::Utf8, false),
+                Field::new("values", DataType::Binary, true),
+            ]
+            .into(),
+        ),
+        false,
+    );
+    DataType::Map(Arc::new(entries), false)
+}
+
+/// The metadata fields every source appends, then `extra` (e.g. `_topic`, `_headers`).
+pub fn metadata_fields_with(extra: &[Field]) -> Vec<Field> {
+    let mut fields = metadata_fields().to_vec();
+    fields.extend_from_slice(extra);
+    fields
 }
 
 fn metadata_fields() -> [Field; 4] {
@@ -44,6 +74,11 @@ fn metadata_fields() -> [Field; 4] {
 
 /// The schema a source produces: its record fields followed by the metadata columns.
 pub fn with_metadata(records: &Schema) -> Result<SchemaRef> {
+    with_metadata_fields(records, &metadata_fields())
+}
+
+/// Like [`with_metadata`], with the given metadata fields.
+pub fn with_metadata_fields(records: &Schema, metadata: &[Field]) -> Result<SchemaRef> {
     let mut fields: Vec<Field> = records
         .fields()
         .iter()
@@ -57,7 +92,7 @@ pub fn with_metadata(records: &Schema) -> Result<SchemaRef> {
             )));
         }
     }
-    fields.extend(metadata_fields());
+    fields.extend_from_slice(metadata);
     Ok(Arc::new(Schema::new(fields)))
 }
 
@@ -136,6 +171,18 @@ pub struct ColumnSelection {
 }
 
 impl ColumnSelection {
+    /// The schema [`ColumnSelection::apply`] gives batches of `schema`.
+    pub fn apply_schema(&self, schema: &Schema) -> Schema {
+        Schema::new(
+            schema
+                .fields()
+                .iter()
+                .filter(|f| !is_metadata(f.name()) || self.keep_metadata.contains(f.name()))
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
+    }
+
     /// Drops metadata columns that were not selected. Cheap: columns are shared, not copied.
     pub fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         let schema = batch.schema();

@@ -80,6 +80,13 @@ pub enum Error {
     #[error("checkpoint store {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 
+    /// An outside system (a Kafka broker, …) failed or refused.
+    #[error("{system}: {message}")]
+    External {
+        system: &'static str,
+        message: String,
+    },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -89,7 +96,9 @@ impl Error {
         match self {
             Error::Config(_) | Error::BadRecord { .. } | Error::Plan(_) => ErrorClass::Decode,
             Error::Stage { class, .. } | Error::Function { class, .. } => *class,
-            Error::Io { .. } | Error::Checkpoint { .. } => ErrorClass::Transient,
+            Error::Io { .. } | Error::Checkpoint { .. } | Error::External { .. } => {
+                ErrorClass::Transient
+            }
             Error::Arrow { .. } => ErrorClass::Permanent,
             Error::Internal(_) => ErrorClass::Internal,
         }

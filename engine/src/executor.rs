@@ -28,6 +28,13 @@
 //! [`crate::checkpoint`]). Workers forward batches that stages emptied, so that their
 //! offsets count as done.
 //!
+//! # Revoking a partition
+//! A revoke may carry a `drained` signal (a consumer group waits on it before giving the
+//! partition to another member). The reader stops and sends what it has; once its task has
+//! ended, a `Drain` marker follows its last batch through the worker it was routed to, and
+//! the sink task, on receiving it, takes a checkpoint and then fires the signal. So the
+//! partition's offset in the checkpoint (and the group) covers everything read.
+//!
 //! # Clean shutdown
 //! Cancelling the shutdown token stops the readers; each sends what it has buffered. The
 //! workers finish the batches in their channels, the sink writes them and closes. Nothing
@@ -46,9 +53,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{ColumnSelection, Envelope, PartitionInfo, offset_at};
-use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryStore};
 use crate::sink::Sink;
-use crate::source::{Assignment, PartitionReader, Source};
+use crate::source::{Assignment, CommitHook, PartitionReader, Source};
 use crate::stage::{PlannedStage, RowFailure, Stage, StageContext};
 use crate::stats::{RunStats, StageStats};
 use crate::{Error, Result};
@@ -119,6 +126,19 @@ enum WorkerMsg {
         partition: u32,
         done: oneshot::Sender<()>,
     },
+    /// The partition's reader has ended: passed on to the sink after its last batch.
+    Drain(Drained),
+}
+
+enum SinkMsg {
+    Batch(Envelope),
+    Drain(Drained),
+}
+
+/// A revoked partition whose last batch is ahead of this marker.
+struct Drained {
+    partition: Arc<PartitionInfo>,
+    done: oneshot::Sender<()>,
 }
 
 #[derive(Clone)]
@@ -128,10 +148,15 @@ struct Route {
 }
 
 struct PartitionHandle {
+    info: Arc<PartitionInfo>,
     worker: usize,
     route: watch::Sender<Route>,
     stop: CancellationToken,
+    drained: Option<oneshot::Sender<()>>,
 }
+
+/// How often checkpoints are taken when a source needs them and the pipeline sets none.
+const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the pipeline until its source ends, `shutdown` is cancelled, or something fails.
 pub async fn run(
@@ -164,6 +189,16 @@ pub async fn run(
         stats.checkpoints.store(last.id, Ordering::Relaxed);
         source.restore(Arc::new(last));
     }
+    // A consumer group commits its offsets through checkpoints: without a store, they are
+    // kept in memory for the run and the group's committed offsets are where a restart
+    // begins.
+    let checkpoint = checkpoint.or_else(|| {
+        source.needs_checkpoints().then(|| CheckpointPolicy {
+            store: Arc::new(MemoryStore::default()),
+            interval: DEFAULT_CHECKPOINT_INTERVAL,
+        })
+    });
+    let hook = source.commit_hook();
     let worker_count = options.workers.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         source.partition_hint().clamp(1, cores)
@@ -171,8 +206,15 @@ pub async fn run(
     let cap = options.channel_capacity.max(1);
     let stop = shutdown.child_token();
 
-    let (sink_tx, sink_rx) = mpsc::channel::<Envelope>(cap);
-    let sink_task = tokio::spawn(sink_loop(sink, sink_rx, columns, checkpoint, stats.clone()));
+    let (sink_tx, sink_rx) = mpsc::channel::<SinkMsg>(cap);
+    let sink_task = tokio::spawn(sink_loop(
+        sink,
+        sink_rx,
+        columns,
+        checkpoint,
+        hook,
+        stats.clone(),
+    ));
 
     let mut workers = JoinSet::new();
     let mut routes = Vec::with_capacity(worker_count);
@@ -209,19 +251,22 @@ pub async fn run(
         tokio::select! {
             assignment = source.next_assignment(), if assigning => match assignment {
                 Ok(Some(Assignment::Assign(reader))) => {
-                    let id = reader.info().id;
+                    let info = reader.info().clone();
+                    let id = info.id;
                     let worker = (0..worker_count).min_by_key(|w| load[*w]).unwrap_or(0);
                     load[worker] += 1;
                     let (route, route_rx) = watch::channel(Route { worker, tx: routes[worker].clone() });
                     let part_stop = stop.child_token();
                     let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
                     reader_tasks.insert(task.id(), id);
-                    partitions.insert(id, PartitionHandle { worker, route, stop: part_stop });
+                    partitions.insert(id, PartitionHandle { info, worker, route, stop: part_stop, drained: None });
                 }
-                Ok(Some(Assignment::Revoke(id))) => {
-                    if let Some(p) = partitions.get(&id) {
+                Ok(Some(Assignment::Revoke { partition, drained })) => {
+                    if let Some(p) = partitions.get_mut(&partition) {
                         p.stop.cancel();
+                        p.drained = drained;
                     }
+                    // An unknown partition has nothing to drain: dropping `drained` says so.
                 }
                 Ok(None) => assigning = false,
                 Err(e) => {
@@ -237,6 +282,12 @@ pub async fn run(
                 };
                 if let Some(p) = reader_tasks.remove(&task).and_then(|id| partitions.remove(&id)) {
                     load[p.worker] -= 1;
+                    if let Some(done) = p.drained {
+                        // After the reader's last batch, through the worker it last used.
+                        let tx = p.route.borrow().tx.clone();
+                        let marker = WorkerMsg::Drain(Drained { partition: p.info, done });
+                        tokio::spawn(async move { tx.send(marker).await });
+                    }
                 }
                 if let Err(e) = result {
                     record(e, &mut first_error);
@@ -455,7 +506,7 @@ async fn worker_loop(
     pipeline: Arc<str>,
     planned: Vec<PlannedStage>,
     mut rx: mpsc::Receiver<WorkerMsg>,
-    sink: mpsc::Sender<Envelope>,
+    sink: mpsc::Sender<SinkMsg>,
     stats: Arc<RunStats>,
 ) -> Result<()> {
     let mut chain: Vec<(Box<dyn Stage>, StageContext)> = Vec::with_capacity(planned.len());
@@ -487,6 +538,12 @@ async fn worker_loop(
                 let _ = done.send(());
                 continue;
             }
+            WorkerMsg::Drain(drained) => {
+                if sink.send(SinkMsg::Drain(drained)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
         };
         for (i, (stage, ctx)) in chain.iter_mut().enumerate() {
             if env.batch.num_rows() == 0 {
@@ -495,7 +552,7 @@ async fn worker_loop(
             env.batch = run_stage(stage.as_mut(), ctx, &env, &stats.stages[i]).await?;
         }
         // Sent even when empty: the sink task counts its offsets as done.
-        if sink.send(env).await.is_err() {
+        if sink.send(SinkMsg::Batch(env)).await.is_err() {
             break;
         }
     }
@@ -555,9 +612,10 @@ fn row_failure(ctx: &StageContext, env: &Envelope, failed: &[RowFailure]) -> Err
 
 async fn sink_loop(
     mut sink: Box<dyn Sink>,
-    mut rx: mpsc::Receiver<Envelope>,
+    mut rx: mpsc::Receiver<SinkMsg>,
     columns: ColumnSelection,
     checkpoint: Option<CheckpointPolicy>,
+    hook: Option<Arc<dyn CommitHook>>,
     stats: Arc<RunStats>,
 ) -> Result<String> {
     let mut ticker = sink.tick_interval().map(interval);
@@ -568,7 +626,21 @@ async fn sink_loop(
     loop {
         tokio::select! {
             msg = rx.recv() => {
-                let Some(env) = msg else { break };
+                let env = match msg {
+                    Some(SinkMsg::Batch(env)) => env,
+                    Some(SinkMsg::Drain(Drained { partition, done })) => {
+                        if let Some(policy) = &checkpoint {
+                            take_checkpoint(sink.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
+                        }
+                        // A later owner of the partition reports its own progress.
+                        progress.remove(&partition.name);
+                        committed.remove(&partition.name);
+                        let _ = done.send(());
+                        tracing::debug!(partition = %partition.name, "revoked partition drained");
+                        continue;
+                    }
+                    None => break,
+                };
                 if env.batch.num_rows() > 0 {
                     let batch = columns.apply(&env.batch)?;
                     let rows = batch.num_rows() as u64;
@@ -580,14 +652,22 @@ async fn sink_loop(
             _ = tick(&mut ticker), if ticker.is_some() => sink.tick().await?,
             _ = tick(&mut checkpoints), if checkpoints.is_some() => {
                 if let Some(policy) = &checkpoint {
-                    take_checkpoint(sink.as_mut(), policy, &progress, &mut committed, &stats).await?;
+                    take_checkpoint(sink.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
                 }
             }
         }
     }
     sink.close().await?;
     if let Some(policy) = &checkpoint {
-        take_checkpoint(sink.as_mut(), policy, &progress, &mut committed, &stats).await?;
+        take_checkpoint(
+            sink.as_mut(),
+            policy,
+            hook.as_ref(),
+            &progress,
+            &mut committed,
+            &stats,
+        )
+        .await?;
     }
     Ok(sink.summary())
 }
@@ -613,6 +693,7 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 async fn take_checkpoint(
     sink: &mut dyn Sink,
     policy: &CheckpointPolicy,
+    hook: Option<&Arc<dyn CommitHook>>,
     progress: &HashMap<Arc<str>, i64>,
     committed: &mut HashMap<Arc<str>, i64>,
     stats: &RunStats,
@@ -632,11 +713,17 @@ async fn take_checkpoint(
         offsets: changed,
     };
     let store = policy.store.clone();
+    let hook = hook.cloned();
     let id = checkpoint.id;
-    let checkpoint =
-        tokio::task::spawn_blocking(move || store.commit(&checkpoint).map(|_| checkpoint))
-            .await
-            .map_err(|e| Error::Internal(format!("committing a checkpoint: {e}")))??;
+    let checkpoint = tokio::task::spawn_blocking(move || {
+        store.commit(&checkpoint)?;
+        if let Some(hook) = hook {
+            hook.committed(&checkpoint);
+        }
+        Ok::<_, Error>(checkpoint)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("committing a checkpoint: {e}")))??;
     for (name, offset) in checkpoint.offsets {
         committed.insert(name.into(), offset);
     }

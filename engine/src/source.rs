@@ -11,6 +11,8 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 
+use tokio::sync::oneshot;
+
 use crate::Result;
 use crate::batch::{Envelope, PartitionInfo};
 use crate::checkpoint::Checkpoint;
@@ -43,7 +45,22 @@ pub trait PartitionReader: Send {
 pub enum Assignment {
     Assign(Box<dyn PartitionReader>),
     /// Stop reading the partition: what was read is processed, then the reader is dropped.
-    Revoke(u32),
+    Revoke {
+        partition: u32,
+        /// Fires once everything read from the partition is in the sink and a checkpoint
+        /// holding its offset is committed (or when the pipeline stops first). A consumer
+        /// group member waits for it before it lets the partition go, so the next owner
+        /// starts where this one ended.
+        drained: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// Told about every committed checkpoint, after it is durable: a Kafka source commits its
+/// consumer group's offsets here, so the group's offsets never run ahead of the sink.
+pub trait CommitHook: Send + Sync {
+    /// `checkpoint` holds the offsets that changed (next offset to read, by partition name).
+    /// Runs on a blocking thread; may block for a round trip.
+    fn committed(&self, checkpoint: &Checkpoint);
 }
 
 #[async_trait]
@@ -58,6 +75,18 @@ pub trait Source: Send {
     /// `checkpoint` (the next record to read), or at its beginning when it has none.
     /// Called before the first assignment when the pipeline checkpoints.
     fn restore(&mut self, checkpoint: Arc<Checkpoint>);
+
+    /// Called with every committed checkpoint, if the source wants to know.
+    fn commit_hook(&self) -> Option<Arc<dyn CommitHook>> {
+        None
+    }
+
+    /// Whether the source needs checkpoints to run at all (a consumer group commits its
+    /// offsets through them): the executor then checkpoints in memory when the pipeline
+    /// configures no checkpoint store.
+    fn needs_checkpoints(&self) -> bool {
+        false
+    }
 
     /// The next change of assignment; `Ok(None)` once no more will come.
     ///

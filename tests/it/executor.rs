@@ -176,8 +176,14 @@ impl Source for Rebalancing {
         Ok(match self.step {
             1 => Some(Assignment::Assign(Box::new(self.inner.partition(0)))),
             2 => Some(Assignment::Assign(Box::new(self.inner.partition(1)))),
-            3 => Some(Assignment::Revoke(1)),
-            4 => Some(Assignment::Revoke(0)),
+            3 => Some(Assignment::Revoke {
+                partition: 1,
+                drained: None,
+            }),
+            4 => Some(Assignment::Revoke {
+                partition: 0,
+                drained: None,
+            }),
             _ => None,
         })
     }

@@ -6,6 +6,7 @@ mod cli;
 mod config_errors;
 mod executor;
 mod golden;
+mod kafka;
 mod pipelines;
 mod sources;
 

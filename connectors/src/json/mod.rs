@@ -1,4 +1,12 @@
-//! JSON lines encoding shared by the sinks that write it.
+//! JSON: encoding rows for the sinks that write it, and decoding records into batches.
+//!
+//! [`JsonDecoder`] decodes records that arrive one by one (Kafka messages) on a fast path
+//! straight into Arrow builders; [`decode_records`] decodes a buffer of JSON lines with
+//! arrow-json, whose error messages every path reports.
+
+mod decoder;
+
+pub use decoder::JsonDecoder;
 
 use std::io::Write;
 
@@ -75,7 +83,7 @@ pub fn decode_records(
     })
 }
 
-fn decode(
+pub(crate) fn decode(
     schema: &SchemaRef,
     bytes: &[u8],
     records: usize,

@@ -1,0 +1,588 @@
+//! Decoding JSON records (one object per record, such as Kafka messages) into a batch.
+//!
+//! # Fast path
+//! For flat schemas (booleans, integers, floats, strings, timestamps), each record is parsed
+//! with sonic-rs (SIMD) through serde straight into Arrow builders: no intermediate value
+//! tree, no allocation per row beyond the builders' own growth. Fields the schema does not
+//! name are skipped, missing fields become nulls.
+//!
+//! The fast path accepts only what arrow-json would accept, with the same values. Anything
+//! else (a number given as a string, a float for an integer field, a null in a required
+//! field, a duplicate key) sends the whole batch to arrow-json, which either decodes it (it
+//! coerces more) or says exactly what is wrong. So errors always read the same, whichever
+//! path found them.
+//!
+//! # Record boundaries
+//! Each record is parsed on its own and must hold exactly one JSON value, so a record that
+//! holds two values, or half of one, can never shift rows against their offsets.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayBuilder, ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int8Builder,
+    Int16Builder, Int32Builder, Int64Builder, RecordBatch, RecordBatchOptions, StringBuilder,
+    UInt8Builder, UInt16Builder, UInt32Builder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, SchemaRef};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use super::{DecodeError, decode, decode_records};
+
+/// Decodes records of one schema; keep one per reader and reuse it.
+pub struct JsonDecoder {
+    schema: SchemaRef,
+    fast: Option<FastColumns>,
+    /// Records joined as JSON lines, for arrow-json.
+    scratch: Vec<u8>,
+    starts: Vec<usize>,
+}
+
+impl JsonDecoder {
+    pub fn new(schema: SchemaRef) -> Self {
+        JsonDecoder {
+            fast: FastColumns::new(&schema),
+            schema,
+            scratch: Vec::new(),
+            starts: Vec::new(),
+        }
+    }
+
+    /// Whether this schema takes the fast path.
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Decodes every record into one row each.
+    ///
+    /// # Errors
+    /// The first record that is not one JSON object of the schema, by index, with
+    /// arrow-json's reason.
+    pub fn decode<'a, I>(&mut self, records: I) -> Result<RecordBatch, DecodeError>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+        I::IntoIter: Clone + ExactSizeIterator,
+    {
+        let records = records.into_iter();
+        if let Some(fast) = &mut self.fast {
+            match fast.decode_all(records.clone(), &self.schema) {
+                Ok(batch) => return Ok(batch),
+                Err(Fail::Record(i, why)) => {
+                    let record = records.clone().nth(i).unwrap_or_default();
+                    return Err(report(&self.schema, i, record, &why));
+                }
+                Err(Fail::Unsupported) => {}
+            }
+        }
+        self.decode_with_arrow(records)
+    }
+
+    /// The slow path: arrow-json over the records joined as lines, after checking that each
+    /// record holds exactly one JSON value (so rows line up with records).
+    fn decode_with_arrow<'a>(
+        &mut self,
+        records: impl Iterator<Item = &'a [u8]> + Clone,
+    ) -> Result<RecordBatch, DecodeError> {
+        self.scratch.clear();
+        self.starts.clear();
+        for (i, record) in records.enumerate() {
+            if let Err(e) = sonic_rs::from_slice::<IgnoredAny>(record) {
+                return Err(report(&self.schema, i, record, &e.to_string()));
+            }
+            self.starts.push(self.scratch.len());
+            self.scratch.extend_from_slice(record);
+            self.scratch.push(b'\n');
+        }
+        if self.starts.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema.clone()));
+        }
+        decode_records(&self.schema, &self.scratch, &self.starts)
+    }
+}
+
+/// Why record `index` failed: arrow-json's words when it rejects the record too.
+fn report(schema: &SchemaRef, index: usize, record: &[u8], parser_reason: &str) -> DecodeError {
+    let reason = if record.iter().all(u8::is_ascii_whitespace) {
+        "empty record: no JSON value".to_string()
+    } else {
+        match decode(schema, record, 1) {
+            Err(reason) => reason,
+            Ok(Some(b)) if b.num_rows() == 1 => format!("not valid JSON: {parser_reason}"),
+            Ok(_) => "the record holds more than one JSON value".to_string(),
+        }
+    };
+    DecodeError {
+        index: Some(index),
+        reason,
+    }
+}
+
+enum Fail {
+    /// Record `index` is not one well-formed JSON value.
+    Record(usize, String),
+    /// Well-formed, but beyond the fast path: arrow-json decides.
+    Unsupported,
+}
+
+/// Marks a serde error raised by the fast path itself, as opposed to the parser's.
+const UNSUPPORTED: &str = "sluice: not on the fast path";
+
+enum Column {
+    Bool(BooleanBuilder),
+    I8(Int8Builder),
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    U8(UInt8Builder),
+    U16(UInt16Builder),
+    U32(UInt32Builder),
+    U64(UInt64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Utf8(StringBuilder),
+    /// Raw values in the field's unit, like arrow-json reads JSON numbers.
+    Timestamp(Int64Builder, DataType),
+}
+
+impl Column {
+    fn new(data_type: &DataType) -> Option<Self> {
+        Some(match data_type {
+            DataType::Boolean => Column::Bool(BooleanBuilder::new()),
+            DataType::Int8 => Column::I8(Int8Builder::new()),
+            DataType::Int16 => Column::I16(Int16Builder::new()),
+            DataType::Int32 => Column::I32(Int32Builder::new()),
+            DataType::Int64 => Column::I64(Int64Builder::new()),
+            DataType::UInt8 => Column::U8(UInt8Builder::new()),
+            DataType::UInt16 => Column::U16(UInt16Builder::new()),
+            DataType::UInt32 => Column::U32(UInt32Builder::new()),
+            DataType::UInt64 => Column::U64(UInt64Builder::new()),
+            DataType::Float32 => Column::F32(Float32Builder::new()),
+            DataType::Float64 => Column::F64(Float64Builder::new()),
+            DataType::Utf8 => Column::Utf8(StringBuilder::new()),
+            DataType::Timestamp(_, _) => Column::Timestamp(Int64Builder::new(), data_type.clone()),
+            _ => return None,
+        })
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            Column::Bool(b) => b.append_null(),
+            Column::I8(b) => b.append_null(),
+            Column::I16(b) => b.append_null(),
+            Column::I32(b) => b.append_null(),
+            Column::I64(b) | Column::Timestamp(b, _) => b.append_null(),
+            Column::U8(b) => b.append_null(),
+            Column::U16(b) => b.append_null(),
+            Column::U32(b) => b.append_null(),
+            Column::U64(b) => b.append_null(),
+            Column::F32(b) => b.append_null(),
+            Column::F64(b) => b.append_null(),
+            Column::Utf8(b) => b.append_null(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Column::Bool(b) => b.len(),
+            Column::I8(b) => b.len(),
+            Column::I16(b) => b.len(),
+            Column::I32(b) => b.len(),
+            Column::I64(b) | Column::Timestamp(b, _) => b.len(),
+            Column::U8(b) => b.len(),
+            Column::U16(b) => b.len(),
+            Column::U32(b) => b.len(),
+            Column::U64(b) => b.len(),
+            Column::F32(b) => b.len(),
+            Column::F64(b) => b.len(),
+            Column::Utf8(b) => b.len(),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Column::Bool(b) => Arc::new(b.finish()),
+            Column::I8(b) => Arc::new(b.finish()),
+            Column::I16(b) => Arc::new(b.finish()),
+            Column::I32(b) => Arc::new(b.finish()),
+            Column::I64(b) => Arc::new(b.finish()),
+            Column::U8(b) => Arc::new(b.finish()),
+            Column::U16(b) => Arc::new(b.finish()),
+            Column::U32(b) => Arc::new(b.finish()),
+            Column::U64(b) => Arc::new(b.finish()),
+            Column::F32(b) => Arc::new(b.finish()),
+            Column::F64(b) => Arc::new(b.finish()),
+            Column::Utf8(b) => Arc::new(b.finish()),
+            Column::Timestamp(b, data_type) => {
+                let data = b
+                    .finish()
+                    .into_data()
+                    .into_builder()
+                    .data_type(data_type.clone());
+                // The buffers of an Int64 array are exactly those of a timestamp array.
+                arrow::array::make_array(data.build().expect("timestamp from int64 buffers"))
+            }
+        }
+    }
+
+    /// Appends an integer, when it fits the column.
+    fn int<E: de::Error>(&mut self, v: i128) -> Result<(), E> {
+        fn fit<T: TryFrom<i128>, E: de::Error>(v: i128) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::custom(UNSUPPORTED))
+        }
+        match self {
+            Column::I8(b) => b.append_value(fit(v)?),
+            Column::I16(b) => b.append_value(fit(v)?),
+            Column::I32(b) => b.append_value(fit(v)?),
+            Column::I64(b) | Column::Timestamp(b, _) => b.append_value(fit(v)?),
+            Column::U8(b) => b.append_value(fit(v)?),
+            Column::U16(b) => b.append_value(fit(v)?),
+            Column::U32(b) => b.append_value(fit(v)?),
+            Column::U64(b) => b.append_value(fit(v)?),
+            Column::F32(b) => b.append_value(v as f32),
+            Column::F64(b) => b.append_value(v as f64),
+            _ => return Err(E::custom(UNSUPPORTED)),
+        }
+        Ok(())
+    }
+}
+
+struct FastColumns {
+    names: Vec<Box<str>>,
+    nullable: Vec<bool>,
+    columns: Vec<Column>,
+    /// The record each column was last set in, to find missing and duplicate fields.
+    seen: Vec<u64>,
+    record: u64,
+    /// Where the next field probably is: objects usually list fields in schema order.
+    cursor: usize,
+}
+
+impl FastColumns {
+    fn new(schema: &SchemaRef) -> Option<Self> {
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| Column::new(f.data_type()))
+            .collect::<Option<Vec<_>>>()?;
+        Some(FastColumns {
+            names: schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str().into())
+                .collect(),
+            nullable: schema.fields().iter().map(|f| f.is_nullable()).collect(),
+            seen: vec![0; columns.len()],
+            columns,
+            record: 0,
+            cursor: 0,
+        })
+    }
+
+    fn find(&mut self, key: &str) -> Option<usize> {
+        let n = self.names.len();
+        if self.cursor < n && &*self.names[self.cursor] == key {
+            let i = self.cursor;
+            self.cursor += 1;
+            return Some(i);
+        }
+        let i = self.names.iter().position(|name| &**name == key)?;
+        self.cursor = i + 1;
+        Some(i)
+    }
+
+    fn decode_all<'a>(
+        &mut self,
+        records: impl ExactSizeIterator<Item = &'a [u8]>,
+        schema: &SchemaRef,
+    ) -> Result<RecordBatch, Fail> {
+        let rows = records.len();
+        let mut failed = None;
+        for (i, record) in records.enumerate() {
+            self.record += 1;
+            self.cursor = 0;
+            let mut de = sonic_rs::Deserializer::from_slice(record);
+            let parsed = RecordSeed(self)
+                .deserialize(&mut de)
+                .and_then(|()| de.end());
+            if let Err(e) = parsed {
+                let text = e.to_string();
+                failed = Some(if text.contains(UNSUPPORTED) {
+                    Fail::Unsupported
+                } else {
+                    Fail::Record(i, text)
+                });
+                break;
+            }
+            if let Err(fail) = self.fill_missing() {
+                failed = Some(fail);
+                break;
+            }
+        }
+        let columns: Vec<ArrayRef> = self.columns.iter_mut().map(Column::finish).collect();
+        if let Some(fail) = failed {
+            return Err(fail);
+        }
+        let options = RecordBatchOptions::new().with_row_count(Some(rows));
+        RecordBatch::try_new_with_options(schema.clone(), columns, &options)
+            .map_err(|_| Fail::Unsupported)
+    }
+
+    /// Nulls for the fields the record left out.
+    fn fill_missing(&mut self) -> Result<(), Fail> {
+        for i in 0..self.columns.len() {
+            if self.seen[i] != self.record {
+                if !self.nullable[i] {
+                    return Err(Fail::Unsupported);
+                }
+                self.columns[i].append_null();
+            }
+        }
+        debug_assert!(
+            self.columns
+                .iter()
+                .all(|c| c.len() == self.columns[0].len())
+        );
+        Ok(())
+    }
+}
+
+/// One record: a JSON object whose fields go to their columns.
+struct RecordSeed<'a>(&'a mut FastColumns);
+
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let cols = self.0;
+        while let Some(index) = map.next_key_seed(KeySeed(cols))? {
+            match index {
+                Some(i) => {
+                    if cols.seen[i] == cols.record {
+                        // A duplicate key: arrow-json decides which value counts.
+                        return Err(de::Error::custom(UNSUPPORTED));
+                    }
+                    cols.seen[i] = cols.record;
+                    let nullable = cols.nullable[i];
+                    map.next_value_seed(ValueSeed {
+                        column: &mut cols.columns[i],
+                        nullable,
+                    })?;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A field name: its column, or `None` for a field the schema does not have.
+struct KeySeed<'a>(&'a mut FastColumns);
+
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Option<usize>, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.find(key))
+    }
+}
+
+/// A field's value, appended to its column.
+struct ValueSeed<'a> {
+    column: &'a mut Column,
+    nullable: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a value of the field's type")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        if !self.nullable {
+            return Err(E::custom(UNSUPPORTED));
+        }
+        self.column.append_null();
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        match self.column {
+            Column::Bool(b) => b.append_value(v),
+            _ => return Err(E::custom(UNSUPPORTED)),
+        }
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.column.int(v as i128)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.column.int(v as i128)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        match self.column {
+            Column::F64(b) => b.append_value(v),
+            // Float text into f32: arrow-json parses the text as f32; a double rounded
+            // twice can differ in the last bit, so leave it to arrow-json.
+            _ => return Err(E::custom(UNSUPPORTED)),
+        }
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        match self.column {
+            Column::Utf8(b) => b.append_value(v),
+            _ => return Err(E::custom(UNSUPPORTED)),
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(UNSUPPORTED))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(UNSUPPORTED))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("score", DataType::Float64, true),
+            Field::new("ok", DataType::Boolean, true),
+            Field::new("small", DataType::UInt8, true),
+            Field::new(
+                "at",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                true,
+            ),
+        ]))
+    }
+
+    /// The fast path against arrow-json on the same records: same batch, or both fail.
+    fn same_as_arrow(records: &[&str]) {
+        let schema = schema();
+        let mut fast = JsonDecoder::new(schema.clone());
+        assert!(fast.is_fast());
+        let got = fast.decode(records.iter().map(|r| r.as_bytes()));
+        let mut slow = JsonDecoder {
+            fast: None,
+            ..JsonDecoder::new(schema)
+        };
+        let want = slow.decode(records.iter().map(|r| r.as_bytes()));
+        match (got, want) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "records {records:?}"),
+            (Err(a), Err(b)) => assert_eq!(a, b, "records {records:?}"),
+            (a, b) => panic!("fast {a:?} but arrow-json {b:?} for {records:?}"),
+        }
+    }
+
+    #[test]
+    fn fast_path_matches_arrow_json() {
+        same_as_arrow(&[
+            r#"{"id": 1, "name": "a\"b\u00e9", "score": 1.5, "ok": true, "small": 7, "at": 1700000000000}"#,
+            r#"{"id": -2, "extra": {"x": [1, 2]}, "name": null}"#,
+            r#"{"at": 5, "id": 3, "score": 2, "small": 255}"#,
+            r#"{"score": 1e300, "id": 9223372036854775807}"#,
+        ]);
+        // Beyond the fast path: arrow-json decides (coercions or errors).
+        same_as_arrow(&[r#"{"id": "12"}"#, r#"{"id": 1}"#]);
+        same_as_arrow(&[r#"{"id": 1, "small": 256}"#]);
+        same_as_arrow(&[r#"{"id": 1.5}"#]);
+        same_as_arrow(&[r#"{"id": 1, "name": 5}"#]);
+        same_as_arrow(&[r#"{"id": 1, "ok": "true"}"#]);
+        same_as_arrow(&[r#"{"id": 1, "id": 2}"#]);
+        same_as_arrow(&[r#"{"name": "no id"}"#]);
+        same_as_arrow(&[r#"{"id": null}"#]);
+        same_as_arrow(&[r#"{"id": 1, "at": "2024-01-01T00:00:00Z"}"#]);
+        same_as_arrow(&[r#"{"id": 1, "score": [1]}"#]);
+    }
+
+    #[test]
+    fn every_record_is_one_value() {
+        let mut d = JsonDecoder::new(schema());
+        for (records, index, reason) in [
+            (vec![r#"{"id": 1}"#, ""], 1, "empty record"),
+            (
+                vec![r#"{"id": 1}{"id": 2}"#, r#"{"id": 3}"#],
+                0,
+                "more than one",
+            ),
+            (vec![r#"{"id": 1"#, r#", "name": "x"}"#], 0, ""),
+            (vec![r#"{"id": 1}"#, "not json"], 1, ""),
+            (vec!["[1, 2]"], 0, ""),
+        ] {
+            let err = d
+                .decode(records.iter().map(|r| r.as_bytes()))
+                .expect_err("must fail");
+            assert_eq!(err.index, Some(index), "{records:?}: {err:?}");
+            assert!(err.reason.contains(reason), "{records:?}: {err:?}");
+        }
+        // Still usable after errors.
+        let batch = d.decode([br#"{"id": 4}"#.as_slice()]).unwrap();
+        assert_eq!(batch.num_rows(), 1);
+    }
+
+    #[test]
+    fn nested_schemas_use_arrow_json() {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "tags",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        )]));
+        let mut d = JsonDecoder::new(schema);
+        assert!(!d.is_fast());
+        let batch = d
+            .decode([br#"{"tags": ["a"]}"#.as_slice(), br#"{}"#.as_slice()])
+            .unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        let err = d
+            .decode([br#"{"tags": ["a"]}"#.as_slice(), b"{".as_slice()])
+            .unwrap_err();
+        assert_eq!(err.index, Some(1));
+    }
+}

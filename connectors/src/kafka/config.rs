@@ -1,0 +1,213 @@
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use sluice_engine::config::schema::SchemaSpec;
+use sluice_engine::config::{Location, Node, Problems};
+
+/// Reads JSON records from Kafka topics as a member of a consumer group.
+///
+/// ```yaml
+/// source:
+///   type: kafka
+///   bootstrap_servers: ${KAFKA_BOOTSTRAP:-127.0.0.1:9092}
+///   topics: [views]
+///   group: views-enricher
+///   start_from: earliest
+///   schema:
+///     - { name: user_id, type: int64, nullable: false }
+/// ```
+///
+/// Each topic partition is a Sluice partition named `topic/N`. Offsets are committed to
+/// the group only after a checkpoint, so the group's offset is always the next record to
+/// read and never runs ahead of what the sink holds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Brokers to connect to first, `host:port[,host:port]`.
+    pub bootstrap_servers: String,
+    /// Topics to read. Give this or `topic_pattern`.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// A regular expression: every matching topic is read, including ones created later.
+    pub topic_pattern: Option<String>,
+    /// The consumer group: processes with the same group split the partitions.
+    pub group: String,
+    /// Where a partition with no checkpoint and no committed offset starts: `earliest`,
+    /// `latest` (default), or an RFC 3339 time (the first record at or after it).
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// The payload format; only `json` (one JSON object per message).
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// The records' fields; payloads are decoded straight into them.
+    pub schema: SchemaSpec,
+    /// librdkafka consumer properties, passed through (`fetch.min.bytes: "1"`, SASL, …).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+/// `start_from`
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum StartFrom {
+    Earliest,
+    #[default]
+    Latest,
+    /// Milliseconds since the epoch.
+    Time(i64),
+}
+
+impl<'de> Deserialize<'de> for StartFrom {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(de)?;
+        match text.as_str() {
+            "earliest" => Ok(StartFrom::Earliest),
+            "latest" => Ok(StartFrom::Latest),
+            t => crate::generator::parse_time_ms(t)
+                .map(StartFrom::Time)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "`{t}` is not earliest, latest or an RFC 3339 time such as 2026-01-31T12:00:00Z"
+                    ))
+                }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageFormat {
+    #[default]
+    Json,
+}
+
+impl KafkaSourceConfig {
+    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
+        match (self.topics.is_empty(), &self.topic_pattern) {
+            (true, None) => problems.at_key(
+                node,
+                path,
+                "topics",
+                "give `topics` (a list) or `topic_pattern` (a regular expression)",
+            ),
+            (false, Some(_)) => problems.at_key(
+                node,
+                path,
+                "topic_pattern",
+                "give either `topics` or `topic_pattern`, not both",
+            ),
+            (true, Some(pattern)) => {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    problems.at_key(
+                        node,
+                        path,
+                        "topic_pattern",
+                        format!("not a regular expression: {e}"),
+                    );
+                }
+            }
+            (false, None) => {}
+        }
+        for topic in &self.topics {
+            if !valid_topic(topic) {
+                problems.at_key(
+                    node,
+                    path,
+                    "topics",
+                    format!("`{topic}` is not a Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
+                );
+            }
+        }
+        if self.schema.0.is_empty() {
+            problems.at_key(node, path, "schema", "declare at least one field");
+        }
+        check_options(&self.options, node, path, problems, CONSUMER_MANAGED);
+    }
+
+    /// What librdkafka subscribes to: the topics, or the pattern (librdkafka reads a
+    /// subscription starting with `^` as a regular expression).
+    pub fn subscription(&self) -> Vec<String> {
+        match &self.topic_pattern {
+            Some(p) if p.starts_with('^') => vec![p.clone()],
+            Some(p) => vec![format!("^{p}")],
+            None => self.topics.clone(),
+        }
+    }
+}
+
+/// Writes each row as a JSON message to a Kafka topic.
+///
+/// ```yaml
+/// sink:
+///   type: kafka
+///   bootstrap_servers: ${KAFKA_BOOTSTRAP:-127.0.0.1:9092}
+///   topic: views-enriched
+///   key: user_id
+///   headers: [country]
+/// ```
+///
+/// The producer is idempotent with `acks=all`; a checkpoint waits until the broker has
+/// acknowledged every message written before it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    /// A column whose value (as text) is the message key; rows with a null key get none.
+    pub key: Option<String>,
+    /// Columns sent as message headers (values as text), as well as in the payload.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// librdkafka producer properties, passed through (`linger.ms: "20"`, …).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+impl KafkaSinkConfig {
+    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
+        if !valid_topic(&self.topic) {
+            problems.at_key(
+                node,
+                path,
+                "topic",
+                format!("`{}` is not a Kafka topic name", self.topic),
+            );
+        }
+        check_options(&self.options, node, path, problems, PRODUCER_MANAGED);
+    }
+}
+
+/// Properties Sluice sets itself, because delivery guarantees depend on them.
+const CONSUMER_MANAGED: &[&str] = &[
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "bootstrap.servers",
+];
+const PRODUCER_MANAGED: &[&str] = &["enable.idempotence", "acks", "bootstrap.servers"];
+
+fn check_options(
+    options: &BTreeMap<String, String>,
+    node: &Node,
+    path: &Location,
+    problems: &mut Problems,
+    managed: &[&str],
+) {
+    for key in options.keys() {
+        if managed.contains(&key.as_str()) {
+            problems.at_key(
+                node,
+                path,
+                "options",
+                format!("`{key}` is set by Sluice (delivery guarantees depend on it); remove it"),
+            );
+        }
+    }
+}
+
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

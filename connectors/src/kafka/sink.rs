@@ -1,0 +1,249 @@
+//! The Kafka sink: one JSON message per row, from an idempotent producer with `acks=all`.
+//!
+//! Every message sent is counted as outstanding until its delivery report arrives.
+//! [`Sink::flush`] (which the engine calls before each checkpoint) waits until none is
+//! outstanding and fails if any delivery failed, so a checkpoint never covers a message the
+//! broker has not acknowledged. While a broker is away librdkafka keeps retrying (up to
+//! `message.timeout.ms`, five minutes by default), and the flush waits with it.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Schema};
+use async_trait::async_trait;
+use rdkafka::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use sluice_engine::sink::Sink;
+use sluice_engine::{Error, Result};
+
+use super::KafkaSinkConfig;
+use crate::json::lines_writer;
+
+pub struct KafkaSink {
+    config: KafkaSinkConfig,
+    producer: ThreadedProducer<DeliveryContext>,
+    deliveries: Arc<Deliveries>,
+    /// The batch being sent, as JSON lines.
+    lines: Vec<u8>,
+    sent: u64,
+}
+
+#[derive(Default)]
+struct Deliveries {
+    outstanding: AtomicI64,
+    acknowledged: AtomicU64,
+    /// The first failed delivery, said for a person.
+    failed: Mutex<Option<String>>,
+}
+
+struct DeliveryContext {
+    deliveries: Arc<Deliveries>,
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+            _ => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", "{error}: {reason}");
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.deliveries.acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                let mut failed = self.deliveries.failed.lock().expect("failed lock");
+                failed.get_or_insert_with(|| e.to_string());
+            }
+        }
+        self.deliveries.outstanding.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl KafkaSink {
+    /// Creates the producer; `input` is the schema of the batches it will get, which must
+    /// hold the key and header columns.
+    pub fn open(config: KafkaSinkConfig, input: &Schema) -> Result<Self> {
+        for column in config.key.iter().chain(&config.headers) {
+            if input.field_with_name(column).is_err() {
+                let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).collect();
+                return Err(Error::Plan(format!(
+                    "the sink's input has no column `{column}` (it has: {})",
+                    names.join(", ")
+                )));
+            }
+        }
+        let deliveries = Arc::new(Deliveries::default());
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &config.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("client.id", format!("sluice-{}", config.topic))
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in &config.options {
+            c.set(k, v);
+        }
+        let producer = c
+            .create_with_context(DeliveryContext {
+                deliveries: deliveries.clone(),
+            })
+            .map_err(|e| Error::External {
+                system: "kafka",
+                message: format!("creating the producer: {e}"),
+            })?;
+        Ok(KafkaSink {
+            config,
+            producer,
+            deliveries,
+            lines: Vec::new(),
+            sent: 0,
+        })
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        match &*self.deliveries.failed.lock().expect("failed lock") {
+            Some(reason) => Err(Error::External {
+                system: "kafka",
+                message: format!("delivery to topic `{}` failed: {reason}", self.config.topic),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A column as text, for keys and headers.
+fn text_column(batch: &RecordBatch, name: &str) -> Result<StringArray> {
+    let column = batch
+        .column_by_name(name)
+        .ok_or_else(|| Error::Internal(format!("the sink's input lost column `{name}`")))?;
+    let text = cast(column, &DataType::Utf8)
+        .map_err(|e| Error::arrow(format!("column `{name}` as text"), e))?;
+    Ok(text.as_string::<i32>().clone())
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        self.check_failed()?;
+        self.lines.clear();
+        {
+            let mut writer = lines_writer(&mut self.lines);
+            writer
+                .write(&batch)
+                .map_err(|e| Error::arrow("encoding rows as JSON", e))?;
+            writer
+                .finish()
+                .map_err(|e| Error::arrow("encoding rows as JSON", e))?;
+        }
+        let keys = match &self.config.key {
+            Some(k) => Some(text_column(&batch, k)?),
+            None => None,
+        };
+        let headers: Vec<(&str, StringArray)> = self
+            .config
+            .headers
+            .iter()
+            .map(|h| Ok((h.as_str(), text_column(&batch, h)?)))
+            .collect::<Result<_>>()?;
+        let topic = self.config.topic.as_str();
+        // JSON escapes newlines inside strings: every `\n` ends a row.
+        let mut rows = self.lines.split(|b| *b == b'\n');
+        for row in 0..batch.num_rows() {
+            let payload = rows.next().unwrap_or_default();
+            let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
+            if let Some(keys) = &keys
+                && keys.is_valid(row)
+            {
+                record = record.key(keys.value(row).as_bytes());
+            }
+            if !headers.is_empty() {
+                let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+                for (name, values) in &headers {
+                    owned = owned.insert(Header {
+                        key: name,
+                        value: values.is_valid(row).then(|| values.value(row)),
+                    });
+                }
+                record = record.headers(owned);
+            }
+            self.deliveries.outstanding.fetch_add(1, Ordering::Acquire);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // librdkafka's queue is full: wait for deliveries to make room.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => {
+                        self.deliveries.outstanding.fetch_sub(1, Ordering::Release);
+                        return Err(Error::External {
+                            system: "kafka",
+                            message: format!("sending to topic `{topic}`: {e}"),
+                        });
+                    }
+                }
+            }
+            self.sent += 1;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let mut next_warning = Duration::from_secs(10);
+        loop {
+            self.check_failed()?;
+            let outstanding = self.deliveries.outstanding.load(Ordering::Acquire);
+            if outstanding <= 0 {
+                return Ok(());
+            }
+            if started.elapsed() >= next_warning {
+                tracing::warn!(
+                    topic = %self.config.topic,
+                    outstanding,
+                    waited = ?started.elapsed(),
+                    "waiting for the broker to acknowledge messages"
+                );
+                next_warning += Duration::from_secs(10);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.flush().await?;
+        // Nothing is outstanding: this returns at once.
+        let _ = self.producer.flush(Duration::from_secs(1));
+        Ok(())
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} messages to topic `{}` ({} acknowledged)",
+            self.sent,
+            self.config.topic,
+            self.deliveries.acknowledged.load(Ordering::Relaxed)
+        )
+    }
+}

@@ -1,0 +1,137 @@
+//! Bad input stops the pipeline with a message naming topic, partition and offset; broker
+//! errors are retried and outages waited for.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+use super::{Broker, Sluice, pipeline_yaml, write_pipeline};
+
+#[test]
+fn malformed_messages_name_topic_partition_and_offset() {
+    let mut huge = br#"{"id": 7, "country": ""#.to_vec();
+    huge.resize(1 << 20, b'x'); // 1 MiB, never closed
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("notjson", b"hello world".to_vec(), ""),
+        ("types", br#"{"id": "abc", "amount": 1.5}"#.to_vec(), "id"),
+        ("empty", Vec::new(), "empty record"),
+        ("huge", huge, ""),
+        (
+            "twovalues",
+            br#"{"id": 1}{"id": 2}"#.to_vec(),
+            "more than one JSON value",
+        ),
+    ];
+    let broker = Broker::start();
+    let output = broker.name("out");
+    broker.create_topic(&output, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for (name, payload, _) in &cases {
+        let topic = broker.name(name);
+        broker.create_topic(&topic, 1);
+        let good = br#"{"id": 1, "user_id": 2, "country": "de", "amount": 1.0}"#.to_vec();
+        broker.produce(
+            &topic,
+            &[
+                (0, None, good.clone()),
+                (0, None, good),
+                (0, None, payload.clone()),
+            ],
+        );
+        let case_dir = dir.path().join(name);
+        std::fs::create_dir_all(&case_dir).unwrap();
+        let yaml = pipeline_yaml(&broker, &topic, &output, &broker.name(name), None, "");
+        runs.push((
+            topic,
+            Sluice::start(&write_pipeline(&case_dir, &yaml), case_dir.join("log")),
+        ));
+    }
+    for ((topic, mut sluice), (name, _, reason)) in runs.into_iter().zip(&cases) {
+        let status = sluice.wait(Duration::from_secs(90));
+        let log = sluice.log_text();
+        assert_eq!(status.code(), Some(1), "{name}: {log}");
+        let origin = format!("bad record in topic `{topic}` partition 0 offset 2: ");
+        assert!(log.contains(&origin), "{name}: want {origin:?} in:\n{log}");
+        assert!(log.contains(reason), "{name}: want {reason:?} in:\n{log}");
+        assert!(
+            log.len() < 16 << 10,
+            "{name}: the error quotes too much ({} bytes)",
+            log.len()
+        );
+        assert!(!log.contains("panicked"), "{name}: {log}");
+        let said = log
+            .lines()
+            .find(|l| l.contains("bad record"))
+            .unwrap_or_default();
+        eprintln!("{name}: {}", &said[..said.len().min(300)]);
+    }
+}
+
+/// librdkafka's mock cluster: produce requests fail, then every broker goes down for two
+/// seconds; the sink's producer retries and its flush waits, so every record arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_retries_broker_errors_and_waits_out_an_outage() {
+    const N: usize = 20_000;
+    let mock = MockCluster::new(3).unwrap();
+    mock.create_topic("out", 2, 3).unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4],
+    );
+    let bootstrap = mock.bootstrap_servers();
+    let yaml = format!(
+        "name: mock
+source:
+  type: generator
+  partitions: 2
+  count: {N}
+  rate: 10000
+sink:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topic: out
+  metadata_columns: [_partition, _offset]
+"
+    );
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for b in 1..=3 {
+            mock.broker_down(b).unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for b in 1..=3 {
+            mock.broker_up(b).unwrap();
+        }
+    };
+    let (run, ()) = tokio::join!(crate::run_yaml(&yaml, &[]), outage);
+    let (stats, report) = run.unwrap();
+    assert_eq!(
+        sluice_engine::stats::RunStats::get(&stats.records_out),
+        N as u64
+    );
+    assert!(
+        report.sink.contains(&format!("{N} acknowledged")),
+        "{}",
+        report.sink
+    );
+
+    let reader = Broker::with_bootstrap(&bootstrap);
+    let out =
+        tokio::task::spawn_blocking(move || reader.read_all("out", N, Duration::from_secs(60)))
+            .await
+            .unwrap();
+    let positions: HashSet<(u64, u64)> = out
+        .iter()
+        .map(|p| {
+            let v: serde_json::Value = serde_json::from_str(p).unwrap();
+            (
+                v["_partition"].as_u64().unwrap(),
+                v["_offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(positions.len(), N, "every generated record, once or more");
+}
