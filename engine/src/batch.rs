@@ -132,7 +132,8 @@ impl Envelope {
 
 /// Appends the metadata columns to decoded records.
 ///
-/// `key` and `timestamp` default to nulls when the source has none. `records` must not
+/// `key` and `timestamp` default to nulls when the source has none, as do any further
+/// metadata columns of `schema`. `records` must not
 /// already hold metadata columns; `schema` is the source's full schema.
 pub fn append_metadata(
     schema: &SchemaRef,
@@ -150,6 +151,10 @@ pub fn append_metadata(
     )));
     columns.push(key.unwrap_or_else(|| new_null_array(&DataType::Utf8, n)));
     columns.push(timestamp.unwrap_or_else(|| new_null_array(&timestamp_type(), n)));
+    // Metadata some sources add (`_topic`, `_headers`): null where a record has none.
+    for field in schema.fields().iter().skip(columns.len()) {
+        columns.push(new_null_array(field.data_type(), n));
+    }
     RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| Error::arrow("attaching metadata columns", e))
 }

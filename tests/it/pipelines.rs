@@ -172,3 +172,116 @@ async fn quickstart_output_is_exactly_right() {
         "quickstart rows differ from the independent computation"
     );
 }
+
+/// docker-compose.yml cannot be run here (no Docker engine): it is read, checked for what
+/// makes it work (services, the image build, listeners, topics), and every pipeline it runs
+/// is validated with the environment the compose file gives it.
+#[test]
+fn docker_compose_runs_pipelines_that_validate() {
+    use sluice_engine::config::yaml;
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    let mut problems = sluice_engine::config::Problems::new("docker-compose.yml");
+    let env: HashMap<String, String> = HashMap::new();
+    let doc = yaml::parse(&text, &env, &mut problems).expect("docker-compose.yml parses");
+    assert!(problems.is_empty(), "{problems}");
+    let services = doc.get("services").expect("services");
+    let service = |name: &str| {
+        services
+            .get(name)
+            .unwrap_or_else(|| panic!("service {name}"))
+    };
+    let list = |node: &sluice_engine::config::Node| -> Vec<String> {
+        match &node.value {
+            yaml::Value::Seq(items) => items
+                .iter()
+                .map(|i| i.scalar().unwrap().to_string())
+                .collect(),
+            yaml::Value::Scalar { text, .. } => vec![text.clone()],
+            yaml::Value::Map(_) => panic!("a list"),
+        }
+    };
+
+    let kafka = service("kafka");
+    assert!(
+        kafka
+            .get("image")
+            .unwrap()
+            .scalar()
+            .unwrap()
+            .starts_with("apache/kafka:")
+    );
+    let kenv = kafka.get("environment").unwrap();
+    assert_eq!(
+        kenv.get("KAFKA_PROCESS_ROLES").unwrap().scalar(),
+        Some("broker,controller")
+    );
+    let advertised = kenv
+        .get("KAFKA_ADVERTISED_LISTENERS")
+        .unwrap()
+        .scalar()
+        .unwrap();
+    let topics_script = list(service("topics").get("command").unwrap()).join("\n");
+    // `for t in views views-enriched; do kafka-topics.sh --create ...`
+    let created: Vec<&str> = topics_script
+        .split("for t in ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("the topics loop")
+        .split_whitespace()
+        .collect();
+
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("cargo build --release --locked --bin sluice"));
+    assert!(dockerfile.contains("COPY pipelines /app/pipelines"));
+
+    let mut pipelines = 0;
+    for name in ["generate", "sluice"] {
+        let s = service(name);
+        assert_eq!(
+            s.get("build").and_then(|b| b.scalar()),
+            Some("."),
+            "{name} builds the Dockerfile"
+        );
+        let command = list(s.get("command").unwrap());
+        assert_eq!(command[0], "run", "{name}: {command:?}");
+        let file = root().join(&command[1]);
+        let vars: Vec<(String, String)> = match &s.get("environment").unwrap().value {
+            yaml::Value::Map(entries) => entries
+                .iter()
+                .map(|(k, v)| (k.scalar().unwrap().into(), v.scalar().unwrap().into()))
+                .collect(),
+            _ => panic!("environment as a mapping"),
+        };
+        let bootstrap = &vars.iter().find(|(k, _)| k == "KAFKA_BOOTSTRAP").unwrap().1;
+        assert!(
+            advertised.contains(&format!("PLAINTEXT://{bootstrap}")),
+            "{name} connects to {bootstrap}, the broker advertises {advertised}"
+        );
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let config = parse(&text, &vars).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        // The topics the pipeline reads and writes are created by the `topics` service.
+        let mut topics = Vec::new();
+        if let sluice::config::SourceKind::Kafka(k) = &config.source.kind {
+            topics.extend(k.topics.clone());
+        }
+        if let sluice::config::SinkKind::Kafka(k) = &config.sink.kind {
+            topics.push(k.topic.clone());
+        }
+        assert!(!topics.is_empty(), "{name} uses Kafka");
+        for topic in topics {
+            assert!(
+                created.contains(&topic.as_str()),
+                "topic {topic} is created: {created:?}"
+            );
+        }
+        let validated = crate::sluice(&["validate", file.to_str().unwrap()]);
+        assert!(
+            validated.status.success(),
+            "{}",
+            crate::text(&validated.stderr)
+        );
+        pipelines += 1;
+    }
+    assert_eq!(pipelines, 2);
+}

@@ -23,7 +23,7 @@ use arrow::array::{
     Int16Builder, Int32Builder, Int64Builder, RecordBatch, RecordBatchOptions, StringBuilder,
     UInt8Builder, UInt16Builder, UInt32Builder, UInt64Builder,
 };
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::{DecodeError, decode, decode_records};
@@ -139,7 +139,9 @@ enum Column {
     F32(Float32Builder),
     F64(Float64Builder),
     Utf8(StringBuilder),
-    /// Raw values in the field's unit, like arrow-json reads JSON numbers.
+    /// Numbers are raw values in the field's unit, like arrow-json reads them; strings are
+    /// RFC 3339 times (only for fields in UTC or without a zone, where a time without an
+    /// offset means UTC for both paths).
     Timestamp(Int64Builder, DataType),
 }
 
@@ -469,6 +471,20 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         match self.column {
             Column::Utf8(b) => b.append_value(v),
+            Column::Timestamp(b, DataType::Timestamp(unit, tz))
+                if tz.as_deref().is_none_or(|z| z == "UTC" || z == "+00:00") =>
+            {
+                let nanos = arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(v)
+                    .map_err(|_| E::custom(UNSUPPORTED))?;
+                // Floor, as arrow-json (chrono) does for times before 1970.
+                let per_unit: i64 = match unit {
+                    TimeUnit::Second => 1_000_000_000,
+                    TimeUnit::Millisecond => 1_000_000,
+                    TimeUnit::Microsecond => 1_000,
+                    TimeUnit::Nanosecond => 1,
+                };
+                b.append_value(nanos.div_euclid(per_unit));
+            }
             _ => return Err(E::custom(UNSUPPORTED)),
         }
         Ok(())
@@ -486,7 +502,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::datatypes::{Field, Schema, TimeUnit};
+    use arrow::datatypes::{Field, Schema};
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -538,7 +554,13 @@ mod tests {
         same_as_arrow(&[r#"{"id": 1, "id": 2}"#]);
         same_as_arrow(&[r#"{"name": "no id"}"#]);
         same_as_arrow(&[r#"{"id": null}"#]);
-        same_as_arrow(&[r#"{"id": 1, "at": "2024-01-01T00:00:00Z"}"#]);
+        same_as_arrow(&[
+            r#"{"id": 1, "at": "2024-01-01T00:00:00Z"}"#,
+            r#"{"id": 2, "at": "2024-01-01T10:15:42.123456+02:00"}"#,
+            r#"{"id": 3, "at": "2024-01-01 10:15:42"}"#,
+            r#"{"id": 4, "at": "1969-12-31T23:59:59.9995Z"}"#,
+        ]);
+        same_as_arrow(&[r#"{"id": 1, "at": "yesterday"}"#]);
         same_as_arrow(&[r#"{"id": 1, "score": [1]}"#]);
     }
 

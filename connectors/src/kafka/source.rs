@@ -83,8 +83,8 @@ impl KafkaSource {
         let schema = batch::with_metadata_fields(
             &records,
             &batch::metadata_fields_with(&[
-                Field::new(batch::TOPIC, arrow::datatypes::DataType::Utf8, false),
-                Field::new(batch::HEADERS, batch::headers_type(), false),
+                Field::new(batch::TOPIC, arrow::datatypes::DataType::Utf8, true),
+                Field::new(batch::HEADERS, batch::headers_type(), true),
             ]),
         )?;
         let (tx, events) = mpsc::unbounded_channel();
