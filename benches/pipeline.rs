@@ -6,6 +6,9 @@
 //! - `pipeline`: the whole executor — reader, batching, channels, worker, stage, sink — on a
 //!   single-threaded tokio runtime, so the figure is records per second on one core.
 //!
+//! - `kafka_decode`: Kafka message payloads (JSON view events, as the Kafka sink writes them,
+//!   ~150 bytes) into one Arrow batch, no network: the sonic-rs fast path against arrow-json.
+//!
 //! Every group reports records/s (`Throughput::Elements`).
 
 use std::sync::Arc;
@@ -151,5 +154,58 @@ fn bench_pipeline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_generator, bench_sql_stage, bench_pipeline);
+/// The payloads the Kafka sink writes for generated view events, one per message.
+fn view_event_payloads(rows: usize) -> Vec<Vec<u8>> {
+    let batch = generator(None).partition(0).generate(rows).unwrap();
+    let records = ColumnSelection::default().apply(&batch.batch).unwrap();
+    let mut lines = Vec::new();
+    let mut writer = sluice_connectors::json::lines_writer(&mut lines);
+    writer.write(&records).unwrap();
+    writer.finish().unwrap();
+    drop(writer);
+    lines
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+fn bench_kafka_decode(c: &mut Criterion) {
+    use sluice_connectors::json::JsonDecoder;
+    let rows = 8192usize;
+    let payloads = view_event_payloads(rows);
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
+    eprintln!(
+        "kafka_decode: {rows} payloads, {:.0} bytes each on average, e.g. {}",
+        bytes as f64 / rows as f64,
+        String::from_utf8_lossy(&payloads[0])
+    );
+    let schema = sluice_connectors::generator::record_schema();
+    let schema = Arc::new(schema);
+    let mut group = c.benchmark_group("kafka_decode");
+    group.throughput(Throughput::Elements(rows as u64));
+    let mut fast = JsonDecoder::new(schema.clone());
+    assert!(fast.is_fast());
+    let mut arrow = JsonDecoder::arrow_only(schema);
+    assert_eq!(
+        fast.decode(payloads.iter().map(Vec::as_slice)).unwrap(),
+        arrow.decode(payloads.iter().map(Vec::as_slice)).unwrap(),
+        "both paths decode the same batch"
+    );
+    group.bench_with_input(BenchmarkId::new("sonic_fast_path", rows), &rows, |b, _| {
+        b.iter(|| fast.decode(payloads.iter().map(Vec::as_slice)).unwrap());
+    });
+    group.bench_with_input(BenchmarkId::new("arrow_json", rows), &rows, |b, _| {
+        b.iter(|| arrow.decode(payloads.iter().map(Vec::as_slice)).unwrap());
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_generator,
+    bench_sql_stage,
+    bench_pipeline,
+    bench_kafka_decode
+);
 criterion_main!(benches);

@@ -16,7 +16,7 @@ fn validate_accepts_the_examples_and_lists_every_problem() {
     let broken = dir.path().join("broken.yaml");
     std::fs::write(
         &broken,
-        "name: x\nsource:\n  type: generator\n  batch_size: -1\nstages:\n  - name: a\n    type: sql\n    query: SELECT 1\n    retries: 3\nsink:\n  type: kafka\n",
+        "name: x\nsource:\n  type: generator\n  batch_size: -1\nstages:\n  - name: a\n    type: sql\n    query: SELECT 1\n    retries: 3\nsink:\n  type: kafak\n",
     )
     .unwrap();
     let out = sluice(&["validate", broken.to_str().unwrap()]);
@@ -27,7 +27,7 @@ fn validate_accepts_the_examples_and_lists_every_problem() {
         format!(
             "source.batch_size: -1 is out of range: expected a whole number from 0 to 18446744073709551615 ({f}:4:15)\n\
              stages[0].retries: unknown field, expected one of name, type, query ({f}:9:5)\n\
-             sink.type: unknown type `kafka`, expected one of file, stdout, null ({f}:11:9)\n\
+             sink.type: unknown type `kafak`, expected one of file, kafka, stdout, null ({f}:11:9)\n\
              {f}: 3 problems\n"
         )
     );

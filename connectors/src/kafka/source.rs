@@ -533,6 +533,12 @@ impl GroupContext {
             loop {
                 match drained.try_recv() {
                     Ok(()) | Err(oneshot::error::TryRecvError::Closed) => break,
+                    // The source is closing (the engine has stopped): nothing will drain.
+                    Err(oneshot::error::TryRecvError::Empty)
+                        if self.shared.closing.load(Ordering::SeqCst) =>
+                    {
+                        break;
+                    }
                     Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(2));
                     }

@@ -135,3 +135,101 @@ sink:
         .collect();
     assert_eq!(positions.len(), N, "every generated record, once or more");
 }
+
+/// The source against the mock cluster: fetch errors and a two-second outage of every
+/// broker in the middle of reading; the run goes on by itself and reads everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_rides_out_fetch_errors_and_an_outage() {
+    const N: usize = 20_000;
+    let mock = MockCluster::new(3).unwrap();
+    mock.create_topic("in", 4, 3).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    let producer = Broker::with_bootstrap(&bootstrap);
+    let all = super::events(N, 4);
+    let half = all[..N / 2].to_vec();
+    tokio::task::spawn_blocking(move || producer.produce("in", &half))
+        .await
+        .unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let yaml = format!(
+        r#"name: mock-source
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [in]
+  group: g
+  start_from: earliest
+  batch_size: 1000
+  schema:
+    - {{ name: id, type: int64, nullable: false }}
+sink:
+  type: file
+  path: {}
+  format: jsonl
+  max_file_age: 100ms
+"#,
+        out.display()
+    );
+    let config = crate::parse(&yaml, &[]).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { sluice::run_config(&config, Default::default(), stop).await }
+    });
+    let count = |out: &std::path::Path| -> HashSet<i64> {
+        if !out.exists() {
+            return HashSet::new();
+        }
+        crate::read_lines(out)
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let wait_for = |want: usize| {
+        let out = out.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while count(&out).len() < want {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {want}",
+                    count(&out).len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(N / 4).await;
+    for b in 1..=3 {
+        mock.broker_down(b).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for b in 1..=3 {
+        mock.broker_up(b).unwrap();
+    }
+    let producer = Broker::with_bootstrap(&bootstrap);
+    let rest = all[N / 2..].to_vec();
+    tokio::task::spawn_blocking(move || producer.produce("in", &rest))
+        .await
+        .unwrap();
+    wait_for(N).await;
+    assert!(!run.is_finished(), "the run ended by itself");
+    stop.cancel();
+    let (stats, _) = run.await.unwrap().unwrap();
+    assert_eq!(count(&out).len(), N);
+    assert_eq!(
+        sluice_engine::stats::RunStats::get(&stats.records_out),
+        N as u64,
+        "read once each"
+    );
+}

@@ -6,6 +6,7 @@
 mod broker;
 mod delivery;
 mod errors;
+mod throughput;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
