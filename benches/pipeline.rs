@@ -114,10 +114,12 @@ fn bench_pipeline(c: &mut Criterion) {
             stages: vec![PlannedStage {
                 name: "filter".into(),
                 factory: factory.clone(),
+                policy: Default::default(),
             }],
             sink: Box::new(NullSink::default()),
             columns: ColumnSelection::default(),
             checkpoint: None,
+            dead_letter: None,
         };
         let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
         let options = RunOptions {

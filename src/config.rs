@@ -29,6 +29,7 @@ use sluice_engine::config::{
     Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
 };
 use sluice_engine::executor::Batching;
+use sluice_engine::failure::FailurePolicy;
 use sluice_udfs::functions::{self, FunctionSpec};
 
 const TOP_LEVEL: &[&str] = &[
@@ -76,6 +77,7 @@ pub enum SourceKind {
 pub struct StageConfig {
     pub name: String,
     pub kind: StageKind,
+    pub policy: FailurePolicy,
     pub at: At,
 }
 
@@ -303,7 +305,15 @@ fn parse_source(node: &Node, problems: &mut Problems) -> Option<SourceConfig> {
 }
 
 const STAGE_KINDS: &[&str] = &["sql", "function"];
-const STAGE_COMMON: &[&str] = &["name", "type"];
+const STAGE_COMMON: &[&str] = &[
+    "name",
+    "type",
+    "retry",
+    "bisect_on_error",
+    "max_record_age",
+    "timeout",
+    "concurrency",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -312,6 +322,86 @@ struct StageCommon {
     name: String,
     #[serde(rename = "type")]
     _type: String,
+    /// How transient failures are retried (default: 3 attempts, backoff 100ms doubling to
+    /// 10s, with jitter).
+    retry: Option<RetryConfig>,
+    /// Split a batch that fails (not transiently) in halves, down to single rows, so that
+    /// only the failing rows become dead letters (default false).
+    #[serde(default)]
+    bisect_on_error: bool,
+    /// A record older than this (by `_timestamp`) is not retried but dead-lettered.
+    max_record_age: Option<Duration>,
+    /// A call that takes longer fails as a transient error.
+    timeout: Option<Duration>,
+    /// At most this many calls of the stage at once, across workers.
+    concurrency: Option<usize>,
+}
+
+/// `retry:` of a stage.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryConfig {
+    /// Calls in all, the first included (1: no retries; default 3).
+    #[serde(default = "default_attempts")]
+    max_attempts: u32,
+    /// The first wait (default 100ms); each next one doubles, with jitter.
+    #[serde(default = "default_initial_backoff")]
+    initial_backoff: Duration,
+    /// The longest wait (default 10s).
+    #[serde(default = "default_max_backoff")]
+    max_backoff: Duration,
+    /// No retry starts later than this after the first failure (default: no limit).
+    max_elapsed: Option<Duration>,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl StageCommon {
+    fn policy(&self, node: &Node, path: &Location, problems: &mut Problems) -> FailurePolicy {
+        let mut policy = FailurePolicy {
+            bisect_on_error: self.bisect_on_error,
+            max_record_age: self.max_record_age.map(|d| d.get()),
+            timeout: self.timeout.map(|d| d.get()),
+            concurrency: self
+                .concurrency
+                .map(|n| std::sync::Arc::new(tokio::sync::Semaphore::new(n))),
+            ..FailurePolicy::default()
+        };
+        if self.concurrency == Some(0) {
+            problems.at_key(node, path, "concurrency", "must be at least 1");
+        }
+        if let Some(r) = &self.retry {
+            if r.max_attempts == 0 {
+                problems.at_key(
+                    node,
+                    path,
+                    "retry",
+                    "max_attempts must be at least 1 (1: no retries)",
+                );
+            }
+            if r.initial_backoff.get() > r.max_backoff.get() {
+                problems.at_key(
+                    node,
+                    path,
+                    "retry",
+                    "initial_backoff is longer than max_backoff",
+                );
+            }
+            policy.max_attempts = r.max_attempts;
+            policy.initial_backoff = r.initial_backoff.get();
+            policy.max_backoff = r.max_backoff.get();
+            policy.max_elapsed = r.max_elapsed.map(|d| d.get());
+        }
+        policy
+    }
 }
 
 /// `type: sql`
@@ -405,9 +495,12 @@ fn parse_stage(node: &Node, path: &Location, problems: &mut Problems) -> Option<
         }
         _ => unreachable!("split_kind checked the kind"),
     };
+    let common = common?;
+    let policy = common.policy(node, path, problems);
     Some(StageConfig {
-        name: common?.name,
+        name: common.name,
         kind: kind?,
+        policy,
         at: At {
             node: node.clone(),
             path: path.clone(),

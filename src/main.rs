@@ -94,11 +94,6 @@ async fn run(file: PathBuf, workers: Option<usize>, quiet: bool) -> u8 {
             return INVALID;
         }
     };
-    if config.dead_letter.is_some() {
-        eprintln!(
-            "warning: dead_letter is read but not used yet: a failed record stops the pipeline with its origin and reason"
-        );
-    }
     let pipeline = match plan::build(&config).await {
         Ok(p) => p,
         Err(problems) => {

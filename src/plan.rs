@@ -13,6 +13,7 @@ use sluice_connectors::stdout::StdoutSink;
 use sluice_engine::batch::{self, ColumnSelection};
 use sluice_engine::checkpoint::RocksStore;
 use sluice_engine::config::Problems;
+use sluice_engine::dead_letter::DeadLetterSink;
 use sluice_engine::executor::{CheckpointPolicy, Pipeline};
 use sluice_engine::sink::Sink;
 use sluice_engine::source::Source;
@@ -22,15 +23,21 @@ use sluice_udfs::sql::SqlStageFactory;
 use crate::config::{PipelineConfig, SinkConfig, SinkKind, SourceConfig, SourceKind, StageKind};
 
 /// Opens the source; its schema includes the metadata columns.
-pub fn open_source(config: &SourceConfig, problems: &mut Problems) -> Option<Box<dyn Source>> {
+///
+/// With `dead_letters`, records that do not decode become dead letters (where the source
+/// supports it) instead of stopping the run.
+pub fn open_source(
+    config: &SourceConfig,
+    dead_letters: bool,
+    problems: &mut Problems,
+) -> Option<Box<dyn Source>> {
     let opened: sluice_engine::Result<Box<dyn Source>> = match &config.kind {
         SourceKind::Generator(g) => GeneratorSource::new(g.clone()).map(|s| Box::new(s) as _),
         SourceKind::File(f) => {
             FileSource::open(f.clone(), config.batching.size).map(|s| Box::new(s) as _)
         }
-        SourceKind::Kafka(k) => {
-            KafkaSource::new(k.clone(), config.batching.size).map(|s| Box::new(s) as _)
-        }
+        SourceKind::Kafka(k) => KafkaSource::new(k.clone(), config.batching.size, dead_letters)
+            .map(|s| Box::new(s) as _),
     };
     match opened {
         Ok(source) => Some(source),
@@ -53,7 +60,9 @@ pub fn declared_schema(config: &SourceConfig) -> Option<SchemaRef> {
         SourceKind::File(f) => f.schema.as_ref()?.to_arrow().as_ref().clone(),
         // The Kafka source's schema never needs a connection.
         SourceKind::Kafka(k) => {
-            return KafkaSource::new(k.clone(), 1).ok().map(|s| s.schema());
+            return KafkaSource::new(k.clone(), 1, false)
+                .ok()
+                .map(|s| s.schema());
         }
     };
     batch::with_metadata(&records).ok()
@@ -81,6 +90,7 @@ pub async fn plan_stages(
                 planned.push(PlannedStage {
                     name: stage.name.as_str().into(),
                     factory,
+                    policy: stage.policy.clone(),
                 });
             }
             Err(reason) => {
@@ -113,10 +123,30 @@ fn open_sink(
         .ok()
 }
 
+/// Opens the dead-letter sink: Kafka gets the records' bytes with provenance headers,
+/// the other kinds rows of text.
+fn open_dead_letter(config: &SinkConfig, problems: &mut Problems) -> Option<DeadLetterSink> {
+    let opened = match &config.kind {
+        SinkKind::Kafka(k) => KafkaSink::open_dead_letter(k.clone()).map(|sink| DeadLetterSink {
+            sink: Box::new(sink),
+            text: false,
+        }),
+        _ => {
+            let schema = sluice_engine::dead_letter::text_schema();
+            return open_sink(config, &schema, problems)
+                .map(|sink| DeadLetterSink { sink, text: true });
+        }
+    };
+    opened
+        .map_err(|e| config.at.problem(problems, "type", e.to_string()))
+        .ok()
+}
+
 /// Checks everything `run` would, without opening the sink or reading records.
 pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
     let mut problems = Problems::new(&config.file);
-    if let Some(source) = open_source(&config.source, &mut problems) {
+    let dead_letters = config.dead_letter.is_some();
+    if let Some(source) = open_source(&config.source, dead_letters, &mut problems) {
         plan_stages(config, source.schema(), &mut problems).await;
     }
     problems.into_result(())
@@ -125,7 +155,7 @@ pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
 /// Builds the pipeline: source opened, stages planned, sink opened.
 pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
     let mut problems = Problems::new(&config.file);
-    let source = open_source(&config.source, &mut problems);
+    let source = open_source(&config.source, config.dead_letter.is_some(), &mut problems);
     let stages = match &source {
         Some(s) => plan_stages(config, s.schema(), &mut problems).await,
         None => None,
@@ -156,8 +186,13 @@ pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
         }
         _ => None,
     };
+    let dead_letter = match &config.dead_letter {
+        Some(d) if problems.is_empty() => open_dead_letter(d, &mut problems),
+        _ => None,
+    };
     match (source, stages, sink) {
         (Some(source), Some(stages), Some(sink)) if problems.is_empty() => Ok(Pipeline {
+            dead_letter,
             checkpoint,
             name: config.name.as_str().into(),
             source,

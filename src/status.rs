@@ -98,6 +98,33 @@ pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
             busy.as_secs_f64() * 1e3 / batches as f64,
             s.cold_start().as_secs_f64() * 1e3,
         ));
+        let (retries, dead, bisections) = (
+            RunStats::get(&s.retries),
+            RunStats::get(&s.dead_letters),
+            RunStats::get(&s.bisections),
+        );
+        if retries + dead + bisections > 0 {
+            out.push_str(&format!(
+                "  {:width$}        {} rows retried, {} dead-lettered, {} bisections\n",
+                "",
+                count(retries),
+                count(dead),
+                count(bisections),
+            ));
+        }
+    }
+    let decode_dead = RunStats::get(&stats.records_dead_lettered).saturating_sub(
+        stats
+            .stages
+            .iter()
+            .map(|s| RunStats::get(&s.dead_letters))
+            .sum(),
+    );
+    if decode_dead > 0 {
+        out.push_str(&format!(
+            "  source: {} records did not decode (dead-lettered)\n",
+            count(decode_dead)
+        ));
     }
     out.push_str(&format!("  sink: {}", report.sink));
     out

@@ -31,7 +31,7 @@ pub async fn run_tests(config: &PipelineConfig) -> Result<Vec<Outcome>, Problems
     let mut problems = Problems::new(&config.file);
     let schema = match plan::declared_schema(&config.source) {
         Some(s) => s,
-        None => match plan::open_source(&config.source, &mut problems) {
+        None => match plan::open_source(&config.source, false, &mut problems) {
             Some(source) => source.schema(),
             None => return Err(problems),
         },

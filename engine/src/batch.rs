@@ -15,6 +15,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
+use crate::dead_letter::DeadLetter;
 use crate::{Error, Result};
 
 pub const PARTITION: &str = "_partition";
@@ -112,6 +113,9 @@ pub struct Envelope {
     /// Offsets read from the partition for this batch, whether or not rows survive stages.
     pub offsets: Range<i64>,
     pub batch: RecordBatch,
+    /// Records of this range that failed (at decoding or in a stage), on their way to the
+    /// dead-letter sink.
+    pub dead: Vec<DeadLetter>,
 }
 
 impl Envelope {

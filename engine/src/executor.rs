@@ -46,18 +46,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{ColumnSelection, Envelope, PartitionInfo, offset_at};
+use crate::batch::{ColumnSelection, Envelope, PartitionInfo};
 use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryStore};
+use crate::dead_letter::DeadLetterSink;
+use crate::failure::{self, Outcome};
 use crate::sink::Sink;
 use crate::source::{Assignment, CommitHook, PartitionReader, Source};
-use crate::stage::{PlannedStage, RowFailure, Stage, StageContext};
-use crate::stats::{RunStats, StageStats};
+use crate::stage::{PlannedStage, Stage, StageContext};
+use crate::stats::RunStats;
 use crate::{Error, Result};
 
 /// How a source's records are cut into batches, like an event source mapping's batch size
@@ -78,6 +79,8 @@ pub struct Pipeline {
     pub sink: Box<dyn Sink>,
     pub columns: ColumnSelection,
     pub checkpoint: Option<CheckpointPolicy>,
+    /// Where records that fail go; without it, a failed record stops the run.
+    pub dead_letter: Option<DeadLetterSink>,
 }
 
 /// Where and how often checkpoints are taken.
@@ -175,7 +178,9 @@ pub async fn run(
         sink,
         columns,
         checkpoint,
+        dead_letter,
     } = pipeline;
+    let dead_letters = dead_letter.is_some();
     if let Some(policy) = &checkpoint {
         let store = policy.store.clone();
         let last = tokio::task::spawn_blocking(move || store.load())
@@ -208,7 +213,9 @@ pub async fn run(
 
     let (sink_tx, sink_rx) = mpsc::channel::<SinkMsg>(cap);
     let sink_task = tokio::spawn(sink_loop(
+        name.clone(),
         sink,
+        dead_letter,
         sink_rx,
         columns,
         checkpoint,
@@ -223,7 +230,15 @@ pub async fn run(
         routes.push(tx);
         let chain = stages.clone();
         let (name, sink_tx, stats) = (name.clone(), sink_tx.clone(), stats.clone());
-        workers.spawn(worker_loop(id, name, chain, rx, sink_tx, stats));
+        workers.spawn(worker_loop(
+            id,
+            name,
+            chain,
+            dead_letters,
+            rx,
+            sink_tx,
+            stats,
+        ));
     }
     drop(sink_tx);
 
@@ -413,7 +428,8 @@ impl Batcher {
                 None => reader.read(want).await?,
             };
             match read {
-                Some(env) if env.batch.num_rows() > 0 => {
+                // Reads whose records all failed still carry their offsets and dead letters.
+                Some(env) if env.batch.num_rows() > 0 || !env.dead.is_empty() => {
                     if self.parts.is_empty() {
                         self.deadline = Some(tokio::time::Instant::now() + self.batching.window);
                     }
@@ -435,14 +451,19 @@ impl Batcher {
             0 => Ok(None),
             1 => Ok(self.parts.pop()),
             _ => {
-                let parts = std::mem::take(&mut self.parts);
+                let mut parts = std::mem::take(&mut self.parts);
                 let schema = parts[0].batch.schema();
                 let batch = concat_batches(&schema, parts.iter().map(|p| &p.batch))
                     .map_err(|e| Error::arrow("joining reads into a batch", e))?;
+                let dead = parts
+                    .iter_mut()
+                    .flat_map(|p| std::mem::take(&mut p.dead))
+                    .collect();
                 Ok(Some(Envelope {
                     partition: parts[0].partition.clone(),
                     offsets: parts[0].offsets.start..parts[parts.len() - 1].offsets.end,
                     batch,
+                    dead,
                 }))
             }
         }
@@ -505,6 +526,7 @@ async fn worker_loop(
     id: usize,
     pipeline: Arc<str>,
     planned: Vec<PlannedStage>,
+    dead_letters: bool,
     mut rx: mpsc::Receiver<WorkerMsg>,
     sink: mpsc::Sender<SinkMsg>,
     stats: Arc<RunStats>,
@@ -549,7 +571,21 @@ async fn worker_loop(
             if env.batch.num_rows() == 0 {
                 break;
             }
-            env.batch = run_stage(stage.as_mut(), ctx, &env, &stats.stages[i]).await?;
+            let input = env.batch.clone();
+            let output = failure::run_stage(
+                stage.as_mut(),
+                ctx,
+                &planned[i].policy,
+                &planned[i].factory.output_schema(),
+                input,
+                Outcome {
+                    env: &mut env,
+                    dead_letters,
+                },
+                &stats.stages[i],
+            )
+            .await?;
+            env.batch = output;
         }
         // Sent even when empty: the sink task counts its offsets as done.
         if sink.send(SinkMsg::Batch(env)).await.is_err() {
@@ -563,55 +599,11 @@ async fn worker_loop(
     Ok(())
 }
 
-async fn run_stage(
-    stage: &mut dyn Stage,
-    ctx: &StageContext,
-    env: &Envelope,
-    stats: &StageStats,
-) -> Result<RecordBatch> {
-    let rows = env.batch.num_rows() as u64;
-    let t0 = Instant::now();
-    let output = stage
-        .process_batch(env.batch.clone(), ctx)
-        .await
-        .map_err(|e| Error::Stage {
-            stage: ctx.stage.to_string(),
-            origin: env.origin(),
-            class: e.class(),
-            message: e.to_string(),
-        })?;
-    RunStats::add(&stats.busy_nanos, t0.elapsed().as_nanos() as u64);
-    RunStats::add(&stats.batches, 1);
-    RunStats::add(&stats.rows_in, rows);
-    RunStats::add(&stats.rows_out, output.batch.num_rows() as u64);
-    if !output.failed.is_empty() {
-        RunStats::add(&stats.rows_failed, output.failed.len() as u64);
-        // Until dead-letter routing exists, a failed row stops the pipeline.
-        return Err(row_failure(ctx, env, &output.failed));
-    }
-    Ok(output.batch)
-}
-
-fn row_failure(ctx: &StageContext, env: &Envelope, failed: &[RowFailure]) -> Error {
-    let first = &failed[0];
-    let origin = match offset_at(&env.batch, first.row) {
-        Some(o) => format!("{} offset {o}", env.partition.name),
-        None => env.origin(),
-    };
-    let more = match failed.len() {
-        1 => String::new(),
-        n => format!(" (and {} more rows of the batch)", n - 1),
-    };
-    Error::Stage {
-        stage: ctx.stage.to_string(),
-        origin,
-        class: first.class,
-        message: format!("{}{more}", first.reason),
-    }
-}
-
+#[allow(clippy::too_many_arguments)]
 async fn sink_loop(
+    pipeline: Arc<str>,
     mut sink: Box<dyn Sink>,
+    mut dead_letter: Option<DeadLetterSink>,
     mut rx: mpsc::Receiver<SinkMsg>,
     columns: ColumnSelection,
     checkpoint: Option<CheckpointPolicy>,
@@ -630,7 +622,7 @@ async fn sink_loop(
                     Some(SinkMsg::Batch(env)) => env,
                     Some(SinkMsg::Drain(Drained { partition, done })) => {
                         if let Some(policy) = &checkpoint {
-                            take_checkpoint(sink.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
+                            take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
                         }
                         // A later owner of the partition reports its own progress.
                         progress.remove(&partition.name);
@@ -647,20 +639,32 @@ async fn sink_loop(
                     sink.write(batch).await?;
                     RunStats::add(&stats.records_out, rows);
                 }
+                if !env.dead.is_empty() {
+                    let dlq = dead_letter.as_mut().ok_or_else(|| {
+                        Error::Internal("dead letters without a dead-letter sink".into())
+                    })?;
+                    dlq.write(&pipeline, &env.dead).await?;
+                    RunStats::add(&stats.records_dead_lettered, env.dead.len() as u64);
+                    RunStats::add(&stats.records_failed, env.dead.len() as u64);
+                }
                 progress.insert(env.partition.name.clone(), env.offsets.end);
             }
             _ = tick(&mut ticker), if ticker.is_some() => sink.tick().await?,
             _ = tick(&mut checkpoints), if checkpoints.is_some() => {
                 if let Some(policy) = &checkpoint {
-                    take_checkpoint(sink.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
+                    take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
                 }
             }
         }
     }
     sink.close().await?;
+    if let Some(dlq) = &mut dead_letter {
+        dlq.sink.close().await?;
+    }
     if let Some(policy) = &checkpoint {
         take_checkpoint(
             sink.as_mut(),
+            dead_letter.as_mut(),
             policy,
             hook.as_ref(),
             &progress,
@@ -669,7 +673,10 @@ async fn sink_loop(
         )
         .await?;
     }
-    Ok(sink.summary())
+    Ok(match &dead_letter {
+        Some(dlq) => format!("{}; dead letters: {}", sink.summary(), dlq.sink.summary()),
+        None => sink.summary(),
+    })
 }
 
 fn interval(every: Duration) -> tokio::time::Interval {
@@ -692,6 +699,7 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 /// Flushes the sink, then commits the offsets that advanced since the last checkpoint.
 async fn take_checkpoint(
     sink: &mut dyn Sink,
+    dead_letter: Option<&mut DeadLetterSink>,
     policy: &CheckpointPolicy,
     hook: Option<&Arc<dyn CommitHook>>,
     progress: &HashMap<Arc<str>, i64>,
@@ -708,6 +716,10 @@ async fn take_checkpoint(
     }
     let t0 = Instant::now();
     sink.flush().await?;
+    // Failed records count as done only once the dead-letter sink holds them.
+    if let Some(dlq) = dead_letter {
+        dlq.sink.flush().await?;
+    }
     let checkpoint = Checkpoint {
         id: stats.checkpoints.load(Ordering::Relaxed) + 1,
         offsets: changed,

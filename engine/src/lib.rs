@@ -9,8 +9,10 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod executor;
+pub mod failure;
 pub mod sink;
 pub mod source;
 pub mod stage;

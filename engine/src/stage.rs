@@ -96,9 +96,10 @@ pub trait StageFactory: Send + Sync {
     fn create(&self) -> Result<Box<dyn Stage>>;
 }
 
-/// A stage in a pipeline: its YAML name and its factory.
+/// A stage in a pipeline: its YAML name, its factory, and how its failures are handled.
 #[derive(Clone)]
 pub struct PlannedStage {
     pub name: Arc<str>,
     pub factory: Arc<dyn StageFactory>,
+    pub policy: crate::failure::FailurePolicy,
 }

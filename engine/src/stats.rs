@@ -12,7 +12,14 @@ pub struct StageStats {
     pub name: Arc<str>,
     pub rows_in: AtomicU64,
     pub rows_out: AtomicU64,
+    /// Rows that failed for good (dead-lettered, or the error that stopped the run).
     pub rows_failed: AtomicU64,
+    /// Rows called again after a transient failure (one per row per retry).
+    pub retries: AtomicU64,
+    /// Failed batches split in two to isolate the failing rows.
+    pub bisections: AtomicU64,
+    /// Rows sent to the dead-letter sink.
+    pub dead_letters: AtomicU64,
     pub batches: AtomicU64,
     /// Time spent inside `process_batch`, summed over workers.
     pub busy_nanos: AtomicU64,
@@ -32,8 +39,10 @@ pub struct RunStats {
     pub records_in: AtomicU64,
     /// Records written to the sink.
     pub records_out: AtomicU64,
-    /// Records that failed in a stage or at decoding.
+    /// Records that failed in a stage or at decoding (dead letters).
     pub records_failed: AtomicU64,
+    /// Records written to the dead-letter sink.
+    pub records_dead_lettered: AtomicU64,
     pub batches_in: AtomicU64,
     /// The id of the last committed checkpoint.
     pub checkpoints: AtomicU64,

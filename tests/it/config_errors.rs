@@ -37,7 +37,7 @@ sink:
 ";
     assert_eq!(
         one_problem(yaml),
-        "stages[1].batch_sise: unknown field, expected one of name, type, query (x.yaml:10:5)"
+        "stages[1].batch_sise: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, query (x.yaml:10:5)"
     );
 }
 
@@ -230,7 +230,7 @@ sink:
             "source.partitions: expected a whole number, found `many` (x.yaml:4:15)",
             "source.colour: unknown field, expected one of type, batch_size, batch_window, partitions, count, rate, users, titles, seed, start_time, interval, disorder (x.yaml:5:3)",
             "stages[0].query: missing required field (x.yaml:7:5)",
-            "stages[0].qeury: unknown field, expected one of name, type, query (x.yaml:9:5)",
+            "stages[0].qeury: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, query (x.yaml:9:5)",
             "sink.path: missing required field (x.yaml:11:3)",
         ]
     );

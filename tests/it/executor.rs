@@ -93,6 +93,7 @@ fn pipeline(source: Box<dyn Source>, sink: Recording, size: usize, window: Durat
             keep_metadata: vec!["_partition".into(), "_offset".into()],
         },
         checkpoint: None,
+        dead_letter: None,
     }
 }
 

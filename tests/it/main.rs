@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod config_errors;
 mod executor;
+mod failures;
 mod golden;
 mod kafka;
 mod pipelines;

@@ -250,6 +250,7 @@ impl Common {
             partition: self.info.clone(),
             offsets: first..self.next_offset,
             batch,
+            dead: Vec::new(),
         })
     }
 

@@ -294,6 +294,7 @@ impl GeneratorPartition {
             partition: self.info.clone(),
             offsets: first..self.next_offset,
             batch,
+            dead: Vec::new(),
         })
     }
 

@@ -27,10 +27,15 @@ use crate::json::lines_writer;
 
 pub struct KafkaSink {
     config: KafkaSinkConfig,
+    /// Dead-letter mode: batches of `sluice_engine::dead_letter::schema()`, whose `payload`
+    /// bytes are sent as they are, with the provenance as headers.
+    dead_letters: bool,
     producer: ThreadedProducer<DeliveryContext>,
     deliveries: Arc<Deliveries>,
-    /// The batch being sent, as JSON lines.
+    /// The batch being sent, as JSON lines (or dead-letter payloads back to back).
     lines: Vec<u8>,
+    /// Where each message of `lines` ends.
+    line_ends: Vec<usize>,
     sent: u64,
 }
 
@@ -113,11 +118,34 @@ impl KafkaSink {
             })?;
         Ok(KafkaSink {
             config,
+            dead_letters: false,
             producer,
             deliveries,
             lines: Vec::new(),
+            line_ends: Vec::new(),
             sent: 0,
         })
+    }
+
+    /// A sink for dead letters: each failed record's bytes as the message value, keyed by
+    /// its original key, with pipeline, stage, error class, error, attempts, source,
+    /// partition, offset and failure times as headers. Messages wait for the broker for as
+    /// long as it takes (`message.timeout.ms` 0): a dead letter is never dropped.
+    pub fn open_dead_letter(mut config: KafkaSinkConfig) -> Result<Self> {
+        config.key = Some("key".into());
+        config.headers = sluice_engine::dead_letter::PROVENANCE
+            .iter()
+            .filter(|c| **c != "key")
+            .map(|c| c.to_string())
+            .collect();
+        config
+            .options
+            .entry("message.timeout.ms".into())
+            .or_insert_with(|| "0".into());
+        let schema = sluice_engine::dead_letter::schema();
+        let mut sink = KafkaSink::open(config, &schema)?;
+        sink.dead_letters = true;
+        Ok(sink)
     }
 
     fn check_failed(&self) -> Result<()> {
@@ -146,7 +174,18 @@ impl Sink for KafkaSink {
     async fn write(&mut self, batch: RecordBatch) -> Result<()> {
         self.check_failed()?;
         self.lines.clear();
-        {
+        if self.dead_letters {
+            // The payloads as they are, one per line slot.
+            let payload = batch
+                .column(0)
+                .as_binary_opt::<i32>()
+                .ok_or_else(|| Error::Internal("dead letters without a binary payload".into()))?;
+            self.line_ends.clear();
+            for p in payload.iter() {
+                self.lines.extend_from_slice(p.unwrap_or_default());
+                self.line_ends.push(self.lines.len());
+            }
+        } else {
             let mut writer = lines_writer(&mut self.lines);
             writer
                 .write(&batch)
@@ -154,6 +193,14 @@ impl Sink for KafkaSink {
             writer
                 .finish()
                 .map_err(|e| Error::arrow("encoding rows as JSON", e))?;
+            drop(writer);
+            // JSON escapes newlines inside strings: every `\n` ends a row.
+            self.line_ends.clear();
+            for (i, b) in self.lines.iter().enumerate() {
+                if *b == b'\n' {
+                    self.line_ends.push(i);
+                }
+            }
         }
         let keys = match &self.config.key {
             Some(k) => Some(text_column(&batch, k)?),
@@ -166,10 +213,12 @@ impl Sink for KafkaSink {
             .map(|h| Ok((h.as_str(), text_column(&batch, h)?)))
             .collect::<Result<_>>()?;
         let topic = self.config.topic.as_str();
-        // JSON escapes newlines inside strings: every `\n` ends a row.
-        let mut rows = self.lines.split(|b| *b == b'\n');
+        let mut start = 0;
         for row in 0..batch.num_rows() {
-            let payload = rows.next().unwrap_or_default();
+            let end = self.line_ends.get(row).copied().unwrap_or(self.lines.len());
+            let payload = &self.lines[start..end];
+            // Skip the newline that ends a JSON row.
+            start = if self.dead_letters { end } else { end + 1 };
             let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
             if let Some(keys) = &keys
                 && keys.is_valid(row)

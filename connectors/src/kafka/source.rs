@@ -45,8 +45,9 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
+use sluice_engine::dead_letter::{DeadLetter, SOURCE_STAGE};
 use sluice_engine::source::{Assignment, CommitHook, PartitionReader, Source};
-use sluice_engine::{Error, Result};
+use sluice_engine::{Error, ErrorClass, Result};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{KafkaSourceConfig, StartFrom};
@@ -78,7 +79,9 @@ enum Event {
 
 impl KafkaSource {
     /// Checks the configuration and settles the schema; connects on the first assignment.
-    pub fn new(config: KafkaSourceConfig, batch_size: usize) -> Result<Self> {
+    /// With `dead_letters`, messages that do not decode become dead letters; without, the
+    /// first one stops the run.
+    pub fn new(config: KafkaSourceConfig, batch_size: usize, dead_letters: bool) -> Result<Self> {
         let records = config.schema.to_arrow();
         let schema = batch::with_metadata_fields(
             &records,
@@ -93,6 +96,7 @@ impl KafkaSource {
             schema: schema.clone(),
             start_from: config.start_from.clone(),
             batch_size: batch_size.max(1),
+            dead_letters,
             checkpointed: Mutex::default(),
             partitions: Mutex::default(),
             generation: AtomicU64::new(0),
@@ -234,6 +238,8 @@ struct Shared {
     schema: SchemaRef,
     start_from: StartFrom,
     batch_size: usize,
+    /// Messages that do not decode become dead letters instead of stopping the run.
+    dead_letters: bool,
     /// Per partition name, the next offset to read according to this pipeline's
     /// checkpoints (restored at start, then updated by every commit).
     checkpointed: Mutex<HashMap<String, i64>>,
@@ -721,6 +727,33 @@ impl Chunk {
         &self.payloads[Self::range(&self.payload_ends, i)]
     }
 
+    fn key(&self, i: usize) -> Option<&[u8]> {
+        self.has_key[i].then(|| &self.keys[Self::range(&self.key_ends, i)])
+    }
+
+    /// The chunk without the messages at `drop` (ascending): metadata of the rows kept.
+    fn without(&self, drop: &[usize]) -> Chunk {
+        let mut kept = Chunk::default();
+        let mut skip = drop.iter().peekable();
+        for i in 0..self.len() {
+            if skip.peek() == Some(&&i) {
+                skip.next();
+                continue;
+            }
+            kept.payload_ends.push(0);
+            kept.offsets.push(self.offsets[i]);
+            let key = self.key(i);
+            kept.keys.extend_from_slice(key.unwrap_or_default());
+            kept.key_ends.push(kept.keys.len());
+            kept.has_key.push(key.is_some());
+            kept.timestamps.push(self.timestamps[i]);
+            kept.headers
+                .extend_from_slice(&self.headers[Self::range(&self.header_ends, i)]);
+            kept.header_ends.push(kept.headers.len());
+        }
+        kept
+    }
+
     /// Splits off the first `n` messages.
     fn split_front(&mut self, n: usize) -> Chunk {
         fn split_ends(ends: &mut Vec<usize>, n: usize) -> (Vec<usize>, usize) {
@@ -760,7 +793,11 @@ struct KafkaReader {
 }
 
 impl KafkaReader {
-    fn envelope(&mut self, chunk: &Chunk) -> Result<Envelope> {
+    fn envelope(&mut self, chunk: Chunk) -> Result<Envelope> {
+        if self.shared.dead_letters {
+            return self.envelope_keeping_bad(chunk);
+        }
+        let chunk = &chunk;
         let n = chunk.len();
         let records = self
             .decoder
@@ -786,6 +823,53 @@ impl KafkaReader {
             partition: self.buffer.info.clone(),
             offsets: chunk.offsets[0]..chunk.offsets[n - 1] + 1,
             batch,
+            dead: Vec::new(),
+        })
+    }
+
+    /// Decodes what decodes; each message that does not becomes a dead letter with its
+    /// original bytes.
+    fn envelope_keeping_bad(&mut self, chunk: Chunk) -> Result<Envelope> {
+        let n = chunk.len();
+        let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
+        let (records, bad) = self.decoder.decode_each(&payloads);
+        let records = records.map_err(|e| {
+            Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
+        })?;
+        let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
+        let mut dead = Vec::with_capacity(bad.len());
+        let now = sluice_engine::dead_letter::now_ms();
+        for (i, reason) in &bad {
+            dead.push(DeadLetter {
+                stage: SOURCE_STAGE.into(),
+                class: ErrorClass::Decode,
+                reason: reason.clone(),
+                attempts: 1,
+                partition: self.buffer.info.clone(),
+                offset: Some(chunk.offsets[*i]),
+                key: chunk
+                    .key(*i)
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                first_failed_at: now,
+                last_failed_at: now,
+                payload: payloads[*i].to_vec(),
+            });
+        }
+        let chunk = if bad.is_empty() {
+            chunk
+        } else {
+            let bad: Vec<usize> = bad.iter().map(|b| b.0).collect();
+            chunk.without(&bad)
+        };
+        let mut columns = records.columns().to_vec();
+        columns.extend(self.metadata(&chunk));
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| Error::arrow("attaching Kafka metadata columns", e))?;
+        Ok(Envelope {
+            partition: self.buffer.info.clone(),
+            offsets,
+            batch,
+            dead,
         })
     }
 
@@ -845,7 +929,7 @@ impl PartitionReader for KafkaReader {
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
         loop {
             if let Some(chunk) = self.buffer.take(max.max(1), &self.shared) {
-                return self.envelope(&chunk).map(Some);
+                return self.envelope(chunk).map(Some);
             }
             if self.buffer.closed.load(Ordering::SeqCst) {
                 return Ok(None);
