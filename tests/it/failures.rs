@@ -424,3 +424,124 @@ async fn without_a_dead_letter_sink_a_failed_record_stops_the_run() {
         "stage `strict` failed on generator/0 offset 321: invalid country"
     );
 }
+
+/// The dead-letter topic's brokers go away for three seconds mid-run: writing dead letters
+/// waits (back-pressure on the whole pipeline) and goes on when they return; every record
+/// is in the output or in the dead-letter topic, with its provenance in headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_dead_letter_sink_pauses_the_pipeline_and_loses_nothing() {
+    use rdkafka::mocking::MockCluster;
+    use sluice_connectors::kafka::{KafkaSink, KafkaSinkConfig};
+    const N: u64 = 20_000;
+    let mock = MockCluster::new(3).unwrap();
+    mock.create_topic("dlq", 2, 3).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    let source = GeneratorSource::new(GeneratorConfig {
+        partitions: 2,
+        count: Some(N),
+        rate: Some(5_000.0),
+        users: 1000,
+        titles: 100,
+        seed: 3,
+        start_time: None,
+        interval: None,
+        disorder: None,
+    })
+    .unwrap();
+    // Every 10th record fails for good.
+    let picky = stage(&source, "picky", fast_retries(1), |batch, _| {
+        let failed = offsets(batch)
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| *o % 10 == 0)
+            .map(|(row, o)| RowFailure {
+                row,
+                class: ErrorClass::Permanent,
+                reason: format!("rejected {o}"),
+            })
+            .collect();
+        Ok(StageOutput {
+            batch: batch.slice(0, 0),
+            failed,
+        })
+    });
+    let dlq = KafkaSink::open_dead_letter(KafkaSinkConfig {
+        bootstrap_servers: bootstrap.clone(),
+        topic: "dlq".into(),
+        key: None,
+        headers: Vec::new(),
+        options: Default::default(),
+    })
+    .unwrap();
+    let stats = RunStats::new([&picky.name]);
+    let out = Collect::default();
+    let pipeline = Pipeline {
+        name: "dlq-outage".into(),
+        source: Box::new(source),
+        batching: Batching {
+            size: 500,
+            window: Duration::from_millis(20),
+        },
+        stages: vec![picky],
+        sink: Box::new(out.clone()),
+        columns: ColumnSelection::default(),
+        checkpoint: None,
+        dead_letter: Some(DeadLetterSink {
+            sink: Box::new(dlq),
+            text: false,
+        }),
+    };
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for b in 1..=3 {
+            mock.broker_down(b).unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for b in 1..=3 {
+            mock.broker_up(b).unwrap();
+        }
+    };
+    let (run, ()) = tokio::join!(
+        executor::run(
+            pipeline,
+            RunOptions::default(),
+            stats.clone(),
+            CancellationToken::new(),
+            None
+        ),
+        outage
+    );
+    let report = run.unwrap();
+    assert_eq!(RunStats::get(&stats.records_dead_lettered), N / 10);
+    assert!(
+        report.sink.contains(&format!("{} acknowledged", N / 10)),
+        "{}",
+        report.sink
+    );
+
+    let reader = crate::kafka::Broker::with_bootstrap(&bootstrap);
+    let read = tokio::task::spawn_blocking(move || {
+        reader.read_messages("dlq", (N / 10) as usize, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let offsets: HashSet<(String, String)> = read
+        .iter()
+        .map(|m| {
+            assert_eq!(m.headers["stage"], "picky");
+            assert_eq!(m.headers["error_class"], "permanent");
+            assert_eq!(
+                m.headers["error"],
+                format!("rejected {}", m.headers["offset"])
+            );
+            let row: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(row["_offset"].to_string(), m.headers["offset"]);
+            (m.headers["source"].clone(), m.headers["offset"].clone())
+        })
+        .collect();
+    assert_eq!(
+        offsets.len() as u64,
+        N / 10,
+        "every dead letter, in the topic"
+    );
+}

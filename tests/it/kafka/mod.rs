@@ -4,6 +4,7 @@
 //! SIGKILL, interrupted, and run two at a time in one consumer group.
 
 mod broker;
+mod dead_letters;
 mod delivery;
 mod errors;
 mod throughput;

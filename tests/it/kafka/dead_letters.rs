@@ -1,0 +1,176 @@
+//! Bad messages mixed into good ones: every bad one in the dead-letter sink with its reason
+//! and original bytes, every good one in the output.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{Broker, Sluice, write_pipeline};
+
+fn lines(dir: &Path) -> Vec<Value> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    crate::read_lines(dir)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The n-th bad message: bad JSON, wrong types, truncated, binary garbage, empty.
+fn bad(n: usize) -> Vec<u8> {
+    match n % 5 {
+        0 => format!(r#"{{"id": {n}, "country": "de""#).into_bytes(),
+        1 => format!(r#"{{"id": "bad-{n}", "amount": 1.5}}"#).into_bytes(),
+        2 => format!(r#"{{"id": {n}, "user_id": 3, "coun"#).into_bytes(),
+        3 => {
+            let mut b = vec![0xff, 0x00, 0x9c, 0x80];
+            b.extend_from_slice(&(n as u64).to_le_bytes());
+            b
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[test]
+fn malformed_messages_among_good_ones_go_to_the_dead_letters() {
+    const GOOD: usize = 100_000;
+    const BAD: usize = 10_000;
+    const PARTITIONS: i32 = 4;
+    let broker = Broker::start();
+    let input = broker.name("in");
+    broker.create_topic(&input, PARTITIONS);
+    let mut messages = Vec::with_capacity(GOOD + BAD);
+    let mut bad_payloads = HashSet::new();
+    let (mut g, mut b) = (0, 0);
+    while g < GOOD || b < BAD {
+        if b < BAD && (g % 10 == 0 || g >= GOOD) {
+            let payload = bad(b);
+            // Empty ones are all alike: count them apart.
+            bad_payloads.insert(payload.clone());
+            messages.push(((b as i32) % PARTITIONS, None, payload));
+            b += 1;
+        }
+        if g < GOOD {
+            let payload = format!(
+                r#"{{"id":{g},"user_id":{},"country":"fr","amount":2.5}}"#,
+                g % 77
+            );
+            messages.push(((g as i32) % PARTITIONS, None, payload.into_bytes()));
+            g += 1;
+        }
+    }
+    broker.produce(&input, &messages);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dlq) = (dir.path().join("out"), dir.path().join("dlq"));
+    let yaml = format!(
+        r#"name: mixed
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{input}]
+  group: {group}
+  start_from: earliest
+  batch_size: 1000
+  schema:
+    - {{ name: id, type: int64, nullable: false }}
+    - {{ name: user_id, type: int64 }}
+    - {{ name: country, type: utf8 }}
+    - {{ name: amount, type: float64 }}
+  options:
+    session.timeout.ms: "6000"
+stages:
+  - name: shape
+    type: sql
+    query: SELECT id, upper(country) AS country FROM input
+sink:
+  type: file
+  path: {out}
+  max_file_age: 200ms
+dead_letter:
+  type: file
+  path: {dlq}
+  max_file_age: 200ms
+checkpoint:
+  dir: {ckpt}
+  interval: 500ms
+"#,
+        bootstrap = broker.bootstrap,
+        group = broker.name("g"),
+        out = out.display(),
+        dlq = dlq.display(),
+        ckpt = dir.path().join("ckpt").display(),
+    );
+    let mut sluice = Sluice::start(&write_pipeline(dir.path(), &yaml), dir.path().join("log"));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while lines(&out).len() < GOOD || lines(&dlq).len() < BAD {
+        assert!(sluice.running(), "sluice exited:\n{}", sluice.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "{} good, {} dead letters so far:\n{}",
+            lines(&out).len(),
+            lines(&dlq).len(),
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        log.contains("10,000 records did not decode (dead-lettered)"),
+        "{log}"
+    );
+
+    let good: HashMap<i64, usize> = lines(&out).iter().fold(HashMap::new(), |mut m, v| {
+        assert_eq!(v["country"], "FR");
+        *m.entry(v["id"].as_i64().unwrap()).or_default() += 1;
+        m
+    });
+    assert_eq!(good.len(), GOOD, "every good record");
+    assert!(good.values().all(|c| *c == 1), "once");
+    let letters = lines(&dlq);
+    assert_eq!(letters.len(), BAD, "every bad record, once");
+    let mut seen = HashSet::new();
+    for l in &letters {
+        assert_eq!(l["stage"], "source");
+        assert_eq!(l["error_class"], "decode");
+        assert!(!l["error"].as_str().unwrap().is_empty());
+        assert!(
+            l["source"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{input}/"))
+        );
+        assert!(l["offset"].is_i64());
+        let payload = match (&l["payload"], &l["payload_base64"]) {
+            (Value::String(text), Value::Null) => text.as_bytes().to_vec(),
+            (Value::Null, Value::String(b64)) => {
+                sluice_engine::dead_letter::decode_base64(b64).unwrap()
+            }
+            other => panic!("payload {other:?}"),
+        };
+        assert!(bad_payloads.contains(&payload), "{l}");
+        seen.insert(payload);
+    }
+    assert_eq!(
+        seen.len(),
+        bad_payloads.len(),
+        "each bad payload kept as it was"
+    );
+    let reasons: HashSet<&str> = letters
+        .iter()
+        .map(|l| l["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("empty record")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("failed to parse")),
+        "{reasons:?}"
+    );
+}
