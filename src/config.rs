@@ -101,6 +101,7 @@ impl StageKind {
     }
 }
 
+#[derive(Clone)]
 pub struct SinkConfig {
     pub kind: SinkKind,
     /// Metadata columns (`_partition`, `_offset`, `_key`, `_timestamp`; Kafka: `_topic`,
@@ -109,6 +110,7 @@ pub struct SinkConfig {
     pub at: At,
 }
 
+#[derive(Clone)]
 pub enum SinkKind {
     File(FileSinkConfig),
     Kafka(KafkaSinkConfig),

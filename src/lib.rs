@@ -6,6 +6,7 @@
 //! `tests:` cases, [`status`] reports on runs.
 
 pub mod config;
+pub mod dlq;
 pub mod plan;
 pub mod status;
 pub mod testing;

@@ -45,6 +45,69 @@ enum Command {
     },
     /// List the functions usable in `function` stages.
     Functions,
+    /// Read a pipeline's dead letters back, and re-drive them.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Counts by stage and error class, and sample records.
+    Inspect {
+        /// The pipeline file (its `dead_letter` sink is read).
+        file: PathBuf,
+        /// Sample records to show.
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Re-drive dead letters into the pipeline (from the stage where each failed) or, with
+    /// --to-topic, into a Kafka topic.
+    Replay {
+        file: PathBuf,
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Send the original bytes and keys to this Kafka topic instead.
+        #[arg(long)]
+        to_topic: Option<String>,
+        /// Brokers for --to-topic (default: the pipeline's Kafka source or dead-letter sink).
+        #[arg(long)]
+        bootstrap: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct DlqFilter {
+    /// Only letters of this stage (`source` for records that did not decode).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Only letters of this error class: decode, permanent, transient.
+    #[arg(long)]
+    class: Option<String>,
+    /// Only letters that last failed at or after this RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+}
+
+impl DlqFilter {
+    fn resolve(&self) -> Result<sluice::dlq::Filter, String> {
+        let since = match &self.since {
+            Some(t) => Some(
+                arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(t)
+                    .map_err(|_| format!("--since `{t}` is not an RFC 3339 time"))?
+                    / 1_000_000,
+            ),
+            None => None,
+        };
+        Ok(sluice::dlq::Filter {
+            stage: self.stage.clone(),
+            class: self.class.clone(),
+            since,
+        })
+    }
 }
 
 /// Exit codes: 0 success, 1 the pipeline failed or a test failed, 2 the file has problems.
@@ -75,6 +138,7 @@ fn main() -> ExitCode {
             } => run(file, workers, quiet).await,
             Command::Validate { files } => validate(files).await,
             Command::Test { files } => test(files).await,
+            Command::Dlq { command } => dlq(command).await,
             Command::Functions => {
                 for f in sluice_udfs::functions::REGISTRY {
                     println!("{:12} {}", f.name, f.summary);
@@ -84,6 +148,84 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
+}
+
+async fn dlq(command: DlqCommand) -> u8 {
+    let (file, filter) = match &command {
+        DlqCommand::Inspect { file, filter, .. } | DlqCommand::Replay { file, filter, .. } => {
+            (file, filter)
+        }
+    };
+    let config = match config::load(file) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return INVALID;
+        }
+    };
+    let filter = match filter.resolve() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return INVALID;
+        }
+    };
+    let letters = match tokio::task::block_in_place(|| sluice::dlq::read(&config)) {
+        Ok(all) => all
+            .into_iter()
+            .filter(|l| filter.keeps(l))
+            .collect::<Vec<_>>(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return FAILED;
+        }
+    };
+    match command {
+        DlqCommand::Inspect { samples, .. } => {
+            print!("{}", sluice::dlq::inspect(&letters, samples));
+            0
+        }
+        DlqCommand::Replay {
+            to_topic: Some(topic),
+            bootstrap,
+            ..
+        } => {
+            let Some(bootstrap) = bootstrap.or_else(|| sluice::dlq::bootstrap_of(&config)) else {
+                eprintln!("error: give --bootstrap: the pipeline names no Kafka brokers");
+                return INVALID;
+            };
+            match tokio::task::block_in_place(|| {
+                sluice::dlq::replay_to_topic(&letters, &bootstrap, &topic)
+            }) {
+                Ok(n) => {
+                    println!("replayed {n} dead letters to topic `{topic}`");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    FAILED
+                }
+            }
+        }
+        DlqCommand::Replay { .. } => {
+            match sluice::dlq::replay_into_pipeline(&config, &letters).await {
+                Ok(r) => {
+                    println!(
+                        "replayed {} dead letters: {} rows out, {} failed again (in the dead letters again)",
+                        r.letters, r.out, r.failed_again
+                    );
+                    for u in &r.unreadable {
+                        println!("  not replayed (still does not fit): {u}");
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    FAILED
+                }
+            }
+        }
+    }
 }
 
 async fn run(file: PathBuf, workers: Option<usize>, quiet: bool) -> u8 {

@@ -154,6 +154,31 @@ pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
 
 /// Builds the pipeline: source opened, stages planned, sink opened.
 pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
+    build_with(config, None).await
+}
+
+/// Like [`build`], for a second writer beside the running pipeline (`sluice dlq replay`):
+/// no checkpoint store (RocksDB allows one process), and file outputs named with
+/// `prefix_suffix` so that their files never clash with the pipeline's own.
+pub async fn build_beside(
+    config: &PipelineConfig,
+    prefix_suffix: &str,
+) -> Result<Pipeline, Problems> {
+    build_with(config, Some(prefix_suffix)).await
+}
+
+fn beside(config: &SinkConfig, suffix: Option<&str>) -> SinkConfig {
+    let mut config = config.clone();
+    if let (SinkKind::File(f), Some(suffix)) = (&mut config.kind, suffix) {
+        f.prefix = format!("{}-{suffix}", f.prefix);
+    }
+    config
+}
+
+async fn build_with(
+    config: &PipelineConfig,
+    beside_suffix: Option<&str>,
+) -> Result<Pipeline, Problems> {
     let mut problems = Problems::new(&config.file);
     let source = open_source(&config.source, config.dead_letter.is_some(), &mut problems);
     let stages = match &source {
@@ -163,6 +188,7 @@ pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
     let checkpoint = config
         .checkpoint
         .as_ref()
+        .filter(|_| beside_suffix.is_none())
         .and_then(|c| match RocksStore::open(&c.dir) {
             Ok(store) => Some(CheckpointPolicy {
                 store: Arc::new(store),
@@ -182,12 +208,14 @@ pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
                 keep_metadata: config.sink.metadata_columns.clone(),
             }
             .apply_schema(&last);
-            open_sink(&config.sink, &input, &mut problems)
+            open_sink(&beside(&config.sink, beside_suffix), &input, &mut problems)
         }
         _ => None,
     };
     let dead_letter = match &config.dead_letter {
-        Some(d) if problems.is_empty() => open_dead_letter(d, &mut problems),
+        Some(d) if problems.is_empty() => {
+            open_dead_letter(&beside(d, beside_suffix), &mut problems)
+        }
         _ => None,
     };
     match (source, stages, sink) {

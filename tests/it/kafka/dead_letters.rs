@@ -174,3 +174,144 @@ checkpoint:
         "{reasons:?}"
     );
 }
+
+fn replay_pipeline(broker: &Broker, input: &str, dir: &Path, fixed: bool) -> String {
+    let (country_nullable, bucket_key) = if fixed {
+        ("true", "id")
+    } else {
+        ("false", "user_id")
+    };
+    format!(
+        r#"name: replayable
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{input}]
+  group: {group}
+  start_from: earliest
+  schema:
+    - {{ name: id, type: int64, nullable: false }}
+    - {{ name: user_id, type: int64 }}
+    - {{ name: country, type: utf8, nullable: {country_nullable} }}
+    - {{ name: amount, type: int64 }}
+  options:
+    session.timeout.ms: "6000"
+stages:
+  - name: shape
+    type: sql
+    query: SELECT id, user_id, country, amount, _offset FROM input
+  - name: bucket
+    type: function
+    function: ab_bucket
+    params: {{ key: {bucket_key}, experiment: e1, variants: {{ a: 50, b: 50 }} }}
+sink:
+  type: file
+  path: {out}
+  max_file_age: 200ms
+dead_letter:
+  type: file
+  path: {dlq}
+  max_file_age: 200ms
+"#,
+        bootstrap = broker.bootstrap,
+        group = broker.name("replay"),
+        out = dir.join("out").display(),
+        dlq = dir.join("dlq").display(),
+    )
+}
+
+/// A field declared required that some producers leave out, and a stage keyed on a column
+/// with nulls, send records to the dead letters; after the fix, `sluice dlq replay` puts
+/// them through, each from where it failed.
+#[test]
+fn fixed_records_flow_again_with_dlq_replay() {
+    const N: usize = 2_000;
+    let broker = Broker::start();
+    let input = broker.name("in");
+    broker.create_topic(&input, 2);
+    let messages: Vec<_> = (0..N)
+        .map(|i| {
+            let country = if i % 10 == 3 {
+                ""
+            } else {
+                r#","country":"de""#
+            };
+            let user = if i % 10 == 7 {
+                "null".to_string()
+            } else {
+                (i % 50).to_string()
+            };
+            let payload = format!(
+                r#"{{"id":{i},"user_id":{user}{country},"amount":{}}}"#,
+                i % 7
+            );
+            ((i % 2) as i32, Some(format!("k{i}")), payload.into_bytes())
+        })
+        .collect();
+    broker.produce(&input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dlq) = (dir.path().join("out"), dir.path().join("dlq"));
+    let v1 = write_pipeline(
+        dir.path(),
+        &replay_pipeline(&broker, &input, dir.path(), false),
+    );
+    let mut sluice = Sluice::start(&v1, dir.path().join("log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines(&out).len() < N * 8 / 10 || lines(&dlq).len() < N * 2 / 10 {
+        assert!(
+            sluice.running() && Instant::now() < deadline,
+            "{} out, {} dead letters:\n{}",
+            lines(&out).len(),
+            lines(&dlq).len(),
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+
+    let inspect = crate::sluice(&["dlq", "inspect", v1.to_str().unwrap(), "--samples", "2"]);
+    let table = crate::text(&inspect.stdout);
+    assert!(inspect.status.success(), "{}", crate::text(&inspect.stderr));
+    assert!(table.starts_with("400 dead letters\n"), "{table}");
+    let row = |stage: &str, class: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq([stage, class]))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .map(str::to_string)
+    };
+    assert_eq!(row("source", "decode").as_deref(), Some("200"), "{table}");
+    assert_eq!(
+        row("bucket", "permanent").as_deref(),
+        Some("200"),
+        "{table}"
+    );
+
+    // The fix: country may be missing, and the experiment is keyed on a column without nulls.
+    let v2 = dir.path().join("v2.yaml");
+    std::fs::write(&v2, replay_pipeline(&broker, &input, dir.path(), true)).unwrap();
+    let replay = crate::sluice(&["dlq", "replay", v2.to_str().unwrap()]);
+    let said = crate::text(&replay.stdout);
+    assert!(
+        replay.status.success(),
+        "{said}{}",
+        crate::text(&replay.stderr)
+    );
+    assert!(
+        said.contains("replayed 400 dead letters: 400 rows out, 0 failed again"),
+        "{said}"
+    );
+
+    let ids: HashMap<i64, usize> = lines(&out).iter().fold(HashMap::new(), |mut m, v| {
+        *m.entry(v["id"].as_i64().unwrap()).or_default() += 1;
+        m
+    });
+    assert_eq!(ids.len(), N, "every record is in the output now");
+    assert!(ids.values().all(|c| *c == 1));
+    let seven = lines(&out).into_iter().find(|v| v["id"] == 7).unwrap();
+    assert!(
+        seven["user_id"].is_null() && seven["variant"].is_string(),
+        "{seven}"
+    );
+}

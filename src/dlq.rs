@@ -1,0 +1,525 @@
+//! `sluice dlq`: a pipeline's dead letters read back, counted, and re-driven.
+//!
+//! - `inspect` reads the `dead_letter` sink of a pipeline file (a directory of JSON lines or
+//!   Parquet files, or a Kafka topic up to its current end) and prints counts by stage and
+//!   error class, then sample records.
+//! - `replay` re-drives dead letters, optionally filtered by stage, class and time: into a
+//!   Kafka topic (the original bytes and key), or back into the pipeline. Into the pipeline,
+//!   a record that failed at decoding goes through the whole pipeline again (decoded with
+//!   the pipeline's current schema: the usual fix is a schema change); a record that failed
+//!   in a stage goes through that stage and the ones after it. Records that fail again
+//!   become dead letters again; the dead-letter sink is append-only, so `--since` keeps a
+//!   second replay from taking the first one's records.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use serde_json::Value;
+use sluice_connectors::file::FileFormat;
+use sluice_connectors::json::JsonDecoder;
+use sluice_engine::batch::{ColumnSelection, Envelope, PartitionInfo};
+use sluice_engine::checkpoint::Checkpoint;
+use sluice_engine::dead_letter::{SOURCE_STAGE, decode_base64};
+use sluice_engine::executor::{self, Pipeline, RunOptions};
+use sluice_engine::source::{Assignment, PartitionReader, Source};
+use sluice_engine::stats::RunStats;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{PipelineConfig, SinkConfig, SinkKind};
+use crate::plan;
+
+/// One dead letter read back.
+#[derive(Debug, Clone)]
+pub struct Letter {
+    pub stage: String,
+    pub error_class: String,
+    pub error: String,
+    pub attempts: u64,
+    pub source: String,
+    pub partition: u64,
+    pub offset: Option<i64>,
+    pub key: Option<String>,
+    pub first_failed_at: String,
+    pub last_failed_at: String,
+    pub payload: Vec<u8>,
+}
+
+/// Which letters to take.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub stage: Option<String>,
+    pub class: Option<String>,
+    /// Milliseconds since the epoch: letters whose last failure is at or after it.
+    pub since: Option<i64>,
+}
+
+impl Filter {
+    pub fn keeps(&self, l: &Letter) -> bool {
+        self.stage.as_ref().is_none_or(|s| *s == l.stage)
+            && self.class.as_ref().is_none_or(|c| *c == l.error_class)
+            && self.since.is_none_or(|since| {
+                arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(&l.last_failed_at)
+                    .is_ok_and(|t| t / 1_000_000 >= since)
+            })
+    }
+}
+
+/// Every dead letter of the pipeline, oldest first per file or partition.
+pub fn read(config: &PipelineConfig) -> anyhow::Result<Vec<Letter>> {
+    let Some(sink) = &config.dead_letter else {
+        bail!("{} has no `dead_letter` sink", config.file);
+    };
+    match &sink.kind {
+        SinkKind::File(f) => read_files(&f.path, f.format),
+        SinkKind::Kafka(k) => read_topic(&k.bootstrap_servers, &k.topic),
+        SinkKind::Stdout(_) | SinkKind::Null(_) => {
+            bail!(
+                "dead letters written to {} cannot be read back",
+                kind_name(sink)
+            )
+        }
+    }
+}
+
+fn kind_name(sink: &SinkConfig) -> &'static str {
+    match sink.kind {
+        SinkKind::File(_) => "files",
+        SinkKind::Kafka(_) => "Kafka",
+        SinkKind::Stdout(_) => "stdout",
+        SinkKind::Null(_) => "null",
+    }
+}
+
+fn read_files(dir: &std::path::Path, format: FileFormat) -> anyhow::Result<Vec<Letter>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        // Files still being written are hidden (`.part-00001.jsonl.tmp`).
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    let mut letters = Vec::new();
+    for file in files {
+        let rows: Vec<Value> = match format {
+            FileFormat::Parquet => {
+                let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(
+                    std::fs::File::open(&file)?,
+                    8192,
+                )?;
+                let mut rows = Vec::new();
+                for batch in reader {
+                    rows.extend(sluice_connectors::json::to_json_rows(&batch?)?);
+                }
+                rows
+            }
+            _ => std::fs::read_to_string(&file)?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading {}", file.display()))?,
+        };
+        for row in rows {
+            letters.push(
+                letter_from_row(&row).with_context(|| format!("a row of {}", file.display()))?,
+            );
+        }
+    }
+    Ok(letters)
+}
+
+fn letter_from_row(row: &Value) -> anyhow::Result<Letter> {
+    let text = |k: &str| row[k].as_str().map(str::to_string);
+    let payload = match (&row["payload"], &row["payload_base64"]) {
+        (Value::String(t), _) => t.as_bytes().to_vec(),
+        (_, Value::String(b)) => decode_base64(b).context("payload_base64 is not base64")?,
+        _ => Vec::new(),
+    };
+    Ok(Letter {
+        stage: text("stage").context("no `stage`: not a dead letter")?,
+        error_class: text("error_class").unwrap_or_default(),
+        error: text("error").unwrap_or_default(),
+        attempts: row["attempts"].as_u64().unwrap_or(1),
+        source: text("source").unwrap_or_default(),
+        partition: row["partition"].as_u64().unwrap_or(0),
+        offset: row["offset"].as_i64(),
+        key: text("key"),
+        first_failed_at: text("first_failed_at").unwrap_or_default(),
+        last_failed_at: text("last_failed_at").unwrap_or_default(),
+        payload,
+    })
+}
+
+fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Letter>> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "sluice-dlq-inspect")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let Some(t) = metadata.topics().first() else {
+        bail!("no topic `{topic}`");
+    };
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in t.partitions() {
+        let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+        if high > low {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            ends.insert(p.id(), high);
+        }
+    }
+    let mut letters = Vec::new();
+    if ends.is_empty() {
+        return Ok(letters);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        if std::time::Instant::now() > deadline {
+            bail!("reading `{topic}` took too long");
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?;
+        if ends
+            .get(&m.partition())
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
+            ends.remove(&m.partition());
+        }
+        let mut row = serde_json::Map::new();
+        if let Some(headers) = m.headers() {
+            for h in headers.iter() {
+                let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+                let value = match h.key {
+                    "attempts" | "partition" | "offset" => value
+                        .parse::<i64>()
+                        .map(Value::from)
+                        .unwrap_or(Value::String(value)),
+                    _ => Value::String(value),
+                };
+                row.insert(h.key.to_string(), value);
+            }
+        }
+        if let Some(k) = m.key() {
+            row.insert("key".into(), String::from_utf8_lossy(k).into());
+        }
+        let mut letter = letter_from_row(&Value::Object(row))?;
+        letter.payload = m.payload().unwrap_or_default().to_vec();
+        letters.push(letter);
+    }
+    Ok(letters)
+}
+
+/// The pipeline's Kafka brokers: its source's, else its dead-letter sink's.
+pub fn bootstrap_of(config: &PipelineConfig) -> Option<String> {
+    if let crate::config::SourceKind::Kafka(k) = &config.source.kind {
+        return Some(k.bootstrap_servers.clone());
+    }
+    match config.dead_letter.as_ref().map(|d| &d.kind) {
+        Some(SinkKind::Kafka(k)) => Some(k.bootstrap_servers.clone()),
+        _ => None,
+    }
+}
+
+/// Counts by stage and error class, then up to `samples` records.
+pub fn inspect(letters: &[Letter], samples: usize) -> String {
+    let mut groups: BTreeMap<(&str, &str), (usize, &str, &str)> = BTreeMap::new();
+    for l in letters {
+        let g = groups.entry((&l.stage, &l.error_class)).or_insert((
+            0,
+            &l.first_failed_at,
+            &l.last_failed_at,
+        ));
+        g.0 += 1;
+        g.1 = g.1.min(&l.first_failed_at);
+        g.2 = g.2.max(&l.last_failed_at);
+    }
+    let mut out = format!("{} dead letters\n", letters.len());
+    if letters.is_empty() {
+        return out;
+    }
+    let w = groups
+        .keys()
+        .map(|(s, _)| s.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    out.push_str(&format!(
+        "{:w$}  {:9}  {:>9}  {:24}  {:24}\n",
+        "stage", "class", "count", "first failed", "last failed"
+    ));
+    for ((stage, class), (count, first, last)) in &groups {
+        out.push_str(&format!(
+            "{stage:w$}  {class:9}  {count:>9}  {first:24}  {last:24}\n"
+        ));
+    }
+    out.push_str("\nsamples:\n");
+    for l in letters.iter().take(samples) {
+        let at = match l.offset {
+            Some(o) => format!("{} offset {o}", l.source),
+            None => l.source.clone(),
+        };
+        let payload = String::from_utf8_lossy(&l.payload);
+        let payload: String = payload.chars().take(100).collect();
+        out.push_str(&format!(
+            "  {at} [{} {}, {} attempt(s)]: {}\n    {payload}\n",
+            l.stage, l.error_class, l.attempts, l.error
+        ));
+    }
+    out
+}
+
+/// Sends the letters' original bytes (with their keys) to a Kafka topic.
+pub fn replay_to_topic(letters: &[Letter], bootstrap: &str, topic: &str) -> anyhow::Result<usize> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()?;
+    for l in letters {
+        let mut record = BaseRecord::<str, [u8]>::to(topic).payload(&l.payload);
+        if let Some(k) = &l.key {
+            record = record.key(k.as_str());
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e).context(format!("sending to `{topic}`")),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .with_context(|| format!("waiting for `{topic}` to acknowledge"))?;
+    Ok(letters.len())
+}
+
+/// What a replay into the pipeline did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub letters: usize,
+    pub out: u64,
+    pub failed_again: u64,
+    /// Letters whose payload no longer fits the stage's input at all (counted, not lost:
+    /// they stay in the dead-letter sink).
+    pub unreadable: Vec<String>,
+}
+
+/// Re-drives letters through the pipeline from the stage where each failed.
+pub async fn replay_into_pipeline(
+    config: &PipelineConfig,
+    letters: &[Letter],
+) -> anyhow::Result<Replayed> {
+    let mut problems = sluice_engine::config::Problems::new(&config.file);
+    let schema = match plan::declared_schema(&config.source) {
+        Some(s) => s,
+        None => plan::open_source(&config.source, false, &mut problems)
+            .map(|s| s.schema())
+            .ok_or_else(|| anyhow::anyhow!("{problems}"))?,
+    };
+    let stages = plan::plan_stages(config, schema.clone(), &mut problems)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("{problems}"))?;
+    let mut replayed = Replayed::default();
+    // One run per stage where letters failed, in pipeline order.
+    let mut starts: Vec<(usize, String)> = vec![(0, SOURCE_STAGE.to_string())];
+    starts.extend(
+        stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.name.to_string())),
+    );
+    for (index, stage) in starts {
+        let group: Vec<&Letter> = letters.iter().filter(|l| l.stage == stage).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let input = if index == 0 {
+            schema.clone()
+        } else {
+            stages[index - 1].factory.output_schema()
+        };
+        let (batch, unreadable) = decode_letters(&group, &input, stage == SOURCE_STAGE);
+        replayed.unreadable.extend(unreadable);
+        replayed.letters += batch.num_rows();
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let suffix = format!("replay-{}", sluice_engine::dead_letter::now_ms());
+        let mut pipeline = plan::build_beside(config, &suffix)
+            .await
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        let planned = std::mem::take(&mut pipeline.stages);
+        let pipeline = Pipeline {
+            source: Box::new(ReplaySource::new(batch, &stage)),
+            stages: planned[index..].to_vec(),
+            checkpoint: None,
+            columns: ColumnSelection {
+                keep_metadata: config.sink.metadata_columns.clone(),
+            },
+            ..pipeline
+        };
+        let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
+        executor::run(
+            pipeline,
+            RunOptions::default(),
+            stats.clone(),
+            CancellationToken::new(),
+            None,
+        )
+        .await?;
+        replayed.out += RunStats::get(&stats.records_out);
+        replayed.failed_again += RunStats::get(&stats.records_dead_lettered);
+    }
+    Ok(replayed)
+}
+
+/// The letters as one batch of `schema` (a stage's input). Letters that failed at
+/// decoding get their metadata from their provenance.
+fn decode_letters(
+    letters: &[&Letter],
+    schema: &SchemaRef,
+    raw: bool,
+) -> (RecordBatch, Vec<String>) {
+    let mut rows: Vec<Vec<u8>> = Vec::with_capacity(letters.len());
+    let mut unreadable = Vec::new();
+    for l in letters {
+        if !raw {
+            rows.push(l.payload.clone());
+            continue;
+        }
+        match serde_json::from_slice::<Value>(&l.payload) {
+            Ok(Value::Object(mut row)) => {
+                row.insert("_partition".into(), l.partition.into());
+                if let Some(o) = l.offset {
+                    row.insert("_offset".into(), o.into());
+                }
+                if let Some(k) = &l.key {
+                    row.insert("_key".into(), k.clone().into());
+                }
+                rows.push(serde_json::to_vec(&row).expect("JSON values serialize"));
+            }
+            _ => unreadable.push(format!(
+                "{} offset {:?}: not a JSON object",
+                l.source, l.offset
+            )),
+        }
+    }
+    let mut decoder = JsonDecoder::new(schema.clone());
+    let slices: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
+    let (batch, bad) = decoder.decode_each(&slices);
+    for (i, reason) in bad {
+        unreadable.push(format!(
+            "{}: {reason}",
+            String::from_utf8_lossy(&rows[i])
+                .chars()
+                .take(80)
+                .collect::<String>()
+        ));
+    }
+    (
+        batch.unwrap_or_else(|_| RecordBatch::new_empty(schema.clone())),
+        unreadable,
+    )
+}
+
+/// A source of one partition holding one prepared batch.
+struct ReplaySource {
+    batch: Option<RecordBatch>,
+    schema: SchemaRef,
+    name: String,
+}
+
+impl ReplaySource {
+    fn new(batch: RecordBatch, stage: &str) -> Self {
+        ReplaySource {
+            schema: batch.schema(),
+            batch: Some(batch),
+            name: format!("replay/{stage}"),
+        }
+    }
+}
+
+#[async_trait]
+impl Source for ReplaySource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+    fn partition_hint(&self) -> usize {
+        1
+    }
+    fn restore(&mut self, _: Arc<Checkpoint>) {}
+    async fn next_assignment(&mut self) -> sluice_engine::Result<Option<Assignment>> {
+        Ok(self.batch.take().map(|batch| {
+            Assignment::Assign(Box::new(ReplayReader {
+                info: Arc::new(PartitionInfo {
+                    id: 0,
+                    name: self.name.as_str().into(),
+                }),
+                batch: Some(batch),
+                next: 0,
+            }) as Box<dyn PartitionReader>)
+        }))
+    }
+}
+
+struct ReplayReader {
+    info: Arc<PartitionInfo>,
+    batch: Option<RecordBatch>,
+    next: usize,
+}
+
+#[async_trait]
+impl PartitionReader for ReplayReader {
+    fn info(&self) -> &Arc<PartitionInfo> {
+        &self.info
+    }
+    async fn read(&mut self, max: usize) -> sluice_engine::Result<Option<Envelope>> {
+        let Some(all) = &self.batch else {
+            return Ok(None);
+        };
+        let start = self.next;
+        let n = max.max(1).min(all.num_rows() - start);
+        let batch = all.slice(start, n);
+        self.next += n;
+        if self.next >= all.num_rows() {
+            self.batch = None;
+        }
+        Ok(Some(Envelope {
+            partition: self.info.clone(),
+            offsets: start as i64..self.next as i64,
+            batch,
+            dead: Vec::new(),
+        }))
+    }
+}
