@@ -24,6 +24,7 @@ use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use sluice_connectors::null::NullConfig;
 use sluice_connectors::stdout::StdoutConfig;
 use sluice_engine::batch;
+use sluice_engine::breaker::{Breaker, BreakerPolicy, Fallback};
 use sluice_engine::config::yaml::{self, Env, ProcessEnv};
 use sluice_engine::config::{
     Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
@@ -315,6 +316,9 @@ const STAGE_COMMON: &[&str] = &[
     "max_record_age",
     "timeout",
     "concurrency",
+    "circuit_breaker",
+    "fallback",
+    "fallback_values",
 ];
 
 #[derive(Deserialize)]
@@ -337,6 +341,62 @@ struct StageCommon {
     timeout: Option<Duration>,
     /// At most this many calls of the stage at once, across workers.
     concurrency: Option<usize>,
+    /// Stop calling the stage while its calls fail transiently too often.
+    circuit_breaker: Option<BreakerConfig>,
+    /// While the circuit is open: `dead_letter` (default), `skip`, `default` (the output
+    /// columns get `fallback_values`), or `pause` (stop reading until calls pass again).
+    #[serde(default)]
+    fallback: FallbackKind,
+    /// `fallback: default`: values of output columns, e.g. `{ score: 0.0, label: unknown }`.
+    #[serde(default)]
+    fallback_values: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize, Default, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum FallbackKind {
+    #[default]
+    DeadLetter,
+    Skip,
+    Default,
+    Pause,
+}
+
+/// `circuit_breaker:` of a stage.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerConfig {
+    /// Open when at least this share of calls in `window` failed transiently (default 0.5).
+    #[serde(default = "default_ratio")]
+    failure_ratio: f64,
+    /// ... and at least this many calls were made in it (default 10).
+    #[serde(default = "default_min_calls")]
+    min_calls: u32,
+    /// The sliding window of calls counted (default 10s).
+    #[serde(default = "default_window")]
+    window: Duration,
+    /// How long the circuit stays open before trial calls (default 5s).
+    #[serde(default = "default_open_for")]
+    open_for: Duration,
+    /// Trial calls that must pass to close the circuit again (default 3).
+    #[serde(default = "default_half_open")]
+    half_open_calls: u32,
+}
+
+fn default_ratio() -> f64 {
+    0.5
+}
+fn default_min_calls() -> u32 {
+    10
+}
+fn default_window() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_open_for() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_half_open() -> u32 {
+    3
 }
 
 /// `retry:` of a stage.
@@ -377,6 +437,53 @@ impl StageCommon {
                 .map(|n| std::sync::Arc::new(tokio::sync::Semaphore::new(n))),
             ..FailurePolicy::default()
         };
+        if let Some(b) = &self.circuit_breaker {
+            if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+                problems.at_key(
+                    node,
+                    path,
+                    "circuit_breaker",
+                    "failure_ratio must be above 0 and at most 1",
+                );
+            }
+            if b.min_calls == 0 || b.half_open_calls == 0 {
+                problems.at_key(
+                    node,
+                    path,
+                    "circuit_breaker",
+                    "min_calls and half_open_calls must be at least 1",
+                );
+            }
+            policy.breaker = Some(std::sync::Arc::new(Breaker::new(BreakerPolicy {
+                failure_ratio: b.failure_ratio,
+                min_calls: b.min_calls,
+                window: b.window.get(),
+                open_for: b.open_for.get(),
+                half_open_calls: b.half_open_calls,
+            })));
+        }
+        policy.fallback = match self.fallback {
+            FallbackKind::DeadLetter => Fallback::DeadLetter,
+            FallbackKind::Skip => Fallback::Skip,
+            FallbackKind::Pause => Fallback::Pause,
+            FallbackKind::Default => Fallback::Default(self.fallback_values.clone()),
+        };
+        if self.fallback != FallbackKind::Default && !self.fallback_values.is_empty() {
+            problems.at_key(
+                node,
+                path,
+                "fallback_values",
+                "only used with `fallback: default`",
+            );
+        }
+        if self.fallback != FallbackKind::DeadLetter && self.circuit_breaker.is_none() {
+            problems.at_key(
+                node,
+                path,
+                "fallback",
+                "a fallback applies while the circuit is open: add `circuit_breaker`",
+            );
+        }
         if self.concurrency == Some(0) {
             problems.at_key(node, path, "concurrency", "must be at least 1");
         }

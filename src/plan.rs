@@ -86,6 +86,22 @@ pub async fn plan_stages(
         };
         match factory {
             Ok(factory) => {
+                if let sluice_engine::breaker::Fallback::Default(values) = &stage.policy.fallback {
+                    let out = factory.output_schema();
+                    for name in values.keys() {
+                        if out.field_with_name(name).is_err() {
+                            stage.at.problem(
+                                problems,
+                                "fallback_values",
+                                format!("`{name}` is not an output column of the stage"),
+                            );
+                        }
+                    }
+                    let none = arrow::array::RecordBatch::new_empty(schema.clone());
+                    if let Err(e) = sluice_engine::failure::defaults(&out, &none, values) {
+                        stage.at.problem(problems, "fallback_values", e.to_string());
+                    }
+                }
                 schema = factory.output_schema();
                 planned.push(PlannedStage {
                     name: stage.name.as_str().into(),

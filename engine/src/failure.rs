@@ -27,6 +27,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::Semaphore;
 
 use crate::batch::{self, Envelope};
+use crate::breaker::{Breaker, Fallback, Permit};
 use crate::dead_letter::{DeadLetter, now_ms};
 use crate::stage::{Stage, StageContext, StageOutput};
 use crate::stats::{RunStats, StageStats};
@@ -48,6 +49,10 @@ pub struct FailurePolicy {
     pub timeout: Option<Duration>,
     /// Calls in flight at once across all workers (a bulkhead).
     pub concurrency: Option<Arc<Semaphore>>,
+    /// Shared by the stage's instances on every worker.
+    pub breaker: Option<Arc<Breaker>>,
+    /// What happens to rows while the breaker is open.
+    pub fallback: Fallback,
 }
 
 impl Default for FailurePolicy {
@@ -61,6 +66,8 @@ impl Default for FailurePolicy {
             bisect_on_error: false,
             timeout: None,
             concurrency: None,
+            breaker: None,
+            fallback: Fallback::DeadLetter,
         }
     }
 }
@@ -126,8 +133,43 @@ pub async fn run_stage(
             tracing::debug!(stage = %ctx.stage, attempt = work.attempts + 1, ?delay, "retrying");
             tokio::time::sleep(delay).await;
         }
+        if let Some(breaker) = &policy.breaker
+            && let Permit::Rejected(wait) = breaker.permit(stats)
+        {
+            if policy.fallback == Fallback::Pause {
+                tokio::time::sleep(wait.min(Duration::from_millis(500))).await;
+                // Not an attempt: the call was never made.
+                let retry_now = Work {
+                    attempts: 0,
+                    ..work
+                };
+                queue.push_front(retry_now);
+                continue;
+            }
+            let reason = match &work.last_error {
+                Some((_, e)) => format!("circuit breaker open (last error: {e})"),
+                None => "circuit breaker open: recent calls failed too often".to_string(),
+            };
+            if let Some(out) = fall_back(
+                ctx,
+                policy,
+                output_schema,
+                &work,
+                &reason,
+                env,
+                dead_letters,
+                stats,
+            )? {
+                outputs.push(out);
+            }
+            continue;
+        }
         work.attempts += 1;
         let called = call(stage, ctx, policy, &work.batch, stats).await;
+        if let Some(breaker) = &policy.breaker {
+            let failed = matches!(&called, Err(e) if e.class() == ErrorClass::Transient);
+            breaker.record(failed, stats);
+        }
         match called {
             Ok(StageOutput { batch, failed }) => {
                 if batch.num_rows() > 0 {
@@ -256,6 +298,98 @@ pub async fn run_stage(
         _ => concat_batches(output_schema, &outputs)
             .map_err(|e| Error::arrow("joining a stage's outputs", e)),
     }
+}
+
+/// Applies the fallback to rows the open breaker kept from the stage: dead letters, skipped
+/// rows, or rows with default values (returned).
+#[allow(clippy::too_many_arguments)]
+fn fall_back(
+    ctx: &StageContext,
+    policy: &FailurePolicy,
+    output_schema: &SchemaRef,
+    work: &Work,
+    reason: &str,
+    env: &mut Envelope,
+    dead_letters: bool,
+    stats: &StageStats,
+) -> Result<Option<RecordBatch>> {
+    let n = work.batch.num_rows();
+    match &policy.fallback {
+        Fallback::DeadLetter | Fallback::Pause => {
+            let rows: Vec<u32> = (0..n as u32).collect();
+            bury(
+                ctx,
+                env,
+                dead_letters,
+                &work.batch,
+                &rows,
+                ErrorClass::Transient,
+                reason,
+                work.attempts,
+                now_ms(),
+                stats,
+            )?;
+            Ok(None)
+        }
+        Fallback::Skip => {
+            RunStats::add(&stats.skipped, n as u64);
+            Ok(None)
+        }
+        Fallback::Default(values) => {
+            RunStats::add(&stats.defaulted, n as u64);
+            defaults(output_schema, &work.batch, values).map(Some)
+        }
+    }
+}
+
+/// Rows of `schema` from `input`: its columns where the names match, `values` (repeated)
+/// for the others, nulls for the rest.
+pub fn defaults(
+    schema: &SchemaRef,
+    input: &RecordBatch,
+    values: &serde_json::Map<String, serde_json::Value>,
+) -> Result<RecordBatch> {
+    let n = input.num_rows();
+    // One row of the default values, decoded by arrow-json into the output types.
+    let row = serde_json::to_vec(values).expect("JSON values serialize");
+    let one = crate::failure::decode_one(schema, &row)?;
+    let zeros = arrow::array::UInt32Array::from(vec![0u32; n]);
+    let columns = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, field)| match input.column_by_name(field.name()) {
+            Some(c) if c.data_type() == field.data_type() && !values.contains_key(field.name()) => {
+                Ok(c.clone())
+            }
+            _ => take(one.column(i), &zeros, None),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::arrow("filling default values", e))?;
+    RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| Error::arrow("filling default values", e))
+}
+
+/// One JSON object as a one-row batch of `schema` (missing fields null).
+pub fn decode_one(schema: &SchemaRef, row: &[u8]) -> Result<RecordBatch> {
+    // Required fields may be missing from the defaults: decode against a nullable copy.
+    let nullable = Arc::new(arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ));
+    let mut decoder = arrow::json::ReaderBuilder::new(nullable)
+        .build_decoder()
+        .map_err(|e| Error::arrow("reading default values", e))?;
+    decoder
+        .decode(row)
+        .map_err(|e| Error::arrow("reading default values", e))?;
+    decoder
+        .flush()
+        .map_err(|e| Error::arrow("reading default values", e))?
+        .ok_or_else(|| Error::Internal("no default row".into()))
 }
 
 /// One call of the stage, under the policy's bulkhead and timeout.

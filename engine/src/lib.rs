@@ -7,6 +7,7 @@
 //! reach the engine only through these traits.
 
 pub mod batch;
+pub mod breaker;
 pub mod checkpoint;
 pub mod config;
 pub mod dead_letter;

@@ -20,6 +20,13 @@ pub struct StageStats {
     pub bisections: AtomicU64,
     /// Rows sent to the dead-letter sink.
     pub dead_letters: AtomicU64,
+    /// Rows dropped by the `skip` fallback while the circuit was open.
+    pub skipped: AtomicU64,
+    /// Rows given default values by the `default` fallback.
+    pub defaulted: AtomicU64,
+    /// Times the stage's circuit breaker opened, and closed again.
+    pub breaker_opened: AtomicU64,
+    pub breaker_closed: AtomicU64,
     pub batches: AtomicU64,
     /// Time spent inside `process_batch`, summed over workers.
     pub busy_nanos: AtomicU64,

@@ -37,7 +37,7 @@ sink:
 ";
     assert_eq!(
         one_problem(yaml),
-        "stages[1].batch_sise: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, query (x.yaml:10:5)"
+        "stages[1].batch_sise: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, query (x.yaml:10:5)"
     );
 }
 
@@ -230,7 +230,7 @@ sink:
             "source.partitions: expected a whole number, found `many` (x.yaml:4:15)",
             "source.colour: unknown field, expected one of type, batch_size, batch_window, partitions, count, rate, users, titles, seed, start_time, interval, disorder (x.yaml:5:3)",
             "stages[0].query: missing required field (x.yaml:7:5)",
-            "stages[0].qeury: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, query (x.yaml:9:5)",
+            "stages[0].qeury: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, query (x.yaml:9:5)",
             "sink.path: missing required field (x.yaml:11:3)",
         ]
     );
@@ -246,4 +246,61 @@ async fn a_query_on_a_missing_column_points_at_the_query() {
     assert!(problems.starts_with("stages[0].query: "), "{problems}");
     assert!(problems.contains("user_idd"), "{problems}");
     assert!(problems.ends_with("(x.yaml:7:12)"), "{problems}");
+}
+
+#[test]
+fn failure_policies_are_read_and_checked() {
+    let yaml = "name: x
+source:
+  type: generator
+stages:
+  - name: score
+    type: sql
+    query: SELECT * FROM input
+    retry: { max_attempts: 5, initial_backoff: 50ms, max_backoff: 2s, max_elapsed: 1m }
+    bisect_on_error: true
+    max_record_age: 1h
+    timeout: 3s
+    concurrency: 4
+    circuit_breaker: { failure_ratio: 0.25, min_calls: 20, window: 30s, open_for: 10s, half_open_calls: 2 }
+    fallback: default
+    fallback_values: { user_id: 0 }
+sink:
+  type: stdout
+dead_letter:
+  type: file
+  path: out/dlq
+";
+    let config = parse(yaml, &[]).unwrap();
+    let p = &config.stages[0].policy;
+    assert_eq!(p.max_attempts, 5);
+    assert_eq!(p.initial_backoff, std::time::Duration::from_millis(50));
+    assert_eq!(p.max_elapsed, Some(std::time::Duration::from_secs(60)));
+    assert!(p.bisect_on_error);
+    assert_eq!(p.timeout, Some(std::time::Duration::from_secs(3)));
+    assert!(p.breaker.is_some() && p.concurrency.is_some());
+    assert!(matches!(
+        p.fallback,
+        sluice_engine::breaker::Fallback::Default(_)
+    ));
+
+    let yaml = "name: x
+source:
+  type: generator
+stages:
+  - name: score
+    type: sql
+    query: SELECT * FROM input
+    retry: { max_attempts: 0 }
+    fallback: skip
+sink:
+  type: stdout
+";
+    assert_eq!(
+        problems(yaml),
+        [
+            "stages[0].retry: max_attempts must be at least 1 (1: no retries) (x.yaml:8:12)",
+            "stages[0].fallback: a fallback applies while the circuit is open: add `circuit_breaker` (x.yaml:9:15)",
+        ]
+    );
 }
