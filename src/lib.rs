@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod dlq;
+pub mod metrics;
 pub mod plan;
 pub mod status;
 pub mod testing;

@@ -32,6 +32,9 @@ enum Command {
         /// No status line and no summary.
         #[arg(long, short)]
         quiet: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9898).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Check pipeline files and print every problem.
     Validate {
@@ -135,7 +138,8 @@ fn main() -> ExitCode {
                 file,
                 workers,
                 quiet,
-            } => run(file, workers, quiet).await,
+                metrics_addr,
+            } => run(file, workers, quiet, metrics_addr).await,
             Command::Validate { files } => validate(files).await,
             Command::Test { files } => test(files).await,
             Command::Dlq { command } => dlq(command).await,
@@ -228,7 +232,12 @@ async fn dlq(command: DlqCommand) -> u8 {
     }
 }
 
-async fn run(file: PathBuf, workers: Option<usize>, quiet: bool) -> u8 {
+async fn run(
+    file: PathBuf,
+    workers: Option<usize>,
+    quiet: bool,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> u8 {
     let config = match config::load(&file) {
         Ok(c) => c,
         Err(problems) => {
@@ -247,6 +256,23 @@ async fn run(file: PathBuf, workers: Option<usize>, quiet: bool) -> u8 {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let status_done = CancellationToken::new();
+    if let Some(addr) = metrics_addr {
+        let breakers = pipeline
+            .stages
+            .iter()
+            .map(|s| s.policy.breaker.clone())
+            .collect();
+        if let Err(e) = sluice::metrics::serve(
+            addr,
+            &config.name,
+            stats.clone(),
+            breakers,
+            status_done.clone(),
+        ) {
+            eprintln!("error: {e}");
+            return FAILED;
+        }
+    }
     let status_line = if quiet {
         None
     } else {

@@ -25,6 +25,13 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    pub const ALL: [ErrorClass; 4] = [
+        ErrorClass::Decode,
+        ErrorClass::Permanent,
+        ErrorClass::Transient,
+        ErrorClass::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Decode => "decode",

@@ -488,6 +488,7 @@ fn bury(
     stats: &StageStats,
 ) -> Result<()> {
     RunStats::add(&stats.rows_failed, rows.len() as u64);
+    RunStats::add(&stats.failed_by_class[class as usize], rows.len() as u64);
     if !dead_letters {
         let first = rows[0] as usize;
         let origin = match batch::offset_at(batch, first) {

@@ -24,6 +24,8 @@ pub struct StageStats {
     pub skipped: AtomicU64,
     /// Rows given default values by the `default` fallback.
     pub defaulted: AtomicU64,
+    /// Rows that failed for good, by [`crate::ErrorClass`] (in the order of `ErrorClass::ALL`).
+    pub failed_by_class: [AtomicU64; 4],
     /// Times the stage's circuit breaker opened, and closed again.
     pub breaker_opened: AtomicU64,
     pub breaker_closed: AtomicU64,

@@ -150,3 +150,59 @@ fn functions_are_listed() {
         "{stdout}"
     );
 }
+
+/// `--metrics-addr` serves Prometheus text while the pipeline runs.
+#[test]
+fn run_serves_prometheus_metrics() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.yaml");
+    std::fs::write(
+        &file,
+        "name: m
+source: { type: generator, partitions: 2, count: 12000, rate: 4000 }
+stages:
+  - name: s
+    type: sql
+    query: SELECT user_id FROM input
+    circuit_breaker: { min_calls: 5 }
+sink: { type: null }
+",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "-q", "--metrics-addr", &addr, file.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let body = loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(std::time::Instant::now() < deadline, "no metrics served");
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+            continue;
+        };
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        if text.contains("sluice_records_in_total") {
+            break text;
+        }
+    };
+    assert!(child.wait().unwrap().success());
+    for want in [
+        "sluice_records_in_total{pipeline=\"m\"}",
+        "sluice_stage_rows_in_total{pipeline=\"m\",stage=\"s\"}",
+        "sluice_stage_failures_total{pipeline=\"m\",stage=\"s\",class=\"transient\"} 0",
+        "sluice_breaker_transitions_total{pipeline=\"m\",stage=\"s\",to=\"open\"} 0",
+        "sluice_breaker_state{pipeline=\"m\",stage=\"s\"} 0",
+    ] {
+        assert!(body.contains(want), "{want} in:\n{body}");
+    }
+}

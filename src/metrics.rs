@@ -1,0 +1,98 @@
+//! Prometheus metrics of a running pipeline (`sluice run --metrics-addr 127.0.0.1:9898`).
+//!
+//! The engine counts in plain atomics ([`RunStats`]); once a second those are copied into
+//! the `metrics` registry, which the Prometheus exporter serves at `/metrics`:
+//!
+//! | metric | labels |
+//! |---|---|
+//! | `sluice_records_in_total`, `sluice_records_out_total` | pipeline |
+//! | `sluice_dead_letters_total` | pipeline |
+//! | `sluice_checkpoints_total` | pipeline |
+//! | `sluice_stage_rows_in_total`, `sluice_stage_rows_out_total` | pipeline, stage |
+//! | `sluice_stage_failures_total` (rows failed for good) | pipeline, stage, class |
+//! | `sluice_stage_retries_total` (rows called again) | pipeline, stage |
+//! | `sluice_stage_bisections_total`, `sluice_stage_skipped_total`, `sluice_stage_defaulted_total` | pipeline, stage |
+//! | `sluice_breaker_transitions_total` | pipeline, stage, to (open, closed) |
+//! | `sluice_breaker_state` (0 closed, 1 open, 2 half-open) | pipeline, stage |
+//!
+//! Records that did not decode count as failures of the stage `source`, class `decode`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use sluice_engine::ErrorClass;
+use sluice_engine::breaker::{Breaker, State};
+use sluice_engine::dead_letter::SOURCE_STAGE;
+use sluice_engine::stats::RunStats;
+use tokio_util::sync::CancellationToken;
+
+/// Serves `/metrics` on `addr` and keeps it current until `done`.
+pub fn serve(
+    addr: SocketAddr,
+    pipeline: &str,
+    stats: Arc<RunStats>,
+    breakers: Vec<Option<Arc<Breaker>>>,
+    done: CancellationToken,
+) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+    let pipeline = pipeline.to_string();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => publish(&pipeline, &stats, &breakers),
+                () = done.cancelled() => {
+                    publish(&pipeline, &stats, &breakers);
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) {
+    let p = pipeline.to_string();
+    let get = RunStats::get;
+    counter!("sluice_records_in_total", "pipeline" => p.clone()).absolute(get(&stats.records_in));
+    counter!("sluice_records_out_total", "pipeline" => p.clone()).absolute(get(&stats.records_out));
+    counter!("sluice_dead_letters_total", "pipeline" => p.clone())
+        .absolute(get(&stats.records_dead_lettered));
+    counter!("sluice_checkpoints_total", "pipeline" => p.clone()).absolute(get(&stats.checkpoints));
+    let mut stage_dead = 0;
+    for (i, s) in stats.stages.iter().enumerate() {
+        let stage = s.name.to_string();
+        let labels = [("pipeline", p.clone()), ("stage", stage.clone())];
+        counter!("sluice_stage_rows_in_total", &labels).absolute(get(&s.rows_in));
+        counter!("sluice_stage_rows_out_total", &labels).absolute(get(&s.rows_out));
+        counter!("sluice_stage_retries_total", &labels).absolute(get(&s.retries));
+        counter!("sluice_stage_bisections_total", &labels).absolute(get(&s.bisections));
+        counter!("sluice_stage_skipped_total", &labels).absolute(get(&s.skipped));
+        counter!("sluice_stage_defaulted_total", &labels).absolute(get(&s.defaulted));
+        for class in ErrorClass::ALL {
+            counter!("sluice_stage_failures_total", "pipeline" => p.clone(), "stage" => stage.clone(), "class" => class.as_str())
+                .absolute(get(&s.failed_by_class[class as usize]));
+        }
+        stage_dead += get(&s.dead_letters);
+        counter!("sluice_breaker_transitions_total", "pipeline" => p.clone(), "stage" => stage.clone(), "to" => "open")
+            .absolute(get(&s.breaker_opened));
+        counter!("sluice_breaker_transitions_total", "pipeline" => p.clone(), "stage" => stage.clone(), "to" => "closed")
+            .absolute(get(&s.breaker_closed));
+        if let Some(Some(b)) = breakers.get(i) {
+            let state = match b.state() {
+                State::Closed => 0.0,
+                State::Open => 1.0,
+                State::HalfOpen => 2.0,
+            };
+            gauge!("sluice_breaker_state", &labels).set(state);
+        }
+    }
+    counter!("sluice_stage_failures_total", "pipeline" => p, "stage" => SOURCE_STAGE, "class" => ErrorClass::Decode.as_str())
+        .absolute(get(&stats.records_dead_lettered).saturating_sub(stage_dead));
+}
