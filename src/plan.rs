@@ -33,9 +33,8 @@ pub fn open_source(
 ) -> Option<Box<dyn Source>> {
     let opened: sluice_engine::Result<Box<dyn Source>> = match &config.kind {
         SourceKind::Generator(g) => GeneratorSource::new(g.clone()).map(|s| Box::new(s) as _),
-        SourceKind::File(f) => {
-            FileSource::open(f.clone(), config.batching.size).map(|s| Box::new(s) as _)
-        }
+        SourceKind::File(f) => FileSource::open(f.clone(), config.batching.size)
+            .map(|s| Box::new(s.with_dead_letters(dead_letters)) as _),
         SourceKind::Kafka(k) => KafkaSource::new(k.clone(), config.batching.size, dead_letters)
             .map(|s| Box::new(s) as _),
     };

@@ -148,11 +148,24 @@ pub fn append_metadata(
     timestamp: Option<ArrayRef>,
 ) -> Result<RecordBatch> {
     let n = records.num_rows();
+    let offsets = Int64Array::from_iter_values(first_offset..first_offset + n as i64);
+    append_metadata_at(schema, records, partition, offsets, key, timestamp)
+}
+
+/// Like [`append_metadata`], with each row's offset given (when some records of a range
+/// were left out).
+pub fn append_metadata_at(
+    schema: &SchemaRef,
+    records: RecordBatch,
+    partition: u32,
+    offsets: Int64Array,
+    key: Option<ArrayRef>,
+    timestamp: Option<ArrayRef>,
+) -> Result<RecordBatch> {
+    let n = records.num_rows();
     let mut columns = records.columns().to_vec();
     columns.push(Arc::new(UInt32Array::from_value(partition, n)));
-    columns.push(Arc::new(Int64Array::from_iter_values(
-        first_offset..first_offset + n as i64,
-    )));
+    columns.push(Arc::new(offsets));
     columns.push(key.unwrap_or_else(|| new_null_array(&DataType::Utf8, n)));
     columns.push(timestamp.unwrap_or_else(|| new_null_array(&timestamp_type(), n)));
     // Metadata some sources add (`_topic`, `_headers`): null where a record has none.

@@ -882,3 +882,66 @@ async fn a_failing_remote_function_opens_the_breaker_and_it_closes_after_recover
         );
     }
 }
+
+/// JSON lines files: lines that do not decode go to the dead letters with their line
+/// number and bytes; the rest keep their own offsets.
+#[tokio::test]
+async fn bad_lines_of_a_file_are_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut text = Vec::new();
+    for i in 0..1000 {
+        match i % 10 {
+            3 => text.extend_from_slice(format!("{{\"n\": \"three-{i}\"}}\n").as_bytes()),
+            7 => text.extend_from_slice(b"\xff\xfe not json\n"),
+            _ => text.extend_from_slice(format!("{{\"n\": {i}}}\n").as_bytes()),
+        }
+    }
+    std::fs::write(&input, &text).unwrap();
+    let (out, dlq) = (dir.path().join("out"), dir.path().join("dlq"));
+    let yaml = format!(
+        "name: lines
+source:
+  type: file
+  path: {}
+  batch_size: 64
+  schema: [{{ name: n, type: int64 }}]
+sink:
+  type: file
+  path: {}
+  metadata_columns: [_offset]
+dead_letter:
+  type: file
+  path: {}
+checkpoint:
+  dir: {}
+  interval: 1h
+",
+        input.display(),
+        out.display(),
+        dlq.display(),
+        dir.path().join("ckpt").display()
+    );
+    let (stats, _) = crate::run_yaml(&yaml, &[]).await.unwrap();
+    assert_eq!(RunStats::get(&stats.records_out), 800);
+    assert_eq!(RunStats::get(&stats.records_dead_lettered), 200);
+    for row in crate::read_lines(&out) {
+        let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(v["n"], v["_offset"], "each good row keeps its own offset");
+    }
+    let letters: Vec<serde_json::Value> = crate::read_lines(&dlq)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 200);
+    let l = letters.iter().find(|l| l["offset"] == 13).unwrap();
+    assert_eq!(l["payload"], r#"{"n": "three-13"}"#);
+    assert!(l["error"].as_str().unwrap().starts_with("line 14: "), "{l}");
+    let l = letters.iter().find(|l| l["offset"] == 17).unwrap();
+    assert_eq!(l["payload_base64"], "//4gbm90IGpzb24=");
+
+    // Run again: the checkpoint covers every line, good and bad.
+    let (stats, _) = crate::run_yaml(&yaml, &[]).await.unwrap();
+    assert_eq!(RunStats::get(&stats.records_out), 0);
+    assert_eq!(RunStats::get(&stats.records_dead_lettered), 0);
+}

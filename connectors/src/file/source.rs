@@ -21,8 +21,9 @@ use async_trait::async_trait;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
+use sluice_engine::dead_letter::{DeadLetter, SOURCE_STAGE};
 use sluice_engine::source::{Assignment, PartitionReader, Source};
-use sluice_engine::{Error, Result};
+use sluice_engine::{Error, ErrorClass, Result};
 
 use super::{FileFormat, FileSourceConfig};
 
@@ -37,6 +38,7 @@ pub struct FileSource {
     batch_size: usize,
     next: usize,
     start: Arc<Checkpoint>,
+    dead_letters: bool,
 }
 
 impl FileSource {
@@ -82,7 +84,15 @@ impl FileSource {
             batch_size: batch_size.max(1),
             next: 0,
             start: Arc::default(),
+            dead_letters: false,
         })
+    }
+
+    /// JSON lines records that do not decode become dead letters instead of stopping the
+    /// run (CSV and Parquet files still stop at a bad record).
+    pub fn with_dead_letters(mut self, dead_letters: bool) -> Self {
+        self.dead_letters = dead_letters;
+        self
     }
 
     fn reader(&self, index: usize) -> Result<Box<dyn PartitionReader>> {
@@ -109,6 +119,9 @@ impl FileSource {
                 starts: Vec::new(),
                 lines: Vec::new(),
                 max_record: self.config.max_record_size.0 as usize,
+                lenient: self
+                    .dead_letters
+                    .then(|| crate::json::JsonDecoder::new(self.records.clone())),
             }),
             FileFormat::Csv => Box::new(CsvReader {
                 decoder: csv_builder(self.records.clone(), &self.config)
@@ -273,6 +286,8 @@ struct JsonlReader {
     starts: Vec<usize>,
     lines: Vec<u64>,
     max_record: usize,
+    /// With a dead-letter sink: decodes record by record when a batch fails.
+    lenient: Option<crate::json::JsonDecoder>,
 }
 
 impl JsonlReader {
@@ -343,6 +358,7 @@ impl PartitionReader for JsonlReader {
         }
         match crate::json::decode_records(&self.common.records, &self.buf, &self.starts) {
             Ok(records) => self.common.envelope(records).map(Some),
+            Err(_) if self.lenient.is_some() => self.keeping_bad().map(Some),
             Err(e) => {
                 let first = self.common.next_offset;
                 let at = match e.index {
@@ -352,6 +368,76 @@ impl PartitionReader for JsonlReader {
                 Err(self.common.bad(at, e.reason))
             }
         }
+    }
+}
+
+impl JsonlReader {
+    /// The batch's records that decode, with their own offsets; the others as dead letters
+    /// with their line as it was.
+    fn keeping_bad(&mut self) -> Result<Envelope> {
+        let n = self.starts.len();
+        let first = self.common.next_offset;
+        let slices: Vec<&[u8]> = (0..n)
+            .map(|i| {
+                let end = self.starts.get(i + 1).copied().unwrap_or(self.buf.len());
+                &self.buf[self.starts[i]..end]
+            })
+            .collect();
+        let decoder = self.lenient.as_mut().expect("lenient decoder");
+        let (records, bad) = decoder.decode_each(&slices);
+        let records = records
+            .map_err(|e| Error::Internal(format!("records that decoded alone: {}", e.reason)))?;
+        let skip = self.common.skip;
+        let now = sluice_engine::dead_letter::now_ms();
+        let mut dead = Vec::with_capacity(bad.len());
+        let mut good_offsets = Vec::with_capacity(records.num_rows());
+        let mut b = bad.iter().peekable();
+        for i in 0..n {
+            let offset = first + i as i64;
+            if let Some((_, reason)) = b.next_if(|(j, _)| *j == i) {
+                if offset >= skip {
+                    let line = slices[i]
+                        .strip_suffix(
+                            b"
+",
+                        )
+                        .unwrap_or(slices[i]);
+                    dead.push(DeadLetter {
+                        stage: SOURCE_STAGE.into(),
+                        class: ErrorClass::Decode,
+                        reason: format!("line {}: {reason}", self.lines[i]),
+                        attempts: 1,
+                        partition: self.common.info.clone(),
+                        offset: Some(offset),
+                        key: None,
+                        first_failed_at: now,
+                        last_failed_at: now,
+                        payload: line.to_vec(),
+                    });
+                }
+            } else {
+                good_offsets.push(offset);
+            }
+        }
+        // Records an earlier run processed are dropped, good and bad alike.
+        let keep_from = good_offsets.iter().take_while(|o| **o < skip).count();
+        let records = records.slice(keep_from, records.num_rows() - keep_from);
+        let offsets = arrow::array::Int64Array::from(good_offsets[keep_from..].to_vec());
+        let batch = batch::append_metadata_at(
+            &self.common.schema,
+            records,
+            self.common.info.id,
+            offsets,
+            None,
+            None,
+        )?;
+        self.common.next_offset = first + n as i64;
+        Ok(Envelope {
+            partition: self.common.info.clone(),
+            offsets: first.max(skip.min(first + n as i64))..first + n as i64,
+            batch,
+            dead,
+        })
     }
 }
 
