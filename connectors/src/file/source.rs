@@ -392,16 +392,11 @@ impl JsonlReader {
         let mut dead = Vec::with_capacity(bad.len());
         let mut good_offsets = Vec::with_capacity(records.num_rows());
         let mut b = bad.iter().peekable();
-        for i in 0..n {
+        for (i, slice) in slices.iter().enumerate() {
             let offset = first + i as i64;
             if let Some((_, reason)) = b.next_if(|(j, _)| *j == i) {
                 if offset >= skip {
-                    let line = slices[i]
-                        .strip_suffix(
-                            b"
-",
-                        )
-                        .unwrap_or(slices[i]);
+                    let line = slice.strip_suffix(b"\n").unwrap_or(slice);
                     dead.push(DeadLetter {
                         stage: SOURCE_STAGE.into(),
                         class: ErrorClass::Decode,
