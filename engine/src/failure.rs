@@ -118,6 +118,12 @@ pub async fn run_stage(
     stats: &StageStats,
 ) -> Result<RecordBatch> {
     let Outcome { env, dead_letters } = outcome;
+    let mut grave = Grave {
+        ctx,
+        env,
+        dead_letters,
+        stats,
+    };
     RunStats::add(&stats.rows_in, input.num_rows() as u64);
     let mut outputs = Vec::new();
     let mut queue = VecDeque::from([Work {
@@ -150,16 +156,7 @@ pub async fn run_stage(
                 Some((_, e)) => format!("circuit breaker open (last error: {e})"),
                 None => "circuit breaker open: recent calls failed too often".to_string(),
             };
-            if let Some(out) = fall_back(
-                ctx,
-                policy,
-                output_schema,
-                &work,
-                &reason,
-                env,
-                dead_letters,
-                stats,
-            )? {
+            if let Some(out) = fall_back(&mut grave, policy, output_schema, &work, &reason)? {
                 outputs.push(out);
             }
             continue;
@@ -192,17 +189,13 @@ pub async fn run_stage(
                 }
                 for (row, class, reason) in dead {
                     let reason = with_age(policy, &work.batch, row, reason);
-                    bury(
-                        ctx,
-                        env,
-                        dead_letters,
+                    grave.bury(
                         &work.batch,
                         &[row as u32],
                         class,
                         &reason,
                         work.attempts,
                         failure_time.1,
-                        stats,
                     )?;
                 }
                 if !retry.is_empty() {
@@ -227,17 +220,13 @@ pub async fn run_stage(
                         (0..n as u32).partition(|&r| too_old(policy, &work.batch, r as usize));
                     if !old.is_empty() {
                         let why = with_age(policy, &work.batch, old[0] as usize, reason.clone());
-                        bury(
-                            ctx,
-                            env,
-                            dead_letters,
+                        grave.bury(
                             &work.batch,
                             &old,
                             class,
                             &why,
                             work.attempts,
                             failure_time.1,
-                            stats,
                         )?;
                     }
                     if !young.is_empty() {
@@ -276,17 +265,13 @@ pub async fn run_stage(
                         }
                         _ => reason,
                     };
-                    bury(
-                        ctx,
-                        env,
-                        dead_letters,
+                    grave.bury(
                         &work.batch,
                         &rows,
                         class,
                         &reason,
                         work.attempts,
                         failure_time.1,
-                        stats,
                     )?;
                 }
             }
@@ -302,32 +287,25 @@ pub async fn run_stage(
 
 /// Applies the fallback to rows the open breaker kept from the stage: dead letters, skipped
 /// rows, or rows with default values (returned).
-#[allow(clippy::too_many_arguments)]
 fn fall_back(
-    ctx: &StageContext,
+    grave: &mut Grave<'_>,
     policy: &FailurePolicy,
     output_schema: &SchemaRef,
     work: &Work,
     reason: &str,
-    env: &mut Envelope,
-    dead_letters: bool,
-    stats: &StageStats,
 ) -> Result<Option<RecordBatch>> {
+    let stats = grave.stats;
     let n = work.batch.num_rows();
     match &policy.fallback {
         Fallback::DeadLetter | Fallback::Pause => {
             let rows: Vec<u32> = (0..n as u32).collect();
-            bury(
-                ctx,
-                env,
-                dead_letters,
+            grave.bury(
                 &work.batch,
                 &rows,
                 ErrorClass::Transient,
                 reason,
                 work.attempts,
                 now_ms(),
-                stats,
             )?;
             Ok(None)
         }
@@ -472,69 +450,82 @@ fn take_rows(batch: &RecordBatch, rows: &[u32]) -> Result<RecordBatch> {
         .map_err(|e| Error::arrow("selecting rows to retry", e))
 }
 
-/// Makes dead letters of `rows` of `batch`, or, without a dead-letter sink, the error that
-/// stops the pipeline.
-#[allow(clippy::too_many_arguments)]
-fn bury(
-    ctx: &StageContext,
-    env: &mut Envelope,
+/// Where a stage's failed rows go: the envelope's dead letters, or (without a dead-letter
+/// sink) the error that stops the pipeline.
+struct Grave<'a> {
+    ctx: &'a StageContext,
+    env: &'a mut Envelope,
     dead_letters: bool,
-    batch: &RecordBatch,
-    rows: &[u32],
-    class: ErrorClass,
-    reason: &str,
-    attempts: u32,
-    first_failed_at: i64,
-    stats: &StageStats,
-) -> Result<()> {
-    RunStats::add(&stats.rows_failed, rows.len() as u64);
-    RunStats::add(&stats.failed_by_class[class as usize], rows.len() as u64);
-    if !dead_letters {
-        let first = rows[0] as usize;
-        let origin = match batch::offset_at(batch, first) {
-            Some(o) => format!("{} offset {o}", env.partition.name),
-            None => env.origin(),
+    stats: &'a StageStats,
+}
+
+impl Grave<'_> {
+    /// Makes dead letters of `rows` of `batch`.
+    fn bury(
+        &mut self,
+        batch: &RecordBatch,
+        rows: &[u32],
+        class: ErrorClass,
+        reason: &str,
+        attempts: u32,
+        first_failed_at: i64,
+    ) -> Result<()> {
+        let Grave {
+            ctx,
+            env,
+            dead_letters,
+            stats,
+        } = self;
+        let (ctx, dead_letters, stats) = (*ctx, *dead_letters, *stats);
+        RunStats::add(&stats.rows_failed, rows.len() as u64);
+        RunStats::add(&stats.failed_by_class[class as usize], rows.len() as u64);
+        if !dead_letters {
+            let first = rows[0] as usize;
+            let origin = match batch::offset_at(batch, first) {
+                Some(o) => format!("{} offset {o}", env.partition.name),
+                None => env.origin(),
+            };
+            let more = match rows.len() {
+                1 => String::new(),
+                n => format!(" (and {} more rows of the batch)", n - 1),
+            };
+            return Err(Error::Stage {
+                stage: ctx.stage.to_string(),
+                origin,
+                class,
+                message: format!("{reason}{more}"),
+            });
+        }
+        let selected = if rows.len() == batch.num_rows() {
+            batch.clone()
+        } else {
+            take_rows(batch, rows)?
         };
-        let more = match rows.len() {
-            1 => String::new(),
-            n => format!(" (and {} more rows of the batch)", n - 1),
-        };
-        return Err(Error::Stage {
-            stage: ctx.stage.to_string(),
-            origin,
-            class,
-            message: format!("{reason}{more}"),
-        });
+        let payloads = row_json(&selected)?;
+        let keys = selected
+            .column_by_name(batch::KEY)
+            .and_then(|c| c.as_string_opt::<i32>().cloned());
+        let now = now_ms();
+        for (i, payload) in payloads.into_iter().enumerate() {
+            env.dead.push(DeadLetter {
+                stage: ctx.stage.clone(),
+                class,
+                reason: reason.to_string(),
+                attempts,
+                partition: env.partition.clone(),
+                offset: batch::offset_at(&selected, i),
+                key: keys
+                    .as_ref()
+                    .filter(|k| k.is_valid(i))
+                    .map(|k| k.value(i).to_string()),
+                first_failed_at: first_failed_at.min(now),
+                last_failed_at: now,
+                payload,
+            });
+        }
+        RunStats::add(&stats.dead_letters, rows.len() as u64);
+        Ok(())
     }
-    let selected = if rows.len() == batch.num_rows() {
-        batch.clone()
-    } else {
-        take_rows(batch, rows)?
-    };
-    let payloads = row_json(&selected)?;
-    let keys = selected
-        .column_by_name(batch::KEY)
-        .and_then(|c| c.as_string_opt::<i32>().cloned());
-    let now = now_ms();
-    for (i, payload) in payloads.into_iter().enumerate() {
-        env.dead.push(DeadLetter {
-            stage: ctx.stage.clone(),
-            class,
-            reason: reason.to_string(),
-            attempts,
-            partition: env.partition.clone(),
-            offset: batch::offset_at(&selected, i),
-            key: keys
-                .as_ref()
-                .filter(|k| k.is_valid(i))
-                .map(|k| k.value(i).to_string()),
-            first_failed_at: first_failed_at.min(now),
-            last_failed_at: now,
-            payload,
-        });
-    }
-    RunStats::add(&stats.dead_letters, rows.len() as u64);
-    Ok(())
 }
 
 /// Each row as a JSON object (record and metadata columns), for dead letters.

@@ -22,15 +22,15 @@ use sluice_engine::stats::RunStats;
 use sluice_engine::{Error, ErrorClass};
 use tokio_util::sync::CancellationToken;
 
-fn generator(partitions: u32, count: u64, start_time: Option<String>) -> GeneratorSource {
+fn generator(partitions: u32, count: u64, rate: Option<f64>) -> GeneratorSource {
     GeneratorSource::new(GeneratorConfig {
         partitions,
         count: Some(count),
-        rate: None,
+        rate,
         users: 1000,
         titles: 100,
         seed: 3,
-        start_time,
+        start_time: None,
         interval: None,
         disorder: None,
     })
@@ -436,18 +436,7 @@ async fn an_unavailable_dead_letter_sink_pauses_the_pipeline_and_loses_nothing()
     let mock = MockCluster::new(3).unwrap();
     mock.create_topic("dlq", 2, 3).unwrap();
     let bootstrap = mock.bootstrap_servers();
-    let source = GeneratorSource::new(GeneratorConfig {
-        partitions: 2,
-        count: Some(N),
-        rate: Some(5_000.0),
-        users: 1000,
-        titles: 100,
-        seed: 3,
-        start_time: None,
-        interval: None,
-        disorder: None,
-    })
-    .unwrap();
+    let source = generator(2, N, Some(5_000.0));
     // Every 10th record fails for good.
     let picky = stage(&source, "picky", fast_retries(1), |batch, _| {
         let failed = offsets(batch)
@@ -703,18 +692,7 @@ async fn a_failing_remote_function_opens_the_breaker_and_it_closes_after_recover
     ] {
         const N: u64 = 12_000;
         let server = ScoringServer::start().await;
-        let source = GeneratorSource::new(GeneratorConfig {
-            partitions: 2,
-            count: Some(N),
-            rate: Some(4_000.0),
-            users: 1000,
-            titles: 100,
-            seed: 3,
-            start_time: None,
-            interval: None,
-            disorder: None,
-        })
-        .unwrap();
+        let source = generator(2, N, Some(4_000.0));
         let input = {
             use sluice_engine::source::Source;
             source.schema()
