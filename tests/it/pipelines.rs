@@ -268,6 +268,11 @@ fn docker_compose_runs_pipelines_that_validate() {
         if let sluice::config::SinkKind::Kafka(k) = &config.sink.kind {
             topics.push(k.topic.clone());
         }
+        if let Some(sluice::config::SinkKind::Kafka(k)) =
+            config.dead_letter.as_ref().map(|d| &d.kind)
+        {
+            topics.push(k.topic.clone());
+        }
         assert!(!topics.is_empty(), "{name} uses Kafka");
         for topic in topics {
             assert!(
