@@ -156,6 +156,8 @@ struct PartitionHandle {
     route: watch::Sender<Route>,
     stop: CancellationToken,
     drained: Option<oneshot::Sender<()>>,
+    /// The reader task, to tell this handle from an earlier one of the same partition.
+    task: tokio::task::Id,
 }
 
 /// How often checkpoints are taken when a source needs them and the pipeline sets none.
@@ -242,7 +244,7 @@ pub async fn run(
     }
     drop(sink_tx);
 
-    let mut readers: JoinSet<Result<()>> = JoinSet::new();
+    let mut readers: JoinSet<Result<mpsc::Sender<WorkerMsg>>> = JoinSet::new();
     let mut reader_tasks: HashMap<tokio::task::Id, u32> = HashMap::new();
     let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
     let mut load = vec![0usize; worker_count];
@@ -274,7 +276,12 @@ pub async fn run(
                     let part_stop = stop.child_token();
                     let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
                     reader_tasks.insert(task.id(), id);
-                    partitions.insert(id, PartitionHandle { info, worker, route, stop: part_stop, drained: None });
+                    // A partition assigned again while its old reader still drains: the old
+                    // handle goes (its task is no longer mapped to it).
+                    if let Some(old) = partitions.insert(id, PartitionHandle { info, worker, route, stop: part_stop, drained: None, task: task.id() }) {
+                        old.stop.cancel();
+                        load[old.worker] -= 1;
+                    }
                 }
                 Ok(Some(Assignment::Revoke { partition, drained })) => {
                     if let Some(p) = partitions.get_mut(&partition) {
@@ -295,18 +302,29 @@ pub async fn run(
                     Ok((task, result)) => (task, result),
                     Err(e) => (e.id(), Err(Error::Internal(format!("a reader task panicked: {e}")))),
                 };
-                if let Some(p) = reader_tasks.remove(&task).and_then(|id| partitions.remove(&id)) {
-                    load[p.worker] -= 1;
-                    if let Some(done) = p.drained {
-                        // After the reader's last batch, through the worker it last used.
-                        let tx = p.route.borrow().tx.clone();
-                        let marker = WorkerMsg::Drain(Drained { partition: p.info, done });
-                        tokio::spawn(async move { tx.send(marker).await });
+                let handle = reader_tasks
+                    .remove(&task)
+                    .filter(|id| partitions.get(id).is_some_and(|p| p.task == task))
+                    .and_then(|id| partitions.remove(&id));
+                match (handle, result) {
+                    (Some(p), Ok(last)) => {
+                        load[p.worker] -= 1;
+                        if let Some(done) = p.drained {
+                            // After the reader's last batch, through the worker that has it.
+                            let marker = WorkerMsg::Drain(Drained { partition: p.info, done });
+                            tokio::spawn(async move { last.send(marker).await });
+                        }
                     }
-                }
-                if let Err(e) = result {
-                    record(e, &mut first_error);
-                    stop.cancel();
+                    (Some(p), Err(e)) => {
+                        load[p.worker] -= 1;
+                        record(e, &mut first_error);
+                        stop.cancel();
+                    }
+                    (None, Err(e)) => {
+                        record(e, &mut first_error);
+                        stop.cancel();
+                    }
+                    (None, Ok(_)) => {}
                 }
             }
             Some(joined) = workers.join_next() => {
@@ -476,7 +494,7 @@ async fn read_partition(
     mut route: watch::Receiver<Route>,
     stop: CancellationToken,
     stats: Arc<RunStats>,
-) -> Result<()> {
+) -> Result<mpsc::Sender<WorkerMsg>> {
     let info = reader.info().clone();
     {
         let mut batcher = Batcher::new(batching);
@@ -505,7 +523,9 @@ async fn read_partition(
                 break;
             }
         }
-        Ok(())
+        // The worker that holds this partition's last batch: a Drain marker must follow it
+        // there, even if a move was requested since.
+        Ok(current.tx)
     }
 }
 

@@ -97,6 +97,8 @@ struct Work {
     first_failure: Option<(Instant, i64)>,
     /// The last error, said for a person.
     last_error: Option<(ErrorClass, String)>,
+    /// Waited already (for an open circuit): no backoff before the next call.
+    waited: bool,
 }
 
 /// Where dead letters go: into the batch's envelope, or (without a dead-letter sink) an
@@ -131,9 +133,10 @@ pub async fn run_stage(
         attempts: 0,
         first_failure: None,
         last_error: None,
+        waited: false,
     }]);
     while let Some(mut work) = queue.pop_front() {
-        if work.attempts > 0 {
+        if work.attempts > 0 && !std::mem::take(&mut work.waited) {
             let delay = policy.backoff(work.attempts);
             RunStats::add(&stats.retries, work.batch.num_rows() as u64);
             tracing::debug!(stage = %ctx.stage, attempt = work.attempts + 1, ?delay, "retrying");
@@ -144,12 +147,11 @@ pub async fn run_stage(
         {
             if policy.fallback == Fallback::Pause {
                 tokio::time::sleep(wait.min(Duration::from_millis(500))).await;
-                // Not an attempt: the call was never made.
-                let retry_now = Work {
-                    attempts: 0,
+                // The call was never made: attempts stay as they were.
+                queue.push_front(Work {
+                    waited: true,
                     ..work
-                };
-                queue.push_front(retry_now);
+                });
                 continue;
             }
             let reason = match &work.last_error {
@@ -206,6 +208,7 @@ pub async fn run_stage(
                         attempts: work.attempts,
                         first_failure: Some(failure_time),
                         last_error: Some((class, reason)),
+                        waited: false,
                     });
                 }
             }
@@ -240,6 +243,7 @@ pub async fn run_stage(
                             attempts: work.attempts,
                             first_failure: Some(failure_time),
                             last_error: Some((class, reason)),
+                            waited: false,
                         });
                     }
                 } else if policy.bisect_on_error && n > 1 && class != ErrorClass::Transient {
@@ -255,6 +259,7 @@ pub async fn run_stage(
                             attempts: 0,
                             first_failure: Some(failure_time),
                             last_error: Some((class, reason.clone())),
+                            waited: false,
                         });
                     }
                 } else {

@@ -923,3 +923,45 @@ checkpoint:
     assert_eq!(RunStats::get(&stats.records_out), 0);
     assert_eq!(RunStats::get(&stats.records_dead_lettered), 0);
 }
+
+/// A line over max_record_size is a dead letter of its first bytes; the lines after it
+/// are read as usual.
+#[tokio::test]
+async fn an_oversized_line_is_dead_lettered_and_reading_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let long = format!("{{\"n\": 1, \"pad\": \"{}\"}}\n", "x".repeat(5000));
+    std::fs::write(&input, format!("{{\"n\": 0}}\n{long}{{\"n\": 2}}\n")).unwrap();
+    let (out, dlq) = (dir.path().join("out"), dir.path().join("dlq"));
+    let yaml = format!(
+        "name: long
+source:
+  type: file
+  path: {}
+  max_record_size: 1KiB
+  schema: [{{ name: n, type: int64 }}]
+sink: {{ type: file, path: {} }}
+dead_letter: {{ type: file, path: {} }}
+",
+        input.display(),
+        out.display(),
+        dlq.display()
+    );
+    let (stats, _) = crate::run_yaml(&yaml, &[]).await.unwrap();
+    assert_eq!(RunStats::get(&stats.records_out), 2);
+    let letters: Vec<serde_json::Value> = crate::read_lines(&dlq)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["offset"], 1);
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("larger than max_record_size (1KiB)"),
+        "{}",
+        letters[0]["error"]
+    );
+    assert!(letters[0]["payload"].as_str().unwrap().len() <= 1025);
+}

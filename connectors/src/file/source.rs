@@ -122,6 +122,7 @@ impl FileSource {
                 lenient: self
                     .dead_letters
                     .then(|| crate::json::JsonDecoder::new(self.records.clone())),
+                oversized: Vec::new(),
             }),
             FileFormat::Csv => Box::new(CsvReader {
                 decoder: csv_builder(self.records.clone(), &self.config)
@@ -288,6 +289,8 @@ struct JsonlReader {
     max_record: usize,
     /// With a dead-letter sink: decodes record by record when a batch fails.
     lenient: Option<crate::json::JsonDecoder>,
+    /// Records of the batch (by index) cut at max_record_size (with a dead-letter sink).
+    oversized: Vec<usize>,
 }
 
 impl JsonlReader {
@@ -308,6 +311,17 @@ impl JsonlReader {
                 None => (available.len(), false),
             };
             if self.buf.len() - start + take > self.max_record + 1 {
+                if self.lenient.is_some() {
+                    // A dead letter of its first max_record_size bytes; the rest is skipped.
+                    let room = (self.max_record + 1).saturating_sub(self.buf.len() - start);
+                    self.buf.extend_from_slice(&available[..room.min(take)]);
+                    self.file.consume(take);
+                    if !complete {
+                        self.skip_rest_of_line()?;
+                    }
+                    self.oversized.push(self.starts.len());
+                    return Ok(true);
+                }
                 let line = self.line + 1;
                 return Err(self.common.bad(
                     format!("line {line}"),
@@ -339,6 +353,7 @@ impl PartitionReader for JsonlReader {
         self.buf.clear();
         self.starts.clear();
         self.lines.clear();
+        self.oversized.clear();
         while self.starts.len() < max {
             let start = self.buf.len();
             if !self.next_line()? {
@@ -346,7 +361,8 @@ impl PartitionReader for JsonlReader {
                 break;
             }
             self.line += 1;
-            if self.buf[start..].iter().all(u8::is_ascii_whitespace) {
+            let cut = self.oversized.last() == Some(&self.starts.len());
+            if !cut && self.buf[start..].iter().all(u8::is_ascii_whitespace) {
                 self.buf.truncate(start);
                 continue;
             }
@@ -355,6 +371,9 @@ impl PartitionReader for JsonlReader {
         }
         if self.starts.is_empty() {
             return Ok(None);
+        }
+        if !self.oversized.is_empty() {
+            return self.keeping_bad().map(Some);
         }
         match crate::json::decode_records(&self.common.records, &self.buf, &self.starts) {
             Ok(records) => self.common.envelope(records).map(Some),
@@ -372,6 +391,30 @@ impl PartitionReader for JsonlReader {
 }
 
 impl JsonlReader {
+    /// Consumes the file up to and including the next newline.
+    fn skip_rest_of_line(&mut self) -> Result<()> {
+        loop {
+            let available = match self.file.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(&*self.common.info.name, e)),
+            };
+            if available.is_empty() {
+                return Ok(());
+            }
+            match available.iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    self.file.consume(i + 1);
+                    return Ok(());
+                }
+                None => {
+                    let n = available.len();
+                    self.file.consume(n);
+                }
+            }
+        }
+    }
+
     /// The batch's records that decode, with their own offsets; the others as dead letters
     /// with their line as it was.
     fn keeping_bad(&mut self) -> Result<Envelope> {
@@ -384,7 +427,27 @@ impl JsonlReader {
             })
             .collect();
         let decoder = self.lenient.as_mut().expect("lenient decoder");
-        let (records, bad) = decoder.decode_each(&slices);
+        // Records cut at max_record_size fail whatever their first bytes say.
+        let inputs: Vec<&[u8]> = slices
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if self.oversized.contains(&i) {
+                    &b""[..]
+                } else {
+                    *s
+                }
+            })
+            .collect();
+        let (records, mut bad) = decoder.decode_each(&inputs);
+        for (i, reason) in &mut bad {
+            if self.oversized.contains(i) {
+                *reason = format!(
+                    "the record is larger than max_record_size ({}); its first bytes are kept",
+                    sluice_engine::config::ByteSize(self.max_record as u64)
+                );
+            }
+        }
         let records = records
             .map_err(|e| Error::Internal(format!("records that decoded alone: {}", e.reason)))?;
         let skip = self.common.skip;

@@ -257,6 +257,8 @@ struct Partitions {
     /// Sluice partition ids, stable for the life of the process.
     ids: HashMap<(String, i32), u32>,
     live: HashMap<(String, i32), Arc<PartitionBuffer>>,
+    /// Revoked, being drained: still this member's to commit until released.
+    draining: std::collections::HashSet<(String, i32)>,
 }
 
 fn partition_name(topic: &str, partition: i32) -> String {
@@ -379,6 +381,12 @@ impl ConsumerContext for GroupContext {
                 };
                 if let Err(e) = assigned {
                     tracing::error!(error = %e, "kafka: assigning partitions failed");
+                }
+                // librdkafka keeps a pause across revoke and assign: a partition this member
+                // paused before it lost it would come back paused, with a fresh buffer that
+                // never asks for a resume.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "kafka: resuming assigned partitions failed");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -505,12 +513,11 @@ impl GroupContext {
         {
             let mut partitions = self.shared.partitions.lock().expect("partitions lock");
             for e in tpl.elements() {
-                let Some(buffer) = partitions
-                    .live
-                    .remove(&(e.topic().to_string(), e.partition()))
-                else {
+                let key = (e.topic().to_string(), e.partition());
+                let Some(buffer) = partitions.live.remove(&key) else {
                     continue;
                 };
+                partitions.draining.insert(key);
                 // The reader keeps its buffer until the engine stops it: what it has taken
                 // is processed; what is left is the next owner's to read.
                 let (done, drained) = oneshot::channel();
@@ -549,6 +556,12 @@ impl GroupContext {
             }
             tracing::info!(partition = %name, lost, "kafka partition revoked");
         }
+        let mut partitions = self.shared.partitions.lock().expect("partitions lock");
+        for e in tpl.elements() {
+            partitions
+                .draining
+                .remove(&(e.topic().to_string(), e.partition()));
+        }
     }
 }
 
@@ -563,9 +576,17 @@ impl CommitHook for GroupCommitter {
         let mut tpl = TopicPartitionList::new();
         {
             let mut known = self.shared.checkpointed.lock().expect("checkpointed lock");
+            let partitions = self.shared.partitions.lock().expect("partitions lock");
             for (name, offset) in &checkpoint.offsets {
                 known.insert(name.clone(), *offset);
-                if let Some((topic, partition)) = parse_name(name) {
+                // Only partitions this member owns: one released after a drain timed out
+                // may have moved on under its new owner.
+                let owned = |key: &(String, i32)| {
+                    partitions.live.contains_key(key) || partitions.draining.contains(key)
+                };
+                if let Some((topic, partition)) = parse_name(name)
+                    && owned(&(topic.to_string(), partition))
+                {
                     let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(*offset));
                 }
             }
