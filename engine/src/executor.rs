@@ -551,6 +551,8 @@ async fn worker_loop(
     sink: mpsc::Sender<SinkMsg>,
     stats: Arc<RunStats>,
 ) -> Result<()> {
+    // Asked once: a factory may build its schema on every call.
+    let schemas: Vec<_> = planned.iter().map(|s| s.factory.output_schema()).collect();
     let mut chain: Vec<(Box<dyn Stage>, StageContext)> = Vec::with_capacity(planned.len());
     for (i, stage) in planned.iter().enumerate() {
         let ctx = StageContext {
@@ -596,7 +598,7 @@ async fn worker_loop(
                 stage.as_mut(),
                 ctx,
                 &planned[i].policy,
-                &planned[i].factory.output_schema(),
+                &schemas[i],
                 input,
                 Outcome {
                     env: &mut env,

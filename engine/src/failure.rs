@@ -445,13 +445,7 @@ fn with_age(policy: &FailurePolicy, batch: &RecordBatch, row: usize, reason: Str
 
 fn take_rows(batch: &RecordBatch, rows: &[u32]) -> Result<RecordBatch> {
     let indices = arrow::array::UInt32Array::from(rows.to_vec());
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|c| take(c, &indices, None))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::arrow("selecting rows to retry", e))?;
-    RecordBatch::try_new(batch.schema(), columns)
+    arrow::compute::take_record_batch(batch, &indices)
         .map_err(|e| Error::arrow("selecting rows to retry", e))
 }
 

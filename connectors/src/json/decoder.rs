@@ -91,10 +91,8 @@ impl JsonDecoder {
         &mut self,
         records: &[&[u8]],
     ) -> (Result<RecordBatch, DecodeError>, Vec<(usize, String)>) {
-        match self.decode(records.iter().copied()) {
-            Ok(batch) => return (Ok(batch), Vec::new()),
-            Err(_) if records.len() == 1 => {}
-            Err(_) => {}
+        if let Ok(batch) = self.decode(records.iter().copied()) {
+            return (Ok(batch), Vec::new());
         }
         let mut good = Vec::with_capacity(records.len());
         let mut bad = Vec::new();

@@ -829,15 +829,27 @@ impl KafkaReader {
                     reason: e.reason,
                 }
             })?;
+        let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
+        self.assemble(records, chunk, offsets, Vec::new())
+    }
+
+    /// Decoded records of `chunk` with their metadata columns, for the offset range read.
+    fn assemble(
+        &self,
+        records: RecordBatch,
+        chunk: &Chunk,
+        offsets: std::ops::Range<i64>,
+        dead: Vec<DeadLetter>,
+    ) -> Result<Envelope> {
         let mut columns = records.columns().to_vec();
         columns.extend(self.metadata(chunk));
         let batch = RecordBatch::try_new(self.schema.clone(), columns)
             .map_err(|e| Error::arrow("attaching Kafka metadata columns", e))?;
         Ok(Envelope {
             partition: self.buffer.info.clone(),
-            offsets: chunk.offsets[0]..chunk.offsets[n - 1] + 1,
+            offsets,
             batch,
-            dead: Vec::new(),
+            dead,
         })
     }
 
@@ -875,16 +887,7 @@ impl KafkaReader {
             let bad: Vec<usize> = bad.iter().map(|b| b.0).collect();
             chunk.without(&bad)
         };
-        let mut columns = records.columns().to_vec();
-        columns.extend(self.metadata(&chunk));
-        let batch = RecordBatch::try_new(self.schema.clone(), columns)
-            .map_err(|e| Error::arrow("attaching Kafka metadata columns", e))?;
-        Ok(Envelope {
-            partition: self.buffer.info.clone(),
-            offsets,
-            batch,
-            dead,
-        })
+        self.assemble(records, &chunk, offsets, dead)
     }
 
     /// `_partition _offset _key _timestamp _topic _headers`
