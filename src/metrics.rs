@@ -14,6 +14,9 @@
 //! | `sluice_stage_bisections_total`, `sluice_stage_skipped_total`, `sluice_stage_defaulted_total` | pipeline, stage |
 //! | `sluice_breaker_transitions_total` | pipeline, stage, to (open, closed) |
 //! | `sluice_breaker_state` (0 closed, 1 open, 2 half-open) | pipeline, stage |
+//! | `sluice_stage_batch_duration_seconds` (gauge per quantile 0.5, 0.95, 0.99) | pipeline, stage, quantile |
+//! | `sluice_stage_cold_start_seconds` (slowest worker's `open`) | pipeline, stage |
+//! | `sluice_stage_cache_hits_total`, `sluice_stage_cache_misses_total` | pipeline, stage |
 //!
 //! Records that did not decode count as failures of the stage `source`, class `decode`.
 
@@ -78,6 +81,15 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         for class in ErrorClass::ALL {
             counter!("sluice_stage_failures_total", "pipeline" => p.clone(), "stage" => stage.clone(), "class" => class.as_str())
                 .absolute(get(&s.failed_by_class[class as usize]));
+        }
+        counter!("sluice_stage_cache_hits_total", &labels).absolute(get(&s.cache_hits));
+        counter!("sluice_stage_cache_misses_total", &labels).absolute(get(&s.cache_misses));
+        gauge!("sluice_stage_cold_start_seconds", &labels).set(s.cold_start().as_secs_f64());
+        for (q, name) in [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")] {
+            if let Some(d) = s.latency.quantile(q) {
+                gauge!("sluice_stage_batch_duration_seconds", "pipeline" => p.clone(), "stage" => stage.clone(), "quantile" => name)
+                    .set(d.as_secs_f64());
+            }
         }
         stage_dead += get(&s.dead_letters);
         counter!("sluice_breaker_transitions_total", "pipeline" => p.clone(), "stage" => stage.clone(), "to" => "open")

@@ -87,17 +87,28 @@ pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
     );
     let width = stats.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
     for s in &stats.stages {
-        let batches = RunStats::get(&s.batches).max(1);
-        let busy = Duration::from_nanos(RunStats::get(&s.busy_nanos));
+        let ms = |q: f64| s.latency.quantile(q).map_or(0.0, |d| d.as_secs_f64() * 1e3);
         out.push_str(&format!(
-            "  stage {:width$}  {:>12} in  {:>12} out  {:>6} batches  {:>9.3}ms/batch  cold start {:.1}ms\n",
+            "  stage {:width$}  {:>12} in  {:>12} out  {:>6} batches  p50/p95/p99 {:.2}/{:.2}/{:.2} ms  cold start {:.1}ms\n",
             s.name,
             count(RunStats::get(&s.rows_in)),
             count(RunStats::get(&s.rows_out)),
             count(RunStats::get(&s.batches)),
-            busy.as_secs_f64() * 1e3 / batches as f64,
+            ms(0.5),
+            ms(0.95),
+            ms(0.99),
             s.cold_start().as_secs_f64() * 1e3,
         ));
+        let (hits, misses) = (RunStats::get(&s.cache_hits), RunStats::get(&s.cache_misses));
+        if hits + misses > 0 {
+            out.push_str(&format!(
+                "  {:width$}        cache: {} hits, {} misses ({:.1}% hit rate)\n",
+                "",
+                count(hits),
+                count(misses),
+                hits as f64 * 100.0 / (hits + misses) as f64,
+            ));
+        }
         let (retries, dead, bisections) = (
             RunStats::get(&s.retries),
             RunStats::get(&s.dead_letters),

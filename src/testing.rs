@@ -102,8 +102,7 @@ async fn run_case(
     for stage in stages {
         let ctx = StageContext {
             pipeline: config.name.as_str().into(),
-            stage: stage.name.clone(),
-            worker: 0,
+            ..StageContext::detached(&stage.name)
         };
         let result = async {
             let mut instance = stage.factory.create()?;

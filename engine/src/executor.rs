@@ -559,6 +559,8 @@ async fn worker_loop(
             pipeline: pipeline.clone(),
             stage: stage.name.clone(),
             worker: id,
+            stats: stats.clone(),
+            index: i,
         };
         let mut instance = stage.factory.create()?;
         let t0 = Instant::now();

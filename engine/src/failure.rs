@@ -404,8 +404,10 @@ async fn call(
         }
         None => stage.process_batch(batch.clone(), ctx).await,
     };
-    RunStats::add(&stats.busy_nanos, t0.elapsed().as_nanos() as u64);
+    let took = t0.elapsed();
+    RunStats::add(&stats.busy_nanos, took.as_nanos() as u64);
     RunStats::add(&stats.batches, 1);
+    stats.latency.record(took);
     if let Ok(out) = &output {
         RunStats::add(&stats.rows_out, out.batch.num_rows() as u64);
     }

@@ -16,6 +16,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 
+use crate::stats::{RunStats, StageStats};
 use crate::{ErrorClass, Result};
 
 /// What a stage knows about where it runs.
@@ -25,6 +26,28 @@ pub struct StageContext {
     pub stage: Arc<str>,
     /// Index of the worker that owns this instance.
     pub worker: usize,
+    /// The run's counters; this stage's are `stats.stages[index]`.
+    pub stats: Arc<RunStats>,
+    pub index: usize,
+}
+
+impl StageContext {
+    /// A context outside a running pipeline (tests, benches), with counters of its own.
+    pub fn detached(stage: &str) -> Self {
+        let stage: Arc<str> = Arc::from(stage);
+        StageContext {
+            pipeline: Arc::from("detached"),
+            stats: RunStats::new([&stage]),
+            stage,
+            worker: 0,
+            index: 0,
+        }
+    }
+
+    /// This stage's counters.
+    pub fn stage_stats(&self) -> &StageStats {
+        &self.stats.stages[self.index]
+    }
 }
 
 /// One input row a stage could not process, with the reason.

@@ -211,11 +211,7 @@ mod tests {
     }
 
     fn ctx() -> StageContext {
-        StageContext {
-            pipeline: "p".into(),
-            stage: "s".into(),
-            worker: 0,
-        }
+        StageContext::detached("s")
     }
 
     #[tokio::test]

@@ -268,11 +268,7 @@ mod tests {
     }
 
     fn ctx() -> StageContext {
-        StageContext {
-            pipeline: "p".into(),
-            stage: "ab".into(),
-            worker: 0,
-        }
+        StageContext::detached("ab")
     }
 
     #[tokio::test]

@@ -218,11 +218,7 @@ mod tests {
             ]))],
         )
         .unwrap();
-        let ctx = StageContext {
-            pipeline: "p".into(),
-            stage: "x".into(),
-            worker: 0,
-        };
+        let ctx = StageContext::detached("x");
         let out = stage.process_batch(batch, &ctx).await.unwrap();
         assert_eq!(out.batch.num_rows(), 1);
         assert_eq!(out.batch.column(1).as_string::<i32>().value(0), "tvapp");
