@@ -12,7 +12,11 @@
 //! means writing those two pieces and one line in [`REGISTRY`].
 
 mod ab_bucket;
+mod enrich;
 mod extract;
+mod http;
+mod model;
+mod score;
 
 use std::sync::Arc;
 
@@ -63,9 +67,29 @@ pub static REGISTRY: &[FunctionEntry] = &[
         parse: parse::<ab_bucket::AbBucket>,
     },
     FunctionEntry {
+        name: "enrich",
+        summary: "adds columns looked up by a key column in a file, Redis or PostgreSQL (cached)",
+        parse: parse::<enrich::Enrich>,
+    },
+    FunctionEntry {
         name: "extract",
         summary: "extracts named regex groups of a text column into new columns",
         parse: parse::<extract::Extract>,
+    },
+    FunctionEntry {
+        name: "http",
+        summary: "sends batches of rows as JSON to an HTTP endpoint and adds its per-row results as columns",
+        parse: parse::<http::Http>,
+    },
+    FunctionEntry {
+        name: "model",
+        summary: "scores rows with an ONNX model (tract): numeric columns in, one Float32 column per model output",
+        parse: parse::<model::Model>,
+    },
+    FunctionEntry {
+        name: "score",
+        summary: "recommends the top-k content for each user's feature vector (personalization)",
+        parse: parse::<score::Score>,
     },
 ];
 

@@ -1,0 +1,1030 @@
+//! `http`: a remote function. Each batch is POSTed as JSON to an endpoint, which answers
+//! with one result per row; the result fields become new columns.
+//!
+//! ```yaml
+//! - name: moderate
+//!   type: function
+//!   function: http
+//!   params:
+//!     url: http://127.0.0.1:8808/moderate
+//!     columns: [user_id, comment]
+//!     outputs:
+//!       - { name: verdict, type: utf8 }
+//!       - { name: toxicity, type: float64 }
+//!     max_batch_rows: 500
+//!     concurrency: 4
+//!     timeout: 10s
+//!     headers: { authorization: "Bearer ${TOKEN}" }
+//! ```
+//!
+//! # The protocol
+//! This is what an endpoint implements. The stage sends
+//!
+//! ```text
+//! POST <url>
+//! content-type: application/json
+//!
+//! {"rows": [{"user_id": 7, "comment": "nice"}, {"user_id": 8, "comment": null}, ...]}
+//! ```
+//!
+//! with the `columns` of at most `max_batch_rows` rows (every key present, `null` for a null
+//! value), and expects a `2xx` answer (normally `200`) whose body is
+//!
+//! ```text
+//! {"results": [{"verdict": "ok", "toxicity": 0.04}, {"error": "comment is empty"}, ...]}
+//! ```
+//!
+//! with exactly one object per row, in the order of the rows. A result field missing or
+//! `null` gives a null; fields not named in `outputs` are ignored; numbers and booleans
+//! are accepted for text outputs, and numbers written as strings for numeric ones. A
+//! result object with a string field `error` marks its row as failed: that row alone
+//! becomes a permanent failure (a dead letter) and the other rows go on. A `null` result
+//! gives nulls in every output column.
+//!
+//! # Errors
+//! A request that fails fails the whole batch call (the engine's failure policy decides
+//! what happens next, see `sluice_engine::failure`):
+//! - refused connections, timeouts and HTTP 408, 429, 500, 502, 503 and 504 are
+//!   transient ([`Error::External`]): the engine retries them with backoff;
+//! - any other status, a body that is not the JSON above, and a wrong number of results
+//!   are permanent ([`Error::Function`]): with `bisect_on_error` the engine splits the
+//!   batch to find the rows the endpoint refuses.
+//!
+//! # Concurrency
+//! A batch is split into requests of at most `max_batch_rows` rows, sent at once and
+//! reassembled in order. All instances of the stage (one per worker) share one connection
+//! pool and `concurrency` permits: a request holds a permit from before it is sent until
+//! its body is read, so at most `concurrency` requests are in flight for the whole stage.
+//! This is not the stage-level `concurrency` of the failure policy, which limits whole
+//! batch calls.
+//!
+//! # Cancel safety
+//! Dropping a `process_batch` future drops its requests (their connections are closed)
+//! and returns their permits. The endpoint may have seen some of those rows already; as
+//! every retry also sends rows again, an endpoint must tolerate seeing a row twice.
+//!
+//! The stage spawns nothing itself; the connection pool's tasks end with the last
+//! instance that holds it.
+
+use std::collections::BTreeMap;
+use std::error::Error as _;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_empty_array, new_null_array};
+use arrow::compute::concat;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::json::writer::JsonArray;
+use arrow::json::{ReaderBuilder, WriterBuilder};
+use async_trait::async_trait;
+use futures::future::try_join_all;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{StatusCode, Url};
+use serde::Deserialize;
+use sluice_engine::config::{Duration, Location, Node, Problems, Value};
+use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
+use sluice_engine::{Error, ErrorClass, Result};
+use tokio::sync::Semaphore;
+
+use super::{FunctionSpec, Params, assemble, extend_schema};
+
+/// The `system` of transient errors ([`Error::External`] takes a static name, so the url
+/// goes in the message).
+const SYSTEM: &str = "http";
+
+/// The result field that marks a row as failed.
+const ERROR_FIELD: &str = "error";
+
+/// How much of a response body an error message quotes.
+const EXCERPT_CHARS: usize = 200;
+
+/// ```yaml
+/// params:
+///   url: http://127.0.0.1:8808/moderate
+///   columns: [user_id, comment]
+///   outputs:
+///     - { name: verdict, type: utf8 }
+///     - { name: toxicity, type: float64 }
+///   max_batch_rows: 500
+///   concurrency: 4
+///   timeout: 10s
+///   headers: { authorization: "Bearer ${TOKEN}" }
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    /// The endpoint rows are POSTed to, e.g. `http://127.0.0.1:8808/moderate` (plain
+    /// `http` only: this build has no TLS).
+    url: String,
+    /// The input columns sent for each row (default: every column whose name does not
+    /// start with `_`).
+    columns: Option<Vec<String>>,
+    /// The result fields, in order; each becomes a new nullable column.
+    outputs: Vec<OutputField>,
+    /// Rows per request (default 500). A larger batch is split into several requests.
+    #[serde(default = "default_max_batch_rows")]
+    max_batch_rows: usize,
+    /// Requests in flight at once for the whole stage, across all workers (default 4).
+    #[serde(default = "default_concurrency")]
+    concurrency: usize,
+    /// The longest a request may take, from connecting to the end of the response body
+    /// (default 10s). A request that takes longer fails as transient.
+    #[serde(default = "default_timeout")]
+    timeout: Duration,
+    /// Headers sent with every request, e.g. `{ authorization: "Bearer ${TOKEN}" }`.
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+/// One result field: `{ name: verdict, type: utf8 }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputField {
+    /// The new column's name, and the key read from each result object.
+    name: String,
+    /// `utf8`, `int64`, `int32`, `float64`, `float32` or `boolean`.
+    #[serde(rename = "type")]
+    ty: String,
+}
+
+fn default_max_batch_rows() -> usize {
+    500
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The Arrow type of an output `type`.
+fn output_type(ty: &str) -> Result<DataType, String> {
+    Ok(match ty {
+        "utf8" => DataType::Utf8,
+        "int64" => DataType::Int64,
+        "int32" => DataType::Int32,
+        "float64" => DataType::Float64,
+        "float32" => DataType::Float32,
+        "boolean" => DataType::Boolean,
+        other => {
+            return Err(format!(
+                "the output type `{other}` is not supported; expected one of utf8, int64, \
+                 int32, float64, float32, boolean"
+            ));
+        }
+    })
+}
+
+fn parse_url(url: &str) -> Result<Url, String> {
+    let parsed = Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL ({e})"))?;
+    match parsed.scheme() {
+        "http" => Ok(parsed),
+        "https" => Err(format!(
+            "`{url}` uses https, which this build of Sluice cannot send (it has no TLS); \
+             use http, e.g. through a local proxy"
+        )),
+        other => Err(format!("`{url}` is a {other} URL; expected an http:// URL")),
+    }
+}
+
+fn parse_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let header = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("`{name}` is not a valid header name"))?;
+    let mut value = HeaderValue::from_str(value).map_err(|_| {
+        format!("the value of `{name}` has characters a header cannot carry (control characters)")
+    })?;
+    // Kept out of `Debug` output: headers usually carry credentials.
+    value.set_sensitive(true);
+    Ok((header, value))
+}
+
+impl Http {
+    /// Checks of single numbers, as (key, message); shared by `validate` and `plan`.
+    fn number_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.max_batch_rows == 0 {
+            out.push(("max_batch_rows", "must be at least 1".to_string()));
+        }
+        if self.concurrency == 0 {
+            out.push(("concurrency", "must be at least 1".to_string()));
+        }
+        if self.timeout.get().is_zero() {
+            out.push(("timeout", "must be longer than 0s".to_string()));
+        }
+        out
+    }
+}
+
+impl Params for Http {
+    fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
+        if let Err(e) = parse_url(&self.url) {
+            problems.at_key(node, path, "url", e);
+        }
+        if let Some(columns) = &self.columns {
+            if columns.is_empty() {
+                problems.at_key(
+                    node,
+                    path,
+                    "columns",
+                    "needs at least one column (leave `columns` out to send every column \
+                     not starting with `_`)",
+                );
+            }
+            for (i, c) in columns.iter().enumerate() {
+                if columns[..i].contains(c) {
+                    problems.at_key(node, path, "columns", format!("names `{c}` twice"));
+                }
+            }
+        }
+        if self.outputs.is_empty() {
+            problems.at_key(node, path, "outputs", "needs at least one result field");
+        }
+        let items = match node.get("outputs").map(|n| &n.value) {
+            Some(Value::Seq(items)) => Some(items),
+            _ => None,
+        };
+        let outputs_path = path.key("outputs");
+        for (i, o) in self.outputs.iter().enumerate() {
+            let mut report = |key: &str, message: String| match items.and_then(|it| it.get(i)) {
+                Some(item) => problems.at_key(item, &outputs_path.index(i), key, message),
+                None => problems.at_key(node, path, "outputs", message),
+            };
+            if let Err(e) = output_type(&o.ty) {
+                report("type", e);
+            }
+            if o.name == ERROR_FIELD {
+                report(
+                    "name",
+                    "`error` is reserved: a result's `error` field marks its row as failed"
+                        .to_string(),
+                );
+            } else if self.outputs[..i].iter().any(|p| p.name == o.name) {
+                report("name", format!("`{}` is named twice", o.name));
+            }
+        }
+        for (key, message) in self.number_problems() {
+            problems.at_key(node, path, key, message);
+        }
+        if let Some(headers) = node.get("headers") {
+            let headers_path = path.key("headers");
+            for (name, value) in &self.headers {
+                if let Err(e) = parse_header(name, value) {
+                    problems.at_key(headers, &headers_path, name, e);
+                }
+            }
+        }
+    }
+}
+
+impl FunctionSpec for Http {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+        if let Some((key, message)) = self.number_problems().into_iter().next() {
+            return Err(format!("`{key}` {message}"));
+        }
+        let url = parse_url(&self.url)?;
+        let columns: Vec<String> = match &self.columns {
+            Some(columns) => columns.clone(),
+            None => input
+                .fields()
+                .iter()
+                .map(|f| f.name())
+                .filter(|n| !n.starts_with('_'))
+                .cloned()
+                .collect(),
+        };
+        if columns.is_empty() {
+            return Err(
+                "there is no column to send: every input column starts with `_`; name the \
+                 columns in `columns`"
+                    .to_string(),
+            );
+        }
+        for name in &columns {
+            let field = input
+                .field_with_name(name)
+                .map_err(|_| format!("the column `{name}` is not in the input"))?;
+            // Encodes one null of the type: fails now for a type the JSON writer lacks.
+            let probe = Field::new(name, field.data_type().clone(), true);
+            RecordBatch::try_new(
+                Arc::new(Schema::new(vec![probe])),
+                vec![new_null_array(field.data_type(), 1)],
+            )
+            .ok()
+            .and_then(|b| encode(&b).ok())
+            .ok_or_else(|| {
+                format!(
+                    "the column `{name}` is {}, which cannot be sent as JSON",
+                    field.data_type()
+                )
+            })?;
+        }
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for o in &self.outputs {
+            if o.name == ERROR_FIELD {
+                return Err(
+                    "the output name `error` is reserved: a result's `error` field marks its \
+                     row as failed"
+                        .to_string(),
+                );
+            }
+            outputs.push((o.name.as_str(), output_type(&o.ty)?));
+        }
+        if outputs.is_empty() {
+            return Err("`outputs` needs at least one result field".to_string());
+        }
+        let output = extend_schema(input, &outputs)?;
+
+        // `{"results": [{<outputs>, "error": ...}, ...]}`, decoded as one row.
+        let mut result_fields: Vec<Field> = outputs
+            .iter()
+            .map(|(n, t)| Field::new(*n, t.clone(), true))
+            .collect();
+        result_fields.push(Field::new(ERROR_FIELD, DataType::Utf8, true));
+        let response = Arc::new(Schema::new(vec![Field::new_list(
+            "results",
+            Field::new_struct("item", result_fields, true),
+            true,
+        )]));
+
+        let mut headers = HeaderMap::new();
+        for (name, value) in &self.headers {
+            let (name, value) = parse_header(name, value)?;
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .timeout(self.timeout.get())
+            .pool_max_idle_per_host(self.concurrency)
+            .build()
+            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
+
+        Ok(Arc::new(HttpFactory {
+            client,
+            permits: Arc::new(Semaphore::new(self.concurrency.min(Semaphore::MAX_PERMITS))),
+            endpoint: Arc::new(Endpoint {
+                name: self.url.clone(),
+                url,
+                columns,
+                outputs: outputs.iter().map(|(_, t)| t.clone()).collect(),
+                response,
+                max_batch_rows: self.max_batch_rows,
+                timeout: self.timeout,
+            }),
+            output,
+        }))
+    }
+}
+
+/// What every instance needs to know about the endpoint.
+struct Endpoint {
+    /// The url as the user wrote it, for messages.
+    name: String,
+    url: Url,
+    columns: Vec<String>,
+    /// The types of the output columns, in order.
+    outputs: Vec<DataType>,
+    /// The schema a response body is decoded with.
+    response: SchemaRef,
+    max_batch_rows: usize,
+    timeout: Duration,
+}
+
+/// Holds what the stage's instances share: one connection pool and one set of permits.
+struct HttpFactory {
+    client: reqwest::Client,
+    permits: Arc<Semaphore>,
+    endpoint: Arc<Endpoint>,
+    output: SchemaRef,
+}
+
+impl StageFactory for HttpFactory {
+    fn output_schema(&self) -> SchemaRef {
+        self.output.clone()
+    }
+
+    fn create(&self) -> Result<Box<dyn Stage>> {
+        Ok(Box::new(HttpStage {
+            client: self.client.clone(),
+            permits: self.permits.clone(),
+            endpoint: self.endpoint.clone(),
+            output: self.output.clone(),
+        }))
+    }
+}
+
+struct HttpStage {
+    client: reqwest::Client,
+    permits: Arc<Semaphore>,
+    endpoint: Arc<Endpoint>,
+    output: SchemaRef,
+}
+
+/// The answer to one request: the output columns for its rows, and the rows it rejected
+/// (index within the request, reason).
+struct Answer {
+    columns: Vec<ArrayRef>,
+    rejected: Vec<(usize, String)>,
+}
+
+/// `{"rows": [...]}`, written straight from the Arrow columns.
+fn encode(rows: &RecordBatch) -> Result<Vec<u8>> {
+    let mut body = Vec::with_capacity(16 + 64 * rows.num_rows());
+    body.extend_from_slice(b"{\"rows\":");
+    let mut writer = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, JsonArray>(body);
+    let failed = |e| Error::arrow("encoding rows as JSON", e);
+    writer.write(rows).map_err(failed)?;
+    writer.finish().map_err(failed)?;
+    let mut body = writer.into_inner();
+    body.push(b'}');
+    Ok(body)
+}
+
+/// The start of a response body, for an error message.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return "(empty body)".to_string();
+    }
+    let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out
+}
+
+fn permanent(message: String) -> Error {
+    Error::Function {
+        class: ErrorClass::Permanent,
+        message,
+    }
+}
+
+impl HttpStage {
+    /// A request that did not get a complete answer.
+    fn send_error(&self, e: reqwest::Error) -> Error {
+        let url = &self.endpoint.name;
+        if e.is_timeout() {
+            return Error::External {
+                system: SYSTEM,
+                message: format!("POST {url} timed out after {}", self.endpoint.timeout),
+            };
+        }
+        let connect = e.is_connect();
+        let builder = e.is_builder();
+        // reqwest's own message is generic; the causes say what happened.
+        let e = e.without_url();
+        let mut detail = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            source = s.source();
+        }
+        if builder {
+            permanent(format!("cannot build a request to {url}: {detail}"))
+        } else if connect {
+            Error::External {
+                system: SYSTEM,
+                message: format!("cannot connect to {url}: {detail}"),
+            }
+        } else {
+            Error::External {
+                system: SYSTEM,
+                message: format!("POST {url} failed: {detail}"),
+            }
+        }
+    }
+
+    /// A response whose status is not a success.
+    fn status_error(&self, status: StatusCode, body: &[u8]) -> Error {
+        let url = &self.endpoint.name;
+        let code = status.as_u16();
+        if matches!(code, 408 | 429 | 500 | 502 | 503 | 504) {
+            Error::External {
+                system: SYSTEM,
+                message: format!("POST {url}: HTTP {code}: {}", excerpt(body)),
+            }
+        } else {
+            permanent(format!("{url} answered HTTP {code}: {}", excerpt(body)))
+        }
+    }
+
+    /// Decodes `{"results": [...]}` into the output columns, checking there is one result
+    /// per row.
+    fn read_answer(&self, body: &[u8], rows: usize) -> Result<Answer> {
+        let url = &self.endpoint.name;
+        let malformed = |why: String| {
+            permanent(format!(
+                "{url} sent a malformed response ({why}); expected \
+                 {{\"results\": [...]}} with one object per row: {}",
+                excerpt(body)
+            ))
+        };
+        let mut decoder = ReaderBuilder::new(self.endpoint.response.clone())
+            .with_batch_size(1)
+            .with_coerce_primitive(true)
+            .build_decoder()
+            .map_err(|e| Error::Internal(format!("building the response decoder: {e}")))?;
+        let read = decoder.decode(body).map_err(|e| malformed(e.to_string()))?;
+        if read < body.len() {
+            return Err(malformed("more than one JSON value".to_string()));
+        }
+        let decoded = decoder
+            .flush()
+            .map_err(|e| malformed(e.to_string()))?
+            .ok_or_else(|| malformed("no JSON value".to_string()))?;
+        let list = decoded.column(0).as_list::<i32>();
+        if list.is_null(0) {
+            return Err(malformed("no `results` array".to_string()));
+        }
+        let results = list.value(0);
+        if results.len() != rows {
+            return Err(permanent(format!(
+                "{url} returned {} results for {rows} rows: expected one result per row, \
+                 in order",
+                results.len()
+            )));
+        }
+        let results = results.as_struct();
+        let n = self.endpoint.outputs.len();
+        let rejected = results
+            .column(n)
+            .as_string::<i32>()
+            .iter()
+            .enumerate()
+            .filter_map(|(row, e)| e.map(|e| (row, format!("{url} rejected the row: {e}"))))
+            .collect();
+        Ok(Answer {
+            columns: results.columns()[..n].to_vec(),
+            rejected,
+        })
+    }
+
+    /// One request: waits for a permit, sends `rows`, reads the answer.
+    async fn call(&self, rows: RecordBatch) -> Result<Answer> {
+        let body = encode(&rows)?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("the http stage's permits were closed".into()))?;
+        let response = self
+            .client
+            .post(self.endpoint.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.send_error(e))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| self.send_error(e))?;
+        if !status.is_success() {
+            return Err(self.status_error(status, &body));
+        }
+        self.read_answer(&body, rows.num_rows())
+    }
+}
+
+#[async_trait]
+impl Stage for HttpStage {
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        _ctx: &StageContext,
+    ) -> Result<StageOutput> {
+        let this: &HttpStage = self;
+        let indices = this
+            .endpoint
+            .columns
+            .iter()
+            .map(|c| {
+                batch
+                    .schema_ref()
+                    .index_of(c)
+                    .map_err(|_| Error::Internal(format!("column `{c}` vanished")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let sent = batch
+            .project(&indices)
+            .map_err(|e| Error::arrow("selecting the columns to send", e))?;
+        let n = sent.num_rows();
+        let step = this.endpoint.max_batch_rows;
+        // In order of the rows; any failed request fails the call (and drops the others).
+        let answers = try_join_all(
+            (0..n)
+                .step_by(step)
+                .map(|start| this.call(sent.slice(start, step.min(n - start)))),
+        )
+        .await?;
+
+        let mut failed = Vec::new();
+        let mut parts: Vec<Vec<ArrayRef>> =
+            vec![Vec::with_capacity(answers.len()); this.endpoint.outputs.len()];
+        for (i, answer) in answers.into_iter().enumerate() {
+            let offset = i * step;
+            failed.extend(answer.rejected.into_iter().map(|(row, reason)| RowFailure {
+                row: offset + row,
+                class: ErrorClass::Permanent,
+                reason,
+            }));
+            for (part, column) in parts.iter_mut().zip(answer.columns) {
+                part.push(column);
+            }
+        }
+        let new = parts
+            .iter()
+            .zip(&this.endpoint.outputs)
+            .map(|(part, ty)| match part.as_slice() {
+                [] => Ok(new_empty_array(ty)),
+                [one] => Ok(one.clone()),
+                many => concat(&many.iter().map(|a| a.as_ref()).collect::<Vec<_>>())
+                    .map_err(|e| Error::arrow("joining the answers", e)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = assemble(&this.output, &batch, new, &failed)?;
+        Ok(StageOutput { batch: out, failed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array, StringArray};
+    use arrow::datatypes::{Float64Type, Int64Type};
+    use axum::extract::State;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use serde_json::json;
+
+    /// How the test endpoint answers.
+    #[derive(Default)]
+    enum Reply {
+        /// One result per row: `error` for the comment "bad", else a verdict.
+        #[default]
+        Rows,
+        /// This status, with a short text body.
+        Status(u16),
+        /// One result fewer than rows.
+        Short,
+        /// A body that is not JSON.
+        Garbage,
+    }
+
+    #[derive(Default)]
+    struct Server {
+        reply: Reply,
+        /// Time each request takes.
+        delay: std::time::Duration,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+        /// Rows per request, in the order they arrived.
+        sizes: Mutex<Vec<usize>>,
+        /// A row carried a column starting with `_`.
+        saw_private: AtomicBool,
+    }
+
+    fn verdict(comment: &str) -> &'static str {
+        if comment.contains('!') { "flag" } else { "ok" }
+    }
+
+    async fn answer(State(s): State<Arc<Server>>, Json(body): Json<serde_json::Value>) -> Response {
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(s.delay).await;
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let rows = body["rows"].as_array().cloned().unwrap_or_default();
+        s.sizes.lock().unwrap().push(rows.len());
+        if rows.iter().any(|r| {
+            r.as_object()
+                .is_some_and(|o| o.keys().any(|k| k.starts_with('_')))
+        }) {
+            s.saw_private.store(true, Ordering::SeqCst);
+        }
+        let mut results: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| match r["comment"].as_str().unwrap_or("") {
+                "bad" => json!({ "error": "comment is abusive" }),
+                c => json!({
+                    "verdict": verdict(c),
+                    "toxicity": c.len() as f64 / 100.0,
+                    "echo": r["user_id"],
+                    "ignored": [1, 2],
+                }),
+            })
+            .collect();
+        match s.reply {
+            Reply::Rows => Json(json!({ "results": results })).into_response(),
+            Reply::Status(code) => (
+                axum::http::StatusCode::from_u16(code).unwrap(),
+                "the model is overloaded",
+            )
+                .into_response(),
+            Reply::Short => {
+                results.pop();
+                Json(json!({ "results": results })).into_response()
+            }
+            Reply::Garbage => "<html>oops</html>".into_response(),
+        }
+    }
+
+    /// Starts the endpoint on a free port; returns its url.
+    async fn serve(server: Arc<Server>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new()
+            .route("/moderate", post(answer))
+            .with_state(server);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/moderate")
+    }
+
+    fn spec(url: &str, extra: serde_json::Value) -> Http {
+        let mut params = json!({
+            "url": url,
+            "outputs": [
+                { "name": "verdict", "type": "utf8" },
+                { "name": "toxicity", "type": "float64" },
+                { "name": "echo", "type": "int64" },
+            ],
+        });
+        let map = params.as_object_mut().unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            map.insert(k.clone(), v.clone());
+        }
+        serde_json::from_value(params).unwrap()
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Int64, false),
+            Field::new("comment", DataType::Utf8, true),
+            Field::new("_timestamp", DataType::Int64, true),
+        ]))
+    }
+
+    fn batch(comments: &[String]) -> RecordBatch {
+        let n = comments.len() as i64;
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(1000..1000 + n)),
+                Arc::new(StringArray::from_iter_values(comments)),
+                Arc::new(Int64Array::from_iter_values(0..n)),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn ctx() -> StageContext {
+        StageContext::detached("moderate")
+    }
+
+    fn comment(i: usize) -> String {
+        if i.is_multiple_of(7) {
+            format!("comment {i}!")
+        } else {
+            format!("comment {i}")
+        }
+    }
+
+    #[tokio::test]
+    async fn splits_into_requests_and_keeps_row_order() {
+        let server = Arc::new(Server::default());
+        let url = serve(server.clone()).await;
+        let factory = spec(&url, json!({ "max_batch_rows": 300 }))
+            .plan(&schema())
+            .unwrap();
+        let comments: Vec<String> = (0..2_000).map(comment).collect();
+        let input = batch(&comments);
+        let out = factory
+            .create()
+            .unwrap()
+            .process_batch(input.clone(), &ctx())
+            .await
+            .unwrap();
+
+        let mut sizes = server.sizes.lock().unwrap().clone();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![200, 300, 300, 300, 300, 300, 300]);
+        assert!(
+            !server.saw_private.load(Ordering::SeqCst),
+            "sent a `_` column"
+        );
+
+        assert!(out.failed.is_empty());
+        assert_eq!(out.batch.schema(), factory.output_schema());
+        assert_eq!(out.batch.num_rows(), 2_000);
+        assert_eq!(out.batch.column(0), input.column(0));
+        let verdicts = out
+            .batch
+            .column_by_name("verdict")
+            .unwrap()
+            .as_string::<i32>();
+        let toxicity = out
+            .batch
+            .column_by_name("toxicity")
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        let echo = out
+            .batch
+            .column_by_name("echo")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        for (i, c) in comments.iter().enumerate() {
+            assert_eq!(verdicts.value(i), verdict(c), "row {i}");
+            assert_eq!(toxicity.value(i), c.len() as f64 / 100.0, "row {i}");
+            assert_eq!(echo.value(i), 1000 + i as i64, "row {i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_stay_within_concurrency_across_workers() {
+        let server = Arc::new(Server {
+            delay: std::time::Duration::from_millis(30),
+            ..Server::default()
+        });
+        let url = serve(server.clone()).await;
+        let factory = spec(&url, json!({ "max_batch_rows": 100, "concurrency": 3 }))
+            .plan(&schema())
+            .unwrap();
+        let mut stages: Vec<Box<dyn Stage>> = (0..4).map(|_| factory.create().unwrap()).collect();
+        let input = batch(&(0..600).map(comment).collect::<Vec<_>>());
+        let ctx = ctx();
+        let outs = futures::future::join_all(
+            stages
+                .iter_mut()
+                .map(|s| s.process_batch(input.clone(), &ctx)),
+        )
+        .await;
+        for out in outs {
+            assert_eq!(out.unwrap().batch.num_rows(), 600);
+        }
+        assert_eq!(server.sizes.lock().unwrap().len(), 24);
+        assert_eq!(server.max_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_endpoint_times_out_as_transient() {
+        let server = Arc::new(Server {
+            delay: std::time::Duration::from_secs(5),
+            ..Server::default()
+        });
+        let url = serve(server).await;
+        let mut stage = spec(&url, json!({ "timeout": "200ms" }))
+            .plan(&schema())
+            .unwrap()
+            .create()
+            .unwrap();
+        let started = Instant::now();
+        let e = stage
+            .process_batch(batch(&[comment(1)]), &ctx())
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+        assert_eq!(e.class(), ErrorClass::Transient);
+        assert!(e.to_string().contains("timed out after 200ms"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn statuses_and_refusals_are_classified() {
+        let replies = [
+            (
+                Reply::Status(503),
+                ErrorClass::Transient,
+                "HTTP 503: the model is overloaded",
+            ),
+            (
+                Reply::Status(400),
+                ErrorClass::Permanent,
+                "HTTP 400: the model is overloaded",
+            ),
+            (
+                Reply::Short,
+                ErrorClass::Permanent,
+                "returned 1 results for 2 rows",
+            ),
+            (Reply::Garbage, ErrorClass::Permanent, "malformed response"),
+        ];
+        let mut cases = Vec::new();
+        for (reply, class, says) in replies {
+            let url = serve(Arc::new(Server {
+                reply,
+                ..Server::default()
+            }))
+            .await;
+            cases.push((url, class, says.to_string()));
+        }
+        // A port nobody listens on.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        cases.push((
+            format!("http://{addr}/moderate"),
+            ErrorClass::Transient,
+            "cannot connect".to_string(),
+        ));
+
+        for (url, class, says) in cases {
+            let mut stage = spec(&url, json!({}))
+                .plan(&schema())
+                .unwrap()
+                .create()
+                .unwrap();
+            let e = stage
+                .process_batch(batch(&[comment(1), comment(2)]), &ctx())
+                .await
+                .unwrap_err();
+            assert_eq!(e.class(), class, "{e}");
+            assert!(e.to_string().contains(&says), "{e}");
+            assert!(e.to_string().contains(&url), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_result_fails_its_row_only() {
+        let url = serve(Arc::new(Server::default())).await;
+        let mut stage = spec(&url, json!({ "columns": ["user_id", "comment"] }))
+            .plan(&schema())
+            .unwrap()
+            .create()
+            .unwrap();
+        let comments = ["fine", "bad", "great!"].map(String::from);
+        let out = stage.process_batch(batch(&comments), &ctx()).await.unwrap();
+        assert_eq!(
+            out.failed,
+            vec![RowFailure {
+                row: 1,
+                class: ErrorClass::Permanent,
+                reason: format!("{url} rejected the row: comment is abusive"),
+            }]
+        );
+        assert_eq!(out.batch.num_rows(), 2);
+        let verdicts = out.batch.column_by_name("verdict").unwrap();
+        assert_eq!(
+            verdicts.as_string::<i32>(),
+            &StringArray::from(vec!["ok", "flag"])
+        );
+        let toxicity = out.batch.column_by_name("toxicity").unwrap();
+        assert_eq!(
+            toxicity.as_primitive::<Float64Type>(),
+            &Float64Array::from(vec![0.04, 0.06])
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_batch_sends_nothing() {
+        let server = Arc::new(Server::default());
+        let url = serve(server.clone()).await;
+        let factory = spec(&url, json!({})).plan(&schema()).unwrap();
+        let out = factory
+            .create()
+            .unwrap()
+            .process_batch(batch(&[]), &ctx())
+            .await
+            .unwrap();
+        assert_eq!(out.batch.num_rows(), 0);
+        assert_eq!(out.batch.schema(), factory.output_schema());
+        assert!(server.sizes.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn plan_checks_columns_types_and_url() {
+        let url = "http://127.0.0.1:9/x";
+        let err = |extra: serde_json::Value| spec(url, extra).plan(&schema()).err().unwrap();
+        let e = err(json!({ "columns": ["user_id", "nope"] }));
+        assert!(e.contains("`nope` is not in the input"), "{e}");
+        let e = err(json!({ "outputs": [{ "name": "x", "type": "decimal" }] }));
+        assert!(e.contains("`decimal` is not supported"), "{e}");
+        let e = err(json!({ "outputs": [{ "name": "comment", "type": "utf8" }] }));
+        assert!(e.contains("already exists"), "{e}");
+        let e = err(json!({ "outputs": [{ "name": "error", "type": "utf8" }] }));
+        assert!(e.contains("reserved"), "{e}");
+        let e = err(json!({ "url": "https://example.com/x" }));
+        assert!(e.contains("no TLS"), "{e}");
+        let e = err(json!({ "max_batch_rows": 0 }));
+        assert!(e.contains("max_batch_rows"), "{e}");
+
+        let parsed: Result<Http, _> =
+            serde_json::from_value(json!({ "url": url, "outputs": [], "colums": ["a"] }));
+        assert!(parsed.is_err());
+        let defaults = spec(url, json!({}));
+        assert_eq!(
+            (
+                defaults.max_batch_rows,
+                defaults.concurrency,
+                defaults.timeout
+            ),
+            (500, 4, Duration::from_secs(10))
+        );
+    }
+}

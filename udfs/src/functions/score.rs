@@ -1,0 +1,845 @@
+//! `score`: personalized recommendations — for each event, the top-k content by the score of
+//! the user's feature vector against every content vector.
+//!
+//! ```yaml
+//! - name: recommend
+//!   type: function
+//!   function: score
+//!   params:
+//!     model: pipelines/models/recs/model.json   # or .parquet
+//!     user: user_id                # the per-user cache's key
+//!     features: profile_features   # the user's feature vector (list of numbers), e.g. from `enrich`
+//!     k: 10
+//!     cache: { max_entries: 100000, ttl: 5m }
+//!     output: recommendations      # → recommendations, recommendations_scores, recommendations_source
+//! ```
+//!
+//! The model is `score(user, title) = Σ_f weight[f] · user[f] · title[f]`. It is loaded once
+//! and laid out feature-major with the weights folded in, so that scoring one user against
+//! every title is `F` passes of `scores += user[f] · row[f]` over contiguous memory — a loop
+//! the compiler turns into SIMD (AVX2 with FMA when the CPU has it, chosen at run time) —
+//! followed by a top-k selection in place. Nothing is allocated per row: scores, the top-k
+//! and the per-user cache live in buffers made once per worker.
+//!
+//! Each row says where its list came from in `<output>_source`, as a recommender's logs do:
+//! `generated` (scored now), `cache` (scored for this user within `ttl`), or `fallback` (the
+//! user has no feature vector: the most popular titles).
+//!
+//! Model files: JSON `{"weights": [F numbers], "content": [{"id": 7, "vector": [F numbers],
+//! "popularity": 0.3}, …]}`; or Parquet with columns `id` (integer), `vector` (list of
+//! numbers), `popularity` (optional number) and the weights as JSON in the file's key-value
+//! metadata under `weights`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float32Array, Int64Array, ListArray, RecordBatch, StringArray,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Float32Type, SchemaRef};
+use async_trait::async_trait;
+use serde::Deserialize;
+use sluice_engine::config::{Duration, Location, Node, Problems};
+use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
+use sluice_engine::stats::RunStats;
+use sluice_engine::{Error, ErrorClass, Result};
+
+use super::{FunctionSpec, Params, assemble, extend_schema};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Score {
+    /// The model file (.json or .parquet).
+    model: PathBuf,
+    /// The user id column (integer or text): the per-user cache's key.
+    user: String,
+    /// The user's feature vector: a list of numbers, null when the user has no profile.
+    features: String,
+    /// How many titles to recommend.
+    #[serde(default = "default_k")]
+    k: usize,
+    #[serde(default)]
+    cache: CacheConfig,
+    /// The name of the recommendations column; `<output>_scores` and `<output>_source`
+    /// come with it.
+    #[serde(default = "default_output")]
+    output: String,
+}
+
+fn default_k() -> usize {
+    10
+}
+
+fn default_output() -> String {
+    "recommendations".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheConfig {
+    /// Users held per worker; 0 turns the cache off.
+    #[serde(default = "default_max_entries")]
+    max_entries: usize,
+    #[serde(default = "default_ttl")]
+    ttl: Duration,
+}
+
+fn default_max_entries() -> usize {
+    100_000
+}
+
+fn default_ttl() -> Duration {
+    Duration(std::time::Duration::from_secs(300))
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: default_max_entries(),
+            ttl: default_ttl(),
+        }
+    }
+}
+
+impl Params for Score {
+    fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
+        if self.k == 0 {
+            problems.at_key(node, path, "k", "must be at least 1");
+        }
+    }
+}
+
+impl FunctionSpec for Score {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+        let user = input
+            .field_with_name(&self.user)
+            .map_err(|_| format!("the user column `{}` is not in the input", self.user))?;
+        if !(user.data_type().is_integer()
+            || matches!(user.data_type(), DataType::Utf8 | DataType::LargeUtf8))
+        {
+            return Err(format!(
+                "the user column `{}` is {}; it must be text or an integer",
+                self.user,
+                user.data_type()
+            ));
+        }
+        let features = input.field_with_name(&self.features).map_err(|_| {
+            format!(
+                "the features column `{}` is not in the input",
+                self.features
+            )
+        })?;
+        let numeric_list = match features.data_type() {
+            DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+                f.data_type().is_numeric()
+            }
+            _ => false,
+        };
+        if !numeric_list {
+            return Err(format!(
+                "the features column `{}` is {}; it must be a list of numbers",
+                self.features,
+                features.data_type()
+            ));
+        }
+        let model = Model::load(&self.model, self.k)?;
+        let output = extend_schema(
+            input,
+            &[
+                (self.output.as_str(), list_of(DataType::Int64)),
+                (
+                    &format!("{}_scores", self.output),
+                    list_of(DataType::Float32),
+                ),
+                (&format!("{}_source", self.output), DataType::Utf8),
+            ],
+        )?;
+        Ok(Arc::new(ScoreFactory {
+            model: Arc::new(model),
+            user: self.user.clone(),
+            features: self.features.clone(),
+            cache: self.cache.clone(),
+            output,
+        }))
+    }
+}
+
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(item, true)))
+}
+
+/// The model, laid out for scoring.
+pub struct Model {
+    features: usize,
+    ids: Vec<i64>,
+    /// Feature-major: row `f` holds `weight[f] · title[f]` for every title.
+    by_feature: Vec<f32>,
+    /// Indices of the `k` most popular titles, and their popularity.
+    popular: Vec<u32>,
+    popular_scores: Vec<f32>,
+    /// Titles per list: `k`, or fewer when there are fewer titles.
+    k: usize,
+}
+
+#[derive(Deserialize)]
+struct ModelFile {
+    weights: Vec<f32>,
+    content: Vec<ContentEntry>,
+}
+
+#[derive(Deserialize)]
+struct ContentEntry {
+    id: i64,
+    vector: Vec<f32>,
+    #[serde(default)]
+    popularity: f32,
+}
+
+impl Model {
+    pub fn load(path: &Path, k: usize) -> Result<Model, String> {
+        let at = path.display();
+        let file = match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => {
+                let text = std::fs::read(path).map_err(|e| format!("model {at}: {e}"))?;
+                serde_json::from_slice::<ModelFile>(&text)
+                    .map_err(|e| format!("model {at} is not a model file: {e}"))?
+            }
+            Some("parquet") => read_parquet(path).map_err(|e| format!("model {at}: {e}"))?,
+            _ => return Err(format!("model {at}: use a .json or .parquet file")),
+        };
+        Model::new(file.weights, file.content, k).map_err(|e| format!("model {at}: {e}"))
+    }
+
+    fn new(weights: Vec<f32>, content: Vec<ContentEntry>, k: usize) -> Result<Model, String> {
+        let f = weights.len();
+        if f == 0 || content.is_empty() {
+            return Err("it needs weights and at least one title".into());
+        }
+        let t = content.len();
+        let mut by_feature = vec![0f32; f * t];
+        for (j, title) in content.iter().enumerate() {
+            if title.vector.len() != f {
+                return Err(format!(
+                    "title {} has {} features, the weights {f}",
+                    title.id,
+                    title.vector.len()
+                ));
+            }
+            for (i, v) in title.vector.iter().enumerate() {
+                by_feature[i * t + j] = weights[i] * v;
+            }
+        }
+        let k = k.min(t);
+        let popularity: Vec<f32> = content.iter().map(|c| c.popularity).collect();
+        let mut popular = vec![0u32; k];
+        let mut popular_scores = vec![0f32; k];
+        top_k(&popularity, &mut popular, &mut popular_scores);
+        Ok(Model {
+            features: f,
+            ids: content.iter().map(|c| c.id).collect(),
+            by_feature,
+            popular,
+            popular_scores,
+            k,
+        })
+    }
+
+    fn titles(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Every title's score for `user`, into `out` (one per title).
+    fn score_all(&self, user: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            unsafe { score_all_avx2(user, &self.by_feature, out) };
+            return;
+        }
+        score_all_portable::<false>(user, &self.by_feature, out);
+    }
+}
+
+/// `out[j] = Σ_f user[f] · by_feature[f][j]`: one contiguous pass per feature, no horizontal
+/// sums, so each pass is plain SIMD over the titles.
+#[inline(always)]
+fn score_all_portable<const FMA: bool>(user: &[f32], by_feature: &[f32], out: &mut [f32]) {
+    let t = out.len();
+    out.fill(0.0);
+    for (f, &u) in user.iter().enumerate() {
+        let row = &by_feature[f * t..(f + 1) * t];
+        for (o, &c) in out.iter_mut().zip(row) {
+            *o = if FMA { u.mul_add(c, *o) } else { *o + u * c };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn score_all_avx2(user: &[f32], by_feature: &[f32], out: &mut [f32]) {
+    score_all_portable::<true>(user, by_feature, out);
+}
+
+/// The `ids.len()` highest of `scores`, best first, into `ids` (indices) and `best`; of
+/// equal scores the lower index comes first. NaN scores are never chosen.
+fn top_k(scores: &[f32], ids: &mut [u32], best: &mut [f32]) {
+    let k = ids.len();
+    let mut filled = 0;
+    for (j, &s) in scores.iter().enumerate() {
+        if s.is_nan() || (filled == k && s <= best[k - 1]) {
+            continue;
+        }
+        // After every score >= s: equal scores keep their order (lower index first).
+        let mut at = filled.min(k - 1);
+        while at > 0 && best[at - 1] < s {
+            at -= 1;
+        }
+        let end = filled.min(k - 1);
+        ids.copy_within(at..end, at + 1);
+        best.copy_within(at..end, at + 1);
+        ids[at] = j as u32;
+        best[at] = s;
+        filled = (filled + 1).min(k);
+    }
+}
+
+fn read_parquet(path: &Path) -> Result<ModelFile, Box<dyn std::error::Error + Send + Sync>> {
+    let file = std::fs::File::open(path)?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let weights = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|e| e.key == "weights"))
+        .and_then(|e| e.value.clone())
+        .ok_or("no `weights` in the file's key-value metadata")?;
+    let weights: Vec<f32> = serde_json::from_str(&weights)?;
+    let mut content = Vec::new();
+    for batch in builder.build()? {
+        let batch = batch?;
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| format!("no column `{name}`"))
+        };
+        let ids = cast(column("id")?, &DataType::Int64)?;
+        let vectors = cast(column("vector")?, &list_of(DataType::Float32))?;
+        let popularity = match batch.column_by_name("popularity") {
+            Some(p) => cast(p, &DataType::Float32)?,
+            None => Arc::new(Float32Array::from(vec![0.0; batch.num_rows()])),
+        };
+        let (ids, vectors, popularity) = (
+            ids.as_primitive::<arrow::datatypes::Int64Type>(),
+            vectors.as_list::<i32>(),
+            popularity.as_primitive::<Float32Type>(),
+        );
+        for row in 0..batch.num_rows() {
+            let vector = vectors.value(row);
+            content.push(ContentEntry {
+                id: ids.value(row),
+                vector: vector.as_primitive::<Float32Type>().values().to_vec(),
+                popularity: popularity.value(row),
+            });
+        }
+    }
+    Ok(ModelFile { weights, content })
+}
+
+struct ScoreFactory {
+    model: Arc<Model>,
+    user: String,
+    features: String,
+    cache: CacheConfig,
+    output: SchemaRef,
+}
+
+impl StageFactory for ScoreFactory {
+    fn output_schema(&self) -> SchemaRef {
+        self.output.clone()
+    }
+
+    fn create(&self) -> Result<Box<dyn Stage>> {
+        let model = &self.model;
+        Ok(Box::new(ScoreStage {
+            model: model.clone(),
+            user: self.user.clone(),
+            features: self.features.clone(),
+            scores: vec![0.0; model.titles()],
+            top: vec![0; model.k],
+            top_scores: vec![0.0; model.k],
+            cache: UserCache::new(self.cache.max_entries, model.k, self.cache.ttl.get()),
+            output: self.output.clone(),
+        }))
+    }
+}
+
+struct ScoreStage {
+    model: Arc<Model>,
+    user: String,
+    features: String,
+    /// Scratch: every title's score for the current user, and the top-k.
+    scores: Vec<f32>,
+    top: Vec<u32>,
+    top_scores: Vec<f32>,
+    cache: UserCache,
+    output: SchemaRef,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    Generated,
+    Cache,
+    Fallback,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Generated => "generated",
+            Source::Cache => "cache",
+            Source::Fallback => "fallback",
+        }
+    }
+}
+
+#[async_trait]
+impl Stage for ScoreStage {
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        ctx: &StageContext,
+    ) -> Result<StageOutput> {
+        let n = batch.num_rows();
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| Error::Internal(format!("column `{name}` missing")))
+        };
+        let users = user_keys(&column(&self.user)?)?;
+        let features = cast(&column(&self.features)?, &list_of(DataType::Float32))
+            .map_err(|e| Error::arrow("reading feature vectors", e))?;
+        let features = features.as_list::<i32>();
+        let values = features.values().as_primitive::<Float32Type>();
+        let offsets = features.value_offsets();
+        let (model, k, f) = (self.model.clone(), self.model.k, self.model.features);
+
+        let mut ids: Vec<i64> = Vec::with_capacity(n * k);
+        let mut scores: Vec<f32> = Vec::with_capacity(n * k);
+        let mut sources: Vec<&'static str> = Vec::with_capacity(n);
+        let mut failed = Vec::new();
+        let (mut hits, mut misses) = (0u64, 0u64);
+        let now = Instant::now();
+        for row in 0..n {
+            let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+            let source = if features.is_null(row) || start == end {
+                Source::Fallback
+            } else if end - start != f {
+                failed.push(RowFailure {
+                    row,
+                    class: ErrorClass::Permanent,
+                    reason: format!(
+                        "`{}` has {} values; the model has {f} features",
+                        self.features,
+                        end - start
+                    ),
+                });
+                Source::Fallback
+            } else {
+                let vector = &values.values()[start..end];
+                if vector.iter().any(|v| !v.is_finite())
+                    || values
+                        .nulls()
+                        .is_some_and(|nulls| (start..end).any(|i| nulls.is_null(i)))
+                {
+                    failed.push(RowFailure {
+                        row,
+                        class: ErrorClass::Permanent,
+                        reason: format!("`{}` holds a null or non-finite value", self.features),
+                    });
+                    Source::Fallback
+                } else {
+                    let key = users.get(row);
+                    match key.and_then(|key| self.cache.get(key, now)) {
+                        Some(slot) => {
+                            hits += 1;
+                            let (cached_ids, cached_scores) = self.cache.entry(slot);
+                            ids.extend(cached_ids.iter().map(|&i| model.ids[i as usize]));
+                            scores.extend_from_slice(cached_scores);
+                            sources.push(Source::Cache.as_str());
+                            continue;
+                        }
+                        None => {
+                            misses += 1;
+                            model.score_all(vector, &mut self.scores);
+                            top_k(&self.scores, &mut self.top, &mut self.top_scores);
+                            if let Some(key) = key {
+                                self.cache.insert(key, now, &self.top, &self.top_scores);
+                            }
+                            ids.extend(self.top.iter().map(|&i| model.ids[i as usize]));
+                            scores.extend_from_slice(&self.top_scores);
+                            sources.push(Source::Generated.as_str());
+                            continue;
+                        }
+                    }
+                }
+            };
+            debug_assert!(source == Source::Fallback);
+            ids.extend(model.popular.iter().map(|&i| model.ids[i as usize]));
+            scores.extend_from_slice(&model.popular_scores);
+            sources.push(source.as_str());
+        }
+        let stats = ctx.stage_stats();
+        RunStats::add(&stats.cache_hits, hits);
+        RunStats::add(&stats.cache_misses, misses);
+
+        let offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(k, n));
+        let lists: Vec<ArrayRef> = vec![
+            Arc::new(ListArray::new(
+                Arc::new(Field::new_list_field(DataType::Int64, true)),
+                offsets.clone(),
+                Arc::new(Int64Array::from(ids)),
+                None,
+            )),
+            Arc::new(ListArray::new(
+                Arc::new(Field::new_list_field(DataType::Float32, true)),
+                offsets,
+                Arc::new(Float32Array::from(scores)),
+                None,
+            )),
+            Arc::new(StringArray::from(sources)),
+        ];
+        Ok(StageOutput {
+            batch: assemble(&self.output, &batch, lists, &failed)?,
+            failed,
+        })
+    }
+}
+
+/// User ids as cache keys: integers as they are, text by its 64-bit hash.
+enum UserKeys {
+    Int(Int64Array),
+    Text(arrow::array::StringArray),
+}
+
+impl UserKeys {
+    fn get(&self, row: usize) -> Option<u64> {
+        match self {
+            UserKeys::Int(a) => a.is_valid(row).then(|| a.value(row) as u64),
+            UserKeys::Text(a) => a
+                .is_valid(row)
+                .then(|| xxhash_rust::xxh3::xxh3_64(a.value(row).as_bytes())),
+        }
+    }
+}
+
+fn user_keys(column: &ArrayRef) -> Result<UserKeys> {
+    if column.data_type().is_integer() {
+        let ints =
+            cast(column, &DataType::Int64).map_err(|e| Error::arrow("reading user ids", e))?;
+        return Ok(UserKeys::Int(ints.as_primitive().clone()));
+    }
+    let text = cast(column, &DataType::Utf8).map_err(|e| Error::arrow("reading user ids", e))?;
+    Ok(UserKeys::Text(text.as_string::<i32>().clone()))
+}
+
+/// A fixed-size cache of each user's top-k, made once per worker: slots in flat arrays,
+/// overwritten oldest first, entries trusted for `ttl`. Inserting allocates nothing.
+struct UserCache {
+    slot_of: HashMap<u64, u32>,
+    keys: Vec<u64>,
+    born: Vec<Option<Instant>>,
+    ids: Vec<u32>,
+    scores: Vec<f32>,
+    k: usize,
+    next: usize,
+    ttl: std::time::Duration,
+}
+
+impl UserCache {
+    fn new(capacity: usize, k: usize, ttl: std::time::Duration) -> Self {
+        UserCache {
+            slot_of: HashMap::with_capacity(capacity),
+            keys: vec![0; capacity],
+            born: vec![None; capacity],
+            ids: vec![0; capacity * k],
+            scores: vec![0.0; capacity * k],
+            k,
+            next: 0,
+            ttl,
+        }
+    }
+
+    fn get(&self, key: u64, now: Instant) -> Option<usize> {
+        let slot = *self.slot_of.get(&key)? as usize;
+        let born = self.born[slot]?;
+        (now.duration_since(born) < self.ttl).then_some(slot)
+    }
+
+    fn entry(&self, slot: usize) -> (&[u32], &[f32]) {
+        let range = slot * self.k..(slot + 1) * self.k;
+        (&self.ids[range.clone()], &self.scores[range])
+    }
+
+    fn insert(&mut self, key: u64, now: Instant, ids: &[u32], scores: &[f32]) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let slot = match self.slot_of.get(&key) {
+            Some(&slot) => slot as usize,
+            None => {
+                let slot = self.next;
+                self.next = (self.next + 1) % self.keys.len();
+                if self.born[slot].is_some() {
+                    self.slot_of.remove(&self.keys[slot]);
+                }
+                self.slot_of.insert(key, slot as u32);
+                self.keys[slot] = key;
+                slot
+            }
+        };
+        self.born[slot] = Some(now);
+        let range = slot * self.k..(slot + 1) * self.k;
+        self.ids[range.clone()].copy_from_slice(ids);
+        self.scores[range].copy_from_slice(scores);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float32Builder, ListBuilder};
+    use arrow::datatypes::Schema;
+
+    fn random_model(
+        rng: &mut fastrand::Rng,
+        titles: usize,
+        f: usize,
+        k: usize,
+    ) -> (Model, Vec<f32>, Vec<Vec<f32>>) {
+        let weights: Vec<f32> = (0..f).map(|_| rng.f32() * 2.0 - 0.5).collect();
+        let vectors: Vec<Vec<f32>> = (0..titles)
+            .map(|_| (0..f).map(|_| rng.f32() * 2.0 - 1.0).collect())
+            .collect();
+        let content = vectors
+            .iter()
+            .enumerate()
+            .map(|(j, v)| ContentEntry {
+                id: 1000 + j as i64,
+                vector: v.clone(),
+                popularity: rng.f32(),
+            })
+            .collect();
+        (
+            Model::new(weights.clone(), content, k).unwrap(),
+            weights,
+            vectors,
+        )
+    }
+
+    /// The definition, computed the slow way: every score in f64, sorted.
+    fn naive(user: &[f32], weights: &[f32], vectors: &[Vec<f32>], k: usize) -> Vec<(usize, f64)> {
+        let mut all: Vec<(usize, f64)> = vectors
+            .iter()
+            .enumerate()
+            .map(|(j, v)| {
+                (
+                    j,
+                    (0..user.len())
+                        .map(|i| weights[i] as f64 * user[i] as f64 * v[i] as f64)
+                        .sum(),
+                )
+            })
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(k);
+        all
+    }
+
+    #[test]
+    fn top_k_equals_a_naive_ranking_on_random_data() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for case in 0..200 {
+            let (titles, f, k) = (rng.usize(1..400), rng.usize(1..40), rng.usize(1..20));
+            let (model, weights, vectors) = random_model(&mut rng, titles, f, k);
+            let user: Vec<f32> = (0..f).map(|_| rng.f32() * 2.0 - 1.0).collect();
+            let mut scores = vec![0.0; titles];
+            model.score_all(&user, &mut scores);
+            let (mut ids, mut best) = (vec![0u32; model.k], vec![0f32; model.k]);
+            top_k(&scores, &mut ids, &mut best);
+            let want = naive(&user, &weights, &vectors, k);
+            assert_eq!(ids.len(), want.len(), "case {case}");
+            for (i, (&got, &(want_id, want_score))) in ids.iter().zip(&want).enumerate() {
+                assert!(
+                    (best[i] as f64 - want_score).abs() < 1e-4,
+                    "case {case} rank {i}: {} vs {want_score}",
+                    best[i]
+                );
+                // Ids may differ only where two titles score the same within rounding.
+                if got as usize != want_id {
+                    let theirs = naive(&user, &weights, &vectors, titles)
+                        .into_iter()
+                        .find(|(j, _)| *j == got as usize)
+                        .unwrap()
+                        .1;
+                    assert!(
+                        (theirs - want_score).abs() < 1e-4,
+                        "case {case} rank {i}: got title {got}, want {want_id}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_prefers_lower_indices_on_ties_and_skips_nan() {
+        let (mut ids, mut best) = (vec![0u32; 3], vec![0f32; 3]);
+        top_k(&[1.0, f32::NAN, 2.0, 2.0, 1.0, 3.0], &mut ids, &mut best);
+        assert_eq!(ids, [5, 2, 3]);
+        assert_eq!(best, [3.0, 2.0, 2.0]);
+    }
+
+    fn events(users: &[i64], vectors: &[Option<Vec<f32>>]) -> RecordBatch {
+        let mut lists = ListBuilder::new(Float32Builder::new());
+        for v in vectors {
+            match v {
+                Some(v) => {
+                    lists.values().append_slice(v);
+                    lists.append(true);
+                }
+                None => lists.append(false),
+            }
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Int64, false),
+            Field::new("features", list_of(DataType::Float32), true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(users.to_vec())),
+                Arc::new(lists.finish()),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn stage(model: Model, input: &SchemaRef) -> (Box<dyn Stage>, SchemaRef) {
+        let output = extend_schema(
+            input,
+            &[
+                ("recs", list_of(DataType::Int64)),
+                ("recs_scores", list_of(DataType::Float32)),
+                ("recs_source", DataType::Utf8),
+            ],
+        )
+        .unwrap();
+        let factory = ScoreFactory {
+            model: Arc::new(model),
+            user: "user_id".into(),
+            features: "features".into(),
+            cache: CacheConfig::default(),
+            output: output.clone(),
+        };
+        (factory.create().unwrap(), output)
+    }
+
+    #[tokio::test]
+    async fn rows_say_whether_they_were_generated_cached_or_fallback() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let (model, weights, vectors) = random_model(&mut rng, 50, 4, 3);
+        let popular = model.popular.clone();
+        let alice = vec![0.5, -0.25, 1.0, 0.75];
+        let batch = events(
+            &[1, 2, 1, 3],
+            &[
+                Some(alice.clone()),
+                None,
+                Some(alice.clone()),
+                Some(vec![1.0, 2.0]),
+            ],
+        );
+        let (mut stage, _) = stage(model, &batch.schema());
+        let ctx = StageContext::detached("recommend");
+        let out = stage.process_batch(batch, &ctx).await.unwrap();
+        // The row with 2 features for a 4-feature model fails on its own.
+        assert_eq!(out.failed.len(), 1);
+        assert_eq!(out.failed[0].row, 3);
+        assert!(
+            out.failed[0].reason.contains("2 values; the model has 4"),
+            "{}",
+            out.failed[0].reason
+        );
+        let b = out.batch;
+        assert_eq!(b.num_rows(), 3);
+        let source = b.column_by_name("recs_source").unwrap().as_string::<i32>();
+        assert_eq!(
+            source.iter().flatten().collect::<Vec<_>>(),
+            ["generated", "fallback", "cache"]
+        );
+        let recs = b.column_by_name("recs").unwrap().as_list::<i32>();
+        let want: Vec<i64> = naive(&alice, &weights, &vectors, 3)
+            .iter()
+            .map(|(j, _)| 1000 + *j as i64)
+            .collect();
+        for row in [0, 2] {
+            assert_eq!(
+                recs.value(row)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
+                    .to_vec(),
+                want
+            );
+        }
+        let fallback: Vec<i64> = popular.iter().map(|&i| 1000 + i as i64).collect();
+        assert_eq!(
+            recs.value(1)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec(),
+            fallback
+        );
+        assert_eq!(RunStats::get(&ctx.stage_stats().cache_hits), 1);
+        assert_eq!(RunStats::get(&ctx.stage_stats().cache_misses), 1);
+    }
+
+    #[test]
+    fn the_user_cache_overwrites_the_oldest_and_expires() {
+        let t0 = Instant::now();
+        let mut cache = UserCache::new(2, 1, std::time::Duration::from_secs(10));
+        cache.insert(1, t0, &[11], &[1.0]);
+        cache.insert(2, t0, &[22], &[2.0]);
+        cache.insert(3, t0, &[33], &[3.0]);
+        assert!(cache.get(1, t0).is_none(), "the oldest went");
+        assert_eq!(cache.entry(cache.get(3, t0).unwrap()).0, [33]);
+        assert!(
+            cache
+                .get(2, t0 + std::time::Duration::from_secs(11))
+                .is_none(),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn model_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        std::fs::write(
+            &path,
+            r#"{"weights": [1, 2], "content": [{"id": 1, "vector": [1, 2, 3]}]}"#,
+        )
+        .unwrap();
+        let err = Model::load(&path, 3).err().unwrap();
+        assert!(
+            err.contains("title 1 has 3 features, the weights 2"),
+            "{err}"
+        );
+        let err = Model::load(&dir.path().join("none.json"), 3).err().unwrap();
+        assert!(err.contains("none.json"), "{err}");
+    }
+}
