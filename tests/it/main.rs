@@ -4,11 +4,14 @@
 mod checkpoint;
 mod cli;
 mod config_errors;
+mod examples;
 mod executor;
 mod failures;
 mod golden;
 mod kafka;
+mod lookups;
 mod pipelines;
+mod services;
 mod sources;
 
 use std::collections::HashMap;
@@ -20,6 +23,14 @@ use sluice::config::{self, PipelineConfig};
 /// The repository root (tests run with it as the working directory).
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A loopback port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// The `sluice` binary built with this test binary.
@@ -60,6 +71,17 @@ pub fn read_lines(dir: &Path) -> Vec<String> {
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         })
+        .collect()
+}
+
+/// Every line of every file in `dir` as JSON; none when `dir` was never made.
+pub fn json_lines(dir: &Path) -> Vec<serde_json::Value> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    read_lines(dir)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 

@@ -10,7 +10,7 @@
 //! points at another build.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -52,13 +52,6 @@ fn tansu_binary() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 impl Broker {
     pub fn start() -> Broker {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
@@ -70,7 +63,7 @@ impl Broker {
                 prefix,
             };
         }
-        let port = free_port();
+        let port = crate::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let process = Command::new(tansu_binary())
             .args([

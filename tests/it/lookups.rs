@@ -1,0 +1,307 @@
+//! `enrich` against real Redis and PostgreSQL servers: correct values, cache hits counted,
+//! missing keys handled per policy, and a server restart in the middle of a run survived.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sluice_engine::stats::RunStats;
+
+use crate::services::{PostgresServer, RedisServer};
+use crate::{json_lines, run_yaml};
+
+/// Users 1..=1000 appear in the events; those divisible by 5 have no profile.
+const USERS: i64 = 1000;
+
+fn has_profile(user: i64) -> bool {
+    user % 5 != 0
+}
+
+fn plan_of(user: i64) -> &'static str {
+    ["basic", "standard", "premium"][(user % 3) as usize]
+}
+
+/// A generator pipeline with one `enrich` stage; `lookup` is the stage's lookup and policy.
+fn pipeline(out: &std::path::Path, count: u64, rate: Option<u32>, lookup: &str) -> String {
+    let rate = rate.map(|r| format!("rate: {r}")).unwrap_or_default();
+    format!(
+        "
+name: lookups
+source:
+  type: generator
+  partitions: 2
+  count: {count}
+  {rate}
+  users: {USERS}
+  titles: 100
+  seed: 5
+  batch_size: 500
+  batch_window: 20ms
+stages:
+  - name: profile
+    type: function
+    function: enrich
+    retry: {{ max_attempts: 100, initial_backoff: 50ms, max_backoff: 500ms }}
+    params:
+      key: user_id
+{lookup}
+sink:
+  type: file
+  path: {out}/rows
+  format: jsonl
+dead_letter:
+  type: file
+  path: {out}/dead
+  format: jsonl
+",
+        out = out.display()
+    )
+}
+
+fn load_redis(redis: &RedisServer, json: bool) {
+    let mut c = redis.connection();
+    let mut pipe = redis::pipe();
+    for user in (1..=USERS).filter(|u| has_profile(*u)) {
+        if json {
+            let value = format!(
+                r#"{{"plan": "{}", "age": {}}}"#,
+                plan_of(user),
+                20 + user % 50
+            );
+            pipe.cmd("SET")
+                .arg(format!("profile:{user}"))
+                .arg(value)
+                .ignore();
+        } else {
+            pipe.cmd("HSET")
+                .arg(format!("profile:{user}"))
+                .arg("plan")
+                .arg(plan_of(user))
+                .arg("age")
+                .arg(20 + user % 50)
+                .ignore();
+        }
+    }
+    let () = pipe.query(&mut c).unwrap();
+}
+
+/// Every row has its user's profile, or the policy's answer for users without one.
+fn check_enriched(rows: &[serde_json::Value], defaults: bool) {
+    for row in rows {
+        let user = row["user_id"].as_i64().unwrap();
+        if has_profile(user) {
+            assert_eq!(row["profile_plan"], plan_of(user), "{row}");
+            assert_eq!(row["profile_age"], 20 + user % 50, "{row}");
+        } else if defaults {
+            assert_eq!(row["profile_plan"], "free", "{row}");
+            assert!(row["profile_age"].is_null(), "{row}");
+        } else {
+            panic!("user {user} has no profile and should have failed: {row}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_hashes_enrich_every_row_and_the_cache_answers_repeats() {
+    let redis = RedisServer::start();
+    load_redis(&redis, false);
+    let dir = tempfile::tempdir().unwrap();
+    let lookup = format!(
+        "      redis: {{ url: \"{}\", key_prefix: \"profile:\" }}
+      columns:
+        - {{ name: plan, type: utf8 }}
+        - {{ name: age, type: int64 }}
+      prefix: profile_
+      on_missing: default
+      defaults: {{ plan: free }}",
+        redis.url()
+    );
+    let (stats, _) = run_yaml(&pipeline(dir.path(), 20_000, None, &lookup), &[])
+        .await
+        .unwrap();
+    let rows = json_lines(&dir.path().join("rows"));
+    assert_eq!(rows.len(), 20_000);
+    check_enriched(&rows, true);
+    assert!(rows.iter().any(|r| r["profile_plan"] == "free"));
+    let stage = &stats.stages[0];
+    let (hits, misses) = (
+        RunStats::get(&stage.cache_hits),
+        RunStats::get(&stage.cache_misses),
+    );
+    assert_eq!(hits + misses, 20_000);
+    // Each user is fetched once (twice at most when two workers ask at the same moment).
+    assert!(
+        misses <= 2 * USERS as u64,
+        "{misses} misses for {USERS} users"
+    );
+    assert!(hits >= 20_000 - 2 * USERS as u64, "{hits} hits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_enrich_and_missing_keys_go_to_the_dead_letters() {
+    let pg = PostgresServer::start();
+    pg.sql(
+        "CREATE TABLE profiles (user_id bigint PRIMARY KEY, plan text, age int, features real[]);
+         INSERT INTO profiles
+           SELECT u, (ARRAY['basic','standard','premium'])[u % 3 + 1], 20 + u % 50, ARRAY[u, u / 2.0]::real[]
+           FROM generate_series(1, 1000) u WHERE u % 5 <> 0;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lookup = format!(
+        "      postgres: {{ url: \"{}\", table: profiles, pool_size: 2 }}
+      columns:
+        - {{ name: plan, type: utf8 }}
+        - {{ name: age, type: int64 }}
+        - {{ name: features, type: list, items: {{ type: float32 }} }}
+      prefix: profile_
+      on_missing: fail",
+        pg.url()
+    );
+    let (stats, _) = run_yaml(&pipeline(dir.path(), 10_000, None, &lookup), &[])
+        .await
+        .unwrap();
+    let rows = json_lines(&dir.path().join("rows"));
+    let dead = json_lines(&dir.path().join("dead"));
+    assert_eq!(
+        rows.len() + dead.len(),
+        10_000,
+        "every record out or dead-lettered"
+    );
+    check_enriched(&rows, false);
+    for row in &rows {
+        let user = row["user_id"].as_i64().unwrap() as f64;
+        assert_eq!(
+            row["profile_features"],
+            serde_json::json!([user, user / 2.0]),
+            "{row}"
+        );
+    }
+    assert!(!dead.is_empty());
+    for letter in &dead {
+        let payload: serde_json::Value =
+            serde_json::from_str(letter["payload"].as_str().unwrap()).unwrap();
+        let user = payload["user_id"].as_i64().unwrap();
+        assert!(!has_profile(user), "user {user} has a profile: {letter}");
+        assert_eq!(letter["stage"], "profile");
+        assert_eq!(letter["error_class"], "permanent");
+        let error = letter["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!(
+                "no entry for user_id = {user} in PostgreSQL table `profiles`"
+            )),
+            "{error}"
+        );
+    }
+    let stage = &stats.stages[0];
+    assert!(RunStats::get(&stage.cache_hits) > 5_000);
+    assert_eq!(RunStats::get(&stage.dead_letters), dead.len() as u64);
+}
+
+/// Runs a rate-limited pipeline looking up in `source` (a `redis:` or `postgres:` line)
+/// with the cache off, so that every batch asks the server, and restarts the server while
+/// it runs: every record must come out, enriched.
+async fn survives_a_restart<S: Send + 'static>(
+    source: String,
+    mut server: S,
+    restart: fn(&mut S, Duration),
+) {
+    let lookup = format!(
+        "      {source}
+      columns:
+        - {{ name: plan, type: utf8 }}
+        - {{ name: age, type: int64 }}
+      prefix: profile_
+      cache: {{ max_entries: 0 }}
+      on_missing: default
+      defaults: {{ plan: free }}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = pipeline(dir.path(), 8_000, Some(2_000), &lookup);
+    let restarter = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(1_200));
+        restart(&mut server, Duration::from_millis(1_500));
+        server
+    });
+    let (stats, _) = run_yaml(&yaml, &[]).await.unwrap();
+    drop(restarter.await.unwrap());
+    let rows = json_lines(&dir.path().join("rows"));
+    assert_eq!(rows.len(), 8_000, "no record lost");
+    check_enriched(&rows, true);
+    let retries = RunStats::get(&stats.stages[0].retries);
+    assert!(retries > 0, "the restart should have failed some calls");
+    assert_eq!(RunStats::get(&stats.records_dead_lettered), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_run_is_waited_out() {
+    let redis = RedisServer::start();
+    load_redis(&redis, true);
+    let source = format!(
+        "redis: {{ url: \"{}\", key_prefix: \"profile:\", format: json }}",
+        redis.url()
+    );
+    survives_a_restart(source, redis, RedisServer::restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_run_is_waited_out() {
+    let pg = PostgresServer::start();
+    pg.sql(
+        "CREATE TABLE profiles (id text PRIMARY KEY, plan text, age bigint);
+         INSERT INTO profiles
+           SELECT u::text, (ARRAY['basic','standard','premium'])[u % 3 + 1], 20 + u % 50
+           FROM generate_series(1, 1000) u WHERE u % 5 <> 0;",
+    );
+    let source = format!(
+        "postgres: {{ url: \"{}\", table: profiles, key: id }}",
+        pg.url()
+    );
+    survives_a_restart(source, pg, PostgresServer::restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_table_is_joined_and_reloaded_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("profiles.csv");
+    let path = table.clone();
+    let write = move |plan: &str| {
+        let mut csv = String::from("user_id,plan,age\n");
+        for user in (1..=USERS).filter(|u| has_profile(*u)) {
+            csv.push_str(&format!("{user},{plan},{}\n", 20 + user % 50));
+        }
+        std::fs::write(&path, csv).unwrap();
+    };
+    write("old");
+    let lookup = format!(
+        "      file: {{ path: \"{}\", reload_every: 100ms }}
+      prefix: profile_",
+        table.display()
+    );
+    let yaml = pipeline(dir.path(), 12_000, Some(4_000), &lookup);
+    let rewrite = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(1_000));
+        // A new modification time, as a deploy of the table would give.
+        std::thread::sleep(Duration::from_millis(10));
+        write("new");
+    });
+    run_yaml(&yaml, &[]).await.unwrap();
+    rewrite.await.unwrap();
+    let rows = json_lines(&dir.path().join("rows"));
+    assert_eq!(rows.len(), 12_000);
+    let mut plans: HashMap<String, usize> = HashMap::new();
+    for row in &rows {
+        let user = row["user_id"].as_i64().unwrap();
+        if has_profile(user) {
+            assert_eq!(row["profile_age"], 20 + user % 50, "{row}");
+            *plans
+                .entry(row["profile_plan"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        } else {
+            assert!(row["profile_plan"].is_null(), "{row}");
+        }
+    }
+    assert!(plans.get("old").copied().unwrap_or(0) > 0, "{plans:?}");
+    assert!(
+        plans.get("new").copied().unwrap_or(0) > 0,
+        "reloaded: {plans:?}"
+    );
+}

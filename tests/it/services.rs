@@ -1,0 +1,234 @@
+//! Real Redis and PostgreSQL servers for the lookup tests, one process per test on a free
+//! loopback port, from the Debian packages `make test` installs (`redis-server`,
+//! `postgresql`). Each can be restarted mid-test; its data survives (Redis with an
+//! always-fsynced append-only file, PostgreSQL in its data directory).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop(child: &mut Child, signal: i32) {
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let _ = child.wait();
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    dir: TempDir,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = crate::free_port();
+        let child = Self::spawn(port, dir.path());
+        RedisServer { port, dir, child }
+    }
+
+    fn spawn(port: u16, dir: &Path) -> Child {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--dir", dir.to_str().unwrap()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; `make test` installs it)");
+        wait_for_port(port, "redis-server");
+        child
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Kills the server, keeps it down for `down`, and starts it again on the same port.
+    pub fn restart(&mut self, down: Duration) {
+        stop(&mut self.child, libc::SIGKILL);
+        std::thread::sleep(down);
+        self.child = Self::spawn(self.port, self.dir.path());
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        stop(&mut self.child, libc::SIGKILL);
+    }
+}
+
+pub struct PostgresServer {
+    pub port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+    /// Who the server runs as: PostgreSQL refuses to run as root.
+    owner: Option<(u32, u32)>,
+    child: Child,
+}
+
+/// The newest installed PostgreSQL's programs (`/usr/lib/postgresql/<version>/bin`).
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL (Debian package postgresql; `make test` installs it)")
+        .map(|e| e.unwrap().path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+    });
+    versions
+        .pop()
+        .expect("a PostgreSQL server under /usr/lib/postgresql")
+}
+
+fn id_of(flag: &str) -> u32 {
+    let out = Command::new("id")
+        .args([flag, "postgres"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a `postgres` user")
+}
+
+impl PostgresServer {
+    pub fn start() -> PostgresServer {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = postgres_bin();
+        let owner = (unsafe { libc::geteuid() } == 0).then(|| (id_of("-u"), id_of("-g")));
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-D", dir.path().join("data").to_str().unwrap()])
+            .args(["-U", "sluice", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null());
+        if let Some((uid, gid)) = owner {
+            initdb.uid(uid).gid(gid);
+        }
+        let out = initdb.output().unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = crate::free_port();
+        let child = Self::spawn(&bin, dir.path(), port, owner);
+        PostgresServer {
+            port,
+            dir,
+            bin,
+            owner,
+            child,
+        }
+    }
+
+    fn spawn(bin: &Path, dir: &Path, port: u16, owner: Option<(u32, u32)>) -> Child {
+        use std::os::unix::process::CommandExt;
+        let mut postgres = Command::new(bin.join("postgres"));
+        postgres
+            .args(["-D", dir.join("data").to_str().unwrap()])
+            .args(["-p", &port.to_string(), "-k", dir.to_str().unwrap()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = owner {
+            postgres.uid(uid).gid(gid);
+        }
+        let child = postgres.spawn().expect("start postgres");
+        wait_for_port(port, "postgres");
+        // Listening comes before accepting connections: wait until a query works.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = Self::url_for(port);
+        loop {
+            let ok = Command::new(bin.join("psql"))
+                .args([url.as_str(), "-qAt", "-c", "select 1"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not accept connections"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child
+    }
+
+    fn url_for(port: u16) -> String {
+        format!("postgres://sluice@127.0.0.1:{port}/postgres")
+    }
+
+    pub fn url(&self) -> String {
+        Self::url_for(self.port)
+    }
+
+    /// Runs SQL with psql; panics with its error.
+    pub fn sql(&self, sql: &str) {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                self.url().as_str(),
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server (fast shutdown), keeps it down for `down`, starts it again.
+    pub fn restart(&mut self, down: Duration) {
+        stop(&mut self.child, libc::SIGINT);
+        std::thread::sleep(down);
+        self.child = Self::spawn(&self.bin, self.dir.path(), self.port, self.owner);
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        stop(&mut self.child, libc::SIGQUIT);
+    }
+}
