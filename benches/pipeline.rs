@@ -9,6 +9,14 @@
 //! - `kafka_decode`: Kafka message payloads (JSON view events, as the Kafka sink writes them,
 //!   ~150 bytes) into one Arrow batch, no network: the sonic-rs fast path against arrow-json.
 //!
+//! - `score`: personalization — 8192 events of users drawn from 100,000, each with a
+//!   32-feature taste vector, scored against 1,000 titles for the top 10; `generated` with
+//!   the per-user cache off (every event scored), `cached` once every user is in the cache.
+//! - `enrich`: a lookup join of 8192 events keyed by user (100,000 users) — against a file
+//!   table, and against a local Redis (started by the bench when `redis-server` is installed)
+//!   with every key in the cache (`redis_cache_hits`) and with the cache off
+//!   (`redis_cache_misses`: one pipelined HGETALL round trip per batch).
+//!
 //! Every group reports records/s (`Throughput::Elements`).
 
 use std::sync::Arc;
@@ -72,11 +80,7 @@ fn bench_sql_stage(c: &mut Criterion) {
         ))
         .unwrap();
     let mut stage = factory.create().unwrap();
-    let ctx = StageContext {
-        pipeline: "bench".into(),
-        stage: "filter".into(),
-        worker: 0,
-    };
+    let ctx = StageContext::detached("filter");
     rt.block_on(stage.open(&ctx)).unwrap();
     let mut group = c.benchmark_group("sql_stage");
     for rows in [8192usize, 65536] {
@@ -203,8 +207,239 @@ fn bench_kafka_decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// One planned function stage, from its YAML (as under `stages:`), on `input`.
+fn function_stage(
+    rt: &tokio::runtime::Runtime,
+    stage_yaml: &str,
+    input: arrow::datatypes::SchemaRef,
+) -> Box<dyn sluice_engine::stage::Stage> {
+    let yaml = format!(
+        "name: bench\nsource: {{ type: generator }}\nstages:\n{stage_yaml}\nsink: {{ type: null }}\n"
+    );
+    let config = sluice::config::parse(
+        "bench.yaml",
+        &yaml,
+        &sluice_engine::config::yaml::ProcessEnv,
+    )
+    .unwrap_or_else(|p| panic!("{p}"));
+    let mut problems = sluice_engine::config::Problems::new("bench.yaml");
+    let planned = rt
+        .block_on(sluice::plan::plan_stages(&config, input, &mut problems))
+        .unwrap_or_else(|| panic!("{problems}"));
+    let mut stage = planned[0].factory.create().unwrap();
+    rt.block_on(stage.open(&StageContext::detached("bench")))
+        .unwrap();
+    stage
+}
+
+const USERS: usize = 100_000;
+
+/// 8192 events of users drawn from `USERS`, with each user's 32-feature vector.
+fn scoring_events(seed: u64) -> RecordBatch {
+    use arrow::array::{Float32Builder, Int64Array, ListBuilder};
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let taste = |user: u64| -> [f32; 32] {
+        let mut r = fastrand::Rng::with_seed(user);
+        std::array::from_fn(|_| r.f32() * 2.0 - 1.0)
+    };
+    let users: Vec<i64> = (0..8192).map(|_| rng.i64(1..=USERS as i64)).collect();
+    let mut features = ListBuilder::new(Float32Builder::new());
+    for &u in &users {
+        features.values().append_slice(&taste(u as u64));
+        features.append(true);
+    }
+    RecordBatch::try_from_iter([
+        (
+            "user_id",
+            Arc::new(Int64Array::from(users)) as arrow::array::ArrayRef,
+        ),
+        ("features", Arc::new(features.finish()) as _),
+    ])
+    .unwrap()
+}
+
+fn bench_score(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.json");
+    let mut rng = fastrand::Rng::with_seed(1);
+    let content: Vec<serde_json::Value> = (0..1000)
+        .map(|id| {
+            let vector: Vec<f32> = (0..32).map(|_| rng.f32() * 2.0 - 1.0).collect();
+            serde_json::json!({ "id": id, "vector": vector, "popularity": rng.f32() })
+        })
+        .collect();
+    let weights: Vec<f32> = (0..32).map(|_| rng.f32() + 0.5).collect();
+    std::fs::write(
+        &model,
+        serde_json::json!({ "weights": weights, "content": content }).to_string(),
+    )
+    .unwrap();
+    let batches: Vec<RecordBatch> = (0..8).map(scoring_events).collect();
+    let stage_yaml = |cache: usize| {
+        format!(
+            "  - name: recommend\n    type: function\n    function: score\n    params: {{ model: \"{}\", user: user_id, features: features, k: 10, cache: {{ max_entries: {cache}, ttl: 1h }} }}",
+            model.display()
+        )
+    };
+    let ctx = StageContext::detached("recommend");
+    let mut group = c.benchmark_group("score");
+    group.throughput(Throughput::Elements(8192));
+    for (name, cache) in [("generated", 0), ("cached", USERS)] {
+        let mut stage = function_stage(&rt, &stage_yaml(cache), batches[0].schema());
+        if cache > 0 {
+            // Every user once, so that the timed loop measures the cached path.
+            for batch in &batches {
+                rt.block_on(stage.process_batch(batch.clone(), &ctx))
+                    .unwrap();
+            }
+        }
+        let mut i = 0;
+        group.bench_function(
+            BenchmarkId::new(name, "100k_users_1000_titles_32_features"),
+            |b| {
+                b.iter(|| {
+                    i = (i + 1) % batches.len();
+                    rt.block_on(stage.process_batch(batches[i].clone(), &ctx))
+                        .unwrap()
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+/// A `redis-server` on a free loopback port for the bench, if one is installed.
+struct BenchRedis(std::process::Child, u16);
+
+impl BenchRedis {
+    fn start() -> Option<BenchRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(BenchRedis(child, port))
+    }
+}
+
+impl Drop for BenchRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bench_enrich(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("profiles.csv");
+    let plans = ["basic", "standard", "premium"];
+    let mut csv = String::from("user_id,plan,country,age\n");
+    for user in 1..=USERS {
+        csv.push_str(&format!(
+            "{user},{},C{},{}\n",
+            plans[user % 3],
+            user % 50,
+            18 + user % 60
+        ));
+    }
+    std::fs::write(&table, csv).unwrap();
+    let batches: Vec<RecordBatch> = (0..8)
+        .map(|seed| {
+            let events = scoring_events(seed);
+            events.project(&[0]).unwrap()
+        })
+        .collect();
+    let schema = batches[0].schema();
+    let ctx = StageContext::detached("profile");
+    let mut group = c.benchmark_group("enrich");
+    group.throughput(Throughput::Elements(8192));
+    let run = |group: &mut criterion::BenchmarkGroup<'_, _>,
+               name: &str,
+               stage_yaml: String,
+               warm: bool| {
+        let mut stage = function_stage(&rt, &stage_yaml, schema.clone());
+        if warm {
+            for batch in &batches {
+                rt.block_on(stage.process_batch(batch.clone(), &ctx))
+                    .unwrap();
+            }
+        }
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % batches.len();
+                rt.block_on(stage.process_batch(batches[i].clone(), &ctx))
+                    .unwrap()
+            });
+        });
+    };
+    run(
+        &mut group,
+        "file_table",
+        format!(
+            "  - name: profile\n    type: function\n    function: enrich\n    params: {{ key: user_id, file: {{ path: \"{}\" }} }}",
+            table.display()
+        ),
+        false,
+    );
+    match BenchRedis::start() {
+        Some(redis) => {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.1)).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            for chunk in (1..=USERS).collect::<Vec<_>>().chunks(10_000) {
+                let mut pipe = redis::pipe();
+                for user in chunk {
+                    pipe.cmd("HSET")
+                        .arg(format!("profile:{user}"))
+                        .arg("plan")
+                        .arg(plans[user % 3])
+                        .arg("country")
+                        .arg(format!("C{}", user % 50))
+                        .arg("age")
+                        .arg(18 + user % 60)
+                        .ignore();
+                }
+                let () = pipe.query(&mut conn).unwrap();
+            }
+            let stage = |cache: usize| {
+                format!(
+                    "  - name: profile\n    type: function\n    function: enrich\n    params: {{ key: user_id, redis: {{ url: \"redis://127.0.0.1:{}\", key_prefix: \"profile:\" }}, columns: [{{ name: plan, type: utf8 }}, {{ name: country, type: utf8 }}, {{ name: age, type: int64 }}], cache: {{ max_entries: {cache}, ttl: 1h }} }}",
+                    redis.1
+                )
+            };
+            run(&mut group, "redis_cache_hits", stage(USERS), true);
+            run(&mut group, "redis_cache_misses", stage(0), false);
+        }
+        None => eprintln!("enrich: no redis-server installed; the Redis cases are skipped"),
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    bench_score,
+    bench_enrich,
     bench_generator,
     bench_sql_stage,
     bench_pipeline,

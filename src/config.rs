@@ -36,8 +36,10 @@ use sluice_udfs::functions::{self, FunctionSpec};
 const TOP_LEVEL: &[&str] = &[
     "name",
     "source",
+    "sources",
     "stages",
     "sink",
+    "sinks",
     "dead_letter",
     "checkpoint",
     "tests",
@@ -202,13 +204,17 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
     {
         problems.at_key(&root, &root_path, "name", "must not be empty");
     }
-    let source = required("source", &mut problems).and_then(|n| parse_source(n, &mut problems));
+    let source = required("source", &mut problems)
+        .and_then(|n| pick(&root, n, "source", "sources", &mut problems))
+        .and_then(|(n, path)| parse_source(n, path, &mut problems));
     let stages = parse_stages(root.get("stages"), &mut problems);
     let sink = required("sink", &mut problems)
-        .and_then(|n| parse_sink(n, &Location::new("sink"), &mut problems));
+        .and_then(|n| pick(&root, n, "sink", "sinks", &mut problems))
+        .and_then(|(n, path)| parse_sink(n, &path, &mut problems));
     let dead_letter = root
         .get("dead_letter")
-        .and_then(|n| parse_sink(n, &Location::new("dead_letter"), &mut problems));
+        .and_then(|n| pick(&root, n, "dead_letter", "sinks", &mut problems))
+        .and_then(|(n, path)| parse_sink(n, &path, &mut problems));
     let checkpoint = root.get("checkpoint").and_then(|n| {
         let path = Location::new("checkpoint");
         let c: CheckpointConfig = from_node(n, &path, &[], &mut problems)?;
@@ -224,6 +230,22 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
             },
         })
     });
+    // The alternatives not picked are checked too: a mistake in the Kafka section shows up
+    // when the file is validated locally, not first in production.
+    for (alternatives, is_source) in [("sources", true), ("sinks", false)] {
+        let Some(Value::Map(entries)) = root.get(alternatives).map(|n| &n.value) else {
+            continue;
+        };
+        for (key, node) in entries {
+            let path = Location::new(alternatives).key(key.scalar().unwrap_or_default());
+            let picked = |k: &str| root.get(k).and_then(Node::scalar) == key.scalar();
+            if is_source && !picked("source") {
+                parse_source(node, path, &mut problems);
+            } else if !is_source && !picked("sink") && !picked("dead_letter") {
+                parse_sink(node, &path, &mut problems);
+            }
+        }
+    }
     let tests = parse_tests(root.get("tests"), &mut problems);
 
     match (name, source, stages, sink) {
@@ -267,8 +289,47 @@ fn default_batch_window() -> Duration {
     Duration::from_millis(100)
 }
 
-fn parse_source(node: &Node, problems: &mut Problems) -> Option<SourceConfig> {
-    let path = Location::new("source");
+/// `source: kafka` picks the entry `kafka` of the map `sources:` (likewise `sink:` and
+/// `dead_letter:` of `sinks:`), so that one pipeline file runs on files or a generator
+/// locally and on Kafka in production: `source: ${SOURCE:-generator}`.
+fn pick<'a>(
+    root: &'a Node,
+    node: &'a Node,
+    key: &str,
+    alternatives: &str,
+    problems: &mut Problems,
+) -> Option<(&'a Node, Location)> {
+    let Some(name) = node.scalar() else {
+        return Some((node, Location::new(key)));
+    };
+    let choices = root.get(alternatives);
+    match choices.and_then(|c| c.get(name)) {
+        Some(chosen) => Some((chosen, Location::new(alternatives).key(name))),
+        None => {
+            let names: Vec<String> = match choices.map(|c| &c.value) {
+                Some(Value::Map(entries)) => entries
+                    .iter()
+                    .filter_map(|(k, _)| k.scalar().map(|k| format!("`{k}`")))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let message = if names.is_empty() {
+                format!(
+                    "`{key}: {name}` names an entry of `{alternatives}:`, but there is no `{alternatives}:` map; write the {key} here as a map with a `type`"
+                )
+            } else {
+                format!(
+                    "`{name}` is not one of the `{alternatives}:` entries ({})",
+                    names.join(", ")
+                )
+            };
+            problems.at(&Location::new(key), node, message);
+            None
+        }
+    }
+}
+
+fn parse_source(node: &Node, path: Location, problems: &mut Problems) -> Option<SourceConfig> {
     let (kind, node) = split_kind(node, &path, SOURCE_KINDS, problems)?;
     let common = select_keys(node, SOURCE_COMMON, true);
     let rest = select_keys(node, SOURCE_COMMON, false);

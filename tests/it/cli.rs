@@ -94,7 +94,7 @@ fn sigint_finishes_what_was_read_and_reports() {
     std::fs::write(
         &pipeline,
         format!(
-            "name: endless\nsource:\n  type: generator\n  partitions: 2\n  rate: 20000\n  batch_window: 20ms\nsink:\n  type: file\n  path: {}\n  max_file_size: 200KiB\n",
+            "name: endless\nsource:\n  type: generator\n  partitions: 2\n  rate: 20000\n  batch_window: 20ms\nstages:\n  - {{ name: keep, type: sql, query: SELECT * FROM input }}\nsink:\n  type: file\n  path: {}\n  max_file_size: 200KiB\n",
             out_dir.display()
         ),
     )
@@ -138,6 +138,15 @@ fn sigint_finishes_what_was_read_and_reports() {
     let written = read_lines(&out_dir).len();
     assert_eq!(words[1].replace(',', "").parse::<usize>().unwrap(), written);
     assert!(written > 0);
+    // Each stage's line gives its batch latency percentiles and its cold start.
+    let stage = stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("stage "))
+        .expect(&stderr);
+    assert!(
+        stage.contains("p50/p95/p99 ") && stage.contains(" ms  cold start "),
+        "{stage}"
+    );
 }
 
 #[test]
@@ -146,7 +155,9 @@ fn functions_are_listed() {
     assert!(out.status.success());
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("ab_bucket") && stdout.contains("extract"),
+        ["ab_bucket", "extract", "enrich", "score", "model", "http"]
+            .iter()
+            .all(|f| stdout.contains(f)),
         "{stdout}"
     );
 }
@@ -191,7 +202,9 @@ sink: { type: null }
             .unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
-        if text.contains("sluice_records_in_total") {
+        if text.contains("sluice_records_in_total")
+            && text.contains("sluice_stage_batch_duration_seconds")
+        {
             break text;
         }
     };
@@ -202,6 +215,9 @@ sink: { type: null }
         "sluice_stage_failures_total{pipeline=\"m\",stage=\"s\",class=\"transient\"} 0",
         "sluice_breaker_transitions_total{pipeline=\"m\",stage=\"s\",to=\"open\"} 0",
         "sluice_breaker_state{pipeline=\"m\",stage=\"s\"} 0",
+        "sluice_stage_batch_duration_seconds{pipeline=\"m\",stage=\"s\",quantile=\"0.99\"}",
+        "sluice_stage_cold_start_seconds{pipeline=\"m\",stage=\"s\"}",
+        "sluice_stage_cache_hits_total{pipeline=\"m\",stage=\"s\"} 0",
     ] {
         assert!(body.contains(want), "{want} in:\n{body}");
     }
