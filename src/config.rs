@@ -236,6 +236,17 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
         let Some(Value::Map(entries)) = root.get(alternatives).map(|n| &n.value) else {
             continue;
         };
+        if let Some((key, _)) = entries.iter().find(|(k, _)| k.scalar() == Some("type")) {
+            let one = if is_source { "source" } else { "sink" };
+            problems.at(
+                &Location::new(alternatives),
+                key,
+                format!(
+                    "holds alternatives by name, picked with `{one}: NAME` (e.g. `{alternatives}: {{ local: {{ type: file, ... }}, kafka: {{ type: kafka, ... }} }}`); a single {one} is written under `{one}:`"
+                ),
+            );
+            continue;
+        }
         for (key, node) in entries {
             let path = Location::new(alternatives).key(key.scalar().unwrap_or_default());
             let picked = |k: &str| root.get(k).and_then(Node::scalar) == key.scalar();
@@ -245,6 +256,18 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
                 parse_sink(node, &path, &mut problems);
             }
         }
+    }
+    if let (Some(sink), Some(dead)) = (
+        root.get("sink").and_then(Node::scalar),
+        root.get("dead_letter").and_then(Node::scalar),
+    ) && sink == dead
+        && let Some(node) = root.get("dead_letter")
+    {
+        problems.at(
+            &Location::new("dead_letter"),
+            node,
+            format!("picks `{dead}`, the same entry as `sink`: dead letters would be mixed into the output"),
+        );
     }
     let tests = parse_tests(root.get("tests"), &mut problems);
 

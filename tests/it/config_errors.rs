@@ -43,10 +43,16 @@ sink:
 
 #[test]
 fn unknown_top_level_section() {
+    let yaml = format!("name: x\nsource:\n  type: generator\nstage:\n  - name: a\n{SINK}");
+    assert_eq!(
+        one_problem(&yaml),
+        "stage: unknown field, expected one of name, source, sources, stages, sink, sinks, dead_letter, checkpoint, tests (x.yaml:4:1)"
+    );
+    // `sinks:` (alternatives by name) written for `sink:`.
     let yaml = format!("name: x\nsource:\n  type: generator\nsinks:\n  type: stdout\n{SINK}");
     assert_eq!(
         one_problem(&yaml),
-        "sinks: unknown field, expected one of name, source, stages, sink, dead_letter, checkpoint, tests (x.yaml:4:1)"
+        "sinks: holds alternatives by name, picked with `sink: NAME` (e.g. `sinks: { local: { type: file, ... }, kafka: { type: kafka, ... } }`); a single sink is written under `sink:` (x.yaml:5:3)"
     );
 }
 
@@ -112,7 +118,7 @@ fn unknown_function() {
     );
     assert_eq!(
         one_problem(&yaml),
-        "stages[0].function: unknown function `ab_buckets`, expected one of ab_bucket, extract (x.yaml:7:15)"
+        "stages[0].function: unknown function `ab_buckets`, expected one of ab_bucket, enrich, extract, http, model, score (x.yaml:7:15)"
     );
 }
 
@@ -302,5 +308,42 @@ sink:
             "stages[0].retry: max_attempts must be at least 1 (1: no retries) (x.yaml:8:12)",
             "stages[0].fallback: a fallback applies while the circuit is open: add `circuit_breaker` (x.yaml:9:15)",
         ]
+    );
+}
+
+#[test]
+fn alternatives_are_picked_by_name_and_checked() {
+    let base = "name: x\nsource: ${SOURCE:-gen}\nsources:\n  gen: { type: generator }\n  kafka: { type: kafka, bootstrap_servers: h, topics: [t], group: g, schema: [{ name: a, type: int64 }] }\n";
+    let yaml = format!("{base}sink: out\nsinks:\n  out: {{ type: stdout }}\n");
+    let config = parse(&yaml, &[]).unwrap();
+    assert!(matches!(
+        config.source.kind,
+        sluice::config::SourceKind::Generator(_)
+    ));
+    let config = parse(&yaml, &[("SOURCE", "kafka")]).unwrap();
+    assert!(matches!(
+        config.source.kind,
+        sluice::config::SourceKind::Kafka(_)
+    ));
+    assert_eq!(
+        parse(&yaml, &[("SOURCE", "kafak")]).err().unwrap(),
+        "source: `kafak` is not one of the `sources:` entries (`gen`, `kafka`) (x.yaml:2:9)"
+    );
+    // An alternative not picked is still checked.
+    let yaml =
+        format!("{base}sink: out\nsinks:\n  out: {{ type: stdout }}\n  bad: {{ type: file }}\n");
+    assert!(
+        parse(&yaml, &[])
+            .err()
+            .unwrap()
+            .starts_with("sinks.bad.path: missing"),
+        "{:?}",
+        parse(&yaml, &[]).err()
+    );
+    // Dead letters never go where the output goes.
+    let yaml = format!("{base}sink: out\ndead_letter: out\nsinks:\n  out: {{ type: stdout }}\n");
+    assert_eq!(
+        parse(&yaml, &[]).err().unwrap(),
+        "dead_letter: picks `out`, the same entry as `sink`: dead letters would be mixed into the output (x.yaml:7:14)"
     );
 }
