@@ -84,6 +84,9 @@ fn load_redis(redis: &RedisServer, json: bool) {
     let () = pipe.query(&mut c).unwrap();
 }
 
+/// The one user whose stored profile is broken (in the hash test).
+const BROKEN: i64 = 7;
+
 /// Every row has its user's profile, or the policy's answer for users without one.
 fn check_enriched(rows: &[serde_json::Value], defaults: bool) {
     for row in rows {
@@ -104,6 +107,12 @@ fn check_enriched(rows: &[serde_json::Value], defaults: bool) {
 async fn redis_hashes_enrich_every_row_and_the_cache_answers_repeats() {
     let redis = RedisServer::start();
     load_redis(&redis, false);
+    let () = redis::cmd("HSET")
+        .arg(format!("profile:{BROKEN}"))
+        .arg("age")
+        .arg("seven")
+        .query(&mut redis.connection())
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lookup = format!(
         "      redis: {{ url: \"{}\", key_prefix: \"profile:\" }}
@@ -119,7 +128,22 @@ async fn redis_hashes_enrich_every_row_and_the_cache_answers_repeats() {
         .await
         .unwrap();
     let rows = json_lines(&dir.path().join("rows"));
-    assert_eq!(rows.len(), 20_000);
+    let dead = json_lines(&dir.path().join("dead"));
+    assert_eq!(rows.len() + dead.len(), 20_000);
+    // The broken profile fails its user's rows alone, with the reason.
+    assert!(!dead.is_empty());
+    for letter in &dead {
+        let payload: serde_json::Value =
+            serde_json::from_str(letter["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload["user_id"], BROKEN, "{letter}");
+        assert!(
+            letter["error"]
+                .as_str()
+                .unwrap()
+                .contains("field `age` is not Int64"),
+            "{letter}"
+        );
+    }
     check_enriched(&rows, true);
     assert!(rows.iter().any(|r| r["profile_plan"] == "free"));
     let stage = &stats.stages[0];
@@ -127,6 +151,7 @@ async fn redis_hashes_enrich_every_row_and_the_cache_answers_repeats() {
         RunStats::get(&stage.cache_hits),
         RunStats::get(&stage.cache_misses),
     );
+    // The broken key is asked again each time (an unreadable value is not cached).
     assert_eq!(hits + misses, 20_000);
     // Each user is fetched once (twice at most when two workers ask at the same moment).
     assert!(

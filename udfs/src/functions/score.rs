@@ -219,6 +219,18 @@ impl Model {
         if f == 0 || content.is_empty() {
             return Err("it needs weights and at least one title".into());
         }
+        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(format!("a weight is {w}; every number must be finite"));
+        }
+        if let Some(title) = content
+            .iter()
+            .find(|c| !c.popularity.is_finite() || c.vector.iter().any(|v| !v.is_finite()))
+        {
+            return Err(format!(
+                "title {} has a number that is not finite (NaN or infinite)",
+                title.id
+            ));
+        }
         let t = content.len();
         let mut by_feature = vec![0f32; f * t];
         for (j, title) in content.iter().enumerate() {
@@ -286,8 +298,9 @@ fn score_all_avx2(user: &[f32], by_feature: &[f32], out: &mut [f32]) {
 }
 
 /// The `ids.len()` highest of `scores`, best first, into `ids` (indices) and `best`; of
-/// equal scores the lower index comes first. NaN scores are never chosen.
-fn top_k(scores: &[f32], ids: &mut [u32], best: &mut [f32]) {
+/// equal scores the lower index comes first. NaN scores are never chosen. Returns how many
+/// were chosen: fewer than `ids.len()` only when there are fewer non-NaN scores.
+fn top_k(scores: &[f32], ids: &mut [u32], best: &mut [f32]) -> usize {
     let k = ids.len();
     let mut filled = 0;
     for (j, &s) in scores.iter().enumerate() {
@@ -306,6 +319,7 @@ fn top_k(scores: &[f32], ids: &mut [u32], best: &mut [f32]) {
         best[at] = s;
         filled = (filled + 1).min(k);
     }
+    filled
 }
 
 fn read_parquet(path: &Path) -> Result<ModelFile, Box<dyn std::error::Error + Send + Sync>> {
@@ -477,7 +491,22 @@ impl Stage for ScoreStage {
                         None => {
                             misses += 1;
                             model.score_all(vector, &mut self.scores);
-                            top_k(&self.scores, &mut self.top, &mut self.top_scores);
+                            let chosen = top_k(&self.scores, &mut self.top, &mut self.top_scores);
+                            if chosen < k {
+                                // Scores overflowed to NaN: no list is better than a wrong one.
+                                failed.push(RowFailure {
+                                    row,
+                                    class: ErrorClass::Permanent,
+                                    reason: format!(
+                                        "`{}` gives scores that are not numbers (values too large?)",
+                                        self.features
+                                    ),
+                                });
+                                ids.extend(std::iter::repeat_n(0, k));
+                                scores.extend(std::iter::repeat_n(f32::NAN, k));
+                                sources.push(Source::Generated.as_str());
+                                continue;
+                            }
                             if let Some(key) = key {
                                 self.cache.insert(key, now, &self.top, &self.top_scores);
                             }

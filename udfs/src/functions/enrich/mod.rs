@@ -282,8 +282,9 @@ enum Lookup {
     Remote(Arc<dyn Remote>),
 }
 
-/// An answer held in the cache: the row of a fetched batch, or "not there".
-type Cached = Option<(Arc<RecordBatch>, u32)>;
+/// An answer held in the cache: the key's values as a one-row batch of their own (so an
+/// entry holds only its own row's memory), or "not there".
+type Cached = Option<RecordBatch>;
 
 struct Shared {
     key: String,
@@ -337,26 +338,34 @@ impl Stage for EnrichStage {
             .column_by_name(&shared.key)
             .ok_or_else(|| Error::Internal(format!("key column `{}` missing", shared.key)))?
             .clone();
-        let (columns, missing) = match &shared.lookup {
-            Lookup::File(table) => table.current().await?.lookup(&keys, &shared.missing)?,
+        let (columns, missing, unreadable) = match &shared.lookup {
+            Lookup::File(table) => {
+                let (columns, missing) = table.current().await?.lookup(&keys, &shared.missing)?;
+                (columns, missing, Vec::new())
+            }
             Lookup::Remote(remote) => self.lookup_remote(remote.as_ref(), &keys, ctx).await?,
         };
-        let mut failed = Vec::new();
+        let mut failed: Vec<RowFailure> = unreadable
+            .into_iter()
+            .map(|(row, reason)| RowFailure {
+                row,
+                class: ErrorClass::Permanent,
+                reason,
+            })
+            .collect();
         if shared.fail_missing {
-            failed = missing
-                .into_iter()
-                .map(|row| RowFailure {
-                    row,
-                    class: ErrorClass::Permanent,
-                    reason: format!(
-                        "no entry for {} = {} in {}",
-                        shared.key,
-                        key_text(&keys, row),
-                        shared.lookup_name()
-                    ),
-                })
-                .collect();
+            failed.extend(missing.into_iter().map(|row| RowFailure {
+                row,
+                class: ErrorClass::Permanent,
+                reason: format!(
+                    "no entry for {} = {} in {}",
+                    shared.key,
+                    key_text(&keys, row),
+                    shared.lookup_name()
+                ),
+            }));
         }
+        failed.sort_unstable_by_key(|f| f.row);
         Ok(StageOutput {
             batch: assemble(&shared.output, &batch, columns, &failed)?,
             failed,
@@ -375,19 +384,32 @@ impl Shared {
 
 impl EnrichStage {
     /// Looks every row's key up in the cache, fetches the others in one request, and puts
-    /// the output columns together with one `interleave` per column. Returns the columns and
-    /// the rows whose key was not found (or null).
+    /// the output columns together with one `interleave` per column. Returns the columns,
+    /// the rows whose key was not found (or null), and the rows whose stored value could
+    /// not be read, with the reason.
     async fn lookup_remote(
         &mut self,
         remote: &dyn Remote,
         keys: &ArrayRef,
         ctx: &StageContext,
-    ) -> Result<(Vec<ArrayRef>, Vec<usize>)> {
+    ) -> Result<(Vec<ArrayRef>, Vec<usize>, Vec<(usize, String)>)> {
         let shared = self.shared.clone();
         let n = keys.len();
-        // Batches the rows come from; 0 is the missing row.
-        let mut sources: Vec<Arc<RecordBatch>> = vec![Arc::new(shared.missing.clone())];
+        // The one-row batches the output rows come from; 0 is the missing row.
+        let mut sources: Vec<RecordBatch> = vec![shared.missing.clone()];
         let mut source_of: HashMap<usize, usize> = HashMap::new();
+        let mut source = |row: &RecordBatch| -> usize {
+            // Rows are told apart by their first column's allocation (one per cached row).
+            let id = row
+                .columns()
+                .first()
+                .map_or(0, |c| Arc::as_ptr(c) as *const () as usize);
+            let next = sources.len();
+            *source_of.entry(id).or_insert_with(|| {
+                sources.push(row.clone());
+                next
+            })
+        };
         let mut picks: Vec<(usize, usize)> = vec![(0, 0); n];
         let mut missing = Vec::new();
         // Keys to fetch, each with the rows that want it.
@@ -400,16 +422,9 @@ impl EnrichStage {
                 continue;
             };
             match shared.cache.as_ref().and_then(|c| c.get(key)) {
-                Some(Some((batch, at))) => {
+                Some(Some(values)) => {
                     hits += 1;
-                    let next = sources.len();
-                    let i = *source_of
-                        .entry(Arc::as_ptr(&batch) as usize)
-                        .or_insert_with(|| {
-                            sources.push(batch.clone());
-                            next
-                        });
-                    *pick = (i, at as usize);
+                    *pick = (source(&values), 0);
                 }
                 Some(None) => {
                     hits += 1;
@@ -426,24 +441,32 @@ impl EnrichStage {
                 }
             }
         }
+        let mut unreadable = Vec::new();
         if !wanted.is_empty() {
             let asked: Vec<String> = wanted.keys().cloned().collect();
-            let (found, values) = remote.fetch(&asked).await?;
-            let values = Arc::new(values);
-            let at = sources.len();
-            sources.push(values.clone());
-            let mut answered = vec![None; asked.len()];
-            for (row, &k) in found.iter().enumerate() {
-                answered[k] = Some(row as u32);
+            let fetched = remote.fetch(&asked).await?;
+            let mut answered: Vec<Option<RecordBatch>> = vec![None; asked.len()];
+            for (k, values) in fetched.found {
+                answered[k] = Some(values);
+            }
+            for (k, reason) in fetched.unreadable {
+                // Not cached: the value may be fixed at the source.
+                let rows = wanted.remove(&asked[k]).unwrap_or_default();
+                unreadable.extend(rows.into_iter().map(|row| (row, reason.clone())));
             }
             for (k, key) in asked.into_iter().enumerate() {
-                let rows = wanted.remove(&key).unwrap_or_default();
-                match answered[k] {
-                    Some(r) => rows.iter().for_each(|&row| picks[row] = (at, r as usize)),
+                let Some(rows) = wanted.remove(&key) else {
+                    continue;
+                };
+                match &answered[k] {
+                    Some(values) => {
+                        let at = source(values);
+                        rows.iter().for_each(|&row| picks[row] = (at, 0));
+                    }
                     None => missing.extend(rows),
                 }
                 if let Some(cache) = &shared.cache {
-                    cache.insert(key, answered[k].map(|r| (values.clone(), r)));
+                    cache.insert(key, answered[k].take());
                 }
             }
         }
@@ -459,7 +482,7 @@ impl EnrichStage {
             })
             .collect::<Result<Vec<_>>>()?;
         missing.sort_unstable();
-        Ok((columns, missing))
+        Ok((columns, missing, unreadable))
     }
 }
 

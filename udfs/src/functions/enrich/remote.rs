@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
+use arrow::array::{Array, ArrayRef, RecordBatch, StringBuilder, UInt32Array};
+use arrow::compute::take_record_batch;
 use arrow::datatypes::{DataType, SchemaRef};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -16,11 +17,35 @@ pub trait Remote: Send + Sync {
     /// Connects (in a worker's `open`); a server that is down now is not an error yet.
     async fn connect(&self) -> Result<()>;
 
-    /// The values of those `keys` that exist: the index in `keys` of each row of the batch.
-    async fn fetch(&self, keys: &[String]) -> Result<(Vec<usize>, RecordBatch)>;
+    /// The values of those `keys` that exist. An error fails the whole call (a server that
+    /// is down, a query refused); a stored value that does not fit the declared columns
+    /// fails its key alone.
+    async fn fetch(&self, keys: &[String]) -> Result<Fetched>;
 
     /// For error messages: `redis://host:port` or `postgres table t`.
     fn describe(&self) -> String;
+}
+
+/// What one round trip found.
+#[derive(Default)]
+pub struct Fetched {
+    /// The index in the asked keys, and that key's values as a one-row batch of its own.
+    pub found: Vec<(usize, RecordBatch)>,
+    /// Keys whose stored value could not be read as the declared columns, and why.
+    pub unreadable: Vec<(usize, String)>,
+}
+
+impl Fetched {
+    /// Splits `values` (row `i` holding key `keys[i]`) into one-row batches that own their
+    /// memory, so that a cached entry never keeps a whole fetched batch alive.
+    fn own_rows(&mut self, values: &RecordBatch, keys: &[usize]) -> Result<()> {
+        for (row, &k) in keys.iter().enumerate() {
+            let one = take_record_batch(values, &UInt32Array::from(vec![row as u32]))
+                .map_err(|e| Error::arrow("copying a looked-up row", e))?;
+            self.found.push((k, one));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,11 +138,12 @@ impl Remote for Redis {
         Ok(())
     }
 
-    async fn fetch(&self, keys: &[String]) -> Result<(Vec<usize>, RecordBatch)> {
+    async fn fetch(&self, keys: &[String]) -> Result<Fetched> {
         let mut connection = self.connection().await?;
-        let mut pipe = redis::pipe();
+        let source = self.describe();
         match self.format {
             RedisFormat::Hash => {
+                let mut pipe = redis::pipe();
                 for key in keys {
                     pipe.cmd("HGETALL").arg(format!("{}{key}", self.prefix));
                 }
@@ -125,25 +151,22 @@ impl Remote for Redis {
                     .query_async(&mut connection)
                     .await
                     .map_err(redis_error)?;
-                let found: Vec<usize> =
-                    (0..keys.len()).filter(|&i| !hashes[i].is_empty()).collect();
-                let mut columns = Vec::with_capacity(self.values.fields().len());
-                for field in self.values.fields() {
-                    let mut text = StringBuilder::new();
-                    for &i in &found {
-                        text.append_option(hashes[i].get(field.name()));
-                    }
-                    let text: ArrayRef = Arc::new(text.finish());
-                    columns.push(cast_text(
-                        &text,
-                        field.name(),
-                        field.data_type(),
-                        &self.describe(),
-                    )?);
-                }
-                let batch = RecordBatch::try_new(self.values.clone(), columns)
-                    .map_err(|e| Error::arrow("assembling Redis values", e))?;
-                Ok((found, batch))
+                let found: Vec<usize> = (0..keys.len())
+                    .filter(|&i| hashes.get(i).is_some_and(|h| !h.is_empty()))
+                    .collect();
+                let texts: Vec<ArrayRef> = self
+                    .values
+                    .fields()
+                    .iter()
+                    .map(|field| {
+                        let mut text = StringBuilder::new();
+                        for &i in &found {
+                            text.append_option(hashes[i].get(field.name()));
+                        }
+                        Arc::new(text.finish()) as ArrayRef
+                    })
+                    .collect();
+                cast_texts(texts, &found, &self.values, &source)
             }
             RedisFormat::Json => {
                 let mut cmd = redis::cmd("MGET");
@@ -154,10 +177,12 @@ impl Remote for Redis {
                     .query_async(&mut connection)
                     .await
                     .map_err(redis_error)?;
-                let found: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_some()).collect();
-                let objects = found.iter().filter_map(|&i| values[i].as_deref());
-                let batch = decode_objects(objects, found.len(), &self.values, &self.describe())?;
-                Ok((found, batch))
+                let objects: Vec<(usize, &str)> = values
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, v)| Some((i, v.as_deref()?)))
+                    .collect();
+                decode_objects(&objects, &self.values, &source)
             }
         }
     }
@@ -167,41 +192,113 @@ impl Remote for Redis {
     }
 }
 
-/// Text values as the declared type; a value that does not convert fails the batch.
-fn cast_text(text: &ArrayRef, name: &str, to: &DataType, source: &str) -> Result<ArrayRef> {
-    let options = arrow::compute::CastOptions {
+fn strict() -> arrow::compute::CastOptions<'static> {
+    arrow::compute::CastOptions {
         safe: false,
         ..Default::default()
-    };
-    arrow::compute::cast_with_options(text, to, &options).map_err(|e| Error::Function {
-        class: ErrorClass::Permanent,
-        message: format!("{source}: field `{name}` is not {to}: {e}"),
-    })
+    }
 }
 
-/// JSON objects (one per found key) decoded against the declared columns.
-fn decode_objects<'a>(
-    objects: impl Iterator<Item = &'a str>,
-    rows: usize,
+/// Text columns (row `i` for key `keys[i]`) cast to the declared types. A key with a value
+/// that does not convert is unreadable on its own; the others are found.
+fn cast_texts(
+    texts: Vec<ArrayRef>,
+    keys: &[usize],
     schema: &SchemaRef,
     source: &str,
-) -> Result<RecordBatch> {
-    let fail = |e: arrow::error::ArrowError| Error::Function {
-        class: ErrorClass::Permanent,
-        message: format!("{source}: a value does not fit the declared columns: {e}"),
-    };
-    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(rows.max(1))
-        .build_decoder()
-        .map_err(fail)?;
-    for object in objects {
-        decoder.decode(object.as_bytes()).map_err(fail)?;
-        decoder.decode(b"\n").map_err(fail)?;
+) -> Result<Fetched> {
+    let mut bad: Vec<Option<String>> = vec![None; keys.len()];
+    let mut columns = Vec::with_capacity(texts.len());
+    for (text, field) in texts.iter().zip(schema.fields()) {
+        let to = field.data_type();
+        match arrow::compute::cast_with_options(text, to, &strict()) {
+            Ok(column) => columns.push(column),
+            Err(_) => {
+                // Find the values that do not convert, row by row (only on this rare path).
+                for (row, reason) in bad.iter_mut().enumerate() {
+                    if let Err(e) =
+                        arrow::compute::cast_with_options(&text.slice(row, 1), to, &strict())
+                    {
+                        reason.get_or_insert_with(|| {
+                            format!("{source}: field `{}` is not {to}: {e}", field.name())
+                        });
+                    }
+                }
+                let lenient = arrow::compute::cast(text, to)
+                    .map_err(|e| Error::arrow("casting looked-up values", e))?;
+                columns.push(lenient);
+            }
+        }
     }
-    Ok(decoder
-        .flush()
-        .map_err(fail)?
-        .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+    let values = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| Error::arrow("assembling looked-up values", e))?;
+    let mut fetched = Fetched::default();
+    let good: Vec<u32> = (0..keys.len() as u32)
+        .filter(|&r| bad[r as usize].is_none())
+        .collect();
+    let values = take_record_batch(&values, &UInt32Array::from(good.clone()))
+        .map_err(|e| Error::arrow("assembling looked-up values", e))?;
+    let good_keys: Vec<usize> = good.iter().map(|&r| keys[r as usize]).collect();
+    fetched.own_rows(&values, &good_keys)?;
+    fetched.unreadable = bad
+        .into_iter()
+        .enumerate()
+        .filter_map(|(row, reason)| Some((keys[row], reason?)))
+        .collect();
+    Ok(fetched)
+}
+
+/// JSON objects (with the index of their key) decoded against the declared columns. Each
+/// must be exactly one JSON value: an empty value, two values, or one that does not fit the
+/// columns is unreadable on its own, and can never shift another key's row.
+fn decode_objects(objects: &[(usize, &str)], schema: &SchemaRef, source: &str) -> Result<Fetched> {
+    let mut fetched = Fetched::default();
+    let decoder = |rows: usize| {
+        arrow::json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(rows.max(1) + 1)
+            .build_decoder()
+            .map_err(|e| Error::arrow("making a JSON decoder", e))
+    };
+    // All at once, checking that every value adds exactly one row.
+    let mut all = decoder(objects.len())?;
+    let at_once = objects.iter().all(|(_, object)| {
+        let before = all.len();
+        matches!(all.decode(object.as_bytes()), Ok(n) if n == object.len())
+            && all.decode(b"\n").is_ok()
+            && all.len() == before + 1
+    });
+    if at_once {
+        if let Some(values) = all
+            .flush()
+            .map_err(|e| Error::arrow("decoding looked-up values", e))?
+        {
+            let keys: Vec<usize> = objects.iter().map(|(k, _)| *k).collect();
+            fetched.own_rows(&values, &keys)?;
+        }
+        return Ok(fetched);
+    }
+    // One at a time, to tell the good from the bad.
+    for &(k, object) in objects {
+        let mut one = decoder(1)?;
+        let read = one
+            .decode(object.as_bytes())
+            .and_then(|n| {
+                one.decode(b"\n")?;
+                Ok(n)
+            })
+            .and_then(|n| Ok((n, one.flush()?)));
+        let reason = match read {
+            Ok((n, Some(values))) if n == object.len() && values.num_rows() == 1 => {
+                fetched.own_rows(&values, &[k])?;
+                continue;
+            }
+            Ok((_, None)) => "the stored value is empty, not a JSON object".to_string(),
+            Ok(_) => "the stored value holds more than one JSON value".to_string(),
+            Err(e) => format!("the stored value does not fit the declared columns: {e}"),
+        };
+        fetched.unreadable.push((k, format!("{source}: {reason}")));
+    }
+    Ok(fetched)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,7 +358,7 @@ impl PostgresLookup {
         Ok(Postgres {
             pool,
             sql: format!(
-                "SELECT {key}::text, json_build_object({fields})::text FROM {table} WHERE {key} = ANY($1)",
+                "SELECT {key}, json_build_object({fields})::text FROM {table} WHERE {key} = ANY($1)",
                 key = quoted(key),
             ),
             table: self.table.clone(),
@@ -277,27 +374,65 @@ pub struct Postgres {
     values: SchemaRef,
 }
 
+/// How keys are sent and matched: as integers (so that `007` finds 7) or as text.
+enum KeyType {
+    Int8,
+    Int4,
+    Int2,
+    Text,
+}
+
 impl Postgres {
-    fn error(&self, e: impl std::fmt::Display) -> Error {
-        Error::External {
-            system: "postgres",
-            message: format!("looking up `{}`: {e}", self.table),
+    /// A failed query: transient for a lost connection and for the SQLSTATE classes that
+    /// mean "try again" (connection exceptions 08, transaction rollbacks 40 such as
+    /// serialization failures and deadlocks, insufficient resources 53, operator
+    /// intervention 57 such as a shutdown or a cancelled query, system errors 58, a lock not
+    /// available 55P03); permanent for the others (no such table or column, wrong types),
+    /// which asking again will not cure.
+    fn error(&self, e: tokio_postgres::Error) -> Error {
+        let Some(db) = e.as_db_error() else {
+            return Error::External {
+                system: "postgres",
+                message: format!("looking up in `{}`: {e}", self.table),
+            };
+        };
+        let code = db.code().code();
+        let message = format!("looking up in `{}`: {} ({code})", self.table, db.message());
+        if matches!(&code[..2.min(code.len())], "08" | "40" | "53" | "57" | "58") || code == "55P03"
+        {
+            Error::External {
+                system: "postgres",
+                message,
+            }
+        } else {
+            Error::Function {
+                class: ErrorClass::Permanent,
+                message: format!("PostgreSQL refused the lookup: {message}"),
+            }
         }
     }
 
-    /// A database error (no such table or column, wrong types) that asking again will not
-    /// cure, as opposed to a connection that failed.
-    fn refused(&self, e: &tokio_postgres::Error) -> Option<Error> {
-        let db = e.as_db_error()?;
-        Some(Error::Function {
-            class: ErrorClass::Permanent,
-            message: format!(
-                "PostgreSQL refused the lookup in `{}`: {} ({})",
-                self.table,
-                db.message(),
-                db.code().code()
-            ),
-        })
+    fn key_type(&self, statement: &tokio_postgres::Statement) -> Result<KeyType> {
+        use tokio_postgres::types::Type;
+        match statement.params().first() {
+            Some(&Type::INT8_ARRAY) => Ok(KeyType::Int8),
+            Some(&Type::INT4_ARRAY) => Ok(KeyType::Int4),
+            Some(&Type::INT2_ARRAY) => Ok(KeyType::Int2),
+            Some(&Type::TEXT_ARRAY) | Some(&Type::VARCHAR_ARRAY) | Some(&Type::BPCHAR_ARRAY) => {
+                Ok(KeyType::Text)
+            }
+            other => Err(Error::Function {
+                class: ErrorClass::Permanent,
+                message: format!(
+                    "the key column of `{}` is {}; lookups support integer and text keys (a view can cast it to text)",
+                    self.table,
+                    other.map_or("unknown".to_string(), |t| t
+                        .name()
+                        .trim_start_matches('_')
+                        .to_string())
+                ),
+            }),
+        }
     }
 }
 
@@ -311,68 +446,183 @@ impl Remote for Postgres {
                 return Ok(());
             }
         };
-        // A missing table or column is reported now rather than at every batch.
+        // A missing table or column, or a key type that cannot be looked up, is reported
+        // now rather than at every batch.
         match client.prepare_cached(&self.sql).await {
-            Ok(_) => Ok(()),
-            Err(e) => match self.refused(&e) {
-                Some(refused) => Err(refused),
-                None => Ok(()),
+            Ok(statement) => self.key_type(&statement).map(|_| ()),
+            Err(e) => match self.error(e) {
+                Error::External { message, .. } => {
+                    tracing::warn!(table = %self.table, "PostgreSQL not ready yet, will try again at the first batch: {message}");
+                    Ok(())
+                }
+                refused => Err(refused),
             },
         }
     }
 
-    async fn fetch(&self, keys: &[String]) -> Result<(Vec<usize>, RecordBatch)> {
-        let client = self.pool.get().await.map_err(|e| self.error(e))?;
+    async fn fetch(&self, keys: &[String]) -> Result<Fetched> {
+        let client = self.pool.get().await.map_err(|e| Error::External {
+            system: "postgres",
+            message: format!("looking up in `{}`: {e}", self.table),
+        })?;
         let statement = client
             .prepare_cached(&self.sql)
             .await
-            .map_err(|e| self.refused(&e).unwrap_or_else(|| self.error(e)))?;
-        use tokio_postgres::types::Type;
-        let rows = match statement.params().first() {
-            Some(&Type::INT8_ARRAY) | Some(&Type::INT4_ARRAY) | Some(&Type::INT2_ARRAY) => {
-                let ints: Vec<i64> = keys.iter().filter_map(|k| k.parse().ok()).collect();
-                let param = statement.params()[0].clone();
-                match param {
-                    Type::INT8_ARRAY => client.query(&statement, &[&ints]).await,
-                    Type::INT4_ARRAY => {
-                        let ints: Vec<i32> =
-                            ints.iter().filter_map(|&i| i32::try_from(i).ok()).collect();
-                        client.query(&statement, &[&ints]).await
-                    }
-                    _ => {
-                        let ints: Vec<i16> =
-                            ints.iter().filter_map(|&i| i16::try_from(i).ok()).collect();
-                        client.query(&statement, &[&ints]).await
+            .map_err(|e| self.error(e))?;
+        let key_type = self.key_type(&statement)?;
+        // Answers are matched to the asked keys by value: integers by number (the text
+        // `007` and the row with key 7 match), text exactly as PostgreSQL compares it.
+        let mut objects: Vec<(usize, String)> = Vec::new();
+        match key_type {
+            KeyType::Text => {
+                let rows = client
+                    .query(&statement, &[&keys])
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let position: HashMap<&str, usize> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| (k.as_str(), i))
+                    .collect();
+                for row in &rows {
+                    let key: Option<&str> = row.get(0);
+                    if let Some(&i) = key.and_then(|k| position.get(k)) {
+                        objects.push((i, row.get(1)));
                     }
                 }
             }
-            _ => client.query(&statement, &[&keys]).await,
-        }
-        .map_err(|e| self.refused(&e).unwrap_or_else(|| self.error(e)))?;
-        let position: HashMap<&str, usize> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.as_str(), i))
-            .collect();
-        let mut found = Vec::with_capacity(rows.len());
-        let mut objects = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let key: Option<&str> = row.get(0);
-            if let Some(&i) = key.and_then(|k| position.get(k)) {
-                found.push(i);
-                objects.push(row.get::<_, &str>(1));
+            int => {
+                let mut asked: HashMap<i64, Vec<usize>> = HashMap::new();
+                for (i, k) in keys.iter().enumerate() {
+                    if let Ok(v) = k.trim().parse::<i64>() {
+                        asked.entry(v).or_default().push(i);
+                    }
+                }
+                let values: Vec<i64> = asked.keys().copied().collect();
+                let rows = match int {
+                    KeyType::Int8 => client.query(&statement, &[&values]).await,
+                    KeyType::Int4 => {
+                        let v: Vec<i32> = values
+                            .iter()
+                            .filter_map(|&v| i32::try_from(v).ok())
+                            .collect();
+                        client.query(&statement, &[&v]).await
+                    }
+                    _ => {
+                        let v: Vec<i16> = values
+                            .iter()
+                            .filter_map(|&v| i16::try_from(v).ok())
+                            .collect();
+                        client.query(&statement, &[&v]).await
+                    }
+                }
+                .map_err(|e| self.error(e))?;
+                for row in &rows {
+                    let key: Option<i64> = match int {
+                        KeyType::Int8 => row.get(0),
+                        KeyType::Int4 => row.get::<_, Option<i32>>(0).map(i64::from),
+                        _ => row.get::<_, Option<i16>>(0).map(i64::from),
+                    };
+                    for &i in key.and_then(|k| asked.get(&k)).into_iter().flatten() {
+                        objects.push((i, row.get(1)));
+                    }
+                }
             }
         }
-        let batch = decode_objects(
-            objects.into_iter(),
-            found.len(),
-            &self.values,
-            &self.describe(),
-        )?;
-        Ok((found, batch))
+        // A key repeated in the table: the first row wins.
+        let mut seen = vec![false; keys.len()];
+        objects.retain(|(i, _)| !std::mem::replace(&mut seen[*i], true));
+        let objects: Vec<(usize, &str)> = objects.iter().map(|(i, o)| (*i, o.as_str())).collect();
+        decode_objects(&objects, &self.values, &self.describe())
     }
 
     fn describe(&self) -> String {
         format!("PostgreSQL table `{}`", self.table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Field, Int64Type, Schema};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("plan", DataType::Utf8, true),
+            Field::new("age", DataType::Int64, true),
+        ]))
+    }
+
+    fn age(values: &RecordBatch) -> i64 {
+        values.column(1).as_primitive::<Int64Type>().value(0)
+    }
+
+    #[test]
+    fn a_bad_json_value_fails_its_own_key_and_never_shifts_another() {
+        let objects = [
+            (0, r#"{"plan": "a", "age": 1}"#),
+            (1, ""),
+            (2, r#"{"plan": "b", "age": 2}{"plan": "x", "age": 99}"#),
+            (3, r#"{"plan": "c", "age": "old"}"#),
+            (4, r#"{"plan": "d", "age": 4}"#),
+            (5, r#"{"plan": "e""#),
+        ];
+        let fetched = decode_objects(&objects, &schema(), "redis").unwrap();
+        let found: Vec<(usize, i64)> = fetched.found.iter().map(|(k, v)| (*k, age(v))).collect();
+        assert_eq!(found, [(0, 1), (4, 4)]);
+        let bad: Vec<usize> = fetched.unreadable.iter().map(|(k, _)| *k).collect();
+        assert_eq!(bad, [1, 2, 3, 5], "{:?}", fetched.unreadable);
+        assert!(
+            fetched.unreadable[0].1.contains("empty"),
+            "{:?}",
+            fetched.unreadable
+        );
+        assert!(
+            fetched.unreadable[1].1.contains("more than one"),
+            "{:?}",
+            fetched.unreadable
+        );
+        // Each found row owns its memory: one row, not a slice of the whole fetch.
+        assert!(fetched.found.iter().all(|(_, v)| v.num_rows() == 1));
+    }
+
+    #[test]
+    fn good_json_values_are_decoded_at_once() {
+        let objects = [
+            (3, r#"{"plan": "a", "age": 1}"#),
+            (1, r#"{"age": 2, "other": true}"#),
+        ];
+        let fetched = decode_objects(&objects, &schema(), "redis").unwrap();
+        let found: Vec<(usize, i64)> = fetched.found.iter().map(|(k, v)| (*k, age(v))).collect();
+        assert_eq!(found, [(3, 1), (1, 2)]);
+        assert!(fetched.found[1].1.column(0).is_null(0));
+        assert!(fetched.unreadable.is_empty());
+    }
+
+    #[test]
+    fn a_hash_field_that_does_not_convert_fails_its_own_key() {
+        let texts: Vec<ArrayRef> = vec![
+            Arc::new(arrow::array::StringArray::from(vec![
+                Some("a"),
+                Some("b"),
+                None,
+            ])),
+            Arc::new(arrow::array::StringArray::from(vec![
+                Some("1"),
+                Some("two"),
+                Some("3"),
+            ])),
+        ];
+        let fetched = cast_texts(texts, &[7, 8, 9], &schema(), "redis").unwrap();
+        let found: Vec<(usize, i64)> = fetched.found.iter().map(|(k, v)| (*k, age(v))).collect();
+        assert_eq!(found, [(7, 1), (9, 3)]);
+        assert_eq!(fetched.unreadable.len(), 1);
+        assert_eq!(fetched.unreadable[0].0, 8);
+        assert!(
+            fetched.unreadable[0].1.contains("field `age` is not Int64"),
+            "{:?}",
+            fetched.unreadable
+        );
     }
 }

@@ -193,11 +193,25 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Reads the file, keeps the key and the wanted columns, and indexes the key.
+/// The file's modification time and size: a file being rewritten changes one or the other.
+fn version(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Reads the file, keeps the key and the wanted columns, and indexes the key. A file that
+/// changes while it is read (a copy in progress) is not taken: replace a table by writing
+/// a new file and renaming it over the old one.
 fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Loaded, String> {
     let where_ = path.display();
-    let modified = modified(path);
+    let before = version(path);
+    let modified = before.map(|(m, _)| m);
     let table = read_file(path).map_err(|e| format!("lookup table {where_}: {e}"))?;
+    if version(path) != before {
+        return Err(format!(
+            "lookup table {where_} changed while it was read; write a new file and rename it over the old one"
+        ));
+    }
     let keys = table.column_by_name(key).ok_or_else(|| {
         format!(
             "lookup table {where_} has no key column `{key}` (it has: {})",
