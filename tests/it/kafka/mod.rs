@@ -7,6 +7,7 @@ mod broker;
 mod dead_letters;
 mod delivery;
 mod errors;
+mod examples;
 mod throughput;
 
 use std::collections::HashMap;
@@ -92,9 +93,15 @@ pub struct Sluice {
 
 impl Sluice {
     pub fn start(pipeline: &Path, log: PathBuf) -> Sluice {
+        Self::start_with(pipeline, log, &[])
+    }
+
+    /// `sluice run` with extra environment variables.
+    pub fn start_with(pipeline: &Path, log: PathBuf, vars: &[(&str, &str)]) -> Sluice {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", pipeline.to_str().unwrap()])
             .env("RUST_LOG", "warn,sluice_connectors=info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -176,7 +176,8 @@ fn list_of(item: DataType) -> DataType {
 pub struct Model {
     features: usize,
     ids: Vec<i64>,
-    /// Feature-major: row `f` holds `weight[f] · title[f]` for every title.
+    /// Blocks of [`BLOCK`] titles, each feature-major: block `b`, feature `f` holds
+    /// `weight[f] · title[f]` for the block's titles (the last block padded with zeros).
     by_feature: Vec<f32>,
     /// Indices of the `k` most popular titles, and their popularity.
     popular: Vec<u32>,
@@ -232,7 +233,7 @@ impl Model {
             ));
         }
         let t = content.len();
-        let mut by_feature = vec![0f32; f * t];
+        let mut by_feature = vec![0f32; t.div_ceil(BLOCK) * f * BLOCK];
         for (j, title) in content.iter().enumerate() {
             if title.vector.len() != f {
                 return Err(format!(
@@ -241,8 +242,9 @@ impl Model {
                     title.vector.len()
                 ));
             }
+            let (block, lane) = (j / BLOCK, j % BLOCK);
             for (i, v) in title.vector.iter().enumerate() {
-                by_feature[i * t + j] = weights[i] * v;
+                by_feature[(block * f + i) * BLOCK + lane] = weights[i] * v;
             }
         }
         let k = k.min(t);
@@ -264,7 +266,13 @@ impl Model {
         self.ids.len()
     }
 
-    /// Every title's score for `user`, into `out` (one per title).
+    /// The length of a scores buffer: the titles rounded up to whole blocks.
+    fn padded(&self) -> usize {
+        self.titles().div_ceil(BLOCK) * BLOCK
+    }
+
+    /// Every title's score for `user`, into `out` (`padded()` long; the scores of the
+    /// padding are 0 and not titles).
     fn score_all(&self, user: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -277,17 +285,27 @@ impl Model {
     }
 }
 
-/// `out[j] = Σ_f user[f] · by_feature[f][j]`: one contiguous pass per feature, no horizontal
-/// sums, so each pass is plain SIMD over the titles.
+/// Titles scored together: their 64 running sums stay in registers (8 AVX registers) while
+/// every feature is added in, so each weight·title value is loaded once and no sum goes
+/// through memory.
+const BLOCK: usize = 64;
+
+/// `out[j] = Σ_f user[f] · by_feature[block(j)][f][lane(j)]`, one block of titles at a time.
 #[inline(always)]
 fn score_all_portable<const FMA: bool>(user: &[f32], by_feature: &[f32], out: &mut [f32]) {
-    let t = out.len();
-    out.fill(0.0);
-    for (f, &u) in user.iter().enumerate() {
-        let row = &by_feature[f * t..(f + 1) * t];
-        for (o, &c) in out.iter_mut().zip(row) {
-            *o = if FMA { u.mul_add(c, *o) } else { *o + u * c };
+    let f = user.len();
+    for (block, out) in by_feature
+        .chunks_exact(f * BLOCK)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        let mut acc = [0f32; BLOCK];
+        for (row, &u) in block.chunks_exact(BLOCK).zip(user) {
+            let row: &[f32; BLOCK] = row.try_into().expect("a whole block");
+            for (a, &c) in acc.iter_mut().zip(row) {
+                *a = if FMA { u.mul_add(c, *a) } else { *a + u * c };
+            }
         }
+        out.copy_from_slice(&acc);
     }
 }
 
@@ -300,26 +318,74 @@ fn score_all_avx2(user: &[f32], by_feature: &[f32], out: &mut [f32]) {
 /// The `ids.len()` highest of `scores`, best first, into `ids` (indices) and `best`; of
 /// equal scores the lower index comes first. NaN scores are never chosen. Returns how many
 /// were chosen: fewer than `ids.len()` only when there are fewer non-NaN scores.
+///
+/// Two passes over blocks of 16 scores. The first takes each block's maximum (SIMD) and
+/// keeps the k highest maxima: the k-th of them is a floor, since k distinct scores reach
+/// it. The second looks one by one only at the blocks holding a score at or above the
+/// floor (one SIMD test per block) — a few dozen scores instead of every one that beats a
+/// running k-th best, which rises slowly at first.
 fn top_k(scores: &[f32], ids: &mut [u32], best: &mut [f32]) -> usize {
+    const LANES: usize = 16;
     let k = ids.len();
+    let mut floor = f32::NEG_INFINITY;
+    if scores.len() / LANES >= k {
+        let mut filled = 0;
+        for (b, block) in scores.chunks_exact(LANES).enumerate() {
+            let block: &[f32; LANES] = block.try_into().expect("a whole block");
+            // `>` is false for NaN: a block of NaN has the maximum -inf.
+            let max = block
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+            if filled < k {
+                place(ids, best, filled, b, max);
+                filled += 1;
+            } else if max > best[k - 1] {
+                place(ids, best, k, b, max);
+            }
+        }
+        floor = best[k - 1];
+    }
     let mut filled = 0;
-    for (j, &s) in scores.iter().enumerate() {
-        if s.is_nan() || (filled == k && s <= best[k - 1]) {
-            continue;
+    let mut consider = |j: usize, s: f32, filled: &mut usize| {
+        if s.is_nan() || s < floor {
+            return;
         }
-        // After every score >= s: equal scores keep their order (lower index first).
-        let mut at = filled.min(k - 1);
-        while at > 0 && best[at - 1] < s {
-            at -= 1;
+        if *filled < k {
+            place(ids, best, *filled, j, s);
+            *filled += 1;
+        } else if s > best[k - 1] {
+            place(ids, best, k, j, s);
         }
-        let end = filled.min(k - 1);
-        ids.copy_within(at..end, at + 1);
-        best.copy_within(at..end, at + 1);
-        ids[at] = j as u32;
-        best[at] = s;
-        filled = (filled + 1).min(k);
+    };
+    let mut blocks = scores.chunks_exact(LANES);
+    for (b, block) in (&mut blocks).enumerate() {
+        let block: &[f32; LANES] = block.try_into().expect("a whole block");
+        if block.iter().fold(false, |any, &s| any | (s >= floor)) {
+            for (i, &s) in block.iter().enumerate() {
+                consider(b * LANES + i, s, &mut filled);
+            }
+        }
+    }
+    let tail = scores.len() - blocks.remainder().len();
+    for (i, &s) in blocks.remainder().iter().enumerate() {
+        consider(tail + i, s, &mut filled);
     }
     filled
+}
+
+/// Puts score `s` of title `j` into the best-first list of `len` entries (`len < k`: it
+/// grows by one; `len == k`: the last falls off), after every score `>= s`.
+#[inline]
+fn place(ids: &mut [u32], best: &mut [f32], len: usize, j: usize, s: f32) {
+    // Shifted one by one: for a short list this beats two `copy_within` calls (memmove).
+    let mut at = len.min(ids.len() - 1);
+    while at > 0 && best[at - 1] < s {
+        best[at] = best[at - 1];
+        ids[at] = ids[at - 1];
+        at -= 1;
+    }
+    ids[at] = j as u32;
+    best[at] = s;
 }
 
 fn read_parquet(path: &Path) -> Result<ModelFile, Box<dyn std::error::Error + Send + Sync>> {
@@ -383,7 +449,7 @@ impl StageFactory for ScoreFactory {
             model: model.clone(),
             user: self.user.clone(),
             features: self.features.clone(),
-            scores: vec![0.0; model.titles()],
+            scores: vec![0.0; model.padded()],
             top: vec![0; model.k],
             top_scores: vec![0.0; model.k],
             cache: UserCache::new(self.cache.max_entries, model.k, self.cache.ttl.get()),
@@ -491,7 +557,11 @@ impl Stage for ScoreStage {
                         None => {
                             misses += 1;
                             model.score_all(vector, &mut self.scores);
-                            let chosen = top_k(&self.scores, &mut self.top, &mut self.top_scores);
+                            let chosen = top_k(
+                                &self.scores[..model.titles()],
+                                &mut self.top,
+                                &mut self.top_scores,
+                            );
                             if chosen < k {
                                 // Scores overflowed to NaN: no list is better than a wrong one.
                                 failed.push(RowFailure {
@@ -697,10 +767,11 @@ mod tests {
             let (titles, f, k) = (rng.usize(1..400), rng.usize(1..40), rng.usize(1..20));
             let (model, weights, vectors) = random_model(&mut rng, titles, f, k);
             let user: Vec<f32> = (0..f).map(|_| rng.f32() * 2.0 - 1.0).collect();
-            let mut scores = vec![0.0; titles];
+            let mut scores = vec![0.0; model.padded()];
             model.score_all(&user, &mut scores);
+            let scores = &scores[..titles];
             let (mut ids, mut best) = (vec![0u32; model.k], vec![0f32; model.k]);
-            top_k(&scores, &mut ids, &mut best);
+            top_k(scores, &mut ids, &mut best);
             let want = naive(&user, &weights, &vectors, k);
             assert_eq!(ids.len(), want.len(), "case {case}");
             for (i, (&got, &(want_id, want_score))) in ids.iter().zip(&want).enumerate() {
@@ -731,6 +802,33 @@ mod tests {
         top_k(&[1.0, f32::NAN, 2.0, 2.0, 1.0, 3.0], &mut ids, &mut best);
         assert_eq!(ids, [5, 2, 3]);
         assert_eq!(best, [3.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn top_k_with_ties_and_nans_in_every_block_equals_a_sort() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..300 {
+            let n = rng.usize(1..200);
+            // Few distinct values: many ties; some NaN.
+            let scores: Vec<f32> = (0..n)
+                .map(|_| {
+                    if rng.u8(..) < 20 {
+                        f32::NAN
+                    } else {
+                        rng.u8(..8) as f32
+                    }
+                })
+                .collect();
+            let k = rng.usize(1..20);
+            let mut want: Vec<usize> = (0..n).filter(|&i| !scores[i].is_nan()).collect();
+            want.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            want.truncate(k);
+            let (mut ids, mut best) = (vec![0u32; k], vec![0f32; k]);
+            let chosen = top_k(&scores, &mut ids, &mut best);
+            assert_eq!(chosen, want.len());
+            let got: Vec<usize> = ids[..chosen].iter().map(|&i| i as usize).collect();
+            assert_eq!(got, want, "{scores:?}");
+        }
     }
 
     fn events(users: &[i64], vectors: &[Option<Vec<f32>>]) -> RecordBatch {

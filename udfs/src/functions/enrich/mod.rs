@@ -284,7 +284,7 @@ enum Lookup {
 
 /// An answer held in the cache: the key's values as a one-row batch of their own (so an
 /// entry holds only its own row's memory), or "not there".
-type Cached = Option<RecordBatch>;
+type Cached = Option<Arc<RecordBatch>>;
 
 struct Shared {
     key: String,
@@ -396,14 +396,10 @@ impl EnrichStage {
         let shared = self.shared.clone();
         let n = keys.len();
         // The one-row batches the output rows come from; 0 is the missing row.
-        let mut sources: Vec<RecordBatch> = vec![shared.missing.clone()];
+        let mut sources: Vec<Arc<RecordBatch>> = vec![Arc::new(shared.missing.clone())];
         let mut source_of: HashMap<usize, usize> = HashMap::new();
-        let mut source = |row: &RecordBatch| -> usize {
-            // Rows are told apart by their first column's allocation (one per cached row).
-            let id = row
-                .columns()
-                .first()
-                .map_or(0, |c| Arc::as_ptr(c) as *const () as usize);
+        let mut source = |row: &Arc<RecordBatch>| -> usize {
+            let id = Arc::as_ptr(row) as usize;
             let next = sources.len();
             *source_of.entry(id).or_insert_with(|| {
                 sources.push(row.clone());
@@ -445,9 +441,9 @@ impl EnrichStage {
         if !wanted.is_empty() {
             let asked: Vec<String> = wanted.keys().cloned().collect();
             let fetched = remote.fetch(&asked).await?;
-            let mut answered: Vec<Option<RecordBatch>> = vec![None; asked.len()];
+            let mut answered: Vec<Option<Arc<RecordBatch>>> = vec![None; asked.len()];
             for (k, values) in fetched.found {
-                answered[k] = Some(values);
+                answered[k] = Some(Arc::new(values));
             }
             for (k, reason) in fetched.unreadable {
                 // Not cached: the value may be fixed at the source.
