@@ -404,10 +404,8 @@ async fn call(
         }
         None => stage.process_batch(batch.clone(), ctx).await,
     };
-    let took = t0.elapsed();
-    RunStats::add(&stats.busy_nanos, took.as_nanos() as u64);
     RunStats::add(&stats.batches, 1);
-    stats.latency.record(took);
+    stats.latency.record(t0.elapsed());
     if let Ok(out) = &output {
         RunStats::add(&stats.rows_out, out.batch.num_rows() as u64);
     }

@@ -30,8 +30,6 @@ pub struct StageStats {
     pub breaker_opened: AtomicU64,
     pub breaker_closed: AtomicU64,
     pub batches: AtomicU64,
-    /// Time spent inside `process_batch`, summed over workers.
-    pub busy_nanos: AtomicU64,
     /// The longest `open` of any worker's instance.
     pub cold_start_nanos: AtomicU64,
     /// Time of each `process_batch` call.

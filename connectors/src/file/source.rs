@@ -393,26 +393,10 @@ impl PartitionReader for JsonlReader {
 impl JsonlReader {
     /// Consumes the file up to and including the next newline.
     fn skip_rest_of_line(&mut self) -> Result<()> {
-        loop {
-            let available = match self.file.fill_buf() {
-                Ok(b) => b,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::io(&*self.common.info.name, e)),
-            };
-            if available.is_empty() {
-                return Ok(());
-            }
-            match available.iter().position(|b| *b == b'\n') {
-                Some(i) => {
-                    self.file.consume(i + 1);
-                    return Ok(());
-                }
-                None => {
-                    let n = available.len();
-                    self.file.consume(n);
-                }
-            }
-        }
+        self.file
+            .skip_until(b'\n')
+            .map(drop)
+            .map_err(|e| Error::io(&*self.common.info.name, e))
     }
 
     /// The batch's records that decode, with their own offsets; the others as dead letters

@@ -483,10 +483,13 @@ struct ScoreStage {
     output: SchemaRef,
 }
 
+/// Where a row's list comes from.
 #[derive(Clone, Copy, PartialEq)]
 enum Source {
+    /// Scored now: the list is in the stage's `top` / `top_scores`.
     Generated,
-    Cache,
+    /// From the user cache's slot.
+    Cache(usize),
     Fallback,
 }
 
@@ -494,9 +497,60 @@ impl Source {
     fn as_str(self) -> &'static str {
         match self {
             Source::Generated => "generated",
-            Source::Cache => "cache",
+            Source::Cache(_) => "cache",
             Source::Fallback => "fallback",
         }
+    }
+}
+
+impl ScoreStage {
+    /// The list for a user with feature `vector` (`None`: no profile; `has_null`: a value
+    /// of it is null), from the cache or
+    /// scored now (and cached); `Err` with the reason when the row fails. Counts cache
+    /// `hits` and `misses`.
+    fn recommend(
+        &mut self,
+        vector: Option<&[f32]>,
+        has_null: bool,
+        key: Option<u64>,
+        now: Instant,
+        (hits, misses): (&mut u64, &mut u64),
+    ) -> std::result::Result<Source, String> {
+        let Some(vector) = vector else {
+            return Ok(Source::Fallback);
+        };
+        let f = self.model.features;
+        if vector.len() != f {
+            return Err(format!(
+                "`{}` has {} values; the model has {f} features",
+                self.features,
+                vector.len()
+            ));
+        }
+        if has_null || vector.iter().any(|v| !v.is_finite()) {
+            return Err(format!(
+                "`{}` holds a null or non-finite value",
+                self.features
+            ));
+        }
+        if let Some(slot) = key.and_then(|key| self.cache.get(key, now)) {
+            *hits += 1;
+            return Ok(Source::Cache(slot));
+        }
+        *misses += 1;
+        self.model.score_all(vector, &mut self.scores);
+        let titles = self.model.titles();
+        if top_k(&self.scores[..titles], &mut self.top, &mut self.top_scores) < self.model.k {
+            // Scores overflowed to NaN: no list is better than a wrong one.
+            return Err(format!(
+                "`{}` gives scores that are not numbers (values too large?)",
+                self.features
+            ));
+        }
+        if let Some(key) = key {
+            self.cache.insert(key, now, &self.top, &self.top_scores);
+        }
+        Ok(Source::Generated)
     }
 }
 
@@ -520,7 +574,7 @@ impl Stage for ScoreStage {
         let features = features.as_list::<i32>();
         let values = features.values().as_primitive::<Float32Type>();
         let offsets = features.value_offsets();
-        let (model, k, f) = (self.model.clone(), self.model.k, self.model.features);
+        let (model, k) = (self.model.clone(), self.model.k);
 
         let mut ids: Vec<i64> = Vec::with_capacity(n * k);
         let mut scores: Vec<f32> = Vec::with_capacity(n * k);
@@ -530,80 +584,35 @@ impl Stage for ScoreStage {
         let now = Instant::now();
         for row in 0..n {
             let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
-            let source = if features.is_null(row) || start == end {
-                Source::Fallback
-            } else if end - start != f {
+            let vector =
+                (!features.is_null(row) && start < end).then(|| &values.values()[start..end]);
+            // A null inside the vector reads as 0.0 in `values`: told apart here.
+            let has_null = values
+                .nulls()
+                .is_some_and(|nulls| (start..end).any(|i| nulls.is_null(i)));
+            let source = self.recommend(
+                vector,
+                has_null,
+                users.get(row),
+                now,
+                (&mut hits, &mut misses),
+            );
+            let source = source.unwrap_or_else(|reason| {
                 failed.push(RowFailure {
                     row,
                     class: ErrorClass::Permanent,
-                    reason: format!(
-                        "`{}` has {} values; the model has {f} features",
-                        self.features,
-                        end - start
-                    ),
+                    reason,
                 });
+                // Any list of the right length: the row is removed from the output.
                 Source::Fallback
-            } else {
-                let vector = &values.values()[start..end];
-                if vector.iter().any(|v| !v.is_finite())
-                    || values
-                        .nulls()
-                        .is_some_and(|nulls| (start..end).any(|i| nulls.is_null(i)))
-                {
-                    failed.push(RowFailure {
-                        row,
-                        class: ErrorClass::Permanent,
-                        reason: format!("`{}` holds a null or non-finite value", self.features),
-                    });
-                    Source::Fallback
-                } else {
-                    let key = users.get(row);
-                    match key.and_then(|key| self.cache.get(key, now)) {
-                        Some(slot) => {
-                            hits += 1;
-                            let (cached_ids, cached_scores) = self.cache.entry(slot);
-                            ids.extend(cached_ids.iter().map(|&i| model.ids[i as usize]));
-                            scores.extend_from_slice(cached_scores);
-                            sources.push(Source::Cache.as_str());
-                            continue;
-                        }
-                        None => {
-                            misses += 1;
-                            model.score_all(vector, &mut self.scores);
-                            let chosen = top_k(
-                                &self.scores[..model.titles()],
-                                &mut self.top,
-                                &mut self.top_scores,
-                            );
-                            if chosen < k {
-                                // Scores overflowed to NaN: no list is better than a wrong one.
-                                failed.push(RowFailure {
-                                    row,
-                                    class: ErrorClass::Permanent,
-                                    reason: format!(
-                                        "`{}` gives scores that are not numbers (values too large?)",
-                                        self.features
-                                    ),
-                                });
-                                ids.extend(std::iter::repeat_n(0, k));
-                                scores.extend(std::iter::repeat_n(f32::NAN, k));
-                                sources.push(Source::Generated.as_str());
-                                continue;
-                            }
-                            if let Some(key) = key {
-                                self.cache.insert(key, now, &self.top, &self.top_scores);
-                            }
-                            ids.extend(self.top.iter().map(|&i| model.ids[i as usize]));
-                            scores.extend_from_slice(&self.top_scores);
-                            sources.push(Source::Generated.as_str());
-                            continue;
-                        }
-                    }
-                }
+            });
+            let (list, list_scores) = match source {
+                Source::Generated => (&self.top[..], &self.top_scores[..]),
+                Source::Cache(slot) => self.cache.entry(slot),
+                Source::Fallback => (&model.popular[..], &model.popular_scores[..]),
             };
-            debug_assert!(source == Source::Fallback);
-            ids.extend(model.popular.iter().map(|&i| model.ids[i as usize]));
-            scores.extend_from_slice(&model.popular_scores);
+            ids.extend(list.iter().map(|&i| model.ids[i as usize]));
+            scores.extend_from_slice(list_scores);
             sources.push(source.as_str());
         }
         let stats = ctx.stage_stats();

@@ -220,8 +220,12 @@ impl FunctionSpec for Enrich {
         Ok(Arc::new(EnrichFactory {
             shared: Arc::new(Shared {
                 key: self.key.clone(),
+                lookup_name: match &lookup {
+                    Lookup::File(t) => t.describe(),
+                    Lookup::Remote(r) => r.describe(),
+                },
                 lookup,
-                missing,
+                missing: Arc::new(missing),
                 fail_missing: self.on_missing == OnMissing::Fail,
                 cache,
                 output,
@@ -248,17 +252,14 @@ impl Enrich {
                 Some(text) => {
                     let text: ArrayRef =
                         Arc::new(arrow::array::StringArray::from(vec![text.as_str()]));
-                    let options = arrow::compute::CastOptions {
-                        safe: false,
-                        ..Default::default()
-                    };
-                    arrow::compute::cast_with_options(&text, f.data_type(), &options).map_err(|e| {
-                        format!(
-                            "the default for `{}` is not a {}: {e}",
-                            f.name(),
-                            f.data_type()
-                        )
-                    })
+                    arrow::compute::cast_with_options(&text, f.data_type(), &remote::strict())
+                        .map_err(|e| {
+                            format!(
+                                "the default for `{}` is not a {}: {e}",
+                                f.name(),
+                                f.data_type()
+                            )
+                        })
                 }
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -289,8 +290,10 @@ type Cached = Option<Arc<RecordBatch>>;
 struct Shared {
     key: String,
     lookup: Lookup,
+    /// Where the lookup goes, for error messages.
+    lookup_name: String,
     /// What missing keys get (nulls or defaults), one row.
-    missing: RecordBatch,
+    missing: Arc<RecordBatch>,
     fail_missing: bool,
     cache: Option<moka::sync::Cache<String, Cached>>,
     output: SchemaRef,
@@ -361,7 +364,7 @@ impl Stage for EnrichStage {
                     "no entry for {} = {} in {}",
                     shared.key,
                     key_text(&keys, row),
-                    shared.lookup_name()
+                    shared.lookup_name
                 ),
             }));
         }
@@ -370,15 +373,6 @@ impl Stage for EnrichStage {
             batch: assemble(&shared.output, &batch, columns, &failed)?,
             failed,
         })
-    }
-}
-
-impl Shared {
-    fn lookup_name(&self) -> String {
-        match &self.lookup {
-            Lookup::File(t) => t.describe(),
-            Lookup::Remote(r) => r.describe(),
-        }
     }
 }
 
@@ -396,7 +390,7 @@ impl EnrichStage {
         let shared = self.shared.clone();
         let n = keys.len();
         // The one-row batches the output rows come from; 0 is the missing row.
-        let mut sources: Vec<Arc<RecordBatch>> = vec![Arc::new(shared.missing.clone())];
+        let mut sources: Vec<Arc<RecordBatch>> = vec![shared.missing.clone()];
         let mut source_of: HashMap<usize, usize> = HashMap::new();
         let mut source = |row: &Arc<RecordBatch>| -> usize {
             let id = Arc::as_ptr(row) as usize;

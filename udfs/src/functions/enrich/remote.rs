@@ -36,10 +36,15 @@ pub struct Fetched {
 }
 
 impl Fetched {
-    /// Splits `values` (row `i` holding key `keys[i]`) into one-row batches that own their
-    /// memory, so that a cached entry never keeps a whole fetched batch alive.
-    fn own_rows(&mut self, values: &RecordBatch, keys: &[usize]) -> Result<()> {
-        for (row, &k) in keys.iter().enumerate() {
+    /// Copies rows of `values` into one-row batches that own their memory (so that a cached
+    /// entry never keeps a whole fetched batch alive): `(row, key)` gives the row of
+    /// `values` holding the value of `keys[key]`.
+    fn own_rows(
+        &mut self,
+        values: &RecordBatch,
+        rows: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<()> {
+        for (row, k) in rows {
             let one = take_record_batch(values, &UInt32Array::from(vec![row as u32]))
                 .map_err(|e| Error::arrow("copying a looked-up row", e))?;
             self.found.push((k, one));
@@ -117,12 +122,14 @@ fn redis_error(e: redis::RedisError) -> Error {
 
 impl Redis {
     async fn connection(&self) -> Result<redis::aio::ConnectionManager> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(10)))
-            .set_number_of_retries(2);
         self.connection
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+            .get_or_try_init(|| {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+                    .set_response_timeout(Some(std::time::Duration::from_secs(10)))
+                    .set_number_of_retries(2);
+                self.client.get_connection_manager_with_config(config)
+            })
             .await
             .cloned()
             .map_err(redis_error)
@@ -192,7 +199,8 @@ impl Remote for Redis {
     }
 }
 
-fn strict() -> arrow::compute::CastOptions<'static> {
+/// Casts that fail on a value that does not convert, instead of making it null.
+pub fn strict() -> arrow::compute::CastOptions<'static> {
     arrow::compute::CastOptions {
         safe: false,
         ..Default::default()
@@ -233,13 +241,8 @@ fn cast_texts(
     let values = RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| Error::arrow("assembling looked-up values", e))?;
     let mut fetched = Fetched::default();
-    let good: Vec<u32> = (0..keys.len() as u32)
-        .filter(|&r| bad[r as usize].is_none())
-        .collect();
-    let values = take_record_batch(&values, &UInt32Array::from(good.clone()))
-        .map_err(|e| Error::arrow("assembling looked-up values", e))?;
-    let good_keys: Vec<usize> = good.iter().map(|&r| keys[r as usize]).collect();
-    fetched.own_rows(&values, &good_keys)?;
+    let good = (0..keys.len()).filter(|&row| bad[row].is_none());
+    fetched.own_rows(&values, good.map(|row| (row, keys[row])))?;
     fetched.unreadable = bad
         .into_iter()
         .enumerate()
@@ -272,8 +275,10 @@ fn decode_objects(objects: &[(usize, &str)], schema: &SchemaRef, source: &str) -
             .flush()
             .map_err(|e| Error::arrow("decoding looked-up values", e))?
         {
-            let keys: Vec<usize> = objects.iter().map(|(k, _)| *k).collect();
-            fetched.own_rows(&values, &keys)?;
+            fetched.own_rows(
+                &values,
+                objects.iter().enumerate().map(|(row, (k, _))| (row, *k)),
+            )?;
         }
         return Ok(fetched);
     }
@@ -289,7 +294,7 @@ fn decode_objects(objects: &[(usize, &str)], schema: &SchemaRef, source: &str) -
             .and_then(|n| Ok((n, one.flush()?)));
         let reason = match read {
             Ok((n, Some(values))) if n == object.len() && values.num_rows() == 1 => {
-                fetched.own_rows(&values, &[k])?;
+                fetched.own_rows(&values, [(0, k)])?;
                 continue;
             }
             Ok((_, None)) => "the stored value is empty, not a JSON object".to_string(),

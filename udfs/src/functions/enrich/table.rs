@@ -36,7 +36,8 @@ fn default_reload_every() -> Duration {
 
 /// The table as last loaded.
 pub struct Loaded {
-    modified: Option<SystemTime>,
+    /// The file's [`version`] when it was read.
+    version: Option<(SystemTime, u64)>,
     values: RecordBatch,
     index: Index,
 }
@@ -94,7 +95,7 @@ impl FileTable {
             }
             _ => false,
         };
-        if !due || modified(&self.path) == table.modified {
+        if !due || version(&self.path) == table.version {
             return Ok(table);
         }
         let (path, key, columns) = (self.path.clone(), self.key.clone(), self.columns.clone());
@@ -189,10 +190,6 @@ impl Loaded {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
 /// The file's modification time and size: a file being rewritten changes one or the other.
 fn version(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -205,7 +202,6 @@ fn version(path: &Path) -> Option<(SystemTime, u64)> {
 fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Loaded, String> {
     let where_ = path.display();
     let before = version(path);
-    let modified = before.map(|(m, _)| m);
     let table = read_file(path).map_err(|e| format!("lookup table {where_}: {e}"))?;
     if version(path) != before {
         return Err(format!(
@@ -287,7 +283,7 @@ fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Lo
         tracing::warn!(file = %where_, duplicates, "lookup table has repeated keys; the last row of each wins");
     }
     Ok(Loaded {
-        modified,
+        version: before,
         values,
         index,
     })
