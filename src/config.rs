@@ -31,6 +31,7 @@ use sluice_engine::config::{
 };
 use sluice_engine::executor::Batching;
 use sluice_engine::failure::FailurePolicy;
+use sluice_udfs::aggregate::AggregateConfig;
 use sluice_udfs::functions::{self, FunctionSpec};
 
 const TOP_LEVEL: &[&str] = &[
@@ -92,6 +93,7 @@ pub enum StageKind {
         function: String,
         spec: Box<dyn FunctionSpec>,
     },
+    Aggregate(Box<AggregateConfig>),
 }
 
 impl StageKind {
@@ -100,6 +102,7 @@ impl StageKind {
         match self {
             StageKind::Sql { .. } => "query",
             StageKind::Function { .. } => "params",
+            StageKind::Aggregate(_) => "aggregates",
         }
     }
 }
@@ -391,7 +394,7 @@ fn parse_source(node: &Node, path: Location, problems: &mut Problems) -> Option<
     })
 }
 
-const STAGE_KINDS: &[&str] = &["sql", "function"];
+const STAGE_KINDS: &[&str] = &["sql", "function", "aggregate"];
 const STAGE_COMMON: &[&str] = &[
     "name",
     "type",
@@ -686,6 +689,8 @@ fn parse_stage(node: &Node, path: &Location, problems: &mut Problems) -> Option<
             let c: Option<FunctionStageConfig> = from_node(&rest, path, STAGE_COMMON, problems);
             c.and_then(|c| parse_function(node, path, c.function, problems))
         }
+        "aggregate" => AggregateConfig::parse(&rest, path, STAGE_COMMON, problems)
+            .map(|c| StageKind::Aggregate(Box::new(c))),
         _ => unreachable!("split_kind checked the kind"),
     };
     let common = common?;

@@ -82,6 +82,7 @@ pub async fn plan_stages(
                 .await
                 .map(|f| Arc::new(f) as _),
             StageKind::Function { spec, .. } => spec.plan(&schema),
+            StageKind::Aggregate(c) => c.plan(&stage.name, &schema),
         };
         match factory {
             Ok(factory) => {

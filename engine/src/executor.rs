@@ -52,12 +52,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{ColumnSelection, Envelope, PartitionInfo};
-use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryStore};
+use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryStore, RocksStore};
 use crate::dead_letter::DeadLetterSink;
 use crate::failure::{self, Outcome};
 use crate::sink::Sink;
 use crate::source::{Assignment, CommitHook, PartitionReader, Source};
 use crate::stage::{PlannedStage, Stage, StageContext};
+use crate::state::StageState;
 use crate::stats::RunStats;
 use crate::{Error, Result};
 
@@ -124,6 +125,15 @@ pub struct RunReport {
 
 enum WorkerMsg {
     Batch(Envelope),
+    /// The partition's source ended after the batches before this (bounded sources):
+    /// stages that hold rows back emit them. `end` is the partition's next offset.
+    Ended {
+        partition: Arc<PartitionInfo>,
+        end: i64,
+    },
+    /// A checkpoint of stage state: the worker says it waits here (after sending everything
+    /// before it to the sink) and waits until the sink has taken the snapshot.
+    Barrier(oneshot::Sender<oneshot::Sender<()>>),
     /// Everything of `partition` sent before this has been processed once `done` fires.
     Release {
         partition: u32,
@@ -205,6 +215,26 @@ pub async fn run(
             interval: DEFAULT_CHECKPOINT_INTERVAL,
         })
     });
+    // Stage state needs a database: the checkpoint store's, or a scratch one when the
+    // pipeline keeps no checkpoints (its state then starts empty on every run).
+    let states: Vec<Arc<dyn StageState>> =
+        stages.iter().filter_map(|s| s.factory.state()).collect();
+    let checkpoint = match checkpoint {
+        Some(policy) if states.is_empty() || policy.store.db().is_some() => Some(policy),
+        policy if !states.is_empty() => Some(CheckpointPolicy {
+            store: Arc::new(RocksStore::scratch()?),
+            interval: policy.map_or(DEFAULT_CHECKPOINT_INTERVAL, |p| p.interval),
+        }),
+        policy => policy,
+    };
+    if let Some(db) = checkpoint.as_ref().and_then(|p| p.store.db()) {
+        for state in &states {
+            let (state, db) = (state.clone(), db.clone());
+            tokio::task::spawn_blocking(move || state.restore(db))
+                .await
+                .map_err(|e| Error::Internal(format!("restoring stage state: {e}")))??;
+        }
+    }
     let hook = source.commit_hook();
     let worker_count = options.workers.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -214,22 +244,29 @@ pub async fn run(
     let stop = shutdown.child_token();
 
     let (sink_tx, sink_rx) = mpsc::channel::<SinkMsg>(cap);
+    let mut workers = JoinSet::new();
+    let mut routes = Vec::with_capacity(worker_count);
+    let mut worker_rxs = Vec::with_capacity(worker_count);
+    for _ in 0..worker_count {
+        let (tx, rx) = mpsc::channel(cap);
+        routes.push(tx);
+        worker_rxs.push(rx);
+    }
     let sink_task = tokio::spawn(sink_loop(
         name.clone(),
         sink,
         dead_letter,
         sink_rx,
         columns,
-        checkpoint,
-        hook,
+        Checkpointing {
+            policy: checkpoint,
+            hook,
+            states: states.clone(),
+            workers: routes.iter().map(|tx| tx.downgrade()).collect(),
+        },
         stats.clone(),
     ));
-
-    let mut workers = JoinSet::new();
-    let mut routes = Vec::with_capacity(worker_count);
-    for id in 0..worker_count {
-        let (tx, rx) = mpsc::channel(cap);
-        routes.push(tx);
+    for (id, rx) in worker_rxs.into_iter().enumerate() {
         let chain = stages.clone();
         let (name, sink_tx, stats) = (name.clone(), sink_tx.clone(), stats.clone());
         workers.spawn(worker_loop(
@@ -274,7 +311,10 @@ pub async fn run(
                     load[worker] += 1;
                     let (route, route_rx) = watch::channel(Route { worker, tx: routes[worker].clone() });
                     let part_stop = stop.child_token();
-                    let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
+                    for state in &states {
+                        state.assign(&info);
+                    }
+                    let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), !states.is_empty(), stats.clone()));
                     reader_tasks.insert(task.id(), id);
                     // A partition assigned again while its old reader still drains: the old
                     // handle goes (its task is no longer mapped to it).
@@ -493,19 +533,27 @@ async fn read_partition(
     batching: Batching,
     mut route: watch::Receiver<Route>,
     stop: CancellationToken,
+    announce_end: bool,
     stats: Arc<RunStats>,
 ) -> Result<mpsc::Sender<WorkerMsg>> {
     let info = reader.info().clone();
     {
         let mut batcher = Batcher::new(batching);
         let mut current = route.borrow_and_update().clone();
+        let mut end = None;
+        let mut exhausted = false;
         loop {
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => batcher.take()?,
-                next = batcher.next(reader.as_mut()) => next?,
+                next = batcher.next(reader.as_mut()) => {
+                    let next = next?;
+                    exhausted = next.is_none();
+                    next
+                }
             };
             let Some(env) = next else { break };
+            end = Some(env.offsets.end);
             if route.has_changed().unwrap_or(false) {
                 let new = route.borrow_and_update().clone();
                 if new.worker != current.worker {
@@ -522,6 +570,13 @@ async fn read_partition(
             if stop.is_cancelled() {
                 break;
             }
+        }
+        if exhausted && announce_end {
+            let ended = WorkerMsg::Ended {
+                partition: info.clone(),
+                end: end.unwrap_or(0),
+            };
+            let _ = current.tx.send(ended).await;
         }
         // The worker that holds this partition's last batch: a Drain marker must follow it
         // there, even if a move was requested since.
@@ -561,6 +616,8 @@ async fn worker_loop(
             worker: id,
             stats: stats.clone(),
             index: i,
+            partition: None,
+            dead_letters,
         };
         let mut instance = stage.factory.create()?;
         let t0 = Instant::now();
@@ -576,6 +633,13 @@ async fn worker_loop(
         chain.push((instance, ctx));
     }
 
+    let mut chain = Chain {
+        stages: chain,
+        planned: &planned,
+        schemas: &schemas,
+        dead_letters,
+        stats: &stats,
+    };
     while let Some(msg) = rx.recv().await {
         let mut env = match msg {
             WorkerMsg::Batch(env) => env,
@@ -590,93 +654,208 @@ async fn worker_loop(
                 }
                 continue;
             }
-        };
-        for (i, (stage, ctx)) in chain.iter_mut().enumerate() {
-            if env.batch.num_rows() == 0 {
-                break;
+            WorkerMsg::Barrier(waiting) => {
+                let (resume, resumed) = oneshot::channel();
+                if waiting.send(resume).is_ok() {
+                    let _ = resumed.await;
+                }
+                continue;
             }
-            let input = env.batch.clone();
-            let output = failure::run_stage(
-                stage.as_mut(),
-                ctx,
-                &planned[i].policy,
-                &schemas[i],
-                input,
-                Outcome {
-                    env: &mut env,
-                    dead_letters,
-                },
-                &stats.stages[i],
-            )
-            .await?;
-            env.batch = output;
-        }
+            WorkerMsg::Ended { partition, end } => {
+                for (stage, ctx) in chain.stages.iter_mut() {
+                    ctx.partition = Some(partition.clone());
+                    stage.end_of_partition(ctx).await?;
+                }
+                if !chain.send_pending(&partition, end, &sink).await? {
+                    break;
+                }
+                continue;
+            }
+        };
+        chain.run(0, &mut env).await?;
+        let (partition, end) = (env.partition.clone(), env.offsets.end);
         // Sent even when empty: the sink task counts its offsets as done.
         if sink.send(SinkMsg::Batch(env)).await.is_err() {
             break;
         }
+        if !chain.send_pending(&partition, end, &sink).await? {
+            break;
+        }
     }
 
-    for (stage, ctx) in &mut chain {
+    for (stage, ctx) in &mut chain.stages {
         stage.close(ctx).await?;
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A worker's instances of the stages, and how to run a batch through them.
+struct Chain<'a> {
+    stages: Vec<(Box<dyn Stage>, StageContext)>,
+    planned: &'a [PlannedStage],
+    schemas: &'a [arrow::datatypes::SchemaRef],
+    dead_letters: bool,
+    stats: &'a RunStats,
+}
+
+impl Chain<'_> {
+    /// Runs `env` through the stages from `from` on.
+    async fn run(&mut self, from: usize, env: &mut Envelope) -> Result<()> {
+        for (i, (stage, ctx)) in self.stages.iter_mut().enumerate().skip(from) {
+            if env.batch.num_rows() == 0 {
+                break;
+            }
+            ctx.partition = Some(env.partition.clone());
+            let input = env.batch.clone();
+            let output = failure::run_stage(
+                stage.as_mut(),
+                ctx,
+                &self.planned[i].policy,
+                &self.schemas[i],
+                input,
+                Outcome {
+                    env: &mut *env,
+                    dead_letters: self.dead_letters,
+                },
+                &self.stats.stages[i],
+            )
+            .await?;
+            env.batch = output;
+        }
+        Ok(())
+    }
+
+    /// Sends what stages produced beyond their batches (closed windows), each chunk
+    /// through the stages after the one that produced it. False when the sink is gone.
+    async fn send_pending(
+        &mut self,
+        partition: &Arc<PartitionInfo>,
+        end: i64,
+        sink: &mpsc::Sender<SinkMsg>,
+    ) -> Result<bool> {
+        for i in 0..self.stages.len() {
+            loop {
+                let (stage, ctx) = &mut self.stages[i];
+                let Some(batch) = stage.pending(ctx).await? else {
+                    break;
+                };
+                RunStats::add(&self.stats.stages[i].rows_out, batch.num_rows() as u64);
+                let mut env = Envelope {
+                    partition: partition.clone(),
+                    offsets: end..end,
+                    batch,
+                    dead: Vec::new(),
+                };
+                self.run(i + 1, &mut env).await?;
+                if sink.send(SinkMsg::Batch(env)).await.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// What the sink task needs to take checkpoints.
+struct Checkpointing {
+    policy: Option<CheckpointPolicy>,
+    hook: Option<Arc<dyn CommitHook>>,
+    /// Stateful stages: their checkpoints wait until every worker is between batches.
+    states: Vec<Arc<dyn StageState>>,
+    workers: Vec<mpsc::WeakSender<WorkerMsg>>,
+}
+
+/// Every worker waiting at a barrier, to be resumed by dropping these.
+type Paused = Vec<oneshot::Sender<()>>;
+
 async fn sink_loop(
     pipeline: Arc<str>,
     mut sink: Box<dyn Sink>,
     mut dead_letter: Option<DeadLetterSink>,
     mut rx: mpsc::Receiver<SinkMsg>,
     columns: ColumnSelection,
-    checkpoint: Option<CheckpointPolicy>,
-    hook: Option<Arc<dyn CommitHook>>,
+    checkpointing: Checkpointing,
     stats: Arc<RunStats>,
 ) -> Result<String> {
     let mut ticker = sink.tick_interval().map(interval);
-    let mut checkpoints = checkpoint.as_ref().map(|c| interval(c.interval));
+    let mut checkpoints = checkpointing.policy.as_ref().map(|c| interval(c.interval));
+    let stateful = !checkpointing.states.is_empty();
     // Per partition: the next offset after everything received (written or emptied).
     let mut progress: HashMap<Arc<str>, i64> = HashMap::new();
     let mut committed: HashMap<Arc<str>, i64> = HashMap::new();
+    // Revoked partitions waiting for the checkpoint that covers them.
+    let mut drains: Vec<Drained> = Vec::new();
+    // A checkpoint of stateful stages waiting for every worker to pause.
+    let mut pausing: Option<oneshot::Receiver<Paused>> = None;
+    let received = async |msg: SinkMsg,
+                          sink: &mut Box<dyn Sink>,
+                          dead_letter: &mut Option<DeadLetterSink>,
+                          progress: &mut HashMap<Arc<str>, i64>,
+                          drains: &mut Vec<Drained>|
+           -> Result<()> {
+        let env = match msg {
+            SinkMsg::Batch(env) => env,
+            SinkMsg::Drain(drained) => {
+                drains.push(drained);
+                return Ok(());
+            }
+        };
+        if env.batch.num_rows() > 0 {
+            let batch = columns.apply(&env.batch)?;
+            let rows = batch.num_rows() as u64;
+            sink.write(batch).await?;
+            RunStats::add(&stats.records_out, rows);
+        }
+        if !env.dead.is_empty() {
+            let dlq = dead_letter
+                .as_mut()
+                .ok_or_else(|| Error::Internal("dead letters without a dead-letter sink".into()))?;
+            dlq.write(&pipeline, &env.dead).await?;
+            RunStats::add(&stats.records_dead_lettered, env.dead.len() as u64);
+            RunStats::add(&stats.records_failed, env.dead.len() as u64);
+        }
+        let end = progress
+            .entry(env.partition.name.clone())
+            .or_insert(env.offsets.end);
+        *end = (*end).max(env.offsets.end);
+        Ok(())
+    };
     loop {
         tokio::select! {
             msg = rx.recv() => {
-                let env = match msg {
-                    Some(SinkMsg::Batch(env)) => env,
-                    Some(SinkMsg::Drain(Drained { partition, done })) => {
-                        if let Some(policy) = &checkpoint {
-                            take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
-                        }
-                        // A later owner of the partition reports its own progress.
-                        progress.remove(&partition.name);
-                        committed.remove(&partition.name);
-                        let _ = done.send(());
-                        tracing::debug!(partition = %partition.name, "revoked partition drained");
-                        continue;
+                let Some(msg) = msg else { break };
+                received(msg, &mut sink, &mut dead_letter, &mut progress, &mut drains).await?;
+                if drains.is_empty() {
+                    continue;
+                }
+                if stateful {
+                    pausing.get_or_insert_with(|| pause_workers(&checkpointing.workers));
+                } else {
+                    if let Some(policy) = &checkpointing.policy {
+                        take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, checkpointing.hook.as_ref(), &progress, &mut committed, &stats).await?;
                     }
-                    None => break,
-                };
-                if env.batch.num_rows() > 0 {
-                    let batch = columns.apply(&env.batch)?;
-                    let rows = batch.num_rows() as u64;
-                    sink.write(batch).await?;
-                    RunStats::add(&stats.records_out, rows);
+                    finish_drains(&mut drains, &checkpointing.states, &mut progress, &mut committed);
                 }
-                if !env.dead.is_empty() {
-                    let dlq = dead_letter.as_mut().ok_or_else(|| {
-                        Error::Internal("dead letters without a dead-letter sink".into())
-                    })?;
-                    dlq.write(&pipeline, &env.dead).await?;
-                    RunStats::add(&stats.records_dead_lettered, env.dead.len() as u64);
-                    RunStats::add(&stats.records_failed, env.dead.len() as u64);
+            }
+            paused = wait_paused(&mut pausing) => {
+                pausing = None;
+                // Everything the workers sent before pausing is in the channel: take it in.
+                while let Ok(msg) = rx.try_recv() {
+                    received(msg, &mut sink, &mut dead_letter, &mut progress, &mut drains).await?;
                 }
-                progress.insert(env.partition.name.clone(), env.offsets.end);
+                if let Some(policy) = &checkpointing.policy {
+                    snapshot_states(&checkpointing.states).await?;
+                    take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, checkpointing.hook.as_ref(), &progress, &mut committed, &stats).await?;
+                }
+                drop(paused);
+                finish_drains(&mut drains, &checkpointing.states, &mut progress, &mut committed);
             }
             _ = tick(&mut ticker), if ticker.is_some() => sink.tick().await?,
             _ = tick(&mut checkpoints), if checkpoints.is_some() => {
-                if let Some(policy) = &checkpoint {
-                    take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, hook.as_ref(), &progress, &mut committed, &stats).await?;
+                if stateful {
+                    pausing.get_or_insert_with(|| pause_workers(&checkpointing.workers));
+                } else if let Some(policy) = &checkpointing.policy {
+                    take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, checkpointing.hook.as_ref(), &progress, &mut committed, &stats).await?;
                 }
             }
         }
@@ -685,22 +864,100 @@ async fn sink_loop(
     if let Some(dlq) = &mut dead_letter {
         dlq.sink.close().await?;
     }
-    if let Some(policy) = &checkpoint {
+    // Every worker has ended: the state is still.
+    if let Some(policy) = &checkpointing.policy {
+        snapshot_states(&checkpointing.states).await?;
         take_checkpoint(
             sink.as_mut(),
             dead_letter.as_mut(),
             policy,
-            hook.as_ref(),
+            checkpointing.hook.as_ref(),
             &progress,
             &mut committed,
             &stats,
         )
         .await?;
     }
+    finish_drains(
+        &mut drains,
+        &checkpointing.states,
+        &mut progress,
+        &mut committed,
+    );
     Ok(match &dead_letter {
         Some(dlq) => format!("{}; dead letters: {}", sink.summary(), dlq.sink.summary()),
         None => sink.summary(),
     })
+}
+
+/// Sends a barrier to every worker; the receiver yields once all of them wait at it (a
+/// worker that has ended does not count).
+fn pause_workers(workers: &[mpsc::WeakSender<WorkerMsg>]) -> oneshot::Receiver<Paused> {
+    let workers: Vec<_> = workers.iter().filter_map(|w| w.upgrade()).collect();
+    let (all_paused, paused) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut waiting = Vec::with_capacity(workers.len());
+        for worker in workers {
+            let (tx, rx) = oneshot::channel();
+            if worker.send(WorkerMsg::Barrier(tx)).await.is_ok() {
+                waiting.push(rx);
+            }
+        }
+        let mut resumes = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            // A worker that stopped before the barrier dropped it: nothing to wait for.
+            if let Ok(resume) = rx.await {
+                resumes.push(resume);
+            }
+        }
+        let _ = all_paused.send(resumes);
+    });
+    paused
+}
+
+/// # Cancel safety
+/// Cancel safe.
+async fn wait_paused(pausing: &mut Option<oneshot::Receiver<Paused>>) -> Paused {
+    match pausing {
+        Some(rx) => rx.await.unwrap_or_default(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn snapshot_states(states: &[Arc<dyn StageState>]) -> Result<()> {
+    if states.is_empty() {
+        return Ok(());
+    }
+    let states = states.to_vec();
+    let t0 = Instant::now();
+    let written = tokio::task::spawn_blocking(move || {
+        states
+            .iter()
+            .try_fold(0u64, |keys, s| Ok::<_, Error>(keys + s.snapshot()?.keys))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("snapshotting stage state: {e}")))??;
+    tracing::debug!(keys = written, took = ?t0.elapsed(), "stage state snapshot");
+    Ok(())
+}
+
+/// Revoked partitions whose checkpoint is committed: their state and progress go.
+fn finish_drains(
+    drains: &mut Vec<Drained>,
+    states: &[Arc<dyn StageState>],
+    progress: &mut HashMap<Arc<str>, i64>,
+    committed: &mut HashMap<Arc<str>, i64>,
+) {
+    for Drained { partition, done } in drains.drain(..) {
+        for state in states {
+            state.release(&partition);
+        }
+        // A later owner of the partition reports its own progress.
+        progress.remove(&partition.name);
+        committed.remove(&partition.name);
+        let _ = done.send(());
+        tracing::debug!(partition = %partition.name, "revoked partition drained");
+    }
 }
 
 fn interval(every: Duration) -> tokio::time::Interval {

@@ -17,6 +17,7 @@ pub mod failure;
 pub mod sink;
 pub mod source;
 pub mod stage;
+pub mod state;
 pub mod stats;
 
 pub use error::{Error, ErrorClass, Result};

@@ -16,6 +16,8 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 
+use crate::batch::PartitionInfo;
+use crate::state::StageState;
 use crate::stats::{RunStats, StageStats};
 use crate::{ErrorClass, Result};
 
@@ -29,6 +31,10 @@ pub struct StageContext {
     /// The run's counters; this stage's are `stats.stages[index]`.
     pub stats: Arc<RunStats>,
     pub index: usize,
+    /// The partition of the batch being processed (set by the worker before each call).
+    pub partition: Option<Arc<PartitionInfo>>,
+    /// Whether the pipeline has a dead-letter sink.
+    pub dead_letters: bool,
 }
 
 impl StageContext {
@@ -41,6 +47,8 @@ impl StageContext {
             stage,
             worker: 0,
             index: 0,
+            partition: None,
+            dead_letters: true,
         }
     }
 
@@ -82,9 +90,11 @@ impl StageOutput {
 /// whether it may be retried. Rows that failed on their own go in [`StageOutput::failed`]
 /// and the other rows go on.
 ///
-/// # Checkpointing
-/// Stateless stages need nothing. Stateful stages write their state in
-/// [`Stage::on_checkpoint`], which the engine calls between batches, never during one.
+/// # State
+/// Stateless stages need nothing. A stateful stage keeps its state where every worker's
+/// instance reaches it, per source partition, and hands the engine a [`StageState`]
+/// through its factory: the engine restores it, tells it which partitions come and go, and
+/// snapshots it at checkpoints while every worker waits between batches.
 #[async_trait]
 pub trait Stage: Send {
     /// Prepares the instance before its first batch (cold start).
@@ -99,9 +109,18 @@ pub trait Stage: Send {
         ctx: &StageContext,
     ) -> Result<StageOutput>;
 
-    /// Persists state at a checkpoint barrier.
-    async fn on_checkpoint(&mut self, _ctx: &StageContext) -> Result<()> {
+    /// The partition `ctx.partition` has ended (a bounded source read all of it): a stage
+    /// that holds rows back (open windows) completes what the end of input completes, and
+    /// hands the rows out through [`Stage::pending`].
+    async fn end_of_partition(&mut self, _ctx: &StageContext) -> Result<()> {
         Ok(())
+    }
+
+    /// Rows the stage produced beyond a call's output (closed windows), a chunk at a time.
+    /// The worker calls it after every batch and every end of partition until it returns
+    /// `None`, and sends each chunk through the stages after this one.
+    async fn pending(&mut self, _ctx: &StageContext) -> Result<Option<RecordBatch>> {
+        Ok(None)
     }
 
     /// Releases what `open` acquired. Called once when the worker stops.
@@ -117,6 +136,11 @@ pub trait StageFactory: Send + Sync {
 
     /// Makes an instance for one worker. Cheap; expensive set-up belongs in `open`.
     fn create(&self) -> Result<Box<dyn Stage>>;
+
+    /// The stage's state, for a stage that keeps any.
+    fn state(&self) -> Option<Arc<dyn StageState>> {
+        None
+    }
 }
 
 /// A stage in a pipeline: its YAML name, its factory, and how its failures are handled.

@@ -37,6 +37,8 @@ pub struct StageStats {
     /// Lookups a stage answered from its cache, and those it had to fetch.
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// Late rows dropped because the pipeline has no dead-letter sink.
+    pub late_dropped: AtomicU64,
 }
 
 impl StageStats {

@@ -1,5 +1,6 @@
 //! sluice-udfs: the built-in stages — DataFusion SQL ([`sql`]) and the registry of Rust
 //! functions ([`functions`]).
 
+pub mod aggregate;
 pub mod functions;
 pub mod sql;

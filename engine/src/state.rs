@@ -1,0 +1,42 @@
+//! The state of stateful stages (windowed aggregation), as the engine sees it.
+//!
+//! A stateful stage keeps its state per source partition, in memory up to a budget and in
+//! the checkpoint store's RocksDB database beyond it. The engine drives it through
+//! [`StageState`]:
+//! - [`StageState::restore`] once before the first batch, with the database the last
+//!   checkpoint was restored into;
+//! - [`StageState::assign`] / [`StageState::release`] as partitions come and go, so that
+//!   a partition's state moves with it (its progress is held back until it is read);
+//! - [`StageState::snapshot`] at every checkpoint, while every worker waits between
+//!   batches: the stage writes what changed since the last checkpoint into the database,
+//!   and the store then freezes state and offsets together (see [`crate::checkpoint`]).
+
+use std::sync::Arc;
+
+use crate::Result;
+use crate::batch::PartitionInfo;
+
+/// What a snapshot wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SnapshotStats {
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+/// The engine's handle on a stateful stage's state, shared by all its instances.
+pub trait StageState: Send + Sync {
+    /// Attaches the database and reads what the last checkpoint holds. Called once, before
+    /// the first batch and the first assignment.
+    fn restore(&self, db: Arc<rocksdb::DB>) -> Result<()>;
+
+    /// The partition is read by this process from now on.
+    fn assign(&self, partition: &PartitionInfo);
+
+    /// The partition left this process after a checkpoint that covers it: its memory can
+    /// go (its state is in the checkpoint, for the next owner).
+    fn release(&self, partition: &PartitionInfo);
+
+    /// Writes everything changed since the last snapshot into the database. Called while no
+    /// batch is being processed; the offsets are committed right after.
+    fn snapshot(&self) -> Result<SnapshotStats>;
+}

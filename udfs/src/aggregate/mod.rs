@@ -1,0 +1,521 @@
+//! The `aggregate` stage: keyed windows in event time, emitted when the watermark passes
+//! their end.
+//!
+//! ```yaml
+//! - name: views_per_title
+//!   type: aggregate
+//!   group_by: [title_id]
+//!   event_time: _timestamp          # a timestamp column, or Int64 milliseconds
+//!   window: { tumbling: 1m }        # or { sliding: { size: 5m, slide: 1m } }, { session: { gap: 30s } }
+//!   allowed_lateness: 5s            # watermark = largest event time seen − this
+//!   idle_timeout: 30s               # a partition without data this long holds nothing back
+//!   aggregates:
+//!     views: count()
+//!     watch_seconds: sum(watch_seconds)
+//!     viewers: approx_count_distinct(user_id)
+//!   state: { memory: 256MiB }       # beyond this, state lives in RocksDB
+//! ```
+//!
+//! Output: one row per key and window when the window closes — the `group_by` columns,
+//! `window_start`, `window_end` (timestamps, UTC) and one column per aggregate, in the
+//! order written. Rows whose windows have all closed are late: they go to the dead-letter
+//! sink with the reason, or, without one, are counted and dropped with a warning. How
+//! state is kept, checkpointed and merged across partitions: [`state`].
+//!
+//! Windowing in SQL (`GROUP BY tumble(...)`) is not offered: a SQL stage sees one batch
+//! at a time and DataFusion has no notion of watermarks or state across batches.
+
+mod acc;
+mod state;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arrow::array::{ArrayRef, AsArray, RecordBatch, TimestampMillisecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::row::{RowConverter, SortField};
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+use sluice_engine::batch::{PartitionInfo, timestamp_type};
+use sluice_engine::config::types::{ByteSize, Duration};
+use sluice_engine::config::{Location, Node, Problems};
+use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
+use sluice_engine::state::StageState;
+use sluice_engine::{Error, ErrorClass, Result};
+
+use acc::{AggDef, Func, Kind};
+pub use state::WindowKind;
+use state::{Closing, OutRow, Plan, Shared};
+
+/// `type: aggregate`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Key columns (none: one group per window).
+    #[serde(default)]
+    group_by: Vec<String>,
+    /// The event-time column (default `_timestamp`).
+    #[serde(default = "default_event_time")]
+    event_time: String,
+    window: WindowConfig,
+    /// How far behind the largest event time a row may be and still count (default 0s).
+    #[serde(default = "zero")]
+    allowed_lateness: Duration,
+    /// A partition without data for this long does not hold the watermark back
+    /// (default 30s).
+    #[serde(default = "default_idle")]
+    idle_timeout: Duration,
+    aggregates: Aggregates,
+    #[serde(default)]
+    state: StateConfig,
+}
+
+fn default_event_time() -> String {
+    sluice_engine::batch::TIMESTAMP.to_string()
+}
+fn zero() -> Duration {
+    Duration::from_millis(0)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum WindowConfig {
+    Tumbling(Duration),
+    Sliding { size: Duration, slide: Duration },
+    Session { gap: Duration },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateConfig {
+    /// Memory for open windows across the stage's partitions (default 256MiB).
+    #[serde(default = "default_memory")]
+    memory: ByteSize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            memory: default_memory(),
+        }
+    }
+}
+
+fn default_memory() -> ByteSize {
+    ByteSize(256 << 20)
+}
+
+/// `aggregates:` — output name to `function(column)`, in the order written.
+#[derive(Debug)]
+struct Aggregates(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for Aggregates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Aggregates;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of output column to aggregate, e.g. `views: count()`")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Aggregates, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    out.push((k, v));
+                }
+                Ok(Aggregates(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `count()`, `sum(watch_seconds)`, `count(*)`: the function and its column.
+fn parse_expression(text: &str) -> std::result::Result<(Func, Option<String>), String> {
+    let t = text.trim();
+    let (name, rest) = t.split_once('(').ok_or_else(|| {
+        format!("`{t}` is not an aggregate: write `function(column)`, e.g. `sum(amount)`")
+    })?;
+    let arg = rest
+        .strip_suffix(')')
+        .ok_or_else(|| format!("`{t}`: missing `)`"))?
+        .trim();
+    let name = name.trim();
+    let column = (!arg.is_empty() && arg != "*").then(|| arg.to_string());
+    let func = Func::parse(name, column.is_some()).ok_or_else(|| {
+        format!(
+            "unknown aggregate function `{name}`, expected one of {}",
+            Func::NAMES.join(", ")
+        )
+    })?;
+    if column.is_none() && func != Func::CountRows {
+        return Err(format!("`{name}` needs a column: `{name}(column)`"));
+    }
+    Ok((func, column))
+}
+
+impl AggregateConfig {
+    /// Reads the stage's keys (the common ones removed); problems are placed at them.
+    pub fn parse(
+        node: &Node,
+        path: &Location,
+        skip: &[&str],
+        problems: &mut Problems,
+    ) -> Option<Self> {
+        let before = problems.len();
+        let config: AggregateConfig = sluice_engine::config::from_node(node, path, skip, problems)?;
+        let ms = |d: Duration| d.get().as_millis() as i64;
+        match &config.window {
+            WindowConfig::Tumbling(size) if ms(*size) <= 0 => {
+                problems.at_key(node, path, "window", "the window size must be at least 1ms")
+            }
+            WindowConfig::Sliding { size, slide } => {
+                if ms(*slide) <= 0 || ms(*size) < ms(*slide) {
+                    problems.at_key(
+                        node,
+                        path,
+                        "window",
+                        "a sliding window needs 0 < slide <= size",
+                    );
+                } else if ms(*size) % ms(*slide) != 0 {
+                    problems.at_key(
+                        node,
+                        path,
+                        "window",
+                        format!(
+                            "the size ({size}) must be a multiple of the slide ({slide}), so every \
+                             row falls in the same number of windows"
+                        ),
+                    );
+                }
+            }
+            WindowConfig::Session { gap } if ms(*gap) <= 0 => {
+                problems.at_key(node, path, "window", "the session gap must be at least 1ms")
+            }
+            _ => {}
+        }
+        if config.aggregates.0.is_empty() {
+            problems.at_key(
+                node,
+                path,
+                "aggregates",
+                "name at least one aggregate, e.g. `events: count()`",
+            );
+        }
+        for (name, text) in &config.aggregates.0 {
+            if let Err(e) = parse_expression(text) {
+                problems.at_key(node, path, "aggregates", format!("`{name}`: {e}"));
+            }
+        }
+        (problems.len() == before).then_some(config)
+    }
+
+    fn window(&self) -> WindowKind {
+        let ms = |d: Duration| d.get().as_millis() as i64;
+        match self.window {
+            WindowConfig::Tumbling(size) => WindowKind::Tumbling { size: ms(size) },
+            WindowConfig::Sliding { size, slide } => WindowKind::Sliding {
+                size: ms(size),
+                slide: ms(slide),
+            },
+            WindowConfig::Session { gap } => WindowKind::Session { gap: ms(gap) },
+        }
+    }
+
+    /// Plans the stage against its input schema; the error is a sentence for the user.
+    pub fn plan(
+        &self,
+        stage: &str,
+        input: &SchemaRef,
+    ) -> std::result::Result<Arc<dyn StageFactory>, String> {
+        self.factory(stage, input).map(|f| Arc::new(f) as _)
+    }
+
+    fn factory(
+        &self,
+        stage: &str,
+        input: &SchemaRef,
+    ) -> std::result::Result<AggregateFactory, String> {
+        let column = |name: &str, what: &str| {
+            input.index_of(name).map_err(|_| {
+                format!(
+                    "{what} `{name}` is not a column of the stage's input; it has {}",
+                    input
+                        .fields()
+                        .iter()
+                        .map(|f| format!("`{}`", f.name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        };
+        let event_time = column(&self.event_time, "the event-time column")?;
+        match input.field(event_time).data_type() {
+            DataType::Timestamp(..) | DataType::Int64 => {}
+            other => {
+                return Err(format!(
+                    "the event-time column `{}` is {other}; it must be a timestamp or Int64 \
+                     milliseconds since the epoch",
+                    self.event_time
+                ));
+            }
+        }
+        let mut fields = Vec::new();
+        let mut group_by = Vec::new();
+        let mut sort_fields = Vec::new();
+        for name in &self.group_by {
+            let i = column(name, "the group_by column")?;
+            let field = input.field(i);
+            if !RowConverter::supports_fields(&[SortField::new(field.data_type().clone())]) {
+                return Err(format!(
+                    "cannot group by `{name}` of type {}",
+                    field.data_type()
+                ));
+            }
+            group_by.push(i);
+            sort_fields.push(SortField::new(field.data_type().clone()));
+            fields.push(Field::new(name, field.data_type().clone(), true));
+        }
+        fields.push(Field::new("window_start", timestamp_type(), false));
+        fields.push(Field::new("window_end", timestamp_type(), false));
+        let mut aggs = Vec::new();
+        for (name, text) in &self.aggregates.0 {
+            let (func, col) = parse_expression(text).map_err(|e| format!("`{name}`: {e}"))?;
+            let input_col = match &col {
+                Some(c) => {
+                    let i = column(c, &format!("`{name}` reads"))?;
+                    let ty = input.field(i).data_type();
+                    let kind = Kind::of(ty)
+                        .ok_or_else(|| format!("`{name}`: cannot aggregate `{c}` of type {ty}"))?;
+                    if matches!(func, Func::Sum | Func::Avg) && kind == Kind::Text {
+                        return Err(format!("`{name}`: `{c}` is text; sum and avg need numbers"));
+                    }
+                    Some((i, kind, ty.clone()))
+                }
+                None => None,
+            };
+            let output = AggDef::output_type(func, input_col.as_ref().map(|(_, k, t)| (t, *k)));
+            if fields.iter().any(|f| f.name() == name) {
+                return Err(format!(
+                    "the output column `{name}` is also a group_by column or window_start/window_end; \
+                     choose another name"
+                ));
+            }
+            fields.push(Field::new(name, output.clone(), true));
+            aggs.push(AggDef {
+                name: name.clone(),
+                func,
+                input: input_col.map(|(i, k, _)| (i, k)),
+                output,
+            });
+        }
+        let converter = RowConverter::new(sort_fields).map_err(|e| e.to_string())?;
+        let output: SchemaRef = Arc::new(Schema::new(fields));
+        let plan = Plan {
+            stage: stage.into(),
+            group_by,
+            converter,
+            event_time,
+            window: self.window(),
+            lateness: self.allowed_lateness.get().as_millis() as i64,
+            idle_timeout: self.idle_timeout.get().as_millis() as i64,
+            aggs,
+            budget: self.state.memory.0 as usize,
+            output,
+        };
+        Ok(AggregateFactory {
+            shared: Arc::new(Shared::new(plan)),
+        })
+    }
+}
+
+pub struct AggregateFactory {
+    shared: Arc<Shared>,
+}
+
+impl StageFactory for AggregateFactory {
+    fn output_schema(&self) -> SchemaRef {
+        self.shared.plan.output.clone()
+    }
+
+    fn create(&self) -> Result<Box<dyn Stage>> {
+        Ok(Box::new(AggregateStage {
+            shared: self.shared.clone(),
+            closing: None,
+        }))
+    }
+
+    fn state(&self) -> Option<Arc<dyn StageState>> {
+        Some(self.shared.clone())
+    }
+}
+
+struct AggregateStage {
+    shared: Arc<Shared>,
+    /// Windows this instance closed and is emitting.
+    closing: Option<Closing>,
+}
+
+fn partition_of(ctx: &StageContext) -> Arc<PartitionInfo> {
+    ctx.partition.clone().unwrap_or_else(|| {
+        Arc::new(PartitionInfo {
+            id: 0,
+            name: "input".into(),
+        })
+    })
+}
+
+fn format_time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl AggregateStage {
+    fn close_windows(&mut self) -> Result<()> {
+        if self.closing.is_none() {
+            self.closing = self.shared.close_windows()?;
+        }
+        Ok(())
+    }
+
+    fn rows_to_batch(&self, rows: Vec<OutRow>) -> Result<RecordBatch> {
+        let plan = &self.shared.plan;
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(plan.output.fields().len());
+        if !plan.group_by.is_empty() {
+            let parser = plan.converter.parser();
+            columns.extend(
+                plan.converter
+                    .convert_rows(rows.iter().map(|r| parser.parse(&r.0)))
+                    .map_err(|e| Error::arrow("writing the group keys", e))?,
+            );
+        }
+        let utc = |it: &mut dyn Iterator<Item = i64>| -> ArrayRef {
+            Arc::new(TimestampMillisecondArray::from_iter_values(it).with_timezone("UTC"))
+        };
+        columns.push(utc(&mut rows.iter().map(|r| r.1)));
+        columns.push(utc(&mut rows.iter().map(|r| r.2)));
+        for (j, def) in plan.aggs.iter().enumerate() {
+            columns.push(acc::finish(def, rows.iter().map(|r| &r.3[j]))?);
+        }
+        // Group columns come back as the converter's types; the schema says nullable.
+        RecordBatch::try_new(plan.output.clone(), columns)
+            .map_err(|e| Error::arrow("assembling window results", e))
+    }
+}
+
+#[async_trait]
+impl Stage for AggregateStage {
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        ctx: &StageContext,
+    ) -> Result<StageOutput> {
+        let shared = self.shared.clone();
+        let plan = &shared.plan;
+        let partition = partition_of(ctx);
+        let time_column = batch.column(plan.event_time);
+        let times = cast(
+            time_column,
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )
+        .map_err(|e| Error::arrow("reading event times", e))?;
+        let times = times.as_primitive::<TimestampMillisecondType>();
+        let keys = if plan.group_by.is_empty() {
+            None
+        } else {
+            let columns: Vec<ArrayRef> = plan
+                .group_by
+                .iter()
+                .map(|&i| batch.column(i).clone())
+                .collect();
+            Some(
+                plan.converter
+                    .convert_columns(&columns)
+                    .map_err(|e| Error::arrow("encoding group keys", e))?,
+            )
+        };
+        let inputs = acc::cast_inputs(&plan.aggs, batch.columns())?;
+        let added = shared.add(&partition, &batch, times, keys.as_ref(), &inputs)?;
+        let mut failed: Vec<RowFailure> = added
+            .no_time
+            .iter()
+            .map(|&row| RowFailure {
+                row,
+                class: ErrorClass::Permanent,
+                reason: format!(
+                    "no event time: `{}` is null",
+                    batch.schema().field(plan.event_time).name()
+                ),
+            })
+            .collect();
+        if !added.late.is_empty() {
+            if ctx.dead_letters {
+                failed.extend(added.late.iter().map(|&(row, time, closed)| RowFailure {
+                    row,
+                    class: ErrorClass::Permanent,
+                    reason: format!(
+                        "late: event time {} is behind the watermark {} of {}; its window has closed",
+                        format_time(time),
+                        format_time(closed),
+                        partition.name
+                    ),
+                }));
+            } else {
+                let n = added.late.len() as u64;
+                let before = self.shared.late_dropped.fetch_add(n, Ordering::Relaxed);
+                ctx.stage_stats()
+                    .late_dropped
+                    .fetch_add(n, Ordering::Relaxed);
+                if before == 0 || (before + n) / 10_000 > before / 10_000 {
+                    tracing::warn!(
+                        stage = %ctx.stage,
+                        partition = %partition.name,
+                        dropped = before + n,
+                        "late rows dropped (no dead-letter sink): their windows had closed"
+                    );
+                }
+            }
+        }
+        failed.sort_unstable_by_key(|f| f.row);
+        self.close_windows()?;
+        Ok(StageOutput {
+            batch: RecordBatch::new_empty(plan.output.clone()),
+            failed,
+        })
+    }
+
+    async fn end_of_partition(&mut self, ctx: &StageContext) -> Result<()> {
+        self.shared.end(&partition_of(ctx));
+        self.close_windows()
+    }
+
+    async fn pending(&mut self, _ctx: &StageContext) -> Result<Option<RecordBatch>> {
+        loop {
+            let Some(closing) = &mut self.closing else {
+                return Ok(None);
+            };
+            let rows = closing.next_chunk()?;
+            if rows.is_empty() {
+                self.closing = None;
+                // The watermark may have moved on while these were emitted.
+                self.close_windows()?;
+                if self.closing.is_none() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            return self.rows_to_batch(rows).map(Some);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

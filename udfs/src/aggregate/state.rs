@@ -1,0 +1,1201 @@
+//! The state of an aggregate stage: per source partition, open windows of accumulators by
+//! key, in memory up to a budget and in RocksDB beyond it.
+//!
+//! # Watermarks and lateness
+//! A partition's watermark is the largest event time it has shown minus
+//! `allowed_lateness`, advanced row by row, so which rows are late depends only on the
+//! partition's own order of records: a replay after a crash decides exactly as the first
+//! run did. A row is late when every window it belongs to has closed: its end is at or
+//! behind the partition's watermark, or behind what the stage already emitted. The stage's
+//! watermark is the minimum over the partitions this process reads, leaving out idle ones
+//! (no data for `idle_timeout`) and counting ended ones (bounded sources) as done; windows
+//! whose end it passes are emitted, with the partial results of every partition merged
+//! into one row per key and window.
+//!
+//! # Memory and storage
+//! Each partition's open windows are hash maps of row-encoded keys to accumulators. When
+//! the stage's memory passes its budget, the partition being processed writes its oldest
+//! windows' entries to the checkpoint store's database (changed ones; unchanged ones are
+//! there already) and drops them; a later row of an evicted key reads it back. At a
+//! checkpoint every changed entry and each partition's progress (largest event time, row
+//! sequence) are written, and the store freezes them with the offsets. Closing windows are
+//! read back in key order and merged across partitions in chunks, so emitting a window
+//! larger than memory needs no more memory than a chunk.
+//!
+//! # Keys in the database
+//! ```text
+//! agg/<stage>/m/<partition>                         partition progress
+//! agg/<stage>/w/<len><partition><end><key>          window entry (end: order-preserving)
+//! agg/<stage>/s/<len><partition><key>               the key's sessions
+//! ```
+
+use std::cmp::Ordering as Cmp;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
+use arrow::datatypes::SchemaRef;
+use arrow::row::RowConverter;
+use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
+use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
+use sluice_engine::batch::PartitionInfo;
+use sluice_engine::checkpoint::unlogged;
+use sluice_engine::state::{SnapshotStats, StageState};
+use sluice_engine::{Error, Result};
+
+use super::acc::{self, Acc, AggDef, Input, Order};
+
+/// How rows are assigned to windows (times in milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    Tumbling {
+        size: i64,
+    },
+    /// `size` is a multiple of `slide`.
+    Sliding {
+        size: i64,
+        slide: i64,
+    },
+    Session {
+        gap: i64,
+    },
+}
+
+/// Everything about the stage that does not change while it runs.
+pub struct Plan {
+    pub stage: Arc<str>,
+    pub group_by: Vec<usize>,
+    pub converter: RowConverter,
+    pub event_time: usize,
+    pub window: WindowKind,
+    pub lateness: i64,
+    pub idle_timeout: i64,
+    pub aggs: Vec<AggDef>,
+    pub budget: usize,
+    pub output: SchemaRef,
+}
+
+/// Rows per emitted batch.
+const CHUNK: usize = 64 * 1024;
+/// A snapshot or eviction writes the database in batches of about this size.
+const WRITE_BATCH_BYTES: usize = 16 << 20;
+/// Memory an entry costs beyond its key and accumulators: hash table slot, allocations.
+const ENTRY_OVERHEAD: usize = 96;
+
+pub struct Shared {
+    pub plan: Plan,
+    db: OnceLock<Arc<DB>>,
+    parts: RwLock<BTreeMap<Arc<str>, Arc<Part>>>,
+    /// Held while windows are taken out of the partitions to be emitted.
+    emission: Mutex<()>,
+    /// Windows ending at or before this have been emitted (closed for every partition).
+    emitted: AtomicI64,
+    memory: AtomicI64,
+    epoch: Instant,
+    pub late_dropped: AtomicU64,
+    /// Entries written out of memory to make room.
+    pub evicted: AtomicU64,
+    /// Some accumulator's size changes with the values it sees (distinct sets, text).
+    variable_size: bool,
+}
+
+struct Part {
+    id: AtomicU32,
+    /// Largest event time minus the allowed lateness; `i64::MIN` before any data and
+    /// `i64::MAX` once the partition has ended.
+    watermark: AtomicI64,
+    /// Milliseconds since `Shared::epoch` of the last batch.
+    last_data: AtomicI64,
+    active: AtomicBool,
+    state: Mutex<PartState>,
+}
+
+struct PartState {
+    prefix: Vec<u8>,
+    session_prefix: Vec<u8>,
+    meta_key: Vec<u8>,
+    max_time: i64,
+    seq: u64,
+    windows: BTreeMap<i64, Window>,
+    sessions: Sessions,
+    mem: usize,
+    meta_dirty: bool,
+}
+
+#[derive(Default)]
+struct Window {
+    entries: HashMap<Box<[u8]>, Entry>,
+    /// Some entries of this window are in the database and not in memory.
+    evicted: bool,
+    /// The database may hold entries of this window.
+    stored: bool,
+}
+
+struct Entry {
+    accs: Box<[Acc]>,
+    dirty: bool,
+}
+
+fn entry_size(key: &[u8], accs: &[Acc]) -> usize {
+    key.len()
+        + ENTRY_OVERHEAD
+        + std::mem::size_of_val(accs)
+        + accs.iter().map(Acc::heap_size).sum::<usize>()
+}
+
+/// Big-endian with the sign bit flipped: byte order is numeric order.
+fn ordered(x: i64) -> [u8; 8] {
+    ((x as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn unordered(b: &[u8]) -> i64 {
+    (u64::from_be_bytes(b[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64
+}
+
+fn db_error(e: rocksdb::Error) -> Error {
+    Error::Internal(format!("aggregate state store: {e}"))
+}
+
+impl Shared {
+    pub fn new(plan: Plan) -> Self {
+        Shared {
+            db: OnceLock::new(),
+            parts: RwLock::new(BTreeMap::new()),
+            emission: Mutex::new(()),
+            emitted: AtomicI64::new(i64::MIN),
+            memory: AtomicI64::new(0),
+            epoch: Instant::now(),
+            late_dropped: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            variable_size: plan.aggs.iter().any(|a| {
+                matches!(a.func, acc::Func::CountDistinct)
+                    || (matches!(
+                        a.func,
+                        acc::Func::Min | acc::Func::Max | acc::Func::First | acc::Func::Last
+                    ) && matches!(a.input, Some((_, acc::Kind::Text))))
+            }),
+            plan,
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.epoch.elapsed().as_millis() as i64
+    }
+
+    fn key_prefix(&self, space: u8, partition: &str) -> Vec<u8> {
+        let mut k = format!("agg/{}/", self.plan.stage).into_bytes();
+        k.push(space);
+        k.push(b'/');
+        if space != b'm' {
+            k.extend_from_slice(&(partition.len() as u16).to_be_bytes());
+        }
+        k.extend_from_slice(partition.as_bytes());
+        k
+    }
+
+    fn part(&self, info: &PartitionInfo) -> Arc<Part> {
+        if let Some(p) = self.parts.read().expect("parts lock").get(&info.name) {
+            return p.clone();
+        }
+        let mut parts = self.parts.write().expect("parts lock");
+        parts
+            .entry(info.name.clone())
+            .or_insert_with(|| Arc::new(self.new_part(&info.name, info.id)))
+            .clone()
+    }
+
+    fn new_part(&self, name: &Arc<str>, id: u32) -> Part {
+        Part {
+            id: AtomicU32::new(id),
+            watermark: AtomicI64::new(i64::MIN),
+            last_data: AtomicI64::new(self.now()),
+            active: AtomicBool::new(true),
+            state: Mutex::new(PartState {
+                prefix: self.key_prefix(b'w', name),
+                session_prefix: self.key_prefix(b's', name),
+                meta_key: self.key_prefix(b'm', name),
+                max_time: i64::MIN,
+                seq: 0,
+                windows: BTreeMap::new(),
+                sessions: Sessions::default(),
+                mem: 0,
+                meta_dirty: false,
+            }),
+        }
+    }
+
+    fn watermark_of(&self, max_time: i64) -> i64 {
+        if max_time == i64::MIN {
+            i64::MIN
+        } else {
+            max_time.saturating_sub(self.plan.lateness)
+        }
+    }
+
+    /// The minimum watermark over the partitions read here, idle ones left out; `None`
+    /// while every one is idle.
+    fn stage_watermark(&self) -> Option<i64> {
+        let now = self.now();
+        let parts = self.parts.read().expect("parts lock");
+        parts
+            .values()
+            .filter(|p| p.active.load(Ordering::Acquire))
+            .filter_map(|p| {
+                let wm = p.watermark.load(Ordering::Acquire);
+                let idle = now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout;
+                (wm == i64::MAX || !idle).then_some(wm)
+            })
+            .min()
+    }
+
+    /// Adds a batch of `partition`'s rows. Returns the rows that are late (every window
+    /// they belong to has closed) and the rows without an event time.
+    pub fn add(
+        &self,
+        partition: &PartitionInfo,
+        batch: &RecordBatch,
+        times: &TimestampMillisecondArray,
+        keys: Option<&arrow::row::Rows>,
+        inputs: &[Option<ArrayRef>],
+    ) -> Result<Added> {
+        let part = self.part(partition);
+        part.id.store(partition.id, Ordering::Relaxed);
+        part.active.store(true, Ordering::Release);
+        let views: Vec<Input> = inputs.iter().map(acc::input_view).collect();
+        let db = self.db.get().map(|d| d.as_ref());
+        let mut added = Added::default();
+        let mut st = part.state.lock().expect("partition lock");
+        let st = &mut *st;
+        let mem_before = st.mem;
+        for row in 0..batch.num_rows() {
+            if times.is_null(row) {
+                added.no_time.push(row);
+                continue;
+            }
+            let time = times.value(row);
+            let key: &[u8] = match keys {
+                Some(keys) => keys.row(row).data(),
+                None => &[],
+            };
+            // Read per row: an emission on another worker may have closed more.
+            let closed = self
+                .watermark_of(st.max_time)
+                .max(self.emitted.load(Ordering::Acquire));
+            let order = Order {
+                time,
+                partition: partition.id,
+                seq: st.seq,
+            };
+            st.seq += 1;
+            let taken = match self.plan.window {
+                WindowKind::Tumbling { size } => {
+                    let end = time.div_euclid(size) * size + size;
+                    end > closed && {
+                        self.update(st, db, end, key, &views, row, order)?;
+                        true
+                    }
+                }
+                WindowKind::Sliding { size, slide } => {
+                    let last_end = time.div_euclid(slide) * slide + slide;
+                    let mut any = false;
+                    let mut end = last_end;
+                    while end - size <= time {
+                        if end > closed {
+                            self.update(st, db, end, key, &views, row, order)?;
+                            any = true;
+                        }
+                        end += slide;
+                    }
+                    any
+                }
+                WindowKind::Session { gap } => st.sessions.add(
+                    key,
+                    time,
+                    time.saturating_add(gap),
+                    closed,
+                    &self.plan.aggs,
+                    &views,
+                    row,
+                    order,
+                    &mut st.mem,
+                ),
+            };
+            if !taken {
+                added.late.push((row, time, closed));
+            }
+            st.max_time = st.max_time.max(time);
+        }
+        st.meta_dirty = true;
+        part.watermark
+            .store(self.watermark_of(st.max_time), Ordering::Release);
+        part.last_data.store(self.now(), Ordering::Relaxed);
+        let grown = st.mem as i64 - mem_before as i64;
+        let total = self.memory.fetch_add(grown, Ordering::Relaxed) + grown;
+        if let Some(db) = db
+            && total > self.plan.budget as i64
+        {
+            // Down to 80% of the budget, from this partition's oldest windows.
+            let excess = total as usize - self.plan.budget * 4 / 5;
+            let (freed, entries) = st.evict(db, excess)?;
+            self.memory.fetch_sub(freed as i64, Ordering::Relaxed);
+            self.evicted.fetch_add(entries, Ordering::Relaxed);
+        }
+        Ok(added)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn update(
+        &self,
+        st: &mut PartState,
+        db: Option<&DB>,
+        end: i64,
+        key: &[u8],
+        views: &[Input],
+        row: usize,
+        order: Order,
+    ) -> Result<()> {
+        let window = st.windows.entry(end).or_default();
+        let entry = match window.entries.entry_ref(key) {
+            EntryRef::Occupied(o) => o.into_mut(),
+            EntryRef::Vacant(v) => {
+                let stored = match (window.evicted, db) {
+                    (true, Some(db)) => {
+                        let mut k = st.prefix.clone();
+                        k.extend_from_slice(&ordered(end));
+                        k.extend_from_slice(key);
+                        db.get_pinned(&k)
+                            .map_err(db_error)?
+                            .map(|v| {
+                                acc::decode(&v, self.plan.aggs.len())
+                                    .map(|(accs, _)| accs.into_boxed_slice())
+                            })
+                            .transpose()?
+                    }
+                    _ => None,
+                };
+                let (accs, dirty) = match stored {
+                    Some(accs) => (accs, false),
+                    None => (self.plan.aggs.iter().map(AggDef::new_acc).collect(), true),
+                };
+                st.mem += entry_size(key, &accs);
+                v.insert(Entry { accs, dirty })
+            }
+        };
+        let before: usize = entry.accs.iter().map(Acc::heap_size).sum();
+        for (acc, view) in entry.accs.iter_mut().zip(views) {
+            acc.update(view, row, order);
+        }
+        entry.dirty = true;
+        if self.variable_size {
+            let after: usize = entry.accs.iter().map(Acc::heap_size).sum();
+            st.mem = (st.mem + after).saturating_sub(before);
+        }
+        Ok(())
+    }
+
+    /// Marks the partition ended: its watermark no longer holds the stage back.
+    pub fn end(&self, partition: &PartitionInfo) {
+        let part = self.part(partition);
+        part.watermark.store(i64::MAX, Ordering::Release);
+    }
+
+    /// Takes every window the stage watermark has passed out of the partitions, if it
+    /// advanced: the returned cursor yields their rows.
+    pub fn close_windows(&self) -> Result<Option<Closing>> {
+        let Some(through) = self.stage_watermark() else {
+            return Ok(None);
+        };
+        if through <= self.emitted.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let _emitting = self.emission.lock().expect("emission lock");
+        if through <= self.emitted.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        // Before any partition is locked: rows added from now on see it.
+        self.emitted.store(through, Ordering::Release);
+        let parts: Vec<Arc<Part>> = self
+            .parts
+            .read()
+            .expect("parts lock")
+            .values()
+            .filter(|p| p.active.load(Ordering::Acquire))
+            .cloned()
+            .collect();
+        // Every partition at once, in name order (the only place more than one is held).
+        let mut states: Vec<_> = parts
+            .iter()
+            .map(|p| p.state.lock().expect("partition lock"))
+            .collect();
+        let mut closing = Closing::default();
+        let mut freed = 0usize;
+        let db = self.db.get().cloned();
+        for st in states.iter_mut() {
+            let open = match through.checked_add(1) {
+                Some(next) => st.windows.split_off(&next),
+                None => BTreeMap::new(),
+            };
+            let closed = std::mem::replace(&mut st.windows, open);
+            for (end, window) in closed {
+                let mut mem: Vec<KeyedAccs> = window
+                    .entries
+                    .into_iter()
+                    .map(|(k, e)| {
+                        freed += entry_size(&k, &e.accs);
+                        (k, e.accs)
+                    })
+                    .collect();
+                mem.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                let stored = match (window.stored || window.evicted, &db) {
+                    (true, Some(_)) => Some((
+                        [st.prefix.as_slice(), &ordered(end)].concat(),
+                        [st.prefix.as_slice(), &ordered(end.saturating_add(1))].concat(),
+                    )),
+                    _ => None,
+                };
+                closing.add(end, self.window_start(end), mem, stored);
+            }
+            st.sessions.close(through, &mut closing.sessions);
+        }
+        if !closing.sessions.is_empty() {
+            merge_sessions(
+                &mut states,
+                through,
+                &mut closing,
+                &self.plan.aggs,
+                &mut freed,
+            );
+        }
+        drop(states);
+        self.memory.fetch_sub(freed as i64, Ordering::Relaxed);
+        closing.db = db;
+        closing.aggs = self.plan.aggs.len();
+        Ok(Some(closing))
+    }
+
+    fn window_start(&self, end: i64) -> i64 {
+        match self.plan.window {
+            WindowKind::Tumbling { size } | WindowKind::Sliding { size, .. } => end - size,
+            WindowKind::Session { .. } => end,
+        }
+    }
+}
+
+/// What [`Shared::add`] did not take.
+#[derive(Default)]
+pub struct Added {
+    /// (row, event time, the partition's closed-through time when it came).
+    pub late: Vec<(usize, i64, i64)>,
+    pub no_time: Vec<usize>,
+}
+
+impl PartState {
+    /// Writes and drops entries, oldest windows first, until about `target` bytes are free.
+    fn evict(&mut self, db: &DB, target: usize) -> Result<(usize, u64)> {
+        let mut freed = 0usize;
+        let mut entries = 0u64;
+        let mut batch = WriteBatch::default();
+        let mut value = Vec::new();
+        for (end, window) in self.windows.iter_mut() {
+            if freed >= target {
+                break;
+            }
+            let mut key = self.prefix.clone();
+            key.extend_from_slice(&ordered(*end));
+            let base = key.len();
+            window.entries.retain(|k, e| {
+                if freed >= target {
+                    return true;
+                }
+                if e.dirty {
+                    key.truncate(base);
+                    key.extend_from_slice(k);
+                    value.clear();
+                    acc::encode(&e.accs, &mut value);
+                    batch.put(&key, &value);
+                }
+                freed += entry_size(k, &e.accs);
+                entries += 1;
+                false
+            });
+            window.evicted = true;
+            window.stored = true;
+            if batch.size_in_bytes() > WRITE_BATCH_BYTES {
+                db.write_opt(std::mem::take(&mut batch), &unlogged())
+                    .map_err(db_error)?;
+            }
+        }
+        db.write_opt(batch, &unlogged()).map_err(db_error)?;
+        self.mem = self.mem.saturating_sub(freed);
+        Ok((freed, entries))
+    }
+
+    fn snapshot(
+        &mut self,
+        db: &DB,
+        emitted: i64,
+        id: u32,
+        stats: &mut SnapshotStats,
+    ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        let mut value = Vec::new();
+        let flush = |batch: &mut WriteBatch, stats: &mut SnapshotStats, force: bool| {
+            if force || batch.size_in_bytes() > WRITE_BATCH_BYTES {
+                stats.bytes += batch.size_in_bytes() as u64;
+                db.write_opt(std::mem::take(batch), &unlogged())
+                    .map_err(db_error)
+            } else {
+                Ok(())
+            }
+        };
+        for (end, window) in self.windows.iter_mut() {
+            let mut key = self.prefix.clone();
+            key.extend_from_slice(&ordered(*end));
+            let base = key.len();
+            for (k, e) in window.entries.iter_mut().filter(|(_, e)| e.dirty) {
+                key.truncate(base);
+                key.extend_from_slice(k);
+                value.clear();
+                acc::encode(&e.accs, &mut value);
+                batch.put(&key, &value);
+                e.dirty = false;
+                stats.keys += 1;
+                window.stored = true;
+                flush(&mut batch, stats, false)?;
+            }
+        }
+        self.sessions
+            .snapshot(&self.session_prefix, &mut batch, stats, &mut |b, s| {
+                flush(b, s, false)
+            })?;
+        if std::mem::take(&mut self.meta_dirty) {
+            let mut meta = Vec::with_capacity(28);
+            meta.extend_from_slice(&self.max_time.to_le_bytes());
+            meta.extend_from_slice(&self.seq.to_le_bytes());
+            meta.extend_from_slice(&emitted.to_le_bytes());
+            meta.extend_from_slice(&id.to_le_bytes());
+            batch.put(&self.meta_key, &meta);
+        }
+        flush(&mut batch, stats, true)
+    }
+}
+
+impl StageState for Shared {
+    fn restore(&self, db: Arc<DB>) -> Result<()> {
+        let meta_prefix = self.key_prefix(b'm', "");
+        let mut parts = BTreeMap::new();
+        let mut emitted = i64::MIN;
+        for item in db.prefix_iterator(&meta_prefix) {
+            let (key, value) = item.map_err(db_error)?;
+            let Some(name) = key.strip_prefix(meta_prefix.as_slice()) else {
+                break;
+            };
+            if value.len() != 28 {
+                return Err(Error::Internal(format!(
+                    "aggregate state of `{}`: bad partition record",
+                    self.plan.stage
+                )));
+            }
+            let name: Arc<str> = String::from_utf8_lossy(name).into();
+            let i64_at = |at: usize| i64::from_le_bytes(value[at..at + 8].try_into().expect("8"));
+            let id = u32::from_le_bytes(value[24..28].try_into().expect("4"));
+            let part = self.new_part(&name, id);
+            part.active.store(false, Ordering::Relaxed);
+            {
+                let mut st = part.state.lock().expect("partition lock");
+                st.max_time = i64_at(0);
+                st.seq = i64_at(8) as u64;
+                emitted = emitted.max(i64_at(16));
+                part.watermark
+                    .store(self.watermark_of(st.max_time), Ordering::Relaxed);
+                // Which windows the database holds: one seek per window.
+                let mut it = db.raw_iterator();
+                it.seek(&st.prefix);
+                while let Some(key) = it.key() {
+                    let Some(rest) = key.strip_prefix(st.prefix.as_slice()) else {
+                        break;
+                    };
+                    let end = unordered(rest);
+                    st.windows.insert(
+                        end,
+                        Window {
+                            evicted: true,
+                            stored: true,
+                            ..Window::default()
+                        },
+                    );
+                    let Some(next) = end.checked_add(1) else {
+                        break;
+                    };
+                    let mut seek = st.prefix.clone();
+                    seek.extend_from_slice(&ordered(next));
+                    it.seek(&seek);
+                }
+                it.status().map_err(db_error)?;
+                let sessions_prefix = st.session_prefix.clone();
+                let mem = st
+                    .sessions
+                    .restore(&db, &sessions_prefix, self.plan.aggs.len())?;
+                st.mem = mem;
+                self.memory.fetch_add(mem as i64, Ordering::Relaxed);
+            }
+            parts.insert(name, Arc::new(part));
+        }
+        self.emitted.store(emitted, Ordering::Release);
+        *self.parts.write().expect("parts lock") = parts;
+        self.db
+            .set(db)
+            .map_err(|_| Error::Internal("aggregate state restored twice".into()))
+    }
+
+    fn assign(&self, partition: &PartitionInfo) {
+        let part = self.part(partition);
+        part.last_data.store(self.now(), Ordering::Relaxed);
+        part.active.store(true, Ordering::Release);
+    }
+
+    fn release(&self, partition: &PartitionInfo) {
+        // Its state is in the checkpoint just committed; the next owner reads it there.
+        if let Some(part) = self
+            .parts
+            .write()
+            .expect("parts lock")
+            .remove(&partition.name)
+        {
+            let st = part.state.lock().expect("partition lock");
+            self.memory.fetch_sub(st.mem as i64, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> Result<SnapshotStats> {
+        let mut stats = SnapshotStats::default();
+        let Some(db) = self.db.get() else {
+            return Ok(stats);
+        };
+        let emitted = self.emitted.load(Ordering::Acquire);
+        let parts: Vec<Arc<Part>> = self
+            .parts
+            .read()
+            .expect("parts lock")
+            .values()
+            .cloned()
+            .collect();
+        for part in parts {
+            let id = part.id.load(Ordering::Relaxed);
+            part.state
+                .lock()
+                .expect("partition lock")
+                .snapshot(db, emitted, id, &mut stats)?;
+        }
+        Ok(stats)
+    }
+}
+
+// --- Closing windows: rows in key order, partitions merged, in chunks. ---
+
+/// Windows taken out of the partitions, waiting to be emitted.
+#[derive(Default)]
+pub struct Closing {
+    windows: VecDeque<ClosingWindow>,
+    /// Session rows, ready: (key, start, end, accs).
+    sessions: Vec<SessionRow>,
+    db: Option<Arc<DB>>,
+    aggs: usize,
+}
+
+/// An emitted row: (key, window start, window end, accumulators).
+pub type OutRow = (Box<[u8]>, i64, i64, Box<[Acc]>);
+type SessionRow = OutRow;
+/// A key and its accumulators.
+type KeyedAccs = (Box<[u8]>, Box<[Acc]>);
+
+struct ClosingWindow {
+    end: i64,
+    start: i64,
+    /// One per partition that had the window.
+    sources: Vec<Source>,
+}
+
+/// One partition's entries of a closing window: those in memory (sorted) and those in the
+/// database (read in key order a chunk at a time); memory is newer where both have a key.
+struct Source {
+    memory: VecDeque<KeyedAccs>,
+    stored: Option<Stored>,
+}
+
+struct Stored {
+    /// The window's key prefix; the next key to read is `next` (after the prefix).
+    prefix: Vec<u8>,
+    /// The prefix of the next window: the end of the range.
+    upto: Vec<u8>,
+    next: Option<Vec<u8>>,
+    buffer: VecDeque<KeyedAccs>,
+    done: bool,
+}
+
+impl Closing {
+    fn add(
+        &mut self,
+        end: i64,
+        start: i64,
+        memory: Vec<KeyedAccs>,
+        stored: Option<(Vec<u8>, Vec<u8>)>,
+    ) {
+        let source = Source {
+            memory: memory.into(),
+            stored: stored.map(|(prefix, upto)| Stored {
+                prefix,
+                upto,
+                next: None,
+                buffer: VecDeque::new(),
+                done: false,
+            }),
+        };
+        // Windows arrive partition by partition; keep them in end order, one per end.
+        let at = self.windows.partition_point(|w| w.end < end);
+        match self.windows.get_mut(at) {
+            Some(w) if w.end == end => w.sources.push(source),
+            _ => self.windows.insert(
+                at,
+                ClosingWindow {
+                    end,
+                    start,
+                    sources: vec![source],
+                },
+            ),
+        }
+    }
+
+    /// The next rows: (key, window start, window end, accumulators), at most [`CHUNK`];
+    /// empty when everything was emitted. A window's stored entries are deleted once it
+    /// has been read to its end.
+    pub fn next_chunk(&mut self) -> Result<Vec<SessionRow>> {
+        let mut rows = Vec::new();
+        if !self.sessions.is_empty() {
+            let n = self.sessions.len().min(CHUNK);
+            rows.extend(self.sessions.drain(..n));
+            return Ok(rows);
+        }
+        while rows.len() < CHUNK {
+            let Some(window) = self.windows.front_mut() else {
+                break;
+            };
+            let (start, end) = (window.start, window.end);
+            while rows.len() < CHUNK {
+                for s in window.sources.iter_mut() {
+                    s.fill(self.db.as_deref(), self.aggs)?;
+                }
+                // The smallest key among the sources, merged across them.
+                let Some(min) = window
+                    .sources
+                    .iter()
+                    .filter_map(|s| s.peek())
+                    .min()
+                    .map(|k| k.to_vec())
+                else {
+                    break;
+                };
+                let mut merged: Option<Box<[Acc]>> = None;
+                for s in window.sources.iter_mut() {
+                    if s.peek() == Some(min.as_slice()) {
+                        let accs = s.pop();
+                        match &mut merged {
+                            None => merged = Some(accs),
+                            Some(m) => {
+                                for (a, b) in m.iter_mut().zip(accs.into_vec()) {
+                                    a.merge(b);
+                                }
+                            }
+                        }
+                    }
+                }
+                rows.push((
+                    min.into(),
+                    start,
+                    end,
+                    merged.expect("a source had the key"),
+                ));
+            }
+            if window.sources.iter().all(|s| s.is_empty()) {
+                let window = self.windows.pop_front().expect("front window");
+                if let Some(db) = &self.db {
+                    let mut batch = WriteBatch::default();
+                    for s in window.sources {
+                        if let Some(st) = s.stored {
+                            batch.delete_range(&st.prefix, &st.upto);
+                        }
+                    }
+                    db.write_opt(batch, &unlogged()).map_err(db_error)?;
+                }
+            }
+        }
+        Ok(rows)
+    }
+}
+
+impl Source {
+    fn fill(&mut self, db: Option<&DB>, aggs: usize) -> Result<()> {
+        let (Some(st), Some(db)) = (&mut self.stored, db) else {
+            return Ok(());
+        };
+        if !st.buffer.is_empty() || st.done {
+            return Ok(());
+        }
+        let mut it = db.raw_iterator();
+        match &st.next {
+            Some(next) => {
+                let mut k = st.prefix.clone();
+                k.extend_from_slice(next);
+                it.seek(&k);
+            }
+            None => it.seek(&st.prefix),
+        }
+        let mut last = None;
+        while st.buffer.len() < 4096 {
+            let Some(key) = it.key() else { break };
+            let Some(key) = key.strip_prefix(st.prefix.as_slice()) else {
+                break;
+            };
+            let (accs, _) = acc::decode(it.value().expect("a value at a key"), aggs)?;
+            st.buffer.push_back((key.into(), accs.into_boxed_slice()));
+            last = Some(key.to_vec());
+            it.next();
+        }
+        it.status().map_err(db_error)?;
+        match last {
+            Some(mut k) => {
+                // The key right after the last one read.
+                k.push(0);
+                st.next = Some(k);
+            }
+            None => st.done = true,
+        }
+        // Keys also in memory are older in the database.
+        Ok(())
+    }
+
+    fn peek(&self) -> Option<&[u8]> {
+        let m = self.memory.front().map(|(k, _)| k.as_ref());
+        let d = self
+            .stored
+            .as_ref()
+            .and_then(|s| s.buffer.front())
+            .map(|(k, _)| k.as_ref());
+        match (m, d) {
+            (Some(m), Some(d)) => Some(m.min(d)),
+            (m, d) => m.or(d),
+        }
+    }
+
+    fn pop(&mut self) -> Box<[Acc]> {
+        let m = self.memory.front().map(|(k, _)| k.clone());
+        let d = self
+            .stored
+            .as_ref()
+            .and_then(|s| s.buffer.front())
+            .map(|(k, _)| k.clone());
+        match (m, d) {
+            (Some(m), Some(d)) => match m.cmp(&d) {
+                Cmp::Less => self.memory.pop_front().expect("front").1,
+                Cmp::Greater => self.stored_pop(),
+                Cmp::Equal => {
+                    self.stored_pop();
+                    self.memory.pop_front().expect("front").1
+                }
+            },
+            (Some(_), None) => self.memory.pop_front().expect("front").1,
+            _ => self.stored_pop(),
+        }
+    }
+
+    fn stored_pop(&mut self) -> Box<[Acc]> {
+        self.stored
+            .as_mut()
+            .and_then(|s| s.buffer.pop_front())
+            .expect("a stored entry")
+            .1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.memory.is_empty()
+            && self
+                .stored
+                .as_ref()
+                .is_none_or(|s| s.buffer.is_empty() && s.done)
+    }
+}
+
+// --- Session windows: per key, disjoint sessions; in memory, written at checkpoints. ---
+
+#[derive(Default)]
+struct Sessions {
+    slots: HashMap<Box<[u8]>, Slot>,
+    /// (end, key) of every session end ever set; stale ones are skipped when popped.
+    ends: BinaryHeap<std::cmp::Reverse<(i64, Box<[u8]>)>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    sessions: Vec<Session>,
+    dirty: bool,
+    stored: bool,
+}
+
+#[derive(Clone)]
+struct Session {
+    start: i64,
+    end: i64,
+    accs: Box<[Acc]>,
+}
+
+fn session_size(key: &[u8], s: &Session) -> usize {
+    entry_size(key, &s.accs) + 16
+}
+
+impl Sessions {
+    /// Adds a row at `time` (its session would end at `end`); false when it is late.
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        key: &[u8],
+        time: i64,
+        end: i64,
+        closed: i64,
+        aggs: &[AggDef],
+        views: &[Input],
+        row: usize,
+        order: Order,
+        mem: &mut usize,
+    ) -> bool {
+        let slot = match self.slots.entry_ref(key) {
+            EntryRef::Occupied(o) => o.into_mut(),
+            EntryRef::Vacant(v) => {
+                if end <= closed {
+                    return false;
+                }
+                v.insert(Slot::default())
+            }
+        };
+        let overlapping = |s: &Session| s.start < end && time < s.end;
+        let mut merged = Session {
+            start: time,
+            end,
+            accs: aggs.iter().map(AggDef::new_acc).collect(),
+        };
+        let mut joined = false;
+        let mut i = 0;
+        while i < slot.sessions.len() {
+            if overlapping(&slot.sessions[i]) {
+                let s = slot.sessions.swap_remove(i);
+                *mem = mem.saturating_sub(session_size(key, &s));
+                if !joined {
+                    merged.accs = s.accs;
+                    joined = true;
+                } else {
+                    for (a, b) in merged.accs.iter_mut().zip(s.accs.into_vec()) {
+                        a.merge(b);
+                    }
+                }
+                merged.start = merged.start.min(s.start);
+                merged.end = merged.end.max(s.end);
+            } else {
+                i += 1;
+            }
+        }
+        if merged.end <= closed {
+            // Late, and joins nothing open: put back what was taken apart.
+            if joined {
+                slot.sessions.push(merged);
+            }
+            return false;
+        }
+        for (acc, view) in merged.accs.iter_mut().zip(views) {
+            acc.update(view, row, order);
+        }
+        *mem += session_size(key, &merged);
+        self.ends
+            .push(std::cmp::Reverse((merged.end, Box::from(key))));
+        slot.sessions.push(merged);
+        slot.dirty = true;
+        if self.ends.len() > 4 * self.slots.len() + 1024 {
+            self.compact();
+        }
+        true
+    }
+
+    /// Drops stale end markers.
+    fn compact(&mut self) {
+        let live: Vec<_> = self
+            .slots
+            .iter()
+            .flat_map(|(k, s)| {
+                s.sessions
+                    .iter()
+                    .map(move |x| std::cmp::Reverse((x.end, k.clone())))
+            })
+            .collect();
+        self.ends = live.into();
+    }
+
+    /// Moves the keys with a session ended at or before `through` to `out` (key only, with
+    /// empty rows): the merge across partitions decides what is emitted.
+    fn close(&mut self, through: i64, out: &mut Vec<SessionRow>) {
+        while let Some(std::cmp::Reverse((end, _))) = self.ends.peek() {
+            if *end > through {
+                break;
+            }
+            let std::cmp::Reverse((end, key)) = self.ends.pop().expect("peeked");
+            if self
+                .slots
+                .get(&key)
+                .is_some_and(|s| s.sessions.iter().any(|x| x.end == end))
+            {
+                out.push((key, 0, 0, Box::new([])));
+            }
+        }
+    }
+
+    fn snapshot(
+        &mut self,
+        prefix: &[u8],
+        batch: &mut WriteBatch,
+        stats: &mut SnapshotStats,
+        flush: &mut dyn FnMut(&mut WriteBatch, &mut SnapshotStats) -> Result<()>,
+    ) -> Result<()> {
+        let mut value = Vec::new();
+        let mut key = prefix.to_vec();
+        for (k, slot) in self.slots.iter_mut().filter(|(_, s)| s.dirty) {
+            key.truncate(prefix.len());
+            key.extend_from_slice(k);
+            if slot.sessions.is_empty() {
+                if slot.stored {
+                    batch.delete(&key);
+                }
+            } else {
+                value.clear();
+                value.extend_from_slice(&(slot.sessions.len() as u32).to_le_bytes());
+                for s in &slot.sessions {
+                    value.extend_from_slice(&s.start.to_le_bytes());
+                    value.extend_from_slice(&s.end.to_le_bytes());
+                    acc::encode(&s.accs, &mut value);
+                }
+                batch.put(&key, &value);
+                slot.stored = true;
+            }
+            slot.dirty = false;
+            stats.keys += 1;
+            flush(batch, stats)?;
+        }
+        self.slots.retain(|_, s| !s.sessions.is_empty());
+        Ok(())
+    }
+
+    fn restore(&mut self, db: &DB, prefix: &[u8], aggs: usize) -> Result<usize> {
+        let mut mem = 0;
+        for item in db.iterator(IteratorMode::From(prefix, Direction::Forward)) {
+            let (key, value) = item.map_err(db_error)?;
+            let Some(k) = key.strip_prefix(prefix) else {
+                break;
+            };
+            let bad = || Error::Internal("corrupt session state".into());
+            let n = u32::from_le_bytes(value.get(..4).ok_or_else(bad)?.try_into().expect("4"));
+            let mut rest = &value[4..];
+            let mut slot = Slot {
+                stored: true,
+                ..Slot::default()
+            };
+            for _ in 0..n {
+                if rest.len() < 16 {
+                    return Err(bad());
+                }
+                let start = i64::from_le_bytes(rest[..8].try_into().expect("8"));
+                let end = i64::from_le_bytes(rest[8..16].try_into().expect("8"));
+                let (accs, tail) = acc::decode(&rest[16..], aggs)?;
+                rest = tail;
+                let s = Session {
+                    start,
+                    end,
+                    accs: accs.into_boxed_slice(),
+                };
+                mem += session_size(k, &s);
+                self.ends.push(std::cmp::Reverse((end, Box::from(k))));
+                slot.sessions.push(s);
+            }
+            self.slots.insert(k.into(), slot);
+        }
+        Ok(mem)
+    }
+}
+
+/// Sessions of the keys in `closing.sessions` from every partition, grouped where they
+/// overlap; groups that ended at or before `through` become rows and leave the partitions.
+fn merge_sessions(
+    states: &mut [std::sync::MutexGuard<'_, PartState>],
+    through: i64,
+    closing: &mut Closing,
+    aggs: &[AggDef],
+    freed: &mut usize,
+) {
+    let mut keys: Vec<Box<[u8]>> = closing.sessions.drain(..).map(|r| r.0).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut rows = Vec::new();
+    for key in keys {
+        // (start, end, partition index, session index)
+        let mut all: Vec<(i64, i64, usize, usize)> = Vec::new();
+        for (p, st) in states.iter().enumerate() {
+            if let Some(slot) = st.sessions.slots.get(&key) {
+                all.extend(
+                    slot.sessions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (s.start, s.end, p, i)),
+                );
+            }
+        }
+        all.sort_unstable();
+        let mut taken: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < all.len() {
+            let (start, mut end) = (all[i].0, all[i].1);
+            let mut j = i + 1;
+            while j < all.len() && all[j].0 < end {
+                end = end.max(all[j].1);
+                j += 1;
+            }
+            if end <= through {
+                let mut accs: Box<[Acc]> = aggs.iter().map(AggDef::new_acc).collect();
+                for &(_, _, p, s) in &all[i..j] {
+                    let session = states[p].sessions.slots[&key].sessions[s].clone();
+                    for (a, b) in accs.iter_mut().zip(session.accs.into_vec()) {
+                        a.merge(b);
+                    }
+                    taken.push((p, s));
+                }
+                rows.push((key.clone(), start, end, accs));
+            }
+            i = j;
+        }
+        // Remove taken sessions, highest index first so the others keep theirs.
+        taken.sort_unstable_by(|a, b| b.cmp(a));
+        for (p, s) in taken {
+            let st = &mut *states[p];
+            let slot = st
+                .sessions
+                .slots
+                .get_mut(&key)
+                .expect("slot of a taken session");
+            let session = slot.sessions.remove(s);
+            let size = session_size(&key, &session);
+            st.mem = st.mem.saturating_sub(size);
+            *freed += size;
+            slot.dirty = true;
+        }
+    }
+    rows.sort_unstable_by(|a, b| (a.2, a.1, &a.0).cmp(&(b.2, b.1, &b.0)));
+    closing.sessions = rows;
+}

@@ -1,0 +1,512 @@
+//! Golden tests: each window kind with out-of-order rows, late rows and several
+//! partitions, against hand-computed results; then state kept in RocksDB (eviction under a
+//! tiny budget, a snapshot restored after a "crash") against the same results.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use sluice_engine::batch::{PartitionInfo, timestamp_type};
+use sluice_engine::checkpoint::{Checkpoint, CheckpointStore, RocksStore};
+use sluice_engine::config::{Location, Problems};
+use sluice_engine::stage::{Stage, StageContext, StageFactory};
+
+use super::{AggregateConfig, AggregateFactory};
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("user", DataType::Utf8, true),
+        Field::new("n", DataType::Int64, true),
+        Field::new("t", timestamp_type(), true),
+    ]))
+}
+
+fn concrete(yaml: &str) -> AggregateFactory {
+    let mut problems = Problems::new("test.yaml");
+    let env: HashMap<String, String> = HashMap::new();
+    let node = sluice_engine::config::yaml::parse(yaml, &env, &mut problems).expect("yaml");
+    let config = AggregateConfig::parse(&node, &Location::root(), &[], &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    config.unwrap().factory("agg", &schema()).unwrap()
+}
+
+fn factory(yaml: &str) -> Arc<dyn StageFactory> {
+    Arc::new(concrete(yaml))
+}
+
+/// A row: (user, n, event time in ms).
+type In = (&'static str, i64, i64);
+
+fn batch(rows: &[In]) -> RecordBatch {
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.2))
+                    .with_timezone("UTC"),
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+/// Runs batches through one instance of the stage, each on its partition; returns the
+/// emitted rows (as text, in emission order) and the late rows (partition, index in batch).
+struct Harness {
+    factory: Arc<dyn StageFactory>,
+    stage: Box<dyn Stage>,
+    out: Vec<String>,
+    late: Vec<(u32, usize)>,
+}
+
+impl Harness {
+    fn new(yaml: &str) -> Harness {
+        Self::with(factory(yaml))
+    }
+
+    fn with(factory: Arc<dyn StageFactory>) -> Harness {
+        let stage = factory.create().unwrap();
+        Harness {
+            factory,
+            stage,
+            out: Vec::new(),
+            late: Vec::new(),
+        }
+    }
+
+    fn ctx(p: u32) -> StageContext {
+        StageContext {
+            partition: Some(Arc::new(PartitionInfo {
+                id: p,
+                name: format!("topic/{p}").into(),
+            })),
+            ..StageContext::detached("agg")
+        }
+    }
+
+    async fn feed(&mut self, p: u32, rows: &[In]) {
+        let ctx = Self::ctx(p);
+        let out = self.stage.process_batch(batch(rows), &ctx).await.unwrap();
+        assert_eq!(out.batch.num_rows(), 0);
+        for f in &out.failed {
+            assert!(f.reason.starts_with("late: "), "{}", f.reason);
+            self.late.push((p, f.row));
+        }
+        self.drain(&ctx).await;
+    }
+
+    async fn end(&mut self, p: u32) {
+        let ctx = Self::ctx(p);
+        self.stage.end_of_partition(&ctx).await.unwrap();
+        self.drain(&ctx).await;
+    }
+
+    async fn drain(&mut self, ctx: &StageContext) {
+        while let Some(b) = self.stage.pending(ctx).await.unwrap() {
+            self.out.extend(rows_of(&b));
+        }
+    }
+
+    fn take(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.out)
+    }
+}
+
+/// `user [start,end) c=… s=…` with times in seconds, for compact expectations.
+fn rows_of(b: &RecordBatch) -> Vec<String> {
+    let user = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+    let ts = |i: usize| {
+        b.column(i)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .unwrap()
+    };
+    let (start, end) = (ts(1), ts(2));
+    let int = |i: usize| b.column(i).as_any().downcast_ref::<Int64Array>().unwrap();
+    (0..b.num_rows())
+        .map(|r| {
+            let mut s = format!(
+                "{} [{},{}) c={}",
+                user.value(r),
+                start.value(r) as f64 / 1000.0,
+                end.value(r) as f64 / 1000.0,
+                int(3).value(r)
+            );
+            if b.num_columns() > 4 {
+                s.push_str(&format!(" s={}", int(4).value(r)));
+            }
+            s
+        })
+        .collect()
+}
+
+const TUMBLING: &str = "
+group_by: [user]
+event_time: t
+window: { tumbling: 10s }
+allowed_lateness: 2s
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+";
+
+#[tokio::test]
+async fn tumbling_windows_with_disorder_lateness_and_two_partitions() {
+    let mut h = Harness::new(TUMBLING);
+    // Partition 0 runs ahead; out of order within the allowed 2s.
+    h.feed(
+        0,
+        &[
+            ("a", 1, 1_000),
+            ("b", 2, 9_500),
+            ("a", 3, 8_000),
+            ("a", 4, 12_000),
+        ],
+    )
+    .await;
+    // Partition 1 has not been seen (nor assigned): partition 0 alone decides; its
+    // watermark is 12s - 2s = 10s, so [0,10) closes.
+    assert_eq!(h.take(), ["a [0,10) c=2 s=4", "b [0,10) c=1 s=2"]);
+    // Partition 1 arrives: its rows of [0,10) are late (the window was emitted), the rest count.
+    h.feed(1, &[("a", 10, 9_000), ("b", 20, 11_000), ("a", 30, 10_500)])
+        .await;
+    assert_eq!(h.late, [(1, 0)]);
+    assert!(
+        h.take().is_empty(),
+        "partition 1's watermark is 9s: nothing more closes"
+    );
+    // Row 8.5s of partition 0 is behind its own watermark (10s) for [0,10): late.
+    h.feed(0, &[("b", 5, 8_500), ("b", 6, 25_000)]).await;
+    assert_eq!(h.late, [(1, 0), (0, 0)]);
+    assert!(h.take().is_empty(), "the stage waits for partition 1 (9s)");
+    h.feed(1, &[("a", 40, 23_000)]).await;
+    // Stage watermark = min(23, 21) = 21s: [10,20) closes, merged across partitions.
+    assert_eq!(h.take(), ["a [10,20) c=2 s=34", "b [10,20) c=1 s=20"]);
+    h.end(0).await;
+    assert!(h.take().is_empty());
+    h.end(1).await;
+    assert_eq!(h.take(), ["a [20,30) c=1 s=40", "b [20,30) c=1 s=6"]);
+}
+
+#[tokio::test]
+async fn sliding_windows_count_a_row_in_every_window_it_falls_in() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { sliding: { size: 10s, slide: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    );
+    h.feed(
+        0,
+        &[
+            ("a", 1, 3_000),
+            ("a", 2, 7_000),
+            ("b", 4, 6_000),
+            ("a", 8, 12_000),
+        ],
+    )
+    .await;
+    // Watermark 12s: windows ending at 5s and 10s close.
+    assert_eq!(
+        h.take(),
+        ["a [-5,5) c=1 s=1", "a [0,10) c=2 s=3", "b [0,10) c=1 s=4"]
+    );
+    // 4s: [-5,5) and [0,10) closed → late; 9s: [0,10) closed but [5,15) open → counted.
+    h.feed(0, &[("a", 100, 4_000), ("b", 200, 9_000)]).await;
+    assert_eq!(h.late, [(0, 0)]);
+    h.end(0).await;
+    assert_eq!(
+        h.take(),
+        [
+            "a [5,15) c=2 s=10",
+            "b [5,15) c=2 s=204",
+            "a [10,20) c=1 s=8"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sessions_merge_across_rows_and_partitions() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { session: { gap: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    );
+    // a: 0s, 3s in partition 0 and 6s in partition 1 are one session (gaps < 5s); 20s starts another.
+    h.feed(0, &[("a", 1, 0), ("a", 2, 3_000), ("b", 5, 1_000)])
+        .await;
+    h.feed(1, &[("a", 4, 6_000), ("b", 7, 30_000)]).await;
+    // Watermarks: p0 3s, p1 30s → stage 3s: nothing has ended (b's ends at 6s).
+    assert!(h.take().is_empty());
+    h.feed(0, &[("a", 8, 20_000), ("a", 16, 40_000)]).await;
+    // Stage watermark min(40, 30) = 30s: a [0,11) (merged across partitions), b [1,6) and
+    // a [20,25) end before it.
+    assert_eq!(
+        h.take(),
+        ["b [1,6) c=1 s=5", "a [0,11) c=3 s=7", "a [20,25) c=1 s=8"]
+    );
+    // A row that would start a session ended long ago is late; one that joins b's open
+    // session (30s) is not.
+    h.feed(1, &[("a", 100, 2_000), ("b", 32, 33_000)]).await;
+    assert_eq!(h.late, [(1, 0)]);
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), ["b [30,38) c=2 s=39", "a [40,45) c=1 s=16"]);
+}
+
+#[tokio::test]
+async fn an_idle_partition_stops_holding_the_watermark_back() {
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.feed(1, &[("a", 1, 1_000)]).await;
+    h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
+    assert!(
+        h.take().is_empty(),
+        "partition 1 (watermark -1s) holds [0,10) open"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    // Partition 1 has been idle for longer than 50ms: partition 0 alone decides.
+    h.feed(0, &[("a", 4, 16_000)]).await;
+    assert_eq!(h.take(), ["a [0,10) c=2 s=3"]);
+    // The idle partition comes back: its rows of the emitted window are late.
+    h.feed(1, &[("a", 5, 9_000), ("a", 6, 11_000)]).await;
+    assert_eq!(h.late, [(1, 0)]);
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), ["a [10,20) c=3 s=13"]);
+}
+
+#[tokio::test]
+async fn every_aggregate_over_one_window() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { tumbling: 1m }
+aggregates:
+  c: count()
+  s: sum(n)
+  non_null: count(n)
+  lo: min(n)
+  hi: max(n)
+  mean: avg(n)
+  distinct: count_distinct(n)
+  approx: approx_count_distinct(n)
+  first_n: first(n)
+  last_n: last(n)
+",
+    );
+    let rows: Vec<In> = vec![
+        ("a", 5, 3_000),
+        ("a", 1, 1_000),
+        ("a", 9, 2_000),
+        ("a", 5, 4_000),
+    ];
+    h.feed(0, &rows).await;
+    let ctx = Harness::ctx(0);
+    h.stage.end_of_partition(&ctx).await.unwrap();
+    let b = h.stage.pending(&ctx).await.unwrap().unwrap();
+    let int = |name: &str| {
+        b.column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0)
+    };
+    assert_eq!(
+        [
+            int("c"),
+            int("s"),
+            int("non_null"),
+            int("lo"),
+            int("hi"),
+            int("distinct"),
+            int("approx"),
+            int("first_n"),
+            int("last_n")
+        ],
+        [4, 20, 4, 1, 9, 3, 3, 1, 5]
+    );
+    let mean = b.column_by_name("mean").unwrap();
+    let mean = mean
+        .as_any()
+        .downcast_ref::<arrow::array::Float64Array>()
+        .unwrap();
+    assert_eq!(mean.value(0), 5.0);
+}
+
+/// Events of 200 users over 5 minutes in two partitions, slightly out of order.
+fn workload() -> Vec<(u32, Vec<In>)> {
+    const USERS: [&str; 8] = ["u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"];
+    let mut batches = Vec::new();
+    for b in 0..60 {
+        for p in 0..2u32 {
+            let rows: Vec<In> = (0..50)
+                .map(|i| {
+                    let k = b * 50 + i;
+                    let t = k * 100 + p as i64 * 37 - (k % 5) * 40;
+                    (USERS[((k * 7 + p as i64) % 8) as usize], k % 13, t)
+                })
+                .collect();
+            batches.push((p, rows));
+        }
+    }
+    batches
+}
+
+const SPILLING: &str = "
+group_by: [user]
+event_time: t
+window: { tumbling: 10s }
+allowed_lateness: 1s
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+state: { memory: 1KiB }
+";
+
+async fn run_workload(h: &mut Harness, batches: &[(u32, Vec<In>)]) {
+    for (p, rows) in batches {
+        h.feed(*p, rows).await;
+    }
+}
+
+#[tokio::test]
+async fn state_beyond_the_budget_is_kept_in_rocksdb_with_the_same_results() {
+    let batches = workload();
+    let mut reference = Harness::new(&SPILLING.replace("1KiB", "1GiB"));
+    run_workload(&mut reference, &batches).await;
+    reference.end(0).await;
+    reference.end(1).await;
+    let expected = reference.take();
+    assert_eq!(expected.len(), 30 * 8);
+
+    let store = RocksStore::scratch().unwrap();
+    let spilling = Arc::new(concrete(SPILLING));
+    let mut h = Harness::with(spilling.clone());
+    h.factory
+        .state()
+        .unwrap()
+        .restore(store.db().unwrap())
+        .unwrap();
+    run_workload(&mut h, &batches).await;
+    let evicted = spilling
+        .shared
+        .evicted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(evicted > 100, "only {evicted} entries left memory");
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), expected);
+    assert_eq!(h.late, reference.late);
+}
+
+#[tokio::test]
+async fn a_restored_snapshot_goes_on_as_if_nothing_happened() {
+    let batches = workload();
+    let mut reference = Harness::new(SPILLING);
+    run_workload(&mut reference, &batches).await;
+    reference.end(0).await;
+    reference.end(1).await;
+    let expected = reference.take();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = Vec::new();
+    {
+        let store = RocksStore::open(dir.path()).unwrap();
+        let mut h = Harness::new(SPILLING);
+        let state = h.factory.state().unwrap();
+        state.restore(store.db().unwrap()).unwrap();
+        run_workload(&mut h, &batches[..50]).await;
+        state.snapshot().unwrap();
+        store
+            .commit(&Checkpoint {
+                id: 1,
+                offsets: Default::default(),
+            })
+            .unwrap();
+        out.extend(h.take());
+        // Work after the checkpoint that a crash loses (its output was emitted, so it
+        // will be emitted again: duplicates, never different rows).
+        run_workload(&mut h, &batches[50..70]).await;
+        out.extend(h.take());
+    }
+    let store = RocksStore::open(dir.path()).unwrap();
+    let mut h = Harness::new(SPILLING);
+    h.factory
+        .state()
+        .unwrap()
+        .restore(store.db().unwrap())
+        .unwrap();
+    run_workload(&mut h, &batches[50..]).await;
+    h.end(0).await;
+    h.end(1).await;
+    out.extend(h.take());
+    let mut distinct = out.clone();
+    distinct.sort();
+    distinct.dedup();
+    let mut want = expected.clone();
+    want.sort();
+    assert_eq!(
+        distinct, want,
+        "every window once, with the uninterrupted result"
+    );
+    assert!(
+        out.len() > expected.len(),
+        "the lost work was emitted again"
+    );
+}
+
+#[test]
+fn mistakes_are_named() {
+    let parse = |yaml: &str| {
+        let mut problems = Problems::new("test.yaml");
+        let env: HashMap<String, String> = HashMap::new();
+        let node = sluice_engine::config::yaml::parse(yaml, &env, &mut problems).unwrap();
+        let config = AggregateConfig::parse(&node, &Location::root(), &[], &mut problems);
+        match config {
+            Some(c) => c.plan("agg", &schema()).err().unwrap_or_default(),
+            None => problems
+                .iter()
+                .map(|p| p.message.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    };
+    let base = "event_time: t\nwindow: { tumbling: 1m }\naggregates: { c: count() }\n";
+    assert!(
+        parse(&base.replace("count()", "median(n)"))
+            .contains("unknown aggregate function `median`")
+    );
+    assert!(parse(&base.replace("count()", "sum()")).contains("`sum` needs a column"));
+    assert!(parse(&base.replace("count()", "sum(user)")).contains("sum and avg need numbers"));
+    assert!(parse(&base.replace("count()", "max(nope)")).contains("`nope` is not a column"));
+    assert!(
+        parse(&base.replace("event_time: t", "event_time: user")).contains("must be a timestamp")
+    );
+    assert!(
+        parse(&base.replace("{ tumbling: 1m }", "{ sliding: { size: 5m, slide: 2m } }"))
+            .contains("multiple of the slide")
+    );
+    assert!(parse(&format!("{base}group_by: [c]\n")).contains("`c` is not a column"));
+    assert!(
+        parse(&base.replace("c: count()", "window_end: count()")).contains("choose another name")
+    );
+    assert_eq!(parse(base), "");
+}
