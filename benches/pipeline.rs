@@ -436,8 +436,86 @@ fn bench_enrich(c: &mut Criterion) {
     group.finish();
 }
 
+/// The aggregate stage on one partition: `RECORDS` events over `keys` distinct keys in one
+/// tumbling window (so every key stays in state), count + sum + max, then the window's
+/// emission. Memory only (no checkpoint store), as between checkpoints.
+fn bench_aggregate(c: &mut Criterion) {
+    use arrow::array::{Int64Array, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    const RECORDS: usize = 2_000_000;
+    const BATCH: usize = 8192;
+    let rt = runtime();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Int64, false),
+        Field::new("n", DataType::Int64, false),
+        Field::new("t", sluice_engine::batch::timestamp_type(), false),
+    ]));
+    let mut group = c.benchmark_group("aggregate");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    for keys in [1_000u64, 1_000_000] {
+        let mut rng = fastrand::Rng::with_seed(keys);
+        let batches: Vec<RecordBatch> = (0..RECORDS / BATCH)
+            .map(|b| {
+                let t0 = (b * BATCH) as i64;
+                RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(Int64Array::from_iter_values(
+                            (0..BATCH).map(|_| rng.u64(0..keys) as i64),
+                        )),
+                        Arc::new(Int64Array::from_iter_values(
+                            (0..BATCH).map(|_| rng.i64(0..1000)),
+                        )),
+                        Arc::new(
+                            TimestampMillisecondArray::from_iter_values(
+                                (0..BATCH as i64).map(|i| t0 + i),
+                            )
+                            .with_timezone("UTC"),
+                        ),
+                    ],
+                )
+                .unwrap()
+            })
+            .collect();
+        let stage_yaml = "  - name: agg
+    type: aggregate
+    group_by: [key]
+    event_time: t
+    window: { tumbling: 1h }
+    aggregates: { c: count(), s: sum(n), m: max(n) }
+    state: { memory: 4GiB }";
+        group.bench_function(
+            BenchmarkId::new("tumbling_count_sum_max", format!("{keys}_keys")),
+            |b| {
+                b.iter_batched(
+                    || function_stage(&rt, stage_yaml, schema.clone()),
+                    |mut stage| {
+                        rt.block_on(async {
+                            let ctx = StageContext::detached("agg");
+                            for batch in &batches {
+                                stage.process_batch(batch.clone(), &ctx).await.unwrap();
+                            }
+                            stage.end_of_partition(&ctx).await.unwrap();
+                            let mut rows = 0;
+                            while let Some(out) = stage.pending(&ctx).await.unwrap() {
+                                rows += out.num_rows();
+                            }
+                            assert!(rows as u64 <= keys);
+                            stage
+                        })
+                    },
+                    BatchSize::PerIteration,
+                )
+            },
+        );
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    bench_aggregate,
     bench_score,
     bench_enrich,
     bench_generator,

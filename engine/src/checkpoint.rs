@@ -80,6 +80,8 @@ impl CheckpointStore for MemoryStore {
 
 const ID_KEY: &[u8] = b"meta/checkpoint_id";
 const OFFSET_PREFIX: &str = "offset/";
+const WRITE_BUFFER_BYTES: usize = 16 << 20;
+const BLOCK_CACHE_BYTES: usize = 16 << 20;
 /// The file naming the last complete checkpoint, in the store's directory.
 const LATEST: &str = "LATEST";
 
@@ -158,8 +160,13 @@ impl RocksStore {
         remove_checkpoints_except(dir, latest);
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
-        // State lookups of keys that were never written are the common miss.
+        // Memory the store itself may take, on top of the stages' state budgets: two write
+        // buffers and the block cache (stated in docs/aggregation.md).
+        options.set_write_buffer_size(WRITE_BUFFER_BYTES);
+        options.set_max_write_buffer_number(2);
         let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+        // State lookups of keys that were never written are the common miss.
         table.set_bloom_filter(10.0, false);
         options.set_block_based_table_factory(&table);
         let db = rocksdb::DB::open(&options, &working).map_err(|e| error(e.into_string()))?;

@@ -193,7 +193,7 @@ fn stage_without_a_type() {
     );
     assert_eq!(
         one_problem(&yaml),
-        "stages[0]: missing field `type`, expected one of sql, function (x.yaml:5:5)"
+        "stages[0]: missing field `type`, expected one of sql, function, aggregate (x.yaml:5:5)"
     );
 }
 

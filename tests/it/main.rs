@@ -1,6 +1,7 @@
 //! Sluice's integration tests: one binary, one module per area (linking DataFusion per
 //! test file would cost minutes).
 
+mod aggregate;
 mod checkpoint;
 mod cli;
 mod config_errors;

@@ -3,6 +3,7 @@
 //! Pipelines run as `sluice` processes, as users run them, so that they can be killed with
 //! SIGKILL, interrupted, and run two at a time in one consumer group.
 
+mod aggregate;
 mod broker;
 mod dead_letters;
 mod delivery;

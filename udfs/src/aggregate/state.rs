@@ -603,8 +603,9 @@ impl StageState for Shared {
             let name: Arc<str> = String::from_utf8_lossy(name).into();
             let i64_at = |at: usize| i64::from_le_bytes(value[at..at + 8].try_into().expect("8"));
             let id = u32::from_le_bytes(value[24..28].try_into().expect("4"));
+            // Counted until it is read again, or idle: a partition this process will be
+            // assigned after a restart must not find its windows emitted without it.
             let part = self.new_part(&name, id);
-            part.active.store(false, Ordering::Relaxed);
             {
                 let mut st = part.state.lock().expect("partition lock");
                 st.max_time = i64_at(0);
