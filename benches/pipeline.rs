@@ -19,6 +19,11 @@
 //!
 //! Every group reports records/s (`Throughput::Elements`).
 
+// The allocator the `sluice` binary runs with: stages that allocate per key (aggregation
+// state) are measured as they run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;

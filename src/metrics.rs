@@ -17,6 +17,7 @@
 //! | `sluice_stage_batch_duration_seconds` (gauge per quantile 0.5, 0.95, 0.99) | pipeline, stage, quantile |
 //! | `sluice_stage_cold_start_seconds` (slowest worker's `open`) | pipeline, stage |
 //! | `sluice_stage_cache_hits_total`, `sluice_stage_cache_misses_total` | pipeline, stage |
+//! | `sluice_stage_late_dropped_total` (late rows dropped: no dead-letter sink) | pipeline, stage |
 //!
 //! Records that did not decode count as failures of the stage `source`, class `decode`.
 
@@ -84,6 +85,7 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         }
         counter!("sluice_stage_cache_hits_total", &labels).absolute(get(&s.cache_hits));
         counter!("sluice_stage_cache_misses_total", &labels).absolute(get(&s.cache_misses));
+        counter!("sluice_stage_late_dropped_total", &labels).absolute(get(&s.late_dropped));
         gauge!("sluice_stage_cold_start_seconds", &labels).set(s.cold_start().as_secs_f64());
         for (q, name) in [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")] {
             if let Some(d) = s.latency.quantile(q) {

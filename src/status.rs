@@ -123,6 +123,14 @@ pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
                 count(bisections),
             ));
         }
+        let late = RunStats::get(&s.late_dropped);
+        if late > 0 {
+            out.push_str(&format!(
+                "  {:width$}        {} late rows dropped (their windows had closed; no dead-letter sink)\n",
+                "",
+                count(late),
+            ));
+        }
     }
     let decode_dead = RunStats::get(&stats.records_dead_lettered).saturating_sub(
         stats

@@ -166,7 +166,9 @@ impl RocksStore {
         options.set_max_write_buffer_number(2);
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
-        // State lookups of keys that were never written are the common miss.
+        // Lookups of keys that were never written are the common miss. The filters stay in
+        // memory with their tables (about 1.25 bytes per stored key), outside the cache: in
+        // the cache, a large state's filters would push each other out.
         table.set_bloom_filter(10.0, false);
         options.set_block_based_table_factory(&table);
         let db = rocksdb::DB::open(&options, &working).map_err(|e| error(e.into_string()))?;

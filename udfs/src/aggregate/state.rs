@@ -81,9 +81,12 @@ pub struct Plan {
 /// Rows per emitted batch.
 const CHUNK: usize = 64 * 1024;
 /// A snapshot or eviction writes the database in batches of about this size.
-const WRITE_BATCH_BYTES: usize = 16 << 20;
-/// Memory an entry costs beyond its key and accumulators: hash table slot, allocations.
-const ENTRY_OVERHEAD: usize = 96;
+const WRITE_BATCH_BYTES: usize = 4 << 20;
+/// Memory an entry costs beyond its key and accumulators: the two allocations' rounding
+/// and headers. Hash table slots are counted by the table's capacity ([`SLOT`]).
+const ENTRY_OVERHEAD: usize = 32;
+/// A hash table slot: key and entry, and the control byte.
+const SLOT: usize = std::mem::size_of::<(Box<[u8]>, Entry)>() + 1;
 
 pub struct Shared {
     pub plan: Plan,
@@ -132,6 +135,63 @@ struct Window {
     evicted: bool,
     /// The database may hold entries of this window.
     stored: bool,
+    /// The keys this process evicted, so that a key never seen before (the common miss)
+    /// costs no database lookup.
+    filter: KeyFilter,
+    /// Restored from a checkpoint: any key may be in the database.
+    restored: bool,
+}
+
+/// Whether an evicted window's database entries may hold `key` (its fields apart: the
+/// caller holds its map's entry).
+fn may_be_stored(filter: &KeyFilter, evicted: bool, restored: bool, key: &[u8]) -> bool {
+    evicted && (restored || filter.may_contain(key))
+}
+
+/// A growing Bloom filter: a list of filters of doubling capacity at ~1% false positives
+/// (10 bits and 7 probes per key).
+#[derive(Default)]
+struct KeyFilter {
+    parts: Vec<(Vec<u64>, usize, usize)>,
+}
+
+impl KeyFilter {
+    const PROBES: u64 = 7;
+
+    fn probes(key: &[u8], bits: usize) -> impl Iterator<Item = usize> {
+        let h = xxhash_rust::xxh3::xxh3_128(key);
+        let (a, b) = (h as u64, (h >> 64) as u64 | 1);
+        (0..Self::PROBES).map(move |i| (a.wrapping_add(i.wrapping_mul(b)) % bits as u64) as usize)
+    }
+
+    fn insert(&mut self, key: &[u8]) -> usize {
+        let mut grown = 0;
+        let full = self.parts.last().is_none_or(|(_, cap, n)| n >= cap);
+        if full {
+            let cap = self.parts.last().map_or(4096, |p| p.1 * 2);
+            let words = (cap * 10).div_ceil(64);
+            self.parts.push((vec![0; words], cap, 0));
+            grown = words * 8;
+        }
+        let (bits, _, n) = self.parts.last_mut().expect("a filter");
+        let len = bits.len() * 64;
+        for i in Self::probes(key, len) {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        *n += 1;
+        grown
+    }
+
+    fn may_contain(&self, key: &[u8]) -> bool {
+        self.parts.iter().any(|(bits, _, _)| {
+            let len = bits.len() * 64;
+            Self::probes(key, len).all(|i| bits[i / 64] & (1 << (i % 64)) != 0)
+        })
+    }
+
+    fn size(&self) -> usize {
+        self.parts.iter().map(|p| p.0.len() * 8).sum()
+    }
 }
 
 struct Entry {
@@ -359,10 +419,14 @@ impl Shared {
         order: Order,
     ) -> Result<()> {
         let window = st.windows.entry(end).or_default();
+        let capacity = window.entries.capacity();
         let entry = match window.entries.entry_ref(key) {
             EntryRef::Occupied(o) => o.into_mut(),
             EntryRef::Vacant(v) => {
-                let stored = match (window.evicted, db) {
+                let stored = match (
+                    may_be_stored(&window.filter, window.evicted, window.restored, key),
+                    db,
+                ) {
                     (true, Some(db)) => {
                         let mut k = st.prefix.clone();
                         k.extend_from_slice(&ordered(end));
@@ -385,16 +449,75 @@ impl Shared {
                 v.insert(Entry { accs, dirty })
             }
         };
-        let before: usize = entry.accs.iter().map(Acc::heap_size).sum();
-        for (acc, view) in entry.accs.iter_mut().zip(views) {
-            acc.update(view, row, order);
-        }
         entry.dirty = true;
         if self.variable_size {
+            let before: usize = entry.accs.iter().map(Acc::heap_size).sum();
+            for (acc, view) in entry.accs.iter_mut().zip(views) {
+                acc.update(view, row, order);
+            }
             let after: usize = entry.accs.iter().map(Acc::heap_size).sum();
             st.mem = (st.mem + after).saturating_sub(before);
+        } else {
+            for (acc, view) in entry.accs.iter_mut().zip(views) {
+                acc.update(view, row, order);
+            }
         }
+        // The table's slots are memory too, counted as the table grows.
+        st.mem += (window.entries.capacity() - capacity) * SLOT;
         Ok(())
+    }
+
+    /// A partition's state as the database holds it: its progress record `meta`, which
+    /// windows have entries (one seek per window; the entries stay there until read), and
+    /// its sessions. Returns the emitted watermark the record saw.
+    fn load_part(&self, db: &DB, name: &Arc<str>, meta: &[u8]) -> Result<(Part, i64)> {
+        if meta.len() != 28 {
+            return Err(Error::Internal(format!(
+                "aggregate state of `{}`: bad record for partition {name}",
+                self.plan.stage
+            )));
+        }
+        let i64_at = |at: usize| i64::from_le_bytes(meta[at..at + 8].try_into().expect("8"));
+        let id = u32::from_le_bytes(meta[24..28].try_into().expect("4"));
+        let part = self.new_part(name, id);
+        {
+            let mut st = part.state.lock().expect("partition lock");
+            st.max_time = i64_at(0);
+            st.seq = i64_at(8) as u64;
+            part.watermark
+                .store(self.watermark_of(st.max_time), Ordering::Relaxed);
+            let mut it = db.raw_iterator();
+            it.seek(&st.prefix);
+            while let Some(key) = it.key() {
+                let Some(rest) = key.strip_prefix(st.prefix.as_slice()) else {
+                    break;
+                };
+                let end = unordered(rest);
+                st.windows.insert(
+                    end,
+                    Window {
+                        evicted: true,
+                        stored: true,
+                        restored: true,
+                        ..Window::default()
+                    },
+                );
+                let Some(next) = end.checked_add(1) else {
+                    break;
+                };
+                let mut seek = st.prefix.clone();
+                seek.extend_from_slice(&ordered(next));
+                it.seek(&seek);
+            }
+            it.status().map_err(db_error)?;
+            let sessions_prefix = st.session_prefix.clone();
+            let mem = st
+                .sessions
+                .restore(db, &sessions_prefix, self.plan.aggs.len())?;
+            st.mem = mem;
+            self.memory.fetch_add(mem as i64, Ordering::Relaxed);
+        }
+        Ok((part, i64_at(16)))
     }
 
     /// Marks the partition ended: its watermark no longer holds the stage back.
@@ -441,6 +564,7 @@ impl Shared {
             };
             let closed = std::mem::replace(&mut st.windows, open);
             for (end, window) in closed {
+                freed += window.filter.size() + window.entries.capacity() * SLOT;
                 let mut mem: Vec<KeyedAccs> = window
                     .entries
                     .into_iter()
@@ -449,7 +573,7 @@ impl Shared {
                         (k, e.accs)
                     })
                     .collect();
-                mem.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                sort_by_key_bytes(&mut mem);
                 let stored = match (window.stored || window.evicted, &db) {
                     (true, Some(_)) => Some((
                         [st.prefix.as_slice(), &ordered(end)].concat(),
@@ -497,6 +621,7 @@ impl PartState {
     /// Writes and drops entries, oldest windows first, until about `target` bytes are free.
     fn evict(&mut self, db: &DB, target: usize) -> Result<(usize, u64)> {
         let mut freed = 0usize;
+        let mut filters = 0usize;
         let mut entries = 0u64;
         let mut batch = WriteBatch::default();
         let mut value = Vec::new();
@@ -507,10 +632,13 @@ impl PartState {
             let mut key = self.prefix.clone();
             key.extend_from_slice(&ordered(*end));
             let base = key.len();
+            let filter = &mut window.filter;
+            let mut filter_bytes = 0;
             window.entries.retain(|k, e| {
                 if freed >= target {
                     return true;
                 }
+                filter_bytes += filter.insert(k);
                 if e.dirty {
                     key.truncate(base);
                     key.extend_from_slice(k);
@@ -524,14 +652,16 @@ impl PartState {
             });
             window.evicted = true;
             window.stored = true;
+            // The filter stays while the window is open: it counts against the budget.
+            filters += filter_bytes;
             if batch.size_in_bytes() > WRITE_BATCH_BYTES {
                 db.write_opt(std::mem::take(&mut batch), &unlogged())
                     .map_err(db_error)?;
             }
         }
         db.write_opt(batch, &unlogged()).map_err(db_error)?;
-        self.mem = self.mem.saturating_sub(freed);
-        Ok((freed, entries))
+        self.mem = (self.mem + filters).saturating_sub(freed);
+        Ok((freed.saturating_sub(filters), entries))
     }
 
     fn snapshot(
@@ -594,56 +724,11 @@ impl StageState for Shared {
             let Some(name) = key.strip_prefix(meta_prefix.as_slice()) else {
                 break;
             };
-            if value.len() != 28 {
-                return Err(Error::Internal(format!(
-                    "aggregate state of `{}`: bad partition record",
-                    self.plan.stage
-                )));
-            }
             let name: Arc<str> = String::from_utf8_lossy(name).into();
-            let i64_at = |at: usize| i64::from_le_bytes(value[at..at + 8].try_into().expect("8"));
-            let id = u32::from_le_bytes(value[24..28].try_into().expect("4"));
             // Counted until it is read again, or idle: a partition this process will be
             // assigned after a restart must not find its windows emitted without it.
-            let part = self.new_part(&name, id);
-            {
-                let mut st = part.state.lock().expect("partition lock");
-                st.max_time = i64_at(0);
-                st.seq = i64_at(8) as u64;
-                emitted = emitted.max(i64_at(16));
-                part.watermark
-                    .store(self.watermark_of(st.max_time), Ordering::Relaxed);
-                // Which windows the database holds: one seek per window.
-                let mut it = db.raw_iterator();
-                it.seek(&st.prefix);
-                while let Some(key) = it.key() {
-                    let Some(rest) = key.strip_prefix(st.prefix.as_slice()) else {
-                        break;
-                    };
-                    let end = unordered(rest);
-                    st.windows.insert(
-                        end,
-                        Window {
-                            evicted: true,
-                            stored: true,
-                            ..Window::default()
-                        },
-                    );
-                    let Some(next) = end.checked_add(1) else {
-                        break;
-                    };
-                    let mut seek = st.prefix.clone();
-                    seek.extend_from_slice(&ordered(next));
-                    it.seek(&seek);
-                }
-                it.status().map_err(db_error)?;
-                let sessions_prefix = st.session_prefix.clone();
-                let mem = st
-                    .sessions
-                    .restore(&db, &sessions_prefix, self.plan.aggs.len())?;
-                st.mem = mem;
-                self.memory.fetch_add(mem as i64, Ordering::Relaxed);
-            }
+            let (part, its_emitted) = self.load_part(&db, &name, &value)?;
+            emitted = emitted.max(its_emitted);
             parts.insert(name, Arc::new(part));
         }
         self.emitted.store(emitted, Ordering::Release);
@@ -654,6 +739,33 @@ impl StageState for Shared {
     }
 
     fn assign(&self, partition: &PartitionInfo) {
+        // A partition released earlier and assigned again: its state is in the database.
+        if let Some(db) = self.db.get()
+            && !self
+                .parts
+                .read()
+                .expect("parts lock")
+                .contains_key(&partition.name)
+        {
+            match db.get(self.key_prefix(b'm', &partition.name)) {
+                Ok(Some(meta)) => match self.load_part(db, &partition.name, &meta) {
+                    Ok((part, _)) => {
+                        self.parts
+                            .write()
+                            .expect("parts lock")
+                            .entry(partition.name.clone())
+                            .or_insert_with(|| Arc::new(part));
+                    }
+                    Err(e) => {
+                        tracing::error!(partition = %partition.name, error = %e, "cannot read the partition's aggregate state")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(partition = %partition.name, error = %e, "cannot read the partition's aggregate state")
+                }
+            }
+        }
         let part = self.part(partition);
         part.last_data.store(self.now(), Ordering::Relaxed);
         part.active.store(true, Ordering::Release);
@@ -697,6 +809,38 @@ impl StageState for Shared {
 }
 
 // --- Closing windows: rows in key order, partitions merged, in chunks. ---
+
+/// Sorts entries by key bytes, comparing the first 16 bytes as one integer first: keys of a
+/// column or two differ there, and a million keys then sort without a `memcmp` per step.
+fn sort_by_key_bytes(entries: &mut [KeyedAccs]) {
+    let prefix = |k: &[u8]| {
+        let mut b = [0u8; 16];
+        let n = k.len().min(16);
+        b[..n].copy_from_slice(&k[..n]);
+        u128::from_be_bytes(b)
+    };
+    let mut order: Vec<(u128, u32)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| (prefix(k), i as u32))
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| entries[a.1 as usize].0.cmp(&entries[b.1 as usize].0))
+    });
+    // Apply the permutation in place.
+    let mut place: Vec<u32> = vec![0; entries.len()];
+    for (to, (_, from)) in order.iter().enumerate() {
+        place[*from as usize] = to as u32;
+    }
+    for i in 0..entries.len() {
+        while place[i] as usize != i {
+            let j = place[i] as usize;
+            entries.swap(i, j);
+            place.swap(i, j);
+        }
+    }
+}
 
 /// Windows taken out of the partitions, waiting to be emitted.
 #[derive(Default)]
@@ -790,36 +934,27 @@ impl Closing {
                 for s in window.sources.iter_mut() {
                     s.fill(self.db.as_deref(), self.aggs)?;
                 }
-                // The smallest key among the sources, merged across them.
-                let Some(min) = window
+                // The smallest key among the sources (the first source that has it), merged
+                // with the same key of the sources after it. Moved, not copied.
+                let Some(first) = window
                     .sources
                     .iter()
-                    .filter_map(|s| s.peek())
-                    .min()
-                    .map(|k| k.to_vec())
+                    .enumerate()
+                    .filter_map(|(i, s)| s.peek().map(|k| (i, k)))
+                    .min_by(|a, b| a.1.cmp(b.1))
+                    .map(|(i, _)| i)
                 else {
                     break;
                 };
-                let mut merged: Option<Box<[Acc]>> = None;
-                for s in window.sources.iter_mut() {
-                    if s.peek() == Some(min.as_slice()) {
-                        let accs = s.pop();
-                        match &mut merged {
-                            None => merged = Some(accs),
-                            Some(m) => {
-                                for (a, b) in m.iter_mut().zip(accs.into_vec()) {
-                                    a.merge(b);
-                                }
-                            }
+                let (key, mut accs) = window.sources[first].pop();
+                for s in window.sources[first + 1..].iter_mut() {
+                    if s.peek() == Some(key.as_ref()) {
+                        for (a, b) in accs.iter_mut().zip(s.pop().1.into_vec()) {
+                            a.merge(b);
                         }
                     }
                 }
-                rows.push((
-                    min.into(),
-                    start,
-                    end,
-                    merged.expect("a source had the key"),
-                ));
+                rows.push((key, start, end, accs));
             }
             if window.sources.iter().all(|s| s.is_empty()) {
                 let window = self.windows.pop_front().expect("front window");
@@ -892,33 +1027,36 @@ impl Source {
         }
     }
 
-    fn pop(&mut self) -> Box<[Acc]> {
-        let m = self.memory.front().map(|(k, _)| k.clone());
-        let d = self
-            .stored
-            .as_ref()
-            .and_then(|s| s.buffer.front())
-            .map(|(k, _)| k.clone());
-        match (m, d) {
-            (Some(m), Some(d)) => match m.cmp(&d) {
-                Cmp::Less => self.memory.pop_front().expect("front").1,
-                Cmp::Greater => self.stored_pop(),
+    /// The entry with the smallest key; memory's where both have it (the stored one is
+    /// older).
+    fn pop(&mut self) -> KeyedAccs {
+        let memory_first = match (
+            self.memory.front(),
+            self.stored.as_ref().and_then(|s| s.buffer.front()),
+        ) {
+            (Some(m), Some(d)) => match m.0.cmp(&d.0) {
+                Cmp::Less => true,
+                Cmp::Greater => false,
                 Cmp::Equal => {
                     self.stored_pop();
-                    self.memory.pop_front().expect("front").1
+                    true
                 }
             },
-            (Some(_), None) => self.memory.pop_front().expect("front").1,
-            _ => self.stored_pop(),
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if memory_first {
+            self.memory.pop_front().expect("a memory entry")
+        } else {
+            self.stored_pop()
         }
     }
 
-    fn stored_pop(&mut self) -> Box<[Acc]> {
+    fn stored_pop(&mut self) -> KeyedAccs {
         self.stored
             .as_mut()
             .and_then(|s| s.buffer.pop_front())
             .expect("a stored entry")
-            .1
     }
 
     fn is_empty(&self) -> bool {
@@ -954,7 +1092,7 @@ struct Session {
 }
 
 fn session_size(key: &[u8], s: &Session) -> usize {
-    entry_size(key, &s.accs) + 16
+    entry_size(key, &s.accs) + 16 + SLOT
 }
 
 impl Sessions {

@@ -510,3 +510,31 @@ fn mistakes_are_named() {
     );
     assert_eq!(parse(base), "");
 }
+
+#[tokio::test]
+async fn a_partition_released_and_assigned_again_continues_from_its_stored_state() {
+    let batches = workload();
+    let mut reference = Harness::new(SPILLING);
+    run_workload(&mut reference, &batches).await;
+    reference.end(0).await;
+    reference.end(1).await;
+    let expected = reference.take();
+
+    let store = RocksStore::scratch().unwrap();
+    let mut h = Harness::new(SPILLING);
+    let state = h.factory.state().unwrap();
+    state.restore(store.db().unwrap()).unwrap();
+    run_workload(&mut h, &batches[..40]).await;
+    // A rebalance: the partition is drained, checkpointed and let go, then comes back.
+    state.snapshot().unwrap();
+    let p1 = PartitionInfo {
+        id: 1,
+        name: "topic/1".into(),
+    };
+    state.release(&p1);
+    state.assign(&p1);
+    run_workload(&mut h, &batches[40..]).await;
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), expected);
+}
