@@ -244,6 +244,7 @@ pub async fn run(
     let stop = shutdown.child_token();
 
     let (sink_tx, sink_rx) = mpsc::channel::<SinkMsg>(cap);
+    let worker_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = JoinSet::new();
     let mut routes = Vec::with_capacity(worker_count);
     let mut worker_rxs = Vec::with_capacity(worker_count);
@@ -263,21 +264,24 @@ pub async fn run(
             hook,
             states: states.clone(),
             workers: routes.iter().map(|tx| tx.downgrade()).collect(),
+            worker_failed: worker_failed.clone(),
         },
         stats.clone(),
     ));
     for (id, rx) in worker_rxs.into_iter().enumerate() {
         let chain = stages.clone();
         let (name, sink_tx, stats) = (name.clone(), sink_tx.clone(), stats.clone());
-        workers.spawn(worker_loop(
-            id,
-            name,
-            chain,
-            dead_letters,
-            rx,
-            sink_tx,
-            stats,
-        ));
+        let failed = worker_failed.clone();
+        workers.spawn(async move {
+            let mut rx = rx;
+            let result = worker_loop(id, name, chain, dead_letters, &mut rx, sink_tx, stats).await;
+            if result.is_err() {
+                // Before the channel (and any barrier in it) is dropped: the sink task must
+                // not snapshot state that is ahead of what it received.
+                failed.store(true, Ordering::Release);
+            }
+            result
+        });
     }
     drop(sink_tx);
 
@@ -602,7 +606,7 @@ async fn worker_loop(
     pipeline: Arc<str>,
     planned: Vec<PlannedStage>,
     dead_letters: bool,
-    mut rx: mpsc::Receiver<WorkerMsg>,
+    rx: &mut mpsc::Receiver<WorkerMsg>,
     sink: mpsc::Sender<SinkMsg>,
     stats: Arc<RunStats>,
 ) -> Result<()> {
@@ -763,6 +767,16 @@ struct Checkpointing {
     /// Stateful stages: their checkpoints wait until every worker is between batches.
     states: Vec<Arc<dyn StageState>>,
     workers: Vec<mpsc::WeakSender<WorkerMsg>>,
+    /// Set when a worker stopped on an error: its stages' state may be ahead of what the
+    /// sink received, so no further checkpoint of a stateful pipeline is taken.
+    worker_failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Checkpointing {
+    /// Whether a checkpoint may be taken now.
+    fn allowed(&self) -> bool {
+        self.states.is_empty() || !self.worker_failed.load(Ordering::Acquire)
+    }
 }
 
 /// Every worker waiting at a barrier, to be resumed by dropping these.
@@ -814,10 +828,15 @@ async fn sink_loop(
             RunStats::add(&stats.records_dead_lettered, env.dead.len() as u64);
             RunStats::add(&stats.records_failed, env.dead.len() as u64);
         }
-        let end = progress
-            .entry(env.partition.name.clone())
-            .or_insert(env.offsets.end);
-        *end = (*end).max(env.offsets.end);
+        // Output made at the end of a partition (closed windows) carries an empty range: it
+        // never starts or lowers a partition's progress.
+        match progress.get_mut(&env.partition.name) {
+            Some(end) => *end = (*end).max(env.offsets.end),
+            None if !env.offsets.is_empty() => {
+                progress.insert(env.partition.name.clone(), env.offsets.end);
+            }
+            None => {}
+        }
         Ok(())
     };
     loop {
@@ -843,7 +862,7 @@ async fn sink_loop(
                 while let Ok(msg) = rx.try_recv() {
                     received(msg, &mut sink, &mut dead_letter, &mut progress, &mut drains).await?;
                 }
-                if let Some(policy) = &checkpointing.policy {
+                if let Some(policy) = checkpointing.policy.as_ref().filter(|_| checkpointing.allowed()) {
                     snapshot_states(&checkpointing.states).await?;
                     take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, checkpointing.hook.as_ref(), &progress, &mut committed, &stats).await?;
                 }
@@ -865,7 +884,11 @@ async fn sink_loop(
         dlq.sink.close().await?;
     }
     // Every worker has ended: the state is still.
-    if let Some(policy) = &checkpointing.policy {
+    if let Some(policy) = checkpointing
+        .policy
+        .as_ref()
+        .filter(|_| checkpointing.allowed())
+    {
         snapshot_states(&checkpointing.states).await?;
         take_checkpoint(
             sink.as_mut(),

@@ -350,6 +350,7 @@ impl StageFactory for AggregateFactory {
         Ok(Box::new(AggregateStage {
             shared: self.shared.clone(),
             closing: None,
+            broken: None,
         }))
     }
 
@@ -362,6 +363,8 @@ struct AggregateStage {
     shared: Arc<Shared>,
     /// Windows this instance closed and is emitting.
     closing: Option<Closing>,
+    /// A failure of the state store, reported by `pending` so that it stops the run.
+    broken: Option<Error>,
 }
 
 fn partition_of(ctx: &StageContext) -> Arc<PartitionInfo> {
@@ -443,7 +446,16 @@ impl Stage for AggregateStage {
             )
         };
         let inputs = acc::cast_inputs(&plan.aggs, batch.columns())?;
-        let added = shared.add(&partition, &batch, times, keys.as_ref(), &inputs)?;
+        let added = match shared.add(&partition, &batch, times, keys.as_ref(), &inputs) {
+            Ok(added) => added,
+            Err(e) => {
+                // Some rows may be in the state already: the batch must not be retried,
+                // bisected or dead-lettered. The error comes out of `pending`, which stops
+                // the pipeline before any further checkpoint.
+                self.broken = Some(e);
+                return Ok(StageOutput::ok(RecordBatch::new_empty(plan.output.clone())));
+            }
+        };
         let mut failed: Vec<RowFailure> = added
             .no_time
             .iter()
@@ -498,6 +510,9 @@ impl Stage for AggregateStage {
     }
 
     async fn pending(&mut self, _ctx: &StageContext) -> Result<Option<RecordBatch>> {
+        if let Some(e) = self.broken.take() {
+            return Err(e);
+        }
         loop {
             let Some(closing) = &mut self.closing else {
                 return Ok(None);

@@ -168,7 +168,7 @@ impl KeyFilter {
         let mut grown = 0;
         let full = self.parts.last().is_none_or(|(_, cap, n)| n >= cap);
         if full {
-            let cap = self.parts.last().map_or(4096, |p| p.1 * 2);
+            let cap = self.parts.last().map_or(256, |p| p.1 * 2);
             let words = (cap * 10).div_ceil(64);
             self.parts.push((vec![0; words], cap, 0));
             grown = words * 8;
@@ -327,6 +327,9 @@ impl Shared {
         let views: Vec<Input> = inputs.iter().map(acc::input_view).collect();
         let db = self.db.get().map(|d| d.as_ref());
         let mut added = Added::default();
+        // Ties of first/last between partitions go by the partition's name, which stays the
+        // same across restarts (an index may not).
+        let rank = xxhash_rust::xxh3::xxh3_64(partition.name.as_bytes()) as u32;
         let mut st = part.state.lock().expect("partition lock");
         let st = &mut *st;
         let mem_before = st.mem;
@@ -346,7 +349,7 @@ impl Shared {
                 .max(self.emitted.load(Ordering::Acquire));
             let order = Order {
                 time,
-                partition: partition.id,
+                partition: rank,
                 seq: st.seq,
             };
             st.seq += 1;
@@ -563,13 +566,14 @@ impl Shared {
                 None => BTreeMap::new(),
             };
             let closed = std::mem::replace(&mut st.windows, open);
+            let mut closed_bytes = 0usize;
             for (end, window) in closed {
-                freed += window.filter.size() + window.entries.capacity() * SLOT;
+                closed_bytes += window.filter.size() + window.entries.capacity() * SLOT;
                 let mut mem: Vec<KeyedAccs> = window
                     .entries
                     .into_iter()
                     .map(|(k, e)| {
-                        freed += entry_size(&k, &e.accs);
+                        closed_bytes += entry_size(&k, &e.accs);
                         (k, e.accs)
                     })
                     .collect();
@@ -583,6 +587,8 @@ impl Shared {
                 };
                 closing.add(end, self.window_start(end), mem, stored);
             }
+            st.mem = st.mem.saturating_sub(closed_bytes);
+            freed += closed_bytes;
             st.sessions.close(through, &mut closing.sessions);
         }
         if !closing.sessions.is_empty() {
@@ -638,7 +644,9 @@ impl PartState {
                 if freed >= target {
                     return true;
                 }
-                filter_bytes += filter.insert(k);
+                if !filter.may_contain(k) {
+                    filter_bytes += filter.insert(k);
+                }
                 if e.dirty {
                     key.truncate(base);
                     key.extend_from_slice(k);
@@ -1110,14 +1118,14 @@ impl Sessions {
         order: Order,
         mem: &mut usize,
     ) -> bool {
+        // A row behind its partition's watermark is late: it could only join sessions that
+        // have ended, and whether those were emitted yet depends on batch boundaries.
+        if time < closed {
+            return false;
+        }
         let slot = match self.slots.entry_ref(key) {
             EntryRef::Occupied(o) => o.into_mut(),
-            EntryRef::Vacant(v) => {
-                if end <= closed {
-                    return false;
-                }
-                v.insert(Slot::default())
-            }
+            EntryRef::Vacant(v) => v.insert(Slot::default()),
         };
         let overlapping = |s: &Session| s.start < end && time < s.end;
         let mut merged = Session {
@@ -1144,13 +1152,6 @@ impl Sessions {
             } else {
                 i += 1;
             }
-        }
-        if merged.end <= closed {
-            // Late, and joins nothing open: put back what was taken apart.
-            if joined {
-                slot.sessions.push(merged);
-            }
-            return false;
         }
         for (acc, view) in merged.accs.iter_mut().zip(views) {
             acc.update(view, row, order);

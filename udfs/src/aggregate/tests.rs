@@ -248,7 +248,7 @@ aggregates:
 ",
     );
     // a: 0s, 3s in partition 0 and 6s in partition 1 are one session (gaps < 5s); 20s starts another.
-    h.feed(0, &[("a", 1, 0), ("a", 2, 3_000), ("b", 5, 1_000)])
+    h.feed(0, &[("a", 1, 0), ("b", 5, 1_000), ("a", 2, 3_000)])
         .await;
     h.feed(1, &[("a", 4, 6_000), ("b", 7, 30_000)]).await;
     // Watermarks: p0 3s, p1 30s → stage 3s: nothing has ended (b's ends at 6s).
@@ -378,7 +378,7 @@ idle_timeout: 1h
 aggregates:
   c: count()
   s: sum(n)
-state: { memory: 1KiB }
+state: { memory: 4KiB }
 ";
 
 async fn run_workload(h: &mut Harness, batches: &[(u32, Vec<In>)]) {
@@ -390,7 +390,7 @@ async fn run_workload(h: &mut Harness, batches: &[(u32, Vec<In>)]) {
 #[tokio::test]
 async fn state_beyond_the_budget_is_kept_in_rocksdb_with_the_same_results() {
     let batches = workload();
-    let mut reference = Harness::new(&SPILLING.replace("1KiB", "1GiB"));
+    let mut reference = Harness::new(&SPILLING.replace("4KiB", "1GiB"));
     run_workload(&mut reference, &batches).await;
     reference.end(0).await;
     reference.end(1).await;
