@@ -331,6 +331,9 @@ pub async fn run(
                     if let Some(p) = partitions.get_mut(&partition) {
                         p.stop.cancel();
                         p.drained = drained;
+                        for state in &states {
+                            state.revoke(&p.info);
+                        }
                     }
                     // An unknown partition has nothing to drain: dropping `drained` says so.
                 }

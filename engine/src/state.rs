@@ -32,8 +32,13 @@ pub trait StageState: Send + Sync {
     /// The partition is read by this process from now on.
     fn assign(&self, partition: &PartitionInfo);
 
+    /// The partition is being revoked: its reader stops, and once its last batch is in a
+    /// checkpoint [`StageState::release`] follows, unless it is assigned again first.
+    fn revoke(&self, _partition: &PartitionInfo) {}
+
     /// The partition left this process after a checkpoint that covers it: its memory can
-    /// go (its state is in the checkpoint, for the next owner).
+    /// go (its state is in the checkpoint, for the next owner). A partition assigned again
+    /// since its revoke is kept.
     fn release(&self, partition: &PartitionInfo);
 
     /// Writes everything changed since the last snapshot into the database. Called while no

@@ -113,6 +113,8 @@ struct Part {
     /// Milliseconds since `Shared::epoch` of the last batch.
     last_data: AtomicI64,
     active: AtomicBool,
+    /// Revoked and not assigned again since: the release after its drain may drop it.
+    revoked: AtomicBool,
     state: Mutex<PartState>,
 }
 
@@ -273,6 +275,7 @@ impl Shared {
             watermark: AtomicI64::new(i64::MIN),
             last_data: AtomicI64::new(self.now()),
             active: AtomicBool::new(true),
+            revoked: AtomicBool::new(false),
             state: Mutex::new(PartState {
                 prefix: self.key_prefix(b'w', name),
                 session_prefix: self.key_prefix(b's', name),
@@ -776,17 +779,27 @@ impl StageState for Shared {
         }
         let part = self.part(partition);
         part.last_data.store(self.now(), Ordering::Relaxed);
+        part.revoked.store(false, Ordering::Release);
         part.active.store(true, Ordering::Release);
+    }
+
+    fn revoke(&self, partition: &PartitionInfo) {
+        if let Some(p) = self.parts.read().expect("parts lock").get(&partition.name) {
+            p.revoked.store(true, Ordering::Release);
+        }
     }
 
     fn release(&self, partition: &PartitionInfo) {
         // Its state is in the checkpoint just committed; the next owner reads it there.
-        if let Some(part) = self
-            .parts
-            .write()
-            .expect("parts lock")
-            .remove(&partition.name)
-        {
+        // Assigned again meanwhile (revoke and assign come in order from one task): kept.
+        let mut parts = self.parts.write().expect("parts lock");
+        let revoked = parts
+            .get(&partition.name)
+            .is_some_and(|p| p.revoked.load(Ordering::Acquire));
+        if !revoked {
+            return;
+        }
+        if let Some(part) = parts.remove(&partition.name) {
             let st = part.state.lock().expect("partition lock");
             self.memory.fetch_sub(st.mem as i64, Ordering::Relaxed);
         }

@@ -531,9 +531,17 @@ async fn a_partition_released_and_assigned_again_continues_from_its_stored_state
         id: 1,
         name: "topic/1".into(),
     };
+    // Assigned again before the release of its drain arrives: the release keeps it.
+    state.revoke(&p1);
+    state.assign(&p1);
+    state.release(&p1);
+    run_workload(&mut h, &batches[40..44]).await;
+    // Revoked, drained and released; then assigned again: it comes back from the store.
+    state.snapshot().unwrap();
+    state.revoke(&p1);
     state.release(&p1);
     state.assign(&p1);
-    run_workload(&mut h, &batches[40..]).await;
+    run_workload(&mut h, &batches[44..]).await;
     h.end(0).await;
     h.end(1).await;
     assert_eq!(h.take(), expected);
