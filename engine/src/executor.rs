@@ -318,7 +318,7 @@ pub async fn run(
                     for state in &states {
                         state.assign(&info);
                     }
-                    let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), !states.is_empty(), stats.clone()));
+                    let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
                     reader_tasks.insert(task.id(), id);
                     // A partition assigned again while its old reader still drains: the old
                     // handle goes (its task is no longer mapped to it).
@@ -540,7 +540,6 @@ async fn read_partition(
     batching: Batching,
     mut route: watch::Receiver<Route>,
     stop: CancellationToken,
-    announce_end: bool,
     stats: Arc<RunStats>,
 ) -> Result<mpsc::Sender<WorkerMsg>> {
     let info = reader.info().clone();
@@ -578,7 +577,7 @@ async fn read_partition(
                 break;
             }
         }
-        if exhausted && announce_end {
+        if exhausted {
             let ended = WorkerMsg::Ended {
                 partition: info.clone(),
                 end: end.unwrap_or(0),
@@ -776,9 +775,34 @@ struct Checkpointing {
 }
 
 impl Checkpointing {
-    /// Whether a checkpoint may be taken now.
-    fn allowed(&self) -> bool {
-        self.states.is_empty() || !self.worker_failed.load(Ordering::Acquire)
+    /// Takes a checkpoint, if the pipeline keeps them: stage state (while every worker
+    /// waits), then the sink flushed and the offsets committed. None of a stateful pipeline
+    /// after a worker failed.
+    async fn take(
+        &self,
+        sink: &mut dyn Sink,
+        dead_letter: Option<&mut DeadLetterSink>,
+        progress: &HashMap<Arc<str>, i64>,
+        committed: &mut HashMap<Arc<str>, i64>,
+        stats: &RunStats,
+    ) -> Result<()> {
+        let Some(policy) = &self.policy else {
+            return Ok(());
+        };
+        if !self.states.is_empty() && self.worker_failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        snapshot_states(&self.states).await?;
+        take_checkpoint(
+            sink,
+            dead_letter,
+            policy,
+            self.hook.as_ref(),
+            progress,
+            committed,
+            stats,
+        )
+        .await
     }
 }
 
@@ -843,21 +867,12 @@ async fn sink_loop(
         Ok(())
     };
     loop {
-        tokio::select! {
+        // Whether a checkpoint is due: on the timer, and for revoked partitions.
+        let due = tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
                 received(msg, &mut sink, &mut dead_letter, &mut progress, &mut drains).await?;
-                if drains.is_empty() {
-                    continue;
-                }
-                if stateful {
-                    pausing.get_or_insert_with(|| pause_workers(&checkpointing.workers));
-                } else {
-                    if let Some(policy) = &checkpointing.policy {
-                        take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, checkpointing.hook.as_ref(), &progress, &mut committed, &stats).await?;
-                    }
-                    finish_drains(&mut drains, &checkpointing.states, &mut progress, &mut committed);
-                }
+                !drains.is_empty()
             }
             paused = wait_paused(&mut pausing) => {
                 pausing = None;
@@ -865,21 +880,39 @@ async fn sink_loop(
                 while let Ok(msg) = rx.try_recv() {
                     received(msg, &mut sink, &mut dead_letter, &mut progress, &mut drains).await?;
                 }
-                if let Some(policy) = checkpointing.policy.as_ref().filter(|_| checkpointing.allowed()) {
-                    snapshot_states(&checkpointing.states).await?;
-                    take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, checkpointing.hook.as_ref(), &progress, &mut committed, &stats).await?;
-                }
+                checkpointing.take(sink.as_mut(), dead_letter.as_mut(), &progress, &mut committed, &stats).await?;
                 drop(paused);
                 finish_drains(&mut drains, &checkpointing.states, &mut progress, &mut committed);
+                false
             }
-            _ = tick(&mut ticker), if ticker.is_some() => sink.tick().await?,
-            _ = tick(&mut checkpoints), if checkpoints.is_some() => {
-                if stateful {
-                    pausing.get_or_insert_with(|| pause_workers(&checkpointing.workers));
-                } else if let Some(policy) = &checkpointing.policy {
-                    take_checkpoint(sink.as_mut(), dead_letter.as_mut(), policy, checkpointing.hook.as_ref(), &progress, &mut committed, &stats).await?;
-                }
+            _ = tick(&mut ticker), if ticker.is_some() => {
+                sink.tick().await?;
+                false
             }
+            _ = tick(&mut checkpoints), if checkpoints.is_some() => true,
+        };
+        if !due {
+            continue;
+        }
+        if stateful {
+            // Taken once every worker waits between batches (the branch above).
+            pausing.get_or_insert_with(|| pause_workers(&checkpointing.workers));
+        } else {
+            checkpointing
+                .take(
+                    sink.as_mut(),
+                    dead_letter.as_mut(),
+                    &progress,
+                    &mut committed,
+                    &stats,
+                )
+                .await?;
+            finish_drains(
+                &mut drains,
+                &checkpointing.states,
+                &mut progress,
+                &mut committed,
+            );
         }
     }
     sink.close().await?;
@@ -887,23 +920,15 @@ async fn sink_loop(
         dlq.sink.close().await?;
     }
     // Every worker has ended: the state is still.
-    if let Some(policy) = checkpointing
-        .policy
-        .as_ref()
-        .filter(|_| checkpointing.allowed())
-    {
-        snapshot_states(&checkpointing.states).await?;
-        take_checkpoint(
+    checkpointing
+        .take(
             sink.as_mut(),
             dead_letter.as_mut(),
-            policy,
-            checkpointing.hook.as_ref(),
             &progress,
             &mut committed,
             &stats,
         )
         .await?;
-    }
     finish_drains(
         &mut drains,
         &checkpointing.states,
