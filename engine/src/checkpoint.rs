@@ -105,6 +105,9 @@ pub struct RocksStore {
     dir: PathBuf,
     /// A scratch store (state that needs somewhere to spill, no restarts): no checkpoints.
     scratch: Option<tempfile::TempDir>,
+    /// Held while the store is open: a second process on the same directory would clear
+    /// this one's working database.
+    _lock: std::fs::File,
 }
 
 impl RocksStore {
@@ -141,6 +144,16 @@ impl RocksStore {
         }
         std::fs::create_dir_all(dir.join("checkpoints"))
             .map_err(|e| error(format!("cannot create the directory: {e}")))?;
+        let lock = std::fs::File::create(dir.join("LOCK"))
+            .map_err(|e| error(format!("cannot create the lock file: {e}")))?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => error(
+                "another process (a second `sluice run` of this pipeline?) is using this \
+                 checkpoint directory"
+                    .into(),
+            ),
+            std::fs::TryLockError::Error(e) => error(format!("cannot lock the directory: {e}")),
+        })?;
         let working = dir.join("db");
         if working.exists() {
             std::fs::remove_dir_all(&working)
@@ -176,6 +189,7 @@ impl RocksStore {
             db: Arc::new(db),
             dir: dir.to_path_buf(),
             scratch,
+            _lock: lock,
         })
     }
 
@@ -407,6 +421,16 @@ mod tests {
                 .start_of("p"),
             20
         );
+    }
+
+    #[test]
+    fn a_directory_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = RocksStore::open(dir.path()).unwrap();
+        let e = RocksStore::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("another process"), "{e}");
+        drop(first);
+        assert!(RocksStore::open(dir.path()).is_ok());
     }
 
     #[test]
