@@ -54,8 +54,24 @@ pub trait CheckpointStore: Send + Sync {
     fn commit(&self, checkpoint: &Checkpoint) -> Result<()>;
 
     /// The database stateful stages keep their state in, when the store has one.
-    fn db(&self) -> Option<Arc<rocksdb::DB>> {
+    fn db(&self) -> Option<Arc<StateDb>> {
         None
+    }
+}
+
+/// The database stage state is kept in. A scratch store's temporary directory goes with
+/// the last handle, after the database has closed (fields drop in order): removed earlier,
+/// the database's shutdown flush failed and RocksDB waited a second before giving up.
+pub struct StateDb {
+    db: rocksdb::DB,
+    _scratch: Option<tempfile::TempDir>,
+}
+
+impl std::ops::Deref for StateDb {
+    type Target = rocksdb::DB;
+
+    fn deref(&self) -> &rocksdb::DB {
+        &self.db
     }
 }
 
@@ -101,10 +117,10 @@ const LATEST: &str = "LATEST";
 /// stop: opening the store rebuilds it from the checkpoint `LATEST` names, so a crash at
 /// any moment, even in the middle of a checkpoint, restarts from the last complete one.
 pub struct RocksStore {
-    db: Arc<rocksdb::DB>,
+    db: Arc<StateDb>,
     dir: PathBuf,
     /// A scratch store (state that needs somewhere to spill, no restarts): no checkpoints.
-    scratch: Option<tempfile::TempDir>,
+    scratch: bool,
     /// Held while the store is open: a second process on the same directory would clear
     /// this one's working database.
     _lock: std::fs::File,
@@ -186,9 +202,12 @@ impl RocksStore {
         options.set_block_based_table_factory(&table);
         let db = rocksdb::DB::open(&options, &working).map_err(|e| error(e.into_string()))?;
         Ok(RocksStore {
-            db: Arc::new(db),
+            scratch: scratch.is_some(),
+            db: Arc::new(StateDb {
+                db,
+                _scratch: scratch,
+            }),
             dir: dir.to_path_buf(),
-            scratch,
             _lock: lock,
         })
     }
@@ -207,7 +226,7 @@ impl RocksStore {
             // Left by a crash before this id became the latest.
             std::fs::remove_dir_all(&target).map_err(|e| self.error(e))?;
         }
-        rocksdb::checkpoint::Checkpoint::new(&self.db)
+        rocksdb::checkpoint::Checkpoint::new(&self.db.db)
             .and_then(|c| c.create_checkpoint(&target))
             .map_err(|e| self.error(format!("cannot create checkpoint {id}: {e}")))?;
         write_latest(&self.dir, id).map_err(|e| self.error(e))?;
@@ -314,13 +333,13 @@ impl CheckpointStore for RocksStore {
         self.db
             .write_opt(batch, &unlogged())
             .map_err(|e| self.error(e))?;
-        if self.scratch.is_none() {
+        if !self.scratch {
             self.freeze(checkpoint.id)?;
         }
         Ok(())
     }
 
-    fn db(&self) -> Option<Arc<rocksdb::DB>> {
+    fn db(&self) -> Option<Arc<StateDb>> {
         Some(self.db.clone())
     }
 }

@@ -27,7 +27,7 @@ pub struct SnapshotStats {
 pub trait StageState: Send + Sync {
     /// Attaches the database and reads what the last checkpoint holds. Called once, before
     /// the first batch and the first assignment.
-    fn restore(&self, db: Arc<rocksdb::DB>) -> Result<()>;
+    fn restore(&self, db: Arc<crate::checkpoint::StateDb>) -> Result<()>;
 
     /// The partition is read by this process from now on.
     fn assign(&self, partition: &PartitionInfo);

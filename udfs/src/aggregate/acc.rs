@@ -27,6 +27,10 @@ pub enum Func {
     ApproxCountDistinct,
     First,
     Last,
+    /// `max_by(col, by)`: `col` of the row with the largest `by` (ties: the earliest row).
+    MaxBy,
+    /// `min_by(col, by)`: `col` of the row with the smallest `by` (ties: the earliest row).
+    MinBy,
 }
 
 impl Func {
@@ -40,6 +44,8 @@ impl Func {
         "approx_count_distinct",
         "first",
         "last",
+        "max_by",
+        "min_by",
     ];
 
     pub fn parse(name: &str, has_column: bool) -> Option<Func> {
@@ -54,6 +60,8 @@ impl Func {
             "approx_count_distinct" => Func::ApproxCountDistinct,
             "first" => Func::First,
             "last" => Func::Last,
+            "max_by" => Func::MaxBy,
+            "min_by" => Func::MinBy,
             _ => return None,
         })
     }
@@ -98,6 +106,8 @@ pub struct AggDef {
     pub func: Func,
     /// The input column and how it is read (none for `count()`).
     pub input: Option<(usize, Kind)>,
+    /// The column that picks the row, for `max_by`/`min_by`.
+    pub by: Option<(usize, Kind)>,
     pub output: DataType,
 }
 
@@ -112,8 +122,14 @@ impl AggDef {
             (Func::Avg, _) => DataType::Float64,
             (Func::Sum, Some((_, Kind::Int))) => DataType::Int64,
             (Func::Sum, _) => DataType::Float64,
-            (Func::Min | Func::Max | Func::First | Func::Last, Some((ty, _))) => ty.clone(),
-            (Func::Min | Func::Max | Func::First | Func::Last, None) => DataType::Null,
+            (
+                Func::Min | Func::Max | Func::First | Func::Last | Func::MaxBy | Func::MinBy,
+                Some((ty, _)),
+            ) => ty.clone(),
+            (
+                Func::Min | Func::Max | Func::First | Func::Last | Func::MaxBy | Func::MinBy,
+                None,
+            ) => DataType::Null,
         }
     }
 
@@ -130,6 +146,8 @@ impl AggDef {
             Func::ApproxCountDistinct => Acc::Approx(Box::default()),
             Func::First => Acc::First(Order::MAX, Value::Null),
             Func::Last => Acc::Last(Order::MIN, Value::Null),
+            Func::MaxBy => Acc::MaxBy(Value::Null, Order::MAX, Value::Null),
+            Func::MinBy => Acc::MinBy(Value::Null, Order::MAX, Value::Null),
         }
     }
 }
@@ -190,6 +208,8 @@ pub enum Input<'a> {
     Int(&'a Int64Array),
     Float(&'a Float64Array),
     Text(&'a StringArray),
+    /// `max_by`/`min_by`: the column whose value is kept, and the one that picks the row.
+    By(Box<Input<'a>>, Box<Input<'a>>),
 }
 
 impl Input<'_> {
@@ -199,6 +219,7 @@ impl Input<'_> {
             Input::Int(a) if a.is_valid(row) => Value::Int(a.value(row)),
             Input::Float(a) if a.is_valid(row) => Value::Float(a.value(row)),
             Input::Text(a) if a.is_valid(row) => Value::Text(a.value(row).into()),
+            Input::By(value, _) => value.value(row),
             _ => Value::Null,
         }
     }
@@ -209,6 +230,7 @@ impl Input<'_> {
             Input::Int(a) => a.is_valid(row),
             Input::Float(a) => a.is_valid(row),
             Input::Text(a) => a.is_valid(row),
+            Input::By(value, _) => value.is_valid(row),
         }
     }
 
@@ -236,21 +258,40 @@ impl Input<'_> {
     }
 }
 
-/// The input columns cast to their reading type (Int64, Float64, Utf8), one per aggregate.
-pub fn cast_inputs(aggs: &[AggDef], columns: &[ArrayRef]) -> Result<Vec<Option<ArrayRef>>> {
+/// The columns one aggregate reads, cast to their reading type (Int64, Float64, Utf8).
+pub struct Cast {
+    value: Option<ArrayRef>,
+    by: Option<ArrayRef>,
+}
+
+/// The input columns of every aggregate, cast once per batch.
+pub fn cast_inputs(aggs: &[AggDef], columns: &[ArrayRef]) -> Result<Vec<Cast>> {
+    let read = |a: &AggDef, input: Option<(usize, Kind)>| {
+        input
+            .map(|(i, kind)| {
+                cast(&columns[i], &kind.arrow())
+                    .map_err(|e| Error::arrow(format!("reading the input of `{}`", a.name), e))
+            })
+            .transpose()
+    };
     aggs.iter()
         .map(|a| {
-            a.input
-                .map(|(i, kind)| {
-                    cast(&columns[i], &kind.arrow())
-                        .map_err(|e| Error::arrow(format!("reading the input of `{}`", a.name), e))
-                })
-                .transpose()
+            Ok(Cast {
+                value: read(a, a.input)?,
+                by: read(a, a.by)?,
+            })
         })
         .collect()
 }
 
-pub fn input_view<'a>(array: &'a Option<ArrayRef>) -> Input<'a> {
+pub fn input_view(cast: &Cast) -> Input<'_> {
+    match &cast.by {
+        Some(_) => Input::By(Box::new(view(&cast.value)), Box::new(view(&cast.by))),
+        None => view(&cast.value),
+    }
+}
+
+fn view(array: &Option<ArrayRef>) -> Input<'_> {
     match array {
         None => Input::Rows,
         Some(a) => match a.data_type() {
@@ -269,11 +310,46 @@ pub enum Acc {
     SumFloat(Option<f64>),
     Min(Value),
     Max(Value),
-    Avg { sum: f64, count: i64 },
+    Avg {
+        sum: f64,
+        count: i64,
+    },
     Distinct(HashSet<Box<[u8]>>),
     Approx(Box<Hll>),
     First(Order, Value),
     Last(Order, Value),
+    /// (the picking value, where its row stands, the kept value).
+    MaxBy(Value, Order, Value),
+    MinBy(Value, Order, Value),
+}
+
+/// `max_by`/`min_by` of one row.
+fn pick_row(
+    max: bool,
+    best: &mut Value,
+    at: &mut Order,
+    kept: &mut Value,
+    input: &Input,
+    row: usize,
+    order: Order,
+) {
+    if let Input::By(value, by) = input {
+        let b = by.value(row);
+        if picks(max, best, *at, &b, order) {
+            (*best, *at, *kept) = (b, order, value.value(row));
+        }
+    }
+}
+
+/// Whether a row whose picking value is `by` at `order` replaces the current pick.
+fn picks(max: bool, current: &Value, at: Order, by: &Value, order: Order) -> bool {
+    match (current, by) {
+        (_, Value::Null) => false,
+        (Value::Null, _) => true,
+        _ if current == by => order < at,
+        _ if max => current.less(by),
+        _ => by.less(current),
+    }
 }
 
 impl Acc {
@@ -349,6 +425,8 @@ impl Acc {
                     *v = input.value(row);
                 }
             }
+            Acc::MaxBy(best, at, v) => pick_row(true, best, at, v, input, row, order),
+            Acc::MinBy(best, at, v) => pick_row(false, best, at, v, input, row, order),
         }
     }
 
@@ -392,6 +470,16 @@ impl Acc {
                     (*at, *v) = (o, w);
                 }
             }
+            (Acc::MaxBy(best, at, v), Acc::MaxBy(b, o, w)) => {
+                if picks(true, best, *at, &b, o) {
+                    (*best, *at, *v) = (b, o, w);
+                }
+            }
+            (Acc::MinBy(best, at, v), Acc::MinBy(b, o, w)) => {
+                if picks(false, best, *at, &b, o) {
+                    (*best, *at, *v) = (b, o, w);
+                }
+            }
             (a, b) => debug_assert!(false, "merging {a:?} with {b:?}"),
         }
     }
@@ -400,10 +488,47 @@ impl Acc {
     pub fn heap_size(&self) -> usize {
         match self {
             Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v.heap_size(),
+            Acc::MaxBy(b, _, v) | Acc::MinBy(b, _, v) => b.heap_size() + v.heap_size(),
             Acc::Distinct(set) => set.iter().map(|b| b.len() + 24).sum::<usize>(),
             Acc::Approx(_) => HLL_REGISTERS,
             _ => 0,
         }
+    }
+}
+
+/// The value an accumulator outputs, to rank rows by (`top`).
+pub fn rank_value(acc: &Acc) -> Value {
+    match acc {
+        Acc::Count(n) => Value::Int(*n),
+        Acc::SumInt(s) => s.map_or(Value::Null, Value::Int),
+        Acc::SumFloat(s) => s.map_or(Value::Null, Value::Float),
+        Acc::Avg { sum, count } if *count > 0 => Value::Float(sum / *count as f64),
+        Acc::Avg { .. } => Value::Null,
+        Acc::Distinct(set) => Value::Int(set.len() as i64),
+        Acc::Approx(hll) => Value::Int(hll.estimate().round() as i64),
+        Acc::Min(v)
+        | Acc::Max(v)
+        | Acc::First(_, v)
+        | Acc::Last(_, v)
+        | Acc::MaxBy(_, _, v)
+        | Acc::MinBy(_, _, v) => v.clone(),
+    }
+}
+
+/// Orders two outputs of one aggregate; null is the smallest.
+pub fn rank_cmp(a: &Acc, b: &Acc) -> std::cmp::Ordering {
+    rank_cmp_value(&rank_value(a), &rank_value(b))
+}
+
+pub fn rank_cmp_value(a: &Value, b: &Value) -> std::cmp::Ordering {
+    use std::cmp::Ordering::*;
+    match (a, b) {
+        (Value::Null, Value::Null) => Equal,
+        (Value::Null, _) => Less,
+        (_, Value::Null) => Greater,
+        _ if a.less(b) => Less,
+        _ if b.less(a) => Greater,
+        _ => Equal,
     }
 }
 
@@ -444,9 +569,14 @@ pub fn finish<'a>(def: &AggDef, accs: impl ExactSizeIterator<Item = &'a Acc>) ->
             }
             std::sync::Arc::new(b.finish())
         }
-        Func::Min | Func::Max | Func::First | Func::Last => {
+        Func::Min | Func::Max | Func::First | Func::Last | Func::MaxBy | Func::MinBy => {
             let values = accs.map(|acc| match acc {
-                Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v,
+                Acc::Min(v)
+                | Acc::Max(v)
+                | Acc::First(_, v)
+                | Acc::Last(_, v)
+                | Acc::MaxBy(_, _, v)
+                | Acc::MinBy(_, _, v) => v,
                 _ => &Value::Null,
             });
             let array = values_array(def.input.map(|(_, k)| k), values, n);
@@ -602,13 +732,27 @@ pub fn encode(accs: &[Acc], out: &mut Vec<u8>) {
             }
             Acc::First(at, v) | Acc::Last(at, v) => {
                 out.push(if matches!(acc, Acc::First(..)) { 8 } else { 9 });
-                out.extend_from_slice(&at.time.to_le_bytes());
-                out.extend_from_slice(&at.partition.to_le_bytes());
-                out.extend_from_slice(&at.seq.to_le_bytes());
+                put_order(out, at);
+                put_value(out, v);
+            }
+            Acc::MaxBy(b, at, v) | Acc::MinBy(b, at, v) => {
+                out.push(if matches!(acc, Acc::MaxBy(..)) {
+                    10
+                } else {
+                    11
+                });
+                put_value(out, b);
+                put_order(out, at);
                 put_value(out, v);
             }
         }
     }
+}
+
+fn put_order(out: &mut Vec<u8>, at: &Order) {
+    out.extend_from_slice(&at.time.to_le_bytes());
+    out.extend_from_slice(&at.partition.to_le_bytes());
+    out.extend_from_slice(&at.seq.to_le_bytes());
 }
 
 fn put_opt(out: &mut Vec<u8>, v: Option<[u8; 8]>) {
@@ -692,6 +836,13 @@ impl Reader<'_> {
             _ => return None,
         })
     }
+    fn order(&mut self) -> Option<Order> {
+        Some(Order {
+            time: i64::from_le_bytes(self.b8()?),
+            partition: self.u32()?,
+            seq: u64::from_le_bytes(self.b8()?),
+        })
+    }
     fn acc(&mut self) -> Option<Acc> {
         Some(match self.u8()? {
             0 => Acc::Count(i64::from_le_bytes(self.b8()?)),
@@ -716,16 +867,22 @@ impl Reader<'_> {
                 registers: self.take(HLL_REGISTERS)?.into(),
             })),
             tag @ (8 | 9) => {
-                let at = Order {
-                    time: i64::from_le_bytes(self.b8()?),
-                    partition: self.u32()?,
-                    seq: u64::from_le_bytes(self.b8()?),
-                };
+                let at = self.order()?;
                 let v = self.value()?;
                 if tag == 8 {
                     Acc::First(at, v)
                 } else {
                     Acc::Last(at, v)
+                }
+            }
+            tag @ (10 | 11) => {
+                let b = self.value()?;
+                let at = self.order()?;
+                let v = self.value()?;
+                if tag == 10 {
+                    Acc::MaxBy(b, at, v)
+                } else {
+                    Acc::MinBy(b, at, v)
                 }
             }
             _ => return None,
@@ -762,6 +919,8 @@ mod tests {
                 Value::Float(1.5),
             ),
             Acc::Last(Order::MIN, Value::Int(4)),
+            Acc::MaxBy(Value::Int(9), Order::MIN, Value::Text("x".into())),
+            Acc::MinBy(Value::Null, Order::MAX, Value::Null),
         ];
         let mut bytes = Vec::new();
         encode(&accs, &mut bytes);

@@ -69,8 +69,25 @@ pub struct AggregateConfig {
     #[serde(default = "default_idle")]
     idle_timeout: Duration,
     aggregates: Aggregates,
+    /// Per window, only the rows ranked highest by an aggregate.
+    top: Option<TopConfig>,
     #[serde(default)]
     state: StateConfig,
+}
+
+/// `top: { by: bids, n: 1 }`: of each window's rows, those ranked 1 to `n` by the
+/// aggregate `by`, largest first, ranked as SQL's `RANK()` does (tied rows share a rank, so
+/// every row tied for the last place kept is kept too).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopConfig {
+    by: String,
+    #[serde(default = "one")]
+    n: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_event_time() -> String {
@@ -138,17 +155,28 @@ impl<'de> Deserialize<'de> for Aggregates {
     }
 }
 
-/// `count()`, `sum(watch_seconds)`, `count(*)`: the function and its column.
-fn parse_expression(text: &str) -> std::result::Result<(Func, Option<String>), String> {
+/// An aggregate as written: `count()`, `sum(watch_seconds)`, `max_by(auction, price)`.
+struct Expression {
+    func: Func,
+    column: Option<String>,
+    /// The second column of `max_by`/`min_by`.
+    by: Option<String>,
+}
+
+fn parse_expression(text: &str) -> std::result::Result<Expression, String> {
     let t = text.trim();
     let (name, rest) = t.split_once('(').ok_or_else(|| {
         format!("`{t}` is not an aggregate: write `function(column)`, e.g. `sum(amount)`")
     })?;
-    let arg = rest
+    let args = rest
         .strip_suffix(')')
         .ok_or_else(|| format!("`{t}`: missing `)`"))?
         .trim();
     let name = name.trim();
+    let (arg, by) = match args.split_once(',') {
+        Some((a, b)) => (a.trim(), Some(b.trim().to_string())),
+        None => (args, None),
+    };
     let column = (!arg.is_empty() && arg != "*").then(|| arg.to_string());
     let func = Func::parse(name, column.is_some()).ok_or_else(|| {
         format!(
@@ -156,10 +184,24 @@ fn parse_expression(text: &str) -> std::result::Result<(Func, Option<String>), S
             Func::NAMES.join(", ")
         )
     })?;
+    let two = matches!(func, Func::MaxBy | Func::MinBy);
+    if two && (column.is_none() || by.as_deref().is_none_or(str::is_empty)) {
+        return Err(format!(
+            "`{name}` needs two columns: `{name}(column, by)` keeps `column` of the row with the {} `by`",
+            if func == Func::MaxBy {
+                "largest"
+            } else {
+                "smallest"
+            }
+        ));
+    }
+    if !two && by.is_some() {
+        return Err(format!("`{name}` takes one column: `{name}(column)`"));
+    }
     if column.is_none() && func != Func::CountRows {
         return Err(format!("`{name}` needs a column: `{name}(column)`"));
     }
-    Ok((func, column))
+    Ok(Expression { func, column, by })
 }
 
 impl AggregateConfig {
@@ -213,6 +255,37 @@ impl AggregateConfig {
         for (name, text) in &config.aggregates.0 {
             if let Err(e) = parse_expression(text) {
                 problems.at_key(node, path, "aggregates", format!("`{name}`: {e}"));
+            }
+        }
+        if let Some(top) = &config.top {
+            if top.n == 0 {
+                problems.at_key(node, path, "top", "`n` must be at least 1");
+            }
+            if !config.aggregates.0.iter().any(|(name, _)| *name == top.by) {
+                problems.at_key(
+                    node,
+                    path,
+                    "top",
+                    format!(
+                        "`by: {}` must name one of the aggregates ({})",
+                        top.by,
+                        config
+                            .aggregates
+                            .0
+                            .iter()
+                            .map(|(n, _)| format!("`{n}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+            if matches!(config.window, WindowConfig::Session { .. }) {
+                problems.at_key(
+                    node,
+                    path,
+                    "top",
+                    "`top` ranks the rows of a window; session windows are per key",
+                );
             }
         }
         (problems.len() == before).then_some(config)
@@ -288,20 +361,25 @@ impl AggregateConfig {
         fields.push(Field::new("window_end", timestamp_type(), false));
         let mut aggs = Vec::new();
         for (name, text) in &self.aggregates.0 {
-            let (func, col) = parse_expression(text).map_err(|e| format!("`{name}`: {e}"))?;
-            let input_col = match &col {
-                Some(c) => {
-                    let i = column(c, &format!("`{name}` reads"))?;
-                    let ty = input.field(i).data_type();
-                    let kind = Kind::of(ty)
-                        .ok_or_else(|| format!("`{name}`: cannot aggregate `{c}` of type {ty}"))?;
-                    if matches!(func, Func::Sum | Func::Avg) && kind == Kind::Text {
-                        return Err(format!("`{name}`: `{c}` is text; sum and avg need numbers"));
-                    }
-                    Some((i, kind, ty.clone()))
-                }
-                None => None,
+            let Expression {
+                func,
+                column: col,
+                by,
+            } = parse_expression(text).map_err(|e| format!("`{name}`: {e}"))?;
+            let read = |c: &String| {
+                let i = column(c, &format!("`{name}` reads"))?;
+                let ty = input.field(i).data_type();
+                let kind = Kind::of(ty)
+                    .ok_or_else(|| format!("`{name}`: cannot aggregate `{c}` of type {ty}"))?;
+                Ok::<_, String>((i, kind, ty.clone()))
             };
+            let input_col = col.as_ref().map(read).transpose()?;
+            if let (Some((_, Kind::Text, _)), Some(c)) = (&input_col, &col)
+                && matches!(func, Func::Sum | Func::Avg)
+            {
+                return Err(format!("`{name}`: `{c}` is text; sum and avg need numbers"));
+            }
+            let by = by.as_ref().map(read).transpose()?.map(|(i, k, _)| (i, k));
             let output = AggDef::output_type(func, input_col.as_ref().map(|(_, k, t)| (t, *k)));
             if fields.iter().any(|f| f.name() == name) {
                 return Err(format!(
@@ -314,6 +392,7 @@ impl AggregateConfig {
                 name: name.clone(),
                 func,
                 input: input_col.map(|(i, k, _)| (i, k)),
+                by,
                 output,
             });
         }
@@ -333,12 +412,18 @@ impl AggregateConfig {
         };
         Ok(AggregateFactory {
             shared: Arc::new(Shared::new(plan)),
+            top: self.top.as_ref().map(|t| {
+                let agg = self.aggregates.0.iter().position(|(n, _)| *n == t.by);
+                (agg.expect("parse checked `top.by`"), t.n)
+            }),
         })
     }
 }
 
 pub struct AggregateFactory {
     shared: Arc<Shared>,
+    /// `top`: the ranking aggregate's index and how many ranks are kept.
+    top: Option<(usize, usize)>,
 }
 
 impl StageFactory for AggregateFactory {
@@ -351,6 +436,7 @@ impl StageFactory for AggregateFactory {
             shared: self.shared.clone(),
             closing: None,
             broken: None,
+            top: self.top.map(|(agg, n)| Top::new(agg, n)),
         }))
     }
 
@@ -365,6 +451,63 @@ struct AggregateStage {
     closing: Option<Closing>,
     /// A failure of the state store, reported by `pending` so that it stops the run.
     broken: Option<Error>,
+    top: Option<Top>,
+}
+
+/// Keeps the top-ranked rows of each window as its rows are emitted (in window order).
+struct Top {
+    agg: usize,
+    n: usize,
+    /// The end of the window being collected.
+    window: Option<i64>,
+    candidates: Vec<OutRow>,
+    /// Rows of finished windows, to emit.
+    ready: Vec<OutRow>,
+}
+
+impl Top {
+    fn new(agg: usize, n: usize) -> Self {
+        Top {
+            agg,
+            n,
+            window: None,
+            candidates: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: OutRow) {
+        if self.window != Some(row.2) {
+            self.finish_window();
+            self.window = Some(row.2);
+        }
+        self.candidates.push(row);
+        if self.candidates.len() >= 2 * self.n + 4096 {
+            self.prune();
+        }
+    }
+
+    /// Drops the candidates that can no longer rank in the top `n`: those below the n-th
+    /// largest value (ranks only grow as rows arrive).
+    fn prune(&mut self) {
+        if self.candidates.len() <= self.n {
+            return;
+        }
+        let agg = self.agg;
+        let desc = |a: &OutRow, b: &OutRow| acc::rank_cmp(&b.3[agg], &a.3[agg]);
+        self.candidates.select_nth_unstable_by(self.n - 1, desc);
+        let nth = acc::rank_value(&self.candidates[self.n - 1].3[agg]);
+        self.candidates
+            .retain(|r| acc::rank_cmp_value(&acc::rank_value(&r.3[agg]), &nth).is_ge());
+    }
+
+    /// The window being collected is complete: its top rows become ready, in key order.
+    fn finish_window(&mut self) {
+        self.prune();
+        self.candidates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.ready.append(&mut self.candidates);
+        self.window = None;
+    }
 }
 
 fn partition_of(ctx: &StageContext) -> Arc<PartitionInfo> {
@@ -514,20 +657,33 @@ impl Stage for AggregateStage {
             return Err(e);
         }
         loop {
+            if let Some(top) = &mut self.top
+                && !top.ready.is_empty()
+            {
+                let rows = std::mem::take(&mut top.ready);
+                return self.rows_to_batch(rows).map(Some);
+            }
             let Some(closing) = &mut self.closing else {
                 return Ok(None);
             };
             let rows = closing.next_chunk()?;
             if rows.is_empty() {
                 self.closing = None;
+                // Windows are never split between two closings: the last one is complete.
+                if let Some(top) = &mut self.top {
+                    top.finish_window();
+                }
                 // The watermark may have moved on while these were emitted.
                 self.close_windows()?;
-                if self.closing.is_none() {
+                if self.closing.is_none() && self.top.as_ref().is_none_or(|t| t.ready.is_empty()) {
                     return Ok(None);
                 }
                 continue;
             }
-            return self.rows_to_batch(rows).map(Some);
+            match &mut self.top {
+                Some(top) => rows.into_iter().for_each(|r| top.push(r)),
+                None => return self.rows_to_batch(rows).map(Some),
+            }
         }
     }
 }

@@ -35,14 +35,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
+use arrow::array::{Array, RecordBatch, TimestampMillisecondArray};
 use arrow::datatypes::SchemaRef;
 use arrow::row::RowConverter;
 use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
 use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use sluice_engine::batch::PartitionInfo;
-use sluice_engine::checkpoint::unlogged;
+use sluice_engine::checkpoint::{StateDb, unlogged};
 use sluice_engine::state::{SnapshotStats, StageState};
 use sluice_engine::{Error, Result};
 
@@ -90,7 +90,7 @@ const SLOT: usize = std::mem::size_of::<(Box<[u8]>, Entry)>() + 1;
 
 pub struct Shared {
     pub plan: Plan,
-    db: OnceLock<Arc<DB>>,
+    db: OnceLock<Arc<StateDb>>,
     parts: RwLock<BTreeMap<Arc<str>, Arc<Part>>>,
     /// Held while windows are taken out of the partitions to be emitted.
     emission: Mutex<()>,
@@ -322,13 +322,13 @@ impl Shared {
         batch: &RecordBatch,
         times: &TimestampMillisecondArray,
         keys: Option<&arrow::row::Rows>,
-        inputs: &[Option<ArrayRef>],
+        inputs: &[acc::Cast],
     ) -> Result<Added> {
         let part = self.part(partition);
         part.id.store(partition.id, Ordering::Relaxed);
         part.active.store(true, Ordering::Release);
         let views: Vec<Input> = inputs.iter().map(acc::input_view).collect();
-        let db = self.db.get().map(|d| d.as_ref());
+        let db = self.db.get().map(|d| &***d);
         let mut added = Added::default();
         // Ties of first/last between partitions go by the partition's name, which stays the
         // same across restarts (an index may not).
@@ -726,7 +726,7 @@ impl PartState {
 }
 
 impl StageState for Shared {
-    fn restore(&self, db: Arc<DB>) -> Result<()> {
+    fn restore(&self, db: Arc<StateDb>) -> Result<()> {
         let meta_prefix = self.key_prefix(b'm', "");
         let mut parts = BTreeMap::new();
         let mut emitted = i64::MIN;
@@ -869,7 +869,7 @@ pub struct Closing {
     windows: VecDeque<ClosingWindow>,
     /// Session rows, ready: (key, start, end, accs).
     sessions: Vec<SessionRow>,
-    db: Option<Arc<DB>>,
+    db: Option<Arc<StateDb>>,
     aggs: usize,
 }
 
@@ -953,7 +953,7 @@ impl Closing {
             let (start, end) = (window.start, window.end);
             while rows.len() < CHUNK {
                 for s in window.sources.iter_mut() {
-                    s.fill(self.db.as_deref(), self.aggs)?;
+                    s.fill(self.db.as_deref().map(|d| &**d), self.aggs)?;
                 }
                 // The smallest key among the sources (the first source that has it), merged
                 // with the same key of the sources after it. Moved, not copied.

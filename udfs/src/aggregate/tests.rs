@@ -508,7 +508,125 @@ fn mistakes_are_named() {
     assert!(
         parse(&base.replace("c: count()", "window_end: count()")).contains("choose another name")
     );
+    assert!(parse(&base.replace("count()", "max_by(n)")).contains("`max_by` needs two columns"));
+    assert!(parse(&base.replace("count()", "'sum(n, t)'")).contains("`sum` takes one column"));
+    assert!(
+        parse(&format!("{base}top: {{ by: nope }}\n")).contains("must name one of the aggregates")
+    );
+    assert!(parse(&format!("{base}top: {{ by: c, n: 0 }}\n")).contains("at least 1"));
+    assert!(
+        parse(
+            &format!("{base}top: {{ by: c }}\n")
+                .replace("{ tumbling: 1m }", "{ session: { gap: 1m } }")
+        )
+        .contains("session windows are per key")
+    );
     assert_eq!(parse(base), "");
+}
+
+/// `max_by`/`min_by` keep the value of the row with the largest/smallest `by`; of tied
+/// rows, the earliest in event time, whichever partition it came from.
+#[tokio::test]
+async fn max_by_and_min_by_pick_a_row_and_ties_go_to_the_earliest() {
+    let mut h = Harness::new(
+        "
+event_time: t
+window: { tumbling: 1m }
+aggregates:
+  top_user: max_by(user, n)
+  low_user: min_by(user, n)
+  top_n: max(n)
+",
+    );
+    h.feed(0, &[("late-tie", 9, 5_000), ("small", 1, 2_000)])
+        .await;
+    h.feed(
+        1,
+        &[
+            ("early-tie", 9, 3_000),
+            ("also-small", 1, 1_000),
+            ("mid", 4, 4_000),
+        ],
+    )
+    .await;
+    let (c0, c1) = (Harness::ctx(0), Harness::ctx(1));
+    h.stage.end_of_partition(&c0).await.unwrap();
+    h.stage.end_of_partition(&c1).await.unwrap();
+    let b = h.stage.pending(&c1).await.unwrap().unwrap();
+    let text = |name: &str| {
+        b.column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .value(0)
+            .to_string()
+    };
+    assert_eq!(b.num_rows(), 1);
+    assert_eq!(text("top_user"), "early-tie");
+    assert_eq!(text("low_user"), "also-small");
+}
+
+/// `top` keeps the rows of each window ranked 1..=n by an aggregate, ties included (as
+/// RANK() does), and drops the rest — also when a window has more rows than the
+/// candidates it keeps while emitting.
+#[tokio::test]
+async fn top_keeps_the_highest_ranked_rows_of_each_window_with_ties() {
+    let yaml = "
+group_by: [user]
+event_time: t
+window: { tumbling: 10s }
+aggregates:
+  c: count()
+top: { by: c, n: 2 }
+";
+    let mut h = Harness::new(yaml);
+    // Window [0,10s): a=3, b=3, c=2, d=1 -> ranks 1,1,3,4: a and b only.
+    // Window [10s,20s): e=1, f=2, g=1 -> ranks 2,1,2: all three (g and e tie for 2nd).
+    let rows: Vec<In> = vec![
+        ("a", 0, 1_000),
+        ("b", 0, 1_000),
+        ("a", 0, 2_000),
+        ("c", 0, 2_000),
+        ("b", 0, 3_000),
+        ("a", 0, 3_000),
+        ("b", 0, 4_000),
+        ("c", 0, 4_000),
+        ("d", 0, 5_000),
+        ("e", 0, 11_000),
+        ("f", 0, 12_000),
+        ("f", 0, 13_000),
+        ("g", 0, 14_000),
+    ];
+    h.feed(0, &rows).await;
+    h.end(0).await;
+    let users: Vec<String> = h
+        .take()
+        .iter()
+        .map(|r| r.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(users, ["a", "b", "e", "f", "g"]);
+
+    // 10,000 keys in one window (more than the candidates kept while emitting): the two
+    // keys with the most rows.
+    let mut h = Harness::new(yaml);
+    let names: Vec<&'static str> = (0..10_000)
+        .map(|i| &*Box::leak(format!("k{i}").into_boxed_str()))
+        .collect();
+    let mut rows: Vec<In> = names.iter().map(|n| (*n, 0, 1_000)).collect();
+    rows.extend([
+        (names[7], 0, 2_000),
+        (names[9_999], 0, 2_000),
+        (names[9_999], 0, 3_000),
+    ]);
+    h.feed(0, &rows).await;
+    h.end(0).await;
+    let users: Vec<String> = h
+        .take()
+        .iter()
+        .map(|r| r.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(users, ["k7", "k9999"]);
 }
 
 #[tokio::test]
