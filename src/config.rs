@@ -21,6 +21,7 @@ use serde::Deserialize;
 use sluice_connectors::file::{FileSinkConfig, FileSourceConfig};
 use sluice_connectors::generator::GeneratorConfig;
 use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
+use sluice_connectors::nexmark::NexmarkConfig;
 use sluice_connectors::null::NullConfig;
 use sluice_connectors::stdout::StdoutConfig;
 use sluice_engine::batch;
@@ -74,6 +75,7 @@ pub struct SourceConfig {
 
 pub enum SourceKind {
     Generator(GeneratorConfig),
+    Nexmark(NexmarkConfig),
     File(FileSourceConfig),
     Kafka(KafkaSourceConfig),
 }
@@ -291,7 +293,7 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
     }
 }
 
-const SOURCE_KINDS: &[&str] = &["generator", "file", "kafka"];
+const SOURCE_KINDS: &[&str] = &["generator", "nexmark", "file", "kafka"];
 const SOURCE_COMMON: &[&str] = &["type", "batch_size", "batch_window"];
 
 /// Fields every source has.
@@ -367,6 +369,10 @@ fn parse_source(node: &Node, path: Location, problems: &mut Problems) -> Option<
                 SourceKind::Generator(c)
             })
         }
+        "nexmark" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: NexmarkConfig| {
+            c.validate(node, &path, problems);
+            SourceKind::Nexmark(c)
+        }),
         "file" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: FileSourceConfig| {
             c.validate(node, &path, problems);
             SourceKind::File(c)

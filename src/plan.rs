@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use sluice_connectors::file::{FileSink, FileSource};
-use sluice_connectors::generator::{GeneratorSource, record_schema};
+use sluice_connectors::generator::{self, GeneratorSource};
 use sluice_connectors::kafka::{KafkaSink, KafkaSource};
+use sluice_connectors::nexmark::{self, NexmarkSource};
 use sluice_connectors::null::NullSink;
 use sluice_connectors::stdout::StdoutSink;
 use sluice_engine::batch::{self, ColumnSelection};
@@ -33,6 +34,7 @@ pub fn open_source(
 ) -> Option<Box<dyn Source>> {
     let opened: sluice_engine::Result<Box<dyn Source>> = match &config.kind {
         SourceKind::Generator(g) => GeneratorSource::new(g.clone()).map(|s| Box::new(s) as _),
+        SourceKind::Nexmark(n) => NexmarkSource::new(n.clone()).map(|s| Box::new(s) as _),
         SourceKind::File(f) => FileSource::open(f.clone(), config.batching.size)
             .map(|s| Box::new(s.with_dead_letters(dead_letters)) as _),
         SourceKind::Kafka(k) => KafkaSource::new(k.clone(), config.batching.size, dead_letters)
@@ -43,7 +45,7 @@ pub fn open_source(
         Err(e) => {
             let key = match config.kind {
                 SourceKind::File(_) => "path",
-                SourceKind::Generator(_) | SourceKind::Kafka(_) => "type",
+                SourceKind::Generator(_) | SourceKind::Nexmark(_) | SourceKind::Kafka(_) => "type",
             };
             config.at.problem(problems, key, e.to_string());
             None
@@ -55,7 +57,8 @@ pub fn open_source(
 /// the source kind); `sluice test` uses it so that tests need no data files.
 pub fn declared_schema(config: &SourceConfig) -> Option<SchemaRef> {
     let records = match &config.kind {
-        SourceKind::Generator(_) => record_schema(),
+        SourceKind::Generator(_) => generator::record_schema(),
+        SourceKind::Nexmark(_) => nexmark::record_schema(),
         SourceKind::File(f) => f.schema.as_ref()?.to_arrow().as_ref().clone(),
         // The Kafka source's schema never needs a connection.
         SourceKind::Kafka(k) => {

@@ -8,5 +8,7 @@ pub mod file;
 pub mod generator;
 pub mod json;
 pub mod kafka;
+pub mod nexmark;
 pub mod null;
+mod pace;
 pub mod stdout;

@@ -9,9 +9,6 @@
 //! The hot loop draws two 64-bit random numbers per record and appends to pre-sized
 //! builders; strings come from static tables. No allocation per record.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use arrow::array::{
     ArrayRef, Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMillisecondArray,
 };
@@ -23,9 +20,10 @@ use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::source::{Assignment, PartitionReader, Source};
 use sluice_engine::{Error, Result};
-use tokio::time::Instant;
+use std::sync::Arc;
 
 use super::GeneratorConfig;
+use crate::pace::Pace;
 
 const EVENT_TYPES: [(&str, u32); 5] = [
     ("play", 60),
@@ -175,11 +173,7 @@ impl GeneratorSource {
             rng,
             next_offset: start as i64,
             remaining: count.map(|c| c - start),
-            pace: rate.map(|rate| Pace {
-                rate,
-                started: Instant::now(),
-                first_offset: start as i64,
-            }),
+            pace: rate.map(|rate| Pace::new(rate, start as i64)),
         }
     }
 }
@@ -206,13 +200,6 @@ impl Source for GeneratorSource {
         self.next_partition += 1;
         Ok(Some(Assignment::Assign(Box::new(reader))))
     }
-}
-
-/// Paces a rate-limited partition: record `first_offset + i` is due at `started + i / rate`.
-struct Pace {
-    rate: f64,
-    started: Instant,
-    first_offset: i64,
 }
 
 /// Random numbers drawn per record; restoring jumps the sequence ahead by this much.
@@ -297,22 +284,6 @@ impl GeneratorPartition {
             dead: Vec::new(),
         })
     }
-
-    /// Records due by now under the rate limit, waiting until at least one is.
-    async fn due(&self, max: u64) -> u64 {
-        let Some(pace) = &self.pace else { return max };
-        loop {
-            let elapsed = pace.started.elapsed().as_secs_f64();
-            let produced = self.next_offset - pace.first_offset;
-            let due = (elapsed * pace.rate) as i64 + 1 - produced;
-            if due > 0 {
-                return (due as u64).min(max);
-            }
-            let next_due = produced as f64 / pace.rate;
-            let wait = Duration::from_secs_f64((next_due - elapsed).max(0.0005));
-            tokio::time::sleep(wait).await;
-        }
-    }
 }
 
 #[async_trait]
@@ -329,16 +300,16 @@ impl PartitionReader for GeneratorPartition {
             }
             max = max.min(remaining);
         }
-        let n = self.due(max).await;
+        let n = match &self.pace {
+            Some(pace) => pace.due(self.next_offset, max).await,
+            None => max,
+        };
         self.generate(n as usize).map(Some)
     }
 
     fn backlog(&self) -> Option<u64> {
         let pace = self.pace.as_ref()?;
-        let due = (pace.started.elapsed().as_secs_f64() * pace.rate) as i64
-            - (self.next_offset - pace.first_offset);
-        let due = due.max(0) as u64;
-        Some(self.remaining.map_or(due, |r| due.min(r)))
+        Some(pace.backlog(self.next_offset, self.remaining))
     }
 }
 

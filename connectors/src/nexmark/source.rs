@@ -1,0 +1,769 @@
+//! The Nexmark source: one stream of people, auctions and bids in event-number order, the
+//! way the benchmark's Flink table has them: `event_type` (0 person, 1 auction, 2 bid), one
+//! struct column per kind (set for its kind, null otherwise) and `date_time`, the event
+//! time.
+//!
+//! Event `k` (0-based, across partitions) belongs to partition `k % partitions`, so every
+//! partition's event time advances at the same pace and a watermark over them moves as
+//! the stream does. Its number is `k + 1`, its id `k + 2` and its time
+//! `start + number / event_rate`, as `GeneratorConfig` computes them (first event number
+//! and id 1).
+//!
+//! The hot loop appends to plain vectors and takes text from pre-made pools; nothing is
+//! allocated per event. A kind's struct and all its fields share one null buffer (null on
+//! the other kinds' rows).
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, StructArray};
+use arrow::buffer::{BooleanBuffer, NullBuffer, OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use async_trait::async_trait;
+use sluice_engine::batch::{self, Envelope, PartitionInfo};
+use sluice_engine::checkpoint::Checkpoint;
+use sluice_engine::source::{Assignment, PartitionReader, Source};
+use sluice_engine::{Error, Result};
+
+use super::NexmarkConfig;
+use super::model::{self, Text};
+use crate::pace::Pace;
+
+/// Jan 1 2026, 00:00:00 UTC.
+const DEFAULT_START_MS: i64 = 1_767_225_600_000;
+/// The Nexmark benchmark's configured event rate (`TPS`): 10 million events per second.
+const DEFAULT_EVENT_RATE: f64 = 10_000_000.0;
+
+fn time_field(name: &str) -> Field {
+    Field::new(name, batch::timestamp_type(), false)
+}
+
+/// A kind's fields are null on the other kinds' rows (their struct's nulls, shared), so that
+/// `person.name` of an auction is null however it is read.
+fn child_time(name: &str) -> Field {
+    Field::new(name, batch::timestamp_type(), true)
+}
+
+fn person_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("email_address", DataType::Utf8, true),
+        Field::new("credit_card", DataType::Utf8, true),
+        Field::new("city", DataType::Utf8, true),
+        Field::new("state", DataType::Utf8, true),
+        child_time("date_time"),
+        Field::new("extra", DataType::Utf8, true),
+    ])
+}
+
+fn auction_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("item_name", DataType::Utf8, true),
+        Field::new("description", DataType::Utf8, true),
+        Field::new("initial_bid", DataType::Int64, true),
+        Field::new("reserve", DataType::Int64, true),
+        child_time("date_time"),
+        child_time("expires"),
+        Field::new("seller", DataType::Int64, true),
+        Field::new("category", DataType::Int64, true),
+        Field::new("extra", DataType::Utf8, true),
+    ])
+}
+
+fn bid_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("auction", DataType::Int64, true),
+        Field::new("bidder", DataType::Int64, true),
+        Field::new("price", DataType::Int64, true),
+        Field::new("channel", DataType::Utf8, true),
+        Field::new("url", DataType::Utf8, true),
+        child_time("date_time"),
+        Field::new("extra", DataType::Utf8, true),
+    ])
+}
+
+/// The record fields of a Nexmark event, in order.
+pub fn record_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("event_type", DataType::Int32, false),
+        Field::new("person", DataType::Struct(person_fields()), true),
+        Field::new("auction", DataType::Struct(auction_fields()), true),
+        Field::new("bid", DataType::Struct(bid_fields()), true),
+        time_field("date_time"),
+    ])
+}
+
+/// What every partition shares.
+struct Plan {
+    schema: SchemaRef,
+    records: SchemaRef,
+    partitions: u64,
+    seed: u64,
+    start_ms: i64,
+    /// Microseconds of event time between consecutive events (`interEventDelayUs`).
+    delay_us: f64,
+    active_people: u64,
+    in_flight_auctions: u64,
+    text: Text,
+}
+
+impl Plan {
+    /// `timestampForEvent`: milliseconds, truncated as the reference does.
+    fn time_of(&self, number: i64) -> i64 {
+        self.start_ms + (number as f64 * self.delay_us) as i64 / 1000
+    }
+}
+
+pub struct NexmarkSource {
+    plan: Arc<Plan>,
+    config: NexmarkConfig,
+    next_partition: u32,
+    start: Arc<Checkpoint>,
+}
+
+impl NexmarkSource {
+    pub fn new(config: NexmarkConfig) -> Result<Self> {
+        let start_ms = match &config.start_time {
+            Some(t) => crate::generator::parse_time_ms(t)
+                .ok_or_else(|| Error::Plan(format!("nexmark start_time `{t}` is not RFC 3339")))?,
+            None => DEFAULT_START_MS,
+        };
+        let event_rate = config
+            .event_rate
+            .or(config.rate)
+            .unwrap_or(DEFAULT_EVENT_RATE);
+        let records = Arc::new(record_schema());
+        let plan = Plan {
+            schema: batch::with_metadata(&records)?,
+            records,
+            partitions: u64::from(config.partitions.max(1)),
+            seed: config.seed,
+            start_ms,
+            delay_us: 1e6 / event_rate,
+            active_people: config.active_people.max(1),
+            in_flight_auctions: config.in_flight_auctions.max(1),
+            text: Text::new(config.seed),
+        };
+        Ok(NexmarkSource {
+            plan: Arc::new(plan),
+            config,
+            next_partition: 0,
+            start: Arc::default(),
+        })
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.config.partitions.max(1)
+    }
+
+    /// A reader for one partition, for benches and tests that drive partitions directly.
+    /// It starts where the restored checkpoint says; events depend only on their number,
+    /// so they are those an uninterrupted run would have made.
+    pub fn partition(&self, id: u32) -> NexmarkPartition {
+        let p = u64::from(id);
+        let n = self.plan.partitions;
+        let name: Arc<str> = format!("nexmark/{id}").into();
+        let count = self.config.count.map(|c| c / n + u64::from(p < c % n));
+        let start = self.start.start_of(&name).max(0) as u64;
+        let start = count.map_or(start, |c| start.min(c));
+        NexmarkPartition {
+            info: Arc::new(PartitionInfo { id, name }),
+            plan: self.plan.clone(),
+            partition: p,
+            next_offset: start as i64,
+            remaining: count.map(|c| c - start),
+            pace: self
+                .config
+                .rate
+                .map(|rate| Pace::new(rate / n as f64, start as i64)),
+        }
+    }
+}
+
+#[async_trait]
+impl Source for NexmarkSource {
+    fn schema(&self) -> SchemaRef {
+        self.plan.schema.clone()
+    }
+
+    fn partition_hint(&self) -> usize {
+        self.partitions() as usize
+    }
+
+    fn restore(&mut self, checkpoint: Arc<Checkpoint>) {
+        self.start = checkpoint;
+    }
+
+    async fn next_assignment(&mut self) -> Result<Option<Assignment>> {
+        if self.next_partition >= self.partitions() {
+            return Ok(None);
+        }
+        let reader = self.partition(self.next_partition);
+        self.next_partition += 1;
+        Ok(Some(Assignment::Assign(Box::new(reader))))
+    }
+}
+
+pub struct NexmarkPartition {
+    info: Arc<PartitionInfo>,
+    plan: Arc<Plan>,
+    partition: u64,
+    next_offset: i64,
+    remaining: Option<u64>,
+    pace: Option<Pace>,
+}
+
+impl NexmarkPartition {
+    /// Makes the next `n` events of this partition (fewer when its count runs out).
+    pub fn generate(&mut self, n: usize) -> Result<Envelope> {
+        let n = self.remaining.map_or(n, |r| n.min(r as usize));
+        let plan = &*self.plan;
+        let mut columns = Columns::with_capacity(n);
+        let first = self.next_offset;
+        for i in 0..n as i64 {
+            let k = (first + i) * plan.partitions as i64 + self.partition as i64;
+            columns.event(plan, k);
+        }
+        self.next_offset += n as i64;
+        if let Some(r) = self.remaining.as_mut() {
+            *r -= n as u64;
+        }
+        let (records, event_time) = columns.finish(&plan.records)?;
+        let batch = batch::append_metadata(
+            &plan.schema,
+            records,
+            self.info.id,
+            first,
+            None,
+            Some(event_time),
+        )?;
+        Ok(Envelope {
+            partition: self.info.clone(),
+            offsets: first..self.next_offset,
+            batch,
+            dead: Vec::new(),
+        })
+    }
+}
+
+#[async_trait]
+impl PartitionReader for NexmarkPartition {
+    fn info(&self) -> &Arc<PartitionInfo> {
+        &self.info
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
+        let mut max = max as u64;
+        if let Some(remaining) = self.remaining {
+            if remaining == 0 {
+                return Ok(None);
+            }
+            max = max.min(remaining);
+        }
+        let n = match &self.pace {
+            Some(pace) => pace.due(self.next_offset, max).await,
+            None => max,
+        };
+        self.generate(n as usize).map(Some)
+    }
+
+    fn backlog(&self) -> Option<u64> {
+        let pace = self.pace.as_ref()?;
+        Some(pace.backlog(self.next_offset, self.remaining))
+    }
+}
+
+/// A string column built in place: offsets and bytes.
+struct TextColumn {
+    offsets: Vec<i32>,
+    bytes: Vec<u8>,
+}
+
+impl TextColumn {
+    fn with_capacity(rows: usize, bytes: usize) -> Self {
+        let mut offsets = Vec::with_capacity(rows + 1);
+        offsets.push(0);
+        TextColumn {
+            offsets,
+            bytes: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// Appends to the current value; `end` closes it.
+    #[inline]
+    fn put(&mut self, s: &[u8]) {
+        self.bytes.extend_from_slice(s);
+    }
+
+    #[inline]
+    fn end(&mut self) {
+        self.offsets.push(self.bytes.len() as i32);
+    }
+
+    #[inline]
+    fn push(&mut self, s: &[u8]) {
+        self.put(s);
+        self.end();
+    }
+
+    fn finish(self, nulls: &NullBuffer) -> ArrayRef {
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
+        Arc::new(StringArray::new(
+            offsets,
+            self.bytes.into(),
+            Some(nulls.clone()),
+        ))
+    }
+}
+
+fn ints(v: Vec<i64>, nulls: &NullBuffer) -> ArrayRef {
+    Arc::new(Int64Array::new(v.into(), Some(nulls.clone())))
+}
+
+fn times(v: ScalarBuffer<i64>, nulls: Option<&NullBuffer>) -> ArrayRef {
+    Arc::new(arrow::array::TimestampMillisecondArray::new(v, nulls.cloned()).with_timezone("UTC"))
+}
+
+/// The arrays of one batch, filled event by event. Each kind's fields get a placeholder
+/// (0 or "") under their null on the other kinds' rows.
+struct Columns {
+    kinds: Vec<i32>,
+    date_time: Vec<i64>,
+    person: PersonColumns,
+    auction: AuctionColumns,
+    bid: BidColumns,
+}
+
+struct PersonColumns {
+    valid: Vec<bool>,
+    id: Vec<i64>,
+    name: TextColumn,
+    email: TextColumn,
+    credit_card: TextColumn,
+    city: TextColumn,
+    state: TextColumn,
+    extra: TextColumn,
+}
+
+struct AuctionColumns {
+    valid: Vec<bool>,
+    id: Vec<i64>,
+    item_name: TextColumn,
+    description: TextColumn,
+    initial_bid: Vec<i64>,
+    reserve: Vec<i64>,
+    expires: Vec<i64>,
+    seller: Vec<i64>,
+    category: Vec<i64>,
+    extra: TextColumn,
+}
+
+struct BidColumns {
+    valid: Vec<bool>,
+    auction: Vec<i64>,
+    bidder: Vec<i64>,
+    price: Vec<i64>,
+    channel: TextColumn,
+    url: TextColumn,
+    extra: TextColumn,
+}
+
+impl Columns {
+    fn with_capacity(n: usize) -> Self {
+        // Expected bytes per kind: 1 in 50 events is a person, 3 auctions, 46 bids.
+        let people = n / 50 + 1;
+        let auctions = 3 * n / 50 + 1;
+        let bids = n;
+        Columns {
+            kinds: Vec::with_capacity(n),
+            date_time: Vec::with_capacity(n),
+            person: PersonColumns {
+                valid: Vec::with_capacity(n),
+                id: Vec::with_capacity(n),
+                name: TextColumn::with_capacity(n, people * 14),
+                email: TextColumn::with_capacity(n, people * 16),
+                credit_card: TextColumn::with_capacity(n, people * 19),
+                city: TextColumn::with_capacity(n, people * 10),
+                state: TextColumn::with_capacity(n, people * 2),
+                extra: TextColumn::with_capacity(n, people * 160),
+            },
+            auction: AuctionColumns {
+                valid: Vec::with_capacity(n),
+                id: Vec::with_capacity(n),
+                item_name: TextColumn::with_capacity(n, auctions * 12),
+                description: TextColumn::with_capacity(n, auctions * 52),
+                initial_bid: Vec::with_capacity(n),
+                reserve: Vec::with_capacity(n),
+                expires: Vec::with_capacity(n),
+                seller: Vec::with_capacity(n),
+                category: Vec::with_capacity(n),
+                extra: TextColumn::with_capacity(n, auctions * 480),
+            },
+            bid: BidColumns {
+                valid: Vec::with_capacity(n),
+                auction: Vec::with_capacity(n),
+                bidder: Vec::with_capacity(n),
+                price: Vec::with_capacity(n),
+                channel: TextColumn::with_capacity(n, bids * 12),
+                url: TextColumn::with_capacity(n, bids * 60),
+                extra: TextColumn::with_capacity(n, bids * 82),
+            },
+        }
+    }
+
+    /// Appends event `k` (0-based over the whole stream).
+    #[inline]
+    fn event(&mut self, plan: &Plan, k: i64) {
+        let number = k + 1;
+        let id = number + 1;
+        let time = plan.time_of(number);
+        let mut rng = model::event_rng(plan.seed, id);
+        self.date_time.push(time);
+        let rem = id % 50;
+        let kind = if rem < 1 {
+            model::PERSON
+        } else if rem < 4 {
+            model::AUCTION
+        } else {
+            model::BID
+        };
+        self.kinds.push(kind);
+        self.person.valid.push(kind == model::PERSON);
+        self.auction.valid.push(kind == model::AUCTION);
+        self.bid.valid.push(kind == model::BID);
+        match kind {
+            model::PERSON => {
+                self.person.add(plan, id, &mut rng);
+                self.auction.skip();
+                self.bid.skip();
+            }
+            model::AUCTION => {
+                self.person.skip();
+                self.auction.add(plan, number, id, time, &mut rng);
+                self.bid.skip();
+            }
+            _ => {
+                self.person.skip();
+                self.auction.skip();
+                self.bid.add(plan, id, &mut rng);
+            }
+        }
+    }
+
+    fn finish(self, records: &SchemaRef) -> Result<(RecordBatch, ArrayRef)> {
+        let time = ScalarBuffer::from(self.date_time);
+        let date_time = times(time.clone(), None);
+        let strukt =
+            |fields: Fields, nulls: NullBuffer, children: Vec<ArrayRef>| -> Result<ArrayRef> {
+                StructArray::try_new(fields, children, Some(nulls))
+                    .map(|a| Arc::new(a) as ArrayRef)
+                    .map_err(|e| Error::arrow("building Nexmark events", e))
+            };
+        let p = self.person;
+        let n = NullBuffer::new(BooleanBuffer::from(p.valid));
+        let person = strukt(
+            person_fields(),
+            n.clone(),
+            vec![
+                ints(p.id, &n),
+                p.name.finish(&n),
+                p.email.finish(&n),
+                p.credit_card.finish(&n),
+                p.city.finish(&n),
+                p.state.finish(&n),
+                times(time.clone(), Some(&n)),
+                p.extra.finish(&n),
+            ],
+        )?;
+        let a = self.auction;
+        let n = NullBuffer::new(BooleanBuffer::from(a.valid));
+        let auction = strukt(
+            auction_fields(),
+            n.clone(),
+            vec![
+                ints(a.id, &n),
+                a.item_name.finish(&n),
+                a.description.finish(&n),
+                ints(a.initial_bid, &n),
+                ints(a.reserve, &n),
+                times(time.clone(), Some(&n)),
+                times(a.expires.into(), Some(&n)),
+                ints(a.seller, &n),
+                ints(a.category, &n),
+                a.extra.finish(&n),
+            ],
+        )?;
+        let b = self.bid;
+        let n = NullBuffer::new(BooleanBuffer::from(b.valid));
+        let bid = strukt(
+            bid_fields(),
+            n.clone(),
+            vec![
+                ints(b.auction, &n),
+                ints(b.bidder, &n),
+                ints(b.price, &n),
+                b.channel.finish(&n),
+                b.url.finish(&n),
+                times(time, Some(&n)),
+                b.extra.finish(&n),
+            ],
+        )?;
+        let columns = vec![
+            Arc::new(Int32Array::from(self.kinds)) as ArrayRef,
+            person,
+            auction,
+            bid,
+            date_time.clone(),
+        ];
+        let batch = RecordBatch::try_new(records.clone(), columns)
+            .map_err(|e| Error::arrow("building Nexmark events", e))?;
+        Ok((batch, date_time))
+    }
+}
+
+impl PersonColumns {
+    fn add(&mut self, plan: &Plan, id: i64, rng: &mut fastrand::Rng) {
+        self.id
+            .push(model::last_base0_person_id(id) + model::FIRST_PERSON_ID);
+        let first = model::FIRST_NAMES[rng.usize(..model::FIRST_NAMES.len())];
+        let last = model::LAST_NAMES[rng.usize(..model::LAST_NAMES.len())];
+        self.name.put(first.as_bytes());
+        self.name.put(b" ");
+        self.name.push(last.as_bytes());
+        let user = plan.text.next_string(rng, 7);
+        let domain = plan.text.next_string(rng, 5);
+        self.email.put(user);
+        self.email.put(b"@");
+        self.email.put(domain);
+        self.email.push(b".com");
+        let mut card = *b"0000 0000 0000 0000";
+        for group in card.chunks_mut(5) {
+            let mut v = rng.u32(..10_000);
+            for digit in group[..4].iter_mut().rev() {
+                *digit = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        }
+        self.credit_card.push(&card);
+        let city = model::US_CITIES[rng.usize(..model::US_CITIES.len())];
+        let state = model::US_STATES[rng.usize(..model::US_STATES.len())];
+        self.city.push(city.as_bytes());
+        self.state.push(state.as_bytes());
+        let size = 8
+            + first.len()
+            + 1
+            + last.len()
+            + user.len()
+            + domain.len()
+            + 5
+            + card.len()
+            + city.len()
+            + state.len();
+        let len = model::extra_length(rng, size, model::AVG_PERSON_BYTES);
+        self.extra.push(plan.text.letters(rng, len));
+    }
+
+    fn skip(&mut self) {
+        self.id.push(0);
+        for t in [
+            &mut self.name,
+            &mut self.email,
+            &mut self.credit_card,
+            &mut self.city,
+            &mut self.state,
+            &mut self.extra,
+        ] {
+            t.end();
+        }
+    }
+}
+
+impl AuctionColumns {
+    fn add(&mut self, plan: &Plan, number: i64, id: i64, time: i64, rng: &mut fastrand::Rng) {
+        self.id
+            .push(model::last_base0_auction_id(id) + model::FIRST_AUCTION_ID);
+        let seller = if rng.u32(..model::HOT_SELLER_RATIO) > 0 {
+            model::hot_person(id)
+        } else {
+            model::next_base0_person_id(id, rng, plan.active_people)
+        };
+        self.seller.push(seller + model::FIRST_PERSON_ID);
+        self.category
+            .push(model::FIRST_CATEGORY_ID + i64::from(rng.u32(..model::NUM_CATEGORIES)));
+        let initial_bid = model::next_price(rng);
+        self.initial_bid.push(initial_bid);
+        // An auction stays open for up to twice the time `in_flight_auctions` auctions take
+        // to be created (`nextAuctionLengthMs`).
+        let events_for_auctions = (plan.in_flight_auctions * 50 / 3) as i64;
+        let horizon = plan.time_of(number + events_for_auctions) - time;
+        let length = 1 + rng.u64(..(horizon * 2).max(1) as u64) as i64;
+        self.expires.push(time + length);
+        let item = plan.text.next_string(rng, 20);
+        let description = plan.text.next_string(rng, 100);
+        self.item_name.push(item);
+        self.description.push(description);
+        self.reserve.push(initial_bid + model::next_price(rng));
+        let size = 8 + item.len() + description.len() + 8 + 8 + 8 + 8 + 8;
+        let len = model::extra_length(rng, size, model::AVG_AUCTION_BYTES);
+        self.extra.push(plan.text.letters(rng, len));
+    }
+
+    fn skip(&mut self) {
+        for v in [
+            &mut self.id,
+            &mut self.initial_bid,
+            &mut self.reserve,
+            &mut self.expires,
+            &mut self.seller,
+            &mut self.category,
+        ] {
+            v.push(0);
+        }
+        for t in [&mut self.item_name, &mut self.description, &mut self.extra] {
+            t.end();
+        }
+    }
+}
+
+impl BidColumns {
+    fn add(&mut self, plan: &Plan, id: i64, rng: &mut fastrand::Rng) {
+        let auction = if rng.u32(..model::HOT_AUCTION_RATIO) > 0 {
+            model::hot_auction(id)
+        } else {
+            model::next_base0_auction_id(id, rng, plan.in_flight_auctions)
+        };
+        self.auction.push(auction + model::FIRST_AUCTION_ID);
+        // Hot bidders are one past the hot sellers.
+        let bidder = if rng.u32(..model::HOT_BIDDER_RATIO) > 0 {
+            model::hot_person(id) + 1
+        } else {
+            model::next_base0_person_id(id, rng, plan.active_people)
+        };
+        self.bidder.push(bidder + model::FIRST_PERSON_ID);
+        self.price.push(model::next_price(rng));
+        let (channel, url) = plan.text.channel(rng);
+        self.channel.push(channel.as_bytes());
+        self.url.push(url.as_bytes());
+        let len = model::extra_length(rng, 32, model::AVG_BID_BYTES);
+        self.extra.push(plan.text.letters(rng, len));
+    }
+
+    fn skip(&mut self) {
+        for v in [&mut self.auction, &mut self.bidder, &mut self.price] {
+            v.push(0);
+        }
+        for t in [&mut self.channel, &mut self.url, &mut self.extra] {
+            t.end();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Int32Type, Int64Type};
+
+    fn source(partitions: u32, count: u64) -> NexmarkSource {
+        NexmarkSource::new(NexmarkConfig {
+            partitions,
+            count: Some(count),
+            rate: None,
+            event_rate: Some(1000.0),
+            seed: 3,
+            start_time: None,
+            active_people: 1000,
+            in_flight_auctions: 100,
+        })
+        .unwrap()
+    }
+
+    /// The record columns of every event of a source, partition after partition.
+    fn events(partitions: u32, count: u64, batch: usize) -> RecordBatch {
+        let src = source(partitions, count);
+        let mut batches = Vec::new();
+        for p in 0..partitions {
+            let mut part = src.partition(p);
+            loop {
+                let env = part.generate(batch).unwrap();
+                if env.batch.num_rows() == 0 {
+                    break;
+                }
+                batches.push(env.batch.project(&[0, 1, 2, 3, 4]).unwrap());
+            }
+        }
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+    }
+
+    #[test]
+    fn proportions_ids_and_times_follow_the_reference() {
+        let all = events(1, 5000, 1024);
+        assert_eq!(all.num_rows(), 5000);
+        let kinds = all.column(0).as_primitive::<Int32Type>();
+        let count = |k: i32| kinds.values().iter().filter(|v| **v == k).count();
+        assert_eq!((count(0), count(1), count(2)), (100, 300, 4600));
+        // The first events: ids 2 and 3 are auctions 1001 and 1002, then bids; id 50 is
+        // person 1001.
+        assert_eq!(&kinds.values()[..4], &[1, 1, 2, 2]);
+        assert_eq!(kinds.value(48), 0);
+        let person = all.column(1).as_struct();
+        assert!(person.is_valid(48) && person.is_null(0));
+        let ids = person.column(0).as_primitive::<Int64Type>();
+        assert_eq!(ids.value(48), 1001);
+        let auction = all.column(2).as_struct();
+        let aid = auction.column(0).as_primitive::<Int64Type>();
+        assert_eq!((aid.value(0), aid.value(1)), (1001, 1002));
+        // 1000 events per second of event time: event number n at start + n ms.
+        let t = all
+            .column(4)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        assert_eq!(t.value(0), DEFAULT_START_MS + 1);
+        assert_eq!(t.value(4999), DEFAULT_START_MS + 5000);
+        let bid = all.column(3).as_struct();
+        let bidders = bid.column(1).as_primitive::<Int64Type>();
+        let auctions = bid.column(0).as_primitive::<Int64Type>();
+        for row in (0..5000).filter(|r| bid.is_valid(*r)) {
+            let id = row as i64 + 2;
+            assert!(bidders.value(row) >= 1000);
+            assert!(bidders.value(row) <= 1000 + model::last_base0_person_id(id) + 10);
+            assert!(auctions.value(row) <= 1000 + model::last_base0_auction_id(id) + 10);
+        }
+    }
+
+    #[test]
+    fn events_do_not_depend_on_partitions_or_batches() {
+        let whole = events(1, 3000, 3000);
+        let split = events(3, 3000, 7);
+        assert_eq!(split.num_rows(), 3000);
+        // Partition p holds events p, p+3, …: put them back in event order.
+        let per = 1000;
+        let order: Vec<u32> = (0..3000u32).map(|k| (k % 3) * per + k / 3).collect();
+        let indices = arrow::array::UInt32Array::from(order);
+        let back = arrow::compute::take_record_batch(&split, &indices).unwrap();
+        assert_eq!(whole, back);
+        let other_seed = NexmarkSource::new(NexmarkConfig {
+            seed: 4,
+            ..source(1, 10).config
+        })
+        .unwrap()
+        .partition(0)
+        .generate(10)
+        .unwrap()
+        .batch;
+        assert_ne!(whole.slice(0, 10).column(3), &other_seed.column(3).clone());
+    }
+
+    #[test]
+    fn a_restored_partition_goes_on_with_the_same_events() {
+        let mut src = source(2, 1000);
+        let whole = src.partition(1).generate(500).unwrap().batch;
+        src.restore(Arc::new(Checkpoint {
+            id: 1,
+            offsets: [("nexmark/1".to_string(), 200)].into(),
+        }));
+        let rest = src.partition(1).generate(500).unwrap().batch;
+        assert_eq!(rest.num_rows(), 300);
+        assert_eq!(whole.slice(200, 300), rest);
+    }
+}
