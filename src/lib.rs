@@ -3,8 +3,9 @@
 //!
 //! This crate is the `sluice` command and the glue between the configuration and the
 //! engine: [`config`] reads pipeline files, [`plan`] builds them, [`testing`] runs their
-//! `tests:` cases, [`status`] reports on runs.
+//! `tests:` cases, [`status`] reports on runs, [`bench`] measures workloads.
 
+pub mod bench;
 pub mod config;
 pub mod dlq;
 pub mod metrics;

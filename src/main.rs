@@ -46,6 +46,23 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run workloads for a fixed number of events and report throughput, CPU, batch
+    /// latency and memory; writes a JSON report and an SVG chart.
+    Bench {
+        /// `nexmark` (every query and both baselines), built-in workloads (generate, null,
+        /// q0, q1, q2, q5, q7, q8) or pipeline files.
+        #[arg(default_value = "nexmark")]
+        workloads: Vec<String>,
+        /// Events per workload.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// Worker tasks per pipeline (default: one per partition, at most one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Where report.json and throughput.svg are written.
+        #[arg(long, default_value = "out/bench")]
+        out: PathBuf,
+    },
     /// List the functions usable in `function` stages.
     Functions,
     /// Read a pipeline's dead letters back, and re-drive them.
@@ -152,6 +169,12 @@ fn main() -> ExitCode {
             Command::Validate { files } => validate(files).await,
             Command::Test { files } => test(files).await,
             Command::Dlq { command } => dlq(command).await,
+            Command::Bench {
+                workloads,
+                events,
+                workers,
+                out,
+            } => bench(workloads, events, workers, out).await,
             Command::Functions => {
                 for f in sluice_udfs::functions::REGISTRY {
                     println!("{:12} {}", f.name, f.summary);
@@ -161,6 +184,25 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
+}
+
+async fn bench(names: Vec<String>, events: u64, workers: Option<usize>, out: PathBuf) -> u8 {
+    let workloads = match sluice::bench::resolve(&names, events) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return INVALID;
+        }
+    };
+    println!("{}", sluice::bench::header());
+    let options = sluice::bench::Options { workers, out };
+    match sluice::bench::run(workloads, events, &options).await {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            FAILED
+        }
+    }
 }
 
 async fn dlq(command: DlqCommand) -> u8 {

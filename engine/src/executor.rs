@@ -678,6 +678,7 @@ async fn worker_loop(
                 continue;
             }
         };
+        let started = Instant::now();
         chain.run(0, &mut env).await?;
         let (partition, end) = (env.partition.clone(), env.offsets.end);
         // Sent even when empty: the sink task counts its offsets as done.
@@ -687,6 +688,7 @@ async fn worker_loop(
         if !chain.send_pending(&partition, end, &sink).await? {
             break;
         }
+        stats.batch_latency.record(started.elapsed());
     }
 
     for (stage, ctx) in &mut chain.stages {

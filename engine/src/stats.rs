@@ -80,6 +80,13 @@ impl LatencyHistogram {
         self.buckets[Self::index(ns)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds every duration recorded in `other`.
+    pub fn merge(&self, other: &LatencyHistogram) {
+        for (mine, theirs) in self.buckets.iter().zip(other.buckets.iter()) {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
@@ -140,6 +147,9 @@ pub struct RunStats {
     /// Records written to the dead-letter sink.
     pub records_dead_lettered: AtomicU64,
     pub batches_in: AtomicU64,
+    /// Time a worker takes to run one batch through every stage (its closed-window output
+    /// included), from taking it off its queue to handing the result to the sink task.
+    pub batch_latency: LatencyHistogram,
     /// The id of the last committed checkpoint.
     pub checkpoints: AtomicU64,
     pub stages: Vec<StageStats>,

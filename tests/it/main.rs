@@ -11,6 +11,7 @@ mod failures;
 mod golden;
 mod kafka;
 mod lookups;
+mod nexmark;
 mod pipelines;
 mod services;
 mod sources;

@@ -1,0 +1,272 @@
+//! The Nexmark queries of `benches/nexmark/` (the pipelines `sluice bench` runs), each run
+//! through the engine on a small input and compared with the query computed independently:
+//! DataFusion over the same events as one table, with the windows written out in SQL the
+//! way the Flink queries define them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::prelude::SessionContext;
+use sluice::config::SourceKind;
+use sluice_connectors::nexmark::NexmarkSource;
+
+/// 30 seconds of event time at 1,000 events per second over 3 partitions: three 10s
+/// tumbling windows, seventeen 10s/2s sliding ones.
+const VARS: &[(&str, &str)] = &[
+    ("EVENTS", "30000"),
+    ("EVENT_RATE", "1000"),
+    ("PARTITIONS", "3"),
+];
+
+/// Runs built-in query `name` into Parquet files and returns its rows, and a DataFusion
+/// context holding the same events as `events` with the Flink views `person`, `auction`,
+/// `bid` over it (`ts`: event time in epoch milliseconds).
+async fn run_query(name: &str) -> (Vec<RecordBatch>, SessionContext) {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = sluice::bench::builtin_pipeline(name).expect("a built-in query");
+    let null_sink = "sink:\n  type: null";
+    assert!(yaml.contains(null_sink), "{name} writes to the null sink");
+    let yaml = yaml.replace(
+        null_sink,
+        &format!(
+            "sink:\n  type: file\n  path: {}\n  format: parquet",
+            dir.path().display()
+        ),
+    );
+    let (stats, _) = crate::run_yaml(&yaml, VARS).await.unwrap();
+    assert_eq!(
+        sluice_engine::stats::RunStats::get(&stats.records_in),
+        30_000
+    );
+    let out = read_parquet(dir.path());
+
+    let config = crate::parse(&yaml, VARS).unwrap();
+    let SourceKind::Nexmark(nexmark) = &config.source.kind else {
+        panic!("{name} reads the nexmark source");
+    };
+    let source = NexmarkSource::new(nexmark.clone()).unwrap();
+    let mut events = Vec::new();
+    for p in 0..source.partitions() {
+        let mut partition = source.partition(p);
+        loop {
+            let batch = partition.generate(4096).unwrap().batch;
+            if batch.num_rows() == 0 {
+                break;
+            }
+            events.push(batch.project(&[0, 1, 2, 3, 4]).unwrap());
+        }
+    }
+    let ctx = SessionContext::new();
+    let all = arrow::compute::concat_batches(&events[0].schema(), &events).unwrap();
+    ctx.register_batch("events", all).unwrap();
+    for view in [
+        "CREATE VIEW person AS SELECT person['id'] AS id, person['name'] AS name, \
+         CAST(date_time AS BIGINT) AS ts FROM events WHERE event_type = 0",
+        "CREATE VIEW auction AS SELECT auction['id'] AS id, auction['seller'] AS seller, \
+         CAST(date_time AS BIGINT) AS ts FROM events WHERE event_type = 1",
+        "CREATE VIEW bid AS SELECT bid['auction'] AS auction, bid['bidder'] AS bidder, \
+         bid['price'] AS price, bid['extra'] AS extra, CAST(date_time AS BIGINT) AS ts \
+         FROM events WHERE event_type = 2",
+    ] {
+        ctx.sql(view).await.unwrap().collect().await.unwrap();
+    }
+    (out, ctx)
+}
+
+fn read_parquet(dir: &Path) -> Vec<RecordBatch> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&f).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        out.extend(reader.map(|b| b.unwrap()));
+    }
+    out
+}
+
+async fn query(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
+/// Every row as `a|b|c`, timestamps as epoch milliseconds, sorted.
+fn rows(batches: &[RecordBatch]) -> Vec<String> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let columns: Vec<ArrayRef> = batch
+            .columns()
+            .iter()
+            .map(|c| match c.data_type() {
+                DataType::Timestamp(..) => cast(c, &DataType::Int64).unwrap(),
+                _ => c.clone(),
+            })
+            .collect();
+        let options = FormatOptions::default().with_null("null");
+        let formatters: Vec<_> = columns
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = formatters
+                .iter()
+                .map(|f| f.value(row).to_string())
+                .collect();
+            out.push(cells.join("|"));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn assert_same(name: &str, ours: Vec<String>, reference: Vec<String>) {
+    assert!(!reference.is_empty(), "{name}: the reference has no rows");
+    assert_eq!(ours.len(), reference.len(), "{name}: row counts differ");
+    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+        assert_eq!(a, b, "{name}: sorted row {i} differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q0_passes_every_bid_through() {
+    let (out, ctx) = run_query("q0").await;
+    let reference = query(&ctx, "SELECT auction, bidder, price, ts, extra FROM bid").await;
+    assert_same("q0", rows(&out), rows(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q1_converts_every_price() {
+    let (out, ctx) = run_query("q1").await;
+    let reference = query(
+        &ctx,
+        "SELECT auction, bidder, 0.908 * price AS price, ts, extra FROM bid",
+    )
+    .await;
+    assert_same("q1", rows(&out), rows(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q2_selects_the_bids_on_every_123rd_auction() {
+    let (out, ctx) = run_query("q2").await;
+    let reference = query(
+        &ctx,
+        "SELECT auction, price FROM bid WHERE auction % 123 = 0",
+    )
+    .await;
+    assert_same("q2", rows(&out), rows(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q5_finds_the_hottest_auctions_of_every_sliding_window() {
+    let (out, ctx) = run_query("q5").await;
+    // HOP(size 10s, slide 2s): a bid at t is in the five windows starting at
+    // floor(t / 2s) * 2s - k * 2s, k = 0..4. Every auction tied for the most bids.
+    let reference = query(
+        &ctx,
+        "WITH windows AS (
+             SELECT auction, (ts / 2000) * 2000 - k * 2000 AS window_start
+             FROM bid CROSS JOIN (VALUES (0), (1), (2), (3), (4)) AS o(k)),
+         counts AS (
+             SELECT auction, window_start, count(*) AS num FROM windows
+             GROUP BY auction, window_start),
+         maxes AS (
+             SELECT window_start, max(num) AS maxn FROM counts GROUP BY window_start)
+         SELECT c.auction, c.window_start, c.window_start + 10000, c.num
+         FROM counts c JOIN maxes m
+           ON c.window_start = m.window_start AND c.num >= m.maxn",
+    )
+    .await;
+    assert_same("q5", rows(&out), rows(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q7_finds_the_highest_bid_of_every_tumbling_window() {
+    let (out, ctx) = run_query("q7").await;
+    // Every bid at its window's top price; the pipeline keeps the earliest of tied ones.
+    let reference = query(
+        &ctx,
+        "WITH b AS (SELECT *, (ts / 10000) * 10000 AS window_start FROM bid),
+         top AS (SELECT window_start, max(price) AS maxprice FROM b GROUP BY window_start)
+         SELECT b.window_start, b.window_start + 10000, b.auction, b.price, b.bidder, b.ts,
+                b.extra
+         FROM b JOIN top ON b.window_start = top.window_start AND b.price = top.maxprice",
+    )
+    .await;
+    let reference = rows(&reference);
+    let mut by_window: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &reference {
+        by_window
+            .entry(r.split('|').next().unwrap().to_string())
+            .or_default()
+            .push(r.clone());
+    }
+    let ours = rows(&out);
+    assert_eq!(ours.len(), by_window.len(), "q7: one row per window");
+    let time = |r: &str| r.split('|').nth(5).unwrap().parse::<i64>().unwrap();
+    for row in &ours {
+        let window = row.split('|').next().unwrap();
+        let candidates = &by_window[window];
+        assert!(
+            candidates.contains(row),
+            "q7: {row} is not a top bid: {candidates:?}"
+        );
+        let earliest = candidates.iter().map(|c| time(c)).min().unwrap();
+        assert_eq!(time(row), earliest, "q7: ties go to the earliest bid");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q8_finds_people_who_sold_in_the_window_they_joined() {
+    let (out, ctx) = run_query("q8").await;
+    let reference = query(
+        &ctx,
+        "WITH p AS (SELECT id, name, (ts / 10000) * 10000 AS window_start FROM person),
+         a AS (SELECT DISTINCT seller, (ts / 10000) * 10000 AS window_start FROM auction)
+         SELECT p.id, p.name, p.window_start
+         FROM p JOIN a ON p.id = a.seller AND p.window_start = a.window_start",
+    )
+    .await;
+    assert_same("q8", rows(&out), rows(&reference));
+}
+
+/// The generator's events look like the benchmark's: proportions, id ranges, hot items.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_have_the_benchmarks_shape() {
+    let (_, ctx) = run_query("q2").await;
+    let kinds = query(
+        &ctx,
+        "SELECT event_type, count(*) FROM events GROUP BY event_type",
+    )
+    .await;
+    assert_eq!(rows(&kinds), vec!["0|600", "1|1800", "2|27600"]);
+    // Half the bids go to hot auctions (every 100th id), most of the rest to the 100 most
+    // recent auctions; 3 in 4 bidders are hot (every 100th person id, plus one).
+    let hot = rows(
+        &query(
+            &ctx,
+            "SELECT avg(CASE WHEN (auction - 1000) % 100 = 0 THEN 1.0 ELSE 0.0 END) > 0.45,
+                    avg(CASE WHEN (bidder - 1001) % 100 = 0 THEN 1.0 ELSE 0.0 END) > 0.7
+             FROM bid",
+        )
+        .await,
+    );
+    assert_eq!(hot, vec!["true|true"]);
+    let people = rows(
+        &query(
+            &ctx,
+            "SELECT count(DISTINCT id), min(id), max(id) FROM person",
+        )
+        .await,
+    );
+    assert_eq!(people, vec!["600|1001|1600"]);
+}
