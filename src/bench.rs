@@ -358,95 +358,107 @@ fn progress_bar(name: &str, events: u64) -> ProgressBar {
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
+/// What the sampler reads: the plain loop's counter, or the pipeline's records in.
+#[derive(Clone)]
+enum Counter {
+    Loop(Arc<AtomicU64>),
+    Pipeline(Arc<RunStats>),
+}
+
+impl Counter {
+    fn get(&self) -> u64 {
+        match self {
+            Counter::Loop(n) => n.load(Ordering::Relaxed),
+            Counter::Pipeline(stats) => RunStats::get(&stats.records_in),
+        }
+    }
+}
+
+/// Samples progress on a thread of its own: stages keep the runtime's threads busy, and a
+/// sampler on the runtime would see the run in jumps.
+fn spawn_sampler(
+    counter: Counter,
+    bar: ProgressBar,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(f64, u64)>> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut samples = vec![(0.0, 0)];
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(SAMPLE_EVERY);
+            let n = counter.get();
+            samples.push((started.elapsed().as_secs_f64(), n));
+            bar.set_position(n);
+        }
+        samples
+    })
+}
+
 async fn run_one(w: &Workload, events: u64, options: &Options) -> anyhow::Result<Outcome> {
     let bar = progress_bar(&w.name, events);
-    let progress = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(LatencyHistogram::default());
-    let done = CancellationToken::new();
 
     // Planning (and the stages' start-up) is outside the measured time.
-    let mut run: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<u64>> + Send>> =
-        match &w.kind {
-            Kind::Generate(config) => {
-                let SourceKind::Nexmark(nexmark) = &config.source.kind else {
-                    unreachable!("resolve checked the source");
-                };
-                let source = NexmarkSource::new(nexmark.clone())?;
-                let batch = config.source.batching.size;
-                let (progress, latency) = (progress.clone(), latency.clone());
-                Box::pin(async move {
-                    tokio::task::spawn_blocking(move || {
-                        generate_loop(&source, batch, &progress, &latency)
-                    })
-                    .await?
+    type Run = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<u64>> + Send>>;
+    let (run, counter): (Run, Counter) = match &w.kind {
+        Kind::Generate(config) => {
+            let SourceKind::Nexmark(nexmark) = &config.source.kind else {
+                unreachable!("resolve checked the source");
+            };
+            let source = NexmarkSource::new(nexmark.clone())?;
+            let batch = config.source.batching.size;
+            let progress = Arc::new(AtomicU64::new(0));
+            let counter = Counter::Loop(progress.clone());
+            let latency = latency.clone();
+            let run = Box::pin(async move {
+                tokio::task::spawn_blocking(move || {
+                    generate_loop(&source, batch, &progress, &latency)
                 })
-            }
-            Kind::Pipeline(config) => {
-                let pipeline = plan::build(config)
-                    .await
-                    .map_err(|p| anyhow::anyhow!("{p}"))?;
-                let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
-                let run_options = RunOptions {
-                    workers: options.workers,
-                    ..RunOptions::default()
-                };
-                let (progress, latency) = (progress.clone(), latency.clone());
-                let done = done.clone();
-                Box::pin(async move {
-                    let mirror = {
-                        let stats = stats.clone();
-                        let done = done.clone();
-                        let progress = progress.clone();
-                        tokio::spawn(async move {
-                            loop {
-                                progress.store(RunStats::get(&stats.records_in), Ordering::Relaxed);
-                                tokio::select! {
-                                    _ = done.cancelled() => break,
-                                    _ = tokio::time::sleep(SAMPLE_EVERY / 5) => {}
-                                }
-                            }
-                        })
-                    };
-                    let result = executor::run(
-                        pipeline,
-                        run_options,
-                        stats.clone(),
-                        CancellationToken::new(),
-                        None,
-                    )
-                    .await;
-                    done.cancel();
-                    let _ = mirror.await;
-                    result?;
-                    latency.merge(&stats.batch_latency);
-                    progress.store(RunStats::get(&stats.records_in), Ordering::Relaxed);
-                    Ok(RunStats::get(&stats.records_out))
-                })
-            }
-        };
+                .await?
+            });
+            (run, counter)
+        }
+        Kind::Pipeline(config) => {
+            let pipeline = plan::build(config)
+                .await
+                .map_err(|p| anyhow::anyhow!("{p}"))?;
+            let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
+            let run_options = RunOptions {
+                workers: options.workers,
+                ..RunOptions::default()
+            };
+            let counter = Counter::Pipeline(stats.clone());
+            let latency = latency.clone();
+            let run = Box::pin(async move {
+                executor::run(
+                    pipeline,
+                    run_options,
+                    stats.clone(),
+                    CancellationToken::new(),
+                    None,
+                )
+                .await?;
+                latency.merge(&stats.batch_latency);
+                Ok(RunStats::get(&stats.records_out))
+            });
+            (run, counter)
+        }
+    };
 
     reset_peak_rss();
     let cpu0 = cpu_time();
     let started = Instant::now();
-    let mut samples = vec![(0.0, 0)];
-    let mut tick = tokio::time::interval(SAMPLE_EVERY);
-    tick.tick().await;
-    let rows_out = loop {
-        tokio::select! {
-            result = &mut run => break result?,
-            _ = tick.tick() => {
-                let n = progress.load(Ordering::Relaxed);
-                samples.push((started.elapsed().as_secs_f64(), n));
-                bar.set_position(n);
-            }
-        }
-    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = spawn_sampler(counter.clone(), bar.clone(), stop.clone());
+    let result = run.await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = (cpu_time() - cpu0).as_secs_f64();
     let peak_rss_bytes = peak_rss();
-    done.cancel();
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = sampler.join().expect("the sampler thread panicked");
     bar.finish_and_clear();
-    let events_read = progress.load(Ordering::Relaxed);
+    let rows_out = result?;
+    let events_read = counter.get();
     samples.push((seconds, events_read));
     let ms = |q: f64| latency.quantile(q).map(|d| d.as_secs_f64() * 1e3);
     Ok(Outcome {

@@ -270,3 +270,64 @@ async fn the_events_have_the_benchmarks_shape() {
     );
     assert_eq!(people, vec!["600|1001|1600"]);
 }
+
+/// `sluice bench` runs every Nexmark workload and writes what it promises.
+#[test]
+fn sluice_bench_writes_a_report_and_a_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("bench");
+    let out = crate::sluice(&[
+        "bench",
+        "nexmark",
+        "--events",
+        "20000",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stdout = crate::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        crate::text(&out.stderr)
+    );
+    assert!(stdout.starts_with("workload"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    let workloads = report["workloads"].as_array().unwrap();
+    let names: Vec<&str> = workloads
+        .iter()
+        .map(|w| w["workload"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["generate", "null", "q0", "q1", "q2", "q5", "q7", "q8"]
+    );
+    for w in workloads {
+        let name = w["workload"].as_str().unwrap();
+        assert!(
+            stdout.contains(&format!("\n{name} ")),
+            "{name} has a row: {stdout}"
+        );
+        assert_eq!(w["events"], 20000, "{name}");
+        assert!(w["events_per_sec"].as_f64().unwrap() > 0.0, "{name}");
+        assert!(w["cpu_seconds"].as_f64().unwrap() > 0.0, "{name}");
+        assert!(w["batch_p99_ms"].as_f64().is_some(), "{name}");
+        assert!(w["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{name}");
+        assert!(!w["progress"].as_array().unwrap().is_empty(), "{name}");
+    }
+    // 20,000 events hold 18,400 bids: q0 writes every one.
+    assert_eq!(workloads[2]["rows_out"], 18400);
+    assert_eq!(report["machine"]["cores"].as_u64().unwrap() as usize, {
+        std::thread::available_parallelism().unwrap().get()
+    });
+    let svg = std::fs::read_to_string(out_dir.join("throughput.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("q8"),
+        "{}",
+        &svg[..100]
+    );
+
+    let unknown = crate::sluice(&["bench", "q9"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(crate::text(&unknown.stderr).contains("unknown workload `q9`"));
+}

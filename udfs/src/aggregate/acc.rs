@@ -146,8 +146,8 @@ impl AggDef {
             Func::ApproxCountDistinct => Acc::Approx(Box::default()),
             Func::First => Acc::First(Order::MAX, Value::Null),
             Func::Last => Acc::Last(Order::MIN, Value::Null),
-            Func::MaxBy => Acc::MaxBy(Value::Null, Order::MAX, Value::Null),
-            Func::MinBy => Acc::MinBy(Value::Null, Order::MAX, Value::Null),
+            Func::MaxBy => Acc::MaxBy(Box::default()),
+            Func::MinBy => Acc::MinBy(Box::default()),
         }
     }
 }
@@ -318,25 +318,40 @@ pub enum Acc {
     Approx(Box<Hll>),
     First(Order, Value),
     Last(Order, Value),
-    /// (the picking value, where its row stands, the kept value).
-    MaxBy(Value, Order, Value),
-    MinBy(Value, Order, Value),
+    /// Boxed: the largest variant would make every accumulator bigger.
+    MaxBy(Box<Pick>),
+    MinBy(Box<Pick>),
+}
+
+/// The row `max_by`/`min_by` picked so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pick {
+    /// Its picking value, where it stands, and the value kept.
+    by: Value,
+    at: Order,
+    value: Value,
+}
+
+impl Default for Pick {
+    fn default() -> Self {
+        Pick {
+            by: Value::Null,
+            at: Order::MAX,
+            value: Value::Null,
+        }
+    }
 }
 
 /// `max_by`/`min_by` of one row.
-fn pick_row(
-    max: bool,
-    best: &mut Value,
-    at: &mut Order,
-    kept: &mut Value,
-    input: &Input,
-    row: usize,
-    order: Order,
-) {
+fn pick_row(max: bool, pick: &mut Pick, input: &Input, row: usize, order: Order) {
     if let Input::By(value, by) = input {
         let b = by.value(row);
-        if picks(max, best, *at, &b, order) {
-            (*best, *at, *kept) = (b, order, value.value(row));
+        if picks(max, &pick.by, pick.at, &b, order) {
+            *pick = Pick {
+                by: b,
+                at: order,
+                value: value.value(row),
+            };
         }
     }
 }
@@ -425,8 +440,8 @@ impl Acc {
                     *v = input.value(row);
                 }
             }
-            Acc::MaxBy(best, at, v) => pick_row(true, best, at, v, input, row, order),
-            Acc::MinBy(best, at, v) => pick_row(false, best, at, v, input, row, order),
+            Acc::MaxBy(pick) => pick_row(true, pick, input, row, order),
+            Acc::MinBy(pick) => pick_row(false, pick, input, row, order),
         }
     }
 
@@ -470,14 +485,14 @@ impl Acc {
                     (*at, *v) = (o, w);
                 }
             }
-            (Acc::MaxBy(best, at, v), Acc::MaxBy(b, o, w)) => {
-                if picks(true, best, *at, &b, o) {
-                    (*best, *at, *v) = (b, o, w);
+            (Acc::MaxBy(a), Acc::MaxBy(b)) => {
+                if picks(true, &a.by, a.at, &b.by, b.at) {
+                    *a = b;
                 }
             }
-            (Acc::MinBy(best, at, v), Acc::MinBy(b, o, w)) => {
-                if picks(false, best, *at, &b, o) {
-                    (*best, *at, *v) = (b, o, w);
+            (Acc::MinBy(a), Acc::MinBy(b)) => {
+                if picks(false, &a.by, a.at, &b.by, b.at) {
+                    *a = b;
                 }
             }
             (a, b) => debug_assert!(false, "merging {a:?} with {b:?}"),
@@ -488,7 +503,9 @@ impl Acc {
     pub fn heap_size(&self) -> usize {
         match self {
             Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v.heap_size(),
-            Acc::MaxBy(b, _, v) | Acc::MinBy(b, _, v) => b.heap_size() + v.heap_size(),
+            Acc::MaxBy(p) | Acc::MinBy(p) => {
+                std::mem::size_of::<Pick>() + p.by.heap_size() + p.value.heap_size()
+            }
             Acc::Distinct(set) => set.iter().map(|b| b.len() + 24).sum::<usize>(),
             Acc::Approx(_) => HLL_REGISTERS,
             _ => 0,
@@ -506,12 +523,8 @@ pub fn rank_value(acc: &Acc) -> Value {
         Acc::Avg { .. } => Value::Null,
         Acc::Distinct(set) => Value::Int(set.len() as i64),
         Acc::Approx(hll) => Value::Int(hll.estimate().round() as i64),
-        Acc::Min(v)
-        | Acc::Max(v)
-        | Acc::First(_, v)
-        | Acc::Last(_, v)
-        | Acc::MaxBy(_, _, v)
-        | Acc::MinBy(_, _, v) => v.clone(),
+        Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v.clone(),
+        Acc::MaxBy(p) | Acc::MinBy(p) => p.value.clone(),
     }
 }
 
@@ -571,12 +584,8 @@ pub fn finish<'a>(def: &AggDef, accs: impl ExactSizeIterator<Item = &'a Acc>) ->
         }
         Func::Min | Func::Max | Func::First | Func::Last | Func::MaxBy | Func::MinBy => {
             let values = accs.map(|acc| match acc {
-                Acc::Min(v)
-                | Acc::Max(v)
-                | Acc::First(_, v)
-                | Acc::Last(_, v)
-                | Acc::MaxBy(_, _, v)
-                | Acc::MinBy(_, _, v) => v,
+                Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v,
+                Acc::MaxBy(p) | Acc::MinBy(p) => &p.value,
                 _ => &Value::Null,
             });
             let array = values_array(def.input.map(|(_, k)| k), values, n);
@@ -735,15 +744,15 @@ pub fn encode(accs: &[Acc], out: &mut Vec<u8>) {
                 put_order(out, at);
                 put_value(out, v);
             }
-            Acc::MaxBy(b, at, v) | Acc::MinBy(b, at, v) => {
+            Acc::MaxBy(p) | Acc::MinBy(p) => {
                 out.push(if matches!(acc, Acc::MaxBy(..)) {
                     10
                 } else {
                     11
                 });
-                put_value(out, b);
-                put_order(out, at);
-                put_value(out, v);
+                put_value(out, &p.by);
+                put_order(out, &p.at);
+                put_value(out, &p.value);
             }
         }
     }
@@ -877,12 +886,15 @@ impl Reader<'_> {
             }
             tag @ (10 | 11) => {
                 let b = self.value()?;
-                let at = self.order()?;
-                let v = self.value()?;
+                let pick = Box::new(Pick {
+                    by: b,
+                    at: self.order()?,
+                    value: self.value()?,
+                });
                 if tag == 10 {
-                    Acc::MaxBy(b, at, v)
+                    Acc::MaxBy(pick)
                 } else {
-                    Acc::MinBy(b, at, v)
+                    Acc::MinBy(pick)
                 }
             }
             _ => return None,
@@ -919,9 +931,19 @@ mod tests {
                 Value::Float(1.5),
             ),
             Acc::Last(Order::MIN, Value::Int(4)),
-            Acc::MaxBy(Value::Int(9), Order::MIN, Value::Text("x".into())),
-            Acc::MinBy(Value::Null, Order::MAX, Value::Null),
+            Acc::MaxBy(Box::new(Pick {
+                by: Value::Int(9),
+                at: Order::MIN,
+                value: Value::Text("x".into()),
+            })),
+            Acc::MinBy(Box::default()),
         ];
+        // Every key of a window holds one per aggregate: kept small.
+        assert!(
+            std::mem::size_of::<Acc>() <= 56,
+            "{}",
+            std::mem::size_of::<Acc>()
+        );
         let mut bytes = Vec::new();
         encode(&accs, &mut bytes);
         let (back, rest) = decode(&bytes, accs.len()).unwrap();

@@ -13,6 +13,8 @@
 //!     views: count()
 //!     watch_seconds: sum(watch_seconds)
 //!     viewers: approx_count_distinct(user_id)
+//!     longest_by: max_by(user_id, watch_seconds)   # the user of the row with the most
+//!   top: { by: views, n: 10 }       # optional: per window, the rows ranked 1..10 by views
 //!   state: { memory: 256MiB }       # beyond this, state lives in RocksDB
 //! ```
 //!
