@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, PipelineConfig, SourceKind};
 use crate::{plan, status};
-use sluice_engine::config::yaml::ProcessEnv;
+use sluice_engine::config::yaml::{Env, ProcessEnv};
 
 /// A built-in workload: its name, what it measures, and its pipeline (none for the plain
 /// generator loop).
@@ -107,9 +107,34 @@ enum Kind {
     Pipeline(Box<PipelineConfig>),
 }
 
+/// The variables the built-in pipelines read: the process environment, and `PARTITIONS`
+/// from `--partitions` or else one per core.
+struct BenchEnv {
+    partitions: Option<u32>,
+}
+
+impl Env for BenchEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        match (name, self.partitions) {
+            ("PARTITIONS", Some(p)) => Some(p.to_string()),
+            ("PARTITIONS", None) => ProcessEnv.var(name).or_else(|| Some(cores().to_string())),
+            _ => ProcessEnv.var(name),
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Turns workload names (built-in names, `nexmark`, or pipeline files) into workloads of
-/// `events` events each.
-pub fn resolve(names: &[String], events: u64) -> anyhow::Result<Vec<Workload>> {
+/// `events` events each; `partitions` overrides the partitions of their sources (default
+/// for the built-in ones: one per core).
+pub fn resolve(
+    names: &[String],
+    events: u64,
+    partitions: Option<u32>,
+) -> anyhow::Result<Vec<Workload>> {
     let mut expanded: Vec<String> = Vec::new();
     for name in names {
         if name == "nexmark" {
@@ -123,7 +148,8 @@ pub fn resolve(names: &[String], events: u64) -> anyhow::Result<Vec<Workload>> {
         let (about, mut config, generate) = match BUILTINS.iter().find(|b| b.name == name) {
             Some(b) => {
                 let file = format!("benches/nexmark/{}.yaml", b.yaml.map_or("null", |_| b.name));
-                let config = config::parse(&file, b.yaml.unwrap_or(NULL_YAML), &ProcessEnv)
+                let env = BenchEnv { partitions };
+                let config = config::parse(&file, b.yaml.unwrap_or(NULL_YAML), &env)
                     .map_err(|p| anyhow::anyhow!("{p}"))?;
                 (b.about.to_string(), config, b.yaml.is_none())
             }
@@ -141,8 +167,14 @@ pub fn resolve(names: &[String], events: u64) -> anyhow::Result<Vec<Workload>> {
             ),
         };
         match &mut config.source.kind {
-            SourceKind::Nexmark(n) => n.count = Some(events),
-            SourceKind::Generator(g) => g.count = Some(events),
+            SourceKind::Nexmark(n) => {
+                n.count = Some(events);
+                n.partitions = partitions.unwrap_or(n.partitions);
+            }
+            SourceKind::Generator(g) => {
+                g.count = Some(events);
+                g.partitions = partitions.unwrap_or(g.partitions);
+            }
             _ if generate => unreachable!("the generate baseline reads the Nexmark source"),
             _ => {}
         }
@@ -223,7 +255,7 @@ impl Machine {
             .ok()
             .and_then(|m| kib_field(&m, "MemTotal:"));
         Machine {
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cores: cores(),
             cpu,
             memory_bytes,
             os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
@@ -487,8 +519,7 @@ fn generate_loop(
     latency: &LatencyHistogram,
 ) -> anyhow::Result<u64> {
     let partitions = source.partitions();
-    let threads =
-        partitions.min(std::thread::available_parallelism().map_or(1, |n| n.get()) as u32);
+    let threads = partitions.min(cores() as u32);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {

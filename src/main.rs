@@ -59,6 +59,9 @@ enum Command {
         /// Worker tasks per pipeline (default: one per partition, at most one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Source partitions (default for the built-in workloads: one per core).
+        #[arg(long)]
+        partitions: Option<u32>,
         /// Where report.json and throughput.svg are written.
         #[arg(long, default_value = "out/bench")]
         out: PathBuf,
@@ -173,8 +176,9 @@ fn main() -> ExitCode {
                 workloads,
                 events,
                 workers,
+                partitions,
                 out,
-            } => bench(workloads, events, workers, out).await,
+            } => bench(workloads, events, workers, partitions, out).await,
             Command::Functions => {
                 for f in sluice_udfs::functions::REGISTRY {
                     println!("{:12} {}", f.name, f.summary);
@@ -186,8 +190,14 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn bench(names: Vec<String>, events: u64, workers: Option<usize>, out: PathBuf) -> u8 {
-    let workloads = match sluice::bench::resolve(&names, events) {
+async fn bench(
+    names: Vec<String>,
+    events: u64,
+    workers: Option<usize>,
+    partitions: Option<u32>,
+    out: PathBuf,
+) -> u8 {
+    let workloads = match sluice::bench::resolve(&names, events, partitions) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error: {e:#}");
