@@ -12,8 +12,14 @@
 //! whose end it passes are emitted, with the partial results of every partition merged
 //! into one row per key and window.
 //!
+//! # Panes
+//! Tumbling and sliding windows are kept as panes of one slide each (a tumbling window is
+//! one pane): a row updates the one pane it falls in, not every window that holds it, and a
+//! key's state is kept once, not once per window. A window is emitted as the merge of its
+//! panes (`size / slide` of them); a pane leaves the state with its last window.
+//!
 //! # Memory and storage
-//! Each partition's open windows are hash maps of row-encoded keys to accumulators. When
+//! Each partition's open panes are hash maps of row-encoded keys to accumulators. When
 //! the stage's memory passes its budget, the partition being processed writes its oldest
 //! windows' entries to the checkpoint store's database (changed ones; unchanged ones are
 //! there already) and drops them; a later row of an evicted key reads it back. At a
@@ -25,7 +31,7 @@
 //! # Keys in the database
 //! ```text
 //! agg/<stage>/m/<partition>                         partition progress
-//! agg/<stage>/w/<len><partition><end><key>          window entry (end: order-preserving)
+//! agg/<stage>/w/<len><partition><end><key>          pane entry (end: order-preserving)
 //! agg/<stage>/s/<len><partition><key>               the key's sessions
 //! ```
 
@@ -357,25 +363,13 @@ impl Shared {
             };
             st.seq += 1;
             let taken = match self.plan.window {
-                WindowKind::Tumbling { size } => {
-                    let end = time.div_euclid(size) * size + size;
-                    end > closed && {
-                        self.update(st, db, end, key, &views, row, order)?;
+                WindowKind::Tumbling { size: slide, .. } | WindowKind::Sliding { slide, .. } => {
+                    // One update, to the row's pane; taken while a window holding it is open.
+                    let pane = time.div_euclid(slide) * slide + slide;
+                    self.last_window_of(pane) > closed && {
+                        self.update(st, db, pane, key, &views, row, order)?;
                         true
                     }
-                }
-                WindowKind::Sliding { size, slide } => {
-                    let last_end = time.div_euclid(slide) * slide + slide;
-                    let mut any = false;
-                    let mut end = last_end;
-                    while end - size <= time {
-                        if end > closed {
-                            self.update(st, db, end, key, &views, row, order)?;
-                            any = true;
-                        }
-                        end += slide;
-                    }
-                    any
                 }
                 WindowKind::Session { gap } => st.sessions.add(
                     key,
@@ -545,6 +539,8 @@ impl Shared {
         if through <= self.emitted.load(Ordering::Acquire) {
             return Ok(None);
         }
+        // Windows ending after this were not emitted yet.
+        let before = self.emitted.load(Ordering::Acquire);
         // Before any partition is locked: rows added from now on see it.
         self.emitted.store(through, Ordering::Release);
         let parts: Vec<Arc<Part>> = self
@@ -564,34 +560,10 @@ impl Shared {
         let mut freed = 0usize;
         let db = self.db.get().cloned();
         for st in states.iter_mut() {
-            let open = match through.checked_add(1) {
-                Some(next) => st.windows.split_off(&next),
-                None => BTreeMap::new(),
-            };
-            let closed = std::mem::replace(&mut st.windows, open);
-            let mut closed_bytes = 0usize;
-            for (end, window) in closed {
-                closed_bytes += window.filter.size() + window.entries.capacity() * SLOT;
-                let mut mem: Vec<KeyedAccs> = window
-                    .entries
-                    .into_iter()
-                    .map(|(k, e)| {
-                        closed_bytes += entry_size(&k, &e.accs);
-                        (k, e.accs)
-                    })
-                    .collect();
-                sort_by_key_bytes(&mut mem);
-                let stored = match (window.stored || window.evicted, &db) {
-                    (true, Some(_)) => Some((
-                        [st.prefix.as_slice(), &ordered(end)].concat(),
-                        [st.prefix.as_slice(), &ordered(end.saturating_add(1))].concat(),
-                    )),
-                    _ => None,
-                };
-                closing.add(end, self.window_start(end), mem, stored);
+            if let Some(slide) = self.slide() {
+                let db = db.as_deref().map(|d| &**d);
+                freed += self.close_panes(st, before, through, slide, db, &mut closing)?;
             }
-            st.mem = st.mem.saturating_sub(closed_bytes);
-            freed += closed_bytes;
             st.sessions.close(through, &mut closing.sessions);
         }
         if !closing.sessions.is_empty() {
@@ -616,6 +588,138 @@ impl Shared {
             WindowKind::Session { .. } => end,
         }
     }
+
+    /// The pane length of tumbling and sliding windows (a tumbling window is one pane).
+    fn slide(&self) -> Option<i64> {
+        match self.plan.window {
+            WindowKind::Tumbling { size } => Some(size),
+            WindowKind::Sliding { slide, .. } => Some(slide),
+            WindowKind::Session { .. } => None,
+        }
+    }
+
+    /// The end of the last window that holds the pane ending at `pane`.
+    fn last_window_of(&self, pane: i64) -> i64 {
+        match self.plan.window {
+            WindowKind::Sliding { size, slide } => pane.saturating_add(size - slide),
+            _ => pane,
+        }
+    }
+
+    /// Takes this partition's part of the windows ending in `(before, through]` into
+    /// `closing`: from each of its panes, a source per window holding the pane. A pane no
+    /// later window needs leaves the partition (its entries moved; its stored ones read as
+    /// the windows are emitted and deleted after the last). A pane still needed stays and is
+    /// copied, its stored entries read now: it goes on changing while these are emitted.
+    /// Returns the bytes freed.
+    fn close_panes(
+        &self,
+        st: &mut PartState,
+        before: i64,
+        through: i64,
+        slide: i64,
+        db: Option<&DB>,
+        closing: &mut Closing,
+    ) -> Result<usize> {
+        let span = self.last_window_of(0);
+        // Panes with a window in (before, through]: pane <= through and pane + span > before.
+        let lo = before.saturating_sub(span).saturating_add(1);
+        if lo > through {
+            return Ok(0);
+        }
+        let panes: Vec<i64> = st.windows.range(lo..=through).map(|(p, _)| *p).collect();
+        let mut freed = 0;
+        for pane in panes {
+            let last = self.last_window_of(pane);
+            let first_end = if before < pane {
+                pane
+            } else {
+                pane + ((before - pane) / slide + 1) * slide
+            };
+            let last_end = pane + (last.min(through) - pane).div_euclid(slide) * slide;
+            if first_end > last_end {
+                continue;
+            }
+            let done = last <= through;
+            let prefix = [st.prefix.as_slice(), &ordered(pane)].concat();
+            let upto = [st.prefix.as_slice(), &ordered(pane.saturating_add(1))].concat();
+            let (entries, stored) = if done {
+                let window = st.windows.remove(&pane).expect("a listed pane");
+                let mut bytes = window.filter.size() + window.entries.capacity() * SLOT;
+                let mut mem: Vec<KeyedAccs> = window
+                    .entries
+                    .into_iter()
+                    .map(|(k, e)| {
+                        bytes += entry_size(&k, &e.accs);
+                        (k, e.accs)
+                    })
+                    .collect();
+                sort_by_key_bytes(&mut mem);
+                st.mem = st.mem.saturating_sub(bytes);
+                freed += bytes;
+                let stored = (window.stored || window.evicted) && db.is_some();
+                (mem, stored)
+            } else {
+                let window = &st.windows[&pane];
+                let mut mem: Vec<KeyedAccs> = window
+                    .entries
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.accs.clone()))
+                    .collect();
+                // Not evicted: every key in the database is in memory too, newer or equal.
+                if let Some(db) = db
+                    && window.evicted
+                {
+                    for (k, accs) in read_stored(db, &prefix, self.plan.aggs.len())? {
+                        // Memory holds the newer value of a key in both.
+                        if !window.entries.contains_key(&k) {
+                            mem.push((k, accs));
+                        }
+                    }
+                }
+                sort_by_key_bytes(&mut mem);
+                (mem, false)
+            };
+            // Shared by the windows: read in end order, the last one takes the entries.
+            let entries = Arc::new(entries);
+            let mut end = first_end;
+            while end <= last_end {
+                let stored = stored.then(|| StoredRange {
+                    prefix: prefix.clone(),
+                    upto: upto.clone(),
+                    delete: end == last,
+                });
+                closing.add(end, self.window_start(end), entries.clone(), stored);
+                end += slide;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+/// Every entry of a pane in the database (its key prefix), in key order.
+fn read_stored(db: &DB, prefix: &[u8], aggs: usize) -> Result<Vec<KeyedAccs>> {
+    let mut out = Vec::new();
+    let mut it = db.raw_iterator();
+    it.seek(prefix);
+    while let Some(key) = it.key() {
+        let Some(key) = key.strip_prefix(prefix) else {
+            break;
+        };
+        let (accs, _) = acc::decode(it.value().expect("a value at a key"), aggs)?;
+        out.push((key.into(), accs.into_boxed_slice()));
+        it.next();
+    }
+    it.status().map_err(db_error)?;
+    Ok(out)
+}
+
+/// A pane's entries in the database, for one window that holds it.
+struct StoredRange {
+    prefix: Vec<u8>,
+    upto: Vec<u8>,
+    /// The pane's last window: its entries are deleted once it has been read.
+    delete: bool,
 }
 
 /// What [`Shared::add`] did not take.
@@ -886,10 +990,40 @@ struct ClosingWindow {
     sources: Vec<Source>,
 }
 
+/// A pane's sorted entries in memory, shared by the windows of one emission that hold it.
+/// A reader takes an entry when it is the last holder (the pane's last window, read after
+/// the others), and copies it otherwise.
+struct Entries {
+    entries: Arc<Vec<KeyedAccs>>,
+    next: usize,
+}
+
+impl Entries {
+    fn front(&self) -> Option<&KeyedAccs> {
+        self.entries.get(self.next)
+    }
+
+    fn pop_front(&mut self) -> Option<KeyedAccs> {
+        let i = self.next;
+        if i >= self.entries.len() {
+            return None;
+        }
+        self.next += 1;
+        Some(match Arc::get_mut(&mut self.entries) {
+            Some(entries) => std::mem::take(&mut entries[i]),
+            None => self.entries[i].clone(),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next >= self.entries.len()
+    }
+}
+
 /// One partition's entries of a closing window: those in memory (sorted) and those in the
 /// database (read in key order a chunk at a time); memory is newer where both have a key.
 struct Source {
-    memory: VecDeque<KeyedAccs>,
+    memory: Entries,
     stored: Option<Stored>,
 }
 
@@ -898,6 +1032,8 @@ struct Stored {
     prefix: Vec<u8>,
     /// The prefix of the next window: the end of the range.
     upto: Vec<u8>,
+    /// Delete the range once read (the pane's last window).
+    delete: bool,
     next: Option<Vec<u8>>,
     buffer: VecDeque<KeyedAccs>,
     done: bool,
@@ -908,14 +1044,18 @@ impl Closing {
         &mut self,
         end: i64,
         start: i64,
-        memory: Vec<KeyedAccs>,
-        stored: Option<(Vec<u8>, Vec<u8>)>,
+        memory: Arc<Vec<KeyedAccs>>,
+        stored: Option<StoredRange>,
     ) {
         let source = Source {
-            memory: memory.into(),
-            stored: stored.map(|(prefix, upto)| Stored {
-                prefix,
-                upto,
+            memory: Entries {
+                entries: memory,
+                next: 0,
+            },
+            stored: stored.map(|r| Stored {
+                prefix: r.prefix,
+                upto: r.upto,
+                delete: r.delete,
                 next: None,
                 buffer: VecDeque::new(),
                 done: false,
@@ -982,7 +1122,9 @@ impl Closing {
                 if let Some(db) = &self.db {
                     let mut batch = WriteBatch::default();
                     for s in window.sources {
-                        if let Some(st) = s.stored {
+                        if let Some(st) = s.stored
+                            && st.delete
+                        {
                             batch.delete_range(&st.prefix, &st.upto);
                         }
                     }

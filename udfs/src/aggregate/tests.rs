@@ -417,6 +417,47 @@ async fn state_beyond_the_budget_is_kept_in_rocksdb_with_the_same_results() {
     assert_eq!(h.late, reference.late);
 }
 
+/// Sliding windows keep one pane per slide: a pane that spilled is read whole for the
+/// windows that close while it still changes, and lazily (then deleted) for its last one.
+/// Same windows as in memory, and nothing left in the database.
+#[tokio::test]
+async fn sliding_panes_beyond_the_budget_give_the_same_windows() {
+    let sliding = SPILLING.replace("{ tumbling: 10s }", "{ sliding: { size: 10s, slide: 2s } }");
+    let batches = workload();
+    let mut reference = Harness::new(&sliding.replace("4KiB", "1GiB"));
+    run_workload(&mut reference, &batches).await;
+    reference.end(0).await;
+    reference.end(1).await;
+    let expected = reference.take();
+    assert!(expected.len() > 5 * 30 * 7, "{}", expected.len());
+
+    let store = RocksStore::scratch().unwrap();
+    let spilling = Arc::new(concrete(&sliding));
+    let mut h = Harness::with(spilling.clone());
+    h.factory
+        .state()
+        .unwrap()
+        .restore(store.db().unwrap())
+        .unwrap();
+    run_workload(&mut h, &batches).await;
+    let evicted = spilling
+        .shared
+        .evicted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(evicted > 100, "only {evicted} entries left memory");
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), expected);
+    assert_eq!(h.late, reference.late);
+    let db = store.db().unwrap();
+    let panes_left = db
+        .iterator(rocksdb::IteratorMode::Start)
+        .map(|kv| kv.unwrap().0)
+        .filter(|k| k.windows(3).any(|w| w == b"/w/"))
+        .count();
+    assert_eq!(panes_left, 0);
+}
+
 #[tokio::test]
 async fn a_restored_snapshot_goes_on_as_if_nothing_happened() {
     let batches = workload();
