@@ -553,10 +553,13 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
 
     // Rates over sliding 250 ms spans: 50 ms samples alone are noisy.
-    let series: Vec<(&str, Vec<(f64, f64)>)> = report
+    let series: Vec<(String, Vec<(f64, f64)>)> = report
         .workloads
         .iter()
-        .map(|o| (o.workload.as_str(), rates(&o.progress, 0.25)))
+        .map(|o| {
+            let label = format!("{} ({})", o.workload, status::rate(o.events_per_sec));
+            (label, rates(&o.progress, 0.25))
+        })
         .collect();
     let max_t = series
         .iter()
@@ -592,7 +595,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
                 points.iter().copied(),
                 color.stroke_width(2),
             ))?
-            .label(*name)
+            .label(name.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });

@@ -69,7 +69,7 @@ fn unknown_source_type() {
     let yaml = format!("name: x\nsource:\n  type: kafak\n  topic: views\n{SINK}");
     assert_eq!(
         one_problem(&yaml),
-        "source.type: unknown type `kafak`, expected one of generator, file, kafka (x.yaml:3:9)"
+        "source.type: unknown type `kafak`, expected one of generator, nexmark, file, kafka (x.yaml:3:9)"
     );
 }
 
