@@ -22,13 +22,13 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use sluice_connectors::nexmark::NexmarkSource;
+use sluice_engine::config::yaml::{Env, ProcessEnv};
 use sluice_engine::executor::{self, RunOptions};
 use sluice_engine::stats::{LatencyHistogram, RunStats};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, PipelineConfig, SourceKind};
 use crate::{plan, status};
-use sluice_engine::config::yaml::{Env, ProcessEnv};
 
 /// A built-in workload: its name, what it measures, and its pipeline (none for the plain
 /// generator loop).

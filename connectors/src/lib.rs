@@ -8,7 +8,7 @@ pub mod file;
 pub mod generator;
 pub mod json;
 pub mod kafka;
+mod made;
 pub mod nexmark;
 pub mod null;
-mod pace;
 pub mod stdout;

@@ -23,7 +23,7 @@ use sluice_engine::{Error, Result};
 use std::sync::Arc;
 
 use super::GeneratorConfig;
-use crate::pace::Pace;
+use crate::made::Progress;
 
 const EVENT_TYPES: [(&str, u32); 5] = [
     ("play", 60),
@@ -156,24 +156,23 @@ impl GeneratorSource {
     /// its records are those an uninterrupted run would have made.
     pub fn partition(&self, id: u32) -> GeneratorPartition {
         let p = u64::from(id);
-        let n = u64::from(self.config.partitions.max(1));
-        let name: Arc<str> = format!("generator/{id}").into();
-        let count = self.config.count.map(|c| c / n + u64::from(p < c % n));
-        let start = self.start.start_of(&name).max(0) as u64;
-        let start = count.map_or(start, |c| start.min(c));
-        let rate = self.config.rate.map(|r| r / n as f64);
+        let progress = Progress::new(
+            format!("generator/{id}"),
+            id,
+            self.config.partitions,
+            self.config.count,
+            self.config.rate,
+            &self.start,
+        );
         let seed = self.config.seed ^ p.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut rng = Pcg64Mcg::seed_from_u64(seed);
-        rng.advance(u128::from(start) * DRAWS_PER_RECORD);
+        rng.advance(progress.next_offset() as u128 * DRAWS_PER_RECORD);
         GeneratorPartition {
-            info: Arc::new(PartitionInfo { id, name }),
             plan: self.plan.clone(),
             partition: p,
             users_here: self.plan.users_per_partition + u64::from(p < self.plan.extra_users),
             rng,
-            next_offset: start as i64,
-            remaining: count.map(|c| c - start),
-            pace: rate.map(|rate| Pace::new(rate, start as i64)),
+            progress,
         }
     }
 }
@@ -206,20 +205,17 @@ impl Source for GeneratorSource {
 const DRAWS_PER_RECORD: u128 = 2;
 
 pub struct GeneratorPartition {
-    info: Arc<PartitionInfo>,
     plan: Plan,
     partition: u64,
     users_here: u64,
     rng: Pcg64Mcg,
-    next_offset: i64,
-    remaining: Option<u64>,
-    pace: Option<Pace>,
+    progress: Progress,
 }
 
 impl GeneratorPartition {
     /// Generates the next `n` records (fewer when the partition's count runs out).
     pub fn generate(&mut self, n: usize) -> Result<Envelope> {
-        let n = self.remaining.map_or(n, |r| n.min(r as usize));
+        let n = self.progress.clamp(n);
         let plan = &self.plan;
         let mut user_id = Int64Builder::with_capacity(n);
         let mut title_id = Int64Builder::with_capacity(n);
@@ -229,7 +225,7 @@ impl GeneratorPartition {
         let mut watch = Int32Builder::with_capacity(n);
         let mut bitrate = Int32Builder::with_capacity(n);
         let mut event_time = Vec::with_capacity(n);
-        let first = self.next_offset;
+        let first = self.progress.next_offset();
         for i in 0..n as i64 {
             let a = self.rng.next_u64();
             let b = self.rng.next_u64();
@@ -251,10 +247,6 @@ impl GeneratorPartition {
             let offset = first + i;
             event_time.push(plan.start_ms + (offset as f64 * plan.interval_ms) as i64 - jitter);
         }
-        self.next_offset += n as i64;
-        if let Some(r) = self.remaining.as_mut() {
-            *r -= n as u64;
-        }
         let event_time: ArrayRef =
             Arc::new(TimestampMillisecondArray::from(event_time).with_timezone("UTC"));
         let columns: Vec<ArrayRef> = vec![
@@ -269,47 +261,25 @@ impl GeneratorPartition {
         ];
         let records = RecordBatch::try_new(Arc::new(record_schema()), columns)
             .map_err(|e| Error::arrow("building generated records", e))?;
-        let batch = batch::append_metadata(
-            &plan.schema,
-            records,
-            self.info.id,
-            first,
-            None,
-            Some(event_time),
-        )?;
-        Ok(Envelope {
-            partition: self.info.clone(),
-            offsets: first..self.next_offset,
-            batch,
-            dead: Vec::new(),
-        })
+        self.progress.envelope(&plan.schema, records, event_time)
     }
 }
 
 #[async_trait]
 impl PartitionReader for GeneratorPartition {
     fn info(&self) -> &Arc<PartitionInfo> {
-        &self.info
+        self.progress.info()
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
-        let mut max = max as u64;
-        if let Some(remaining) = self.remaining {
-            if remaining == 0 {
-                return Ok(None);
-            }
-            max = max.min(remaining);
+        match self.progress.due(max).await {
+            Some(n) => self.generate(n).map(Some),
+            None => Ok(None),
         }
-        let n = match &self.pace {
-            Some(pace) => pace.due(self.next_offset, max).await,
-            None => max,
-        };
-        self.generate(n as usize).map(Some)
     }
 
     fn backlog(&self) -> Option<u64> {
-        let pace = self.pace.as_ref()?;
-        Some(pace.backlog(self.next_offset, self.remaining))
+        self.progress.backlog()
     }
 }
 

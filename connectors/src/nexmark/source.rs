@@ -26,7 +26,7 @@ use sluice_engine::{Error, Result};
 
 use super::NexmarkConfig;
 use super::model::{self, Text};
-use crate::pace::Pace;
+use crate::made::Progress;
 
 /// Jan 1 2026, 00:00:00 UTC.
 const DEFAULT_START_MS: i64 = 1_767_225_600_000;
@@ -161,22 +161,17 @@ impl NexmarkSource {
     /// It starts where the restored checkpoint says; events depend only on their number,
     /// so they are those an uninterrupted run would have made.
     pub fn partition(&self, id: u32) -> NexmarkPartition {
-        let p = u64::from(id);
-        let n = self.plan.partitions;
-        let name: Arc<str> = format!("nexmark/{id}").into();
-        let count = self.config.count.map(|c| c / n + u64::from(p < c % n));
-        let start = self.start.start_of(&name).max(0) as u64;
-        let start = count.map_or(start, |c| start.min(c));
         NexmarkPartition {
-            info: Arc::new(PartitionInfo { id, name }),
             plan: self.plan.clone(),
-            partition: p,
-            next_offset: start as i64,
-            remaining: count.map(|c| c - start),
-            pace: self
-                .config
-                .rate
-                .map(|rate| Pace::new(rate / n as f64, start as i64)),
+            partition: u64::from(id),
+            progress: Progress::new(
+                format!("nexmark/{id}"),
+                id,
+                self.partitions(),
+                self.config.count,
+                self.config.rate,
+                &self.start,
+            ),
         }
     }
 }
@@ -206,71 +201,42 @@ impl Source for NexmarkSource {
 }
 
 pub struct NexmarkPartition {
-    info: Arc<PartitionInfo>,
     plan: Arc<Plan>,
     partition: u64,
-    next_offset: i64,
-    remaining: Option<u64>,
-    pace: Option<Pace>,
+    progress: Progress,
 }
 
 impl NexmarkPartition {
     /// Makes the next `n` events of this partition (fewer when its count runs out).
     pub fn generate(&mut self, n: usize) -> Result<Envelope> {
-        let n = self.remaining.map_or(n, |r| n.min(r as usize));
+        let n = self.progress.clamp(n);
         let plan = &*self.plan;
         let mut columns = Columns::with_capacity(n);
-        let first = self.next_offset;
+        let first = self.progress.next_offset();
         for i in 0..n as i64 {
             let k = (first + i) * plan.partitions as i64 + self.partition as i64;
             columns.event(plan, k);
         }
-        self.next_offset += n as i64;
-        if let Some(r) = self.remaining.as_mut() {
-            *r -= n as u64;
-        }
         let (records, event_time) = columns.finish(&plan.records)?;
-        let batch = batch::append_metadata(
-            &plan.schema,
-            records,
-            self.info.id,
-            first,
-            None,
-            Some(event_time),
-        )?;
-        Ok(Envelope {
-            partition: self.info.clone(),
-            offsets: first..self.next_offset,
-            batch,
-            dead: Vec::new(),
-        })
+        self.progress.envelope(&plan.schema, records, event_time)
     }
 }
 
 #[async_trait]
 impl PartitionReader for NexmarkPartition {
     fn info(&self) -> &Arc<PartitionInfo> {
-        &self.info
+        self.progress.info()
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
-        let mut max = max as u64;
-        if let Some(remaining) = self.remaining {
-            if remaining == 0 {
-                return Ok(None);
-            }
-            max = max.min(remaining);
+        match self.progress.due(max).await {
+            Some(n) => self.generate(n).map(Some),
+            None => Ok(None),
         }
-        let n = match &self.pace {
-            Some(pace) => pace.due(self.next_offset, max).await,
-            None => max,
-        };
-        self.generate(n as usize).map(Some)
     }
 
     fn backlog(&self) -> Option<u64> {
-        let pace = self.pace.as_ref()?;
-        Some(pace.backlog(self.next_offset, self.remaining))
+        self.progress.backlog()
     }
 }
 

@@ -387,18 +387,18 @@ async fn run_workload(h: &mut Harness, batches: &[(u32, Vec<In>)]) {
     }
 }
 
-#[tokio::test]
-async fn state_beyond_the_budget_is_kept_in_rocksdb_with_the_same_results() {
+/// Runs the workload through `yaml` with its 4 KiB budget and with 1 GiB: the same rows
+/// and late rows, and entries did leave memory. Returns the windows and the store.
+async fn spilling_matches_memory(yaml: &str) -> (Vec<String>, RocksStore) {
     let batches = workload();
-    let mut reference = Harness::new(&SPILLING.replace("4KiB", "1GiB"));
+    let mut reference = Harness::new(&yaml.replace("4KiB", "1GiB"));
     run_workload(&mut reference, &batches).await;
     reference.end(0).await;
     reference.end(1).await;
     let expected = reference.take();
-    assert_eq!(expected.len(), 30 * 8);
 
     let store = RocksStore::scratch().unwrap();
-    let spilling = Arc::new(concrete(SPILLING));
+    let spilling = Arc::new(concrete(yaml));
     let mut h = Harness::with(spilling.clone());
     h.factory
         .state()
@@ -415,6 +415,13 @@ async fn state_beyond_the_budget_is_kept_in_rocksdb_with_the_same_results() {
     h.end(1).await;
     assert_eq!(h.take(), expected);
     assert_eq!(h.late, reference.late);
+    (expected, store)
+}
+
+#[tokio::test]
+async fn state_beyond_the_budget_is_kept_in_rocksdb_with_the_same_results() {
+    let (windows, _) = spilling_matches_memory(SPILLING).await;
+    assert_eq!(windows.len(), 30 * 8);
 }
 
 /// Sliding windows keep one pane per slide: a pane that spilled is read whole for the
@@ -423,32 +430,8 @@ async fn state_beyond_the_budget_is_kept_in_rocksdb_with_the_same_results() {
 #[tokio::test]
 async fn sliding_panes_beyond_the_budget_give_the_same_windows() {
     let sliding = SPILLING.replace("{ tumbling: 10s }", "{ sliding: { size: 10s, slide: 2s } }");
-    let batches = workload();
-    let mut reference = Harness::new(&sliding.replace("4KiB", "1GiB"));
-    run_workload(&mut reference, &batches).await;
-    reference.end(0).await;
-    reference.end(1).await;
-    let expected = reference.take();
-    assert!(expected.len() > 5 * 30 * 7, "{}", expected.len());
-
-    let store = RocksStore::scratch().unwrap();
-    let spilling = Arc::new(concrete(&sliding));
-    let mut h = Harness::with(spilling.clone());
-    h.factory
-        .state()
-        .unwrap()
-        .restore(store.db().unwrap())
-        .unwrap();
-    run_workload(&mut h, &batches).await;
-    let evicted = spilling
-        .shared
-        .evicted
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(evicted > 100, "only {evicted} entries left memory");
-    h.end(0).await;
-    h.end(1).await;
-    assert_eq!(h.take(), expected);
-    assert_eq!(h.late, reference.late);
+    let (windows, store) = spilling_matches_memory(&sliding).await;
+    assert!(windows.len() > 5 * 30 * 7, "{}", windows.len());
     let db = store.db().unwrap();
     let panes_left = db
         .iterator(rocksdb::IteratorMode::Start)
