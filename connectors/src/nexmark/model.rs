@@ -12,7 +12,14 @@
 //! - Text fields have the reference's lengths and alphabets but their characters are a
 //!   slice of a pool of random text made once from the seed: one draw per field instead of
 //!   one per character (the reference's per-character draws would cost more than the
-//!   queries being measured).
+//!   queries being measured). Long ones are string views into the pool (no copy); a bid's
+//!   channel and url are dictionary-encoded (10,004 of them).
+
+use std::sync::Arc;
+
+use arrow::array::builder::make_view;
+use arrow::array::{ArrayRef, StringArray};
+use arrow::buffer::Buffer;
 
 /// Event kinds, as the `event_type` column has them.
 pub const PERSON: i32 = 0;
@@ -117,8 +124,8 @@ pub fn hot_auction(id: i64) -> i64 {
 
 /// A price in cents, log-uniform from $1 to $1,000,000.
 pub fn next_price(rng: &mut fastrand::Rng) -> i64 {
-    // 10^(6u) * 100, with exp (a few ns) rather than powf.
-    ((rng.f64() * 6.0 * std::f64::consts::LN_10).exp() * 100.0).round() as i64
+    // 10^(6u) * 100, with exp rather than powf; rounded (the value is positive).
+    ((rng.f64() * 6.0 * std::f64::consts::LN_10).exp() * 100.0 + 0.5) as i64
 }
 
 /// Length of an `extra` field that brings an event of `current` bytes to `average` ± 20%.
@@ -150,65 +157,116 @@ const POOL: usize = 1 << 16;
 /// Longest field taken from a pool (an auction's `extra` is about 400 bytes).
 const LONGEST: usize = 1024;
 
-/// Random text made once per source, and the channels bids come from.
+/// Where a field's text lies in a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Slice {
+    at: u32,
+    len: u32,
+}
+
+impl Slice {
+    pub fn len(self) -> usize {
+        self.len as usize
+    }
+}
+
+/// Random text made once per source, which text fields are slices of (string views into
+/// it, not copies), and the channels bids come from.
 pub struct Text {
     /// Lower-case letters and one space in 13, as `nextString` draws them.
-    words: Box<[u8]>,
+    words: Buffer,
     /// Lower-case letters, as `nextExactString` (the `extra` fields) draws them.
-    letters: Box<[u8]>,
-    /// (channel, url) of the 10,000 channels, then the 4 hot ones.
-    channels: Vec<(String, String)>,
+    letters: Buffer,
+    /// Names and urls of the 10,000 channels, then the 4 hot ones: the dictionary values
+    /// of a bid's `channel` and `url`.
+    pub channels: ArrayRef,
+    pub urls: ArrayRef,
 }
 
 impl Text {
     pub fn new(seed: u64) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed ^ 0x6E65_786D_6172_6B21);
-        let words = (0..POOL + LONGEST)
+        let words: Vec<u8> = (0..POOL + LONGEST)
             .map(|_| word_char(&mut rng, b' '))
             .collect();
-        let letters = (0..POOL + LONGEST).map(|_| b'a' + rng.u8(..26)).collect();
-        let mut channels: Vec<(String, String)> = (0..CHANNELS)
-            .map(|c| {
-                let mut url = base_url(&mut rng);
-                if rng.u32(..10) > 0 {
-                    url.push_str(&format!(
-                        "&channel_id={}",
-                        (c as i32).reverse_bits().unsigned_abs()
-                    ));
-                }
-                (format!("channel-{c}"), url)
-            })
-            .collect();
-        channels.extend(HOT_CHANNELS.map(|c| (c.to_string(), base_url(&mut rng))));
+        let letters: Vec<u8> = (0..POOL + LONGEST).map(|_| b'a' + rng.u8(..26)).collect();
+        let mut names = Vec::with_capacity(CHANNELS as usize + HOT_CHANNELS.len());
+        let mut urls = Vec::with_capacity(names.capacity());
+        for c in 0..CHANNELS {
+            let mut url = base_url(&mut rng);
+            if rng.u32(..10) > 0 {
+                url.push_str(&format!(
+                    "&channel_id={}",
+                    (c as i32).reverse_bits().unsigned_abs()
+                ));
+            }
+            names.push(format!("channel-{c}"));
+            urls.push(url);
+        }
+        for c in HOT_CHANNELS {
+            names.push(c.to_string());
+            urls.push(base_url(&mut rng));
+        }
         Text {
-            words,
-            letters,
-            channels,
+            words: Buffer::from_vec(words),
+            letters: Buffer::from_vec(letters),
+            channels: Arc::new(StringArray::from(names)),
+            urls: Arc::new(StringArray::from(urls)),
         }
     }
 
     /// `nextString(maxLength)`: 3 to `max - 1` characters of words, trimmed.
-    pub fn next_string(&self, rng: &mut fastrand::Rng, max: u32) -> &[u8] {
+    pub fn next_string(&self, rng: &mut fastrand::Rng, max: u32) -> Slice {
         let len = (MIN_STRING_LENGTH + rng.u32(..max - MIN_STRING_LENGTH)) as usize;
         let at = rng.usize(..POOL);
-        self.words[at..at + len].trim_ascii()
+        let raw = &self.words[at..at + len];
+        let start = raw.len() - raw.trim_ascii_start().len();
+        let trimmed = raw.trim_ascii();
+        Slice {
+            at: (at + start) as u32,
+            len: trimmed.len() as u32,
+        }
     }
 
     /// `nextExtra`: `len` letters.
-    pub fn letters(&self, rng: &mut fastrand::Rng, len: usize) -> &[u8] {
-        let at = rng.usize(..POOL);
-        &self.letters[at..at + len.min(LONGEST)]
+    pub fn letters(&self, rng: &mut fastrand::Rng, len: usize) -> Slice {
+        Slice {
+            at: rng.usize(..POOL) as u32,
+            len: len.min(LONGEST) as u32,
+        }
     }
 
-    /// A bid's channel and url: one of 4 hot channels half the time, else one of 10,000.
-    pub fn channel(&self, rng: &mut fastrand::Rng) -> (&str, &str) {
-        let i = if rng.u32(..HOT_CHANNELS_RATIO) > 0 {
-            CHANNELS + rng.u32(..4)
+    pub fn words_of(&self, s: Slice) -> &[u8] {
+        &self.words[s.at as usize..(s.at + s.len) as usize]
+    }
+
+    /// A string view of a slice of `words` (the array's buffer 0 is [`Text::words`]).
+    pub fn words_view(&self, s: Slice) -> u128 {
+        make_view(self.words_of(s), 0, s.at)
+    }
+
+    /// A string view of a slice of `letters` (the array's buffer 0 is [`Text::letters`]).
+    pub fn letters_view(&self, s: Slice) -> u128 {
+        let bytes = &self.letters[s.at as usize..(s.at + s.len) as usize];
+        make_view(bytes, 0, s.at)
+    }
+
+    pub fn words(&self) -> Buffer {
+        self.words.clone()
+    }
+
+    pub fn letters_buffer(&self) -> Buffer {
+        self.letters.clone()
+    }
+
+    /// A bid's channel (an index into [`Text::channels`] and [`Text::urls`]): one of the 4
+    /// hot channels half the time, else one of 10,000.
+    pub fn channel(&self, rng: &mut fastrand::Rng) -> i32 {
+        if rng.u32(..HOT_CHANNELS_RATIO) > 0 {
+            (CHANNELS + rng.u32(..HOT_CHANNELS.len() as u32)) as i32
         } else {
-            rng.u32(..CHANNELS)
-        };
-        let (c, u) = &self.channels[i as usize];
-        (c, u)
+            rng.u32(..CHANNELS) as i32
+        }
     }
 }
 
@@ -277,11 +335,18 @@ mod tests {
         assert_eq!(extra_length(&mut rng, 300, 200), 0);
         let text = Text::new(0);
         for _ in 0..1000 {
-            let s = text.next_string(&mut rng, 20);
+            let s = text.words_of(text.next_string(&mut rng, 20));
             assert!(s.len() <= 19 && s.iter().all(|b| *b == b' ' || b.is_ascii_lowercase()));
             assert!(!s.starts_with(b" ") && !s.ends_with(b" "));
         }
-        let (channel, url) = text.channel(&mut rng);
-        assert!(!channel.is_empty() && url.starts_with("https://www.nexmark.com/"));
+        use arrow::array::AsArray;
+        let c = text.channel(&mut rng) as usize;
+        assert!(!text.channels.as_string::<i32>().value(c).is_empty());
+        assert!(
+            text.urls
+                .as_string::<i32>()
+                .value(c)
+                .starts_with("https://www.nexmark.com/")
+        );
     }
 }

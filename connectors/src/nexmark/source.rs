@@ -9,15 +9,20 @@
 //! `start + number / event_rate`, as `GeneratorConfig` computes them (first event number
 //! and id 1).
 //!
-//! The hot loop appends to plain vectors and takes text from pre-made pools; nothing is
-//! allocated per event. A kind's struct and all its fields share one null buffer (null on
-//! the other kinds' rows).
+//! The hot loop appends each kind's fields to dense vectors (with the rows they belong
+//! to), spread over the batch at its end; long text fields are string views into pools of
+//! random text made once, a bid's channel and url dictionary keys: nothing is allocated or
+//! copied per event but short strings. A kind's struct and all its fields share one null
+//! buffer (null on the other kinds' rows).
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, StructArray};
-use arrow::buffer::{BooleanBuffer, NullBuffer, OffsetBuffer, ScalarBuffer};
-use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow::array::{
+    ArrayRef, BooleanBufferBuilder, DictionaryArray, Int32Array, Int64Array, RecordBatch,
+    StringArray, StringViewArray, StructArray,
+};
+use arrow::buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
 use async_trait::async_trait;
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
@@ -43,6 +48,11 @@ fn child_time(name: &str) -> Field {
     Field::new(name, batch::timestamp_type(), true)
 }
 
+/// A bid's channel and url: one of 10,004 each, dictionary-encoded.
+fn dictionary() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
 fn person_fields() -> Fields {
     Fields::from(vec![
         Field::new("id", DataType::Int64, true),
@@ -52,22 +62,22 @@ fn person_fields() -> Fields {
         Field::new("city", DataType::Utf8, true),
         Field::new("state", DataType::Utf8, true),
         child_time("date_time"),
-        Field::new("extra", DataType::Utf8, true),
+        Field::new("extra", DataType::Utf8View, true),
     ])
 }
 
 fn auction_fields() -> Fields {
     Fields::from(vec![
         Field::new("id", DataType::Int64, true),
-        Field::new("item_name", DataType::Utf8, true),
-        Field::new("description", DataType::Utf8, true),
+        Field::new("item_name", DataType::Utf8View, true),
+        Field::new("description", DataType::Utf8View, true),
         Field::new("initial_bid", DataType::Int64, true),
         Field::new("reserve", DataType::Int64, true),
         child_time("date_time"),
         child_time("expires"),
         Field::new("seller", DataType::Int64, true),
         Field::new("category", DataType::Int64, true),
-        Field::new("extra", DataType::Utf8, true),
+        Field::new("extra", DataType::Utf8View, true),
     ])
 }
 
@@ -76,10 +86,10 @@ fn bid_fields() -> Fields {
         Field::new("auction", DataType::Int64, true),
         Field::new("bidder", DataType::Int64, true),
         Field::new("price", DataType::Int64, true),
-        Field::new("channel", DataType::Utf8, true),
-        Field::new("url", DataType::Utf8, true),
+        Field::new("channel", dictionary(), true),
+        Field::new("url", dictionary(), true),
         child_time("date_time"),
-        Field::new("extra", DataType::Utf8, true),
+        Field::new("extra", DataType::Utf8View, true),
     ])
 }
 
@@ -217,7 +227,7 @@ impl NexmarkPartition {
             let k = (first + i) * plan.partitions as i64 + self.partition as i64;
             columns.event(plan, k);
         }
-        let (records, event_time) = columns.finish(&plan.records)?;
+        let (records, event_time) = columns.finish(plan)?;
         self.progress.envelope(&plan.schema, records, event_time)
     }
 }
@@ -240,7 +250,7 @@ impl PartitionReader for NexmarkPartition {
     }
 }
 
-/// A string column built in place: offsets and bytes.
+/// A kind's string column, dense (only that kind's rows): offsets and bytes.
 struct TextColumn {
     offsets: Vec<i32>,
     bytes: Vec<u8>,
@@ -273,26 +283,69 @@ impl TextColumn {
         self.end();
     }
 
-    fn finish(self, nulls: &NullBuffer) -> ArrayRef {
-        let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
-        Arc::new(StringArray::new(
-            offsets,
-            self.bytes.into(),
-            Some(nulls.clone()),
-        ))
+    /// The column over every row of the batch: empty on the other kinds' rows.
+    fn finish(self, rows: &[u32], n: usize, nulls: &NullBuffer) -> ArrayRef {
+        let offsets = spread_offsets(self.offsets, rows, n);
+        // SAFETY: the offsets start at 0 and never decrease (spread_offsets keeps the
+        // dense ones' order), and every value is ASCII: names, digits, the text pools.
+        Arc::new(unsafe {
+            StringArray::new_unchecked(
+                OffsetBuffer::new_unchecked(ScalarBuffer::from(offsets)),
+                self.bytes.into(),
+                Some(nulls.clone()),
+            )
+        })
     }
 }
 
-fn ints(v: Vec<i64>, nulls: &NullBuffer) -> ArrayRef {
-    Arc::new(Int64Array::new(v.into(), Some(nulls.clone())))
+/// A kind's values over every row of the batch: `values[j]` at row `rows[j]`, the default
+/// (under the struct's null) on the other kinds' rows.
+fn spread<T: Copy + Default>(values: Vec<T>, rows: &[u32], n: usize) -> Vec<T> {
+    if rows.len() == n {
+        return values;
+    }
+    let mut out = vec![T::default(); n];
+    for (&row, v) in rows.iter().zip(values) {
+        out[row as usize] = v;
+    }
+    out
+}
+
+/// Dense offsets (one more than `rows`) over every row: the other kinds' rows are empty.
+fn spread_offsets(dense: Vec<i32>, rows: &[u32], n: usize) -> Vec<i32> {
+    if rows.len() == n {
+        return dense;
+    }
+    let mut out = Vec::with_capacity(n + 1);
+    for (&row, &start) in rows.iter().zip(&dense) {
+        // Rows up to this one start where its value starts.
+        out.resize(row as usize + 1, start);
+    }
+    out.resize(n + 1, *dense.last().expect("offsets start with 0"));
+    out
+}
+
+/// String views into one of the text pools, over every row.
+fn views(values: Vec<u128>, rows: &[u32], n: usize, pool: Buffer, nulls: &NullBuffer) -> ArrayRef {
+    let views = ScalarBuffer::from(spread(values, rows, n));
+    // SAFETY: every view was made by `make_view` from a slice of `pool` (buffer 0) at its
+    // offset, or is the empty inline view; the pools are ASCII.
+    Arc::new(unsafe { StringViewArray::new_unchecked(views, vec![pool], Some(nulls.clone())) })
+}
+
+fn ints(values: Vec<i64>, rows: &[u32], n: usize, nulls: &NullBuffer) -> ArrayRef {
+    Arc::new(Int64Array::new(
+        spread(values, rows, n).into(),
+        Some(nulls.clone()),
+    ))
 }
 
 fn times(v: ScalarBuffer<i64>, nulls: Option<&NullBuffer>) -> ArrayRef {
     Arc::new(arrow::array::TimestampMillisecondArray::new(v, nulls.cloned()).with_timezone("UTC"))
 }
 
-/// The arrays of one batch, filled event by event. Each kind's fields get a placeholder
-/// (0 or "") under their null on the other kinds' rows.
+/// The arrays of one batch, filled event by event: each kind's fields densely, with the
+/// rows they belong to; spread over the batch (and under the kind's nulls) at the end.
 struct Columns {
     kinds: Vec<i32>,
     date_time: Vec<i64>,
@@ -302,78 +355,77 @@ struct Columns {
 }
 
 struct PersonColumns {
-    valid: Vec<bool>,
+    rows: Vec<u32>,
     id: Vec<i64>,
     name: TextColumn,
     email: TextColumn,
     credit_card: TextColumn,
     city: TextColumn,
     state: TextColumn,
-    extra: TextColumn,
+    extra: Vec<u128>,
 }
 
 struct AuctionColumns {
-    valid: Vec<bool>,
+    rows: Vec<u32>,
     id: Vec<i64>,
-    item_name: TextColumn,
-    description: TextColumn,
+    item_name: Vec<u128>,
+    description: Vec<u128>,
     initial_bid: Vec<i64>,
     reserve: Vec<i64>,
     expires: Vec<i64>,
     seller: Vec<i64>,
     category: Vec<i64>,
-    extra: TextColumn,
+    extra: Vec<u128>,
 }
 
 struct BidColumns {
-    valid: Vec<bool>,
+    rows: Vec<u32>,
     auction: Vec<i64>,
     bidder: Vec<i64>,
     price: Vec<i64>,
-    channel: TextColumn,
-    url: TextColumn,
-    extra: TextColumn,
+    /// Index of the channel: the dictionary key of both `channel` and `url`.
+    channel: Vec<i32>,
+    extra: Vec<u128>,
 }
 
 impl Columns {
     fn with_capacity(n: usize) -> Self {
-        // Expected bytes per kind: 1 in 50 events is a person, 3 auctions, 46 bids.
-        let people = n / 50 + 1;
-        let auctions = 3 * n / 50 + 1;
+        // 1 in 50 events is a person, 3 auctions, 46 bids; a little room on top.
+        let people = n / 40 + 2;
+        let auctions = 3 * n / 40 + 2;
         let bids = n;
         Columns {
             kinds: Vec::with_capacity(n),
             date_time: Vec::with_capacity(n),
             person: PersonColumns {
-                valid: Vec::with_capacity(n),
-                id: Vec::with_capacity(n),
-                name: TextColumn::with_capacity(n, people * 14),
-                email: TextColumn::with_capacity(n, people * 16),
-                credit_card: TextColumn::with_capacity(n, people * 19),
-                city: TextColumn::with_capacity(n, people * 10),
-                state: TextColumn::with_capacity(n, people * 2),
-                extra: TextColumn::with_capacity(n, people * 160),
+                rows: Vec::with_capacity(people),
+                id: Vec::with_capacity(people),
+                name: TextColumn::with_capacity(people, people * 14),
+                email: TextColumn::with_capacity(people, people * 16),
+                credit_card: TextColumn::with_capacity(people, people * 19),
+                city: TextColumn::with_capacity(people, people * 13),
+                state: TextColumn::with_capacity(people, people * 2),
+                extra: Vec::with_capacity(people),
             },
             auction: AuctionColumns {
-                valid: Vec::with_capacity(n),
-                id: Vec::with_capacity(n),
-                item_name: TextColumn::with_capacity(n, auctions * 12),
-                description: TextColumn::with_capacity(n, auctions * 52),
-                initial_bid: Vec::with_capacity(n),
-                reserve: Vec::with_capacity(n),
-                expires: Vec::with_capacity(n),
-                seller: Vec::with_capacity(n),
-                category: Vec::with_capacity(n),
-                extra: TextColumn::with_capacity(n, auctions * 480),
+                rows: Vec::with_capacity(auctions),
+                id: Vec::with_capacity(auctions),
+                item_name: Vec::with_capacity(auctions),
+                description: Vec::with_capacity(auctions),
+                initial_bid: Vec::with_capacity(auctions),
+                reserve: Vec::with_capacity(auctions),
+                expires: Vec::with_capacity(auctions),
+                seller: Vec::with_capacity(auctions),
+                category: Vec::with_capacity(auctions),
+                extra: Vec::with_capacity(auctions),
             },
             bid: BidColumns {
-                valid: Vec::with_capacity(n),
-                auction: Vec::with_capacity(n),
-                bidder: Vec::with_capacity(n),
-                price: Vec::with_capacity(n),
-                channel: TextColumn::with_capacity(n, bids * 12),
-                url: TextColumn::with_capacity(n, bids * 60),
-                extra: TextColumn::with_capacity(n, bids * 82),
+                rows: Vec::with_capacity(bids),
+                auction: Vec::with_capacity(bids),
+                bidder: Vec::with_capacity(bids),
+                price: Vec::with_capacity(bids),
+                channel: Vec::with_capacity(bids),
+                extra: Vec::with_capacity(bids),
             },
         }
     }
@@ -385,96 +437,99 @@ impl Columns {
         let id = number + 1;
         let time = plan.time_of(number);
         let mut rng = model::event_rng(plan.seed, id);
+        let row = self.kinds.len() as u32;
         self.date_time.push(time);
         let rem = id % 50;
-        let kind = if rem < 1 {
-            model::PERSON
+        if rem < 1 {
+            self.kinds.push(model::PERSON);
+            self.person.add(plan, row, id, &mut rng);
         } else if rem < 4 {
-            model::AUCTION
+            self.kinds.push(model::AUCTION);
+            self.auction.add(plan, row, number, id, time, &mut rng);
         } else {
-            model::BID
-        };
-        self.kinds.push(kind);
-        self.person.valid.push(kind == model::PERSON);
-        self.auction.valid.push(kind == model::AUCTION);
-        self.bid.valid.push(kind == model::BID);
-        match kind {
-            model::PERSON => {
-                self.person.add(plan, id, &mut rng);
-                self.auction.skip();
-                self.bid.skip();
-            }
-            model::AUCTION => {
-                self.person.skip();
-                self.auction.add(plan, number, id, time, &mut rng);
-                self.bid.skip();
-            }
-            _ => {
-                self.person.skip();
-                self.auction.skip();
-                self.bid.add(plan, id, &mut rng);
-            }
+            self.kinds.push(model::BID);
+            self.bid.add(plan, row, id, &mut rng);
         }
     }
 
-    fn finish(self, records: &SchemaRef) -> Result<(RecordBatch, ArrayRef)> {
+    fn finish(self, plan: &Plan) -> Result<(RecordBatch, ArrayRef)> {
+        let n = self.kinds.len();
         let time = ScalarBuffer::from(self.date_time);
         let date_time = times(time.clone(), None);
-        let strukt =
-            |fields: Fields, nulls: NullBuffer, children: Vec<ArrayRef>| -> Result<ArrayRef> {
-                StructArray::try_new(fields, children, Some(nulls))
-                    .map(|a| Arc::new(a) as ArrayRef)
-                    .map_err(|e| Error::arrow("building Nexmark events", e))
-            };
+        let nulls = |rows: &[u32]| {
+            let mut valid = BooleanBufferBuilder::new(n);
+            valid.append_n(n, false);
+            for &r in rows {
+                valid.set_bit(r as usize, true);
+            }
+            NullBuffer::new(valid.finish())
+        };
+        let strukt = |fields: Fields, nulls: NullBuffer, children: Vec<ArrayRef>| {
+            StructArray::try_new(fields, children, Some(nulls))
+                .map(|a| Arc::new(a) as ArrayRef)
+                .map_err(|e| Error::arrow("building Nexmark events", e))
+        };
+        let text = &plan.text;
+
         let p = self.person;
-        let n = NullBuffer::new(BooleanBuffer::from(p.valid));
+        let (rows, m) = (&p.rows[..], &nulls(&p.rows));
         let person = strukt(
             person_fields(),
-            n.clone(),
+            m.clone(),
             vec![
-                ints(p.id, &n),
-                p.name.finish(&n),
-                p.email.finish(&n),
-                p.credit_card.finish(&n),
-                p.city.finish(&n),
-                p.state.finish(&n),
-                times(time.clone(), Some(&n)),
-                p.extra.finish(&n),
+                ints(p.id, rows, n, m),
+                p.name.finish(rows, n, m),
+                p.email.finish(rows, n, m),
+                p.credit_card.finish(rows, n, m),
+                p.city.finish(rows, n, m),
+                p.state.finish(rows, n, m),
+                times(time.clone(), Some(m)),
+                views(p.extra, rows, n, text.letters_buffer(), m),
             ],
         )?;
+
         let a = self.auction;
-        let n = NullBuffer::new(BooleanBuffer::from(a.valid));
+        let (rows, m) = (&a.rows[..], &nulls(&a.rows));
         let auction = strukt(
             auction_fields(),
-            n.clone(),
+            m.clone(),
             vec![
-                ints(a.id, &n),
-                a.item_name.finish(&n),
-                a.description.finish(&n),
-                ints(a.initial_bid, &n),
-                ints(a.reserve, &n),
-                times(time.clone(), Some(&n)),
-                times(a.expires.into(), Some(&n)),
-                ints(a.seller, &n),
-                ints(a.category, &n),
-                a.extra.finish(&n),
+                ints(a.id, rows, n, m),
+                views(a.item_name, rows, n, text.words(), m),
+                views(a.description, rows, n, text.words(), m),
+                ints(a.initial_bid, rows, n, m),
+                ints(a.reserve, rows, n, m),
+                times(time.clone(), Some(m)),
+                times(spread(a.expires, rows, n).into(), Some(m)),
+                ints(a.seller, rows, n, m),
+                ints(a.category, rows, n, m),
+                views(a.extra, rows, n, text.letters_buffer(), m),
             ],
         )?;
+
         let b = self.bid;
-        let n = NullBuffer::new(BooleanBuffer::from(b.valid));
+        let (rows, m) = (&b.rows[..], &nulls(&b.rows));
+        // `channel` and `url` share their keys: one index per bid into both dictionaries.
+        let keys = Int32Array::new(spread(b.channel, rows, n).into(), Some(m.clone()));
+        let dictionary = |values: &ArrayRef| -> Result<ArrayRef> {
+            DictionaryArray::<Int32Type>::try_new(keys.clone(), values.clone())
+                .map(|d| Arc::new(d) as ArrayRef)
+                .map_err(|e| Error::arrow("building Nexmark events", e))
+        };
         let bid = strukt(
             bid_fields(),
-            n.clone(),
+            m.clone(),
             vec![
-                ints(b.auction, &n),
-                ints(b.bidder, &n),
-                ints(b.price, &n),
-                b.channel.finish(&n),
-                b.url.finish(&n),
-                times(time, Some(&n)),
-                b.extra.finish(&n),
+                ints(b.auction, rows, n, m),
+                ints(b.bidder, rows, n, m),
+                ints(b.price, rows, n, m),
+                dictionary(&text.channels)?,
+                dictionary(&text.urls)?,
+                times(time, Some(m)),
+                views(b.extra, rows, n, text.letters_buffer(), m),
             ],
         )?;
+
         let columns = vec![
             Arc::new(Int32Array::from(self.kinds)) as ArrayRef,
             person,
@@ -482,14 +537,15 @@ impl Columns {
             bid,
             date_time.clone(),
         ];
-        let batch = RecordBatch::try_new(records.clone(), columns)
+        let batch = RecordBatch::try_new(plan.records.clone(), columns)
             .map_err(|e| Error::arrow("building Nexmark events", e))?;
         Ok((batch, date_time))
     }
 }
 
 impl PersonColumns {
-    fn add(&mut self, plan: &Plan, id: i64, rng: &mut fastrand::Rng) {
+    fn add(&mut self, plan: &Plan, row: u32, id: i64, rng: &mut fastrand::Rng) {
+        self.rows.push(row);
         self.id
             .push(model::last_base0_person_id(id) + model::FIRST_PERSON_ID);
         let first = model::FIRST_NAMES[rng.usize(..model::FIRST_NAMES.len())];
@@ -497,8 +553,9 @@ impl PersonColumns {
         self.name.put(first.as_bytes());
         self.name.put(b" ");
         self.name.push(last.as_bytes());
-        let user = plan.text.next_string(rng, 7);
-        let domain = plan.text.next_string(rng, 5);
+        let text = &plan.text;
+        let user = text.words_of(text.next_string(rng, 7));
+        let domain = text.words_of(text.next_string(rng, 5));
         self.email.put(user);
         self.email.put(b"@");
         self.email.put(domain);
@@ -527,26 +584,21 @@ impl PersonColumns {
             + city.len()
             + state.len();
         let len = model::extra_length(rng, size, model::AVG_PERSON_BYTES);
-        self.extra.push(plan.text.letters(rng, len));
-    }
-
-    fn skip(&mut self) {
-        self.id.push(0);
-        for t in [
-            &mut self.name,
-            &mut self.email,
-            &mut self.credit_card,
-            &mut self.city,
-            &mut self.state,
-            &mut self.extra,
-        ] {
-            t.end();
-        }
+        self.extra.push(text.letters_view(text.letters(rng, len)));
     }
 }
 
 impl AuctionColumns {
-    fn add(&mut self, plan: &Plan, number: i64, id: i64, time: i64, rng: &mut fastrand::Rng) {
+    fn add(
+        &mut self,
+        plan: &Plan,
+        row: u32,
+        number: i64,
+        id: i64,
+        time: i64,
+        rng: &mut fastrand::Rng,
+    ) {
+        self.rows.push(row);
         self.id
             .push(model::last_base0_auction_id(id) + model::FIRST_AUCTION_ID);
         let seller = if rng.u32(..model::HOT_SELLER_RATIO) > 0 {
@@ -565,35 +617,21 @@ impl AuctionColumns {
         let horizon = plan.time_of(number + events_for_auctions) - time;
         let length = 1 + rng.u64(..(horizon * 2).max(1) as u64) as i64;
         self.expires.push(time + length);
-        let item = plan.text.next_string(rng, 20);
-        let description = plan.text.next_string(rng, 100);
-        self.item_name.push(item);
-        self.description.push(description);
+        let text = &plan.text;
+        let item = text.next_string(rng, 20);
+        let description = text.next_string(rng, 100);
+        self.item_name.push(text.words_view(item));
+        self.description.push(text.words_view(description));
         self.reserve.push(initial_bid + model::next_price(rng));
         let size = 8 + item.len() + description.len() + 8 + 8 + 8 + 8 + 8;
         let len = model::extra_length(rng, size, model::AVG_AUCTION_BYTES);
-        self.extra.push(plan.text.letters(rng, len));
-    }
-
-    fn skip(&mut self) {
-        for v in [
-            &mut self.id,
-            &mut self.initial_bid,
-            &mut self.reserve,
-            &mut self.expires,
-            &mut self.seller,
-            &mut self.category,
-        ] {
-            v.push(0);
-        }
-        for t in [&mut self.item_name, &mut self.description, &mut self.extra] {
-            t.end();
-        }
+        self.extra.push(text.letters_view(text.letters(rng, len)));
     }
 }
 
 impl BidColumns {
-    fn add(&mut self, plan: &Plan, id: i64, rng: &mut fastrand::Rng) {
+    fn add(&mut self, plan: &Plan, row: u32, id: i64, rng: &mut fastrand::Rng) {
+        self.rows.push(row);
         let auction = if rng.u32(..model::HOT_AUCTION_RATIO) > 0 {
             model::hot_auction(id)
         } else {
@@ -608,20 +646,10 @@ impl BidColumns {
         };
         self.bidder.push(bidder + model::FIRST_PERSON_ID);
         self.price.push(model::next_price(rng));
-        let (channel, url) = plan.text.channel(rng);
-        self.channel.push(channel.as_bytes());
-        self.url.push(url.as_bytes());
+        self.channel.push(plan.text.channel(rng));
         let len = model::extra_length(rng, 32, model::AVG_BID_BYTES);
-        self.extra.push(plan.text.letters(rng, len));
-    }
-
-    fn skip(&mut self) {
-        for v in [&mut self.auction, &mut self.bidder, &mut self.price] {
-            v.push(0);
-        }
-        for t in [&mut self.channel, &mut self.url, &mut self.extra] {
-            t.end();
-        }
+        self.extra
+            .push(plan.text.letters_view(plan.text.letters(rng, len)));
     }
 }
 
