@@ -9,19 +9,19 @@
 //! `start + number / event_rate`, as `GeneratorConfig` computes them (first event number
 //! and id 1).
 //!
-//! The hot loop appends each kind's fields to dense vectors (with the rows they belong
-//! to), spread over the batch at its end; long text fields are string views into pools of
-//! random text made once, a bid's channel and url dictionary keys: nothing is allocated or
-//! copied per event but short strings. A kind's struct and all its fields share one null
-//! buffer (null on the other kinds' rows).
+//! The hot loop appends to plain vectors, one field of each kind sharing a buffer (kinds
+//! never share a row); long text fields are string views into pools of random text made
+//! once, a bid's channel and url dictionary keys: nothing is allocated or copied per event
+//! but a person's short strings. A kind's struct and all its fields share one null buffer
+//! (null on the other kinds' rows), which hides the other kinds' values.
 
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanBufferBuilder, DictionaryArray, Int32Array, Int64Array, RecordBatch,
-    StringArray, StringViewArray, StructArray,
+    ArrayRef, DictionaryArray, Int32Array, Int64Array, RecordBatch, StringArray, StringViewArray,
+    StructArray,
 };
-use arrow::buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
+use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
 use async_trait::async_trait;
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
@@ -298,24 +298,8 @@ impl TextColumn {
     }
 }
 
-/// A kind's values over every row of the batch: `values[j]` at row `rows[j]`, the default
-/// (under the struct's null) on the other kinds' rows.
-fn spread<T: Copy + Default>(values: Vec<T>, rows: &[u32], n: usize) -> Vec<T> {
-    if rows.len() == n {
-        return values;
-    }
-    let mut out = vec![T::default(); n];
-    for (&row, v) in rows.iter().zip(values) {
-        out[row as usize] = v;
-    }
-    out
-}
-
 /// Dense offsets (one more than `rows`) over every row: the other kinds' rows are empty.
 fn spread_offsets(dense: Vec<i32>, rows: &[u32], n: usize) -> Vec<i32> {
-    if rows.len() == n {
-        return dense;
-    }
     let mut out = Vec::with_capacity(n + 1);
     for (&row, &start) in rows.iter().zip(&dense) {
         // Rows up to this one start where its value starts.
@@ -325,107 +309,86 @@ fn spread_offsets(dense: Vec<i32>, rows: &[u32], n: usize) -> Vec<i32> {
     out
 }
 
-/// String views into one of the text pools, over every row.
-fn views(values: Vec<u128>, rows: &[u32], n: usize, pool: Buffer, nulls: &NullBuffer) -> ArrayRef {
-    let views = ScalarBuffer::from(spread(values, rows, n));
+/// String views into one of the text pools.
+fn views(values: ScalarBuffer<u128>, pool: &Buffer, nulls: &NullBuffer) -> ArrayRef {
     // SAFETY: every view was made by `make_view` from a slice of `pool` (buffer 0) at its
-    // offset, or is the empty inline view; the pools are ASCII.
-    Arc::new(unsafe { StringViewArray::new_unchecked(views, vec![pool], Some(nulls.clone())) })
+    // offset, or is the empty inline view (0); the pools are ASCII.
+    Arc::new(unsafe {
+        StringViewArray::new_unchecked(values, vec![pool.clone()], Some(nulls.clone()))
+    })
 }
 
-fn ints(values: Vec<i64>, rows: &[u32], n: usize, nulls: &NullBuffer) -> ArrayRef {
-    Arc::new(Int64Array::new(
-        spread(values, rows, n).into(),
-        Some(nulls.clone()),
-    ))
+fn ints(values: &ScalarBuffer<i64>, nulls: &NullBuffer) -> ArrayRef {
+    Arc::new(Int64Array::new(values.clone(), Some(nulls.clone())))
 }
 
-fn times(v: ScalarBuffer<i64>, nulls: Option<&NullBuffer>) -> ArrayRef {
-    Arc::new(arrow::array::TimestampMillisecondArray::new(v, nulls.cloned()).with_timezone("UTC"))
+fn times(v: &ScalarBuffer<i64>, nulls: Option<&NullBuffer>) -> ArrayRef {
+    Arc::new(
+        arrow::array::TimestampMillisecondArray::new(v.clone(), nulls.cloned())
+            .with_timezone("UTC"),
+    )
 }
 
-/// The arrays of one batch, filled event by event: each kind's fields densely, with the
-/// rows they belong to; spread over the batch (and under the kind's nulls) at the end.
+/// The arrays of one batch, filled event by event. The kinds never share a row, so a
+/// buffer can hold one field of each kind: `ids` is a person's id, an auction's id and a
+/// bid's auction at once, and each struct's fields take it under that struct's nulls
+/// (which hide the other kinds' values). Every row pushes to every shared buffer (0 where
+/// its kind has no such field); a person's text is kept densely and spread at the end.
 struct Columns {
     kinds: Vec<i32>,
     date_time: Vec<i64>,
-    person: PersonColumns,
-    auction: AuctionColumns,
-    bid: BidColumns,
+    /// person.id, auction.id, bid.auction.
+    ids: Vec<i64>,
+    /// auction.initial_bid, bid.bidder.
+    second: Vec<i64>,
+    /// auction.reserve, bid.price.
+    third: Vec<i64>,
+    seller: Vec<i64>,
+    category: Vec<i64>,
+    expires: Vec<i64>,
+    /// Every kind's `extra` (views into the letters pool).
+    extra: Vec<u128>,
+    /// auction.item_name and auction.description (views into the words pool).
+    item_name: Vec<u128>,
+    description: Vec<u128>,
+    /// bid.channel and bid.url: the dictionary key of both.
+    channel: Vec<i32>,
+    person: PersonText,
 }
 
-struct PersonColumns {
+/// A person's text fields, dense (2% of the rows), with the rows they belong to.
+struct PersonText {
     rows: Vec<u32>,
-    id: Vec<i64>,
     name: TextColumn,
     email: TextColumn,
     credit_card: TextColumn,
     city: TextColumn,
     state: TextColumn,
-    extra: Vec<u128>,
-}
-
-struct AuctionColumns {
-    rows: Vec<u32>,
-    id: Vec<i64>,
-    item_name: Vec<u128>,
-    description: Vec<u128>,
-    initial_bid: Vec<i64>,
-    reserve: Vec<i64>,
-    expires: Vec<i64>,
-    seller: Vec<i64>,
-    category: Vec<i64>,
-    extra: Vec<u128>,
-}
-
-struct BidColumns {
-    rows: Vec<u32>,
-    auction: Vec<i64>,
-    bidder: Vec<i64>,
-    price: Vec<i64>,
-    /// Index of the channel: the dictionary key of both `channel` and `url`.
-    channel: Vec<i32>,
-    extra: Vec<u128>,
 }
 
 impl Columns {
     fn with_capacity(n: usize) -> Self {
-        // 1 in 50 events is a person, 3 auctions, 46 bids; a little room on top.
         let people = n / 40 + 2;
-        let auctions = 3 * n / 40 + 2;
-        let bids = n;
         Columns {
             kinds: Vec::with_capacity(n),
             date_time: Vec::with_capacity(n),
-            person: PersonColumns {
+            ids: Vec::with_capacity(n),
+            second: Vec::with_capacity(n),
+            third: Vec::with_capacity(n),
+            seller: Vec::with_capacity(n),
+            category: Vec::with_capacity(n),
+            expires: Vec::with_capacity(n),
+            extra: Vec::with_capacity(n),
+            item_name: Vec::with_capacity(n),
+            description: Vec::with_capacity(n),
+            channel: Vec::with_capacity(n),
+            person: PersonText {
                 rows: Vec::with_capacity(people),
-                id: Vec::with_capacity(people),
                 name: TextColumn::with_capacity(people, people * 14),
                 email: TextColumn::with_capacity(people, people * 16),
                 credit_card: TextColumn::with_capacity(people, people * 19),
                 city: TextColumn::with_capacity(people, people * 13),
                 state: TextColumn::with_capacity(people, people * 2),
-                extra: Vec::with_capacity(people),
-            },
-            auction: AuctionColumns {
-                rows: Vec::with_capacity(auctions),
-                id: Vec::with_capacity(auctions),
-                item_name: Vec::with_capacity(auctions),
-                description: Vec::with_capacity(auctions),
-                initial_bid: Vec::with_capacity(auctions),
-                reserve: Vec::with_capacity(auctions),
-                expires: Vec::with_capacity(auctions),
-                seller: Vec::with_capacity(auctions),
-                category: Vec::with_capacity(auctions),
-                extra: Vec::with_capacity(auctions),
-            },
-            bid: BidColumns {
-                rows: Vec::with_capacity(bids),
-                auction: Vec::with_capacity(bids),
-                bidder: Vec::with_capacity(bids),
-                price: Vec::with_capacity(bids),
-                channel: Vec::with_capacity(bids),
-                extra: Vec::with_capacity(bids),
             },
         }
     }
@@ -437,129 +400,38 @@ impl Columns {
         let id = number + 1;
         let time = plan.time_of(number);
         let mut rng = model::event_rng(plan.seed, id);
-        let row = self.kinds.len() as u32;
         self.date_time.push(time);
         let rem = id % 50;
         if rem < 1 {
             self.kinds.push(model::PERSON);
-            self.person.add(plan, row, id, &mut rng);
+            self.person(plan, id, &mut rng);
         } else if rem < 4 {
             self.kinds.push(model::AUCTION);
-            self.auction.add(plan, row, number, id, time, &mut rng);
+            self.auction(plan, number, id, time, &mut rng);
         } else {
             self.kinds.push(model::BID);
-            self.bid.add(plan, row, id, &mut rng);
+            self.bid(plan, id, &mut rng);
         }
     }
 
-    fn finish(self, plan: &Plan) -> Result<(RecordBatch, ArrayRef)> {
-        let n = self.kinds.len();
-        let time = ScalarBuffer::from(self.date_time);
-        let date_time = times(time.clone(), None);
-        let nulls = |rows: &[u32]| {
-            let mut valid = BooleanBufferBuilder::new(n);
-            valid.append_n(n, false);
-            for &r in rows {
-                valid.set_bit(r as usize, true);
-            }
-            NullBuffer::new(valid.finish())
-        };
-        let strukt = |fields: Fields, nulls: NullBuffer, children: Vec<ArrayRef>| {
-            StructArray::try_new(fields, children, Some(nulls))
-                .map(|a| Arc::new(a) as ArrayRef)
-                .map_err(|e| Error::arrow("building Nexmark events", e))
-        };
-        let text = &plan.text;
-
-        let p = self.person;
-        let (rows, m) = (&p.rows[..], &nulls(&p.rows));
-        let person = strukt(
-            person_fields(),
-            m.clone(),
-            vec![
-                ints(p.id, rows, n, m),
-                p.name.finish(rows, n, m),
-                p.email.finish(rows, n, m),
-                p.credit_card.finish(rows, n, m),
-                p.city.finish(rows, n, m),
-                p.state.finish(rows, n, m),
-                times(time.clone(), Some(m)),
-                views(p.extra, rows, n, text.letters_buffer(), m),
-            ],
-        )?;
-
-        let a = self.auction;
-        let (rows, m) = (&a.rows[..], &nulls(&a.rows));
-        let auction = strukt(
-            auction_fields(),
-            m.clone(),
-            vec![
-                ints(a.id, rows, n, m),
-                views(a.item_name, rows, n, text.words(), m),
-                views(a.description, rows, n, text.words(), m),
-                ints(a.initial_bid, rows, n, m),
-                ints(a.reserve, rows, n, m),
-                times(time.clone(), Some(m)),
-                times(spread(a.expires, rows, n).into(), Some(m)),
-                ints(a.seller, rows, n, m),
-                ints(a.category, rows, n, m),
-                views(a.extra, rows, n, text.letters_buffer(), m),
-            ],
-        )?;
-
-        let b = self.bid;
-        let (rows, m) = (&b.rows[..], &nulls(&b.rows));
-        // `channel` and `url` share their keys: one index per bid into both dictionaries.
-        let keys = Int32Array::new(spread(b.channel, rows, n).into(), Some(m.clone()));
-        let dictionary = |values: &ArrayRef| -> Result<ArrayRef> {
-            DictionaryArray::<Int32Type>::try_new(keys.clone(), values.clone())
-                .map(|d| Arc::new(d) as ArrayRef)
-                .map_err(|e| Error::arrow("building Nexmark events", e))
-        };
-        let bid = strukt(
-            bid_fields(),
-            m.clone(),
-            vec![
-                ints(b.auction, rows, n, m),
-                ints(b.bidder, rows, n, m),
-                ints(b.price, rows, n, m),
-                dictionary(&text.channels)?,
-                dictionary(&text.urls)?,
-                times(time, Some(m)),
-                views(b.extra, rows, n, text.letters_buffer(), m),
-            ],
-        )?;
-
-        let columns = vec![
-            Arc::new(Int32Array::from(self.kinds)) as ArrayRef,
-            person,
-            auction,
-            bid,
-            date_time.clone(),
-        ];
-        let batch = RecordBatch::try_new(plan.records.clone(), columns)
-            .map_err(|e| Error::arrow("building Nexmark events", e))?;
-        Ok((batch, date_time))
-    }
-}
-
-impl PersonColumns {
-    fn add(&mut self, plan: &Plan, row: u32, id: i64, rng: &mut fastrand::Rng) {
-        self.rows.push(row);
-        self.id
+    fn person(&mut self, plan: &Plan, id: i64, rng: &mut fastrand::Rng) {
+        let row = self.ids.len() as u32;
+        self.ids
             .push(model::last_base0_person_id(id) + model::FIRST_PERSON_ID);
+        let p = &mut self.person;
+        p.rows.push(row);
         let first = model::FIRST_NAMES[rng.usize(..model::FIRST_NAMES.len())];
         let last = model::LAST_NAMES[rng.usize(..model::LAST_NAMES.len())];
-        self.name.put(first.as_bytes());
-        self.name.put(b" ");
-        self.name.push(last.as_bytes());
+        p.name.put(first.as_bytes());
+        p.name.put(b" ");
+        p.name.push(last.as_bytes());
         let text = &plan.text;
         let user = text.words_of(text.next_string(rng, 7));
         let domain = text.words_of(text.next_string(rng, 5));
-        self.email.put(user);
-        self.email.put(b"@");
-        self.email.put(domain);
-        self.email.push(b".com");
+        p.email.put(user);
+        p.email.put(b"@");
+        p.email.put(domain);
+        p.email.push(b".com");
         let mut card = *b"0000 0000 0000 0000";
         for group in card.chunks_mut(5) {
             let mut v = rng.u32(..10_000);
@@ -568,11 +440,11 @@ impl PersonColumns {
                 v /= 10;
             }
         }
-        self.credit_card.push(&card);
+        p.credit_card.push(&card);
         let city = model::US_CITIES[rng.usize(..model::US_CITIES.len())];
         let state = model::US_STATES[rng.usize(..model::US_STATES.len())];
-        self.city.push(city.as_bytes());
-        self.state.push(state.as_bytes());
+        p.city.push(city.as_bytes());
+        p.state.push(state.as_bytes());
         let size = 8
             + first.len()
             + 1
@@ -585,21 +457,22 @@ impl PersonColumns {
             + state.len();
         let len = model::extra_length(rng, size, model::AVG_PERSON_BYTES);
         self.extra.push(text.letters_view(text.letters(rng, len)));
+        for v in [
+            &mut self.second,
+            &mut self.third,
+            &mut self.seller,
+            &mut self.category,
+            &mut self.expires,
+        ] {
+            v.push(0);
+        }
+        self.item_name.push(0);
+        self.description.push(0);
+        self.channel.push(0);
     }
-}
 
-impl AuctionColumns {
-    fn add(
-        &mut self,
-        plan: &Plan,
-        row: u32,
-        number: i64,
-        id: i64,
-        time: i64,
-        rng: &mut fastrand::Rng,
-    ) {
-        self.rows.push(row);
-        self.id
+    fn auction(&mut self, plan: &Plan, number: i64, id: i64, time: i64, rng: &mut fastrand::Rng) {
+        self.ids
             .push(model::last_base0_auction_id(id) + model::FIRST_AUCTION_ID);
         let seller = if rng.u32(..model::HOT_SELLER_RATIO) > 0 {
             model::hot_person(id)
@@ -610,7 +483,7 @@ impl AuctionColumns {
         self.category
             .push(model::FIRST_CATEGORY_ID + i64::from(rng.u32(..model::NUM_CATEGORIES)));
         let initial_bid = model::next_price(rng);
-        self.initial_bid.push(initial_bid);
+        self.second.push(initial_bid);
         // An auction stays open for up to twice the time `in_flight_auctions` auctions take
         // to be created (`nextAuctionLengthMs`).
         let events_for_auctions = (plan.in_flight_auctions * 50 / 3) as i64;
@@ -622,34 +495,127 @@ impl AuctionColumns {
         let description = text.next_string(rng, 100);
         self.item_name.push(text.words_view(item));
         self.description.push(text.words_view(description));
-        self.reserve.push(initial_bid + model::next_price(rng));
+        self.third.push(initial_bid + model::next_price(rng));
         let size = 8 + item.len() + description.len() + 8 + 8 + 8 + 8 + 8;
         let len = model::extra_length(rng, size, model::AVG_AUCTION_BYTES);
         self.extra.push(text.letters_view(text.letters(rng, len)));
+        self.channel.push(0);
     }
-}
 
-impl BidColumns {
-    fn add(&mut self, plan: &Plan, row: u32, id: i64, rng: &mut fastrand::Rng) {
-        self.rows.push(row);
+    fn bid(&mut self, plan: &Plan, id: i64, rng: &mut fastrand::Rng) {
         let auction = if rng.u32(..model::HOT_AUCTION_RATIO) > 0 {
             model::hot_auction(id)
         } else {
             model::next_base0_auction_id(id, rng, plan.in_flight_auctions)
         };
-        self.auction.push(auction + model::FIRST_AUCTION_ID);
+        self.ids.push(auction + model::FIRST_AUCTION_ID);
         // Hot bidders are one past the hot sellers.
         let bidder = if rng.u32(..model::HOT_BIDDER_RATIO) > 0 {
             model::hot_person(id) + 1
         } else {
             model::next_base0_person_id(id, rng, plan.active_people)
         };
-        self.bidder.push(bidder + model::FIRST_PERSON_ID);
-        self.price.push(model::next_price(rng));
+        self.second.push(bidder + model::FIRST_PERSON_ID);
+        self.third.push(model::next_price(rng));
         self.channel.push(plan.text.channel(rng));
         let len = model::extra_length(rng, 32, model::AVG_BID_BYTES);
         self.extra
             .push(plan.text.letters_view(plan.text.letters(rng, len)));
+        for v in [&mut self.seller, &mut self.category, &mut self.expires] {
+            v.push(0);
+        }
+        self.item_name.push(0);
+        self.description.push(0);
+    }
+
+    fn finish(self, plan: &Plan) -> Result<(RecordBatch, ArrayRef)> {
+        let n = self.kinds.len();
+        let kinds = &self.kinds;
+        let nulls_of =
+            |kind: i32| NullBuffer::new(BooleanBuffer::collect_bool(n, |i| kinds[i] == kind));
+        let strukt = |fields: Fields, nulls: NullBuffer, children: Vec<ArrayRef>| {
+            StructArray::try_new(fields, children, Some(nulls))
+                .map(|a| Arc::new(a) as ArrayRef)
+                .map_err(|e| Error::arrow("building Nexmark events", e))
+        };
+        let buffer = |v: Vec<i64>| ScalarBuffer::from(v);
+        let time = buffer(self.date_time);
+        let ids = buffer(self.ids);
+        let second = buffer(self.second);
+        let third = buffer(self.third);
+        let extra = ScalarBuffer::from(self.extra);
+        let text = &plan.text;
+        let (letters, words) = (text.letters_buffer(), text.words());
+
+        let m = &nulls_of(model::PERSON);
+        let p = self.person;
+        let rows = &p.rows[..];
+        let person = strukt(
+            person_fields(),
+            m.clone(),
+            vec![
+                ints(&ids, m),
+                p.name.finish(rows, n, m),
+                p.email.finish(rows, n, m),
+                p.credit_card.finish(rows, n, m),
+                p.city.finish(rows, n, m),
+                p.state.finish(rows, n, m),
+                times(&time, Some(m)),
+                views(extra.clone(), &letters, m),
+            ],
+        )?;
+
+        let m = &nulls_of(model::AUCTION);
+        let auction = strukt(
+            auction_fields(),
+            m.clone(),
+            vec![
+                ints(&ids, m),
+                views(self.item_name.into(), &words, m),
+                views(self.description.into(), &words, m),
+                ints(&second, m),
+                ints(&third, m),
+                times(&time, Some(m)),
+                times(&buffer(self.expires), Some(m)),
+                ints(&buffer(self.seller), m),
+                ints(&buffer(self.category), m),
+                views(extra.clone(), &letters, m),
+            ],
+        )?;
+
+        let m = &nulls_of(model::BID);
+        // `channel` and `url` share their keys: one index per bid into both dictionaries.
+        let keys = Int32Array::new(self.channel.into(), Some(m.clone()));
+        let dictionary = |values: &ArrayRef| -> Result<ArrayRef> {
+            DictionaryArray::<Int32Type>::try_new(keys.clone(), values.clone())
+                .map(|d| Arc::new(d) as ArrayRef)
+                .map_err(|e| Error::arrow("building Nexmark events", e))
+        };
+        let bid = strukt(
+            bid_fields(),
+            m.clone(),
+            vec![
+                ints(&ids, m),
+                ints(&second, m),
+                ints(&third, m),
+                dictionary(&text.channels)?,
+                dictionary(&text.urls)?,
+                times(&time, Some(m)),
+                views(extra, &letters, m),
+            ],
+        )?;
+
+        let date_time = times(&time, None);
+        let columns = vec![
+            Arc::new(Int32Array::from(self.kinds)) as ArrayRef,
+            person,
+            auction,
+            bid,
+            date_time.clone(),
+        ];
+        let batch = RecordBatch::try_new(plan.records.clone(), columns)
+            .map_err(|e| Error::arrow("building Nexmark events", e))?;
+        Ok((batch, date_time))
     }
 }
 
