@@ -559,10 +559,12 @@ impl Shared {
         let mut closing = Closing::default();
         let mut freed = 0usize;
         let db = self.db.get().cloned();
+        // Taken (once) if a pane that spilled is emitted while it still changes.
+        let mut frozen = None;
         for st in states.iter_mut() {
             if let Some(slide) = self.slide() {
-                let db = db.as_deref().map(|d| &**d);
-                freed += self.close_panes(st, before, through, slide, db, &mut closing)?;
+                let span = (before, through, slide);
+                freed += self.close_panes(st, span, db.as_ref(), &mut frozen, &mut closing)?;
             }
             st.sessions.close(through, &mut closing.sessions);
         }
@@ -609,16 +611,16 @@ impl Shared {
     /// Takes this partition's part of the windows ending in `(before, through]` into
     /// `closing`: from each of its panes, a source per window holding the pane. A pane no
     /// later window needs leaves the partition (its entries moved; its stored ones read as
-    /// the windows are emitted and deleted after the last). A pane still needed stays and is
-    /// copied, its stored entries read now: it goes on changing while these are emitted.
-    /// Returns the bytes freed.
+    /// the windows are emitted and deleted after the last). A pane still needed stays: its
+    /// entries in memory are copied, its stored ones read from a snapshot of the database
+    /// taken now, since it goes on changing while these windows are emitted. Returns the
+    /// bytes freed.
     fn close_panes(
         &self,
         st: &mut PartState,
-        before: i64,
-        through: i64,
-        slide: i64,
-        db: Option<&DB>,
+        (before, through, slide): (i64, i64, i64),
+        db: Option<&Arc<StateDb>>,
+        frozen: &mut Option<Arc<Frozen>>,
         closing: &mut Closing,
     ) -> Result<usize> {
         let span = self.last_window_of(0);
@@ -657,7 +659,7 @@ impl Shared {
                 sort_by_key_bytes(&mut mem);
                 st.mem = st.mem.saturating_sub(bytes);
                 freed += bytes;
-                let stored = (window.stored || window.evicted) && db.is_some();
+                let stored = ((window.stored || window.evicted) && db.is_some()).then_some(None);
                 (mem, stored)
             } else {
                 let window = &st.windows[&pane];
@@ -666,28 +668,25 @@ impl Shared {
                     .iter()
                     .map(|(k, e)| (k.clone(), e.accs.clone()))
                     .collect();
-                // Not evicted: every key in the database is in memory too, newer or equal.
-                if let Some(db) = db
-                    && window.evicted
-                {
-                    for (k, accs) in read_stored(db, &prefix, self.plan.aggs.len())? {
-                        // Memory holds the newer value of a key in both.
-                        if !window.entries.contains_key(&k) {
-                            mem.push((k, accs));
-                        }
-                    }
-                }
                 sort_by_key_bytes(&mut mem);
-                (mem, false)
+                // Not evicted: every key in the database is in memory too, newer or equal.
+                let stored = match db {
+                    Some(db) if window.evicted => {
+                        Some(Some(frozen.get_or_insert_with(|| Frozen::new(db)).clone()))
+                    }
+                    _ => None,
+                };
+                (mem, stored)
             };
             // Shared by the windows: read in end order, the last one takes the entries.
             let entries = Arc::new(entries);
             let mut end = first_end;
             while end <= last_end {
-                let stored = stored.then(|| StoredRange {
+                let stored = stored.as_ref().map(|frozen| StoredRange {
                     prefix: prefix.clone(),
                     upto: upto.clone(),
                     delete: end == last,
+                    frozen: frozen.clone(),
                 });
                 closing.add(end, self.window_start(end), entries.clone(), stored);
                 end += slide;
@@ -697,21 +696,30 @@ impl Shared {
     }
 }
 
-/// Every entry of a pane in the database (its key prefix), in key order.
-fn read_stored(db: &DB, prefix: &[u8], aggs: usize) -> Result<Vec<KeyedAccs>> {
-    let mut out = Vec::new();
-    let mut it = db.raw_iterator();
-    it.seek(prefix);
-    while let Some(key) = it.key() {
-        let Some(key) = key.strip_prefix(prefix) else {
-            break;
+/// A point-in-time view of the state database that owns a handle to it: what a pane
+/// still changing looked like when its windows closed.
+struct Frozen {
+    // Declared first: released while the database it borrows is still open.
+    snapshot: rocksdb::SnapshotWithThreadMode<'static, DB>,
+    _db: Arc<StateDb>,
+}
+
+impl Frozen {
+    fn new(db: &Arc<StateDb>) -> Arc<Frozen> {
+        let snapshot = db.snapshot();
+        // SAFETY: the snapshot borrows the database inside `db`'s allocation, which `_db`
+        // keeps alive, in place, for as long as the snapshot exists (fields drop in order).
+        let snapshot = unsafe {
+            std::mem::transmute::<
+                rocksdb::SnapshotWithThreadMode<'_, DB>,
+                rocksdb::SnapshotWithThreadMode<'static, DB>,
+            >(snapshot)
         };
-        let (accs, _) = acc::decode(it.value().expect("a value at a key"), aggs)?;
-        out.push((key.into(), accs.into_boxed_slice()));
-        it.next();
+        Arc::new(Frozen {
+            snapshot,
+            _db: db.clone(),
+        })
     }
-    it.status().map_err(db_error)?;
-    Ok(out)
 }
 
 /// A pane's entries in the database, for one window that holds it.
@@ -720,6 +728,8 @@ struct StoredRange {
     upto: Vec<u8>,
     /// The pane's last window: its entries are deleted once it has been read.
     delete: bool,
+    /// Read from this snapshot (the pane still changes), else from the database.
+    frozen: Option<Arc<Frozen>>,
 }
 
 /// What [`Shared::add`] did not take.
@@ -1034,6 +1044,7 @@ struct Stored {
     upto: Vec<u8>,
     /// Delete the range once read (the pane's last window).
     delete: bool,
+    frozen: Option<Arc<Frozen>>,
     next: Option<Vec<u8>>,
     buffer: VecDeque<KeyedAccs>,
     done: bool,
@@ -1056,6 +1067,7 @@ impl Closing {
                 prefix: r.prefix,
                 upto: r.upto,
                 delete: r.delete,
+                frozen: r.frozen,
                 next: None,
                 buffer: VecDeque::new(),
                 done: false,
@@ -1144,7 +1156,10 @@ impl Source {
         if !st.buffer.is_empty() || st.done {
             return Ok(());
         }
-        let mut it = db.raw_iterator();
+        let mut it = match &st.frozen {
+            Some(frozen) => frozen.snapshot.raw_iterator(),
+            None => db.raw_iterator(),
+        };
         match &st.next {
             Some(next) => {
                 let mut k = st.prefix.clone();
