@@ -1,6 +1,6 @@
-//! `sluice bench`: runs workloads for a fixed number of events, one after another in this
-//! process, and reports per workload the throughput, the CPU it took, batch latency and
-//! peak memory; writes a JSON report and an SVG chart of throughput over time.
+//! `sluice bench`: runs workloads for a fixed number of events, one after another, each in
+//! a process of its own, and reports per workload the throughput, the CPU it took, batch
+//! latency and peak memory; writes a JSON report and an SVG chart of throughput over time.
 //!
 //! The built-in workloads are the Nexmark queries of `benches/nexmark/` (compiled into the
 //! binary, so the command works from any directory) and two baselines over the same
@@ -81,10 +81,27 @@ const BUILTINS: &[Builtin] = &[
         about: "new users: people who opened an auction in the window they registered",
         yaml: Some(include_str!("../benches/nexmark/q8.yaml")),
     },
+    Builtin {
+        name: "q11",
+        about: "user sessions: bids per bidder and session (10s gap)",
+        yaml: Some(include_str!("../benches/nexmark/q11.yaml")),
+    },
+    Builtin {
+        name: "q14",
+        about: "calculation: bids in a price range, classified by hour, with a character count",
+        yaml: Some(include_str!("../benches/nexmark/q14.yaml")),
+    },
+    Builtin {
+        name: "q22",
+        about: "url directories: the first three directories of each bid's url",
+        yaml: Some(include_str!("../benches/nexmark/q22.yaml")),
+    },
 ];
 
 /// What `nexmark` stands for.
-const NEXMARK: &[&str] = &["generate", "null", "q0", "q1", "q2", "q5", "q7", "q8"];
+const NEXMARK: &[&str] = &[
+    "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q22",
+];
 
 /// The built-in pipelines by name, for tests that run them on small inputs.
 pub fn builtin_pipeline(name: &str) -> Option<&'static str> {
@@ -193,12 +210,14 @@ pub fn resolve(
 pub struct Options {
     /// Worker tasks per pipeline (default: the engine's, one per partition up to the cores).
     pub workers: Option<usize>,
+    /// Source partitions (default for the built-in workloads: one per core).
+    pub partitions: Option<u32>,
     /// Where `report.json` and `throughput.svg` go.
     pub out: PathBuf,
 }
 
 /// What one workload measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub workload: String,
     pub about: String,
@@ -217,7 +236,7 @@ pub struct Outcome {
     /// Time to run one batch through the stages (the plain loop: to generate it).
     pub batch_p50_ms: Option<f64>,
     pub batch_p99_ms: Option<f64>,
-    /// Peak resident memory of the process during the workload (`VmHWM`, reset before it).
+    /// Peak resident memory of the workload's process (`VmHWM`, reset after planning).
     pub peak_rss_bytes: Option<u64>,
     /// (seconds since the start, events read so far), every 50 ms.
     pub progress: Vec<(f64, u64)>,
@@ -301,6 +320,9 @@ fn cpu_time() -> Duration {
 }
 
 /// Runs the workloads one after another, prints a table, writes the report and the chart.
+///
+/// Each workload runs in a process of its own (this program, `bench --one`): its peak
+/// memory is its own, and no workload inherits another's heap, caches or threads.
 pub async fn run(
     workloads: Vec<Workload>,
     events: u64,
@@ -313,7 +335,7 @@ pub async fn run(
     }
     let mut outcomes = Vec::with_capacity(workloads.len());
     for w in workloads {
-        let outcome = run_one(&w, events, options)
+        let outcome = run_in_child(&w.name, events, options)
             .await
             .with_context(|| format!("workload `{}`", w.name))?;
         println!("{}", row(&outcome));
@@ -340,6 +362,37 @@ pub async fn run(
     chart(&report, &svg).with_context(|| format!("drawing {}", svg.display()))?;
     println!("report: {}  chart: {}", json.display(), svg.display());
     Ok(report)
+}
+
+/// Runs workload `name` in a child process and reads back what it measured.
+async fn run_in_child(name: &str, events: u64, options: &Options) -> anyhow::Result<Outcome> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(["bench", "--one", name, "--events", &events.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    if let Some(w) = options.workers {
+        command.args(["--workers", &w.to_string()]);
+    }
+    if let Some(p) = options.partitions {
+        command.args(["--partitions", &p.to_string()]);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output()).await??;
+    if !output.status.success() {
+        bail!("it failed ({})", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("reading what the workload measured")
+}
+
+/// `bench --one NAME`: runs one workload in this process and prints what it measured as
+/// JSON (what [`run`] starts for each workload).
+pub async fn run_here(name: &str, events: u64, options: &Options) -> anyhow::Result<()> {
+    let workload = resolve(&[name.to_string()], events, options.partitions)?
+        .pop()
+        .expect("one workload");
+    let outcome = run_one(&workload, events, options).await?;
+    println!("{}", serde_json::to_string(&outcome)?);
+    Ok(())
 }
 
 /// The table's header line.

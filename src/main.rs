@@ -50,7 +50,7 @@ enum Command {
     /// latency and memory; writes a JSON report and an SVG chart.
     Bench {
         /// `nexmark` (every query and both baselines), built-in workloads (generate, null,
-        /// q0, q1, q2, q5, q7, q8) or pipeline files.
+        /// q0, q1, q2, q5, q7, q8, q11, q14, q22) or pipeline files.
         #[arg(default_value = "nexmark")]
         workloads: Vec<String>,
         /// Events per workload.
@@ -65,6 +65,10 @@ enum Command {
         /// Where report.json and throughput.svg are written.
         #[arg(long, default_value = "out/bench")]
         out: PathBuf,
+        /// Run the one workload named here and print its figures as JSON (each workload
+        /// of a bench runs so, in a process of its own).
+        #[arg(long, hide = true)]
+        one: bool,
     },
     /// List the functions usable in `function` stages.
     Functions,
@@ -178,7 +182,15 @@ fn main() -> ExitCode {
                 workers,
                 partitions,
                 out,
-            } => bench(workloads, events, workers, partitions, out).await,
+                one,
+            } => {
+                let options = sluice::bench::Options {
+                    workers,
+                    partitions,
+                    out,
+                };
+                bench(workloads, events, options, one).await
+            }
             Command::Functions => {
                 for f in sluice_udfs::functions::REGISTRY {
                     println!("{:12} {}", f.name, f.summary);
@@ -190,14 +202,21 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn bench(
-    names: Vec<String>,
-    events: u64,
-    workers: Option<usize>,
-    partitions: Option<u32>,
-    out: PathBuf,
-) -> u8 {
-    let workloads = match sluice::bench::resolve(&names, events, partitions) {
+async fn bench(names: Vec<String>, events: u64, options: sluice::bench::Options, one: bool) -> u8 {
+    if one {
+        let [name] = names.as_slice() else {
+            eprintln!("error: --one runs one workload");
+            return INVALID;
+        };
+        return match sluice::bench::run_here(name, events, &options).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                FAILED
+            }
+        };
+    }
+    let workloads = match sluice::bench::resolve(&names, events, options.partitions) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -205,7 +224,6 @@ async fn bench(
         }
     };
     println!("{}", sluice::bench::header());
-    let options = sluice::bench::Options { workers, out };
     match sluice::bench::run(workloads, events, &options).await {
         Ok(_) => 0,
         Err(e) => {

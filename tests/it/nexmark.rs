@@ -69,7 +69,8 @@ async fn run_query(name: &str) -> (Vec<RecordBatch>, SessionContext) {
         "CREATE VIEW auction AS SELECT auction['id'] AS id, auction['seller'] AS seller, \
          CAST(date_time AS BIGINT) AS ts FROM events WHERE event_type = 1",
         "CREATE VIEW bid AS SELECT bid['auction'] AS auction, bid['bidder'] AS bidder, \
-         bid['price'] AS price, bid['extra'] AS extra, CAST(date_time AS BIGINT) AS ts \
+         bid['price'] AS price, bid['extra'] AS extra, CAST(date_time AS BIGINT) AS ts, \
+         CAST(bid['channel'] AS VARCHAR) AS channel, CAST(bid['url'] AS VARCHAR) AS url \
          FROM events WHERE event_type = 2",
     ] {
         ctx.sql(view).await.unwrap().collect().await.unwrap();
@@ -239,6 +240,60 @@ async fn q8_finds_people_who_sold_in_the_window_they_joined() {
     assert_same("q8", rows(&out), rows(&reference));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q11_counts_the_bids_of_each_bidders_sessions() {
+    let (out, ctx) = run_query("q11").await;
+    // A bid 10s or more after the bidder's previous one starts a new session.
+    let reference = query(
+        &ctx,
+        "WITH b AS (
+             SELECT bidder, ts,
+                    CASE WHEN ts - lag(ts) OVER (PARTITION BY bidder ORDER BY ts) < 10000
+                         THEN 0 ELSE 1 END AS new
+             FROM bid),
+         s AS (
+             SELECT bidder, ts,
+                    sum(new) OVER (PARTITION BY bidder ORDER BY ts
+                                   ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS session
+             FROM b)
+         SELECT bidder, min(ts), max(ts) + 10000, count(*) FROM s GROUP BY bidder, session",
+    )
+    .await;
+    assert_same("q11", rows(&out), rows(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q14_classifies_and_counts_in_a_price_range() {
+    let (out, ctx) = run_query("q14").await;
+    let reference = query(
+        &ctx,
+        "SELECT auction, bidder, 0.908 * price,
+                CASE WHEN (ts / 3600000) % 24 BETWEEN 8 AND 18 THEN 'dayTime'
+                     WHEN (ts / 3600000) % 24 <= 6 OR (ts / 3600000) % 24 >= 20 THEN 'nightTime'
+                     ELSE 'otherTime' END,
+                ts, extra,
+                length(extra) - length(regexp_replace(extra, 'c', '', 'g'))
+         FROM bid WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000",
+    )
+    .await;
+    assert_same("q14", rows(&out), rows(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q22_splits_every_url_into_directories() {
+    let (out, ctx) = run_query("q22").await;
+    let reference = query(
+        &ctx,
+        "SELECT auction, bidder, price, channel,
+                array_element(string_to_array(url, '/'), 4),
+                array_element(string_to_array(url, '/'), 5),
+                array_element(string_to_array(url, '/'), 6)
+         FROM bid",
+    )
+    .await;
+    assert_same("q22", rows(&out), rows(&reference));
+}
+
 /// The generator's events look like the benchmark's: proportions, id ranges, hot items.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_events_have_the_benchmarks_shape() {
@@ -300,7 +355,9 @@ fn sluice_bench_writes_a_report_and_a_chart() {
         .collect();
     assert_eq!(
         names,
-        ["generate", "null", "q0", "q1", "q2", "q5", "q7", "q8"]
+        [
+            "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q22"
+        ]
     );
     for w in workloads {
         let name = w["workload"].as_str().unwrap();
