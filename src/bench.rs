@@ -92,6 +92,11 @@ const BUILTINS: &[Builtin] = &[
         yaml: Some(include_str!("../benches/nexmark/q14.yaml")),
     },
     Builtin {
+        name: "q21",
+        about: "channel id: from the hot channels' names or the url's channel_id",
+        yaml: Some(include_str!("../benches/nexmark/q21.yaml")),
+    },
+    Builtin {
         name: "q22",
         about: "url directories: the first three directories of each bid's url",
         yaml: Some(include_str!("../benches/nexmark/q22.yaml")),
@@ -100,7 +105,7 @@ const BUILTINS: &[Builtin] = &[
 
 /// What `nexmark` stands for.
 const NEXMARK: &[&str] = &[
-    "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q22",
+    "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q21", "q22",
 ];
 
 /// The built-in pipelines by name, for tests that run them on small inputs.

@@ -50,7 +50,7 @@ enum Command {
     /// latency and memory; writes a JSON report and an SVG chart.
     Bench {
         /// `nexmark` (every query and both baselines), built-in workloads (generate, null,
-        /// q0, q1, q2, q5, q7, q8, q11, q14, q22) or pipeline files.
+        /// q0, q1, q2, q5, q7, q8, q11, q14, q21, q22) or pipeline files.
         #[arg(default_value = "nexmark")]
         workloads: Vec<String>,
         /// Events per workload.

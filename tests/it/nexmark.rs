@@ -280,6 +280,23 @@ async fn q14_classifies_and_counts_in_a_price_range() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q21_adds_the_channel_id() {
+    let (out, ctx) = run_query("q21").await;
+    let reference = query(
+        &ctx,
+        "SELECT auction, bidder, price, channel, id FROM (
+             SELECT auction, bidder, price, channel,
+                    CASE WHEN channel = 'Apple' THEN '0' WHEN channel = 'Google' THEN '1'
+                         WHEN channel = 'Facebook' THEN '2' WHEN channel = 'Baidu' THEN '3'
+                         ELSE nullif(split_part(url, 'channel_id=', 2), '') END AS id
+             FROM bid)
+         WHERE id IS NOT NULL",
+    )
+    .await;
+    assert_same("q21", rows(&out), rows(&reference));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q22_splits_every_url_into_directories() {
     let (out, ctx) = run_query("q22").await;
     let reference = query(
@@ -356,7 +373,7 @@ fn sluice_bench_writes_a_report_and_a_chart() {
     assert_eq!(
         names,
         [
-            "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q22"
+            "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q21", "q22"
         ]
     );
     for w in workloads {
