@@ -40,6 +40,7 @@ struct Builtin {
 
 const NULL_YAML: &str = include_str!("../benches/nexmark/null.yaml");
 
+/// Every built-in workload, in the order `nexmark` runs them.
 const BUILTINS: &[Builtin] = &[
     Builtin {
         name: "generate",
@@ -103,11 +104,6 @@ const BUILTINS: &[Builtin] = &[
     },
 ];
 
-/// What `nexmark` stands for.
-const NEXMARK: &[&str] = &[
-    "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q21", "q22",
-];
-
 /// The built-in pipelines by name, for tests that run them on small inputs.
 pub fn builtin_pipeline(name: &str) -> Option<&'static str> {
     BUILTINS
@@ -129,18 +125,16 @@ enum Kind {
     Pipeline(Box<PipelineConfig>),
 }
 
-/// The variables the built-in pipelines read: the process environment, and `PARTITIONS`
-/// from `--partitions` or else one per core.
-struct BenchEnv {
-    partitions: Option<u32>,
-}
+/// The variables the built-in pipelines read: the process environment, with `PARTITIONS`
+/// one per core unless set (`--partitions` overrides either once parsed).
+struct BenchEnv;
 
 impl Env for BenchEnv {
     fn var(&self, name: &str) -> Option<String> {
-        match (name, self.partitions) {
-            ("PARTITIONS", Some(p)) => Some(p.to_string()),
-            ("PARTITIONS", None) => ProcessEnv.var(name).or_else(|| Some(cores().to_string())),
-            _ => ProcessEnv.var(name),
+        let value = ProcessEnv.var(name);
+        match name {
+            "PARTITIONS" => value.or_else(|| Some(cores().to_string())),
+            _ => value,
         }
     }
 }
@@ -160,7 +154,7 @@ pub fn resolve(
     let mut expanded: Vec<String> = Vec::new();
     for name in names {
         if name == "nexmark" {
-            expanded.extend(NEXMARK.iter().map(|n| n.to_string()));
+            expanded.extend(BUILTINS.iter().map(|b| b.name.to_string()));
         } else {
             expanded.push(name.clone());
         }
@@ -170,8 +164,7 @@ pub fn resolve(
         let (about, mut config, generate) = match BUILTINS.iter().find(|b| b.name == name) {
             Some(b) => {
                 let file = format!("benches/nexmark/{}.yaml", b.yaml.map_or("null", |_| b.name));
-                let env = BenchEnv { partitions };
-                let config = config::parse(&file, b.yaml.unwrap_or(NULL_YAML), &env)
+                let config = config::parse(&file, b.yaml.unwrap_or(NULL_YAML), &BenchEnv)
                     .map_err(|p| anyhow::anyhow!("{p}"))?;
                 (b.about.to_string(), config, b.yaml.is_none())
             }

@@ -64,7 +64,8 @@ pub trait CheckpointStore: Send + Sync {
 /// the database's shutdown flush failed and RocksDB waited a second before giving up.
 pub struct StateDb {
     db: rocksdb::DB,
-    _scratch: Option<tempfile::TempDir>,
+    /// A scratch store's directory (state that needs somewhere to spill, no restarts).
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl std::ops::Deref for StateDb {
@@ -119,8 +120,6 @@ const LATEST: &str = "LATEST";
 pub struct RocksStore {
     db: Arc<StateDb>,
     dir: PathBuf,
-    /// A scratch store (state that needs somewhere to spill, no restarts): no checkpoints.
-    scratch: bool,
     /// Held while the store is open: a second process on the same directory would clear
     /// this one's working database.
     _lock: std::fs::File,
@@ -202,11 +201,7 @@ impl RocksStore {
         options.set_block_based_table_factory(&table);
         let db = rocksdb::DB::open(&options, &working).map_err(|e| error(e.into_string()))?;
         Ok(RocksStore {
-            scratch: scratch.is_some(),
-            db: Arc::new(StateDb {
-                db,
-                _scratch: scratch,
-            }),
+            db: Arc::new(StateDb { db, scratch }),
             dir: dir.to_path_buf(),
             _lock: lock,
         })
@@ -333,7 +328,8 @@ impl CheckpointStore for RocksStore {
         self.db
             .write_opt(batch, &unlogged())
             .map_err(|e| self.error(e))?;
-        if !self.scratch {
+        // A scratch store keeps no checkpoints.
+        if self.db.scratch.is_none() {
             self.freeze(checkpoint.id)?;
         }
         Ok(())

@@ -806,6 +806,43 @@ impl Checkpointing {
         )
         .await
     }
+
+    /// Takes a checkpoint ([`Checkpointing::take`]), then releases the partitions that
+    /// were drained for it.
+    async fn take_and_release(
+        &self,
+        sink: &mut dyn Sink,
+        dead_letter: Option<&mut DeadLetterSink>,
+        drains: &mut Vec<Drained>,
+        progress: &mut HashMap<Arc<str>, i64>,
+        committed: &mut HashMap<Arc<str>, i64>,
+        stats: &RunStats,
+    ) -> Result<()> {
+        self.take(sink, dead_letter, progress, committed, stats)
+            .await?;
+        self.finish_drains(drains, progress, committed);
+        Ok(())
+    }
+
+    /// Revoked partitions whose records are all in a committed checkpoint: their stage
+    /// state is released and their drain is reported done.
+    fn finish_drains(
+        &self,
+        drains: &mut Vec<Drained>,
+        progress: &mut HashMap<Arc<str>, i64>,
+        committed: &mut HashMap<Arc<str>, i64>,
+    ) {
+        for Drained { partition, done } in drains.drain(..) {
+            for state in &self.states {
+                state.release(&partition);
+            }
+            // A later owner of the partition reports its own progress.
+            progress.remove(&partition.name);
+            committed.remove(&partition.name);
+            let _ = done.send(());
+            tracing::debug!(partition = %partition.name, "revoked partition drained");
+        }
+    }
 }
 
 /// Every worker waiting at a barrier, to be resumed by dropping these.
@@ -884,7 +921,7 @@ async fn sink_loop(
                 }
                 checkpointing.take(sink.as_mut(), dead_letter.as_mut(), &progress, &mut committed, &stats).await?;
                 drop(paused);
-                finish_drains(&mut drains, &checkpointing.states, &mut progress, &mut committed);
+                checkpointing.finish_drains(&mut drains, &mut progress, &mut committed);
                 false
             }
             _ = tick(&mut ticker), if ticker.is_some() => {
@@ -901,20 +938,15 @@ async fn sink_loop(
             pausing.get_or_insert_with(|| pause_workers(&checkpointing.workers));
         } else {
             checkpointing
-                .take(
+                .take_and_release(
                     sink.as_mut(),
                     dead_letter.as_mut(),
-                    &progress,
+                    &mut drains,
+                    &mut progress,
                     &mut committed,
                     &stats,
                 )
                 .await?;
-            finish_drains(
-                &mut drains,
-                &checkpointing.states,
-                &mut progress,
-                &mut committed,
-            );
         }
     }
     sink.close().await?;
@@ -923,20 +955,15 @@ async fn sink_loop(
     }
     // Every worker has ended: the state is still.
     checkpointing
-        .take(
+        .take_and_release(
             sink.as_mut(),
             dead_letter.as_mut(),
-            &progress,
+            &mut drains,
+            &mut progress,
             &mut committed,
             &stats,
         )
         .await?;
-    finish_drains(
-        &mut drains,
-        &checkpointing.states,
-        &mut progress,
-        &mut committed,
-    );
     Ok(match &dead_letter {
         Some(dlq) => format!("{}; dead letters: {}", sink.summary(), dlq.sink.summary()),
         None => sink.summary(),
@@ -992,25 +1019,6 @@ async fn snapshot_states(states: &[Arc<dyn StageState>]) -> Result<()> {
     .map_err(|e| Error::Internal(format!("snapshotting stage state: {e}")))??;
     tracing::debug!(keys = written, took = ?t0.elapsed(), "stage state snapshot");
     Ok(())
-}
-
-/// Revoked partitions whose checkpoint is committed: their state and progress go.
-fn finish_drains(
-    drains: &mut Vec<Drained>,
-    states: &[Arc<dyn StageState>],
-    progress: &mut HashMap<Arc<str>, i64>,
-    committed: &mut HashMap<Arc<str>, i64>,
-) {
-    for Drained { partition, done } in drains.drain(..) {
-        for state in states {
-            state.release(&partition);
-        }
-        // A later owner of the partition reports its own progress.
-        progress.remove(&partition.name);
-        committed.remove(&partition.name);
-        let _ = done.send(());
-        tracing::debug!(partition = %partition.name, "revoked partition drained");
-    }
 }
 
 fn interval(every: Duration) -> tokio::time::Interval {

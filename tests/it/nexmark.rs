@@ -130,7 +130,12 @@ fn rows(batches: &[RecordBatch]) -> Vec<String> {
     out
 }
 
-fn assert_same(name: &str, ours: Vec<String>, reference: Vec<String>) {
+/// Runs built-in query `name` and compares its rows with what `reference` (SQL over the
+/// views of [`run_query`]) computes, sorted.
+async fn matches_reference(name: &str, reference: &str) {
+    let (out, ctx) = run_query(name).await;
+    let reference = query(&ctx, reference).await;
+    let (ours, reference) = (rows(&out), rows(&reference));
     assert!(!reference.is_empty(), "{name}: the reference has no rows");
     assert_eq!(ours.len(), reference.len(), "{name}: row counts differ");
     for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
@@ -140,40 +145,33 @@ fn assert_same(name: &str, ours: Vec<String>, reference: Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q0_passes_every_bid_through() {
-    let (out, ctx) = run_query("q0").await;
-    let reference = query(&ctx, "SELECT auction, bidder, price, ts, extra FROM bid").await;
-    assert_same("q0", rows(&out), rows(&reference));
+    matches_reference("q0", "SELECT auction, bidder, price, ts, extra FROM bid").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q1_converts_every_price() {
-    let (out, ctx) = run_query("q1").await;
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q1",
         "SELECT auction, bidder, 0.908 * price AS price, ts, extra FROM bid",
     )
     .await;
-    assert_same("q1", rows(&out), rows(&reference));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q2_selects_the_bids_on_every_123rd_auction() {
-    let (out, ctx) = run_query("q2").await;
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q2",
         "SELECT auction, price FROM bid WHERE auction % 123 = 0",
     )
     .await;
-    assert_same("q2", rows(&out), rows(&reference));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q5_finds_the_hottest_auctions_of_every_sliding_window() {
-    let (out, ctx) = run_query("q5").await;
     // HOP(size 10s, slide 2s): a bid at t is in the five windows starting at
     // floor(t / 2s) * 2s - k * 2s, k = 0..4. Every auction tied for the most bids.
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q5",
         "WITH windows AS (
              SELECT auction, (ts / 2000) * 2000 - k * 2000 AS window_start
              FROM bid CROSS JOIN (VALUES (0), (1), (2), (3), (4)) AS o(k)),
@@ -187,7 +185,6 @@ async fn q5_finds_the_hottest_auctions_of_every_sliding_window() {
            ON c.window_start = m.window_start AND c.num >= m.maxn",
     )
     .await;
-    assert_same("q5", rows(&out), rows(&reference));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,24 +225,21 @@ async fn q7_finds_the_highest_bid_of_every_tumbling_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q8_finds_people_who_sold_in_the_window_they_joined() {
-    let (out, ctx) = run_query("q8").await;
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q8",
         "WITH p AS (SELECT id, name, (ts / 10000) * 10000 AS window_start FROM person),
          a AS (SELECT DISTINCT seller, (ts / 10000) * 10000 AS window_start FROM auction)
          SELECT p.id, p.name, p.window_start
          FROM p JOIN a ON p.id = a.seller AND p.window_start = a.window_start",
     )
     .await;
-    assert_same("q8", rows(&out), rows(&reference));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q11_counts_the_bids_of_each_bidders_sessions() {
-    let (out, ctx) = run_query("q11").await;
     // A bid 10s or more after the bidder's previous one starts a new session.
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q11",
         "WITH b AS (
              SELECT bidder, ts,
                     CASE WHEN ts - lag(ts) OVER (PARTITION BY bidder ORDER BY ts) < 10000
@@ -259,14 +253,12 @@ async fn q11_counts_the_bids_of_each_bidders_sessions() {
          SELECT bidder, min(ts), max(ts) + 10000, count(*) FROM s GROUP BY bidder, session",
     )
     .await;
-    assert_same("q11", rows(&out), rows(&reference));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q14_classifies_and_counts_in_a_price_range() {
-    let (out, ctx) = run_query("q14").await;
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q14",
         "SELECT auction, bidder, 0.908 * price,
                 CASE WHEN (ts / 3600000) % 24 BETWEEN 8 AND 18 THEN 'dayTime'
                      WHEN (ts / 3600000) % 24 <= 6 OR (ts / 3600000) % 24 >= 20 THEN 'nightTime'
@@ -276,14 +268,12 @@ async fn q14_classifies_and_counts_in_a_price_range() {
          FROM bid WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000",
     )
     .await;
-    assert_same("q14", rows(&out), rows(&reference));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q21_adds_the_channel_id() {
-    let (out, ctx) = run_query("q21").await;
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q21",
         "SELECT auction, bidder, price, channel, id FROM (
              SELECT auction, bidder, price, channel,
                     CASE WHEN channel = 'Apple' THEN '0' WHEN channel = 'Google' THEN '1'
@@ -293,14 +283,12 @@ async fn q21_adds_the_channel_id() {
          WHERE id IS NOT NULL",
     )
     .await;
-    assert_same("q21", rows(&out), rows(&reference));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q22_splits_every_url_into_directories() {
-    let (out, ctx) = run_query("q22").await;
-    let reference = query(
-        &ctx,
+    matches_reference(
+        "q22",
         "SELECT auction, bidder, price, channel,
                 array_element(string_to_array(url, '/'), 4),
                 array_element(string_to_array(url, '/'), 5),
@@ -308,7 +296,6 @@ async fn q22_splits_every_url_into_directories() {
          FROM bid",
     )
     .await;
-    assert_same("q22", rows(&out), rows(&reference));
 }
 
 /// The generator's events look like the benchmark's: proportions, id ranges, hot items.
