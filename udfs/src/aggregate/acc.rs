@@ -133,6 +133,18 @@ impl AggDef {
         }
     }
 
+    /// Whether the accumulator's size changes with the values it sees: distinct sets, and
+    /// kept values that are text.
+    pub fn variable_size(&self) -> bool {
+        let text = |c: Option<(usize, Kind)>| matches!(c, Some((_, Kind::Text)));
+        match self.func {
+            Func::CountDistinct => true,
+            Func::Min | Func::Max | Func::First | Func::Last => text(self.input),
+            Func::MaxBy | Func::MinBy => text(self.input) || text(self.by),
+            _ => false,
+        }
+    }
+
     pub fn new_acc(&self) -> Acc {
         let kind = self.input.map(|(_, k)| k);
         match self.func {
@@ -529,11 +541,7 @@ pub fn rank_value(acc: &Acc) -> Value {
 }
 
 /// Orders two outputs of one aggregate; null is the smallest.
-pub fn rank_cmp(a: &Acc, b: &Acc) -> std::cmp::Ordering {
-    rank_cmp_value(&rank_value(a), &rank_value(b))
-}
-
-pub fn rank_cmp_value(a: &Value, b: &Value) -> std::cmp::Ordering {
+pub fn rank_cmp(a: &Value, b: &Value) -> std::cmp::Ordering {
     use std::cmp::Ordering::*;
     match (a, b) {
         (Value::Null, Value::Null) => Equal,

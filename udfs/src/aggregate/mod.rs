@@ -462,7 +462,8 @@ struct Top {
     n: usize,
     /// The end of the window being collected.
     window: Option<i64>,
-    candidates: Vec<OutRow>,
+    /// Rows of that window that may still rank, with their ranking value (read once).
+    candidates: Vec<(acc::Value, OutRow)>,
     /// Rows of finished windows, to emit.
     ready: Vec<OutRow>,
 }
@@ -483,7 +484,8 @@ impl Top {
             self.finish_window();
             self.window = Some(row.2);
         }
-        self.candidates.push(row);
+        self.candidates
+            .push((acc::rank_value(&row.3[self.agg]), row));
         if self.candidates.len() >= 2 * self.n + 4096 {
             self.prune();
         }
@@ -495,19 +497,19 @@ impl Top {
         if self.candidates.len() <= self.n {
             return;
         }
-        let agg = self.agg;
-        let desc = |a: &OutRow, b: &OutRow| acc::rank_cmp(&b.3[agg], &a.3[agg]);
-        self.candidates.select_nth_unstable_by(self.n - 1, desc);
-        let nth = acc::rank_value(&self.candidates[self.n - 1].3[agg]);
         self.candidates
-            .retain(|r| acc::rank_cmp_value(&acc::rank_value(&r.3[agg]), &nth).is_ge());
+            .select_nth_unstable_by(self.n - 1, |a, b| acc::rank_cmp(&b.0, &a.0));
+        let nth = self.candidates[self.n - 1].0.clone();
+        self.candidates
+            .retain(|(value, _)| acc::rank_cmp(value, &nth).is_ge());
     }
 
     /// The window being collected is complete: its top rows become ready, in key order.
     fn finish_window(&mut self) {
         self.prune();
-        self.candidates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        self.ready.append(&mut self.candidates);
+        self.candidates.sort_unstable_by(|a, b| a.1.0.cmp(&b.1.0));
+        self.ready
+            .extend(self.candidates.drain(..).map(|(_, row)| row));
         self.window = None;
     }
 }

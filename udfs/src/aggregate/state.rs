@@ -238,13 +238,7 @@ impl Shared {
             epoch: Instant::now(),
             late_dropped: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
-            variable_size: plan.aggs.iter().any(|a| {
-                matches!(a.func, acc::Func::CountDistinct)
-                    || (matches!(
-                        a.func,
-                        acc::Func::Min | acc::Func::Max | acc::Func::First | acc::Func::Last
-                    ) && matches!(a.input, Some((_, acc::Kind::Text))))
-            }),
+            variable_size: plan.aggs.iter().any(AggDef::variable_size),
             plan,
         }
     }
