@@ -24,6 +24,7 @@ use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use sluice_connectors::nexmark::NexmarkConfig;
 use sluice_connectors::null::NullConfig;
 use sluice_connectors::stdout::StdoutConfig;
+use sluice_engine::autoscale::ScalingPolicy;
 use sluice_engine::batch;
 use sluice_engine::breaker::{Breaker, BreakerPolicy, Fallback};
 use sluice_engine::config::yaml::{self, Env, ProcessEnv};
@@ -44,6 +45,7 @@ const TOP_LEVEL: &[&str] = &[
     "sinks",
     "dead_letter",
     "checkpoint",
+    "scaling",
     "tests",
 ];
 
@@ -56,7 +58,15 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     pub dead_letter: Option<SinkConfig>,
     pub checkpoint: Option<Checkpointing>,
+    /// Worker tasks follow the partitions' lag (see `sluice_engine::autoscale`).
+    pub scaling: Option<Scaling>,
     pub tests: Vec<TestCase>,
+}
+
+/// The `scaling` section, read.
+pub struct Scaling {
+    pub policy: ScalingPolicy,
+    pub at: At,
 }
 
 /// The `checkpoint` section, read.
@@ -141,6 +151,97 @@ struct CheckpointConfig {
 
 fn default_checkpoint_interval() -> Duration {
     Duration::from_secs(10)
+}
+
+/// How many workers run, from the partitions' lag: `desired = clamp(ceil(lag /
+/// lag_threshold), min_workers, min(max_workers, partitions × parallelization_factor))`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScalingConfig {
+    #[serde(default = "one")]
+    min_workers: usize,
+    /// Default: one per core.
+    max_workers: Option<usize>,
+    /// Records of lag one worker is meant to carry (default 10000).
+    #[serde(default = "default_lag_threshold")]
+    lag_threshold: u64,
+    /// How long the lag must ask for fewer workers before they go (default 60s).
+    #[serde(default = "default_cooldown")]
+    scale_down_cooldown: Duration,
+    /// Batches of one partition processed at once, each key's records kept in order (1–10).
+    #[serde(default = "one")]
+    parallelization_factor: usize,
+    /// The column that keeps records in order under a parallelization factor (default
+    /// `_key`, the record's key: Kafka's message key).
+    key: Option<String>,
+    /// Time between evaluations of the lag (default 1s).
+    #[serde(default = "default_scaling_interval")]
+    interval: Duration,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_lag_threshold() -> u64 {
+    10_000
+}
+
+fn default_cooldown() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_scaling_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn parse_scaling(n: &Node, problems: &mut Problems) -> Option<Scaling> {
+    let path = Location::new("scaling");
+    let c: ScalingConfig = from_node(n, &path, &[], problems)?;
+    let before = problems.len();
+    let max_workers = c
+        .max_workers
+        .unwrap_or_else(|| ScalingPolicy::default().max_workers.max(c.min_workers));
+    if c.min_workers == 0 {
+        problems.at_key(n, &path, "min_workers", "must be at least 1");
+    }
+    if max_workers < c.min_workers {
+        problems.at_key(
+            n,
+            &path,
+            "max_workers",
+            format!("is {max_workers}, below min_workers ({})", c.min_workers),
+        );
+    }
+    if c.lag_threshold == 0 {
+        problems.at_key(n, &path, "lag_threshold", "must be at least 1 record");
+    }
+    if !(1..=10).contains(&c.parallelization_factor) {
+        problems.at_key(
+            n,
+            &path,
+            "parallelization_factor",
+            format!("is {}; it must be from 1 to 10", c.parallelization_factor),
+        );
+    }
+    if c.interval.get().is_zero() {
+        problems.at_key(n, &path, "interval", "must be longer than 0s");
+    }
+    (problems.len() == before).then(|| Scaling {
+        policy: ScalingPolicy {
+            min_workers: c.min_workers,
+            max_workers,
+            lag_threshold: c.lag_threshold,
+            scale_down_cooldown: c.scale_down_cooldown.get(),
+            parallelization_factor: c.parallelization_factor,
+            key: c.key.map(Into::into),
+            interval: c.interval.get(),
+        },
+        at: At {
+            node: n.clone(),
+            path,
+        },
+    })
 }
 
 /// A `tests:` case: records in, the exact records expected out of the last stage.
@@ -274,6 +375,9 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
             format!("picks `{dead}`, the same entry as `sink`: dead letters would be mixed into the output"),
         );
     }
+    let scaling = root
+        .get("scaling")
+        .and_then(|n| parse_scaling(n, &mut problems));
     let tests = parse_tests(root.get("tests"), &mut problems);
 
     match (name, source, stages, sink) {
@@ -286,6 +390,7 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
                 sink,
                 dead_letter,
                 checkpoint,
+                scaling,
                 tests,
             })
         }

@@ -28,6 +28,10 @@ pub async fn run_config(
 ) -> anyhow::Result<(Arc<RunStats>, RunReport)> {
     let pipeline = plan::build(config).await?;
     let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));
+    let mut options = options;
+    if options.workers.is_none() && options.scaling.is_none() {
+        options.scaling = config.scaling.as_ref().map(|s| s.policy.clone());
+    }
     let report = executor::run(pipeline, options, stats.clone(), shutdown, None).await?;
     Ok((stats, report))
 }

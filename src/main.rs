@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::{config, plan, status, testing};
+use sluice_engine::autoscale::ScalingPolicy;
 use sluice_engine::executor::{self, RunOptions};
 use sluice_engine::stats::RunStats;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +27,11 @@ enum Command {
     Run {
         /// The pipeline file.
         file: PathBuf,
-        /// Worker tasks (default: one per partition, at most one per core).
-        #[arg(long)]
-        workers: Option<usize>,
+        /// Worker tasks: a number, or `auto` to follow the partitions' lag (the pipeline's
+        /// `scaling:` section, or its defaults). Default: `scaling:` when the pipeline has
+        /// one, else one per partition, at most one per core.
+        #[arg(long, value_name = "N|auto")]
+        workers: Option<WorkerCount>,
         /// No status line and no summary.
         #[arg(long, short)]
         quiet: bool,
@@ -311,9 +314,53 @@ async fn dlq(command: DlqCommand) -> u8 {
     }
 }
 
+/// `--workers`: a fixed number of worker tasks, or as many as the lag asks for.
+#[derive(Debug, Clone, Copy)]
+enum WorkerCount {
+    Fixed(usize),
+    Auto,
+}
+
+impl std::str::FromStr for WorkerCount {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(WorkerCount::Auto),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("`{n}`: a number of workers (1 or more) or `auto`")),
+                Ok(n) => Ok(WorkerCount::Fixed(n)),
+            },
+        }
+    }
+}
+
+/// How the pipeline's workers are set: `--workers` over the `scaling:` section. A fixed
+/// count keeps the section's parallelization factor.
+fn run_options(workers: Option<WorkerCount>, scaling: Option<&ScalingPolicy>) -> RunOptions {
+    let scaling = match (workers, scaling) {
+        (Some(WorkerCount::Fixed(n)), Some(policy)) => Some(ScalingPolicy {
+            min_workers: n,
+            max_workers: n,
+            ..policy.clone()
+        }),
+        (Some(WorkerCount::Fixed(_)), None) => None,
+        (Some(WorkerCount::Auto), policy) => Some(policy.cloned().unwrap_or_default()),
+        (None, policy) => policy.cloned(),
+    };
+    RunOptions {
+        workers: match workers {
+            Some(WorkerCount::Fixed(n)) => Some(n),
+            _ => None,
+        },
+        scaling,
+        ..RunOptions::default()
+    }
+}
+
 async fn run(
     file: PathBuf,
-    workers: Option<usize>,
+    workers: Option<WorkerCount>,
     quiet: bool,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> u8 {
@@ -357,10 +404,7 @@ async fn run(
     } else {
         status::spawn_status_line(config.name.clone(), stats.clone(), status_done.clone())
     };
-    let options = RunOptions {
-        workers,
-        ..RunOptions::default()
-    };
+    let options = run_options(workers, config.scaling.as_ref().map(|s| &s.policy));
     let result = executor::run(pipeline, options, stats.clone(), shutdown, None).await;
     status_done.cancel();
     if let Some(line) = status_line {

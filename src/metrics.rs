@@ -18,6 +18,18 @@
 //! | `sluice_stage_cold_start_seconds` (slowest worker's `open`) | pipeline, stage |
 //! | `sluice_stage_cache_hits_total`, `sluice_stage_cache_misses_total` | pipeline, stage |
 //! | `sluice_stage_late_dropped_total` (late rows dropped: no dead-letter sink) | pipeline, stage |
+//! | `sluice_partition_lag_records` (log end offset − committed offset) | pipeline, partition |
+//! | `sluice_lag_records` (the sum over this process's partitions) | pipeline |
+//! | `sluice_workers`, `sluice_workers_desired` (worker tasks running, and wanted) | pipeline |
+//! | `sluice_autoscaler_decisions_total` | pipeline, direction (up, down) |
+//! | `sluice_checkpoint_duration_seconds` (gauge per quantile 0.5, 0.99) | pipeline, quantile |
+//! | `sluice_checkpoint_state_bytes` (stage state the last checkpoint wrote) | pipeline |
+//!
+//! A partition's lag is what a consumer group tool shows for it: the broker's log end
+//! offset minus the committed offset (the next record not in a checkpoint); a pipeline
+//! without checkpoints counts what its sink has written. Gauges of partitions this process
+//! no longer reads disappear after a few seconds, so that summing over processes (KEDA,
+//! PromQL) counts each partition once.
 //!
 //! Records that did not decode count as failures of the stage `source`, class `decode`.
 
@@ -27,11 +39,15 @@ use std::time::Duration;
 
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_util::MetricKindMask;
 use sluice_engine::ErrorClass;
 use sluice_engine::breaker::{Breaker, State};
 use sluice_engine::dead_letter::SOURCE_STAGE;
 use sluice_engine::stats::RunStats;
 use tokio_util::sync::CancellationToken;
+
+/// A gauge not set for this long is dropped (a partition that went to another process).
+const GAUGE_IDLE: Duration = Duration::from_secs(5);
 
 /// Serves `/metrics` on `addr` and keeps it current until `done`.
 pub fn serve(
@@ -43,6 +59,7 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .install()
         .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
     let pipeline = pipeline.to_string();
@@ -69,6 +86,28 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
     counter!("sluice_dead_letters_total", "pipeline" => p.clone())
         .absolute(get(&stats.records_dead_lettered));
     counter!("sluice_checkpoints_total", "pipeline" => p.clone()).absolute(get(&stats.checkpoints));
+    let lags = stats.lags();
+    for (partition, lag) in &lags {
+        gauge!("sluice_partition_lag_records", "pipeline" => p.clone(), "partition" => partition.to_string())
+            .set(*lag as f64);
+    }
+    gauge!("sluice_lag_records", "pipeline" => p.clone())
+        .set(lags.iter().map(|(_, l)| *l).sum::<u64>() as f64);
+    gauge!("sluice_workers", "pipeline" => p.clone()).set(get(&stats.workers) as f64);
+    gauge!("sluice_workers_desired", "pipeline" => p.clone())
+        .set(get(&stats.workers_desired) as f64);
+    counter!("sluice_autoscaler_decisions_total", "pipeline" => p.clone(), "direction" => "up")
+        .absolute(get(&stats.scaled_up));
+    counter!("sluice_autoscaler_decisions_total", "pipeline" => p.clone(), "direction" => "down")
+        .absolute(get(&stats.scaled_down));
+    for (q, name) in [(0.5, "0.5"), (0.99, "0.99")] {
+        if let Some(d) = stats.checkpoint_duration.quantile(q) {
+            gauge!("sluice_checkpoint_duration_seconds", "pipeline" => p.clone(), "quantile" => name)
+                .set(d.as_secs_f64());
+        }
+    }
+    gauge!("sluice_checkpoint_state_bytes", "pipeline" => p.clone())
+        .set(get(&stats.checkpoint_state_bytes) as f64);
     let mut stage_dead = 0;
     for (i, s) in stats.stages.iter().enumerate() {
         let stage = s.name.to_string();

@@ -161,12 +161,52 @@ fn open_dead_letter(config: &SinkConfig, problems: &mut Problems) -> Option<Dead
         .ok()
 }
 
+/// A parallelization factor splits partitions by a key the records have, and only for
+/// stages without state (windows are kept per partition, in the order of its records).
+fn check_scaling(
+    config: &PipelineConfig,
+    schema: &SchemaRef,
+    stages: &[PlannedStage],
+    problems: &mut Problems,
+) {
+    let Some(scaling) = &config.scaling else {
+        return;
+    };
+    if scaling.policy.parallelization_factor <= 1 {
+        return;
+    }
+    let key = scaling.policy.key.as_deref().unwrap_or(batch::KEY);
+    if schema.field_with_name(key).is_err() {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        scaling.at.problem(
+            problems,
+            "key",
+            format!(
+                "`{key}` is not a column of the source's records ({})",
+                names.join(", ")
+            ),
+        );
+    }
+    if let Some(stateful) = stages.iter().find(|s| s.factory.state().is_some()) {
+        scaling.at.problem(
+            problems,
+            "parallelization_factor",
+            format!(
+                "cannot be above 1 with the stateful stage `{}`: its windows are kept per partition, in the order of the partition's records",
+                stateful.name
+            ),
+        );
+    }
+}
+
 /// Checks everything `run` would, without opening the sink or reading records.
 pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
     let mut problems = Problems::new(&config.file);
     let dead_letters = config.dead_letter.is_some();
-    if let Some(source) = open_source(&config.source, dead_letters, &mut problems) {
-        plan_stages(config, source.schema(), &mut problems).await;
+    if let Some(source) = open_source(&config.source, dead_letters, &mut problems)
+        && let Some(stages) = plan_stages(config, source.schema(), &mut problems).await
+    {
+        check_scaling(config, &source.schema(), &stages, &mut problems);
     }
     problems.into_result(())
 }
@@ -204,6 +244,9 @@ async fn build_with(
         Some(s) => plan_stages(config, s.schema(), &mut problems).await,
         None => None,
     };
+    if let (Some(source), Some(stages)) = (&source, &stages) {
+        check_scaling(config, &source.schema(), stages, &mut problems);
+    }
     let checkpoint = config
         .checkpoint
         .as_ref()

@@ -10,6 +10,7 @@ use arrow::datatypes::SchemaRef;
 use sluice_engine::Result;
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
+use sluice_engine::source::LogEnd;
 use tokio::time::Instant;
 
 /// One partition of a made-up stream: the next offset, what is left of its count, its pace.
@@ -71,10 +72,20 @@ impl Progress {
         })
     }
 
-    /// Records due under the rate limit and not made yet (none without a limit).
-    pub(crate) fn backlog(&self) -> Option<u64> {
-        let pace = self.pace.as_ref()?;
-        Some(pace.backlog(self.next_offset, self.remaining))
+    /// Where the partition ends now, for its lag: the records due by now under the rate
+    /// limit, or the whole count without one (all of it is there to be made); unknown for
+    /// an endless stream at full speed.
+    pub(crate) fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
+        let count_end = self.remaining.map(|r| self.next_offset + r as i64);
+        match &self.pace {
+            Some(pace) => Some(Arc::new(PacedEnd {
+                rate: pace.rate,
+                started: pace.started.into_std(),
+                first_offset: pace.first_offset,
+                count_end,
+            })),
+            None => count_end.map(|end| Arc::new(FixedEnd(end)) as Arc<dyn LogEnd>),
+        }
     }
 
     /// Takes `n` records as made; their offsets.
@@ -144,12 +155,27 @@ impl Pace {
             tokio::time::sleep(wait).await;
         }
     }
+}
 
-    /// Records due but not made yet (at most `remaining`).
-    fn backlog(&self, next_offset: i64, remaining: Option<u64>) -> u64 {
-        let due = (self.started.elapsed().as_secs_f64() * self.rate) as i64
-            - (next_offset - self.first_offset);
-        let due = due.max(0) as u64;
-        remaining.map_or(due, |r| due.min(r))
+/// The end of a rate-limited partition: the records due by now.
+struct PacedEnd {
+    rate: f64,
+    started: std::time::Instant,
+    first_offset: i64,
+    count_end: Option<i64>,
+}
+
+impl LogEnd for PacedEnd {
+    fn log_end(&self) -> Option<i64> {
+        let due = self.first_offset + (self.started.elapsed().as_secs_f64() * self.rate) as i64;
+        Some(self.count_end.map_or(due, |end| due.min(end)))
+    }
+}
+
+struct FixedEnd(i64);
+
+impl LogEnd for FixedEnd {
+    fn log_end(&self) -> Option<i64> {
+        Some(self.0)
     }
 }

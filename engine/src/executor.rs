@@ -41,7 +41,7 @@
 //! that was read is dropped. The first error anywhere stops the pipeline the same way and is
 //! returned.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::autoscale::{Autoscaler, ScalingPolicy};
 use crate::batch::{ColumnSelection, Envelope, PartitionInfo};
 use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryStore, RocksStore};
 use crate::dead_letter::DeadLetterSink;
@@ -58,8 +59,8 @@ use crate::failure::{self, Outcome};
 use crate::sink::Sink;
 use crate::source::{Assignment, CommitHook, PartitionReader, Source};
 use crate::stage::{PlannedStage, Stage, StageContext};
-use crate::state::StageState;
-use crate::stats::RunStats;
+use crate::state::{SnapshotStats, StageState};
+use crate::stats::{PartitionProgress, RunStats};
 use crate::{Error, Result};
 
 /// How a source's records are cut into batches, like an event source mapping's batch size
@@ -97,6 +98,8 @@ pub struct RunOptions {
     pub workers: Option<usize>,
     /// Batches each channel holds before its sender waits.
     pub channel_capacity: usize,
+    /// Worker tasks follow the partitions' lag between its bounds (instead of `workers`).
+    pub scaling: Option<ScalingPolicy>,
 }
 
 impl Default for RunOptions {
@@ -104,6 +107,7 @@ impl Default for RunOptions {
         RunOptions {
             workers: None,
             channel_capacity: 4,
+            scaling: None,
         }
     }
 }
@@ -113,18 +117,22 @@ impl Default for RunOptions {
 pub enum Control {
     /// Routes a partition to another worker, keeping its records in order.
     MovePartition { partition: u32, worker: usize },
+    /// Runs this many worker tasks from now on (partitions are moved to balance them).
+    ScaleTo(usize),
 }
 
 /// What a finished run reports.
 #[derive(Debug)]
 pub struct RunReport {
+    /// The most worker tasks that ran at once.
     pub workers: usize,
     pub elapsed: Duration,
     pub sink: String,
 }
 
 enum WorkerMsg {
-    Batch(Envelope),
+    /// A batch, or a lane's part of one (with its ticket).
+    Batch(Envelope, Option<Ticket>),
     /// The partition's source ended after the batches before this (bounded sources):
     /// stages that hold rows back emit them. `end` is the partition's next offset.
     Ended {
@@ -144,7 +152,7 @@ enum WorkerMsg {
 }
 
 enum SinkMsg {
-    Batch(Envelope),
+    Batch(Envelope, Option<Ticket>),
     Drain(Drained),
 }
 
@@ -160,10 +168,16 @@ struct Route {
     tx: mpsc::Sender<WorkerMsg>,
 }
 
-struct PartitionHandle {
-    info: Arc<PartitionInfo>,
+/// Where one lane of a partition goes: with a parallelization factor of n, a partition's
+/// records are split by key into n lanes, each routed to a worker of its own.
+struct Lane {
     worker: usize,
     route: watch::Sender<Route>,
+}
+
+struct PartitionHandle {
+    info: Arc<PartitionInfo>,
+    lanes: Vec<Lane>,
     stop: CancellationToken,
     drained: Option<oneshot::Sender<()>>,
     /// The reader task, to tell this handle from an earlier one of the same partition.
@@ -236,23 +250,31 @@ pub async fn run(
         }
     }
     let hook = source.commit_hook();
-    let worker_count = options.workers.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        source.partition_hint().clamp(1, cores)
+    let mut autoscaler = options.scaling.clone().map(Autoscaler::new);
+    let lane_count = options
+        .scaling
+        .as_ref()
+        .map_or(1, |s| s.parallelization_factor.max(1));
+    let splitter = (lane_count > 1).then(|| {
+        let key = options.scaling.as_ref().and_then(|s| s.key.clone());
+        Arc::new(Splitter::new(
+            lane_count,
+            key.unwrap_or_else(|| crate::batch::KEY.into()),
+        ))
     });
+    let initial = match &autoscaler {
+        Some(a) => a.desired(),
+        None => options.workers.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            source.partition_hint().clamp(1, cores)
+        }),
+    };
     let cap = options.channel_capacity.max(1);
     let stop = shutdown.child_token();
 
     let (sink_tx, sink_rx) = mpsc::channel::<SinkMsg>(cap);
     let worker_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut workers = JoinSet::new();
-    let mut routes = Vec::with_capacity(worker_count);
-    let mut worker_rxs = Vec::with_capacity(worker_count);
-    for _ in 0..worker_count {
-        let (tx, rx) = mpsc::channel(cap);
-        routes.push(tx);
-        worker_rxs.push(rx);
-    }
+    let barrier_targets: Arc<std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>> = Arc::default();
     let sink_task = tokio::spawn(sink_loop(
         name.clone(),
         sink,
@@ -263,32 +285,36 @@ pub async fn run(
             policy: checkpoint,
             hook,
             states: states.clone(),
-            workers: routes.iter().map(|tx| tx.downgrade()).collect(),
+            workers: barrier_targets.clone(),
             worker_failed: worker_failed.clone(),
         },
         stats.clone(),
     ));
-    for (id, rx) in worker_rxs.into_iter().enumerate() {
-        let chain = stages.clone();
-        let (name, sink_tx, stats) = (name.clone(), sink_tx.clone(), stats.clone());
-        let failed = worker_failed.clone();
-        workers.spawn(async move {
-            let mut rx = rx;
-            let result = worker_loop(id, name, chain, dead_letters, &mut rx, sink_tx, stats).await;
-            if result.is_err() {
-                // Before the channel (and any barrier in it) is dropped: the sink task must
-                // not snapshot state that is ahead of what it received.
-                failed.store(true, Ordering::Release);
-            }
-            result
-        });
+    let mut pool = Pool {
+        stages,
+        pipeline: name.clone(),
+        dead_letters,
+        stats: stats.clone(),
+        sink: Some(sink_tx),
+        failed: worker_failed,
+        capacity: cap,
+        tasks: JoinSet::new(),
+        live: BTreeMap::new(),
+        next_id: 0,
+        peak: 0,
+        barrier_targets,
+    };
+    for _ in 0..initial.max(1) {
+        pool.spawn();
     }
-    drop(sink_tx);
+    stats
+        .workers_desired
+        .store(initial.max(1) as u64, Ordering::Relaxed);
+    let mut scale_ticks = autoscaler.as_ref().map(|a| interval(a.policy().interval));
 
     let mut readers: JoinSet<Result<mpsc::Sender<WorkerMsg>>> = JoinSet::new();
     let mut reader_tasks: HashMap<tokio::task::Id, u32> = HashMap::new();
     let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
-    let mut load = vec![0usize; worker_count];
     let mut first_error: Option<Error> = None;
     let record = |e: Error, first: &mut Option<Error>| {
         if first.is_none() {
@@ -311,20 +337,28 @@ pub async fn run(
                 Ok(Some(Assignment::Assign(reader))) => {
                     let info = reader.info().clone();
                     let id = info.id;
-                    let worker = (0..worker_count).min_by_key(|w| load[*w]).unwrap_or(0);
-                    load[worker] += 1;
-                    let (route, route_rx) = watch::channel(Route { worker, tx: routes[worker].clone() });
+                    let mut lanes = Vec::with_capacity(lane_count);
+                    let mut lane_rxs = Vec::with_capacity(lane_count);
+                    for _ in 0..lane_count {
+                        let (worker, tx) = pool.least_loaded();
+                        pool.add_load(worker, 1);
+                        let (route, route_rx) = watch::channel(Route { worker, tx });
+                        lanes.push(Lane { worker, route });
+                        lane_rxs.push(route_rx);
+                    }
                     let part_stop = stop.child_token();
                     for state in &states {
                         state.assign(&info);
                     }
-                    let task = readers.spawn(read_partition(reader, batching, route_rx, part_stop.clone(), stats.clone()));
+                    let progress = Arc::new(PartitionProgress::new(reader.log_end()));
+                    stats.partitions.lock().expect("partitions lock").insert(info.name.clone(), progress.clone());
+                    let task = readers.spawn(read_partition(reader, batching, lane_rxs, splitter.clone(), part_stop.clone(), stats.clone(), progress));
                     reader_tasks.insert(task.id(), id);
                     // A partition assigned again while its old reader still drains: the old
                     // handle goes (its task is no longer mapped to it).
-                    if let Some(old) = partitions.insert(id, PartitionHandle { info, worker, route, stop: part_stop, drained: None, task: task.id() }) {
+                    if let Some(old) = partitions.insert(id, PartitionHandle { info, lanes, stop: part_stop, drained: None, task: task.id() }) {
                         old.stop.cancel();
-                        load[old.worker] -= 1;
+                        pool.release_lanes(&old);
                     }
                 }
                 Ok(Some(Assignment::Revoke { partition, drained })) => {
@@ -334,6 +368,8 @@ pub async fn run(
                         for state in &states {
                             state.revoke(&p.info);
                         }
+                        // No longer this process's to catch up on.
+                        stats.partitions.lock().expect("partitions lock").remove(&p.info.name);
                     }
                     // An unknown partition has nothing to drain: dropping `drained` says so.
                 }
@@ -355,7 +391,7 @@ pub async fn run(
                     .and_then(|id| partitions.remove(&id));
                 match (handle, result) {
                     (Some(p), Ok(last)) => {
-                        load[p.worker] -= 1;
+                        pool.release_lanes(&p);
                         if let Some(done) = p.drained {
                             // After the reader's last batch, through the worker that has it.
                             let marker = WorkerMsg::Drain(Drained { partition: p.info, done });
@@ -363,7 +399,7 @@ pub async fn run(
                         }
                     }
                     (Some(p), Err(e)) => {
-                        load[p.worker] -= 1;
+                        pool.release_lanes(&p);
                         record(e, &mut first_error);
                         stop.cancel();
                     }
@@ -374,27 +410,50 @@ pub async fn run(
                     (None, Ok(_)) => {}
                 }
             }
-            Some(joined) = workers.join_next() => {
-                // A worker ends before the readers only when it or the sink failed.
+            Some(joined) = pool.tasks.join_next() => {
+                // A worker ends before the readers only when it or the sink failed, or when
+                // it was retired and has finished its last batch.
                 match joined {
-                    Ok(Err(e)) => record(e, &mut first_error),
-                    Ok(Ok(())) => worker_stopped = true,
-                    Err(e) => record(Error::Internal(format!("a worker task panicked: {e}")), &mut first_error),
+                    Ok(Err(e)) => {
+                        record(e, &mut first_error);
+                        stop.cancel();
+                    }
+                    Ok(Ok(id)) if pool.live.contains_key(&id) => {
+                        worker_stopped = true;
+                        stop.cancel();
+                    }
+                    Ok(Ok(_)) => {}
+                    Err(e) => {
+                        record(Error::Internal(format!("a worker task panicked: {e}")), &mut first_error);
+                        stop.cancel();
+                    }
                 }
-                stop.cancel();
+            }
+            _ = tick(&mut scale_ticks), if assigning => {
+                let Some(scaler) = autoscaler.as_mut() else { continue };
+                let lag = stats.total_lag();
+                if let Some(decision) = scaler.observe(Instant::now(), lag, partitions.len()) {
+                    tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: scaling {}", decision.direction());
+                    let counter = if decision.to > decision.from { &stats.scaled_up } else { &stats.scaled_down };
+                    RunStats::add(counter, 1);
+                    stats.workers_desired.store(decision.to as u64, Ordering::Relaxed);
+                    pool.scale_to(decision.to, &mut partitions);
+                }
             }
             Some(cmd) = recv_control(&mut control) => match cmd {
                 Control::MovePartition { partition, worker } => {
-                    match (partitions.get_mut(&partition), routes.get(worker)) {
-                        (Some(p), Some(tx)) if p.worker != worker => {
-                            load[p.worker] -= 1;
-                            load[worker] += 1;
-                            p.worker = worker;
-                            p.route.send_replace(Route { worker, tx: tx.clone() });
+                    match (partitions.get_mut(&partition), pool.live.contains_key(&worker)) {
+                        (Some(p), true) => {
+                            for lane in 0..p.lanes.len() {
+                                pool.move_lane(p, lane, worker);
+                            }
                         }
-                        (Some(_), Some(_)) => {}
                         _ => tracing::warn!(partition, worker, "cannot move: no such partition or worker"),
                     }
+                }
+                Control::ScaleTo(n) => {
+                    stats.workers_desired.store(n.max(1) as u64, Ordering::Relaxed);
+                    pool.scale_to(n, &mut partitions);
                 }
             },
             _ = stop.cancelled(), if assigning => assigning = false,
@@ -402,10 +461,11 @@ pub async fn run(
     }
 
     drop(partitions);
-    drop(routes);
+    let peak = pool.peak;
+    let mut workers = pool.close();
     while let Some(joined) = workers.join_next().await {
         match joined {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => record(e, &mut first_error),
             Err(e) => record(
                 Error::Internal(format!("a worker task panicked: {e}")),
@@ -436,10 +496,156 @@ pub async fn run(
     match first_error {
         Some(e) => Err(e),
         None => Ok(RunReport {
-            workers: worker_count,
+            workers: peak,
             elapsed: started.elapsed(),
             sink: sink_summary.unwrap_or_default(),
         }),
+    }
+}
+
+/// The worker tasks: started and retired as the autoscaler decides, each fed by its own
+/// channel. Workers are numbered in the order they start; a retired one finishes what it
+/// was sent and ends once no reader routes to it any more.
+struct Pool {
+    stages: Vec<PlannedStage>,
+    pipeline: Arc<str>,
+    dead_letters: bool,
+    stats: Arc<RunStats>,
+    /// Dropped when the pool closes, so that the sink task ends after the last worker.
+    sink: Option<mpsc::Sender<SinkMsg>>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    capacity: usize,
+    tasks: JoinSet<Result<usize>>,
+    /// Workers taking partitions: their channel and how many partitions they serve.
+    live: BTreeMap<usize, (mpsc::Sender<WorkerMsg>, usize)>,
+    next_id: usize,
+    peak: usize,
+    /// Every worker's channel, for checkpoint barriers (retired ones drop out once ended).
+    barrier_targets: Arc<std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>>,
+}
+
+impl Pool {
+    /// Starts a worker; its stages open in its task.
+    fn spawn(&mut self) -> usize {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (tx, mut rx) = mpsc::channel(self.capacity);
+        {
+            let mut targets = self.barrier_targets.lock().expect("barrier targets lock");
+            targets.retain(|w| w.strong_count() > 0);
+            targets.push(tx.downgrade());
+        }
+        self.live.insert(id, (tx, 0));
+        self.peak = self.peak.max(self.live.len());
+        self.stats
+            .workers
+            .store(self.live.len() as u64, Ordering::Relaxed);
+        let chain = self.stages.clone();
+        let (name, stats) = (self.pipeline.clone(), self.stats.clone());
+        let sink = self.sink.clone().expect("the pool is open");
+        let (failed, dead_letters) = (self.failed.clone(), self.dead_letters);
+        self.tasks.spawn(async move {
+            let result = worker_loop(id, name, chain, dead_letters, &mut rx, sink, stats).await;
+            if result.is_err() {
+                // Before the channel (and any barrier in it) is dropped: the sink task must
+                // not snapshot state that is ahead of what it received.
+                failed.store(true, Ordering::Release);
+            }
+            result.map(|()| id)
+        });
+        id
+    }
+
+    /// The live worker with the fewest partitions (the oldest among equals).
+    fn least_loaded(&self) -> (usize, mpsc::Sender<WorkerMsg>) {
+        let (id, (tx, _)) = self
+            .live
+            .iter()
+            .min_by_key(|(id, (_, load))| (*load, **id))
+            .expect("at least one worker");
+        (*id, tx.clone())
+    }
+
+    fn add_load(&mut self, worker: usize, delta: isize) {
+        if let Some((_, load)) = self.live.get_mut(&worker) {
+            *load = load.saturating_add_signed(delta);
+        }
+    }
+
+    /// A partition's reader has ended: its lanes no longer load their workers.
+    fn release_lanes(&mut self, p: &PartitionHandle) {
+        for lane in &p.lanes {
+            self.add_load(lane.worker, -1);
+        }
+    }
+
+    /// Routes a lane of the partition to `worker` from its next batch on (the reader hands
+    /// it off: the old worker finishes the lane's batches first).
+    fn move_lane(&mut self, p: &mut PartitionHandle, lane: usize, worker: usize) {
+        let Some((tx, _)) = self.live.get(&worker) else {
+            return;
+        };
+        let from = p.lanes[lane].worker;
+        if from == worker {
+            return;
+        }
+        let tx = tx.clone();
+        self.add_load(from, -1);
+        self.add_load(worker, 1);
+        tracing::debug!(partition = %p.info.name, lane, from, to = worker, "moving partition");
+        p.lanes[lane].worker = worker;
+        p.lanes[lane].route.send_replace(Route { worker, tx });
+    }
+
+    /// Starts or retires workers until `n` (at least one) take partitions, then spreads
+    /// the partitions' lanes evenly over them.
+    fn scale_to(&mut self, n: usize, partitions: &mut HashMap<u32, PartitionHandle>) {
+        let n = n.max(1);
+        while self.live.len() < n {
+            self.spawn();
+        }
+        while self.live.len() > n {
+            let (&retired, _) = self.live.last_key_value().expect("workers");
+            self.live.remove(&retired);
+            for p in partitions.values_mut() {
+                for lane in 0..p.lanes.len() {
+                    if p.lanes[lane].worker == retired {
+                        let (to, _) = self.least_loaded();
+                        self.move_lane(p, lane, to);
+                    }
+                }
+            }
+        }
+        self.stats
+            .workers
+            .store(self.live.len() as u64, Ordering::Relaxed);
+        // Even out: one partition at a time from the busiest worker to the idlest.
+        loop {
+            let busiest = self
+                .live
+                .iter()
+                .max_by_key(|(id, (_, load))| (*load, std::cmp::Reverse(**id)));
+            let (&from, &(_, most)) = busiest.expect("workers");
+            let (to, _) = self.least_loaded();
+            let fewest = self.live[&to].1;
+            if most <= fewest + 1 {
+                break;
+            }
+            let Some((p, lane)) = partitions.values_mut().find_map(|p| {
+                let lane = p.lanes.iter().position(|l| l.worker == from)?;
+                Some((p, lane))
+            }) else {
+                break;
+            };
+            self.move_lane(p, lane, to);
+        }
+    }
+
+    /// Stops taking work: the workers end once their channels are empty. Their tasks.
+    fn close(mut self) -> JoinSet<Result<usize>> {
+        self.live.clear();
+        self.sink = None;
+        self.tasks
     }
 }
 
@@ -538,55 +744,211 @@ impl Batcher {
 async fn read_partition(
     mut reader: Box<dyn PartitionReader>,
     batching: Batching,
-    mut route: watch::Receiver<Route>,
+    mut lanes: Vec<watch::Receiver<Route>>,
+    splitter: Option<Arc<Splitter>>,
     stop: CancellationToken,
     stats: Arc<RunStats>,
+    progress: Arc<PartitionProgress>,
 ) -> Result<mpsc::Sender<WorkerMsg>> {
     let info = reader.info().clone();
-    {
-        let mut batcher = Batcher::new(batching);
-        let mut current = route.borrow_and_update().clone();
-        let mut end = None;
-        let mut exhausted = false;
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.cancelled() => batcher.take()?,
-                next = batcher.next(reader.as_mut()) => {
-                    let next = next?;
-                    exhausted = next.is_none();
-                    next
-                }
-            };
-            let Some(env) = next else { break };
-            end = Some(env.offsets.end);
-            if route.has_changed().unwrap_or(false) {
-                let new = route.borrow_and_update().clone();
-                if new.worker != current.worker {
-                    hand_off(&info, &current).await;
-                    current = new;
+    let mut batcher = Batcher::new(batching);
+    let mut current: Vec<Route> = lanes
+        .iter_mut()
+        .map(|r| r.borrow_and_update().clone())
+        .collect();
+    let ledger = splitter.as_ref().map(|_| Arc::new(Ledger::default()));
+    let mut end = None;
+    let mut exhausted = false;
+    'read: loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => batcher.take()?,
+            next = batcher.next(reader.as_mut()) => {
+                let next = next?;
+                exhausted = next.is_none();
+                next
+            }
+        };
+        let Some(env) = next else { break };
+        if end.is_none() {
+            // Lag counts from the first record read until a checkpoint says more.
+            progress.start_at(env.offsets.start);
+        }
+        end = Some(env.offsets.end);
+        RunStats::add(&stats.records_in, env.batch.num_rows() as u64);
+        RunStats::add(&stats.batches_in, 1);
+        let parts = match (&splitter, &ledger) {
+            (Some(splitter), Some(ledger)) => splitter.split(env, ledger)?,
+            _ => vec![(0, env, None)],
+        };
+        for (lane, env, ticket) in parts {
+            if lanes[lane].has_changed().unwrap_or(false) {
+                let new = lanes[lane].borrow_and_update().clone();
+                if new.worker != current[lane].worker {
+                    hand_off(&info, &current[lane]).await;
+                    current[lane] = new;
                 }
             }
-            RunStats::add(&stats.records_in, env.batch.num_rows() as u64);
-            RunStats::add(&stats.batches_in, 1);
-            if current.tx.send(WorkerMsg::Batch(env)).await.is_err() {
+            if current[lane]
+                .tx
+                .send(WorkerMsg::Batch(env, ticket))
+                .await
+                .is_err()
+            {
                 // The worker is gone: the pipeline is stopping and the worker's error says why.
-                break;
-            }
-            if stop.is_cancelled() {
-                break;
+                break 'read;
             }
         }
-        if exhausted {
-            let ended = WorkerMsg::Ended {
-                partition: info.clone(),
-                end: end.unwrap_or(0),
+        if stop.is_cancelled() {
+            break;
+        }
+    }
+    // Every lane but the last finishes what it was sent, so that whatever follows on the
+    // last lane's worker (the end of the partition, a Drain marker) comes after all of it.
+    let last = current.pop().expect("a partition has at least one lane");
+    for other in &current {
+        if other.worker != last.worker {
+            hand_off(&info, other).await;
+        }
+    }
+    if exhausted {
+        let ended = WorkerMsg::Ended {
+            partition: info.clone(),
+            end: end.unwrap_or(0),
+        };
+        let _ = last.tx.send(ended).await;
+    }
+    // The worker that holds this partition's last batch: a Drain marker must follow it
+    // there, even if a move was requested since.
+    Ok(last.tx)
+}
+
+/// Splits a partition's batches into lanes by key (`parallelization_factor`): records of
+/// one key always take the same lane, and a lane is processed in order, so each key's
+/// records stay in order while the lanes run at once. Records without a key have no order
+/// to keep and are spread by offset.
+pub(crate) struct Splitter {
+    lanes: usize,
+    key: Arc<str>,
+}
+
+/// One batch split into lanes: done once every part is in the sink.
+struct Split {
+    parts: std::sync::atomic::AtomicUsize,
+    end: i64,
+}
+
+/// A split partition's batches in read order, not yet all in the sink: its offset is
+/// committed only up to the first of them.
+#[derive(Default)]
+struct Ledger(std::sync::Mutex<std::collections::VecDeque<Arc<Split>>>);
+
+/// What the sink needs to count a part of a split batch.
+struct Ticket {
+    split: Arc<Split>,
+    ledger: Arc<Ledger>,
+}
+
+impl Ticket {
+    /// Counts this part as written; the partition's new end of done records, if the
+    /// earliest unfinished batch finished.
+    fn done(&self) -> Option<i64> {
+        if self.split.parts.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        let mut pending = self.ledger.0.lock().expect("ledger lock");
+        let mut end = None;
+        while pending
+            .front()
+            .is_some_and(|s| s.parts.load(Ordering::Acquire) == 0)
+        {
+            end = pending.pop_front().map(|s| s.end);
+        }
+        end
+    }
+}
+
+impl Splitter {
+    pub(crate) fn new(lanes: usize, key: Arc<str>) -> Self {
+        Splitter { lanes, key }
+    }
+
+    /// The batch's parts by lane (lanes without records get none; the batch's failed
+    /// records ride with the first part), registered in `ledger`.
+    fn split(
+        &self,
+        env: Envelope,
+        ledger: &Arc<Ledger>,
+    ) -> Result<Vec<(usize, Envelope, Option<Ticket>)>> {
+        let Envelope {
+            partition,
+            offsets,
+            batch,
+            mut dead,
+        } = env;
+        let column = batch.column_by_name(&self.key).ok_or_else(|| {
+            Error::Internal(format!(
+                "parallelization_factor splits records by `{}`, which the source's records do not have",
+                self.key
+            ))
+        })?;
+        let mut by_lane: Vec<Vec<u32>> = vec![Vec::new(); self.lanes];
+        if batch.num_rows() > 0 {
+            let converter = arrow::row::RowConverter::new(vec![arrow::row::SortField::new(
+                column.data_type().clone(),
+            )])
+            .map_err(|e| Error::arrow("hashing the keys of a batch", e))?;
+            let rows = converter
+                .convert_columns(std::slice::from_ref(column))
+                .map_err(|e| Error::arrow("hashing the keys of a batch", e))?;
+            for i in 0..batch.num_rows() {
+                let lane = if column.is_null(i) {
+                    (offsets.start as usize).wrapping_add(i) % self.lanes
+                } else {
+                    (xxhash_rust::xxh3::xxh3_64(rows.row(i).as_ref()) % self.lanes as u64) as usize
+                };
+                by_lane[lane].push(i as u32);
+            }
+        }
+        let mut parts = Vec::new();
+        for (lane, rows) in by_lane.into_iter().enumerate() {
+            if rows.is_empty() && !(parts.is_empty() && lane + 1 == self.lanes) {
+                continue;
+            }
+            let part = if rows.len() == batch.num_rows() {
+                batch.clone()
+            } else {
+                let indices = arrow::array::UInt32Array::from(rows);
+                arrow::compute::take_record_batch(&batch, &indices)
+                    .map_err(|e| Error::arrow("splitting a batch into lanes", e))?
             };
-            let _ = current.tx.send(ended).await;
+            parts.push((lane, part));
         }
-        // The worker that holds this partition's last batch: a Drain marker must follow it
-        // there, even if a move was requested since.
-        Ok(current.tx)
+        let split = Arc::new(Split {
+            parts: std::sync::atomic::AtomicUsize::new(parts.len()),
+            end: offsets.end,
+        });
+        ledger
+            .0
+            .lock()
+            .expect("ledger lock")
+            .push_back(split.clone());
+        Ok(parts
+            .into_iter()
+            .map(|(lane, part)| {
+                let env = Envelope {
+                    partition: partition.clone(),
+                    offsets: offsets.clone(),
+                    batch: part,
+                    dead: std::mem::take(&mut dead),
+                };
+                let ticket = Ticket {
+                    split: split.clone(),
+                    ledger: ledger.clone(),
+                };
+                (lane, env, Some(ticket))
+            })
+            .collect())
     }
 }
 
@@ -647,8 +1009,8 @@ async fn worker_loop(
         stats: &stats,
     };
     while let Some(msg) = rx.recv().await {
-        let mut env = match msg {
-            WorkerMsg::Batch(env) => env,
+        let (mut env, ticket) = match msg {
+            WorkerMsg::Batch(env, ticket) => (env, ticket),
             WorkerMsg::Release { partition, done } => {
                 tracing::trace!(worker = id, partition, "released partition");
                 let _ = done.send(());
@@ -682,7 +1044,7 @@ async fn worker_loop(
         chain.run(0, &mut env).await?;
         let (partition, end) = (env.partition.clone(), env.offsets.end);
         // Sent even when empty: the sink task counts its offsets as done.
-        if sink.send(SinkMsg::Batch(env)).await.is_err() {
+        if sink.send(SinkMsg::Batch(env, ticket)).await.is_err() {
             break;
         }
         if !chain.send_pending(&partition, end, &sink).await? {
@@ -755,7 +1117,7 @@ impl Chain<'_> {
                     dead: Vec::new(),
                 };
                 self.run(i + 1, &mut env).await?;
-                if sink.send(SinkMsg::Batch(env)).await.is_err() {
+                if sink.send(SinkMsg::Batch(env, None)).await.is_err() {
                     return Ok(false);
                 }
             }
@@ -770,7 +1132,7 @@ struct Checkpointing {
     hook: Option<Arc<dyn CommitHook>>,
     /// Stateful stages: their checkpoints wait until every worker is between batches.
     states: Vec<Arc<dyn StageState>>,
-    workers: Vec<mpsc::WeakSender<WorkerMsg>>,
+    workers: Arc<std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>>,
     /// Set when a worker stopped on an error: its stages' state may be ahead of what the
     /// sink received, so no further checkpoint of a stateful pipeline is taken.
     worker_failed: Arc<std::sync::atomic::AtomicBool>,
@@ -794,8 +1156,9 @@ impl Checkpointing {
         if !self.states.is_empty() && self.worker_failed.load(Ordering::Acquire) {
             return Ok(());
         }
-        snapshot_states(&self.states).await?;
-        take_checkpoint(
+        let t0 = Instant::now();
+        let written = snapshot_states(&self.states).await?;
+        let taken = take_checkpoint(
             sink,
             dead_letter,
             policy,
@@ -804,7 +1167,14 @@ impl Checkpointing {
             committed,
             stats,
         )
-        .await
+        .await?;
+        if taken {
+            stats.checkpoint_duration.record(t0.elapsed());
+            stats
+                .checkpoint_state_bytes
+                .store(written.bytes, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Takes a checkpoint ([`Checkpointing::take`]), then releases the partitions that
@@ -860,6 +1230,7 @@ async fn sink_loop(
     let mut ticker = sink.tick_interval().map(interval);
     let mut checkpoints = checkpointing.policy.as_ref().map(|c| interval(c.interval));
     let stateful = !checkpointing.states.is_empty();
+    let checkpointed = checkpointing.policy.is_some();
     // Per partition: the next offset after everything received (written or emptied).
     let mut progress: HashMap<Arc<str>, i64> = HashMap::new();
     let mut committed: HashMap<Arc<str>, i64> = HashMap::new();
@@ -873,8 +1244,8 @@ async fn sink_loop(
                           progress: &mut HashMap<Arc<str>, i64>,
                           drains: &mut Vec<Drained>|
            -> Result<()> {
-        let env = match msg {
-            SinkMsg::Batch(env) => env,
+        let (env, ticket) = match msg {
+            SinkMsg::Batch(env, ticket) => (env, ticket),
             SinkMsg::Drain(drained) => {
                 drains.push(drained);
                 return Ok(());
@@ -894,12 +1265,26 @@ async fn sink_loop(
             RunStats::add(&stats.records_dead_lettered, env.dead.len() as u64);
             RunStats::add(&stats.records_failed, env.dead.len() as u64);
         }
+        // A lane's part: the partition is done up to the first batch with a part still out.
+        let done = match &ticket {
+            Some(ticket) => match ticket.done() {
+                Some(end) => end,
+                None => return Ok(()),
+            },
+            None => env.offsets.end,
+        };
+        if !checkpointed && !env.offsets.is_empty() {
+            // Without checkpoints, a record is done once the sink has it.
+            if let Some(p) = stats.partition(&env.partition.name) {
+                p.advance_to(done);
+            }
+        }
         // Output made at the end of a partition (closed windows) carries an empty range: it
         // never starts or lowers a partition's progress.
         match progress.get_mut(&env.partition.name) {
-            Some(end) => *end = (*end).max(env.offsets.end),
+            Some(end) => *end = (*end).max(done),
             None if !env.offsets.is_empty() => {
-                progress.insert(env.partition.name.clone(), env.offsets.end);
+                progress.insert(env.partition.name.clone(), done);
             }
             None => {}
         }
@@ -972,8 +1357,15 @@ async fn sink_loop(
 
 /// Sends a barrier to every worker; the receiver yields once all of them wait at it (a
 /// worker that has ended does not count).
-fn pause_workers(workers: &[mpsc::WeakSender<WorkerMsg>]) -> oneshot::Receiver<Paused> {
-    let workers: Vec<_> = workers.iter().filter_map(|w| w.upgrade()).collect();
+fn pause_workers(
+    workers: &std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>,
+) -> oneshot::Receiver<Paused> {
+    let workers: Vec<_> = workers
+        .lock()
+        .expect("barrier targets lock")
+        .iter()
+        .filter_map(|w| w.upgrade())
+        .collect();
     let (all_paused, paused) = oneshot::channel();
     tokio::spawn(async move {
         let mut waiting = Vec::with_capacity(workers.len());
@@ -1004,21 +1396,25 @@ async fn wait_paused(pausing: &mut Option<oneshot::Receiver<Paused>>) -> Paused 
     }
 }
 
-async fn snapshot_states(states: &[Arc<dyn StageState>]) -> Result<()> {
+async fn snapshot_states(states: &[Arc<dyn StageState>]) -> Result<SnapshotStats> {
     if states.is_empty() {
-        return Ok(());
+        return Ok(SnapshotStats::default());
     }
     let states = states.to_vec();
     let t0 = Instant::now();
     let written = tokio::task::spawn_blocking(move || {
-        states
-            .iter()
-            .try_fold(0u64, |keys, s| Ok::<_, Error>(keys + s.snapshot()?.keys))
+        states.iter().try_fold(SnapshotStats::default(), |sum, s| {
+            let one = s.snapshot()?;
+            Ok::<_, Error>(SnapshotStats {
+                keys: sum.keys + one.keys,
+                bytes: sum.bytes + one.bytes,
+            })
+        })
     })
     .await
     .map_err(|e| Error::Internal(format!("snapshotting stage state: {e}")))??;
-    tracing::debug!(keys = written, took = ?t0.elapsed(), "stage state snapshot");
-    Ok(())
+    tracing::debug!(keys = written.keys, bytes = written.bytes, took = ?t0.elapsed(), "stage state snapshot");
+    Ok(written)
 }
 
 fn interval(every: Duration) -> tokio::time::Interval {
@@ -1039,6 +1435,7 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 }
 
 /// Flushes the sink, then commits the offsets that advanced since the last checkpoint.
+/// Whether there was anything to commit.
 async fn take_checkpoint(
     sink: &mut dyn Sink,
     dead_letter: Option<&mut DeadLetterSink>,
@@ -1047,14 +1444,14 @@ async fn take_checkpoint(
     progress: &HashMap<Arc<str>, i64>,
     committed: &mut HashMap<Arc<str>, i64>,
     stats: &RunStats,
-) -> Result<()> {
+) -> Result<bool> {
     let changed: std::collections::BTreeMap<String, i64> = progress
         .iter()
         .filter(|(name, offset)| committed.get(*name) != Some(offset))
         .map(|(name, offset)| (name.to_string(), *offset))
         .collect();
     if changed.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let t0 = Instant::now();
     sink.flush().await?;
@@ -1078,10 +1475,55 @@ async fn take_checkpoint(
     })
     .await
     .map_err(|e| Error::Internal(format!("committing a checkpoint: {e}")))??;
+    {
+        // What the group's committed offsets now say: the lag counts from here.
+        let partitions = stats.partitions.lock().expect("partitions lock");
+        for (name, offset) in &checkpoint.offsets {
+            if let Some(p) = partitions.get(name.as_str()) {
+                p.advance_to(*offset);
+            }
+        }
+    }
     for (name, offset) in checkpoint.offsets {
         committed.insert(name.into(), offset);
     }
     stats.checkpoints.store(id, Ordering::Relaxed);
     tracing::debug!(checkpoint = id, took = ?t0.elapsed(), "checkpoint committed");
-    Ok(())
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(ledger: &Arc<Ledger>, parts: usize, end: i64) -> Vec<Ticket> {
+        let split = Arc::new(Split {
+            parts: std::sync::atomic::AtomicUsize::new(parts),
+            end,
+        });
+        ledger.0.lock().unwrap().push_back(split.clone());
+        (0..parts)
+            .map(|_| Ticket {
+                split: split.clone(),
+                ledger: ledger.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_split_partition_is_done_up_to_its_first_unfinished_batch() {
+        let ledger = Arc::new(Ledger::default());
+        let a = split(&ledger, 2, 100);
+        let b = split(&ledger, 1, 200);
+        let c = split(&ledger, 3, 300);
+        // Later batches finishing first commit nothing.
+        assert_eq!(b[0].done(), None);
+        assert_eq!(c[2].done(), None);
+        assert_eq!(a[0].done(), None);
+        // The first batch's last part: done through the second, which finished before.
+        assert_eq!(a[1].done(), Some(200));
+        assert_eq!(c[0].done(), None);
+        assert_eq!(c[1].done(), Some(300));
+        assert!(ledger.0.lock().unwrap().is_empty());
+    }
 }

@@ -6,6 +6,7 @@
 //! no connector or function code: those live in `sluice-connectors` and `sluice-udfs`, and
 //! reach the engine only through these traits.
 
+pub mod autoscale;
 pub mod batch;
 pub mod breaker;
 pub mod checkpoint;

@@ -35,10 +35,18 @@ pub trait PartitionReader: Send {
     /// lost and the next call returns it.
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>>;
 
-    /// Records known to exist but not read yet, where the source can tell.
-    fn backlog(&self) -> Option<u64> {
+    /// The partition's end as the source knows it, for its lag; `None` where the source
+    /// cannot tell (files).
+    fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
         None
     }
+}
+
+/// Where a partition ends now: the offset the next record written to it will get (Kafka's
+/// log end offset, a rate-limited generator's records due by now). Kept current by the
+/// source; the engine reads it for lag, from any thread.
+pub trait LogEnd: Send + Sync {
+    fn log_end(&self) -> Option<i64>;
 }
 
 /// A change in the partitions this process reads.

@@ -3,9 +3,12 @@
 //! Plain relaxed atomics: readers want a recent value, not a consistent snapshot, and
 //! writers must never wait. The Prometheus exporter will read the same counters.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::source::LogEnd;
 
 #[derive(Debug, Default)]
 pub struct StageStats {
@@ -152,7 +155,66 @@ pub struct RunStats {
     pub batch_latency: LatencyHistogram,
     /// The id of the last committed checkpoint.
     pub checkpoints: AtomicU64,
+    /// Time each checkpoint took (state snapshot, sink flush, offsets committed).
+    pub checkpoint_duration: LatencyHistogram,
+    /// Bytes of stage state the last checkpoint wrote.
+    pub checkpoint_state_bytes: AtomicU64,
+    /// Worker tasks running, and how many the autoscaler wants (equal without one).
+    pub workers: AtomicU64,
+    pub workers_desired: AtomicU64,
+    /// Autoscaler decisions, up and down.
+    pub scaled_up: AtomicU64,
+    pub scaled_down: AtomicU64,
+    /// The partitions this process reads, by name, with what their lag is computed from.
+    pub partitions: Mutex<BTreeMap<Arc<str>, Arc<PartitionProgress>>>,
     pub stages: Vec<StageStats>,
+}
+
+/// How far one partition is: the source's end of it and the pipeline's position in it.
+#[derive(Default)]
+pub struct PartitionProgress {
+    /// Where the partition ends now (Kafka: the log end offset), when the source can tell.
+    pub end: Option<Arc<dyn LogEnd>>,
+    /// The next offset not yet done: committed by a checkpoint when the pipeline takes
+    /// them (what a consumer group's committed offset says), else written to the sink.
+    /// `i64::MIN` until known.
+    pub position: AtomicI64,
+}
+
+impl std::fmt::Debug for PartitionProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionProgress")
+            .field("end", &self.end.as_ref().and_then(|e| e.log_end()))
+            .field("position", &self.position.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl PartitionProgress {
+    pub fn new(end: Option<Arc<dyn LogEnd>>) -> Self {
+        PartitionProgress {
+            end,
+            position: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Records not done yet: the end minus the position, once both are known.
+    pub fn lag(&self) -> Option<u64> {
+        let end = self.end.as_ref()?.log_end()?;
+        let position = self.position.load(Ordering::Relaxed);
+        (position != i64::MIN).then(|| end.saturating_sub(position).max(0) as u64)
+    }
+
+    /// Sets the position the first time it becomes known (the first record read).
+    pub fn start_at(&self, offset: i64) {
+        let _ =
+            self.position
+                .compare_exchange(i64::MIN, offset, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn advance_to(&self, offset: i64) {
+        self.position.fetch_max(offset, Ordering::Relaxed);
+    }
 }
 
 impl RunStats {
@@ -175,6 +237,29 @@ impl RunStats {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The partitions' lag by name (those whose lag is known).
+    pub fn lags(&self) -> Vec<(Arc<str>, u64)> {
+        let partitions = self.partitions.lock().expect("partitions lock");
+        partitions
+            .iter()
+            .filter_map(|(name, p)| Some((name.clone(), p.lag()?)))
+            .collect()
+    }
+
+    /// The sum of every partition's known lag.
+    pub fn total_lag(&self) -> u64 {
+        self.lags().iter().map(|(_, l)| l).sum()
+    }
+
+    /// The partition's progress, registered when it is assigned.
+    pub fn partition(&self, name: &str) -> Option<Arc<PartitionProgress>> {
+        self.partitions
+            .lock()
+            .expect("partitions lock")
+            .get(name)
+            .cloned()
     }
 }
 

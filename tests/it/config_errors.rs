@@ -46,7 +46,7 @@ fn unknown_top_level_section() {
     let yaml = format!("name: x\nsource:\n  type: generator\nstage:\n  - name: a\n{SINK}");
     assert_eq!(
         one_problem(&yaml),
-        "stage: unknown field, expected one of name, source, sources, stages, sink, sinks, dead_letter, checkpoint, tests (x.yaml:4:1)"
+        "stage: unknown field, expected one of name, source, sources, stages, sink, sinks, dead_letter, checkpoint, scaling, tests (x.yaml:4:1)"
     );
     // `sinks:` (alternatives by name) written for `sink:`.
     let yaml = format!("name: x\nsource:\n  type: generator\nsinks:\n  type: stdout\n{SINK}");
@@ -345,5 +345,75 @@ fn alternatives_are_picked_by_name_and_checked() {
     assert_eq!(
         parse(&yaml, &[]).err().unwrap(),
         "dead_letter: picks `out`, the same entry as `sink`: dead letters would be mixed into the output (x.yaml:7:14)"
+    );
+}
+
+#[test]
+fn the_scaling_section_is_read_with_its_defaults() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: generator\nscaling:\n  max_workers: 8\n  lag_threshold: 5000\n  scale_down_cooldown: 30s\n{SINK}"
+    );
+    let config = parse(&yaml, &[]).unwrap();
+    let policy = &config.scaling.as_ref().unwrap().policy;
+    assert_eq!(
+        (policy.min_workers, policy.max_workers, policy.lag_threshold),
+        (1, 8, 5000)
+    );
+    assert_eq!(
+        policy.scale_down_cooldown,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(policy.parallelization_factor, 1);
+    assert_eq!(policy.interval, std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn scaling_mistakes_are_named() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: generator\nscaling:\n  min_workers: 4\n  max_workers: 2\n  lag_threshold: 0\n  parallelization_factor: 11\n{SINK}"
+    );
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "scaling.max_workers: is 2, below min_workers (4) (x.yaml:6:16)",
+            "scaling.lag_threshold: must be at least 1 record (x.yaml:7:18)",
+            "scaling.parallelization_factor: is 11; it must be from 1 to 10 (x.yaml:8:27)",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_parallelization_factor_needs_a_key_and_stateless_stages() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: generator\nscaling:\n  parallelization_factor: 4\n  key: user\nstages:\n  - name: a\n    type: sql\n    query: SELECT * FROM input\n{SINK}"
+    );
+    let config = parse(&yaml, &[]).unwrap();
+    let problems = sluice::plan::check(&config).await.unwrap_err().to_string();
+    assert!(
+        problems
+            .starts_with("scaling.key: `user` is not a column of the source's records (user_id, "),
+        "{problems}"
+    );
+    let yaml = "name: x
+source:
+  type: generator
+scaling:
+  parallelization_factor: 4
+  key: user_id
+stages:
+  - name: counts
+    type: aggregate
+    group_by: [user_id]
+    window: { tumbling: 10s }
+    aggregates:
+      n: count()
+sink:
+  type: stdout
+";
+    let config = parse(yaml, &[]).unwrap();
+    let problems = sluice::plan::check(&config).await.unwrap_err().to_string();
+    assert_eq!(
+        problems,
+        "scaling.parallelization_factor: cannot be above 1 with the stateful stage `counts`: its windows are kept per partition, in the order of the partition's records (x.yaml:5:27)"
     );
 }

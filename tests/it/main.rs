@@ -107,3 +107,151 @@ pub async fn run_yaml(
     .await
     .map_err(|e| e.to_string())
 }
+
+/// A remote function on loopback (the `http` stage's protocol) that is deliberately slow:
+/// every request waits `delay`, and all of them wait while the function is held. Answers
+/// `{"ok": true}` per row.
+pub struct SlowFunction {
+    pub url: String,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Requests waiting at the hold.
+    pub waiting: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    held: tokio::sync::watch::Sender<bool>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl SlowFunction {
+    pub fn start(delay: std::time::Duration) -> SlowFunction {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}/f", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicU64::new(0));
+        let waiting = Arc::new(AtomicU64::new(0));
+        let (held, hold) = tokio::sync::watch::channel(false);
+        let (r, w) = (requests.clone(), waiting.clone());
+        let handler = move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let (r, w, mut hold) = (r.clone(), w.clone(), hold.clone());
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                if *hold.borrow_and_update() {
+                    w.fetch_add(1, Ordering::SeqCst);
+                    let _ = hold.wait_for(|held| !held).await;
+                    w.fetch_sub(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(delay).await;
+                let n = body["rows"].as_array().map_or(0, Vec::len);
+                let results = vec![serde_json::json!({ "ok": true }); n];
+                axum::Json(serde_json::json!({ "results": results }))
+            }
+        };
+        let app = axum::Router::new().route("/f", axum::routing::post(handler));
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        SlowFunction {
+            url,
+            requests,
+            waiting,
+            held,
+            _runtime: runtime,
+        }
+    }
+
+    /// Requests from now on wait until [`SlowFunction::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// The stage calling it, in a pipeline's `stages:` list.
+    pub fn stage_yaml(&self, columns: &str) -> String {
+        format!(
+            "  - name: slow\n    type: function\n    function: http\n    params:\n      url: {}\n      columns: [{columns}]\n      outputs:\n        - {{ name: ok, type: boolean }}\n      max_batch_rows: 100000\n      concurrency: 64\n      timeout: 120s\n",
+            self.url
+        )
+    }
+}
+
+/// Prometheus samples: (name, labels, value).
+pub type Samples = Vec<(String, HashMap<String, String>, f64)>;
+
+/// Prometheus text: every sample as (name, labels, value).
+pub fn parse_prometheus(text: &str) -> Samples {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("a sample line");
+        let value: f64 = value.parse().unwrap_or_else(|e| panic!("{e}: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let rest = rest.strip_suffix('}').expect("labels end with }");
+                let labels = rest
+                    .split("\",")
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        let (k, v) = l.split_once("=\"").expect("label=\"value\"");
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+            None => (series.to_string(), HashMap::new()),
+        };
+        samples.push((name, labels, value));
+    }
+    samples
+}
+
+/// Scrapes `http://addr/metrics`; `None` while nothing answers.
+pub fn scrape(addr: &str) -> Option<Samples> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Some(parse_prometheus(&body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

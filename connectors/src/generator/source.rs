@@ -18,7 +18,7 @@ use rand_pcg::Pcg64Mcg;
 use rand_pcg::rand_core::{Rng, SeedableRng};
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
-use sluice_engine::source::{Assignment, PartitionReader, Source};
+use sluice_engine::source::{Assignment, LogEnd, PartitionReader, Source};
 use sluice_engine::{Error, Result};
 use std::sync::Arc;
 
@@ -278,8 +278,8 @@ impl PartitionReader for GeneratorPartition {
         }
     }
 
-    fn backlog(&self) -> Option<u64> {
-        self.progress.backlog()
+    fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
+        self.progress.log_end()
     }
 }
 

@@ -27,7 +27,7 @@
 //! next offset to read. Auto-commit is off.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::dead_letter::{DeadLetter, SOURCE_STAGE};
-use sluice_engine::source::{Assignment, CommitHook, PartitionReader, Source};
+use sluice_engine::source::{Assignment, CommitHook, LogEnd, PartitionReader, Source};
 use sluice_engine::{Error, ErrorClass, Result};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -70,6 +70,7 @@ pub struct KafkaSource {
     events: mpsc::UnboundedReceiver<Event>,
     consumer: Arc<OnceLock<Arc<GroupConsumer>>>,
     poller: Option<std::thread::JoinHandle<()>>,
+    watermarks: Option<std::thread::JoinHandle<()>>,
 }
 
 enum Event {
@@ -111,6 +112,7 @@ impl KafkaSource {
             events,
             consumer: Arc::default(),
             poller: None,
+            watermarks: None,
         })
     }
 
@@ -157,11 +159,18 @@ impl KafkaSource {
         let consumer = Arc::new(consumer);
         let _ = self.consumer.set(consumer.clone());
         let shared = self.shared.clone();
+        let polled = consumer.clone();
         let poller = std::thread::Builder::new()
             .name("kafka-poll".into())
-            .spawn(move || poll_loop(&consumer, &shared))
+            .spawn(move || poll_loop(&polled, &shared))
             .map_err(|e| Error::Internal(format!("starting the Kafka polling thread: {e}")))?;
         self.poller = Some(poller);
+        let shared = self.shared.clone();
+        let watermarks = std::thread::Builder::new()
+            .name("kafka-lag".into())
+            .spawn(move || watermark_loop(&consumer, &shared))
+            .map_err(|e| Error::Internal(format!("starting the Kafka lag thread: {e}")))?;
+        self.watermarks = Some(watermarks);
         tracing::info!(group = %self.config.group, topics = ?topics, "kafka consumer started");
         Ok(())
     }
@@ -183,6 +192,9 @@ impl Drop for KafkaSource {
         }
         if let Some(poller) = self.poller.take() {
             let _ = poller.join();
+        }
+        if let Some(watermarks) = self.watermarks.take() {
+            let _ = watermarks.join();
         }
     }
 }
@@ -326,6 +338,85 @@ fn poll_loop(consumer: &GroupConsumer, shared: &Shared) {
                 tracing::warn!(partition = %buffer.info.name, error = %e, "cannot pause");
             }
         }
+    }
+}
+
+/// How often the partitions' log end offsets are asked for.
+const WATERMARK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps each owned partition's log end offset (high watermark) current, from the broker:
+/// the offsets librdkafka caches come with fetches, and a paused partition is not fetched.
+/// The engine's lag is this minus the committed offset, what consumer group tools show.
+fn watermark_loop(consumer: &GroupConsumer, shared: &Shared) {
+    let mut last_warning: Option<Instant> = None;
+    while !shared.closing.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        let live: Vec<Arc<PartitionBuffer>> = shared
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .live
+            .values()
+            .cloned()
+            .collect();
+        for buffer in live {
+            if shared.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            match consumer.fetch_watermarks(&buffer.topic, buffer.partition, LOOKUP_TIMEOUT) {
+                Ok((_, high)) => {
+                    let fetched = fetched_high_watermark(consumer, &buffer.topic, buffer.partition);
+                    buffer
+                        .log_end
+                        .0
+                        .store(high.max(fetched.unwrap_or(-1)), Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                        tracing::warn!(partition = %buffer.info.name, error = %e, "kafka: reading the log end offset failed (lag not updated)");
+                        last_warning = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        // Sleeps in short steps so that closing is not held up.
+        while started.elapsed() < WATERMARK_INTERVAL && !shared.closing.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The high watermark of the partition's last fetch response, as librdkafka caches it.
+/// Brokers answer the log end offset query (`ListOffsets`, latest) with the same value;
+/// tansu answers with the start of the last record batch plus one, which the fetch
+/// response's watermark corrects while the partition is fetched (a paused partition is not:
+/// its lag is then short by at most one producer batch, on tansu only).
+fn fetched_high_watermark(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives, `topic` is a C string
+    // that outlives the call, and the out-pointers are to live locals. The call only reads
+    // librdkafka's cache (no I/O) and is thread safe.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
+/// A partition's log end offset as last read from the broker; -1 before the first read.
+struct HighWatermark(AtomicI64);
+
+impl LogEnd for HighWatermark {
+    fn log_end(&self) -> Option<i64> {
+        let high = self.0.load(Ordering::Relaxed);
+        (high >= 0).then_some(high)
     }
 }
 
@@ -615,6 +706,7 @@ struct PartitionBuffer {
     ready: Notify,
     /// The partition was revoked or the source is closing: no more messages come.
     closed: AtomicBool,
+    log_end: Arc<HighWatermark>,
 }
 
 #[derive(Default)]
@@ -635,6 +727,7 @@ impl PartitionBuffer {
             queue: Mutex::default(),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
+            log_end: Arc::new(HighWatermark(AtomicI64::new(-1))),
         }
     }
 
@@ -941,6 +1034,10 @@ impl KafkaReader {
 impl PartitionReader for KafkaReader {
     fn info(&self) -> &Arc<PartitionInfo> {
         &self.buffer.info
+    }
+
+    fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
+        Some(self.buffer.log_end.clone())
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {

@@ -26,7 +26,7 @@ use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
 use async_trait::async_trait;
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
-use sluice_engine::source::{Assignment, PartitionReader, Source};
+use sluice_engine::source::{Assignment, LogEnd, PartitionReader, Source};
 use sluice_engine::{Error, Result};
 
 use super::NexmarkConfig;
@@ -245,8 +245,8 @@ impl PartitionReader for NexmarkPartition {
         }
     }
 
-    fn backlog(&self) -> Option<u64> {
-        self.progress.backlog()
+    fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
+        self.progress.log_end()
     }
 }
 

@@ -9,6 +9,7 @@ mod dead_letters;
 mod delivery;
 mod errors;
 mod examples;
+mod scaling;
 mod throughput;
 
 use std::collections::HashMap;
@@ -99,8 +100,19 @@ impl Sluice {
 
     /// `sluice run` with extra environment variables.
     pub fn start_with(pipeline: &Path, log: PathBuf, vars: &[(&str, &str)]) -> Sluice {
+        Self::start_args(pipeline, log, &[], vars)
+    }
+
+    /// `sluice run PIPELINE ARGS…` with extra environment variables.
+    pub fn start_args(
+        pipeline: &Path,
+        log: PathBuf,
+        args: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Sluice {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", pipeline.to_str().unwrap()])
+            .args(args)
             .env("RUST_LOG", "warn,sluice_connectors=info")
             .envs(vars.iter().copied())
             .stdin(Stdio::null())

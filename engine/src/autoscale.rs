@@ -1,0 +1,301 @@
+//! The autoscaler: how many workers a pipeline should have, from its partitions' lag.
+//!
+//! The formula is KEDA's for Kafka consumers, with the engine's own bound:
+//!
+//! ```text
+//! desired = clamp(ceil(total lag / lag_threshold), min_workers, min(max_workers, partitions × parallelization_factor))
+//! ```
+//!
+//! - **Up** at once: the first evaluation whose lag asks for more workers gets them.
+//! - **Down** only to the highest number asked for during the last `scale_down_cooldown`
+//!   (Kubernetes' stabilization window): a backlog that drains for a moment and comes back
+//!   does not remove and re-add workers, and the count never falls while lag is still above
+//!   what the remaining workers are meant to carry.
+//!
+//! The same [`Autoscaler`] drives worker tasks inside a process (the executor) and worker
+//! processes (`sluice run --processes auto`); it only decides, and says why.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// The `scaling:` section of a pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingPolicy {
+    pub min_workers: usize,
+    pub max_workers: usize,
+    /// Records of lag one worker is meant to carry.
+    pub lag_threshold: u64,
+    /// How long the lag must have asked for fewer workers before they go.
+    pub scale_down_cooldown: Duration,
+    /// Batches of one partition processed at once (1–10), keys kept in order.
+    pub parallelization_factor: usize,
+    /// The column whose value keeps records in order under a parallelization factor
+    /// (default `_key`, the record's key).
+    pub key: Option<std::sync::Arc<str>>,
+    /// Time between evaluations.
+    pub interval: Duration,
+}
+
+impl Default for ScalingPolicy {
+    fn default() -> Self {
+        ScalingPolicy {
+            min_workers: 1,
+            max_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            lag_threshold: 10_000,
+            scale_down_cooldown: Duration::from_secs(60),
+            parallelization_factor: 1,
+            key: None,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ScalingPolicy {
+    /// The most workers `partitions` can keep busy under this policy.
+    pub fn cap(&self, partitions: usize) -> usize {
+        let useful = partitions.saturating_mul(self.parallelization_factor);
+        self.max_workers.min(useful).max(self.min_workers)
+    }
+
+    /// The workers a lag asks for, before any hysteresis.
+    pub fn target(&self, lag: u64, partitions: usize) -> usize {
+        let wanted = lag.div_ceil(self.lag_threshold.max(1));
+        let wanted = usize::try_from(wanted).unwrap_or(usize::MAX);
+        wanted.clamp(self.min_workers, self.cap(partitions))
+    }
+}
+
+/// A change of the worker count, with its reason (for the log and the metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub from: usize,
+    pub to: usize,
+    pub reason: String,
+}
+
+impl Decision {
+    pub fn direction(&self) -> &'static str {
+        if self.to > self.from { "up" } else { "down" }
+    }
+}
+
+/// Decides the worker count from observations of lag over time.
+#[derive(Debug)]
+pub struct Autoscaler {
+    policy: ScalingPolicy,
+    desired: usize,
+    /// Targets of the last cooldown, oldest first.
+    recent: VecDeque<(Instant, usize)>,
+    /// The first observation: no scaling down before a whole cooldown was observed.
+    first: Option<Instant>,
+}
+
+impl Autoscaler {
+    /// Starts at `min_workers`.
+    pub fn new(policy: ScalingPolicy) -> Self {
+        Autoscaler {
+            desired: policy.min_workers.max(1),
+            policy,
+            recent: VecDeque::new(),
+            first: None,
+        }
+    }
+
+    pub fn policy(&self) -> &ScalingPolicy {
+        &self.policy
+    }
+
+    pub fn desired(&self) -> usize {
+        self.desired
+    }
+
+    /// Takes one observation: the total lag and the partitions now assigned. Returns the
+    /// change it decides, if any.
+    pub fn observe(&mut self, now: Instant, lag: u64, partitions: usize) -> Option<Decision> {
+        let target = self.policy.target(lag, partitions.max(1));
+        let cooldown = self.policy.scale_down_cooldown;
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > cooldown)
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, target));
+        let threshold = self.policy.lag_threshold;
+        let from = self.desired;
+        if target > from {
+            self.desired = target;
+            let bound = if target == self.policy.cap(partitions.max(1))
+                && lag.div_ceil(threshold.max(1)) > target as u64
+            {
+                format!(
+                    " (capped: max_workers {}, {partitions} partitions × parallelization_factor {})",
+                    self.policy.max_workers, self.policy.parallelization_factor
+                )
+            } else {
+                String::new()
+            };
+            return Some(Decision {
+                from,
+                to: target,
+                reason: format!(
+                    "lag {lag} over {from} worker(s) at lag_threshold {threshold} asks for {target}{bound}"
+                ),
+            });
+        }
+        // Down only to the most any observation of the cooldown asked for: a count that
+        // was needed within the window stays.
+        let held = self.recent.iter().map(|(_, t)| *t).max().unwrap_or(target);
+        let window_full = now.duration_since(*self.first.get_or_insert(now)) >= cooldown;
+        if held < from && window_full {
+            self.desired = held;
+            return Some(Decision {
+                from,
+                to: held,
+                reason: format!(
+                    "lag {lag} has asked for at most {held} worker(s) for {} (scale_down_cooldown)",
+                    humantime(cooldown)
+                ),
+            });
+        }
+        None
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> ScalingPolicy {
+        ScalingPolicy {
+            min_workers: 1,
+            max_workers: 8,
+            lag_threshold: 1000,
+            scale_down_cooldown: Duration::from_secs(10),
+            parallelization_factor: 1,
+            key: None,
+            interval: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_target_is_kedas_formula_clamped_by_partitions() {
+        let p = policy();
+        assert_eq!(p.target(0, 8), 1);
+        assert_eq!(p.target(1, 8), 1);
+        assert_eq!(p.target(1000, 8), 1);
+        assert_eq!(p.target(1001, 8), 2);
+        assert_eq!(p.target(5500, 8), 6);
+        assert_eq!(p.target(1_000_000, 8), 8, "max_workers");
+        assert_eq!(p.target(1_000_000, 3), 3, "no more workers than partitions");
+        let p4 = ScalingPolicy {
+            parallelization_factor: 4,
+            max_workers: 100,
+            ..policy()
+        };
+        assert_eq!(
+            p4.target(1_000_000, 3),
+            12,
+            "partitions × parallelization_factor"
+        );
+        let min3 = ScalingPolicy {
+            min_workers: 3,
+            ..policy()
+        };
+        assert_eq!(
+            min3.target(0, 1),
+            3,
+            "min_workers wins over the partition bound"
+        );
+    }
+
+    #[test]
+    fn scales_up_at_once_and_down_after_the_cooldown() {
+        let mut a = Autoscaler::new(policy());
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(a.observe(at(0), 0, 8), None);
+        let up = a.observe(at(1), 4500, 8).unwrap();
+        assert_eq!((up.from, up.to, up.direction()), (1, 5, "up"));
+        assert!(up.reason.contains("lag 4500"), "{}", up.reason);
+        let up = a.observe(at(2), 100_000, 8).unwrap();
+        assert_eq!(up.to, 8);
+        assert!(up.reason.contains("capped"), "{}", up.reason);
+        // The backlog drains: nothing changes until 10s after the last high observation.
+        for s in 3..12 {
+            assert_eq!(a.observe(at(s), 0, 8), None, "at {s}s");
+        }
+        let down = a.observe(at(13), 0, 8).unwrap();
+        assert_eq!((down.from, down.to, down.direction()), (8, 1, "down"));
+        assert!(down.reason.contains("10s"), "{}", down.reason);
+        assert_eq!(a.desired(), 1);
+    }
+
+    #[test]
+    fn a_backlog_that_comes_and_goes_does_not_flap() {
+        let mut a = Autoscaler::new(policy());
+        let t0 = Instant::now();
+        let mut changes = Vec::new();
+        // Lag alternates between a full load for 4 workers and nothing, every 3 seconds.
+        for s in 0..60 {
+            let lag = if (s / 3) % 2 == 0 { 4000 } else { 0 };
+            if let Some(d) = a.observe(t0 + Duration::from_secs(s), lag, 8) {
+                changes.push((s, d.to));
+            }
+        }
+        assert_eq!(
+            changes,
+            vec![(0, 4)],
+            "one move up, none down while the lag keeps coming back"
+        );
+    }
+
+    #[test]
+    fn scales_down_step_by_step_to_what_the_window_still_needs() {
+        let mut a = Autoscaler::new(policy());
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        a.observe(at(0), 8000, 8);
+        assert_eq!(a.desired(), 8);
+        // Half the lag for a while: down to 4 once the cooldown passed since the 8.
+        let mut seen = Vec::new();
+        for s in 1..30 {
+            if let Some(d) = a.observe(at(s), 3500, 8) {
+                seen.push((s, d.to));
+            }
+        }
+        assert_eq!(seen, vec![(11, 4)]);
+    }
+
+    #[test]
+    fn scales_down_when_observations_do_not_fall_on_the_cooldowns_edge() {
+        let mut a = Autoscaler::new(policy());
+        let t0 = Instant::now();
+        let mut down = None;
+        for i in 0..100u64 {
+            let at = t0 + Duration::from_millis(503 * i);
+            let lag = if i < 4 { 100_000 } else { 0 };
+            if let Some(d) = a.observe(at, lag, 8)
+                && d.to < d.from
+            {
+                down = Some(at.duration_since(t0));
+                break;
+            }
+        }
+        // The last high observation was at 1.509s: down 10s (the cooldown) after it.
+        let down = down.expect("never scaled down");
+        assert!(
+            down > Duration::from_millis(11_509) && down < Duration::from_millis(12_100),
+            "{down:?}"
+        );
+    }
+}
