@@ -11,6 +11,7 @@ pub mod dlq;
 pub mod metrics;
 pub mod plan;
 pub mod status;
+pub mod supervise;
 pub mod testing;
 
 use std::sync::Arc;

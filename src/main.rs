@@ -38,6 +38,31 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9898).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Kafka sources: run the pipeline as N worker processes of its consumer group
+        /// (`sluice worker`), or as many as the group's lag asks for (`auto`, by the
+        /// `scaling:` section). Partitions move between them with their state, through the
+        /// checkpoint directory.
+        #[arg(long, value_name = "N|auto", conflicts_with = "workers")]
+        processes: Option<sluice::supervise::ProcessCount>,
+    },
+    /// Run the pipeline as one worker process of its Kafka consumer group, started by
+    /// something else (`sluice run --processes`, Kubernetes, `docker compose --scale`).
+    Worker {
+        /// The pipeline file.
+        file: PathBuf,
+        /// This member's name: its checkpoint store is DIR/members/NAME in the pipeline's
+        /// checkpoint directory (default: $SLUICE_MEMBER, else $HOSTNAME — a pod's name).
+        #[arg(long)]
+        member: Option<String>,
+        /// Worker tasks in this process (default as for `run`).
+        #[arg(long, value_name = "N|auto")]
+        workers: Option<WorkerCount>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Ignore the `scaling:` section (the supervisor scales processes by it).
+        #[arg(long, hide = true)]
+        no_scaling: bool,
     },
     /// Check pipeline files and print every problem.
     Validate {
@@ -172,10 +197,34 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run {
                 file,
+                metrics_addr,
+                processes: Some(count),
+                ..
+            } => supervise(file, count, metrics_addr).await,
+            Command::Run {
+                file,
                 workers,
                 quiet,
                 metrics_addr,
-            } => run(file, workers, quiet, metrics_addr).await,
+                processes: None,
+            } => run(file, workers, quiet, metrics_addr, None).await,
+            Command::Worker {
+                file,
+                member,
+                workers,
+                metrics_addr,
+                no_scaling,
+            } => {
+                let member = member
+                    .or_else(|| std::env::var("SLUICE_MEMBER").ok())
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+                let workers = match (workers, no_scaling) {
+                    (None, true) => Some(WorkerCount::Unscaled),
+                    (w, _) => w,
+                };
+                run(file, workers, true, metrics_addr, Some(member)).await
+            }
             Command::Validate { files } => validate(files).await,
             Command::Test { files } => test(files).await,
             Command::Dlq { command } => dlq(command).await,
@@ -319,6 +368,8 @@ async fn dlq(command: DlqCommand) -> u8 {
 enum WorkerCount {
     Fixed(usize),
     Auto,
+    /// The default count, whatever `scaling:` says (a supervised worker process).
+    Unscaled,
 }
 
 impl std::str::FromStr for WorkerCount {
@@ -346,6 +397,7 @@ fn run_options(workers: Option<WorkerCount>, scaling: Option<&ScalingPolicy>) ->
         }),
         (Some(WorkerCount::Fixed(_)), None) => None,
         (Some(WorkerCount::Auto), policy) => Some(policy.cloned().unwrap_or_default()),
+        (Some(WorkerCount::Unscaled), _) => None,
         (None, policy) => policy.cloned(),
     };
     RunOptions {
@@ -358,10 +410,9 @@ fn run_options(workers: Option<WorkerCount>, scaling: Option<&ScalingPolicy>) ->
     }
 }
 
-async fn run(
+async fn supervise(
     file: PathBuf,
-    workers: Option<WorkerCount>,
-    quiet: bool,
+    count: sluice::supervise::ProcessCount,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> u8 {
     let config = match config::load(&file) {
@@ -371,7 +422,48 @@ async fn run(
             return INVALID;
         }
     };
-    let pipeline = match plan::build(&config).await {
+    // Every worker would report the same problems: check once, here.
+    if let Err(problems) = plan::check(&config).await {
+        eprintln!("{problems}");
+        return INVALID;
+    }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    match sluice::supervise::supervise(&file, &config, count, metrics_addr, shutdown).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            FAILED
+        }
+    }
+}
+
+/// `sluice run` (no member), or `sluice worker` as `member`.
+async fn run(
+    file: PathBuf,
+    workers: Option<WorkerCount>,
+    quiet: bool,
+    metrics_addr: Option<std::net::SocketAddr>,
+    member: Option<String>,
+) -> u8 {
+    let config = match config::load(&file) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return INVALID;
+        }
+    };
+    if member.is_some() && !matches!(config.source.kind, config::SourceKind::Kafka(_)) {
+        eprintln!(
+            "error: `sluice worker` needs a Kafka source: worker processes split the partitions through a consumer group; run other sources with `sluice run`"
+        );
+        return INVALID;
+    }
+    let built = match &member {
+        Some(m) => plan::build_member(&config, m).await,
+        None => plan::build(&config).await,
+    };
+    let pipeline = match built {
         Ok(p) => p,
         Err(problems) => {
             eprintln!("{problems}");

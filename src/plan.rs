@@ -213,7 +213,14 @@ pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
 
 /// Builds the pipeline: source opened, stages planned, sink opened.
 pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
-    build_with(config, None).await
+    build_with(config, None, None).await
+}
+
+/// Like [`build`], for one of several worker processes of a consumer group (`sluice
+/// worker`): its checkpoint store is its own within the shared directory
+/// (`DIR/members/MEMBER`), and partitions bring their state from the member that had them.
+pub async fn build_member(config: &PipelineConfig, member: &str) -> Result<Pipeline, Problems> {
+    build_with(config, None, Some(member)).await
 }
 
 /// Like [`build`], for a second writer beside the running pipeline (`sluice dlq replay`):
@@ -223,7 +230,7 @@ pub async fn build_beside(
     config: &PipelineConfig,
     prefix_suffix: &str,
 ) -> Result<Pipeline, Problems> {
-    build_with(config, Some(prefix_suffix)).await
+    build_with(config, Some(prefix_suffix), None).await
 }
 
 fn beside(config: &SinkConfig, suffix: Option<&str>) -> SinkConfig {
@@ -237,6 +244,7 @@ fn beside(config: &SinkConfig, suffix: Option<&str>) -> SinkConfig {
 async fn build_with(
     config: &PipelineConfig,
     beside_suffix: Option<&str>,
+    member: Option<&str>,
 ) -> Result<Pipeline, Problems> {
     let mut problems = Problems::new(&config.file);
     let source = open_source(&config.source, config.dead_letter.is_some(), &mut problems);
@@ -251,14 +259,19 @@ async fn build_with(
         .checkpoint
         .as_ref()
         .filter(|_| beside_suffix.is_none())
-        .and_then(|c| match RocksStore::open(&c.dir) {
-            Ok(store) => Some(CheckpointPolicy {
-                store: Arc::new(store),
-                interval: c.interval,
-            }),
-            Err(e) => {
-                c.at.problem(&mut problems, "dir", e.to_string());
-                None
+        .and_then(|c| {
+            match member.map_or_else(
+                || RocksStore::open(&c.dir),
+                |m| RocksStore::open_member(&c.dir, m),
+            ) {
+                Ok(store) => Some(CheckpointPolicy {
+                    store: Arc::new(store),
+                    interval: c.interval,
+                }),
+                Err(e) => {
+                    c.at.problem(&mut problems, "dir", e.to_string());
+                    None
+                }
             }
         });
     let sink = match (&source, &stages) {

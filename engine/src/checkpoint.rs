@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::state::PartitionKeys;
 use crate::{Error, Result};
 
 /// Per partition name, the next offset to read.
@@ -56,6 +57,13 @@ pub trait CheckpointStore: Send + Sync {
     /// The database stateful stages keep their state in, when the store has one.
     fn db(&self) -> Option<Arc<StateDb>> {
         None
+    }
+
+    /// For a store shared by several processes ([`RocksStore::open_member`]): copies into
+    /// this process's database the state of each partition that another process committed
+    /// at a later offset than this one has, with that offset; returns those offsets.
+    fn take_over(&self, _partitions: &[(String, PartitionKeys)]) -> Result<BTreeMap<String, i64>> {
+        Ok(BTreeMap::new())
     }
 }
 
@@ -120,14 +128,60 @@ const LATEST: &str = "LATEST";
 pub struct RocksStore {
     db: Arc<StateDb>,
     dir: PathBuf,
+    /// Set for one member of a directory shared by worker processes.
+    member: Option<Member>,
     /// Held while the store is open: a second process on the same directory would clear
     /// this one's working database.
     _lock: std::fs::File,
 }
 
+/// A process's place in a checkpoint directory shared by worker processes.
+struct Member {
+    /// The shared directory.
+    root: PathBuf,
+    name: String,
+}
+
+/// Where the members of a shared checkpoint directory keep their stores.
+const MEMBERS: &str = "members";
+
 impl RocksStore {
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir.join(MEMBERS).is_dir() {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "this checkpoint directory is shared by worker processes (it has `{MEMBERS}/`): \
+                     run the pipeline with `sluice worker` or `sluice run --processes`, or give it a new directory"
+                ),
+            });
+        }
         Self::open_in(dir, None)
+    }
+
+    /// The store of worker process `member` in the shared directory `root`
+    /// (`root/members/MEMBER`). Partitions move between members with their state: see
+    /// [`CheckpointStore::take_over`].
+    pub fn open_member(root: &Path, member: &str) -> Result<Self> {
+        let valid = !member.is_empty()
+            && member
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !member.starts_with('.');
+        if !valid {
+            return Err(Error::Checkpoint {
+                path: root.to_path_buf(),
+                message: format!(
+                    "member name `{member}`: use letters, digits, `-`, `_` and `.` (it names a directory)"
+                ),
+            });
+        }
+        let mut store = Self::open_in(&root.join(MEMBERS).join(member), None)?;
+        store.member = Some(Member {
+            root: root.to_path_buf(),
+            name: member.to_string(),
+        });
+        Ok(store)
     }
 
     /// A store in a temporary directory that lives as long as it: working space for stage
@@ -203,6 +257,7 @@ impl RocksStore {
         Ok(RocksStore {
             db: Arc::new(StateDb { db, scratch }),
             dir: dir.to_path_buf(),
+            member: None,
             _lock: lock,
         })
     }
@@ -338,6 +393,146 @@ impl CheckpointStore for RocksStore {
     fn db(&self) -> Option<Arc<StateDb>> {
         Some(self.db.clone())
     }
+
+    fn take_over(&self, partitions: &[(String, PartitionKeys)]) -> Result<BTreeMap<String, i64>> {
+        let Some(member) = &self.member else {
+            return Ok(BTreeMap::new());
+        };
+        let offset_of = |db: &rocksdb::DB, name: &str| -> Result<Option<i64>> {
+            let value = db
+                .get(format!("{OFFSET_PREFIX}{name}"))
+                .map_err(|e| self.error(e))?;
+            Ok(value.and_then(|v| Some(i64::from_be_bytes(v.as_slice().try_into().ok()?))))
+        };
+        let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+        for (name, _) in partitions {
+            if let Some(own) = offset_of(&self.db, name)? {
+                newest.insert(name.clone(), own);
+            }
+        }
+        // Every other member's last checkpoint (and a single-process store the directory
+        // held before it was shared): the one with the highest offset for a partition
+        // holds its newest state, since a partition's offset only grows from owner to owner.
+        let mut others: Vec<PathBuf> = std::fs::read_dir(member.root.join(MEMBERS))
+            .map_err(|e| self.error(format!("cannot list the members: {e}")))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy() != member.name.as_str())
+            .map(|e| e.path())
+            .collect();
+        others.push(member.root.clone());
+        let mut copies = Vec::new();
+        // Per partition: the copy holding its newest state, and its offset.
+        let mut best: BTreeMap<&str, (usize, i64)> = BTreeMap::new();
+        for other in others {
+            let Some(frozen) = FrozenCopy::open(&member.root, &other).map_err(|e| self.error(e))?
+            else {
+                continue;
+            };
+            for (name, _) in partitions {
+                let Some(offset) = offset_of(&frozen.db, name)? else {
+                    continue;
+                };
+                if newest.get(name).is_some_and(|o| *o >= offset) {
+                    continue;
+                }
+                newest.insert(name.clone(), offset);
+                best.insert(name, (copies.len(), offset));
+            }
+            copies.push((other, frozen));
+        }
+        let mut taken: BTreeMap<String, i64> = BTreeMap::new();
+        let mut batch = rocksdb::WriteBatch::default();
+        for (name, keys) in partitions {
+            let Some(&(copy, offset)) = best.get(name.as_str()) else {
+                continue;
+            };
+            let (from, frozen) = &copies[copy];
+            copy_partition(&self.db, &frozen.db, name, keys, offset, &mut batch)
+                .map_err(|e| self.error(e))?;
+            taken.insert(name.clone(), offset);
+            tracing::info!(partition = %name, offset, from = %from.display(), "taking over the partition's state");
+        }
+        if !taken.is_empty() {
+            self.db
+                .write_opt(batch, &unlogged())
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(taken)
+    }
+}
+
+/// A read-only copy of a member's last checkpoint: its files hard linked into a temporary
+/// directory, so that the member may go on (and delete the checkpoint) while it is read.
+struct FrozenCopy {
+    db: rocksdb::DB,
+    _dir: tempfile::TempDir,
+}
+
+impl FrozenCopy {
+    fn open(root: &Path, member: &Path) -> std::io::Result<Option<FrozenCopy>> {
+        // The member may replace its checkpoint while it is copied: try the new one.
+        for _ in 0..10 {
+            let Some(id) = read_latest(member)? else {
+                return Ok(None);
+            };
+            let frozen = member.join("checkpoints").join(id.to_string());
+            let dir = tempfile::Builder::new()
+                .prefix(".takeover-")
+                .tempdir_in(root)?;
+            let copy = dir.path().join("db");
+            if restore_copy(&frozen, &copy).is_err() {
+                continue;
+            }
+            let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &copy, false)
+                .map_err(|e| std::io::Error::other(e.into_string()))?;
+            return Ok(Some(FrozenCopy { db, _dir: dir }));
+        }
+        Err(std::io::Error::other(format!(
+            "{} changed its checkpoint 10 times while it was read",
+            member.display()
+        )))
+    }
+}
+
+/// Replaces, in `batch` for database `own`, the partition's state with what `from` holds.
+fn copy_partition(
+    own: &rocksdb::DB,
+    from: &rocksdb::DB,
+    name: &str,
+    keys: &PartitionKeys,
+    offset: i64,
+    batch: &mut rocksdb::WriteBatch,
+) -> std::result::Result<(), rocksdb::Error> {
+    for prefix in &keys.prefixes {
+        for item in own.iterator(rocksdb::IteratorMode::From(
+            prefix,
+            rocksdb::Direction::Forward,
+        )) {
+            let (key, _) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            batch.delete(&key);
+        }
+        for item in from.iterator(rocksdb::IteratorMode::From(
+            prefix,
+            rocksdb::Direction::Forward,
+        )) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            batch.put(&key, &value);
+        }
+    }
+    for key in &keys.keys {
+        match from.get(key)? {
+            Some(value) => batch.put(key, value),
+            None => batch.delete(key),
+        }
+    }
+    batch.put(format!("{OFFSET_PREFIX}{name}"), offset.to_be_bytes());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -454,5 +649,119 @@ mod tests {
         drop(rocksdb::DB::open_default(dir.path()).unwrap());
         let e = RocksStore::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("earlier Sluice"), "{e}");
+    }
+
+    /// A member writing state for a partition (keys under `s/NAME/`) and committing it.
+    fn commit_state(store: &RocksStore, id: u64, name: &str, offset: i64, values: &[(&str, &str)]) {
+        let db = store.db().unwrap();
+        for (k, v) in values {
+            db.put(format!("s/{name}/{k}"), v).unwrap();
+        }
+        db.put(format!("m/{name}"), format!("meta@{offset}"))
+            .unwrap();
+        store
+            .commit(&Checkpoint {
+                id,
+                offsets: [(name.to_string(), offset)].into(),
+            })
+            .unwrap();
+    }
+
+    fn keys(name: &str) -> PartitionKeys {
+        PartitionKeys {
+            prefixes: vec![format!("s/{name}/").into_bytes()],
+            keys: vec![format!("m/{name}").into_bytes()],
+        }
+    }
+
+    fn state_of(store: &RocksStore, name: &str) -> Vec<(String, String)> {
+        let db = store.db().unwrap();
+        let prefix = format!("s/{name}/");
+        let mut out: Vec<(String, String)> = db
+            .prefix_iterator(prefix.as_bytes())
+            .map(|i| i.unwrap())
+            .take_while(|(k, _)| k.starts_with(prefix.as_bytes()))
+            .map(|(k, v)| {
+                (
+                    String::from_utf8(k.to_vec()).unwrap(),
+                    String::from_utf8(v.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        if let Some(m) = db.get(format!("m/{name}")).unwrap() {
+            out.push(("meta".into(), String::from_utf8(m).unwrap()));
+        }
+        out
+    }
+
+    #[test]
+    fn a_member_takes_over_the_newest_state_of_a_partition() {
+        let root = tempfile::tempdir().unwrap();
+        let a = RocksStore::open_member(root.path(), "a").unwrap();
+        let b = RocksStore::open_member(root.path(), "b").unwrap();
+        let c = RocksStore::open_member(root.path(), "c").unwrap();
+        // p1: a had it up to 100, then c up to 250 (newest). p2: only b, at 40.
+        commit_state(&a, 1, "p1", 100, &[("x", "1"), ("y", "1")]);
+        commit_state(&c, 1, "p1", 250, &[("x", "5")]);
+        commit_state(&b, 1, "p2", 40, &[("z", "9")]);
+        // b's own older copy of p1 (it had p1 once, at 50): replaced, key by key.
+        commit_state(&b, 2, "p1", 50, &[("old", "0")]);
+        let taken = b
+            .take_over(&[("p1".into(), keys("p1")), ("p2".into(), keys("p2"))])
+            .unwrap();
+        assert_eq!(
+            taken,
+            [("p1".to_string(), 250)].into(),
+            "p2 is b's own newest"
+        );
+        assert_eq!(
+            state_of(&b, "p1"),
+            vec![
+                ("s/p1/x".into(), "5".into()),
+                ("meta".into(), "meta@250".into())
+            ]
+        );
+        assert_eq!(
+            state_of(&b, "p2"),
+            vec![
+                ("s/p2/z".into(), "9".into()),
+                ("meta".into(), "meta@40".into())
+            ]
+        );
+        assert_eq!(b.load().unwrap().start_of("p1"), 250);
+        // Taking over again finds nothing newer.
+        assert!(
+            b.take_over(&[("p1".into(), keys("p1"))])
+                .unwrap()
+                .is_empty()
+        );
+        // A store that is no member takes nothing over.
+        let single = tempfile::tempdir().unwrap();
+        let alone = RocksStore::open(single.path()).unwrap();
+        assert!(
+            alone
+                .take_over(&[("p1".into(), keys("p1"))])
+                .unwrap()
+                .is_empty()
+        );
+        // A shared directory is not opened as a single process's.
+        let e = RocksStore::open(root.path()).err().unwrap().to_string();
+        assert!(e.contains("shared by worker processes"), "{e}");
+    }
+
+    #[test]
+    fn a_member_takes_over_from_the_directorys_earlier_single_process_store() {
+        let root = tempfile::tempdir().unwrap();
+        {
+            let single = RocksStore::open(root.path()).unwrap();
+            commit_state(&single, 1, "p1", 70, &[("x", "7")]);
+        }
+        let a = RocksStore::open_member(root.path(), "a").unwrap();
+        assert_eq!(
+            a.take_over(&[("p1".into(), keys("p1"))]).unwrap(),
+            [("p1".to_string(), 70)].into()
+        );
+        assert_eq!(state_of(&a, "p1")[0], ("s/p1/x".into(), "7".into()));
+        assert!(RocksStore::open_member(root.path(), "../x").is_err());
     }
 }

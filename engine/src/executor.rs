@@ -57,9 +57,9 @@ use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryStore, RocksStore};
 use crate::dead_letter::DeadLetterSink;
 use crate::failure::{self, Outcome};
 use crate::sink::Sink;
-use crate::source::{Assignment, CommitHook, PartitionReader, Source};
+use crate::source::{Assignment, CommitHook, Handoff, PartitionReader, Source};
 use crate::stage::{PlannedStage, Stage, StageContext};
-use crate::state::{SnapshotStats, StageState};
+use crate::state::{PartitionKeys, SnapshotStats, StageState};
 use crate::stats::{PartitionProgress, RunStats};
 use crate::{Error, Result};
 
@@ -248,6 +248,15 @@ pub async fn run(
                 .await
                 .map_err(|e| Error::Internal(format!("restoring stage state: {e}")))??;
         }
+    }
+    if let Some(policy) = &checkpoint
+        && !states.is_empty()
+    {
+        // Worker processes sharing the checkpoint directory: a partition's state follows it.
+        source.set_handoff(Arc::new(TakeOver {
+            store: policy.store.clone(),
+            states: states.clone(),
+        }));
     }
     let hook = source.commit_hook();
     let mut autoscaler = options.scaling.clone().map(Autoscaler::new);
@@ -500,6 +509,36 @@ pub async fn run(
             elapsed: started.elapsed(),
             sink: sink_summary.unwrap_or_default(),
         }),
+    }
+}
+
+/// Takes partitions' state over from other processes sharing the checkpoint directory.
+struct TakeOver {
+    store: Arc<dyn CheckpointStore>,
+    states: Vec<Arc<dyn StageState>>,
+}
+
+impl Handoff for TakeOver {
+    fn take_over(&self, partitions: &[String]) -> Result<std::collections::BTreeMap<String, i64>> {
+        let keys: Vec<(String, PartitionKeys)> = partitions
+            .iter()
+            .map(|name| {
+                let mut keys = PartitionKeys::default();
+                for state in &self.states {
+                    let k = state.partition_keys(name);
+                    keys.prefixes.extend(k.prefixes);
+                    keys.keys.extend(k.keys);
+                }
+                (name.clone(), keys)
+            })
+            .collect();
+        let taken = self.store.take_over(&keys)?;
+        for name in taken.keys() {
+            for state in &self.states {
+                state.forget(name);
+            }
+        }
+        Ok(taken)
     }
 }
 

@@ -6,6 +6,7 @@
 //! rebalances. Each assigned partition is read by its own [`PartitionReader`], so
 //! partitions are read concurrently and in order within each one.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -71,6 +72,19 @@ pub trait CommitHook: Send + Sync {
     fn committed(&self, checkpoint: &Checkpoint);
 }
 
+/// Brings the newest committed state of partitions into this process before it reads them,
+/// when several processes share a checkpoint directory (worker processes of one consumer
+/// group): the last owner may have been another process.
+pub trait Handoff: Send + Sync {
+    /// Takes over the named partitions' state where another process committed a newer one
+    /// than this process has; returns the offset (next to read) each such partition's state
+    /// is at. Blocking (reads other processes' checkpoints).
+    ///
+    /// # Errors
+    /// A checkpoint that cannot be read: the partition must not be read without its state.
+    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, i64>>;
+}
+
 #[async_trait]
 pub trait Source: Send {
     /// The schema of every batch, metadata columns included.
@@ -88,6 +102,11 @@ pub trait Source: Send {
     fn commit_hook(&self) -> Option<Arc<dyn CommitHook>> {
         None
     }
+
+    /// Given when the checkpoint directory is shared with other processes: a source whose
+    /// partitions move between processes calls it before it starts reading a partition, and
+    /// starts the partition at the offset it returns.
+    fn set_handoff(&mut self, _handoff: Arc<dyn Handoff>) {}
 
     /// Whether the source needs checkpoints to run at all (a consumer group commits its
     /// offsets through them): the executor then checkpoints in memory when the pipeline

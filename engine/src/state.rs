@@ -16,6 +16,14 @@ use std::sync::Arc;
 use crate::Result;
 use crate::batch::PartitionInfo;
 
+/// Where one partition's state is in the database: every key under `prefixes`, and
+/// `keys` exactly. Another process takes a partition over by copying these.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PartitionKeys {
+    pub prefixes: Vec<Vec<u8>>,
+    pub keys: Vec<Vec<u8>>,
+}
+
 /// What a snapshot wrote.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SnapshotStats {
@@ -44,4 +52,14 @@ pub trait StageState: Send + Sync {
     /// Writes everything changed since the last snapshot into the database. Called while no
     /// batch is being processed; the offsets are committed right after.
     fn snapshot(&self) -> Result<SnapshotStats>;
+
+    /// Where the partition's state is kept in the database.
+    fn partition_keys(&self, _partition: &str) -> PartitionKeys {
+        PartitionKeys::default()
+    }
+
+    /// The partition's state in the database was replaced by a newer one (taken over from
+    /// another process) while this process did not read it: what memory holds of it is
+    /// dropped, so that [`StageState::assign`] reads the new state.
+    fn forget(&self, _partition: &str) {}
 }

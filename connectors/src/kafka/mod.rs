@@ -2,10 +2,12 @@
 //! producer). JSON payloads are decoded straight into Arrow batches.
 
 mod config;
+mod lag;
 mod sink;
 mod source;
 
 pub use config::{KafkaSinkConfig, KafkaSourceConfig, MessageFormat, StartFrom};
+pub use lag::{GroupLag, Lag};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
 

@@ -46,7 +46,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sluice_engine::batch::{self, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::dead_letter::{DeadLetter, SOURCE_STAGE};
-use sluice_engine::source::{Assignment, CommitHook, LogEnd, PartitionReader, Source};
+use sluice_engine::source::{Assignment, CommitHook, Handoff, LogEnd, PartitionReader, Source};
 use sluice_engine::{Error, ErrorClass, Result};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -104,6 +104,7 @@ impl KafkaSource {
             events: tx,
             resume: Mutex::default(),
             closing: AtomicBool::new(false),
+            handoff: OnceLock::new(),
         });
         Ok(KafkaSource {
             config,
@@ -226,6 +227,10 @@ impl Source for KafkaSource {
         true
     }
 
+    fn set_handoff(&mut self, handoff: Arc<dyn Handoff>) {
+        let _ = self.shared.handoff.set(handoff);
+    }
+
     async fn next_assignment(&mut self) -> Result<Option<Assignment>> {
         self.start()?;
         match self.events.recv().await {
@@ -262,6 +267,8 @@ struct Shared {
     /// Paused partitions whose readers have caught up.
     resume: Mutex<Vec<(Arc<str>, i32)>>,
     closing: AtomicBool,
+    /// Brings a partition's state from another worker process before it is read.
+    handoff: OnceLock<Arc<dyn Handoff>>,
 }
 
 #[derive(Default)]
@@ -463,8 +470,10 @@ impl ConsumerContext for GroupContext {
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.set_start_offsets(consumer, tpl);
-                self.hand_out(tpl);
+                // Without its state a partition is not read: the run stops on the error.
+                if self.set_start_offsets(consumer, tpl) {
+                    self.hand_out(tpl);
+                }
                 let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -506,12 +515,35 @@ impl ConsumerContext for GroupContext {
 
 impl GroupContext {
     /// Sets where each newly assigned partition starts (see the module documentation).
-    fn set_start_offsets(&self, consumer: &GroupConsumer, tpl: &mut TopicPartitionList) {
+    /// False when the partitions' state could not be taken over (the run is stopping).
+    fn set_start_offsets(&self, consumer: &GroupConsumer, tpl: &mut TopicPartitionList) -> bool {
         let parts: Vec<(String, i32)> = tpl
             .elements()
             .iter()
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
+        // A partition whose newest state another worker process committed starts exactly
+        // where that state is (its offset is in that process's checkpoint, and in the
+        // group's unless the group commit failed).
+        let mut taken: HashMap<(String, i32), i64> = HashMap::new();
+        if let Some(handoff) = self.shared.handoff.get() {
+            let names: Vec<String> = parts.iter().map(|(t, p)| partition_name(t, *p)).collect();
+            match handoff.take_over(&names) {
+                Ok(offsets) => {
+                    let mut known = self.shared.checkpointed.lock().expect("checkpointed lock");
+                    for (name, offset) in offsets {
+                        if let Some((topic, partition)) = parse_name(&name) {
+                            taken.insert((topic.to_string(), partition), offset);
+                        }
+                        known.insert(name, offset);
+                    }
+                }
+                Err(e) => {
+                    let _ = self.shared.events.send(Event::Failed(e));
+                    return false;
+                }
+            }
+        }
         let checkpointed: HashMap<(String, i32), i64> = {
             let known = self.shared.checkpointed.lock().expect("checkpointed lock");
             parts
@@ -522,7 +554,7 @@ impl GroupContext {
         let by_time = matches!(self.shared.start_from, StartFrom::Time(_));
         if checkpointed.is_empty() && !by_time {
             // librdkafka starts at the committed offset, else at auto.offset.reset.
-            return;
+            return true;
         }
         let committed = match consumer.committed_offsets(tpl.clone(), LOOKUP_TIMEOUT) {
             Ok(c) => c.to_topic_map(),
@@ -539,6 +571,7 @@ impl GroupContext {
                 _ => None,
             };
             let start = match (checkpointed.get(&key), group) {
+                _ if taken.contains_key(&key) => taken.get(&key).copied(),
                 (Some(c), Some(g)) => Some((*c).max(g)),
                 (Some(c), None) => Some(*c),
                 (None, Some(g)) => Some(g),
@@ -565,6 +598,7 @@ impl GroupContext {
                 Err(e) => tracing::warn!(error = %e, "kafka: offsets for start_from time failed"),
             }
         }
+        true
     }
 
     /// Creates a buffer per new partition and hands its reader to the engine.

@@ -8,15 +8,26 @@ use serde_json::Value;
 
 use super::{Broker, Sluice, produce_paced, wait_assigned, write_pipeline};
 
-const PARTITIONS: i32 = 4;
+pub(super) const PARTITIONS: i32 = 4;
 const COUNTRIES: [&str; 4] = ["de", "fr", "us", "jp"];
 /// 2026-01-01T00:00:00Z in milliseconds.
 const BASE: i64 = 1_767_225_600_000;
 const WINDOW: i64 = 10_000;
 
+/// Event `i`'s country: changing every 7 events, so that every partition has all four.
+fn mixed(i: i64) -> &'static str {
+    COUNTRIES[((i / 7) % 4) as usize]
+}
+
+/// Event `i`'s country when each partition has one of its own (the topic keyed by
+/// country, as worker processes need for per-country results).
+pub(super) fn by_partition(i: i64) -> &'static str {
+    COUNTRIES[(i % PARTITIONS as i64) as usize]
+}
+
 /// Event `i`: on partition `i % 4`, 5ms of event time apart, up to 14ms out of order.
-fn event(i: i64) -> (i32, Option<String>, Vec<u8>) {
-    let country = COUNTRIES[((i / 7) % 4) as usize];
+pub(super) fn event(i: i64, country: fn(i64) -> &'static str) -> (i32, Option<String>, Vec<u8>) {
+    let country = country(i);
     let ts = BASE + i * 5 - (i % 3) * 7;
     let payload = format!(
         r#"{{"country":"{country}","amount":{},"ts":{ts}}}"#,
@@ -30,11 +41,11 @@ fn event(i: i64) -> (i32, Option<String>, Vec<u8>) {
 }
 
 /// What every window holds: (country, window start) → (events, sum, max, distinct amounts).
-fn expected(n: i64) -> BTreeMap<(String, i64), (i64, i64, i64, i64)> {
+pub(super) fn expected(n: i64, country: fn(i64) -> &'static str) -> Expected {
     type Running = (i64, i64, i64, BTreeSet<i64>);
     let mut acc: BTreeMap<(String, i64), Running> = BTreeMap::new();
     for i in 0..n {
-        let country = COUNTRIES[((i / 7) % 4) as usize].to_string();
+        let country = country(i).to_string();
         let ts = BASE + i * 5 - (i % 3) * 7;
         let amount = i % 100;
         let e = acc
@@ -50,7 +61,7 @@ fn expected(n: i64) -> BTreeMap<(String, i64), (i64, i64, i64, i64)> {
         .collect()
 }
 
-fn pipeline(
+pub(super) fn pipeline(
     broker: &Broker,
     input: &str,
     output: &str,
@@ -103,7 +114,7 @@ checkpoint:
 }
 
 /// Distinct output rows by (country, window start).
-fn windows(payloads: &[String]) -> HashMap<(String, i64), BTreeSet<String>> {
+pub(super) fn windows(payloads: &[String]) -> HashMap<(String, i64), BTreeSet<String>> {
     let mut by: HashMap<(String, i64), BTreeSet<String>> = HashMap::new();
     for p in payloads {
         let v: Value = serde_json::from_str(p).unwrap_or_else(|e| panic!("{e}: {p}"));
@@ -124,13 +135,7 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
     let (input, output) = (broker.name("agg-in"), broker.name("agg-out"));
     broker.create_topic(&input, PARTITIONS);
     broker.create_topic(&output, 1);
-    // Then one event an hour later on every partition: every real window closes.
-    let mut messages: Vec<_> = (0..N).map(event).collect();
-    for p in 0..PARTITIONS {
-        let late = format!(r#"{{"country":"zz","amount":0,"ts":{}}}"#, BASE + 3_600_000);
-        messages.push((p, None, late.into_bytes()));
-    }
-    let producer = produce_paced(&broker, &input, messages, 4_000);
+    let producer = produce_paced(&broker, &input, messages(N, mixed), 4_000);
 
     let dir = tempfile::tempdir().unwrap();
     let yaml = pipeline(
@@ -162,18 +167,57 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
     let last = Sluice::start(&path, dir.path().join("log-last"));
     producer.join().unwrap();
 
-    let want = expected(N);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    // The output is small (a row per country and window): read all of it until complete.
-    let mut got = windows(&broker.read_all(&output, want.len(), Duration::from_secs(60)));
-    while want.keys().any(|k| !got.contains_key(k)) && Instant::now() < deadline {
-        got = windows(&broker.read_all(&output, usize::MAX, Duration::from_secs(3)));
-    }
+    let want = expected(N, mixed);
+    wait_for_windows(&broker, &output, &want);
     let (status, log) = last.interrupt();
     assert!(status.success(), "sluice failed: {log}");
-    let payloads = broker.read_all(&output, usize::MAX, Duration::from_secs(15));
-    let got = windows(&payloads);
+    let written = assert_each_window_once(
+        &broker,
+        &output,
+        &want,
+        &format!("kills after {waits:?}; last log:\n{log}"),
+    );
+    eprintln!(
+        "kill -9 x{KILLS} after {waits:?}: {} windows, each once with the reference result; {written} rows written in all",
+        want.len(),
+    );
+}
 
+/// `n` events, then one an hour later on every partition: every real window closes.
+pub(super) fn messages(
+    n: i64,
+    country: fn(i64) -> &'static str,
+) -> Vec<(i32, Option<String>, Vec<u8>)> {
+    let mut messages: Vec<_> = (0..n).map(|i| event(i, country)).collect();
+    for p in 0..PARTITIONS {
+        let late = format!(r#"{{"country":"zz","amount":0,"ts":{}}}"#, BASE + 3_600_000);
+        messages.push((p, None, late.into_bytes()));
+    }
+    messages
+}
+
+/// Reads the output until every window is there (the output is small: a row per country
+/// and window), for up to three minutes.
+pub(super) fn wait_for_windows(broker: &Broker, output: &str, want: &Expected) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut got = windows(&broker.read_all(output, want.len(), Duration::from_secs(60)));
+    while want.keys().any(|k| !got.contains_key(k)) && Instant::now() < deadline {
+        got = windows(&broker.read_all(output, usize::MAX, Duration::from_secs(3)));
+    }
+}
+
+pub(super) type Expected = BTreeMap<(String, i64), (i64, i64, i64, i64)>;
+
+/// Every window of `want` is in the output, each written as one distinct row (repeats of
+/// it allowed) equal to the reference, and no other window; the rows written in all.
+pub(super) fn assert_each_window_once(
+    broker: &Broker,
+    output: &str,
+    want: &Expected,
+    context: &str,
+) -> usize {
+    let payloads = broker.read_all(output, usize::MAX, Duration::from_secs(15));
+    let got = windows(&payloads);
     let missing: Vec<_> = want
         .keys()
         .filter(|k| !got.contains_key(*k))
@@ -181,14 +225,14 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
         .collect();
     assert!(
         missing.is_empty(),
-        "windows never written, e.g. {missing:?} (kills after {waits:?}); last log:\n{log}"
+        "windows never written, e.g. {missing:?} ({context})"
     );
-    for (key, (events, amount, highest, amounts)) in &want {
+    for (key, (events, amount, highest, amounts)) in want {
         let rows = &got[key];
         assert_eq!(
             rows.len(),
             1,
-            "{key:?} was written with different results (kills after {waits:?}): {rows:?}"
+            "{key:?} was written with different results: {rows:?} ({context})"
         );
         let v: Value = serde_json::from_str(rows.first().unwrap()).unwrap();
         assert_eq!(
@@ -204,9 +248,5 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
     }
     let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
     assert!(extra.is_empty(), "windows that should not exist: {extra:?}");
-    eprintln!(
-        "kill -9 x{KILLS} after {waits:?}: {} windows, each once with the reference result; {} rows written in all",
-        want.len(),
-        payloads.len()
-    );
+    payloads.len()
 }

@@ -9,6 +9,7 @@ mod dead_letters;
 mod delivery;
 mod errors;
 mod examples;
+mod processes;
 mod scaling;
 mod throughput;
 
@@ -110,8 +111,14 @@ impl Sluice {
         args: &[&str],
         vars: &[(&str, &str)],
     ) -> Sluice {
+        let mut all = vec!["run", pipeline.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Self::spawn(&all, log, vars)
+    }
+
+    /// `sluice ARGS…` with extra environment variables.
+    pub fn spawn(args: &[&str], log: PathBuf, vars: &[(&str, &str)]) -> Sluice {
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", pipeline.to_str().unwrap()])
             .args(args)
             .env("RUST_LOG", "warn,sluice_connectors=info")
             .envs(vars.iter().copied())

@@ -49,7 +49,7 @@ use hashbrown::hash_map::EntryRef;
 use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use sluice_engine::batch::PartitionInfo;
 use sluice_engine::checkpoint::{StateDb, unlogged};
-use sluice_engine::state::{SnapshotStats, StageState};
+use sluice_engine::state::{PartitionKeys, SnapshotStats, StageState};
 use sluice_engine::{Error, Result};
 
 use super::acc::{self, Acc, AggDef, Input, Order};
@@ -908,6 +908,25 @@ impl StageState for Shared {
             return;
         }
         if let Some(part) = parts.remove(&partition.name) {
+            let st = part.state.lock().expect("partition lock");
+            self.memory.fetch_sub(st.mem as i64, Ordering::Relaxed);
+        }
+    }
+
+    fn partition_keys(&self, partition: &str) -> PartitionKeys {
+        PartitionKeys {
+            prefixes: vec![
+                self.key_prefix(b'w', partition),
+                self.key_prefix(b's', partition),
+            ],
+            keys: vec![self.key_prefix(b'm', partition)],
+        }
+    }
+
+    fn forget(&self, partition: &str) {
+        // Not read here now (it is being assigned): what memory holds is an older state
+        // than the one just taken over, loaded at start-up or kept from an earlier turn.
+        if let Some(part) = self.parts.write().expect("parts lock").remove(partition) {
             let st = part.state.lock().expect("partition lock");
             self.memory.fetch_sub(st.mem as i64, Ordering::Relaxed);
         }

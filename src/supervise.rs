@@ -1,0 +1,323 @@
+//! `sluice run --processes N|auto`: worker processes of one consumer group, supervised.
+//!
+//! Each worker is `sluice worker FILE --member worker-K`, a member of the pipeline's Kafka
+//! consumer group with its own checkpoint store in the shared directory
+//! (`DIR/members/worker-K`); the group's cooperative rebalancing spreads the partitions, and
+//! a partition's stage state follows it from member to member (see
+//! `sluice_engine::checkpoint::RocksStore::open_member`).
+//!
+//! - `N`: N workers; one that exits on its own is started again (after a pause that grows
+//!   while it keeps failing).
+//! - `auto`: the pipeline's `scaling:` section (or its defaults) decides how many, from the
+//!   group's lag as the broker reports it (what KEDA reads): `min_workers` to `max_workers`,
+//!   never more than the partitions. A worker stopped on the way down gets SIGTERM: it
+//!   finishes and commits what it read, and its partitions move with their state.
+//!
+//! On SIGINT or SIGTERM every worker is stopped the same way, and the supervisor waits.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use sluice_connectors::kafka::GroupLag;
+use sluice_engine::autoscale::{Autoscaler, ScalingPolicy};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{PipelineConfig, SourceKind};
+
+/// How many worker processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessCount {
+    Fixed(usize),
+    Auto,
+}
+
+impl std::str::FromStr for ProcessCount {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ProcessCount::Auto),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!(
+                    "`{n}`: a number of worker processes (1 or more) or `auto`"
+                )),
+                Ok(n) => Ok(ProcessCount::Fixed(n)),
+            },
+        }
+    }
+}
+
+/// The name of worker slot `slot`: its checkpoint store's directory, kept across restarts.
+pub fn member_name(slot: usize) -> String {
+    format!("worker-{slot}")
+}
+
+/// A worker process and what the supervisor knows of it.
+struct Worker {
+    child: Child,
+    started: Instant,
+    /// Consecutive starts that ended early: the pause before the next grows with them.
+    failures: u32,
+}
+
+struct Supervisor {
+    exe: PathBuf,
+    file: PathBuf,
+    /// Running workers by slot.
+    workers: BTreeMap<usize, Worker>,
+    /// Workers told to stop, until they have.
+    stopping: Vec<(usize, Child)>,
+    /// Slots whose worker died, with when to start it again and its failure count.
+    restarts: BTreeMap<usize, (Instant, u32)>,
+    pipeline: String,
+}
+
+/// A worker that ran this long before exiting on its own was not crash-looping.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+impl Supervisor {
+    fn start(&mut self, slot: usize, failures: u32) -> anyhow::Result<()> {
+        let member = member_name(slot);
+        let child = Command::new(&self.exe)
+            .arg("worker")
+            .arg(&self.file)
+            .args(["--member", &member, "--no-scaling"])
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting worker process {member}"))?;
+        tracing::info!(member, pid = child.id(), "worker process started");
+        self.workers.insert(
+            slot,
+            Worker {
+                child,
+                started: Instant::now(),
+                failures,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops the worker in the highest slot (SIGTERM: it drains and commits first).
+    fn stop_one(&mut self) {
+        if let Some((slot, mut worker)) = self.workers.pop_last() {
+            terminate(&mut worker.child);
+            tracing::info!(member = member_name(slot), "worker process stopping");
+            self.stopping.push((slot, worker.child));
+        }
+    }
+
+    /// Starts or stops workers until `n` run (slots 0..n).
+    fn scale_to(&mut self, n: usize) -> anyhow::Result<()> {
+        while self.workers.len() > n {
+            self.stop_one();
+        }
+        self.restarts.retain(|slot, _| *slot < n);
+        for slot in 0..n {
+            if !self.workers.contains_key(&slot) && !self.restarts.contains_key(&slot) {
+                self.start(slot, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reaps workers that exited: those not told to stop are started again later.
+    fn reap(&mut self) {
+        let mut exited = Vec::new();
+        for (slot, worker) in &mut self.workers {
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                exited.push((*slot, status, worker.started.elapsed(), worker.failures));
+            }
+        }
+        for (slot, status, ran, failures) in exited {
+            self.workers.remove(&slot);
+            let failures = if ran > HEALTHY_RUN { 0 } else { failures + 1 };
+            let pause = Duration::from_secs(1 << failures.min(5));
+            tracing::warn!(member = member_name(slot), %status, "worker process exited; starting it again in {pause:?}");
+            self.restarts
+                .insert(slot, (Instant::now() + pause, failures));
+        }
+        self.stopping
+            .retain_mut(|(slot, child)| match child.try_wait() {
+                Ok(Some(status)) => {
+                    tracing::info!(member = member_name(*slot), %status, "worker process stopped");
+                    false
+                }
+                _ => true,
+            });
+    }
+
+    fn restart_due(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let due: Vec<(usize, u32)> = self
+            .restarts
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(slot, (_, failures))| (*slot, *failures))
+            .collect();
+        for (slot, failures) in due {
+            self.restarts.remove(&slot);
+            self.start(slot, failures)?;
+        }
+        Ok(())
+    }
+
+    fn publish(&self, desired: usize, lag: Option<u64>) {
+        let p = self.pipeline.clone();
+        gauge!("sluice_worker_processes", "pipeline" => p.clone()).set(self.workers.len() as f64);
+        gauge!("sluice_worker_processes_desired", "pipeline" => p.clone()).set(desired as f64);
+        if let Some(lag) = lag {
+            gauge!("sluice_group_lag_records", "pipeline" => p).set(lag as f64);
+        }
+    }
+
+    /// Stops every worker and waits for them.
+    async fn stop_all(&mut self) -> bool {
+        while !self.workers.is_empty() {
+            self.stop_one();
+        }
+        let mut clean = true;
+        for (slot, mut child) in self.stopping.drain(..) {
+            match child.wait().await {
+                Ok(status) if status.success() => {
+                    tracing::info!(member = member_name(slot), "worker process stopped");
+                }
+                Ok(status) => {
+                    clean = false;
+                    tracing::error!(member = member_name(slot), %status, "worker process failed while stopping");
+                }
+                Err(e) => {
+                    clean = false;
+                    tracing::error!(member = member_name(slot), error = %e, "cannot wait for a worker process");
+                }
+            }
+        }
+        clean
+    }
+}
+
+fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on our own child's pid; it has not been reaped (id() is Some).
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+}
+
+/// Runs the workers of `config` (read from `file`) until `shutdown`.
+pub async fn supervise(
+    file: &Path,
+    config: &PipelineConfig,
+    count: ProcessCount,
+    metrics_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let SourceKind::Kafka(kafka) = &config.source.kind else {
+        bail!(
+            "--processes needs a Kafka source: worker processes split the partitions through a consumer group. \
+             Other sources run in one process; use --workers N|auto for more worker tasks"
+        );
+    };
+    if config.checkpoint.is_none()
+        && config
+            .stages
+            .iter()
+            .any(|s| matches!(s.kind, crate::config::StageKind::Aggregate(_)))
+    {
+        bail!(
+            "--processes with an aggregate stage needs `checkpoint.dir` (a directory every worker process reaches): \
+             a partition's windows move with it from process to process through it"
+        );
+    }
+    if let Some(addr) = metrics_addr {
+        PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| anyhow!("serving metrics on {addr}: {e}"))?;
+    }
+    let mut supervisor = Supervisor {
+        exe: std::env::current_exe().context("finding the sluice executable")?,
+        file: file.to_path_buf(),
+        workers: BTreeMap::new(),
+        stopping: Vec::new(),
+        restarts: BTreeMap::new(),
+        pipeline: config.name.clone(),
+    };
+    let policy = config
+        .scaling
+        .as_ref()
+        .map(|s| s.policy.clone())
+        .unwrap_or_default();
+    // A process is one member: the parallelization factor applies inside processes.
+    let policy = ScalingPolicy {
+        parallelization_factor: 1,
+        ..policy
+    };
+    let (mut autoscaler, lag_reader) = match count {
+        ProcessCount::Fixed(_) => (None, None),
+        ProcessCount::Auto => {
+            let reader = GroupLag::new(kafka)?;
+            (
+                Some(Autoscaler::new(policy.clone())),
+                Some(Arc::new(reader)),
+            )
+        }
+    };
+    let mut desired = match count {
+        ProcessCount::Fixed(n) => n,
+        ProcessCount::Auto => policy.min_workers,
+    };
+    supervisor.scale_to(desired)?;
+    let mut tick = tokio::time::interval(match count {
+        ProcessCount::Fixed(_) => Duration::from_millis(500),
+        ProcessCount::Auto => policy.interval,
+    });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lag_warning: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        supervisor.reap();
+        supervisor.restart_due()?;
+        let mut lag_now = None;
+        if let (Some(scaler), Some(reader)) = (autoscaler.as_mut(), &lag_reader) {
+            let reader = reader.clone();
+            match tokio::task::spawn_blocking(move || reader.read()).await? {
+                Ok(lag) => {
+                    let total = lag.total();
+                    lag_now = Some(total);
+                    if let Some(decision) =
+                        scaler.observe(Instant::now(), total, lag.partitions.len())
+                    {
+                        tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: worker processes {}", decision.direction());
+                        counter!("sluice_autoscaler_decisions_total", "pipeline" => config.name.clone(), "direction" => decision.direction()).increment(1);
+                        desired = decision.to;
+                        supervisor.scale_to(desired)?;
+                    }
+                }
+                Err(e) => {
+                    if lag_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                        tracing::warn!(error = %e, "cannot read the group's lag; keeping {desired} worker process(es)");
+                        lag_warning = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        supervisor.publish(desired, lag_now);
+    }
+    eprintln!("stopping: every worker process finishes what it read");
+    if supervisor.stop_all().await {
+        Ok(())
+    } else {
+        bail!("a worker process did not stop cleanly")
+    }
+}
