@@ -790,6 +790,12 @@ async fn read_partition(
     progress: Arc<PartitionProgress>,
 ) -> Result<mpsc::Sender<WorkerMsg>> {
     let info = reader.info().clone();
+    // Split partitions read a batch per lane at a time, so that each lane's part is about
+    // a batch: n batches of the partition in flight at once, as with Lambda's factor.
+    let batching = Batching {
+        size: batching.size.saturating_mul(lanes.len()),
+        ..batching
+    };
     let mut batcher = Batcher::new(batching);
     let mut current: Vec<Route> = lanes
         .iter_mut()

@@ -243,7 +243,8 @@ fn docker_compose_runs_pipelines_that_validate() {
             "{name} builds the Dockerfile"
         );
         let command = list(s.get("command").unwrap());
-        assert_eq!(command[0], "run", "{name}: {command:?}");
+        let expected = if name == "sluice" { "worker" } else { "run" };
+        assert_eq!(command[0], expected, "{name}: {command:?}");
         let file = root().join(&command[1]);
         let vars: Vec<(String, String)> = match &s.get("environment").unwrap().value {
             yaml::Value::Map(entries) => entries
@@ -289,4 +290,142 @@ fn docker_compose_runs_pipelines_that_validate() {
         pipelines += 1;
     }
     assert_eq!(pipelines, 2);
+}
+
+/// docs/kubernetes.md cannot be applied here (no cluster): its manifests are read, the
+/// pipeline in its ConfigMap is validated, and the Deployment, volume and KEDA triggers are
+/// checked against that pipeline and the metrics Sluice exports.
+#[tokio::test]
+async fn the_kubernetes_example_runs_workers_of_a_pipeline_that_validates() {
+    use sluice_engine::config::{Node, yaml};
+    let text = std::fs::read_to_string(root().join("docs/kubernetes.md")).unwrap();
+    let blocks: Vec<&str> = text
+        .split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    let env: HashMap<String, String> = HashMap::new();
+    let mut docs: Vec<Node> = Vec::new();
+    for block in &blocks {
+        for doc in block.split("\n---\n") {
+            let mut problems = sluice_engine::config::Problems::new("docs/kubernetes.md");
+            let node = yaml::parse(doc, &env, &mut problems).expect("a manifest parses");
+            assert!(problems.is_empty(), "{problems}\n{doc}");
+            docs.push(node);
+        }
+    }
+    let of_kind = |kind: &str| -> Vec<&Node> {
+        docs.iter()
+            .filter(|d| d.get("kind").and_then(Node::scalar) == Some(kind))
+            .collect()
+    };
+    let get = |node: &Node, path: &[&str]| -> Node {
+        path.iter().fold(node.clone(), |n, k| {
+            n.get(k)
+                .unwrap_or_else(|| panic!("no `{k}` in {path:?}"))
+                .clone()
+        })
+    };
+    let seq = |node: &Node| -> Vec<Node> {
+        match &node.value {
+            yaml::Value::Seq(items) => items.clone(),
+            _ => panic!("a list"),
+        }
+    };
+
+    // The pipeline in the ConfigMap validates.
+    let config_map = of_kind("ConfigMap")[0];
+    let pipeline_text = get(config_map, &["data", "pipeline.yaml"])
+        .scalar()
+        .unwrap()
+        .to_string();
+    let config = parse(&pipeline_text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    sluice::plan::check(&config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sluice::config::SourceKind::Kafka(kafka) = &config.source.kind else {
+        panic!("a Kafka source")
+    };
+    let checkpoint_dir = config
+        .checkpoint
+        .as_ref()
+        .expect("a checkpoint dir")
+        .dir
+        .clone();
+
+    // The Deployment runs `sluice worker` on it, names members by pod, shares the volume.
+    let deployment = of_kind("Deployment")[0];
+    let name = get(deployment, &["metadata", "name"])
+        .scalar()
+        .unwrap()
+        .to_string();
+    let container = seq(&get(
+        deployment,
+        &["spec", "template", "spec", "containers"],
+    ))[0]
+        .clone();
+    let args: Vec<String> = seq(&get(&container, &["args"]))
+        .iter()
+        .map(|a| a.scalar().unwrap().to_string())
+        .collect();
+    assert_eq!(args[0], "worker", "{args:?}");
+    let mounts = seq(&get(&container, &["volumeMounts"]));
+    let mount_of = |volume: &str| -> String {
+        mounts
+            .iter()
+            .find(|m| m.get("name").and_then(Node::scalar) == Some(volume))
+            .and_then(|m| m.get("mountPath").and_then(Node::scalar))
+            .unwrap_or_else(|| panic!("volume {volume} mounted"))
+            .to_string()
+    };
+    assert_eq!(args[1], format!("{}/pipeline.yaml", mount_of("pipeline")));
+    assert!(
+        checkpoint_dir.starts_with(mount_of("checkpoints")),
+        "{} is on the shared volume",
+        checkpoint_dir.display()
+    );
+    assert!(
+        seq(&get(&container, &["env"]))
+            .iter()
+            .any(|e| e.get("name").and_then(Node::scalar) == Some("SLUICE_MEMBER")),
+        "members named by pod"
+    );
+    let claim = of_kind("PersistentVolumeClaim")[0];
+    let modes: Vec<String> = seq(&get(claim, &["spec", "accessModes"]))
+        .iter()
+        .map(|m| m.scalar().unwrap().to_string())
+        .collect();
+    assert_eq!(modes, vec!["ReadWriteMany"]);
+
+    // KEDA scales that Deployment on the group's lag, or on Sluice's lag metric.
+    let scaled = of_kind("ScaledObject")[0];
+    assert_eq!(
+        get(scaled, &["spec", "scaleTargetRef", "name"]).scalar(),
+        Some(name.as_str())
+    );
+    let kafka_trigger = get(&seq(&get(scaled, &["spec", "triggers"]))[0], &["metadata"]);
+    assert_eq!(
+        get(&kafka_trigger, &["consumerGroup"]).scalar(),
+        Some(kafka.group.as_str())
+    );
+    assert!(
+        kafka
+            .topics
+            .iter()
+            .any(|t| Some(t.as_str()) == get(&kafka_trigger, &["topic"]).scalar())
+    );
+    assert_eq!(
+        get(&kafka_trigger, &["bootstrapServers"]).scalar(),
+        Some(kafka.bootstrap_servers.as_str())
+    );
+    let prometheus = blocks
+        .iter()
+        .find(|b| b.contains("type: prometheus"))
+        .expect("a Prometheus trigger");
+    let metrics = std::fs::read_to_string(root().join("src/metrics.rs")).unwrap();
+    assert!(prometheus.contains(&format!(
+        "sluice_lag_records{{pipeline=\"{}\"}}",
+        config.name
+    )));
+    assert!(metrics.contains("\"sluice_lag_records\""));
 }
