@@ -36,3 +36,24 @@ pub async fn run_config(
     let report = executor::run(pipeline, options, stats.clone(), shutdown, None).await?;
     Ok((stats, report))
 }
+
+/// `--workers` and `--processes`: a fixed number, or as many as the lag asks for (`auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    Fixed(usize),
+    Auto,
+}
+
+impl std::str::FromStr for Count {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Count::Auto),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("`{n}`: a number (1 or more) or `auto`")),
+                Ok(n) => Ok(Count::Fixed(n)),
+            },
+        }
+    }
+}

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sluice::Count;
 use sluice::{config, plan, status, testing};
 use sluice_engine::autoscale::ScalingPolicy;
 use sluice_engine::executor::{self, RunOptions};
@@ -31,7 +32,7 @@ enum Command {
         /// `scaling:` section, or its defaults). Default: `scaling:` when the pipeline has
         /// one, else one per partition, at most one per core.
         #[arg(long, value_name = "N|auto")]
-        workers: Option<WorkerCount>,
+        workers: Option<Count>,
         /// No status line and no summary.
         #[arg(long, short)]
         quiet: bool,
@@ -43,7 +44,7 @@ enum Command {
         /// `scaling:` section). Partitions move between them with their state, through the
         /// checkpoint directory.
         #[arg(long, value_name = "N|auto", conflicts_with = "workers")]
-        processes: Option<sluice::supervise::ProcessCount>,
+        processes: Option<Count>,
     },
     /// Run the pipeline as one worker process of its Kafka consumer group, started by
     /// something else (`sluice run --processes`, Kubernetes, `docker compose --scale`).
@@ -56,7 +57,7 @@ enum Command {
         member: Option<String>,
         /// Worker tasks in this process (default as for `run`).
         #[arg(long, value_name = "N|auto")]
-        workers: Option<WorkerCount>,
+        workers: Option<Count>,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -219,9 +220,9 @@ fn main() -> ExitCode {
                     .or_else(|| std::env::var("SLUICE_MEMBER").ok())
                     .or_else(|| std::env::var("HOSTNAME").ok())
                     .unwrap_or_else(|| format!("worker-{}", std::process::id()));
-                let workers = match (workers, no_scaling) {
-                    (None, true) => Some(WorkerCount::Unscaled),
-                    (w, _) => w,
+                let member = Member {
+                    name: member,
+                    scaled: !no_scaling,
                 };
                 run(file, workers, true, metrics_addr, Some(member)).await
             }
@@ -363,46 +364,22 @@ async fn dlq(command: DlqCommand) -> u8 {
     }
 }
 
-/// `--workers`: a fixed number of worker tasks, or as many as the lag asks for.
-#[derive(Debug, Clone, Copy)]
-enum WorkerCount {
-    Fixed(usize),
-    Auto,
-    /// The default count, whatever `scaling:` says (a supervised worker process).
-    Unscaled,
-}
-
-impl std::str::FromStr for WorkerCount {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(WorkerCount::Auto),
-            n => match n.parse::<usize>() {
-                Ok(0) | Err(_) => Err(format!("`{n}`: a number of workers (1 or more) or `auto`")),
-                Ok(n) => Ok(WorkerCount::Fixed(n)),
-            },
-        }
-    }
-}
-
 /// How the pipeline's workers are set: `--workers` over the `scaling:` section. A fixed
 /// count keeps the section's parallelization factor.
-fn run_options(workers: Option<WorkerCount>, scaling: Option<&ScalingPolicy>) -> RunOptions {
+fn run_options(workers: Option<Count>, scaling: Option<&ScalingPolicy>) -> RunOptions {
     let scaling = match (workers, scaling) {
-        (Some(WorkerCount::Fixed(n)), Some(policy)) => Some(ScalingPolicy {
+        (Some(Count::Fixed(n)), Some(policy)) => Some(ScalingPolicy {
             min_workers: n,
             max_workers: n,
             ..policy.clone()
         }),
-        (Some(WorkerCount::Fixed(_)), None) => None,
-        (Some(WorkerCount::Auto), policy) => Some(policy.cloned().unwrap_or_default()),
-        (Some(WorkerCount::Unscaled), _) => None,
+        (Some(Count::Fixed(_)), None) => None,
+        (Some(Count::Auto), policy) => Some(policy.cloned().unwrap_or_default()),
         (None, policy) => policy.cloned(),
     };
     RunOptions {
         workers: match workers {
-            Some(WorkerCount::Fixed(n)) => Some(n),
+            Some(Count::Fixed(n)) => Some(n),
             _ => None,
         },
         scaling,
@@ -410,17 +387,10 @@ fn run_options(workers: Option<WorkerCount>, scaling: Option<&ScalingPolicy>) ->
     }
 }
 
-async fn supervise(
-    file: PathBuf,
-    count: sluice::supervise::ProcessCount,
-    metrics_addr: Option<std::net::SocketAddr>,
-) -> u8 {
-    let config = match config::load(&file) {
+async fn supervise(file: PathBuf, count: Count, metrics_addr: Option<std::net::SocketAddr>) -> u8 {
+    let config = match load(&file) {
         Ok(c) => c,
-        Err(problems) => {
-            eprintln!("{problems}");
-            return INVALID;
-        }
+        Err(code) => return code,
     };
     // Every worker would report the same problems: check once, here.
     if let Err(problems) = plan::check(&config).await {
@@ -438,20 +408,32 @@ async fn supervise(
     }
 }
 
-/// `sluice run` (no member), or `sluice worker` as `member`.
+/// The pipeline file, read; its problems printed.
+fn load(file: &std::path::Path) -> Result<config::PipelineConfig, u8> {
+    config::load(file).map_err(|problems| {
+        eprintln!("{problems}");
+        INVALID
+    })
+}
+
+/// `sluice worker`: the process's member name, and whether `scaling:` sizes its tasks (not
+/// when a supervisor sizes the processes by it).
+struct Member {
+    name: String,
+    scaled: bool,
+}
+
+/// `sluice run` (no member), or `sluice worker`.
 async fn run(
     file: PathBuf,
-    workers: Option<WorkerCount>,
+    workers: Option<Count>,
     quiet: bool,
     metrics_addr: Option<std::net::SocketAddr>,
-    member: Option<String>,
+    member: Option<Member>,
 ) -> u8 {
-    let config = match config::load(&file) {
+    let config = match load(&file) {
         Ok(c) => c,
-        Err(problems) => {
-            eprintln!("{problems}");
-            return INVALID;
-        }
+        Err(code) => return code,
     };
     if member.is_some() && !matches!(config.source.kind, config::SourceKind::Kafka(_)) {
         eprintln!(
@@ -460,7 +442,7 @@ async fn run(
         return INVALID;
     }
     let built = match &member {
-        Some(m) => plan::build_member(&config, m).await,
+        Some(m) => plan::build_member(&config, &m.name).await,
         None => plan::build(&config).await,
     };
     let pipeline = match built {
@@ -496,7 +478,9 @@ async fn run(
     } else {
         status::spawn_status_line(config.name.clone(), stats.clone(), status_done.clone())
     };
-    let options = run_options(workers, config.scaling.as_ref().map(|s| &s.policy));
+    let scaled = member.as_ref().is_none_or(|m| m.scaled);
+    let scaling = config.scaling.as_ref().filter(|_| scaled);
+    let options = run_options(workers, scaling.map(|s| &s.policy));
     let result = executor::run(pipeline, options, stats.clone(), shutdown, None).await;
     status_done.cancel();
     if let Some(line) = status_line {

@@ -29,30 +29,8 @@ use sluice_engine::autoscale::{Autoscaler, ScalingPolicy};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use crate::Count;
 use crate::config::{PipelineConfig, SourceKind};
-
-/// How many worker processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProcessCount {
-    Fixed(usize),
-    Auto,
-}
-
-impl std::str::FromStr for ProcessCount {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(ProcessCount::Auto),
-            n => match n.parse::<usize>() {
-                Ok(0) | Err(_) => Err(format!(
-                    "`{n}`: a number of worker processes (1 or more) or `auto`"
-                )),
-                Ok(n) => Ok(ProcessCount::Fixed(n)),
-            },
-        }
-    }
-}
 
 /// The name of worker slot `slot`: its checkpoint store's directory, kept across restarts.
 pub fn member_name(slot: usize) -> String {
@@ -215,7 +193,7 @@ fn terminate(child: &mut Child) {
 pub async fn supervise(
     file: &Path,
     config: &PipelineConfig,
-    count: ProcessCount,
+    count: Count,
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -261,8 +239,8 @@ pub async fn supervise(
         ..policy
     };
     let (mut autoscaler, lag_reader) = match count {
-        ProcessCount::Fixed(_) => (None, None),
-        ProcessCount::Auto => {
+        Count::Fixed(_) => (None, None),
+        Count::Auto => {
             let reader = GroupLag::new(kafka)?;
             (
                 Some(Autoscaler::new(policy.clone())),
@@ -271,13 +249,13 @@ pub async fn supervise(
         }
     };
     let mut desired = match count {
-        ProcessCount::Fixed(n) => n,
-        ProcessCount::Auto => policy.min_workers,
+        Count::Fixed(n) => n,
+        Count::Auto => policy.min_workers,
     };
     supervisor.scale_to(desired)?;
     let mut tick = tokio::time::interval(match count {
-        ProcessCount::Fixed(_) => Duration::from_millis(500),
-        ProcessCount::Auto => policy.interval,
+        Count::Fixed(_) => Duration::from_millis(500),
+        Count::Auto => policy.interval,
     });
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lag_warning: Option<Instant> = None;

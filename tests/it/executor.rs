@@ -19,6 +19,8 @@ use sluice_engine::stats::RunStats;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::failures::Collect;
+
 fn generator(partitions: u32, count: Option<u64>, rate: Option<f64>) -> GeneratorSource {
     GeneratorSource::new(GeneratorConfig {
         partitions,
@@ -73,6 +75,19 @@ impl Sink for Recording {
 }
 
 impl Recording {
+    /// Every partition's offsets arrived once each, in order.
+    fn assert_each_partition_in_order(&self, partitions: usize, each: i64) {
+        let parts = self.by_partition();
+        assert_eq!(parts.len(), partitions);
+        for (p, offsets) in parts {
+            assert_eq!(
+                offsets,
+                (0..each).collect::<Vec<i64>>(),
+                "partition {p} out of order or incomplete"
+            );
+        }
+    }
+
     fn by_partition(&self) -> HashMap<u32, Vec<i64>> {
         let mut map: HashMap<u32, Vec<i64>> = HashMap::new();
         for (p, o) in self.rows.lock().unwrap().iter() {
@@ -134,15 +149,7 @@ async fn order_per_partition_holds_while_partitions_move() {
     .await
     .unwrap();
     mover.abort();
-    let parts = sink.by_partition();
-    assert_eq!(parts.len(), 3);
-    for (p, offsets) in parts {
-        assert_eq!(
-            offsets,
-            (0..20_000).collect::<Vec<i64>>(),
-            "partition {p} out of order or incomplete"
-        );
-    }
+    sink.assert_each_partition_in_order(3, 20_000);
     assert_eq!(RunStats::get(&stats.records_out), 60_000);
 }
 
@@ -525,15 +532,7 @@ async fn workers_come_and_go_without_losing_or_reordering_a_record() {
     .await
     .unwrap();
     scaler.abort();
-    let parts = sink.by_partition();
-    assert_eq!(parts.len(), 4);
-    for (p, offsets) in parts {
-        assert_eq!(
-            offsets,
-            (0..20_000).collect::<Vec<i64>>(),
-            "partition {p} out of order or incomplete"
-        );
-    }
+    sink.assert_each_partition_in_order(4, 20_000);
     assert_eq!(RunStats::get(&stats.records_out), 80_000);
     assert!(
         report.workers >= 4,
@@ -597,79 +596,84 @@ fn keyed_rows(batches: &[RecordBatch]) -> Vec<(u32, i64, i64)> {
     rows
 }
 
-#[derive(Clone, Default)]
-struct Batches(Arc<Mutex<Vec<RecordBatch>>>);
-
-#[async_trait]
-impl Sink for Batches {
-    async fn write(&mut self, batch: RecordBatch) -> sluice_engine::Result<()> {
-        self.0.lock().unwrap().push(batch);
-        Ok(())
-    }
-    async fn flush(&mut self) -> sluice_engine::Result<()> {
-        Ok(())
-    }
-    async fn close(&mut self) -> sluice_engine::Result<()> {
-        Ok(())
-    }
-    fn summary(&self) -> String {
-        String::new()
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parallelization_factor_keeps_each_keys_order() {
-    let source = generator(2, Some(20_000), None);
+/// `count` generated records on `partitions` through a [`Jitter`] stage of `delay`
+/// (from, to) into a [`Collect`] sink, with `factor` workers and lanes keyed by user.
+fn with_lanes(
+    partitions: u32,
+    count: u64,
+    batch_size: usize,
+    delay: (Duration, Duration),
+    factor: usize,
+) -> (Pipeline, Collect, RunOptions) {
+    let source = generator(partitions, Some(count), None);
     let schema = source.schema();
-    let sink = Batches::default();
+    let sink = Collect::default();
     let mut p = pipeline(
         Box::new(source),
         Recording::default(),
-        50,
+        batch_size,
         Duration::from_millis(5),
     );
     p.sink = Box::new(sink.clone());
     p.stages = vec![sluice_engine::stage::PlannedStage {
-        name: "jitter".into(),
+        name: "slow".into(),
         factory: Arc::new(Jitter {
             schema,
-            min_delay: Duration::ZERO,
-            max_delay: Duration::from_millis(2),
+            min_delay: delay.0,
+            max_delay: delay.1,
         }),
         policy: Default::default(),
     }];
-    let stats = RunStats::new([&Arc::<str>::from("jitter")]);
     let options = RunOptions {
-        workers: Some(8),
+        workers: Some(factor),
         scaling: Some(sluice_engine::autoscale::ScalingPolicy {
-            min_workers: 8,
-            max_workers: 8,
-            parallelization_factor: 4,
+            min_workers: factor,
+            max_workers: factor,
+            parallelization_factor: factor,
             key: Some("user_id".into()),
             ..Default::default()
         }),
         ..Default::default()
     };
-    executor::run(p, options, stats.clone(), CancellationToken::new(), None)
-        .await
-        .unwrap();
-    let rows = keyed_rows(&sink.0.lock().unwrap());
-    assert_eq!(rows.len(), 20_000);
+    (p, sink, options)
+}
+
+/// Each (partition, user)'s offsets arrived in increasing order; how many rows arrived
+/// before a row of a lower offset of their partition (other keys overtaking).
+fn assert_keys_in_order(rows: &[(u32, i64, i64)]) -> usize {
     let mut seen: HashMap<(u32, i64), i64> = HashMap::new();
-    let mut all: HashMap<u32, Vec<i64>> = HashMap::new();
+    let mut highest: HashMap<u32, i64> = HashMap::new();
     let mut overtaken = 0;
-    for (p, user, offset) in &rows {
+    for (p, user, offset) in rows {
         if let Some(last) = seen.insert((*p, *user), *offset) {
             assert!(
                 last < *offset,
                 "user {user} of partition {p}: offset {offset} after {last}"
             );
         }
-        let offsets = all.entry(*p).or_default();
-        if offsets.last().is_some_and(|l| l > offset) {
+        let top = highest.entry(*p).or_insert(i64::MIN);
+        if *top > *offset {
             overtaken += 1;
         }
-        offsets.push(*offset);
+        *top = (*top).max(*offset);
+    }
+    overtaken
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallelization_factor_keeps_each_keys_order() {
+    let jitter = (Duration::ZERO, Duration::from_millis(2));
+    let (p, sink, options) = with_lanes(2, 20_000, 50, jitter, 8);
+    let stats = RunStats::new([&Arc::<str>::from("slow")]);
+    executor::run(p, options, stats.clone(), CancellationToken::new(), None)
+        .await
+        .unwrap();
+    let rows = keyed_rows(&sink.batches());
+    assert_eq!(rows.len(), 20_000);
+    let overtaken = assert_keys_in_order(&rows);
+    let mut all: HashMap<u32, Vec<i64>> = HashMap::new();
+    for (p, _, offset) in &rows {
+        all.entry(*p).or_default().push(*offset);
     }
     for (p, mut offsets) in all {
         offsets.sort_unstable();
@@ -690,50 +694,17 @@ async fn a_parallelization_factor_keeps_each_keys_order() {
 async fn a_parallelization_factor_multiplies_a_slow_stages_throughput() {
     const N: u64 = 20_000;
     for factor in [1, 2, 4, 8] {
-        let source = generator(1, Some(N), None);
-        let schema = source.schema();
-        let sink = Batches::default();
-        let mut p = pipeline(
-            Box::new(source),
-            Recording::default(),
-            100,
-            Duration::from_millis(5),
-        );
-        p.sink = Box::new(sink.clone());
-        p.stages = vec![sluice_engine::stage::PlannedStage {
-            name: "slow".into(),
-            factory: Arc::new(Jitter {
-                schema,
-                min_delay: Duration::from_millis(10),
-                max_delay: Duration::from_millis(10),
-            }),
-            policy: Default::default(),
-        }];
+        let ten_ms = (Duration::from_millis(10), Duration::from_millis(10));
+        let (p, sink, options) = with_lanes(1, N, 100, ten_ms, factor);
         let stats = RunStats::new([&Arc::<str>::from("slow")]);
-        let options = RunOptions {
-            workers: Some(factor),
-            scaling: Some(sluice_engine::autoscale::ScalingPolicy {
-                min_workers: factor,
-                max_workers: factor,
-                parallelization_factor: factor,
-                key: Some("user_id".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let t0 = std::time::Instant::now();
         executor::run(p, options, stats.clone(), CancellationToken::new(), None)
             .await
             .unwrap();
         let elapsed = t0.elapsed();
-        let rows = keyed_rows(&sink.0.lock().unwrap());
+        let rows = keyed_rows(&sink.batches());
         assert_eq!(rows.len() as u64, N);
-        let mut last: HashMap<i64, i64> = HashMap::new();
-        for (_, user, offset) in rows {
-            if let Some(before) = last.insert(user, offset) {
-                assert!(before < offset, "user {user}: {offset} after {before}");
-            }
-        }
+        assert_keys_in_order(&rows);
         eprintln!(
             "parallelization_factor {factor}: {N} records in {elapsed:.2?}, {:.0} records/s",
             N as f64 / elapsed.as_secs_f64()

@@ -39,10 +39,10 @@ fn generator(partitions: u32, count: u64, rate: Option<f64>) -> GeneratorSource 
 
 /// Keeps every batch it is given.
 #[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<RecordBatch>>>);
+pub(crate) struct Collect(Arc<Mutex<Vec<RecordBatch>>>);
 
 impl Collect {
-    fn batches(&self) -> Vec<RecordBatch> {
+    pub(crate) fn batches(&self) -> Vec<RecordBatch> {
         self.0.lock().unwrap().clone()
     }
 

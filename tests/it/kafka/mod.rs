@@ -251,3 +251,25 @@ pub fn assigned_partitions(log: &str) -> Vec<String> {
         .map(|p| p.split_whitespace().next().unwrap_or_default().to_string())
         .collect()
 }
+
+/// The records in `topic` by their `id`: how many were written and how many distinct ids,
+/// reported on stderr. Waits until `want` are there (or two minutes), then reads all.
+pub fn ids_written(broker: &Broker, topic: &str, want: usize) -> (usize, usize) {
+    broker.read_all(topic, want, Duration::from_secs(120));
+    let ids: Vec<i64> = broker
+        .read_all(topic, usize::MAX, Duration::from_secs(5))
+        .iter()
+        .map(|p| {
+            serde_json::from_str::<Value>(p).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
+    eprintln!(
+        "{want} records in, {} out, {distinct} distinct, {} duplicates",
+        ids.len(),
+        ids.len() - distinct
+    );
+    (ids.len(), distinct)
+}

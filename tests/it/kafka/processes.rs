@@ -1,7 +1,6 @@
 //! Worker processes of one consumer group: partitions move between processes with their
 //! windows' state, and `sluice run --processes auto` follows the group's lag.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use super::aggregate::{
@@ -98,42 +97,14 @@ fn run_with_processes_auto_starts_and_stops_worker_processes_by_the_groups_lag()
     broker.create_topic(&output, 4);
     let dir = tempfile::tempdir().unwrap();
     let function = SlowFunction::start(Duration::from_millis(150));
-    let yaml = format!(
-        r#"name: processes-test
-source:
-  type: kafka
-  bootstrap_servers: {bootstrap}
-  topics: [{input}]
-  group: {group}
-  start_from: earliest
-  batch_size: 250
-  batch_window: 100ms
-  schema:
-    - {{ name: id, type: int64, nullable: false }}
-    - {{ name: user_id, type: int64 }}
-    - {{ name: country, type: utf8 }}
-    - {{ name: amount, type: float64 }}
-  options:
-    session.timeout.ms: "6000"
-    heartbeat.interval.ms: "500"
-stages:
-{stage}sink:
-  type: kafka
-  bootstrap_servers: {bootstrap}
-  topic: {output}
-checkpoint:
-  dir: {checkpoint}
-  interval: 300ms
-scaling:
-  min_workers: 1
-  max_workers: 3
-  lag_threshold: 2000
-  scale_down_cooldown: 4s
-  interval: 500ms
-"#,
-        bootstrap = broker.bootstrap,
-        stage = function.stage_yaml("id"),
-        checkpoint = dir.path().join("ckpt").display(),
+    let scaling = "scaling:\n  min_workers: 1\n  max_workers: 3\n  lag_threshold: 2000\n  scale_down_cooldown: 4s\n  interval: 500ms\n";
+    let yaml = super::scaling::pipeline(
+        &broker,
+        (&input, &output, &group),
+        dir.path(),
+        &function,
+        250,
+        scaling,
     );
     let path = write_pipeline(dir.path(), &yaml);
     let addr = format!("127.0.0.1:{}", free_port());
@@ -188,25 +159,10 @@ scaling:
     assert!(log.contains("autoscaler: worker processes up"), "{log}");
     assert!(log.contains("autoscaler: worker processes down"), "{log}");
 
-    let ids: Vec<i64> = broker
-        .read_all(&output, usize::MAX, Duration::from_secs(15))
-        .iter()
-        .map(|p| {
-            serde_json::from_str::<serde_json::Value>(p).unwrap()["id"]
-                .as_i64()
-                .unwrap()
-        })
-        .collect();
-    let unique: HashSet<i64> = ids.iter().copied().collect();
-    eprintln!(
-        "{N} records in, {} out, {} distinct, {} duplicates",
-        ids.len(),
-        unique.len(),
-        ids.len() - unique.len()
-    );
-    assert_eq!(unique.len(), N, "records lost");
+    let (written, distinct) = super::ids_written(&broker, &output, N);
+    assert_eq!(distinct, N, "records lost");
     // Partitions move only after a drain and a checkpoint: nothing is written twice.
-    assert_eq!(ids.len(), N, "duplicates");
+    assert_eq!(written, N, "duplicates");
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
 }
