@@ -14,7 +14,7 @@
 //! | `sluice_stage_bisections_total`, `sluice_stage_skipped_total`, `sluice_stage_defaulted_total` | pipeline, stage |
 //! | `sluice_breaker_transitions_total` | pipeline, stage, to (open, closed) |
 //! | `sluice_breaker_state` (0 closed, 1 open, 2 half-open) | pipeline, stage |
-//! | `sluice_stage_batch_duration_seconds` (gauge per quantile 0.5, 0.95, 0.99) | pipeline, stage, quantile |
+//! | `sluice_stage_batch_duration_seconds` (histogram: `_bucket`, `_sum`, `_count`) | pipeline, stage |
 //! | `sluice_stage_cold_start_seconds` (slowest worker's `open`) | pipeline, stage |
 //! | `sluice_stage_cache_hits_total`, `sluice_stage_cache_misses_total` | pipeline, stage |
 //! | `sluice_stage_late_dropped_total` (late rows dropped: no dead-letter sink) | pipeline, stage |
@@ -22,7 +22,7 @@
 //! | `sluice_lag_records` (the sum over this process's partitions) | pipeline |
 //! | `sluice_workers`, `sluice_workers_desired` (worker tasks running, and wanted) | pipeline |
 //! | `sluice_autoscaler_decisions_total` | pipeline, direction (up, down) |
-//! | `sluice_checkpoint_duration_seconds` (gauge per quantile 0.5, 0.99) | pipeline, quantile |
+//! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
 //! | `sluice_checkpoint_state_bytes` (stage state the last checkpoint wrote) | pipeline |
 //!
 //! A partition's lag is what a consumer group tool shows for it: the broker's log end
@@ -37,8 +37,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{counter, gauge};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use metrics_util::MetricKindMask;
 use sluice_engine::ErrorClass;
 use sluice_engine::breaker::{Breaker, State};
@@ -48,6 +48,12 @@ use tokio_util::sync::CancellationToken;
 
 /// A gauge not set for this long is dropped (a partition that went to another process).
 const GAUGE_IDLE: Duration = Duration::from_secs(5);
+
+/// Bucket bounds of the duration histograms, in seconds: a fast stage's batch (0.5 ms) to a
+/// slow remote call or a large checkpoint (30 s).
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Serves `/metrics` on `addr` and keeps it current until `done`.
 pub fn serve(
@@ -60,9 +66,25 @@ pub fn serve(
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
-        .install()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".into()),
+            DURATION_BUCKETS,
+        )
+        .and_then(|b| b.install())
         .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
     let pipeline = pipeline.to_string();
+    // Durations go to their histograms as they are recorded.
+    for s in &stats.stages {
+        s.latency.export(histogram!(
+            "sluice_stage_batch_duration_seconds",
+            "pipeline" => pipeline.clone(),
+            "stage" => s.name.to_string()
+        ));
+    }
+    stats.checkpoint_duration.export(histogram!(
+        "sluice_checkpoint_duration_seconds",
+        "pipeline" => pipeline.clone()
+    ));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -100,12 +122,6 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         .absolute(get(&stats.scaled_up));
     counter!("sluice_autoscaler_decisions_total", "pipeline" => p.clone(), "direction" => "down")
         .absolute(get(&stats.scaled_down));
-    for (q, name) in [(0.5, "0.5"), (0.99, "0.99")] {
-        if let Some(d) = stats.checkpoint_duration.quantile(q) {
-            gauge!("sluice_checkpoint_duration_seconds", "pipeline" => p.clone(), "quantile" => name)
-                .set(d.as_secs_f64());
-        }
-    }
     gauge!("sluice_checkpoint_state_bytes", "pipeline" => p.clone())
         .set(get(&stats.checkpoint_state_bytes) as f64);
     let mut stage_dead = 0;
@@ -126,12 +142,6 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         counter!("sluice_stage_cache_misses_total", &labels).absolute(get(&s.cache_misses));
         counter!("sluice_stage_late_dropped_total", &labels).absolute(get(&s.late_dropped));
         gauge!("sluice_stage_cold_start_seconds", &labels).set(s.cold_start().as_secs_f64());
-        for (q, name) in [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")] {
-            if let Some(d) = s.latency.quantile(q) {
-                gauge!("sluice_stage_batch_duration_seconds", "pipeline" => p.clone(), "stage" => stage.clone(), "quantile" => name)
-                    .set(d.as_secs_f64());
-            }
-        }
         stage_dead += get(&s.dead_letters);
         counter!("sluice_breaker_transitions_total", "pipeline" => p.clone(), "stage" => stage.clone(), "to" => "open")
             .absolute(get(&s.breaker_opened));

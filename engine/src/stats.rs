@@ -55,6 +55,8 @@ impl StageStats {
 /// from a nanosecond to centuries, in 4 KiB.
 pub struct LatencyHistogram {
     buckets: Box<[AtomicU64]>,
+    /// The Prometheus histogram every duration is also recorded in, once metrics are served.
+    exported: std::sync::OnceLock<metrics::Histogram>,
 }
 
 const SUB_BITS: u32 = 3;
@@ -65,6 +67,7 @@ impl Default for LatencyHistogram {
     fn default() -> Self {
         LatencyHistogram {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            exported: std::sync::OnceLock::new(),
         }
     }
 }
@@ -81,6 +84,14 @@ impl LatencyHistogram {
     pub fn record(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.buckets[Self::index(ns)].fetch_add(1, Ordering::Relaxed);
+        if let Some(h) = self.exported.get() {
+            h.record(d.as_secs_f64());
+        }
+    }
+
+    /// Records every duration from now on in `histogram` too (seconds).
+    pub fn export(&self, histogram: metrics::Histogram) {
+        let _ = self.exported.set(histogram);
     }
 
     /// Adds every duration recorded in `other`.

@@ -203,7 +203,7 @@ sink: { type: null }
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         if text.contains("sluice_records_in_total")
-            && text.contains("sluice_stage_batch_duration_seconds")
+            && text.contains("sluice_stage_batch_duration_seconds_count")
         {
             break text;
         }
@@ -215,7 +215,8 @@ sink: { type: null }
         "sluice_stage_failures_total{pipeline=\"m\",stage=\"s\",class=\"transient\"} 0",
         "sluice_breaker_transitions_total{pipeline=\"m\",stage=\"s\",to=\"open\"} 0",
         "sluice_breaker_state{pipeline=\"m\",stage=\"s\"} 0",
-        "sluice_stage_batch_duration_seconds{pipeline=\"m\",stage=\"s\",quantile=\"0.99\"}",
+        "sluice_stage_batch_duration_seconds_bucket{pipeline=\"m\",stage=\"s\",le=\"0.5\"}",
+        "sluice_stage_batch_duration_seconds_count{pipeline=\"m\",stage=\"s\"}",
         "sluice_stage_cold_start_seconds{pipeline=\"m\",stage=\"s\"}",
         "sluice_stage_cache_hits_total{pipeline=\"m\",stage=\"s\"} 0",
     ] {

@@ -232,11 +232,11 @@ fn the_lag_on_metrics_is_the_brokers_log_end_minus_the_committed_offset() {
         "sluice_workers",
         "sluice_workers_desired",
         "sluice_checkpoints_total",
-        "sluice_checkpoint_duration_seconds",
+        "sluice_checkpoint_duration_seconds_count",
         "sluice_checkpoint_state_bytes",
         "sluice_stage_rows_in_total",
         "sluice_stage_cold_start_seconds",
-        "sluice_stage_batch_duration_seconds",
+        "sluice_stage_batch_duration_seconds_bucket",
     ] {
         assert!(
             samples.iter().any(|(n, _, _)| n == name),
