@@ -238,21 +238,24 @@ pub async fn supervise(
         parallelization_factor: 1,
         ..policy
     };
-    let (mut autoscaler, lag_reader) = match count {
-        Count::Fixed(_) => (None, None),
-        Count::Auto => {
-            let reader = GroupLag::new(kafka)?;
-            (
-                Some(Autoscaler::new(policy.clone())),
-                Some(Arc::new(reader)),
-            )
-        }
+    // For `auto`: the autoscaler and what reads the group's lag.
+    let mut scaling = match count {
+        Count::Fixed(_) => None,
+        Count::Auto => Some((
+            Autoscaler::new(policy.clone()),
+            Arc::new(GroupLag::new(kafka)?),
+        )),
     };
-    let mut desired = match count {
+    let fixed = match count {
         Count::Fixed(n) => n,
         Count::Auto => policy.min_workers,
     };
-    supervisor.scale_to(desired)?;
+    let desired = |scaling: &Option<(Autoscaler, Arc<GroupLag>)>| {
+        scaling
+            .as_ref()
+            .map_or(fixed, |(scaler, _)| scaler.desired())
+    };
+    supervisor.scale_to(desired(&scaling))?;
     let mut tick = tokio::time::interval(match count {
         Count::Fixed(_) => Duration::from_millis(500),
         Count::Auto => policy.interval,
@@ -267,7 +270,7 @@ pub async fn supervise(
         supervisor.reap();
         supervisor.restart_due()?;
         let mut lag_now = None;
-        if let (Some(scaler), Some(reader)) = (autoscaler.as_mut(), &lag_reader) {
+        if let Some((scaler, reader)) = scaling.as_mut() {
             let reader = reader.clone();
             match tokio::task::spawn_blocking(move || reader.read()).await? {
                 Ok(lag) => {
@@ -278,19 +281,18 @@ pub async fn supervise(
                     {
                         tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: worker processes {}", decision.direction());
                         counter!("sluice_autoscaler_decisions_total", "pipeline" => config.name.clone(), "direction" => decision.direction()).increment(1);
-                        desired = decision.to;
-                        supervisor.scale_to(desired)?;
+                        supervisor.scale_to(decision.to)?;
                     }
                 }
                 Err(e) => {
                     if lag_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                        tracing::warn!(error = %e, "cannot read the group's lag; keeping {desired} worker process(es)");
+                        tracing::warn!(error = %e, "cannot read the group's lag; keeping {} worker process(es)", scaler.desired());
                         lag_warning = Some(Instant::now());
                     }
                 }
             }
         }
-        supervisor.publish(desired, lag_now);
+        supervisor.publish(desired(&scaling), lag_now);
     }
     eprintln!("stopping: every worker process finishes what it read");
     if supervisor.stop_all().await {

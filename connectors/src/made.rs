@@ -79,9 +79,7 @@ impl Progress {
         let count_end = self.remaining.map(|r| self.next_offset + r as i64);
         match &self.pace {
             Some(pace) => Some(Arc::new(PacedEnd {
-                rate: pace.rate,
-                started: pace.started.into_std(),
-                first_offset: pace.first_offset,
+                pace: pace.clone(),
                 count_end,
             })),
             None => count_end.map(|end| Arc::new(FixedEnd(end)) as Arc<dyn LogEnd>),
@@ -125,6 +123,7 @@ impl Progress {
 }
 
 /// Paces a rate-limited partition: record `first_offset + i` is due at `started + i / rate`.
+#[derive(Clone)]
 struct Pace {
     rate: f64,
     started: Instant,
@@ -140,34 +139,36 @@ impl Pace {
         }
     }
 
+    /// The offset after the last record due by now.
+    fn end_by_now(&self) -> i64 {
+        self.first_offset + (self.started.elapsed().as_secs_f64() * self.rate) as i64 + 1
+    }
+
     /// Records due by now when `next_offset` is the next to make (at most `max`), waiting
     /// until at least one is.
     async fn due(&self, next_offset: i64, max: u64) -> u64 {
         loop {
-            let elapsed = self.started.elapsed().as_secs_f64();
-            let produced = next_offset - self.first_offset;
-            let due = (elapsed * self.rate) as i64 + 1 - produced;
+            let due = self.end_by_now() - next_offset;
             if due > 0 {
                 return (due as u64).min(max);
             }
-            let next_due = produced as f64 / self.rate;
+            let next_due = (next_offset - self.first_offset) as f64 / self.rate;
+            let elapsed = self.started.elapsed().as_secs_f64();
             let wait = Duration::from_secs_f64((next_due - elapsed).max(0.0005));
             tokio::time::sleep(wait).await;
         }
     }
 }
 
-/// The end of a rate-limited partition: the records due by now.
+/// The end of a rate-limited partition: the records due by now, within the count.
 struct PacedEnd {
-    rate: f64,
-    started: std::time::Instant,
-    first_offset: i64,
+    pace: Pace,
     count_end: Option<i64>,
 }
 
 impl LogEnd for PacedEnd {
     fn log_end(&self) -> Option<i64> {
-        let due = self.first_offset + (self.started.elapsed().as_secs_f64() * self.rate) as i64;
+        let due = self.pace.end_by_now();
         Some(self.count_end.map_or(due, |end| due.min(end)))
     }
 }

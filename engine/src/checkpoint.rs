@@ -105,6 +105,16 @@ impl CheckpointStore for MemoryStore {
 
 const ID_KEY: &[u8] = b"meta/checkpoint_id";
 const OFFSET_PREFIX: &str = "offset/";
+
+/// Where a partition's next offset is kept.
+fn offset_key(partition: &str) -> String {
+    format!("{OFFSET_PREFIX}{partition}")
+}
+
+/// An offset as stored (8 bytes, big-endian).
+fn decode_offset(value: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(value.try_into().ok()?))
+}
 const WRITE_BUFFER_BYTES: usize = 16 << 20;
 const BLOCK_CACHE_BYTES: usize = 16 << 20;
 /// The file naming the last complete checkpoint, in the store's directory.
@@ -362,14 +372,10 @@ impl CheckpointStore for RocksStore {
             let Some(name) = key.strip_prefix(OFFSET_PREFIX.as_bytes()) else {
                 break;
             };
-            let bytes: [u8; 8] = value
-                .as_ref()
-                .try_into()
-                .map_err(|_| self.error("bad offset value"))?;
-            checkpoint.offsets.insert(
-                String::from_utf8_lossy(name).into_owned(),
-                i64::from_be_bytes(bytes),
-            );
+            let offset = decode_offset(&value).ok_or_else(|| self.error("bad offset value"))?;
+            checkpoint
+                .offsets
+                .insert(String::from_utf8_lossy(name).into_owned(), offset);
         }
         Ok(checkpoint)
     }
@@ -378,7 +384,7 @@ impl CheckpointStore for RocksStore {
         let mut batch = rocksdb::WriteBatch::default();
         batch.put(ID_KEY, checkpoint.id.to_be_bytes());
         for (name, offset) in &checkpoint.offsets {
-            batch.put(format!("{OFFSET_PREFIX}{name}"), offset.to_be_bytes());
+            batch.put(offset_key(name), offset.to_be_bytes());
         }
         self.db
             .write_opt(batch, &unlogged())
@@ -399,15 +405,15 @@ impl CheckpointStore for RocksStore {
             return Ok(BTreeMap::new());
         };
         let offset_of = |db: &rocksdb::DB, name: &str| -> Result<Option<i64>> {
-            let value = db
-                .get(format!("{OFFSET_PREFIX}{name}"))
-                .map_err(|e| self.error(e))?;
-            Ok(value.and_then(|v| Some(i64::from_be_bytes(v.as_slice().try_into().ok()?))))
+            let value = db.get(offset_key(name)).map_err(|e| self.error(e))?;
+            Ok(value.as_deref().and_then(decode_offset))
         };
-        let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+        // Per partition: the newest offset found, and the copy holding it (`None`: this
+        // member's own).
+        let mut best: BTreeMap<&str, (Option<usize>, i64)> = BTreeMap::new();
         for (name, _) in partitions {
             if let Some(own) = offset_of(&self.db, name)? {
-                newest.insert(name.clone(), own);
+                best.insert(name, (None, own));
             }
         }
         // Every other member's last checkpoint (and a single-process store the directory
@@ -421,8 +427,6 @@ impl CheckpointStore for RocksStore {
             .collect();
         others.push(member.root.clone());
         let mut copies = Vec::new();
-        // Per partition: the copy holding its newest state, and its offset.
-        let mut best: BTreeMap<&str, (usize, i64)> = BTreeMap::new();
         for other in others {
             let Some(frozen) = FrozenCopy::open(&member.root, &other).map_err(|e| self.error(e))?
             else {
@@ -432,18 +436,17 @@ impl CheckpointStore for RocksStore {
                 let Some(offset) = offset_of(&frozen.db, name)? else {
                     continue;
                 };
-                if newest.get(name).is_some_and(|o| *o >= offset) {
+                if best.get(name.as_str()).is_some_and(|(_, o)| *o >= offset) {
                     continue;
                 }
-                newest.insert(name.clone(), offset);
-                best.insert(name, (copies.len(), offset));
+                best.insert(name, (Some(copies.len()), offset));
             }
             copies.push((other, frozen));
         }
         let mut taken: BTreeMap<String, i64> = BTreeMap::new();
         let mut batch = rocksdb::WriteBatch::default();
         for (name, keys) in partitions {
-            let Some(&(copy, offset)) = best.get(name.as_str()) else {
+            let Some(&(Some(copy), offset)) = best.get(name.as_str()) else {
                 continue;
             };
             let (from, frozen) = &copies[copy];
@@ -531,7 +534,7 @@ fn copy_partition(
             None => batch.delete(key),
         }
     }
-    batch.put(format!("{OFFSET_PREFIX}{name}"), offset.to_be_bytes());
+    batch.put(offset_key(name), offset.to_be_bytes());
     Ok(())
 }
 

@@ -313,17 +313,12 @@ pub async fn run(
         peak: 0,
         barrier_targets,
     };
-    for _ in 0..initial.max(1) {
-        pool.spawn();
-    }
-    stats
-        .workers_desired
-        .store(initial.max(1) as u64, Ordering::Relaxed);
+    let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
+    pool.scale_to(initial, &mut partitions);
     let mut scale_ticks = autoscaler.as_ref().map(|a| interval(a.policy().interval));
 
     let mut readers: JoinSet<Result<mpsc::Sender<WorkerMsg>>> = JoinSet::new();
     let mut reader_tasks: HashMap<tokio::task::Id, u32> = HashMap::new();
-    let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
     let mut first_error: Option<Error> = None;
     let record = |e: Error, first: &mut Option<Error>| {
         if first.is_none() {
@@ -445,7 +440,6 @@ pub async fn run(
                     tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: scaling {}", decision.direction());
                     let counter = if decision.to > decision.from { &stats.scaled_up } else { &stats.scaled_down };
                     RunStats::add(counter, 1);
-                    stats.workers_desired.store(decision.to as u64, Ordering::Relaxed);
                     pool.scale_to(decision.to, &mut partitions);
                 }
             }
@@ -460,10 +454,7 @@ pub async fn run(
                         _ => tracing::warn!(partition, worker, "cannot move: no such partition or worker"),
                     }
                 }
-                Control::ScaleTo(n) => {
-                    stats.workers_desired.store(n.max(1) as u64, Ordering::Relaxed);
-                    pool.scale_to(n, &mut partitions);
-                }
+                Control::ScaleTo(n) => pool.scale_to(n, &mut partitions),
             },
             _ = stop.cancelled(), if assigning => assigning = false,
         }
@@ -519,7 +510,7 @@ struct TakeOver {
 }
 
 impl Handoff for TakeOver {
-    fn take_over(&self, partitions: &[String]) -> Result<std::collections::BTreeMap<String, i64>> {
+    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, i64>> {
         let keys: Vec<(String, PartitionKeys)> = partitions
             .iter()
             .map(|name| {
@@ -576,9 +567,6 @@ impl Pool {
         }
         self.live.insert(id, (tx, 0));
         self.peak = self.peak.max(self.live.len());
-        self.stats
-            .workers
-            .store(self.live.len() as u64, Ordering::Relaxed);
         let chain = self.stages.clone();
         let (name, stats) = (self.pipeline.clone(), self.stats.clone());
         let sink = self.sink.clone().expect("the pool is open");
@@ -640,6 +628,9 @@ impl Pool {
     /// the partitions' lanes evenly over them.
     fn scale_to(&mut self, n: usize, partitions: &mut HashMap<u32, PartitionHandle>) {
         let n = n.max(1);
+        self.stats
+            .workers_desired
+            .store(n as u64, Ordering::Relaxed);
         while self.live.len() < n {
             self.spawn();
         }

@@ -182,7 +182,6 @@ pub struct RunStats {
 }
 
 /// How far one partition is: the source's end of it and the pipeline's position in it.
-#[derive(Default)]
 pub struct PartitionProgress {
     /// Where the partition ends now (Kafka: the log end offset), when the source can tell.
     pub end: Option<Arc<dyn LogEnd>>,
@@ -261,7 +260,8 @@ impl RunStats {
 
     /// The sum of every partition's known lag.
     pub fn total_lag(&self) -> u64 {
-        self.lags().iter().map(|(_, l)| l).sum()
+        let partitions = self.partitions.lock().expect("partitions lock");
+        partitions.values().filter_map(|p| p.lag()).sum()
     }
 
     /// The partition's progress, registered when it is assigned.

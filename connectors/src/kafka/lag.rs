@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::{Error, Result};
 
@@ -99,9 +99,7 @@ impl GroupLag {
             .map_err(|e| failed("reading the committed offsets", e))?;
         let mut partitions = Vec::with_capacity(tpl.count());
         for e in tpl.elements() {
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
+            let (low, high) = watermarks(&self.consumer, e.topic(), e.partition(), TIMEOUT)
                 .map_err(|err| failed("reading the log end offsets", err))?;
             let done = match committed
                 .find_partition(e.topic(), e.partition())
@@ -117,4 +115,46 @@ impl GroupLag {
         }
         Ok(Lag { partitions })
     }
+}
+
+/// A partition's log start and end offsets (low and high watermarks), asked of the broker
+/// (`ListOffsets`). Brokers answer with the high watermark; tansu answers with the start of
+/// the last record batch plus one, so the end is also taken from the high watermark of the
+/// client's last fetch response when it has one (a partition it reads, not paused: the
+/// lag of a paused partition can then be short by up to one producer batch, on tansu only).
+pub(super) fn watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> rdkafka::error::KafkaResult<(i64, i64)> {
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    Ok((
+        low,
+        high.max(fetched_high_watermark(consumer, topic, partition).unwrap_or(-1)),
+    ))
+}
+
+/// The high watermark of the partition's last fetch response, as librdkafka caches it.
+fn fetched_high_watermark<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives, `topic` is a C string
+    // that outlives the call, and the out-pointers are to live locals. The call only reads
+    // librdkafka's cache (no I/O) and is thread safe.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }

@@ -370,14 +370,9 @@ fn watermark_loop(consumer: &GroupConsumer, shared: &Shared) {
             if shared.closing.load(Ordering::SeqCst) {
                 return;
             }
-            match consumer.fetch_watermarks(&buffer.topic, buffer.partition, LOOKUP_TIMEOUT) {
-                Ok((_, high)) => {
-                    let fetched = fetched_high_watermark(consumer, &buffer.topic, buffer.partition);
-                    buffer
-                        .log_end
-                        .0
-                        .store(high.max(fetched.unwrap_or(-1)), Ordering::Relaxed);
-                }
+            match super::lag::watermarks(consumer, &buffer.topic, buffer.partition, LOOKUP_TIMEOUT)
+            {
+                Ok((_, high)) => buffer.log_end.0.store(high, Ordering::Relaxed),
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                         tracing::warn!(partition = %buffer.info.name, error = %e, "kafka: reading the log end offset failed (lag not updated)");
@@ -391,30 +386,6 @@ fn watermark_loop(consumer: &GroupConsumer, shared: &Shared) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// The high watermark of the partition's last fetch response, as librdkafka caches it.
-/// Brokers answer the log end offset query (`ListOffsets`, latest) with the same value;
-/// tansu answers with the start of the last record batch plus one, which the fetch
-/// response's watermark corrects while the partition is fetched (a paused partition is not:
-/// its lag is then short by at most one producer batch, on tansu only).
-fn fetched_high_watermark(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<i64> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer is valid while `consumer` lives, `topic` is a C string
-    // that outlives the call, and the out-pointers are to live locals. The call only reads
-    // librdkafka's cache (no I/O) and is thread safe.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-        .then_some(high)
 }
 
 /// A partition's log end offset as last read from the broker; -1 before the first read.
@@ -570,13 +541,15 @@ impl GroupContext {
                 Some(Offset::Offset(o)) => Some(*o),
                 _ => None,
             };
-            let start = match (checkpointed.get(&key), group) {
-                _ if taken.contains_key(&key) => taken.get(&key).copied(),
-                (Some(c), Some(g)) => Some((*c).max(g)),
-                (Some(c), None) => Some(*c),
-                (None, Some(g)) => Some(g),
-                (None, None) => None,
-            };
+            let start = taken
+                .get(&key)
+                .copied()
+                .or(match (checkpointed.get(&key), group) {
+                    (Some(c), Some(g)) => Some((*c).max(g)),
+                    (Some(c), None) => Some(*c),
+                    (None, Some(g)) => Some(g),
+                    (None, None) => None,
+                });
             match start {
                 Some(o) => {
                     let _ = tpl.set_partition_offset(topic, *partition, Offset::Offset(o));

@@ -8,10 +8,11 @@ use serde_json::Value;
 
 use super::{Broker, Sluice, produce_paced, wait_assigned, write_pipeline};
 
-pub(super) const PARTITIONS: i32 = 4;
+const PARTITIONS: i32 = 4;
 const COUNTRIES: [&str; 4] = ["de", "fr", "us", "jp"];
 /// 2026-01-01T00:00:00Z in milliseconds.
 const BASE: i64 = 1_767_225_600_000;
+/// The kill -9 test's windows (10s).
 const WINDOW: i64 = 10_000;
 
 /// Event `i`'s country: changing every 7 events, so that every partition has all four.
@@ -41,7 +42,8 @@ pub(super) fn event(i: i64, country: fn(i64) -> &'static str) -> (i32, Option<St
 }
 
 /// What every window holds: (country, window start) → (events, sum, max, distinct amounts).
-pub(super) fn expected(n: i64, country: fn(i64) -> &'static str) -> Expected {
+/// With tumbling windows of `window` milliseconds.
+pub(super) fn expected(n: i64, country: fn(i64) -> &'static str, window: i64) -> Expected {
     type Running = (i64, i64, i64, BTreeSet<i64>);
     let mut acc: BTreeMap<(String, i64), Running> = BTreeMap::new();
     for i in 0..n {
@@ -49,7 +51,7 @@ pub(super) fn expected(n: i64, country: fn(i64) -> &'static str) -> Expected {
         let ts = BASE + i * 5 - (i % 3) * 7;
         let amount = i % 100;
         let e = acc
-            .entry((country, ts.div_euclid(WINDOW) * WINDOW))
+            .entry((country, ts.div_euclid(window) * window))
             .or_insert((0, 0, i64::MIN, BTreeSet::new()));
         e.0 += 1;
         e.1 += amount;
@@ -61,12 +63,13 @@ pub(super) fn expected(n: i64, country: fn(i64) -> &'static str) -> Expected {
         .collect()
 }
 
-pub(super) fn pipeline(
+fn pipeline(
     broker: &Broker,
     input: &str,
     output: &str,
     group: &str,
     ckpt: &std::path::Path,
+    window: i64,
 ) -> String {
     format!(
         r#"name: agg-crash
@@ -90,7 +93,7 @@ stages:
     type: aggregate
     group_by: [country]
     event_time: ts
-    window: {{ tumbling: 10s }}
+    window: {{ tumbling: {window}ms }}
     allowed_lateness: 100ms
     aggregates:
       events: count()
@@ -131,21 +134,13 @@ pub(super) fn windows(payloads: &[String]) -> HashMap<(String, i64), BTreeSet<St
 fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
     const N: i64 = 36_000;
     const KILLS: usize = 3;
-    let broker = Broker::start();
-    let (input, output) = (broker.name("agg-in"), broker.name("agg-out"));
-    broker.create_topic(&input, PARTITIONS);
-    broker.create_topic(&output, 1);
-    let producer = produce_paced(&broker, &input, messages(N, mixed), 4_000);
-
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = pipeline(
-        &broker,
-        &input,
-        &output,
-        &broker.name("g"),
-        &dir.path().join("ckpt"),
-    );
-    let path = write_pipeline(dir.path(), &yaml);
+    let Aggregation {
+        broker,
+        output,
+        dir,
+        path,
+        producer,
+    } = Aggregation::start(N, mixed, 4_000, WINDOW);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -167,7 +162,7 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
     let last = Sluice::start(&path, dir.path().join("log-last"));
     producer.join().unwrap();
 
-    let want = expected(N, mixed);
+    let want = expected(N, mixed, WINDOW);
     wait_for_windows(&broker, &output, &want);
     let (status, log) = last.interrupt();
     assert!(status.success(), "sluice failed: {log}");
@@ -183,11 +178,52 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
     );
 }
 
+/// The aggregation pipeline over a topic of its own, its `n` events being produced at
+/// `per_second` (then the events that close every window).
+pub(super) struct Aggregation {
+    pub broker: Broker,
+    pub output: String,
+    pub dir: tempfile::TempDir,
+    /// The pipeline file, checkpoints in `dir/ckpt`.
+    pub path: std::path::PathBuf,
+    pub producer: std::thread::JoinHandle<()>,
+}
+
+impl Aggregation {
+    /// Tumbling windows of `window` milliseconds.
+    pub fn start(
+        n: i64,
+        country: fn(i64) -> &'static str,
+        per_second: usize,
+        window: i64,
+    ) -> Aggregation {
+        let broker = Broker::start();
+        let (input, output) = (broker.name("agg-in"), broker.name("agg-out"));
+        broker.create_topic(&input, PARTITIONS);
+        broker.create_topic(&output, 1);
+        let producer = produce_paced(&broker, &input, messages(n, country), per_second);
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = pipeline(
+            &broker,
+            &input,
+            &output,
+            &broker.name("g"),
+            &dir.path().join("ckpt"),
+            window,
+        );
+        let path = write_pipeline(dir.path(), &yaml);
+        Aggregation {
+            broker,
+            output,
+            dir,
+            path,
+            producer,
+        }
+    }
+}
+
 /// `n` events, then one an hour later on every partition: every real window closes.
-pub(super) fn messages(
-    n: i64,
-    country: fn(i64) -> &'static str,
-) -> Vec<(i32, Option<String>, Vec<u8>)> {
+fn messages(n: i64, country: fn(i64) -> &'static str) -> Vec<(i32, Option<String>, Vec<u8>)> {
     let mut messages: Vec<_> = (0..n).map(|i| event(i, country)).collect();
     for p in 0..PARTITIONS {
         let late = format!(r#"{{"country":"zz","amount":0,"ts":{}}}"#, BASE + 3_600_000);

@@ -4,8 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::aggregate::{
-    PARTITIONS, assert_each_window_once, by_partition, expected, messages, pipeline,
-    wait_for_windows,
+    Aggregation, assert_each_window_once, by_partition, expected, wait_for_windows,
 };
 use super::{Broker, Sluice, events, produce_paced, wait_assigned, write_pipeline};
 use crate::{SlowFunction, free_port, scrape};
@@ -22,24 +21,25 @@ fn worker(path: &std::path::Path, dir: &std::path::Path, name: &str, turn: usize
     )
 }
 
+/// Longer than the input's event time (200s).
+const WINDOW: i64 = 1_000_000;
+
 #[test]
 fn windows_continue_when_their_partition_moves_to_another_process() {
     const N: i64 = 40_000;
-    let broker = Broker::start();
-    let (input, output) = (broker.name("in"), broker.name("out"));
-    broker.create_topic(&input, PARTITIONS);
-    broker.create_topic(&output, 1);
-    // 20 seconds of input; each country on its own partition.
-    let producer = produce_paced(&broker, &input, messages(N, by_partition), 2_000);
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = pipeline(
-        &broker,
-        &input,
-        &output,
-        &broker.name("g"),
-        &dir.path().join("ckpt"),
-    );
-    let path = write_pipeline(dir.path(), &yaml);
+    // 20 seconds of input; each country on its own partition. One window holds every event
+    // of a country (200s of event time in a 1000s window), closed only by the last events:
+    // what is written is each country's state after all the moves below. (Windows that close
+    // while partitions move are subject to the known problem in docs/scaling.md: a process
+    // whose own partitions are ahead in event time has closed them for a partition that
+    // arrives later.)
+    let Aggregation {
+        broker,
+        output,
+        dir,
+        path,
+        producer,
+    } = Aggregation::start(N, by_partition, 2_000, WINDOW);
 
     // a alone; then b joins (partitions move a → b, drained and checkpointed first); a
     // stops (the rest move to b); a comes back (some move b → a: a's own copy of them is
@@ -62,7 +62,7 @@ fn windows_continue_when_their_partition_moves_to_another_process() {
     b.kill9();
     producer.join().unwrap();
 
-    let want = expected(N, by_partition);
+    let want = expected(N, by_partition, WINDOW);
     wait_for_windows(&broker, &output, &want);
     let (status, log) = a.interrupt();
     assert!(status.success(), "{log}");

@@ -127,6 +127,18 @@ checkpoint:
     )
 }
 
+/// Whether the samples give each partition `p` of `topic` the lag `lags[p]`.
+fn lag_is(samples: &Samples, topic: &str, lags: &[i64]) -> bool {
+    lags.iter().enumerate().all(|(p, lag)| {
+        let partition = format!("{topic}/{p}");
+        sample(
+            samples,
+            "sluice_partition_lag_records",
+            &[("partition", &partition)],
+        ) == Some(*lag as f64)
+    })
+}
+
 /// Scrapes until `ok` holds for the samples, or panics after `timeout` with the last ones.
 fn scrape_until(
     addr: &str,
@@ -212,16 +224,7 @@ fn the_lag_on_metrics_is_the_brokers_log_end_minus_the_committed_offset() {
         &addr,
         Duration::from_secs(20),
         "lag as the broker says",
-        |s| {
-            (0..4).all(|p| {
-                let partition = format!("{input}/{p}");
-                sample(
-                    s,
-                    "sluice_partition_lag_records",
-                    &[("partition", &partition)],
-                ) == Some(lags[p as usize] as f64)
-            })
-        },
+        |s| lag_is(s, &input, &lags),
     );
     assert_eq!(sample(&samples, "sluice_lag_records", &[]), Some(2000.0));
     // The same broker state still (nothing committed meanwhile).
@@ -260,16 +263,7 @@ fn the_lag_on_metrics_is_the_brokers_log_end_minus_the_committed_offset() {
         &addr,
         Duration::from_secs(20),
         "no lag once everything is committed",
-        |s| {
-            (0..4).all(|p| {
-                let partition = format!("{input}/{p}");
-                sample(
-                    s,
-                    "sluice_partition_lag_records",
-                    &[("partition", &partition)],
-                ) == Some(0.0)
-            })
-        },
+        |s| lag_is(s, &input, &[0; 4]),
     );
     assert_eq!(broker_lag(&broker, &input, &group, 4), vec![0; 4]);
     let (status, log) = sluice.interrupt();
