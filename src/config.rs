@@ -13,7 +13,8 @@
 //!
 //! [`load`] reads a whole file and returns every problem in it at once, each with its YAML
 //! path and line:column (see `sluice_engine::config`). It does no I/O beyond reading the
-//! file: opening data files and planning queries happen in [`crate::plan`].
+//! file (and looking up which directories the file sinks' paths name, to tell whether two
+//! are one): opening data files and planning queries happen in [`crate::plan`].
 
 use std::path::{Path, PathBuf};
 
@@ -374,6 +375,8 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
             node,
             format!("picks `{dead}`, the same entry as `sink`: dead letters would be mixed into the output"),
         );
+    } else if let (Some(sink), Some(dead)) = (&sink, &dead_letter) {
+        check_dead_letter_files(sink, dead, &mut problems);
     }
     let scaling = root
         .get("scaling")
@@ -396,6 +399,62 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
         }
         _ => Err(problems.sorted()),
     }
+}
+
+/// A `dead_letter` of files must not write the `sink`'s files (the same directory, prefix
+/// and format): dead letters would be mixed into the output, and the two writers would
+/// number their files alike, replace each other's and remove each other's unfinished ones.
+fn check_dead_letter_files(sink: &SinkConfig, dead: &SinkConfig, problems: &mut Problems) {
+    let (SinkKind::File(s), SinkKind::File(d)) = (&sink.kind, &dead.kind) else {
+        return;
+    };
+    let ext = s.format.extension();
+    if s.prefix != d.prefix
+        || ext != d.format.extension()
+        || same_dir_key(&s.path) != same_dir_key(&d.path)
+    {
+        return;
+    }
+    let line = sink
+        .at
+        .node
+        .get("path")
+        .map_or(sink.at.node.mark, |n| n.mark)
+        .line;
+    dead.at.problem(
+        problems,
+        "path",
+        format!(
+            "is where `{}` writes its files (line {line}), with the same names (`{}-*.{ext}`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or `prefix`",
+            sink.at.path, s.prefix
+        ),
+    );
+}
+
+/// The directory `path` names, the same for every spelling of it: absolute, with symbolic
+/// links, `.` and `..` resolved as far as the directory exists, and the rest (not created
+/// yet) normalised as written.
+fn same_dir_key(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let parts: Vec<Component> = absolute.components().collect();
+    for existing in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..existing].iter().collect();
+        let Ok(mut resolved) = head.canonicalize() else {
+            continue;
+        };
+        for part in &parts[existing..] {
+            match part {
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(name) => resolved.push(name),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+        return resolved;
+    }
+    absolute
 }
 
 const SOURCE_KINDS: &[&str] = &["generator", "nexmark", "file", "kafka"];

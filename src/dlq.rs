@@ -75,7 +75,7 @@ pub fn read(config: &PipelineConfig) -> anyhow::Result<Vec<Letter>> {
         bail!("{} has no `dead_letter` sink", config.file);
     };
     match &sink.kind {
-        SinkKind::File(f) => read_files(&f.path, f.format),
+        SinkKind::File(f) => read_files(&f.path, &f.prefix, f.format),
         SinkKind::Kafka(k) => read_topic(&k.bootstrap_servers, &k.topic),
         SinkKind::Stdout(_) | SinkKind::Null(_) => {
             bail!(
@@ -95,17 +95,28 @@ fn kind_name(sink: &SinkConfig) -> &'static str {
     }
 }
 
-fn read_files(dir: &std::path::Path, format: FileFormat) -> anyhow::Result<Vec<Letter>> {
+/// The complete files of the dead-letter sink: `{prefix}-{seq}.{ext}`, and those of the
+/// writers that extend its prefix (the members of a worker group, `{prefix}-{member}-{seq}`,
+/// and replays, `{prefix}-replay-…`). Files still being written are hidden
+/// (`.part-00001.jsonl.tmp`), and files of other prefixes (the output, where it shares the
+/// directory) are not dead letters.
+fn read_files(
+    dir: &std::path::Path,
+    prefix: &str,
+    format: FileFormat,
+) -> anyhow::Result<Vec<Letter>> {
     if !dir.exists() {
         return Ok(Vec::new());
     }
+    let (start, end) = (format!("{prefix}-"), format!(".{}", format.extension()));
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        // Files still being written are hidden (`.part-00001.jsonl.tmp`).
         .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(&start) && n.ends_with(&end)
+            })
         })
         .collect();
     files.sort();

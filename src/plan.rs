@@ -218,7 +218,9 @@ pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
 
 /// Like [`build`], for one of several worker processes of a consumer group (`sluice
 /// worker`): its checkpoint store is its own within the shared directory
-/// (`DIR/members/MEMBER`), and partitions bring their state from the member that had them.
+/// (`DIR/members/MEMBER`), partitions bring their state from the member that had them, and
+/// file outputs are named `{prefix}-{member}-{seq}`, so that members sharing a directory
+/// never write, count or clean up each other's files.
 pub async fn build_member(config: &PipelineConfig, member: &str) -> Result<Pipeline, Problems> {
     build_with(config, None, Some(member)).await
 }
@@ -233,12 +235,35 @@ pub async fn build_beside(
     build_with(config, Some(prefix_suffix), None).await
 }
 
-fn beside(config: &SinkConfig, suffix: Option<&str>) -> SinkConfig {
+/// The sink as this writer opens it: a file sink's prefix extended by the member's name
+/// and the suffix of a writer beside the pipeline, each as `-{part}`.
+fn own_files(config: &SinkConfig, member: Option<&str>, suffix: Option<&str>) -> SinkConfig {
     let mut config = config.clone();
-    if let (SinkKind::File(f), Some(suffix)) = (&mut config.kind, suffix) {
-        f.prefix = format!("{}-{suffix}", f.prefix);
+    if let SinkKind::File(f) = &mut config.kind {
+        for part in [member.map(file_name_safe), suffix.map(str::to_string)]
+            .into_iter()
+            .flatten()
+        {
+            f.prefix = format!("{}-{part}", f.prefix);
+        }
     }
     config
+}
+
+/// `name` with every character but letters, digits, `-` and `_` replaced by `_`: a member
+/// name (a host or pod name, `$SLUICE_MEMBER`) made safe in a file name.
+fn file_name_safe(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if safe.is_empty() { "_".into() } else { safe }
 }
 
 async fn build_with(
@@ -283,13 +308,14 @@ async fn build_with(
                 keep_metadata: config.sink.metadata_columns.clone(),
             }
             .apply_schema(&last);
-            open_sink(&beside(&config.sink, beside_suffix), &input, &mut problems)
+            let sink = own_files(&config.sink, member, beside_suffix);
+            open_sink(&sink, &input, &mut problems)
         }
         _ => None,
     };
     let dead_letter = match &config.dead_letter {
         Some(d) if problems.is_empty() => {
-            open_dead_letter(&beside(d, beside_suffix), &mut problems)
+            open_dead_letter(&own_files(d, member, beside_suffix), &mut problems)
         }
         _ => None,
     };
@@ -307,5 +333,17 @@ async fn build_with(
             },
         }),
         _ => Err(problems.sorted()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_names_become_safe_file_name_parts() {
+        assert_eq!(file_name_safe("worker-1"), "worker-1");
+        assert_eq!(file_name_safe("pod.ns/x y"), "pod_ns_x_y");
+        assert_eq!(file_name_safe(""), "_");
     }
 }

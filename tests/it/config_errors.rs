@@ -417,3 +417,53 @@ sink:
         "scaling.parallelization_factor: cannot be above 1 with the stateful stage `counts`: its windows are kept per partition, in the order of the partition's records (x.yaml:5:27)"
     );
 }
+
+/// A `dead_letter` of files where the `sink` writes its files (same directory, however
+/// spelled and whether or not it exists yet, same prefix and format) would mix dead letters
+/// into the output and overwrite its files: refused where it is written, by `sluice
+/// validate` and `sluice run` alike.
+#[test]
+fn dead_letters_never_write_the_sinks_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("out"), dir.path().join("link")).unwrap();
+    let d = dir.path().display();
+    let yaml = |sink: &str, dead: &str| {
+        format!(
+            "name: x\nsource:\n  type: generator\nsink:\n  type: file\n  path: {sink}\ndead_letter:\n  type: file\n  path: {dead}\n"
+        )
+    };
+    let refused = "dead_letter.path: is where `sink` writes its files (line 6), with the same names (`part-*.jsonl`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or `prefix` (x.yaml:9:9)";
+    for (sink, dead) in [
+        (format!("{d}/out"), format!("{d}/out/")),
+        (format!("{d}/out"), format!("{d}/link")),
+        (format!("{d}/out"), format!("{d}/missing/../out")),
+        (format!("{d}/later/a/.."), format!("{d}/./later")),
+        ("out/x".to_string(), "./out/x/".to_string()),
+    ] {
+        assert_eq!(
+            one_problem(&yaml(&sink, &dead)),
+            refused,
+            "{sink} and {dead}"
+        );
+    }
+    // Another prefix or format in the same directory, or another directory: its own files.
+    for dead in [
+        format!("{d}/out\n  prefix: dead"),
+        format!("{d}/out\n  format: parquet"),
+        format!("{d}/dead"),
+    ] {
+        if let Err(e) = parse(&yaml(&format!("{d}/out"), &dead), &[]) {
+            panic!("{dead}: {e}");
+        }
+    }
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, yaml(&format!("{d}/out"), &format!("{d}/link"))).unwrap();
+    let want = refused.replace("x.yaml", file.to_str().unwrap());
+    for command in ["validate", "run"] {
+        let out = crate::sluice(&[command, file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let said = crate::text(&out.stdout) + &crate::text(&out.stderr);
+        assert!(said.contains(&want), "{command}:\n{said}");
+    }
+}

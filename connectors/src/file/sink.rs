@@ -5,6 +5,10 @@
 //! `{prefix}-{seq}.{ext}`. A reader listing the directory sees only whole files. Sequence
 //! numbers continue after the highest one already in the directory, so a restarted pipeline
 //! never overwrites earlier output.
+//!
+//! Several writers may share a directory, each with its own prefix (the members of a worker
+//! group write `{prefix}-{member}-{seq}`): a sink counts, and removes as leftovers of a
+//! crash, only files whose names are exactly its own, never another writer's.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -75,24 +79,21 @@ impl FileSink {
     pub fn open(config: FileSinkConfig) -> Result<Self> {
         let dir = &config.path;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let ext = config.format.extension();
         let mut next_seq = 0;
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let name = entry.map_err(|e| Error::io(dir, e))?.file_name();
             let name = name.to_string_lossy();
             // A file a crashed run left unfinished: its records were never checkpointed and
             // will be written again, so it goes.
-            if name.starts_with(&format!(".{}-", config.prefix)) && name.ends_with(".tmp") {
+            if let Some(unfinished) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp"))
+                && sequence(&config, unfinished).is_some()
+            {
                 let stale = dir.join(&*name);
                 tracing::info!(file = %stale.display(), "removing an unfinished file of an earlier run");
                 std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
                 continue;
             }
-            let seq = name
-                .strip_prefix(&format!("{}-", config.prefix))
-                .and_then(|r| r.strip_suffix(&format!(".{ext}")))
-                .and_then(|n| n.parse::<u64>().ok());
-            if let Some(seq) = seq {
+            if let Some(seq) = sequence(&config, &name) {
                 next_seq = next_seq.max(seq + 1);
             }
         }
@@ -168,6 +169,22 @@ impl FileSink {
         self.bytes += size;
         Ok(())
     }
+}
+
+/// The sequence number of `name` if it is exactly a name this sink writes,
+/// `{prefix}-{digits}.{ext}`. Other writers in the directory (the other members of a worker
+/// group, a replay beside the pipeline) have prefixes that extend this one, `part-w2-…` or
+/// `part-replay-…`: their files are neither counted nor ever removed.
+fn sequence(config: &FileSinkConfig, name: &str) -> Option<u64> {
+    let digits = name
+        .strip_prefix(config.prefix.as_str())?
+        .strip_prefix('-')?
+        .strip_suffix(config.format.extension())?
+        .strip_suffix('.')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -296,6 +313,46 @@ mod tests {
             names(dir.path()),
             vec!["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
         );
+    }
+
+    /// Writers sharing a directory (the members of a worker group, a replay beside the
+    /// pipeline) each have a prefix of their own, which extends another's: `part` must
+    /// neither delete nor count the unfinished and complete files of `part-w2`.
+    #[tokio::test]
+    async fn cleans_and_counts_only_its_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let others = [
+            ".part-w2-00000.jsonl.tmp",
+            ".part-00001-x.jsonl.tmp",
+            ".part-.jsonl.tmp",
+            ".part-00002.parquet.tmp",
+            "part-w2-00007.jsonl",
+        ];
+        for name in others {
+            std::fs::write(dir.path().join(name), "theirs").unwrap();
+        }
+        std::fs::write(dir.path().join(".part-00003.jsonl.tmp"), "half a ro").unwrap();
+        std::fs::write(dir.path().join("part-00002.jsonl"), "{\"n\":0}\n").unwrap();
+        let mut sink = FileSink::open(config(dir.path(), FileFormat::Jsonl, 1 << 30)).unwrap();
+        let mut want: Vec<String> = others.iter().map(|n| n.to_string()).collect();
+        want.push("part-00002.jsonl".into());
+        want.sort();
+        assert_eq!(names(dir.path()), want, "only its own leftover is gone");
+        sink.write(batch(1)).await.unwrap();
+        sink.close().await.unwrap();
+        want.push("part-00003.jsonl".into());
+        want.sort();
+        assert_eq!(
+            names(dir.path()),
+            want,
+            "the sequence goes on after its own files"
+        );
+        for name in others {
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join(name)).unwrap(),
+                "theirs"
+            );
+        }
     }
 
     #[tokio::test]

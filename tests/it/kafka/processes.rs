@@ -1,7 +1,14 @@
 //! Worker processes of one consumer group: partitions move between processes with their
-//! windows' state, and `sluice run --processes auto` follows the group's lag.
+//! windows' state, `sluice run --processes auto` follows the group's lag, and processes
+//! writing files into one directory never touch each other's files.
 
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 use super::aggregate::{
     Aggregation, assert_each_window_once, by_partition, expected, wait_for_windows,
@@ -165,4 +172,286 @@ fn run_with_processes_auto_starts_and_stops_worker_processes_by_the_groups_lag()
     assert_eq!(written, N, "duplicates");
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
+}
+
+/// A complete file as first seen: it must never change or disappear afterwards.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Seen {
+    len: u64,
+    inode: u64,
+    modified: std::time::SystemTime,
+    hash: u64,
+}
+
+fn content_hash(path: &Path) -> Option<u64> {
+    use std::hash::Hasher;
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(&bytes);
+    Some(h.finish())
+}
+
+/// Watches the complete (not hidden) files of a directory, as a reader of it would: every
+/// file keeps the content it had when first seen. Writes what it saw wrong to `broken`.
+struct FileWatch {
+    seen: HashMap<PathBuf, Seen>,
+    broken: Vec<String>,
+}
+
+impl FileWatch {
+    fn scan(&mut self, dir: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut present = HashSet::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue; // gone between the listing and now: found missing below
+            };
+            present.insert(path.clone());
+            let now = (meta.len(), meta.ino(), meta.modified().unwrap());
+            match self.seen.get(&path) {
+                Some(s) if (s.len, s.inode, s.modified) != now => self
+                    .broken
+                    .push(format!("{} changed: {s:?}, now {now:?}", path.display())),
+                Some(_) => {}
+                None => {
+                    if let Some(hash) = content_hash(&path) {
+                        self.seen.insert(
+                            path,
+                            Seen {
+                                len: now.0,
+                                inode: now.1,
+                                modified: now.2,
+                                hash,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        for path in self.seen.keys() {
+            if path.starts_with(dir) && !present.contains(path) {
+                self.broken.push(format!("{} disappeared", path.display()));
+            }
+        }
+    }
+}
+
+/// The complete files of `dir` whose names start with `prefix`, as JSON rows.
+fn rows(dir: &Path, prefix: &str) -> Vec<Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut rows = Vec::new();
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        rows.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))),
+        );
+    }
+    rows
+}
+
+fn letter_payload(letter: &Value) -> Vec<u8> {
+    match (&letter["payload"], &letter["payload_base64"]) {
+        (Value::String(text), _) => text.as_bytes().to_vec(),
+        (_, Value::String(b64)) => sluice_engine::dead_letter::decode_base64(b64).unwrap(),
+        other => panic!("payload {other:?}"),
+    }
+}
+
+#[test]
+fn worker_processes_write_their_own_files_into_one_directory() {
+    const GOOD: usize = 100_000;
+    const BAD: usize = 500;
+    const PARTITIONS: i32 = 6;
+    let broker = Broker::start();
+    let input = broker.name("in");
+    broker.create_topic(&input, PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // Output and dead letters share the directory, apart by prefix: each of the three
+    // processes writes two kinds of files there.
+    let yaml = format!(
+        r#"name: files
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{input}]
+  group: {group}
+  start_from: earliest
+  batch_size: 2000
+  batch_window: 50ms
+  schema:
+    - {{ name: id, type: int64, nullable: false }}
+    - {{ name: country, type: utf8 }}
+  options:
+    session.timeout.ms: "6000"
+    heartbeat.interval.ms: "500"
+stages:
+  - name: shape
+    type: sql
+    query: SELECT id, upper(country) AS country FROM input
+sink:
+  type: file
+  path: {out}
+  max_file_size: 64KiB
+  max_file_age: 300ms
+dead_letter:
+  type: file
+  path: {out}
+  prefix: dead
+  max_file_age: 300ms
+checkpoint:
+  dir: {ckpt}
+  interval: 500ms
+"#,
+        bootstrap = broker.bootstrap,
+        group = broker.name("g"),
+        out = out.display(),
+        ckpt = dir.path().join("ckpt").display(),
+    );
+    let path = write_pipeline(dir.path(), &yaml);
+    let mut messages = Vec::with_capacity(GOOD + BAD);
+    let mut bad_payloads = HashSet::new();
+    for i in 0..GOOD {
+        let p = (i as i32) % PARTITIONS;
+        messages.push((
+            p,
+            None,
+            format!(r#"{{"id":{i},"country":"de"}}"#).into_bytes(),
+        ));
+        if i.is_multiple_of(GOOD / BAD) {
+            let b = i / (GOOD / BAD);
+            let bad = if b.is_multiple_of(2) {
+                format!(r#"{{"id":"bad-{b}","country":"de"}}"#)
+            } else {
+                format!(r#"{{"id":{b},"country":"d"#)
+            };
+            bad_payloads.insert(bad.clone().into_bytes());
+            messages.push((p, None, bad.into_bytes()));
+        }
+    }
+    assert_eq!(bad_payloads.len(), BAD);
+
+    let mut members: Vec<Sluice> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|name| worker(&path, dir.path(), name, 0))
+        .collect();
+    for m in &mut members {
+        wait_assigned(m, Duration::from_secs(60));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, out) = (stop.clone(), out.clone());
+        std::thread::spawn(move || {
+            let mut watch = FileWatch {
+                seen: HashMap::new(),
+                broken: Vec::new(),
+            };
+            while !stop.load(Ordering::Relaxed) && watch.broken.is_empty() {
+                watch.scan(&out);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            watch
+        })
+    };
+    let producer = produce_paced(&broker, &input, messages, 10_000);
+    // w2 dies in the middle of its files; the others take its partitions over from its last
+    // checkpoint, and when it comes back it cleans up its own unfinished file only.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(members[1].running(), "{}", members[1].log_text());
+    members.remove(1).kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    members.insert(1, worker(&path, dir.path(), "w2", 1));
+    producer.join().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let (ids, letters) = loop {
+        for m in &mut members {
+            assert!(m.running(), "a worker exited:\n{}", m.log_text());
+        }
+        assert!(
+            !watcher.is_finished(),
+            "{:?}",
+            watcher.join().unwrap().broken
+        );
+        let ids: HashSet<i64> = rows(&out, "part-")
+            .iter()
+            .map(|r| r["id"].as_i64().unwrap())
+            .collect();
+        let letters: HashSet<Vec<u8>> = rows(&out, "dead-").iter().map(letter_payload).collect();
+        if ids.len() >= GOOD && letters.len() >= BAD {
+            break (ids, letters);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {GOOD} ids and {} of {BAD} dead letters so far",
+            ids.len(),
+            letters.len()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    for m in members {
+        let (status, log) = m.interrupt();
+        assert!(status.success(), "{log}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut watch = watcher.join().unwrap();
+    watch.scan(&out);
+    for (path, seen) in &watch.seen {
+        if content_hash(path) != Some(seen.hash) {
+            watch
+                .broken
+                .push(format!("{} was rewritten", path.display()));
+        }
+    }
+    assert!(watch.broken.is_empty(), "{:#?}", watch.broken);
+
+    assert_eq!(ids.len(), GOOD, "every id in the output files");
+    assert_eq!(
+        letters, bad_payloads,
+        "every malformed record in the dead letters"
+    );
+    // Each process wrote files of its own, and a clean stop leaves none unfinished: w2's
+    // leftover of the kill went when it came back.
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let member_file = |name: &str| {
+        let seq = ["part-", "dead-"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .and_then(|r| ["w1-", "w2-", "w3-"].iter().find_map(|m| r.strip_prefix(m)))
+            .and_then(|r| r.strip_suffix(".jsonl"));
+        seq.is_some_and(|s| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let odd: Vec<&String> = names.iter().filter(|n| !member_file(n)).collect();
+    assert!(odd.is_empty(), "{odd:?}");
+    let writers: HashSet<&str> = names.iter().map(|n| &n[5..7]).collect();
+    assert_eq!(writers.len(), 3, "{names:?}");
+    // `sluice dlq inspect` reads every member's dead letters, and only those.
+    let inspect = crate::sluice(&["dlq", "inspect", path.to_str().unwrap()]);
+    assert!(inspect.status.success(), "{}", crate::text(&inspect.stderr));
+    let report = crate::text(&inspect.stdout);
+    let count = report
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<usize>().ok());
+    assert!(count.is_some_and(|n| n >= BAD), "{report}");
+    eprintln!(
+        "{} files, each unchanged since first seen; {GOOD} ids and {BAD} dead letters",
+        watch.seen.len()
+    );
 }
