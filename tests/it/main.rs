@@ -9,6 +9,7 @@ mod examples;
 mod executor;
 mod failures;
 mod golden;
+mod hostile;
 mod kafka;
 mod lookups;
 mod nexmark;

@@ -65,7 +65,7 @@ pub struct FileSourceConfig {
     /// csv: the field separator (default `,`).
     #[serde(default = "comma")]
     pub delimiter: char,
-    /// The largest record accepted (jsonl); a longer line is a bad record, never an
+    /// The largest record accepted (jsonl, csv); a longer one is a bad record, never an
     /// out-of-memory (default 16MiB).
     #[serde(default = "default_max_record")]
     pub max_record_size: ByteSize,

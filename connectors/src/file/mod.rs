@@ -1,6 +1,8 @@
 //! `file`: JSON lines, CSV and Parquet files as a source; JSON lines and Parquet as a sink.
 
 mod config;
+#[cfg(test)]
+mod hostile;
 mod sink;
 mod source;
 

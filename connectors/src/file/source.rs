@@ -130,16 +130,23 @@ impl FileSource {
                     .build_decoder(),
                 common,
                 file: BufReader::with_capacity(1 << 20, file),
+                batch_size: self.batch_size,
+                max_record: self.config.max_record_size.0 as usize,
+                partial: 0,
             }),
             FileFormat::Parquet => {
-                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                    .and_then(|b| b.with_batch_size(self.batch_size).build())
-                    .map_err(|e| {
-                        Error::Plan(format!(
-                            "{}: not a readable Parquet file: {e}",
-                            path.display()
-                        ))
-                    })?;
+                let batch_size = self.batch_size;
+                let reader = unpanicked(path, || {
+                    ParquetRecordBatchReaderBuilder::try_new(file)
+                        .and_then(|b| b.with_batch_size(batch_size).build())
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| {
+                    Error::Plan(format!(
+                        "{}: not a readable Parquet file: {e}",
+                        path.display()
+                    ))
+                })?;
                 Box::new(ParquetReader { common, reader })
             }
         })
@@ -201,14 +208,37 @@ fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 fn parquet_schema(path: &Path) -> Result<SchemaRef> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    ParquetRecordBatchReaderBuilder::try_new(file)
-        .map(|b| b.schema().clone())
-        .map_err(|e| {
-            Error::Plan(format!(
-                "{}: not a readable Parquet file: {e}",
-                path.display()
-            ))
-        })
+    unpanicked(path, || {
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .map(|b| b.schema().clone())
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|e| {
+        Error::Plan(format!(
+            "{}: not a readable Parquet file: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Runs a Parquet decoder step on bytes from outside, with a panic taken as the file's
+/// fault: the parquet crate still has asserts that malformed files reach (its fuzzers
+/// keep finding them), and one bad file must stop the run with its name, not a panic.
+fn unpanicked<T>(
+    path: &Path,
+    step: impl FnOnce() -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(format!(
+            "the Parquet reader failed on {} (a malformed file): {what}",
+            path.display()
+        ))
+    })
 }
 
 fn infer_jsonl(path: &Path) -> Result<SchemaRef> {
@@ -487,6 +517,11 @@ struct CsvReader {
     common: Common,
     file: BufReader<File>,
     decoder: arrow::csv::reader::Decoder,
+    batch_size: usize,
+    max_record: usize,
+    /// Bytes given to the decoder since it last finished a row: the record in progress
+    /// (over by less than one read at most), held to `max_record`.
+    partial: usize,
 }
 
 #[async_trait]
@@ -513,11 +548,27 @@ impl PartitionReader for CsvReader {
                 self.common.done = true;
                 break;
             }
+            let before = self.decoder.capacity();
             let used = self.decoder.decode(available).map_err(|e| {
                 self.common
                     .bad(format!("after offset {first}"), clean_csv_error(&e))
             })?;
             self.file.consume(used);
+            self.partial = if self.decoder.capacity() == before {
+                self.partial + used
+            } else {
+                0
+            };
+            if self.partial > self.max_record {
+                let at = first + (self.batch_size - self.decoder.capacity()) as i64;
+                return Err(self.common.bad(
+                    format!("offset {at}"),
+                    format!(
+                        "the record is larger than max_record_size ({})",
+                        sluice_engine::config::ByteSize(self.max_record as u64)
+                    ),
+                ));
+            }
         }
         match self.decoder.flush() {
             Ok(Some(records)) => self.common.envelope(records).map(Some),
@@ -585,12 +636,17 @@ impl PartitionReader for ParquetReader {
     }
 
     async fn read(&mut self, _max: usize) -> Result<Option<Envelope>> {
-        match self.reader.next() {
+        let path = Path::new(&*self.common.info.name);
+        let reader = &mut self.reader;
+        match unpanicked(path, || {
+            reader.next().transpose().map_err(|e| e.to_string())
+        })
+        .transpose()
+        {
             None => Ok(None),
-            Some(Err(e)) => Err(self.common.bad(
-                format!("after offset {}", self.common.next_offset),
-                e.to_string(),
-            )),
+            Some(Err(e)) => Err(self
+                .common
+                .bad(format!("after offset {}", self.common.next_offset), e)),
             Some(Ok(batch)) => {
                 let records = self.conform(batch)?;
                 self.common.envelope(records).map(Some)

@@ -8,7 +8,8 @@
 //!
 //! The fast path accepts only what arrow-json would accept, with the same values. Anything
 //! else (a number given as a string, a float for an integer field, a null in a required
-//! field, a duplicate key) sends the whole batch to arrow-json, which either decodes it (it
+//! field, a duplicate key, values nested deeper than `limits::FAST_DEPTH`, which sonic-rs
+//! would skip by deep recursion) sends the whole batch to arrow-json, which either decodes it (it
 //! coerces more) or says exactly what is wrong. So errors always read the same, whichever
 //! path found them.
 //!
@@ -26,6 +27,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
+use super::limits::{FAST_DEPTH, check_depth, shorten};
 use super::{DecodeError, decode, decode_records};
 
 /// Decodes records of one schema; keep one per reader and reuse it.
@@ -35,6 +37,8 @@ pub struct JsonDecoder {
     /// Records joined as JSON lines, for arrow-json.
     scratch: Vec<u8>,
     starts: Vec<usize>,
+    /// The largest record decoded; a larger one fails with the limit named.
+    max_record: usize,
 }
 
 impl JsonDecoder {
@@ -44,7 +48,26 @@ impl JsonDecoder {
             schema,
             scratch: Vec::new(),
             starts: Vec::new(),
+            max_record: usize::MAX,
         }
+    }
+
+    /// Fails records longer than `bytes` (`max_record_size`) before any parser sees them.
+    pub fn with_max_record(mut self, bytes: usize) -> Self {
+        self.max_record = bytes;
+        self
+    }
+
+    /// Whether `record` is within the size and nesting limits, and if not, why.
+    fn check(&self, record: &[u8]) -> Result<(), String> {
+        if record.len() > self.max_record {
+            return Err(format!(
+                "the record is {} bytes, larger than max_record_size ({})",
+                record.len(),
+                sluice_engine::config::ByteSize(self.max_record as u64)
+            ));
+        }
+        check_depth(record).map(drop)
     }
 
     /// A decoder that always uses arrow-json (to compare the paths).
@@ -71,12 +94,19 @@ impl JsonDecoder {
         I::IntoIter: Clone + ExactSizeIterator,
     {
         let records = records.into_iter();
+        let max_record = self.max_record;
         if let Some(fast) = &mut self.fast {
-            match fast.decode_all(records.clone(), &self.schema) {
+            match fast.decode_all(records.clone(), &self.schema, max_record) {
                 Ok(batch) => return Ok(batch),
                 Err(Fail::Record(i, why)) => {
                     let record = records.clone().nth(i).unwrap_or_default();
                     return Err(report(&self.schema, i, record, &why));
+                }
+                Err(Fail::Limit(i, reason)) => {
+                    return Err(DecodeError {
+                        index: Some(i),
+                        reason,
+                    });
                 }
                 Err(Fail::Unsupported) => {}
             }
@@ -114,7 +144,14 @@ impl JsonDecoder {
         self.scratch.clear();
         self.starts.clear();
         for (i, record) in records.enumerate() {
-            if let Err(e) = sonic_rs::from_slice::<IgnoredAny>(record) {
+            if let Err(reason) = self.check(record) {
+                return Err(DecodeError {
+                    index: Some(i),
+                    reason,
+                });
+            }
+            // serde_json skips values with a loop, not recursion (unlike sonic-rs).
+            if let Err(e) = serde_json::from_slice::<IgnoredAny>(record) {
                 return Err(report(&self.schema, i, record, &e.to_string()));
             }
             self.starts.push(self.scratch.len());
@@ -135,7 +172,7 @@ fn report(schema: &SchemaRef, index: usize, record: &[u8], parser_reason: &str) 
     } else {
         match decode(schema, record, 1) {
             Err(reason) => reason,
-            Ok(Some(b)) if b.num_rows() == 1 => format!("not valid JSON: {parser_reason}"),
+            Ok(Some(b)) if b.num_rows() == 1 => shorten(format!("not valid JSON: {parser_reason}")),
             Ok(_) => "the record holds more than one JSON value".to_string(),
         }
     };
@@ -148,6 +185,8 @@ fn report(schema: &SchemaRef, index: usize, record: &[u8], parser_reason: &str) 
 enum Fail {
     /// Record `index` is not one well-formed JSON value.
     Record(usize, String),
+    /// Record `index` is beyond a limit: no parser may see it.
+    Limit(usize, String),
     /// Well-formed, but beyond the fast path: arrow-json decides.
     Unsupported,
 }
@@ -324,10 +363,28 @@ impl FastColumns {
         &mut self,
         records: impl ExactSizeIterator<Item = &'a [u8]>,
         schema: &SchemaRef,
+        max_record: usize,
     ) -> Result<RecordBatch, Fail> {
         let rows = records.len();
         let mut failed = None;
         for (i, record) in records.enumerate() {
+            if record.len() > max_record {
+                // The size check's words are the decoder's: let it say them.
+                failed = Some(Fail::Unsupported);
+                break;
+            }
+            match check_depth(record) {
+                Err(reason) => {
+                    failed = Some(Fail::Limit(i, reason));
+                    break;
+                }
+                Ok(depth) if depth > FAST_DEPTH => {
+                    // Deeper than sonic-rs's skip may recurse (see `limits`).
+                    failed = Some(Fail::Unsupported);
+                    break;
+                }
+                Ok(_) => {}
+            }
             self.record += 1;
             self.cursor = 0;
             let mut de = sonic_rs::Deserializer::from_slice(record);

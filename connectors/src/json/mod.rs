@@ -5,8 +5,12 @@
 //! arrow-json, whose error messages every path reports.
 
 mod decoder;
+#[cfg(test)]
+mod hostile;
+mod limits;
 
 pub use decoder::JsonDecoder;
+pub use limits::{MAX_DEPTH, check_depth};
 
 use std::io::Write;
 
@@ -51,11 +55,21 @@ pub struct DecodeError {
 ///
 /// The whole buffer is decoded in one pass; only when that fails is each record decoded on
 /// its own to find the first bad one, so the cost of locating errors is paid only on errors.
+/// Each record is first held to the nesting limit ([`check_depth`]).
 pub fn decode_records(
     schema: &SchemaRef,
     buf: &[u8],
     starts: &[usize],
 ) -> std::result::Result<RecordBatch, DecodeError> {
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(buf.len());
+        if let Err(reason) = check_depth(&buf[start..end]) {
+            return Err(DecodeError {
+                index: Some(i),
+                reason,
+            });
+        }
+    }
     let whole = decode(schema, buf, starts.len());
     if let Ok(Some(batch)) = &whole
         && batch.num_rows() == starts.len()
@@ -104,8 +118,12 @@ pub(crate) fn decode(
     decoder.flush().map_err(|e| clean_error(&e))
 }
 
-/// Arrow's JSON errors, said for a person.
+/// Arrow's JSON errors, said for a person (and cut short: they may quote the record).
 fn clean_error(e: &arrow::error::ArrowError) -> String {
+    limits::shorten(clean_error_text(e))
+}
+
+fn clean_error_text(e: &arrow::error::ArrowError) -> String {
     let text = e.to_string();
     let text = text.strip_prefix("Json error: ").unwrap_or(&text);
     // "Encountered unmasked nulls in non-nullable StructArray child: Field { "id": Int64 }"

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use sluice_engine::config::schema::SchemaSpec;
-use sluice_engine::config::{Location, Node, Problems};
+use sluice_engine::config::{ByteSize, Location, Node, Problems};
 
 /// Reads JSON records from Kafka topics as a member of a consumer group.
 ///
@@ -41,9 +41,17 @@ pub struct KafkaSourceConfig {
     pub format: MessageFormat,
     /// The records' fields; payloads are decoded straight into them.
     pub schema: SchemaSpec,
+    /// The largest message accepted (default 16MiB); a larger one is a bad record (a dead
+    /// letter naming this limit), never decoded.
+    #[serde(default = "default_max_record")]
+    pub max_record_size: ByteSize,
     /// librdkafka consumer properties, passed through (`fetch.min.bytes: "1"`, SASL, …).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+}
+
+fn default_max_record() -> ByteSize {
+    ByteSize(16 << 20)
 }
 
 /// `start_from`

@@ -97,6 +97,7 @@ impl KafkaSource {
             schema: schema.clone(),
             start_from: config.start_from.clone(),
             batch_size: batch_size.max(1),
+            max_record: usize::try_from(config.max_record_size.0).unwrap_or(usize::MAX),
             dead_letters,
             checkpointed: Mutex::default(),
             partitions: Mutex::default(),
@@ -255,6 +256,8 @@ struct Shared {
     schema: SchemaRef,
     start_from: StartFrom,
     batch_size: usize,
+    /// The largest payload decoded (`max_record_size`).
+    max_record: usize,
     /// Messages that do not decode become dead letters instead of stopping the run.
     dead_letters: bool,
     /// Per partition name, the next offset to read according to this pipeline's
@@ -592,7 +595,8 @@ impl GroupContext {
             ));
             partitions.live.insert(key, buffer.clone());
             let reader = KafkaReader {
-                decoder: JsonDecoder::new(self.shared.records.clone()),
+                decoder: JsonDecoder::new(self.shared.records.clone())
+                    .with_max_record(self.shared.max_record),
                 schema: self.shared.schema.clone(),
                 buffer,
                 shared: self.shared.clone(),

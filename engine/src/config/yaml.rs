@@ -7,6 +7,12 @@
 //!
 //! Aliases are resolved by copying the anchored node. Tags are ignored. Only the first
 //! document of a stream is read; a pipeline file holds one pipeline.
+//!
+//! # Limits
+//! The tree is walked by recursion later (serde, validation, dropping it), and aliases
+//! copy nodes, so a file is held to [`MAX_DEPTH`] levels of nesting and to [`MAX_NODES`]
+//! nodes after aliases are expanded (a "billion laughs" file of nested aliases would
+//! otherwise take all memory). Either is reported where it is exceeded and ends parsing.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -198,6 +204,11 @@ impl Env for HashMap<String, String> {
     }
 }
 
+/// The deepest nesting of sequences and mappings a pipeline file may have.
+pub const MAX_DEPTH: usize = 64;
+/// The most nodes a pipeline file may have once its aliases are expanded.
+pub const MAX_NODES: usize = 1_000_000;
+
 /// Parses the first document of `text`. Syntax errors end parsing (the rest of the document
 /// cannot be trusted); interpolation errors are collected in `problems` and parsing goes on.
 pub fn parse(text: &str, env: &dyn Env, problems: &mut Problems) -> Option<Node> {
@@ -206,6 +217,8 @@ pub fn parse(text: &str, env: &dyn Env, problems: &mut Problems) -> Option<Node>
         stack: Vec::new(),
         anchors: HashMap::new(),
         root: None,
+        nodes: 0,
+        over_limit: false,
     };
     for event in Parser::new_from_str(text) {
         let (event, span) = match event {
@@ -221,6 +234,9 @@ pub fn parse(text: &str, env: &dyn Env, problems: &mut Problems) -> Option<Node>
         };
         if builder.on_event(event, span, problems) {
             break;
+        }
+        if builder.over_limit {
+            return None;
         }
     }
     match builder.root {
@@ -241,20 +257,28 @@ enum Open {
         mark: Mark,
         anchor: usize,
         items: Vec<Node>,
+        /// The node count when the sequence started.
+        first: usize,
     },
     Map {
         mark: Mark,
         anchor: usize,
         entries: Vec<(Node, Node)>,
         key: Option<Node>,
+        first: usize,
     },
 }
 
 struct Builder<'e> {
     env: &'e dyn Env,
     stack: Vec<Open>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes, with how many nodes each holds.
+    anchors: HashMap<usize, (Node, usize)>,
     root: Option<Node>,
+    /// Nodes made so far, aliases counted at their expanded size.
+    nodes: usize,
+    /// A limit was exceeded (and reported): the rest of the file is not read.
+    over_limit: bool,
 }
 
 impl Builder<'_> {
@@ -271,11 +295,16 @@ impl Builder<'_> {
                         plain: style == ScalarStyle::Plain,
                     },
                 };
-                self.complete(node, anchor, problems)
+                self.nodes += 1;
+                self.complete(node, anchor, 1, problems)
             }
             Event::Alias(id) => {
+                let size = self.anchors.get(&id).map_or(0, |(_, size)| *size);
+                if self.count(size, mark, problems) {
+                    return false;
+                }
                 let node = match self.anchors.get(&id) {
-                    Some(n) => Node { mark, ..n.clone() },
+                    Some((n, _)) => Node { mark, ..n.clone() },
                     None => {
                         problems.push_at(Location::root(), mark, "unknown alias".to_string());
                         Node {
@@ -287,42 +316,55 @@ impl Builder<'_> {
                         }
                     }
                 };
-                self.complete(node, 0, problems)
+                self.complete(node, 0, 0, problems)
             }
             Event::SequenceStart(anchor, _) => {
+                if self.too_deep(mark, problems) {
+                    return false;
+                }
+                self.nodes += 1;
                 self.stack.push(Open::Seq {
                     mark,
                     anchor,
                     items: Vec::new(),
+                    first: self.nodes - 1,
                 });
                 false
             }
             Event::MappingStart(anchor, _) => {
+                if self.too_deep(mark, problems) {
+                    return false;
+                }
+                self.nodes += 1;
                 self.stack.push(Open::Map {
                     mark,
                     anchor,
                     entries: Vec::new(),
                     key: None,
+                    first: self.nodes - 1,
                 });
                 false
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (node, anchor) = match self.stack.pop() {
+                let (node, anchor, first) = match self.stack.pop() {
                     Some(Open::Seq {
                         mark,
                         anchor,
                         items,
+                        first,
                     }) => (
                         Node {
                             mark,
                             value: Value::Seq(items),
                         },
                         anchor,
+                        first,
                     ),
                     Some(Open::Map {
                         mark,
                         anchor,
                         entries,
+                        first,
                         ..
                     }) => (
                         Node {
@@ -330,19 +372,57 @@ impl Builder<'_> {
                             value: Value::Map(entries),
                         },
                         anchor,
+                        first,
                     ),
                     None => return false,
                 };
-                self.complete(node, anchor, problems)
+                let size = self.nodes - first;
+                self.complete(node, anchor, size, problems)
             }
             Event::DocumentEnd => self.root.is_some(),
             _ => false,
         }
     }
 
-    fn complete(&mut self, node: Node, anchor: usize, problems: &mut Problems) -> bool {
+    /// Reports nesting beyond [`MAX_DEPTH`]; true when it is.
+    fn too_deep(&mut self, mark: Mark, problems: &mut Problems) -> bool {
+        if self.stack.len() < MAX_DEPTH {
+            return false;
+        }
+        problems.push_at(
+            Location::root(),
+            mark,
+            format!("the file nests lists and mappings deeper than {MAX_DEPTH} levels (the limit)"),
+        );
+        self.over_limit = true;
+        true
+    }
+
+    /// Counts `size` more nodes and reports going past [`MAX_NODES`]; true when it does.
+    fn count(&mut self, size: usize, mark: Mark, problems: &mut Problems) -> bool {
+        self.nodes = self.nodes.saturating_add(size);
+        if self.nodes <= MAX_NODES {
+            return false;
+        }
+        problems.push_at(
+            Location::root(),
+            mark,
+            format!("aliases expand the file to more than {MAX_NODES} values (the limit)"),
+        );
+        self.over_limit = true;
+        true
+    }
+
+    /// Adds a finished node (of `size` nodes) to what is open.
+    fn complete(
+        &mut self,
+        node: Node,
+        anchor: usize,
+        size: usize,
+        problems: &mut Problems,
+    ) -> bool {
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), size));
         }
         match self.stack.last_mut() {
             None => {
@@ -502,5 +582,114 @@ mod tests {
                 .contains("duplicate key `a` (first at line 1)"),
             "{p}"
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_where_it_starts() {
+        let mut p = Problems::new("x.yaml");
+        let flow = format!("a: {}{}\n", "[".repeat(100), "]".repeat(100));
+        assert!(parse(&flow, &env(), &mut p).is_none());
+        assert!(p.to_string().contains("deeper than 64 levels"), "{p}");
+        assert!(p.to_string().contains("x.yaml:1:67"), "{p}");
+        // Past 255 levels of flow, the scanner stops first, with a located error too.
+        let mut p = Problems::new("x.yaml");
+        let flow = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse(&flow, &env(), &mut p).is_none());
+        assert!(p.to_string().contains("recursion limit exceeded"), "{p}");
+
+        let mut p = Problems::new("x.yaml");
+        let block: String = (0..200).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        assert!(parse(&block, &env(), &mut p).is_none());
+        assert!(p.to_string().contains("deeper than 64 levels"), "{p}");
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let mut p = Problems::new("x.yaml");
+        assert!(parse(&text, &env(), &mut p).is_none());
+        assert!(p.to_string().contains("more than 1000000 values"), "{p}");
+        // Aliases that stay small are fine.
+        let mut p = Problems::new("x.yaml");
+        let node = parse("a: &x {k: 1}\nb: *x\n", &env(), &mut p).unwrap();
+        assert!(p.is_empty(), "{p}");
+        assert_eq!(node.get("b").unwrap().get("k").unwrap().scalar(), Some("1"));
+    }
+
+    /// Random bytes and damaged pipelines parse into a tree or into problems, never a
+    /// panic or a stack overflow (`SLUICE_FUZZ_SECS`, default 2).
+    #[test]
+    fn random_yaml_parses_or_reports() {
+        let secs: f64 = std::env::var("SLUICE_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2.0);
+        let seed = std::env::var("SLUICE_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        eprintln!("fuzzing the YAML parser for {secs}s, SLUICE_FUZZ_SEED={seed}");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        const SEED_TEXT: &str = "name: q\nsource: { type: generator, count: 10 }\nstages:\n  - name: s\n    type: sql\n    query: SELECT * FROM input\nsink: &s { type: stdout }\nx: *s\ny: \"${A:-b}\"\nz: [1, {a: b}, !t c, |\n  block\n  ]\n";
+        const TOKENS: &[&str] = &[
+            "[",
+            "]",
+            "{",
+            "}",
+            ": ",
+            "- ",
+            "&a ",
+            "*a",
+            "!!",
+            "${",
+            "'",
+            "\"",
+            "\n  ",
+            "? ",
+            "---\n",
+            "...\n",
+            "#",
+            "|",
+            ">",
+            "\t",
+            "\u{feff}",
+            "%YAML 1.2\n",
+            ",",
+        ];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+        let mut runs = 0;
+        while std::time::Instant::now() < deadline {
+            let mut text = SEED_TEXT.to_string();
+            for _ in 0..rng.usize(1..8) {
+                let mut at = rng.usize(..=text.len());
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let token = TOKENS[rng.usize(..TOKENS.len())];
+                let times = if rng.u8(..4) == 0 {
+                    rng.usize(1..300)
+                } else {
+                    1
+                };
+                text.insert_str(at, &token.repeat(times));
+                if rng.u8(..4) == 0 {
+                    let cut = rng.usize(..=text.len());
+                    if text.is_char_boundary(cut) {
+                        text.truncate(cut);
+                    }
+                }
+            }
+            let outcome = std::panic::catch_unwind(|| {
+                let mut p = Problems::new("x.yaml");
+                parse(&text, &env(), &mut p);
+            });
+            assert!(outcome.is_ok(), "parsing panicked on {text:?}");
+            runs += 1;
+        }
+        eprintln!("{runs} damaged files parsed");
     }
 }

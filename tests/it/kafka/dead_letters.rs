@@ -315,3 +315,119 @@ fn fixed_records_flow_again_with_dlq_replay() {
         "{seven}"
     );
 }
+
+/// A Kafka pipeline fed the hostile messages among good ones: each hostile one becomes a
+/// row or a dead letter (the deep ones naming the nesting limit), every good one reaches
+/// the output, the run ends cleanly, and the group's committed offset is past all of them.
+#[test]
+fn hostile_messages_are_dead_lettered_and_the_group_moves_past_them() {
+    const GOOD: usize = 200;
+    let broker = Broker::start();
+    let input = broker.name("in");
+    broker.create_topic(&input, 1);
+    let hostile = crate::hostile::messages();
+    let mut messages = Vec::new();
+    for g in 0..GOOD {
+        let payload = format!(r#"{{"id":{g},"country":"fr","amount":1.5}}"#);
+        messages.push((0, None, payload.into_bytes()));
+        if let Some(h) = hostile.get(g) {
+            messages.push((0, None, h.clone()));
+        }
+    }
+    broker.produce(&input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dlq) = (dir.path().join("out"), dir.path().join("dlq"));
+    let group = broker.name("g");
+    let yaml = format!(
+        r#"name: hostile
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{input}]
+  group: {group}
+  start_from: earliest
+  batch_size: 50
+  schema:
+    - {{ name: id, type: int64, nullable: false }}
+    - {{ name: country, type: utf8 }}
+    - {{ name: amount, type: float64 }}
+  options:
+    session.timeout.ms: "6000"
+stages:
+  - name: shape
+    type: sql
+    query: SELECT id, country FROM input
+sink:
+  type: file
+  path: {out}
+  max_file_age: 200ms
+dead_letter:
+  type: file
+  path: {dlq}
+  max_file_age: 200ms
+checkpoint:
+  dir: {ckpt}
+  interval: 300ms
+"#,
+        bootstrap = broker.bootstrap,
+        out = out.display(),
+        dlq = dlq.display(),
+        ckpt = dir.path().join("ckpt").display(),
+    );
+    let mut sluice = Sluice::start(&write_pipeline(dir.path(), &yaml), dir.path().join("log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while lines(&out).len() + lines(&dlq).len() < messages.len() {
+        assert!(sluice.running(), "sluice exited:\n{}", sluice.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "{} rows, {} dead letters of {}:\n{}",
+            lines(&out).len(),
+            lines(&dlq).len(),
+            messages.len(),
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A checkpoint after the last record commits the group past it.
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let rows = lines(&out);
+    let letters = lines(&dlq);
+    assert_eq!(rows.len() + letters.len(), messages.len(), "each message once");
+    let good: HashSet<i64> = rows
+        .iter()
+        .filter_map(|r| r["id"].as_i64())
+        .filter(|id| *id < GOOD as i64)
+        .collect();
+    assert_eq!(good.len(), GOOD, "every good record");
+    let deep_letters = letters
+        .iter()
+        .filter(|l| l["error"].as_str().unwrap().contains("nesting limit"))
+        .count();
+    assert_eq!(deep_letters, 4, "the deep ones name the limit");
+    for l in &letters {
+        assert_eq!(l["error_class"], "decode", "{l}");
+        assert!(l["error"].as_str().unwrap().len() < 1000, "a short reason");
+    }
+
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(&input, 0);
+    let committed = rdkafka::consumer::Consumer::committed_offsets(
+        &consumer,
+        tpl,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(
+        committed.elements()[0].offset(),
+        rdkafka::Offset::Offset(messages.len() as i64),
+        "the group is past every message"
+    );
+}

@@ -1,0 +1,120 @@
+//! Limits every JSON record is held to before a parser sees it.
+//!
+//! A record comes from outside: a Kafka message, a line of a file, a dead letter being
+//! replayed. Two of the parsers Sluice uses walk nested values by recursion with no bound
+//! of their own (sonic-rs when it skips a value, arrow-json when it quotes a value in an
+//! error), so a record of a few hundred kilobytes of `[` would overflow the stack and
+//! abort the process — on every restart, for a record that stays in its topic. So each
+//! record's nesting is bounded here first, and a record over the limit is a bad record
+//! like any other: a dead letter naming the limit, never a crash.
+//!
+//! sonic-rs needs a second, lower bound: its skip takes ~28 KiB of stack a level even
+//! optimised (measured with gdb: 72 levels filled a 2 MiB thread, and tokio's workers have
+//! 2 MiB), so the fast path hands it records nested at most [`FAST_DEPTH`] deep and leaves
+//! deeper ones to arrow-json, whose tape decoder keeps its own stack on the heap.
+//!
+//! The check costs one vectorised count of `[` and `{` per record; only a record with
+//! more openers than [`FAST_DEPTH`] is scanned for its real depth.
+
+/// The deepest nesting of arrays and objects a record may have (serde_json's default).
+pub const MAX_DEPTH: usize = 128;
+
+/// The longest error text kept from a parser: arrow-json quotes the offending value, which
+/// may be the whole (large) record.
+const MAX_REASON: usize = 300;
+
+/// The deepest nesting the fast path gives sonic-rs (the record's own object included).
+pub const FAST_DEPTH: usize = 8;
+
+/// Checks that `record` nests arrays and objects at most [`MAX_DEPTH`] levels deep, and
+/// returns a bound on its depth: exact above [`FAST_DEPTH`], the count of `[` and `{`
+/// below.
+///
+/// # Errors
+/// The reason, naming the limit, when it nests deeper.
+pub fn check_depth(record: &[u8]) -> Result<usize, String> {
+    // Depth never exceeds the number of openers; counting them vectorises.
+    let openers = record
+        .iter()
+        .fold(0usize, |n, &b| n + usize::from(b == b'[' || b == b'{'));
+    if openers <= FAST_DEPTH {
+        return Ok(openers);
+    }
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in record {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if depth > MAX_DEPTH {
+                    return Err(format!(
+                        "the record nests arrays and objects deeper than {MAX_DEPTH} levels \
+                         (the nesting limit)"
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(deepest)
+}
+
+/// A parser's reason cut to a readable length (on a character boundary), saying how long
+/// it was.
+pub fn shorten(reason: String) -> String {
+    if reason.len() <= MAX_REASON {
+        return reason;
+    }
+    let mut cut = MAX_REASON;
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(
+        "{}… ({} bytes of error text cut)",
+        &reason[..cut],
+        reason.len() - cut
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_is_counted_outside_strings_only() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(
+            check_depth(deep.as_bytes())
+                .unwrap_err()
+                .contains("nesting limit")
+        );
+        let at_limit = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert_eq!(check_depth(at_limit.as_bytes()), Ok(MAX_DEPTH));
+        assert_eq!(check_depth(br#"{"a": [1], "b": {"c": 2}}"#), Ok(3));
+        // Brackets in strings (escaped quotes included) do not nest.
+        let quoted = format!(r#"{{"a": "\"{}"}}"#, "[".repeat(10 * MAX_DEPTH));
+        assert_eq!(check_depth(quoted.as_bytes()), Ok(1));
+        // Many siblings are not depth.
+        let wide = format!("[{}]", "[],".repeat(10 * MAX_DEPTH) + "[]");
+        assert_eq!(check_depth(wide.as_bytes()), Ok(2));
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(1000);
+        let short = shorten(long);
+        assert!(short.len() < 400, "{short}");
+        assert!(short.ends_with("bytes of error text cut)"));
+    }
+}
