@@ -19,8 +19,10 @@
 //! [`RocksStore`] is the real store. [`MemoryStore`] serves tests; both pass the same tests.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::state::PartitionKeys;
 use crate::{Error, Result};
@@ -119,6 +121,14 @@ const WRITE_BUFFER_BYTES: usize = 16 << 20;
 const BLOCK_CACHE_BYTES: usize = 16 << 20;
 /// The file naming the last complete checkpoint, in the store's directory.
 const LATEST: &str = "LATEST";
+/// How many times a take-over copies a member's checkpoint when the member changes its
+/// checkpoints under the copy.
+const COPY_ATTEMPTS: usize = 10;
+/// The directories take-overs copy other members' checkpoints into, in the shared directory.
+const TAKEOVER_PREFIX: &str = ".takeover-";
+/// A take-over directory without its lock file is a leftover once it is this old (see
+/// [`remove_takeover_leftovers`]).
+const UNLOCKED_TAKEOVER_AGE: Duration = Duration::from_secs(60);
 
 /// Checkpoints in RocksDB: offsets and the state of stateful stages in one database.
 ///
@@ -135,6 +145,16 @@ const LATEST: &str = "LATEST";
 /// files that did not change (incremental). The working database is never trusted after a
 /// stop: opening the store rebuilds it from the checkpoint `LATEST` names, so a crash at
 /// any moment, even in the middle of a checkpoint, restarts from the last complete one.
+///
+/// # Power failures
+/// A checkpoint's files, its directory and its entry in `checkpoints/` are synced before
+/// `LATEST` names it, and `LATEST` is replaced durably: after a power failure, `LATEST`
+/// names a checkpoint that is on disk. The checkpoint before the latest stays until the
+/// next one is complete, for the failures syncing does not prevent (a disk that lost a
+/// synced write, a damaged file, `LATEST` itself garbage): when the latest checkpoint is
+/// missing or unreadable, opening restores the one before it, says so in a warning, and
+/// names it in `LATEST` again. That reads one checkpoint interval of records again and
+/// loses none: every checkpoint was taken after the sink had been flushed.
 pub struct RocksStore {
     db: Arc<StateDb>,
     dir: PathBuf,
@@ -187,6 +207,7 @@ impl RocksStore {
             });
         }
         let mut store = Self::open_in(&root.join(MEMBERS).join(member), None)?;
+        remove_takeover_leftovers(root);
         store.member = Some(Member {
             root: root.to_path_buf(),
             name: member.to_string(),
@@ -238,32 +259,10 @@ impl RocksStore {
             std::fs::remove_dir_all(&working)
                 .map_err(|e| error(format!("cannot clear the working database: {e}")))?;
         }
-        let latest = read_latest(dir).map_err(|e| error(e.to_string()))?;
-        if let Some(id) = latest {
-            let frozen = dir.join("checkpoints").join(id.to_string());
-            restore_copy(&frozen, &working).map_err(|e| {
-                error(format!(
-                    "cannot restore checkpoint {id} from {}: {e}",
-                    frozen.display()
-                ))
-            })?;
-        }
-        // Checkpoints other than the latest are leftovers of a crash mid-checkpoint.
-        remove_checkpoints_except(dir, latest);
-        let mut options = rocksdb::Options::default();
-        options.create_if_missing(true);
-        // Memory the store itself may take, on top of the stages' state budgets: two write
-        // buffers and the block cache (stated in docs/aggregation.md).
-        options.set_write_buffer_size(WRITE_BUFFER_BYTES);
-        options.set_max_write_buffer_number(2);
-        let mut table = rocksdb::BlockBasedOptions::default();
-        table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
-        // Lookups of keys that were never written are the common miss. The filters stay in
-        // memory with their tables (about 1.25 bytes per stored key), outside the cache: in
-        // the cache, a large state's filters would push each other out.
-        table.set_bloom_filter(10.0, false);
-        options.set_block_based_table_factory(&table);
-        let db = rocksdb::DB::open(&options, &working).map_err(|e| error(e.into_string()))?;
+        let (db, restored) = restore(dir, &working).map_err(error)?;
+        // Checkpoints other than the restored one and the one before it are leftovers: of a
+        // crash mid-checkpoint, or unreadable ones that opening fell back from.
+        remove_checkpoints_except(dir, restored);
         Ok(RocksStore {
             db: Arc::new(StateDb { db, scratch }),
             dir: dir.to_path_buf(),
@@ -289,7 +288,14 @@ impl RocksStore {
         rocksdb::checkpoint::Checkpoint::new(&self.db.db)
             .and_then(|c| c.create_checkpoint(&target))
             .map_err(|e| self.error(format!("cannot create checkpoint {id}: {e}")))?;
+        // On disk before `LATEST` names it. RocksDB syncs the checkpoint's directory but not
+        // `checkpoints/`, where the rename from its staging name put its entry; a power
+        // failure could take the entry and leave `LATEST` naming nothing.
+        sync_checkpoint(&target)
+            .map_err(|e| self.error(format!("cannot sync checkpoint {id}: {e}")))?;
         write_latest(&self.dir, id).map_err(|e| self.error(e))?;
+        // The checkpoint before this one stays, for opening to fall back to should this one
+        // be found unreadable; it goes once the next one is complete.
         remove_checkpoints_except(&self.dir, Some(id));
         Ok(())
     }
@@ -303,16 +309,194 @@ pub fn unlogged() -> rocksdb::WriteOptions {
     options
 }
 
+/// The working database's options.
+fn db_options() -> rocksdb::Options {
+    let mut options = rocksdb::Options::default();
+    // Memory the store itself may take, on top of the stages' state budgets: two write
+    // buffers and the block cache (stated in docs/aggregation.md).
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES);
+    options.set_max_write_buffer_number(2);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+    // Lookups of keys that were never written are the common miss. The filters stay in
+    // memory with their tables (about 1.25 bytes per stored key), outside the cache: in
+    // the cache, a large state's filters would push each other out.
+    table.set_bloom_filter(10.0, false);
+    options.set_block_based_table_factory(&table);
+    options
+}
+
+/// Rebuilds the working database from the newest readable checkpoint (see [`candidates`]);
+/// when that is not the one `LATEST` named, warns and names it in `LATEST`. Returns the
+/// database and the id of the checkpoint restored (`None`: nothing was committed yet, and
+/// the database starts empty).
+fn restore(dir: &Path, working: &Path) -> std::result::Result<(rocksdb::DB, Option<u64>), String> {
+    let Candidates {
+        ids,
+        mut unreadable,
+    } = candidates(dir).map_err(|e| format!("cannot list the checkpoints: {e}"))?;
+    let mut options = db_options();
+    if ids.is_empty() && unreadable.is_empty() {
+        options.create_if_missing(true);
+        let db = rocksdb::DB::open(&options, working).map_err(|e| e.into_string())?;
+        return Ok((db, None));
+    }
+    for id in ids {
+        let frozen = checkpoint_path(dir, id);
+        let restored = restore_copy(&frozen, working)
+            .map_err(|e| e.to_string())
+            .and_then(|()| rocksdb::DB::open(&options, working).map_err(|e| e.into_string()))
+            .and_then(|db| check_frozen(&db, id).map(|()| db));
+        match restored {
+            Ok(db) => {
+                if !unreadable.is_empty() {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        unreadable = %unreadable.join("; "),
+                        restored = id,
+                        "the latest checkpoint cannot be read: restoring an earlier one, whose \
+                         records since are read again"
+                    );
+                    write_latest(dir, id).map_err(|e| format!("cannot write {LATEST}: {e}"))?;
+                }
+                return Ok((db, Some(id)));
+            }
+            Err(e) => {
+                unreadable.push(format!("checkpoint {id} ({}): {e}", frozen.display()));
+                if working.exists() {
+                    std::fs::remove_dir_all(working)
+                        .map_err(|e| format!("cannot clear the working database: {e}"))?;
+                }
+            }
+        }
+    }
+    Err(format!(
+        "no checkpoint can be restored ({}); to start over, give the pipeline a new checkpoint \
+         directory",
+        unreadable.join("; ")
+    ))
+}
+
+/// The checkpoints of a store to restore, best first, and what could not be read on the
+/// way to them.
+#[derive(Default)]
+struct Candidates {
+    ids: Vec<u64>,
+    unreadable: Vec<String>,
+}
+
+/// The checkpoint `LATEST` names, then the older ones on disk, newest first. Without
+/// `LATEST` nothing was committed. When `LATEST` cannot be read, every checkpoint on disk,
+/// but the newest last: it may be one that a crash left before `LATEST` named it (complete,
+/// since RocksDB makes it under a staging name, but maybe not synced), whereas the one
+/// before it was named.
+fn candidates(dir: &Path) -> std::io::Result<Candidates> {
+    let on_disk = checkpoint_ids(dir)?;
+    Ok(match read_latest(dir) {
+        Ok(None) => Candidates::default(),
+        Ok(Some(latest)) => Candidates {
+            ids: std::iter::once(latest)
+                .chain(on_disk.into_iter().filter(|id| *id < latest))
+                .collect(),
+            unreadable: Vec::new(),
+        },
+        Err(e) => {
+            let mut ids = on_disk;
+            if !ids.is_empty() {
+                ids.rotate_left(1);
+            }
+            Candidates {
+                ids,
+                unreadable: vec![e.to_string()],
+            }
+        }
+    })
+}
+
 fn read_latest(dir: &Path) -> std::io::Result<Option<u64>> {
     match std::fs::read_to_string(dir.join(LATEST)) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| std::io::Error::other(format!("{LATEST} holds `{}`", text.trim()))),
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            std::io::Error::other(format!("{LATEST} holds `{}`", text.trim().escape_debug()))
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot read {LATEST}: {e}"),
+        )),
     }
+}
+
+fn checkpoint_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join("checkpoints").join(id.to_string())
+}
+
+/// The id a directory in `checkpoints/` is named after; `None` for other names (RocksDB's
+/// staging directories).
+fn checkpoint_id(name: &OsStr) -> Option<u64> {
+    let name = name.to_str()?;
+    let id: u64 = name.parse().ok()?;
+    (id.to_string() == name).then_some(id)
+}
+
+/// The ids of the checkpoints in `checkpoints/`, newest first.
+fn checkpoint_ids(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let entries = match std::fs::read_dir(dir.join("checkpoints")) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        ids.extend(checkpoint_id(&entry?.file_name()));
+    }
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(ids)
+}
+
+/// Whether a database restored from checkpoint `id` holds it: reads its id and offsets, so
+/// that a checkpoint that opens but has lost its contents is not taken for this one.
+fn check_frozen(db: &rocksdb::DB, id: u64) -> std::result::Result<(), String> {
+    let held = read_checkpoint(db)?;
+    if held.id != id {
+        return Err(format!("it holds checkpoint {} instead", held.id));
+    }
+    Ok(())
+}
+
+/// The checkpoint id and the offsets a database holds.
+fn read_checkpoint(db: &rocksdb::DB) -> std::result::Result<Checkpoint, String> {
+    let mut checkpoint = Checkpoint::default();
+    if let Some(id) = db.get(ID_KEY).map_err(|e| e.to_string())? {
+        let bytes: [u8; 8] = id
+            .as_slice()
+            .try_into()
+            .map_err(|_| "bad checkpoint id".to_string())?;
+        checkpoint.id = u64::from_be_bytes(bytes);
+    }
+    for item in db.prefix_iterator(OFFSET_PREFIX.as_bytes()) {
+        let (key, value) = item.map_err(|e| e.to_string())?;
+        let Some(name) = key.strip_prefix(OFFSET_PREFIX.as_bytes()) else {
+            break;
+        };
+        let offset = decode_offset(&value).ok_or("bad offset value")?;
+        checkpoint
+            .offsets
+            .insert(String::from_utf8_lossy(name).into_owned(), offset);
+    }
+    Ok(checkpoint)
+}
+
+/// Syncs a checkpoint's files and its directory, then `checkpoints/`, which holds its
+/// entry.
+fn sync_checkpoint(checkpoint: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(checkpoint)? {
+        std::fs::File::open(entry?.path())?.sync_all()?;
+    }
+    std::fs::File::open(checkpoint)?.sync_all()?;
+    let parent = checkpoint
+        .parent()
+        .expect("a checkpoint is in checkpoints/");
+    std::fs::File::open(parent)?.sync_all()
 }
 
 /// Replaces `LATEST` atomically and durably: write a new file, sync it, rename it over
@@ -343,15 +527,23 @@ fn restore_copy(frozen: &Path, working: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes from `checkpoints/` everything but checkpoint `keep` and the newest one before
+/// it (the fallback while `keep` is the latest): older checkpoints, those a crash left half
+/// made, and unreadable ones that opening fell back from.
 fn remove_checkpoints_except(dir: &Path, keep: Option<u64>) {
     let Ok(entries) = std::fs::read_dir(dir.join("checkpoints")) else {
         return;
     };
-    let keep = keep.map(|id| id.to_string());
+    let previous = keep.and_then(|keep| {
+        let on_disk = checkpoint_ids(dir).ok()?;
+        on_disk.into_iter().find(|id| *id < keep)
+    });
     for entry in entries.flatten() {
-        if Some(entry.file_name().to_string_lossy().as_ref()) != keep.as_deref()
-            && let Err(e) = std::fs::remove_dir_all(entry.path())
-        {
+        let id = checkpoint_id(&entry.file_name());
+        if id.is_some() && (id == keep || id == previous) {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
             tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove an old checkpoint");
         }
     }
@@ -359,25 +551,7 @@ fn remove_checkpoints_except(dir: &Path, keep: Option<u64>) {
 
 impl CheckpointStore for RocksStore {
     fn load(&self) -> Result<Checkpoint> {
-        let mut checkpoint = Checkpoint::default();
-        if let Some(id) = self.db.get(ID_KEY).map_err(|e| self.error(e))? {
-            let bytes: [u8; 8] = id
-                .as_slice()
-                .try_into()
-                .map_err(|_| self.error("bad checkpoint id"))?;
-            checkpoint.id = u64::from_be_bytes(bytes);
-        }
-        for item in self.db.prefix_iterator(OFFSET_PREFIX.as_bytes()) {
-            let (key, value) = item.map_err(|e| self.error(e))?;
-            let Some(name) = key.strip_prefix(OFFSET_PREFIX.as_bytes()) else {
-                break;
-            };
-            let offset = decode_offset(&value).ok_or_else(|| self.error("bad offset value"))?;
-            checkpoint
-                .offsets
-                .insert(String::from_utf8_lossy(name).into_owned(), offset);
-        }
-        Ok(checkpoint)
+        read_checkpoint(&self.db).map_err(|e| self.error(e))
     }
 
     fn commit(&self, checkpoint: &Checkpoint) -> Result<()> {
@@ -466,34 +640,190 @@ impl CheckpointStore for RocksStore {
 
 /// A read-only copy of a member's last checkpoint: its files hard linked into a temporary
 /// directory, so that the member may go on (and delete the checkpoint) while it is read.
+///
+/// The member is not stopped meanwhile: it may take checkpoints and remove old ones during
+/// the copy, and a copy that caught a removal half way fails in any of its steps (a file
+/// gone, a listing that missed one, a copy that does not open). A failure while the
+/// member's `LATEST` or `checkpoints/` changed is such a race, and the copy starts again
+/// from what the member holds now; a failure while nothing changed is a damaged
+/// checkpoint, and the copy falls back to the one before it, as opening the store does.
+///
+/// The temporary directory (`.takeover-*` in the shared directory) holds a `LOCK` file,
+/// locked for as long as the copy is in use: see [`remove_takeover_leftovers`].
 struct FrozenCopy {
     db: rocksdb::DB,
+    /// Removed after the database has closed, and before the lock goes.
     _dir: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+/// Why a copy of a member's checkpoint failed.
+enum CopyFailure {
+    /// Its own directory vanished under it (taken for a leftover): copy again.
+    Raced,
+    /// The checkpoint could not be read, or the member changed it during the copy.
+    Unreadable(String),
+    /// This process cannot make a copy at all.
+    Io(std::io::Error),
 }
 
 impl FrozenCopy {
     fn open(root: &Path, member: &Path) -> std::io::Result<Option<FrozenCopy>> {
-        // The member may replace its checkpoint while it is copied: try the new one.
-        for _ in 0..10 {
-            let Some(id) = read_latest(member)? else {
+        for _ in 0..COPY_ATTEMPTS {
+            let before = listing(member);
+            let Candidates {
+                ids,
+                mut unreadable,
+            } = candidates(member)?;
+            if ids.is_empty() && unreadable.is_empty() {
                 return Ok(None);
-            };
-            let frozen = member.join("checkpoints").join(id.to_string());
-            let dir = tempfile::Builder::new()
-                .prefix(".takeover-")
-                .tempdir_in(root)?;
-            let copy = dir.path().join("db");
-            if restore_copy(&frozen, &copy).is_err() {
-                continue;
             }
-            let db = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &copy, false)
-                .map_err(|e| std::io::Error::other(e.into_string()))?;
-            return Ok(Some(FrozenCopy { db, _dir: dir }));
+            let mut raced = false;
+            for id in ids {
+                match Self::copy(root, member, id) {
+                    Ok(copy) => {
+                        if !unreadable.is_empty() {
+                            tracing::warn!(
+                                member = %member.display(),
+                                unreadable = %unreadable.join("; "),
+                                using = id,
+                                "a member's latest checkpoint cannot be read: taking over from \
+                                 an earlier one"
+                            );
+                        }
+                        return Ok(Some(copy));
+                    }
+                    Err(CopyFailure::Unreadable(e)) if listing(member) == before => {
+                        unreadable.push(format!("checkpoint {id}: {e}"));
+                    }
+                    Err(CopyFailure::Io(e)) => return Err(e),
+                    Err(CopyFailure::Raced | CopyFailure::Unreadable(_)) => {
+                        raced = true;
+                        break;
+                    }
+                }
+            }
+            if !raced {
+                return Err(std::io::Error::other(format!(
+                    "no checkpoint of {} can be read: {}",
+                    member.display(),
+                    unreadable.join("; ")
+                )));
+            }
         }
         Err(std::io::Error::other(format!(
-            "{} changed its checkpoint 10 times while it was read",
+            "{} changed its checkpoints {COPY_ATTEMPTS} times while they were copied",
             member.display()
         )))
+    }
+
+    /// Copies checkpoint `id` of `member` into a new directory under `root`, and opens it.
+    fn copy(root: &Path, member: &Path, id: u64) -> std::result::Result<FrozenCopy, CopyFailure> {
+        let dir = tempfile::Builder::new()
+            .prefix(TAKEOVER_PREFIX)
+            .tempdir_in(root)
+            .map_err(CopyFailure::Io)?;
+        let lock_path = dir.path().join("LOCK");
+        let lock = match std::fs::File::create(&lock_path) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CopyFailure::Raced),
+            Err(e) => return Err(CopyFailure::Io(e)),
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(CopyFailure::Raced),
+            Err(std::fs::TryLockError::Error(e)) => return Err(CopyFailure::Io(e)),
+        }
+        // A clean-up that locked the file first has removed the directory, or is removing it.
+        if !lock_path.exists() {
+            return Err(CopyFailure::Raced);
+        }
+        let copy = dir.path().join("db");
+        let opened = restore_copy(&checkpoint_path(member, id), &copy)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                #[cfg(test)]
+                tests::after_copy(&copy);
+                rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &copy, false)
+                    .map_err(|e| e.into_string())
+            })
+            .and_then(|db| check_frozen(&db, id).map(|()| db));
+        match opened {
+            Ok(db) => Ok(FrozenCopy {
+                db,
+                _dir: dir,
+                _lock: lock,
+            }),
+            Err(e) => Err(CopyFailure::Unreadable(e)),
+        }
+    }
+}
+
+/// What a member's checkpoints look like from outside: `LATEST` and the names in
+/// `checkpoints/`. A copy that failed while this changed raced the member.
+fn listing(dir: &Path) -> (Option<String>, Vec<std::ffi::OsString>) {
+    let latest = std::fs::read_to_string(dir.join(LATEST)).ok();
+    let mut names: Vec<_> = std::fs::read_dir(dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    (latest, names)
+}
+
+/// Removes the `.takeover-*` directories in a shared directory that take-overs left when
+/// their process died (kill -9): their hard links would keep old table files alive forever.
+///
+/// Another process may be taking over from the same directory at this moment. A take-over
+/// holds the lock on its directory's `LOCK` file for as long as it uses the directory, and
+/// the kernel releases the lock when the process ends, however it ends: a directory whose
+/// lock can be taken is a leftover. A process id in the name would not do: after a restart
+/// (a container's, above all) the same id often belongs to the new process, and a
+/// leftover would look in use forever. The lock is held here while the directory is
+/// removed, so a take-over that made its `LOCK` file but had not locked it yet cannot use
+/// the directory: it finds the lock taken or the file gone, and starts again elsewhere. A
+/// directory without a `LOCK` file is a take-over in its first instant (or one killed in
+/// that instant): it is removed only once it is [`UNLOCKED_TAKEOVER_AGE`] old.
+fn remove_takeover_leftovers(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let named = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TAKEOVER_PREFIX);
+        if !named || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        let _held = match std::fs::File::open(path.join("LOCK")) {
+            Ok(lock) => match lock.try_lock() {
+                Ok(()) => Some(lock),
+                // In use by a live take-over.
+                Err(_) => continue,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let modified = entry.metadata().and_then(|m| m.modified());
+                let age = modified.ok().and_then(|t| t.elapsed().ok());
+                // An unknown age counts as young: kept.
+                if age.is_none_or(|age| age < UNLOCKED_TAKEOVER_AGE) {
+                    continue;
+                }
+                None
+            }
+            Err(_) => continue,
+        };
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "removed a killed take-over's copy"),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot remove a killed take-over's copy"
+            ),
+        }
     }
 }
 
@@ -539,232 +869,4 @@ fn copy_partition(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The same body for every store.
-    fn store_contract(open: &dyn Fn() -> Box<dyn CheckpointStore>) {
-        let store = open();
-        assert_eq!(store.load().unwrap(), Checkpoint::default());
-        let first = Checkpoint {
-            id: 1,
-            offsets: [("a.jsonl".to_string(), 10), ("generator/0".to_string(), 5)].into(),
-        };
-        store.commit(&first).unwrap();
-        assert_eq!(store.load().unwrap(), first);
-        // A later checkpoint replaces what it names and keeps the rest.
-        store
-            .commit(&Checkpoint {
-                id: 2,
-                offsets: [("a.jsonl".to_string(), 20)].into(),
-            })
-            .unwrap();
-        let now = store.load().unwrap();
-        assert_eq!(now.id, 2);
-        assert_eq!(now.start_of("a.jsonl"), 20);
-        assert_eq!(now.start_of("generator/0"), 5);
-        assert_eq!(now.start_of("unknown"), 0);
-    }
-
-    #[test]
-    fn memory_store() {
-        let store = std::sync::Arc::new(MemoryStore::default());
-        // One shared instance: "reopening" a memory store is looking at it again.
-        struct Shared(std::sync::Arc<MemoryStore>);
-        impl CheckpointStore for Shared {
-            fn load(&self) -> Result<Checkpoint> {
-                self.0.load()
-            }
-            fn commit(&self, c: &Checkpoint) -> Result<()> {
-                self.0.commit(c)
-            }
-        }
-        store_contract(&|| Box::new(Shared(store.clone())));
-    }
-
-    #[test]
-    fn rocks_store_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        store_contract(&|| Box::new(RocksStore::open(dir.path()).unwrap()));
-        // Reopened after the contract ran: the last checkpoint is still there.
-
-        let reopened = RocksStore::open(dir.path()).unwrap();
-        assert_eq!(reopened.load().unwrap().id, 2);
-    }
-
-    #[test]
-    fn state_written_after_the_last_checkpoint_is_forgotten() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = RocksStore::open(dir.path()).unwrap();
-            let db = store.db().unwrap();
-            db.put_opt(b"state/a", b"1", &unlogged()).unwrap();
-            store
-                .commit(&Checkpoint {
-                    id: 1,
-                    offsets: [("p".to_string(), 10)].into(),
-                })
-                .unwrap();
-            // Written after the checkpoint, then the process "crashes" (no commit).
-            db.put_opt(b"state/a", b"2", &unlogged()).unwrap();
-            db.put_opt(b"state/b", b"3", &unlogged()).unwrap();
-            db.put(b"offset/p", 99i64.to_be_bytes()).unwrap();
-        }
-        // A half-made checkpoint directory of the next id, as a crash mid-checkpoint leaves.
-        std::fs::create_dir_all(dir.path().join("checkpoints/2")).unwrap();
-        let store = RocksStore::open(dir.path()).unwrap();
-        let db = store.db().unwrap();
-        assert_eq!(db.get(b"state/a").unwrap().as_deref(), Some(&b"1"[..]));
-        assert_eq!(db.get(b"state/b").unwrap(), None);
-        assert_eq!(store.load().unwrap().start_of("p"), 10);
-        assert!(!dir.path().join("checkpoints/2").exists());
-        // The next checkpoint reuses the id the crash left half made.
-        store
-            .commit(&Checkpoint {
-                id: 2,
-                offsets: [("p".to_string(), 20)].into(),
-            })
-            .unwrap();
-        drop((db, store));
-        assert_eq!(
-            RocksStore::open(dir.path())
-                .unwrap()
-                .load()
-                .unwrap()
-                .start_of("p"),
-            20
-        );
-    }
-
-    #[test]
-    fn a_directory_in_use_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = RocksStore::open(dir.path()).unwrap();
-        let e = RocksStore::open(dir.path()).err().unwrap().to_string();
-        assert!(e.contains("another process"), "{e}");
-        drop(first);
-        assert!(RocksStore::open(dir.path()).is_ok());
-    }
-
-    #[test]
-    fn a_bare_database_of_the_old_layout_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(rocksdb::DB::open_default(dir.path()).unwrap());
-        let e = RocksStore::open(dir.path()).err().unwrap().to_string();
-        assert!(e.contains("earlier Sluice"), "{e}");
-    }
-
-    /// A member writing state for a partition (keys under `s/NAME/`) and committing it.
-    fn commit_state(store: &RocksStore, id: u64, name: &str, offset: i64, values: &[(&str, &str)]) {
-        let db = store.db().unwrap();
-        for (k, v) in values {
-            db.put(format!("s/{name}/{k}"), v).unwrap();
-        }
-        db.put(format!("m/{name}"), format!("meta@{offset}"))
-            .unwrap();
-        store
-            .commit(&Checkpoint {
-                id,
-                offsets: [(name.to_string(), offset)].into(),
-            })
-            .unwrap();
-    }
-
-    fn keys(name: &str) -> PartitionKeys {
-        PartitionKeys {
-            prefixes: vec![format!("s/{name}/").into_bytes()],
-            keys: vec![format!("m/{name}").into_bytes()],
-        }
-    }
-
-    fn state_of(store: &RocksStore, name: &str) -> Vec<(String, String)> {
-        let db = store.db().unwrap();
-        let prefix = format!("s/{name}/");
-        let mut out: Vec<(String, String)> = db
-            .prefix_iterator(prefix.as_bytes())
-            .map(|i| i.unwrap())
-            .take_while(|(k, _)| k.starts_with(prefix.as_bytes()))
-            .map(|(k, v)| {
-                (
-                    String::from_utf8(k.to_vec()).unwrap(),
-                    String::from_utf8(v.to_vec()).unwrap(),
-                )
-            })
-            .collect();
-        if let Some(m) = db.get(format!("m/{name}")).unwrap() {
-            out.push(("meta".into(), String::from_utf8(m).unwrap()));
-        }
-        out
-    }
-
-    #[test]
-    fn a_member_takes_over_the_newest_state_of_a_partition() {
-        let root = tempfile::tempdir().unwrap();
-        let a = RocksStore::open_member(root.path(), "a").unwrap();
-        let b = RocksStore::open_member(root.path(), "b").unwrap();
-        let c = RocksStore::open_member(root.path(), "c").unwrap();
-        // p1: a had it up to 100, then c up to 250 (newest). p2: only b, at 40.
-        commit_state(&a, 1, "p1", 100, &[("x", "1"), ("y", "1")]);
-        commit_state(&c, 1, "p1", 250, &[("x", "5")]);
-        commit_state(&b, 1, "p2", 40, &[("z", "9")]);
-        // b's own older copy of p1 (it had p1 once, at 50): replaced, key by key.
-        commit_state(&b, 2, "p1", 50, &[("old", "0")]);
-        let taken = b
-            .take_over(&[("p1".into(), keys("p1")), ("p2".into(), keys("p2"))])
-            .unwrap();
-        assert_eq!(
-            taken,
-            [("p1".to_string(), 250)].into(),
-            "p2 is b's own newest"
-        );
-        assert_eq!(
-            state_of(&b, "p1"),
-            vec![
-                ("s/p1/x".into(), "5".into()),
-                ("meta".into(), "meta@250".into())
-            ]
-        );
-        assert_eq!(
-            state_of(&b, "p2"),
-            vec![
-                ("s/p2/z".into(), "9".into()),
-                ("meta".into(), "meta@40".into())
-            ]
-        );
-        assert_eq!(b.load().unwrap().start_of("p1"), 250);
-        // Taking over again finds nothing newer.
-        assert!(
-            b.take_over(&[("p1".into(), keys("p1"))])
-                .unwrap()
-                .is_empty()
-        );
-        // A store that is no member takes nothing over.
-        let single = tempfile::tempdir().unwrap();
-        let alone = RocksStore::open(single.path()).unwrap();
-        assert!(
-            alone
-                .take_over(&[("p1".into(), keys("p1"))])
-                .unwrap()
-                .is_empty()
-        );
-        // A shared directory is not opened as a single process's.
-        let e = RocksStore::open(root.path()).err().unwrap().to_string();
-        assert!(e.contains("shared by worker processes"), "{e}");
-    }
-
-    #[test]
-    fn a_member_takes_over_from_the_directorys_earlier_single_process_store() {
-        let root = tempfile::tempdir().unwrap();
-        {
-            let single = RocksStore::open(root.path()).unwrap();
-            commit_state(&single, 1, "p1", 70, &[("x", "7")]);
-        }
-        let a = RocksStore::open_member(root.path(), "a").unwrap();
-        assert_eq!(
-            a.take_over(&[("p1".into(), keys("p1"))]).unwrap(),
-            [("p1".to_string(), 70)].into()
-        );
-        assert_eq!(state_of(&a, "p1")[0], ("s/p1/x".into(), "7".into()));
-        assert!(RocksStore::open_member(root.path(), "../x").is_err());
-    }
-}
+mod tests;
