@@ -1,8 +1,9 @@
 //! `enrich` against real Redis and PostgreSQL servers: correct values, cache hits counted,
-//! missing keys handled per policy, and a server restart in the middle of a run survived.
+//! missing keys handled per policy, a server restart in the middle of a run survived, a key
+//! of the wrong type failing its own rows, and refused credentials stopping the run.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_engine::stats::RunStats;
 
@@ -159,6 +160,130 @@ async fn redis_hashes_enrich_every_row_and_the_cache_answers_repeats() {
         "{misses} misses for {USERS} users"
     );
     assert!(hits >= 20_000 - 2 * USERS as u64, "{hits} hits");
+}
+
+/// The `enrich` parameters of a lookup at `url` (`format` `hash` or `json`) with defaults
+/// for missing users.
+fn redis_lookup(url: &str, format: &str) -> String {
+    format!(
+        "      redis: {{ url: \"{url}\", key_prefix: \"profile:\", format: {format} }}
+      columns:
+        - {{ name: plan, type: utf8 }}
+        - {{ name: age, type: int64 }}
+      prefix: profile_
+      on_missing: default
+      defaults: {{ plan: free }}"
+    )
+}
+
+/// A pipeline that gives up after 3 attempts: an error wrongly taken for transient shows
+/// as retries and transient dead letters, not as a test that runs for minutes.
+fn few_attempts(yaml: String) -> String {
+    let few = yaml.replace("max_attempts: 100", "max_attempts: 3");
+    assert_ne!(few, yaml);
+    few
+}
+
+/// A key of the other type than `format` reads: its rows are dead letters, for good, naming
+/// the key and WRONGTYPE; every other row is enriched.
+async fn wrong_type_fails_its_own_rows(format: &str) {
+    let redis = RedisServer::start();
+    let json = format == "json";
+    load_redis(&redis, json);
+    // A string where a hash is expected (HGETALL), a hash where JSON text is (GET).
+    let key = format!("profile:{BROKEN}");
+    let mut c = redis.connection();
+    let _: redis::Value = redis::cmd("DEL").arg(&key).query(&mut c).unwrap();
+    let mut wrong = redis::cmd(if json { "HSET" } else { "SET" });
+    wrong.arg(&key);
+    if json {
+        wrong.arg("plan");
+    }
+    let _: redis::Value = wrong.arg("premium").query(&mut c).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = few_attempts(pipeline(
+        dir.path(),
+        5_000,
+        None,
+        &redis_lookup(&redis.url(), format),
+    ));
+    let (stats, _) = run_yaml(&yaml, &[]).await.unwrap();
+    let rows = json_lines(&dir.path().join("rows"));
+    let dead = json_lines(&dir.path().join("dead"));
+    assert_eq!(rows.len() + dead.len(), 5_000);
+    assert!(!dead.is_empty());
+    for letter in &dead {
+        let payload: serde_json::Value =
+            serde_json::from_str(letter["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload["user_id"], BROKEN, "{letter}");
+        assert_eq!(letter["error_class"], "permanent", "{letter}");
+        assert_eq!(letter["attempts"], 1, "{letter}");
+        let error = letter["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("`profile:{BROKEN}`")) && error.contains("WRONGTYPE"),
+            "{error}"
+        );
+    }
+    // Every other user is enriched, none retried.
+    check_enriched(&rows, true);
+    assert_eq!(RunStats::get(&stats.stages[0].retries), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_key_of_the_wrong_type_fails_its_own_rows_for_good() {
+    wrong_type_fails_its_own_rows("hash").await;
+    wrong_type_fails_its_own_rows("json").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_refusing_the_credentials_stops_the_run_without_showing_them() {
+    let redis = RedisServer::start();
+    load_redis(&redis, false);
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("right-secret")
+        .query(&mut redis.connection())
+        .unwrap();
+    let port = redis.port;
+    // A wrong password is refused when the stage connects; no password at all is refused
+    // (NOAUTH) at the first lookup.
+    let cases = [
+        (
+            format!("redis://:wrong-secret@127.0.0.1:{port}"),
+            format!("redis://:***@127.0.0.1:{port}"),
+        ),
+        (redis.url(), "NOAUTH".to_string()),
+    ];
+    for (url, said) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = few_attempts(pipeline(
+            dir.path(),
+            5_000,
+            None,
+            &redis_lookup(&url, "hash"),
+        ));
+        let started = Instant::now();
+        let error = run_yaml(&yaml, &[]).await.map(|_| ()).unwrap_err();
+        assert!(
+            error.contains("refused") && error.contains(&said),
+            "{url}: {error}"
+        );
+        assert!(error.contains("the run stops"), "{error}");
+        assert!(!error.contains("secret"), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{url}: stopped only after {:?}",
+            started.elapsed()
+        );
+        // Rows of a batch refused at its lookup are dead letters (for a replay once the
+        // password is fixed): permanent, tried once, and without the password.
+        for letter in json_lines(&dir.path().join("dead")) {
+            assert_eq!(letter["error_class"], "permanent", "{letter}");
+            assert_eq!(letter["attempts"], 1, "{letter}");
+            assert!(!letter.to_string().contains("secret"), "{letter}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

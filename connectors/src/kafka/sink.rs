@@ -39,12 +39,62 @@ pub struct KafkaSink {
     sent: u64,
 }
 
+/// The delivery reports of the messages sent, shared with librdkafka's polling thread.
 #[derive(Default)]
 struct Deliveries {
+    /// Messages sent whose report has not arrived.
     outstanding: AtomicI64,
     acknowledged: AtomicU64,
     /// The first failed delivery, said for a person.
     failed: Mutex<Option<String>>,
+    /// Tests: runs in [`Deliveries::settled`] between its two reads, where a report from
+    /// the polling thread may land.
+    #[cfg(test)]
+    between_reads: Mutex<Option<Hook>>,
+}
+
+/// Tests: what [`Deliveries::settled`] runs between its reads.
+#[cfg(test)]
+type Hook = Box<dyn FnOnce(&Deliveries) + Send>;
+
+impl Deliveries {
+    /// Records the report of one message (from librdkafka's delivery callback).
+    fn report(&self, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(reason) => {
+                let mut failed = self.failed.lock().expect("failed lock");
+                failed.get_or_insert(reason);
+            }
+        }
+        self.outstanding.fetch_sub(1, Ordering::Release);
+    }
+
+    /// The messages still outstanding, or the first failed delivery.
+    ///
+    /// The count is read first and the failures second. Looking at the failures first
+    /// loses the last report if it fails between the two reads: no failure yet, then no
+    /// message outstanding, and the flush would let a checkpoint cover a message the
+    /// broker never took. In this order a count of 0 means every report has been recorded:
+    /// [`Deliveries::report`] records a failure (under the mutex) before its `Release`
+    /// decrement, and the `Acquire` load that reads 0 reads the last decrement, which
+    /// continues the release sequence of every earlier one (each is a read-modify-write),
+    /// so it synchronizes with all of them. Every failure recorded, and the mutex unlock
+    /// after it, happens before this load, and the lock below sees it. A report that
+    /// arrives after a load of more than 0 is seen by a later call.
+    fn settled(&self) -> Result<i64, String> {
+        let outstanding = self.outstanding.load(Ordering::Acquire);
+        #[cfg(test)]
+        if let Some(hook) = self.between_reads.lock().expect("hook lock").take() {
+            hook(self);
+        }
+        if let Some(reason) = &*self.failed.lock().expect("failed lock") {
+            return Err(reason.clone());
+        }
+        Ok(outstanding)
+    }
 }
 
 struct DeliveryContext {
@@ -65,16 +115,11 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.deliveries.acknowledged.fetch_add(1, Ordering::Relaxed);
-            }
-            Err((e, _)) => {
-                let mut failed = self.deliveries.failed.lock().expect("failed lock");
-                failed.get_or_insert_with(|| e.to_string());
-            }
-        }
-        self.deliveries.outstanding.fetch_sub(1, Ordering::Release);
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.to_string()),
+        };
+        self.deliveries.report(result);
     }
 }
 
@@ -143,11 +188,15 @@ impl KafkaSink {
 
     fn check_failed(&self) -> Result<()> {
         match &*self.deliveries.failed.lock().expect("failed lock") {
-            Some(reason) => Err(Error::External {
-                system: "kafka",
-                message: format!("delivery to topic `{}` failed: {reason}", self.config.topic),
-            }),
+            Some(reason) => Err(self.delivery_failed(reason)),
             None => Ok(()),
+        }
+    }
+
+    fn delivery_failed(&self, reason: &str) -> Error {
+        Error::External {
+            system: "kafka",
+            message: format!("delivery to topic `{}` failed: {reason}", self.config.topic),
         }
     }
 }
@@ -255,8 +304,10 @@ impl Sink for KafkaSink {
         let started = Instant::now();
         let mut next_warning = Duration::from_secs(10);
         loop {
-            self.check_failed()?;
-            let outstanding = self.deliveries.outstanding.load(Ordering::Acquire);
+            let outstanding = self
+                .deliveries
+                .settled()
+                .map_err(|reason| self.delivery_failed(&reason))?;
             if outstanding <= 0 {
                 return Ok(());
             }
@@ -287,5 +338,38 @@ impl Sink for KafkaSink {
             self.config.topic,
             self.deliveries.acknowledged.load(Ordering::Relaxed)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last outstanding message fails at the worst moment for `flush`: between its
+    /// look at the failures and its look at the outstanding count. The failure must still
+    /// be seen, or a checkpoint would cover a message the broker never took.
+    #[test]
+    fn a_delivery_failing_in_the_middle_of_a_flush_is_seen() {
+        let deliveries = Deliveries::default();
+        deliveries.outstanding.store(1, Ordering::Relaxed);
+        *deliveries.between_reads.lock().unwrap() = Some(Box::new(|d: &Deliveries| {
+            d.report(Err("Local: Message timed out".into()))
+        }));
+        assert_eq!(
+            deliveries.settled(),
+            Err("Local: Message timed out".to_string())
+        );
+        assert_eq!(deliveries.outstanding.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn acknowledged_deliveries_settle() {
+        let deliveries = Deliveries::default();
+        deliveries.outstanding.store(2, Ordering::Relaxed);
+        deliveries.report(Ok(()));
+        assert_eq!(deliveries.settled(), Ok(1));
+        deliveries.report(Ok(()));
+        assert_eq!(deliveries.settled(), Ok(0));
+        assert_eq!(deliveries.acknowledged.load(Ordering::Relaxed), 2);
     }
 }

@@ -22,11 +22,16 @@
 //! workers, and loaded again when its modification time changes (checked every
 //! `reload_every`); each batch is then one hash probe per row and one `take` per column.
 //! **Redis** and **PostgreSQL** are asked once per batch for the keys the cache does not
-//! hold — one pipelined round trip of `HGETALL`s (or one `MGET` of JSON values), or one
+//! hold — one pipelined round trip of `HGETALL`s (or of `GET`s of JSON values), or one
 //! `SELECT … WHERE key = ANY($1)` on a pooled connection. Answers, found or not, are cached
 //! for `ttl` in a cache shared by the stage's workers; hits and misses are counted in the
 //! run summary and on `/metrics`. A server that fails or restarts makes the batch fail with
-//! a transient error, which the stage's retry policy waits out.
+//! a transient error, which the stage's retry policy waits out. A key whose value cannot be
+//! read (a Redis key of another type, a value that does not fit the columns) fails its own
+//! rows, as permanent. A server that refuses the stage itself (a wrong or missing password,
+//! a missing permission) stops the run: at start-up when the stage connects, or after the
+//! batch that found out, whose rows go to the dead letters (when the pipeline has them)
+//! for a replay once it is fixed.
 
 mod remote;
 mod table;
@@ -373,6 +378,24 @@ impl Stage for EnrichStage {
             batch: assemble(&shared.output, &batch, columns, &failed)?,
             failed,
         })
+    }
+
+    /// Stops the run once the lookup server refused the stage for good: the engine calls
+    /// this after every batch, and a batch's error alone would only fail its rows.
+    async fn pending(&mut self, ctx: &StageContext) -> Result<Option<RecordBatch>> {
+        let refused = match &self.shared.lookup {
+            Lookup::Remote(remote) => remote.refused(),
+            Lookup::File(_) => None,
+        };
+        match refused {
+            Some(e) => Err(Error::Stage {
+                stage: ctx.stage.to_string(),
+                origin: "a lookup".to_string(),
+                class: e.class(),
+                message: e.to_string(),
+            }),
+            None => Ok(None),
+        }
     }
 }
 

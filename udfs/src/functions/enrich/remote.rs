@@ -1,7 +1,22 @@
 //! Lookups in Redis and PostgreSQL: one round trip per batch for the keys the cache lacks.
+//!
+//! # Errors
+//! Each server's errors are sorted the same three ways:
+//! - **transient** (a connection lost, refused or timed out; a server loading its data, busy
+//!   or failing over; PostgreSQL's SQLSTATE classes that mean "try again"): the batch fails
+//!   as transient and the stage's retry policy waits it out;
+//! - **permanent** for one key (a Redis key holding another type than the format reads, a
+//!   stored value that does not fit the columns): that key's rows fail alone, the others
+//!   are enriched;
+//! - **refused** (a wrong or missing password, a user without the permission, a command or
+//!   database the server does not have): no lookup can succeed, so the run stops, with a
+//!   sentence that says what to check.
+//!
+//! Connection strings are never shown with their password: messages and logs name a Redis
+//! server as `redis://:***@host:port`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, ArrayRef, RecordBatch, StringBuilder, UInt32Array};
 use arrow::compute::take_record_batch;
@@ -18,12 +33,19 @@ pub trait Remote: Send + Sync {
     async fn connect(&self) -> Result<()>;
 
     /// The values of those `keys` that exist. An error fails the whole call (a server that
-    /// is down, a query refused); a stored value that does not fit the declared columns
-    /// fails its key alone.
+    /// is down, a query refused); a stored value that does not fit the declared columns, or
+    /// a key the server refuses on its own, fails its key alone.
     async fn fetch(&self, keys: &[String]) -> Result<Fetched>;
 
-    /// For error messages: `redis://host:port` or `postgres table t`.
+    /// For error messages: `redis://host:port` or `postgres table t`, without a password.
     fn describe(&self) -> String;
+
+    /// Why no lookup can succeed for the rest of the run, once a call found out that the
+    /// server refuses the stage itself (a wrong password, a missing permission): the stage
+    /// then stops the run with this error.
+    fn refused(&self) -> Option<Error> {
+        None
+    }
 }
 
 /// What one round trip found.
@@ -31,7 +53,8 @@ pub trait Remote: Send + Sync {
 pub struct Fetched {
     /// The index in the asked keys, and that key's values as a one-row batch of its own.
     pub found: Vec<(usize, RecordBatch)>,
-    /// Keys whose stored value could not be read as the declared columns, and why.
+    /// Keys whose stored value could not be read as the declared columns, or that the
+    /// server refused on their own (a Redis key of another type), and why.
     pub unreadable: Vec<(usize, String)>,
 }
 
@@ -62,7 +85,7 @@ pub struct RedisLookup {
     #[serde(default)]
     key_prefix: String,
     /// `hash`: each key is a hash of the columns (HGETALL); `json`: each key holds a JSON
-    /// object of the columns (MGET).
+    /// object of the columns (GET). A key of another type fails its own rows.
     #[serde(default)]
     format: RedisFormat,
 }
@@ -78,7 +101,7 @@ enum RedisFormat {
 impl RedisLookup {
     pub fn plan(&self, values: &SchemaRef) -> Result<Redis, String> {
         let client = redis::Client::open(self.url.as_str())
-            .map_err(|e| format!("`{}` is not a Redis URL: {e}", self.url))?;
+            .map_err(|e| format!("`{}` is not a Redis URL: {e}", redact(&self.url)))?;
         if self.format == RedisFormat::Hash
             && let Some(f) = values.fields().iter().find(|f| !scalar(f.data_type()))
         {
@@ -90,11 +113,12 @@ impl RedisLookup {
         }
         Ok(Redis {
             client,
-            url: self.url.clone(),
+            url: redact(&self.url),
             prefix: self.key_prefix.clone(),
             format: self.format,
             values: values.clone(),
             connection: OnceCell::new(),
+            refused: OnceLock::new(),
         })
     }
 }
@@ -103,25 +127,107 @@ fn scalar(t: &DataType) -> bool {
     t.is_primitive() || matches!(t, DataType::Utf8 | DataType::Boolean)
 }
 
+/// A connection string for people: its password (and a user given alone, which Redis
+/// may take for a password) replaced by `***`, so that `redis://:secret@host:6379/0` reads
+/// `redis://:***@host:6379/0`, and a `pass=` parameter (of `redis+unix://` URLs) likewise.
+fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_at(url.find("://").map_or(0, |i| i + 3));
+    let host_at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let mut shown = scheme.to_string();
+    match rest[..host_at].rfind('@') {
+        Some(at) => {
+            let user = &rest[..at];
+            match user.split_once(':') {
+                Some((name, _)) => shown.push_str(&format!("{name}:***")),
+                None => shown.push_str("***"),
+            }
+            shown.push_str(&rest[at..]);
+        }
+        None => shown.push_str(rest),
+    }
+    match shown.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => shown,
+    }
+}
+
 pub struct Redis {
     client: redis::Client,
+    /// The URL without its password.
     url: String,
     prefix: String,
     format: RedisFormat,
     values: SchemaRef,
     /// One multiplexed connection for all workers; it reconnects after a failure.
     connection: OnceCell<redis::aio::ConnectionManager>,
+    /// Set by the first call the server refused for good (see [`Remote::refused`]).
+    refused: OnceLock<String>,
 }
 
-fn redis_error(e: redis::RedisError) -> Error {
-    Error::External {
-        system: "redis",
-        message: e.to_string(),
+/// What a Redis error means for the lookups (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Transient,
+    Permanent,
+    Refused,
+}
+
+fn verdict(e: &redis::RedisError) -> Verdict {
+    use redis::ErrorKind;
+    match e.kind() {
+        // Refused, reset or timed-out connections, and replies cut short.
+        ErrorKind::Io | ErrorKind::Parse => Verdict::Transient,
+        ErrorKind::AuthenticationFailed
+        | ErrorKind::InvalidClientConfig
+        | ErrorKind::RESP3NotSupported => Verdict::Refused,
+        _ => match e.code() {
+            Some(code) => server_verdict(code, e.detail().unwrap_or_default()),
+            None => Verdict::Permanent,
+        },
+    }
+}
+
+/// The verdict on an error the server answered, by its code (the first word of the reply).
+fn server_verdict(code: &str, detail: &str) -> Verdict {
+    const REFUSING: [&str; 4] = [
+        "unknown command",
+        "unknown subcommand",
+        "DB index is out of range",
+        "invalid DB index",
+    ];
+    match code {
+        "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" => Verdict::Transient,
+        "ERR" if detail.contains("max number of clients") => Verdict::Transient,
+        "NOAUTH" | "WRONGPASS" | "NOPERM" => Verdict::Refused,
+        "ERR" if REFUSING.iter().any(|r| detail.contains(r)) => Verdict::Refused,
+        // WRONGTYPE (a key of another type) and whatever else a command is answered with.
+        _ => Verdict::Permanent,
+    }
+}
+
+/// A Redis error for a person: `WRONGTYPE Operation against a key holding …`.
+fn said(e: &redis::RedisError) -> String {
+    match (e.kind(), e.code(), e.detail()) {
+        (redis::ErrorKind::AuthenticationFailed, _, _) => {
+            "authentication failed: the user or password is wrong".to_string()
+        }
+        (_, Some(code), Some(detail)) => format!("{code} {detail}"),
+        (_, Some(code), None) => code.to_string(),
+        _ => e.to_string(),
     }
 }
 
 impl Redis {
-    async fn connection(&self) -> Result<redis::aio::ConnectionManager> {
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
         self.connection
             .get_or_try_init(|| {
                 let config = redis::aio::ConnectionManagerConfig::new()
@@ -132,70 +238,180 @@ impl Redis {
             })
             .await
             .cloned()
-            .map_err(redis_error)
+    }
+
+    /// The error that fails a whole call; a refusal is kept for [`Remote::refused`].
+    fn error(&self, e: redis::RedisError) -> Error {
+        let said = said(&e);
+        match verdict(&e) {
+            Verdict::Transient => Error::External {
+                system: "redis",
+                message: format!("looking up in {}: {said}", self.url),
+            },
+            Verdict::Permanent => Error::Function {
+                class: ErrorClass::Permanent,
+                message: format!("Redis at {} refused the lookup: {said}", self.url),
+            },
+            Verdict::Refused => Error::Function {
+                class: ErrorClass::Permanent,
+                message: self
+                    .refused
+                    .get_or_init(|| {
+                        format!(
+                            "Redis at {} refused the lookups: {}. Check the user, password \
+                             and database in the stage's `url`, and the user's permissions: \
+                             no lookup can succeed, so the run stops",
+                            self.url,
+                            said.trim_end_matches('.')
+                        )
+                    })
+                    .clone(),
+            },
+        }
+    }
+
+    /// Each key's answer: its value, or (in `failed`) the reason the server refused that
+    /// key alone. An error that is not about one key fails the call.
+    fn answers(
+        &self,
+        keys: &[String],
+        answers: Vec<redis::Value>,
+        failed: &mut Vec<(usize, String)>,
+    ) -> Result<Vec<(usize, redis::Value)>> {
+        if answers.len() != keys.len() {
+            return Err(Error::External {
+                system: "redis",
+                message: format!(
+                    "looking up in {}: {} answers to {} commands",
+                    self.url,
+                    answers.len(),
+                    keys.len()
+                ),
+            });
+        }
+        let mut values = Vec::with_capacity(keys.len());
+        for (i, answer) in answers.into_iter().enumerate() {
+            let redis::Value::ServerError(e) = answer else {
+                values.push((i, answer));
+                continue;
+            };
+            let e = redis::RedisError::from(e);
+            if verdict(&e) != Verdict::Permanent {
+                return Err(self.error(e));
+            }
+            let reason = format!(
+                "{}: key `{}{}`: {}",
+                self.describe(),
+                self.prefix,
+                keys[i],
+                said(&e)
+            );
+            failed.push((i, reason));
+        }
+        Ok(values)
     }
 }
 
 #[async_trait]
 impl Remote for Redis {
     async fn connect(&self) -> Result<()> {
-        if let Err(e) = self.connection().await {
-            tracing::warn!(url = %self.url, "Redis not reachable yet, will try again at the first batch: {e}");
+        let Err(e) = self.connection().await else {
+            return Ok(());
+        };
+        if verdict(&e) == Verdict::Transient {
+            tracing::warn!(url = %self.url, "Redis not reachable yet, will try again at the first batch: {}", said(&e));
+            return Ok(());
         }
-        Ok(())
+        Err(self.error(e))
     }
 
     async fn fetch(&self, keys: &[String]) -> Result<Fetched> {
-        let mut connection = self.connection().await?;
+        if let Some(refused) = self.refused() {
+            return Err(refused);
+        }
+        let mut connection = self.connection().await.map_err(|e| self.error(e))?;
         let source = self.describe();
-        match self.format {
+        // One command per key, pipelined: a key of another type is answered with WRONGTYPE
+        // on its own (MGET would answer nil, as if the key were missing), and with
+        // `ignore_errors` that error comes back in its key's place instead of failing the
+        // pipeline.
+        let command = match self.format {
+            RedisFormat::Hash => "HGETALL",
+            RedisFormat::Json => "GET",
+        };
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for key in keys {
+            pipe.cmd(command).arg(format!("{}{key}", self.prefix));
+        }
+        let answers: Vec<redis::Value> = pipe
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| self.error(e))?;
+        let mut failed = Vec::new();
+        let answers = self.answers(keys, answers, &mut failed)?;
+        let unreadable = |i: usize, what: &str, e: redis::ParsingError| {
+            let key = &keys[i];
+            (
+                i,
+                format!("{source}: key `{}{key}`: {what}: {e}", self.prefix),
+            )
+        };
+        let mut fetched = match self.format {
             RedisFormat::Hash => {
-                let mut pipe = redis::pipe();
-                for key in keys {
-                    pipe.cmd("HGETALL").arg(format!("{}{key}", self.prefix));
+                let mut found = Vec::new();
+                let mut hashes = Vec::new();
+                for (i, answer) in answers {
+                    match redis::from_redis_value::<HashMap<String, String>>(answer) {
+                        Ok(hash) if hash.is_empty() => {}
+                        Ok(hash) => {
+                            found.push(i);
+                            hashes.push(hash);
+                        }
+                        Err(e) => failed.push(unreadable(i, "the hash is not text", e)),
+                    }
                 }
-                let hashes: Vec<HashMap<String, String>> = pipe
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(redis_error)?;
-                let found: Vec<usize> = (0..keys.len())
-                    .filter(|&i| hashes.get(i).is_some_and(|h| !h.is_empty()))
-                    .collect();
                 let texts: Vec<ArrayRef> = self
                     .values
                     .fields()
                     .iter()
                     .map(|field| {
                         let mut text = StringBuilder::new();
-                        for &i in &found {
-                            text.append_option(hashes[i].get(field.name()));
+                        for hash in &hashes {
+                            text.append_option(hash.get(field.name()));
                         }
                         Arc::new(text.finish()) as ArrayRef
                     })
                     .collect();
-                cast_texts(texts, &found, &self.values, &source)
+                cast_texts(texts, &found, &self.values, &source)?
             }
             RedisFormat::Json => {
-                let mut cmd = redis::cmd("MGET");
-                for key in keys {
-                    cmd.arg(format!("{}{key}", self.prefix));
+                let mut texts = Vec::new();
+                for (i, answer) in answers {
+                    match redis::from_redis_value::<Option<String>>(answer) {
+                        Ok(Some(text)) => texts.push((i, text)),
+                        Ok(None) => {}
+                        Err(e) => failed.push(unreadable(i, "the value is not text", e)),
+                    }
                 }
-                let values: Vec<Option<String>> = cmd
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(redis_error)?;
-                let objects: Vec<(usize, &str)> = values
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, v)| Some((i, v.as_deref()?)))
-                    .collect();
-                decode_objects(&objects, &self.values, &source)
+                let objects: Vec<(usize, &str)> =
+                    texts.iter().map(|(i, t)| (*i, t.as_str())).collect();
+                decode_objects(&objects, &self.values, &source)?
             }
-        }
+        };
+        fetched.unreadable.extend(failed);
+        Ok(fetched)
     }
 
     fn describe(&self) -> String {
         format!("{} (keys `{}…`)", self.url, self.prefix)
+    }
+
+    fn refused(&self) -> Option<Error> {
+        self.refused.get().map(|message| Error::Function {
+            class: ErrorClass::Permanent,
+            message: message.clone(),
+        })
     }
 }
 
@@ -603,6 +819,86 @@ mod tests {
         assert_eq!(found, [(3, 1), (1, 2)]);
         assert!(fetched.found[1].1.column(0).is_null(0));
         assert!(fetched.unreadable.is_empty());
+    }
+
+    #[test]
+    fn redis_urls_are_shown_without_their_password() {
+        for (url, shown) in [
+            (
+                "redis://:secret@127.0.0.1:6379/0",
+                "redis://:***@127.0.0.1:6379/0",
+            ),
+            (
+                "rediss://app:se:cr@t@cache.internal:6380",
+                "rediss://app:***@cache.internal:6380",
+            ),
+            ("redis://secret@host", "redis://***@host"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=secret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+        ] {
+            assert_eq!(redact(url), shown);
+        }
+    }
+
+    #[test]
+    fn redis_errors_are_transient_permanent_or_refused() {
+        let io =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(verdict(&io), Verdict::Transient);
+        let timeout = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_eq!(verdict(&timeout), Verdict::Transient);
+        let auth = redis::RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        assert_eq!(verdict(&auth), Verdict::Refused);
+        assert!(said(&auth).contains("password"), "{}", said(&auth));
+        for (code, detail, expected) in [
+            (
+                "WRONGTYPE",
+                "Operation against a key holding the wrong kind of value",
+                Verdict::Permanent,
+            ),
+            ("NOAUTH", "Authentication required.", Verdict::Refused),
+            (
+                "WRONGPASS",
+                "invalid username-password pair",
+                Verdict::Refused,
+            ),
+            (
+                "NOPERM",
+                "this user has no permissions to run the 'hgetall' command",
+                Verdict::Refused,
+            ),
+            (
+                "ERR",
+                "unknown command 'HGETALL', with args beginning with: ",
+                Verdict::Refused,
+            ),
+            ("ERR", "max number of clients reached", Verdict::Transient),
+            (
+                "LOADING",
+                "Redis is loading the dataset in memory",
+                Verdict::Transient,
+            ),
+            (
+                "BUSY",
+                "Redis is busy running a script.",
+                Verdict::Transient,
+            ),
+            (
+                "TRYAGAIN",
+                "Multiple keys request during rehashing of slot",
+                Verdict::Transient,
+            ),
+        ] {
+            let e = redis::make_extension_error(code.into(), Some(detail.into()));
+            assert_eq!(verdict(&e), expected, "{code} {detail}");
+            assert_eq!(said(&e), format!("{code} {detail}"));
+        }
     }
 
     #[test]
