@@ -409,9 +409,12 @@ fn check_dead_letter_files(sink: &SinkConfig, dead: &SinkConfig, problems: &mut 
         return;
     };
     let ext = s.format.extension();
-    if s.prefix != d.prefix
-        || ext != d.format.extension()
-        || same_dir_key(&s.path) != same_dir_key(&d.path)
+    // Worker processes and replays add `-NAME` to a prefix, and `sluice dlq` reads every
+    // `{prefix}-*` file: `part` and `part-out` in one directory would read as one.
+    let overlap = |a: &str, b: &str| a.strip_prefix(b).is_some_and(|rest| rest.starts_with('-'));
+    let overlapping =
+        s.prefix == d.prefix || overlap(&s.prefix, &d.prefix) || overlap(&d.prefix, &s.prefix);
+    if !overlapping || ext != d.format.extension() || same_dir_key(&s.path) != same_dir_key(&d.path)
     {
         return;
     }
@@ -425,8 +428,8 @@ fn check_dead_letter_files(sink: &SinkConfig, dead: &SinkConfig, problems: &mut 
         problems,
         "path",
         format!(
-            "is where `{}` writes its files (line {line}), with the same names (`{}-*.{ext}`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or `prefix`",
-            sink.at.path, s.prefix
+            "is where `{}` writes its files (line {line}), with names that overlap (`{}-*.{ext}` and `{}-*.{ext}`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or a `prefix` that does not start the sink's",
+            sink.at.path, s.prefix, d.prefix
         ),
     );
 }

@@ -47,6 +47,10 @@ pub struct Letter {
     pub first_failed_at: String,
     pub last_failed_at: String,
     pub payload: Vec<u8>,
+    /// The whole payload's size; `payload` holds less when it was cut to fit the
+    /// dead-letter sink.
+    pub payload_size: usize,
+    pub payload_cut: bool,
 }
 
 /// Which letters to take.
@@ -168,6 +172,11 @@ fn letter_from_row(row: &Value) -> anyhow::Result<Letter> {
         key: text("key"),
         first_failed_at: text("first_failed_at").unwrap_or_default(),
         last_failed_at: text("last_failed_at").unwrap_or_default(),
+        payload_size: row["payload_size"]
+            .as_u64()
+            .map_or(payload.len(), |n| n as usize),
+        // Files hold a boolean, Kafka headers the text.
+        payload_cut: row["payload_cut"].as_bool() == Some(true) || row["payload_cut"] == "true",
         payload,
     })
 }
@@ -221,7 +230,7 @@ fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Letter>> {
             for h in headers.iter() {
                 let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
                 let value = match h.key {
-                    "attempts" | "partition" | "offset" => value
+                    "attempts" | "partition" | "offset" | "payload_size" => value
                         .parse::<i64>()
                         .map(Value::from)
                         .unwrap_or(Value::String(value)),
@@ -362,6 +371,13 @@ pub async fn replay_into_pipeline(
         .await
         .ok_or_else(|| anyhow::anyhow!("{problems}"))?;
     let mut replayed = Replayed::default();
+    // Rows the sink refused would be refused again: they stay where they are.
+    for l in letters.iter().filter(|l| l.stage == executor::SINK_STAGE) {
+        replayed.unreadable.push(format!(
+            "{} offset {:?}: refused by the sink ({}); it stays in the dead letters",
+            l.source, l.offset, l.error
+        ));
+    }
     // One run per stage where letters failed, in pipeline order.
     let mut starts: Vec<(usize, String)> = vec![(0, SOURCE_STAGE.to_string())];
     starts.extend(
@@ -425,6 +441,17 @@ fn decode_letters(
     let mut rows: Vec<Vec<u8>> = Vec::with_capacity(letters.len());
     let mut unreadable = Vec::new();
     for l in letters {
+        if l.payload_cut {
+            unreadable.push(format!(
+                "{} offset {:?}: its payload was cut to {} of {} bytes to fit the dead-letter \
+                 sink; read the record from its source",
+                l.source,
+                l.offset,
+                l.payload.len(),
+                l.payload_size
+            ));
+            continue;
+        }
         if !raw {
             rows.push(l.payload.clone());
             continue;

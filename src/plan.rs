@@ -250,20 +250,28 @@ fn own_files(config: &SinkConfig, member: Option<&str>, suffix: Option<&str>) ->
     config
 }
 
-/// `name` with every character but letters, digits, `-` and `_` replaced by `_`: a member
-/// name (a host or pod name, `$SLUICE_MEMBER`) made safe in a file name.
+/// A member name (a host or pod name, `$SLUICE_MEMBER`) made safe in a file name: letters,
+/// digits, `-`, `_` and `.` stay; a name that needed other characters replaced by `_`
+/// gets a hash of itself after it, so that two names never become one (`a b` and `a_b`).
 fn file_name_safe(name: &str) -> String {
     let safe: String = name
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
                 c
             } else {
                 '_'
             }
         })
         .collect();
-    if safe.is_empty() { "_".into() } else { safe }
+    if safe == name && !name.is_empty() && !name.starts_with('.') {
+        return safe;
+    }
+    // FNV-1a: the same on every build, so a restarted member finds its own files.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}-{:08x}", safe.trim_start_matches('.'), hash as u32)
 }
 
 async fn build_with(
@@ -343,7 +351,13 @@ mod tests {
     #[test]
     fn member_names_become_safe_file_name_parts() {
         assert_eq!(file_name_safe("worker-1"), "worker-1");
-        assert_eq!(file_name_safe("pod.ns/x y"), "pod_ns_x_y");
-        assert_eq!(file_name_safe(""), "_");
+        assert_eq!(file_name_safe("pod.ns"), "pod.ns");
+        let changed = file_name_safe("pod.ns/x y");
+        assert!(changed.starts_with("pod.ns_x_y-"), "{changed}");
+        // Two names never become one.
+        assert_ne!(file_name_safe("a b"), file_name_safe("a_b"));
+        assert_ne!(file_name_safe("a b"), file_name_safe("a/b"));
+        assert!(!file_name_safe(".hidden").starts_with('.'));
+        assert!(!file_name_safe("").is_empty());
     }
 }

@@ -33,6 +33,10 @@ pub struct Checkpoint {
     /// Increases by one with every committed checkpoint; 0 when nothing was committed.
     pub id: u64,
     pub offsets: BTreeMap<String, i64>,
+    /// Restored in place of a later checkpoint that was lost (see [`RocksStore`]'s power
+    /// failures): offsets committed elsewhere since (a Kafka group's) are ahead of this
+    /// checkpoint's state, so sources start exactly at its offsets until the next commit.
+    pub fallback: bool,
 }
 
 impl Checkpoint {
@@ -154,10 +158,16 @@ const UNLOCKED_TAKEOVER_AGE: Duration = Duration::from_secs(60);
 /// synced write, a damaged file, `LATEST` itself garbage): when the latest checkpoint is
 /// missing or unreadable, opening restores the one before it, says so in a warning, and
 /// names it in `LATEST` again. That reads one checkpoint interval of records again and
-/// loses none: every checkpoint was taken after the sink had been flushed.
+/// loses none: every checkpoint was taken after the sink had been flushed. Until the next
+/// commit, a `FALLBACK` file names the restored checkpoint, also across further restarts,
+/// and [`Checkpoint::fallback`] tells sources to start at its offsets rather than at a
+/// consumer group's (which the lost checkpoint had moved on, past state this one lacks).
 pub struct RocksStore {
     db: Arc<StateDb>,
     dir: PathBuf,
+    /// Restored in place of a lost checkpoint: the partitions of the restored checkpoint
+    /// that no commit has covered since.
+    fallback: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
     /// Set for one member of a directory shared by worker processes.
     member: Option<Member>,
     /// Held while the store is open: a second process on the same directory would clear
@@ -263,9 +273,14 @@ impl RocksStore {
         // Checkpoints other than the restored one and the one before it are leftovers: of a
         // crash mid-checkpoint, or unreadable ones that opening fell back from.
         remove_checkpoints_except(dir, restored);
+        let fallback = (restored.is_some() && read_id(&dir.join(FALLBACK)) == restored)
+            .then(|| read_checkpoint(&db).map(|c| c.offsets.into_keys().collect()))
+            .transpose()
+            .map_err(error)?;
         Ok(RocksStore {
             db: Arc::new(StateDb { db, scratch }),
             dir: dir.to_path_buf(),
+            fallback: fallback.into(),
             member: None,
             _lock: lock,
         })
@@ -357,6 +372,8 @@ fn restore(dir: &Path, working: &Path) -> std::result::Result<(rocksdb::DB, Opti
                         "the latest checkpoint cannot be read: restoring an earlier one, whose \
                          records since are read again"
                     );
+                    write_id(dir, FALLBACK, id)
+                        .map_err(|e| format!("cannot write {FALLBACK}: {e}"))?;
                     write_latest(dir, id).map_err(|e| format!("cannot write {LATEST}: {e}"))?;
                 }
                 return Ok((db, Some(id)));
@@ -502,14 +519,27 @@ fn sync_checkpoint(checkpoint: &Path) -> std::io::Result<()> {
 /// Replaces `LATEST` atomically and durably: write a new file, sync it, rename it over
 /// the old one, sync the directory.
 fn write_latest(dir: &Path, id: u64) -> std::io::Result<()> {
+    write_id(dir, LATEST, id)
+}
+
+/// Replaces the file `name` in `dir` with `id`, atomically and durably.
+fn write_id(dir: &Path, name: &str, id: u64) -> std::io::Result<()> {
     use std::io::Write;
-    let temp = dir.join(format!("{LATEST}.tmp"));
+    let temp = dir.join(format!("{name}.tmp"));
     let mut file = std::fs::File::create(&temp)?;
     writeln!(file, "{id}")?;
     file.sync_all()?;
-    std::fs::rename(&temp, dir.join(LATEST))?;
+    std::fs::rename(&temp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
+
+/// The checkpoint id a marker file names; `None` when it is missing or not an id.
+fn read_id(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Names the checkpoint restored in place of a lost one, until the next commit.
+const FALLBACK: &str = "FALLBACK";
 
 /// A working copy of a frozen checkpoint: table files are immutable, so they are hard
 /// linked; the small files are copied.
@@ -551,7 +581,9 @@ fn remove_checkpoints_except(dir: &Path, keep: Option<u64>) {
 
 impl CheckpointStore for RocksStore {
     fn load(&self) -> Result<Checkpoint> {
-        read_checkpoint(&self.db).map_err(|e| self.error(e))
+        let mut checkpoint = read_checkpoint(&self.db).map_err(|e| self.error(e))?;
+        checkpoint.fallback = self.fallback.lock().expect("fallback lock").is_some();
+        Ok(checkpoint)
     }
 
     fn commit(&self, checkpoint: &Checkpoint) -> Result<()> {
@@ -566,6 +598,16 @@ impl CheckpointStore for RocksStore {
         // A scratch store keeps no checkpoints.
         if self.db.scratch.is_none() {
             self.freeze(checkpoint.id)?;
+        }
+        // Commits after a fallback move the group on from the restored offsets; once every
+        // restored partition has been committed, the group's offsets are this store's again.
+        let mut fallback = self.fallback.lock().expect("fallback lock");
+        if let Some(pending) = fallback.as_mut() {
+            pending.retain(|p| !checkpoint.offsets.contains_key(p));
+            if pending.is_empty() {
+                *fallback = None;
+                let _ = std::fs::remove_file(self.dir.join(FALLBACK));
+            }
         }
         Ok(())
     }

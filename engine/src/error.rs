@@ -94,6 +94,15 @@ pub enum Error {
         message: String,
     },
 
+    /// An outside system refused Sluice's credentials or configuration (a wrong password, a
+    /// user without the permission): no record can succeed until a person fixes it, so the
+    /// run stops, and the batch is neither retried nor dead-lettered.
+    #[error("{system}: {message}")]
+    Refused {
+        system: &'static str,
+        message: String,
+    },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -106,7 +115,7 @@ impl Error {
             Error::Io { .. } | Error::Checkpoint { .. } | Error::External { .. } => {
                 ErrorClass::Transient
             }
-            Error::Arrow { .. } => ErrorClass::Permanent,
+            Error::Arrow { .. } | Error::Refused { .. } => ErrorClass::Permanent,
             Error::Internal(_) => ErrorClass::Internal,
         }
     }

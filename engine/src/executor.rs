@@ -1291,7 +1291,11 @@ async fn sink_loop(
             let batch = columns.apply(&env.batch)?;
             let rows = batch.num_rows() as u64;
             sink.write(batch).await?;
-            RunStats::add(&stats.records_out, rows);
+            let refused = sink.take_refused();
+            RunStats::add(&stats.records_out, rows - refused.len() as u64);
+            if !refused.is_empty() {
+                bury_refused(&pipeline, &env, &refused, dead_letter.as_mut(), &stats).await?;
+            }
         }
         if !env.dead.is_empty() {
             let dlq = dead_letter
@@ -1389,6 +1393,61 @@ async fn sink_loop(
         Some(dlq) => format!("{}; dead letters: {}", sink.summary(), dlq.sink.summary()),
         None => sink.summary(),
     })
+}
+
+/// The stage name of rows the sink refused.
+pub const SINK_STAGE: &str = "sink";
+
+/// Rows the sink refused (it can never take them: larger than it allows) go to the dead
+/// letters of the stage `sink`; without a dead-letter sink, the first one stops the run.
+async fn bury_refused(
+    pipeline: &str,
+    env: &Envelope,
+    refused: &[(u32, String)],
+    dead_letter: Option<&mut DeadLetterSink>,
+    stats: &RunStats,
+) -> Result<()> {
+    let Some(dlq) = dead_letter else {
+        let (row, reason) = &refused[0];
+        let origin = match crate::batch::offset_at(&env.batch, *row as usize) {
+            Some(o) => format!("{} offset {o}", env.partition.name),
+            None => env.origin(),
+        };
+        return Err(Error::Stage {
+            stage: SINK_STAGE.into(),
+            origin,
+            class: crate::ErrorClass::Permanent,
+            message: reason.clone(),
+        });
+    };
+    let stage: Arc<str> = SINK_STAGE.into();
+    let mut letters = Vec::with_capacity(refused.len());
+    for (row, reason) in refused {
+        // Stages that drop `_offset` leave the batch's range as the best provenance.
+        let reason = match crate::batch::offset_at(&env.batch, *row as usize) {
+            Some(_) => reason.clone(),
+            None => format!(
+                "{reason} (one of {}: the stages dropped `_offset`)",
+                env.origin()
+            ),
+        };
+        letters.extend(crate::dead_letter::letters_of_rows(
+            &env.batch,
+            &[*row],
+            &env.partition,
+            crate::dead_letter::RowFailure {
+                stage: &stage,
+                class: crate::ErrorClass::Permanent,
+                reason: &reason,
+                attempts: 1,
+                first_failed_at: crate::dead_letter::now_ms(),
+            },
+        )?);
+    }
+    dlq.write(pipeline, &letters).await?;
+    RunStats::add(&stats.records_dead_lettered, letters.len() as u64);
+    RunStats::add(&stats.records_failed, letters.len() as u64);
+    Ok(())
 }
 
 /// Sends a barrier to every worker; the receiver yields once all of them wait at it (a
@@ -1498,6 +1557,7 @@ async fn take_checkpoint(
     let checkpoint = Checkpoint {
         id: stats.checkpoints.load(Ordering::Relaxed) + 1,
         offsets: changed,
+        fallback: false,
     };
     let store = policy.store.clone();
     let hook = hook.cloned();

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 
 use crate::batch::{self, Envelope};
 use crate::breaker::{Breaker, Fallback, Permit};
-use crate::dead_letter::{DeadLetter, now_ms};
+use crate::dead_letter::{RowFailure, letters_of_rows, now_ms};
 use crate::stage::{Stage, StageContext, StageOutput};
 use crate::stats::{RunStats, StageStats};
 use crate::{Error, ErrorClass, Result};
@@ -212,6 +212,8 @@ pub async fn run_stage(
                     });
                 }
             }
+            // Refused credentials fail every record alike: stop, and keep them unread.
+            Err(e @ Error::Refused { .. }) => return Err(e),
             Err(e) => {
                 let failure_time = work.first_failure.unwrap_or((Instant::now(), now_ms()));
                 let class = e.class();
@@ -495,53 +497,19 @@ impl Grave<'_> {
                 message: format!("{reason}{more}"),
             });
         }
-        let selected = if rows.len() == batch.num_rows() {
-            batch.clone()
-        } else {
-            take_rows(batch, rows)?
-        };
-        let payloads = row_json(&selected)?;
-        let keys = selected
-            .column_by_name(batch::KEY)
-            .and_then(|c| c.as_string_opt::<i32>().cloned());
-        let now = now_ms();
-        for (i, payload) in payloads.into_iter().enumerate() {
-            env.dead.push(DeadLetter {
-                stage: ctx.stage.clone(),
+        env.dead.extend(letters_of_rows(
+            batch,
+            rows,
+            &env.partition,
+            RowFailure {
+                stage: &ctx.stage,
                 class,
-                reason: reason.to_string(),
+                reason,
                 attempts,
-                partition: env.partition.clone(),
-                offset: batch::offset_at(&selected, i),
-                key: keys
-                    .as_ref()
-                    .filter(|k| k.is_valid(i))
-                    .map(|k| k.value(i).to_string()),
-                first_failed_at: first_failed_at.min(now),
-                last_failed_at: now,
-                payload,
-            });
-        }
+                first_failed_at,
+            },
+        )?);
         RunStats::add(&stats.dead_letters, rows.len() as u64);
         Ok(())
     }
-}
-
-/// Each row as a JSON object (record and metadata columns), for dead letters.
-fn row_json(batch: &RecordBatch) -> Result<Vec<Vec<u8>>> {
-    let mut buf = Vec::new();
-    {
-        let mut writer = arrow::json::writer::WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, arrow::json::writer::LineDelimited>(&mut buf);
-        writer
-            .write(batch)
-            .and_then(|()| writer.finish())
-            .map_err(|e| Error::arrow("writing failed rows as JSON", e))?;
-    }
-    Ok(buf
-        .split(|b| *b == b'\n')
-        .take(batch.num_rows())
-        .map(<[u8]>::to_vec)
-        .collect())
 }

@@ -40,4 +40,19 @@ pub trait Sink: Send {
 
     /// What the sink wrote, for the run summary ("3 files in out/").
     fn summary(&self) -> String;
+
+    /// The largest message the sink takes, in bytes, where it has such a limit (a Kafka
+    /// producer's `message.max.bytes`). As a dead-letter sink, letters are cut to fit it
+    /// (see [`crate::dead_letter`]).
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// The rows of the last [`Sink::write`] that the sink refused, by row index, each with
+    /// the reason: rows it can never take (a message larger than it allows), which it did
+    /// not write. The engine sends them to the dead letters, or stops the run naming them
+    /// when there is no dead-letter sink. Called after every write.
+    fn take_refused(&mut self) -> Vec<(u32, String)> {
+        Vec::new()
+    }
 }

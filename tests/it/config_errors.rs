@@ -433,7 +433,7 @@ fn dead_letters_never_write_the_sinks_files() {
             "name: x\nsource:\n  type: generator\nsink:\n  type: file\n  path: {sink}\ndead_letter:\n  type: file\n  path: {dead}\n"
         )
     };
-    let refused = "dead_letter.path: is where `sink` writes its files (line 6), with the same names (`part-*.jsonl`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or `prefix` (x.yaml:9:9)";
+    let refused = "dead_letter.path: is where `sink` writes its files (line 6), with names that overlap (`part-*.jsonl` and `part-*.jsonl`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or a `prefix` that does not start the sink's (x.yaml:9:9)";
     for (sink, dead) in [
         (format!("{d}/out"), format!("{d}/out/")),
         (format!("{d}/out"), format!("{d}/link")),
@@ -447,6 +447,14 @@ fn dead_letters_never_write_the_sinks_files() {
             "{sink} and {dead}"
         );
     }
+    // A prefix that starts the other's (`part` and `part-out`): `part-*` reads both.
+    let overlapping = yaml(&format!("{d}/out\n  prefix: part-out"), &format!("{d}/out"));
+    assert!(
+        one_problem(&overlapping)
+            .contains("names that overlap (`part-out-*.jsonl` and `part-*.jsonl`)"),
+        "{}",
+        one_problem(&overlapping)
+    );
     // Another prefix or format in the same directory, or another directory: its own files.
     for dead in [
         format!("{d}/out\n  prefix: dead"),

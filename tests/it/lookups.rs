@@ -276,13 +276,64 @@ async fn a_redis_refusing_the_credentials_stops_the_run_without_showing_them() {
             "{url}: stopped only after {:?}",
             started.elapsed()
         );
-        // Rows of a batch refused at its lookup are dead letters (for a replay once the
-        // password is fixed): permanent, tried once, and without the password.
-        for letter in json_lines(&dir.path().join("dead")) {
-            assert_eq!(letter["error_class"], "permanent", "{letter}");
-            assert_eq!(letter["attempts"], 1, "{letter}");
-            assert!(!letter.to_string().contains("secret"), "{letter}");
-        }
+        // No row is a dead letter: none could succeed, and all are read again after the fix.
+        let dead = json_lines(&dir.path().join("dead"));
+        assert!(dead.is_empty(), "{url}: {} dead letters", dead.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_refusing_the_user_stops_the_run() {
+    let pg = PostgresServer::start();
+    pg.sql(
+        "CREATE TABLE profiles (user_id bigint PRIMARY KEY, plan text);
+         INSERT INTO profiles SELECT u, 'basic' FROM generate_series(1, 100) u;
+         CREATE ROLE reader LOGIN;",
+    );
+    let port = pg
+        .url()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // A user without the privilege to read the table, and one that does not exist.
+    let cases = [
+        (
+            format!("postgres://reader@127.0.0.1:{port}/postgres"),
+            "42501",
+        ),
+        (
+            format!("postgres://nobody@127.0.0.1:{port}/postgres"),
+            "28000",
+        ),
+    ];
+    for (url, code) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let lookup = format!(
+            "      postgres: {{ url: \"{url}\", table: profiles, pool_size: 1 }}
+      columns:
+        - {{ name: plan, type: utf8 }}
+      prefix: profile_"
+        );
+        let started = Instant::now();
+        let error = run_yaml(
+            &few_attempts(pipeline(dir.path(), 2_000, None, &lookup)),
+            &[],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            error.contains("PostgreSQL refused the lookups") && error.contains(code),
+            "{url}: {error}"
+        );
+        assert!(error.contains("the run stops"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(20), "{url}");
+        let dead = json_lines(&dir.path().join("dead"));
+        assert!(dead.is_empty(), "{url}: {} dead letters", dead.len());
     }
 }
 

@@ -161,7 +161,8 @@ pub struct FileSinkConfig {
     pub max_file_size: ByteSize,
     /// Start a new file once the current one has been open this long (default: no limit).
     pub max_file_age: Option<Duration>,
-    /// File names are `{prefix}-{sequence}.{format}` (default `part`).
+    /// File names are `{prefix}-{sequence}.{format}` (default `part`); a `sluice worker`
+    /// writes `{prefix}-{member}-{sequence}.{format}`, so members share a directory.
     #[serde(default = "default_prefix")]
     pub prefix: String,
 }

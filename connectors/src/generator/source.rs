@@ -353,6 +353,7 @@ mod tests {
         restored.restore(Arc::new(Checkpoint {
             id: 1,
             offsets: [("generator/1".to_string(), 200)].into(),
+            fallback: false,
         }));
         let mut rest = restored.partition(1);
         let env = rest.generate(1000).unwrap();

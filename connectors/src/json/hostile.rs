@@ -185,6 +185,36 @@ fn the_corpus_decodes_or_fails_by_record() {
     }
 }
 
+/// Lines that are not whole JSON values cannot run into each other when JSON lines are
+/// decoded joined: a string left open on one line hid the next line's nesting (found by a
+/// review: a stack overflow in arrow-json), and lines that merge and split could shift rows
+/// against their offsets.
+#[test]
+fn lines_cannot_run_into_each_other() {
+    let schema = schemas().remove(0);
+    let deep = format!(
+        r#"","id":{}1{}}}"#,
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
+    let cases: [&[&[u8]]; 2] = [
+        &[br#"{"x":""#, deep.as_bytes()],
+        &[br#"{"id":1,"name":""#, br#""}"#, br#"{"id":3} {"id":4}"#],
+    ];
+    for records in cases {
+        let mut buf = Vec::new();
+        let mut starts = Vec::new();
+        for r in records {
+            starts.push(buf.len());
+            buf.extend_from_slice(r);
+            buf.push(b'\n');
+        }
+        let err = decode_records(&schema, &buf, &starts).unwrap_err();
+        assert_eq!(err.index, Some(0), "{}", err.reason);
+        survives(records);
+    }
+}
+
 #[test]
 fn deep_records_fail_with_the_limit_named() {
     let schema = schemas().remove(0);

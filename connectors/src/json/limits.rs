@@ -70,6 +70,57 @@ pub fn check_depth(record: &[u8]) -> Result<usize, String> {
     Ok(deepest)
 }
 
+/// Checks one record of several that arrow-json decodes joined as lines (a JSON lines
+/// file): within the nesting limit, and whole — it closes every string, array and object it
+/// opens, and none it did not open.
+///
+/// arrow-json lets a string run on past a line break, so a line that is not whole would be
+/// read together with the next: a string opened on one line would hide the next line's
+/// brackets from a check of that line alone (and arrow-json, quoting them in an error,
+/// recurses once per level), and rows would shift against their offsets. With every line
+/// whole, arrow-json starts each line outside any string, as this scan does, and so reads
+/// the nesting this scan counted. One scalar pass over the line.
+///
+/// # Errors
+/// The reason: the nesting limit, or that the record is not whole.
+pub fn check_line(record: &[u8]) -> Result<(), String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in record {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!(
+                        "the record nests arrays and objects deeper than {MAX_DEPTH} levels \
+                         (the nesting limit)"
+                    ));
+                }
+            }
+            b']' | b'}' => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return Err(NOT_WHOLE.to_string()),
+            },
+            _ => {}
+        }
+    }
+    if in_string || depth != 0 {
+        return Err(NOT_WHOLE.to_string());
+    }
+    Ok(())
+}
+
+const NOT_WHOLE: &str = "the record is not one whole JSON value: a string, array or object is left open or closed twice";
+
 /// A parser's reason cut to a readable length (on a character boundary), saying how long
 /// it was.
 pub fn shorten(reason: String) -> String {
@@ -116,5 +167,26 @@ mod tests {
         let short = shorten(long);
         assert!(short.len() < 400, "{short}");
         assert!(short.ends_with("bytes of error text cut)"));
+    }
+
+    #[test]
+    fn a_line_must_be_whole() {
+        assert!(check_line(br#"{"a": "[}", "b": [1, {"c": "\"]"}]}"#).is_ok());
+        for bad in [
+            &br#"{"x":""#[..],
+            br#"","id":[[[1]]]}"#,
+            br#"{"a": 1"#,
+            br#"{"a": 1}}"#,
+            br#"{"a": "\"}"#,
+        ] {
+            let reason = check_line(bad).unwrap_err();
+            assert!(reason.contains("not one whole"), "{reason}");
+        }
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(
+            check_line(deep.as_bytes())
+                .unwrap_err()
+                .contains("nesting limit")
+        );
     }
 }

@@ -55,7 +55,8 @@ pub struct DecodeError {
 ///
 /// The whole buffer is decoded in one pass; only when that fails is each record decoded on
 /// its own to find the first bad one, so the cost of locating errors is paid only on errors.
-/// Each record is first held to the nesting limit ([`check_depth`]).
+/// Each record is first held to the nesting limit and checked to be whole
+/// ([`limits::check_line`]), so that records cannot run into each other.
 pub fn decode_records(
     schema: &SchemaRef,
     buf: &[u8],
@@ -63,7 +64,14 @@ pub fn decode_records(
 ) -> std::result::Result<RecordBatch, DecodeError> {
     for (i, &start) in starts.iter().enumerate() {
         let end = starts.get(i + 1).copied().unwrap_or(buf.len());
-        if let Err(reason) = check_depth(&buf[start..end]) {
+        let record = &buf[start..end];
+        if let Err(reason) = limits::check_line(record) {
+            // A record within the limit but not whole: arrow-json's words for it alone
+            // (where it starts, arrow-json's reading agrees with the check's).
+            let reason = match reason.contains("nesting limit") {
+                true => reason,
+                false => decode(schema, record, 1).err().unwrap_or(reason),
+            };
             return Err(DecodeError {
                 index: Some(i),
                 reason,

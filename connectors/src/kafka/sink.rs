@@ -5,6 +5,11 @@
 //! outstanding and fails if any delivery failed, so a checkpoint never covers a message the
 //! broker has not acknowledged. While a broker is away librdkafka keeps retrying (up to
 //! `message.timeout.ms`, five minutes by default), and the flush waits with it.
+//!
+//! A row whose message would be larger than the producer's `message.max.bytes` is not sent
+//! (librdkafka would refuse it, and the run would stop on it again at every restart): it is
+//! refused, and the engine makes it a dead letter. As a dead-letter sink, the letters come
+//! cut to that size (`sluice_engine::dead_letter`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,7 +42,17 @@ pub struct KafkaSink {
     /// Where each message of `lines` ends.
     line_ends: Vec<usize>,
     sent: u64,
+    /// The producer's `message.max.bytes`: librdkafka refuses a larger message outright.
+    max_message: usize,
+    /// Rows of the last write that were larger than `max_message` (not sent), with why.
+    refused: Vec<(u32, String)>,
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MAX_MESSAGE: usize = 1_000_000;
+/// What librdkafka adds to key, value and headers when it checks a message against
+/// `message.max.bytes` (a record's framing in the v2 format is well under this).
+const FRAMING: usize = 128;
 
 /// The delivery reports of the messages sent, shared with librdkafka's polling thread.
 #[derive(Default)]
@@ -154,6 +169,11 @@ impl KafkaSink {
                 system: "kafka",
                 message: format!("creating the producer: {e}"),
             })?;
+        let max_message = config
+            .options
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_MESSAGE);
         Ok(KafkaSink {
             config,
             dead_letters: false,
@@ -162,6 +182,8 @@ impl KafkaSink {
             lines: Vec::new(),
             line_ends: Vec::new(),
             sent: 0,
+            max_message,
+            refused: Vec::new(),
         })
     }
 
@@ -267,15 +289,29 @@ impl Sink for KafkaSink {
             {
                 record = record.key(keys.value(row).as_bytes());
             }
+            let mut size = FRAMING + payload.len() + record.key.map_or(0, <[u8]>::len);
             if !headers.is_empty() {
                 let mut owned = OwnedHeaders::new_with_capacity(headers.len());
                 for (name, values) in &headers {
-                    owned = owned.insert(Header {
-                        key: name,
-                        value: values.is_valid(row).then(|| values.value(row)),
-                    });
+                    let value = values.is_valid(row).then(|| values.value(row));
+                    // Each header also carries two lengths (varints).
+                    size += 10 + name.len() + value.map_or(0, str::len);
+                    owned = owned.insert(Header { key: name, value });
                 }
                 record = record.headers(owned);
+            }
+            if size > self.max_message {
+                let reason = format!(
+                    "the message is {size} bytes, more than the producer of topic `{topic}` \
+                     takes (message.max.bytes: {})",
+                    self.max_message
+                );
+                if self.dead_letters {
+                    // Dead letters are cut to fit (`max_message_bytes`): this is a bug.
+                    return Err(Error::Internal(reason));
+                }
+                self.refused.push((row as u32, reason));
+                continue;
             }
             self.deliveries.outstanding.fetch_add(1, Ordering::Acquire);
             loop {
@@ -338,6 +374,14 @@ impl Sink for KafkaSink {
             self.config.topic,
             self.deliveries.acknowledged.load(Ordering::Relaxed)
         )
+    }
+
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(self.max_message.saturating_sub(FRAMING))
+    }
+
+    fn take_refused(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.refused)
     }
 }
 

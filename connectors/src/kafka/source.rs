@@ -100,6 +100,7 @@ impl KafkaSource {
             max_record: usize::try_from(config.max_record_size.0).unwrap_or(usize::MAX),
             dead_letters,
             checkpointed: Mutex::default(),
+            checkpoint_first: AtomicBool::new(false),
             partitions: Mutex::default(),
             generation: AtomicU64::new(0),
             events: tx,
@@ -215,6 +216,9 @@ impl Source for KafkaSource {
     fn restore(&mut self, checkpoint: Arc<Checkpoint>) {
         let mut known = self.shared.checkpointed.lock().expect("checkpointed lock");
         known.extend(checkpoint.offsets.iter().map(|(k, v)| (k.clone(), *v)));
+        self.shared
+            .checkpoint_first
+            .store(checkpoint.fallback, Ordering::Relaxed);
     }
 
     fn commit_hook(&self) -> Option<Arc<dyn CommitHook>> {
@@ -263,6 +267,10 @@ struct Shared {
     /// Per partition name, the next offset to read according to this pipeline's
     /// checkpoints (restored at start, then updated by every commit).
     checkpointed: Mutex<HashMap<String, i64>>,
+    /// The restored checkpoint replaces a lost later one ([`Checkpoint::fallback`]): a
+    /// partition starts at its checkpointed offset even where the group's is ahead (the
+    /// group's moved on with the lost checkpoint, past state the restored one lacks).
+    checkpoint_first: AtomicBool,
     partitions: Mutex<Partitions>,
     /// Changes with every rebalance, so the polling thread's cached buffer is re-checked.
     generation: AtomicU64,
@@ -537,6 +545,7 @@ impl GroupContext {
                 HashMap::new()
             }
         };
+        let checkpoint_first = self.shared.checkpoint_first.load(Ordering::Relaxed);
         let mut unknown = Vec::new();
         for (topic, partition) in &parts {
             let key = (topic.clone(), *partition);
@@ -548,6 +557,7 @@ impl GroupContext {
                 .get(&key)
                 .copied()
                 .or(match (checkpointed.get(&key), group) {
+                    (Some(c), Some(_)) if checkpoint_first => Some(*c),
                     (Some(c), Some(g)) => Some((*c).max(g)),
                     (Some(c), None) => Some(*c),
                     (None, Some(g)) => Some(g),

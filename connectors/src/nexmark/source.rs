@@ -721,6 +721,7 @@ mod tests {
         src.restore(Arc::new(Checkpoint {
             id: 1,
             offsets: [("nexmark/1".to_string(), 200)].into(),
+            fallback: false,
         }));
         let rest = src.partition(1).generate(500).unwrap().batch;
         assert_eq!(rest.num_rows(), 300);

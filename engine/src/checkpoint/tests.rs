@@ -10,6 +10,7 @@ fn store_contract(open: &dyn Fn() -> Box<dyn CheckpointStore>) {
     let first = Checkpoint {
         id: 1,
         offsets: [("a.jsonl".to_string(), 10), ("generator/0".to_string(), 5)].into(),
+        fallback: false,
     };
     store.commit(&first).unwrap();
     assert_eq!(store.load().unwrap(), first);
@@ -18,6 +19,7 @@ fn store_contract(open: &dyn Fn() -> Box<dyn CheckpointStore>) {
         .commit(&Checkpoint {
             id: 2,
             offsets: [("a.jsonl".to_string(), 20)].into(),
+            fallback: false,
         })
         .unwrap();
     let now = store.load().unwrap();
@@ -64,6 +66,7 @@ fn state_written_after_the_last_checkpoint_is_forgotten() {
             .commit(&Checkpoint {
                 id: 1,
                 offsets: [("p".to_string(), 10)].into(),
+                fallback: false,
             })
             .unwrap();
         // Written after the checkpoint, then the process "crashes" (no commit).
@@ -84,6 +87,7 @@ fn state_written_after_the_last_checkpoint_is_forgotten() {
         .commit(&Checkpoint {
             id: 2,
             offsets: [("p".to_string(), 20)].into(),
+            fallback: false,
         })
         .unwrap();
     drop((db, store));
@@ -127,6 +131,7 @@ fn commit_state(store: &RocksStore, id: u64, name: &str, offset: i64, values: &[
         .commit(&Checkpoint {
             id,
             offsets: [(name.to_string(), offset)].into(),
+            fallback: false,
         })
         .unwrap();
 }
@@ -275,6 +280,7 @@ fn the_previous_checkpoint_is_kept_until_the_next_is_complete() {
             .commit(&Checkpoint {
                 id,
                 offsets: [("p".to_string(), id as i64 * 10)].into(),
+                fallback: false,
             })
             .unwrap()
     };
@@ -303,6 +309,12 @@ fn opening_falls_back_to_the_previous_checkpoint_when_the_latest_is_lost() {
         let store = RocksStore::open(dir.path()).unwrap_or_else(|e| panic!("{damage}: {e}"));
         let restored = store.load().unwrap();
         assert_eq!((restored.id, restored.start_of("p")), (1, 10), "{damage}");
+        // Sources start at these offsets, not at a group's the lost checkpoint moved on;
+        // also after a restart before the next commit.
+        assert!(restored.fallback, "{damage}");
+        drop(store);
+        let store = RocksStore::open(dir.path()).unwrap();
+        assert!(store.load().unwrap().fallback, "{damage}: after a restart");
         assert_eq!(
             state_of(&store, "p"),
             vec![
@@ -313,9 +325,11 @@ fn opening_falls_back_to_the_previous_checkpoint_when_the_latest_is_lost() {
         );
         // The store goes on from there: the next checkpoint takes the lost one's id.
         commit_state(&store, 2, "p", 30, &[]);
+        assert!(!store.load().unwrap().fallback, "{damage}: committed since");
         drop(store);
         let reopened = RocksStore::open(dir.path()).unwrap();
         assert_eq!(reopened.load().unwrap().start_of("p"), 30, "{damage}");
+        assert!(!reopened.load().unwrap().fallback, "{damage}");
     }
 }
 

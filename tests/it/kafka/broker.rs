@@ -222,6 +222,22 @@ impl Broker {
         out
     }
 
+    /// The offset `group` has committed for a partition of `topic`.
+    pub fn committed(&self, group: &str, topic: &str, partition: i32) -> Offset {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        committed.elements()[0].offset()
+    }
+
     /// Stops the broker's process (SIGSTOP): clients see a broker that does not answer.
     pub fn freeze(&self) {
         signal(self.pid().expect("a broker process"), libc::SIGSTOP);

@@ -394,7 +394,11 @@ checkpoint:
     assert!(status.success(), "{log}");
     let rows = lines(&out);
     let letters = lines(&dlq);
-    assert_eq!(rows.len() + letters.len(), messages.len(), "each message once");
+    assert_eq!(
+        rows.len() + letters.len(),
+        messages.len(),
+        "each message once"
+    );
     let good: HashSet<i64> = rows
         .iter()
         .filter_map(|r| r["id"].as_i64())
@@ -411,23 +415,127 @@ checkpoint:
         assert!(l["error"].as_str().unwrap().len() < 1000, "a short reason");
     }
 
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(&input, 0);
-    let committed = rdkafka::consumer::Consumer::committed_offsets(
-        &consumer,
-        tpl,
-        Duration::from_secs(10),
-    )
-    .unwrap();
     assert_eq!(
-        committed.elements()[0].offset(),
+        broker.committed(&group, &input, 0),
         rdkafka::Offset::Offset(messages.len() as i64),
         "the group is past every message"
+    );
+}
+
+/// A record larger than the sink takes (librdkafka's `message.max.bytes`, 1,000,000 by
+/// default) goes to the dead letters, and a dead letter larger than the dead-letter sink
+/// takes is written with its payload cut, its whole size and checksum beside it: a record
+/// near the limit never stops the run (it used to, on every restart).
+#[test]
+fn records_larger_than_a_sink_takes_become_dead_letters_cut_to_fit() {
+    const SIZE: usize = 1_000_500;
+    let broker = Broker::start();
+    let (input, output, dlq) = (broker.name("in"), broker.name("out"), broker.name("dlq"));
+    for topic in [&input, &output, &dlq] {
+        broker.create_topic(topic, 1);
+    }
+    // Valid, but its row is larger than the sink's producer takes.
+    let valid = format!(r#"{{"id": 1000, "country": "{}"}}"#, "v".repeat(SIZE - 30));
+    let mut valid = valid.into_bytes();
+    valid.resize(SIZE, b' ');
+    // Not a record of the schema: a dead letter from the source, as large.
+    let invalid = format!(
+        r#"{{"id": "nope", "country": "{}"}}"#,
+        "w".repeat(SIZE - 32)
+    );
+    let mut invalid = invalid.into_bytes();
+    invalid.resize(SIZE, b' ');
+    assert_eq!((valid.len(), invalid.len()), (SIZE, SIZE));
+    let mut messages: Vec<(i32, Option<String>, Vec<u8>)> = (0..100)
+        .map(|i| {
+            (
+                0,
+                None,
+                format!(r#"{{"id":{i},"country":"fr"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    messages.insert(30, (0, None, valid));
+    messages.insert(60, (0, None, invalid.clone()));
+    broker.produce(&input, &messages);
+
+    let dir = tempfile::tempdir().unwrap();
+    let group = broker.name("g");
+    let yaml = format!(
+        r#"name: oversized
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{input}]
+  group: {group}
+  start_from: earliest
+  batch_size: 20
+  schema:
+    - {{ name: id, type: int64, nullable: false }}
+    - {{ name: country, type: utf8 }}
+  options:
+    session.timeout.ms: "6000"
+stages:
+  - name: shape
+    type: sql
+    query: SELECT id, country, _offset FROM input
+sink:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topic: {output}
+dead_letter:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topic: {dlq}
+checkpoint:
+  dir: {ckpt}
+  interval: 300ms
+"#,
+        bootstrap = broker.bootstrap,
+        ckpt = dir.path().join("ckpt").display(),
+    );
+    let mut sluice = Sluice::start(&write_pipeline(dir.path(), &yaml), dir.path().join("log"));
+    let out = broker.read_messages(&output, 100, Duration::from_secs(90));
+    assert_eq!(out.len(), 100, "{}", sluice.log_text());
+    let letters = broker.read_messages(&dlq, 2, Duration::from_secs(30));
+    assert_eq!(letters.len(), 2, "{}", sluice.log_text());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(sluice.running(), "{}", sluice.log_text());
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+
+    let by_stage = |stage: &str| {
+        letters
+            .iter()
+            .find(|l| l.headers["stage"] == stage)
+            .unwrap()
+    };
+    let refused = by_stage("sink");
+    assert!(
+        refused.headers["error"].contains("message.max.bytes"),
+        "{:?}",
+        refused.headers
+    );
+    assert_eq!(refused.headers["offset"], "30");
+    assert_eq!(refused.headers["payload_cut"], "true");
+    let whole: usize = refused.headers["payload_size"].parse().unwrap();
+    assert!(whole > SIZE - 100, "{whole}");
+    assert!(refused.payload.len() < 1_000_000);
+    assert!(refused.payload.starts_with(br#"{"id":1000,"country":"vvv"#));
+
+    let undecoded = by_stage("source");
+    assert_eq!(undecoded.headers["offset"], "60");
+    assert_eq!(undecoded.headers["payload_cut"], "true");
+    assert_eq!(undecoded.headers["payload_size"], SIZE.to_string());
+    assert_eq!(
+        undecoded.headers["payload_checksum"],
+        format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&invalid))
+    );
+    assert!(invalid.starts_with(&undecoded.payload));
+
+    assert_eq!(
+        broker.committed(&group, &input, 0),
+        rdkafka::Offset::Offset(102),
+        "the group is past both"
     );
 }

@@ -463,6 +463,7 @@ async fn a_restored_snapshot_goes_on_as_if_nothing_happened() {
             .commit(&Checkpoint {
                 id: 1,
                 offsets: Default::default(),
+                fallback: false,
             })
             .unwrap();
         out.extend(h.take());

@@ -130,11 +130,24 @@ fn scalar(t: &DataType) -> bool {
 /// A connection string for people: its password (and a user given alone, which Redis
 /// may take for a password) replaced by `***`, so that `redis://:secret@host:6379/0` reads
 /// `redis://:***@host:6379/0`, and a `pass=` parameter (of `redis+unix://` URLs) likewise.
+///
+/// The user part ends at the last `@` of the whole URL, not of the host part: a password
+/// with an unencoded `/`, `?` or `#` must not end it early (and show the rest). PostgreSQL's
+/// `key=value` connection strings have their `password=` hidden the same way.
 fn redact(url: &str) -> String {
+    if !url.contains("://") {
+        return url
+            .split(' ')
+            .map(|p| match p.split_once('=') {
+                Some(("password", _)) => "password=***".to_string(),
+                _ => p.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
     let (scheme, rest) = url.split_at(url.find("://").map_or(0, |i| i + 3));
-    let host_at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let mut shown = scheme.to_string();
-    match rest[..host_at].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => {
             let user = &rest[..at];
             match user.split_once(':') {
@@ -252,8 +265,8 @@ impl Redis {
                 class: ErrorClass::Permanent,
                 message: format!("Redis at {} refused the lookup: {said}", self.url),
             },
-            Verdict::Refused => Error::Function {
-                class: ErrorClass::Permanent,
+            Verdict::Refused => Error::Refused {
+                system: "redis",
                 message: self
                     .refused
                     .get_or_init(|| {
@@ -408,8 +421,8 @@ impl Remote for Redis {
     }
 
     fn refused(&self) -> Option<Error> {
-        self.refused.get().map(|message| Error::Function {
-            class: ErrorClass::Permanent,
+        self.refused.get().map(|message| Error::Refused {
+            system: "redis",
             message: message.clone(),
         })
     }
@@ -542,10 +555,12 @@ fn default_pool_size() -> usize {
 
 impl PostgresLookup {
     pub fn plan(&self, values: &SchemaRef, stage_key: &str) -> Result<Postgres, String> {
-        let config: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|e| format!("`{}` is not a PostgreSQL connection string: {e}", self.url))?;
+        let config: tokio_postgres::Config = self.url.parse().map_err(|e| {
+            format!(
+                "`{}` is not a PostgreSQL connection string: {e}",
+                redact(&self.url)
+            )
+        })?;
         let manager = deadpool_postgres::Manager::from_config(
             config,
             tokio_postgres::NoTls,
@@ -609,7 +624,8 @@ impl Postgres {
     /// serialization failures and deadlocks, insufficient resources 53, operator
     /// intervention 57 such as a shutdown or a cancelled query, system errors 58, a lock not
     /// available 55P03); permanent for the others (no such table or column, wrong types),
-    /// which asking again will not cure.
+    /// which asking again will not cure; refused for bad credentials and missing
+    /// privileges, which stop the run.
     fn error(&self, e: tokio_postgres::Error) -> Error {
         let Some(db) = e.as_db_error() else {
             return Error::External {
@@ -619,6 +635,16 @@ impl Postgres {
         };
         let code = db.code().code();
         let message = format!("looking up in `{}`: {} ({code})", self.table, db.message());
+        // Invalid authorization (28xxx) or a missing privilege: no lookup can succeed.
+        if code.starts_with("28") || code == "42501" {
+            return Error::Refused {
+                system: "postgres",
+                message: format!(
+                    "PostgreSQL refused the lookups: {message}. Check the user, password and \
+                     permissions in the stage's `url`: no lookup can succeed, so the run stops"
+                ),
+            };
+        }
         if matches!(&code[..2.min(code.len())], "08" | "40" | "53" | "57" | "58") || code == "55P03"
         {
             Error::External {
@@ -630,6 +656,18 @@ impl Postgres {
                 class: ErrorClass::Permanent,
                 message: format!("PostgreSQL refused the lookup: {message}"),
             }
+        }
+    }
+
+    /// A connection that could not be had: the server's refusal (a role that does not
+    /// exist, a wrong password) stops the run; anything else may pass.
+    fn pool_error(&self, e: deadpool_postgres::PoolError) -> Error {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => self.error(e),
+            e => Error::External {
+                system: "postgres",
+                message: format!("looking up in `{}`: {e}", self.table),
+            },
         }
     }
 
@@ -662,10 +700,13 @@ impl Remote for Postgres {
     async fn connect(&self) -> Result<()> {
         let client = match self.pool.get().await {
             Ok(client) => client,
-            Err(e) => {
-                tracing::warn!(table = %self.table, "PostgreSQL not reachable yet, will try again at the first batch: {e}");
-                return Ok(());
-            }
+            Err(e) => match self.pool_error(e) {
+                refused @ Error::Refused { .. } => return Err(refused),
+                e => {
+                    tracing::warn!(table = %self.table, "PostgreSQL not reachable yet, will try again at the first batch: {e}");
+                    return Ok(());
+                }
+            },
         };
         // A missing table or column, or a key type that cannot be looked up, is reported
         // now rather than at every batch.
@@ -682,10 +723,7 @@ impl Remote for Postgres {
     }
 
     async fn fetch(&self, keys: &[String]) -> Result<Fetched> {
-        let client = self.pool.get().await.map_err(|e| Error::External {
-            system: "postgres",
-            message: format!("looking up in `{}`: {e}", self.table),
-        })?;
+        let client = self.pool.get().await.map_err(|e| self.pool_error(e))?;
         let statement = client
             .prepare_cached(&self.sql)
             .await
@@ -833,6 +871,16 @@ mod tests {
                 "rediss://app:***@cache.internal:6380",
             ),
             ("redis://secret@host", "redis://***@host"),
+            ("redis://:pa#ss@h:6379", "redis://:***@h:6379"),
+            ("redis://:pa/s?s@h:6379/2", "redis://:***@h:6379/2"),
+            (
+                "postgres://app:pa/ss@db:5432/x",
+                "postgres://app:***@db:5432/x",
+            ),
+            (
+                "host=db user=app password=secret dbname=x",
+                "host=db user=app password=*** dbname=x",
+            ),
             ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
             (
                 "redis+unix:///run/redis.sock?db=1&pass=secret",
