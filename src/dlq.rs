@@ -80,7 +80,7 @@ pub fn read(config: &PipelineConfig) -> anyhow::Result<Vec<Letter>> {
     };
     match &sink.kind {
         SinkKind::File(f) => read_files(&f.path, &f.prefix, f.format),
-        SinkKind::Kafka(k) => read_topic(&k.bootstrap_servers, &k.topic),
+        SinkKind::Kafka(k) => read_topic(&k.bootstrap_servers, &k.topic, &k.client_options()),
         SinkKind::Stdout(_) | SinkKind::Null(_) => {
             bail!(
                 "dead letters written to {} cannot be read back",
@@ -181,12 +181,20 @@ fn letter_from_row(row: &Value) -> anyhow::Result<Letter> {
     })
 }
 
-fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Letter>> {
+fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    options: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<Letter>> {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut client = ClientConfig::new();
+    for (k, v) in security(options) {
+        client.set(k, v);
+    }
+    let consumer: BaseConsumer = client
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "sluice-dlq-inspect")
         .set("enable.auto.commit", "false")
@@ -308,11 +316,42 @@ pub fn inspect(letters: &[Letter], samples: usize) -> String {
     out
 }
 
+/// The properties of `options` that say how to connect (TLS, SASL): the pipeline's other
+/// client properties mean nothing to the clients `sluice dlq` makes.
+fn security(options: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    options.iter().filter(|(k, _)| {
+        ["security.protocol", "ssl.", "enable.ssl.", "sasl."]
+            .iter()
+            .any(|p| k.starts_with(p))
+    })
+}
+
+/// How the pipeline connects to its brokers (`tls:`, `sasl:`, `options:` of its Kafka
+/// source, else of its Kafka dead-letter sink), for `replay --to-topic`.
+pub fn client_options_of(config: &PipelineConfig) -> BTreeMap<String, String> {
+    if let crate::config::SourceKind::Kafka(k) = &config.source.kind {
+        return k.client_options();
+    }
+    match config.dead_letter.as_ref().map(|d| &d.kind) {
+        Some(SinkKind::Kafka(k)) => k.client_options(),
+        _ => BTreeMap::new(),
+    }
+}
+
 /// Sends the letters' original bytes (with their keys) to a Kafka topic.
-pub fn replay_to_topic(letters: &[Letter], bootstrap: &str, topic: &str) -> anyhow::Result<usize> {
+pub fn replay_to_topic(
+    letters: &[Letter],
+    bootstrap: &str,
+    topic: &str,
+    options: &BTreeMap<String, String>,
+) -> anyhow::Result<usize> {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let mut client = ClientConfig::new();
+    for (k, v) in security(options) {
+        client.set(k, v);
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = client
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")

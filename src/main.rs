@@ -331,7 +331,8 @@ async fn dlq(command: DlqCommand) -> u8 {
                 return INVALID;
             };
             match tokio::task::block_in_place(|| {
-                sluice::dlq::replay_to_topic(&letters, &bootstrap, &topic)
+                let options = sluice::dlq::client_options_of(&config);
+                sluice::dlq::replay_to_topic(&letters, &bootstrap, &topic, &options)
             }) {
                 Ok(n) => {
                     println!("replayed {n} dead letters to topic `{topic}`");

@@ -2,6 +2,7 @@
 //! test file would cost minutes).
 
 mod aggregate;
+mod certs;
 mod checkpoint;
 mod cli;
 mod config_errors;
@@ -10,6 +11,7 @@ mod executor;
 mod failures;
 mod golden;
 mod hostile;
+mod https;
 mod kafka;
 mod lookups;
 mod nexmark;

@@ -40,6 +40,29 @@ pub fn check_depth(record: &[u8]) -> Result<usize, String> {
     if openers <= FAST_DEPTH {
         return Ok(openers);
     }
+    scan(record, false)
+}
+
+/// Checks one record of several that arrow-json decodes joined as lines (a JSON lines
+/// file): within the nesting limit, and whole — it closes every string, array and object it
+/// opens, and none it did not open.
+///
+/// arrow-json lets a string run on past a line break, so a line that is not whole would be
+/// read together with the next: a string opened on one line would hide the next line's
+/// brackets from a check of that line alone (and arrow-json, quoting them in an error,
+/// recurses once per level), and rows would shift against their offsets. With every line
+/// whole, arrow-json starts each line outside any string, as this scan does, and so reads
+/// the nesting this scan counted. One scalar pass over the line.
+///
+/// # Errors
+/// The reason: the nesting limit, or that the record is not whole.
+pub fn check_line(record: &[u8]) -> Result<(), String> {
+    scan(record, true).map(drop)
+}
+
+/// The deepest nesting of `record`, outside strings; with `whole`, also an error unless it
+/// closes every string, array and object it opens and none it did not.
+fn scan(record: &[u8], whole: bool) -> Result<usize, String> {
     let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
     for &b in record {
         if in_string {
@@ -63,60 +86,18 @@ pub fn check_depth(record: &[u8]) -> Result<usize, String> {
                     ));
                 }
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(deepest)
-}
-
-/// Checks one record of several that arrow-json decodes joined as lines (a JSON lines
-/// file): within the nesting limit, and whole — it closes every string, array and object it
-/// opens, and none it did not open.
-///
-/// arrow-json lets a string run on past a line break, so a line that is not whole would be
-/// read together with the next: a string opened on one line would hide the next line's
-/// brackets from a check of that line alone (and arrow-json, quoting them in an error,
-/// recurses once per level), and rows would shift against their offsets. With every line
-/// whole, arrow-json starts each line outside any string, as this scan does, and so reads
-/// the nesting this scan counted. One scalar pass over the line.
-///
-/// # Errors
-/// The reason: the nesting limit, or that the record is not whole.
-pub fn check_line(record: &[u8]) -> Result<(), String> {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in record {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(format!(
-                        "the record nests arrays and objects deeper than {MAX_DEPTH} levels \
-                         (the nesting limit)"
-                    ));
-                }
-            }
             b']' | b'}' => match depth.checked_sub(1) {
                 Some(d) => depth = d,
-                None => return Err(NOT_WHOLE.to_string()),
+                None if whole => return Err(NOT_WHOLE.to_string()),
+                None => {}
             },
             _ => {}
         }
     }
-    if in_string || depth != 0 {
+    if whole && (in_string || depth != 0) {
         return Err(NOT_WHOLE.to_string());
     }
-    Ok(())
+    Ok(deepest)
 }
 
 const NOT_WHOLE: &str = "the record is not one whole JSON value: a string, array or object is left open or closed twice";

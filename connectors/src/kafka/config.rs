@@ -4,6 +4,8 @@ use serde::Deserialize;
 use sluice_engine::config::schema::SchemaSpec;
 use sluice_engine::config::{ByteSize, Location, Node, Problems};
 
+use super::security::{self, KafkaSasl, KafkaTls};
+
 /// Reads JSON records from Kafka topics as a member of a consumer group.
 ///
 /// ```yaml
@@ -45,7 +47,11 @@ pub struct KafkaSourceConfig {
     /// letter naming this limit), never decoded.
     #[serde(default = "default_max_record")]
     pub max_record_size: ByteSize,
-    /// librdkafka consumer properties, passed through (`fetch.min.bytes: "1"`, SASL, …).
+    /// An encrypted connection (see [`KafkaTls`]).
+    pub tls: Option<KafkaTls>,
+    /// A SASL login (see [`KafkaSasl`]).
+    pub sasl: Option<KafkaSasl>,
+    /// librdkafka consumer properties, passed through (`fetch.min.bytes: "1"`, …).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
 }
@@ -129,6 +135,19 @@ impl KafkaSourceConfig {
             problems.at_key(node, path, "schema", "declare at least one field");
         }
         check_options(&self.options, node, path, problems, CONSUMER_MANAGED);
+        security::validate(
+            self.tls.as_ref(),
+            self.sasl.as_ref(),
+            &self.options,
+            node,
+            path,
+            problems,
+        );
+    }
+
+    /// The librdkafka properties of `tls`, `sasl` and `options`.
+    pub fn client_options(&self) -> BTreeMap<String, String> {
+        security::client_options(self.tls.as_ref(), self.sasl.as_ref(), &self.options)
     }
 
     /// What librdkafka subscribes to: the topics, or the pattern (librdkafka reads a
@@ -165,6 +184,10 @@ pub struct KafkaSinkConfig {
     /// Columns sent as message headers (values as text), as well as in the payload.
     #[serde(default)]
     pub headers: Vec<String>,
+    /// An encrypted connection (see [`KafkaTls`]).
+    pub tls: Option<KafkaTls>,
+    /// A SASL login (see [`KafkaSasl`]).
+    pub sasl: Option<KafkaSasl>,
     /// librdkafka producer properties, passed through (`linger.ms: "20"`, …).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -181,6 +204,19 @@ impl KafkaSinkConfig {
             );
         }
         check_options(&self.options, node, path, problems, PRODUCER_MANAGED);
+        security::validate(
+            self.tls.as_ref(),
+            self.sasl.as_ref(),
+            &self.options,
+            node,
+            path,
+            problems,
+        );
+    }
+
+    /// The librdkafka properties of `tls`, `sasl` and `options`.
+    pub fn client_options(&self) -> BTreeMap<String, String> {
+        security::client_options(self.tls.as_ref(), self.sasl.as_ref(), &self.options)
     }
 }
 

@@ -45,7 +45,7 @@ impl GroupLag {
             .set("group.id", &config.group)
             .set("enable.auto.commit", "false");
         // Security and network settings apply to this client too.
-        for (k, v) in &config.options {
+        for (k, v) in &config.client_options() {
             client.set(k, v);
         }
         let consumer: BaseConsumer = client.create().map_err(|e| Error::External {

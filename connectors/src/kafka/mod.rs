@@ -3,11 +3,13 @@
 
 mod config;
 mod lag;
+mod security;
 mod sink;
 mod source;
 
 pub use config::{KafkaSinkConfig, KafkaSourceConfig, MessageFormat, StartFrom};
 pub use lag::{GroupLag, Lag};
+pub use security::{KafkaSasl, KafkaTls};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
 

@@ -114,6 +114,9 @@ impl Deliveries {
 
 struct DeliveryContext {
     deliveries: Arc<Deliveries>,
+    /// For the sentence that stops the run when the brokers refuse the client.
+    bootstrap: String,
+    sasl: Option<super::KafkaSasl>,
 }
 
 impl ClientContext for DeliveryContext {
@@ -123,6 +126,14 @@ impl ClientContext for DeliveryContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         super::client_error(&error, reason);
+        // Refused credentials or an untrusted certificate: no retry cures them, so the
+        // next write or flush fails with the reason.
+        if let Some(message) =
+            super::security::refusal(&error, reason, &self.bootstrap, self.sasl.as_ref())
+        {
+            let mut failed = self.deliveries.failed.lock().expect("failed lock");
+            failed.get_or_insert(message);
+        }
     }
 }
 
@@ -158,12 +169,14 @@ impl KafkaSink {
             .set("acks", "all")
             .set("client.id", format!("sluice-{}", config.topic))
             .set_log_level(RDKafkaLogLevel::Warning);
-        for (k, v) in &config.options {
+        for (k, v) in &config.client_options() {
             c.set(k, v);
         }
         let producer = c
             .create_with_context(DeliveryContext {
                 deliveries: deliveries.clone(),
+                bootstrap: config.bootstrap_servers.clone(),
+                sasl: config.sasl.clone(),
             })
             .map_err(|e| Error::External {
                 system: "kafka",

@@ -136,7 +136,7 @@ impl KafkaSource {
             )
             .set("client.id", format!("sluice-{}", self.config.group))
             .set_log_level(RDKafkaLogLevel::Warning);
-        for (k, v) in &self.config.options {
+        for (k, v) in &self.config.client_options() {
             c.set(k, v);
         }
         c
@@ -149,6 +149,9 @@ impl KafkaSource {
         }
         let context = GroupContext {
             shared: self.shared.clone(),
+            bootstrap: self.config.bootstrap_servers.clone(),
+            sasl: self.config.sasl.clone(),
+            refused: AtomicBool::new(false),
         };
         let consumer: GroupConsumer = self
             .consumer_config()
@@ -426,6 +429,10 @@ fn resume_caught_up(consumer: &GroupConsumer, shared: &Shared) {
 /// Receives the consumer's callbacks on the polling thread.
 struct GroupContext {
     shared: Arc<Shared>,
+    /// For the sentence that stops the run when the brokers refuse the client.
+    bootstrap: String,
+    sasl: Option<super::KafkaSasl>,
+    refused: AtomicBool,
 }
 
 impl ClientContext for GroupContext {
@@ -435,6 +442,16 @@ impl ClientContext for GroupContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         super::client_error(&error, reason);
+        // Refused credentials or an untrusted certificate: no retry cures them.
+        if let Some(message) =
+            super::security::refusal(&error, reason, &self.bootstrap, self.sasl.as_ref())
+            && !self.refused.swap(true, Ordering::SeqCst)
+        {
+            let _ = self.shared.events.send(Event::Failed(Error::Refused {
+                system: "kafka",
+                message,
+            }));
+        }
     }
 }
 

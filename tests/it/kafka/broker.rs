@@ -29,11 +29,13 @@ pub struct Broker {
     process: Option<Child>,
     /// Makes topic and group names unique when the broker is shared.
     prefix: String,
+    /// librdkafka properties the test's own clients need (TLS, see `kafka::secure`).
+    pub security: Vec<(String, String)>,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn tansu_binary() -> PathBuf {
+pub fn tansu_binary() -> PathBuf {
     if let Ok(bin) = std::env::var("TANSU_BIN") {
         return bin.into();
     }
@@ -61,6 +63,7 @@ impl Broker {
                 bootstrap,
                 process: None,
                 prefix,
+                security: Vec::new(),
             };
         }
         let port = crate::free_port();
@@ -89,6 +92,7 @@ impl Broker {
             bootstrap: format!("127.0.0.1:{port}"),
             process: Some(process),
             prefix,
+            security: Vec::new(),
         }
     }
 
@@ -98,7 +102,18 @@ impl Broker {
             bootstrap: bootstrap.to_string(),
             process: None,
             prefix: String::new(),
+            security: Vec::new(),
         }
+    }
+
+    /// A client configuration for this broker.
+    pub fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in &self.security {
+            c.set(k, v);
+        }
+        c
     }
 
     /// A topic or group name unique to this broker and test.
@@ -115,10 +130,8 @@ impl Broker {
     }
 
     pub fn create_topic(&self, topic: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .expect("admin client");
+        let admin: AdminClient<DefaultClientContext> =
+            self.client().create().expect("admin client");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -135,8 +148,7 @@ impl Broker {
     }
 
     pub fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        self.client()
             .set("message.max.bytes", "4000000")
             .set("linger.ms", "5")
             .create()
@@ -179,8 +191,8 @@ impl Broker {
 
     /// Like [`Broker::read_all`], with keys and headers.
     pub fn read_messages(&self, topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        let consumer: BaseConsumer = self
+            .client()
             .set("group.id", self.name("verifier"))
             .set("enable.auto.commit", "false")
             .create()
@@ -224,8 +236,8 @@ impl Broker {
 
     /// The offset `group` has committed for a partition of `topic`.
     pub fn committed(&self, group: &str, topic: &str, partition: i32) -> Offset {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        let consumer: BaseConsumer = self
+            .client()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()

@@ -11,6 +11,7 @@ mod errors;
 mod examples;
 mod processes;
 mod scaling;
+mod secure;
 mod throughput;
 
 use std::collections::HashMap;

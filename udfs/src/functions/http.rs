@@ -112,9 +112,13 @@ const EXCERPT_CHARS: usize = 200;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http {
-    /// The endpoint rows are POSTed to, e.g. `http://127.0.0.1:8808/moderate` (plain
-    /// `http` only: this build has no TLS).
+    /// The endpoint rows are POSTed to, e.g. `https://models.internal/moderate`.
     url: String,
+    /// For `https` endpoints: `ca`, the authority (PEM) that signed the server's
+    /// certificate when it is not one the system trusts; `cert` and `key` (PEM), this
+    /// client's certificate for servers that ask for one (mutual TLS). The server's host
+    /// name is always verified.
+    tls: Option<HttpTls>,
     /// The input columns sent for each row (default: every column whose name does not
     /// start with `_`).
     columns: Option<Vec<String>>,
@@ -133,6 +137,48 @@ pub struct Http {
     /// Headers sent with every request, e.g. `{ authorization: "Bearer ${TOKEN}" }`.
     #[serde(default)]
     headers: BTreeMap<String, String>,
+}
+
+/// `tls:` of an https endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpTls {
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+}
+
+impl HttpTls {
+    /// Adds the authority and the client identity to `builder`.
+    fn apply(&self, mut builder: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, String> {
+        let read = |f: &std::path::Path| {
+            std::fs::read(f).map_err(|e| format!("cannot read `{}`: {e}", f.display()))
+        };
+        if let Some(ca) = &self.ca {
+            let pem = read(ca)?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("`{}` holds no PEM certificate: {e}", ca.display()))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let identity = reqwest::Identity::from_pkcs8_pem(&read(cert)?, &read(key)?)
+                    .map_err(|e| {
+                        format!(
+                            "`{}` and `{}` are not a PEM certificate and PKCS #8 key: {e}",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => return Err("give `tls.cert` and `tls.key` together".to_string()),
+        }
+        Ok(builder)
+    }
 }
 
 /// One result field: `{ name: verdict, type: utf8 }`.
@@ -179,12 +225,10 @@ fn output_type(ty: &str) -> Result<DataType, String> {
 fn parse_url(url: &str) -> Result<Url, String> {
     let parsed = Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL ({e})"))?;
     match parsed.scheme() {
-        "http" => Ok(parsed),
-        "https" => Err(format!(
-            "`{url}` uses https, which this build of Sluice cannot send (it has no TLS); \
-             use http, e.g. through a local proxy"
+        "http" | "https" => Ok(parsed),
+        other => Err(format!(
+            "`{url}` is a {other} URL; expected an http:// or https:// URL"
         )),
-        other => Err(format!("`{url}` is a {other} URL; expected an http:// URL")),
     }
 }
 
@@ -352,11 +396,15 @@ impl FunctionSpec for Http {
             let (name, value) = parse_header(name, value)?;
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
             .timeout(self.timeout.get())
-            .pool_max_idle_per_host(self.concurrency)
+            .pool_max_idle_per_host(self.concurrency);
+        if let Some(tls) = &self.tls {
+            builder = tls.apply(builder)?;
+        }
+        let client = builder
             .build()
             .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
 
@@ -487,6 +535,15 @@ impl HttpStage {
         }
         if builder {
             permanent(format!("cannot build a request to {url}: {detail}"))
+        } else if connect && detail.contains("certificate") {
+            // No retry cures an untrusted certificate or one for another host.
+            Error::Refused {
+                system: SYSTEM,
+                message: format!(
+                    "the TLS certificate of {url} is refused: {detail}; give the authority \
+                     that signed it in `tls.ca`, and check that it names the URL's host"
+                ),
+            }
         } else if connect {
             Error::External {
                 system: SYSTEM,
@@ -1009,8 +1066,8 @@ mod tests {
         assert!(e.contains("already exists"), "{e}");
         let e = err(json!({ "outputs": [{ "name": "error", "type": "utf8" }] }));
         assert!(e.contains("reserved"), "{e}");
-        let e = err(json!({ "url": "https://example.com/x" }));
-        assert!(e.contains("no TLS"), "{e}");
+        let e = err(json!({ "url": "ftp://example.com/x" }));
+        assert!(e.contains("expected an http:// or https:// URL"), "{e}");
         let e = err(json!({ "max_batch_rows": 0 }));
         assert!(e.contains("max_batch_rows"), "{e}");
 
