@@ -506,3 +506,119 @@ async fn a_file_table_is_joined_and_reloaded_when_it_changes() {
         "reloaded: {plans:?}"
     );
 }
+
+/// Lookups in a PostgreSQL that takes TLS connections only: `sslmode=verify-full` with the
+/// authority that signed its certificate enriches every row; plaintext, and a certificate
+/// signed by an authority the stage does not trust, stop the run with a sentence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_verifies_the_server() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = crate::certs::Certs::make(certs_dir.path());
+    let pg = PostgresServer::start_tls_only(&certs.server_cert, &certs.server_key);
+    pg.sql(
+        "CREATE TABLE profiles (user_id bigint PRIMARY KEY, plan text);
+         INSERT INTO profiles SELECT u, 'plan-' || u FROM generate_series(1, 100000) u;",
+    );
+    let lookup = |query: &str| {
+        format!(
+            "      postgres: {{ url: \"postgres://sluice@localhost:{}/postgres?{query}\", table: profiles, pool_size: 1 }}
+      columns:
+        - {{ name: plan, type: utf8 }}
+      prefix: profile_",
+            pg.port
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let full = format!("sslmode=verify-full&sslrootcert={}", certs.ca.display());
+    run_yaml(&pipeline(dir.path(), 3_000, None, &lookup(&full)), &[])
+        .await
+        .unwrap();
+    let rows = json_lines(&dir.path().join("rows"));
+    assert_eq!(rows.len(), 3_000);
+    for row in &rows {
+        assert_eq!(
+            row["profile_plan"],
+            format!("plan-{}", row["user_id"]),
+            "{row}"
+        );
+    }
+    assert!(json_lines(&dir.path().join("dead")).is_empty());
+
+    let refused = [
+        (
+            "sslmode=disable".to_string(),
+            "PostgreSQL refused the lookups",
+        ),
+        (
+            format!(
+                "sslmode=verify-full&sslrootcert={}",
+                certs.other_ca.display()
+            ),
+            "TLS certificate of the PostgreSQL server",
+        ),
+    ];
+    for (query, said) in refused {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let error = run_yaml(
+            &few_attempts(pipeline(dir.path(), 1_000, None, &lookup(&query))),
+            &[],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+        assert!(error.contains(said), "{query}: {error}");
+        assert!(started.elapsed() < Duration::from_secs(30), "{query}");
+    }
+}
+
+/// Lookups in a Redis that takes TLS connections only (`rediss://` with the authority in
+/// `tls.ca`) enrich every row; an untrusted certificate stops the run. (Plaintext to a
+/// TLS-only Redis is only a closed connection to the client, retried as transient.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_verifies_the_server() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = crate::certs::Certs::make(certs_dir.path());
+    let redis = RedisServer::start_tls_only(&certs.server_cert, &certs.server_key, &certs.ca);
+    load_redis(&redis, false);
+    let lookup = |url: &str, ca: &std::path::Path| {
+        redis_lookup(url, "hash").replacen(
+            "key_prefix",
+            &format!("tls: {{ ca: {} }}, key_prefix", ca.display()),
+            1,
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    run_yaml(
+        &pipeline(dir.path(), 3_000, None, &lookup(&redis.url(), &certs.ca)),
+        &[],
+    )
+    .await
+    .unwrap();
+    let rows = json_lines(&dir.path().join("rows"));
+    assert_eq!(rows.len(), 3_000);
+    for row in &rows {
+        let user = row["user_id"].as_i64().unwrap();
+        if has_profile(user) {
+            assert_ne!(row["profile_plan"], "free", "{row}");
+        }
+    }
+    assert!(json_lines(&dir.path().join("dead")).is_empty());
+
+    // A certificate signed by an authority the stage does not trust stops the run at once.
+    let dir = tempfile::tempdir().unwrap();
+    let error = run_yaml(
+        &few_attempts(pipeline(
+            dir.path(),
+            1_000,
+            None,
+            &lookup(&redis.url(), &certs.other_ca),
+        )),
+        &[],
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    assert!(error.contains("certificate verify failed"), "{error}");
+    assert!(json_lines(&dir.path().join("rows")).is_empty());
+}

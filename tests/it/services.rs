@@ -30,19 +30,54 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     child: Child,
+    /// A server that takes TLS only: its certificate, key and authority.
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let port = crate::free_port();
-        let child = Self::spawn(port, dir.path());
-        RedisServer { port, dir, child }
+        let child = Self::spawn(port, dir.path(), None);
+        RedisServer {
+            port,
+            dir,
+            child,
+            tls: None,
+        }
     }
 
-    fn spawn(port: u16, dir: &Path) -> Child {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+    /// A server that takes TLS connections only (`rediss://`), with this certificate and
+    /// key, signed by `ca`.
+    pub fn start_tls_only(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = crate::free_port();
+        let tls = [cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()];
+        let child = Self::spawn(port, dir.path(), Some(&tls));
+        RedisServer {
+            port,
+            dir,
+            child,
+            tls: Some(tls),
+        }
+    }
+
+    fn spawn(port: u16, dir: &Path, tls: Option<&[PathBuf; 3]>) -> Child {
+        let mut server = Command::new("redis-server");
+        match tls {
+            None => server.args(["--port", &port.to_string()]),
+            Some([cert, key, ca]) => server
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = server
+            .args(["--bind", "127.0.0.1"])
             .args(["--dir", dir.to_str().unwrap()])
             .args([
                 "--appendonly",
@@ -60,21 +95,31 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://localhost:{}", self.port),
+        }
     }
 
     pub fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        let client = match &self.tls {
+            None => redis::Client::open(self.url()),
+            Some([_, _, ca]) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            ),
+        };
+        client.unwrap().get_connection().unwrap()
     }
 
     /// Kills the server, keeps it down for `down`, and starts it again on the same port.
     pub fn restart(&mut self, down: Duration) {
         stop(&mut self.child, libc::SIGKILL);
         std::thread::sleep(down);
-        self.child = Self::spawn(self.port, self.dir.path());
+        self.child = Self::spawn(self.port, self.dir.path(), self.tls.as_ref());
     }
 }
 
@@ -124,6 +169,38 @@ fn id_of(flag: &str) -> u32 {
 
 impl PostgresServer {
     pub fn start() -> PostgresServer {
+        Self::start_with(|_, _| {})
+    }
+
+    /// A server that takes TLS connections only (`hostssl`), with this certificate and key.
+    pub fn start_tls_only(cert: &Path, key: &Path) -> PostgresServer {
+        Self::start_with(|data, owner| {
+            use std::os::unix::fs::PermissionsExt;
+            // The server reads them as its own user, which cannot see the test's directory.
+            for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = data.join(name);
+                std::fs::copy(from, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            let conf = data.join("postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).unwrap();
+            text.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(&conf, text).unwrap();
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            )
+            .unwrap();
+        })
+    }
+
+    /// Makes the cluster, lets `setup` change its data directory, and starts the server.
+    fn start_with(setup: impl FnOnce(&Path, Option<(u32, u32)>)) -> PostgresServer {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         let bin = postgres_bin();
@@ -145,6 +222,7 @@ impl PostgresServer {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        setup(&dir.path().join("data"), owner);
         let port = crate::free_port();
         let child = Self::spawn(&bin, dir.path(), port, owner);
         PostgresServer {

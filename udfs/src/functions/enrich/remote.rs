@@ -79,8 +79,11 @@ impl Fetched {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisLookup {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, or `rediss://` for TLS.
     url: String,
+    /// For `rediss://`: `ca`, the authority (PEM) that signed the server's certificate when
+    /// it is not one the system trusts; `cert` and `key` (PEM) for mutual TLS.
+    tls: Option<RedisTls>,
     /// Put before each key: `profile:` looks up `profile:42`.
     #[serde(default)]
     key_prefix: String,
@@ -88,6 +91,35 @@ pub struct RedisLookup {
     /// object of the columns (GET). A key of another type fails its own rows.
     #[serde(default)]
     format: RedisFormat,
+}
+
+/// `tls:` of a `rediss://` lookup.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTls {
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+}
+
+impl RedisTls {
+    fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+        let read = |f: &std::path::Path| {
+            std::fs::read(f).map_err(|e| format!("cannot read `{}`: {e}", f.display()))
+        };
+        let client_tls = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert)?,
+                client_key: read(key)?,
+            }),
+            (None, None) => None,
+            _ => return Err("give `tls.cert` and `tls.key` together".to_string()),
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert: self.ca.as_deref().map(read).transpose()?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
@@ -100,8 +132,11 @@ enum RedisFormat {
 
 impl RedisLookup {
     pub fn plan(&self, values: &SchemaRef) -> Result<Redis, String> {
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|e| format!("`{}` is not a Redis URL: {e}", redact(&self.url)))?;
+        let client = match &self.tls {
+            Some(tls) => redis::Client::build_with_tls(self.url.as_str(), tls.certificates()?),
+            None => redis::Client::open(self.url.as_str()),
+        }
+        .map_err(|e| format!("`{}` is not a Redis URL: {e}", redact(&self.url)))?;
         if self.format == RedisFormat::Hash
             && let Some(f) = values.fields().iter().find(|f| !scalar(f.data_type()))
         {
@@ -197,6 +232,8 @@ enum Verdict {
 fn verdict(e: &redis::RedisError) -> Verdict {
     use redis::ErrorKind;
     match e.kind() {
+        // A server certificate not trusted: no retry cures it.
+        ErrorKind::Io if e.to_string().contains("certificate") => Verdict::Refused,
         // Refused, reset or timed-out connections, and replies cut short.
         ErrorKind::Io | ErrorKind::Parse => Verdict::Transient,
         ErrorKind::AuthenticationFailed
@@ -272,8 +309,9 @@ impl Redis {
                     .get_or_init(|| {
                         format!(
                             "Redis at {} refused the lookups: {}. Check the user, password \
-                             and database in the stage's `url`, and the user's permissions: \
-                             no lookup can succeed, so the run stops",
+                             and database in the stage's `url`, the user's permissions, and for \
+                             rediss:// the authority in `tls.ca`: no lookup can succeed, so the \
+                             run stops",
                             self.url,
                             said.trim_end_matches('.')
                         )
@@ -555,15 +593,17 @@ fn default_pool_size() -> usize {
 
 impl PostgresLookup {
     pub fn plan(&self, values: &SchemaRef, stage_key: &str) -> Result<Postgres, String> {
-        let config: tokio_postgres::Config = self.url.parse().map_err(|e| {
+        let (url, tls) = PgTls::split(&self.url)?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             format!(
                 "`{}` is not a PostgreSQL connection string: {e}",
                 redact(&self.url)
             )
         })?;
+        config.ssl_mode(tls.mode.ssl_mode());
         let manager = deadpool_postgres::Manager::from_config(
             config,
-            tokio_postgres::NoTls,
+            tls.connector()?,
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -600,6 +640,138 @@ impl PostgresLookup {
             table: self.table.clone(),
             values: values.clone(),
         })
+    }
+}
+
+/// libpq's `sslmode`: tokio-postgres reads only disable, prefer and require, so the modes
+/// that verify are read here and put into the TLS connector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PgSslMode {
+    Disable,
+    /// TLS when the server offers it, unverified (libpq's default).
+    Prefer,
+    /// TLS, unverified unless `sslrootcert` is given (as libpq).
+    Require,
+    /// TLS with the server's certificate signed by `sslrootcert` (or the system's roots).
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate names the host connected to.
+    VerifyFull,
+}
+
+impl PgSslMode {
+    fn ssl_mode(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode;
+        match self {
+            PgSslMode::Disable => SslMode::Disable,
+            PgSslMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        }
+    }
+}
+
+/// The TLS parameters of a PostgreSQL connection string (`sslmode`, `sslrootcert`,
+/// `sslcert`, `sslkey`, as libpq reads them).
+struct PgTls {
+    mode: PgSslMode,
+    root: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl PgTls {
+    /// The connection string without its TLS parameters, and those parameters.
+    fn split(url: &str) -> Result<(String, PgTls), String> {
+        let mut tls = PgTls {
+            mode: PgSslMode::Prefer,
+            root: None,
+            cert: None,
+            key: None,
+        };
+        let mut take = |key: &str, value: &str| -> Result<bool, String> {
+            match key {
+                "sslmode" => {
+                    tls.mode = match value {
+                        "disable" => PgSslMode::Disable,
+                        "allow" | "prefer" => PgSslMode::Prefer,
+                        "require" => PgSslMode::Require,
+                        "verify-ca" => PgSslMode::VerifyCa,
+                        "verify-full" => PgSslMode::VerifyFull,
+                        other => {
+                            return Err(format!(
+                                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+                            ));
+                        }
+                    }
+                }
+                "sslrootcert" => tls.root = Some(value.to_string()),
+                "sslcert" => tls.cert = Some(value.to_string()),
+                "sslkey" => tls.key = Some(value.to_string()),
+                _ => return Ok(false),
+            }
+            Ok(true)
+        };
+        let rest = if url.contains("://") {
+            // A URL: its query parameters.
+            match url.split_once('?') {
+                Some((base, query)) => {
+                    let mut kept = Vec::new();
+                    for pair in query.split('&') {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        if !take(k, v)? {
+                            kept.push(pair);
+                        }
+                    }
+                    match kept.is_empty() {
+                        true => base.to_string(),
+                        false => format!("{base}?{}", kept.join("&")),
+                    }
+                }
+                None => url.to_string(),
+            }
+        } else {
+            // `key=value` words.
+            let mut kept = Vec::new();
+            for word in url.split_whitespace() {
+                let (k, v) = word.split_once('=').unwrap_or((word, ""));
+                if !take(k, v)? {
+                    kept.push(word);
+                }
+            }
+            kept.join(" ")
+        };
+        Ok((rest, tls))
+    }
+
+    /// A connector that verifies as the mode says, with the given authority and identity.
+    fn connector(&self) -> Result<postgres_native_tls::MakeTlsConnector, String> {
+        let read = |f: &str| std::fs::read(f).map_err(|e| format!("cannot read `{f}`: {e}"));
+        let mut builder = native_tls::TlsConnector::builder();
+        if let Some(root) = &self.root {
+            let cert = native_tls::Certificate::from_pem(&read(root)?)
+                .map_err(|e| format!("`{root}` (sslrootcert) is not a PEM certificate: {e}"))?;
+            builder.add_root_certificate(cert);
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let identity = native_tls::Identity::from_pkcs8(&read(cert)?, &read(key)?)
+                    .map_err(|e| format!("`{cert}` and `{key}` (sslcert, sslkey): {e}"))?;
+                builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => return Err("give `sslcert` and `sslkey` together".to_string()),
+        }
+        let verify_chain = match self.mode {
+            PgSslMode::Disable | PgSslMode::Prefer => false,
+            PgSslMode::Require => self.root.is_some(),
+            PgSslMode::VerifyCa | PgSslMode::VerifyFull => true,
+        };
+        builder
+            .danger_accept_invalid_certs(!verify_chain)
+            .danger_accept_invalid_hostnames(self.mode != PgSslMode::VerifyFull);
+        let connector = builder
+            .build()
+            .map_err(|e| format!("cannot set up TLS for PostgreSQL: {e}"))?;
+        Ok(postgres_native_tls::MakeTlsConnector::new(connector))
     }
 }
 
@@ -662,8 +834,28 @@ impl Postgres {
     /// A connection that could not be had: the server's refusal (a role that does not
     /// exist, a wrong password) stops the run; anything else may pass.
     fn pool_error(&self, e: deadpool_postgres::PoolError) -> Error {
+        let detail = {
+            let mut detail = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                detail.push_str(": ");
+                detail.push_str(&s.to_string());
+                source = s.source();
+            }
+            detail
+        };
         match e {
             deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => self.error(e),
+            // No retry cures an untrusted certificate or one for another host.
+            _ if detail.contains("certificate") => Error::Refused {
+                system: "postgres",
+                message: format!(
+                    "the TLS certificate of the PostgreSQL server for `{}` is refused: {detail}; \
+                     give the authority that signed it as `sslrootcert`, and check that it names \
+                     the host (sslmode=verify-full)",
+                    self.table
+                ),
+            },
             e => Error::External {
                 system: "postgres",
                 message: format!("looking up in `{}`: {e}", self.table),
