@@ -3,8 +3,9 @@
 //!
 //! tansu keeps its users in its storage, and with the in-memory storage the tests use, a
 //! broker that requires authentication cannot be given a user (creating one needs an
-//! authenticated connection): so the login that succeeds is not tested here, the login that
-//! is refused is (the SASL exchange runs to the broker's refusal).
+//! authenticated connection). So a refused SCRAM login is tested against tansu itself, and
+//! a login that succeeds through `sasl_proxy.py`, a SASL/PLAIN front that checks one user
+//! and password and then pipes the connection to tansu.
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -22,6 +23,17 @@ struct SecureBroker {
 
 impl SecureBroker {
     fn start(dir: &Path, certs: &Certs, authentication: bool) -> SecureBroker {
+        Self::start_with(dir, certs, authentication, None)
+    }
+
+    /// With `plain_login` (user, password): a SASL/PLAIN front (`sasl_proxy.py`) between
+    /// stunnel and tansu checks that login, as a broker with users would.
+    fn start_with(
+        dir: &Path,
+        certs: &Certs,
+        authentication: bool,
+        plain_login: Option<(&str, &str)>,
+    ) -> SecureBroker {
         let (plain, tls) = (crate::free_port(), crate::free_port());
         let mut tansu = Command::new(super::broker::tansu_binary());
         tansu.args([
@@ -42,11 +54,23 @@ impl SecureBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start tansu");
+        let mut processes = vec![tansu];
+        let mut behind_tls = plain;
+        if let Some((user, password)) = plain_login {
+            behind_tls = crate::free_port();
+            let proxy = Command::new("python3")
+                .args(["-c", include_str!("sasl_proxy.py")])
+                .args([&behind_tls.to_string(), &plain.to_string(), user, password])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("python3 runs");
+            processes.push(proxy);
+        }
         let conf = dir.join("stunnel.conf");
         std::fs::write(
             &conf,
             format!(
-                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
+                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{behind_tls}\ncert = {}\nkey = {}\n",
                 certs.server_cert.display(),
                 certs.server_key.display()
             ),
@@ -58,8 +82,9 @@ impl SecureBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start stunnel4 (make test installs it)");
+        processes.push(stunnel);
         let deadline = Instant::now() + Duration::from_secs(20);
-        for port in [plain, tls] {
+        for port in [plain, behind_tls, tls] {
             while TcpStream::connect(("127.0.0.1", port)).is_err() {
                 assert!(Instant::now() < deadline, "nothing listens on {port}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -70,10 +95,16 @@ impl SecureBroker {
             ("security.protocol".into(), "SSL".into()),
             ("ssl.ca.location".into(), certs.ca.display().to_string()),
         ];
-        SecureBroker {
-            broker,
-            processes: vec![tansu, stunnel],
+        if let Some((user, password)) = plain_login {
+            broker.security = vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("ssl.ca.location".into(), certs.ca.display().to_string()),
+                ("sasl.mechanisms".into(), "PLAIN".into()),
+                ("sasl.username".into(), user.into()),
+                ("sasl.password".into(), password.into()),
+            ];
         }
+        SecureBroker { broker, processes }
     }
 }
 
@@ -119,10 +150,21 @@ checkpoint:
 /// Kafka → SQL → Kafka with the brokers reached over TLS only: 10,000 records round trip.
 #[test]
 fn records_round_trip_over_tls() {
+    round_trip(None);
+}
+
+/// The same over TLS with a SASL/PLAIN login (the password from the environment), which
+/// appears in no output of the run.
+#[test]
+fn records_round_trip_over_tls_with_a_sasl_login() {
+    round_trip(Some(("sluice", "s3cret-for-the-test")));
+}
+
+fn round_trip(login: Option<(&str, &str)>) {
     const N: usize = 10_000;
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::make(dir.path());
-    let secure = SecureBroker::start(dir.path(), &certs, false);
+    let secure = SecureBroker::start_with(dir.path(), &certs, false, login);
     let broker = &secure.broker;
     broker.create_topic("in", 2);
     broker.create_topic("out", 2);
@@ -136,13 +178,26 @@ fn records_round_trip_over_tls() {
         })
         .collect();
     broker.produce("in", &messages);
-    let security = format!("  tls: {{ ca: {} }}", certs.ca.display());
+    let mut security = format!("  tls: {{ ca: {} }}", certs.ca.display());
+    if let Some((user, _)) = login {
+        security.push_str(&format!(
+            "\n  sasl: {{ mechanism: PLAIN, username: {user}, password: \"${{KAFKA_PASSWORD}}\" }}"
+        ));
+    }
     let yaml = pipeline(&broker.bootstrap, &security, dir.path());
-    let sluice = Sluice::start(&write_pipeline(dir.path(), &yaml), dir.path().join("log"));
+    let password = login.map_or("", |(_, p)| p);
+    let sluice = Sluice::start_with(
+        &write_pipeline(dir.path(), &yaml),
+        dir.path().join("log"),
+        &[("KAFKA_PASSWORD", password)],
+    );
     let out = broker.read_all("out", N, Duration::from_secs(120));
     assert_eq!(out.len(), N, "{}", sluice.log_text());
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
+    if let Some((_, password)) = login {
+        assert!(!log.contains(password), "the password is not shown:\n{log}");
+    }
     let ids: std::collections::HashSet<i64> = out
         .iter()
         .map(|m| serde_json::from_str::<serde_json::Value>(m).unwrap())
