@@ -36,8 +36,9 @@ enum Command {
         /// No status line and no summary.
         #[arg(long, short)]
         quiet: bool,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9898).
-        #[arg(long, value_name = "ADDR")]
+        /// Serve Prometheus metrics at http://ADDR/metrics: a port alone (9898) serves this
+        /// machine only (127.0.0.1); serving others takes an address (0.0.0.0:9898).
+        #[arg(long, value_name = "PORT|ADDR", value_parser = metrics_addr)]
         metrics_addr: Option<std::net::SocketAddr>,
         /// Kafka sources: run the pipeline as N worker processes of its consumer group
         /// (`sluice worker`), or as many as the group's lag asks for (`auto`, by the
@@ -58,8 +59,8 @@ enum Command {
         /// Worker tasks in this process (default as for `run`).
         #[arg(long, value_name = "N|auto")]
         workers: Option<Count>,
-        /// Serve Prometheus metrics at http://ADDR/metrics.
-        #[arg(long, value_name = "ADDR")]
+        /// Serve Prometheus metrics at http://ADDR/metrics (a port alone: 127.0.0.1 only).
+        #[arg(long, value_name = "PORT|ADDR", value_parser = metrics_addr)]
         metrics_addr: Option<std::net::SocketAddr>,
         /// Ignore the `scaling:` section (the supervisor scales processes by it).
         #[arg(long, hide = true)]
@@ -169,6 +170,16 @@ impl DlqFilter {
 /// Exit codes: 0 success, 1 the pipeline failed or a test failed, 2 the file has problems.
 const FAILED: u8 = 1;
 const INVALID: u8 = 2;
+
+/// `--metrics-addr`: a port alone is on the loopback address, so that serving metrics to
+/// other machines is always said in full.
+fn metrics_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse()
+        .map_err(|_| format!("`{text}` is not a port (9898) or an address (127.0.0.1:9898)"))
+}
 
 fn main() -> ExitCode {
     // RocksDB (C++) allocates through glibc, which gives every thread that allocates an arena

@@ -72,6 +72,11 @@ pub fn serve(
         )
         .and_then(|b| b.install())
         .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+    let reach = match addr.ip().is_loopback() {
+        true => "this machine only",
+        false => "open to other machines",
+    };
+    eprintln!("metrics: http://{addr}/metrics ({reach})");
     let pipeline = pipeline.to_string();
     // Durations go to their histograms as they are recorded.
     for s in &stats.stages {

@@ -187,8 +187,16 @@ sink: { type: null }
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "-q", "--metrics-addr", &addr, file.to_str().unwrap()])
+    // A port alone serves this machine only, and says so.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "run",
+            "-q",
+            "--metrics-addr",
+            &port.to_string(),
+            file.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -208,7 +216,15 @@ sink: { type: null }
             break text;
         }
     };
-    assert!(child.wait().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let said = crate::text(&out.stderr);
+    assert!(
+        said.contains(&format!(
+            "metrics: http://{addr}/metrics (this machine only)"
+        )),
+        "{said}"
+    );
     for want in [
         "sluice_records_in_total{pipeline=\"m\"}",
         "sluice_stage_rows_in_total{pipeline=\"m\",stage=\"s\"}",
