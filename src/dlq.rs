@@ -259,11 +259,17 @@ fn read_topic(
 
 /// The pipeline's Kafka brokers: its source's, else its dead-letter sink's.
 pub fn bootstrap_of(config: &PipelineConfig) -> Option<String> {
+    kafka_client_of(config).map(|(bootstrap, _)| bootstrap)
+}
+
+/// The brokers and client properties (`tls:`, `sasl:`, `options:`) of the pipeline's Kafka
+/// source, else of its Kafka dead-letter sink.
+fn kafka_client_of(config: &PipelineConfig) -> Option<(String, BTreeMap<String, String>)> {
     if let crate::config::SourceKind::Kafka(k) = &config.source.kind {
-        return Some(k.bootstrap_servers.clone());
+        return Some((k.bootstrap_servers.clone(), k.client_options()));
     }
     match config.dead_letter.as_ref().map(|d| &d.kind) {
-        Some(SinkKind::Kafka(k)) => Some(k.bootstrap_servers.clone()),
+        Some(SinkKind::Kafka(k)) => Some((k.bootstrap_servers.clone(), k.client_options())),
         _ => None,
     }
 }
@@ -319,23 +325,17 @@ pub fn inspect(letters: &[Letter], samples: usize) -> String {
 /// The properties of `options` that say how to connect (TLS, SASL): the pipeline's other
 /// client properties mean nothing to the clients `sluice dlq` makes.
 fn security(options: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
-    options.iter().filter(|(k, _)| {
-        ["security.protocol", "ssl.", "enable.ssl.", "sasl."]
-            .iter()
-            .any(|p| k.starts_with(p))
-    })
+    options
+        .iter()
+        .filter(|(k, _)| sluice_connectors::kafka::is_security_property(k))
 }
 
 /// How the pipeline connects to its brokers (`tls:`, `sasl:`, `options:` of its Kafka
 /// source, else of its Kafka dead-letter sink), for `replay --to-topic`.
 pub fn client_options_of(config: &PipelineConfig) -> BTreeMap<String, String> {
-    if let crate::config::SourceKind::Kafka(k) = &config.source.kind {
-        return k.client_options();
-    }
-    match config.dead_letter.as_ref().map(|d| &d.kind) {
-        Some(SinkKind::Kafka(k)) => k.client_options(),
-        _ => BTreeMap::new(),
-    }
+    kafka_client_of(config)
+        .map(|(_, options)| options)
+        .unwrap_or_default()
 }
 
 /// Sends the letters' original bytes (with their keys) to a Kafka topic.

@@ -90,18 +90,28 @@ fn mutate(rng: &mut fastrand::Rng, bytes: &mut Vec<u8>) {
     }
 }
 
-fn seconds() -> f64 {
+/// `SLUICE_FUZZ_SECS`, else `default`: how long a mutation run takes.
+pub(crate) fn fuzz_seconds(default: f64) -> f64 {
     std::env::var("SLUICE_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0)
+        .unwrap_or(default)
 }
 
-fn seed() -> u64 {
+/// `SLUICE_FUZZ_SEED`, else a random seed: replays a run.
+pub(crate) fn fuzz_seed() -> u64 {
     std::env::var("SLUICE_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..))
+}
+
+fn seconds() -> f64 {
+    fuzz_seconds(2.0)
+}
+
+fn seed() -> u64 {
+    fuzz_seed()
 }
 
 /// Reads `bytes` as `name` in a fresh directory; a panic fails with the input kept.

@@ -2,7 +2,7 @@
 
 mod config;
 #[cfg(test)]
-mod hostile;
+pub(crate) mod hostile;
 mod sink;
 mod source;
 

@@ -301,14 +301,8 @@ fn mutate(rng: &mut fastrand::Rng, input: &mut Vec<u8>) {
 
 #[test]
 fn random_mutations_decode_or_fail_by_record() {
-    let secs = std::env::var("SLUICE_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let seed = std::env::var("SLUICE_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
+    let secs = crate::file::hostile::fuzz_seconds(3.0);
+    let seed = crate::file::hostile::fuzz_seed();
     eprintln!("fuzzing the JSON decoders for {secs}s, SLUICE_FUZZ_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut pool: Vec<Vec<u8>> = corpus()

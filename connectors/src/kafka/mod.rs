@@ -9,7 +9,7 @@ mod source;
 
 pub use config::{KafkaSinkConfig, KafkaSourceConfig, MessageFormat, StartFrom};
 pub use lag::{GroupLag, Lag};
-pub use security::{KafkaSasl, KafkaTls};
+pub use security::{KafkaSasl, KafkaTls, is_security_property};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
 

@@ -70,6 +70,12 @@ const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
 /// Properties `tls:` and `sasl:` own: not to be set under `options:` too.
 const SECURITY_PREFIXES: [&str; 4] = ["security.protocol", "ssl.", "enable.ssl.", "sasl."];
 
+/// Whether a librdkafka property says how to connect (TLS, SASL) rather than how to read
+/// or write.
+pub fn is_security_property(key: &str) -> bool {
+    SECURITY_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
 /// Checks `tls` and `sasl` of the client config at `path` in `node`.
 pub fn validate(
     tls: Option<&KafkaTls>,
@@ -145,7 +151,7 @@ pub fn validate(
     }
     if tls.is_some() || sasl.is_some() {
         for key in options.keys() {
-            if SECURITY_PREFIXES.iter().any(|p| key.starts_with(p)) {
+            if is_security_property(key) {
                 problems.at_key(
                     node,
                     path,

@@ -67,7 +67,6 @@
 //! instance that holds it.
 
 use std::collections::BTreeMap;
-use std::error::Error as _;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_empty_array, new_null_array};
@@ -525,14 +524,7 @@ impl HttpStage {
         let connect = e.is_connect();
         let builder = e.is_builder();
         // reqwest's own message is generic; the causes say what happened.
-        let e = e.without_url();
-        let mut detail = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            detail.push_str(": ");
-            detail.push_str(&s.to_string());
-            source = s.source();
-        }
+        let detail = super::error_chain(&e.without_url());
         if builder {
             permanent(format!("cannot build a request to {url}: {detail}"))
         } else if connect && detail.contains("certificate") {

@@ -834,16 +834,7 @@ impl Postgres {
     /// A connection that could not be had: the server's refusal (a role that does not
     /// exist, a wrong password) stops the run; anything else may pass.
     fn pool_error(&self, e: deadpool_postgres::PoolError) -> Error {
-        let detail = {
-            let mut detail = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                detail.push_str(": ");
-                detail.push_str(&s.to_string());
-                source = s.source();
-            }
-            detail
-        };
+        let detail = crate::functions::error_chain(&e);
         match e {
             deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => self.error(e),
             // No retry cures an untrusted certificate or one for another host.
