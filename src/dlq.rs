@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sluice_connectors::file::FileFormat;
 use sluice_connectors::json::JsonDecoder;
+use sluice_connectors::kafka::LoginContext;
 use sluice_engine::batch::{ColumnSelection, Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::dead_letter::{SOURCE_STAGE, decode_base64};
@@ -194,11 +195,14 @@ fn read_topic(
     for (k, v) in security(options) {
         client.set(k, v);
     }
-    let consumer: BaseConsumer = client
+    let consumer: BaseConsumer<LoginContext> = client
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "sluice-dlq-inspect")
         .set("enable.auto.commit", "false")
-        .create()?;
+        .create_with_context(LoginContext)?;
+    // Serves librdkafka's request for a login token (AWS_MSK_IAM) before the first call
+    // that needs a connection; nothing is assigned yet, so no record comes.
+    let _ = consumer.poll(Duration::ZERO);
     let timeout = Duration::from_secs(10);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let Some(t) = metadata.topics().first() else {
@@ -346,16 +350,16 @@ pub fn replay_to_topic(
     options: &BTreeMap<String, String>,
 ) -> anyhow::Result<usize> {
     use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let mut client = ClientConfig::new();
     for (k, v) in security(options) {
         client.set(k, v);
     }
-    let producer: ThreadedProducer<DefaultProducerContext> = client
+    let producer: ThreadedProducer<LoginContext> = client
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .create()?;
+        .create_with_context(LoginContext)?;
     for l in letters {
         let mut record = BaseRecord::<str, [u8]>::to(topic).payload(&l.payload);
         if let Some(k) = &l.key {

@@ -134,3 +134,16 @@ impl Error {
         }
     }
 }
+
+/// An error and its causes as one line (`a: b: c`): clients' own messages are generic, the
+/// causes say what happened (a certificate refused, a connection reset).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -290,15 +290,7 @@ async fn a_postgres_refusing_the_user_stops_the_run() {
          INSERT INTO profiles SELECT u, 'basic' FROM generate_series(1, 100) u;
          CREATE ROLE reader LOGIN;",
     );
-    let port = pg
-        .url()
-        .rsplit_once(':')
-        .unwrap()
-        .1
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let port = pg.port;
     // A user without the privilege to read the table, and one that does not exist.
     let cases = [
         (
@@ -573,8 +565,9 @@ async fn postgres_over_tls_verifies_the_server() {
 }
 
 /// Lookups in a Redis that takes TLS connections only (`rediss://` with the authority in
-/// `tls.ca`) enrich every row; an untrusted certificate stops the run. (Plaintext to a
-/// TLS-only Redis is only a closed connection to the client, retried as transient.)
+/// `tls.ca`) enrich every row; an untrusted certificate stops the run; plaintext to it fails
+/// saying to use rediss:// (the server only closes the connection, which a restarting server
+/// does too, so it is retried first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_tls_verifies_the_server() {
     let certs_dir = tempfile::tempdir().unwrap();
@@ -621,4 +614,25 @@ async fn redis_over_tls_verifies_the_server() {
     .unwrap_err();
     assert!(error.contains("certificate verify failed"), "{error}");
     assert!(json_lines(&dir.path().join("rows")).is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let plaintext = format!("redis://127.0.0.1:{}", redis.port);
+    run_yaml(
+        &few_attempts(pipeline(
+            dir.path(),
+            100,
+            None,
+            &redis_lookup(&plaintext, "hash"),
+        )),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(json_lines(&dir.path().join("rows")).is_empty());
+    let dead = json_lines(&dir.path().join("dead"));
+    assert_eq!(dead.len(), 100);
+    for letter in &dead {
+        let error = letter["error"].as_str().unwrap();
+        assert!(error.contains("use a rediss:// URL"), "{error}");
+    }
 }

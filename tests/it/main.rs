@@ -16,6 +16,7 @@ mod kafka;
 mod lookups;
 mod nexmark;
 mod pipelines;
+mod secrets;
 mod services;
 mod sources;
 

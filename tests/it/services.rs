@@ -199,6 +199,19 @@ impl PostgresServer {
         })
     }
 
+    /// A server where users other than the tests' own (`sluice`) log in with a password
+    /// (SCRAM), as on a managed PostgreSQL.
+    pub fn start_with_passwords() -> PostgresServer {
+        Self::start_with(|data, _| {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhost all sluice 127.0.0.1/32 trust\n\
+                 host all all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .unwrap();
+        })
+    }
+
     /// Makes the cluster, lets `setup` change its data directory, and starts the server.
     fn start_with(setup: impl FnOnce(&Path, Option<(u32, u32)>)) -> PostgresServer {
         use std::os::unix::process::CommandExt;

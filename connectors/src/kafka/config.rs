@@ -50,7 +50,7 @@ pub struct KafkaSourceConfig {
     /// An encrypted connection (see [`KafkaTls`]).
     pub tls: Option<KafkaTls>,
     /// A SASL login (see [`KafkaSasl`]).
-    pub sasl: Option<KafkaSasl>,
+    pub sasl: Option<Box<KafkaSasl>>,
     /// librdkafka consumer properties, passed through (`fetch.min.bytes: "1"`, …).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -137,7 +137,7 @@ impl KafkaSourceConfig {
         check_options(&self.options, node, path, problems, CONSUMER_MANAGED);
         security::validate(
             self.tls.as_ref(),
-            self.sasl.as_ref(),
+            self.sasl.as_deref(),
             &self.options,
             node,
             path,
@@ -147,7 +147,7 @@ impl KafkaSourceConfig {
 
     /// The librdkafka properties of `tls`, `sasl` and `options`.
     pub fn client_options(&self) -> BTreeMap<String, String> {
-        security::client_options(self.tls.as_ref(), self.sasl.as_ref(), &self.options)
+        security::client_options(self.tls.as_ref(), self.sasl.as_deref(), &self.options)
     }
 
     /// What librdkafka subscribes to: the topics, or the pattern (librdkafka reads a
@@ -187,7 +187,7 @@ pub struct KafkaSinkConfig {
     /// An encrypted connection (see [`KafkaTls`]).
     pub tls: Option<KafkaTls>,
     /// A SASL login (see [`KafkaSasl`]).
-    pub sasl: Option<KafkaSasl>,
+    pub sasl: Option<Box<KafkaSasl>>,
     /// librdkafka producer properties, passed through (`linger.ms: "20"`, …).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -206,7 +206,7 @@ impl KafkaSinkConfig {
         check_options(&self.options, node, path, problems, PRODUCER_MANAGED);
         security::validate(
             self.tls.as_ref(),
-            self.sasl.as_ref(),
+            self.sasl.as_deref(),
             &self.options,
             node,
             path,
@@ -216,7 +216,7 @@ impl KafkaSinkConfig {
 
     /// The librdkafka properties of `tls`, `sasl` and `options`.
     pub fn client_options(&self) -> BTreeMap<String, String> {
-        security::client_options(self.tls.as_ref(), self.sasl.as_ref(), &self.options)
+        security::client_options(self.tls.as_ref(), self.sasl.as_deref(), &self.options)
     }
 }
 

@@ -18,7 +18,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads the lag of a pipeline's consumer group. Blocking: one metadata request, one
 /// committed-offsets request and one log-end request per partition each time.
 pub struct GroupLag {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<super::LoginContext>,
     topics: Vec<String>,
     pattern: Option<regex::Regex>,
     group: String,
@@ -48,10 +48,12 @@ impl GroupLag {
         for (k, v) in &config.client_options() {
             client.set(k, v);
         }
-        let consumer: BaseConsumer = client.create().map_err(|e| Error::External {
-            system: "kafka",
-            message: format!("creating a client to read the group's lag: {e}"),
-        })?;
+        let consumer = client
+            .create_with_context(super::LoginContext)
+            .map_err(|e| Error::External {
+                system: "kafka",
+                message: format!("creating a client to read the group's lag: {e}"),
+            })?;
         let pattern = match &config.topic_pattern {
             Some(_) => {
                 // The anchored form the consumer subscribes with.
@@ -77,6 +79,9 @@ impl GroupLag {
             system: "kafka",
             message: format!("{doing} of group `{}`: {e}", self.group),
         };
+        // Serves librdkafka's requests for a login token (AWS_MSK_IAM), which only a poll
+        // answers; nothing is assigned to this client, so no record comes.
+        let _ = self.consumer.poll(Duration::ZERO);
         let metadata = self
             .consumer
             .fetch_metadata(None, TIMEOUT)

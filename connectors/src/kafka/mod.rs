@@ -3,13 +3,14 @@
 
 mod config;
 mod lag;
+mod msk_iam;
 mod security;
 mod sink;
 mod source;
 
 pub use config::{KafkaSinkConfig, KafkaSourceConfig, MessageFormat, StartFrom};
 pub use lag::{GroupLag, Lag};
-pub use security::{KafkaSasl, KafkaTls, is_security_property};
+pub use security::{KafkaSasl, KafkaTls, LoginContext, is_security_property};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
 

@@ -8,6 +8,9 @@
 //!   sasl: { mechanism: SCRAM-SHA-512, username: "${KAFKA_USER}", password: "${KAFKA_PASSWORD}" }
 //! ```
 //!
+//! On Amazon MSK with IAM access control: `sasl: { mechanism: AWS_MSK_IAM, region:
+//! us-east-1 }`, with the credentials of the AWS SDK's default chain (see [`msk_iam`]).
+//!
 //! `tls` and `sasl` set `security.protocol` (SSL, SASL_PLAINTEXT or SASL_SSL) and the
 //! `ssl.*` and `sasl.*` properties; setting those under `options:` as well is refused, so
 //! that one place says how a client connects. Files are checked when the pipeline is
@@ -19,7 +22,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::msk_iam;
+
+use rdkafka::client::OAuthToken;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::{ClientContext, config::RDKafkaLogLevel};
 use serde::Deserialize;
 use sluice_engine::config::{Location, Node, Problems};
 
@@ -49,10 +58,13 @@ fn yes() -> bool {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSasl {
-    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    /// PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or AWS_MSK_IAM.
     pub mechanism: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// AWS_MSK_IAM: the cluster's region; default: the AWS configuration's
+    /// (`AWS_REGION`, the profile).
+    pub region: Option<String>,
 }
 
 impl std::fmt::Debug for KafkaSasl {
@@ -61,11 +73,17 @@ impl std::fmt::Debug for KafkaSasl {
             .field("mechanism", &self.mechanism)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("region", &self.region)
             .finish()
     }
 }
 
-const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+const MECHANISMS: [&str; 4] = [
+    "PLAIN",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-512",
+    msk_iam::MECHANISM,
+];
 
 /// Properties `tls:` and `sasl:` own: not to be set under `options:` too.
 const SECURITY_PREFIXES: [&str; 4] = ["security.protocol", "ssl.", "enable.ssl.", "sasl."];
@@ -134,8 +152,19 @@ pub fn validate(
                 ),
             );
         }
+        let msk = sasl.mechanism == msk_iam::MECHANISM;
         for (key, value) in [("username", &sasl.username), ("password", &sasl.password)] {
-            if value.as_deref().is_none_or(str::is_empty) {
+            if msk && value.is_some() {
+                problems.at_key(
+                    sasl_node,
+                    &sasl_path,
+                    key,
+                    format!(
+                        "AWS_MSK_IAM signs with the AWS credentials of the process (AWS_PROFILE, \
+                         AWS_ACCESS_KEY_ID, an instance or task role): remove `{key}`"
+                    ),
+                );
+            } else if !msk && value.as_deref().is_none_or(str::is_empty) {
                 problems.at_key(
                     sasl_node,
                     &sasl_path,
@@ -147,6 +176,14 @@ pub fn validate(
                     ),
                 );
             }
+        }
+        if !msk && sasl.region.is_some() {
+            problems.at_key(
+                sasl_node,
+                &sasl_path,
+                "region",
+                format!("`region` is for AWS_MSK_IAM, not {}", sasl.mechanism),
+            );
         }
     }
     if tls.is_some() || sasl.is_some() {
@@ -208,7 +245,19 @@ pub fn properties(tls: Option<&KafkaTls>, sasl: Option<&KafkaSasl>) -> BTreeMap<
             );
         }
     }
-    if let Some(sasl) = sasl {
+    if let Some(sasl) = sasl
+        && sasl.mechanism == msk_iam::MECHANISM
+    {
+        // The token is made by the client contexts (`oauth_token`), which read the
+        // region back from here.
+        p.insert("sasl.mechanisms".into(), "OAUTHBEARER".into());
+        let mut config = msk_iam::MECHANISM.to_owned();
+        if let Some(region) = &sasl.region {
+            config.push_str(" region=");
+            config.push_str(region);
+        }
+        p.insert("sasl.oauthbearer.config".into(), config);
+    } else if let Some(sasl) = sasl {
         p.insert("sasl.mechanisms".into(), sasl.mechanism.clone());
         if let Some(user) = &sasl.username {
             p.insert("sasl.username".into(), user.clone());
@@ -235,6 +284,18 @@ pub fn refusal(
     };
     match code {
         RDKafkaErrorCode::Authentication => Some(match sasl {
+            Some(s) if s.mechanism == msk_iam::MECHANISM => {
+                if reason.contains("OAUTHBEARER token") {
+                    format!("no AWS_MSK_IAM login for the Kafka broker at {bootstrap}: {reason}")
+                } else {
+                    format!(
+                        "the Kafka broker at {bootstrap} refused the SASL AWS_MSK_IAM login: \
+                         {reason}; check the AWS credentials the process finds (AWS_PROFILE, \
+                         AWS_ACCESS_KEY_ID, the instance or task role) and that their IAM \
+                         policy allows kafka-cluster:Connect"
+                    )
+                }
+            }
             Some(s) => format!(
                 "the Kafka broker at {bootstrap} refused the SASL {} login of `{}`: {reason}; \
                  check `sasl.username` and `sasl.password`",
@@ -256,4 +317,47 @@ pub fn refusal(
         }),
         _ => None,
     }
+}
+
+/// The OAUTHBEARER token librdkafka asks for, from `sasl.oauthbearer.config` as
+/// [`properties`] wrote it.
+pub fn oauth_token(config: Option<&str>) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+    let mut words = config.unwrap_or_default().split_whitespace();
+    if words.next() != Some(msk_iam::MECHANISM) {
+        return Err(
+            "Sluice makes OAUTHBEARER tokens for `sasl: { mechanism: AWS_MSK_IAM }` \
+                    only"
+                .into(),
+        );
+    }
+    let region = words.find_map(|w| w.strip_prefix("region="));
+    Ok(msk_iam::token(region)?)
+}
+
+/// The context of Sluice's short-lived Kafka clients (the lag reader, `sluice dlq`): it
+/// logs as the others do and answers librdkafka's token requests (AWS_MSK_IAM).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LoginContext;
+
+impl ClientContext for LoginContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        super::log(level, fac, message);
+    }
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+        oauth_token(config)
+    }
+}
+
+impl ConsumerContext for LoginContext {}
+
+impl ProducerContext for LoginContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
 }

@@ -116,12 +116,21 @@ struct DeliveryContext {
     deliveries: Arc<Deliveries>,
     /// For the sentence that stops the run when the brokers refuse the client.
     bootstrap: String,
-    sasl: Option<super::KafkaSasl>,
+    sasl: Option<Box<super::KafkaSasl>>,
 }
 
 impl ClientContext for DeliveryContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         super::log(level, fac, message);
+    }
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        super::security::oauth_token(config)
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -129,7 +138,7 @@ impl ClientContext for DeliveryContext {
         // Refused credentials or an untrusted certificate: no retry cures them, so the
         // next write or flush fails with the reason.
         if let Some(message) =
-            super::security::refusal(&error, reason, &self.bootstrap, self.sasl.as_ref())
+            super::security::refusal(&error, reason, &self.bootstrap, self.sasl.as_deref())
         {
             let mut failed = self.deliveries.failed.lock().expect("failed lock");
             failed.get_or_insert(message);

@@ -431,20 +431,29 @@ struct GroupContext {
     shared: Arc<Shared>,
     /// For the sentence that stops the run when the brokers refuse the client.
     bootstrap: String,
-    sasl: Option<super::KafkaSasl>,
+    sasl: Option<Box<super::KafkaSasl>>,
     refused: AtomicBool,
 }
 
 impl ClientContext for GroupContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         super::log(level, fac, message);
+    }
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        super::security::oauth_token(config)
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
         super::client_error(&error, reason);
         // Refused credentials or an untrusted certificate: no retry cures them.
         if let Some(message) =
-            super::security::refusal(&error, reason, &self.bootstrap, self.sasl.as_ref())
+            super::security::refusal(&error, reason, &self.bootstrap, self.sasl.as_deref())
             && !self.refused.swap(true, Ordering::SeqCst)
         {
             let _ = self.shared.events.send(Event::Failed(Error::Refused {

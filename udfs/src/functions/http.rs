@@ -222,11 +222,13 @@ fn output_type(ty: &str) -> Result<DataType, String> {
 }
 
 fn parse_url(url: &str) -> Result<Url, String> {
-    let parsed = Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL ({e})"))?;
+    let parsed = Url::parse(url)
+        .map_err(|e| format!("`{}` is not a valid URL ({e})", super::redact(url)))?;
     match parsed.scheme() {
         "http" | "https" => Ok(parsed),
         other => Err(format!(
-            "`{url}` is a {other} URL; expected an http:// or https:// URL"
+            "`{}` is a {other} URL; expected an http:// or https:// URL",
+            super::redact(url)
         )),
     }
 }
@@ -411,7 +413,7 @@ impl FunctionSpec for Http {
             client,
             permits: Arc::new(Semaphore::new(self.concurrency.min(Semaphore::MAX_PERMITS))),
             endpoint: Arc::new(Endpoint {
-                name: self.url.clone(),
+                name: super::redact(&self.url),
                 url,
                 columns,
                 outputs: outputs.iter().map(|(_, t)| t.clone()).collect(),
@@ -426,7 +428,7 @@ impl FunctionSpec for Http {
 
 /// What every instance needs to know about the endpoint.
 struct Endpoint {
-    /// The url as the user wrote it, for messages.
+    /// The url as the user wrote it, its password hidden, for messages.
     name: String,
     url: Url,
     columns: Vec<String>,
@@ -524,7 +526,7 @@ impl HttpStage {
         let connect = e.is_connect();
         let builder = e.is_builder();
         // reqwest's own message is generic; the causes say what happened.
-        let detail = super::error_chain(&e.without_url());
+        let detail = sluice_engine::error::error_chain(&e.without_url());
         if builder {
             permanent(format!("cannot build a request to {url}: {detail}"))
         } else if connect && detail.contains("certificate") {

@@ -93,17 +93,50 @@ pub static REGISTRY: &[FunctionEntry] = &[
     },
 ];
 
-/// An error and its causes as one line (`a: b: c`): clients' own messages are generic, the
-/// causes say what happened (a certificate refused, a connection reset).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+/// A URL or connection string for people: its password (and a user given alone, which Redis
+/// may take for a password) replaced by `***`, so that `redis://:secret@host:6379/0` reads
+/// `redis://:***@host:6379/0`, and a `pass=` parameter (of `redis+unix://` URLs) likewise.
+///
+/// The user part ends at the last `@` of the whole URL, not of the host part: a password
+/// with an unencoded `/`, `?` or `#` must not end it early (and show the rest). PostgreSQL's
+/// `key=value` connection strings have their `password=` hidden the same way.
+pub(crate) fn redact(url: &str) -> String {
+    if !url.contains("://") {
+        return url
+            .split(' ')
+            .map(|p| match p.split_once('=') {
+                Some(("password", _)) => "password=***".to_string(),
+                _ => p.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
     }
-    text
+    let (scheme, rest) = url.split_at(url.find("://").map_or(0, |i| i + 3));
+    let mut shown = scheme.to_string();
+    match rest.rfind('@') {
+        Some(at) => {
+            let user = &rest[..at];
+            match user.split_once(':') {
+                Some((name, _)) => shown.push_str(&format!("{name}:***")),
+                None => shown.push_str("***"),
+            }
+            shown.push_str(&rest[at..]);
+        }
+        None => shown.push_str(rest),
+    }
+    match shown.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => shown,
+    }
 }
 
 pub fn lookup(name: &str) -> Option<&'static FunctionEntry> {

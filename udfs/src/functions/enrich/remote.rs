@@ -26,6 +26,8 @@ use serde::Deserialize;
 use sluice_engine::{Error, ErrorClass, Result};
 use tokio::sync::OnceCell;
 
+use crate::functions::redact;
+
 /// Where a stage's lookups go.
 #[async_trait]
 pub trait Remote: Send + Sync {
@@ -162,52 +164,6 @@ fn scalar(t: &DataType) -> bool {
     t.is_primitive() || matches!(t, DataType::Utf8 | DataType::Boolean)
 }
 
-/// A connection string for people: its password (and a user given alone, which Redis
-/// may take for a password) replaced by `***`, so that `redis://:secret@host:6379/0` reads
-/// `redis://:***@host:6379/0`, and a `pass=` parameter (of `redis+unix://` URLs) likewise.
-///
-/// The user part ends at the last `@` of the whole URL, not of the host part: a password
-/// with an unencoded `/`, `?` or `#` must not end it early (and show the rest). PostgreSQL's
-/// `key=value` connection strings have their `password=` hidden the same way.
-fn redact(url: &str) -> String {
-    if !url.contains("://") {
-        return url
-            .split(' ')
-            .map(|p| match p.split_once('=') {
-                Some(("password", _)) => "password=***".to_string(),
-                _ => p.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    }
-    let (scheme, rest) = url.split_at(url.find("://").map_or(0, |i| i + 3));
-    let mut shown = scheme.to_string();
-    match rest.rfind('@') {
-        Some(at) => {
-            let user = &rest[..at];
-            match user.split_once(':') {
-                Some((name, _)) => shown.push_str(&format!("{name}:***")),
-                None => shown.push_str("***"),
-            }
-            shown.push_str(&rest[at..]);
-        }
-        None => shown.push_str(rest),
-    }
-    match shown.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
-                    _ => p.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => shown,
-    }
-}
-
 pub struct Redis {
     client: redis::Client,
     /// The URL without its password.
@@ -290,9 +246,22 @@ impl Redis {
             .cloned()
     }
 
+    /// What to check when a plaintext connection was closed without an answer: a server
+    /// that takes TLS only does that (and says nothing a client could read).
+    fn closed_hint(&self, e: &redis::RedisError) -> &'static str {
+        let closed = (e.is_connection_dropped() && !e.is_connection_refusal() && !e.is_timeout())
+            || e.to_string().contains("closed");
+        if closed && self.url.starts_with("redis://") {
+            " (the server closed the connection without answering: if it takes TLS \
+             connections only, use a rediss:// URL)"
+        } else {
+            ""
+        }
+    }
+
     /// The error that fails a whole call; a refusal is kept for [`Remote::refused`].
     fn error(&self, e: redis::RedisError) -> Error {
-        let said = said(&e);
+        let said = format!("{}{}", said(&e), self.closed_hint(&e));
         match verdict(&e) {
             Verdict::Transient => Error::External {
                 system: "redis",
@@ -370,7 +339,7 @@ impl Remote for Redis {
             return Ok(());
         };
         if verdict(&e) == Verdict::Transient {
-            tracing::warn!(url = %self.url, "Redis not reachable yet, will try again at the first batch: {}", said(&e));
+            tracing::warn!(url = %self.url, "Redis not reachable yet, will try again at the first batch: {}{}", said(&e), self.closed_hint(&e));
             return Ok(());
         }
         Err(self.error(e))
@@ -834,7 +803,7 @@ impl Postgres {
     /// A connection that could not be had: the server's refusal (a role that does not
     /// exist, a wrong password) stops the run; anything else may pass.
     fn pool_error(&self, e: deadpool_postgres::PoolError) -> Error {
-        let detail = crate::functions::error_chain(&e);
+        let detail = sluice_engine::error::error_chain(&e);
         match e {
             deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => self.error(e),
             // No retry cures an untrusted certificate or one for another host.
