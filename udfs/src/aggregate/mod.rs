@@ -9,6 +9,7 @@
 //!   window: { tumbling: 1m }        # or { sliding: { size: 5m, slide: 1m } }, { session: { gap: 30s } }
 //!   allowed_lateness: 5s            # watermark = largest event time seen − this
 //!   idle_timeout: 30s               # a partition without data this long holds nothing back
+//!   max_event_time_skew: 1d         # rows further ahead of the clock are dead letters
 //!   aggregates:
 //!     views: count()
 //!     watch_seconds: sum(watch_seconds)
@@ -70,6 +71,11 @@ pub struct AggregateConfig {
     /// (default 30s).
     #[serde(default = "default_idle")]
     idle_timeout: Duration,
+    /// How far ahead of this machine's clock an event time may be (default 1d). A row
+    /// further ahead is a dead letter: taken, it would move its partition's watermark so
+    /// far that every later row is late (a time in microseconds read as milliseconds).
+    #[serde(default = "default_skew")]
+    max_event_time_skew: Duration,
     aggregates: Aggregates,
     /// Per window, only the rows ranked highest by an aggregate.
     top: Option<TopConfig>,
@@ -101,6 +107,13 @@ fn zero() -> Duration {
 fn default_idle() -> Duration {
     Duration::from_secs(30)
 }
+fn default_skew() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// The longest window, slide, gap or lateness: with event times within years 0–9999, the
+/// window arithmetic stays far from overflowing.
+const MAX_SPAN_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -216,7 +229,20 @@ impl AggregateConfig {
     ) -> Option<Self> {
         let before = problems.len();
         let config: AggregateConfig = sluice_engine::config::from_node(node, path, skip, problems)?;
-        let ms = |d: Duration| d.get().as_millis() as i64;
+        let ms = |d: Duration| d.get().as_millis().min(i64::MAX as u128) as i64;
+        let spans = match &config.window {
+            WindowConfig::Tumbling(size) => vec![("window", *size)],
+            WindowConfig::Sliding { size, slide } => vec![("window", *size), ("window", *slide)],
+            WindowConfig::Session { gap } => vec![("window", *gap)],
+        };
+        for (key, span) in spans.into_iter().chain([
+            ("allowed_lateness", config.allowed_lateness),
+            ("max_event_time_skew", config.max_event_time_skew),
+        ]) {
+            if ms(span) > MAX_SPAN_MS {
+                problems.at_key(node, path, key, format!("{span} is longer than 100 years"));
+            }
+        }
         match &config.window {
             WindowConfig::Tumbling(size) if ms(*size) <= 0 => {
                 problems.at_key(node, path, "window", "the window size must be at least 1ms")
@@ -408,6 +434,7 @@ impl AggregateConfig {
             window: self.window(),
             lateness: self.allowed_lateness.get().as_millis() as i64,
             idle_timeout: self.idle_timeout.get().as_millis() as i64,
+            max_skew: self.max_event_time_skew.get().as_millis() as i64,
             aggs,
             budget: self.state.memory.0 as usize,
             output,
@@ -524,11 +551,17 @@ fn partition_of(ctx: &StageContext) -> Arc<PartitionInfo> {
 }
 
 fn format_time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    match arrow::temporal_conversions::timestamp_ms_to_datetime(ms) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        None => format!("{ms} ms since 1970"),
+    }
 }
 
 impl AggregateStage {
+    fn skew(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shared.plan.max_skew as u64)
+    }
+
     fn close_windows(&mut self) -> Result<()> {
         if self.closing.is_none() {
             self.closing = self.shared.close_windows()?;
@@ -615,6 +648,23 @@ impl Stage for AggregateStage {
                 ),
             })
             .collect();
+        let skew = humantime::format_duration(self.skew());
+        failed.extend(added.out_of_range.iter().map(|&(row, time)| RowFailure {
+            row,
+            class: ErrorClass::Permanent,
+            reason: if time > 0 {
+                format!(
+                    "event time {time} ms ({}) is more than max_event_time_skew ({skew}) ahead \
+                     of the clock: a time in microseconds or nanoseconds read as milliseconds?",
+                    format_time(time)
+                )
+            } else {
+                format!(
+                    "event time {time} ms ({}) is before the year 0",
+                    format_time(time)
+                )
+            },
+        }));
         if !added.late.is_empty() {
             if ctx.dead_letters {
                 failed.extend(added.late.iter().map(|&(row, time, closed)| RowFailure {

@@ -39,7 +39,7 @@ use std::cmp::Ordering as Cmp;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{Array, RecordBatch, TimestampMillisecondArray};
 use arrow::datatypes::SchemaRef;
@@ -79,6 +79,8 @@ pub struct Plan {
     pub window: WindowKind,
     pub lateness: i64,
     pub idle_timeout: i64,
+    /// How far ahead of the clock an event time may be, in ms.
+    pub max_skew: i64,
     pub aggs: Vec<AggDef>,
     pub budget: usize,
     pub output: SchemaRef,
@@ -333,6 +335,12 @@ impl Shared {
         // Ties of first/last between partitions go by the partition's name, which stays the
         // same across restarts (an index may not).
         let rank = xxhash_rust::xxh3::xxh3_64(partition.name.as_bytes()) as u32;
+        // Event times the window arithmetic and the watermark can take: from the year 0 to
+        // `max_skew` ahead of the clock (and never past the year 9999).
+        let clock = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let valid = FIRST_TIME..=clock.saturating_add(self.plan.max_skew).min(LAST_TIME);
         let mut st = part.state.lock().expect("partition lock");
         let st = &mut *st;
         let mem_before = st.mem;
@@ -342,6 +350,10 @@ impl Shared {
                 continue;
             }
             let time = times.value(row);
+            if !valid.contains(&time) {
+                added.out_of_range.push((row, time));
+                continue;
+            }
             let key: &[u8] = match keys {
                 Some(keys) => keys.row(row).data(),
                 None => &[],
@@ -732,7 +744,13 @@ pub struct Added {
     /// (row, event time, the partition's closed-through time when it came).
     pub late: Vec<(usize, i64, i64)>,
     pub no_time: Vec<usize>,
+    /// (row, event time) of times before the year 0 or too far ahead of the clock.
+    pub out_of_range: Vec<(usize, i64)>,
 }
+
+/// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z, in ms since 1970.
+const FIRST_TIME: i64 = -62_167_219_200_000;
+const LAST_TIME: i64 = 253_402_300_799_999;
 
 impl PartState {
     /// Writes and drops entries, oldest windows first, until about `target` bytes are free.
@@ -1310,7 +1328,9 @@ impl Sessions {
             EntryRef::Occupied(o) => o.into_mut(),
             EntryRef::Vacant(v) => v.insert(Slot::default()),
         };
-        let overlapping = |s: &Session| s.start < end && time < s.end;
+        // Sessions that overlap or touch merge (Flink's rule): rows exactly `gap` apart
+        // are one session.
+        let overlapping = |s: &Session| s.start <= end && time <= s.end;
         let mut merged = Session {
             start: time,
             end,
@@ -1364,11 +1384,11 @@ impl Sessions {
         self.ends = live.into();
     }
 
-    /// Moves the keys with a session ended at or before `through` to `out` (key only, with
-    /// empty rows): the merge across partitions decides what is emitted.
+    /// Moves the keys with a session closed by `through` (see [`session_closed`]) to `out`
+    /// (key only, with empty rows): the merge across partitions decides what is emitted.
     fn close(&mut self, through: i64, out: &mut Vec<SessionRow>) {
         while let Some(std::cmp::Reverse((end, _))) = self.ends.peek() {
-            if *end > through {
+            if !session_closed(*end, through) {
                 break;
             }
             let std::cmp::Reverse((end, key)) = self.ends.pop().expect("peeked");
@@ -1454,8 +1474,15 @@ impl Sessions {
     }
 }
 
+/// Whether a session ending at `end` is closed once the watermark is `through`: only when
+/// the watermark is past its end, since a row at `end` itself would still join it (at the
+/// end of the input, `through` is the end of time and every session closes).
+fn session_closed(end: i64, through: i64) -> bool {
+    end < through || through == i64::MAX
+}
+
 /// Sessions of the keys in `closing.sessions` from every partition, grouped where they
-/// overlap; groups that ended at or before `through` become rows and leave the partitions.
+/// overlap or touch; groups closed by `through` become rows and leave the partitions.
 fn merge_sessions(
     states: &mut [std::sync::MutexGuard<'_, PartState>],
     through: i64,
@@ -1486,11 +1513,11 @@ fn merge_sessions(
         while i < all.len() {
             let (start, mut end) = (all[i].0, all[i].1);
             let mut j = i + 1;
-            while j < all.len() && all[j].0 < end {
+            while j < all.len() && all[j].0 <= end {
                 end = end.max(all[j].1);
                 j += 1;
             }
-            if end <= through {
+            if session_closed(end, through) {
                 let mut accs: Box<[Acc]> = aggs.iter().map(AggDef::new_acc).collect();
                 for &(_, _, p, s) in &all[i..j] {
                     let session = states[p].sessions.slots[&key].sessions[s].clone();

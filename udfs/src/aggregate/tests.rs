@@ -269,6 +269,133 @@ aggregates:
     assert_eq!(h.take(), ["b [30,38) c=2 s=39", "a [40,45) c=1 s=16"]);
 }
 
+/// Rows exactly `gap` apart are one session, as in Flink and Kafka Streams (sessions that
+/// touch merge), across partitions too; a session stays open while the watermark is at its
+/// end, since a row there still joins it.
+#[tokio::test]
+async fn sessions_that_touch_are_one_session() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { session: { gap: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    );
+    h.feed(0, &[("a", 1, 0), ("a", 2, 5_000)]).await;
+    h.feed(1, &[("a", 4, 10_000)]).await;
+    // Both partitions at 15s, the end of a's session [0,15): it stays open.
+    h.feed(0, &[("b", 5, 15_000)]).await;
+    h.feed(1, &[("b", 6, 15_000)]).await;
+    assert!(h.take().is_empty());
+    h.feed(1, &[("a", 8, 15_000)]).await;
+    assert!(h.late.is_empty());
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), ["a [0,20) c=4 s=15", "b [15,20) c=2 s=11"]);
+}
+
+/// An event time far ahead of the clock (microseconds read as milliseconds) is a dead
+/// letter naming the value, and does not move its partition's watermark: the rows after it
+/// are not late. Times at the ends of the 64-bit range are refused too, without overflow.
+#[tokio::test]
+async fn event_times_out_of_range_are_dead_letters_naming_the_value() {
+    let mut stage = factory(
+        "
+group_by: [user]
+event_time: t
+window: { sliding: { size: 10s, slide: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    )
+    .create()
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let micros = now * 1000;
+    let ctx = Harness::ctx(0);
+    let out = stage
+        .process_batch(
+            batch(&[
+                ("a", 1, 1_000),
+                ("a", 2, micros),
+                ("a", 3, i64::MAX),
+                ("a", 4, i64::MIN),
+                ("a", 5, 2_000),
+            ]),
+            &ctx,
+        )
+        .await
+        .unwrap();
+    let failed: Vec<(usize, &str)> = out
+        .failed
+        .iter()
+        .map(|f| (f.row, f.reason.as_str()))
+        .collect();
+    assert_eq!(failed.len(), 3, "{failed:?}");
+    assert_eq!(failed[0].0, 1);
+    assert!(
+        failed[0]
+            .1
+            .starts_with(&format!("event time {micros} ms (")),
+        "{}",
+        failed[0].1
+    );
+    assert!(
+        failed[0]
+            .1
+            .contains("more than max_event_time_skew (1day) ahead of the clock")
+    );
+    assert!(
+        failed[1].1.contains(&i64::MAX.to_string()),
+        "{}",
+        failed[1].1
+    );
+    assert_eq!(failed[2].0, 3);
+    assert!(failed[2].1.contains("before the year 0"), "{}", failed[2].1);
+    // The watermark is 2s, not the far future: a row at 3s is on time.
+    let out = stage
+        .process_batch(batch(&[("a", 6, 3_000)]), &ctx)
+        .await
+        .unwrap();
+    assert!(out.failed.is_empty(), "{:?}", out.failed[0].reason);
+    stage.end_of_partition(&ctx).await.unwrap();
+    let mut rows = Vec::new();
+    while let Some(b) = stage.pending(&ctx).await.unwrap() {
+        rows.extend(rows_of(&b));
+    }
+    assert_eq!(rows, ["a [-5,5) c=3 s=12", "a [0,10) c=3 s=12"]);
+}
+
+/// Windows, slides, gaps and lateness longer than 100 years are refused where written.
+#[test]
+fn spans_beyond_a_century_are_refused() {
+    let mut problems = Problems::new("test.yaml");
+    let env: HashMap<String, String> = HashMap::new();
+    let yaml = "
+event_time: t
+window: { tumbling: 1000000d }
+allowed_lateness: 50000d
+aggregates: { c: count() }
+";
+    let node = sluice_engine::config::yaml::parse(yaml, &env, &mut problems).unwrap();
+    AggregateConfig::parse(&node, &Location::root(), &[], &mut problems);
+    let text = format!("{problems:?}");
+    assert!(
+        text.contains("window") && text.contains("longer than 100 years"),
+        "{text}"
+    );
+    assert!(text.contains("allowed_lateness"), "{text}");
+}
+
 #[tokio::test]
 async fn an_idle_partition_stops_holding_the_watermark_back() {
     let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
