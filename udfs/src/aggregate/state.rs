@@ -50,6 +50,7 @@ use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use sluice_engine::batch::PartitionInfo;
 use sluice_engine::checkpoint::{StateDb, unlogged};
 use sluice_engine::state::{PartitionKeys, SnapshotStats, StageState};
+use sluice_engine::stats::PartitionProgress;
 use sluice_engine::{Error, Result};
 
 use super::acc::{self, Acc, AggDef, Input, Order};
@@ -120,10 +121,27 @@ struct Part {
     watermark: AtomicI64,
     /// Milliseconds since `Shared::epoch` of the last batch.
     last_data: AtomicI64,
+    /// The pipeline's position in the partition and its end, when the source can tell:
+    /// a partition with records not done yet is never idle.
+    progress: Mutex<Option<Arc<PartitionProgress>>>,
     active: AtomicBool,
     /// Revoked and not assigned again since: the release after its drain may drop it.
     revoked: AtomicBool,
     state: Mutex<PartState>,
+}
+
+impl Part {
+    /// Whether every record of the partition known to exist is done (its lag is 0), or
+    /// nothing tells (a source that cannot say where a partition ends): only then may
+    /// silence count as idleness. Records in retries, behind a slow stage or not fetched
+    /// yet keep the partition's windows open.
+    fn caught_up(&self) -> bool {
+        let progress = self.progress.lock().expect("progress lock");
+        progress
+            .as_ref()
+            .and_then(|p| p.lag())
+            .is_none_or(|lag| lag == 0)
+    }
 }
 
 struct PartState {
@@ -276,6 +294,7 @@ impl Shared {
             id: AtomicU32::new(id),
             watermark: AtomicI64::new(i64::MIN),
             last_data: AtomicI64::new(self.now()),
+            progress: Mutex::new(None),
             active: AtomicBool::new(true),
             revoked: AtomicBool::new(false),
             state: Mutex::new(PartState {
@@ -310,17 +329,21 @@ impl Shared {
             .filter(|p| p.active.load(Ordering::Acquire))
             .filter_map(|p| {
                 let wm = p.watermark.load(Ordering::Acquire);
-                let idle = now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout;
+                let idle = now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout
+                    && p.caught_up();
                 (wm == i64::MAX || !idle).then_some(wm)
             })
             .min()
     }
 
     /// Adds a batch of `partition`'s rows. Returns the rows that are late (every window
-    /// they belong to has closed) and the rows without an event time.
+    /// they belong to has closed) and the rows without an event time. `progress` is the
+    /// pipeline's position in the partition, when the executor tracks it.
+    #[allow(clippy::too_many_arguments)]
     pub fn add(
         &self,
         partition: &PartitionInfo,
+        progress: Option<Arc<PartitionProgress>>,
         batch: &RecordBatch,
         times: &TimestampMillisecondArray,
         keys: Option<&arrow::row::Rows>,
@@ -328,6 +351,12 @@ impl Shared {
     ) -> Result<Added> {
         let part = self.part(partition);
         part.id.store(partition.id, Ordering::Relaxed);
+        {
+            let mut known = part.progress.lock().expect("progress lock");
+            if known.as_ref().map(Arc::as_ptr) != progress.as_ref().map(Arc::as_ptr) {
+                *known = progress;
+            }
+        }
         part.active.store(true, Ordering::Release);
         let views: Vec<Input> = inputs.iter().map(acc::input_view).collect();
         let db = self.db.get().map(|d| &***d);
