@@ -447,7 +447,7 @@ async fn a_silent_partition_with_a_backlog_is_not_idle() {
         .create()
         .unwrap();
     let mut out = Vec::new();
-    let mut feed = async |stage: &mut Box<dyn Stage>, p: u32, rows: &[In]| {
+    let feed = async |stage: &mut Box<dyn Stage>, p: u32, rows: &[In]| {
         let ctx = ctx(p);
         let r = stage.process_batch(batch(rows), &ctx).await.unwrap();
         assert!(r.failed.is_empty());
