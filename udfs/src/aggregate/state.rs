@@ -6,11 +6,15 @@
 //! `allowed_lateness`, advanced row by row, so which rows are late depends only on the
 //! partition's own order of records: a replay after a crash decides exactly as the first
 //! run did. A row is late when every window it belongs to has closed: its end is at or
-//! behind the partition's watermark, or behind what the stage already emitted. The stage's
-//! watermark is the minimum over the partitions this process reads, leaving out idle ones
-//! (no data for `idle_timeout`) and counting ended ones (bounded sources) as done; windows
-//! whose end it passes are emitted, with the partial results of every partition merged
-//! into one row per key and window.
+//! behind the partition's watermark, or behind what was emitted of the partition. Each
+//! partition keeps its own emitted mark (in its checkpointed progress), so a partition that
+//! was elsewhere while the others emitted (another process, or released and assigned again)
+//! is judged by its own progress: with keys that live in one partition, its windows come
+//! out complete after any number of moves. The stage's watermark is the minimum over the
+//! partitions this process reads, leaving out idle ones (no data for `idle_timeout` and
+//! nothing waiting) and counting ended ones (bounded sources) as done; the windows of each
+//! partition whose end it passes and that the partition has not emitted are emitted, with
+//! the partial results of every partition merged into one row per key and window.
 //!
 //! # Panes
 //! Tumbling and sliding windows are kept as panes of one slide each (a tumbling window is
@@ -103,8 +107,6 @@ pub struct Shared {
     parts: RwLock<BTreeMap<Arc<str>, Arc<Part>>>,
     /// Held while windows are taken out of the partitions to be emitted.
     emission: Mutex<()>,
-    /// Windows ending at or before this have been emitted (closed for every partition).
-    emitted: AtomicI64,
     memory: AtomicI64,
     epoch: Instant,
     pub late_dropped: AtomicU64,
@@ -119,6 +121,14 @@ struct Part {
     /// Largest event time minus the allowed lateness; `i64::MIN` before any data and
     /// `i64::MAX` once the partition has ended.
     watermark: AtomicI64,
+    /// This partition's windows ending at or before this have been emitted. Its own: a
+    /// partition that was elsewhere (another process, or released and assigned again)
+    /// while the others emitted is judged by its own progress, not theirs.
+    emitted: AtomicI64,
+    /// Loaded from the checkpoint at start-up and not assigned since: it holds the
+    /// watermark back (until idle) so that windows are not emitted without it before it is
+    /// assigned, but nothing of it is emitted or read, since another process may own it.
+    restored: AtomicBool,
     /// Milliseconds since `Shared::epoch` of the last batch.
     last_data: AtomicI64,
     /// The pipeline's position in the partition and its end, when the source can tell:
@@ -253,7 +263,6 @@ impl Shared {
             db: OnceLock::new(),
             parts: RwLock::new(BTreeMap::new()),
             emission: Mutex::new(()),
-            emitted: AtomicI64::new(i64::MIN),
             memory: AtomicI64::new(0),
             epoch: Instant::now(),
             late_dropped: AtomicU64::new(0),
@@ -293,6 +302,8 @@ impl Shared {
         Part {
             id: AtomicU32::new(id),
             watermark: AtomicI64::new(i64::MIN),
+            emitted: AtomicI64::new(i64::MIN),
+            restored: AtomicBool::new(false),
             last_data: AtomicI64::new(self.now()),
             progress: Mutex::new(None),
             active: AtomicBool::new(true),
@@ -319,14 +330,14 @@ impl Shared {
         }
     }
 
-    /// The minimum watermark over the partitions read here, idle ones left out; `None`
-    /// while every one is idle.
+    /// The minimum watermark over the partitions read here (and those restored and not
+    /// assigned yet), idle ones left out; `None` while every one is idle.
     fn stage_watermark(&self) -> Option<i64> {
         let now = self.now();
         let parts = self.parts.read().expect("parts lock");
         parts
             .values()
-            .filter(|p| p.active.load(Ordering::Acquire))
+            .filter(|p| p.active.load(Ordering::Acquire) || p.restored.load(Ordering::Acquire))
             .filter_map(|p| {
                 let wm = p.watermark.load(Ordering::Acquire);
                 let idle = now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout
@@ -351,6 +362,7 @@ impl Shared {
     ) -> Result<Added> {
         let part = self.part(partition);
         part.id.store(partition.id, Ordering::Relaxed);
+        part.restored.store(false, Ordering::Release);
         {
             let mut known = part.progress.lock().expect("progress lock");
             if known.as_ref().map(Arc::as_ptr) != progress.as_ref().map(Arc::as_ptr) {
@@ -372,6 +384,7 @@ impl Shared {
         let valid = FIRST_TIME..=clock.saturating_add(self.plan.max_skew).min(LAST_TIME);
         let mut st = part.state.lock().expect("partition lock");
         let st = &mut *st;
+        let emitted = part.emitted.load(Ordering::Acquire);
         let mem_before = st.mem;
         for row in 0..batch.num_rows() {
             if times.is_null(row) {
@@ -387,10 +400,8 @@ impl Shared {
                 Some(keys) => keys.row(row).data(),
                 None => &[],
             };
-            // Read per row: an emission on another worker may have closed more.
-            let closed = self
-                .watermark_of(st.max_time)
-                .max(self.emitted.load(Ordering::Acquire));
+            // Emissions take this partition's lock: what it emitted is fixed meanwhile.
+            let closed = self.watermark_of(st.max_time).max(emitted);
             let order = Order {
                 time,
                 partition: rank,
@@ -504,8 +515,8 @@ impl Shared {
 
     /// A partition's state as the database holds it: its progress record `meta`, which
     /// windows have entries (one seek per window; the entries stay there until read), and
-    /// its sessions. Returns the emitted watermark the record saw.
-    fn load_part(&self, db: &DB, name: &Arc<str>, meta: &[u8]) -> Result<(Part, i64)> {
+    /// its sessions.
+    fn load_part(&self, db: &DB, name: &Arc<str>, meta: &[u8]) -> Result<Part> {
         if meta.len() != 28 {
             return Err(Error::Internal(format!(
                 "aggregate state of `{}`: bad record for partition {name}",
@@ -521,6 +532,7 @@ impl Shared {
             st.seq = i64_at(8) as u64;
             part.watermark
                 .store(self.watermark_of(st.max_time), Ordering::Relaxed);
+            part.emitted.store(i64_at(16), Ordering::Relaxed);
             let mut it = db.raw_iterator();
             it.seek(&st.prefix);
             while let Some(key) = it.key() {
@@ -552,7 +564,7 @@ impl Shared {
             st.mem = mem;
             self.memory.fetch_add(mem as i64, Ordering::Relaxed);
         }
-        Ok((part, i64_at(16)))
+        Ok(part)
     }
 
     /// Marks the partition ended: its watermark no longer holds the stage back.
@@ -561,31 +573,36 @@ impl Shared {
         part.watermark.store(i64::MAX, Ordering::Release);
     }
 
-    /// Takes every window the stage watermark has passed out of the partitions, if it
-    /// advanced: the returned cursor yields their rows.
+    /// Takes every window the stage watermark has passed out of the partitions that have
+    /// not emitted it yet: the returned cursor yields their rows, merged across partitions.
     pub fn close_windows(&self) -> Result<Option<Closing>> {
         let Some(through) = self.stage_watermark() else {
             return Ok(None);
         };
-        if through <= self.emitted.load(Ordering::Acquire) {
+        let due = |p: &&Arc<Part>| {
+            p.active.load(Ordering::Acquire) && p.emitted.load(Ordering::Acquire) < through
+        };
+        if !self
+            .parts
+            .read()
+            .expect("parts lock")
+            .values()
+            .any(|p| due(&p))
+        {
             return Ok(None);
         }
         let _emitting = self.emission.lock().expect("emission lock");
-        if through <= self.emitted.load(Ordering::Acquire) {
-            return Ok(None);
-        }
-        // Windows ending after this were not emitted yet.
-        let before = self.emitted.load(Ordering::Acquire);
-        // Before any partition is locked: rows added from now on see it.
-        self.emitted.store(through, Ordering::Release);
         let parts: Vec<Arc<Part>> = self
             .parts
             .read()
             .expect("parts lock")
             .values()
-            .filter(|p| p.active.load(Ordering::Acquire))
+            .filter(due)
             .cloned()
             .collect();
+        if parts.is_empty() {
+            return Ok(None);
+        }
         // Every partition at once, in name order (the only place more than one is held).
         let mut states: Vec<_> = parts
             .iter()
@@ -596,7 +613,11 @@ impl Shared {
         let db = self.db.get().cloned();
         // Taken (once) if a pane that spilled is emitted while it still changes.
         let mut frozen = None;
-        for st in states.iter_mut() {
+        for (part, st) in parts.iter().zip(states.iter_mut()) {
+            // Its windows ending after this were not emitted yet. Set under its lock: its
+            // rows added from now on see it.
+            let before = part.emitted.swap(through, Ordering::AcqRel);
+            st.meta_dirty = true;
             if let Some(slide) = self.slide() {
                 let span = (before, through, slide);
                 freed += self.close_panes(st, span, db.as_ref(), &mut frozen, &mut closing)?;
@@ -884,20 +905,21 @@ impl StageState for Shared {
     fn restore(&self, db: Arc<StateDb>) -> Result<()> {
         let meta_prefix = self.key_prefix(b'm', "");
         let mut parts = BTreeMap::new();
-        let mut emitted = i64::MIN;
         for item in db.prefix_iterator(&meta_prefix) {
             let (key, value) = item.map_err(db_error)?;
             let Some(name) = key.strip_prefix(meta_prefix.as_slice()) else {
                 break;
             };
             let name: Arc<str> = String::from_utf8_lossy(name).into();
-            // Counted until it is read again, or idle: a partition this process will be
-            // assigned after a restart must not find its windows emitted without it.
-            let (part, its_emitted) = self.load_part(&db, &name, &value)?;
-            emitted = emitted.max(its_emitted);
+            // Counted in the watermark until it is assigned, or idle: a partition this
+            // process will be assigned after a restart must not find its windows emitted
+            // without it. Not emitted, judged or read before it is assigned: another
+            // process may own it now.
+            let part = self.load_part(&db, &name, &value)?;
+            part.active.store(false, Ordering::Relaxed);
+            part.restored.store(true, Ordering::Relaxed);
             parts.insert(name, Arc::new(part));
         }
-        self.emitted.store(emitted, Ordering::Release);
         *self.parts.write().expect("parts lock") = parts;
         self.db
             .set(db)
@@ -915,7 +937,7 @@ impl StageState for Shared {
         {
             match db.get(self.key_prefix(b'm', &partition.name)) {
                 Ok(Some(meta)) => match self.load_part(db, &partition.name, &meta) {
-                    Ok((part, _)) => {
+                    Ok(part) => {
                         self.parts
                             .write()
                             .expect("parts lock")
@@ -935,6 +957,7 @@ impl StageState for Shared {
         let part = self.part(partition);
         part.last_data.store(self.now(), Ordering::Relaxed);
         part.revoked.store(false, Ordering::Release);
+        part.restored.store(false, Ordering::Release);
         part.active.store(true, Ordering::Release);
     }
 
@@ -984,7 +1007,6 @@ impl StageState for Shared {
         let Some(db) = self.db.get() else {
             return Ok(stats);
         };
-        let emitted = self.emitted.load(Ordering::Acquire);
         let parts: Vec<Arc<Part>> = self
             .parts
             .read()
@@ -994,10 +1016,10 @@ impl StageState for Shared {
             .collect();
         for part in parts {
             let id = part.id.load(Ordering::Relaxed);
-            part.state
-                .lock()
-                .expect("partition lock")
-                .snapshot(db, emitted, id, &mut stats)?;
+            let mut st = part.state.lock().expect("partition lock");
+            // Under its lock: an emission sets it under the same lock.
+            let emitted = part.emitted.load(Ordering::Acquire);
+            st.snapshot(db, emitted, id, &mut stats)?;
         }
         Ok(stats)
     }
