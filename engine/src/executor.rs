@@ -283,7 +283,26 @@ pub async fn run(
 
     let (sink_tx, sink_rx) = mpsc::channel::<SinkMsg>(cap);
     let worker_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let barrier_targets: Arc<std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>> = Arc::default();
+    let barrier: Arc<Barrier> = Arc::default();
+    let mut pool = Pool {
+        stages,
+        pipeline: name.clone(),
+        dead_letters,
+        stats: stats.clone(),
+        sink: Some(sink_tx),
+        failed: worker_failed.clone(),
+        capacity: cap,
+        tasks: JoinSet::new(),
+        live: BTreeMap::new(),
+        next_id: 0,
+        peak: 0,
+        barrier,
+        wanted: None,
+    };
+    let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
+    // The first workers start before the sink task, which sends the checkpoint barriers:
+    // no barrier can be out yet, so they do start (see `Barrier`).
+    pool.scale_to(initial, &mut partitions);
     let sink_task = tokio::spawn(sink_loop(
         name.clone(),
         sink,
@@ -294,27 +313,11 @@ pub async fn run(
             policy: checkpoint,
             hook,
             states: states.clone(),
-            workers: barrier_targets.clone(),
-            worker_failed: worker_failed.clone(),
+            barrier: pool.barrier.clone(),
+            worker_failed,
         },
         stats.clone(),
     ));
-    let mut pool = Pool {
-        stages,
-        pipeline: name.clone(),
-        dead_letters,
-        stats: stats.clone(),
-        sink: Some(sink_tx),
-        failed: worker_failed,
-        capacity: cap,
-        tasks: JoinSet::new(),
-        live: BTreeMap::new(),
-        next_id: 0,
-        peak: 0,
-        barrier_targets,
-    };
-    let mut partitions: HashMap<u32, PartitionHandle> = HashMap::new();
-    pool.scale_to(initial, &mut partitions);
     let mut scale_ticks = autoscaler.as_ref().map(|a| interval(a.policy().interval));
 
     let mut readers: JoinSet<Result<mpsc::Sender<WorkerMsg>>> = JoinSet::new();
@@ -355,6 +358,9 @@ pub async fn run(
                         state.assign(&info);
                     }
                     let progress = Arc::new(PartitionProgress::new(reader.log_end()));
+                    for state in &states {
+                        state.watch(&info, &progress);
+                    }
                     stats.partitions.lock().expect("partitions lock").insert(info.name.clone(), progress.clone());
                     let task = readers.spawn(read_partition(reader, batching, lane_rxs, splitter.clone(), part_stop.clone(), stats.clone(), progress));
                     reader_tasks.insert(task.id(), id);
@@ -377,7 +383,12 @@ pub async fn run(
                     }
                     // An unknown partition has nothing to drain: dropping `drained` says so.
                 }
-                Ok(None) => assigning = false,
+                Ok(None) => {
+                    assigning = false;
+                    for state in &states {
+                        state.assignments_done();
+                    }
+                }
                 Err(e) => {
                     record(e, &mut first_error);
                     stop.cancel();
@@ -456,6 +467,11 @@ pub async fn run(
                 }
                 Control::ScaleTo(n) => pool.scale_to(n, &mut partitions),
             },
+            _ = pool.barrier.released.notified(), if pool.wanted.is_some() => {
+                if let Some(n) = pool.wanted.take() {
+                    pool.scale_to(n, &mut partitions);
+                }
+            }
             _ = stop.cancelled(), if assigning => assigning = false,
         }
     }
@@ -550,21 +566,84 @@ struct Pool {
     live: BTreeMap<usize, (mpsc::Sender<WorkerMsg>, usize)>,
     next_id: usize,
     peak: usize,
-    /// Every worker's channel, for checkpoint barriers (retired ones drop out once ended).
-    barrier_targets: Arc<std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>>,
+    /// Every worker's channel, for checkpoint barriers, and whether one is out.
+    barrier: Arc<Barrier>,
+    /// Workers wanted while a barrier was out: started once it is released.
+    wanted: Option<usize>,
+}
+
+/// The workers a stateful checkpoint's barrier goes to (retired ones drop out once ended),
+/// and whether one is out. While it is, no worker starts: one started after the barrier
+/// went out would not be paused, and could change state while it is snapshotted (rows past
+/// the offsets the checkpoint commits, windows emitted and missing from it). Scaling up
+/// waits for the release; moves between workers need not (every one of them is paused).
+#[derive(Default)]
+struct Barrier {
+    targets: std::sync::Mutex<BarrierTargets>,
+    released: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct BarrierTargets {
+    /// Each worker's channel, and a receiver that closes when its task has ended.
+    workers: Vec<(mpsc::WeakSender<WorkerMsg>, watch::Receiver<()>)>,
+    out: bool,
+}
+
+/// A worker a barrier must stop: one that takes messages is paused; one retired, whose
+/// channel is closed while it still works through what was queued, is waited for.
+enum Target {
+    Live(mpsc::Sender<WorkerMsg>, watch::Receiver<()>),
+    Draining(watch::Receiver<()>),
+}
+
+impl Barrier {
+    /// Marks a barrier out; the workers it must stop.
+    fn send_out(&self) -> Vec<Target> {
+        let mut targets = self.targets.lock().expect("barrier lock");
+        targets.out = true;
+        targets
+            .workers
+            .retain(|(_, ended)| ended.has_changed().is_ok());
+        targets
+            .workers
+            .iter()
+            .map(|(w, ended)| match w.upgrade() {
+                Some(w) => Target::Live(w, ended.clone()),
+                None => Target::Draining(ended.clone()),
+            })
+            .collect()
+    }
+
+    /// The workers go on: waiting scale-ups may start theirs.
+    fn release(&self) {
+        self.targets.lock().expect("barrier lock").out = false;
+        self.released.notify_one();
+    }
+
+    /// Registers a new worker's channel and end, unless a barrier is out (then `false`).
+    fn join(&self, worker: &mpsc::Sender<WorkerMsg>, ended: watch::Receiver<()>) -> bool {
+        let mut targets = self.targets.lock().expect("barrier lock");
+        if targets.out {
+            return false;
+        }
+        targets.workers.push((worker.downgrade(), ended));
+        true
+    }
 }
 
 impl Pool {
-    /// Starts a worker; its stages open in its task.
-    fn spawn(&mut self) -> usize {
+    /// Starts a worker; its stages open in its task. `None` while a checkpoint's barrier
+    /// is out (see [`Barrier`]).
+    fn spawn(&mut self) -> Option<usize> {
+        let (tx, mut rx) = mpsc::channel(self.capacity);
+        // Dropped when the task ends: a barrier waits for a retired worker's end.
+        let (running, ended) = watch::channel(());
+        if !self.barrier.join(&tx, ended) {
+            return None;
+        }
         let id = self.next_id;
         self.next_id += 1;
-        let (tx, mut rx) = mpsc::channel(self.capacity);
-        {
-            let mut targets = self.barrier_targets.lock().expect("barrier targets lock");
-            targets.retain(|w| w.strong_count() > 0);
-            targets.push(tx.downgrade());
-        }
         self.live.insert(id, (tx, 0));
         self.peak = self.peak.max(self.live.len());
         let chain = self.stages.clone();
@@ -572,6 +651,7 @@ impl Pool {
         let sink = self.sink.clone().expect("the pool is open");
         let (failed, dead_letters) = (self.failed.clone(), self.dead_letters);
         self.tasks.spawn(async move {
+            let _running = running;
             let result = worker_loop(id, name, chain, dead_letters, &mut rx, sink, stats).await;
             if result.is_err() {
                 // Before the channel (and any barrier in it) is dropped: the sink task must
@@ -580,7 +660,7 @@ impl Pool {
             }
             result.map(|()| id)
         });
-        id
+        Some(id)
     }
 
     /// The live worker with the fewest partitions (the oldest among equals).
@@ -625,14 +705,19 @@ impl Pool {
     }
 
     /// Starts or retires workers until `n` (at least one) take partitions, then spreads
-    /// the partitions' lanes evenly over them.
+    /// the partitions' lanes evenly over them. Workers that cannot start while a barrier is
+    /// out start at its release ([`Pool::wanted`]).
     fn scale_to(&mut self, n: usize, partitions: &mut HashMap<u32, PartitionHandle>) {
         let n = n.max(1);
         self.stats
             .workers_desired
             .store(n as u64, Ordering::Relaxed);
+        self.wanted = None;
         while self.live.len() < n {
-            self.spawn();
+            if self.spawn().is_none() {
+                self.wanted = Some(n);
+                break;
+            }
         }
         while self.live.len() > n {
             let (&retired, _) = self.live.last_key_value().expect("workers");
@@ -1168,7 +1253,7 @@ struct Checkpointing {
     hook: Option<Arc<dyn CommitHook>>,
     /// Stateful stages: their checkpoints wait until every worker is between batches.
     states: Vec<Arc<dyn StageState>>,
-    workers: Arc<std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>>,
+    barrier: Arc<Barrier>,
     /// Set when a worker stopped on an error: its stages' state may be ahead of what the
     /// sink received, so no further checkpoint of a stateful pipeline is taken.
     worker_failed: Arc<std::sync::atomic::AtomicBool>,
@@ -1346,6 +1431,7 @@ async fn sink_loop(
                 }
                 checkpointing.take(sink.as_mut(), dead_letter.as_mut(), &progress, &mut committed, &stats).await?;
                 drop(paused);
+                checkpointing.barrier.release();
                 checkpointing.finish_drains(&mut drains, &mut progress, &mut committed);
                 false
             }
@@ -1360,7 +1446,7 @@ async fn sink_loop(
         }
         if stateful {
             // Taken once every worker waits between batches (the branch above).
-            pausing.get_or_insert_with(|| pause_workers(&checkpointing.workers));
+            pausing.get_or_insert_with(|| pause_workers(&checkpointing.barrier));
         } else {
             checkpointing
                 .take_and_release(
@@ -1452,30 +1538,35 @@ async fn bury_refused(
 
 /// Sends a barrier to every worker; the receiver yields once all of them wait at it (a
 /// worker that has ended does not count).
-fn pause_workers(
-    workers: &std::sync::Mutex<Vec<mpsc::WeakSender<WorkerMsg>>>,
-) -> oneshot::Receiver<Paused> {
-    let workers: Vec<_> = workers
-        .lock()
-        .expect("barrier targets lock")
-        .iter()
-        .filter_map(|w| w.upgrade())
-        .collect();
+fn pause_workers(barrier: &Barrier) -> oneshot::Receiver<Paused> {
+    let workers = barrier.send_out();
     let (all_paused, paused) = oneshot::channel();
     tokio::spawn(async move {
         let mut waiting = Vec::with_capacity(workers.len());
+        let mut draining = Vec::new();
         for worker in workers {
-            let (tx, rx) = oneshot::channel();
-            if worker.send(WorkerMsg::Barrier(tx)).await.is_ok() {
-                waiting.push(rx);
+            match worker {
+                Target::Live(worker, ended) => {
+                    let (tx, rx) = oneshot::channel();
+                    match worker.send(WorkerMsg::Barrier(tx)).await {
+                        Ok(()) => waiting.push((rx, ended)),
+                        Err(_) => draining.push(ended),
+                    }
+                }
+                Target::Draining(ended) => draining.push(ended),
             }
         }
         let mut resumes = Vec::with_capacity(waiting.len());
-        for rx in waiting {
-            // A worker that stopped before the barrier dropped it: nothing to wait for.
-            if let Ok(resume) = rx.await {
-                resumes.push(resume);
+        for (rx, ended) in waiting {
+            match rx.await {
+                Ok(resume) => resumes.push(resume),
+                // It stopped before the barrier: wait until it has, if it is not done.
+                Err(_) => draining.push(ended),
             }
+        }
+        // Retired workers finish what they were given, then end: not during the snapshot.
+        for mut ended in draining {
+            while ended.changed().await.is_ok() {}
         }
         let _ = all_paused.send(resumes);
     });

@@ -42,6 +42,14 @@ pub trait StageState: Send + Sync {
 
     /// The partition is being revoked: its reader stops, and once its last batch is in a
     /// checkpoint [`StageState::release`] follows, unless it is assigned again first.
+    /// The pipeline's progress in a partition just assigned (its position and the source's
+    /// end of it), given right after [`StageState::assign`].
+    fn watch(&self, _partition: &PartitionInfo, _progress: &Arc<crate::stats::PartitionProgress>) {}
+
+    /// No more assignments will come (a bounded source has assigned all its partitions):
+    /// restored partitions not assigned by now are not this process's.
+    fn assignments_done(&self) {}
+
     fn revoke(&self, _partition: &PartitionInfo) {}
 
     /// The partition left this process after a checkpoint that covers it: its memory can

@@ -711,3 +711,128 @@ async fn a_parallelization_factor_multiplies_a_slow_stages_throughput() {
         );
     }
 }
+
+/// A stateful stage that counts batches it was given while its state was being
+/// snapshotted: a checkpoint's barrier must have every worker paused then.
+struct Frozen {
+    schema: SchemaRef,
+    state: Arc<FrozenState>,
+}
+
+#[derive(Default)]
+struct FrozenState {
+    snapshotting: std::sync::atomic::AtomicBool,
+    snapshots: AtomicU64,
+    during: AtomicU64,
+}
+
+impl sluice_engine::stage::StageFactory for Frozen {
+    fn output_schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+    fn create(&self) -> sluice_engine::Result<Box<dyn sluice_engine::stage::Stage>> {
+        Ok(Box::new(FrozenStage(self.state.clone())))
+    }
+    fn state(&self) -> Option<Arc<dyn sluice_engine::state::StageState>> {
+        Some(self.state.clone())
+    }
+}
+
+struct FrozenStage(Arc<FrozenState>);
+
+#[async_trait]
+impl sluice_engine::stage::Stage for FrozenStage {
+    async fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        _ctx: &sluice_engine::stage::StageContext,
+    ) -> sluice_engine::Result<sluice_engine::stage::StageOutput> {
+        if self.0.snapshotting.load(Ordering::SeqCst) {
+            self.0.during.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(sluice_engine::stage::StageOutput::ok(batch))
+    }
+}
+
+impl sluice_engine::state::StageState for FrozenState {
+    fn restore(&self, _db: Arc<sluice_engine::checkpoint::StateDb>) -> sluice_engine::Result<()> {
+        Ok(())
+    }
+    fn assign(&self, _partition: &sluice_engine::batch::PartitionInfo) {}
+    fn release(&self, _partition: &sluice_engine::batch::PartitionInfo) {}
+    fn snapshot(&self) -> sluice_engine::Result<sluice_engine::state::SnapshotStats> {
+        self.snapshotting.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        self.snapshotting.store(false, Ordering::SeqCst);
+        self.snapshots.fetch_add(1, Ordering::SeqCst);
+        Ok(Default::default())
+    }
+}
+
+/// Workers started (and lanes given to them) while a checkpoint's barrier is out must not
+/// process anything until it is released: the snapshot would hold state past the offsets
+/// it commits, or miss windows emitted meanwhile. Scaling waits for the barrier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_started_during_a_checkpoint_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = generator(4, None, Some(40_000.0));
+    let schema = source.schema();
+    let state = Arc::new(FrozenState::default());
+    let mut p = pipeline(
+        Box::new(source),
+        Recording::default(),
+        100,
+        Duration::from_millis(5),
+    );
+    p.stages = vec![sluice_engine::stage::PlannedStage {
+        name: "frozen".into(),
+        factory: Arc::new(Frozen {
+            schema,
+            state: state.clone(),
+        }),
+        policy: Default::default(),
+    }];
+    p.checkpoint = Some(sluice_engine::executor::CheckpointPolicy {
+        store: Arc::new(sluice_engine::checkpoint::RocksStore::open(dir.path()).unwrap()),
+        interval: Duration::from_millis(10),
+    });
+    let (tx, rx) = mpsc::channel(16);
+    let scaler = tokio::spawn(async move {
+        for i in 0usize.. {
+            let n = [1, 4, 2, 6, 1, 3][i % 6];
+            if tx.send(Control::ScaleTo(n)).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    });
+    let stop = CancellationToken::new();
+    let stopper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            stop.cancel();
+        })
+    };
+    executor::run(
+        p,
+        RunOptions {
+            workers: Some(1),
+            ..Default::default()
+        },
+        RunStats::new([&Arc::<str>::from("frozen")]),
+        stop,
+        Some(rx),
+    )
+    .await
+    .unwrap();
+    scaler.abort();
+    stopper.abort();
+    let snapshots = state.snapshots.load(Ordering::SeqCst);
+    assert!(snapshots > 20, "only {snapshots} snapshots");
+    assert_eq!(
+        state.during.load(Ordering::SeqCst),
+        0,
+        "batches processed while the state was snapshotted ({snapshots} snapshots)"
+    );
+}

@@ -5,6 +5,7 @@
 
 mod aggregate;
 mod broker;
+mod chaos;
 mod dead_letters;
 mod delivery;
 mod errors;

@@ -724,7 +724,9 @@ impl Stage for AggregateStage {
             let rows = closing.next_chunk()?;
             if rows.is_empty() {
                 self.closing = None;
-                // Windows are never split between two closings: the last one is complete.
+                // The last window of a closing is complete for the partitions it closed. (A
+                // partition that emits a window after the others did, having been elsewhere
+                // meanwhile, gets a ranking of its own: see docs/aggregation.md, Limits.)
                 if let Some(top) = &mut self.top {
                     top.finish_window();
                 }

@@ -330,21 +330,62 @@ impl Shared {
         }
     }
 
-    /// The minimum watermark over the partitions read here (and those restored and not
-    /// assigned yet), idle ones left out; `None` while every one is idle.
-    fn stage_watermark(&self) -> Option<i64> {
+    /// What an emission now would take, seen in one pass: the point to close through and
+    /// the partitions due to emit up to it, with the restored partitions that went idle
+    /// without being assigned (their state is not this process's to keep in memory).
+    ///
+    /// The point is the stage watermark: the minimum over the partitions read here (and
+    /// those restored and not assigned yet), idle ones left out; `None` while every one is
+    /// idle. When every counted partition has ended (the end of a bounded input), a
+    /// partition that has not (idle, or held up behind a retry) is closed only through the
+    /// largest finite watermark: the end of the input closes only what has ended. Due: the
+    /// assigned partitions, not revoked (their windows are the next owner's to emit), that
+    /// have not emitted through the point.
+    fn due(&self) -> Option<Due> {
         let now = self.now();
         let parts = self.parts.read().expect("parts lock");
-        parts
+        let mut through: Option<i64> = None;
+        let mut open = None::<i64>;
+        let mut stale = Vec::new();
+        for (name, p) in parts.iter() {
+            let active = p.active.load(Ordering::Acquire);
+            let restored = p.restored.load(Ordering::Acquire);
+            if !active && !restored {
+                continue;
+            }
+            let wm = p.watermark.load(Ordering::Acquire);
+            let idle =
+                now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout && p.caught_up();
+            if wm == i64::MAX || !idle {
+                through = Some(through.map_or(wm, |t| t.min(wm)));
+            }
+            if active && wm != i64::MAX {
+                open = Some(open.map_or(wm, |o| o.max(wm)));
+            }
+            if restored && !active && idle {
+                stale.push(name.clone());
+            }
+        }
+        let mut at = through?;
+        if at == i64::MAX
+            && let Some(open) = open
+        {
+            at = open;
+        }
+        let parts: Vec<Arc<Part>> = parts
             .values()
-            .filter(|p| p.active.load(Ordering::Acquire) || p.restored.load(Ordering::Acquire))
-            .filter_map(|p| {
-                let wm = p.watermark.load(Ordering::Acquire);
-                let idle = now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout
-                    && p.caught_up();
-                (wm == i64::MAX || !idle).then_some(wm)
+            .filter(|p| {
+                p.active.load(Ordering::Acquire)
+                    && !p.revoked.load(Ordering::Acquire)
+                    && p.emitted.load(Ordering::Acquire) < at
             })
-            .min()
+            .cloned()
+            .collect();
+        Some(Due {
+            through: at,
+            parts,
+            stale,
+        })
     }
 
     /// Adds a batch of `partition`'s rows. Returns the rows that are late (every window
@@ -567,6 +608,24 @@ impl Shared {
         Ok(part)
     }
 
+    /// Drops restored partitions that were not assigned here (idle, or no more assignments
+    /// come) from memory: if one is assigned later, its state is read from the database.
+    fn drop_stale(&self, names: &[Arc<str>]) {
+        if names.is_empty() {
+            return;
+        }
+        let mut parts = self.parts.write().expect("parts lock");
+        for name in names {
+            let stale = parts.get(name).is_some_and(|p| {
+                p.restored.load(Ordering::Acquire) && !p.active.load(Ordering::Acquire)
+            });
+            if stale && let Some(part) = parts.remove(name) {
+                let st = part.state.lock().expect("partition lock");
+                self.memory.fetch_sub(st.mem as i64, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Marks the partition ended: its watermark no longer holds the stage back.
     pub fn end(&self, partition: &PartitionInfo) {
         let part = self.part(partition);
@@ -576,30 +635,23 @@ impl Shared {
     /// Takes every window the stage watermark has passed out of the partitions that have
     /// not emitted it yet: the returned cursor yields their rows, merged across partitions.
     pub fn close_windows(&self) -> Result<Option<Closing>> {
-        let Some(through) = self.stage_watermark() else {
-            return Ok(None);
-        };
-        let due = |p: &&Arc<Part>| {
-            p.active.load(Ordering::Acquire) && p.emitted.load(Ordering::Acquire) < through
-        };
-        if !self
-            .parts
-            .read()
-            .expect("parts lock")
-            .values()
-            .any(|p| due(&p))
+        if self
+            .due()
+            .is_none_or(|d| d.parts.is_empty() && d.stale.is_empty())
         {
             return Ok(None);
         }
         let _emitting = self.emission.lock().expect("emission lock");
-        let parts: Vec<Arc<Part>> = self
-            .parts
-            .read()
-            .expect("parts lock")
-            .values()
-            .filter(due)
-            .cloned()
-            .collect();
+        // Again under the lock, in one pass: what another emission did meanwhile counts.
+        let Some(Due {
+            through,
+            parts,
+            stale,
+        }) = self.due()
+        else {
+            return Ok(None);
+        };
+        self.drop_stale(&stale);
         if parts.is_empty() {
             return Ok(None);
         }
@@ -956,9 +1008,31 @@ impl StageState for Shared {
         }
         let part = self.part(partition);
         part.last_data.store(self.now(), Ordering::Relaxed);
+        // The executor gives this turn's progress next (`watch`); the last turn's is stale.
+        *part.progress.lock().expect("progress lock") = None;
         part.revoked.store(false, Ordering::Release);
         part.restored.store(false, Ordering::Release);
         part.active.store(true, Ordering::Release);
+    }
+
+    fn watch(&self, partition: &PartitionInfo, progress: &Arc<PartitionProgress>) {
+        let part = self.part(partition);
+        *part.progress.lock().expect("progress lock") = Some(progress.clone());
+    }
+
+    fn assignments_done(&self) {
+        // Restored partitions not assigned by now never will be: not this process's.
+        let stale: Vec<Arc<str>> = self
+            .parts
+            .read()
+            .expect("parts lock")
+            .iter()
+            .filter(|(_, p)| {
+                p.restored.load(Ordering::Acquire) && !p.active.load(Ordering::Acquire)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        self.drop_stale(&stale);
     }
 
     fn revoke(&self, partition: &PartitionInfo) {
@@ -1057,6 +1131,13 @@ fn sort_by_key_bytes(entries: &mut [KeyedAccs]) {
             place.swap(i, j);
         }
     }
+}
+
+/// What [`Shared::due`] found.
+struct Due {
+    through: i64,
+    parts: Vec<Arc<Part>>,
+    stale: Vec<Arc<str>>,
 }
 
 /// Windows taken out of the partitions, waiting to be emitted.

@@ -768,6 +768,72 @@ async fn restored_partitions_not_assigned_here_are_not_emitted() {
     assert_eq!(h.take(), ["a [0,10) c=2 s=4"]);
 }
 
+/// At the end of a bounded input, a partition that has not ended (silent, held up behind
+/// retries) is closed only through its own progress, not to the end of time: its later
+/// rows still count.
+#[tokio::test]
+async fn the_end_of_the_input_does_not_close_a_partition_that_has_not_ended() {
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.feed(1, &[("a", 1, 1_000), ("a", 2, 15_000)]).await;
+    h.feed(0, &[("b", 5, 2_000)]).await;
+    h.end(0).await;
+    assert_eq!(h.take(), ["a [0,10) c=1 s=1", "b [0,10) c=1 s=5"]);
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    // Partition 1 is idle and partition 0 has ended: [10,20) stays open for partition 1.
+    h.end(0).await;
+    assert!(h.take().is_empty());
+    h.feed(1, &[("a", 3, 16_000)]).await;
+    assert!(h.late.is_empty());
+    h.end(1).await;
+    assert_eq!(h.take(), ["a [10,20) c=2 s=5"]);
+}
+
+/// A revoked partition's windows are the next owner's to emit: emissions here leave them.
+#[tokio::test]
+async fn a_revoked_partition_is_not_emitted_here() {
+    let mut h = Harness::new(TUMBLING);
+    let state = h.factory.state().unwrap();
+    state.assign(&info(0));
+    state.assign(&info(1));
+    h.feed(1, &[("b", 1, 1_000), ("b", 2, 30_000)]).await;
+    h.feed(0, &[("a", 1, 2_000)]).await;
+    state.revoke(&info(1));
+    h.feed(0, &[("a", 2, 25_000)]).await;
+    assert_eq!(h.take(), ["a [0,10) c=1 s=1"]);
+}
+
+/// Once a bounded source has assigned all it will, restored partitions it did not assign
+/// are not this process's: they stop holding the watermark back.
+#[tokio::test]
+async fn restored_partitions_never_assigned_stop_holding_the_watermark_back() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RocksStore::open(dir.path()).unwrap();
+        let mut h = Harness::new(TUMBLING);
+        let state = h.factory.state().unwrap();
+        state.restore(store.db().unwrap()).unwrap();
+        h.feed(0, &[("a", 1, 1_000)]).await;
+        h.feed(1, &[("b", 2, 2_000)]).await;
+        state.snapshot().unwrap();
+        store
+            .commit(&Checkpoint {
+                id: 1,
+                offsets: Default::default(),
+                fallback: false,
+            })
+            .unwrap();
+    }
+    let store = RocksStore::open(dir.path()).unwrap();
+    let mut h = Harness::new(TUMBLING);
+    let state = h.factory.state().unwrap();
+    state.restore(store.db().unwrap()).unwrap();
+    state.assign(&info(0));
+    state.assignments_done();
+    h.feed(0, &[("a", 3, 3_000)]).await;
+    h.end(0).await;
+    assert_eq!(h.take(), ["a [0,10) c=2 s=4"]);
+}
+
 #[test]
 fn mistakes_are_named() {
     let parse = |yaml: &str| {
