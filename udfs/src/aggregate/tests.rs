@@ -733,27 +733,31 @@ async fn a_partition_that_comes_back_is_judged_by_its_own_progress() {
     assert_eq!(h.take(), ["b [10,20) c=1 s=8", "a [20,30) c=1 s=2"]);
 }
 
+/// A checkpoint in `dir` of a tumbling aggregate that has `a` at 1s in partition 0 and `b`
+/// at 2s in partition 1.
+async fn checkpoint_two_partitions(dir: &std::path::Path) {
+    let store = RocksStore::open(dir).unwrap();
+    let mut h = Harness::new(TUMBLING);
+    let state = h.factory.state().unwrap();
+    state.restore(store.db().unwrap()).unwrap();
+    h.feed(0, &[("a", 1, 1_000)]).await;
+    h.feed(1, &[("b", 2, 2_000)]).await;
+    state.snapshot().unwrap();
+    store
+        .commit(&Checkpoint {
+            id: 1,
+            offsets: Default::default(),
+            fallback: false,
+        })
+        .unwrap();
+}
+
 /// After a restart, the partitions in the checkpoint that this process is not assigned
 /// (another process owns them now) are neither emitted nor read: only the assigned ones.
 #[tokio::test]
 async fn restored_partitions_not_assigned_here_are_not_emitted() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = RocksStore::open(dir.path()).unwrap();
-        let mut h = Harness::new(TUMBLING);
-        let state = h.factory.state().unwrap();
-        state.restore(store.db().unwrap()).unwrap();
-        h.feed(0, &[("a", 1, 1_000)]).await;
-        h.feed(1, &[("b", 2, 2_000)]).await;
-        state.snapshot().unwrap();
-        store
-            .commit(&Checkpoint {
-                id: 1,
-                offsets: Default::default(),
-                fallback: false,
-            })
-            .unwrap();
-    }
+    checkpoint_two_partitions(dir.path()).await;
     let store = RocksStore::open(dir.path()).unwrap();
     let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
     let state = h.factory.state().unwrap();
@@ -807,22 +811,7 @@ async fn a_revoked_partition_is_not_emitted_here() {
 #[tokio::test]
 async fn restored_partitions_never_assigned_stop_holding_the_watermark_back() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = RocksStore::open(dir.path()).unwrap();
-        let mut h = Harness::new(TUMBLING);
-        let state = h.factory.state().unwrap();
-        state.restore(store.db().unwrap()).unwrap();
-        h.feed(0, &[("a", 1, 1_000)]).await;
-        h.feed(1, &[("b", 2, 2_000)]).await;
-        state.snapshot().unwrap();
-        store
-            .commit(&Checkpoint {
-                id: 1,
-                offsets: Default::default(),
-                fallback: false,
-            })
-            .unwrap();
-    }
+    checkpoint_two_partitions(dir.path()).await;
     let store = RocksStore::open(dir.path()).unwrap();
     let mut h = Harness::new(TUMBLING);
     let state = h.factory.state().unwrap();
