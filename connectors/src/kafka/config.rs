@@ -134,11 +134,11 @@ impl KafkaSourceConfig {
         if self.schema.0.is_empty() {
             problems.at_key(node, path, "schema", "declare at least one field");
         }
-        check_options(&self.options, node, path, problems, CONSUMER_MANAGED);
-        security::validate(
-            self.tls.as_ref(),
-            self.sasl.as_deref(),
+        let security = (self.tls.as_ref(), self.sasl.as_deref());
+        check_options(
             &self.options,
+            security,
+            CONSUMER_MANAGED,
             node,
             path,
             problems,
@@ -203,11 +203,11 @@ impl KafkaSinkConfig {
                 format!("`{}` is not a Kafka topic name", self.topic),
             );
         }
-        check_options(&self.options, node, path, problems, PRODUCER_MANAGED);
-        security::validate(
-            self.tls.as_ref(),
-            self.sasl.as_deref(),
+        let security = (self.tls.as_ref(), self.sasl.as_deref());
+        check_options(
             &self.options,
+            security,
+            PRODUCER_MANAGED,
             node,
             path,
             problems,
@@ -229,13 +229,16 @@ const CONSUMER_MANAGED: &[&str] = &[
 ];
 const PRODUCER_MANAGED: &[&str] = &["enable.idempotence", "acks", "bootstrap.servers"];
 
+/// Checks a client's `options` (none of the `managed` ones) and its `tls:` and `sasl:`.
 fn check_options(
     options: &BTreeMap<String, String>,
+    (tls, sasl): (Option<&KafkaTls>, Option<&KafkaSasl>),
+    managed: &[&str],
     node: &Node,
     path: &Location,
     problems: &mut Problems,
-    managed: &[&str],
 ) {
+    security::validate(tls, sasl, options, node, path, problems);
     for key in options.keys() {
         if managed.contains(&key.as_str()) {
             problems.at_key(

@@ -626,8 +626,7 @@ impl Stage for AggregateStage {
             )
         };
         let inputs = acc::cast_inputs(&plan.aggs, batch.columns())?;
-        let progress = ctx.stats.partition(&partition.name);
-        let added = match shared.add(&partition, progress, &batch, times, keys.as_ref(), &inputs) {
+        let added = match shared.add(&partition, &batch, times, keys.as_ref(), &inputs) {
             Ok(added) => added,
             Err(e) => {
                 // Some rows may be in the state already: the batch must not be retried,

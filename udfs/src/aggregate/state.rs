@@ -43,7 +43,7 @@ use std::cmp::Ordering as Cmp;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arrow::array::{Array, RecordBatch, TimestampMillisecondArray};
 use arrow::datatypes::SchemaRef;
@@ -389,13 +389,10 @@ impl Shared {
     }
 
     /// Adds a batch of `partition`'s rows. Returns the rows that are late (every window
-    /// they belong to has closed) and the rows without an event time. `progress` is the
-    /// pipeline's position in the partition, when the executor tracks it.
-    #[allow(clippy::too_many_arguments)]
+    /// they belong to has closed) and the rows without an event time.
     pub fn add(
         &self,
         partition: &PartitionInfo,
-        progress: Option<Arc<PartitionProgress>>,
         batch: &RecordBatch,
         times: &TimestampMillisecondArray,
         keys: Option<&arrow::row::Rows>,
@@ -404,12 +401,6 @@ impl Shared {
         let part = self.part(partition);
         part.id.store(partition.id, Ordering::Relaxed);
         part.restored.store(false, Ordering::Release);
-        {
-            let mut known = part.progress.lock().expect("progress lock");
-            if known.as_ref().map(Arc::as_ptr) != progress.as_ref().map(Arc::as_ptr) {
-                *known = progress;
-            }
-        }
         part.active.store(true, Ordering::Release);
         let views: Vec<Input> = inputs.iter().map(acc::input_view).collect();
         let db = self.db.get().map(|d| &***d);
@@ -419,9 +410,7 @@ impl Shared {
         let rank = xxhash_rust::xxh3::xxh3_64(partition.name.as_bytes()) as u32;
         // Event times the window arithmetic and the watermark can take: from the year 0 to
         // `max_skew` ahead of the clock (and never past the year 9999).
-        let clock = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let clock = sluice_engine::dead_letter::now_ms();
         let valid = FIRST_TIME..=clock.saturating_add(self.plan.max_skew).min(LAST_TIME);
         let mut st = part.state.lock().expect("partition lock");
         let st = &mut *st;

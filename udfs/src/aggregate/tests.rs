@@ -434,50 +434,29 @@ async fn an_idle_partition_stops_holding_the_watermark_back() {
 #[tokio::test]
 async fn a_silent_partition_with_a_backlog_is_not_idle() {
     use sluice_engine::source::LogEnd;
-    use sluice_engine::stats::{PartitionProgress, RunStats};
+    use sluice_engine::stats::PartitionProgress;
     struct End(i64);
     impl LogEnd for End {
         fn log_end(&self) -> Option<i64> {
             Some(self.0)
         }
     }
-    let stage_name: Arc<str> = "agg".into();
-    let stats = RunStats::new([&stage_name]);
     let behind = Arc::new(PartitionProgress::new(Some(Arc::new(End(100)))));
     behind.start_at(10);
-    stats
-        .partitions
-        .lock()
-        .unwrap()
-        .insert("topic/1".into(), behind.clone());
-    let ctx = |p: u32| StageContext {
-        stats: stats.clone(),
-        ..Harness::ctx(p)
-    };
-    let mut stage = factory(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"))
-        .create()
-        .unwrap();
-    let mut out = Vec::new();
-    let feed = async |stage: &mut Box<dyn Stage>, p: u32, rows: &[In]| {
-        let ctx = ctx(p);
-        let r = stage.process_batch(batch(rows), &ctx).await.unwrap();
-        assert!(r.failed.is_empty());
-        let mut got = Vec::new();
-        while let Some(b) = stage.pending(&ctx).await.unwrap() {
-            got.extend(rows_of(&b));
-        }
-        got
-    };
-    out.extend(feed(&mut stage, 1, &[("a", 1, 1_000)]).await);
-    out.extend(feed(&mut stage, 0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await);
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.factory.state().unwrap().watch(&info(1), &behind);
+    h.feed(1, &[("a", 1, 1_000)]).await;
+    h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
     std::thread::sleep(std::time::Duration::from_millis(120));
     // Partition 1 is silent for longer than 50ms, but 90 of its records are not done.
-    out.extend(feed(&mut stage, 0, &[("a", 4, 16_000)]).await);
+    h.feed(0, &[("a", 4, 16_000)]).await;
+    let out = h.take();
     assert!(out.is_empty(), "{out:?}");
     // Caught up (everything up to its end is done): now its silence is idleness.
     behind.advance_to(100);
-    out.extend(feed(&mut stage, 0, &[("a", 5, 17_000)]).await);
-    assert_eq!(out, ["a [0,10) c=2 s=3"]);
+    h.feed(0, &[("a", 5, 17_000)]).await;
+    assert_eq!(h.take(), ["a [0,10) c=2 s=3"]);
+    assert!(h.late.is_empty());
 }
 
 #[tokio::test]
