@@ -149,6 +149,10 @@ enum WorkerMsg {
     },
     /// The partition's reader has ended: passed on to the sink after its last batch.
     Drain(Drained),
+    /// Time has passed: stages that hold rows back hand out what is due without a batch
+    /// (windows closed by a partition going idle, or taken over at a partition's end),
+    /// sent on under `partition`'s name with an empty range of offsets.
+    Emit(Arc<PartitionInfo>),
 }
 
 enum SinkMsg {
@@ -186,6 +190,8 @@ struct PartitionHandle {
 
 /// How often checkpoints are taken when a source needs them and the pipeline sets none.
 const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a stateful pipeline's workers are asked for what time alone made due.
+const EMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the pipeline until its source ends, `shutdown` is cancelled, or something fails.
 pub async fn run(
@@ -319,6 +325,8 @@ pub async fn run(
         stats.clone(),
     ));
     let mut scale_ticks = autoscaler.as_ref().map(|a| interval(a.policy().interval));
+    // Windows close with time too, not only with the batches that arrive.
+    let mut emit_ticks = (!states.is_empty()).then(|| interval(EMIT_INTERVAL));
 
     let mut readers: JoinSet<Result<mpsc::Sender<WorkerMsg>>> = JoinSet::new();
     let mut reader_tasks: HashMap<tokio::task::Id, u32> = HashMap::new();
@@ -358,6 +366,9 @@ pub async fn run(
                         state.assign(&info);
                     }
                     let progress = Arc::new(PartitionProgress::new(reader.log_end()));
+                    if let Some(start) = reader.start_offset() {
+                        progress.start_at(start);
+                    }
                     for state in &states {
                         state.watch(&info, &progress);
                     }
@@ -454,6 +465,7 @@ pub async fn run(
                     pool.scale_to(decision.to, &mut partitions);
                 }
             }
+            _ = tick(&mut emit_ticks), if assigning => pool.emit_due(&partitions),
             Some(cmd) = recv_control(&mut control) => match cmd {
                 Control::MovePartition { partition, worker } => {
                     match (partitions.get_mut(&partition), pool.live.contains_key(&worker)) {
@@ -754,6 +766,17 @@ impl Pool {
             };
             self.move_lane(p, lane, to);
         }
+    }
+
+    /// Asks the least loaded worker to hand out what stateful stages have due (see
+    /// [`WorkerMsg::Emit`]). A worker whose channel is full is busy: it hands out what is
+    /// due after its next batch anyway.
+    fn emit_due(&self, partitions: &HashMap<u32, PartitionHandle>) {
+        let Some(p) = partitions.values().next() else {
+            return;
+        };
+        let (_, tx) = self.least_loaded();
+        let _ = tx.try_send(WorkerMsg::Emit(p.info.clone()));
     }
 
     /// Stops taking work: the workers end once their channels are empty. Their tasks.
@@ -1147,6 +1170,13 @@ async fn worker_loop(
                 let (resume, resumed) = oneshot::channel();
                 if waiting.send(resume).is_ok() {
                     let _ = resumed.await;
+                }
+                continue;
+            }
+            WorkerMsg::Emit(partition) => {
+                // Offsets 0..0: never moves the partition's progress (see `sink_loop`).
+                if !chain.send_pending(&partition, 0, &sink).await? {
+                    break;
                 }
                 continue;
             }

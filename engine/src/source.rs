@@ -41,6 +41,14 @@ pub trait PartitionReader: Send {
     fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
         None
     }
+
+    /// The offset of the first record it will read, when the source knows it before
+    /// reading (Kafka: the offset a checkpoint, a take-over or `start_from` set): the
+    /// partition's lag is then known from its assignment on, so a partition with records
+    /// waiting to be read is never taken for an idle one.
+    fn start_offset(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Where a partition ends now: the offset the next record written to it will get (Kafka's

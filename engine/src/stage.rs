@@ -118,7 +118,10 @@ pub trait Stage: Send {
 
     /// Rows the stage produced beyond a call's output (closed windows), a chunk at a time.
     /// The worker calls it after every batch and every end of partition until it returns
-    /// `None`, and sends each chunk through the stages after this one.
+    /// `None`, and sends each chunk through the stages after this one. In a pipeline with
+    /// stateful stages, some worker also calls it every second without a batch: rows that
+    /// time alone makes due (a partition gone idle, state taken over at a partition's end
+    /// where no batch follows) must come out then too.
     async fn pending(&mut self, _ctx: &StageContext) -> Result<Option<RecordBatch>> {
         Ok(None)
     }

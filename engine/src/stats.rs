@@ -215,7 +215,8 @@ impl PartitionProgress {
         (position != i64::MIN).then(|| end.saturating_sub(position).max(0) as u64)
     }
 
-    /// Sets the position the first time it becomes known (the first record read).
+    /// Sets the position the first time it becomes known (where the source starts the
+    /// partition, or the first record read).
     pub fn start_at(&self, offset: i64) {
         let _ =
             self.position

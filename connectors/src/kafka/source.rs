@@ -636,6 +636,10 @@ impl GroupContext {
                 schema: self.shared.schema.clone(),
                 buffer,
                 shared: self.shared.clone(),
+                start: match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
             };
             tracing::info!(partition = %reader.buffer.info.name, "kafka partition assigned");
             let _ = self
@@ -944,6 +948,8 @@ struct KafkaReader {
     schema: SchemaRef,
     buffer: Arc<PartitionBuffer>,
     shared: Arc<Shared>,
+    /// Where the assignment starts it, when set here (not left to the group's offset).
+    start: Option<i64>,
 }
 
 impl KafkaReader {
@@ -1085,6 +1091,10 @@ impl PartitionReader for KafkaReader {
 
     fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
         Some(self.buffer.log_end.clone())
+    }
+
+    fn start_offset(&self) -> Option<i64> {
+        self.start
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {

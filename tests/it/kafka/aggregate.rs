@@ -180,6 +180,57 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
 
 /// The aggregation pipeline over a topic of its own, its `n` events being produced at
 /// `per_second` (then the events that close every window).
+/// A partition that stops sending holds windows back only until it is idle: then they come
+/// out by themselves, with no further record to carry them out. (Before emission ran on a
+/// timer, they waited for the next record of any partition; here, for ever.)
+#[test]
+fn windows_held_back_by_a_silent_partition_come_out_once_it_is_idle() {
+    let broker = Broker::start();
+    let (input, output) = (broker.name("in"), broker.name("out"));
+    broker.create_topic(&input, 2);
+    broker.create_topic(&output, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = pipeline(
+        &broker,
+        &input,
+        &output,
+        &broker.name("g"),
+        &dir.path().join("ckpt"),
+        WINDOW,
+    )
+    .replace(
+        "    allowed_lateness: 100ms\n",
+        "    allowed_lateness: 100ms\n    idle_timeout: 2s\n",
+    );
+    let path = write_pipeline(dir.path(), &yaml);
+    let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    wait_assigned(&mut sluice, Duration::from_secs(60));
+    let record = |partition: i32, country: &str, ms: i64| {
+        let payload = format!(r#"{{"country":"{country}","amount":1,"ts":{}}}"#, BASE + ms);
+        (partition, None, payload.into_bytes())
+    };
+    // Partition 1 sends in the first window only; partition 0 goes on into the third.
+    broker.produce(
+        &input,
+        &[
+            record(1, "fr", 1_000),
+            record(1, "fr", 2_000),
+            record(0, "de", 3_000),
+            record(0, "de", 25_000),
+        ],
+    );
+    let rows = broker.read_all(&output, 2, Duration::from_secs(30));
+    let got = windows(&rows);
+    let want = [("de".to_string(), BASE), ("fr".to_string(), BASE)];
+    assert!(
+        want.iter().all(|k| got.contains_key(k)) && got.len() == 2,
+        "want the first window of both partitions, got {rows:?}\n{}",
+        sluice.log_text()
+    );
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+}
+
 pub(super) struct Aggregation {
     pub broker: Broker,
     pub output: String,

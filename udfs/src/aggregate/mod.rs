@@ -710,6 +710,9 @@ impl Stage for AggregateStage {
         if let Some(e) = self.broken.take() {
             return Err(e);
         }
+        // Called without a batch too (see `Stage::pending`): windows that time or a
+        // take-over made due come out here.
+        self.close_windows()?;
         loop {
             if let Some(top) = &mut self.top
                 && !top.ready.is_empty()

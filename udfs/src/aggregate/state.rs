@@ -12,7 +12,10 @@
 //! is judged by its own progress: with keys that live in one partition, its windows come
 //! out complete after any number of moves. The stage's watermark is the minimum over the
 //! partitions this process reads, leaving out idle ones (no data for `idle_timeout` and
-//! nothing waiting) and counting ended ones (bounded sources) as done; the windows of each
+//! nothing waiting; when all are idle, the largest of theirs) and counting ended ones
+//! (bounded sources) as done. It is looked at after every batch and every second (windows
+//! close with time too: a partition going idle, state taken over where no batch follows);
+//! the windows of each
 //! partition whose end it passes and that the partition has not emitted are emitted, with
 //! the partial results of every partition merged into one row per key and window.
 //!
@@ -142,15 +145,19 @@ struct Part {
 
 impl Part {
     /// Whether every record of the partition known to exist is done (its lag is 0), or
-    /// nothing tells (a source that cannot say where a partition ends): only then may
-    /// silence count as idleness. Records in retries, behind a slow stage or not fetched
-    /// yet keep the partition's windows open.
+    /// nothing tells (a source that cannot say where a partition ends, or where it starts
+    /// reading one it never read before): only then may silence count as idleness.
+    /// Records in retries, behind a slow stage or not fetched yet keep the partition's
+    /// windows open, and so does a log end not read yet.
     fn caught_up(&self) -> bool {
         let progress = self.progress.lock().expect("progress lock");
-        progress
-            .as_ref()
-            .and_then(|p| p.lag())
-            .is_none_or(|lag| lag == 0)
+        let Some(p) = progress.as_ref() else {
+            return true;
+        };
+        if p.end.is_none() || p.position.load(Ordering::Relaxed) == i64::MIN {
+            return true;
+        }
+        p.lag() == Some(0)
     }
 }
 
@@ -335,8 +342,9 @@ impl Shared {
     /// without being assigned (their state is not this process's to keep in memory).
     ///
     /// The point is the stage watermark: the minimum over the partitions read here (and
-    /// those restored and not assigned yet), idle ones left out; `None` while every one is
-    /// idle. When every counted partition has ended (the end of a bounded input), a
+    /// those restored and not assigned yet), idle ones left out; while every one is idle,
+    /// the largest of the assigned ones' watermarks. When every counted partition has
+    /// ended (the end of a bounded input), a
     /// partition that has not (idle, or held up behind a retry) is closed only through the
     /// largest finite watermark: the end of the input closes only what has ended. Due: the
     /// assigned partitions, not revoked (their windows are the next owner's to emit), that
@@ -346,6 +354,8 @@ impl Shared {
         let parts = self.parts.read().expect("parts lock");
         let mut through: Option<i64> = None;
         let mut open = None::<i64>;
+        // The largest watermark of the assigned partitions that are idle.
+        let mut idle_max = None::<i64>;
         let mut stale = Vec::new();
         for (name, p) in parts.iter() {
             let active = p.active.load(Ordering::Acquire);
@@ -358,6 +368,8 @@ impl Shared {
                 now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout && p.caught_up();
             if wm == i64::MAX || !idle {
                 through = Some(through.map_or(wm, |t| t.min(wm)));
+            } else if active {
+                idle_max = Some(idle_max.map_or(wm, |m| m.max(wm)));
             }
             if active && wm != i64::MAX {
                 open = Some(open.map_or(wm, |o| o.max(wm)));
@@ -366,7 +378,10 @@ impl Shared {
                 stale.push(name.clone());
             }
         }
-        let mut at = through?;
+        // Every partition idle: nothing will move the watermark, so it goes to the largest
+        // of theirs (as Flink's valve flushes when its last active input goes idle): the
+        // partitions that went silent after the others do not keep their windows for ever.
+        let mut at = through.or(idle_max)?;
         if at == i64::MAX
             && let Some(open) = open
         {

@@ -428,6 +428,24 @@ async fn an_idle_partition_stops_holding_the_watermark_back() {
     assert_eq!(h.take(), ["a [10,20) c=3 s=13"]);
 }
 
+/// Windows close with time too: asked without a batch (as the executor does every second),
+/// the stage hands out what idleness made due. When every partition has gone idle, the
+/// watermark goes to the largest of theirs (as Flink flushes when its last input goes idle),
+/// so the last partition to stop does not keep the windows of the others for ever.
+#[tokio::test]
+async fn windows_come_out_without_a_batch_once_every_partition_is_idle() {
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.feed(1, &[("b", 1, 1_000)]).await;
+    h.feed(0, &[("a", 2, 2_000), ("a", 3, 25_000)]).await;
+    assert!(h.take().is_empty(), "partition 1 holds [0,10) open");
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    h.drain(&Harness::ctx(0)).await;
+    assert_eq!(h.take(), ["a [0,10) c=1 s=2", "b [0,10) c=1 s=1"]);
+    // [20,30) is open still: partition 0's watermark is 25s.
+    h.drain(&Harness::ctx(1)).await;
+    assert!(h.take().is_empty());
+}
+
 /// Silence is not idleness while the partition has records not done yet (in retries,
 /// behind a slow stage, not fetched yet): its lag keeps its windows open, and only once it
 /// is caught up does its silence let the others close them.
