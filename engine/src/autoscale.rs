@@ -10,7 +10,10 @@
 //! - **Down** only to the highest number asked for during the last `scale_down_cooldown`
 //!   (Kubernetes' stabilization window): a backlog that drains for a moment and comes back
 //!   does not remove and re-add workers, and the count never falls while lag is still above
-//!   what the remaining workers are meant to carry.
+//!   what the remaining workers are meant to carry. Scale-downs are a whole cooldown apart
+//!   (as a scale-down policy's period in Kubernetes): each one moves partitions (a consumer
+//!   group rebalance, state handed over), and the next waits until that has settled rather
+//!   than landing in the middle of it.
 //!
 //! The same [`Autoscaler`] drives worker tasks inside a process (the executor) and worker
 //! processes (`sluice run --processes auto`); it only decides, and says why.
@@ -86,7 +89,8 @@ pub struct Autoscaler {
     desired: usize,
     /// Targets of the last cooldown, oldest first.
     recent: VecDeque<(Instant, usize)>,
-    /// The first observation: no scaling down before a whole cooldown was observed.
+    /// The first observation, or the last scale-down: no scaling down before a whole
+    /// cooldown was observed since.
     first: Option<Instant>,
 }
 
@@ -150,6 +154,7 @@ impl Autoscaler {
         let window_full = now.duration_since(*self.first.get_or_insert(now)) >= cooldown;
         if held < from && window_full {
             self.desired = held;
+            self.first = Some(now);
             return Some(Decision {
                 from,
                 to: held,
@@ -274,6 +279,24 @@ mod tests {
             }
         }
         assert_eq!(seen, vec![(11, 4)]);
+    }
+
+    #[test]
+    fn scale_downs_are_a_cooldown_apart() {
+        let mut a = Autoscaler::new(policy());
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        a.observe(at(0), 8000, 8);
+        a.observe(at(500), 3500, 8);
+        // Asks for 4 once and for 1 from then on: down to 4 when the 8 leaves the window,
+        // and to 1 only a whole cooldown later, not at the next observation.
+        let mut seen = Vec::new();
+        for i in 2..80 {
+            if let Some(d) = a.observe(at(500 * i), 0, 8) {
+                seen.push((500 * i, d.to));
+            }
+        }
+        assert_eq!(seen, vec![(10_500, 4), (20_500, 1)]);
     }
 
     #[test]

@@ -129,6 +129,24 @@ impl Broker {
         }
     }
 
+    /// The group as its coordinator sees it: its state and members.
+    pub fn describe_group(&self, group: &str) -> String {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = self.client().create().expect("consumer");
+        match consumer.fetch_group_list(Some(group), Duration::from_secs(5)) {
+            Ok(list) => list
+                .groups()
+                .iter()
+                .map(|g| {
+                    let members: Vec<&str> = g.members().iter().map(|m| m.id()).collect();
+                    format!("group {} state {} members {members:?}", g.name(), g.state())
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            Err(e) => format!("cannot describe {group}: {e}"),
+        }
+    }
+
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> =
             self.client().create().expect("admin client");
