@@ -772,7 +772,12 @@ impl Pool {
     /// [`WorkerMsg::Emit`]). A worker whose channel is full is busy: it hands out what is
     /// due after its next batch anyway.
     fn emit_due(&self, partitions: &HashMap<u32, PartitionHandle>) {
-        let Some(p) = partitions.values().next() else {
+        // Under a partition read here now: not one revoked and draining, whose provenance
+        // the rows would take and whose state a later stage would add them to.
+        let Some(p) = partitions
+            .values()
+            .find(|p| p.drained.is_none() && !p.stop.is_cancelled())
+        else {
             return;
         };
         let (_, tx) = self.least_loaded();
@@ -1314,8 +1319,8 @@ impl Checkpointing {
             dead_letter,
             policy,
             self.hook.as_ref(),
-            progress,
-            committed,
+            (progress, committed),
+            written.bytes > 0,
             stats,
         )
         .await?;
@@ -1650,15 +1655,17 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// Flushes the sink, then commits the offsets that advanced since the last checkpoint.
-/// Whether there was anything to commit.
+/// Flushes the sink, then commits the offsets that advanced since the last checkpoint,
+/// and the stage state when it changed without them (windows that time closed: their rows
+/// went to the sink and the state no longer holds them). Whether there was anything to
+/// commit.
 async fn take_checkpoint(
     sink: &mut dyn Sink,
     dead_letter: Option<&mut DeadLetterSink>,
     policy: &CheckpointPolicy,
     hook: Option<&Arc<dyn CommitHook>>,
-    progress: &HashMap<Arc<str>, i64>,
-    committed: &mut HashMap<Arc<str>, i64>,
+    (progress, committed): (&HashMap<Arc<str>, i64>, &mut HashMap<Arc<str>, i64>),
+    state_changed: bool,
     stats: &RunStats,
 ) -> Result<bool> {
     let changed: std::collections::BTreeMap<String, i64> = progress
@@ -1666,7 +1673,7 @@ async fn take_checkpoint(
         .filter(|(name, offset)| committed.get(*name) != Some(offset))
         .map(|(name, offset)| (name.to_string(), *offset))
         .collect();
-    if changed.is_empty() {
+    if changed.is_empty() && !state_changed {
         return Ok(false);
     }
     let t0 = Instant::now();

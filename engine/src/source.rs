@@ -56,6 +56,13 @@ pub trait PartitionReader: Send {
 /// source; the engine reads it for lag, from any thread.
 pub trait LogEnd: Send + Sync {
     fn log_end(&self) -> Option<i64>;
+
+    /// Where the partition begins now (Kafka's log start offset: records before it were
+    /// deleted by retention), when the source can tell. A position before it counts from
+    /// it: deleted records are no lag.
+    fn log_start(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// A change in the partitions this process reads.

@@ -210,9 +210,14 @@ impl PartitionProgress {
 
     /// Records not done yet: the end minus the position, once both are known.
     pub fn lag(&self) -> Option<u64> {
-        let end = self.end.as_ref()?.log_end()?;
+        let source = self.end.as_ref()?;
+        let end = source.log_end()?;
         let position = self.position.load(Ordering::Relaxed);
-        (position != i64::MIN).then(|| end.saturating_sub(position).max(0) as u64)
+        if position == i64::MIN {
+            return None;
+        }
+        let position = position.max(source.log_start().unwrap_or(i64::MIN));
+        Some(end.saturating_sub(position).max(0) as u64)
     }
 
     /// Sets the position the first time it becomes known (where the source starts the

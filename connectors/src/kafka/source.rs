@@ -386,7 +386,10 @@ fn watermark_loop(consumer: &GroupConsumer, shared: &Shared) {
             }
             match super::lag::watermarks(consumer, &buffer.topic, buffer.partition, LOOKUP_TIMEOUT)
             {
-                Ok((_, high)) => buffer.log_end.0.store(high, Ordering::Relaxed),
+                Ok((low, high)) => {
+                    buffer.log_end.low.store(low, Ordering::Relaxed);
+                    buffer.log_end.high.store(high, Ordering::Relaxed);
+                }
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                         tracing::warn!(partition = %buffer.info.name, error = %e, "kafka: reading the log end offset failed (lag not updated)");
@@ -402,13 +405,22 @@ fn watermark_loop(consumer: &GroupConsumer, shared: &Shared) {
     }
 }
 
-/// A partition's log end offset as last read from the broker; -1 before the first read.
-struct HighWatermark(AtomicI64);
+/// A partition's log start and end offsets as last read from the broker; -1 before the
+/// first read.
+struct Watermarks {
+    low: AtomicI64,
+    high: AtomicI64,
+}
 
-impl LogEnd for HighWatermark {
+impl LogEnd for Watermarks {
     fn log_end(&self) -> Option<i64> {
-        let high = self.0.load(Ordering::Relaxed);
+        let high = self.high.load(Ordering::Relaxed);
         (high >= 0).then_some(high)
+    }
+
+    fn log_start(&self) -> Option<i64> {
+        let low = self.low.load(Ordering::Relaxed);
+        (low >= 0).then_some(low)
     }
 }
 
@@ -757,7 +769,7 @@ struct PartitionBuffer {
     ready: Notify,
     /// The partition was revoked or the source is closing: no more messages come.
     closed: AtomicBool,
-    log_end: Arc<HighWatermark>,
+    log_end: Arc<Watermarks>,
 }
 
 #[derive(Default)]
@@ -778,7 +790,10 @@ impl PartitionBuffer {
             queue: Mutex::default(),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
-            log_end: Arc::new(HighWatermark(AtomicI64::new(-1))),
+            log_end: Arc::new(Watermarks {
+                low: AtomicI64::new(-1),
+                high: AtomicI64::new(-1),
+            }),
         }
     }
 

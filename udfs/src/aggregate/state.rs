@@ -145,20 +145,36 @@ struct Part {
 
 impl Part {
     /// Whether every record of the partition known to exist is done (its lag is 0), or
-    /// nothing tells (a source that cannot say where a partition ends, or where it starts
-    /// reading one it never read before): only then may silence count as idleness.
-    /// Records in retries, behind a slow stage or not fetched yet keep the partition's
-    /// windows open, and so does a log end not read yet.
-    fn caught_up(&self) -> bool {
+    /// nothing tells (a source that cannot say where a partition ends): only then may
+    /// silence count as idleness. Records in retries, behind a slow stage or not fetched
+    /// yet keep the partition's windows open, and so does a log end not read yet. Where the
+    /// source can tell but the position is not known yet (a partition it never read, before
+    /// its first record), silence decides, but the partition does not count as caught up
+    /// when every partition is idle (see `Shared::due`).
+    fn caught_up(&self) -> CaughtUp {
         let progress = self.progress.lock().expect("progress lock");
         let Some(p) = progress.as_ref() else {
-            return true;
+            return CaughtUp::Yes;
         };
-        if p.end.is_none() || p.position.load(Ordering::Relaxed) == i64::MIN {
-            return true;
+        if p.end.is_none() {
+            return CaughtUp::Yes;
         }
-        p.lag() == Some(0)
+        if p.position.load(Ordering::Relaxed) == i64::MIN {
+            return CaughtUp::Unknown;
+        }
+        match p.lag() {
+            Some(0) => CaughtUp::Yes,
+            _ => CaughtUp::No,
+        }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CaughtUp {
+    Yes,
+    No,
+    /// The source can say where the partition ends, but where it reads is not known yet.
+    Unknown,
 }
 
 struct PartState {
@@ -364,11 +380,12 @@ impl Shared {
                 continue;
             }
             let wm = p.watermark.load(Ordering::Acquire);
-            let idle =
-                now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout && p.caught_up();
+            let caught_up = p.caught_up();
+            let idle = now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout
+                && caught_up != CaughtUp::No;
             if wm == i64::MAX || !idle {
                 through = Some(through.map_or(wm, |t| t.min(wm)));
-            } else if active {
+            } else if active && !p.revoked.load(Ordering::Acquire) && caught_up == CaughtUp::Yes {
                 idle_max = Some(idle_max.map_or(wm, |m| m.max(wm)));
             }
             if active && wm != i64::MAX {
@@ -381,6 +398,7 @@ impl Shared {
         // Every partition idle: nothing will move the watermark, so it goes to the largest
         // of theirs (as Flink's valve flushes when its last active input goes idle): the
         // partitions that went silent after the others do not keep their windows for ever.
+        // Only those known to be caught up count (not revoked ones, nor ones not read yet).
         let mut at = through.or(idle_max)?;
         if at == i64::MAX
             && let Some(open) = open
