@@ -1655,6 +1655,9 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// The next offset of each partition, by name.
+type Offsets = HashMap<Arc<str>, i64>;
+
 /// Flushes the sink, then commits the offsets that advanced since the last checkpoint,
 /// and the stage state when it changed without them (windows that time closed: their rows
 /// went to the sink and the state no longer holds them). Whether there was anything to
@@ -1664,7 +1667,7 @@ async fn take_checkpoint(
     dead_letter: Option<&mut DeadLetterSink>,
     policy: &CheckpointPolicy,
     hook: Option<&Arc<dyn CommitHook>>,
-    (progress, committed): (&HashMap<Arc<str>, i64>, &mut HashMap<Arc<str>, i64>),
+    (progress, committed): (&Offsets, &mut Offsets),
     state_changed: bool,
     stats: &RunStats,
 ) -> Result<bool> {
