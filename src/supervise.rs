@@ -242,7 +242,8 @@ pub async fn supervise(
     let mut scaling = match count {
         Count::Fixed(_) => None,
         Count::Auto => Some((
-            Autoscaler::new(policy.clone()),
+            // Each process that leaves is a rebalance: one at a time.
+            Autoscaler::new(policy.clone()).one_step_down(),
             Arc::new(GroupLag::new(kafka)?),
         )),
     };

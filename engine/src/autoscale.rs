@@ -92,6 +92,8 @@ pub struct Autoscaler {
     /// The first observation, or the last scale-down: no scaling down before a whole
     /// cooldown was observed since.
     first: Option<Instant>,
+    /// At most this many fewer per scale-down (`None`: down to what the window needs).
+    step_down: Option<usize>,
 }
 
 impl Autoscaler {
@@ -102,7 +104,15 @@ impl Autoscaler {
             policy,
             recent: VecDeque::new(),
             first: None,
+            step_down: None,
         }
+    }
+
+    /// Scales down one at a time (a cooldown apart): for worker processes of a consumer
+    /// group, where each one that leaves is a rebalance and a hand-over of state.
+    pub fn one_step_down(mut self) -> Self {
+        self.step_down = Some(1);
+        self
     }
 
     pub fn policy(&self) -> &ScalingPolicy {
@@ -153,11 +163,14 @@ impl Autoscaler {
         let held = self.recent.iter().map(|(_, t)| *t).max().unwrap_or(target);
         let window_full = now.duration_since(*self.first.get_or_insert(now)) >= cooldown;
         if held < from && window_full {
-            self.desired = held;
+            let to = self
+                .step_down
+                .map_or(held, |k| held.max(from.saturating_sub(k)));
+            self.desired = to;
             self.first = Some(now);
             return Some(Decision {
                 from,
-                to: held,
+                to,
                 reason: format!(
                     "lag {lag} has asked for at most {held} worker(s) for {} (scale_down_cooldown)",
                     humantime(cooldown)
@@ -297,6 +310,22 @@ mod tests {
             }
         }
         assert_eq!(seen, vec![(10_500, 4), (20_500, 1)]);
+    }
+
+    #[test]
+    fn one_step_down_leaves_one_at_a_time() {
+        let mut a = Autoscaler::new(policy()).one_step_down();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        a.observe(at(0), 3000, 8);
+        assert_eq!(a.desired(), 3);
+        let mut seen = Vec::new();
+        for i in 1..80 {
+            if let Some(d) = a.observe(at(500 * i), 0, 8) {
+                seen.push((500 * i, d.to));
+            }
+        }
+        assert_eq!(seen, vec![(10_500, 2), (20_500, 1)]);
     }
 
     #[test]
