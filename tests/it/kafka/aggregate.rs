@@ -186,20 +186,8 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
 /// result.
 #[test]
 fn windows_held_back_by_a_silent_partition_come_out_once_it_is_idle() {
-    let broker = Broker::start();
-    let (input, output) = (broker.name("in"), broker.name("out"));
-    broker.create_topic(&input, 2);
-    broker.create_topic(&output, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = pipeline(
-        &broker,
-        &input,
-        &output,
-        &broker.name("g"),
-        &dir.path().join("ckpt"),
-        WINDOW,
-    )
-    .replace(
+    let (broker, (input, output), dir, yaml) = set_up(2, WINDOW);
+    let yaml = yaml.replace(
         "    allowed_lateness: 100ms\n",
         "    allowed_lateness: 100ms\n    idle_timeout: 2s\n",
     );
@@ -266,20 +254,8 @@ impl Aggregation {
         per_second: usize,
         window: i64,
     ) -> Aggregation {
-        let broker = Broker::start();
-        let (input, output) = (broker.name("agg-in"), broker.name("agg-out"));
-        broker.create_topic(&input, PARTITIONS);
-        broker.create_topic(&output, 1);
+        let (broker, (input, output), dir, yaml) = set_up(PARTITIONS, window);
         let producer = produce_paced(&broker, &input, messages(n, country), per_second);
-        let dir = tempfile::tempdir().unwrap();
-        let yaml = pipeline(
-            &broker,
-            &input,
-            &output,
-            &broker.name("g"),
-            &dir.path().join("ckpt"),
-            window,
-        );
         let path = write_pipeline(dir.path(), &yaml);
         Aggregation {
             broker,
@@ -289,6 +265,26 @@ impl Aggregation {
             producer,
         }
     }
+}
+
+/// A broker with an input topic of `partitions` and an output topic, a directory, and the
+/// aggregation pipeline over them (tumbling windows of `window` ms, checkpoints in
+/// `dir/ckpt`).
+fn set_up(partitions: i32, window: i64) -> (Broker, (String, String), tempfile::TempDir, String) {
+    let broker = Broker::start();
+    let (input, output) = (broker.name("agg-in"), broker.name("agg-out"));
+    broker.create_topic(&input, partitions);
+    broker.create_topic(&output, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = pipeline(
+        &broker,
+        &input,
+        &output,
+        &broker.name("g"),
+        &dir.path().join("ckpt"),
+        window,
+    );
+    (broker, (input, output), dir, yaml)
 }
 
 /// `n` events, then one an hour later on every partition: every real window closes.

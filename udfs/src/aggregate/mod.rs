@@ -694,7 +694,7 @@ impl Stage for AggregateStage {
             }
         }
         failed.sort_unstable_by_key(|f| f.row);
-        self.close_windows()?;
+        // The windows this batch closed come out through `pending`, called next.
         Ok(StageOutput {
             batch: RecordBatch::new_empty(plan.output.clone()),
             failed,
@@ -703,15 +703,16 @@ impl Stage for AggregateStage {
 
     async fn end_of_partition(&mut self, ctx: &StageContext) -> Result<()> {
         self.shared.end(&partition_of(ctx));
-        self.close_windows()
+        Ok(())
     }
 
     async fn pending(&mut self, _ctx: &StageContext) -> Result<Option<RecordBatch>> {
         if let Some(e) = self.broken.take() {
             return Err(e);
         }
-        // Called without a batch too (see `Stage::pending`): windows that time or a
-        // take-over made due come out here.
+        // The one place the watermark is looked at: after every batch and end of
+        // partition, and on the executor's timer for windows that time alone closes (see
+        // `Stage::pending`).
         self.close_windows()?;
         loop {
             if let Some(top) = &mut self.top

@@ -11,6 +11,7 @@ use sluice_engine::batch::{PartitionInfo, timestamp_type};
 use sluice_engine::checkpoint::{Checkpoint, CheckpointStore, RocksStore};
 use sluice_engine::config::{Location, Problems};
 use sluice_engine::stage::{Stage, StageContext, StageFactory};
+use sluice_engine::state::StageState;
 
 use super::{AggregateConfig, AggregateFactory};
 
@@ -113,6 +114,18 @@ impl Harness {
     fn take(&mut self) -> Vec<String> {
         std::mem::take(&mut self.out)
     }
+}
+
+/// Snapshots the stage's state and commits it as checkpoint 1 of `store`.
+fn checkpoint(state: &Arc<dyn StageState>, store: &RocksStore) {
+    state.snapshot().unwrap();
+    store
+        .commit(&Checkpoint {
+            id: 1,
+            offsets: Default::default(),
+            fallback: false,
+        })
+        .unwrap();
 }
 
 /// `user [start,end) c=… s=…` with times in seconds, for compact expectations.
@@ -645,14 +658,7 @@ async fn a_restored_snapshot_goes_on_as_if_nothing_happened() {
         let state = h.factory.state().unwrap();
         state.restore(store.db().unwrap()).unwrap();
         run_workload(&mut h, &batches[..50]).await;
-        state.snapshot().unwrap();
-        store
-            .commit(&Checkpoint {
-                id: 1,
-                offsets: Default::default(),
-                fallback: false,
-            })
-            .unwrap();
+        checkpoint(&state, &store);
         out.extend(h.take());
         // Work after the checkpoint that a crash loses (its output was emitted, so it
         // will be emitted again: duplicates, never different rows).
@@ -707,14 +713,7 @@ async fn a_partition_that_comes_back_is_judged_by_its_own_progress() {
     h.feed(1, &[("b", 1, 1_000), ("b", 2, 3_000)]).await;
     h.feed(0, &[("a", 1, 2_000)]).await;
     assert!(h.take().is_empty());
-    state.snapshot().unwrap();
-    store
-        .commit(&Checkpoint {
-            id: 1,
-            offsets: Default::default(),
-            fallback: false,
-        })
-        .unwrap();
+    checkpoint(&state, &store);
     state.revoke(&info(1));
     state.release(&info(1));
     // Partition 0 alone: [0,10) and [10,20) close.
@@ -739,14 +738,7 @@ async fn checkpoint_two_partitions(dir: &std::path::Path) {
     state.restore(store.db().unwrap()).unwrap();
     h.feed(0, &[("a", 1, 1_000)]).await;
     h.feed(1, &[("b", 2, 2_000)]).await;
-    state.snapshot().unwrap();
-    store
-        .commit(&Checkpoint {
-            id: 1,
-            offsets: Default::default(),
-            fallback: false,
-        })
-        .unwrap();
+    checkpoint(&state, &store);
 }
 
 /// After a restart, the partitions in the checkpoint that this process is not assigned

@@ -1,0 +1,340 @@
+//! Closing windows: their rows in key order, partitions merged, in chunks.
+
+use super::*;
+
+/// Sorts entries by key bytes, comparing the first 16 bytes as one integer first: keys of a
+/// column or two differ there, and a million keys then sort without a `memcmp` per step.
+pub(super) fn sort_by_key_bytes(entries: &mut [KeyedAccs]) {
+    let prefix = |k: &[u8]| {
+        let mut b = [0u8; 16];
+        let n = k.len().min(16);
+        b[..n].copy_from_slice(&k[..n]);
+        u128::from_be_bytes(b)
+    };
+    let mut order: Vec<(u128, u32)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| (prefix(k), i as u32))
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| entries[a.1 as usize].0.cmp(&entries[b.1 as usize].0))
+    });
+    // Apply the permutation in place.
+    let mut place: Vec<u32> = vec![0; entries.len()];
+    for (to, (_, from)) in order.iter().enumerate() {
+        place[*from as usize] = to as u32;
+    }
+    for i in 0..entries.len() {
+        while place[i] as usize != i {
+            let j = place[i] as usize;
+            entries.swap(i, j);
+            place.swap(i, j);
+        }
+    }
+}
+
+/// Windows taken out of the partitions, waiting to be emitted.
+#[derive(Default)]
+pub struct Closing {
+    windows: VecDeque<ClosingWindow>,
+    /// Session rows, ready: (key, start, end, accs).
+    pub(super) sessions: Vec<SessionRow>,
+    pub(super) db: Option<Arc<StateDb>>,
+    pub(super) aggs: usize,
+}
+
+/// An emitted row: (key, window start, window end, accumulators).
+pub type OutRow = (Box<[u8]>, i64, i64, Box<[Acc]>);
+pub(super) type SessionRow = OutRow;
+/// A key and its accumulators.
+pub(super) type KeyedAccs = (Box<[u8]>, Box<[Acc]>);
+
+struct ClosingWindow {
+    end: i64,
+    start: i64,
+    /// One per partition that had the window.
+    sources: Vec<Source>,
+}
+
+/// A pane's sorted entries in memory, shared by the windows of one emission that hold it.
+/// A reader takes an entry when it is the last holder (the pane's last window, read after
+/// the others), and copies it otherwise.
+struct Entries {
+    entries: Arc<Vec<KeyedAccs>>,
+    next: usize,
+}
+
+impl Entries {
+    fn front(&self) -> Option<&KeyedAccs> {
+        self.entries.get(self.next)
+    }
+
+    fn pop_front(&mut self) -> Option<KeyedAccs> {
+        let i = self.next;
+        if i >= self.entries.len() {
+            return None;
+        }
+        self.next += 1;
+        Some(match Arc::get_mut(&mut self.entries) {
+            Some(entries) => std::mem::take(&mut entries[i]),
+            None => self.entries[i].clone(),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next >= self.entries.len()
+    }
+}
+
+/// One partition's entries of a closing window: those in memory (sorted) and those in the
+/// database (read in key order a chunk at a time); memory is newer where both have a key.
+struct Source {
+    memory: Entries,
+    stored: Option<Stored>,
+}
+
+struct Stored {
+    /// The window's key prefix; the next key to read is `next` (after the prefix).
+    prefix: Vec<u8>,
+    /// The prefix of the next window: the end of the range.
+    upto: Vec<u8>,
+    /// Delete the range once read (the pane's last window).
+    delete: bool,
+    frozen: Option<Arc<Frozen>>,
+    next: Option<Vec<u8>>,
+    buffer: VecDeque<KeyedAccs>,
+    done: bool,
+}
+
+impl Closing {
+    pub(super) fn add(
+        &mut self,
+        end: i64,
+        start: i64,
+        memory: Arc<Vec<KeyedAccs>>,
+        stored: Option<StoredRange>,
+    ) {
+        let source = Source {
+            memory: Entries {
+                entries: memory,
+                next: 0,
+            },
+            stored: stored.map(|r| Stored {
+                prefix: r.prefix,
+                upto: r.upto,
+                delete: r.delete,
+                frozen: r.frozen,
+                next: None,
+                buffer: VecDeque::new(),
+                done: false,
+            }),
+        };
+        // Windows arrive partition by partition; keep them in end order, one per end.
+        let at = self.windows.partition_point(|w| w.end < end);
+        match self.windows.get_mut(at) {
+            Some(w) if w.end == end => w.sources.push(source),
+            _ => self.windows.insert(
+                at,
+                ClosingWindow {
+                    end,
+                    start,
+                    sources: vec![source],
+                },
+            ),
+        }
+    }
+
+    /// The next rows: (key, window start, window end, accumulators), at most [`CHUNK`];
+    /// empty when everything was emitted. A window's stored entries are deleted once it
+    /// has been read to its end.
+    pub fn next_chunk(&mut self) -> Result<Vec<SessionRow>> {
+        let mut rows = Vec::new();
+        if !self.sessions.is_empty() {
+            let n = self.sessions.len().min(CHUNK);
+            rows.extend(self.sessions.drain(..n));
+            return Ok(rows);
+        }
+        while rows.len() < CHUNK {
+            let Some(window) = self.windows.front_mut() else {
+                break;
+            };
+            let (start, end) = (window.start, window.end);
+            while rows.len() < CHUNK {
+                for s in window.sources.iter_mut() {
+                    s.fill(self.db.as_deref().map(|d| &**d), self.aggs)?;
+                }
+                // The smallest key among the sources (the first source that has it), merged
+                // with the same key of the sources after it. Moved, not copied.
+                let Some(first) = window
+                    .sources
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| s.peek().map(|k| (i, k)))
+                    .min_by(|a, b| a.1.cmp(b.1))
+                    .map(|(i, _)| i)
+                else {
+                    break;
+                };
+                let (key, mut accs) = window.sources[first].pop();
+                for s in window.sources[first + 1..].iter_mut() {
+                    if s.peek() == Some(key.as_ref()) {
+                        for (a, b) in accs.iter_mut().zip(s.pop().1.into_vec()) {
+                            a.merge(b);
+                        }
+                    }
+                }
+                rows.push((key, start, end, accs));
+            }
+            if window.sources.iter().all(|s| s.is_empty()) {
+                let window = self.windows.pop_front().expect("front window");
+                if let Some(db) = &self.db {
+                    let mut batch = WriteBatch::default();
+                    for s in window.sources {
+                        if let Some(st) = s.stored
+                            && st.delete
+                        {
+                            batch.delete_range(&st.prefix, &st.upto);
+                        }
+                    }
+                    db.write_opt(batch, &unlogged()).map_err(db_error)?;
+                }
+            }
+        }
+        Ok(rows)
+    }
+}
+
+impl Source {
+    fn fill(&mut self, db: Option<&DB>, aggs: usize) -> Result<()> {
+        let (Some(st), Some(db)) = (&mut self.stored, db) else {
+            return Ok(());
+        };
+        if !st.buffer.is_empty() || st.done {
+            return Ok(());
+        }
+        let mut it = match &st.frozen {
+            Some(frozen) => frozen.snapshot.raw_iterator(),
+            None => db.raw_iterator(),
+        };
+        match &st.next {
+            Some(next) => {
+                let mut k = st.prefix.clone();
+                k.extend_from_slice(next);
+                it.seek(&k);
+            }
+            None => it.seek(&st.prefix),
+        }
+        let mut last = None;
+        while st.buffer.len() < 4096 {
+            let Some(key) = it.key() else { break };
+            let Some(key) = key.strip_prefix(st.prefix.as_slice()) else {
+                break;
+            };
+            let (accs, _) = acc::decode(it.value().expect("a value at a key"), aggs)?;
+            st.buffer.push_back((key.into(), accs.into_boxed_slice()));
+            last = Some(key.to_vec());
+            it.next();
+        }
+        it.status().map_err(db_error)?;
+        match last {
+            Some(mut k) => {
+                // The key right after the last one read.
+                k.push(0);
+                st.next = Some(k);
+            }
+            None => st.done = true,
+        }
+        // Keys also in memory are older in the database.
+        Ok(())
+    }
+
+    fn peek(&self) -> Option<&[u8]> {
+        let m = self.memory.front().map(|(k, _)| k.as_ref());
+        let d = self
+            .stored
+            .as_ref()
+            .and_then(|s| s.buffer.front())
+            .map(|(k, _)| k.as_ref());
+        match (m, d) {
+            (Some(m), Some(d)) => Some(m.min(d)),
+            (m, d) => m.or(d),
+        }
+    }
+
+    /// The entry with the smallest key; memory's where both have it (the stored one is
+    /// older).
+    fn pop(&mut self) -> KeyedAccs {
+        let memory_first = match (
+            self.memory.front(),
+            self.stored.as_ref().and_then(|s| s.buffer.front()),
+        ) {
+            (Some(m), Some(d)) => match m.0.cmp(&d.0) {
+                Cmp::Less => true,
+                Cmp::Greater => false,
+                Cmp::Equal => {
+                    self.stored_pop();
+                    true
+                }
+            },
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if memory_first {
+            self.memory.pop_front().expect("a memory entry")
+        } else {
+            self.stored_pop()
+        }
+    }
+
+    fn stored_pop(&mut self) -> KeyedAccs {
+        self.stored
+            .as_mut()
+            .and_then(|s| s.buffer.pop_front())
+            .expect("a stored entry")
+    }
+
+    fn is_empty(&self) -> bool {
+        self.memory.is_empty()
+            && self
+                .stored
+                .as_ref()
+                .is_none_or(|s| s.buffer.is_empty() && s.done)
+    }
+}
+
+/// A point-in-time view of the state database that owns a handle to it: what a pane
+/// still changing looked like when its windows closed.
+pub(super) struct Frozen {
+    // Declared first: released while the database it borrows is still open.
+    snapshot: rocksdb::SnapshotWithThreadMode<'static, DB>,
+    _db: Arc<StateDb>,
+}
+
+impl Frozen {
+    pub(super) fn new(db: &Arc<StateDb>) -> Arc<Frozen> {
+        let snapshot = db.snapshot();
+        // SAFETY: the snapshot borrows the database inside `db`'s allocation, which `_db`
+        // keeps alive, in place, for as long as the snapshot exists (fields drop in order).
+        let snapshot = unsafe {
+            std::mem::transmute::<
+                rocksdb::SnapshotWithThreadMode<'_, DB>,
+                rocksdb::SnapshotWithThreadMode<'static, DB>,
+            >(snapshot)
+        };
+        Arc::new(Frozen {
+            snapshot,
+            _db: db.clone(),
+        })
+    }
+}
+
+/// A pane's entries in the database, for one window that holds it.
+pub(super) struct StoredRange {
+    pub(super) prefix: Vec<u8>,
+    pub(super) upto: Vec<u8>,
+    /// The pane's last window: its entries are deleted once it has been read.
+    pub(super) delete: bool,
+    /// Read from this snapshot (the pane still changes), else from the database.
+    pub(super) frozen: Option<Arc<Frozen>>,
+}

@@ -1,0 +1,274 @@
+//! Session windows: per key, disjoint sessions; in memory, written at checkpoints.
+
+use super::*;
+
+#[derive(Default)]
+pub(super) struct Sessions {
+    slots: HashMap<Box<[u8]>, Slot>,
+    /// (end, key) of every session end ever set; stale ones are skipped when popped.
+    ends: BinaryHeap<std::cmp::Reverse<(i64, Box<[u8]>)>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    sessions: Vec<Session>,
+    dirty: bool,
+    stored: bool,
+}
+
+#[derive(Clone)]
+struct Session {
+    start: i64,
+    end: i64,
+    accs: Box<[Acc]>,
+}
+
+fn session_size(key: &[u8], s: &Session) -> usize {
+    entry_size(key, &s.accs) + 16 + SLOT
+}
+
+impl Sessions {
+    /// Adds a row at `time` (its session would end at `end`); false when it is late.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add(
+        &mut self,
+        key: &[u8],
+        time: i64,
+        end: i64,
+        closed: i64,
+        aggs: &[AggDef],
+        views: &[Input],
+        row: usize,
+        order: Order,
+        mem: &mut usize,
+    ) -> bool {
+        // A row behind its partition's watermark is late: it could only join sessions that
+        // have ended, and whether those were emitted yet depends on batch boundaries.
+        if time < closed {
+            return false;
+        }
+        let slot = match self.slots.entry_ref(key) {
+            EntryRef::Occupied(o) => o.into_mut(),
+            EntryRef::Vacant(v) => v.insert(Slot::default()),
+        };
+        // Sessions that overlap or touch merge (Flink's rule): rows exactly `gap` apart
+        // are one session.
+        let overlapping = |s: &Session| s.start <= end && time <= s.end;
+        let mut merged = Session {
+            start: time,
+            end,
+            accs: aggs.iter().map(AggDef::new_acc).collect(),
+        };
+        let mut joined = false;
+        let mut i = 0;
+        while i < slot.sessions.len() {
+            if overlapping(&slot.sessions[i]) {
+                let s = slot.sessions.swap_remove(i);
+                *mem = mem.saturating_sub(session_size(key, &s));
+                if !joined {
+                    merged.accs = s.accs;
+                    joined = true;
+                } else {
+                    for (a, b) in merged.accs.iter_mut().zip(s.accs.into_vec()) {
+                        a.merge(b);
+                    }
+                }
+                merged.start = merged.start.min(s.start);
+                merged.end = merged.end.max(s.end);
+            } else {
+                i += 1;
+            }
+        }
+        for (acc, view) in merged.accs.iter_mut().zip(views) {
+            acc.update(view, row, order);
+        }
+        *mem += session_size(key, &merged);
+        self.ends
+            .push(std::cmp::Reverse((merged.end, Box::from(key))));
+        slot.sessions.push(merged);
+        slot.dirty = true;
+        if self.ends.len() > 4 * self.slots.len() + 1024 {
+            self.compact();
+        }
+        true
+    }
+
+    /// Drops stale end markers.
+    pub(super) fn compact(&mut self) {
+        let live: Vec<_> = self
+            .slots
+            .iter()
+            .flat_map(|(k, s)| {
+                s.sessions
+                    .iter()
+                    .map(move |x| std::cmp::Reverse((x.end, k.clone())))
+            })
+            .collect();
+        self.ends = live.into();
+    }
+
+    /// Moves the keys with a session closed by `through` (see [`session_closed`]) to `out`
+    /// (key only, with empty rows): the merge across partitions decides what is emitted.
+    pub(super) fn close(&mut self, through: i64, out: &mut Vec<SessionRow>) {
+        while let Some(std::cmp::Reverse((end, _))) = self.ends.peek() {
+            if !session_closed(*end, through) {
+                break;
+            }
+            let std::cmp::Reverse((end, key)) = self.ends.pop().expect("peeked");
+            if self
+                .slots
+                .get(&key)
+                .is_some_and(|s| s.sessions.iter().any(|x| x.end == end))
+            {
+                out.push((key, 0, 0, Box::new([])));
+            }
+        }
+    }
+
+    pub(super) fn snapshot(
+        &mut self,
+        prefix: &[u8],
+        batch: &mut WriteBatch,
+        stats: &mut SnapshotStats,
+        flush: &mut dyn FnMut(&mut WriteBatch, &mut SnapshotStats) -> Result<()>,
+    ) -> Result<()> {
+        let mut value = Vec::new();
+        let mut key = prefix.to_vec();
+        for (k, slot) in self.slots.iter_mut().filter(|(_, s)| s.dirty) {
+            key.truncate(prefix.len());
+            key.extend_from_slice(k);
+            if slot.sessions.is_empty() {
+                if slot.stored {
+                    batch.delete(&key);
+                }
+            } else {
+                value.clear();
+                value.extend_from_slice(&(slot.sessions.len() as u32).to_le_bytes());
+                for s in &slot.sessions {
+                    value.extend_from_slice(&s.start.to_le_bytes());
+                    value.extend_from_slice(&s.end.to_le_bytes());
+                    acc::encode(&s.accs, &mut value);
+                }
+                batch.put(&key, &value);
+                slot.stored = true;
+            }
+            slot.dirty = false;
+            stats.keys += 1;
+            flush(batch, stats)?;
+        }
+        self.slots.retain(|_, s| !s.sessions.is_empty());
+        Ok(())
+    }
+
+    pub(super) fn restore(&mut self, db: &DB, prefix: &[u8], aggs: usize) -> Result<usize> {
+        let mut mem = 0;
+        for item in db.iterator(IteratorMode::From(prefix, Direction::Forward)) {
+            let (key, value) = item.map_err(db_error)?;
+            let Some(k) = key.strip_prefix(prefix) else {
+                break;
+            };
+            let bad = || Error::Internal("corrupt session state".into());
+            let n = u32::from_le_bytes(value.get(..4).ok_or_else(bad)?.try_into().expect("4"));
+            let mut rest = &value[4..];
+            let mut slot = Slot {
+                stored: true,
+                ..Slot::default()
+            };
+            for _ in 0..n {
+                if rest.len() < 16 {
+                    return Err(bad());
+                }
+                let start = i64::from_le_bytes(rest[..8].try_into().expect("8"));
+                let end = i64::from_le_bytes(rest[8..16].try_into().expect("8"));
+                let (accs, tail) = acc::decode(&rest[16..], aggs)?;
+                rest = tail;
+                let s = Session {
+                    start,
+                    end,
+                    accs: accs.into_boxed_slice(),
+                };
+                mem += session_size(k, &s);
+                self.ends.push(std::cmp::Reverse((end, Box::from(k))));
+                slot.sessions.push(s);
+            }
+            self.slots.insert(k.into(), slot);
+        }
+        Ok(mem)
+    }
+}
+
+/// Whether a session ending at `end` is closed once the watermark is `through`: only when
+/// the watermark is past its end, since a row at `end` itself would still join it (at the
+/// end of the input, `through` is the end of time and every session closes).
+fn session_closed(end: i64, through: i64) -> bool {
+    end < through || through == i64::MAX
+}
+
+/// Sessions of the keys in `closing.sessions` from every partition, grouped where they
+/// overlap or touch; groups closed by `through` become rows and leave the partitions.
+pub(super) fn merge_sessions(
+    states: &mut [std::sync::MutexGuard<'_, PartState>],
+    through: i64,
+    closing: &mut Closing,
+    aggs: &[AggDef],
+    freed: &mut usize,
+) {
+    let mut keys: Vec<Box<[u8]>> = closing.sessions.drain(..).map(|r| r.0).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut rows = Vec::new();
+    for key in keys {
+        // (start, end, partition index, session index)
+        let mut all: Vec<(i64, i64, usize, usize)> = Vec::new();
+        for (p, st) in states.iter().enumerate() {
+            if let Some(slot) = st.sessions.slots.get(&key) {
+                all.extend(
+                    slot.sessions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (s.start, s.end, p, i)),
+                );
+            }
+        }
+        all.sort_unstable();
+        let mut taken: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < all.len() {
+            let (start, mut end) = (all[i].0, all[i].1);
+            let mut j = i + 1;
+            while j < all.len() && all[j].0 <= end {
+                end = end.max(all[j].1);
+                j += 1;
+            }
+            if session_closed(end, through) {
+                let mut accs: Box<[Acc]> = aggs.iter().map(AggDef::new_acc).collect();
+                for &(_, _, p, s) in &all[i..j] {
+                    let session = states[p].sessions.slots[&key].sessions[s].clone();
+                    for (a, b) in accs.iter_mut().zip(session.accs.into_vec()) {
+                        a.merge(b);
+                    }
+                    taken.push((p, s));
+                }
+                rows.push((key.clone(), start, end, accs));
+            }
+            i = j;
+        }
+        // Remove taken sessions, highest index first so the others keep theirs.
+        taken.sort_unstable_by(|a, b| b.cmp(a));
+        for (p, s) in taken {
+            let st = &mut *states[p];
+            let slot = st
+                .sessions
+                .slots
+                .get_mut(&key)
+                .expect("slot of a taken session");
+            let session = slot.sessions.remove(s);
+            let size = session_size(&key, &session);
+            st.mem = st.mem.saturating_sub(size);
+            *freed += size;
+            slot.dirty = true;
+        }
+    }
+    rows.sort_unstable_by(|a, b| (a.2, a.1, &a.0).cmp(&(b.2, b.1, &b.0)));
+    closing.sessions = rows;
+}
