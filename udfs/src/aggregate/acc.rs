@@ -154,10 +154,10 @@ impl AggDef {
             Func::Min => Acc::Min(Value::Null),
             Func::Max => Acc::Max(Value::Null),
             Func::Avg => Acc::Avg { sum: 0.0, count: 0 },
-            Func::CountDistinct => Acc::Distinct(HashSet::new()),
+            Func::CountDistinct => Acc::Distinct(Box::default()),
             Func::ApproxCountDistinct => Acc::Approx(Box::default()),
-            Func::First => Acc::First(Order::MAX, Value::Null),
-            Func::Last => Acc::Last(Order::MIN, Value::Null),
+            Func::First => Acc::First(Box::new((Order::MAX, Value::Null))),
+            Func::Last => Acc::Last(Box::new((Order::MIN, Value::Null))),
             Func::MaxBy => Acc::MaxBy(Box::default()),
             Func::MinBy => Acc::MinBy(Box::default()),
         }
@@ -326,11 +326,14 @@ pub enum Acc {
         sum: f64,
         count: i64,
     },
-    Distinct(HashSet<Box<[u8]>>),
+    /// Boxed, as the variants below: the largest variant sets every accumulator's size,
+    /// and a table holds millions of them (a `count()` is 32 bytes rather than 56).
+    #[allow(clippy::box_collection)] // the set's 48 bytes would be every accumulator's
+    Distinct(Box<HashSet<Box<[u8]>>>),
     Approx(Box<Hll>),
-    First(Order, Value),
-    Last(Order, Value),
-    /// Boxed: the largest variant would make every accumulator bigger.
+    /// Where the value stands (the smallest order so far), and the value.
+    First(Box<(Order, Value)>),
+    Last(Box<(Order, Value)>),
     MaxBy(Box<Pick>),
     MinBy(Box<Pick>),
 }
@@ -440,16 +443,14 @@ impl Acc {
                     hll.add(h);
                 }
             }
-            Acc::First(at, v) => {
-                if input.is_valid(row) && order < *at {
-                    *at = order;
-                    *v = input.value(row);
+            Acc::First(first) => {
+                if input.is_valid(row) && order < first.0 {
+                    **first = (order, input.value(row));
                 }
             }
-            Acc::Last(at, v) => {
-                if input.is_valid(row) && order > *at {
-                    *at = order;
-                    *v = input.value(row);
+            Acc::Last(last) => {
+                if input.is_valid(row) && order > last.0 {
+                    **last = (order, input.value(row));
                 }
             }
             Acc::MaxBy(pick) => pick_row(true, pick, input, row, order),
@@ -485,16 +486,16 @@ impl Acc {
                     *a = b;
                 }
             }
-            (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b),
+            (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(*b),
             (Acc::Approx(a), Acc::Approx(b)) => a.merge(&b),
-            (Acc::First(at, v), Acc::First(o, w)) => {
-                if o < *at {
-                    (*at, *v) = (o, w);
+            (Acc::First(a), Acc::First(b)) => {
+                if b.0 < a.0 {
+                    *a = b;
                 }
             }
-            (Acc::Last(at, v), Acc::Last(o, w)) => {
-                if o > *at {
-                    (*at, *v) = (o, w);
+            (Acc::Last(a), Acc::Last(b)) => {
+                if b.0 > a.0 {
+                    *a = b;
                 }
             }
             (Acc::MaxBy(a), Acc::MaxBy(b)) => {
@@ -514,11 +515,15 @@ impl Acc {
     /// Bytes this accumulator holds beyond its own size, for the memory budget.
     pub fn heap_size(&self) -> usize {
         match self {
-            Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v.heap_size(),
+            Acc::Min(v) | Acc::Max(v) => v.heap_size(),
+            Acc::First(p) | Acc::Last(p) => std::mem::size_of::<(Order, Value)>() + p.1.heap_size(),
             Acc::MaxBy(p) | Acc::MinBy(p) => {
                 std::mem::size_of::<Pick>() + p.by.heap_size() + p.value.heap_size()
             }
-            Acc::Distinct(set) => set.iter().map(|b| b.len() + 24).sum::<usize>(),
+            Acc::Distinct(set) => {
+                std::mem::size_of::<HashSet<Box<[u8]>>>()
+                    + set.iter().map(|b| b.len() + 24).sum::<usize>()
+            }
             Acc::Approx(_) => HLL_REGISTERS,
             _ => 0,
         }
@@ -535,7 +540,8 @@ pub fn rank_value(acc: &Acc) -> Value {
         Acc::Avg { .. } => Value::Null,
         Acc::Distinct(set) => Value::Int(set.len() as i64),
         Acc::Approx(hll) => Value::Int(hll.estimate().round() as i64),
-        Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v.clone(),
+        Acc::Min(v) | Acc::Max(v) => v.clone(),
+        Acc::First(p) | Acc::Last(p) => p.1.clone(),
         Acc::MaxBy(p) | Acc::MinBy(p) => p.value.clone(),
     }
 }
@@ -592,7 +598,8 @@ pub fn finish<'a>(def: &AggDef, accs: impl ExactSizeIterator<Item = &'a Acc>) ->
         }
         Func::Min | Func::Max | Func::First | Func::Last | Func::MaxBy | Func::MinBy => {
             let values = accs.map(|acc| match acc {
-                Acc::Min(v) | Acc::Max(v) | Acc::First(_, v) | Acc::Last(_, v) => v,
+                Acc::Min(v) | Acc::Max(v) => v,
+                Acc::First(p) | Acc::Last(p) => &p.1,
                 Acc::MaxBy(p) | Acc::MinBy(p) => &p.value,
                 _ => &Value::Null,
             });
@@ -738,7 +745,7 @@ pub fn encode(accs: &[Acc], out: &mut Vec<u8>) {
             Acc::Distinct(set) => {
                 out.push(6);
                 out.extend_from_slice(&(set.len() as u32).to_le_bytes());
-                for v in set {
+                for v in set.iter() {
                     out.extend_from_slice(&(v.len() as u32).to_le_bytes());
                     out.extend_from_slice(v);
                 }
@@ -747,10 +754,10 @@ pub fn encode(accs: &[Acc], out: &mut Vec<u8>) {
                 out.push(7);
                 out.extend_from_slice(&hll.registers);
             }
-            Acc::First(at, v) | Acc::Last(at, v) => {
+            Acc::First(p) | Acc::Last(p) => {
                 out.push(if matches!(acc, Acc::First(..)) { 8 } else { 9 });
-                put_order(out, at);
-                put_value(out, v);
+                put_order(out, &p.0);
+                put_value(out, &p.1);
             }
             Acc::MaxBy(p) | Acc::MinBy(p) => {
                 out.push(if matches!(acc, Acc::MaxBy(..)) {
@@ -878,7 +885,7 @@ impl Reader<'_> {
                     let len = self.u32()? as usize;
                     set.insert(self.take(len)?.into());
                 }
-                Acc::Distinct(set)
+                Acc::Distinct(Box::new(set))
             }
             7 => Acc::Approx(Box::new(Hll {
                 registers: self.take(HLL_REGISTERS)?.into(),
@@ -887,9 +894,9 @@ impl Reader<'_> {
                 let at = self.order()?;
                 let v = self.value()?;
                 if tag == 8 {
-                    Acc::First(at, v)
+                    Acc::First(Box::new((at, v)))
                 } else {
-                    Acc::Last(at, v)
+                    Acc::Last(Box::new((at, v)))
                 }
             }
             tag @ (10 | 11) => {
@@ -928,17 +935,19 @@ mod tests {
             Acc::Min(Value::Text("é".into())),
             Acc::Max(Value::Null),
             Acc::Avg { sum: 3.0, count: 2 },
-            Acc::Distinct([b"a".to_vec().into(), b"bc".to_vec().into()].into()),
+            Acc::Distinct(Box::new(
+                [b"a".to_vec().into(), b"bc".to_vec().into()].into(),
+            )),
             Acc::Approx(Box::new(hll)),
-            Acc::First(
+            Acc::First(Box::new((
                 Order {
                     time: 5,
                     partition: 1,
                     seq: 9,
                 },
                 Value::Float(1.5),
-            ),
-            Acc::Last(Order::MIN, Value::Int(4)),
+            ))),
+            Acc::Last(Box::new((Order::MIN, Value::Int(4)))),
             Acc::MaxBy(Box::new(Pick {
                 by: Value::Int(9),
                 at: Order::MIN,
@@ -948,7 +957,7 @@ mod tests {
         ];
         // Every key of a window holds one per aggregate: kept small.
         assert!(
-            std::mem::size_of::<Acc>() <= 56,
+            std::mem::size_of::<Acc>() <= 32,
             "{}",
             std::mem::size_of::<Acc>()
         );

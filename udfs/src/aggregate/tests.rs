@@ -578,7 +578,7 @@ idle_timeout: 1h
 aggregates:
   c: count()
   s: sum(n)
-state: { memory: 4KiB }
+state: { memory: 1KiB }
 ";
 
 async fn run_workload(h: &mut Harness, batches: &[(u32, Vec<In>)]) {
@@ -587,11 +587,11 @@ async fn run_workload(h: &mut Harness, batches: &[(u32, Vec<In>)]) {
     }
 }
 
-/// Runs the workload through `yaml` with its 4 KiB budget and with 1 GiB: the same rows
+/// Runs the workload through `yaml` with its 1 KiB budget and with 1 GiB: the same rows
 /// and late rows, and entries did leave memory. Returns the windows and the store.
 async fn spilling_matches_memory(yaml: &str) -> (Vec<String>, RocksStore) {
     let batches = workload();
-    let mut reference = Harness::new(&yaml.replace("4KiB", "1GiB"));
+    let mut reference = Harness::new(&yaml.replace("1KiB", "1GiB"));
     run_workload(&mut reference, &batches).await;
     reference.end(0).await;
     reference.end(1).await;

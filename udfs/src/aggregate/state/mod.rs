@@ -73,10 +73,12 @@ mod closing;
 mod lifecycle;
 mod sessions;
 mod storage;
+mod table;
 
 pub use closing::{Closing, OutRow};
-use closing::{Frozen, KeyedAccs, SessionRow, StoredRange, sort_by_key_bytes};
+use closing::{Frozen, SessionRow, StoredRange, sort_by_key_bytes};
 use sessions::{Sessions, merge_sessions};
+use table::Table;
 
 /// How rows are assigned to windows (times in milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +116,9 @@ pub struct Plan {
 const CHUNK: usize = 64 * 1024;
 /// A snapshot or eviction writes the database in batches of about this size.
 const WRITE_BATCH_BYTES: usize = 4 << 20;
-/// Memory an entry costs beyond its key and accumulators: the two allocations' rounding
-/// and headers. Hash table slots are counted by the table's capacity ([`SLOT`]).
+/// Memory a session costs beyond its key and accumulators: the two allocations' rounding
+/// and headers.
 const ENTRY_OVERHEAD: usize = 32;
-/// A hash table slot: key and entry, and the control byte.
-const SLOT: usize = std::mem::size_of::<(Box<[u8]>, Entry)>() + 1;
 
 pub struct Shared {
     pub plan: Plan,
@@ -212,7 +212,7 @@ struct PartState {
 
 #[derive(Default)]
 struct Window {
-    entries: HashMap<Box<[u8]>, Entry>,
+    entries: Table,
     /// Some entries of this window are in the database and not in memory.
     evicted: bool,
     /// The database may hold entries of this window.
@@ -274,11 +274,6 @@ impl KeyFilter {
     fn size(&self) -> usize {
         self.parts.iter().map(|p| p.0.len() * 8).sum()
     }
-}
-
-struct Entry {
-    accs: Box<[Acc]>,
-    dirty: bool,
 }
 
 fn entry_size(key: &[u8], accs: &[Acc]) -> usize {
@@ -549,10 +544,12 @@ impl Shared {
         order: Order,
     ) -> Result<()> {
         let window = st.windows.entry(end).or_default();
-        let capacity = window.entries.capacity();
-        let entry = match window.entries.entry_ref(key) {
-            EntryRef::Occupied(o) => o.into_mut(),
-            EntryRef::Vacant(v) => {
+        let table = &mut window.entries;
+        let before = table.bytes();
+        let hash = table.hash(key);
+        let i = match table.find(hash, key) {
+            Some(i) => i,
+            None => {
                 let stored = match (
                     may_be_stored(&window.filter, window.evicted, window.restored, key),
                     db,
@@ -563,10 +560,7 @@ impl Shared {
                         k.extend_from_slice(key);
                         db.get_pinned(&k)
                             .map_err(db_error)?
-                            .map(|v| {
-                                acc::decode(&v, self.plan.aggs.len())
-                                    .map(|(accs, _)| accs.into_boxed_slice())
-                            })
+                            .map(|v| acc::decode(&v, self.plan.aggs.len()).map(|(accs, _)| accs))
                             .transpose()?
                     }
                     _ => None,
@@ -575,25 +569,24 @@ impl Shared {
                     Some(accs) => (accs, false),
                     None => (self.plan.aggs.iter().map(AggDef::new_acc).collect(), true),
                 };
-                st.mem += entry_size(key, &accs);
-                v.insert(Entry { accs, dirty })
+                table.heap += accs.iter().map(Acc::heap_size).sum::<usize>();
+                table.insert(hash, key, accs, dirty)
             }
         };
-        entry.dirty = true;
+        let accs = table.update(i);
         if self.variable_size {
-            let before: usize = entry.accs.iter().map(Acc::heap_size).sum();
-            for (acc, view) in entry.accs.iter_mut().zip(views) {
+            let before: usize = accs.iter().map(Acc::heap_size).sum();
+            for (acc, view) in accs.iter_mut().zip(views) {
                 acc.update(view, row, order);
             }
-            let after: usize = entry.accs.iter().map(Acc::heap_size).sum();
-            st.mem = (st.mem + after).saturating_sub(before);
+            let after: usize = accs.iter().map(Acc::heap_size).sum();
+            table.heap = (table.heap + after).saturating_sub(before);
         } else {
-            for (acc, view) in entry.accs.iter_mut().zip(views) {
+            for (acc, view) in accs.iter_mut().zip(views) {
                 acc.update(view, row, order);
             }
         }
-        // The table's slots are memory too, counted as the table grows.
-        st.mem += (window.entries.capacity() - capacity) * SLOT;
+        st.mem = (st.mem + table.bytes()).saturating_sub(before);
         Ok(())
     }
 
@@ -796,28 +789,16 @@ impl Shared {
             let upto = [st.prefix.as_slice(), &ordered(pane.saturating_add(1))].concat();
             let (entries, stored) = if done {
                 let window = st.windows.remove(&pane).expect("a listed pane");
-                let mut bytes = window.filter.size() + window.entries.capacity() * SLOT;
-                let mut mem: Vec<KeyedAccs> = window
-                    .entries
-                    .into_iter()
-                    .map(|(k, e)| {
-                        bytes += entry_size(&k, &e.accs);
-                        (k, e.accs)
-                    })
-                    .collect();
-                sort_by_key_bytes(&mut mem);
+                let bytes = window.filter.size() + window.entries.bytes();
                 st.mem = st.mem.saturating_sub(bytes);
                 freed += bytes;
-                let stored = ((window.stored || window.evicted) && db.is_some()).then_some(None);
+                let (stored, evicted) = (window.stored, window.evicted);
+                let mem = window.entries.into_sorted();
+                let stored = ((stored || evicted) && db.is_some()).then_some(None);
                 (mem, stored)
             } else {
                 let window = &st.windows[&pane];
-                let mut mem: Vec<KeyedAccs> = window
-                    .entries
-                    .iter()
-                    .map(|(k, e)| (k.clone(), e.accs.clone()))
-                    .collect();
-                sort_by_key_bytes(&mut mem);
+                let mem = window.entries.to_sorted();
                 // Not evicted: every key in the database is in memory too, newer or equal.
                 let stored = match db {
                     Some(db) if window.evicted => {

@@ -23,6 +23,9 @@ struct Session {
     accs: Box<[Acc]>,
 }
 
+/// A slot of the sessions' hash table: key and sessions, and the control byte.
+const SLOT: usize = std::mem::size_of::<(Box<[u8]>, Slot)>() + 1;
+
 fn session_size(key: &[u8], s: &Session) -> usize {
     entry_size(key, &s.accs) + 16 + SLOT
 }
@@ -52,40 +55,58 @@ impl Sessions {
             EntryRef::Vacant(v) => v.insert(Slot::default()),
         };
         // Sessions that overlap or touch merge (Flink's rule): rows exactly `gap` apart
-        // are one session.
+        // are one session. The first one the row touches takes it and the others it
+        // bridges; a row touching none opens a session.
         let overlapping = |s: &Session| s.start <= end && time <= s.end;
-        let mut merged = Session {
-            start: time,
-            end,
-            accs: aggs.iter().map(AggDef::new_acc).collect(),
-        };
-        let mut joined = false;
+        let mut at = None;
         let mut i = 0;
         while i < slot.sessions.len() {
-            if overlapping(&slot.sessions[i]) {
-                let s = slot.sessions.swap_remove(i);
-                *mem = mem.saturating_sub(session_size(key, &s));
-                if !joined {
-                    merged.accs = s.accs;
-                    joined = true;
-                } else {
-                    for (a, b) in merged.accs.iter_mut().zip(s.accs.into_vec()) {
+            if !overlapping(&slot.sessions[i]) {
+                i += 1;
+                continue;
+            }
+            match at {
+                None => {
+                    *mem = mem.saturating_sub(session_size(key, &slot.sessions[i]));
+                    at = Some(i);
+                    i += 1;
+                }
+                Some(j) => {
+                    // Moves the last session to `i`, which is after `j`.
+                    let s = slot.sessions.swap_remove(i);
+                    *mem = mem.saturating_sub(session_size(key, &s));
+                    let into = &mut slot.sessions[j];
+                    for (a, b) in into.accs.iter_mut().zip(s.accs.into_vec()) {
                         a.merge(b);
                     }
+                    into.start = into.start.min(s.start);
+                    into.end = into.end.max(s.end);
                 }
-                merged.start = merged.start.min(s.start);
-                merged.end = merged.end.max(s.end);
-            } else {
-                i += 1;
             }
         }
-        for (acc, view) in merged.accs.iter_mut().zip(views) {
+        let session = match at {
+            Some(j) => {
+                let s = &mut slot.sessions[j];
+                s.start = s.start.min(time);
+                s.end = s.end.max(end);
+                s
+            }
+            None => {
+                // A new session needs an end marker. A session that grows keeps the
+                // marker it has: an end it has passed, re-armed when popped (`close`).
+                self.ends.push(std::cmp::Reverse((end, Box::from(key))));
+                slot.sessions.push(Session {
+                    start: time,
+                    end,
+                    accs: aggs.iter().map(AggDef::new_acc).collect(),
+                });
+                slot.sessions.last_mut().expect("just pushed")
+            }
+        };
+        for (acc, view) in session.accs.iter_mut().zip(views) {
             acc.update(view, row, order);
         }
-        *mem += session_size(key, &merged);
-        self.ends
-            .push(std::cmp::Reverse((merged.end, Box::from(key))));
-        slot.sessions.push(merged);
+        *mem += session_size(key, session);
         slot.dirty = true;
         if self.ends.len() > 4 * self.slots.len() + 1024 {
             self.compact();
@@ -109,18 +130,42 @@ impl Sessions {
 
     /// Moves the keys with a session closed by `through` (see [`session_closed`]) to `out`
     /// (key only, with empty rows): the merge across partitions decides what is emitted.
+    ///
+    /// Every session has a marker at or before its end: set when it opened, and left
+    /// behind as it grew (one heap push per session rather than per row). A marker
+    /// popped for a key whose sessions are not all closed is set again at the earliest
+    /// open one's end.
     pub(super) fn close(&mut self, through: i64, out: &mut Vec<SessionRow>) {
+        if through == i64::MAX {
+            // Everything closes: no need to pop the markers one by one.
+            self.ends.clear();
+            out.extend(
+                self.slots
+                    .iter()
+                    .filter(|(_, s)| !s.sessions.is_empty())
+                    .map(|(k, _)| (k.clone(), 0, 0, Box::default())),
+            );
+            return;
+        }
         while let Some(std::cmp::Reverse((end, _))) = self.ends.peek() {
             if !session_closed(*end, through) {
                 break;
             }
-            let std::cmp::Reverse((end, key)) = self.ends.pop().expect("peeked");
-            if self
-                .slots
-                .get(&key)
-                .is_some_and(|s| s.sessions.iter().any(|x| x.end == end))
-            {
-                out.push((key, 0, 0, Box::new([])));
+            let std::cmp::Reverse((_, key)) = self.ends.pop().expect("peeked");
+            let Some(slot) = self.slots.get(&key) else {
+                continue;
+            };
+            if slot.sessions.iter().any(|x| session_closed(x.end, through)) {
+                out.push((key.clone(), 0, 0, Box::new([])));
+            }
+            let open = slot
+                .sessions
+                .iter()
+                .map(|x| x.end)
+                .filter(|end| !session_closed(*end, through))
+                .min();
+            if let Some(open) = open {
+                self.ends.push(std::cmp::Reverse((open, key)));
             }
         }
     }
@@ -204,6 +249,9 @@ fn session_closed(end: i64, through: i64) -> bool {
     end < through || through == i64::MAX
 }
 
+/// A group of sessions that closed: start, end, and its merged accumulators.
+type Group = (i64, i64, Option<Box<[Acc]>>);
+
 /// Sessions of the keys in `closing.sessions` from every partition, grouped where they
 /// overlap or touch; groups closed by `through` become rows and leave the partitions.
 pub(super) fn merge_sessions(
@@ -213,9 +261,8 @@ pub(super) fn merge_sessions(
     aggs: &[AggDef],
     freed: &mut usize,
 ) {
-    let mut keys: Vec<Box<[u8]>> = closing.sessions.drain(..).map(|r| r.0).collect();
-    keys.sort_unstable();
-    keys.dedup();
+    // Every partition names its keys: each once, in any order (the rows are sorted last).
+    let keys: hashbrown::HashSet<Box<[u8]>> = closing.sessions.drain(..).map(|r| r.0).collect();
     let mut rows = Vec::new();
     for key in keys {
         // (start, end, partition index, session index)
@@ -231,7 +278,11 @@ pub(super) fn merge_sessions(
             }
         }
         all.sort_unstable();
-        let mut taken: Vec<(usize, usize)> = Vec::new();
+        // Groups of sessions that overlap or touch, as ranges of `all`; the closed ones
+        // become rows, their sessions taken out of the partitions: (partition, session
+        // index, group).
+        let mut closed: Vec<Group> = Vec::new();
+        let mut taken: Vec<(usize, usize, usize)> = Vec::new();
         let mut i = 0;
         while i < all.len() {
             let (start, mut end) = (all[i].0, all[i].1);
@@ -241,21 +292,15 @@ pub(super) fn merge_sessions(
                 j += 1;
             }
             if session_closed(end, through) {
-                let mut accs: Box<[Acc]> = aggs.iter().map(AggDef::new_acc).collect();
-                for &(_, _, p, s) in &all[i..j] {
-                    let session = states[p].sessions.slots[&key].sessions[s].clone();
-                    for (a, b) in accs.iter_mut().zip(session.accs.into_vec()) {
-                        a.merge(b);
-                    }
-                    taken.push((p, s));
-                }
-                rows.push((key.clone(), start, end, accs));
+                let group = closed.len();
+                closed.push((start, end, None));
+                taken.extend(all[i..j].iter().map(|&(_, _, p, s)| (p, s, group)));
             }
             i = j;
         }
-        // Remove taken sessions, highest index first so the others keep theirs.
+        // Highest index first, so the others keep theirs.
         taken.sort_unstable_by(|a, b| b.cmp(a));
-        for (p, s) in taken {
+        for (p, s, group) in taken {
             let st = &mut *states[p];
             let slot = st
                 .sessions
@@ -267,6 +312,18 @@ pub(super) fn merge_sessions(
             st.mem = st.mem.saturating_sub(size);
             *freed += size;
             slot.dirty = true;
+            match &mut closed[group].2 {
+                Some(accs) => {
+                    for (a, b) in accs.iter_mut().zip(session.accs.into_vec()) {
+                        a.merge(b);
+                    }
+                }
+                none => *none = Some(session.accs),
+            }
+        }
+        for (start, end, accs) in closed {
+            let accs = accs.unwrap_or_else(|| aggs.iter().map(AggDef::new_acc).collect());
+            rows.push((key.clone(), start, end, accs));
         }
     }
     rows.sort_unstable_by(|a, b| (a.2, a.1, &a.0).cmp(&(b.2, b.1, &b.0)));

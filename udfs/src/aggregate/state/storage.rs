@@ -19,25 +19,36 @@ impl PartState {
             key.extend_from_slice(&ordered(*end));
             let base = key.len();
             let filter = &mut window.filter;
+            let table = &mut window.entries;
             let mut filter_bytes = 0;
-            window.entries.retain(|k, e| {
-                if freed >= target {
+            let before = table.bytes();
+            // What leaving frees, as it goes: an entry's share of the vectors and index,
+            // and its accumulators' heap (the table gives the memory back at the end).
+            let share = before.saturating_sub(table.heap) / table.len().max(1);
+            let mut estimate = freed;
+            let mut heap = 0;
+            table.retain(|k, accs, dirty| {
+                if estimate >= target {
                     return true;
                 }
                 if !filter.may_contain(k) {
                     filter_bytes += filter.insert(k);
                 }
-                if e.dirty {
+                if dirty {
                     key.truncate(base);
                     key.extend_from_slice(k);
                     value.clear();
-                    acc::encode(&e.accs, &mut value);
+                    acc::encode(accs, &mut value);
                     batch.put(&key, &value);
                 }
-                freed += entry_size(k, &e.accs);
+                let h = accs.iter().map(Acc::heap_size).sum::<usize>();
+                heap += h;
+                estimate += share + h;
                 entries += 1;
                 false
             });
+            table.heap = table.heap.saturating_sub(heap);
+            freed += before.saturating_sub(table.bytes());
             window.evicted = true;
             window.stored = true;
             // The filter stays while the window is open: it counts against the budget.
@@ -74,13 +85,17 @@ impl PartState {
             let mut key = self.prefix.clone();
             key.extend_from_slice(&ordered(*end));
             let base = key.len();
-            for (k, e) in window.entries.iter_mut().filter(|(_, e)| e.dirty) {
+            let table = &mut window.entries;
+            for i in 0..table.len() {
+                if !table.is_dirty(i) {
+                    continue;
+                }
                 key.truncate(base);
-                key.extend_from_slice(k);
+                key.extend_from_slice(table.key(i));
                 value.clear();
-                acc::encode(&e.accs, &mut value);
+                acc::encode(table.accs(i), &mut value);
                 batch.put(&key, &value);
-                e.dirty = false;
+                table.clean(i);
                 stats.keys += 1;
                 window.stored = true;
                 flush(&mut batch, stats, false)?;
