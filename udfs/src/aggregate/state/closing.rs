@@ -2,36 +2,22 @@
 
 use super::*;
 
-/// Sorts entries by key bytes, comparing the first 16 bytes as one integer first: keys of a
-/// column or two differ there, and a million keys then sort without a `memcmp` per step.
-pub(super) fn sort_by_key_bytes(entries: &mut [KeyedAccs]) {
+/// The entries `from` of `table` in key order, comparing the first 16 bytes of the keys as
+/// one integer first: keys of a column or two differ there, and a million keys then sort
+/// without a `memcmp` per step.
+pub(super) fn sorted(table: &Table, from: std::ops::Range<usize>) -> Vec<u32> {
     let prefix = |k: &[u8]| {
         let mut b = [0u8; 16];
         let n = k.len().min(16);
         b[..n].copy_from_slice(&k[..n]);
         u128::from_be_bytes(b)
     };
-    let mut order: Vec<(u128, u32)> = entries
-        .iter()
-        .enumerate()
-        .map(|(i, (k, _))| (prefix(k), i as u32))
-        .collect();
+    let mut order: Vec<(u128, u32)> = from.map(|i| (prefix(table.key(i)), i as u32)).collect();
     order.sort_unstable_by(|a, b| {
         a.0.cmp(&b.0)
-            .then_with(|| entries[a.1 as usize].0.cmp(&entries[b.1 as usize].0))
+            .then_with(|| table.key(a.1 as usize).cmp(table.key(b.1 as usize)))
     });
-    // Apply the permutation in place.
-    let mut place: Vec<u32> = vec![0; entries.len()];
-    for (to, (_, from)) in order.iter().enumerate() {
-        place[*from as usize] = to as u32;
-    }
-    for i in 0..entries.len() {
-        while place[i] as usize != i {
-            let j = place[i] as usize;
-            entries.swap(i, j);
-            place.swap(i, j);
-        }
-    }
+    order.into_iter().map(|(_, i)| i).collect()
 }
 
 /// Windows taken out of the partitions, waiting to be emitted.
@@ -39,7 +25,7 @@ pub(super) fn sort_by_key_bytes(entries: &mut [KeyedAccs]) {
 pub struct Closing {
     windows: VecDeque<ClosingWindow>,
     /// Session rows, ready: (key, start, end, accs).
-    pub(super) sessions: Vec<SessionRow>,
+    pub(super) ready: Vec<SessionRow>,
     pub(super) db: Option<Arc<StateDb>>,
     pub(super) aggs: usize,
 }
@@ -57,33 +43,35 @@ struct ClosingWindow {
     sources: Vec<Source>,
 }
 
-/// A pane's sorted entries in memory, shared by the windows of one emission that hold it.
-/// A reader takes an entry when it is the last holder (the pane's last window, read after
-/// the others), and copies it otherwise.
+/// A pane's entries in memory, in key order, shared by the windows of one emission that
+/// hold it. Rows are made as they are read (a key and its accumulators boxed at a time, so
+/// an emission does not hold a second copy of the pane): moved out of the table by its
+/// last holder (the pane's last window, read after the others), copied otherwise.
 struct Entries {
-    entries: Arc<Vec<KeyedAccs>>,
+    table: Arc<Table>,
+    order: Arc<Vec<u32>>,
     next: usize,
 }
 
 impl Entries {
-    fn front(&self) -> Option<&KeyedAccs> {
-        self.entries.get(self.next)
+    fn front_key(&self) -> Option<&[u8]> {
+        let i = *self.order.get(self.next)?;
+        Some(self.table.key(i as usize))
     }
 
     fn pop_front(&mut self) -> Option<KeyedAccs> {
-        let i = self.next;
-        if i >= self.entries.len() {
-            return None;
-        }
+        let i = *self.order.get(self.next)? as usize;
         self.next += 1;
-        Some(match Arc::get_mut(&mut self.entries) {
-            Some(entries) => std::mem::take(&mut entries[i]),
-            None => self.entries[i].clone(),
-        })
+        let key: Box<[u8]> = self.table.key(i).into();
+        let accs = match Arc::get_mut(&mut self.table) {
+            Some(table) => table.take_accs(i),
+            None => self.table.accs(i).into(),
+        };
+        Some((key, accs))
     }
 
     fn is_empty(&self) -> bool {
-        self.next >= self.entries.len()
+        self.next >= self.order.len()
     }
 }
 
@@ -112,12 +100,13 @@ impl Closing {
         &mut self,
         end: i64,
         start: i64,
-        memory: Arc<Vec<KeyedAccs>>,
+        memory: (Arc<Table>, Arc<Vec<u32>>),
         stored: Option<StoredRange>,
     ) {
         let source = Source {
             memory: Entries {
-                entries: memory,
+                table: memory.0,
+                order: memory.1,
                 next: 0,
             },
             stored: stored.map(|r| Stored {
@@ -150,9 +139,9 @@ impl Closing {
     /// has been read to its end.
     pub fn next_chunk(&mut self) -> Result<Vec<SessionRow>> {
         let mut rows = Vec::new();
-        if !self.sessions.is_empty() {
-            let n = self.sessions.len().min(CHUNK);
-            rows.extend(self.sessions.drain(..n));
+        if !self.ready.is_empty() {
+            let n = self.ready.len().min(CHUNK);
+            rows.extend(self.ready.drain(..n));
             return Ok(rows);
         }
         while rows.len() < CHUNK {
@@ -250,7 +239,7 @@ impl Source {
     }
 
     fn peek(&self) -> Option<&[u8]> {
-        let m = self.memory.front().map(|(k, _)| k.as_ref());
+        let m = self.memory.front_key();
         let d = self
             .stored
             .as_ref()
@@ -266,10 +255,10 @@ impl Source {
     /// older).
     fn pop(&mut self) -> KeyedAccs {
         let memory_first = match (
-            self.memory.front(),
+            self.memory.front_key(),
             self.stored.as_ref().and_then(|s| s.buffer.front()),
         ) {
-            (Some(m), Some(d)) => match m.0.cmp(&d.0) {
+            (Some(m), Some(d)) => match m.cmp(&d.0) {
                 Cmp::Less => true,
                 Cmp::Greater => false,
                 Cmp::Equal => {

@@ -76,8 +76,8 @@ mod storage;
 mod table;
 
 pub use closing::{Closing, OutRow};
-use closing::{Frozen, SessionRow, StoredRange, sort_by_key_bytes};
-use sessions::{Sessions, merge_sessions};
+use closing::{Frozen, SessionRow, StoredRange};
+use sessions::{Sessions, merge_all_sessions, merge_sessions};
 use table::Table;
 
 /// How rows are assigned to windows (times in milliseconds).
@@ -148,6 +148,11 @@ struct Part {
     /// watermark back (until idle) so that windows are not emitted without it before it is
     /// assigned, but nothing of it is emitted or read, since another process may own it.
     restored: AtomicBool,
+    /// The smallest stage watermark at which something of this partition would close: its
+    /// first pane's end, or just past its earliest session end marker (a lower bound of
+    /// its sessions' ends); `i64::MAX` when it holds nothing. Set under its state lock, so
+    /// a watermark check needs no lock when nothing is due (see `Shared::due`).
+    due_at: AtomicI64,
     /// Milliseconds since `Shared::epoch` of the last batch.
     last_data: AtomicI64,
     /// The pipeline's position in the partition and its end, when the source can tell:
@@ -343,6 +348,7 @@ impl Shared {
             watermark: AtomicI64::new(i64::MIN),
             emitted: AtomicI64::new(i64::MIN),
             restored: AtomicBool::new(false),
+            due_at: AtomicI64::new(i64::MAX),
             last_data: AtomicI64::new(self.now()),
             progress: Mutex::new(None),
             active: AtomicBool::new(true),
@@ -421,7 +427,7 @@ impl Shared {
         {
             at = open;
         }
-        let parts: Vec<Arc<Part>> = parts
+        let mut parts: Vec<Arc<Part>> = parts
             .values()
             .filter(|p| {
                 p.active.load(Ordering::Acquire)
@@ -430,6 +436,12 @@ impl Shared {
             })
             .cloned()
             .collect();
+        // Nothing of any of them closes: no emission, no locks (this runs after every
+        // batch). When something does, every partition behind `at` takes part: sessions of
+        // one key merge across partitions, also those whose own marker is not due.
+        if !parts.iter().any(|p| p.due_at.load(Ordering::Acquire) <= at) {
+            parts.clear();
+        }
         Some(Due {
             through: at,
             parts,
@@ -514,6 +526,8 @@ impl Shared {
             st.max_time = st.max_time.max(time);
         }
         st.meta_dirty = true;
+        part.due_at
+            .store(st.due_at(emitted, self.slide()), Ordering::Release);
         part.watermark
             .store(self.watermark_of(st.max_time), Ordering::Release);
         part.last_data.store(self.now(), Ordering::Relaxed);
@@ -640,6 +654,9 @@ impl Shared {
                 .restore(db, &sessions_prefix, self.plan.aggs.len())?;
             st.mem = mem;
             self.memory.fetch_add(mem as i64, Ordering::Relaxed);
+            let emitted = part.emitted.load(Ordering::Relaxed);
+            part.due_at
+                .store(st.due_at(emitted, self.slide()), Ordering::Release);
         }
         Ok(part)
     }
@@ -699,6 +716,7 @@ impl Shared {
         let db = self.db.get().cloned();
         // Taken (once) if a pane that spilled is emitted while it still changes.
         let mut frozen = None;
+        let mut panes = Vec::new();
         for (part, st) in parts.iter().zip(states.iter_mut()) {
             // Its windows ending after this were not emitted yet. Set under its lock: its
             // rows added from now on see it.
@@ -706,11 +724,17 @@ impl Shared {
             st.meta_dirty = true;
             if let Some(slide) = self.slide() {
                 let span = (before, through, slide);
-                freed += self.close_panes(st, span, db.as_ref(), &mut frozen, &mut closing)?;
+                freed += self.close_panes(st, span, db.as_ref(), &mut frozen, &mut panes)?;
             }
-            st.sessions.close(through, &mut closing.sessions);
+            if through != i64::MAX {
+                st.sessions.close(through, &mut closing.ready);
+            }
         }
-        if !closing.sessions.is_empty() {
+        if through == i64::MAX {
+            if matches!(self.plan.window, WindowKind::Session { .. }) {
+                closing.ready = merge_all_sessions(&mut states, &mut freed);
+            }
+        } else if !closing.ready.is_empty() {
             merge_sessions(
                 &mut states,
                 through,
@@ -719,8 +743,21 @@ impl Shared {
                 &mut freed,
             );
         }
+        for (part, st) in parts.iter().zip(states.iter()) {
+            part.due_at
+                .store(st.due_at(through, self.slide()), Ordering::Release);
+        }
         drop(states);
         self.memory.fetch_sub(freed as i64, Ordering::Relaxed);
+        // Sorted once the partitions are free to go on.
+        for pane in panes {
+            let order = Arc::new(closing::sorted(&pane.table, 0..pane.table.len()));
+            // Shared by the windows: read in end order, the last one takes the entries.
+            let table = Arc::new(pane.table);
+            for (end, start, stored) in pane.windows {
+                closing.add(end, start, (table.clone(), order.clone()), stored);
+            }
+        }
         closing.db = db;
         closing.aggs = self.plan.aggs.len();
         Ok(Some(closing))
@@ -763,7 +800,7 @@ impl Shared {
         (before, through, slide): (i64, i64, i64),
         db: Option<&Arc<StateDb>>,
         frozen: &mut Option<Arc<Frozen>>,
-        closing: &mut Closing,
+        out: &mut Vec<PaneOut>,
     ) -> Result<usize> {
         let span = self.last_window_of(0);
         // Panes with a window in (before, through]: pane <= through and pane + span > before.
@@ -793,12 +830,12 @@ impl Shared {
                 st.mem = st.mem.saturating_sub(bytes);
                 freed += bytes;
                 let (stored, evicted) = (window.stored, window.evicted);
-                let mem = window.entries.into_sorted();
+                let mem = window.entries;
                 let stored = ((stored || evicted) && db.is_some()).then_some(None);
                 (mem, stored)
             } else {
                 let window = &st.windows[&pane];
-                let mem = window.entries.to_sorted();
+                let mem = window.entries.clone();
                 // Not evicted: every key in the database is in memory too, newer or equal.
                 let stored = match db {
                     Some(db) if window.evicted => {
@@ -808,8 +845,7 @@ impl Shared {
                 };
                 (mem, stored)
             };
-            // Shared by the windows: read in end order, the last one takes the entries.
-            let entries = Arc::new(entries);
+            let mut windows = Vec::new();
             let mut end = first_end;
             while end <= last_end {
                 let stored = stored.as_ref().map(|frozen| StoredRange {
@@ -818,13 +854,49 @@ impl Shared {
                     delete: end == last,
                     frozen: frozen.clone(),
                 });
-                closing.add(end, self.window_start(end), entries.clone(), stored);
+                windows.push((end, self.window_start(end), stored));
                 end += slide;
             }
+            out.push(PaneOut {
+                table: entries,
+                windows,
+            });
         }
         Ok(freed)
     }
 }
+
+impl PartState {
+    /// See [`Part::due_at`]: for panes, the first window after `emitted` that holds the
+    /// first pane (window ends are multiples of the slide, as pane ends are).
+    fn due_at(&self, emitted: i64, slide: Option<i64>) -> i64 {
+        let panes = match (self.windows.keys().next(), slide) {
+            (Some(&first), Some(slide)) => {
+                let next = emitted
+                    .div_euclid(slide)
+                    .saturating_mul(slide)
+                    .saturating_add(slide);
+                first.max(next)
+            }
+            _ => i64::MAX,
+        };
+        let sessions = self
+            .sessions
+            .first_end()
+            .map_or(i64::MAX, |e| e.saturating_add(1));
+        panes.min(sessions)
+    }
+}
+
+/// A pane's part of an emission: its entries, and the windows that hold it, each with the
+/// pane's entries in the database, if any.
+struct PaneOut {
+    table: Table,
+    windows: Vec<ClosingAt>,
+}
+
+/// A window a pane is emitted in: end, start, and the pane's entries in the database.
+type ClosingAt = (i64, i64, Option<StoredRange>);
 
 /// What [`Shared::add`] did not take.
 #[derive(Default)]

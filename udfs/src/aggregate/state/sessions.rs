@@ -114,6 +114,11 @@ impl Sessions {
         true
     }
 
+    /// The earliest end marker: at or before every session's end that has one.
+    pub(super) fn first_end(&self) -> Option<i64> {
+        self.ends.peek().map(|m| (m.0).0)
+    }
+
     /// Drops stale end markers.
     pub(super) fn compact(&mut self) {
         let live: Vec<_> = self
@@ -136,17 +141,6 @@ impl Sessions {
     /// popped for a key whose sessions are not all closed is set again at the earliest
     /// open one's end.
     pub(super) fn close(&mut self, through: i64, out: &mut Vec<SessionRow>) {
-        if through == i64::MAX {
-            // Everything closes: no need to pop the markers one by one.
-            self.ends.clear();
-            out.extend(
-                self.slots
-                    .iter()
-                    .filter(|(_, s)| !s.sessions.is_empty())
-                    .map(|(k, _)| (k.clone(), 0, 0, Box::default())),
-            );
-            return;
-        }
         while let Some(std::cmp::Reverse((end, _))) = self.ends.peek() {
             if !session_closed(*end, through) {
                 break;
@@ -252,7 +246,7 @@ fn session_closed(end: i64, through: i64) -> bool {
 /// A group of sessions that closed: start, end, and its merged accumulators.
 type Group = (i64, i64, Option<Box<[Acc]>>);
 
-/// Sessions of the keys in `closing.sessions` from every partition, grouped where they
+/// Sessions of the keys in `closing.ready` from every partition, grouped where they
 /// overlap or touch; groups closed by `through` become rows and leave the partitions.
 pub(super) fn merge_sessions(
     states: &mut [std::sync::MutexGuard<'_, PartState>],
@@ -262,7 +256,7 @@ pub(super) fn merge_sessions(
     freed: &mut usize,
 ) {
     // Every partition names its keys: each once, in any order (the rows are sorted last).
-    let keys: hashbrown::HashSet<Box<[u8]>> = closing.sessions.drain(..).map(|r| r.0).collect();
+    let keys: hashbrown::HashSet<Box<[u8]>> = closing.ready.drain(..).map(|r| r.0).collect();
     let mut rows = Vec::new();
     for key in keys {
         // (start, end, partition index, session index)
@@ -327,5 +321,56 @@ pub(super) fn merge_sessions(
         }
     }
     rows.sort_unstable_by(|a, b| (a.2, a.1, &a.0).cmp(&(b.2, b.1, &b.0)));
-    closing.sessions = rows;
+    closing.ready = rows;
+}
+
+/// Every session of `states` closes (the end of the input): each partition's sessions are
+/// taken out whole (rather than looked up key by key in every partition), and those of one
+/// key grouped where they overlap or touch and merged into rows. Their slots stay, empty
+/// and dirty, so that the next snapshot deletes what the database holds of them.
+pub(super) fn merge_all_sessions(
+    states: &mut [std::sync::MutexGuard<'_, PartState>],
+    freed: &mut usize,
+) -> Vec<SessionRow> {
+    let mut by_key: HashMap<&[u8], Vec<Session>> = HashMap::new();
+    for st in states.iter_mut() {
+        let st = &mut **st;
+        st.sessions.ends.clear();
+        for (key, slot) in st.sessions.slots.iter_mut() {
+            if slot.sessions.is_empty() {
+                continue;
+            }
+            let sessions = std::mem::take(&mut slot.sessions);
+            let size: usize = sessions.iter().map(|s| session_size(key, s)).sum();
+            st.mem = st.mem.saturating_sub(size);
+            *freed += size;
+            slot.dirty = true;
+            by_key.entry(key).or_default().extend(sessions);
+        }
+    }
+    let mut rows = Vec::with_capacity(by_key.len());
+    for (key, mut sessions) in by_key {
+        sessions.sort_unstable_by_key(|s| (s.start, s.end));
+        let mut group: Option<Session> = None;
+        for s in sessions {
+            match &mut group {
+                Some(g) if s.start <= g.end => {
+                    g.end = g.end.max(s.end);
+                    for (a, b) in g.accs.iter_mut().zip(s.accs.into_vec()) {
+                        a.merge(b);
+                    }
+                }
+                _ => {
+                    if let Some(g) = group.replace(s) {
+                        rows.push((key.into(), g.start, g.end, g.accs));
+                    }
+                }
+            }
+        }
+        if let Some(g) = group {
+            rows.push((key.into(), g.start, g.end, g.accs));
+        }
+    }
+    rows.sort_unstable_by(|a, b| (a.2, a.1, &a.0).cmp(&(b.2, b.1, &b.0)));
+    rows
 }

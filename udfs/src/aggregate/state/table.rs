@@ -1,56 +1,102 @@
-//! A pane's entries: every key in one byte arena, every accumulator in one slab, and a
-//! hash index of entry numbers.
+//! A pane's entries: keys in byte blocks, accumulators in chunks, and a hash index of
+//! entry numbers.
 //!
 //! A hash map of boxed keys to boxed accumulators costs two allocations and a 41-byte slot
 //! per entry; with Nexmark's keys in every partition, eight partitions held 3 million such
 //! entries (~160 bytes each), went past the memory budget and spilled. Here an entry costs
-//! its key bytes, its accumulators, an 8-byte key offset, a flag and a 4-byte slot, and
-//! adding one allocates nothing but the vectors' amortised growth: fewer bytes to fault
-//! in, nothing to free one by one, and a table that rehashes 4-byte slots.
+//! its key bytes, its accumulators, a 12-byte key location, a flag and a 4-byte slot, and
+//! adding one allocates nothing but, now and then, a chunk. Chunks have fixed sizes
+//! (growing from 16 entries to 4,096) and are never copied into larger ones: a vector that
+//! doubles peaks at three times its size while it copies, and its freed halves stay with
+//! the allocator (a million keys under a 32 MiB budget took 100 MiB more that way).
 
 use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::acc::Acc;
-use super::closing::KeyedAccs;
 
-#[derive(Default)]
+/// Entries in the first chunk; each next chunk holds four times more, up to [`MAX_CHUNK`].
+const FIRST_CHUNK: usize = 16;
+const MAX_CHUNK: usize = 4096;
+/// Key bytes in the first block; blocks grow four times up to [`MAX_BLOCK`] (a larger key
+/// gets a block of its own size).
+const FIRST_BLOCK: usize = 256;
+const MAX_BLOCK: usize = 64 * 1024;
+
+#[derive(Default, Clone)]
 pub(super) struct Table {
     /// Entry numbers, hashed by their keys.
     index: HashTable<u32>,
     hasher: DefaultHashBuilder,
-    /// Where entry `i`'s key starts in `keys`; it ends where the next one starts.
-    starts: Vec<u64>,
-    keys: Vec<u8>,
-    /// `width` accumulators per entry, in entry order.
-    accs: Vec<Acc>,
+    chunks: Vec<Chunk>,
+    blocks: Vec<Vec<u8>>,
+    len: usize,
+    /// Accumulators per entry.
     width: usize,
-    /// Changed since the database last had the entry.
-    dirty: Vec<bool>,
+    /// Bytes of the chunks and key blocks, as allocated.
+    allocated: usize,
     /// Heap bytes the accumulators own (distinct sets, text), kept by the caller.
     pub(super) heap: usize,
 }
 
+/// Entries, in order: where each key is, its accumulators, and whether it changed since
+/// the database last had it. Allocated at its full size and never grown.
+#[derive(Clone)]
+struct Chunk {
+    keys: Vec<KeyAt>,
+    accs: Vec<Acc>,
+    dirty: Vec<bool>,
+}
+
+#[derive(Clone, Copy)]
+struct KeyAt {
+    block: u32,
+    offset: u32,
+    len: u32,
+}
+
+/// The chunk and place of entry `i`.
+#[inline]
+fn locate(i: usize) -> (usize, usize) {
+    // The chunks before the first of the largest size: 16 + 64 + 256 + 1024 entries.
+    const SMALL: usize = FIRST_CHUNK * (1 + 4 + 16 + 64);
+    const SMALL_CHUNKS: usize = 4;
+    const _: () = assert!(FIRST_CHUNK << (2 * SMALL_CHUNKS) == MAX_CHUNK);
+    if i >= SMALL {
+        let i = i - SMALL;
+        return (SMALL_CHUNKS + i / MAX_CHUNK, i % MAX_CHUNK);
+    }
+    let mut start = 0;
+    let mut size = FIRST_CHUNK;
+    let mut chunk = 0;
+    while i >= start + size {
+        start += size;
+        size *= 4;
+        chunk += 1;
+    }
+    (chunk, i - start)
+}
+
+fn chunk_size(chunk: usize) -> usize {
+    FIRST_CHUNK
+        .checked_shl(2 * chunk as u32)
+        .map_or(MAX_CHUNK, |s| s.min(MAX_CHUNK))
+}
+
 impl Table {
     pub(super) fn len(&self) -> usize {
-        self.starts.len()
+        self.len
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.starts.is_empty()
+        self.len == 0
     }
 
-    /// The memory the table takes: its index (whose control bytes are all written) by
-    /// capacity, its vectors by length (the spare capacity of a large vector is address
-    /// space the allocator maps, not memory, until written), and the accumulators' heap.
+    /// The memory the table takes: its index, chunks and key blocks as allocated, and the
+    /// accumulators' heap.
     pub(super) fn bytes(&self) -> usize {
-        self.index.capacity() * (std::mem::size_of::<u32>() + 1)
-            + self.starts.len() * std::mem::size_of::<u64>()
-            + self.keys.len()
-            + self.accs.len() * std::mem::size_of::<Acc>()
-            + self.dirty.len()
-            + self.heap
+        self.index.capacity() * (std::mem::size_of::<u32>() + 1) + self.allocated + self.heap
     }
 
     pub(super) fn hash(&self, key: &[u8]) -> u64 {
@@ -58,31 +104,36 @@ impl Table {
     }
 
     pub(super) fn key(&self, i: usize) -> &[u8] {
-        key_at(&self.starts, &self.keys, i)
+        key_at(&self.chunks, &self.blocks, i)
     }
 
     pub(super) fn accs(&self, i: usize) -> &[Acc] {
-        &self.accs[i * self.width..(i + 1) * self.width]
+        let (c, j) = locate(i);
+        &self.chunks[c].accs[j * self.width..(j + 1) * self.width]
     }
 
     pub(super) fn is_dirty(&self, i: usize) -> bool {
-        self.dirty[i]
+        let (c, j) = locate(i);
+        self.chunks[c].dirty[j]
     }
 
     /// The entry's accumulators, marked changed.
     pub(super) fn update(&mut self, i: usize) -> &mut [Acc] {
-        self.dirty[i] = true;
-        &mut self.accs[i * self.width..(i + 1) * self.width]
+        let (c, j) = locate(i);
+        let chunk = &mut self.chunks[c];
+        chunk.dirty[j] = true;
+        &mut chunk.accs[j * self.width..(j + 1) * self.width]
     }
 
     pub(super) fn clean(&mut self, i: usize) {
-        self.dirty[i] = false;
+        let (c, j) = locate(i);
+        self.chunks[c].dirty[j] = false;
     }
 
     pub(super) fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
-        let (starts, keys) = (&self.starts, &self.keys);
+        let (chunks, blocks) = (&self.chunks, &self.blocks);
         self.index
-            .find(hash, |&i| key_at(starts, keys, i as usize) == key)
+            .find(hash, |&i| key_at(chunks, blocks, i as usize) == key)
             .map(|&i| i as usize)
     }
 
@@ -93,98 +144,96 @@ impl Table {
         }
         debug_assert_eq!(accs.len(), self.width);
         // The memory budget keeps a table far below 4 billion entries.
-        let i = u32::try_from(self.len()).expect("fewer than 2^32 entries in a pane");
-        self.starts.push(self.keys.len() as u64);
-        self.keys.extend_from_slice(key);
-        self.accs.extend(accs);
-        self.dirty.push(dirty);
-        let (starts, keys, hasher) = (&self.starts, &self.keys, &self.hasher);
+        let i = u32::try_from(self.len).expect("fewer than 2^32 entries in a pane");
+        let at = self.store_key(key);
+        let (c, _) = locate(self.len);
+        if c == self.chunks.len() {
+            let size = chunk_size(c);
+            let chunk = Chunk {
+                keys: Vec::with_capacity(size),
+                accs: Vec::with_capacity(size * self.width),
+                dirty: Vec::with_capacity(size),
+            };
+            self.allocated += chunk.keys.capacity() * std::mem::size_of::<KeyAt>()
+                + chunk.accs.capacity() * std::mem::size_of::<Acc>()
+                + chunk.dirty.capacity();
+            self.chunks.push(chunk);
+        }
+        let chunk = &mut self.chunks[c];
+        chunk.keys.push(at);
+        chunk.accs.extend(accs);
+        chunk.dirty.push(dirty);
+        self.len += 1;
+        let (chunks, blocks, hasher) = (&self.chunks, &self.blocks, &self.hasher);
         self.index.insert_unique(hash, i, |&j| {
-            hasher.hash_one(key_at(starts, keys, j as usize))
+            hasher.hash_one(key_at(chunks, blocks, j as usize))
         });
         i as usize
     }
 
+    fn store_key(&mut self, key: &[u8]) -> KeyAt {
+        let fits = self
+            .blocks
+            .last()
+            .is_some_and(|b| b.capacity() - b.len() >= key.len());
+        if !fits {
+            let size = FIRST_BLOCK
+                .checked_shl(2 * self.blocks.len() as u32)
+                .map_or(MAX_BLOCK, |s| s.min(MAX_BLOCK));
+            let block = Vec::with_capacity(size.max(key.len()));
+            self.allocated += block.capacity();
+            self.blocks.push(block);
+        }
+        let block = self.blocks.len() - 1;
+        let b = &mut self.blocks[block];
+        let at = KeyAt {
+            block: block as u32,
+            offset: b.len() as u32,
+            len: key.len() as u32,
+        };
+        b.extend_from_slice(key);
+        at
+    }
+
     /// Keeps the entries `keep` says to, in their order, and gives the memory of the others
-    /// back.
+    /// back: the kept ones move to a table of their own size.
     pub(super) fn retain(&mut self, mut keep: impl FnMut(&[u8], &[Acc], bool) -> bool) {
-        let n = self.len();
-        let width = self.width;
-        let mut kept = 0;
-        let mut key_end = 0;
-        for i in 0..n {
-            let (start, end) = span(&self.starts, self.keys.len(), i);
-            let accs = &self.accs[i * width..(i + 1) * width];
-            if !keep(&self.keys[start..end], accs, self.dirty[i]) {
-                continue;
-            }
-            if kept != i {
-                self.keys.copy_within(start..end, key_end);
-                for a in 0..width {
-                    self.accs.swap(kept * width + a, i * width + a);
+        let old = std::mem::take(self);
+        self.hasher = old.hasher.clone();
+        self.heap = old.heap;
+        let width = old.width;
+        for chunk in old.chunks {
+            let mut accs = chunk.accs.into_iter();
+            for (at, dirty) in chunk.keys.iter().zip(chunk.dirty) {
+                let entry: Vec<Acc> = accs.by_ref().take(width).collect();
+                let key = block_key(&old.blocks, *at);
+                if keep(key, &entry, dirty) {
+                    let hash = self.hash(key);
+                    self.insert(hash, key, entry, dirty);
                 }
-                self.dirty[kept] = self.dirty[i];
             }
-            self.starts[kept] = key_end as u64;
-            key_end += end - start;
-            kept += 1;
-        }
-        self.starts.truncate(kept);
-        self.keys.truncate(key_end);
-        self.accs.truncate(kept * width);
-        self.dirty.truncate(kept);
-        self.starts.shrink_to_fit();
-        self.keys.shrink_to_fit();
-        self.accs.shrink_to_fit();
-        self.dirty.shrink_to_fit();
-        self.reindex();
-    }
-
-    fn reindex(&mut self) {
-        let (starts, keys, hasher) = (&self.starts, &self.keys, &self.hasher);
-        let hash = |i: u32| hasher.hash_one(key_at(starts, keys, i as usize));
-        self.index = HashTable::with_capacity(starts.len());
-        for i in 0..starts.len() as u32 {
-            self.index.insert_unique(hash(i), i, |&j| hash(j));
         }
     }
 
-    /// The entries, moved out, in key order.
-    pub(super) fn into_sorted(self) -> Vec<KeyedAccs> {
-        let Table {
-            starts, keys, accs, ..
-        } = self;
+    /// The entry's accumulators, moved out (the table keeps placeholders).
+    pub(super) fn take_accs(&mut self, i: usize) -> Box<[Acc]> {
+        let (c, j) = locate(i);
         let width = self.width;
-        let mut accs = accs.into_iter();
-        let mut out: Vec<KeyedAccs> = (0..starts.len())
-            .map(|i| {
-                let key = key_at(&starts, &keys, i).into();
-                (key, accs.by_ref().take(width).collect())
-            })
-            .collect();
-        super::sort_by_key_bytes(&mut out);
-        out
-    }
-
-    /// The entries, copied, in key order.
-    pub(super) fn to_sorted(&self) -> Vec<KeyedAccs> {
-        let mut out: Vec<KeyedAccs> = (0..self.len())
-            .map(|i| (self.key(i).into(), self.accs(i).into()))
-            .collect();
-        super::sort_by_key_bytes(&mut out);
-        out
+        self.chunks[c].accs[j * width..(j + 1) * width]
+            .iter_mut()
+            .map(|a| std::mem::replace(a, Acc::Count(0)))
+            .collect()
     }
 }
 
-fn span(starts: &[u64], keys_len: usize, i: usize) -> (usize, usize) {
-    let start = starts[i] as usize;
-    let end = starts.get(i + 1).map_or(keys_len, |&e| e as usize);
-    (start, end)
+fn block_key(blocks: &[Vec<u8>], at: KeyAt) -> &[u8] {
+    let start = at.offset as usize;
+    &blocks[at.block as usize][start..start + at.len as usize]
 }
 
-fn key_at<'a>(starts: &[u64], keys: &'a [u8], i: usize) -> &'a [u8] {
-    let (start, end) = span(starts, keys.len(), i);
-    &keys[start..end]
+fn key_at<'a>(chunks: &[Chunk], blocks: &'a [Vec<u8>], i: usize) -> &'a [u8] {
+    let (c, j) = locate(i);
+    block_key(blocks, chunks[c].keys[j])
 }
 
 #[cfg(test)]
@@ -196,17 +245,30 @@ mod tests {
     }
 
     #[test]
+    fn entries_are_placed_in_chunks_of_growing_size() {
+        let mut expected = Vec::new();
+        for chunk in 0..8 {
+            expected.extend((0..chunk_size(chunk)).map(|j| (chunk, j)));
+        }
+        let placed: Vec<_> = (0..expected.len()).map(locate).collect();
+        assert_eq!(placed, expected);
+        assert_eq!(chunk_size(7), MAX_CHUNK);
+    }
+
+    #[test]
     fn finds_what_it_holds_and_keeps_what_retain_keeps() {
         let mut t = Table::default();
-        let keys: Vec<Vec<u8>> = (0..1000u32)
-            .map(|i| format!("k{}", i * 7919 % 1000).into_bytes())
+        // Enough entries for chunks of every size, and one key larger than a block.
+        let mut keys: Vec<Vec<u8>> = (0..20_000u32)
+            .map(|i| format!("k{}", i * 7919 % 20_000).into_bytes())
             .collect();
+        keys.push(vec![7; MAX_BLOCK + 1]);
         for (n, k) in keys.iter().enumerate() {
             let h = t.hash(k);
             assert_eq!(t.find(h, k), None);
             t.insert(h, k, count(n as i64), n % 2 == 0);
         }
-        assert_eq!(t.len(), 1000);
+        assert_eq!(t.len(), keys.len());
         for (n, k) in keys.iter().enumerate() {
             let i = t.find(t.hash(k), k).expect("inserted");
             assert_eq!(t.key(i), k.as_slice());
@@ -214,12 +276,11 @@ mod tests {
             assert_eq!(t.is_dirty(i), n % 2 == 0);
         }
         let before = t.bytes();
-        // Keys of different lengths move within the arena.
-        t.retain(|k, _, _| k.len() != 3);
+        t.retain(|k, _, _| k.len() != 5);
         assert!(t.bytes() < before);
         for (n, k) in keys.iter().enumerate() {
             let found = t.find(t.hash(k), k);
-            if k.len() == 3 {
+            if k.len() == 5 {
                 assert_eq!(found, None);
             } else {
                 let i = found.expect("kept");
@@ -228,11 +289,9 @@ mod tests {
                 assert_eq!(t.is_dirty(i), n % 2 == 0);
             }
         }
-        let sorted = t.to_sorted();
-        assert!(sorted.windows(2).all(|w| w[0].0 < w[1].0));
-        assert_eq!(sorted.len(), t.len());
-        let moved = t.into_sorted();
-        assert_eq!(moved.len(), sorted.len());
-        assert!(moved.iter().zip(&sorted).all(|(a, b)| a.0 == b.0));
+        let i = t.find(t.hash(b"k7"), b"k7").expect("kept");
+        let copy = t.clone();
+        assert!(matches!(&*t.take_accs(i), [Acc::Count(_)]));
+        assert_eq!(copy.accs(i), &[Acc::Count(3753)][..], "{:?}", copy.accs(i));
     }
 }
