@@ -512,6 +512,21 @@ impl Acc {
         }
     }
 
+    /// As [`Acc::merge`], reading the other value where it is (copied only where kept):
+    /// what a window merges from a pane that later windows still hold.
+    pub fn merge_ref(&mut self, other: &Acc) {
+        match (self, other) {
+            (Acc::Count(a), Acc::Count(b)) => *a += b,
+            (Acc::SumInt(a), Acc::SumInt(Some(b))) => *a = Some(a.unwrap_or(0).wrapping_add(*b)),
+            (Acc::SumFloat(a), Acc::SumFloat(Some(b))) => *a = Some(a.unwrap_or(0.0) + b),
+            (Acc::Avg { sum, count }, Acc::Avg { sum: s, count: c }) => {
+                *sum += s;
+                *count += c;
+            }
+            (a, b) => a.merge(b.clone()),
+        }
+    }
+
     /// Bytes this accumulator holds beyond its own size, for the memory budget.
     pub fn heap_size(&self) -> usize {
         match self {
@@ -920,6 +935,43 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merging_in_place_is_merging_a_copy() {
+        let pairs = [
+            (Acc::Count(7), Acc::Count(5)),
+            (Acc::SumInt(None), Acc::SumInt(Some(-3))),
+            (Acc::SumInt(Some(4)), Acc::SumInt(None)),
+            (Acc::SumFloat(Some(0.1)), Acc::SumFloat(Some(0.2))),
+            (Acc::SumFloat(None), Acc::SumFloat(None)),
+            (
+                Acc::Avg { sum: 3.0, count: 2 },
+                Acc::Avg { sum: 1.5, count: 1 },
+            ),
+            (Acc::Max(Value::Int(3)), Acc::Max(Value::Int(8))),
+            (
+                Acc::Distinct(Box::new([b"a".to_vec().into()].into())),
+                Acc::Distinct(Box::new([b"b".to_vec().into()].into())),
+            ),
+            (
+                Acc::Last(Box::new((Order::MIN, Value::Int(4)))),
+                Acc::Last(Box::new((
+                    Order {
+                        time: 5,
+                        partition: 1,
+                        seq: 9,
+                    },
+                    Value::Int(6),
+                ))),
+            ),
+        ];
+        for (a, b) in pairs {
+            let (mut by_copy, mut in_place) = (a.clone(), a);
+            by_copy.merge(b.clone());
+            in_place.merge_ref(&b);
+            assert_eq!(in_place, by_copy);
+        }
+    }
 
     #[test]
     fn every_accumulator_survives_encoding() {

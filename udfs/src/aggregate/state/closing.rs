@@ -54,6 +54,21 @@ struct Entries {
 }
 
 impl Entries {
+    /// Entries ahead of the one read whose place is loaded, and whose key is loaded.
+    const AHEAD: usize = 16;
+    const KEY_AHEAD: usize = 4;
+
+    /// Moves to the next entry, asking for those ahead to be loaded.
+    fn advance(&mut self) {
+        self.next += 1;
+        if let Some(&i) = self.order.get(self.next + Self::AHEAD) {
+            self.table.prefetch_entry(i as usize);
+        }
+        if let Some(&i) = self.order.get(self.next + Self::KEY_AHEAD) {
+            self.table.prefetch_key(i as usize);
+        }
+    }
+
     fn front_key(&self) -> Option<&[u8]> {
         let i = *self.order.get(self.next)?;
         Some(self.table.key(i as usize))
@@ -61,13 +76,32 @@ impl Entries {
 
     fn pop_front(&mut self) -> Option<KeyedAccs> {
         let i = *self.order.get(self.next)? as usize;
-        self.next += 1;
+        self.advance();
         let key: Box<[u8]> = self.table.key(i).into();
         let accs = match Arc::get_mut(&mut self.table) {
             Some(table) => table.take_accs(i),
             None => self.table.accs(i).into(),
         };
         Some((key, accs))
+    }
+
+    /// Merges the first entry's accumulators into `into` and drops the entry: moved where
+    /// this is the last holder, read in place otherwise (no row is made).
+    fn pop_front_into(&mut self, into: &mut [Acc]) {
+        let i = self.order[self.next] as usize;
+        self.advance();
+        match Arc::get_mut(&mut self.table) {
+            Some(table) => {
+                for (a, b) in into.iter_mut().zip(table.accs_mut(i)) {
+                    a.merge(std::mem::replace(b, Acc::Count(0)));
+                }
+            }
+            None => {
+                for (a, b) in into.iter_mut().zip(self.table.accs(i)) {
+                    a.merge_ref(b);
+                }
+            }
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -168,9 +202,7 @@ impl Closing {
                 let (key, mut accs) = window.sources[first].pop();
                 for s in window.sources[first + 1..].iter_mut() {
                     if s.peek() == Some(key.as_ref()) {
-                        for (a, b) in accs.iter_mut().zip(s.pop().1.into_vec()) {
-                            a.merge(b);
-                        }
+                        s.pop_into(&mut accs);
                     }
                 }
                 rows.push((key, start, end, accs));
@@ -254,7 +286,28 @@ impl Source {
     /// The entry with the smallest key; memory's where both have it (the stored one is
     /// older).
     fn pop(&mut self) -> KeyedAccs {
-        let memory_first = match (
+        if self.memory_first() {
+            self.memory.pop_front().expect("a memory entry")
+        } else {
+            self.stored_pop()
+        }
+    }
+
+    /// As [`Source::pop`], merging the entry's accumulators into `into`.
+    fn pop_into(&mut self, into: &mut [Acc]) {
+        if self.memory_first() {
+            self.memory.pop_front_into(into);
+        } else {
+            for (a, b) in into.iter_mut().zip(self.stored_pop().1.into_vec()) {
+                a.merge(b);
+            }
+        }
+    }
+
+    /// Whether the smallest key is in memory; a stored entry of the same key is older and
+    /// dropped.
+    fn memory_first(&mut self) -> bool {
+        match (
             self.memory.front_key(),
             self.stored.as_ref().and_then(|s| s.buffer.front()),
         ) {
@@ -268,11 +321,6 @@ impl Source {
             },
             (Some(_), None) => true,
             _ => false,
-        };
-        if memory_first {
-            self.memory.pop_front().expect("a memory entry")
-        } else {
-            self.stored_pop()
         }
     }
 

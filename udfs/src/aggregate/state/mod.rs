@@ -15,9 +15,10 @@
 //! nothing waiting; when all are idle, the largest of theirs) and counting ended ones
 //! (bounded sources) as done. It is looked at after every batch and every second (windows
 //! close with time too: a partition going idle, state taken over where no batch follows);
-//! the windows of each
-//! partition whose end it passes and that the partition has not emitted are emitted, with
-//! the partial results of every partition merged into one row per key and window.
+//! the windows of each partition whose end it passes and that the partition has not
+//! emitted are emitted, with the partial results of every partition merged into one row
+//! per key and window. Each partition keeps the earliest watermark at which something of
+//! it would close (`Part::due_at`), so a look that closes nothing locks no partition.
 //!
 //! # Panes
 //! Tumbling and sliding windows are kept as panes of one slide each (a tumbling window is
@@ -26,7 +27,9 @@
 //! panes (`size / slide` of them); a pane leaves the state with its last window.
 //!
 //! # Memory and storage
-//! Each partition's open panes are hash maps of row-encoded keys to accumulators. When
+//! Each partition's open panes are tables of row-encoded keys and their accumulators
+//! (`table.rs`: keys in byte blocks, accumulators in fixed chunks, a hash index of entry
+//! numbers; no allocation per entry). When
 //! the stage's memory passes its budget, the partition being processed writes its oldest
 //! windows' entries to the checkpoint store's database (changed ones; unchanged ones are
 //! there already) and drops them; a later row of an evicted key reads it back. At a
@@ -45,9 +48,9 @@
 //! # Where things are
 //! Here: the plan, the partitions' progress, adding rows, the watermark and what is due.
 //! `closing.rs`: closed windows read out in key order, merged across partitions.
-//! `sessions.rs`: session windows. `storage.rs`: eviction and checkpoint writes of a
-//! partition's state. `lifecycle.rs`: the engine's handle (restore, assign, revoke,
-//! release, take-over, snapshot).
+//! `table.rs`: a pane's entries. `sessions.rs`: session windows. `storage.rs`: eviction
+//! and checkpoint writes of a partition's state. `lifecycle.rs`: the engine's handle
+//! (restore, assign, revoke, release, take-over, snapshot).
 
 use std::cmp::Ordering as Cmp;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
