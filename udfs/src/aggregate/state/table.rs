@@ -78,6 +78,12 @@ fn locate(i: usize) -> (usize, usize) {
     (chunk, i - start)
 }
 
+fn chunk_bytes(chunk: &Chunk) -> usize {
+    chunk.keys.capacity() * std::mem::size_of::<KeyAt>()
+        + chunk.accs.capacity() * std::mem::size_of::<Acc>()
+        + chunk.dirty.capacity()
+}
+
 fn chunk_size(chunk: usize) -> usize {
     FIRST_CHUNK
         .checked_shl(2 * chunk as u32)
@@ -154,9 +160,7 @@ impl Table {
                 accs: Vec::with_capacity(size * self.width),
                 dirty: Vec::with_capacity(size),
             };
-            self.allocated += chunk.keys.capacity() * std::mem::size_of::<KeyAt>()
-                + chunk.accs.capacity() * std::mem::size_of::<Acc>()
-                + chunk.dirty.capacity();
+            self.allocated += chunk_bytes(&chunk);
             self.chunks.push(chunk);
         }
         let chunk = &mut self.chunks[c];
@@ -196,21 +200,95 @@ impl Table {
     }
 
     /// Keeps the entries `keep` says to, in their order, and gives the memory of the others
-    /// back: the kept ones move to a table of their own size.
+    /// back. Done in place: kept entries move down over dropped ones (keys within their
+    /// blocks, which hold them in entry order), the chunks and blocks left empty are freed
+    /// and the index is rebuilt. Eviction shrinks a table past the memory budget this way
+    /// without holding a second copy of it, and without fresh memory for the copy.
     pub(super) fn retain(&mut self, mut keep: impl FnMut(&[u8], &[Acc], bool) -> bool) {
-        let old = std::mem::take(self);
-        self.hasher = old.hasher.clone();
-        self.heap = old.heap;
-        let width = old.width;
-        for chunk in old.chunks {
-            let mut accs = chunk.accs.into_iter();
-            for (at, dirty) in chunk.keys.iter().zip(chunk.dirty) {
-                let entry: Vec<Acc> = accs.by_ref().take(width).collect();
-                let key = block_key(&old.blocks, *at);
-                if keep(key, &entry, dirty) {
-                    let hash = self.hash(key);
-                    self.insert(hash, key, entry, dirty);
-                }
+        let width = self.width;
+        // Where the next kept entry goes, and where its key goes.
+        let mut kept = 0;
+        let (mut wb, mut wo) = (0usize, 0usize);
+        for i in 0..self.len {
+            let (c, j) = locate(i);
+            let at = self.chunks[c].keys[j];
+            let chunk = &self.chunks[c];
+            if !keep(
+                block_key(&self.blocks, at),
+                &chunk.accs[j * width..(j + 1) * width],
+                chunk.dirty[j],
+            ) {
+                continue;
+            }
+            // The key: at the write position, or at the start of the next block that
+            // holds it (at the latest its own block, where it is now).
+            let (rb, ro, len) = (at.block as usize, at.offset as usize, at.len as usize);
+            while wb < rb && self.blocks[wb].capacity() - wo < len {
+                self.blocks[wb].truncate(wo);
+                wb += 1;
+                wo = 0;
+            }
+            if wb == rb {
+                self.blocks[rb].copy_within(ro..ro + len, wo);
+            } else {
+                let (to, from) = self.blocks.split_at_mut(rb);
+                to[wb].truncate(wo);
+                to[wb].extend_from_slice(&from[0][ro..ro + len]);
+            }
+            let moved = KeyAt {
+                block: wb as u32,
+                offset: wo as u32,
+                len: at.len,
+            };
+            wo += len;
+            // The entry: swapped with the one at the write position (dropped, or kept
+            // and already moved), which is at or before it.
+            let (wc, wj) = locate(kept);
+            if wc == c && wj != j {
+                let chunk = &mut self.chunks[c];
+                chunk.dirty.swap(wj, j);
+                let (to, from) = chunk.accs.split_at_mut(j * width);
+                to[wj * width..(wj + 1) * width].swap_with_slice(&mut from[..width]);
+            } else if wc != c {
+                let (head, tail) = self.chunks.split_at_mut(c);
+                let (to, from) = (&mut head[wc], &mut tail[0]);
+                std::mem::swap(&mut to.dirty[wj], &mut from.dirty[j]);
+                to.accs[wj * width..(wj + 1) * width]
+                    .swap_with_slice(&mut from.accs[j * width..(j + 1) * width]);
+            }
+            self.chunks[wc].keys[wj] = moved;
+            kept += 1;
+        }
+        // What is past the kept entries and keys goes.
+        let dropped_entries = self.len - kept;
+        self.len = kept;
+        let chunks = if kept == 0 { 0 } else { locate(kept - 1).0 + 1 };
+        for chunk in self.chunks.drain(chunks..) {
+            self.allocated -= chunk_bytes(&chunk);
+        }
+        if let Some(last) = self.chunks.last_mut() {
+            let j = locate(kept - 1).1 + 1;
+            last.keys.truncate(j);
+            last.accs.truncate(j * width);
+            last.dirty.truncate(j);
+        }
+        let blocks = if kept == 0 { 0 } else { wb + 1 };
+        if let Some(b) = self.blocks.get_mut(wb) {
+            b.truncate(wo);
+        }
+        for block in self.blocks.drain(blocks..) {
+            self.allocated -= block.capacity();
+        }
+        if dropped_entries > 0 {
+            self.index.clear();
+            // Empty: nothing to hash.
+            self.index.shrink_to(kept, |_| 0);
+            let (chunks, blocks, hasher) = (&self.chunks, &self.blocks, &self.hasher);
+            for i in 0..kept {
+                let hash = hasher.hash_one(key_at(chunks, blocks, i));
+                self.index.insert_unique(hash, i as u32, |&j| {
+                    hasher.hash_one(key_at(chunks, blocks, j as usize))
+                });
             }
         }
     }
@@ -326,7 +404,26 @@ mod tests {
                 assert_eq!(t.is_dirty(i), n % 2 == 0);
             }
         }
-        let i = t.find(t.hash(b"k7"), b"k7").expect("kept");
+        // It goes on after a retain, and retains again.
+        let len = t.len();
+        for k in [b"new-1".as_slice(), b"new-2"] {
+            t.insert(t.hash(k), k, count(-1), true);
+        }
+        assert_eq!(t.len(), len + 2);
+        t.retain(|k, _, _| k.len() != 6);
+        for k in &keys {
+            assert_eq!(t.find(t.hash(k), k).is_some(), k.len() < 5 || k.len() > 6);
+        }
+        for k in [b"new-1".as_slice(), b"new-2"] {
+            let i = t.find(t.hash(k), k).expect("inserted after a retain");
+            assert_eq!(t.key(i), k);
+            assert!(matches!(t.accs(i), [Acc::Count(-1)]));
+        }
+        let before = t.bytes();
+        t.retain(|_, _, _| false);
+        assert!(t.is_empty() && t.bytes() < before);
+        let i = t.insert(t.hash(b"k7"), b"k7", count(3753), false);
+        assert_eq!(t.find(t.hash(b"k7"), b"k7"), Some(i));
         let copy = t.clone();
         assert!(matches!(&*t.take_accs(i), [Acc::Count(_)]));
         assert_eq!(copy.accs(i), &[Acc::Count(3753)][..], "{:?}", copy.accs(i));
