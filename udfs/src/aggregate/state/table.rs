@@ -67,14 +67,9 @@ fn locate(i: usize) -> (usize, usize) {
         let i = i - SMALL;
         return (SMALL_CHUNKS + i / MAX_CHUNK, i % MAX_CHUNK);
     }
-    let mut start = 0;
-    let mut size = FIRST_CHUNK;
-    let mut chunk = 0;
-    while i >= start + size {
-        start += size;
-        size *= 4;
-        chunk += 1;
-    }
+    // Chunk c starts at 16 (4^c - 1) / 3: i is in the last c with 16 * 4^c <= 3i + 16.
+    let chunk = ((3 * i + FIRST_CHUNK) / FIRST_CHUNK).ilog2() as usize / 2;
+    let start = FIRST_CHUNK * ((1 << (2 * chunk)) - 1) / 3;
     (chunk, i - start)
 }
 
