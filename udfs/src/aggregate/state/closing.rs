@@ -2,17 +2,19 @@
 
 use super::*;
 
-/// The entries `from` of `table` in key order, comparing the first 16 bytes of the keys as
-/// one integer first: keys of a column or two differ there, and a million keys then sort
+/// The entries of `table` in key order, comparing the first 16 bytes of the keys as one
+/// integer first: keys of a column or two differ there, and a million keys then sort
 /// without a `memcmp` per step.
-pub(super) fn sorted(table: &Table, from: std::ops::Range<usize>) -> Vec<u32> {
+pub(super) fn sorted(table: &Table) -> Vec<u32> {
     let prefix = |k: &[u8]| {
         let mut b = [0u8; 16];
         let n = k.len().min(16);
         b[..n].copy_from_slice(&k[..n]);
         u128::from_be_bytes(b)
     };
-    let mut order: Vec<(u128, u32)> = from.map(|i| (prefix(table.key(i)), i as u32)).collect();
+    let mut order: Vec<(u128, u32)> = (0..table.len())
+        .map(|i| (prefix(table.key(i)), i as u32))
+        .collect();
     order.sort_unstable_by(|a, b| {
         a.0.cmp(&b.0)
             .then_with(|| table.key(a.1 as usize).cmp(table.key(b.1 as usize)))
@@ -93,7 +95,7 @@ impl Entries {
         match Arc::get_mut(&mut self.table) {
             Some(table) => {
                 for (a, b) in into.iter_mut().zip(table.accs_mut(i)) {
-                    a.merge(std::mem::replace(b, Acc::Count(0)));
+                    a.merge(std::mem::take(b));
                 }
             }
             None => {

@@ -80,9 +80,13 @@ fn chunk_bytes(chunk: &Chunk) -> usize {
 }
 
 fn chunk_size(chunk: usize) -> usize {
-    FIRST_CHUNK
-        .checked_shl(2 * chunk as u32)
-        .map_or(MAX_CHUNK, |s| s.min(MAX_CHUNK))
+    grown(FIRST_CHUNK, chunk, MAX_CHUNK)
+}
+
+/// The size of the `n`th of a run of allocations that start at `first` and grow four
+/// times each up to `max`.
+fn grown(first: usize, n: usize, max: usize) -> usize {
+    first.checked_shl(2 * n as u32).map_or(max, |s| s.min(max))
 }
 
 impl Table {
@@ -163,11 +167,16 @@ impl Table {
         chunk.accs.extend(accs);
         chunk.dirty.push(dirty);
         self.len += 1;
+        self.index_entry(hash, i);
+        i as usize
+    }
+
+    /// Puts entry `i`, whose key hashes to `hash`, in the index.
+    fn index_entry(&mut self, hash: u64, i: u32) {
         let (chunks, blocks, hasher) = (&self.chunks, &self.blocks, &self.hasher);
         self.index.insert_unique(hash, i, |&j| {
             hasher.hash_one(key_at(chunks, blocks, j as usize))
         });
-        i as usize
     }
 
     fn store_key(&mut self, key: &[u8]) -> KeyAt {
@@ -176,9 +185,7 @@ impl Table {
             .last()
             .is_some_and(|b| b.capacity() - b.len() >= key.len());
         if !fits {
-            let size = FIRST_BLOCK
-                .checked_shl(2 * self.blocks.len() as u32)
-                .map_or(MAX_BLOCK, |s| s.min(MAX_BLOCK));
+            let size = grown(FIRST_BLOCK, self.blocks.len(), MAX_BLOCK);
             let block = Vec::with_capacity(size.max(key.len()));
             self.allocated += block.capacity();
             self.blocks.push(block);
@@ -278,12 +285,8 @@ impl Table {
             self.index.clear();
             // Empty: nothing to hash.
             self.index.shrink_to(kept, |_| 0);
-            let (chunks, blocks, hasher) = (&self.chunks, &self.blocks, &self.hasher);
             for i in 0..kept {
-                let hash = hasher.hash_one(key_at(chunks, blocks, i));
-                self.index.insert_unique(hash, i as u32, |&j| {
-                    hasher.hash_one(key_at(chunks, blocks, j as usize))
-                });
+                self.index_entry(self.hash(self.key(i)), i as u32);
             }
         }
     }
@@ -295,14 +298,9 @@ impl Table {
 
     /// The entry's accumulators, moved out (the table keeps placeholders).
     pub(super) fn take_accs(&mut self, i: usize) -> Box<[Acc]> {
-        self.accs_mut(i)
-            .iter_mut()
-            .map(|a| std::mem::replace(a, Acc::Count(0)))
-            .collect()
+        self.accs_mut(i).iter_mut().map(std::mem::take).collect()
     }
-}
 
-impl Table {
     /// Asks the CPU to load entry `i`'s key location and accumulators: emission reads
     /// entries in key order, which is no order in memory, and a read that waits for
     /// memory costs more than the rest of the row.
