@@ -133,6 +133,23 @@ impl Error {
             source,
         }
     }
+
+    /// A spawned task that panicked or was cancelled, named by its role (`reader`,
+    /// `worker`, `sink`, ...): one mapping for every task, as Vector's `TaskError`.
+    pub fn task(role: &str, e: tokio::task::JoinError) -> Self {
+        let how = if e.is_panic() {
+            "panicked"
+        } else {
+            "was cancelled"
+        };
+        Error::Internal(format!("a {role} task {how}: {e}"))
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::task("background", e)
+    }
 }
 
 /// An error and its causes as one line (`a: b: c`): clients' own messages are generic, the

@@ -1,0 +1,254 @@
+//! The sink task: writes what the workers send, counts each partition's offsets as done
+//! once the sink (or the dead-letter sink) has its records, rolls files on the sink's
+//! timer, and takes the checkpoints (`checkpointing.rs`).
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::checkpointing::{Checkpointing, Offsets, pause_workers, wait_paused};
+use super::messages::{Drained, Paused, SinkMsg};
+use super::{interval, tick};
+use crate::batch::{ColumnSelection, Envelope};
+use crate::dead_letter::DeadLetterSink;
+use crate::sink::Sink;
+use crate::stats::RunStats;
+use crate::{Error, Result};
+
+/// The sink task's state: the sinks, what it has received and committed of each
+/// partition, and the checkpoint under way.
+pub(super) struct SinkTask {
+    pipeline: Arc<str>,
+    sink: Box<dyn Sink>,
+    dead_letter: Option<DeadLetterSink>,
+    columns: ColumnSelection,
+    checkpointing: Checkpointing,
+    stats: Arc<RunStats>,
+    offsets: Offsets,
+    /// Revoked partitions waiting for the checkpoint that covers them.
+    drains: Vec<Drained>,
+    /// A checkpoint of stateful stages waiting for every worker to pause (one task at most).
+    pausing: JoinSet<Paused>,
+}
+
+impl SinkTask {
+    pub(super) fn new(
+        pipeline: Arc<str>,
+        sink: Box<dyn Sink>,
+        dead_letter: Option<DeadLetterSink>,
+        columns: ColumnSelection,
+        checkpointing: Checkpointing,
+    ) -> Self {
+        SinkTask {
+            pipeline,
+            sink,
+            dead_letter,
+            columns,
+            stats: checkpointing.stats.clone(),
+            checkpointing,
+            offsets: Offsets::default(),
+            drains: Vec::new(),
+            pausing: JoinSet::new(),
+        }
+    }
+
+    /// Runs until every worker has dropped its sender, then closes the sinks and takes the
+    /// last checkpoint. The sinks' summary.
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<SinkMsg>) -> Result<String> {
+        let mut ticker = self.sink.tick_interval().map(interval);
+        let mut checkpoints = self
+            .checkpointing
+            .policy
+            .as_ref()
+            .map(|c| interval(c.interval));
+        let stateful = !self.checkpointing.states.is_empty();
+        loop {
+            // Whether a checkpoint is due: on the timer, and for revoked partitions.
+            let due = tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.receive(msg).await?;
+                    !self.drains.is_empty()
+                }
+                paused = wait_paused(&mut self.pausing) => {
+                    let paused = paused?;
+                    // Everything the workers sent before pausing is in the channel: take it in.
+                    while let Ok(msg) = rx.try_recv() {
+                        self.receive(msg).await?;
+                    }
+                    let cp = &self.checkpointing;
+                    cp.take(self.sink.as_mut(), self.dead_letter.as_mut(), &mut self.offsets).await?;
+                    drop(paused);
+                    cp.barrier.release();
+                    cp.finish_drains(&mut self.drains, &mut self.offsets);
+                    false
+                }
+                _ = tick(&mut ticker), if ticker.is_some() => {
+                    self.sink.tick().await?;
+                    false
+                }
+                _ = tick(&mut checkpoints), if checkpoints.is_some() => true,
+            };
+            if !due {
+                continue;
+            }
+            if stateful {
+                // Taken once every worker waits between batches (the branch above).
+                if self.pausing.is_empty() {
+                    pause_workers(&self.checkpointing.barrier, &mut self.pausing);
+                }
+            } else {
+                self.checkpointing
+                    .take_and_release(
+                        self.sink.as_mut(),
+                        self.dead_letter.as_mut(),
+                        &mut self.drains,
+                        &mut self.offsets,
+                    )
+                    .await?;
+            }
+        }
+        self.sink.close().await?;
+        if let Some(dlq) = &mut self.dead_letter {
+            dlq.sink.close().await?;
+        }
+        // Every worker has ended: the state is still.
+        self.checkpointing
+            .take_and_release(
+                self.sink.as_mut(),
+                self.dead_letter.as_mut(),
+                &mut self.drains,
+                &mut self.offsets,
+            )
+            .await?;
+        Ok(match &self.dead_letter {
+            Some(dlq) => format!(
+                "{}; dead letters: {}",
+                self.sink.summary(),
+                dlq.sink.summary()
+            ),
+            None => self.sink.summary(),
+        })
+    }
+
+    /// Writes a batch (its failed records to the dead letters) and counts its offsets as
+    /// received, or takes a drained partition's marker.
+    async fn receive(&mut self, msg: SinkMsg) -> Result<()> {
+        let (env, ticket) = match msg {
+            SinkMsg::Batch(env, ticket) => (env, ticket),
+            SinkMsg::Drain(drained) => {
+                self.drains.push(drained);
+                return Ok(());
+            }
+        };
+        let stats = &self.stats;
+        if env.batch.num_rows() > 0 {
+            let batch = self.columns.apply(&env.batch)?;
+            let rows = batch.num_rows() as u64;
+            self.sink.write(batch).await?;
+            let refused = self.sink.take_refused();
+            RunStats::add(&stats.records_out, rows - refused.len() as u64);
+            if !refused.is_empty() {
+                bury_refused(
+                    &self.pipeline,
+                    &env,
+                    &refused,
+                    self.dead_letter.as_mut(),
+                    stats,
+                )
+                .await?;
+            }
+        }
+        if !env.dead.is_empty() {
+            let dlq = self
+                .dead_letter
+                .as_mut()
+                .ok_or_else(|| Error::Internal("dead letters without a dead-letter sink".into()))?;
+            dlq.write(&self.pipeline, &env.dead).await?;
+            RunStats::add(&stats.records_dead_lettered, env.dead.len() as u64);
+            RunStats::add(&stats.records_failed, env.dead.len() as u64);
+        }
+        // A lane's part: the partition is done up to the first batch with a part still out.
+        let done = match &ticket {
+            Some(ticket) => match ticket.done() {
+                Some(end) => end,
+                None => return Ok(()),
+            },
+            None => env.offsets.end,
+        };
+        if self.checkpointing.policy.is_none() && !env.offsets.is_empty() {
+            // Without checkpoints, a record is done once the sink has it.
+            if let Some(p) = stats.partition(&env.partition.name) {
+                p.advance_to(done);
+            }
+        }
+        // Output made at the end of a partition (closed windows) carries an empty range: it
+        // never starts or lowers a partition's progress.
+        match self.offsets.received.get_mut(&env.partition.name) {
+            Some(end) => *end = (*end).max(done),
+            None if !env.offsets.is_empty() => {
+                self.offsets
+                    .received
+                    .insert(env.partition.name.clone(), done);
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// The stage name of rows the sink refused.
+pub const SINK_STAGE: &str = "sink";
+
+/// Rows the sink refused (it can never take them: larger than it allows) go to the dead
+/// letters of the stage `sink`; without a dead-letter sink, the first one stops the run.
+async fn bury_refused(
+    pipeline: &str,
+    env: &Envelope,
+    refused: &[(u32, String)],
+    dead_letter: Option<&mut DeadLetterSink>,
+    stats: &RunStats,
+) -> Result<()> {
+    let Some(dlq) = dead_letter else {
+        let (row, reason) = &refused[0];
+        let origin = match crate::batch::offset_at(&env.batch, *row as usize) {
+            Some(o) => format!("{} offset {o}", env.partition.name),
+            None => env.origin(),
+        };
+        return Err(Error::Stage {
+            stage: SINK_STAGE.into(),
+            origin,
+            class: crate::ErrorClass::Permanent,
+            message: reason.clone(),
+        });
+    };
+    let stage: Arc<str> = SINK_STAGE.into();
+    let mut letters = Vec::with_capacity(refused.len());
+    for (row, reason) in refused {
+        // Stages that drop `_offset` leave the batch's range as the best provenance.
+        let reason = match crate::batch::offset_at(&env.batch, *row as usize) {
+            Some(_) => reason.clone(),
+            None => format!(
+                "{reason} (one of {}: the stages dropped `_offset`)",
+                env.origin()
+            ),
+        };
+        letters.extend(crate::dead_letter::letters_of_rows(
+            &env.batch,
+            &[*row],
+            &env.partition,
+            crate::dead_letter::RowFailure {
+                stage: &stage,
+                class: crate::ErrorClass::Permanent,
+                reason: &reason,
+                attempts: 1,
+                first_failed_at: crate::dead_letter::now_ms(),
+            },
+        )?);
+    }
+    dlq.write(pipeline, &letters).await?;
+    RunStats::add(&stats.records_dead_lettered, letters.len() as u64);
+    RunStats::add(&stats.records_failed, letters.len() as u64);
+    Ok(())
+}

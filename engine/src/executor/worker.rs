@@ -1,0 +1,185 @@
+//! A worker task: one instance of every stage, a batch at a time through them, and what
+//! stages produce beyond their batches (closed windows) sent on after each batch.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::messages::{SinkMsg, WorkerMsg};
+use crate::batch::{Envelope, PartitionInfo};
+use crate::failure::{self, Outcome};
+use crate::stage::{PlannedStage, Stage, StageContext};
+use crate::stats::RunStats;
+use crate::{Error, Result};
+
+/// A worker task: opens its instances of the stages, then runs the messages of its channel
+/// in order until the channel closes (or the sink is gone).
+pub(super) async fn worker_loop(
+    id: usize,
+    pipeline: Arc<str>,
+    planned: Vec<PlannedStage>,
+    dead_letters: bool,
+    rx: &mut mpsc::Receiver<WorkerMsg>,
+    sink: mpsc::Sender<SinkMsg>,
+    stats: Arc<RunStats>,
+) -> Result<()> {
+    // Asked once: a factory may build its schema on every call.
+    let schemas: Vec<_> = planned.iter().map(|s| s.factory.output_schema()).collect();
+    let mut chain: Vec<(Box<dyn Stage>, StageContext)> = Vec::with_capacity(planned.len());
+    for (i, stage) in planned.iter().enumerate() {
+        let ctx = StageContext {
+            pipeline: pipeline.clone(),
+            stage: stage.name.clone(),
+            worker: id,
+            stats: stats.clone(),
+            index: i,
+            partition: None,
+            dead_letters,
+        };
+        let mut instance = stage.factory.create()?;
+        let t0 = Instant::now();
+        instance.open(&ctx).await.map_err(|e| Error::Stage {
+            stage: stage.name.to_string(),
+            origin: format!("start-up of worker {id}"),
+            class: e.class(),
+            message: e.to_string(),
+        })?;
+        stats.stages[i]
+            .cold_start_nanos
+            .fetch_max(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        chain.push((instance, ctx));
+    }
+
+    let mut chain = Chain {
+        stages: chain,
+        planned: &planned,
+        schemas: &schemas,
+        dead_letters,
+        stats: &stats,
+    };
+    while let Some(msg) = rx.recv().await {
+        let (mut env, ticket) = match msg {
+            WorkerMsg::Batch(env, ticket) => (env, ticket),
+            WorkerMsg::Release { partition, done } => {
+                tracing::trace!(worker = id, partition, "released partition");
+                let _ = done.send(());
+                continue;
+            }
+            WorkerMsg::Drain(drained) => {
+                if sink.send(SinkMsg::Drain(drained)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            WorkerMsg::Barrier(waiting) => {
+                let (resume, resumed) = oneshot::channel();
+                if waiting.send(resume).is_ok() {
+                    let _ = resumed.await;
+                }
+                continue;
+            }
+            WorkerMsg::Emit(partition) => {
+                // Offsets 0..0: never moves the partition's progress (see `sink_loop`).
+                if !chain.send_pending(&partition, 0, &sink).await? {
+                    break;
+                }
+                continue;
+            }
+            WorkerMsg::Ended { partition, end } => {
+                for (stage, ctx) in chain.stages.iter_mut() {
+                    ctx.partition = Some(partition.clone());
+                    stage.end_of_partition(ctx).await?;
+                }
+                if !chain.send_pending(&partition, end, &sink).await? {
+                    break;
+                }
+                continue;
+            }
+        };
+        let started = Instant::now();
+        chain.run(0, &mut env).await?;
+        let (partition, end) = (env.partition.clone(), env.offsets.end);
+        // Sent even when empty: the sink task counts its offsets as done.
+        if sink.send(SinkMsg::Batch(env, ticket)).await.is_err() {
+            break;
+        }
+        if !chain.send_pending(&partition, end, &sink).await? {
+            break;
+        }
+        stats.batch_latency.record(started.elapsed());
+    }
+
+    for (stage, ctx) in &mut chain.stages {
+        stage.close(ctx).await?;
+    }
+    Ok(())
+}
+
+/// A worker's instances of the stages, and how to run a batch through them.
+struct Chain<'a> {
+    stages: Vec<(Box<dyn Stage>, StageContext)>,
+    planned: &'a [PlannedStage],
+    schemas: &'a [arrow::datatypes::SchemaRef],
+    dead_letters: bool,
+    stats: &'a RunStats,
+}
+
+impl Chain<'_> {
+    /// Runs `env` through the stages from `from` on.
+    async fn run(&mut self, from: usize, env: &mut Envelope) -> Result<()> {
+        for (i, (stage, ctx)) in self.stages.iter_mut().enumerate().skip(from) {
+            if env.batch.num_rows() == 0 {
+                break;
+            }
+            ctx.partition = Some(env.partition.clone());
+            let input = env.batch.clone();
+            let output = failure::run_stage(
+                stage.as_mut(),
+                ctx,
+                &self.planned[i].policy,
+                &self.schemas[i],
+                input,
+                Outcome {
+                    env: &mut *env,
+                    dead_letters: self.dead_letters,
+                },
+                &self.stats.stages[i],
+            )
+            .await?;
+            env.batch = output;
+        }
+        Ok(())
+    }
+
+    /// Sends what stages produced beyond their batches (closed windows), each chunk
+    /// through the stages after the one that produced it. False when the sink is gone.
+    async fn send_pending(
+        &mut self,
+        partition: &Arc<PartitionInfo>,
+        end: i64,
+        sink: &mpsc::Sender<SinkMsg>,
+    ) -> Result<bool> {
+        for i in 0..self.stages.len() {
+            loop {
+                let (stage, ctx) = &mut self.stages[i];
+                let Some(batch) = stage.pending(ctx).await? else {
+                    break;
+                };
+                RunStats::add(&self.stats.stages[i].rows_out, batch.num_rows() as u64);
+                let mut env = Envelope {
+                    partition: partition.clone(),
+                    offsets: end..end,
+                    batch,
+                    dead: Vec::new(),
+                };
+                self.run(i + 1, &mut env).await?;
+                if sink.send(SinkMsg::Batch(env, None)).await.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
