@@ -32,7 +32,7 @@ use sluice_engine::config::yaml::{self, Env, ProcessEnv};
 use sluice_engine::config::{
     Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
 };
-use sluice_engine::executor::Batching;
+use sluice_engine::executor::{Batching, CheckpointPolicy};
 use sluice_engine::failure::FailurePolicy;
 use sluice_udfs::aggregate::AggregateConfig;
 use sluice_udfs::functions::{self, FunctionSpec};
@@ -151,7 +151,7 @@ struct CheckpointConfig {
 }
 
 fn default_checkpoint_interval() -> Duration {
-    Duration::from_secs(10)
+    Duration(CheckpointPolicy::DEFAULT_INTERVAL)
 }
 
 /// How many workers run, from the partitions' lag: `desired = clamp(ceil(lag /
@@ -677,13 +677,13 @@ struct RetryConfig {
 }
 
 fn default_attempts() -> u32 {
-    3
+    FailurePolicy::DEFAULT_MAX_ATTEMPTS
 }
 fn default_initial_backoff() -> Duration {
-    Duration::from_millis(100)
+    Duration(FailurePolicy::DEFAULT_INITIAL_BACKOFF)
 }
 fn default_max_backoff() -> Duration {
-    Duration::from_secs(10)
+    Duration(FailurePolicy::DEFAULT_MAX_BACKOFF)
 }
 
 impl StageCommon {

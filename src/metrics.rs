@@ -22,6 +22,8 @@
 //! | `sluice_lag_records` (the sum over this process's partitions) | pipeline |
 //! | `sluice_workers`, `sluice_workers_desired` (worker tasks running, and wanted) | pipeline |
 //! | `sluice_autoscaler_decisions_total` | pipeline, direction (up, down) |
+//! | `sluice_worker_processes`, `sluice_worker_processes_desired` (worker processes of `sluice run --processes`, running and wanted; set by the supervisor) | pipeline |
+//! | `sluice_group_lag_records` (the consumer group's lag summed over its partitions, as the supervisor reads it from the broker) | pipeline |
 //! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
 //! | `sluice_checkpoint_state_bytes` (stage state the last checkpoint wrote) | pipeline |
 //!

@@ -55,12 +55,21 @@ pub struct FailurePolicy {
     pub fallback: Fallback,
 }
 
+impl FailurePolicy {
+    /// Calls in all, the first included, when a stage sets no `retry:`.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+    /// The first wait before a retry; each next one doubles, with jitter.
+    pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+    /// The longest wait before a retry.
+    pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+}
+
 impl Default for FailurePolicy {
     fn default() -> Self {
         FailurePolicy {
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            initial_backoff: Self::DEFAULT_INITIAL_BACKOFF,
+            max_backoff: Self::DEFAULT_MAX_BACKOFF,
             max_elapsed: None,
             max_record_age: None,
             bisect_on_error: false,

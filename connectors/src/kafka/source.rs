@@ -66,7 +66,7 @@ type GroupConsumer = BaseConsumer<GroupContext>;
 pub struct KafkaSource {
     config: KafkaSourceConfig,
     schema: SchemaRef,
-    shared: Arc<Shared>,
+    shared: Arc<GroupState>,
     events: mpsc::UnboundedReceiver<Event>,
     consumer: Arc<OnceLock<Arc<GroupConsumer>>>,
     poller: Option<std::thread::JoinHandle<()>>,
@@ -92,7 +92,7 @@ impl KafkaSource {
             ]),
         )?;
         let (tx, events) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(GroupState {
             records,
             schema: schema.clone(),
             start_from: config.start_from.clone(),
@@ -258,7 +258,7 @@ fn kafka_error(doing: &str, e: &KafkaError) -> Error {
 
 /// State shared by the source, the polling thread (and its rebalance callbacks), the
 /// partition readers and the commit hook.
-struct Shared {
+struct GroupState {
     records: SchemaRef,
     schema: SchemaRef,
     start_from: StartFrom,
@@ -304,7 +304,7 @@ fn parse_name(name: &str) -> Option<(&str, i32)> {
     Some((topic, partition.parse().ok()?))
 }
 
-fn poll_loop(consumer: &GroupConsumer, shared: &Shared) {
+fn poll_loop(consumer: &GroupConsumer, shared: &GroupState) {
     let mut cached: Option<(u64, Arc<PartitionBuffer>)> = None;
     let mut last_warning: Option<Instant> = None;
     while !shared.closing.load(Ordering::SeqCst) {
@@ -368,7 +368,7 @@ const WATERMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// Keeps each owned partition's log end offset (high watermark) current, from the broker:
 /// the offsets librdkafka caches come with fetches, and a paused partition is not fetched.
 /// The engine's lag is this minus the committed offset, what consumer group tools show.
-fn watermark_loop(consumer: &GroupConsumer, shared: &Shared) {
+fn watermark_loop(consumer: &GroupConsumer, shared: &GroupState) {
     let mut last_warning: Option<Instant> = None;
     while !shared.closing.load(Ordering::SeqCst) {
         let started = Instant::now();
@@ -424,7 +424,7 @@ impl LogEnd for Watermarks {
     }
 }
 
-fn resume_caught_up(consumer: &GroupConsumer, shared: &Shared) {
+fn resume_caught_up(consumer: &GroupConsumer, shared: &GroupState) {
     let resume = std::mem::take(&mut *shared.resume.lock().expect("resume lock"));
     if resume.is_empty() {
         return;
@@ -440,7 +440,7 @@ fn resume_caught_up(consumer: &GroupConsumer, shared: &Shared) {
 
 /// Receives the consumer's callbacks on the polling thread.
 struct GroupContext {
-    shared: Arc<Shared>,
+    shared: Arc<GroupState>,
     /// For the sentence that stops the run when the brokers refuse the client.
     bootstrap: String,
     sasl: Option<Box<super::KafkaSasl>>,
@@ -722,7 +722,7 @@ impl GroupContext {
 /// Commits the group's offsets after each checkpoint.
 struct GroupCommitter {
     consumer: Arc<OnceLock<Arc<GroupConsumer>>>,
-    shared: Arc<Shared>,
+    shared: Arc<GroupState>,
 }
 
 impl CommitHook for GroupCommitter {
@@ -819,7 +819,7 @@ impl PartitionBuffer {
 
     /// Up to `max` messages, oldest first; asks for a resume when a paused partition has
     /// room again.
-    fn take(&self, max: usize, shared: &Shared) -> Option<Chunk> {
+    fn take(&self, max: usize, shared: &GroupState) -> Option<Chunk> {
         let mut q = self.queue.lock().expect("queue lock");
         let front = q.chunks.front_mut()?;
         let chunk = if front.len() <= max {
@@ -962,7 +962,7 @@ struct KafkaReader {
     decoder: JsonDecoder,
     schema: SchemaRef,
     buffer: Arc<PartitionBuffer>,
-    shared: Arc<Shared>,
+    shared: Arc<GroupState>,
     /// Where the assignment starts it, when set here (not left to the group's offset).
     start: Option<i64>,
 }

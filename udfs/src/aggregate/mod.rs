@@ -51,7 +51,7 @@ use sluice_engine::{Error, ErrorClass, Result};
 
 use acc::{AggDef, Func, Kind};
 pub use state::WindowKind;
-use state::{Closing, OutRow, Plan, Shared};
+use state::{AggregateState, Closing, OutRow, Plan};
 
 /// `type: aggregate`, as written.
 #[derive(Debug, Deserialize)]
@@ -440,7 +440,7 @@ impl AggregateConfig {
             output,
         };
         Ok(AggregateFactory {
-            shared: Arc::new(Shared::new(plan)),
+            shared: Arc::new(AggregateState::new(plan)),
             top: self.top.as_ref().map(|t| {
                 let agg = self.aggregates.0.iter().position(|(n, _)| *n == t.by);
                 (agg.expect("parse checked `top.by`"), t.n)
@@ -450,7 +450,7 @@ impl AggregateConfig {
 }
 
 pub struct AggregateFactory {
-    shared: Arc<Shared>,
+    shared: Arc<AggregateState>,
     /// `top`: the ranking aggregate's index and how many ranks are kept.
     top: Option<(usize, usize)>,
 }
@@ -475,7 +475,7 @@ impl StageFactory for AggregateFactory {
 }
 
 struct AggregateStage {
-    shared: Arc<Shared>,
+    shared: Arc<AggregateState>,
     /// Windows this instance closed and is emitting.
     closing: Option<Closing>,
     /// A failure of the state store, reported by `pending` so that it stops the run.
@@ -507,12 +507,12 @@ impl Top {
     }
 
     fn push(&mut self, row: OutRow) {
-        if self.window != Some(row.2) {
+        if self.window != Some(row.end) {
             self.finish_window();
-            self.window = Some(row.2);
+            self.window = Some(row.end);
         }
         self.candidates
-            .push((acc::rank_value(&row.3[self.agg]), row));
+            .push((acc::rank_value(&row.accs[self.agg]), row));
         if self.candidates.len() >= 2 * self.n + 4096 {
             self.prune();
         }
@@ -534,7 +534,8 @@ impl Top {
     /// The window being collected is complete: its top rows become ready, in key order.
     fn finish_window(&mut self) {
         self.prune();
-        self.candidates.sort_unstable_by(|a, b| a.1.0.cmp(&b.1.0));
+        self.candidates
+            .sort_unstable_by(|a, b| a.1.key.cmp(&b.1.key));
         self.ready
             .extend(self.candidates.drain(..).map(|(_, row)| row));
         self.window = None;
@@ -576,17 +577,17 @@ impl AggregateStage {
             let parser = plan.converter.parser();
             columns.extend(
                 plan.converter
-                    .convert_rows(rows.iter().map(|r| parser.parse(&r.0)))
+                    .convert_rows(rows.iter().map(|r| parser.parse(&r.key)))
                     .map_err(|e| Error::arrow("writing the group keys", e))?,
             );
         }
         let utc = |it: &mut dyn Iterator<Item = i64>| -> ArrayRef {
             Arc::new(TimestampMillisecondArray::from_iter_values(it).with_timezone("UTC"))
         };
-        columns.push(utc(&mut rows.iter().map(|r| r.1)));
-        columns.push(utc(&mut rows.iter().map(|r| r.2)));
+        columns.push(utc(&mut rows.iter().map(|r| r.start)));
+        columns.push(utc(&mut rows.iter().map(|r| r.end)));
         for (j, def) in plan.aggs.iter().enumerate() {
-            columns.push(acc::finish(def, rows.iter().map(|r| &r.3[j]))?);
+            columns.push(acc::finish(def, rows.iter().map(|r| &r.accs[j]))?);
         }
         // Group columns come back as the converter's types; the schema says nullable.
         RecordBatch::try_new(plan.output.clone(), columns)

@@ -26,14 +26,20 @@ pub(super) fn sorted(table: &Table) -> Vec<u32> {
 #[derive(Default)]
 pub struct Closing {
     windows: VecDeque<ClosingWindow>,
-    /// Session rows, ready: (key, start, end, accs).
+    /// Session rows, ready.
     pub(super) ready: Vec<SessionRow>,
     pub(super) db: Option<Arc<StateDb>>,
     pub(super) aggs: usize,
 }
 
-/// An emitted row: (key, window start, window end, accumulators).
-pub type OutRow = (Box<[u8]>, i64, i64, Box<[Acc]>);
+/// An emitted row: a key's accumulators in one window.
+pub struct OutRow {
+    /// The group key, row-encoded.
+    pub key: Box<[u8]>,
+    pub start: i64,
+    pub end: i64,
+    pub accs: Box<[Acc]>,
+}
 pub(super) type SessionRow = OutRow;
 /// A key and its accumulators.
 pub(super) type KeyedAccs = (Box<[u8]>, Box<[Acc]>);
@@ -42,7 +48,7 @@ struct ClosingWindow {
     end: i64,
     start: i64,
     /// One per partition that had the window.
-    sources: Vec<Source>,
+    sources: Vec<PartEntries>,
 }
 
 /// A pane's entries in memory, in key order, shared by the windows of one emission that
@@ -113,7 +119,7 @@ impl Entries {
 
 /// One partition's entries of a closing window: those in memory (sorted) and those in the
 /// database (read in key order a chunk at a time); memory is newer where both have a key.
-struct Source {
+struct PartEntries {
     memory: Entries,
     stored: Option<Stored>,
 }
@@ -139,7 +145,7 @@ impl Closing {
         memory: (Arc<Table>, Arc<Vec<u32>>),
         stored: Option<StoredRange>,
     ) {
-        let source = Source {
+        let source = PartEntries {
             memory: Entries {
                 table: memory.0,
                 order: memory.1,
@@ -170,7 +176,7 @@ impl Closing {
         }
     }
 
-    /// The next rows: (key, window start, window end, accumulators), at most [`CHUNK`];
+    /// The next rows, at most [`CHUNK`];
     /// empty when everything was emitted. A window's stored entries are deleted once it
     /// has been read to its end.
     pub fn next_chunk(&mut self) -> Result<Vec<SessionRow>> {
@@ -207,7 +213,12 @@ impl Closing {
                         s.pop_into(&mut accs);
                     }
                 }
-                rows.push((key, start, end, accs));
+                rows.push(OutRow {
+                    key,
+                    start,
+                    end,
+                    accs,
+                });
             }
             if window.sources.iter().all(|s| s.is_empty()) {
                 let window = self.windows.pop_front().expect("front window");
@@ -228,7 +239,7 @@ impl Closing {
     }
 }
 
-impl Source {
+impl PartEntries {
     fn fill(&mut self, db: Option<&DB>, aggs: usize) -> Result<()> {
         let (Some(st), Some(db)) = (&mut self.stored, db) else {
             return Ok(());
@@ -295,7 +306,7 @@ impl Source {
         }
     }
 
-    /// As [`Source::pop`], merging the entry's accumulators into `into`.
+    /// As [`PartEntries::pop`], merging the entry's accumulators into `into`.
     fn pop_into(&mut self, into: &mut [Acc]) {
         if self.memory_first() {
             self.memory.pop_front_into(into);

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Shared {
+impl AggregateState {
     /// What an emission now would take, seen in one pass: the point to close through and
     /// the partitions due to emit up to it, with the restored partitions that went idle
     /// without being assigned (their state is not this process's to keep in memory).
@@ -274,7 +274,7 @@ struct PaneOut {
 /// A window a pane is emitted in: end, start, and the pane's entries in the database.
 type ClosingAt = (i64, i64, Option<StoredRange>);
 
-/// What [`Shared::due`] found.
+/// What [`AggregateState::due`] found.
 struct Due {
     through: i64,
     parts: Vec<Arc<Part>>,

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl StageState for Shared {
+impl StageState for AggregateState {
     fn restore(&self, db: Arc<StateDb>) -> Result<()> {
         let meta_prefix = self.key_prefix(b'm', "");
         let mut parts = BTreeMap::new();

@@ -125,7 +125,7 @@ const WRITE_BATCH_BYTES: usize = 4 << 20;
 /// and headers.
 const ENTRY_OVERHEAD: usize = 32;
 
-pub struct Shared {
+pub struct AggregateState {
     pub plan: Plan,
     db: OnceLock<Arc<StateDb>>,
     parts: RwLock<BTreeMap<Arc<str>, Arc<Part>>>,
@@ -156,9 +156,9 @@ struct Part {
     /// The smallest stage watermark at which something of this partition would close: its
     /// first pane's end, or just past its earliest session end marker (a lower bound of
     /// its sessions' ends); `i64::MAX` when it holds nothing. Set under its state lock, so
-    /// a watermark check needs no lock when nothing is due (see `Shared::due`).
+    /// a watermark check needs no lock when nothing is due (see `AggregateState::due`).
     due_at: AtomicI64,
-    /// Milliseconds since `Shared::epoch` of the last batch.
+    /// Milliseconds since `AggregateState::epoch` of the last batch.
     last_data: AtomicI64,
     /// The pipeline's position in the partition and its end, when the source can tell:
     /// a partition with records not done yet is never idle.
@@ -181,7 +181,7 @@ impl Part {
     /// yet keep the partition's windows open, and so does a log end not read yet. Where the
     /// source can tell but the position is not known yet (a partition it never read, before
     /// its first record), silence decides, but the partition does not count as caught up
-    /// when every partition is idle (see `Shared::due`).
+    /// when every partition is idle (see `AggregateState::due`).
     fn caught_up(&self) -> CaughtUp {
         let progress = self.progress.lock().expect("progress lock");
         let Some(p) = progress.as_ref() else {
@@ -306,9 +306,9 @@ fn db_error(e: rocksdb::Error) -> Error {
     Error::Internal(format!("aggregate state store: {e}"))
 }
 
-impl Shared {
+impl AggregateState {
     pub fn new(plan: Plan) -> Self {
-        Shared {
+        AggregateState {
             db: OnceLock::new(),
             parts: RwLock::new(BTreeMap::new()),
             emission: Mutex::new(()),
@@ -637,7 +637,7 @@ impl Shared {
     }
 }
 
-/// What [`Shared::add`] did not take.
+/// What [`AggregateState::add`] did not take.
 #[derive(Default)]
 pub struct Added {
     /// (row, event time, the partition's closed-through time when it came).

@@ -150,7 +150,12 @@ impl Sessions {
                 continue;
             };
             if slot.sessions.iter().any(|x| session_closed(x.end, through)) {
-                out.push((key.clone(), 0, 0, Box::new([])));
+                out.push(SessionRow {
+                    key: key.clone(),
+                    start: 0,
+                    end: 0,
+                    accs: Box::new([]),
+                });
             }
             let open = slot
                 .sessions
@@ -256,7 +261,7 @@ pub(super) fn merge_sessions(
     freed: &mut usize,
 ) {
     // Every partition names its keys: each once, in any order (the rows are sorted last).
-    let keys: hashbrown::HashSet<Box<[u8]>> = closing.ready.drain(..).map(|r| r.0).collect();
+    let keys: hashbrown::HashSet<Box<[u8]>> = closing.ready.drain(..).map(|r| r.key).collect();
     let mut rows = Vec::new();
     for key in keys {
         // (start, end, partition index, session index)
@@ -317,10 +322,15 @@ pub(super) fn merge_sessions(
         }
         for (start, end, accs) in closed {
             let accs = accs.unwrap_or_else(|| aggs.iter().map(AggDef::new_acc).collect());
-            rows.push((key.clone(), start, end, accs));
+            rows.push(SessionRow {
+                key: key.clone(),
+                start,
+                end,
+                accs,
+            });
         }
     }
-    rows.sort_unstable_by(|a, b| (a.2, a.1, &a.0).cmp(&(b.2, b.1, &b.0)));
+    rows.sort_unstable_by(|a, b| (a.end, a.start, &a.key).cmp(&(b.end, b.start, &b.key)));
     closing.ready = rows;
 }
 
@@ -362,15 +372,25 @@ pub(super) fn merge_all_sessions(
                 }
                 _ => {
                     if let Some(g) = group.replace(s) {
-                        rows.push((key.into(), g.start, g.end, g.accs));
+                        rows.push(SessionRow {
+                            key: key.into(),
+                            start: g.start,
+                            end: g.end,
+                            accs: g.accs,
+                        });
                     }
                 }
             }
         }
         if let Some(g) = group {
-            rows.push((key.into(), g.start, g.end, g.accs));
+            rows.push(SessionRow {
+                key: key.into(),
+                start: g.start,
+                end: g.end,
+                accs: g.accs,
+            });
         }
     }
-    rows.sort_unstable_by(|a, b| (a.2, a.1, &a.0).cmp(&(b.2, b.1, &b.0)));
+    rows.sort_unstable_by(|a, b| (a.end, a.start, &a.key).cmp(&(b.end, b.start, &b.key)));
     rows
 }

@@ -223,7 +223,7 @@ impl FunctionSpec for Enrich {
                 .build()
         });
         Ok(Arc::new(EnrichFactory {
-            shared: Arc::new(Shared {
+            shared: Arc::new(Enrichment {
                 key: self.key.clone(),
                 lookup_name: match &lookup {
                     Lookup::File(t) => t.describe(),
@@ -292,7 +292,7 @@ enum Lookup {
 /// entry holds only its own row's memory), or "not there".
 type Cached = Option<Arc<RecordBatch>>;
 
-struct Shared {
+struct Enrichment {
     key: String,
     lookup: Lookup,
     /// Where the lookup goes, for error messages.
@@ -305,7 +305,7 @@ struct Shared {
 }
 
 struct EnrichFactory {
-    shared: Arc<Shared>,
+    shared: Arc<Enrichment>,
 }
 
 impl StageFactory for EnrichFactory {
@@ -322,7 +322,7 @@ impl StageFactory for EnrichFactory {
 }
 
 struct EnrichStage {
-    shared: Arc<Shared>,
+    shared: Arc<Enrichment>,
     /// Reused to format integer keys as text.
     key_text: String,
 }
