@@ -1,0 +1,328 @@
+//! The consumer group: rebalance callbacks (assign, revoke and drain) and the commit hook.
+
+use super::*;
+
+/// Receives the consumer's callbacks on the polling thread.
+pub(super) struct GroupContext {
+    pub(super) shared: Arc<GroupState>,
+    /// For the sentence that stops the run when the brokers refuse the client.
+    pub(super) bootstrap: String,
+    pub(super) sasl: Option<Box<super::super::KafkaSasl>>,
+    pub(super) refused: AtomicBool,
+}
+
+impl ClientContext for GroupContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        super::super::log(level, fac, message);
+    }
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        super::super::security::oauth_token(config)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::super::client_error(&error, reason);
+        // Refused credentials or an untrusted certificate: no retry cures them.
+        if let Some(message) =
+            super::super::security::refusal(&error, reason, &self.bootstrap, self.sasl.as_deref())
+            && !self.refused.swap(true, Ordering::SeqCst)
+        {
+            let _ = self.shared.events.send(Event::Failed(Error::Refused {
+                system: "kafka",
+                message,
+            }));
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(
+        &self,
+        consumer: &GroupConsumer,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Without its state a partition is not read: the run stops on the error.
+                if self.set_start_offsets(consumer, tpl) {
+                    self.hand_out(tpl);
+                }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
+                    tracing::error!(error = %e, "kafka: assigning partitions failed");
+                }
+                // librdkafka keeps a pause across revoke and assign: a partition this member
+                // paused before it lost it would come back paused, with a fresh buffer that
+                // never asks for a resume.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "kafka: resuming assigned partitions failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.drain(tpl, consumer.assignment_lost());
+                let released = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = released {
+                    tracing::error!(error = %e, "kafka: releasing partitions failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "kafka: rebalance failed; releasing partitions");
+                self.drain(tpl, true);
+                let _ = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+            }
+        }
+    }
+}
+
+impl GroupContext {
+    /// Sets where each newly assigned partition starts (see the module documentation).
+    /// False when the partitions' state could not be taken over (the run is stopping).
+    pub(super) fn set_start_offsets(
+        &self,
+        consumer: &GroupConsumer,
+        tpl: &mut TopicPartitionList,
+    ) -> bool {
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        // A partition whose newest state another worker process committed starts exactly
+        // where that state is (its offset is in that process's checkpoint, and in the
+        // group's unless the group commit failed).
+        let mut taken: HashMap<(String, i32), i64> = HashMap::new();
+        if let Some(handoff) = self.shared.handoff.get() {
+            let names: Vec<String> = parts.iter().map(|(t, p)| partition_name(t, *p)).collect();
+            match handoff.take_over(&names) {
+                Ok(offsets) => {
+                    let mut known = self.shared.checkpointed.lock().expect("checkpointed lock");
+                    for (name, offset) in offsets {
+                        if let Some((topic, partition)) = parse_name(&name) {
+                            taken.insert((topic.to_string(), partition), offset);
+                        }
+                        known.insert(name, offset);
+                    }
+                }
+                Err(e) => {
+                    let _ = self.shared.events.send(Event::Failed(e));
+                    return false;
+                }
+            }
+        }
+        let checkpointed: HashMap<(String, i32), i64> = {
+            let known = self.shared.checkpointed.lock().expect("checkpointed lock");
+            parts
+                .iter()
+                .filter_map(|(t, p)| Some(((t.clone(), *p), *known.get(&partition_name(t, *p))?)))
+                .collect()
+        };
+        let by_time = matches!(self.shared.start_from, StartFrom::Time(_));
+        if checkpointed.is_empty() && !by_time {
+            // librdkafka starts at the committed offset, else at auto.offset.reset.
+            return true;
+        }
+        let committed = match consumer.committed_offsets(tpl.clone(), LOOKUP_TIMEOUT) {
+            Ok(c) => c.to_topic_map(),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka: reading committed offsets failed; using the checkpoint");
+                HashMap::new()
+            }
+        };
+        let checkpoint_first = self.shared.checkpoint_first.load(Ordering::Relaxed);
+        let mut unknown = Vec::new();
+        for (topic, partition) in &parts {
+            let key = (topic.clone(), *partition);
+            let group = match committed.get(&key) {
+                Some(Offset::Offset(o)) => Some(*o),
+                _ => None,
+            };
+            let start = taken
+                .get(&key)
+                .copied()
+                .or(match (checkpointed.get(&key), group) {
+                    (Some(c), Some(_)) if checkpoint_first => Some(*c),
+                    (Some(c), Some(g)) => Some((*c).max(g)),
+                    (Some(c), None) => Some(*c),
+                    (None, Some(g)) => Some(g),
+                    (None, None) => None,
+                });
+            match start {
+                Some(o) => {
+                    let _ = tpl.set_partition_offset(topic, *partition, Offset::Offset(o));
+                }
+                None => unknown.push(key),
+            }
+        }
+        if let (StartFrom::Time(ms), false) = (&self.shared.start_from, unknown.is_empty()) {
+            let mut times = TopicPartitionList::new();
+            for (t, p) in &unknown {
+                let _ = times.add_partition_offset(t, *p, Offset::Offset(*ms));
+            }
+            match consumer.offsets_for_times(times, LOOKUP_TIMEOUT) {
+                Ok(found) => {
+                    for e in found.elements() {
+                        let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "kafka: offsets for start_from time failed"),
+            }
+        }
+        true
+    }
+
+    /// Creates a buffer per new partition and hands its reader to the engine.
+    pub(super) fn hand_out(&self, tpl: &TopicPartitionList) {
+        let mut partitions = self.shared.partitions.lock().expect("partitions lock");
+        for e in tpl.elements() {
+            let key = (e.topic().to_string(), e.partition());
+            let next_id = partitions.ids.len() as u32;
+            let id = *partitions.ids.entry(key.clone()).or_insert(next_id);
+            let buffer = Arc::new(PartitionBuffer::new(
+                Arc::new(PartitionInfo {
+                    id,
+                    name: partition_name(e.topic(), e.partition()).into(),
+                }),
+                e.topic().into(),
+                e.partition(),
+                self.shared.batch_size,
+            ));
+            partitions.live.insert(key, buffer.clone());
+            let reader = KafkaReader {
+                decoder: JsonDecoder::new(self.shared.records.clone())
+                    .with_max_record(self.shared.max_record),
+                schema: self.shared.schema.clone(),
+                buffer,
+                shared: self.shared.clone(),
+                start: match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            };
+            tracing::info!(partition = %reader.buffer.info.name, "kafka partition assigned");
+            let _ = self
+                .shared
+                .events
+                .send(Event::Assignment(Assignment::Assign(Box::new(reader))));
+        }
+    }
+
+    /// Revokes the partitions and waits until the engine has drained and checkpointed them.
+    pub(super) fn drain(&self, tpl: &TopicPartitionList, lost: bool) {
+        let mut waits = Vec::new();
+        {
+            let mut partitions = self.shared.partitions.lock().expect("partitions lock");
+            for e in tpl.elements() {
+                let key = (e.topic().to_string(), e.partition());
+                let Some(buffer) = partitions.live.remove(&key) else {
+                    continue;
+                };
+                partitions.draining.insert(key);
+                // The reader keeps its buffer until the engine stops it: what it has taken
+                // is processed; what is left is the next owner's to read.
+                let (done, drained) = oneshot::channel();
+                let revoke = Assignment::Revoke {
+                    partition: buffer.info.id,
+                    drained: Some(done),
+                };
+                if self.shared.events.send(Event::Assignment(revoke)).is_ok() {
+                    waits.push((buffer.info.name.clone(), drained));
+                }
+            }
+        }
+        if self.shared.closing.load(Ordering::SeqCst) {
+            // Shutting down: the engine has already drained and taken its last checkpoint.
+            return;
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        for (name, mut drained) in waits {
+            loop {
+                match drained.try_recv() {
+                    Ok(()) | Err(oneshot::error::TryRecvError::Closed) => break,
+                    // The source is closing (the engine has stopped): nothing will drain.
+                    Err(oneshot::error::TryRecvError::Empty)
+                        if self.shared.closing.load(Ordering::SeqCst) =>
+                    {
+                        break;
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        tracing::warn!(partition = %name, "kafka: partition not drained in time; releasing it (the next owner reads its last records again)");
+                        break;
+                    }
+                }
+            }
+            tracing::info!(partition = %name, lost, "kafka partition revoked");
+        }
+        let mut partitions = self.shared.partitions.lock().expect("partitions lock");
+        for e in tpl.elements() {
+            partitions
+                .draining
+                .remove(&(e.topic().to_string(), e.partition()));
+        }
+    }
+}
+
+/// Commits the group's offsets after each checkpoint.
+pub(super) struct GroupCommitter {
+    pub(super) consumer: Arc<OnceLock<Arc<GroupConsumer>>>,
+    pub(super) shared: Arc<GroupState>,
+}
+
+impl CommitHook for GroupCommitter {
+    fn committed(&self, checkpoint: &Checkpoint) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut known = self.shared.checkpointed.lock().expect("checkpointed lock");
+            let partitions = self.shared.partitions.lock().expect("partitions lock");
+            for (name, offset) in &checkpoint.offsets {
+                known.insert(name.clone(), *offset);
+                // Only partitions this member owns: one released after a drain timed out
+                // may have moved on under its new owner.
+                let owned = |key: &(String, i32)| {
+                    partitions.live.contains_key(key) || partitions.draining.contains(key)
+                };
+                if let Some((topic, partition)) = parse_name(name)
+                    && owned(&(topic.to_string(), partition))
+                {
+                    let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(*offset));
+                }
+            }
+        }
+        let Some(consumer) = self.consumer.get() else {
+            return;
+        };
+        if tpl.count() == 0 {
+            return;
+        }
+        // The checkpoint is durable already; a failed group commit only means a restart
+        // without this checkpoint store begins a little earlier.
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(error = %e, "kafka: committing group offsets failed");
+        }
+    }
+}

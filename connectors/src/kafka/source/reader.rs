@@ -1,0 +1,172 @@
+//! A partition's reader: its buffer decoded into Arrow batches.
+
+use super::*;
+
+/// Reads one partition's buffer and decodes it into batches.
+pub(super) struct KafkaReader {
+    pub(super) decoder: JsonDecoder,
+    pub(super) schema: SchemaRef,
+    pub(super) buffer: Arc<PartitionBuffer>,
+    pub(super) shared: Arc<GroupState>,
+    /// Where the assignment starts it, when set here (not left to the group's offset).
+    pub(super) start: Option<i64>,
+}
+
+impl KafkaReader {
+    pub(super) fn envelope(&mut self, chunk: Chunk) -> Result<Envelope> {
+        if self.shared.dead_letters {
+            return self.envelope_keeping_bad(chunk);
+        }
+        let chunk = &chunk;
+        let n = chunk.len();
+        let records = self
+            .decoder
+            .decode((0..n).map(|i| chunk.payload(i)))
+            .map_err(|e| {
+                let at = match e.index {
+                    Some(i) => format!("offset {}", chunk.offsets[i]),
+                    None => format!("offsets {}..={}", chunk.offsets[0], chunk.offsets[n - 1]),
+                };
+                Error::BadRecord {
+                    origin: format!(
+                        "topic `{}` partition {} {at}",
+                        self.buffer.topic, self.buffer.partition
+                    ),
+                    reason: e.reason,
+                }
+            })?;
+        let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
+        self.assemble(records, chunk, offsets, Vec::new())
+    }
+
+    /// Decoded records of `chunk` with their metadata columns, for the offset range read.
+    pub(super) fn assemble(
+        &self,
+        records: RecordBatch,
+        chunk: &Chunk,
+        offsets: std::ops::Range<i64>,
+        dead: Vec<DeadLetter>,
+    ) -> Result<Envelope> {
+        let mut columns = records.columns().to_vec();
+        columns.extend(self.metadata(chunk));
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| Error::arrow("attaching Kafka metadata columns", e))?;
+        Ok(Envelope {
+            partition: self.buffer.info.clone(),
+            offsets,
+            batch,
+            dead,
+        })
+    }
+
+    /// Decodes what decodes; each message that does not becomes a dead letter with its
+    /// original bytes.
+    pub(super) fn envelope_keeping_bad(&mut self, chunk: Chunk) -> Result<Envelope> {
+        let n = chunk.len();
+        let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
+        let (records, bad) = self.decoder.decode_each(&payloads);
+        let records = records.map_err(|e| {
+            Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
+        })?;
+        let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
+        let mut dead = Vec::with_capacity(bad.len());
+        let now = sluice_engine::dead_letter::now_ms();
+        for (i, reason) in &bad {
+            dead.push(DeadLetter {
+                stage: SOURCE_STAGE.into(),
+                class: ErrorClass::Decode,
+                reason: reason.clone(),
+                attempts: 1,
+                partition: self.buffer.info.clone(),
+                offset: Some(chunk.offsets[*i]),
+                key: chunk
+                    .key(*i)
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                first_failed_at: now,
+                last_failed_at: now,
+                payload: payloads[*i].to_vec(),
+            });
+        }
+        let chunk = if bad.is_empty() {
+            chunk
+        } else {
+            let bad: Vec<usize> = bad.iter().map(|b| b.0).collect();
+            chunk.without(&bad)
+        };
+        self.assemble(records, &chunk, offsets, dead)
+    }
+
+    /// `_partition _offset _key _timestamp _topic _headers`
+    pub(super) fn metadata(&self, chunk: &Chunk) -> [ArrayRef; 6] {
+        let n = chunk.len();
+        let mut keys = StringBuilder::with_capacity(n, chunk.keys.len());
+        for i in 0..n {
+            if chunk.has_key[i] {
+                let key = &chunk.keys[Chunk::range(&chunk.key_ends, i)];
+                match std::str::from_utf8(key) {
+                    Ok(k) => keys.append_value(k),
+                    Err(_) => keys.append_value(String::from_utf8_lossy(key)),
+                }
+            } else {
+                keys.append_null();
+            }
+        }
+        let names = MapFieldNames {
+            entry: "entries".into(),
+            key: "keys".into(),
+            value: "values".into(),
+        };
+        let mut headers = MapBuilder::new(Some(names), StringBuilder::new(), BinaryBuilder::new());
+        for i in 0..n {
+            for (k, v) in &chunk.headers[Chunk::range(&chunk.header_ends, i)] {
+                headers.keys().append_value(k);
+                match v {
+                    Some(v) => headers.values().append_value(v),
+                    None => headers.values().append_null(),
+                }
+            }
+            headers
+                .append(true)
+                .expect("keys and values appended in pairs");
+        }
+        let topic: &str = &self.buffer.topic;
+        [
+            Arc::new(UInt32Array::from_value(self.buffer.info.id, n)),
+            Arc::new(Int64Array::from(chunk.offsets.clone())),
+            Arc::new(keys.finish()),
+            Arc::new(
+                TimestampMillisecondArray::from(chunk.timestamps.clone()).with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(topic, n))),
+            Arc::new(headers.finish()),
+        ]
+    }
+}
+
+#[async_trait]
+impl PartitionReader for KafkaReader {
+    fn info(&self) -> &Arc<PartitionInfo> {
+        &self.buffer.info
+    }
+
+    fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
+        Some(self.buffer.log_end.clone())
+    }
+
+    fn start_offset(&self) -> Option<i64> {
+        self.start
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
+        loop {
+            if let Some(chunk) = self.buffer.take(max.max(1), &self.shared) {
+                return self.envelope(chunk).map(Some);
+            }
+            if self.buffer.closed.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            // Cancel safe: nothing is taken until a chunk is there.
+            self.buffer.ready.notified().await;
+        }
+    }
+}
