@@ -640,6 +640,5 @@ fn utc_nanos(t: &[u8]) -> Option<i64> {
     seconds.checked_mul(1_000_000_000)?.checked_add(fraction)
 }
 
-
 #[cfg(test)]
 mod tests;

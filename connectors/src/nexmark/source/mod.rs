@@ -619,6 +619,5 @@ impl Columns {
     }
 }
 
-
 #[cfg(test)]
 mod tests;

@@ -683,6 +683,5 @@ fn values_array<'a>(
     }
 }
 
-
 #[cfg(test)]
 mod tests;

@@ -702,6 +702,5 @@ impl Stage for HttpStage {
     }
 }
 
-
 #[cfg(test)]
 mod tests;

@@ -731,6 +731,5 @@ impl UserCache {
     }
 }
 
-
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,476 @@
+//! The pipeline file: its top-level sections and the closed sets of source, stage and sink
+//! kinds.
+//!
+//! ```yaml
+//! name: quickstart
+//! source: { type: generator, partitions: 4, count: 1000000, batch_size: 8192 }
+//! stages:
+//!   - name: plays
+//!     type: sql
+//!     query: SELECT user_id, title_id FROM input WHERE event_type = 'play'
+//! sink: { type: file, path: out/quickstart }
+//! ```
+//!
+//! [`load`] reads a whole file and returns every problem in it at once, each with its YAML
+//! path and line:column (see `sluice_engine::config`). It does no I/O beyond reading the
+//! file (and looking up which directories the file sinks' paths name, to tell whether two
+//! are one): opening data files and planning queries happen in [`crate::plan`].
+//!
+//! # Where things are
+//! Here: the pipeline's sections, `load`/`parse`, checkpoints, scaling and the choice of
+//! `sources:`/`sinks:` entries. `source.rs`, `stages.rs`, `sink.rs`: each kind's fields and
+//! checks. `cases.rs`: the pipeline's `tests:`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sluice_connectors::file::{FileSinkConfig, FileSourceConfig};
+use sluice_connectors::generator::GeneratorConfig;
+use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
+use sluice_connectors::nexmark::NexmarkConfig;
+use sluice_connectors::null::NullConfig;
+use sluice_connectors::stdout::StdoutConfig;
+use sluice_engine::autoscale::ScalingPolicy;
+use sluice_engine::batch;
+use sluice_engine::breaker::{Breaker, BreakerPolicy, Fallback};
+use sluice_engine::config::yaml::{self, Env, ProcessEnv};
+use sluice_engine::config::{
+    Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
+};
+use sluice_engine::executor::{Batching, CheckpointPolicy};
+use sluice_engine::failure::FailurePolicy;
+use sluice_udfs::aggregate::AggregateConfig;
+use sluice_udfs::functions::{self, FunctionSpec};
+
+mod cases;
+mod sink;
+mod source;
+mod stages;
+
+use cases::*;
+use sink::*;
+use source::*;
+use stages::*;
+
+const TOP_LEVEL: &[&str] = &[
+    "name",
+    "source",
+    "sources",
+    "stages",
+    "sink",
+    "sinks",
+    "dead_letter",
+    "checkpoint",
+    "scaling",
+    "tests",
+];
+
+/// A pipeline file, read and checked.
+pub struct PipelineConfig {
+    pub file: String,
+    pub name: String,
+    pub source: SourceConfig,
+    pub stages: Vec<StageConfig>,
+    pub sink: SinkConfig,
+    pub dead_letter: Option<SinkConfig>,
+    pub checkpoint: Option<Checkpointing>,
+    /// Worker tasks follow the partitions' lag (see `sluice_engine::autoscale`).
+    pub scaling: Option<Scaling>,
+    pub tests: Vec<TestCase>,
+}
+
+/// The `scaling` section, read.
+pub struct Scaling {
+    pub policy: ScalingPolicy,
+    pub at: At,
+}
+
+/// The `checkpoint` section, read.
+pub struct Checkpointing {
+    pub dir: PathBuf,
+    pub interval: std::time::Duration,
+    pub at: At,
+}
+
+pub struct SourceConfig {
+    pub batching: Batching,
+    pub kind: SourceKind,
+    /// Where the source is in the file, for problems found while building it.
+    pub at: At,
+}
+
+pub enum SourceKind {
+    Generator(GeneratorConfig),
+    Nexmark(NexmarkConfig),
+    File(FileSourceConfig),
+    Kafka(KafkaSourceConfig),
+}
+
+pub struct StageConfig {
+    pub name: String,
+    pub kind: StageKind,
+    pub policy: FailurePolicy,
+    pub at: At,
+}
+
+pub enum StageKind {
+    Sql {
+        query: String,
+    },
+    Function {
+        function: String,
+        spec: Box<dyn FunctionSpec>,
+    },
+    Aggregate(Box<AggregateConfig>),
+}
+
+impl StageKind {
+    /// The key whose value a planning problem points at.
+    pub fn main_key(&self) -> &'static str {
+        match self {
+            StageKind::Sql { .. } => "query",
+            StageKind::Function { .. } => "params",
+            StageKind::Aggregate(_) => "aggregates",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SinkConfig {
+    pub kind: SinkKind,
+    /// Metadata columns (`_partition`, `_offset`, `_key`, `_timestamp`; Kafka: `_topic`,
+    /// `_headers`) to write as well.
+    pub metadata_columns: Vec<String>,
+    pub at: At,
+}
+
+#[derive(Clone)]
+pub enum SinkKind {
+    File(FileSinkConfig),
+    Kafka(KafkaSinkConfig),
+    Stdout(StdoutConfig),
+    Null(NullConfig),
+}
+
+/// Where checkpoints are kept and how often they are taken. With it, a restarted pipeline
+/// goes on from the last checkpoint; without it, every run starts at the beginning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointConfig {
+    /// A directory for the checkpoint store (RocksDB), one per pipeline.
+    dir: PathBuf,
+    /// Time between checkpoints (default 10s). Records written after the last checkpoint
+    /// are written again after a crash, so this bounds the duplicates.
+    #[serde(default = "default_checkpoint_interval")]
+    interval: Duration,
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration(CheckpointPolicy::DEFAULT_INTERVAL)
+}
+
+/// How many workers run, from the partitions' lag: `desired = clamp(ceil(lag /
+/// lag_threshold), min_workers, min(max_workers, partitions × parallelization_factor))`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScalingConfig {
+    #[serde(default = "one")]
+    min_workers: usize,
+    /// Default: one per core.
+    max_workers: Option<usize>,
+    /// Records of lag one worker is meant to carry (default 10000).
+    #[serde(default = "default_lag_threshold")]
+    lag_threshold: u64,
+    /// How long the lag must ask for fewer workers before they go (default 60s).
+    #[serde(default = "default_cooldown")]
+    scale_down_cooldown: Duration,
+    /// Batches of one partition processed at once, each key's records kept in order (1–10).
+    #[serde(default = "one")]
+    parallelization_factor: usize,
+    /// The column that keeps records in order under a parallelization factor (default
+    /// `_key`, the record's key: Kafka's message key).
+    key: Option<String>,
+    /// Time between evaluations of the lag (default 1s).
+    #[serde(default = "default_scaling_interval")]
+    interval: Duration,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_lag_threshold() -> u64 {
+    10_000
+}
+
+fn default_cooldown() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_scaling_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn parse_scaling(n: &Node, problems: &mut Problems) -> Option<Scaling> {
+    let path = Location::new("scaling");
+    let c: ScalingConfig = from_node(n, &path, &[], problems)?;
+    let before = problems.len();
+    let max_workers = c
+        .max_workers
+        .unwrap_or_else(|| ScalingPolicy::default().max_workers.max(c.min_workers));
+    if c.min_workers == 0 {
+        problems.at_key(n, &path, "min_workers", "must be at least 1");
+    }
+    if max_workers < c.min_workers {
+        problems.at_key(
+            n,
+            &path,
+            "max_workers",
+            format!("is {max_workers}, below min_workers ({})", c.min_workers),
+        );
+    }
+    if c.lag_threshold == 0 {
+        problems.at_key(n, &path, "lag_threshold", "must be at least 1 record");
+    }
+    if !(1..=10).contains(&c.parallelization_factor) {
+        problems.at_key(
+            n,
+            &path,
+            "parallelization_factor",
+            format!("is {}; it must be from 1 to 10", c.parallelization_factor),
+        );
+    }
+    if c.interval.get().is_zero() {
+        problems.at_key(n, &path, "interval", "must be longer than 0s");
+    }
+    (problems.len() == before).then(|| Scaling {
+        policy: ScalingPolicy {
+            min_workers: c.min_workers,
+            max_workers,
+            lag_threshold: c.lag_threshold,
+            scale_down_cooldown: c.scale_down_cooldown.get(),
+            parallelization_factor: c.parallelization_factor,
+            key: c.key.map(Into::into),
+            interval: c.interval.get(),
+        },
+        at: At {
+            node: n.clone(),
+            path,
+        },
+    })
+}
+
+/// A `tests:` case: records in, the exact records expected out of the last stage.
+pub struct TestCase {
+    pub name: String,
+    pub input: Vec<(Node, serde_json::Value)>,
+    pub expected: Vec<serde_json::Value>,
+    pub at: At,
+}
+
+/// A component's node and YAML path, kept to place problems found after parsing.
+#[derive(Clone)]
+pub struct At {
+    pub node: Node,
+    pub path: Location,
+}
+
+impl At {
+    /// A problem about `key` of this component (or the component itself when absent).
+    pub fn problem(&self, problems: &mut Problems, key: &str, message: impl Into<String>) {
+        problems.at_key(&self.node, &self.path, key, message);
+    }
+}
+
+/// Reads a pipeline file with the process environment.
+pub fn load(path: &Path) -> Result<PipelineConfig, Problems> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut p = Problems::new(&name);
+        p.push(sluice_engine::config::Problem {
+            path: Location::root(),
+            mark: None,
+            message: format!("cannot read the file: {e}"),
+        });
+        p
+    })?;
+    parse(&name, &text, &ProcessEnv)
+}
+
+/// Reads pipeline text; `file` names it in messages.
+pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Problems> {
+    let mut problems = Problems::new(file);
+    let Some(root) = yaml::parse(text, env, &mut problems) else {
+        return Err(problems.sorted());
+    };
+    let root_path = Location::root();
+    if !check_keys(&root, &root_path, TOP_LEVEL, &mut problems) {
+        return Err(problems.sorted());
+    }
+    let required = |key: &str, problems: &mut Problems| -> Option<&Node> {
+        let node = root.get(key);
+        if node.is_none() {
+            problems.at(
+                &root_path.key(key),
+                &root,
+                format!("missing required field `{key}`"),
+            );
+        }
+        node
+    };
+
+    let name = required("name", &mut problems)
+        .and_then(|n| from_node::<String>(n, &Location::new("name"), &[], &mut problems));
+    if let Some(n) = &name
+        && n.trim().is_empty()
+    {
+        problems.at_key(&root, &root_path, "name", "must not be empty");
+    }
+    let source = required("source", &mut problems)
+        .and_then(|n| pick(&root, n, "source", "sources", &mut problems))
+        .and_then(|(n, path)| parse_source(n, path, &mut problems));
+    let stages = parse_stages(root.get("stages"), &mut problems);
+    let sink = required("sink", &mut problems)
+        .and_then(|n| pick(&root, n, "sink", "sinks", &mut problems))
+        .and_then(|(n, path)| parse_sink(n, &path, &mut problems));
+    let dead_letter = root
+        .get("dead_letter")
+        .and_then(|n| pick(&root, n, "dead_letter", "sinks", &mut problems))
+        .and_then(|(n, path)| parse_sink(n, &path, &mut problems));
+    let checkpoint = root.get("checkpoint").and_then(|n| {
+        let path = Location::new("checkpoint");
+        let c: CheckpointConfig = from_node(n, &path, &[], &mut problems)?;
+        if c.interval.get().is_zero() {
+            problems.at_key(n, &path, "interval", "must be longer than 0s");
+        }
+        Some(Checkpointing {
+            dir: c.dir,
+            interval: c.interval.get(),
+            at: At {
+                node: n.clone(),
+                path,
+            },
+        })
+    });
+    // The alternatives not picked are checked too: a mistake in the Kafka section shows up
+    // when the file is validated locally, not first in production.
+    for (alternatives, is_source) in [("sources", true), ("sinks", false)] {
+        let Some(Value::Map(entries)) = root.get(alternatives).map(|n| &n.value) else {
+            continue;
+        };
+        if let Some((key, _)) = entries.iter().find(|(k, _)| k.scalar() == Some("type")) {
+            let one = if is_source { "source" } else { "sink" };
+            problems.at(
+                &Location::new(alternatives),
+                key,
+                format!(
+                    "holds alternatives by name, picked with `{one}: NAME` (e.g. `{alternatives}: {{ local: {{ type: file, ... }}, kafka: {{ type: kafka, ... }} }}`); a single {one} is written under `{one}:`"
+                ),
+            );
+            continue;
+        }
+        for (key, node) in entries {
+            let path = Location::new(alternatives).key(key.scalar().unwrap_or_default());
+            let picked = |k: &str| root.get(k).and_then(Node::scalar) == key.scalar();
+            if is_source && !picked("source") {
+                parse_source(node, path, &mut problems);
+            } else if !is_source && !picked("sink") && !picked("dead_letter") {
+                parse_sink(node, &path, &mut problems);
+            }
+        }
+    }
+    if let (Some(sink), Some(dead)) = (
+        root.get("sink").and_then(Node::scalar),
+        root.get("dead_letter").and_then(Node::scalar),
+    ) && sink == dead
+        && let Some(node) = root.get("dead_letter")
+    {
+        problems.at(
+            &Location::new("dead_letter"),
+            node,
+            format!("picks `{dead}`, the same entry as `sink`: dead letters would be mixed into the output"),
+        );
+    } else if let (Some(sink), Some(dead)) = (&sink, &dead_letter) {
+        check_dead_letter_files(sink, dead, &mut problems);
+    }
+    let scaling = root
+        .get("scaling")
+        .and_then(|n| parse_scaling(n, &mut problems));
+    let tests = parse_tests(root.get("tests"), &mut problems);
+
+    match (name, source, stages, sink) {
+        (Some(name), Some(source), Some(stages), Some(sink)) if problems.is_empty() => {
+            Ok(PipelineConfig {
+                file: file.to_string(),
+                name,
+                source,
+                stages,
+                sink,
+                dead_letter,
+                checkpoint,
+                scaling,
+                tests,
+            })
+        }
+        _ => Err(problems.sorted()),
+    }
+}
+
+/// A `dead_letter` of files must not write the `sink`'s files (the same directory, prefix
+/// and format): dead letters would be mixed into the output, and the two writers would
+/// number their files alike, replace each other's and remove each other's unfinished ones.
+fn check_dead_letter_files(sink: &SinkConfig, dead: &SinkConfig, problems: &mut Problems) {
+    let (SinkKind::File(s), SinkKind::File(d)) = (&sink.kind, &dead.kind) else {
+        return;
+    };
+    let ext = s.format.extension();
+    // Worker processes and replays add `-NAME` to a prefix, and `sluice dlq` reads every
+    // `{prefix}-*` file: `part` and `part-out` in one directory would read as one.
+    let overlap = |a: &str, b: &str| a.strip_prefix(b).is_some_and(|rest| rest.starts_with('-'));
+    let overlapping =
+        s.prefix == d.prefix || overlap(&s.prefix, &d.prefix) || overlap(&d.prefix, &s.prefix);
+    if !overlapping || ext != d.format.extension() || same_dir_key(&s.path) != same_dir_key(&d.path)
+    {
+        return;
+    }
+    let line = sink
+        .at
+        .node
+        .get("path")
+        .map_or(sink.at.node.mark, |n| n.mark)
+        .line;
+    dead.at.problem(
+        problems,
+        "path",
+        format!(
+            "is where `{}` writes its files (line {line}), with names that overlap (`{}-*.{ext}` and `{}-*.{ext}`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or a `prefix` that does not start the sink's",
+            sink.at.path, s.prefix, d.prefix
+        ),
+    );
+}
+
+/// The directory `path` names, the same for every spelling of it: absolute, with symbolic
+/// links, `.` and `..` resolved as far as the directory exists, and the rest (not created
+/// yet) normalised as written.
+fn same_dir_key(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let parts: Vec<Component> = absolute.components().collect();
+    for existing in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..existing].iter().collect();
+        let Ok(mut resolved) = head.canonicalize() else {
+            continue;
+        };
+        for part in &parts[existing..] {
+            match part {
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(name) => resolved.push(name),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+        return resolved;
+    }
+    absolute
+}

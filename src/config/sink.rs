@@ -1,0 +1,62 @@
+//! `sink:` and `dead_letter:`: the fields every sink has, and each kind's.
+
+use super::*;
+
+pub(super) const SINK_KINDS: &[&str] = &["file", "kafka", "stdout", "null"];
+pub(super) const SINK_COMMON: &[&str] = &["type", "metadata_columns"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SinkCommon {
+    #[serde(rename = "type")]
+    pub(super) _type: String,
+    /// Metadata columns to write along with the record columns (default none).
+    #[serde(default)]
+    pub(super) metadata_columns: Vec<String>,
+}
+
+pub(super) fn parse_sink(
+    node: &Node,
+    path: &Location,
+    problems: &mut Problems,
+) -> Option<SinkConfig> {
+    let (kind, node) = split_kind(node, path, SINK_KINDS, problems)?;
+    let common = select_keys(node, SINK_COMMON, true);
+    let rest = select_keys(node, SINK_COMMON, false);
+    let common: Option<SinkCommon> = from_node(&common, path, &[], problems);
+    let kind = match kind {
+        "file" => from_node(&rest, path, SINK_COMMON, problems).map(|c: FileSinkConfig| {
+            c.validate(node, path, problems);
+            SinkKind::File(c)
+        }),
+        "kafka" => from_node(&rest, path, SINK_COMMON, problems).map(|c: KafkaSinkConfig| {
+            c.validate(node, path, problems);
+            SinkKind::Kafka(c)
+        }),
+        "stdout" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Stdout),
+        "null" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Null),
+        _ => unreachable!("split_kind checked the kind"),
+    };
+    let common = common?;
+    for name in &common.metadata_columns {
+        if !batch::is_metadata(name) {
+            problems.at_key(
+                node,
+                path,
+                "metadata_columns",
+                format!(
+                    "`{name}` is not a metadata column, expected some of {}",
+                    batch::ALL_METADATA_COLUMNS.join(", ")
+                ),
+            );
+        }
+    }
+    Some(SinkConfig {
+        kind: kind?,
+        metadata_columns: common.metadata_columns,
+        at: At {
+            node: node.clone(),
+            path: path.clone(),
+        },
+    })
+}

@@ -1,0 +1,355 @@
+//! `stages:`: the fields every stage has (retries, bisecting, timeouts, concurrency, the
+//! circuit breaker and its fallback), and each kind's.
+
+use super::*;
+
+pub(super) const STAGE_KINDS: &[&str] = &["sql", "function", "aggregate"];
+pub(super) const STAGE_COMMON: &[&str] = &[
+    "name",
+    "type",
+    "retry",
+    "bisect_on_error",
+    "max_record_age",
+    "timeout",
+    "concurrency",
+    "circuit_breaker",
+    "fallback",
+    "fallback_values",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StageCommon {
+    /// A stable name: it labels metrics, errors and dead-lettered records.
+    pub(super) name: String,
+    #[serde(rename = "type")]
+    pub(super) _type: String,
+    /// How transient failures are retried (default: 3 attempts, backoff 100ms doubling to
+    /// 10s, with jitter).
+    pub(super) retry: Option<RetryConfig>,
+    /// Split a batch that fails (not transiently) in halves, down to single rows, so that
+    /// only the failing rows become dead letters (default false).
+    #[serde(default)]
+    pub(super) bisect_on_error: bool,
+    /// A record older than this (by `_timestamp`) is not retried but dead-lettered.
+    pub(super) max_record_age: Option<Duration>,
+    /// A call that takes longer fails as a transient error.
+    pub(super) timeout: Option<Duration>,
+    /// At most this many calls of the stage at once, across workers.
+    pub(super) concurrency: Option<usize>,
+    /// Stop calling the stage while its calls fail transiently too often.
+    pub(super) circuit_breaker: Option<BreakerConfig>,
+    /// While the circuit is open: `dead_letter` (default), `skip`, `default` (the output
+    /// columns get `fallback_values`), or `pause` (stop reading until calls pass again).
+    #[serde(default)]
+    pub(super) fallback: FallbackKind,
+    /// `fallback: default`: values of output columns, e.g. `{ score: 0.0, label: unknown }`.
+    #[serde(default)]
+    pub(super) fallback_values: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize, Default, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum FallbackKind {
+    #[default]
+    DeadLetter,
+    Skip,
+    Default,
+    Pause,
+}
+
+/// `circuit_breaker:` of a stage.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BreakerConfig {
+    /// Open when at least this share of calls in `window` failed transiently (default 0.5).
+    #[serde(default = "default_ratio")]
+    pub(super) failure_ratio: f64,
+    /// ... and at least this many calls were made in it (default 10).
+    #[serde(default = "default_min_calls")]
+    pub(super) min_calls: u32,
+    /// The sliding window of calls counted (default 10s).
+    #[serde(default = "default_window")]
+    pub(super) window: Duration,
+    /// How long the circuit stays open before trial calls (default 5s).
+    #[serde(default = "default_open_for")]
+    pub(super) open_for: Duration,
+    /// Trial calls that must pass to close the circuit again (default 3).
+    #[serde(default = "default_half_open")]
+    pub(super) half_open_calls: u32,
+}
+
+pub(super) fn default_ratio() -> f64 {
+    0.5
+}
+pub(super) fn default_min_calls() -> u32 {
+    10
+}
+pub(super) fn default_window() -> Duration {
+    Duration::from_secs(10)
+}
+pub(super) fn default_open_for() -> Duration {
+    Duration::from_secs(5)
+}
+pub(super) fn default_half_open() -> u32 {
+    3
+}
+
+/// `retry:` of a stage.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RetryConfig {
+    /// Calls in all, the first included (1: no retries; default 3).
+    #[serde(default = "default_attempts")]
+    pub(super) max_attempts: u32,
+    /// The first wait (default 100ms); each next one doubles, with jitter.
+    #[serde(default = "default_initial_backoff")]
+    pub(super) initial_backoff: Duration,
+    /// The longest wait (default 10s).
+    #[serde(default = "default_max_backoff")]
+    pub(super) max_backoff: Duration,
+    /// No retry starts later than this after the first failure (default: no limit).
+    pub(super) max_elapsed: Option<Duration>,
+}
+
+pub(super) fn default_attempts() -> u32 {
+    FailurePolicy::DEFAULT_MAX_ATTEMPTS
+}
+pub(super) fn default_initial_backoff() -> Duration {
+    Duration(FailurePolicy::DEFAULT_INITIAL_BACKOFF)
+}
+pub(super) fn default_max_backoff() -> Duration {
+    Duration(FailurePolicy::DEFAULT_MAX_BACKOFF)
+}
+
+impl StageCommon {
+    pub(super) fn policy(
+        &self,
+        node: &Node,
+        path: &Location,
+        problems: &mut Problems,
+    ) -> FailurePolicy {
+        let mut policy = FailurePolicy {
+            bisect_on_error: self.bisect_on_error,
+            max_record_age: self.max_record_age.map(|d| d.get()),
+            timeout: self.timeout.map(|d| d.get()),
+            concurrency: self
+                .concurrency
+                .map(|n| std::sync::Arc::new(tokio::sync::Semaphore::new(n))),
+            ..FailurePolicy::default()
+        };
+        if let Some(b) = &self.circuit_breaker {
+            if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+                problems.at_key(
+                    node,
+                    path,
+                    "circuit_breaker",
+                    "failure_ratio must be above 0 and at most 1",
+                );
+            }
+            if b.min_calls == 0 || b.half_open_calls == 0 {
+                problems.at_key(
+                    node,
+                    path,
+                    "circuit_breaker",
+                    "min_calls and half_open_calls must be at least 1",
+                );
+            }
+            policy.breaker = Some(std::sync::Arc::new(Breaker::new(BreakerPolicy {
+                failure_ratio: b.failure_ratio,
+                min_calls: b.min_calls,
+                window: b.window.get(),
+                open_for: b.open_for.get(),
+                half_open_calls: b.half_open_calls,
+            })));
+        }
+        policy.fallback = match self.fallback {
+            FallbackKind::DeadLetter => Fallback::DeadLetter,
+            FallbackKind::Skip => Fallback::Skip,
+            FallbackKind::Pause => Fallback::Pause,
+            FallbackKind::Default => Fallback::Default(self.fallback_values.clone()),
+        };
+        if self.fallback != FallbackKind::Default && !self.fallback_values.is_empty() {
+            problems.at_key(
+                node,
+                path,
+                "fallback_values",
+                "only used with `fallback: default`",
+            );
+        }
+        if self.fallback != FallbackKind::DeadLetter && self.circuit_breaker.is_none() {
+            problems.at_key(
+                node,
+                path,
+                "fallback",
+                "a fallback applies while the circuit is open: add `circuit_breaker`",
+            );
+        }
+        if self.concurrency == Some(0) {
+            problems.at_key(node, path, "concurrency", "must be at least 1");
+        }
+        if let Some(r) = &self.retry {
+            if r.max_attempts == 0 {
+                problems.at_key(
+                    node,
+                    path,
+                    "retry",
+                    "max_attempts must be at least 1 (1: no retries)",
+                );
+            }
+            if r.initial_backoff.get() > r.max_backoff.get() {
+                problems.at_key(
+                    node,
+                    path,
+                    "retry",
+                    "initial_backoff is longer than max_backoff",
+                );
+            }
+            policy.max_attempts = r.max_attempts;
+            policy.initial_backoff = r.initial_backoff.get();
+            policy.max_backoff = r.max_backoff.get();
+            policy.max_elapsed = r.max_elapsed.map(|d| d.get());
+        }
+        policy
+    }
+}
+
+/// `type: sql`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SqlStageConfig {
+    /// A SELECT over the table `input`, which holds the incoming batch.
+    pub(super) query: String,
+}
+
+/// `type: function`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FunctionStageConfig {
+    /// The function's name in the registry.
+    pub(super) function: String,
+    /// The function's parameters; read by the function itself.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub(super) params: serde::de::IgnoredAny,
+}
+
+pub(super) fn parse_stages(
+    node: Option<&Node>,
+    problems: &mut Problems,
+) -> Option<Vec<StageConfig>> {
+    let Some(node) = node else {
+        return Some(Vec::new());
+    };
+    let path = Location::new("stages");
+    let items = match &node.value {
+        Value::Seq(items) => items,
+        _ if node.is_null() => return Some(Vec::new()),
+        _ => {
+            problems.at(
+                &path,
+                node,
+                format!("expected a list of stages, found {}", node.describe()),
+            );
+            return None;
+        }
+    };
+    let mut stages = Vec::with_capacity(items.len());
+    let mut complete = true;
+    for (i, item) in items.iter().enumerate() {
+        match parse_stage(item, &path.index(i), problems) {
+            Some(stage) => stages.push(stage),
+            None => complete = false,
+        }
+    }
+    for (i, stage) in stages.iter().enumerate() {
+        let name = &stage.name;
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            stage.at.problem(
+                problems,
+                "name",
+                format!("`{name}` is not a valid stage name: use letters, digits, _ and -"),
+            );
+        }
+        if let Some(first) = stages[..i].iter().find(|s| s.name == *name) {
+            stage.at.problem(
+                problems,
+                "name",
+                format!(
+                    "the stage name `{name}` is already used by {} (line {})",
+                    first.at.path, first.at.node.mark.line
+                ),
+            );
+        }
+    }
+    complete.then_some(stages)
+}
+
+pub(super) fn parse_stage(
+    node: &Node,
+    path: &Location,
+    problems: &mut Problems,
+) -> Option<StageConfig> {
+    let (kind, node) = split_kind(node, path, STAGE_KINDS, problems)?;
+    let common = select_keys(node, STAGE_COMMON, true);
+    let rest = select_keys(node, STAGE_COMMON, false);
+    let common: Option<StageCommon> = from_node(&common, path, &[], problems);
+    let kind = match kind {
+        "sql" => from_node(&rest, path, STAGE_COMMON, problems).and_then(|c: SqlStageConfig| {
+            if c.query.trim().is_empty() {
+                problems.at_key(node, path, "query", "must not be empty");
+                return None;
+            }
+            Some(StageKind::Sql { query: c.query })
+        }),
+        "function" => {
+            let c: Option<FunctionStageConfig> = from_node(&rest, path, STAGE_COMMON, problems);
+            c.and_then(|c| parse_function(node, path, c.function, problems))
+        }
+        "aggregate" => AggregateConfig::parse(&rest, path, STAGE_COMMON, problems)
+            .map(|c| StageKind::Aggregate(Box::new(c))),
+        _ => unreachable!("split_kind checked the kind"),
+    };
+    let common = common?;
+    let policy = common.policy(node, path, problems);
+    Some(StageConfig {
+        name: common.name,
+        kind: kind?,
+        policy,
+        at: At {
+            node: node.clone(),
+            path: path.clone(),
+        },
+    })
+}
+
+pub(super) fn parse_function(
+    node: &Node,
+    path: &Location,
+    function: String,
+    problems: &mut Problems,
+) -> Option<StageKind> {
+    let Some(entry) = functions::lookup(&function) else {
+        problems.at_key(
+            node,
+            path,
+            "function",
+            format!(
+                "unknown function `{function}`, expected one of {}",
+                functions::names().join(", ")
+            ),
+        );
+        return None;
+    };
+    let empty = Node {
+        mark: node.mark,
+        value: Value::Map(Vec::new()),
+    };
+    let params = node.get("params").unwrap_or(&empty);
+    let spec = (entry.parse)(params, &path.key("params"), problems)?;
+    Some(StageKind::Function { function, spec })
+}
