@@ -1,0 +1,387 @@
+//! Each window kind against hand-computed results: disorder, lateness, several partitions,
+//! event times out of range, idleness, and every aggregate function.
+
+use super::*;
+
+#[tokio::test]
+async fn tumbling_windows_with_disorder_lateness_and_two_partitions() {
+    let mut h = Harness::new(TUMBLING);
+    // Partition 0 runs ahead; out of order within the allowed 2s.
+    h.feed(
+        0,
+        &[
+            ("a", 1, 1_000),
+            ("b", 2, 9_500),
+            ("a", 3, 8_000),
+            ("a", 4, 12_000),
+        ],
+    )
+    .await;
+    // Partition 1 has not been seen (nor assigned): partition 0 alone decides; its
+    // watermark is 12s - 2s = 10s, so [0,10) closes.
+    assert_eq!(h.take(), ["a [0,10) c=2 s=4", "b [0,10) c=1 s=2"]);
+    // Partition 1 arrives, as a partition moved here from another process does: it is
+    // judged by its own progress, not by what partition 0 emitted, so its rows of [0,10)
+    // count (with keys that live in one partition, as across processes, its part of a
+    // window is the whole window for its keys).
+    h.feed(1, &[("a", 10, 9_000), ("b", 20, 11_000), ("a", 30, 10_500)])
+        .await;
+    assert!(h.late.is_empty());
+    assert!(
+        h.take().is_empty(),
+        "partition 1's watermark is 9s: nothing more closes"
+    );
+    // Row 8.5s of partition 0 is behind its own watermark (10s) for [0,10): late.
+    h.feed(0, &[("b", 5, 8_500), ("b", 6, 25_000)]).await;
+    assert_eq!(h.late, [(0, 0)]);
+    assert!(h.take().is_empty(), "the stage waits for partition 1 (9s)");
+    h.feed(1, &[("a", 40, 23_000)]).await;
+    // Stage watermark = min(23, 21) = 21s: partition 1's [0,10), and [10,20) merged across
+    // partitions.
+    assert_eq!(
+        h.take(),
+        [
+            "a [0,10) c=1 s=10",
+            "a [10,20) c=2 s=34",
+            "b [10,20) c=1 s=20"
+        ]
+    );
+    h.end(0).await;
+    assert!(h.take().is_empty());
+    h.end(1).await;
+    assert_eq!(h.take(), ["a [20,30) c=1 s=40", "b [20,30) c=1 s=6"]);
+}
+
+#[tokio::test]
+async fn sliding_windows_count_a_row_in_every_window_it_falls_in() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { sliding: { size: 10s, slide: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    );
+    h.feed(
+        0,
+        &[
+            ("a", 1, 3_000),
+            ("a", 2, 7_000),
+            ("b", 4, 6_000),
+            ("a", 8, 12_000),
+        ],
+    )
+    .await;
+    // Watermark 12s: windows ending at 5s and 10s close.
+    assert_eq!(
+        h.take(),
+        ["a [-5,5) c=1 s=1", "a [0,10) c=2 s=3", "b [0,10) c=1 s=4"]
+    );
+    // 4s: [-5,5) and [0,10) closed → late; 9s: [0,10) closed but [5,15) open → counted.
+    h.feed(0, &[("a", 100, 4_000), ("b", 200, 9_000)]).await;
+    assert_eq!(h.late, [(0, 0)]);
+    h.end(0).await;
+    assert_eq!(
+        h.take(),
+        [
+            "a [5,15) c=2 s=10",
+            "b [5,15) c=2 s=204",
+            "a [10,20) c=1 s=8"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sessions_merge_across_rows_and_partitions() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { session: { gap: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    );
+    // a: 0s, 3s in partition 0 and 6s in partition 1 are one session (gaps < 5s); 20s starts another.
+    h.feed(0, &[("a", 1, 0), ("b", 5, 1_000), ("a", 2, 3_000)])
+        .await;
+    h.feed(1, &[("a", 4, 6_000), ("b", 7, 30_000)]).await;
+    // Watermarks: p0 3s, p1 30s → stage 3s: nothing has ended (b's ends at 6s).
+    assert!(h.take().is_empty());
+    h.feed(0, &[("a", 8, 20_000), ("a", 16, 40_000)]).await;
+    // Stage watermark min(40, 30) = 30s: a [0,11) (merged across partitions), b [1,6) and
+    // a [20,25) end before it.
+    assert_eq!(
+        h.take(),
+        ["b [1,6) c=1 s=5", "a [0,11) c=3 s=7", "a [20,25) c=1 s=8"]
+    );
+    // A row that would start a session ended long ago is late; one that joins b's open
+    // session (30s) is not.
+    h.feed(1, &[("a", 100, 2_000), ("b", 32, 33_000)]).await;
+    assert_eq!(h.late, [(1, 0)]);
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), ["b [30,38) c=2 s=39", "a [40,45) c=1 s=16"]);
+}
+
+/// Rows exactly `gap` apart are one session, as in Flink and Kafka Streams (sessions that
+/// touch merge), across partitions too; a session stays open while the watermark is at its
+/// end, since a row there still joins it.
+#[tokio::test]
+async fn sessions_that_touch_are_one_session() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { session: { gap: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    );
+    h.feed(0, &[("a", 1, 0), ("a", 2, 5_000)]).await;
+    h.feed(1, &[("a", 4, 10_000)]).await;
+    // Both partitions at 15s, the end of a's session [0,15): it stays open.
+    h.feed(0, &[("b", 5, 15_000)]).await;
+    h.feed(1, &[("b", 6, 15_000)]).await;
+    assert!(h.take().is_empty());
+    h.feed(1, &[("a", 8, 15_000)]).await;
+    assert!(h.late.is_empty());
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), ["a [0,20) c=4 s=15", "b [15,20) c=2 s=11"]);
+}
+
+/// An event time far ahead of the clock (microseconds read as milliseconds) is a dead
+/// letter naming the value, and does not move its partition's watermark: the rows after it
+/// are not late. Times at the ends of the 64-bit range are refused too, without overflow.
+#[tokio::test]
+async fn event_times_out_of_range_are_dead_letters_naming_the_value() {
+    let mut stage = factory(
+        "
+group_by: [user]
+event_time: t
+window: { sliding: { size: 10s, slide: 5s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    )
+    .create()
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let micros = now * 1000;
+    let ctx = Harness::ctx(0);
+    let out = stage
+        .process_batch(
+            batch(&[
+                ("a", 1, 1_000),
+                ("a", 2, micros),
+                ("a", 3, i64::MAX),
+                ("a", 4, i64::MIN),
+                ("a", 5, 2_000),
+            ]),
+            &ctx,
+        )
+        .await
+        .unwrap();
+    let failed: Vec<(usize, &str)> = out
+        .failed
+        .iter()
+        .map(|f| (f.row, f.reason.as_str()))
+        .collect();
+    assert_eq!(failed.len(), 3, "{failed:?}");
+    assert_eq!(failed[0].0, 1);
+    assert!(
+        failed[0]
+            .1
+            .starts_with(&format!("event time {micros} ms (")),
+        "{}",
+        failed[0].1
+    );
+    assert!(
+        failed[0]
+            .1
+            .contains("more than max_event_time_skew (1day) ahead of the clock")
+    );
+    assert!(
+        failed[1].1.contains(&i64::MAX.to_string()),
+        "{}",
+        failed[1].1
+    );
+    assert_eq!(failed[2].0, 3);
+    assert!(failed[2].1.contains("before the year 0"), "{}", failed[2].1);
+    // The watermark is 2s, not the far future: a row at 3s is on time.
+    let out = stage
+        .process_batch(batch(&[("a", 6, 3_000)]), &ctx)
+        .await
+        .unwrap();
+    assert!(out.failed.is_empty(), "{:?}", out.failed[0].reason);
+    stage.end_of_partition(&ctx).await.unwrap();
+    let mut rows = Vec::new();
+    while let Some(b) = stage.pending(&ctx).await.unwrap() {
+        rows.extend(rows_of(&b));
+    }
+    assert_eq!(rows, ["a [-5,5) c=3 s=12", "a [0,10) c=3 s=12"]);
+}
+
+/// Windows, slides, gaps and lateness longer than 100 years are refused where written.
+#[test]
+fn spans_beyond_a_century_are_refused() {
+    let mut problems = Problems::new("test.yaml");
+    let env: HashMap<String, String> = HashMap::new();
+    let yaml = "
+event_time: t
+window: { tumbling: 1000000d }
+allowed_lateness: 50000d
+aggregates: { c: count() }
+";
+    let node = sluice_engine::config::yaml::parse(yaml, &env, &mut problems).unwrap();
+    AggregateConfig::parse(&node, &Location::root(), &[], &mut problems);
+    let text = format!("{problems:?}");
+    assert!(
+        text.contains("window") && text.contains("longer than 100 years"),
+        "{text}"
+    );
+    assert!(text.contains("allowed_lateness"), "{text}");
+}
+
+#[tokio::test]
+async fn an_idle_partition_stops_holding_the_watermark_back() {
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.feed(1, &[("a", 1, 1_000)]).await;
+    h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
+    assert!(
+        h.take().is_empty(),
+        "partition 1 (watermark -1s) holds [0,10) open"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    // Partition 1 has been idle for longer than 50ms: partition 0 alone decides.
+    h.feed(0, &[("a", 4, 16_000)]).await;
+    assert_eq!(h.take(), ["a [0,10) c=2 s=3"]);
+    // The idle partition comes back: its rows of the emitted window are late.
+    h.feed(1, &[("a", 5, 9_000), ("a", 6, 11_000)]).await;
+    assert_eq!(h.late, [(1, 0)]);
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), ["a [10,20) c=3 s=13"]);
+}
+
+/// Windows close with time too: asked without a batch (as the executor does every second),
+/// the stage hands out what idleness made due. When every partition has gone idle, the
+/// watermark goes to the largest of theirs (as Flink flushes when its last input goes idle),
+/// so the last partition to stop does not keep the windows of the others for ever.
+#[tokio::test]
+async fn windows_come_out_without_a_batch_once_every_partition_is_idle() {
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.feed(1, &[("b", 1, 1_000)]).await;
+    h.feed(0, &[("a", 2, 2_000), ("a", 3, 25_000)]).await;
+    assert!(h.take().is_empty(), "partition 1 holds [0,10) open");
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    h.drain(&Harness::ctx(0)).await;
+    assert_eq!(h.take(), ["a [0,10) c=1 s=2", "b [0,10) c=1 s=1"]);
+    // [20,30) is open still: partition 0's watermark is 25s.
+    h.drain(&Harness::ctx(1)).await;
+    assert!(h.take().is_empty());
+}
+
+/// Silence is not idleness while the partition has records not done yet (in retries,
+/// behind a slow stage, not fetched yet): its lag keeps its windows open, and only once it
+/// is caught up does its silence let the others close them.
+#[tokio::test]
+async fn a_silent_partition_with_a_backlog_is_not_idle() {
+    use sluice_engine::source::LogEnd;
+    use sluice_engine::stats::PartitionProgress;
+    struct End(i64);
+    impl LogEnd for End {
+        fn log_end(&self) -> Option<i64> {
+            Some(self.0)
+        }
+    }
+    let behind = Arc::new(PartitionProgress::new(Some(Arc::new(End(100)))));
+    behind.start_at(10);
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.factory.state().unwrap().watch(&info(1), &behind);
+    h.feed(1, &[("a", 1, 1_000)]).await;
+    h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    // Partition 1 is silent for longer than 50ms, but 90 of its records are not done.
+    h.feed(0, &[("a", 4, 16_000)]).await;
+    let out = h.take();
+    assert!(out.is_empty(), "{out:?}");
+    // Caught up (everything up to its end is done): now its silence is idleness.
+    behind.advance_to(100);
+    h.feed(0, &[("a", 5, 17_000)]).await;
+    assert_eq!(h.take(), ["a [0,10) c=2 s=3"]);
+    assert!(h.late.is_empty());
+}
+
+#[tokio::test]
+async fn every_aggregate_over_one_window() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { tumbling: 1m }
+aggregates:
+  c: count()
+  s: sum(n)
+  non_null: count(n)
+  lo: min(n)
+  hi: max(n)
+  mean: avg(n)
+  distinct: count_distinct(n)
+  approx: approx_count_distinct(n)
+  first_n: first(n)
+  last_n: last(n)
+",
+    );
+    let rows: Vec<In> = vec![
+        ("a", 5, 3_000),
+        ("a", 1, 1_000),
+        ("a", 9, 2_000),
+        ("a", 5, 4_000),
+    ];
+    h.feed(0, &rows).await;
+    let ctx = Harness::ctx(0);
+    h.stage.end_of_partition(&ctx).await.unwrap();
+    let b = h.stage.pending(&ctx).await.unwrap().unwrap();
+    let int = |name: &str| {
+        b.column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0)
+    };
+    assert_eq!(
+        [
+            int("c"),
+            int("s"),
+            int("non_null"),
+            int("lo"),
+            int("hi"),
+            int("distinct"),
+            int("approx"),
+            int("first_n"),
+            int("last_n")
+        ],
+        [4, 20, 4, 1, 9, 3, 3, 1, 5]
+    );
+    let mean = b.column_by_name("mean").unwrap();
+    let mean = mean
+        .as_any()
+        .downcast_ref::<arrow::array::Float64Array>()
+        .unwrap();
+    assert_eq!(mean.value(0), 5.0);
+}
