@@ -27,8 +27,11 @@ use sluice_engine::executor::{self, RunOptions};
 use sluice_engine::stats::{LatencyHistogram, RunStats};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, PipelineConfig, SourceKind};
+use crate::config::{self, PipelineConfig};
 use crate::{plan, status};
+use sluice_connectors::generator::GeneratorConfig;
+use sluice_connectors::nexmark::NexmarkConfig;
+use sluice_engine::connector::downcast_source;
 
 /// A built-in workload: its name, what it measures, and its pipeline (none for the plain
 /// generator loop).
@@ -181,17 +184,19 @@ pub fn resolve(
                     .join(", ")
             ),
         };
-        match &mut config.source.kind {
-            SourceKind::Nexmark(n) => {
-                n.count = Some(events);
-                n.partitions = partitions.unwrap_or(n.partitions);
-            }
-            SourceKind::Generator(g) => {
-                g.count = Some(events);
-                g.partitions = partitions.unwrap_or(g.partitions);
-            }
-            _ if generate => unreachable!("the generate baseline reads the Nexmark source"),
-            _ => {}
+        let spec = config.source.spec.as_ref();
+        if let Some(n) = downcast_source::<NexmarkConfig>(spec) {
+            let mut n = n.clone();
+            n.count = Some(events);
+            n.partitions = partitions.unwrap_or(n.partitions);
+            config.source.spec = Arc::new(n);
+        } else if let Some(g) = downcast_source::<GeneratorConfig>(spec) {
+            let mut g = g.clone();
+            g.count = Some(events);
+            g.partitions = partitions.unwrap_or(g.partitions);
+            config.source.spec = Arc::new(g);
+        } else if generate {
+            unreachable!("the generate baseline reads the Nexmark source");
         }
         let config = Box::new(config);
         let kind = if generate {
@@ -485,7 +490,8 @@ async fn run_one(w: &Workload, events: u64, options: &Options) -> anyhow::Result
     type Run = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<u64>> + Send>>;
     let (run, counter): (Run, Counter) = match &w.kind {
         Kind::Generate(config) => {
-            let SourceKind::Nexmark(nexmark) = &config.source.kind else {
+            let Some(nexmark) = downcast_source::<NexmarkConfig>(config.source.spec.as_ref())
+            else {
                 unreachable!("resolve checked the source");
             };
             let source = NexmarkSource::new(nexmark.clone())?;

@@ -31,8 +31,11 @@ use sluice_engine::source::{Assignment, PartitionReader, Source};
 use sluice_engine::stats::RunStats;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{PipelineConfig, SinkConfig, SinkKind};
+use crate::config::{PipelineConfig, SinkConfig};
 use crate::plan;
+use sluice_connectors::file::FileSinkConfig;
+use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
+use sluice_engine::connector::{downcast_sink, downcast_source};
 
 /// One dead letter read back.
 #[derive(Debug, Clone)]
@@ -79,24 +82,24 @@ pub fn read(config: &PipelineConfig) -> anyhow::Result<Vec<Letter>> {
     let Some(sink) = &config.dead_letter else {
         bail!("{} has no `dead_letter` sink", config.file);
     };
-    match &sink.kind {
-        SinkKind::File(f) => read_files(&f.path, &f.prefix, f.format),
-        SinkKind::Kafka(k) => read_topic(&k.bootstrap_servers, &k.topic, &k.client_options()),
-        SinkKind::Stdout(_) | SinkKind::Null(_) => {
-            bail!(
-                "dead letters written to {} cannot be read back",
-                kind_name(sink)
-            )
-        }
+    let spec = sink.spec.as_ref();
+    if let Some(f) = downcast_sink::<FileSinkConfig>(spec) {
+        read_files(&f.path, &f.prefix, f.format)
+    } else if let Some(k) = downcast_sink::<KafkaSinkConfig>(spec) {
+        read_topic(&k.bootstrap_servers, &k.topic, &k.client_options())
+    } else {
+        bail!(
+            "dead letters written to {} cannot be read back",
+            kind_name(sink)
+        )
     }
 }
 
 fn kind_name(sink: &SinkConfig) -> &'static str {
     match sink.kind {
-        SinkKind::File(_) => "files",
-        SinkKind::Kafka(_) => "Kafka",
-        SinkKind::Stdout(_) => "stdout",
-        SinkKind::Null(_) => "null",
+        "file" => "files",
+        "kafka" => "Kafka",
+        other => other,
     }
 }
 
@@ -269,13 +272,12 @@ pub fn bootstrap_of(config: &PipelineConfig) -> Option<String> {
 /// The brokers and client properties (`tls:`, `sasl:`, `options:`) of the pipeline's Kafka
 /// source, else of its Kafka dead-letter sink.
 fn kafka_client_of(config: &PipelineConfig) -> Option<(String, BTreeMap<String, String>)> {
-    if let crate::config::SourceKind::Kafka(k) = &config.source.kind {
+    if let Some(k) = downcast_source::<KafkaSourceConfig>(config.source.spec.as_ref()) {
         return Some((k.bootstrap_servers.clone(), k.client_options()));
     }
-    match config.dead_letter.as_ref().map(|d| &d.kind) {
-        Some(SinkKind::Kafka(k)) => Some((k.bootstrap_servers.clone(), k.client_options())),
-        _ => None,
-    }
+    let dead = config.dead_letter.as_ref()?;
+    let k = downcast_sink::<KafkaSinkConfig>(dead.spec.as_ref())?;
+    Some((k.bootstrap_servers.clone(), k.client_options()))
 }
 
 /// Counts by stage and error class, then up to `samples` records.

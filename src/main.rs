@@ -458,7 +458,7 @@ async fn run(
         Ok(c) => c,
         Err(code) => return code,
     };
-    if member.is_some() && !matches!(config.source.kind, config::SourceKind::Kafka(_)) {
+    if member.is_some() && config.source.kind != "kafka" {
         eprintln!(
             "error: `sluice worker` needs a Kafka source: worker processes split the partitions through a consumer group; run other sources with `sluice run`"
         );

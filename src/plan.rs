@@ -5,12 +5,6 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use sluice_connectors::file::{FileSink, FileSource};
-use sluice_connectors::generator::{self, GeneratorSource};
-use sluice_connectors::kafka::{KafkaSink, KafkaSource};
-use sluice_connectors::nexmark::{self, NexmarkSource};
-use sluice_connectors::null::NullSink;
-use sluice_connectors::stdout::StdoutSink;
 use sluice_engine::batch::{self, ColumnSelection};
 use sluice_engine::checkpoint::RocksStore;
 use sluice_engine::config::Problems;
@@ -21,7 +15,7 @@ use sluice_engine::source::Source;
 use sluice_engine::stage::{PlannedStage, StageFactory};
 use sluice_udfs::sql::SqlStageFactory;
 
-use crate::config::{PipelineConfig, SinkConfig, SinkKind, SourceConfig, SourceKind, StageKind};
+use crate::config::{PipelineConfig, SinkConfig, SourceConfig, StageKind};
 
 /// Opens the source; its schema includes the metadata columns.
 ///
@@ -32,21 +26,10 @@ pub fn open_source(
     dead_letters: bool,
     problems: &mut Problems,
 ) -> Option<Box<dyn Source>> {
-    let opened: sluice_engine::Result<Box<dyn Source>> = match &config.kind {
-        SourceKind::Generator(g) => GeneratorSource::new(g.clone()).map(|s| Box::new(s) as _),
-        SourceKind::Nexmark(n) => NexmarkSource::new(n.clone()).map(|s| Box::new(s) as _),
-        SourceKind::File(f) => FileSource::open(f.clone(), config.batching.size)
-            .map(|s| Box::new(s.with_dead_letters(dead_letters)) as _),
-        SourceKind::Kafka(k) => KafkaSource::new(k.clone(), config.batching.size, dead_letters)
-            .map(|s| Box::new(s) as _),
-    };
-    match opened {
+    match config.spec.open(config.batching.size, dead_letters) {
         Ok(source) => Some(source),
         Err(e) => {
-            let key = match config.kind {
-                SourceKind::File(_) => "path",
-                SourceKind::Generator(_) | SourceKind::Nexmark(_) | SourceKind::Kafka(_) => "type",
-            };
+            let key = config.spec.open_error_key();
             config.at.problem(problems, key, e.to_string());
             None
         }
@@ -56,18 +39,7 @@ pub fn open_source(
 /// The source's schema when it can be known without reading data (declared, or fixed by
 /// the source kind); `sluice test` uses it so that tests need no data files.
 pub fn declared_schema(config: &SourceConfig) -> Option<SchemaRef> {
-    let records = match &config.kind {
-        SourceKind::Generator(_) => generator::record_schema(),
-        SourceKind::Nexmark(_) => nexmark::record_schema(),
-        SourceKind::File(f) => f.schema.as_ref()?.to_arrow().as_ref().clone(),
-        // The Kafka source's schema never needs a connection.
-        SourceKind::Kafka(k) => {
-            return KafkaSource::new(k.clone(), 1, false)
-                .ok()
-                .map(|s| s.schema());
-        }
-    };
-    batch::with_metadata(&records).ok()
+    config.spec.declared_schema()
 }
 
 /// Plans every stage in order. Stops at the first stage that cannot be planned, since the
@@ -127,17 +99,10 @@ fn open_sink(
     input: &arrow::datatypes::Schema,
     problems: &mut Problems,
 ) -> Option<Box<dyn Sink>> {
-    let opened: sluice_engine::Result<Box<dyn Sink>> = match &config.kind {
-        SinkKind::File(f) => FileSink::open(f.clone()).map(|s| Box::new(s) as _),
-        SinkKind::Kafka(k) => KafkaSink::open(k.clone(), input).map(|s| Box::new(s) as _),
-        SinkKind::Stdout(_) => Ok(Box::new(StdoutSink::default())),
-        SinkKind::Null(_) => Ok(Box::new(NullSink::default())),
-    };
-    let key = match config.kind {
-        SinkKind::Kafka(_) => "type",
-        _ => "path",
-    };
-    opened
+    let key = config.spec.open_error_key();
+    config
+        .spec
+        .open(input)
         .map_err(|e| config.at.problem(problems, key, e.to_string()))
         .ok()
 }
@@ -145,19 +110,11 @@ fn open_sink(
 /// Opens the dead-letter sink: Kafka gets the records' bytes with provenance headers,
 /// the other kinds rows of text.
 fn open_dead_letter(config: &SinkConfig, problems: &mut Problems) -> Option<DeadLetterSink> {
-    let opened = match &config.kind {
-        SinkKind::Kafka(k) => KafkaSink::open_dead_letter(k.clone()).map(|sink| DeadLetterSink {
-            sink: Box::new(sink),
-            text: false,
-        }),
-        _ => {
-            let schema = sluice_engine::dead_letter::text_schema();
-            return open_sink(config, &schema, problems)
-                .map(|sink| DeadLetterSink { sink, text: true });
-        }
-    };
-    opened
-        .map_err(|e| config.at.problem(problems, "type", e.to_string()))
+    let key = config.spec.open_error_key();
+    config
+        .spec
+        .open_dead_letter()
+        .map_err(|e| config.at.problem(problems, key, e.to_string()))
         .ok()
 }
 
@@ -239,12 +196,12 @@ pub async fn build_beside(
 /// and the suffix of a writer beside the pipeline, each as `-{part}`.
 fn own_files(config: &SinkConfig, member: Option<&str>, suffix: Option<&str>) -> SinkConfig {
     let mut config = config.clone();
-    if let SinkKind::File(f) = &mut config.kind {
-        for part in [member.map(file_name_safe), suffix.map(str::to_string)]
-            .into_iter()
-            .flatten()
-        {
-            f.prefix = format!("{}-{part}", f.prefix);
+    for part in [member.map(file_name_safe), suffix.map(str::to_string)]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(apart) = config.spec.named_apart(&part) {
+            config.spec = apart;
         }
     }
     config

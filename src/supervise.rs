@@ -30,7 +30,9 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::Count;
-use crate::config::{PipelineConfig, SourceKind};
+use crate::config::PipelineConfig;
+use sluice_connectors::kafka::KafkaSourceConfig;
+use sluice_engine::connector::downcast_source;
 
 /// The name of worker slot `slot`: its checkpoint store's directory, kept across restarts.
 pub fn member_name(slot: usize) -> String {
@@ -197,7 +199,7 @@ pub async fn supervise(
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let SourceKind::Kafka(kafka) = &config.source.kind else {
+    let Some(kafka) = downcast_source::<KafkaSourceConfig>(config.source.spec.as_ref()) else {
         bail!(
             "--processes needs a Kafka source: worker processes split the partitions through a consumer group. \
              Other sources run in one process; use --workers N|auto for more worker tasks"

@@ -11,4 +11,5 @@ pub mod kafka;
 mod made;
 pub mod nexmark;
 pub mod null;
+pub mod registry;
 pub mod stdout;

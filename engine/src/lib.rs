@@ -11,6 +11,7 @@ pub mod batch;
 pub mod breaker;
 pub mod checkpoint;
 pub mod config;
+pub mod connector;
 pub mod dead_letter;
 pub mod error;
 pub mod executor;

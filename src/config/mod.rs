@@ -22,14 +22,11 @@
 //! checks. `cases.rs`: the pipeline's `tests:`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
-use sluice_connectors::file::{FileSinkConfig, FileSourceConfig};
-use sluice_connectors::generator::GeneratorConfig;
-use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
-use sluice_connectors::nexmark::NexmarkConfig;
-use sluice_connectors::null::NullConfig;
-use sluice_connectors::stdout::StdoutConfig;
+use sluice_connectors::file::FileSinkConfig;
+use sluice_connectors::registry;
 use sluice_engine::autoscale::ScalingPolicy;
 use sluice_engine::batch;
 use sluice_engine::breaker::{Breaker, BreakerPolicy, Fallback};
@@ -37,6 +34,7 @@ use sluice_engine::config::yaml::{self, Env, ProcessEnv};
 use sluice_engine::config::{
     Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
 };
+use sluice_engine::connector::{SinkSpec, SourceSpec, downcast_sink, downcast_source};
 use sluice_engine::executor::{Batching, CheckpointPolicy};
 use sluice_engine::failure::FailurePolicy;
 use sluice_udfs::aggregate::AggregateConfig;
@@ -94,16 +92,18 @@ pub struct Checkpointing {
 
 pub struct SourceConfig {
     pub batching: Batching,
-    pub kind: SourceKind,
+    /// The `type:` that named it (an entry of `sluice_connectors::registry::SOURCES`).
+    pub kind: &'static str,
+    pub spec: Arc<dyn SourceSpec>,
     /// Where the source is in the file, for problems found while building it.
     pub at: At,
 }
 
-pub enum SourceKind {
-    Generator(GeneratorConfig),
-    Nexmark(NexmarkConfig),
-    File(FileSourceConfig),
-    Kafka(KafkaSourceConfig),
+impl SourceConfig {
+    /// The kind's own configuration, when it is a `T` (a Kafka source's brokers, ...).
+    pub fn spec_as<T: SourceSpec>(&self) -> Option<&T> {
+        downcast_source(self.spec.as_ref())
+    }
 }
 
 pub struct StageConfig {
@@ -137,19 +137,20 @@ impl StageKind {
 
 #[derive(Clone)]
 pub struct SinkConfig {
-    pub kind: SinkKind,
+    /// The `type:` that named it (an entry of `sluice_connectors::registry::SINKS`).
+    pub kind: &'static str,
+    pub spec: Arc<dyn SinkSpec>,
     /// Metadata columns (`_partition`, `_offset`, `_key`, `_timestamp`; Kafka: `_topic`,
     /// `_headers`) to write as well.
     pub metadata_columns: Vec<String>,
     pub at: At,
 }
 
-#[derive(Clone)]
-pub enum SinkKind {
-    File(FileSinkConfig),
-    Kafka(KafkaSinkConfig),
-    Stdout(StdoutConfig),
-    Null(NullConfig),
+impl SinkConfig {
+    /// The kind's own configuration, when it is a `T`.
+    pub fn spec_as<T: SinkSpec>(&self) -> Option<&T> {
+        downcast_sink(self.spec.as_ref())
+    }
 }
 
 /// Where checkpoints are kept and how often they are taken. With it, a restarted pipeline
@@ -420,7 +421,10 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
 /// and format): dead letters would be mixed into the output, and the two writers would
 /// number their files alike, replace each other's and remove each other's unfinished ones.
 fn check_dead_letter_files(sink: &SinkConfig, dead: &SinkConfig, problems: &mut Problems) {
-    let (SinkKind::File(s), SinkKind::File(d)) = (&sink.kind, &dead.kind) else {
+    let (Some(s), Some(d)) = (
+        downcast_sink::<FileSinkConfig>(sink.spec.as_ref()),
+        downcast_sink::<FileSinkConfig>(dead.spec.as_ref()),
+    ) else {
         return;
     };
     let ext = s.format.extension();

@@ -2,7 +2,6 @@
 
 use super::*;
 
-pub(super) const SINK_KINDS: &[&str] = &["file", "kafka", "stdout", "null"];
 pub(super) const SINK_COMMON: &[&str] = &["type", "metadata_columns"];
 
 #[derive(Deserialize)]
@@ -20,23 +19,12 @@ pub(super) fn parse_sink(
     path: &Location,
     problems: &mut Problems,
 ) -> Option<SinkConfig> {
-    let (kind, node) = split_kind(node, path, SINK_KINDS, problems)?;
+    let (kind, node) = split_kind(node, path, &registry::sink_names(), problems)?;
     let common = select_keys(node, SINK_COMMON, true);
     let rest = select_keys(node, SINK_COMMON, false);
     let common: Option<SinkCommon> = from_node(&common, path, &[], problems);
-    let kind = match kind {
-        "file" => from_node(&rest, path, SINK_COMMON, problems).map(|c: FileSinkConfig| {
-            c.validate(node, path, problems);
-            SinkKind::File(c)
-        }),
-        "kafka" => from_node(&rest, path, SINK_COMMON, problems).map(|c: KafkaSinkConfig| {
-            c.validate(node, path, problems);
-            SinkKind::Kafka(c)
-        }),
-        "stdout" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Stdout),
-        "null" => from_node(&rest, path, SINK_COMMON, problems).map(SinkKind::Null),
-        _ => unreachable!("split_kind checked the kind"),
-    };
+    let entry = registry::sink(kind).expect("split_kind checked the kind");
+    let spec = (entry.parse)(&rest, node, path, SINK_COMMON, problems);
     let common = common?;
     for name in &common.metadata_columns {
         if !batch::is_metadata(name) {
@@ -52,7 +40,8 @@ pub(super) fn parse_sink(
         }
     }
     Some(SinkConfig {
-        kind: kind?,
+        kind: entry.name,
+        spec: spec?,
         metadata_columns: common.metadata_columns,
         at: At {
             node: node.clone(),

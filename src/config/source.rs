@@ -2,7 +2,6 @@
 
 use super::*;
 
-pub(super) const SOURCE_KINDS: &[&str] = &["generator", "nexmark", "file", "kafka"];
 pub(super) const SOURCE_COMMON: &[&str] = &["type", "batch_size", "batch_window"];
 
 /// Fields every source has.
@@ -71,31 +70,12 @@ pub(super) fn parse_source(
     path: Location,
     problems: &mut Problems,
 ) -> Option<SourceConfig> {
-    let (kind, node) = split_kind(node, &path, SOURCE_KINDS, problems)?;
+    let (kind, node) = split_kind(node, &path, &registry::source_names(), problems)?;
     let common = select_keys(node, SOURCE_COMMON, true);
     let rest = select_keys(node, SOURCE_COMMON, false);
     let common: Option<SourceCommon> = from_node(&common, &path, &[], problems);
-    let kind = match kind {
-        "generator" => {
-            from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: GeneratorConfig| {
-                c.validate(node, &path, problems);
-                SourceKind::Generator(c)
-            })
-        }
-        "nexmark" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: NexmarkConfig| {
-            c.validate(node, &path, problems);
-            SourceKind::Nexmark(c)
-        }),
-        "file" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: FileSourceConfig| {
-            c.validate(node, &path, problems);
-            SourceKind::File(c)
-        }),
-        "kafka" => from_node(&rest, &path, SOURCE_COMMON, problems).map(|c: KafkaSourceConfig| {
-            c.validate(node, &path, problems);
-            SourceKind::Kafka(c)
-        }),
-        _ => unreachable!("split_kind checked the kind"),
-    };
+    let entry = registry::source(kind).expect("split_kind checked the kind");
+    let spec = (entry.parse)(&rest, node, &path, SOURCE_COMMON, problems);
     let common = common?;
     if common.batch_size == 0 {
         problems.at_key(node, &path, "batch_size", "must be at least 1");
@@ -105,7 +85,8 @@ pub(super) fn parse_source(
             size: common.batch_size,
             window: common.batch_window.get(),
         },
-        kind: kind?,
+        kind: entry.name,
+        spec: spec?,
         at: At {
             node: node.clone(),
             path,

@@ -11,8 +11,7 @@ use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::prelude::SessionContext;
-use sluice::config::SourceKind;
-use sluice_connectors::nexmark::NexmarkSource;
+use sluice_connectors::nexmark::{NexmarkConfig, NexmarkSource};
 
 /// 30 seconds of event time at 1,000 events per second over 3 partitions: three 10s
 /// tumbling windows, seventeen 10s/2s sliding ones.
@@ -45,7 +44,7 @@ async fn run_query(name: &str) -> (Vec<RecordBatch>, SessionContext) {
     let out = read_parquet(dir.path());
 
     let config = crate::parse(&yaml, VARS).unwrap();
-    let SourceKind::Nexmark(nexmark) = &config.source.kind else {
+    let Some(nexmark) = config.source.spec_as::<NexmarkConfig>() else {
         panic!("{name} reads the nexmark source");
     };
     let source = NexmarkSource::new(nexmark.clone()).unwrap();

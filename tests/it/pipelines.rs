@@ -8,6 +8,7 @@ use arrow::compute::kernels::cast_utils::string_to_timestamp_nanos;
 use arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
 use serde_json::Value;
 use sluice_connectors::generator::{GeneratorConfig, GeneratorSource};
+use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use sluice_engine::config::yaml::ProcessEnv;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -263,14 +264,16 @@ fn docker_compose_runs_pipelines_that_validate() {
         let config = parse(&text, &vars).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         // The topics the pipeline reads and writes are created by the `topics` service.
         let mut topics = Vec::new();
-        if let sluice::config::SourceKind::Kafka(k) = &config.source.kind {
+        if let Some(k) = config.source.spec_as::<KafkaSourceConfig>() {
             topics.extend(k.topics.clone());
         }
-        if let sluice::config::SinkKind::Kafka(k) = &config.sink.kind {
+        if let Some(k) = config.sink.spec_as::<KafkaSinkConfig>() {
             topics.push(k.topic.clone());
         }
-        if let Some(sluice::config::SinkKind::Kafka(k)) =
-            config.dead_letter.as_ref().map(|d| &d.kind)
+        if let Some(k) = config
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.spec_as::<KafkaSinkConfig>())
         {
             topics.push(k.topic.clone());
         }
@@ -343,7 +346,7 @@ async fn the_kubernetes_example_runs_workers_of_a_pipeline_that_validates() {
     sluice::plan::check(&config)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let sluice::config::SourceKind::Kafka(kafka) = &config.source.kind else {
+    let Some(kafka) = config.source.spec_as::<KafkaSourceConfig>() else {
         panic!("a Kafka source")
     };
     let checkpoint_dir = config

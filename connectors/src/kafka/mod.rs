@@ -34,3 +34,58 @@ fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
 fn client_error(error: &KafkaError, reason: &str) {
     tracing::warn!(target: "librdkafka", "{error}: {reason}");
 }
+
+mod spec {
+    use arrow::datatypes::{Schema, SchemaRef};
+    use sluice_engine::Result;
+    use sluice_engine::config::{Location, Node, Problems};
+    use sluice_engine::connector::{SinkSpec, SourceSpec};
+    use sluice_engine::dead_letter::DeadLetterSink;
+    use sluice_engine::sink::Sink;
+    use sluice_engine::source::Source;
+
+    use super::{KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig};
+
+    impl SourceSpec for KafkaSourceConfig {
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            self.validate(node, path, problems);
+        }
+
+        /// The Kafka source's schema never needs a connection.
+        fn declared_schema(&self) -> Option<SchemaRef> {
+            KafkaSource::new(self.clone(), 1, false)
+                .ok()
+                .map(|s| s.schema())
+        }
+
+        fn open(&self, batch_size: usize, dead_letters: bool) -> Result<Box<dyn Source>> {
+            Ok(Box::new(KafkaSource::new(
+                self.clone(),
+                batch_size,
+                dead_letters,
+            )?))
+        }
+    }
+
+    impl SinkSpec for KafkaSinkConfig {
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            self.validate(node, path, problems);
+        }
+
+        fn open(&self, input: &Schema) -> Result<Box<dyn Sink>> {
+            Ok(Box::new(KafkaSink::open(self.clone(), input)?))
+        }
+
+        /// The records' bytes with provenance headers, not rows of text.
+        fn open_dead_letter(&self) -> Result<DeadLetterSink> {
+            Ok(DeadLetterSink {
+                sink: Box::new(KafkaSink::open_dead_letter(self.clone())?),
+                text: false,
+            })
+        }
+
+        fn open_error_key(&self) -> &'static str {
+            "type"
+        }
+    }
+}

@@ -40,3 +40,12 @@ impl Sink for NullSink {
         )
     }
 }
+
+impl sluice_engine::connector::SinkSpec for NullConfig {
+    fn open(
+        &self,
+        _input: &arrow::datatypes::Schema,
+    ) -> sluice_engine::Result<Box<dyn sluice_engine::sink::Sink>> {
+        Ok(Box::new(NullSink::default()))
+    }
+}

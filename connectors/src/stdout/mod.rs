@@ -47,3 +47,12 @@ impl Sink for StdoutSink {
         format!("{} rows to standard output", self.rows)
     }
 }
+
+impl sluice_engine::connector::SinkSpec for StdoutConfig {
+    fn open(
+        &self,
+        _input: &arrow::datatypes::Schema,
+    ) -> sluice_engine::Result<Box<dyn sluice_engine::sink::Sink>> {
+        Ok(Box::new(StdoutSink::default()))
+    }
+}
