@@ -12,10 +12,9 @@ use sluice_engine::dead_letter::DeadLetterSink;
 use sluice_engine::executor::{CheckpointPolicy, Pipeline};
 use sluice_engine::sink::Sink;
 use sluice_engine::source::Source;
-use sluice_engine::stage::{PlannedStage, StageFactory};
-use sluice_udfs::sql::SqlStageFactory;
+use sluice_engine::stage::PlannedStage;
 
-use crate::config::{PipelineConfig, SinkConfig, SourceConfig, StageKind};
+use crate::config::{PipelineConfig, SinkConfig, SourceConfig};
 
 /// Opens the source; its schema includes the metadata columns.
 ///
@@ -52,13 +51,7 @@ pub async fn plan_stages(
     let mut schema = input;
     let mut planned = Vec::with_capacity(config.stages.len());
     for stage in &config.stages {
-        let factory: Result<Arc<dyn StageFactory>, String> = match &stage.kind {
-            StageKind::Sql { query } => SqlStageFactory::plan(query, schema.clone())
-                .await
-                .map(|f| Arc::new(f) as _),
-            StageKind::Function { spec, .. } => spec.plan(&schema),
-            StageKind::Aggregate(c) => c.plan(&stage.name, &schema),
-        };
+        let factory = stage.spec.plan(&stage.name, &schema).await;
         match factory {
             Ok(factory) => {
                 if let sluice_engine::breaker::Fallback::Default(values) = &stage.policy.fallback {
@@ -84,8 +77,10 @@ pub async fn plan_stages(
                     policy: stage.policy.clone(),
                 });
             }
-            Err(reason) => {
-                stage.at.problem(problems, stage.kind.main_key(), reason);
+            Err(e) => {
+                stage
+                    .at
+                    .problem(problems, stage.spec.main_key(), e.to_string());
                 return None;
             }
         }

@@ -205,12 +205,7 @@ pub async fn supervise(
              Other sources run in one process; use --workers N|auto for more worker tasks"
         );
     };
-    if config.checkpoint.is_none()
-        && config
-            .stages
-            .iter()
-            .any(|s| matches!(s.kind, crate::config::StageKind::Aggregate(_)))
-    {
+    if config.checkpoint.is_none() && config.stages.iter().any(|s| s.kind == "aggregate") {
         bail!(
             "--processes with an aggregate stage needs `checkpoint.dir` (a directory every worker process reaches): \
              a partition's windows move with it from process to process through it"

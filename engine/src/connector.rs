@@ -1,6 +1,7 @@
-//! How the pipeline file meets the connectors: a source or sink kind is a configuration
-//! type that checks itself and opens what it describes, registered by name in a table
-//! (`sluice_connectors::registry`), as functions are in `sluice_udfs::functions`.
+//! How the pipeline file meets the connectors and stages: a source, sink or stage kind is
+//! a configuration type that checks itself and opens (or plans) what it describes,
+//! registered by name in a table (`sluice_connectors::registry` for sources and sinks,
+//! `sluice_udfs::registry` for stages, as functions are in `sluice_udfs::functions`).
 //!
 //! The `sluice` binary reads `source: { type: kafka, ... }` by looking `kafka` up in the
 //! table, deserializing the kind's own keys into its type (problems placed at their
@@ -13,6 +14,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use arrow::datatypes::{Schema, SchemaRef};
+use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 use crate::Result;
@@ -20,6 +22,7 @@ use crate::config::{Location, Node, Problems, from_node};
 use crate::dead_letter::{DeadLetterSink, text_schema};
 use crate::sink::Sink;
 use crate::source::Source;
+use crate::stage::StageFactory;
 
 /// A source kind as written in the pipeline file.
 pub trait SourceSpec: Any + Send + Sync {
@@ -80,6 +83,25 @@ pub type Parse<S> = fn(
     common: &[&str],
     problems: &mut Problems,
 ) -> Option<Arc<S>>;
+
+/// A stage kind as written in the pipeline file (`type: sql`, `function`, `aggregate`).
+#[async_trait]
+pub trait StageSpec: Any + Send + Sync {
+    /// The key of the stage's mapping a planning problem is shown at (`query`, `params`).
+    fn main_key(&self) -> &'static str;
+
+    /// Plans the stage named `name` against the schema of its input; the error is a
+    /// sentence for the user ([`crate::Error::Plan`]).
+    async fn plan(&self, name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>>;
+}
+
+/// A registered stage kind; its `parse` reads the stage's own keys (those every stage has
+/// are named in `common`).
+pub struct StageEntry {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub parse: Parse<dyn StageSpec>,
+}
 
 /// A registered source kind.
 pub struct SourceEntry {

@@ -146,6 +146,15 @@ impl Error {
     }
 }
 
+/// `Err(Error::Plan(...))` with a formatted sentence, as DataFusion's `plan_err!`: planning
+/// problems keep their class and read as sentences for the user.
+#[macro_export]
+macro_rules! plan_err {
+    ($($arg:tt)*) => {
+        Err($crate::Error::Plan(format!($($arg)*)))
+    };
+}
+
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::task("background", e)

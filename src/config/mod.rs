@@ -34,11 +34,9 @@ use sluice_engine::config::yaml::{self, Env, ProcessEnv};
 use sluice_engine::config::{
     Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
 };
-use sluice_engine::connector::{SinkSpec, SourceSpec, downcast_sink, downcast_source};
+use sluice_engine::connector::{SinkSpec, SourceSpec, StageSpec, downcast_sink, downcast_source};
 use sluice_engine::executor::{Batching, CheckpointPolicy};
 use sluice_engine::failure::FailurePolicy;
-use sluice_udfs::aggregate::AggregateConfig;
-use sluice_udfs::functions::{self, FunctionSpec};
 
 mod cases;
 mod sink;
@@ -108,31 +106,11 @@ impl SourceConfig {
 
 pub struct StageConfig {
     pub name: String,
-    pub kind: StageKind,
+    /// The `type:` that named it (an entry of `sluice_udfs::registry::STAGES`).
+    pub kind: &'static str,
+    pub spec: Arc<dyn StageSpec>,
     pub policy: FailurePolicy,
     pub at: At,
-}
-
-pub enum StageKind {
-    Sql {
-        query: String,
-    },
-    Function {
-        function: String,
-        spec: Box<dyn FunctionSpec>,
-    },
-    Aggregate(Box<AggregateConfig>),
-}
-
-impl StageKind {
-    /// The key whose value a planning problem points at.
-    pub fn main_key(&self) -> &'static str {
-        match self {
-            StageKind::Sql { .. } => "query",
-            StageKind::Function { .. } => "params",
-            StageKind::Aggregate(_) => "aggregates",
-        }
-    }
 }
 
 #[derive(Clone)]

@@ -1,9 +1,10 @@
 //! `stages:`: the fields every stage has (retries, bisecting, timeouts, concurrency, the
 //! circuit breaker and its fallback), and each kind's.
 
+use sluice_udfs::registry;
+
 use super::*;
 
-pub(super) const STAGE_KINDS: &[&str] = &["sql", "function", "aggregate"];
 pub(super) const STAGE_COMMON: &[&str] = &[
     "name",
     "type",
@@ -214,26 +215,6 @@ impl StageCommon {
     }
 }
 
-/// `type: sql`
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct SqlStageConfig {
-    /// A SELECT over the table `input`, which holds the incoming batch.
-    pub(super) query: String,
-}
-
-/// `type: function`
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct FunctionStageConfig {
-    /// The function's name in the registry.
-    pub(super) function: String,
-    /// The function's parameters; read by the function itself.
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub(super) params: serde::de::IgnoredAny,
-}
-
 pub(super) fn parse_stages(
     node: Option<&Node>,
     problems: &mut Problems,
@@ -294,62 +275,22 @@ pub(super) fn parse_stage(
     path: &Location,
     problems: &mut Problems,
 ) -> Option<StageConfig> {
-    let (kind, node) = split_kind(node, path, STAGE_KINDS, problems)?;
+    let (kind, node) = split_kind(node, path, &registry::stage_names(), problems)?;
     let common = select_keys(node, STAGE_COMMON, true);
     let rest = select_keys(node, STAGE_COMMON, false);
     let common: Option<StageCommon> = from_node(&common, path, &[], problems);
-    let kind = match kind {
-        "sql" => from_node(&rest, path, STAGE_COMMON, problems).and_then(|c: SqlStageConfig| {
-            if c.query.trim().is_empty() {
-                problems.at_key(node, path, "query", "must not be empty");
-                return None;
-            }
-            Some(StageKind::Sql { query: c.query })
-        }),
-        "function" => {
-            let c: Option<FunctionStageConfig> = from_node(&rest, path, STAGE_COMMON, problems);
-            c.and_then(|c| parse_function(node, path, c.function, problems))
-        }
-        "aggregate" => AggregateConfig::parse(&rest, path, STAGE_COMMON, problems)
-            .map(|c| StageKind::Aggregate(Box::new(c))),
-        _ => unreachable!("split_kind checked the kind"),
-    };
+    let entry = registry::stage(kind).expect("split_kind checked the kind");
+    let spec = (entry.parse)(&rest, node, path, STAGE_COMMON, problems);
     let common = common?;
     let policy = common.policy(node, path, problems);
     Some(StageConfig {
         name: common.name,
-        kind: kind?,
+        kind: entry.name,
+        spec: spec?,
         policy,
         at: At {
             node: node.clone(),
             path: path.clone(),
         },
     })
-}
-
-pub(super) fn parse_function(
-    node: &Node,
-    path: &Location,
-    function: String,
-    problems: &mut Problems,
-) -> Option<StageKind> {
-    let Some(entry) = functions::lookup(&function) else {
-        problems.at_key(
-            node,
-            path,
-            "function",
-            format!(
-                "unknown function `{function}`, expected one of {}",
-                functions::names().join(", ")
-            ),
-        );
-        return None;
-    };
-    let empty = Node {
-        mark: node.mark,
-        value: Value::Map(Vec::new()),
-    };
-    let params = node.get("params").unwrap_or(&empty);
-    let spec = (entry.parse)(params, &path.key("params"), problems)?;
-    Some(StageKind::Function { function, spec })
 }

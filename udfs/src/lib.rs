@@ -3,4 +3,5 @@
 
 pub mod aggregate;
 pub mod functions;
+pub mod registry;
 pub mod sql;

@@ -268,3 +268,41 @@ mod tests {
         assert!(e.to_string().contains("play"), "{e}");
     }
 }
+
+/// `type: sql`, as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlSpec {
+    /// A SELECT over the table `input`, which holds the incoming batch.
+    pub query: String,
+}
+
+#[async_trait]
+impl sluice_engine::connector::StageSpec for SqlSpec {
+    fn main_key(&self) -> &'static str {
+        "query"
+    }
+
+    async fn plan(&self, _name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
+        match SqlStageFactory::plan(&self.query, input.clone()).await {
+            Ok(factory) => Ok(Arc::new(factory)),
+            Err(reason) => sluice_engine::plan_err!("{reason}"),
+        }
+    }
+}
+
+/// Reads a `type: sql` stage (see [`sluice_engine::connector::StageEntry`]).
+pub fn parse_stage(
+    fields: &sluice_engine::config::Node,
+    node: &sluice_engine::config::Node,
+    path: &sluice_engine::config::Location,
+    common: &[&str],
+    problems: &mut sluice_engine::config::Problems,
+) -> Option<Arc<dyn sluice_engine::connector::StageSpec>> {
+    let spec: SqlSpec = sluice_engine::config::from_node(fields, path, common, problems)?;
+    if spec.query.trim().is_empty() {
+        problems.at_key(node, path, "query", "must not be empty");
+        return None;
+    }
+    Some(Arc::new(spec))
+}

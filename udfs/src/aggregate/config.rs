@@ -397,3 +397,25 @@ impl AggregateConfig {
         })
     }
 }
+
+#[async_trait]
+impl StageSpec for AggregateConfig {
+    fn main_key(&self) -> &'static str {
+        "aggregates"
+    }
+
+    async fn plan(&self, name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
+        AggregateConfig::plan(self, name, input).map_err(Error::Plan)
+    }
+}
+
+/// Reads a `type: aggregate` stage (see [`sluice_engine::connector::StageEntry`]).
+pub fn parse_stage(
+    fields: &Node,
+    _node: &Node,
+    path: &Location,
+    common: &[&str],
+    problems: &mut Problems,
+) -> Option<Arc<dyn StageSpec>> {
+    AggregateConfig::parse(fields, path, common, problems).map(|c| Arc::new(c) as _)
+}

@@ -52,6 +52,7 @@ use serde::de::{MapAccess, Visitor};
 use sluice_engine::batch::{PartitionInfo, timestamp_type};
 use sluice_engine::config::types::{ByteSize, Duration};
 use sluice_engine::config::{Location, Node, Problems};
+use sluice_engine::connector::StageSpec;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::state::StageState;
 use sluice_engine::{Error, ErrorClass, Result};
@@ -60,7 +61,7 @@ use acc::{AggDef, Func, Kind};
 pub use state::WindowKind;
 use state::{AggregateState, Closing, OutRow, Plan};
 
-pub use config::AggregateConfig;
+pub use config::{AggregateConfig, parse_stage};
 pub use stage::AggregateFactory;
 
 #[cfg(test)]

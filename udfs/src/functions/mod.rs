@@ -25,6 +25,7 @@ use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::de::DeserializeOwned;
 use sluice_engine::config::{Location, Node, Problems, from_node};
+use sluice_engine::connector::StageSpec;
 use sluice_engine::stage::{RowFailure, StageFactory};
 use sluice_engine::{Error, Result};
 
@@ -181,4 +182,65 @@ fn assemble(
     }
     filter_record_batch(&batch, &BooleanArray::from(keep))
         .map_err(|e| Error::arrow("removing failed rows", e))
+}
+
+/// `type: function`: a registered function and its parameters, read by the function.
+pub struct FunctionStage {
+    pub function: String,
+    pub spec: Box<dyn FunctionSpec>,
+}
+
+/// `type: function`, as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FunctionStageConfig {
+    /// The function's name in the registry.
+    function: String,
+    /// The function's parameters; read by the function itself.
+    #[serde(default)]
+    #[allow(dead_code)]
+    params: serde::de::IgnoredAny,
+}
+
+#[async_trait::async_trait]
+impl StageSpec for FunctionStage {
+    fn main_key(&self) -> &'static str {
+        "params"
+    }
+
+    async fn plan(&self, _name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
+        self.spec.plan(input).map_err(Error::Plan)
+    }
+}
+
+/// Reads a `type: function` stage: the function looked up by name, its `params` read by it
+/// (see [`sluice_engine::connector::StageEntry`]).
+pub fn parse_stage(
+    fields: &Node,
+    node: &Node,
+    path: &Location,
+    common: &[&str],
+    problems: &mut Problems,
+) -> Option<Arc<dyn StageSpec>> {
+    let config: FunctionStageConfig = from_node(fields, path, common, problems)?;
+    let function = config.function;
+    let Some(entry) = lookup(&function) else {
+        problems.at_key(
+            node,
+            path,
+            "function",
+            format!(
+                "unknown function `{function}`, expected one of {}",
+                names().join(", ")
+            ),
+        );
+        return None;
+    };
+    let empty = Node {
+        mark: node.mark,
+        value: sluice_engine::config::Value::Map(Vec::new()),
+    };
+    let params = node.get("params").unwrap_or(&empty);
+    let spec = (entry.parse)(params, &path.key("params"), problems)?;
+    Some(Arc::new(FunctionStage { function, spec }))
 }

@@ -1,0 +1,35 @@
+//! Every stage kind, by the `type:` that names it (functions have a table of their own in
+//! [`crate::functions`]). A new kind is a configuration type implementing `StageSpec`
+//! (`sluice_engine::connector`) and one line here.
+
+use sluice_engine::connector::StageEntry;
+
+use crate::{aggregate, functions, sql};
+
+pub static STAGES: &[StageEntry] = &[
+    StageEntry {
+        name: "sql",
+        summary: "a SELECT over each batch (DataFusion SQL)",
+        parse: sql::parse_stage,
+    },
+    StageEntry {
+        name: "function",
+        summary: "a registered function called on each batch, with its `params`",
+        parse: functions::parse_stage,
+    },
+    StageEntry {
+        name: "aggregate",
+        summary: "keyed windows in event time, emitted when the watermark passes their end",
+        parse: aggregate::parse_stage,
+    },
+];
+
+/// The stage kind named `name`.
+pub fn stage(name: &str) -> Option<&'static StageEntry> {
+    STAGES.iter().find(|e| e.name == name)
+}
+
+/// The names of the stage kinds, in the table's order.
+pub fn stage_names() -> Vec<&'static str> {
+    STAGES.iter().map(|e| e.name).collect()
+}
