@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+use super::limits::FAST_DEPTH;
 use super::{JsonDecoder, MAX_DEPTH, decode_records};
 
 /// The inputs that have broken JSON parsers (each kept: the first one crashed Sluice).
@@ -316,18 +317,59 @@ fn random_mutations_decode_or_fail_by_record() {
         .collect();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut runs = 0u64;
+    // A stack overflow aborts the process, past `survives`: the input about to be decoded
+    // is kept in this file first, so that an abort leaves it behind (seen once in a full
+    // `make test`, 2026-12-06, and not since).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-found");
+    std::fs::create_dir_all(&dir).unwrap();
+    let current = dir.join(format!("json-current-{seed}"));
     while Instant::now() < deadline {
         let mut input = pool[rng.usize(..pool.len())].clone();
         for _ in 0..rng.usize(1..4) {
             mutate(&mut rng, &mut input);
         }
+        std::fs::write(&current, &input).unwrap();
         survives(&[br#"{"id": 1}"#, &input]);
         runs += 1;
         if input.len() < 4096 && pool.len() < 10_000 {
             pool.push(input);
         }
     }
+    let _ = std::fs::remove_file(&current);
     eprintln!("{runs} mutated inputs survived");
+}
+
+/// Records nested as deep as the fast path takes them ([`FAST_DEPTH`]: sonic-rs skips
+/// unknown values by recursion) decode within an eighth of a runtime thread's 2 MiB (on
+/// the debug build too), in every shape a skipped or decoded value can have.
+#[test]
+fn records_at_the_fast_path_depth_fit_a_runtime_stack() {
+    let inner = FAST_DEPTH - 1;
+    let shapes = [
+        ("[", "]"),
+        (r#"{"a":"#, "}"),
+        (r#"[{"a":"#, "}]"),
+        (r#"{"a":["#, "]}"),
+    ];
+    let mut records = Vec::new();
+    for (open, close) in shapes {
+        let levels = inner / open.matches(['[', '{']).count();
+        let value = format!("{}1{}", open.repeat(levels), close.repeat(levels));
+        for field in ["extra", "id", "name", "tags", "a"] {
+            records.push(format!(r#"{{"{field}": {value}}}"#));
+            records.push(format!(r#"{{"id": 1, "{field}": {value}, "name": "x"}}"#));
+        }
+    }
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || {
+            for r in &records {
+                every_entry_point(&[r.as_bytes()]);
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }
 
 /// Records nested to the limit decode in far less stack than a runtime thread has (tokio's
