@@ -218,3 +218,55 @@ async fn entitlements_calls_the_remote_function_and_dead_letters_refused_rows() 
         );
     }
 }
+
+/// The README's Layout section says where to look for a behaviour: every path it names is
+/// there, and every function, trait or type it names is defined in one of those files.
+#[test]
+fn the_readme_layout_names_what_is_there() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("## Layout").expect("a Layout section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let quoted: Vec<&str> = section.split('`').skip(1).step_by(2).collect();
+    let mut sources = String::new();
+    let mut paths = 0;
+    for part in &quoted {
+        if part.contains('/') && (part.ends_with(".rs") || part.ends_with('/')) {
+            let path = root().join(part);
+            assert!(
+                path.exists(),
+                "README Layout names {part}, which is not there"
+            );
+            let files: Vec<std::path::PathBuf> = if path.is_dir() {
+                std::fs::read_dir(&path)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+                    .collect()
+            } else {
+                vec![path]
+            };
+            for file in files {
+                sources.push_str(&std::fs::read_to_string(file).unwrap());
+            }
+            paths += 1;
+        }
+    }
+    assert!(paths >= 8, "only {paths} paths in the Layout section");
+    for part in &quoted {
+        let name = part.rsplit("::").next().unwrap();
+        let is_name = !name.is_empty()
+            && !part.contains('/')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && name.chars().any(|c| c.is_ascii_alphabetic());
+        if is_name {
+            let defined = ["fn ", "trait ", "struct ", "enum "]
+                .iter()
+                .any(|kw| sources.contains(&format!("{kw}{name}")));
+            assert!(
+                defined,
+                "README Layout names `{part}`, defined in none of its files"
+            );
+        }
+    }
+}
