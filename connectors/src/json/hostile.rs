@@ -300,6 +300,31 @@ fn mutate(rng: &mut fastrand::Rng, input: &mut Vec<u8>) {
     }
 }
 
+/// Found by the fuzz test (2026-12-06): malformed escapes (`\u` without hex digits) make
+/// parsers disagree on where a string ends. The depth check, reading the openers as inside
+/// a string, found 2 levels; sonic-rs's skip read 1,800 and overflowed the stack. Records
+/// with more openers than `FAST_DEPTH` now never take the fast path.
+#[test]
+fn a_record_whose_strings_parsers_read_differently_is_not_a_crash() {
+    let input = include_bytes!("found/strings-read-differently.json");
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(|| survives(&[br#"{"id": 1}"#, input]))
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// Replays an input the fuzz test kept (`SLUICE_FUZZ_REPLAY=target/fuzz-found/json-...`).
+#[test]
+fn replay_a_kept_input() {
+    let Some(path) = std::env::var_os("SLUICE_FUZZ_REPLAY") else {
+        return;
+    };
+    let input = std::fs::read(path).unwrap();
+    survives(&[br#"{"id": 1}"#, &input]);
+}
+
 #[test]
 fn random_mutations_decode_or_fail_by_record() {
     let secs = crate::file::hostile::fuzz_seconds(3.0);

@@ -8,8 +8,8 @@
 //!
 //! The fast path accepts only what arrow-json would accept, with the same values. Anything
 //! else (a number given as a string, a float for an integer field, a null in a required
-//! field, a duplicate key, values nested deeper than `limits::FAST_DEPTH`, which sonic-rs
-//! would skip by deep recursion) sends the whole batch to arrow-json, which either decodes it (it
+//! field, a duplicate key, a record with more than `limits::FAST_DEPTH` `[` and `{`, which
+//! sonic-rs might skip by deep recursion) sends the whole batch to arrow-json, which either decodes it (it
 //! coerces more) or says exactly what is wrong. So errors always read the same, whichever
 //! path found them.
 //!
