@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use sluice_engine::config::{Location, Node, Problems};
+use sluice_engine::plan_err;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::{Error, ErrorClass, Result};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
@@ -95,27 +96,28 @@ impl Params for AbBucket {
 }
 
 impl FunctionSpec for AbBucket {
-    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         let key_type = input
             .field_with_name(&self.key)
-            .map_err(|_| format!("the key column `{}` is not in the input", self.key))?
+            .map_err(|_| format!("the key column `{}` is not in the input", self.key))
+            .map_err(Error::Plan)?
             .data_type()
             .clone();
         let key_kind = match key_type {
             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => KeyKind::Text,
             t if t.is_integer() => KeyKind::Integer,
             t => {
-                return Err(format!(
+                return plan_err!(
                     "the key column `{}` is {t}; ab_bucket needs an integer or text key",
                     self.key
-                ));
+                );
             }
         };
         let mut new = vec![(self.output.as_str(), DataType::Utf8)];
         if let Some(b) = &self.bucket_output {
             new.push((b.as_str(), DataType::UInt16));
         }
-        let output = extend_schema(input, &new)?;
+        let output = extend_schema(input, &new).map_err(Error::Plan)?;
         let total: u64 = self.variants.0.iter().map(|(_, w)| u64::from(*w)).sum();
         let mut acc = 0u64;
         let thresholds = self
@@ -316,11 +318,11 @@ mod tests {
             true,
         )]));
         let e = spec(&[("a", 1)]).plan(&schema).err().unwrap();
-        assert!(e.contains("integer or text"), "{e}");
+        assert!(e.to_string().contains("integer or text"), "{e}");
         let e = spec(&[("a", 1)])
             .plan(&Arc::new(Schema::empty()))
             .err()
             .unwrap();
-        assert!(e.contains("not in the input"), "{e}");
+        assert!(e.to_string().contains("not in the input"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use regex::Regex;
 use serde::Deserialize;
 use sluice_engine::config::{Location, Node, Problems};
+use sluice_engine::plan_err;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::{Error, ErrorClass, Result};
 
@@ -67,21 +68,24 @@ impl Params for Extract {
 }
 
 impl FunctionSpec for Extract {
-    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         let field = input
             .field_with_name(&self.column)
-            .map_err(|_| format!("the column `{}` is not in the input", self.column))?;
+            .map_err(|_| format!("the column `{}` is not in the input", self.column))
+            .map_err(Error::Plan)?;
         if !matches!(
             field.data_type(),
             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
         ) {
-            return Err(format!(
+            return plan_err!(
                 "the column `{}` is {}, not text",
                 self.column,
                 field.data_type()
-            ));
+            );
         }
-        let regex = Regex::new(&self.pattern).map_err(|e| e.to_string())?;
+        let regex = Regex::new(&self.pattern)
+            .map_err(|e| e.to_string())
+            .map_err(Error::Plan)?;
         let groups: Vec<(usize, String)> = regex
             .capture_names()
             .enumerate()
@@ -91,7 +95,7 @@ impl FunctionSpec for Extract {
             .iter()
             .map(|(_, n)| (n.as_str(), DataType::Utf8))
             .collect();
-        let output = extend_schema(input, &new)?;
+        let output = extend_schema(input, &new).map_err(Error::Plan)?;
         Ok(Arc::new(ExtractFactory {
             column: self.column.clone(),
             regex,

@@ -32,8 +32,9 @@ use sluice_engine::{Error, Result};
 /// A function's parameters, read and checked, ready to plan against an input schema.
 pub trait FunctionSpec: Send + Sync {
     /// Checks the input columns the function needs and returns its stage factory.
-    /// The error is a sentence for the user, placed at the stage's `params`.
-    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String>;
+    /// The error ([`Error::Plan`], made with `plan_err!`) is a sentence for the user,
+    /// placed at the stage's `params`.
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>>;
 }
 
 /// Parameters that can check themselves beyond their types (pure, no I/O).
@@ -209,7 +210,7 @@ impl StageSpec for FunctionStage {
     }
 
     async fn plan(&self, _name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        self.spec.plan(input).map_err(Error::Plan)
+        self.spec.plan(input)
     }
 }
 

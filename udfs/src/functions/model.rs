@@ -29,6 +29,7 @@ use arrow::datatypes::{DataType, Float32Type, SchemaRef};
 use async_trait::async_trait;
 use serde::Deserialize;
 use sluice_engine::config::{Location, Node, Problems};
+use sluice_engine::plan_err;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::{Error, ErrorClass, Result};
 use tract_onnx::prelude::{
@@ -89,17 +90,18 @@ impl Params for Model {
 }
 
 impl FunctionSpec for Model {
-    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         for name in &self.inputs {
             let field = input
                 .field_with_name(name)
-                .map_err(|_| format!("the input column `{name}` is not in the input"))?;
+                .map_err(|_| format!("the input column `{name}` is not in the input"))
+                .map_err(Error::Plan)?;
             let ty = field.data_type();
             if !(ty.is_integer() || ty.is_floating() || *ty == DataType::Boolean) {
-                return Err(format!(
+                return plan_err!(
                     "the input column `{name}` is {ty}; a model reads numbers \
                      (integer, float or boolean columns)"
-                ));
+                );
             }
         }
         let new: Vec<(&str, DataType)> = self
@@ -107,8 +109,8 @@ impl FunctionSpec for Model {
             .iter()
             .map(|n| (n.as_str(), DataType::Float32))
             .collect();
-        let output = extend_schema(input, &new)?;
-        let plan = load(&self.path, self.inputs.len(), self.outputs.len())?;
+        let output = extend_schema(input, &new).map_err(Error::Plan)?;
+        let plan = load(&self.path, self.inputs.len(), self.outputs.len()).map_err(Error::Plan)?;
         Ok(Arc::new(ModelFactory {
             path: self.path.as_str().into(),
             inputs: self.inputs.as_slice().into(),
@@ -571,15 +573,17 @@ mod tests {
             .plan(&schema)
             .err()
             .unwrap();
-        assert!(e.contains("fraud_mlp.onnx"), "{e}");
+        assert!(e.to_string().contains("fraud_mlp.onnx"), "{e}");
         assert!(
-            e.contains("takes 6 features per row but `inputs` lists 5 columns"),
+            e.to_string()
+                .contains("takes 6 features per row but `inputs` lists 5 columns"),
             "{e}"
         );
         let e = spec(&r.inputs, &["a", "b"]).plan(&schema).err().unwrap();
-        assert!(e.contains("fraud_mlp.onnx"), "{e}");
+        assert!(e.to_string().contains("fraud_mlp.onnx"), "{e}");
         assert!(
-            e.contains("returns 1 value per row but `outputs` names 2 columns"),
+            e.to_string()
+                .contains("returns 1 value per row but `outputs` names 2 columns"),
             "{e}"
         );
     }
@@ -592,21 +596,26 @@ mod tests {
         inputs[2] = "sessions".into();
         let e = spec(&inputs, &["fraud_score"]).plan(&schema).err().unwrap();
         assert!(
-            e.contains("the input column `sessions` is not in the input"),
+            e.to_string()
+                .contains("the input column `sessions` is not in the input"),
             "{e}"
         );
         let text = Arc::new(Schema::new(vec![Field::new("x", DataType::Utf8, true)]));
         let e = spec(&["x".into()], &["s"]).plan(&text).err().unwrap();
-        assert!(e.contains("is Utf8"), "{e}");
+        assert!(e.to_string().contains("is Utf8"), "{e}");
 
         let mut missing = spec(&r.inputs, &["fraud_score"]);
         missing.path = format!("{DIR}nope.onnx");
         let e = missing.plan(&schema).err().unwrap();
-        assert!(e.contains("nope.onnx` does not exist"), "{e}");
+        assert!(e.to_string().contains("nope.onnx` does not exist"), "{e}");
 
         let mut not_onnx = spec(&r.inputs, &["fraud_score"]);
         not_onnx.path = format!("{DIR}make_model.py");
         let e = not_onnx.plan(&schema).err().unwrap();
-        assert!(e.contains("make_model.py` is not an ONNX model"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("make_model.py` is not an ONNX model"),
+            "{e}"
+        );
     }
 }

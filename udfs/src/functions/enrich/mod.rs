@@ -47,6 +47,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use sluice_engine::config::schema::SchemaSpec;
 use sluice_engine::config::{Duration, Location, Node, Problems};
+use sluice_engine::plan_err;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::stats::RunStats;
 use sluice_engine::{Error, ErrorClass, Result};
@@ -165,20 +166,22 @@ impl Params for Enrich {
 }
 
 impl FunctionSpec for Enrich {
-    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         let key_field = input
             .field_with_name(&self.key)
-            .map_err(|_| format!("the key column `{}` is not in the input", self.key))?;
+            .map_err(|_| format!("the key column `{}` is not in the input", self.key))
+            .map_err(Error::Plan)?;
         let key_type = key_field.data_type().clone();
         if !is_key_type(&key_type) {
-            return Err(format!(
+            return plan_err!(
                 "the key column `{}` is {key_type}; a lookup key must be text or an integer",
                 self.key
-            ));
+            );
         }
         let (lookup, values) = match (&self.file, &self.redis, &self.postgres) {
             (Some(file), _, _) => {
-                let table = FileTable::load(file, &self.key, self.columns.as_ref())?;
+                let table =
+                    FileTable::load(file, &self.key, self.columns.as_ref()).map_err(Error::Plan)?;
                 let values = table.values_schema();
                 (Lookup::File(Arc::new(table)), values)
             }
@@ -188,7 +191,10 @@ impl FunctionSpec for Enrich {
                     .as_ref()
                     .map(|c| c.to_arrow())
                     .unwrap_or_else(|| Arc::new(Schema::empty()));
-                (Lookup::Remote(Arc::new(redis.plan(&values)?)), values)
+                (
+                    Lookup::Remote(Arc::new(redis.plan(&values).map_err(Error::Plan)?)),
+                    values,
+                )
             }
             (_, _, Some(pg)) => {
                 let values = self
@@ -197,13 +203,13 @@ impl FunctionSpec for Enrich {
                     .map(|c| c.to_arrow())
                     .unwrap_or_else(|| Arc::new(Schema::empty()));
                 (
-                    Lookup::Remote(Arc::new(pg.plan(&values, &self.key)?)),
+                    Lookup::Remote(Arc::new(pg.plan(&values, &self.key).map_err(Error::Plan)?)),
                     values,
                 )
             }
-            _ => return Err("say where to look up: `file`, `redis` or `postgres`".into()),
+            _ => return plan_err!("say where to look up: `file`, `redis` or `postgres`"),
         };
-        let missing = self.missing_row(&values)?;
+        let missing = self.missing_row(&values).map_err(Error::Plan)?;
         let new: Vec<(String, DataType)> = values
             .fields()
             .iter()
@@ -215,7 +221,7 @@ impl FunctionSpec for Enrich {
             })
             .collect();
         let new: Vec<(&str, DataType)> = new.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let output = extend_schema(input, &new)?;
+        let output = extend_schema(input, &new).map_err(Error::Plan)?;
         let cache = (self.cache.max_entries > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(self.cache.max_entries)

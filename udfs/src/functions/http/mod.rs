@@ -80,6 +80,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sluice_engine::config::{Duration, Location, Node, Problems, Value};
+use sluice_engine::plan_err;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::{Error, ErrorClass, Result};
 use tokio::sync::Semaphore;
@@ -323,11 +324,11 @@ impl Params for Http {
 }
 
 impl FunctionSpec for Http {
-    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         if let Some((key, message)) = self.number_problems().into_iter().next() {
-            return Err(format!("`{key}` {message}"));
+            return plan_err!("`{key}` {message}");
         }
-        let url = parse_url(&self.url)?;
+        let url = parse_url(&self.url).map_err(Error::Plan)?;
         let columns: Vec<String> = match &self.columns {
             Some(columns) => columns.clone(),
             None => input
@@ -339,16 +340,16 @@ impl FunctionSpec for Http {
                 .collect(),
         };
         if columns.is_empty() {
-            return Err(
+            return plan_err!(
                 "there is no column to send: every input column starts with `_`; name the \
                  columns in `columns`"
-                    .to_string(),
             );
         }
         for name in &columns {
             let field = input
                 .field_with_name(name)
-                .map_err(|_| format!("the column `{name}` is not in the input"))?;
+                .map_err(|_| format!("the column `{name}` is not in the input"))
+                .map_err(Error::Plan)?;
             // Encodes one null of the type: fails now for a type the JSON writer lacks.
             let probe = Field::new(name, field.data_type().clone(), true);
             RecordBatch::try_new(
@@ -362,23 +363,23 @@ impl FunctionSpec for Http {
                     "the column `{name}` is {}, which cannot be sent as JSON",
                     field.data_type()
                 )
-            })?;
+            })
+            .map_err(Error::Plan)?;
         }
         let mut outputs = Vec::with_capacity(self.outputs.len());
         for o in &self.outputs {
             if o.name == ERROR_FIELD {
-                return Err(
+                return plan_err!(
                     "the output name `error` is reserved: a result's `error` field marks its \
                      row as failed"
-                        .to_string(),
                 );
             }
-            outputs.push((o.name.as_str(), output_type(&o.ty)?));
+            outputs.push((o.name.as_str(), output_type(&o.ty).map_err(Error::Plan)?));
         }
         if outputs.is_empty() {
-            return Err("`outputs` needs at least one result field".to_string());
+            return plan_err!("`outputs` needs at least one result field");
         }
-        let output = extend_schema(input, &outputs)?;
+        let output = extend_schema(input, &outputs).map_err(Error::Plan)?;
 
         // `{"results": [{<outputs>, "error": ...}, ...]}`, decoded as one row.
         let mut result_fields: Vec<Field> = outputs
@@ -394,7 +395,7 @@ impl FunctionSpec for Http {
 
         let mut headers = HeaderMap::new();
         for (name, value) in &self.headers {
-            let (name, value) = parse_header(name, value)?;
+            let (name, value) = parse_header(name, value).map_err(Error::Plan)?;
             headers.insert(name, value);
         }
         let mut builder = reqwest::Client::builder()
@@ -403,11 +404,12 @@ impl FunctionSpec for Http {
             .timeout(self.timeout.get())
             .pool_max_idle_per_host(self.concurrency);
         if let Some(tls) = &self.tls {
-            builder = tls.apply(builder)?;
+            builder = tls.apply(builder).map_err(Error::Plan)?;
         }
         let client = builder
             .build()
-            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
+            .map_err(|e| format!("cannot set up the HTTP client: {e}"))
+            .map_err(Error::Plan)?;
 
         Ok(Arc::new(HttpFactory {
             client,

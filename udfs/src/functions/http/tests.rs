@@ -347,17 +347,21 @@ fn plan_checks_columns_types_and_url() {
     let url = "http://127.0.0.1:9/x";
     let err = |extra: serde_json::Value| spec(url, extra).plan(&schema()).err().unwrap();
     let e = err(json!({ "columns": ["user_id", "nope"] }));
-    assert!(e.contains("`nope` is not in the input"), "{e}");
+    assert!(e.to_string().contains("`nope` is not in the input"), "{e}");
     let e = err(json!({ "outputs": [{ "name": "x", "type": "decimal" }] }));
-    assert!(e.contains("`decimal` is not supported"), "{e}");
+    assert!(e.to_string().contains("`decimal` is not supported"), "{e}");
     let e = err(json!({ "outputs": [{ "name": "comment", "type": "utf8" }] }));
-    assert!(e.contains("already exists"), "{e}");
+    assert!(e.to_string().contains("already exists"), "{e}");
     let e = err(json!({ "outputs": [{ "name": "error", "type": "utf8" }] }));
-    assert!(e.contains("reserved"), "{e}");
+    assert!(e.to_string().contains("reserved"), "{e}");
     let e = err(json!({ "url": "ftp://example.com/x" }));
-    assert!(e.contains("expected an http:// or https:// URL"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("expected an http:// or https:// URL"),
+        "{e}"
+    );
     let e = err(json!({ "max_batch_rows": 0 }));
-    assert!(e.contains("max_batch_rows"), "{e}");
+    assert!(e.to_string().contains("max_batch_rows"), "{e}");
 
     let parsed: Result<Http, _> =
         serde_json::from_value(json!({ "url": url, "outputs": [], "colums": ["a"] }));

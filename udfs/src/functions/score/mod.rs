@@ -44,6 +44,7 @@ use arrow::datatypes::{DataType, Field, Float32Type, SchemaRef};
 use async_trait::async_trait;
 use serde::Deserialize;
 use sluice_engine::config::{Duration, Location, Node, Problems};
+use sluice_engine::plan_err;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::stats::RunStats;
 use sluice_engine::{Error, ErrorClass, Result};
@@ -119,25 +120,29 @@ impl Params for Score {
 }
 
 impl FunctionSpec for Score {
-    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>, String> {
+    fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         let user = input
             .field_with_name(&self.user)
-            .map_err(|_| format!("the user column `{}` is not in the input", self.user))?;
+            .map_err(|_| format!("the user column `{}` is not in the input", self.user))
+            .map_err(Error::Plan)?;
         if !(user.data_type().is_integer()
             || matches!(user.data_type(), DataType::Utf8 | DataType::LargeUtf8))
         {
-            return Err(format!(
+            return plan_err!(
                 "the user column `{}` is {}; it must be text or an integer",
                 self.user,
                 user.data_type()
-            ));
+            );
         }
-        let features = input.field_with_name(&self.features).map_err(|_| {
-            format!(
-                "the features column `{}` is not in the input",
-                self.features
-            )
-        })?;
+        let features = input
+            .field_with_name(&self.features)
+            .map_err(|_| {
+                format!(
+                    "the features column `{}` is not in the input",
+                    self.features
+                )
+            })
+            .map_err(Error::Plan)?;
         let numeric_list = match features.data_type() {
             DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
                 f.data_type().is_numeric()
@@ -145,13 +150,13 @@ impl FunctionSpec for Score {
             _ => false,
         };
         if !numeric_list {
-            return Err(format!(
+            return plan_err!(
                 "the features column `{}` is {}; it must be a list of numbers",
                 self.features,
                 features.data_type()
-            ));
+            );
         }
-        let model = Model::load(&self.model, self.k)?;
+        let model = Model::load(&self.model, self.k).map_err(Error::Plan)?;
         let output = extend_schema(
             input,
             &[
@@ -162,7 +167,8 @@ impl FunctionSpec for Score {
                 ),
                 (&format!("{}_source", self.output), DataType::Utf8),
             ],
-        )?;
+        )
+        .map_err(Error::Plan)?;
         Ok(Arc::new(ScoreFactory {
             model: Arc::new(model),
             user: self.user.clone(),
