@@ -269,6 +269,11 @@ pub async fn supervise(
         supervisor.restart_due()?;
         let mut lag_now = None;
         if let Some((scaler, reader)) = scaling.as_mut() {
+            // One member leaves the group at a time, and the next only a cooldown after the
+            // last has gone (not after it was told to go).
+            if !supervisor.stopping.is_empty() {
+                scaler.hold_scale_down(Instant::now());
+            }
             let reader = reader.clone();
             match tokio::task::spawn_blocking(move || reader.read()).await? {
                 Ok(lag) => {

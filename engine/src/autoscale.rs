@@ -119,6 +119,14 @@ impl Autoscaler {
         &self.policy
     }
 
+    /// A scale-down has not taken effect yet at `now` (a worker process is still leaving
+    /// the group): the next one waits a whole `scale_down_cooldown` from here. A broker
+    /// rebalancing after one member left may lose the group if the next leaves meanwhile
+    /// (tansu did, with two members leaving 1.5 s apart); scale-ups are not held.
+    pub fn hold_scale_down(&mut self, now: Instant) {
+        self.first = Some(now);
+    }
+
     pub fn desired(&self) -> usize {
         self.desired
     }
@@ -326,6 +334,30 @@ mod tests {
             }
         }
         assert_eq!(seen, vec![(10_500, 2), (20_500, 1)]);
+    }
+
+    #[test]
+    fn a_scale_down_still_under_way_holds_the_next_one() {
+        let mut a = Autoscaler::new(policy()).one_step_down();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        a.observe(at(0), 3000, 8);
+        let mut seen = Vec::new();
+        for i in 1..80 {
+            // The first scale-down's worker is still leaving at 11 s to 16.5 s.
+            if (11_000..=16_500).contains(&(500 * i)) {
+                a.hold_scale_down(at(500 * i));
+            }
+            if let Some(d) = a.observe(at(500 * i), 0, 8) {
+                seen.push((500 * i, d.to));
+            }
+        }
+        // The next one a whole cooldown after the first worker has left, not after the
+        // first decision (20.5 s).
+        assert_eq!(seen, vec![(10_500, 2), (26_500, 1)]);
+        // Scale-ups are not held.
+        a.hold_scale_down(at(40_000));
+        assert_eq!(a.observe(at(40_500), 5000, 8).map(|d| d.to), Some(5));
     }
 
     #[test]
