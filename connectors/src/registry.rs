@@ -51,23 +51,3 @@ pub static SINKS: &[SinkEntry] = &[
         parse: parse_sink::<null::NullConfig>,
     },
 ];
-
-/// The source kind named `name`.
-pub fn source(name: &str) -> Option<&'static SourceEntry> {
-    SOURCES.iter().find(|e| e.name == name)
-}
-
-/// The sink kind named `name`.
-pub fn sink(name: &str) -> Option<&'static SinkEntry> {
-    SINKS.iter().find(|e| e.name == name)
-}
-
-/// The names of the source kinds, in the table's order.
-pub fn source_names() -> Vec<&'static str> {
-    SOURCES.iter().map(|e| e.name).collect()
-}
-
-/// The names of the sink kinds, in the table's order.
-pub fn sink_names() -> Vec<&'static str> {
-    SINKS.iter().map(|e| e.name).collect()
-}

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 use crate::Result;
-use crate::config::{Location, Node, Problems, from_node};
+use crate::config::{Location, Node, Problems, from_node, split_kind};
 use crate::dead_letter::{DeadLetterSink, text_schema};
 use crate::sink::Sink;
 use crate::source::Source;
@@ -117,6 +117,46 @@ pub struct SinkEntry {
     pub name: &'static str,
     pub summary: &'static str,
     pub parse: Parse<dyn SinkSpec>,
+}
+
+/// An entry of a table of kinds, named by the `type:` that picks it.
+pub trait Registered: Sync + 'static {
+    fn name(&self) -> &'static str;
+}
+
+impl Registered for SourceEntry {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl Registered for SinkEntry {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl Registered for StageEntry {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// The entry of `table` that `node`'s `type:` names, and the mapping (an unknown or
+/// missing `type` is a problem placed as [`split_kind`] places it, listing the table).
+pub fn split_kind_in<'a, E: Registered>(
+    node: &'a Node,
+    path: &Location,
+    table: &'static [E],
+    problems: &mut Problems,
+) -> Option<(&'static E, &'a Node)> {
+    let names: Vec<&str> = table.iter().map(Registered::name).collect();
+    let (kind, node) = split_kind(node, path, &names, problems)?;
+    let entry = table
+        .iter()
+        .find(|e| e.name() == kind)
+        .expect("split_kind checked the kind");
+    Some((entry, node))
 }
 
 /// [`SourceEntry::parse`] for a configuration type.

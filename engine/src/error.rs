@@ -135,7 +135,8 @@ impl Error {
     }
 
     /// A spawned task that panicked or was cancelled, named by its role (`reader`,
-    /// `worker`, `sink`, ...): one mapping for every task, as Vector's `TaskError`.
+    /// `worker`, `sink`, ...): one mapping for every task, as Vector's `TaskError` (the
+    /// role is what a bare `From<JoinError>` could not say).
     pub fn task(role: &str, e: tokio::task::JoinError) -> Self {
         let how = if e.is_panic() {
             "panicked"
@@ -153,12 +154,6 @@ macro_rules! plan_err {
     ($($arg:tt)*) => {
         Err($crate::Error::Plan(format!($($arg)*)))
     };
-}
-
-impl From<tokio::task::JoinError> for Error {
-    fn from(e: tokio::task::JoinError) -> Self {
-        Error::task("background", e)
-    }
 }
 
 /// An error and its causes as one line (`a: b: c`): clients' own messages are generic, the

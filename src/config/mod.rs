@@ -32,9 +32,11 @@ use sluice_engine::batch;
 use sluice_engine::breaker::{Breaker, BreakerPolicy, Fallback};
 use sluice_engine::config::yaml::{self, Env, ProcessEnv};
 use sluice_engine::config::{
-    Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys, split_kind,
+    Duration, Location, Node, Problems, Value, check_keys, from_node, select_keys,
 };
-use sluice_engine::connector::{SinkSpec, SourceSpec, StageSpec, downcast_sink, downcast_source};
+use sluice_engine::connector::{
+    SinkSpec, SourceSpec, StageSpec, downcast_sink, downcast_source, split_kind_in,
+};
 use sluice_engine::executor::{Batching, CheckpointPolicy};
 use sluice_engine::failure::FailurePolicy;
 

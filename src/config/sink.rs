@@ -19,11 +19,10 @@ pub(super) fn parse_sink(
     path: &Location,
     problems: &mut Problems,
 ) -> Option<SinkConfig> {
-    let (kind, node) = split_kind(node, path, &registry::sink_names(), problems)?;
+    let (entry, node) = split_kind_in(node, path, registry::SINKS, problems)?;
     let common = select_keys(node, SINK_COMMON, true);
     let rest = select_keys(node, SINK_COMMON, false);
     let common: Option<SinkCommon> = from_node(&common, path, &[], problems);
-    let entry = registry::sink(kind).expect("split_kind checked the kind");
     let spec = (entry.parse)(&rest, node, path, SINK_COMMON, problems);
     let common = common?;
     for name in &common.metadata_columns {

@@ -70,11 +70,10 @@ pub(super) fn parse_source(
     path: Location,
     problems: &mut Problems,
 ) -> Option<SourceConfig> {
-    let (kind, node) = split_kind(node, &path, &registry::source_names(), problems)?;
+    let (entry, node) = split_kind_in(node, &path, registry::SOURCES, problems)?;
     let common = select_keys(node, SOURCE_COMMON, true);
     let rest = select_keys(node, SOURCE_COMMON, false);
     let common: Option<SourceCommon> = from_node(&common, &path, &[], problems);
-    let entry = registry::source(kind).expect("split_kind checked the kind");
     let spec = (entry.parse)(&rest, node, &path, SOURCE_COMMON, problems);
     let common = common?;
     if common.batch_size == 0 {

@@ -275,11 +275,10 @@ pub(super) fn parse_stage(
     path: &Location,
     problems: &mut Problems,
 ) -> Option<StageConfig> {
-    let (kind, node) = split_kind(node, path, &registry::stage_names(), problems)?;
+    let (entry, node) = split_kind_in(node, path, registry::STAGES, problems)?;
     let common = select_keys(node, STAGE_COMMON, true);
     let rest = select_keys(node, STAGE_COMMON, false);
     let common: Option<StageCommon> = from_node(&common, path, &[], problems);
-    let entry = registry::stage(kind).expect("split_kind checked the kind");
     let spec = (entry.parse)(&rest, node, path, STAGE_COMMON, problems);
     let common = common?;
     let policy = common.policy(node, path, problems);

@@ -23,13 +23,3 @@ pub static STAGES: &[StageEntry] = &[
         parse: aggregate::parse_stage,
     },
 ];
-
-/// The stage kind named `name`.
-pub fn stage(name: &str) -> Option<&'static StageEntry> {
-    STAGES.iter().find(|e| e.name == name)
-}
-
-/// The names of the stage kinds, in the table's order.
-pub fn stage_names() -> Vec<&'static str> {
-    STAGES.iter().map(|e| e.name).collect()
-}

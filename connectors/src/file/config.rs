@@ -86,56 +86,6 @@ impl FileSourceConfig {
     pub fn resolved_format(&self) -> Option<FileFormat> {
         self.format.or_else(|| FileFormat::from_path(&self.path))
     }
-
-    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
-        let format = self.resolved_format();
-        if format.is_none() && !self.path.is_dir() {
-            problems.at_key(
-                node,
-                path,
-                "format",
-                format!(
-                    "cannot tell the format of `{}` from its extension: set format to jsonl, csv or parquet",
-                    self.path.display()
-                ),
-            );
-        }
-        // A directory without `format` is checked once its files are listed.
-        let text = matches!(format, Some(FileFormat::Jsonl | FileFormat::Csv))
-            || (format.is_none() && !self.path.is_dir());
-        if text && self.schema.is_none() && !self.infer_schema {
-            problems.at_key(
-                node,
-                path,
-                "schema",
-                "a jsonl or csv source needs a `schema`, or `infer_schema: true` to infer one from the data",
-            );
-        }
-        if self.schema.is_some() && self.infer_schema {
-            problems.at_key(
-                node,
-                path,
-                "infer_schema",
-                "give either `schema` or `infer_schema: true`, not both",
-            );
-        }
-        if format == Some(FileFormat::Parquet) && self.infer_schema {
-            problems.at_key(
-                node,
-                path,
-                "infer_schema",
-                "Parquet files carry their schema; infer_schema applies to jsonl and csv",
-            );
-        }
-        if !self.delimiter.is_ascii() {
-            problems.at_key(
-                node,
-                path,
-                "delimiter",
-                "the delimiter must be one ASCII character",
-            );
-        }
-    }
 }
 
 /// Writes batches to files in a directory, rolled by size or age. Each file is written under
@@ -177,29 +127,118 @@ fn default_prefix() -> String {
     "part".to_string()
 }
 
-impl FileSinkConfig {
-    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
-        if self.format == FileFormat::Csv {
-            problems.at_key(
+mod spec {
+    use super::*;
+    use std::sync::Arc;
+
+    use arrow::datatypes::{Schema, SchemaRef};
+    use sluice_engine::Result;
+    use sluice_engine::connector::{SinkSpec, SourceSpec};
+    use sluice_engine::sink::Sink;
+    use sluice_engine::source::Source;
+
+    use crate::file::{FileSink, FileSource};
+
+    impl SourceSpec for FileSourceConfig {
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            let format = self.resolved_format();
+            if format.is_none() && !self.path.is_dir() {
+                problems.at_key(
                 node,
                 path,
                 "format",
-                "the file sink writes jsonl or parquet",
+                format!(
+                    "cannot tell the format of `{}` from its extension: set format to jsonl, csv or parquet",
+                    self.path.display()
+                ),
             );
-        }
-        if self.max_file_size.0 == 0 {
-            problems.at_key(node, path, "max_file_size", "must be more than 0 bytes");
-        }
-        if self.prefix.is_empty()
-            || self.prefix.contains(['/', '\\'])
-            || self.prefix.starts_with('.')
-        {
-            problems.at_key(
+            }
+            // A directory without `format` is checked once its files are listed.
+            let text = matches!(format, Some(FileFormat::Jsonl | FileFormat::Csv))
+                || (format.is_none() && !self.path.is_dir());
+            if text && self.schema.is_none() && !self.infer_schema {
+                problems.at_key(
                 node,
                 path,
-                "prefix",
-                "must be a plain file name start, without slashes or a leading dot",
+                "schema",
+                "a jsonl or csv source needs a `schema`, or `infer_schema: true` to infer one from the data",
             );
+            }
+            if self.schema.is_some() && self.infer_schema {
+                problems.at_key(
+                    node,
+                    path,
+                    "infer_schema",
+                    "give either `schema` or `infer_schema: true`, not both",
+                );
+            }
+            if format == Some(FileFormat::Parquet) && self.infer_schema {
+                problems.at_key(
+                    node,
+                    path,
+                    "infer_schema",
+                    "Parquet files carry their schema; infer_schema applies to jsonl and csv",
+                );
+            }
+            if !self.delimiter.is_ascii() {
+                problems.at_key(
+                    node,
+                    path,
+                    "delimiter",
+                    "the delimiter must be one ASCII character",
+                );
+            }
+        }
+
+        fn declared_schema(&self) -> Option<SchemaRef> {
+            let records = self.schema.as_ref()?.to_arrow();
+            sluice_engine::batch::with_metadata(&records).ok()
+        }
+
+        fn open(&self, batch_size: usize, dead_letters: bool) -> Result<Box<dyn Source>> {
+            let source = FileSource::open(self.clone(), batch_size)?;
+            Ok(Box::new(source.with_dead_letters(dead_letters)))
+        }
+
+        fn open_error_key(&self) -> &'static str {
+            "path"
+        }
+    }
+
+    impl SinkSpec for FileSinkConfig {
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            if self.format == FileFormat::Csv {
+                problems.at_key(
+                    node,
+                    path,
+                    "format",
+                    "the file sink writes jsonl or parquet",
+                );
+            }
+            if self.max_file_size.0 == 0 {
+                problems.at_key(node, path, "max_file_size", "must be more than 0 bytes");
+            }
+            if self.prefix.is_empty()
+                || self.prefix.contains(['/', '\\'])
+                || self.prefix.starts_with('.')
+            {
+                problems.at_key(
+                    node,
+                    path,
+                    "prefix",
+                    "must be a plain file name start, without slashes or a leading dot",
+                );
+            }
+        }
+
+        fn open(&self, _input: &Schema) -> Result<Box<dyn Sink>> {
+            Ok(Box::new(FileSink::open(self.clone())?))
+        }
+
+        fn named_apart(&self, part: &str) -> Option<Arc<dyn SinkSpec>> {
+            let mut config = self.clone();
+            config.prefix = format!("{}-{part}", config.prefix);
+            Some(Arc::new(config))
         }
     }
 }

@@ -49,40 +49,58 @@ fn default_titles() -> u64 {
     10_000
 }
 
-impl GeneratorConfig {
-    /// Pure checks, every problem collected.
-    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
-        let mut bad = |key: &str, msg: String| problems.at_key(node, path, key, msg);
-        if self.partitions == 0 {
-            bad("partitions", "must be at least 1".into());
+mod spec {
+    use super::*;
+
+    use crate::generator::{GeneratorSource, record_schema};
+
+    impl sluice_engine::connector::SourceSpec for GeneratorConfig {
+        /// Pure checks, every problem collected.
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            let mut bad = |key: &str, msg: String| problems.at_key(node, path, key, msg);
+            if self.partitions == 0 {
+                bad("partitions", "must be at least 1".into());
+            }
+            if self.users < u64::from(self.partitions) {
+                bad(
+                    "users",
+                    format!(
+                        "{} users cannot fill {} partitions: every partition needs at least one user",
+                        self.users, self.partitions
+                    ),
+                );
+            }
+            if self.titles == 0 {
+                bad("titles", "must be at least 1".into());
+            }
+            if let Some(rate) = self.rate
+                && !(rate > 0.0 && rate.is_finite())
+            {
+                bad(
+                    "rate",
+                    format!("must be a positive number of records per second, found {rate}"),
+                );
+            }
+            if let Some(t) = &self.start_time
+                && crate::generator::parse_time_ms(t).is_none()
+            {
+                bad(
+                    "start_time",
+                    format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
+                );
+            }
         }
-        if self.users < u64::from(self.partitions) {
-            bad(
-                "users",
-                format!(
-                    "{} users cannot fill {} partitions: every partition needs at least one user",
-                    self.users, self.partitions
-                ),
-            );
+
+        fn declared_schema(&self) -> Option<arrow::datatypes::SchemaRef> {
+            sluice_engine::batch::with_metadata(&record_schema()).ok()
         }
-        if self.titles == 0 {
-            bad("titles", "must be at least 1".into());
-        }
-        if let Some(rate) = self.rate
-            && !(rate > 0.0 && rate.is_finite())
-        {
-            bad(
-                "rate",
-                format!("must be a positive number of records per second, found {rate}"),
-            );
-        }
-        if let Some(t) = &self.start_time
-            && super::parse_time_ms(t).is_none()
-        {
-            bad(
-                "start_time",
-                format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
-            );
+
+        fn open(
+            &self,
+            _batch_size: usize,
+            _dead_letters: bool,
+        ) -> sluice_engine::Result<Box<dyn sluice_engine::source::Source>> {
+            Ok(Box::new(GeneratorSource::new(self.clone())?))
         }
     }
 }

@@ -12,26 +12,3 @@ pub(crate) fn parse_time_ms(text: &str) -> Option<i64> {
         .ok()
         .map(|ns| ns / 1_000_000)
 }
-
-impl sluice_engine::connector::SourceSpec for GeneratorConfig {
-    fn check(
-        &self,
-        node: &sluice_engine::config::Node,
-        path: &sluice_engine::config::Location,
-        problems: &mut sluice_engine::config::Problems,
-    ) {
-        self.validate(node, path, problems);
-    }
-
-    fn declared_schema(&self) -> Option<arrow::datatypes::SchemaRef> {
-        sluice_engine::batch::with_metadata(&record_schema()).ok()
-    }
-
-    fn open(
-        &self,
-        _batch_size: usize,
-        _dead_letters: bool,
-    ) -> sluice_engine::Result<Box<dyn sluice_engine::source::Source>> {
-        Ok(Box::new(GeneratorSource::new(self.clone())?))
-    }
-}

@@ -95,56 +95,6 @@ pub enum MessageFormat {
 }
 
 impl KafkaSourceConfig {
-    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
-        match (self.topics.is_empty(), &self.topic_pattern) {
-            (true, None) => problems.at_key(
-                node,
-                path,
-                "topics",
-                "give `topics` (a list) or `topic_pattern` (a regular expression)",
-            ),
-            (false, Some(_)) => problems.at_key(
-                node,
-                path,
-                "topic_pattern",
-                "give either `topics` or `topic_pattern`, not both",
-            ),
-            (true, Some(pattern)) => {
-                if let Err(e) = regex::Regex::new(pattern) {
-                    problems.at_key(
-                        node,
-                        path,
-                        "topic_pattern",
-                        format!("not a regular expression: {e}"),
-                    );
-                }
-            }
-            (false, None) => {}
-        }
-        for topic in &self.topics {
-            if !valid_topic(topic) {
-                problems.at_key(
-                    node,
-                    path,
-                    "topics",
-                    format!("`{topic}` is not a Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
-                );
-            }
-        }
-        if self.schema.0.is_empty() {
-            problems.at_key(node, path, "schema", "declare at least one field");
-        }
-        let security = (self.tls.as_ref(), self.sasl.as_deref());
-        check_options(
-            &self.options,
-            security,
-            CONSUMER_MANAGED,
-            node,
-            path,
-            problems,
-        );
-    }
-
     /// The librdkafka properties of `tls`, `sasl` and `options`.
     pub fn client_options(&self) -> BTreeMap<String, String> {
         security::client_options(self.tls.as_ref(), self.sasl.as_deref(), &self.options)
@@ -194,26 +144,6 @@ pub struct KafkaSinkConfig {
 }
 
 impl KafkaSinkConfig {
-    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
-        if !valid_topic(&self.topic) {
-            problems.at_key(
-                node,
-                path,
-                "topic",
-                format!("`{}` is not a Kafka topic name", self.topic),
-            );
-        }
-        let security = (self.tls.as_ref(), self.sasl.as_deref());
-        check_options(
-            &self.options,
-            security,
-            PRODUCER_MANAGED,
-            node,
-            path,
-            problems,
-        );
-    }
-
     /// The librdkafka properties of `tls`, `sasl` and `options`.
     pub fn client_options(&self) -> BTreeMap<String, String> {
         security::client_options(self.tls.as_ref(), self.sasl.as_deref(), &self.options)
@@ -257,4 +187,121 @@ fn valid_topic(topic: &str) -> bool {
         && topic
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+mod spec {
+    use super::*;
+    use arrow::datatypes::{Schema, SchemaRef};
+    use sluice_engine::Result;
+    use sluice_engine::connector::{SinkSpec, SourceSpec};
+    use sluice_engine::dead_letter::DeadLetterSink;
+    use sluice_engine::sink::Sink;
+    use sluice_engine::source::Source;
+
+    use crate::kafka::{KafkaSink, KafkaSource};
+
+    impl SourceSpec for KafkaSourceConfig {
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            match (self.topics.is_empty(), &self.topic_pattern) {
+                (true, None) => problems.at_key(
+                    node,
+                    path,
+                    "topics",
+                    "give `topics` (a list) or `topic_pattern` (a regular expression)",
+                ),
+                (false, Some(_)) => problems.at_key(
+                    node,
+                    path,
+                    "topic_pattern",
+                    "give either `topics` or `topic_pattern`, not both",
+                ),
+                (true, Some(pattern)) => {
+                    if let Err(e) = regex::Regex::new(pattern) {
+                        problems.at_key(
+                            node,
+                            path,
+                            "topic_pattern",
+                            format!("not a regular expression: {e}"),
+                        );
+                    }
+                }
+                (false, None) => {}
+            }
+            for topic in &self.topics {
+                if !valid_topic(topic) {
+                    problems.at_key(
+                    node,
+                    path,
+                    "topics",
+                    format!("`{topic}` is not a Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"),
+                );
+                }
+            }
+            if self.schema.0.is_empty() {
+                problems.at_key(node, path, "schema", "declare at least one field");
+            }
+            let security = (self.tls.as_ref(), self.sasl.as_deref());
+            check_options(
+                &self.options,
+                security,
+                CONSUMER_MANAGED,
+                node,
+                path,
+                problems,
+            );
+        }
+
+        /// The Kafka source's schema never needs a connection.
+        fn declared_schema(&self) -> Option<SchemaRef> {
+            KafkaSource::new(self.clone(), 1, false)
+                .ok()
+                .map(|s| s.schema())
+        }
+
+        fn open(&self, batch_size: usize, dead_letters: bool) -> Result<Box<dyn Source>> {
+            Ok(Box::new(KafkaSource::new(
+                self.clone(),
+                batch_size,
+                dead_letters,
+            )?))
+        }
+    }
+
+    impl SinkSpec for KafkaSinkConfig {
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            if !valid_topic(&self.topic) {
+                problems.at_key(
+                    node,
+                    path,
+                    "topic",
+                    format!("`{}` is not a Kafka topic name", self.topic),
+                );
+            }
+            let security = (self.tls.as_ref(), self.sasl.as_deref());
+            check_options(
+                &self.options,
+                security,
+                PRODUCER_MANAGED,
+                node,
+                path,
+                problems,
+            );
+        }
+
+        fn open(&self, input: &Schema) -> Result<Box<dyn Sink>> {
+            Ok(Box::new(KafkaSink::open(self.clone(), input)?))
+        }
+
+        /// The records' bytes with provenance headers, not rows of text.
+        fn open_dead_letter(&self) -> Result<DeadLetterSink> {
+            Ok(DeadLetterSink {
+                sink: Box::new(KafkaSink::open_dead_letter(self.clone())?),
+                text: false,
+            })
+        }
+
+        fn open_error_key(&self) -> &'static str {
+            "type"
+        }
+    }
 }

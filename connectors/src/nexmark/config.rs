@@ -48,36 +48,54 @@ fn default_in_flight_auctions() -> u64 {
     100
 }
 
-impl NexmarkConfig {
-    /// Pure checks, every problem collected.
-    pub fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
-        let mut bad = |key: &str, msg: String| problems.at_key(node, path, key, msg);
-        if self.partitions == 0 {
-            bad("partitions", "must be at least 1".into());
-        }
-        for (key, value) in [("rate", self.rate), ("event_rate", self.event_rate)] {
-            if let Some(r) = value
-                && !(r > 0.0 && r.is_finite())
+mod spec {
+    use super::*;
+
+    use crate::nexmark::{NexmarkSource, record_schema};
+
+    impl sluice_engine::connector::SourceSpec for NexmarkConfig {
+        /// Pure checks, every problem collected.
+        fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            let mut bad = |key: &str, msg: String| problems.at_key(node, path, key, msg);
+            if self.partitions == 0 {
+                bad("partitions", "must be at least 1".into());
+            }
+            for (key, value) in [("rate", self.rate), ("event_rate", self.event_rate)] {
+                if let Some(r) = value
+                    && !(r > 0.0 && r.is_finite())
+                {
+                    bad(
+                        key,
+                        format!("must be a positive number of events per second, found {r}"),
+                    );
+                }
+            }
+            if self.active_people == 0 {
+                bad("active_people", "must be at least 1".into());
+            }
+            if self.in_flight_auctions == 0 {
+                bad("in_flight_auctions", "must be at least 1".into());
+            }
+            if let Some(t) = &self.start_time
+                && crate::generator::parse_time_ms(t).is_none()
             {
                 bad(
-                    key,
-                    format!("must be a positive number of events per second, found {r}"),
+                    "start_time",
+                    format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
                 );
             }
         }
-        if self.active_people == 0 {
-            bad("active_people", "must be at least 1".into());
+
+        fn declared_schema(&self) -> Option<arrow::datatypes::SchemaRef> {
+            sluice_engine::batch::with_metadata(&record_schema()).ok()
         }
-        if self.in_flight_auctions == 0 {
-            bad("in_flight_auctions", "must be at least 1".into());
-        }
-        if let Some(t) = &self.start_time
-            && crate::generator::parse_time_ms(t).is_none()
-        {
-            bad(
-                "start_time",
-                format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
-            );
+
+        fn open(
+            &self,
+            _batch_size: usize,
+            _dead_letters: bool,
+        ) -> sluice_engine::Result<Box<dyn sluice_engine::source::Source>> {
+            Ok(Box::new(NexmarkSource::new(self.clone())?))
         }
     }
 }

@@ -185,11 +185,8 @@ fn assemble(
         .map_err(|e| Error::arrow("removing failed rows", e))
 }
 
-/// `type: function`: a registered function and its parameters, read by the function.
-pub struct FunctionStage {
-    pub function: String,
-    pub spec: Box<dyn FunctionSpec>,
-}
+/// `type: function`: a registered function with its parameters, read by the function.
+pub struct FunctionStage(Box<dyn FunctionSpec>);
 
 /// `type: function`, as written.
 #[derive(serde::Deserialize)]
@@ -210,7 +207,7 @@ impl StageSpec for FunctionStage {
     }
 
     async fn plan(&self, _name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        self.spec.plan(input)
+        self.0.plan(input)
     }
 }
 
@@ -243,5 +240,5 @@ pub fn parse_stage(
     };
     let params = node.get("params").unwrap_or(&empty);
     let spec = (entry.parse)(params, &path.key("params"), problems)?;
-    Some(Arc::new(FunctionStage { function, spec }))
+    Some(Arc::new(FunctionStage(spec)))
 }
