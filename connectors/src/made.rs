@@ -14,14 +14,14 @@ use sluice_engine::source::LogEnd;
 use tokio::time::Instant;
 
 /// One partition of a made-up stream: the next offset, what is left of its count, its pace.
-pub(crate) struct Progress {
+pub(crate) struct MadePartition {
     info: Arc<PartitionInfo>,
     next_offset: i64,
     remaining: Option<u64>,
     pace: Option<Pace>,
 }
 
-impl Progress {
+impl MadePartition {
     /// Partition `id` of `partitions`, named `name`, of a stream of `count` records in all
     /// (split evenly, the first partitions taking the rest) made at `rate` records per
     /// second in all; it resumes where `checkpoint` says.
@@ -38,7 +38,7 @@ impl Progress {
         let count = count.map(|c| c / n + u64::from(p < c % n));
         let start = checkpoint.start_of(&name).max(0) as u64;
         let start = count.map_or(start, |c| start.min(c));
-        Progress {
+        MadePartition {
             info: Arc::new(PartitionInfo { id, name }),
             next_offset: start as i64,
             remaining: count.map(|c| c - start),

@@ -42,9 +42,9 @@ pub trait StageState: Send + Sync {
 
     /// The partition is being revoked: its reader stops, and once its last batch is in a
     /// checkpoint [`StageState::release`] follows, unless it is assigned again first.
-    /// The pipeline's progress in a partition just assigned (its position and the source's
+    /// What the lag of a partition just assigned is computed from (its position and the source's
     /// end of it), given right after [`StageState::assign`].
-    fn watch(&self, _partition: &PartitionInfo, _progress: &Arc<crate::stats::PartitionProgress>) {}
+    fn watch(&self, _partition: &PartitionInfo, _lag: &Arc<crate::stats::PartitionLag>) {}
 
     /// No more assignments will come (a bounded source has assigned all its partitions):
     /// restored partitions not assigned by now are not this process's.

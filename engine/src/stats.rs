@@ -177,12 +177,12 @@ pub struct RunStats {
     pub scaled_up: AtomicU64,
     pub scaled_down: AtomicU64,
     /// The partitions this process reads, by name, with what their lag is computed from.
-    pub partitions: Mutex<BTreeMap<Arc<str>, Arc<PartitionProgress>>>,
+    pub partitions: Mutex<BTreeMap<Arc<str>, Arc<PartitionLag>>>,
     pub stages: Vec<StageStats>,
 }
 
 /// How far one partition is: the source's end of it and the pipeline's position in it.
-pub struct PartitionProgress {
+pub struct PartitionLag {
     /// Where the partition ends now (Kafka: the log end offset), when the source can tell.
     pub end: Option<Arc<dyn LogEnd>>,
     /// The next offset not yet done: committed by a checkpoint when the pipeline takes
@@ -191,18 +191,18 @@ pub struct PartitionProgress {
     pub position: AtomicI64,
 }
 
-impl std::fmt::Debug for PartitionProgress {
+impl std::fmt::Debug for PartitionLag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartitionProgress")
+        f.debug_struct("PartitionLag")
             .field("end", &self.end.as_ref().and_then(|e| e.log_end()))
             .field("position", &self.position.load(Ordering::Relaxed))
             .finish()
     }
 }
 
-impl PartitionProgress {
+impl PartitionLag {
     pub fn new(end: Option<Arc<dyn LogEnd>>) -> Self {
-        PartitionProgress {
+        PartitionLag {
             end,
             position: AtomicI64::new(i64::MIN),
         }
@@ -270,8 +270,8 @@ impl RunStats {
         partitions.values().filter_map(|p| p.lag()).sum()
     }
 
-    /// The partition's progress, registered when it is assigned.
-    pub fn partition(&self, name: &str) -> Option<Arc<PartitionProgress>> {
+    /// What the partition's lag is computed from, registered when it is assigned.
+    pub fn partition(&self, name: &str) -> Option<Arc<PartitionLag>> {
         self.partitions
             .lock()
             .expect("partitions lock")

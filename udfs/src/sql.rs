@@ -60,7 +60,7 @@ struct Planned {
     task: Arc<TaskContext>,
 }
 
-async fn plan(query: &str, input: &SchemaRef) -> Result<Planned, String> {
+async fn plan(query: &str, input: &SchemaRef) -> Result<Planned> {
     let config = SessionConfig::new()
         .with_target_partitions(1)
         .with_batch_size(64 * 1024)
@@ -74,9 +74,9 @@ async fn plan(query: &str, input: &SchemaRef) -> Result<Planned, String> {
         input.clone(),
         vec![slot.clone() as Arc<dyn PartitionStream>],
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Error::Plan(clean(&e)))?;
     ctx.register_table(INPUT_TABLE, Arc::new(table))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Plan(clean(&e)))?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -84,10 +84,15 @@ async fn plan(query: &str, input: &SchemaRef) -> Result<Planned, String> {
     let frame = ctx
         .sql_with_options(query, options)
         .await
-        .map_err(|e| clean(&e))?;
-    let plan = frame.create_physical_plan().await.map_err(|e| clean(&e))?;
+        .map_err(|e| Error::Plan(clean(&e)))?;
+    let plan = frame
+        .create_physical_plan()
+        .await
+        .map_err(|e| Error::Plan(clean(&e)))?;
     if plan.properties().output_partitioning().partition_count() != 1 {
-        return Err("the query plan has more than one partition; this is a bug in Sluice".into());
+        return Err(Error::Internal(
+            "the query plan has more than one partition".into(),
+        ));
     }
     Ok(Planned {
         slot,
@@ -120,9 +125,9 @@ pub struct SqlStageFactory {
 }
 
 impl SqlStageFactory {
-    /// Plans `query` against `input`. The error is DataFusion's reason, for the caller to
-    /// place at the query in the YAML.
-    pub async fn plan(query: &str, input: SchemaRef) -> Result<Self, String> {
+    /// Plans `query` against `input`. The error ([`Error::Plan`]) is DataFusion's reason,
+    /// for the caller to place at the query in the YAML.
+    pub async fn plan(query: &str, input: SchemaRef) -> Result<Self> {
         let planned = plan(query, &input).await?;
         Ok(SqlStageFactory {
             query: query.into(),
@@ -157,7 +162,7 @@ pub struct SqlStage {
 #[async_trait]
 impl Stage for SqlStage {
     async fn open(&mut self, _ctx: &StageContext) -> Result<()> {
-        let planned = plan(&self.query, &self.input).await.map_err(Error::Plan)?;
+        let planned = plan(&self.query, &self.input).await?;
         self.planned = Some(planned);
         Ok(())
     }
@@ -246,12 +251,14 @@ mod tests {
         let e = SqlStageFactory::plan("SELECT nope FROM input", schema.clone())
             .await
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.contains("nope"), "{e}");
         let e = SqlStageFactory::plan("CREATE TABLE x (a INT)", schema)
             .await
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.to_lowercase().contains("ddl"), "{e}");
     }
 
@@ -284,10 +291,9 @@ impl sluice_engine::connector::StageSpec for SqlSpec {
     }
 
     async fn plan(&self, _name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        match SqlStageFactory::plan(&self.query, input.clone()).await {
-            Ok(factory) => Ok(Arc::new(factory)),
-            Err(reason) => sluice_engine::plan_err!("{reason}"),
-        }
+        Ok(Arc::new(
+            SqlStageFactory::plan(&self.query, input.clone()).await?,
+        ))
     }
 }
 

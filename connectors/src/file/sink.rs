@@ -125,7 +125,7 @@ impl FileSink {
                     .build();
                 FileWriter::Parquet(
                     ArrowWriter::try_new(file, batch.schema(), Some(props))
-                        .map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?,
+                        .map_err(|e| parquet_error(&tmp, e))?,
                 )
             }
             _ => FileWriter::Json(crate::json::lines_writer(BufWriter::with_capacity(
@@ -157,9 +157,7 @@ impl FileSink {
                     .map_err(|e| Error::io(&open.tmp, e.into_error()))?;
                 counted.file
             }
-            FileWriter::Parquet(w) => w
-                .into_inner()
-                .map_err(|e| Error::Internal(format!("{}: {e}", open.tmp.display())))?,
+            FileWriter::Parquet(w) => w.into_inner().map_err(|e| parquet_error(&open.tmp, e))?,
         };
         file.sync_all().map_err(|e| Error::io(&open.tmp, e))?;
         drop(file);
@@ -204,9 +202,7 @@ impl Sink for FileSink {
             FileWriter::Json(w) => w
                 .write(&batch)
                 .map_err(|e| Error::arrow(open.tmp.display().to_string(), e))?,
-            FileWriter::Parquet(w) => w
-                .write(&batch)
-                .map_err(|e| Error::Internal(format!("{}: {e}", open.tmp.display())))?,
+            FileWriter::Parquet(w) => w.write(&batch).map_err(|e| parquet_error(&open.tmp, e))?,
         }
         self.rows += batch.num_rows() as u64;
         if open.writer.size() >= self.config.max_file_size.0 {
@@ -248,6 +244,23 @@ impl Sink for FileSink {
             sluice_engine::config::ByteSize(self.bytes),
             self.config.path.display()
         )
+    }
+}
+
+/// The Parquet writer's error as the engine's: the file system's faults stay I/O errors
+/// (a full disk may pass), the rest are the rows' encoding.
+fn parquet_error(path: &Path, e: parquet::errors::ParquetError) -> Error {
+    match e {
+        parquet::errors::ParquetError::External(inner) => {
+            match inner.downcast::<std::io::Error>() {
+                Ok(io) => Error::io(path, *io),
+                Err(other) => Error::arrow(
+                    path.display().to_string(),
+                    arrow::error::ArrowError::ExternalError(other),
+                ),
+            }
+        }
+        other => Error::arrow(path.display().to_string(), other.into()),
     }
 }
 

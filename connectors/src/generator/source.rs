@@ -23,7 +23,7 @@ use sluice_engine::{Error, Result};
 use std::sync::Arc;
 
 use super::GeneratorConfig;
-use crate::made::Progress;
+use crate::made::MadePartition;
 
 const EVENT_TYPES: [(&str, u32); 5] = [
     ("play", 60),
@@ -156,7 +156,7 @@ impl GeneratorSource {
     /// its records are those an uninterrupted run would have made.
     pub fn partition(&self, id: u32) -> GeneratorPartition {
         let p = u64::from(id);
-        let progress = Progress::new(
+        let made = MadePartition::new(
             format!("generator/{id}"),
             id,
             self.config.partitions,
@@ -166,13 +166,13 @@ impl GeneratorSource {
         );
         let seed = self.config.seed ^ p.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut rng = Pcg64Mcg::seed_from_u64(seed);
-        rng.advance(progress.next_offset() as u128 * DRAWS_PER_RECORD);
+        rng.advance(made.next_offset() as u128 * DRAWS_PER_RECORD);
         GeneratorPartition {
             plan: self.plan.clone(),
             partition: p,
             users_here: self.plan.users_per_partition + u64::from(p < self.plan.extra_users),
             rng,
-            progress,
+            made,
         }
     }
 }
@@ -209,13 +209,13 @@ pub struct GeneratorPartition {
     partition: u64,
     users_here: u64,
     rng: Pcg64Mcg,
-    progress: Progress,
+    made: MadePartition,
 }
 
 impl GeneratorPartition {
     /// Generates the next `n` records (fewer when the partition's count runs out).
     pub fn generate(&mut self, n: usize) -> Result<Envelope> {
-        let n = self.progress.clamp(n);
+        let n = self.made.clamp(n);
         let plan = &self.plan;
         let mut user_id = Int64Builder::with_capacity(n);
         let mut title_id = Int64Builder::with_capacity(n);
@@ -225,7 +225,7 @@ impl GeneratorPartition {
         let mut watch = Int32Builder::with_capacity(n);
         let mut bitrate = Int32Builder::with_capacity(n);
         let mut event_time = Vec::with_capacity(n);
-        let first = self.progress.next_offset();
+        let first = self.made.next_offset();
         for i in 0..n as i64 {
             let a = self.rng.next_u64();
             let b = self.rng.next_u64();
@@ -261,25 +261,25 @@ impl GeneratorPartition {
         ];
         let records = RecordBatch::try_new(Arc::new(record_schema()), columns)
             .map_err(|e| Error::arrow("building generated records", e))?;
-        self.progress.envelope(&plan.schema, records, event_time)
+        self.made.envelope(&plan.schema, records, event_time)
     }
 }
 
 #[async_trait]
 impl PartitionReader for GeneratorPartition {
     fn info(&self) -> &Arc<PartitionInfo> {
-        self.progress.info()
+        self.made.info()
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
-        match self.progress.due(max).await {
+        match self.made.due(max).await {
             Some(n) => self.generate(n).map(Some),
             None => Ok(None),
         }
     }
 
     fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
-        self.progress.log_end()
+        self.made.log_end()
     }
 }
 

@@ -60,7 +60,7 @@ impl GroupLag {
                 let anchored = config.subscription().remove(0);
                 Some(
                     regex::Regex::new(&anchored)
-                        .map_err(|e| Error::Internal(format!("topic_pattern `{anchored}`: {e}")))?,
+                        .map_err(|e| Error::Plan(format!("topic_pattern `{anchored}`: {e}")))?,
                 )
             }
             None => None,

@@ -95,7 +95,7 @@ impl Checkpointing {
             for state in &self.states {
                 state.release(&partition);
             }
-            // A later owner of the partition reports its own progress.
+            // A later owner of the partition reports its own position.
             offsets.received.remove(&partition.name);
             offsets.committed.remove(&partition.name);
             let _ = done.send(());

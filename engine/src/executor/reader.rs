@@ -13,7 +13,7 @@ use super::lanes::{Ledger, Splitter};
 use super::messages::{Route, WorkerMsg};
 use crate::batch::{Envelope, PartitionInfo};
 use crate::source::PartitionReader;
-use crate::stats::{PartitionProgress, RunStats};
+use crate::stats::{PartitionLag, RunStats};
 use crate::{Error, Result};
 
 /// Accumulates reads into batches of `size` records or `window` of time.
@@ -102,7 +102,7 @@ pub(super) async fn read_partition(
     splitter: Option<Arc<Splitter>>,
     stop: CancellationToken,
     stats: Arc<RunStats>,
-    progress: Arc<PartitionProgress>,
+    lag: Arc<PartitionLag>,
 ) -> Result<mpsc::Sender<WorkerMsg>> {
     let info = reader.info().clone();
     // Split partitions read a batch per lane at a time, so that each lane's part is about
@@ -132,7 +132,7 @@ pub(super) async fn read_partition(
         let Some(env) = next else { break };
         if end.is_none() {
             // Lag counts from the first record read until a checkpoint says more.
-            progress.start_at(env.offsets.start);
+            lag.start_at(env.offsets.start);
         }
         end = Some(env.offsets.end);
         RunStats::add(&stats.records_in, env.batch.num_rows() as u64);

@@ -184,7 +184,7 @@ impl SinkTask {
             }
         }
         // Output made at the end of a partition (closed windows) carries an empty range: it
-        // never starts or lowers a partition's progress.
+        // never starts or lowers a partition's position.
         match self.offsets.received.get_mut(&env.partition.name) {
             Some(end) => *end = (*end).max(done),
             None if !env.offsets.is_empty() => {

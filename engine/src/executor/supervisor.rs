@@ -20,7 +20,7 @@ use crate::autoscale::Autoscaler;
 use crate::batch::PartitionInfo;
 use crate::source::{Assignment, Source};
 use crate::state::StageState;
-use crate::stats::{PartitionProgress, RunStats};
+use crate::stats::{PartitionLag, RunStats};
 use crate::{Error, Result};
 
 /// Where one lane of a partition goes: with a parallelization factor of n, a partition's
@@ -188,18 +188,18 @@ impl Supervisor {
                 for state in &self.states {
                     state.assign(&info);
                 }
-                let progress = Arc::new(PartitionProgress::new(reader.log_end()));
+                let lag = Arc::new(PartitionLag::new(reader.log_end()));
                 if let Some(start) = reader.start_offset() {
-                    progress.start_at(start);
+                    lag.start_at(start);
                 }
                 for state in &self.states {
-                    state.watch(&info, &progress);
+                    state.watch(&info, &lag);
                 }
                 self.stats
                     .partitions
                     .lock()
                     .expect("partitions lock")
-                    .insert(info.name.clone(), progress.clone());
+                    .insert(info.name.clone(), lag.clone());
                 let task = self.readers.spawn(read_partition(
                     reader,
                     self.batching,
@@ -207,7 +207,7 @@ impl Supervisor {
                     self.splitter.clone(),
                     part_stop.clone(),
                     self.stats.clone(),
-                    progress,
+                    lag,
                 ));
                 self.reader_tasks.insert(task.id(), id);
                 let handle = PartitionHandle {

@@ -81,7 +81,7 @@ pub(super) async fn worker_loop(
                 continue;
             }
             WorkerMsg::Emit(partition) => {
-                // Offsets 0..0: never moves the partition's progress (see `sink_loop`).
+                // Offsets 0..0: never moves the partition's position (see `sink_loop`).
                 if !chain.send_pending(&partition, 0, &sink).await? {
                     break;
                 }

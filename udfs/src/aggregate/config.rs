@@ -281,22 +281,14 @@ impl AggregateConfig {
     }
 
     /// Plans the stage against its input schema; the error is a sentence for the user.
-    pub fn plan(
-        &self,
-        stage: &str,
-        input: &SchemaRef,
-    ) -> std::result::Result<Arc<dyn StageFactory>, String> {
+    pub fn plan(&self, stage: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         self.factory(stage, input).map(|f| Arc::new(f) as _)
     }
 
-    pub(super) fn factory(
-        &self,
-        stage: &str,
-        input: &SchemaRef,
-    ) -> std::result::Result<AggregateFactory, String> {
+    pub(super) fn factory(&self, stage: &str, input: &SchemaRef) -> Result<AggregateFactory> {
         let column = |name: &str, what: &str| {
             input.index_of(name).map_err(|_| {
-                format!(
+                Error::Plan(format!(
                     "{what} `{name}` is not a column of the stage's input; it has {}",
                     input
                         .fields()
@@ -304,18 +296,18 @@ impl AggregateConfig {
                         .map(|f| format!("`{}`", f.name()))
                         .collect::<Vec<_>>()
                         .join(", ")
-                )
+                ))
             })
         };
         let event_time = column(&self.event_time, "the event-time column")?;
         match input.field(event_time).data_type() {
             DataType::Timestamp(..) | DataType::Int64 => {}
             other => {
-                return Err(format!(
+                return plan_err!(
                     "the event-time column `{}` is {other}; it must be a timestamp or Int64 \
                      milliseconds since the epoch",
                     self.event_time
-                ));
+                );
             }
         }
         let mut fields = Vec::new();
@@ -325,10 +317,7 @@ impl AggregateConfig {
             let i = column(name, "the group_by column")?;
             let field = input.field(i);
             if !RowConverter::supports_fields(&[SortField::new(field.data_type().clone())]) {
-                return Err(format!(
-                    "cannot group by `{name}` of type {}",
-                    field.data_type()
-                ));
+                return plan_err!("cannot group by `{name}` of type {}", field.data_type());
             }
             group_by.push(i);
             sort_fields.push(SortField::new(field.data_type().clone()));
@@ -342,27 +331,28 @@ impl AggregateConfig {
                 func,
                 column: col,
                 by,
-            } = parse_expression(text).map_err(|e| format!("`{name}`: {e}"))?;
+            } = parse_expression(text).map_err(|e| Error::Plan(format!("`{name}`: {e}")))?;
             let read = |c: &String| {
                 let i = column(c, &format!("`{name}` reads"))?;
                 let ty = input.field(i).data_type();
-                let kind = Kind::of(ty)
-                    .ok_or_else(|| format!("`{name}`: cannot aggregate `{c}` of type {ty}"))?;
-                Ok::<_, String>((i, kind, ty.clone()))
+                let kind = Kind::of(ty).ok_or_else(|| {
+                    Error::Plan(format!("`{name}`: cannot aggregate `{c}` of type {ty}"))
+                })?;
+                Ok::<_, Error>((i, kind, ty.clone()))
             };
             let input_col = col.as_ref().map(read).transpose()?;
             if let (Some((_, Kind::Text, _)), Some(c)) = (&input_col, &col)
                 && matches!(func, Func::Sum | Func::Avg)
             {
-                return Err(format!("`{name}`: `{c}` is text; sum and avg need numbers"));
+                return plan_err!("`{name}`: `{c}` is text; sum and avg need numbers");
             }
             let by = by.as_ref().map(read).transpose()?.map(|(i, k, _)| (i, k));
             let output = AggDef::output_type(func, input_col.as_ref().map(|(_, k, t)| (t, *k)));
             if fields.iter().any(|f| f.name() == name) {
-                return Err(format!(
+                return plan_err!(
                     "the output column `{name}` is also a group_by column or window_start/window_end; \
                      choose another name"
-                ));
+                );
             }
             fields.push(Field::new(name, output.clone(), true));
             aggs.push(AggDef {
@@ -373,7 +363,8 @@ impl AggregateConfig {
                 output,
             });
         }
-        let converter = RowConverter::new(sort_fields).map_err(|e| e.to_string())?;
+        let converter = RowConverter::new(sort_fields)
+            .map_err(|e| Error::arrow("ordering the group keys", e))?;
         let output: SchemaRef = Arc::new(Schema::new(fields));
         let plan = Plan {
             stage: stage.into(),
@@ -405,7 +396,7 @@ impl StageSpec for AggregateConfig {
     }
 
     async fn plan(&self, name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        AggregateConfig::plan(self, name, input).map_err(Error::Plan)
+        AggregateConfig::plan(self, name, input)
     }
 }
 

@@ -55,7 +55,7 @@ use sluice_engine::config::{Location, Node, Problems};
 use sluice_engine::connector::StageSpec;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::state::StageState;
-use sluice_engine::{Error, ErrorClass, Result};
+use sluice_engine::{Error, ErrorClass, Result, plan_err};
 
 use acc::{AggDef, Func, Kind};
 pub use state::WindowKind;

@@ -99,8 +99,7 @@ impl FunctionSpec for AbBucket {
     fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         let key_type = input
             .field_with_name(&self.key)
-            .map_err(|_| format!("the key column `{}` is not in the input", self.key))
-            .map_err(Error::Plan)?
+            .map_err(|_| Error::Plan(format!("the key column `{}` is not in the input", self.key)))?
             .data_type()
             .clone();
         let key_kind = match key_type {
@@ -117,7 +116,7 @@ impl FunctionSpec for AbBucket {
         if let Some(b) = &self.bucket_output {
             new.push((b.as_str(), DataType::UInt16));
         }
-        let output = extend_schema(input, &new).map_err(Error::Plan)?;
+        let output = extend_schema(input, &new)?;
         let total: u64 = self.variants.0.iter().map(|(_, w)| u64::from(*w)).sum();
         let mut acc = 0u64;
         let thresholds = self

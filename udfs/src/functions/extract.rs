@@ -69,10 +69,9 @@ impl Params for Extract {
 
 impl FunctionSpec for Extract {
     fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        let field = input
-            .field_with_name(&self.column)
-            .map_err(|_| format!("the column `{}` is not in the input", self.column))
-            .map_err(Error::Plan)?;
+        let field = input.field_with_name(&self.column).map_err(|_| {
+            Error::Plan(format!("the column `{}` is not in the input", self.column))
+        })?;
         if !matches!(
             field.data_type(),
             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
@@ -83,9 +82,7 @@ impl FunctionSpec for Extract {
                 field.data_type()
             );
         }
-        let regex = Regex::new(&self.pattern)
-            .map_err(|e| e.to_string())
-            .map_err(Error::Plan)?;
+        let regex = Regex::new(&self.pattern).map_err(|e| Error::Plan(e.to_string()))?;
         let groups: Vec<(usize, String)> = regex
             .capture_names()
             .enumerate()
@@ -95,7 +92,7 @@ impl FunctionSpec for Extract {
             .iter()
             .map(|(_, n)| (n.as_str(), DataType::Utf8))
             .collect();
-        let output = extend_schema(input, &new).map_err(Error::Plan)?;
+        let output = extend_schema(input, &new)?;
         Ok(Arc::new(ExtractFactory {
             column: self.column.clone(),
             regex,

@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use sluice_engine::config::{Location, Node, Problems, from_node};
 use sluice_engine::connector::StageSpec;
 use sluice_engine::stage::{RowFailure, StageFactory};
-use sluice_engine::{Error, Result};
+use sluice_engine::{Error, Result, plan_err};
 
 /// A function's parameters, read and checked, ready to plan against an input schema.
 pub trait FunctionSpec: Send + Sync {
@@ -150,13 +150,13 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// The input schema plus new nullable columns; fails when a name is taken.
-fn extend_schema(input: &SchemaRef, new: &[(&str, DataType)]) -> Result<SchemaRef, String> {
+fn extend_schema(input: &SchemaRef, new: &[(&str, DataType)]) -> Result<SchemaRef> {
     let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
     for (name, ty) in new {
         if input.field_with_name(name).is_ok() {
-            return Err(format!(
+            return plan_err!(
                 "the output column `{name}` already exists in the input; choose another name"
-            ));
+            );
         }
         fields.push(Field::new(*name, ty.clone(), true));
     }

@@ -92,10 +92,9 @@ impl Params for Model {
 impl FunctionSpec for Model {
     fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
         for name in &self.inputs {
-            let field = input
-                .field_with_name(name)
-                .map_err(|_| format!("the input column `{name}` is not in the input"))
-                .map_err(Error::Plan)?;
+            let field = input.field_with_name(name).map_err(|_| {
+                Error::Plan(format!("the input column `{name}` is not in the input"))
+            })?;
             let ty = field.data_type();
             if !(ty.is_integer() || ty.is_floating() || *ty == DataType::Boolean) {
                 return plan_err!(
@@ -109,8 +108,8 @@ impl FunctionSpec for Model {
             .iter()
             .map(|n| (n.as_str(), DataType::Float32))
             .collect();
-        let output = extend_schema(input, &new).map_err(Error::Plan)?;
-        let plan = load(&self.path, self.inputs.len(), self.outputs.len()).map_err(Error::Plan)?;
+        let output = extend_schema(input, &new)?;
+        let plan = load(&self.path, self.inputs.len(), self.outputs.len())?;
         Ok(Arc::new(ModelFactory {
             path: self.path.as_str().into(),
             inputs: self.inputs.as_slice().into(),
@@ -123,10 +122,10 @@ impl FunctionSpec for Model {
 
 /// Reads the ONNX file and optimises it for float32 `[N, features]` inputs, `N` symbolic.
 /// Errors are sentences for the user naming the file.
-fn load(path: &str, features: usize, outputs: usize) -> Result<Arc<TypedRunnableModel>, String> {
+fn load(path: &str, features: usize, outputs: usize) -> Result<Arc<TypedRunnableModel>> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => {}
-        Ok(_) => return Err(format!("the model path `{path}` is not a file")),
+        Ok(_) => return plan_err!("the model path `{path}` is not a file"),
         Err(e) if e.kind() == ErrorKind::NotFound => {
             let from = if Path::new(path).is_relative() {
                 std::env::current_dir()
@@ -135,47 +134,49 @@ fn load(path: &str, features: usize, outputs: usize) -> Result<Arc<TypedRunnable
             } else {
                 String::new()
             };
-            return Err(format!("the model file `{path}` does not exist{from}"));
+            return plan_err!("the model file `{path}` does not exist{from}");
         }
-        Err(e) => return Err(format!("cannot read the model file `{path}`: {e}")),
+        Err(e) => return plan_err!("cannot read the model file `{path}`: {e}"),
     }
-    let model = tract_onnx::onnx()
-        .model_for_path(path)
-        .map_err(|e| format!("`{path}` is not an ONNX model tract can read: {e:#}"))?;
+    let model = tract_onnx::onnx().model_for_path(path).map_err(|e| {
+        Error::Plan(format!(
+            "`{path}` is not an ONNX model tract can read: {e:#}"
+        ))
+    })?;
 
     let ins = model.input_outlets().map_or(0, <[_]>::len);
     let outs = model.output_outlets().map_or(0, <[_]>::len);
     if ins != 1 || outs != 1 {
-        return Err(format!(
+        return plan_err!(
             "the model `{path}` has {} and {}; the model stage needs exactly one of each",
             count(ins, "input"),
             count(outs, "output")
-        ));
+        );
     }
 
     // What the file declares, checked first so a width mismatch reads as one, not as a
     // shape error deep in the graph.
     let declared = &model
         .input_fact(0)
-        .map_err(|e| format!("the model `{path}` has no readable input: {e:#}"))?
+        .map_err(|e| Error::Plan(format!("the model `{path}` has no readable input: {e:#}")))?
         .shape;
     let dims: Vec<&GenericFactoid<TDim>> = declared.dims().collect();
     if !declared.is_open() && dims.len() != 2 {
-        return Err(format!(
+        return plan_err!(
             "the model `{path}` takes a rank-{} input; the model stage feeds it a \
              [rows, features] matrix",
             dims.len()
-        ));
+        );
     }
     if let Some(GenericFactoid::Only(d)) = dims.get(1)
         && let Some(width) = d.as_i64()
         && width != features as i64
     {
-        return Err(format!(
+        return plan_err!(
             "the model `{path}` takes {} per row but `inputs` lists {}",
             count(width as usize, "feature"),
             count(features, "column")
-        ));
+        );
     }
     // Keep the file's own batch symbol when it names one: other declared shapes may use it.
     let batch = match dims.first() {
@@ -188,52 +189,54 @@ fn load(path: &str, features: usize, outputs: usize) -> Result<Arc<TypedRunnable
         .with_input_fact(0, fact)
         .and_then(|m| m.into_optimized())
         .map_err(|e| {
-            format!(
+            Error::Plan(format!(
                 "the model `{path}` cannot be prepared for float32 rows of {}: {e:#}",
                 count(features, "feature")
-            )
+            ))
         })?;
 
     let out = typed
         .output_fact(0)
-        .map_err(|e| format!("the model `{path}` has no readable output: {e:#}"))?;
+        .map_err(|e| Error::Plan(format!("the model `{path}` has no readable output: {e:#}")))?;
     if !out.datum_type.is_float() {
-        return Err(format!(
+        return plan_err!(
             "the model `{path}` returns {}; the model stage reads floating-point outputs",
             out.format_dt_shape()
-        ));
+        );
     }
     let width = match out.shape.dims() {
         [_] => TDim::from(1usize),
         [_, w] => w.clone(),
         other => {
-            return Err(format!(
+            return plan_err!(
                 "the model `{path}` returns a rank-{} output; the model stage reads \
                  [rows] or [rows, outputs]",
                 other.len()
-            ));
+            );
         }
     };
     match width.as_i64() {
         Some(w) if w == outputs as i64 => {}
         Some(w) => {
-            return Err(format!(
+            return plan_err!(
                 "the model `{path}` returns {} per row but `outputs` names {}",
                 count(w as usize, "value"),
                 count(outputs, "column")
-            ));
+            );
         }
         None => {
-            return Err(format!(
+            return plan_err!(
                 "the model `{path}` returns `{width}` values per row, which depends on the \
                  input; the model stage needs a fixed number"
-            ));
+            );
         }
     }
 
-    typed
-        .into_runnable()
-        .map_err(|e| format!("the model `{path}` cannot be planned for running: {e:#}"))
+    typed.into_runnable().map_err(|e| {
+        Error::Plan(format!(
+            "the model `{path}` cannot be planned for running: {e:#}"
+        ))
+    })
 }
 
 /// "1 feature", "6 features".

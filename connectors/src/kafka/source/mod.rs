@@ -174,13 +174,19 @@ impl KafkaSource {
         let poller = std::thread::Builder::new()
             .name("kafka-poll".into())
             .spawn(move || poll_loop(&polled, &shared))
-            .map_err(|e| Error::Internal(format!("starting the Kafka polling thread: {e}")))?;
+            .map_err(|e| Error::External {
+                system: "kafka",
+                message: format!("cannot start the polling thread: {e}"),
+            })?;
         self.poller = Some(poller);
         let shared = self.shared.clone();
         let watermarks = std::thread::Builder::new()
             .name("kafka-lag".into())
             .spawn(move || watermark_loop(&consumer, &shared))
-            .map_err(|e| Error::Internal(format!("starting the Kafka lag thread: {e}")))?;
+            .map_err(|e| Error::External {
+                system: "kafka",
+                message: format!("cannot start the lag thread: {e}"),
+            })?;
         self.watermarks = Some(watermarks);
         tracing::info!(group = %self.config.group, topics = ?topics, "kafka consumer started");
         Ok(())

@@ -31,7 +31,7 @@ use sluice_engine::{Error, Result};
 
 use super::NexmarkConfig;
 use super::model::{self, Text};
-use crate::made::Progress;
+use crate::made::MadePartition;
 
 /// Jan 1 2026, 00:00:00 UTC.
 const DEFAULT_START_MS: i64 = 1_767_225_600_000;
@@ -174,7 +174,7 @@ impl NexmarkSource {
         NexmarkPartition {
             plan: self.plan.clone(),
             partition: u64::from(id),
-            progress: Progress::new(
+            made: MadePartition::new(
                 format!("nexmark/{id}"),
                 id,
                 self.partitions(),
@@ -213,40 +213,40 @@ impl Source for NexmarkSource {
 pub struct NexmarkPartition {
     plan: Arc<Plan>,
     partition: u64,
-    progress: Progress,
+    made: MadePartition,
 }
 
 impl NexmarkPartition {
     /// Makes the next `n` events of this partition (fewer when its count runs out).
     pub fn generate(&mut self, n: usize) -> Result<Envelope> {
-        let n = self.progress.clamp(n);
+        let n = self.made.clamp(n);
         let plan = &*self.plan;
         let mut columns = Columns::with_capacity(n);
-        let first = self.progress.next_offset();
+        let first = self.made.next_offset();
         for i in 0..n as i64 {
             let k = (first + i) * plan.partitions as i64 + self.partition as i64;
             columns.event(plan, k);
         }
         let (records, event_time) = columns.finish(plan)?;
-        self.progress.envelope(&plan.schema, records, event_time)
+        self.made.envelope(&plan.schema, records, event_time)
     }
 }
 
 #[async_trait]
 impl PartitionReader for NexmarkPartition {
     fn info(&self) -> &Arc<PartitionInfo> {
-        self.progress.info()
+        self.made.info()
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
-        match self.progress.due(max).await {
+        match self.made.due(max).await {
             Some(n) => self.generate(n).map(Some),
             None => Ok(None),
         }
     }
 
     fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
-        self.progress.log_end()
+        self.made.log_end()
     }
 }
 

@@ -58,16 +58,16 @@ impl StageState for AggregateState {
         }
         let part = self.part(partition);
         part.last_data.store(self.now(), Ordering::Relaxed);
-        // The executor gives this turn's progress next (`watch`); the last turn's is stale.
-        *part.progress.lock().expect("progress lock") = None;
+        // The executor gives this turn's lag next (`watch`); the last turn's is stale.
+        *part.lag.lock().expect("lag lock") = None;
         part.revoked.store(false, Ordering::Release);
         part.restored.store(false, Ordering::Release);
         part.active.store(true, Ordering::Release);
     }
 
-    fn watch(&self, partition: &PartitionInfo, progress: &Arc<PartitionProgress>) {
+    fn watch(&self, partition: &PartitionInfo, lag: &Arc<PartitionLag>) {
         let part = self.part(partition);
-        *part.progress.lock().expect("progress lock") = Some(progress.clone());
+        *part.lag.lock().expect("lag lock") = Some(lag.clone());
     }
 
     fn assignments_done(&self) {

@@ -68,7 +68,7 @@ use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
 use sluice_engine::batch::PartitionInfo;
 use sluice_engine::checkpoint::{StateDb, unlogged};
 use sluice_engine::state::{PartitionKeys, SnapshotStats, StageState};
-use sluice_engine::stats::PartitionProgress;
+use sluice_engine::stats::PartitionLag;
 use sluice_engine::{Error, Result};
 
 use super::acc::{self, Acc, AggDef, Input, Order};
@@ -162,7 +162,7 @@ struct Part {
     last_data: AtomicI64,
     /// The pipeline's position in the partition and its end, when the source can tell:
     /// a partition with records not done yet is never idle.
-    progress: Mutex<Option<Arc<PartitionProgress>>>,
+    lag: Mutex<Option<Arc<PartitionLag>>>,
     active: AtomicBool,
     /// Revoked and not assigned again since: the release after its drain may drop it.
     revoked: AtomicBool,
@@ -183,8 +183,8 @@ impl Part {
     /// its first record), silence decides, but the partition does not count as caught up
     /// when every partition is idle (see `AggregateState::due`).
     fn caught_up(&self) -> CaughtUp {
-        let progress = self.progress.lock().expect("progress lock");
-        let Some(p) = progress.as_ref() else {
+        let lag = self.lag.lock().expect("lag lock");
+        let Some(p) = lag.as_ref() else {
             return CaughtUp::Yes;
         };
         if p.end.is_none() {
@@ -302,6 +302,9 @@ fn unordered(b: &[u8]) -> i64 {
     (u64::from_be_bytes(b[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64
 }
 
+/// A state-store fault stops the run (class internal) rather than being retried with the
+/// batch: a half-applied write must not be applied twice; the restart restores the last
+/// checkpoint, so no record is lost.
 fn db_error(e: rocksdb::Error) -> Error {
     Error::Internal(format!("aggregate state store: {e}"))
 }
@@ -355,7 +358,7 @@ impl AggregateState {
             restored: AtomicBool::new(false),
             due_at: AtomicI64::new(i64::MAX),
             last_data: AtomicI64::new(self.now()),
-            progress: Mutex::new(None),
+            lag: Mutex::new(None),
             active: AtomicBool::new(true),
             revoked: AtomicBool::new(false),
             state: Mutex::new(PartState {

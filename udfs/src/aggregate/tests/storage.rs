@@ -266,7 +266,11 @@ fn mistakes_are_named() {
         let node = sluice_engine::config::yaml::parse(yaml, &env, &mut problems).unwrap();
         let config = AggregateConfig::parse(&node, &Location::root(), &[], &mut problems);
         match config {
-            Some(c) => c.plan("agg", &schema()).err().unwrap_or_default(),
+            Some(c) => c
+                .plan("agg", &schema())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
             None => problems
                 .iter()
                 .map(|p| p.message.clone())

@@ -301,14 +301,14 @@ async fn windows_come_out_without_a_batch_once_every_partition_is_idle() {
 #[tokio::test]
 async fn a_silent_partition_with_a_backlog_is_not_idle() {
     use sluice_engine::source::LogEnd;
-    use sluice_engine::stats::PartitionProgress;
+    use sluice_engine::stats::PartitionLag;
     struct End(i64);
     impl LogEnd for End {
         fn log_end(&self) -> Option<i64> {
             Some(self.0)
         }
     }
-    let behind = Arc::new(PartitionProgress::new(Some(Arc::new(End(100)))));
+    let behind = Arc::new(PartitionLag::new(Some(Arc::new(End(100)))));
     behind.start_at(10);
     let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
     h.factory.state().unwrap().watch(&info(1), &behind);

@@ -167,10 +167,9 @@ impl Params for Enrich {
 
 impl FunctionSpec for Enrich {
     fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        let key_field = input
-            .field_with_name(&self.key)
-            .map_err(|_| format!("the key column `{}` is not in the input", self.key))
-            .map_err(Error::Plan)?;
+        let key_field = input.field_with_name(&self.key).map_err(|_| {
+            Error::Plan(format!("the key column `{}` is not in the input", self.key))
+        })?;
         let key_type = key_field.data_type().clone();
         if !is_key_type(&key_type) {
             return plan_err!(
@@ -180,8 +179,7 @@ impl FunctionSpec for Enrich {
         }
         let (lookup, values) = match (&self.file, &self.redis, &self.postgres) {
             (Some(file), _, _) => {
-                let table =
-                    FileTable::load(file, &self.key, self.columns.as_ref()).map_err(Error::Plan)?;
+                let table = FileTable::load(file, &self.key, self.columns.as_ref())?;
                 let values = table.values_schema();
                 (Lookup::File(Arc::new(table)), values)
             }
@@ -191,10 +189,7 @@ impl FunctionSpec for Enrich {
                     .as_ref()
                     .map(|c| c.to_arrow())
                     .unwrap_or_else(|| Arc::new(Schema::empty()));
-                (
-                    Lookup::Remote(Arc::new(redis.plan(&values).map_err(Error::Plan)?)),
-                    values,
-                )
+                (Lookup::Remote(Arc::new(redis.plan(&values)?)), values)
             }
             (_, _, Some(pg)) => {
                 let values = self
@@ -203,13 +198,13 @@ impl FunctionSpec for Enrich {
                     .map(|c| c.to_arrow())
                     .unwrap_or_else(|| Arc::new(Schema::empty()));
                 (
-                    Lookup::Remote(Arc::new(pg.plan(&values, &self.key).map_err(Error::Plan)?)),
+                    Lookup::Remote(Arc::new(pg.plan(&values, &self.key)?)),
                     values,
                 )
             }
             _ => return plan_err!("say where to look up: `file`, `redis` or `postgres`"),
         };
-        let missing = self.missing_row(&values).map_err(Error::Plan)?;
+        let missing = self.missing_row(&values)?;
         let new: Vec<(String, DataType)> = values
             .fields()
             .iter()
@@ -221,7 +216,7 @@ impl FunctionSpec for Enrich {
             })
             .collect();
         let new: Vec<(&str, DataType)> = new.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let output = extend_schema(input, &new).map_err(Error::Plan)?;
+        let output = extend_schema(input, &new)?;
         let cache = (self.cache.max_entries > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(self.cache.max_entries)
@@ -247,12 +242,10 @@ impl FunctionSpec for Enrich {
 
 impl Enrich {
     /// The one-row batch a missing key gets: nulls, or the `defaults` cast to each type.
-    fn missing_row(&self, values: &SchemaRef) -> Result<RecordBatch, String> {
+    fn missing_row(&self, values: &SchemaRef) -> Result<RecordBatch> {
         for name in self.defaults.keys() {
             if values.field_with_name(name).is_err() {
-                return Err(format!(
-                    "`defaults` names `{name}`, which is not a looked-up column"
-                ));
+                return plan_err!("`defaults` names `{name}`, which is not a looked-up column");
             }
         }
         let columns = values
@@ -265,15 +258,15 @@ impl Enrich {
                         Arc::new(arrow::array::StringArray::from(vec![text.as_str()]));
                     arrow::compute::cast_with_options(&text, f.data_type(), &remote::strict())
                         .map_err(|e| {
-                            format!(
+                            Error::Plan(format!(
                                 "the default for `{}` is not a {}: {e}",
                                 f.name(),
                                 f.data_type()
-                            )
+                            ))
                         })
                 }
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let nullable = Arc::new(Schema::new(
             values
                 .fields()
@@ -281,7 +274,7 @@ impl Enrich {
                 .map(|f| f.as_ref().clone().with_nullable(true))
                 .collect::<Vec<Field>>(),
         ));
-        RecordBatch::try_new(nullable, columns).map_err(|e| e.to_string())
+        RecordBatch::try_new(nullable, columns).map_err(|e| Error::Plan(e.to_string()))
     }
 }
 

@@ -14,7 +14,7 @@ use arrow::datatypes::{DataType, Schema, SchemaRef};
 use serde::Deserialize;
 use sluice_engine::config::Duration;
 use sluice_engine::config::schema::SchemaSpec;
-use sluice_engine::{Error, Result};
+use sluice_engine::{Error, Result, plan_err};
 
 use super::{KeyText, key_at, keys_as_text};
 
@@ -63,7 +63,7 @@ impl FileTable {
         lookup: &FileLookup,
         stage_key: &str,
         columns: Option<&SchemaSpec>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self> {
         let key = lookup.key.clone().unwrap_or_else(|| stage_key.to_string());
         let loaded = read_table(&lookup.path, &key, columns)?;
         Ok(FileTable {
@@ -102,7 +102,7 @@ impl FileTable {
         let reloaded =
             tokio::task::spawn_blocking(move || read_table(&path, &key, columns.as_ref()))
                 .await
-                .map_err(|e| Error::Internal(format!("reloading a lookup table: {e}")))?;
+                .map_err(|e| Error::task("lookup-table reload", e))?;
         match reloaded {
             Ok(new) if new.values.schema() == self.values_schema => {
                 tracing::info!(file = %self.path.display(), rows = new.values.num_rows(), "lookup table reloaded");
@@ -199,26 +199,26 @@ fn version(path: &Path) -> Option<(SystemTime, u64)> {
 /// Reads the file, keeps the key and the wanted columns, and indexes the key. A file that
 /// changes while it is read (a copy in progress) is not taken: replace a table by writing
 /// a new file and renaming it over the old one.
-fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Loaded, String> {
+fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Loaded> {
     let where_ = path.display();
     let before = version(path);
-    let table = read_file(path).map_err(|e| format!("lookup table {where_}: {e}"))?;
+    let table = read_file(path).map_err(|e| Error::Plan(format!("lookup table {where_}: {e}")))?;
     if version(path) != before {
-        return Err(format!(
+        return plan_err!(
             "lookup table {where_} changed while it was read; write a new file and rename it over the old one"
-        ));
+        );
     }
     let keys = table.column_by_name(key).ok_or_else(|| {
-        format!(
+        Error::Plan(format!(
             "lookup table {where_} has no key column `{key}` (it has: {})",
             names(&table.schema())
-        )
+        ))
     })?;
     if !super::is_key_type(keys.data_type()) {
-        return Err(format!(
+        return plan_err!(
             "lookup table {where_}: the key column `{key}` is {}, not text or an integer",
             keys.data_type()
-        ));
+        );
     }
     let (fields, values): (Vec<_>, Vec<_>) = match columns {
         Some(spec) => spec
@@ -227,22 +227,22 @@ fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Lo
             .map(|f| {
                 let field = &f.0;
                 let column = table.column_by_name(field.name()).ok_or_else(|| {
-                    format!(
+                    Error::Plan(format!(
                         "lookup table {where_} has no column `{}` (it has: {})",
                         field.name(),
                         names(&table.schema())
-                    )
+                    ))
                 })?;
                 let column = cast(column, field.data_type()).map_err(|e| {
-                    format!(
+                    Error::Plan(format!(
                         "lookup table {where_}: column `{}` is not {}: {e}",
                         field.name(),
                         field.data_type()
-                    )
+                    ))
                 })?;
                 Ok((field.clone().with_nullable(true), column))
             })
-            .collect::<Result<Vec<_>, String>>()?
+            .collect::<Result<Vec<_>>>()?
             .into_iter()
             .unzip(),
         None => table
@@ -255,12 +255,16 @@ fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Lo
             .unzip(),
     };
     let values = RecordBatch::try_new(Arc::new(Schema::new(fields)), values)
-        .map_err(|e| format!("lookup table {where_}: {e}"))?;
-    let rows = u32::try_from(table.num_rows())
-        .map_err(|_| format!("lookup table {where_} has more than 4 billion rows"))?;
+        .map_err(|e| Error::Plan(format!("lookup table {where_}: {e}")))?;
+    let rows = u32::try_from(table.num_rows()).map_err(|_| {
+        Error::Plan(format!(
+            "lookup table {where_} has more than 4 billion rows"
+        ))
+    })?;
     let mut duplicates = 0usize;
     let index = if keys.data_type().is_integer() {
-        let ints = cast(keys, &DataType::Int64).map_err(|e| e.to_string())?;
+        let ints = cast(keys, &DataType::Int64)
+            .map_err(|e| Error::arrow(format!("lookup table {where_}: its keys"), e))?;
         let ints = ints.as_primitive::<arrow::datatypes::Int64Type>();
         let mut map = HashMap::with_capacity(rows as usize);
         for row in (0..rows).filter(|&r| ints.is_valid(r as usize)) {
@@ -268,7 +272,8 @@ fn read_table(path: &Path, key: &str, columns: Option<&SchemaSpec>) -> Result<Lo
         }
         Index::Int(map)
     } else {
-        let text = cast(keys, &DataType::Utf8).map_err(|e| e.to_string())?;
+        let text = cast(keys, &DataType::Utf8)
+            .map_err(|e| Error::arrow(format!("lookup table {where_}: its keys"), e))?;
         let text = text.as_string::<i32>();
         let mut map = HashMap::with_capacity(rows as usize);
         for row in (0..rows).filter(|&r| text.is_valid(r as usize)) {

@@ -167,7 +167,7 @@ fn default_timeout() -> Duration {
 }
 
 /// The Arrow type of an output `type`.
-fn output_type(ty: &str) -> Result<DataType, String> {
+fn output_type(ty: &str) -> Result<DataType> {
     Ok(match ty {
         "utf8" => DataType::Utf8,
         "int64" => DataType::Int64,
@@ -176,31 +176,33 @@ fn output_type(ty: &str) -> Result<DataType, String> {
         "float32" => DataType::Float32,
         "boolean" => DataType::Boolean,
         other => {
-            return Err(format!(
+            return plan_err!(
                 "the output type `{other}` is not supported; expected one of utf8, int64, \
                  int32, float64, float32, boolean"
-            ));
+            );
         }
     })
 }
 
-fn parse_url(url: &str) -> Result<Url, String> {
+fn parse_url(url: &str) -> Result<Url> {
     let parsed = Url::parse(url)
-        .map_err(|e| format!("`{}` is not a valid URL ({e})", super::redact(url)))?;
+        .map_err(|e| Error::Plan(format!("`{}` is not a valid URL ({e})", super::redact(url))))?;
     match parsed.scheme() {
         "http" | "https" => Ok(parsed),
-        other => Err(format!(
+        other => plan_err!(
             "`{}` is a {other} URL; expected an http:// or https:// URL",
             super::redact(url)
-        )),
+        ),
     }
 }
 
-fn parse_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+fn parse_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue)> {
     let header = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("`{name}` is not a valid header name"))?;
+        .map_err(|_| Error::Plan(format!("`{name}` is not a valid header name")))?;
     let mut value = HeaderValue::from_str(value).map_err(|_| {
-        format!("the value of `{name}` has characters a header cannot carry (control characters)")
+        Error::Plan(format!(
+            "the value of `{name}` has characters a header cannot carry (control characters)"
+        ))
     })?;
     // Kept out of `Debug` output: headers usually carry credentials.
     value.set_sensitive(true);
@@ -227,7 +229,7 @@ impl Http {
 impl Params for Http {
     fn validate(&self, node: &Node, path: &Location, problems: &mut Problems) {
         if let Err(e) = parse_url(&self.url) {
-            problems.at_key(node, path, "url", e);
+            problems.at_key(node, path, "url", e.to_string());
         }
         if let Some(columns) = &self.columns {
             if columns.is_empty() {
@@ -259,7 +261,7 @@ impl Params for Http {
                 None => problems.at_key(node, path, "outputs", message),
             };
             if let Err(e) = output_type(&o.ty) {
-                report("type", e);
+                report("type", e.to_string());
             }
             if o.name == ERROR_FIELD {
                 report(
@@ -278,7 +280,7 @@ impl Params for Http {
             let headers_path = path.key("headers");
             for (name, value) in &self.headers {
                 if let Err(e) = parse_header(name, value) {
-                    problems.at_key(headers, &headers_path, name, e);
+                    problems.at_key(headers, &headers_path, name, e.to_string());
                 }
             }
         }
@@ -290,7 +292,7 @@ impl FunctionSpec for Http {
         if let Some((key, message)) = self.number_problems().into_iter().next() {
             return plan_err!("`{key}` {message}");
         }
-        let url = parse_url(&self.url).map_err(Error::Plan)?;
+        let url = parse_url(&self.url)?;
         let columns: Vec<String> = match &self.columns {
             Some(columns) => columns.clone(),
             None => input
@@ -310,8 +312,7 @@ impl FunctionSpec for Http {
         for name in &columns {
             let field = input
                 .field_with_name(name)
-                .map_err(|_| format!("the column `{name}` is not in the input"))
-                .map_err(Error::Plan)?;
+                .map_err(|_| Error::Plan(format!("the column `{name}` is not in the input")))?;
             // Encodes one null of the type: fails now for a type the JSON writer lacks.
             let probe = Field::new(name, field.data_type().clone(), true);
             RecordBatch::try_new(
@@ -321,12 +322,11 @@ impl FunctionSpec for Http {
             .ok()
             .and_then(|b| encode(&b).ok())
             .ok_or_else(|| {
-                format!(
+                Error::Plan(format!(
                     "the column `{name}` is {}, which cannot be sent as JSON",
                     field.data_type()
-                )
-            })
-            .map_err(Error::Plan)?;
+                ))
+            })?;
         }
         let mut outputs = Vec::with_capacity(self.outputs.len());
         for o in &self.outputs {
@@ -336,12 +336,12 @@ impl FunctionSpec for Http {
                      row as failed"
                 );
             }
-            outputs.push((o.name.as_str(), output_type(&o.ty).map_err(Error::Plan)?));
+            outputs.push((o.name.as_str(), output_type(&o.ty)?));
         }
         if outputs.is_empty() {
             return plan_err!("`outputs` needs at least one result field");
         }
-        let output = extend_schema(input, &outputs).map_err(Error::Plan)?;
+        let output = extend_schema(input, &outputs)?;
 
         // `{"results": [{<outputs>, "error": ...}, ...]}`, decoded as one row.
         let mut result_fields: Vec<Field> = outputs
@@ -357,7 +357,7 @@ impl FunctionSpec for Http {
 
         let mut headers = HeaderMap::new();
         for (name, value) in &self.headers {
-            let (name, value) = parse_header(name, value).map_err(Error::Plan)?;
+            let (name, value) = parse_header(name, value)?;
             headers.insert(name, value);
         }
         let mut builder = reqwest::Client::builder()
@@ -366,12 +366,11 @@ impl FunctionSpec for Http {
             .timeout(self.timeout.get())
             .pool_max_idle_per_host(self.concurrency);
         if let Some(tls) = &self.tls {
-            builder = tls.apply(builder).map_err(Error::Plan)?;
+            builder = tls.apply(builder)?;
         }
         let client = builder
             .build()
-            .map_err(|e| format!("cannot set up the HTTP client: {e}"))
-            .map_err(Error::Plan)?;
+            .map_err(|e| Error::Plan(format!("cannot set up the HTTP client: {e}")))?;
 
         Ok(Arc::new(HttpFactory {
             client,

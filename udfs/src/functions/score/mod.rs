@@ -121,10 +121,12 @@ impl Params for Score {
 
 impl FunctionSpec for Score {
     fn plan(&self, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        let user = input
-            .field_with_name(&self.user)
-            .map_err(|_| format!("the user column `{}` is not in the input", self.user))
-            .map_err(Error::Plan)?;
+        let user = input.field_with_name(&self.user).map_err(|_| {
+            Error::Plan(format!(
+                "the user column `{}` is not in the input",
+                self.user
+            ))
+        })?;
         if !(user.data_type().is_integer()
             || matches!(user.data_type(), DataType::Utf8 | DataType::LargeUtf8))
         {
@@ -134,15 +136,12 @@ impl FunctionSpec for Score {
                 user.data_type()
             );
         }
-        let features = input
-            .field_with_name(&self.features)
-            .map_err(|_| {
-                format!(
-                    "the features column `{}` is not in the input",
-                    self.features
-                )
-            })
-            .map_err(Error::Plan)?;
+        let features = input.field_with_name(&self.features).map_err(|_| {
+            Error::Plan(format!(
+                "the features column `{}` is not in the input",
+                self.features
+            ))
+        })?;
         let numeric_list = match features.data_type() {
             DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
                 f.data_type().is_numeric()
@@ -156,7 +155,7 @@ impl FunctionSpec for Score {
                 features.data_type()
             );
         }
-        let model = Model::load(&self.model, self.k).map_err(Error::Plan)?;
+        let model = Model::load(&self.model, self.k)?;
         let output = extend_schema(
             input,
             &[
@@ -167,8 +166,7 @@ impl FunctionSpec for Score {
                 ),
                 (&format!("{}_source", self.output), DataType::Utf8),
             ],
-        )
-        .map_err(Error::Plan)?;
+        )?;
         Ok(Arc::new(ScoreFactory {
             model: Arc::new(model),
             user: self.user.clone(),

@@ -32,50 +32,52 @@ pub(super) struct ContentEntry {
 }
 
 impl Model {
-    pub fn load(path: &Path, k: usize) -> Result<Model, String> {
+    pub fn load(path: &Path, k: usize) -> Result<Model> {
         let at = path.display();
         let file = match path.extension().and_then(|e| e.to_str()) {
             Some("json") => {
-                let text = std::fs::read(path).map_err(|e| format!("model {at}: {e}"))?;
+                let text =
+                    std::fs::read(path).map_err(|e| Error::Plan(format!("model {at}: {e}")))?;
                 serde_json::from_slice::<ModelFile>(&text)
-                    .map_err(|e| format!("model {at} is not a model file: {e}"))?
+                    .map_err(|e| Error::Plan(format!("model {at} is not a model file: {e}")))?
             }
-            Some("parquet") => read_parquet(path).map_err(|e| format!("model {at}: {e}"))?,
-            _ => return Err(format!("model {at}: use a .json or .parquet file")),
+            Some("parquet") => {
+                read_parquet(path).map_err(|e| Error::Plan(format!("model {at}: {e}")))?
+            }
+            _ => return plan_err!("model {at}: use a .json or .parquet file"),
         };
-        Model::new(file.weights, file.content, k).map_err(|e| format!("model {at}: {e}"))
+        Model::new(file.weights, file.content, k)
+            .map_err(|e| Error::Plan(format!("model {at}: {e}")))
     }
 
-    pub(super) fn new(
-        weights: Vec<f32>,
-        content: Vec<ContentEntry>,
-        k: usize,
-    ) -> Result<Model, String> {
+    pub(super) fn new(weights: Vec<f32>, content: Vec<ContentEntry>, k: usize) -> Result<Model> {
         let f = weights.len();
         if f == 0 || content.is_empty() {
-            return Err("it needs weights and at least one title".into());
+            return Err(Error::Plan(
+                "it needs weights and at least one title".into(),
+            ));
         }
         if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
-            return Err(format!("a weight is {w}; every number must be finite"));
+            return plan_err!("a weight is {w}; every number must be finite");
         }
         if let Some(title) = content
             .iter()
             .find(|c| !c.popularity.is_finite() || c.vector.iter().any(|v| !v.is_finite()))
         {
-            return Err(format!(
+            return plan_err!(
                 "title {} has a number that is not finite (NaN or infinite)",
                 title.id
-            ));
+            );
         }
         let t = content.len();
         let mut by_feature = vec![0f32; t.div_ceil(BLOCK) * f * BLOCK];
         for (j, title) in content.iter().enumerate() {
             if title.vector.len() != f {
-                return Err(format!(
+                return plan_err!(
                     "title {} has {} features, the weights {f}",
                     title.id,
                     title.vector.len()
-                ));
+                );
             }
             let (block, lane) = (j / BLOCK, j % BLOCK);
             for (i, v) in title.vector.iter().enumerate() {

@@ -297,11 +297,14 @@ fn model_files_are_checked() {
         r#"{"weights": [1, 2], "content": [{"id": 1, "vector": [1, 2, 3]}]}"#,
     )
     .unwrap();
-    let err = Model::load(&path, 3).err().unwrap();
+    let err = Model::load(&path, 3).err().unwrap().to_string();
     assert!(
         err.contains("title 1 has 3 features, the weights 2"),
         "{err}"
     );
-    let err = Model::load(&dir.path().join("none.json"), 3).err().unwrap();
+    let err = Model::load(&dir.path().join("none.json"), 3)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("none.json"), "{err}");
 }

@@ -28,7 +28,7 @@ use arrow::compute::take_record_batch;
 use arrow::datatypes::{DataType, SchemaRef};
 use async_trait::async_trait;
 use serde::Deserialize;
-use sluice_engine::{Error, ErrorClass, Result};
+use sluice_engine::{Error, ErrorClass, Result, plan_err};
 use tokio::sync::OnceCell;
 
 use crate::functions::redact;

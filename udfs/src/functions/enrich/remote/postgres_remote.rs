@@ -21,13 +21,13 @@ pub(super) fn default_pool_size() -> usize {
 }
 
 impl PostgresLookup {
-    pub fn plan(&self, values: &SchemaRef, stage_key: &str) -> Result<Postgres, String> {
+    pub fn plan(&self, values: &SchemaRef, stage_key: &str) -> Result<Postgres> {
         let (url, tls) = PgTls::split(&self.url)?;
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
-            format!(
+            Error::Plan(format!(
                 "`{}` is not a PostgreSQL connection string: {e}",
                 redact(&self.url)
-            )
+            ))
         })?;
         config.ssl_mode(tls.mode.ssl_mode());
         let manager = deadpool_postgres::Manager::from_config(
@@ -43,7 +43,7 @@ impl PostgresLookup {
             .create_timeout(Some(std::time::Duration::from_secs(5)))
             .wait_timeout(Some(std::time::Duration::from_secs(30)))
             .build()
-            .map_err(|e| format!("PostgreSQL pool: {e}"))?;
+            .map_err(|e| Error::Plan(format!("PostgreSQL pool: {e}")))?;
         let key = self.key.as_deref().unwrap_or(stage_key);
         let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
         let table = self
@@ -109,14 +109,14 @@ pub(super) struct PgTls {
 
 impl PgTls {
     /// The connection string without its TLS parameters, and those parameters.
-    pub(super) fn split(url: &str) -> Result<(String, PgTls), String> {
+    pub(super) fn split(url: &str) -> Result<(String, PgTls)> {
         let mut tls = PgTls {
             mode: PgSslMode::Prefer,
             root: None,
             cert: None,
             key: None,
         };
-        let mut take = |key: &str, value: &str| -> Result<bool, String> {
+        let mut take = |key: &str, value: &str| -> Result<bool> {
             match key {
                 "sslmode" => {
                     tls.mode = match value {
@@ -126,9 +126,9 @@ impl PgTls {
                         "verify-ca" => PgSslMode::VerifyCa,
                         "verify-full" => PgSslMode::VerifyFull,
                         other => {
-                            return Err(format!(
+                            return plan_err!(
                                 "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-                            ));
+                            );
                         }
                     }
                 }
@@ -172,22 +172,28 @@ impl PgTls {
     }
 
     /// A connector that verifies as the mode says, with the given authority and identity.
-    fn connector(&self) -> Result<postgres_native_tls::MakeTlsConnector, String> {
-        let read = |f: &str| std::fs::read(f).map_err(|e| format!("cannot read `{f}`: {e}"));
+    fn connector(&self) -> Result<postgres_native_tls::MakeTlsConnector> {
+        let read =
+            |f: &str| std::fs::read(f).map_err(|e| Error::Plan(format!("cannot read `{f}`: {e}")));
         let mut builder = native_tls::TlsConnector::builder();
         if let Some(root) = &self.root {
-            let cert = native_tls::Certificate::from_pem(&read(root)?)
-                .map_err(|e| format!("`{root}` (sslrootcert) is not a PEM certificate: {e}"))?;
+            let cert = native_tls::Certificate::from_pem(&read(root)?).map_err(|e| {
+                Error::Plan(format!(
+                    "`{root}` (sslrootcert) is not a PEM certificate: {e}"
+                ))
+            })?;
             builder.add_root_certificate(cert);
         }
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
                 let identity = native_tls::Identity::from_pkcs8(&read(cert)?, &read(key)?)
-                    .map_err(|e| format!("`{cert}` and `{key}` (sslcert, sslkey): {e}"))?;
+                    .map_err(|e| {
+                        Error::Plan(format!("`{cert}` and `{key}` (sslcert, sslkey): {e}"))
+                    })?;
                 builder.identity(identity);
             }
             (None, None) => {}
-            _ => return Err("give `sslcert` and `sslkey` together".to_string()),
+            _ => return Err(Error::Plan("give `sslcert` and `sslkey` together".into())),
         }
         let verify_chain = match self.mode {
             PgSslMode::Disable | PgSslMode::Prefer => false,
@@ -199,7 +205,7 @@ impl PgTls {
             .danger_accept_invalid_hostnames(self.mode != PgSslMode::VerifyFull);
         let connector = builder
             .build()
-            .map_err(|e| format!("cannot set up TLS for PostgreSQL: {e}"))?;
+            .map_err(|e| Error::Plan(format!("cannot set up TLS for PostgreSQL: {e}")))?;
         Ok(postgres_native_tls::MakeTlsConnector::new(connector))
     }
 }

@@ -29,9 +29,9 @@ pub struct RedisTls {
 }
 
 impl RedisTls {
-    pub(super) fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+    pub(super) fn certificates(&self) -> Result<redis::TlsCertificates> {
         let read = |f: &std::path::Path| {
-            std::fs::read(f).map_err(|e| format!("cannot read `{}`: {e}", f.display()))
+            std::fs::read(f).map_err(|e| Error::Plan(format!("cannot read `{}`: {e}", f.display())))
         };
         let client_tls = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
@@ -39,7 +39,7 @@ impl RedisTls {
                 client_key: read(key)?,
             }),
             (None, None) => None,
-            _ => return Err("give `tls.cert` and `tls.key` together".to_string()),
+            _ => return Err(Error::Plan("give `tls.cert` and `tls.key` together".into())),
         };
         Ok(redis::TlsCertificates {
             client_tls,
@@ -57,20 +57,20 @@ pub(super) enum RedisFormat {
 }
 
 impl RedisLookup {
-    pub fn plan(&self, values: &SchemaRef) -> Result<Redis, String> {
+    pub fn plan(&self, values: &SchemaRef) -> Result<Redis> {
         let client = match &self.tls {
             Some(tls) => redis::Client::build_with_tls(self.url.as_str(), tls.certificates()?),
             None => redis::Client::open(self.url.as_str()),
         }
-        .map_err(|e| format!("`{}` is not a Redis URL: {e}", redact(&self.url)))?;
+        .map_err(|e| Error::Plan(format!("`{}` is not a Redis URL: {e}", redact(&self.url))))?;
         if self.format == RedisFormat::Hash
             && let Some(f) = values.fields().iter().find(|f| !scalar(f.data_type()))
         {
-            return Err(format!(
+            return plan_err!(
                 "the column `{}` is {}: a Redis hash holds text, so only plain types can be read from one; use `format: json`",
                 f.name(),
                 f.data_type()
-            ));
+            );
         }
         Ok(Redis {
             client,
