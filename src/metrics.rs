@@ -19,6 +19,7 @@
 //! | `sluice_stage_cache_hits_total`, `sluice_stage_cache_misses_total` | pipeline, stage |
 //! | `sluice_stage_late_dropped_total` (late rows dropped: no dead-letter sink) | pipeline, stage |
 //! | `sluice_partition_lag_records` (log end offset − committed offset) | pipeline, partition |
+//! | `sluice_partition_lag_ms` (Kinesis: the shard's `MillisBehindLatest`) | pipeline, partition |
 //! | `sluice_lag_records` (the sum over this process's partitions) | pipeline |
 //! | `sluice_workers`, `sluice_workers_desired` (worker tasks running, and wanted) | pipeline |
 //! | `sluice_autoscaler_decisions_total` | pipeline, direction (up, down) |
@@ -119,6 +120,10 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
     for (partition, lag) in &lags {
         gauge!("sluice_partition_lag_records", "pipeline" => p.clone(), "partition" => partition.to_string())
             .set(*lag as f64);
+    }
+    for (partition, ms) in stats.lags_ms() {
+        gauge!("sluice_partition_lag_ms", "pipeline" => p.clone(), "partition" => partition.to_string())
+            .set(ms as f64);
     }
     gauge!("sluice_lag_records", "pipeline" => p.clone())
         .set(lags.iter().map(|(_, l)| *l).sum::<u64>() as f64);

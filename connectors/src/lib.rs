@@ -8,6 +8,7 @@ pub mod file;
 pub mod generator;
 pub mod json;
 pub mod kafka;
+pub mod kinesis;
 mod made;
 pub mod nexmark;
 pub mod null;

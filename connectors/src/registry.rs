@@ -4,7 +4,7 @@
 
 use sluice_engine::connector::{SinkEntry, SourceEntry, parse_sink, parse_source};
 
-use crate::{file, generator, kafka, nexmark, null, stdout};
+use crate::{file, generator, kafka, kinesis, nexmark, null, stdout};
 
 pub static SOURCES: &[SourceEntry] = &[
     SourceEntry {
@@ -27,6 +27,11 @@ pub static SOURCES: &[SourceEntry] = &[
         summary: "topics read as a consumer group member, a partition per Kafka partition",
         parse: parse_source::<kafka::KafkaSourceConfig>,
     },
+    SourceEntry {
+        name: "kinesis",
+        summary: "a Kinesis data stream, a partition per shard, followed through splits and merges",
+        parse: parse_source::<kinesis::KinesisSourceConfig>,
+    },
 ];
 
 pub static SINKS: &[SinkEntry] = &[
@@ -39,6 +44,11 @@ pub static SINKS: &[SinkEntry] = &[
         name: "kafka",
         summary: "a topic, through an idempotent producer (acks=all)",
         parse: parse_sink::<kafka::KafkaSinkConfig>,
+    },
+    SinkEntry {
+        name: "kinesis",
+        summary: "a Kinesis data stream, through PutRecords (acknowledged before each checkpoint)",
+        parse: parse_sink::<kinesis::KinesisSinkConfig>,
     },
     SinkEntry {
         name: "stdout",

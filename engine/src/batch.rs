@@ -27,11 +27,16 @@ pub const TIMESTAMP: &str = "_timestamp";
 pub const TOPIC: &str = "_topic";
 /// Kafka only: the record's headers, a map from name to bytes.
 pub const HEADERS: &str = "_headers";
+/// Kinesis only: the record's sequence number, exact, as text (`SEQUENCE`, or
+/// `SEQUENCE:SUB` for a user record of a KPL aggregate); `_offset` counts the shard's
+/// records from the first one this pipeline read.
+pub const SEQUENCE: &str = "_sequence";
 
 /// The names of the metadata columns every source appends, in order.
 pub const METADATA_COLUMNS: [&str; 4] = [PARTITION, OFFSET, KEY, TIMESTAMP];
 /// Every metadata column name: the common four, then the ones some sources add.
-pub const ALL_METADATA_COLUMNS: [&str; 6] = [PARTITION, OFFSET, KEY, TIMESTAMP, TOPIC, HEADERS];
+pub const ALL_METADATA_COLUMNS: [&str; 7] =
+    [PARTITION, OFFSET, KEY, TIMESTAMP, TOPIC, HEADERS, SEQUENCE];
 
 pub fn is_metadata(name: &str) -> bool {
     ALL_METADATA_COLUMNS.contains(&name)

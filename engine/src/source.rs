@@ -63,6 +63,12 @@ pub trait LogEnd: Send + Sync {
     fn log_start(&self) -> Option<i64> {
         None
     }
+
+    /// How far behind the stream's tip the partition's reader is, in milliseconds, when
+    /// the source measures lag in time (Kinesis's `MillisBehindLatest`).
+    fn millis_behind(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A change in the partitions this process reads.
@@ -85,6 +91,19 @@ pub trait CommitHook: Send + Sync {
     /// `checkpoint` holds the offsets that changed (next offset to read, by partition name).
     /// Runs on a blocking thread; may block for a round trip.
     fn committed(&self, checkpoint: &Checkpoint);
+}
+
+/// For a source whose positions are not numbers (a Kinesis shard's sequence numbers are
+/// 56 digits): the engine counts a partition's records with offsets of its own, and asks
+/// the source, at every checkpoint, for the position to resume at the next offset. The
+/// answer is committed with the offset, atomically ([`Checkpoint::positions`]), and given
+/// back in [`Source::restore`].
+pub trait PositionBook: Send + Sync {
+    /// The source's position at which `partition` resumes with offset `next` (everything
+    /// before it processed), when the source still knows it. `None` keeps the partition's
+    /// last committed position, which the source then resumes from, skipping the records
+    /// before `next` again: a position must say which offset it stands for.
+    fn position(&self, partition: &str, next: i64) -> Option<String>;
 }
 
 /// Brings the newest committed state of partitions into this process before it reads them,
@@ -115,6 +134,12 @@ pub trait Source: Send {
 
     /// Called with every committed checkpoint, if the source wants to know.
     fn commit_hook(&self) -> Option<Arc<dyn CommitHook>> {
+        None
+    }
+
+    /// Asked for the positions a checkpoint commits with its offsets, for a source whose
+    /// positions are not offsets (see [`PositionBook`]).
+    fn position_book(&self) -> Option<Arc<dyn PositionBook>> {
         None
     }
 

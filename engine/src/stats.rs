@@ -220,6 +220,11 @@ impl PartitionLag {
         Some(end.saturating_sub(position).max(0) as u64)
     }
 
+    /// How far behind the stream's tip the partition is in time, where the source says.
+    pub fn lag_ms(&self) -> Option<u64> {
+        self.end.as_ref()?.millis_behind()
+    }
+
     /// Sets the position the first time it becomes known (where the source starts the
     /// partition, or the first record read).
     pub fn start_at(&self, offset: i64) {
@@ -261,6 +266,15 @@ impl RunStats {
         partitions
             .iter()
             .filter_map(|(name, p)| Some((name.clone(), p.lag()?)))
+            .collect()
+    }
+
+    /// Every partition's lag in milliseconds, where its source measures it in time.
+    pub fn lags_ms(&self) -> Vec<(Arc<str>, u64)> {
+        let partitions = self.partitions.lock().expect("partitions lock");
+        partitions
+            .iter()
+            .filter_map(|(name, p)| Some((name.clone(), p.lag_ms()?)))
             .collect()
     }
 

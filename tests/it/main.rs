@@ -13,6 +13,7 @@ mod golden;
 mod hostile;
 mod https;
 mod kafka;
+mod kinesis;
 mod lookups;
 mod nexmark;
 mod pipelines;

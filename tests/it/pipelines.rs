@@ -9,6 +9,7 @@ use arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
 use serde_json::Value;
 use sluice_connectors::generator::{GeneratorConfig, GeneratorSource};
 use sluice_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
+use sluice_connectors::kinesis::{KinesisSinkConfig, KinesisSourceConfig};
 use sluice_engine::config::yaml::ProcessEnv;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -293,6 +294,58 @@ fn docker_compose_runs_pipelines_that_validate() {
         pipelines += 1;
     }
     assert_eq!(pipelines, 2);
+
+    // The `kinesis` profile: kinesalite, the streams, and two pipelines that use them.
+    let kinesis = service("kinesis");
+    assert_eq!(list(kinesis.get("profiles").unwrap()), ["kinesis"]);
+    let serve = list(kinesis.get("command").unwrap()).join(" ");
+    assert!(
+        serve.contains("kinesalite@") && serve.contains("--port 4567"),
+        "{serve}"
+    );
+    let streams_script = list(service("kinesis-streams").get("command").unwrap()).join("\n");
+    let streams: Vec<&str> = streams_script
+        .split("for s in ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("the streams loop")
+        .split_whitespace()
+        .filter_map(|s| s.split(':').next())
+        .collect();
+    for name in ["kinesis-generate", "kinesis-quickstart"] {
+        let s = service(name);
+        assert_eq!(list(s.get("profiles").unwrap()), ["kinesis"]);
+        assert_eq!(s.get("build").and_then(|b| b.scalar()), Some("."));
+        let command = list(s.get("command").unwrap());
+        assert_eq!(command[0], "run", "{name}: {command:?}");
+        let file = root().join(&command[1]);
+        let vars: Vec<(String, String)> = match &s.get("environment").unwrap().value {
+            yaml::Value::Map(entries) => entries
+                .iter()
+                .map(|(k, v)| (k.scalar().unwrap().into(), v.scalar().unwrap().into()))
+                .collect(),
+            _ => panic!("environment as a mapping"),
+        };
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let config = parse(&text, &vars).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let mut used = Vec::new();
+        if let Some(k) = config.source.spec_as::<KinesisSourceConfig>() {
+            assert_eq!(k.endpoint.as_deref(), Some("http://kinesis:4567"));
+            used.push(k.stream.clone().unwrap());
+        }
+        if let Some(k) = config.sink.spec_as::<KinesisSinkConfig>() {
+            assert_eq!(k.endpoint.as_deref(), Some("http://kinesis:4567"));
+            used.push(k.stream.clone().unwrap());
+        }
+        assert!(!used.is_empty(), "{name} uses Kinesis");
+        for stream in used {
+            assert!(
+                streams.contains(&stream.as_str()),
+                "stream {stream} is created: {streams:?}"
+            );
+        }
+    }
 }
 
 /// docs/kubernetes.md cannot be applied here (no cluster): its manifests are read, the

@@ -354,6 +354,7 @@ mod tests {
             id: 1,
             offsets: [("generator/1".to_string(), 200)].into(),
             fallback: false,
+            positions: Default::default(),
         }));
         let mut rest = restored.partition(1);
         let env = rest.generate(1000).unwrap();

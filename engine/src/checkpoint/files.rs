@@ -166,6 +166,16 @@ pub(super) fn read_checkpoint(db: &rocksdb::DB) -> std::result::Result<Checkpoin
             .offsets
             .insert(String::from_utf8_lossy(name).into_owned(), offset);
     }
+    for item in db.prefix_iterator(POSITION_PREFIX.as_bytes()) {
+        let (key, value) = item.map_err(|e| e.to_string())?;
+        let Some(name) = key.strip_prefix(POSITION_PREFIX.as_bytes()) else {
+            break;
+        };
+        let position = String::from_utf8(value.into_vec()).map_err(|_| "bad position value")?;
+        checkpoint
+            .positions
+            .insert(String::from_utf8_lossy(name).into_owned(), position);
+    }
     Ok(checkpoint)
 }
 

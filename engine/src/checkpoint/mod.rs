@@ -45,6 +45,11 @@ pub struct Checkpoint {
     /// Increases by one with every committed checkpoint; 0 when nothing was committed.
     pub id: u64,
     pub offsets: BTreeMap<String, i64>,
+    /// Per partition name, the source's own position, for sources whose positions are not
+    /// numbers (a Kinesis shard's sequence number): text the source wrote with an offset
+    /// ([`crate::source::PositionBook`]) and reads back to resume. Committed with the
+    /// offsets, atomically; a partition keeps its last one when a checkpoint has none.
+    pub positions: BTreeMap<String, String>,
     /// Restored in place of a later checkpoint that was lost (see [`RocksStore`]'s power
     /// failures): offsets committed elsewhere since (a Kafka group's) are ahead of this
     /// checkpoint's state, so sources start exactly at its offsets until the next commit.
@@ -117,16 +122,25 @@ impl CheckpointStore for MemoryStore {
         for (k, v) in &checkpoint.offsets {
             current.offsets.insert(k.clone(), *v);
         }
+        for (k, v) in &checkpoint.positions {
+            current.positions.insert(k.clone(), v.clone());
+        }
         Ok(())
     }
 }
 
 const ID_KEY: &[u8] = b"meta/checkpoint_id";
 const OFFSET_PREFIX: &str = "offset/";
+const POSITION_PREFIX: &str = "position/";
 
 /// Where a partition's next offset is kept.
 fn offset_key(partition: &str) -> String {
     format!("{OFFSET_PREFIX}{partition}")
+}
+
+/// Where a partition's source position is kept (see [`Checkpoint::positions`]).
+fn position_key(partition: &str) -> String {
+    format!("{POSITION_PREFIX}{partition}")
 }
 
 /// An offset as stored (8 bytes, big-endian).
@@ -365,6 +379,9 @@ impl CheckpointStore for RocksStore {
         batch.put(ID_KEY, checkpoint.id.to_be_bytes());
         for (name, offset) in &checkpoint.offsets {
             batch.put(offset_key(name), offset.to_be_bytes());
+        }
+        for (name, position) in &checkpoint.positions {
+            batch.put(position_key(name), position.as_bytes());
         }
         self.db
             .write_opt(batch, &unlogged())

@@ -234,5 +234,9 @@ pub(super) fn copy_partition(
         }
     }
     batch.put(offset_key(name), offset.to_be_bytes());
+    match from.get(position_key(name))? {
+        Some(position) => batch.put(position_key(name), position),
+        None => batch.delete(position_key(name)),
+    }
     Ok(())
 }

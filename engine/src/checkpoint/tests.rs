@@ -11,6 +11,11 @@ fn store_contract(open: &dyn Fn() -> Box<dyn CheckpointStore>) {
         id: 1,
         offsets: [("a.jsonl".to_string(), 10), ("generator/0".to_string(), 5)].into(),
         fallback: false,
+        positions: [(
+            "s/shardId-000000000001".to_string(),
+            "7 4968088105".to_string(),
+        )]
+        .into(),
     };
     store.commit(&first).unwrap();
     assert_eq!(store.load().unwrap(), first);
@@ -20,6 +25,7 @@ fn store_contract(open: &dyn Fn() -> Box<dyn CheckpointStore>) {
             id: 2,
             offsets: [("a.jsonl".to_string(), 20)].into(),
             fallback: false,
+            positions: Default::default(),
         })
         .unwrap();
     let now = store.load().unwrap();
@@ -27,6 +33,19 @@ fn store_contract(open: &dyn Fn() -> Box<dyn CheckpointStore>) {
     assert_eq!(now.start_of("a.jsonl"), 20);
     assert_eq!(now.start_of("generator/0"), 5);
     assert_eq!(now.start_of("unknown"), 0);
+    // A position stays until a checkpoint gives the partition another.
+    assert_eq!(now.positions, first.positions);
+    let third = Checkpoint {
+        id: 3,
+        positions: [(
+            "s/shardId-000000000001".to_string(),
+            "9 4968088106".to_string(),
+        )]
+        .into(),
+        ..Checkpoint::default()
+    };
+    store.commit(&third).unwrap();
+    assert_eq!(store.load().unwrap().positions, third.positions);
 }
 
 #[test]
@@ -52,7 +71,9 @@ fn rocks_store_survives_reopening() {
     // Reopened after the contract ran: the last checkpoint is still there.
 
     let reopened = RocksStore::open(dir.path()).unwrap();
-    assert_eq!(reopened.load().unwrap().id, 2);
+    let last = reopened.load().unwrap();
+    assert_eq!(last.id, 3);
+    assert_eq!(last.positions["s/shardId-000000000001"], "9 4968088106");
 }
 
 #[test]
@@ -67,6 +88,7 @@ fn state_written_after_the_last_checkpoint_is_forgotten() {
                 id: 1,
                 offsets: [("p".to_string(), 10)].into(),
                 fallback: false,
+                positions: Default::default(),
             })
             .unwrap();
         // Written after the checkpoint, then the process "crashes" (no commit).
@@ -88,6 +110,7 @@ fn state_written_after_the_last_checkpoint_is_forgotten() {
             id: 2,
             offsets: [("p".to_string(), 20)].into(),
             fallback: false,
+            positions: Default::default(),
         })
         .unwrap();
     drop((db, store));
@@ -132,6 +155,7 @@ fn commit_state(store: &RocksStore, id: u64, name: &str, offset: i64, values: &[
             id,
             offsets: [(name.to_string(), offset)].into(),
             fallback: false,
+            positions: Default::default(),
         })
         .unwrap();
 }
@@ -281,6 +305,7 @@ fn the_previous_checkpoint_is_kept_until_the_next_is_complete() {
                 id,
                 offsets: [("p".to_string(), id as i64 * 10)].into(),
                 fallback: false,
+                positions: Default::default(),
             })
             .unwrap()
     };

@@ -17,7 +17,7 @@ use super::pool::{Barrier, Target};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::dead_letter::DeadLetterSink;
 use crate::sink::Sink;
-use crate::source::{CommitHook, Handoff};
+use crate::source::{CommitHook, Handoff, PositionBook};
 use crate::state::{PartitionKeys, SnapshotStats, StageState};
 use crate::stats::RunStats;
 use crate::{Error, Result};
@@ -35,6 +35,8 @@ pub(super) struct Offsets {
 pub(super) struct Checkpointing {
     pub(super) policy: Option<CheckpointPolicy>,
     pub(super) hook: Option<Arc<dyn CommitHook>>,
+    /// The source's positions for the offsets a checkpoint commits, when it has its own.
+    pub(super) book: Option<Arc<dyn PositionBook>>,
     /// Stateful stages: their checkpoints wait until every worker is between batches.
     pub(super) states: Vec<Arc<dyn StageState>>,
     pub(super) barrier: Arc<Barrier>,
@@ -131,9 +133,17 @@ impl Checkpointing {
             dlq.sink.flush().await?;
         }
         let stats = &self.stats;
+        let positions = match &self.book {
+            Some(book) => changed
+                .iter()
+                .filter_map(|(name, next)| Some((name.clone(), book.position(name, *next)?)))
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let checkpoint = Checkpoint {
             id: stats.checkpoints.load(Ordering::Relaxed) + 1,
             offsets: changed,
+            positions,
             fallback: false,
         };
         let store = policy.store.clone();

@@ -200,6 +200,7 @@ pub async fn run(
     let checkpointing = Checkpointing {
         policy: checkpoint,
         hook: source.commit_hook(),
+        book: source.position_book(),
         states: states.clone(),
         barrier: pool.barrier.clone(),
         worker_failed: pool.failed(),

@@ -99,6 +99,7 @@ fn a_restored_partition_goes_on_with_the_same_events() {
         id: 1,
         offsets: [("nexmark/1".to_string(), 200)].into(),
         fallback: false,
+        positions: Default::default(),
     }));
     let rest = src.partition(1).generate(500).unwrap().batch;
     assert_eq!(rest.num_rows(), 300);

@@ -130,6 +130,7 @@ pub(super) fn checkpoint(state: &Arc<dyn StageState>, store: &RocksStore) {
             id: 1,
             offsets: Default::default(),
             fallback: false,
+            positions: Default::default(),
         })
         .unwrap();
 }

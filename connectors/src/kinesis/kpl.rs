@@ -1,0 +1,138 @@
+//! Records aggregated by the Kinesis Producer Library: several user records in one Kinesis
+//! record, as the KPL writes them and the KCL reads them back.
+//!
+//! ```text
+//! F3 89 9A C2 | AggregatedRecord (protobuf) | MD5 of the protobuf bytes (16 bytes)
+//! ```
+//! A record that starts with the magic bytes but whose digest does not match, or whose
+//! protobuf does not parse, is a plain record (as the KCL reads it).
+
+use md5::{Digest, Md5};
+use prost::Message;
+
+pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+const DIGEST_LEN: usize = 16;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AggregatedRecord {
+    #[prost(string, repeated, tag = "1")]
+    pub partition_key_table: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub explicit_hash_key_table: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
+    pub records: Vec<UserRecord>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UserRecord {
+    #[prost(uint64, tag = "1")]
+    pub partition_key_index: u64,
+    #[prost(uint64, optional, tag = "2")]
+    pub explicit_hash_key_index: Option<u64>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    pub tags: Vec<Tag>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Tag {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, optional, tag = "2")]
+    pub value: Option<String>,
+}
+
+/// The user records of `data` with their partition keys, when `data` is a KPL aggregate.
+pub fn deaggregate(data: &[u8]) -> Option<Vec<(Option<String>, Vec<u8>)>> {
+    let body = data.strip_prefix(&MAGIC)?;
+    if body.len() < DIGEST_LEN {
+        return None;
+    }
+    let (message, digest) = body.split_at(body.len() - DIGEST_LEN);
+    if Md5::digest(message).as_slice() != digest {
+        return None;
+    }
+    let aggregate = AggregatedRecord::decode(message).ok()?;
+    let keys = aggregate.partition_key_table;
+    Some(
+        aggregate
+            .records
+            .into_iter()
+            .map(|r| {
+                let key = usize::try_from(r.partition_key_index)
+                    .ok()
+                    .and_then(|i| keys.get(i).cloned());
+                (key, r.data)
+            })
+            .collect(),
+    )
+}
+
+/// A KPL aggregate of `records` (partition key, data), as the KPL writes one.
+pub fn aggregate(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut user = Vec::with_capacity(records.len());
+    for (key, data) in records {
+        let index = match keys.iter().position(|k| k == key) {
+            Some(i) => i,
+            None => {
+                keys.push((*key).to_string());
+                keys.len() - 1
+            }
+        };
+        user.push(UserRecord {
+            partition_key_index: index as u64,
+            explicit_hash_key_index: None,
+            data: data.to_vec(),
+            tags: Vec::new(),
+        });
+    }
+    let message = AggregatedRecord {
+        partition_key_table: keys,
+        explicit_hash_key_table: Vec::new(),
+        records: user,
+    }
+    .encode_to_vec();
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&message);
+    out.extend_from_slice(&Md5::digest(&message));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_aggregate_gives_back_its_user_records_in_order() {
+        let made = aggregate(&[
+            ("a", b"{\"id\":1}"),
+            ("b", b"{\"id\":2}"),
+            ("a", b"{\"id\":3}"),
+        ]);
+        let records = deaggregate(&made).unwrap();
+        assert_eq!(
+            records,
+            vec![
+                (Some("a".into()), b"{\"id\":1}".to_vec()),
+                (Some("b".into()), b"{\"id\":2}".to_vec()),
+                (Some("a".into()), b"{\"id\":3}".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_record_that_only_looks_aggregated_is_a_plain_record() {
+        let mut made = aggregate(&[("a", b"x")]);
+        let last = made.len() - 1;
+        made[last] ^= 1; // the digest no longer matches
+        assert_eq!(deaggregate(&made), None);
+        assert_eq!(deaggregate(&MAGIC), None);
+        assert_eq!(deaggregate(b"{\"id\":1}"), None);
+        let mut garbage = MAGIC.to_vec();
+        garbage.extend_from_slice(&[0xFF; 3]);
+        garbage.extend_from_slice(&Md5::digest([0xFF; 3]));
+        assert_eq!(deaggregate(&garbage), None);
+    }
+}

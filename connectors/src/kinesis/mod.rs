@@ -1,0 +1,41 @@
+//! Kinesis data streams: a source that reads a stream's shards as partitions and follows
+//! them through splits and merges, and a sink that writes rows with PutRecords.
+//!
+//! # Shards and positions
+//! A shard is a partition named `stream/shardId-000000000001`. Its records get offsets
+//! counted by the engine from the first record this pipeline read (`_offset`); the exact
+//! sequence number is `_sequence` (text: sequence numbers have up to 56 digits, more than
+//! any integer column holds). Each checkpoint commits, with a shard's offset, the sequence
+//! number to resume after (`position.rs`), so a restart goes on with
+//! `AFTER_SEQUENCE_NUMBER` and loses nothing, whenever the process died.
+//!
+//! # Resharding
+//! Shards are listed every `discover_every`. A child of a split or merge is read once its
+//! parents have been read to their end and their last records checkpointed (`shards.rs`):
+//! the reader of a shard at its end tells the source, which revokes the shard; the engine
+//! drains it (its records through the stages into the sink, then a checkpoint) and only
+//! then does the source start the children. Records of a key stay in order, as the KCL
+//! keeps them.
+//!
+//! # Calls
+//! GetRecords is paced within a shard's limits (5 calls a second, 2 MiB a second);
+//! throttling and outages are retried with exponential backoff and jitter (`retry.rs`); an
+//! expired iterator is renewed after the last record fetched. Records aggregated by the
+//! Kinesis Producer Library are split into their user records (`kpl.rs`).
+//!
+//! # Where things are
+//! `config.rs`: the YAML and the SDK client. `source.rs`: listing and assigning shards.
+//! `reader.rs`: a shard's fetch task and its batches. `sink.rs`: PutRecords.
+
+mod config;
+pub mod kpl;
+mod position;
+mod reader;
+mod retry;
+mod shards;
+mod sink;
+mod source;
+
+pub use config::{ClientConfig, KinesisSinkConfig, KinesisSourceConfig, StartFrom, StreamRef};
+pub use sink::KinesisSink;
+pub use source::KinesisSource;

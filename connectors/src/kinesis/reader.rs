@@ -1,0 +1,483 @@
+//! A shard's reader: a task that calls GetRecords, paced within the shard's limits, and
+//! the engine's [`PartitionReader`] that decodes what it fetched into batches.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use arrow::array::{
+    ArrayRef, Int64Array, RecordBatch, StringBuilder, TimestampMillisecondArray, UInt32Array,
+};
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use sluice_engine::batch::{Envelope, PartitionInfo};
+use sluice_engine::dead_letter::{DeadLetter, SOURCE_STAGE};
+use sluice_engine::source::{LogEnd, PartitionReader};
+use sluice_engine::{Error, ErrorClass, Result};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::kpl;
+use super::position::{Book, Resume};
+use super::retry::{Backoff, Fault, classify};
+use super::{StartFrom, StreamRef};
+use crate::json::JsonDecoder;
+
+/// A shard takes at most 5 GetRecords calls a second…
+const MIN_CALL_GAP: Duration = Duration::from_millis(200);
+/// …and returns at most 2 MiB a second: a call that returned more waits longer.
+const BYTES_PER_SECOND: f64 = 2.0 * 1024.0 * 1024.0;
+/// The most records one GetRecords call returns.
+const RECORDS_PER_CALL: i32 = 10_000;
+/// Fetched responses waiting for the reader: bounds memory when the pipeline is slower.
+const FETCHED_AHEAD: usize = 2;
+
+/// One user record as fetched.
+pub(super) struct Raw {
+    sequence: Arc<str>,
+    /// Its index in a KPL aggregate.
+    sub: Option<u64>,
+    key: Option<String>,
+    arrival_ms: Option<i64>,
+    data: Vec<u8>,
+}
+
+enum Fetched {
+    Records(Vec<Raw>),
+    /// The shard is closed and read to its end.
+    End,
+    Failed(Error),
+}
+
+/// Where a shard starts.
+#[derive(Debug, Clone)]
+pub(super) enum Start {
+    After(Resume),
+    From(StartFrom),
+}
+
+/// A shard's milliseconds behind the stream's tip, as its last GetRecords said.
+pub struct MillisBehind(AtomicI64);
+
+impl Default for MillisBehind {
+    fn default() -> Self {
+        MillisBehind(AtomicI64::new(-1))
+    }
+}
+
+impl LogEnd for MillisBehind {
+    /// Sequence numbers are not offsets: the lag is in time only.
+    fn log_end(&self) -> Option<i64> {
+        None
+    }
+
+    fn millis_behind(&self) -> Option<u64> {
+        u64::try_from(self.0.load(Ordering::Relaxed)).ok()
+    }
+}
+
+/// What a shard's fetch task needs.
+pub(super) struct Fetch {
+    pub client: aws_sdk_kinesis::Client,
+    pub stream: StreamRef,
+    pub shard: Arc<str>,
+    pub name: Arc<str>,
+    pub idle_wait: Duration,
+    pub behind: Arc<MillisBehind>,
+}
+
+impl Fetch {
+    async fn run(self, start: Start, tx: mpsc::Sender<Fetched>) {
+        if let Err(e) = self.fetch(start, &tx).await {
+            let _ = tx.send(Fetched::Failed(e)).await;
+        }
+    }
+
+    async fn fetch(&self, start: Start, tx: &mpsc::Sender<Fetched>) -> Result<()> {
+        // The user records of the resume point's aggregate that were done already.
+        let mut done_in = match &start {
+            Start::After(Resume {
+                sequence,
+                sub: Some(sub),
+            }) => Some((sequence.clone(), *sub)),
+            _ => None,
+        };
+        // What a renewed iterator starts after: the last record handed to the reader.
+        let mut renew = start;
+        let mut iterator = self.iterator(&renew).await?;
+        let mut backoff = Backoff::new();
+        let mut next_call = Instant::now();
+        loop {
+            tokio::time::sleep_until(next_call).await;
+            let called = Instant::now();
+            next_call = called + MIN_CALL_GAP;
+            let out = match self
+                .client
+                .get_records()
+                .shard_iterator(&iterator)
+                .limit(RECORDS_PER_CALL)
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    match classify(&format!("GetRecords on {}", self.name), &e) {
+                        Fault::Expired => iterator = self.iterator(&renew).await?,
+                        Fault::Throttled => next_call = called + backoff.next(),
+                        Fault::Transient(why) => {
+                            let wait = backoff.next();
+                            tracing::warn!(shard = %self.name, retry_in = ?wait, "{why}");
+                            next_call = called + wait;
+                        }
+                        Fault::Stop(e) => return Err(e),
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            self.behind
+                .0
+                .store(out.millis_behind_latest().unwrap_or(-1), Ordering::Relaxed);
+            let mut bytes = 0usize;
+            let mut fetched = Vec::with_capacity(out.records().len());
+            for record in out.records() {
+                let sequence: Arc<str> = record.sequence_number().into();
+                let arrival_ms = record
+                    .approximate_arrival_timestamp()
+                    .and_then(|t| t.to_millis().ok());
+                let data = record.data().as_ref();
+                bytes += data.len();
+                match kpl::deaggregate(data) {
+                    Some(users) => {
+                        let skip = match &done_in {
+                            Some((s, sub)) if *s == sequence => Some(*sub),
+                            _ => None,
+                        };
+                        for (i, (key, data)) in users.into_iter().enumerate() {
+                            if skip.is_some_and(|done| i as u64 <= done) {
+                                continue;
+                            }
+                            fetched.push(Raw {
+                                sequence: sequence.clone(),
+                                sub: Some(i as u64),
+                                key,
+                                arrival_ms,
+                                data,
+                            });
+                        }
+                    }
+                    None => fetched.push(Raw {
+                        sequence: sequence.clone(),
+                        sub: None,
+                        key: record.partition_key().map(str::to_owned),
+                        arrival_ms,
+                        data: data.to_vec(),
+                    }),
+                }
+                renew = Start::After(Resume {
+                    sequence,
+                    sub: None,
+                });
+                done_in = None;
+            }
+            let caught_up = fetched.is_empty() || out.millis_behind_latest() == Some(0);
+            if !fetched.is_empty() && tx.send(Fetched::Records(fetched)).await.is_err() {
+                return Ok(());
+            }
+            match out.next_shard_iterator() {
+                Some(next) => iterator = next.to_owned(),
+                None => {
+                    let _ = tx.send(Fetched::End).await;
+                    return Ok(());
+                }
+            }
+            let paced = Duration::from_secs_f64(bytes as f64 / BYTES_PER_SECOND);
+            next_call = next_call.max(called + paced);
+            if caught_up {
+                next_call = next_call.max(called + self.idle_wait);
+            }
+        }
+    }
+
+    /// A shard iterator at `start`, retried while throttled or unreachable.
+    async fn iterator(&self, start: &Start) -> Result<String> {
+        let mut backoff = Backoff::new();
+        loop {
+            let call = self
+                .client
+                .get_shard_iterator()
+                .set_stream_name(self.stream.stream.clone())
+                .set_stream_arn(self.stream.stream_arn.clone())
+                .shard_id(self.shard.as_ref());
+            let call = match start {
+                Start::After(Resume {
+                    sequence,
+                    sub: Some(_),
+                }) => call
+                    .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                    .starting_sequence_number(sequence.as_ref()),
+                Start::After(Resume {
+                    sequence,
+                    sub: None,
+                }) => call
+                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                    .starting_sequence_number(sequence.as_ref()),
+                Start::From(StartFrom::TrimHorizon) => {
+                    call.shard_iterator_type(ShardIteratorType::TrimHorizon)
+                }
+                Start::From(StartFrom::Latest) => {
+                    call.shard_iterator_type(ShardIteratorType::Latest)
+                }
+                Start::From(StartFrom::Time(ms)) => call
+                    .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                    .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
+            };
+            match call.send().await {
+                Ok(out) => match out.shard_iterator() {
+                    Some(it) => return Ok(it.to_owned()),
+                    None => {
+                        return Err(Error::External {
+                            system: "kinesis",
+                            message: format!("GetShardIterator on {} gave no iterator", self.name),
+                        });
+                    }
+                },
+                Err(e) => match classify(&format!("GetShardIterator on {}", self.name), &e) {
+                    Fault::Stop(e) => return Err(e),
+                    Fault::Transient(why) => {
+                        let wait = backoff.next();
+                        tracing::warn!(shard = %self.name, retry_in = ?wait, "{why}");
+                        tokio::time::sleep(wait).await;
+                    }
+                    Fault::Throttled | Fault::Expired => tokio::time::sleep(backoff.next()).await,
+                },
+            }
+        }
+    }
+}
+
+/// Reads one shard: what its fetch task fetched, decoded into batches.
+pub(super) struct ShardReader {
+    pub(super) info: Arc<PartitionInfo>,
+    pub(super) stream: Arc<str>,
+    pub(super) shard: Arc<str>,
+    pub(super) schema: SchemaRef,
+    pub(super) decoder: JsonDecoder,
+    pub(super) dead_letters: bool,
+    pub(super) book: Arc<Book>,
+    /// Told once the shard is read to its end.
+    pub(super) ended: mpsc::UnboundedSender<Arc<str>>,
+    fetched: mpsc::Receiver<Fetched>,
+    fetch: JoinHandle<()>,
+    pending: VecDeque<Raw>,
+    /// The offset of the next record.
+    next: i64,
+    /// Records before this offset were processed before a restart: dropped.
+    skip_before: i64,
+    /// Read to its end (and said so): nothing more comes.
+    at_end: bool,
+    behind: Arc<MillisBehind>,
+}
+
+/// What [`ShardReader::start`] needs besides the fetch.
+pub(super) struct ReaderParts {
+    pub info: Arc<PartitionInfo>,
+    pub stream: Arc<str>,
+    pub schema: SchemaRef,
+    pub decoder: JsonDecoder,
+    pub dead_letters: bool,
+    pub book: Arc<Book>,
+    pub ended: mpsc::UnboundedSender<Arc<str>>,
+}
+
+impl ShardReader {
+    /// Starts the shard's fetch task at `start`; its first record gets offset `first`, and
+    /// records before `skip_before` are dropped.
+    pub(super) fn start(
+        parts: ReaderParts,
+        fetch: Fetch,
+        start: Start,
+        first: i64,
+        skip_before: i64,
+    ) -> Self {
+        let (tx, fetched) = mpsc::channel(FETCHED_AHEAD);
+        let shard = fetch.shard.clone();
+        let behind = fetch.behind.clone();
+        let task = tokio::spawn(fetch.run(start, tx));
+        ShardReader {
+            info: parts.info,
+            stream: parts.stream,
+            shard,
+            schema: parts.schema,
+            decoder: parts.decoder,
+            dead_letters: parts.dead_letters,
+            book: parts.book,
+            ended: parts.ended,
+            fetched,
+            fetch: task,
+            pending: VecDeque::new(),
+            next: first,
+            skip_before,
+            at_end: false,
+            behind,
+        }
+    }
+
+    fn origin(&self, raw: &Raw) -> String {
+        format!(
+            "stream `{}` shard {} sequence number {}",
+            self.stream,
+            self.shard,
+            sequence_text(raw)
+        )
+    }
+
+    fn envelope(&mut self, max: usize) -> Result<Envelope> {
+        let n = self.pending.len().min(max.max(1));
+        let raws: Vec<Raw> = self.pending.drain(..n).collect();
+        let first = self.next;
+        self.next += n as i64;
+        let offsets = first..self.next;
+        let payloads: Vec<&[u8]> = raws.iter().map(|r| r.data.as_slice()).collect();
+        let mut dead = Vec::new();
+        let (records, kept) = if self.dead_letters {
+            let (records, bad) = self.decoder.decode_each(&payloads);
+            let records = records.map_err(|e| {
+                Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
+            })?;
+            let now = sluice_engine::dead_letter::now_ms();
+            for (i, reason) in &bad {
+                let raw = &raws[*i];
+                dead.push(DeadLetter {
+                    stage: SOURCE_STAGE.into(),
+                    class: ErrorClass::Decode,
+                    reason: format!("{reason} ({})", self.origin(raw)),
+                    attempts: 1,
+                    partition: self.info.clone(),
+                    offset: Some(first + *i as i64),
+                    key: raw.key.clone(),
+                    first_failed_at: now,
+                    last_failed_at: now,
+                    payload: raw.data.clone(),
+                });
+            }
+            let kept: Vec<usize> = (0..n).filter(|i| !bad.iter().any(|b| b.0 == *i)).collect();
+            (records, kept)
+        } else {
+            let records =
+                self.decoder
+                    .decode(payloads.iter().copied())
+                    .map_err(|e| Error::BadRecord {
+                        origin: match e.index {
+                            Some(i) => self.origin(&raws[i]),
+                            None => format!("stream `{}` shard {}", self.stream, self.shard),
+                        },
+                        reason: e.reason,
+                    })?;
+            (records, (0..n).collect())
+        };
+        let mut columns = records.columns().to_vec();
+        columns.extend(self.metadata(&raws, &kept, first));
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| Error::arrow("attaching Kinesis metadata columns", e))?;
+        let last = raws.last().expect("a batch has a record");
+        self.book.read(
+            &self.info.name,
+            self.next,
+            Resume {
+                sequence: last.sequence.clone(),
+                sub: last.sub,
+            },
+        );
+        Ok(Envelope {
+            partition: self.info.clone(),
+            offsets,
+            batch,
+            dead,
+        })
+    }
+
+    /// `_partition _offset _key _timestamp _sequence` of the records kept.
+    fn metadata(&self, raws: &[Raw], kept: &[usize], first: i64) -> [ArrayRef; 5] {
+        let n = kept.len();
+        let mut keys = StringBuilder::with_capacity(n, n * 16);
+        let mut sequences = StringBuilder::with_capacity(n, n * 60);
+        let mut offsets = Vec::with_capacity(n);
+        let mut times = Vec::with_capacity(n);
+        for &i in kept {
+            let raw = &raws[i];
+            keys.append_option(raw.key.as_deref());
+            sequences.append_value(sequence_text(raw));
+            offsets.push(first + i as i64);
+            times.push(raw.arrival_ms);
+        }
+        [
+            Arc::new(UInt32Array::from_value(self.info.id, n)),
+            Arc::new(Int64Array::from(offsets)),
+            Arc::new(keys.finish()),
+            Arc::new(TimestampMillisecondArray::from(times).with_timezone("UTC")),
+            Arc::new(sequences.finish()),
+        ]
+    }
+}
+
+fn sequence_text(raw: &Raw) -> String {
+    match raw.sub {
+        Some(sub) => format!("{}:{sub}", raw.sequence),
+        None => raw.sequence.to_string(),
+    }
+}
+
+impl Drop for ShardReader {
+    fn drop(&mut self) {
+        self.fetch.abort();
+    }
+}
+
+#[async_trait]
+impl PartitionReader for ShardReader {
+    fn info(&self) -> &Arc<PartitionInfo> {
+        &self.info
+    }
+
+    fn log_end(&self) -> Option<Arc<dyn LogEnd>> {
+        Some(self.behind.clone())
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
+        loop {
+            if !self.pending.is_empty() {
+                return self.envelope(max).map(Some);
+            }
+            if self.at_end {
+                std::future::pending::<()>().await;
+            }
+            // Cancel safe: a response is taken whole, and only between awaits.
+            match self.fetched.recv().await {
+                Some(Fetched::Records(records)) => {
+                    self.pending.extend(records);
+                    while self.next < self.skip_before && self.pending.pop_front().is_some() {
+                        self.next += 1;
+                    }
+                }
+                Some(Fetched::End) => {
+                    // Read to its end: the source revokes the shard once its last records
+                    // are checkpointed, and only then starts its children. Until then
+                    // nothing more comes.
+                    self.at_end = true;
+                    let _ = self.ended.send(self.info.name.clone());
+                }
+                Some(Fetched::Failed(e)) => return Err(e),
+                None => {
+                    return Err(Error::Internal(format!(
+                        "the fetch task of {} ended without saying why",
+                        self.info.name
+                    )));
+                }
+            }
+        }
+    }
+}

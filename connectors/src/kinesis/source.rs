@@ -1,0 +1,313 @@
+//! The Kinesis source: lists the stream's shards, assigns each to the engine as a
+//! partition once its parents are done, and revokes a shard read to its end so that its
+//! last records are checkpointed before its children start.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, SchemaRef};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use sluice_engine::batch::{self, PartitionInfo};
+use sluice_engine::checkpoint::Checkpoint;
+use sluice_engine::source::{Assignment, PositionBook, Source};
+use sluice_engine::{Error, Result};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::position::{Book, Position};
+use super::reader::{Fetch, MillisBehind, ReaderParts, ShardReader, Start};
+use super::retry::{Backoff, Fault, classify};
+use super::shards::{ShardDesc, Shards, partition_id};
+use super::{KinesisSourceConfig, StartFrom, StreamRef};
+use crate::json::JsonDecoder;
+
+pub struct KinesisSource {
+    config: KinesisSourceConfig,
+    stream: Arc<str>,
+    records: SchemaRef,
+    schema: SchemaRef,
+    dead_letters: bool,
+    client: Option<aws_sdk_kinesis::Client>,
+    shards: Shards,
+    /// Partition ids of shards whose names carry no number.
+    ids: BTreeMap<Arc<str>, u32>,
+    checkpoint: Arc<Checkpoint>,
+    book: Arc<Book>,
+    /// Whether shards have been listed yet.
+    listed: bool,
+    next_listing: Instant,
+    pending: VecDeque<Assignment>,
+    ended_tx: mpsc::UnboundedSender<Arc<str>>,
+    ended: mpsc::UnboundedReceiver<Arc<str>>,
+    /// Shards revoked at their end: each yields its partition name once its last records
+    /// are checkpointed (`true`), or `false` when the pipeline stopped first.
+    draining: FuturesUnordered<BoxFuture<'static, (Arc<str>, bool)>>,
+    behind: BTreeMap<Arc<str>, Arc<MillisBehind>>,
+}
+
+impl KinesisSource {
+    pub fn new(
+        config: KinesisSourceConfig,
+        _batch_size: usize,
+        dead_letters: bool,
+    ) -> Result<Self> {
+        let records = config.schema.to_arrow();
+        let schema = batch::with_metadata_fields(
+            &records,
+            &batch::metadata_fields_with(&[Field::new(batch::SEQUENCE, DataType::Utf8, true)]),
+        )?;
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        Ok(KinesisSource {
+            stream: config.stream_ref().name().into(),
+            config,
+            records,
+            schema,
+            dead_letters,
+            client: None,
+            shards: Shards::default(),
+            ids: BTreeMap::new(),
+            checkpoint: Arc::new(Checkpoint::default()),
+            book: Arc::new(Book::default()),
+            listed: false,
+            next_listing: Instant::now(),
+            pending: VecDeque::new(),
+            ended_tx,
+            ended,
+            draining: FuturesUnordered::new(),
+            behind: BTreeMap::new(),
+        })
+    }
+
+    fn partition_name(&self, shard: &str) -> Arc<str> {
+        format!("{}/{shard}", self.stream).into()
+    }
+
+    /// Takes in a listing: on the first one of a pipeline with nothing checkpointed of
+    /// this stream, `start_from: latest` starts at the open shards (closed ones hold only
+    /// records older than "now").
+    fn take_listing(&mut self, listing: Vec<(ShardDesc, bool)>) {
+        let fresh = !self.listed
+            && !self
+                .checkpoint
+                .offsets
+                .keys()
+                .any(|k| k.starts_with(&format!("{}/", self.stream)));
+        if fresh && self.config.start_from == StartFrom::Latest {
+            for (shard, closed) in &listing {
+                if *closed {
+                    self.shards.skip(&shard.id);
+                }
+            }
+        }
+        let first = !self.listed;
+        self.listed = true;
+        self.shards
+            .listed(listing.into_iter().map(|(s, _)| s).collect());
+        self.start_ready(first);
+    }
+
+    /// Assigns every shard whose parents are done.
+    fn start_ready(&mut self, first_listing: bool) {
+        let client = self
+            .client
+            .clone()
+            .expect("the client is made before listing");
+        for shard in self.shards.ready() {
+            let name = self.partition_name(&shard);
+            let id = partition_id(&shard, &mut self.ids);
+            let position = self.checkpoint.positions.get(name.as_ref());
+            let offset = self.checkpoint.offsets.get(name.as_ref()).copied();
+            let (start, first, skip_before) = match (
+                position.and_then(|p| Position::parse(p)),
+                offset,
+            ) {
+                (Some(p), offset) => {
+                    let next = p.next;
+                    (
+                        Start::After(p.after),
+                        next,
+                        offset.unwrap_or(next).max(next),
+                    )
+                }
+                (None, offset) => {
+                    if let Some(at) = position {
+                        tracing::warn!(partition = %name, position = %at, "the checkpoint's position of this shard is unreadable; starting at `start_from`");
+                    }
+                    // Shards found after the first listing are children of shards read
+                    // here: read from their first record, whatever `start_from` says.
+                    let from = match (&self.config.start_from, first_listing) {
+                        (StartFrom::Time(ms), _) => StartFrom::Time(*ms),
+                        (other, true) => other.clone(),
+                        (_, false) => StartFrom::TrimHorizon,
+                    };
+                    let at = offset.unwrap_or(0);
+                    (Start::From(from), at, at)
+                }
+            };
+            tracing::info!(partition = %name, start = ?start, "shard assigned");
+            let behind = self.behind.entry(name.clone()).or_default().clone();
+            let info = Arc::new(PartitionInfo {
+                id,
+                name: name.clone(),
+            });
+            let parts = ReaderParts {
+                info,
+                stream: self.stream.clone(),
+                schema: self.schema.clone(),
+                decoder: JsonDecoder::new(self.records.clone()).with_max_record(
+                    usize::try_from(self.config.max_record_size.0).unwrap_or(usize::MAX),
+                ),
+                dead_letters: self.dead_letters,
+                book: self.book.clone(),
+                ended: self.ended_tx.clone(),
+            };
+            let fetch = Fetch {
+                client: client.clone(),
+                stream: self.config.stream_ref(),
+                shard: shard.clone(),
+                name,
+                idle_wait: self.config.idle_wait.get(),
+                behind,
+            };
+            let reader = ShardReader::start(parts, fetch, start, first, skip_before);
+            self.pending.push_back(Assignment::Assign(Box::new(reader)));
+        }
+    }
+
+    /// A shard read to its end: revoked, so that the engine checkpoints its last records.
+    fn revoke_ended(&mut self, name: Arc<str>) {
+        let Some(shard) = name.strip_prefix(&format!("{}/", self.stream)) else {
+            return;
+        };
+        let id = partition_id(shard, &mut self.ids);
+        let (done, drained) = oneshot::channel();
+        self.pending.push_back(Assignment::Revoke {
+            partition: id,
+            drained: Some(done),
+        });
+        self.draining
+            .push(Box::pin(async move { (name, drained.await.is_ok()) }));
+    }
+}
+
+#[async_trait]
+impl Source for KinesisSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn partition_hint(&self) -> usize {
+        // Unknown until the shards are listed; the engine caps workers at the cores.
+        usize::MAX
+    }
+
+    fn restore(&mut self, checkpoint: Arc<Checkpoint>) {
+        self.checkpoint = checkpoint;
+    }
+
+    fn position_book(&self) -> Option<Arc<dyn PositionBook>> {
+        Some(self.book.clone())
+    }
+
+    fn needs_checkpoints(&self) -> bool {
+        true
+    }
+
+    async fn next_assignment(&mut self) -> Result<Option<Assignment>> {
+        loop {
+            if let Some(next) = self.pending.pop_front() {
+                return Ok(Some(next));
+            }
+            let client = match &self.client {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.config.client_config().client().await;
+                    self.client = Some(c.clone());
+                    c
+                }
+            };
+            if Instant::now() >= self.next_listing {
+                let listing = list_shards(&client, self.config.stream_ref()).await?;
+                if listing.is_empty() {
+                    return Err(Error::External {
+                        system: "kinesis",
+                        message: format!("the stream `{}` has no shards", self.stream),
+                    });
+                }
+                self.next_listing = Instant::now() + self.config.discover_every.get();
+                self.take_listing(listing);
+                continue;
+            }
+            tokio::select! {
+                Some(name) = self.ended.recv() => self.revoke_ended(name),
+                Some((name, checkpointed)) = self.draining.next(), if !self.draining.is_empty() => {
+                    self.book.forget(&name);
+                    if checkpointed {
+                        let shard = name.strip_prefix(&format!("{}/", self.stream)).unwrap_or(&name);
+                        tracing::info!(partition = %name, "shard read to its end and checkpointed");
+                        self.shards.done(shard);
+                        self.start_ready(false);
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_listing) => {}
+            }
+        }
+    }
+}
+
+/// Every shard of the stream (with whether it is closed), paging through ListShards;
+/// retried while throttled or unreachable.
+async fn list_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: StreamRef,
+) -> Result<Vec<(ShardDesc, bool)>> {
+    let name = stream.name().to_owned();
+    let mut backoff = Backoff::new();
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let call = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client
+                .list_shards()
+                .set_stream_name(stream.stream.clone())
+                .set_stream_arn(stream.stream_arn.clone()),
+        };
+        match call.send().await {
+            Ok(out) => {
+                backoff.reset();
+                for s in out.shards() {
+                    let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                        .into_iter()
+                        .flatten()
+                        .map(Arc::from)
+                        .collect();
+                    let closed = s
+                        .sequence_number_range()
+                        .is_some_and(|r| r.ending_sequence_number().is_some());
+                    let desc = ShardDesc {
+                        id: s.shard_id().into(),
+                        parents,
+                    };
+                    shards.push((desc, closed));
+                }
+                match out.next_token() {
+                    Some(t) => token = Some(t.to_owned()),
+                    None => return Ok(shards),
+                }
+            }
+            Err(e) => match classify(&format!("ListShards of `{}`", name), &e) {
+                Fault::Stop(e) => return Err(e),
+                Fault::Transient(why) => {
+                    let wait = backoff.next();
+                    tracing::warn!(stream = %name, retry_in = ?wait, "{why}");
+                    tokio::time::sleep(wait).await;
+                }
+                Fault::Throttled | Fault::Expired => tokio::time::sleep(backoff.next()).await,
+            },
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The Kinesis source and sink against kinesalite (a Kinesis API implementation, from
+//! npm), one server per test on a free loopback port. `make test` installs it into
+//! `.tools/kinesalite`; `KINESALITE` names another executable. The tests read and write
+//! streams with the AWS SDK directly (not Sluice's code), as an independent client.
+
+mod flow;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
+
+use crate::services::wait_for_port;
+
+fn executable() -> PathBuf {
+    match std::env::var_os("KINESALITE") {
+        Some(path) => PathBuf::from(path),
+        None => crate::root().join(".tools/kinesalite/node_modules/.bin/kinesalite"),
+    }
+}
+
+/// A kinesalite server: streams in memory, created, split and merged at once.
+pub struct Kinesalite {
+    pub port: u16,
+    child: Child,
+    pub kinesis: Kinesis,
+}
+
+impl Kinesalite {
+    pub fn start() -> Kinesalite {
+        let exe = executable();
+        assert!(
+            exe.exists(),
+            "{} is missing: `make test` installs kinesalite with npm (or set KINESALITE)",
+            exe.display()
+        );
+        let port = crate::free_port();
+        let child = Command::new(&exe)
+            .args(["--port", &port.to_string()])
+            .args(["--createStreamMs", "0", "--deleteStreamMs", "0"])
+            .args(["--updateStreamMs", "0", "--shardLimit", "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kinesalite");
+        wait_for_port(port, "kinesalite");
+        let kinesis = Kinesis::new(&format!("http://127.0.0.1:{port}"));
+        Kinesalite {
+            port,
+            child,
+            kinesis,
+        }
+    }
+
+    /// Another client, for a thread of the test's own.
+    pub fn client(&self) -> Kinesis {
+        Kinesis::new(&self.endpoint())
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The keys a pipeline's `kinesis` source or sink needs to reach this server.
+    pub fn yaml(&self, stream: &str) -> String {
+        format!(
+            "stream: {stream}\n    region: us-east-1\n    endpoint: {}\n    access_key_id: test\n    secret_access_key: test",
+            self.endpoint()
+        )
+    }
+}
+
+impl Drop for Kinesalite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A record as read back.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub shard: String,
+    pub key: String,
+    pub data: Vec<u8>,
+}
+
+/// A shard as listed: its id, its parents, whether it is open, its hash keys.
+pub type Shard = (String, Vec<String>, bool, (u128, u128));
+
+/// The SDK on a runtime of its own, for the tests' threads.
+pub struct Kinesis {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl Kinesis {
+    fn new(endpoint: &str) -> Kinesis {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let http = aws_smithy_http_client::Builder::new().build_http();
+        let config = aws_sdk_kinesis::Config::builder()
+            .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .http_client(http)
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .build();
+        Kinesis {
+            rt,
+            client: Client::from_conf(config),
+        }
+    }
+
+    pub fn create_stream(&self, name: &str, shards: i32) {
+        self.rt.block_on(async {
+            self.client
+                .create_stream()
+                .stream_name(name)
+                .shard_count(shards)
+                .send()
+                .await
+                .unwrap();
+        });
+        self.wait_active(name);
+    }
+
+    fn wait_active(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.rt.block_on(async {
+                self.client
+                    .describe_stream_summary()
+                    .stream_name(name)
+                    .send()
+                    .await
+                    .unwrap()
+                    .stream_description_summary()
+                    .map(|s| s.stream_status().clone())
+            });
+            if status == Some(StreamStatus::Active) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream {name} never became active"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Writes the records (partition key, data) in order, 500 a call; records a call
+    /// failed are sent again.
+    pub fn put(&self, stream: &str, records: &[(String, Vec<u8>)]) {
+        for chunk in records.chunks(500) {
+            let mut left: Vec<&(String, Vec<u8>)> = chunk.iter().collect();
+            while !left.is_empty() {
+                let entries = left
+                    .iter()
+                    .map(|(k, d)| {
+                        PutRecordsRequestEntry::builder()
+                            .partition_key(k)
+                            .data(Blob::new(d.clone()))
+                            .build()
+                            .unwrap()
+                    })
+                    .collect();
+                let out = self
+                    .rt
+                    .block_on(
+                        self.client
+                            .put_records()
+                            .stream_name(stream)
+                            .set_records(Some(entries))
+                            .send(),
+                    )
+                    .unwrap();
+                left = left
+                    .into_iter()
+                    .zip(out.records())
+                    .filter(|(_, r)| r.error_code().is_some())
+                    .map(|(e, _)| e)
+                    .collect();
+            }
+        }
+    }
+
+    /// The stream's shards.
+    pub fn shards(&self, stream: &str) -> Vec<Shard> {
+        self.rt.block_on(async {
+            let out = self
+                .client
+                .list_shards()
+                .stream_name(stream)
+                .send()
+                .await
+                .unwrap();
+            out.shards()
+                .iter()
+                .map(|s| {
+                    let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                        .into_iter()
+                        .flatten()
+                        .map(String::from)
+                        .collect();
+                    let open = s
+                        .sequence_number_range()
+                        .is_none_or(|r| r.ending_sequence_number().is_none());
+                    let range = s.hash_key_range().unwrap();
+                    let range = (
+                        range.starting_hash_key().parse().unwrap(),
+                        range.ending_hash_key().parse().unwrap(),
+                    );
+                    (s.shard_id().to_string(), parents, open, range)
+                })
+                .collect()
+        })
+    }
+
+    /// Splits `shard` in the middle of its hash keys.
+    pub fn split(&self, stream: &str, shard: &str) {
+        let (_, _, _, (lo, hi)) = self
+            .shards(stream)
+            .into_iter()
+            .find(|s| s.0 == shard)
+            .unwrap();
+        self.rt
+            .block_on(
+                self.client
+                    .split_shard()
+                    .stream_name(stream)
+                    .shard_to_split(shard)
+                    .new_starting_hash_key(((lo + hi) / 2).to_string())
+                    .send(),
+            )
+            .unwrap();
+        self.wait_active(stream);
+    }
+
+    pub fn merge(&self, stream: &str, shard: &str, adjacent: &str) {
+        self.rt
+            .block_on(
+                self.client
+                    .merge_shards()
+                    .stream_name(stream)
+                    .shard_to_merge(shard)
+                    .adjacent_shard_to_merge(adjacent)
+                    .send(),
+            )
+            .unwrap();
+        self.wait_active(stream);
+    }
+
+    /// Every record of every shard, each shard from its first record, in shard order.
+    pub fn read_all(&self, stream: &str) -> Vec<Read> {
+        let mut out = Vec::new();
+        for (shard, _, _, _) in self.shards(stream) {
+            self.rt.block_on(async {
+                let mut iterator = self
+                    .client
+                    .get_shard_iterator()
+                    .stream_name(stream)
+                    .shard_id(&shard)
+                    .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                    .send()
+                    .await
+                    .unwrap()
+                    .shard_iterator()
+                    .map(String::from);
+                while let Some(it) = iterator {
+                    let r = self
+                        .client
+                        .get_records()
+                        .shard_iterator(it)
+                        .limit(10_000)
+                        .send()
+                        .await
+                        .unwrap();
+                    for rec in r.records() {
+                        out.push(Read {
+                            shard: shard.clone(),
+                            key: rec.partition_key().unwrap_or_default().to_string(),
+                            data: rec.data().as_ref().to_vec(),
+                        });
+                    }
+                    if r.records().is_empty() && r.millis_behind_latest().unwrap_or(0) == 0 {
+                        break;
+                    }
+                    iterator = r.next_shard_iterator().map(String::from);
+                }
+            });
+        }
+        out
+    }
+
+    /// Reads `stream` until it holds at least `want` records.
+    pub fn wait_for(&self, stream: &str, want: usize, timeout: Duration) -> Vec<Read> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let read = self.read_all(stream);
+            if read.len() >= want || Instant::now() > deadline {
+                return read;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Output rows by `id`, with how often each was written.
+pub fn ids(read: &[Read]) -> BTreeMap<i64, (serde_json::Value, usize)> {
+    let mut out: BTreeMap<i64, (serde_json::Value, usize)> = BTreeMap::new();
+    for r in read {
+        let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
+        let id = v["id"].as_i64().unwrap();
+        let e = out.entry(id).or_insert((v.clone(), 0));
+        e.1 += 1;
+    }
+    out
+}
+
+/// `n` records `{"id": i, "user": "u{i % users}"}` keyed by user, from `first`.
+pub fn records(first: i64, n: i64, users: i64) -> Vec<(String, Vec<u8>)> {
+    (first..first + n)
+        .map(|i| {
+            let user = format!("u{}", i % users);
+            let data = format!(r#"{{"id":{i},"user":"{user}"}}"#).into_bytes();
+            (user, data)
+        })
+        .collect()
+}
+
+/// A pipeline from `input` through SQL to `output`, checkpointing into `dir`.
+pub fn pipeline(k: &Kinesalite, input: &str, output: &str, dir: &std::path::Path) -> String {
+    format!(
+        r#"name: kinesis-test
+source:
+  type: kinesis
+  {}
+  start_from: trim_horizon
+  idle_wait: 200ms
+  discover_every: 1s
+  schema:
+    - {{name: id, type: int64}}
+    - {{name: user, type: utf8}}
+stages:
+  - name: shout
+    type: sql
+    query: SELECT id, upper(user) AS user, _sequence AS seq FROM input
+sink:
+  type: kinesis
+  {}
+  partition_key: user
+checkpoint:
+  dir: {}
+  interval: 1s
+"#,
+        k.yaml(input).replace("\n    ", "\n  "),
+        k.yaml(output).replace("\n    ", "\n  "),
+        dir.join("checkpoints").display()
+    )
+}
