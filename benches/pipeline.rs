@@ -212,6 +212,48 @@ fn bench_kafka_decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Kinesis records as the Kinesis Producer Library aggregates them (1,000 user records a
+/// record), split into their user records and decoded: what the Kinesis source does with a
+/// GetRecords page before the metadata columns.
+fn bench_kinesis_decode(c: &mut Criterion) {
+    use sluice_connectors::json::JsonDecoder;
+    use sluice_connectors::kinesis::kpl;
+    let rows = 8192usize;
+    let payloads = view_event_payloads(rows);
+    let keyed: Vec<(String, &[u8])> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("user-{}", i % 997), p.as_slice()))
+        .collect();
+    let aggregates: Vec<Vec<u8>> = keyed
+        .chunks(1000)
+        .map(|chunk| {
+            let records: Vec<(&str, &[u8])> = chunk.iter().map(|(k, p)| (k.as_str(), *p)).collect();
+            kpl::aggregate(&records)
+        })
+        .collect();
+    let schema = Arc::new(sluice_connectors::generator::record_schema());
+    let mut decoder = JsonDecoder::new(schema);
+    let mut group = c.benchmark_group("kinesis_decode");
+    group.throughput(Throughput::Elements(rows as u64));
+    group.bench_with_input(
+        BenchmarkId::new("kpl_split_and_decode", rows),
+        &rows,
+        |b, _| {
+            b.iter(|| {
+                let users: Vec<(Option<String>, Vec<u8>)> = aggregates
+                    .iter()
+                    .flat_map(|a| kpl::deaggregate(a).unwrap())
+                    .collect();
+                decoder
+                    .decode(users.iter().map(|(_, d)| d.as_slice()))
+                    .unwrap()
+            });
+        },
+    );
+    group.finish();
+}
+
 /// One planned function stage, from its YAML (as under `stages:`), on `input`.
 fn function_stage(
     rt: &tokio::runtime::Runtime,
@@ -526,6 +568,7 @@ criterion_group!(
     bench_generator,
     bench_sql_stage,
     bench_pipeline,
-    bench_kafka_decode
+    bench_kafka_decode,
+    bench_kinesis_decode
 );
 criterion_main!(benches);

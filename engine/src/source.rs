@@ -49,6 +49,14 @@ pub trait PartitionReader: Send {
     fn start_offset(&self) -> Option<i64> {
         None
     }
+
+    /// Asked once, after `read` returned `None`: a sender the engine fires once everything
+    /// read from the partition has gone through the stages (which saw the partition end)
+    /// into the sink and a checkpoint holds it. A source whose partitions end while others
+    /// begin (a Kinesis shard and its children) starts what follows on it.
+    fn take_end_signal(&mut self) -> Option<oneshot::Sender<()>> {
+        None
+    }
 }
 
 /// Where a partition ends now: the offset the next record written to it will get (Kafka's

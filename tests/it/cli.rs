@@ -27,7 +27,7 @@ fn validate_accepts_the_examples_and_lists_every_problem() {
         format!(
             "source.batch_size: -1 is out of range: expected a whole number from 0 to 18446744073709551615 ({f}:4:15)\n\
              stages[0].retries: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, query ({f}:9:5)\n\
-             sink.type: unknown type `kafak`, expected one of file, kafka, stdout, null ({f}:11:9)\n\
+             sink.type: unknown type `kafak`, expected one of file, kafka, kinesis, stdout, null ({f}:11:9)\n\
              {f}: 3 problems\n"
         )
     );

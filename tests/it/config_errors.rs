@@ -69,7 +69,7 @@ fn unknown_source_type() {
     let yaml = format!("name: x\nsource:\n  type: kafak\n  topic: views\n{SINK}");
     assert_eq!(
         one_problem(&yaml),
-        "source.type: unknown type `kafak`, expected one of generator, nexmark, file, kafka (x.yaml:3:9)"
+        "source.type: unknown type `kafak`, expected one of generator, nexmark, file, kafka, kinesis (x.yaml:3:9)"
     );
 }
 
@@ -205,7 +205,7 @@ fn unknown_metadata_column() {
     let yaml = "name: x\nsource:\n  type: generator\nsink:\n  type: stdout\n  metadata_columns: [_offset, _offest]\n";
     assert_eq!(
         one_problem(yaml),
-        "sink.metadata_columns: `_offest` is not a metadata column, expected some of _partition, _offset, _key, _timestamp, _topic, _headers (x.yaml:6:21)"
+        "sink.metadata_columns: `_offest` is not a metadata column, expected some of _partition, _offset, _key, _timestamp, _topic, _headers, _sequence (x.yaml:6:21)"
     );
 }
 

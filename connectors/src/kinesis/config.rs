@@ -225,8 +225,16 @@ impl ClientConfig {
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
+        // A call that hangs (a connection half-open, a stuck proxy) fails and is retried
+        // instead of holding up its shard or the sink for good.
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .read_timeout(std::time::Duration::from_secs(30))
+            .operation_attempt_timeout(std::time::Duration::from_secs(60))
+            .build();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .http_client(http)
+            .timeout_config(timeouts)
             .retry_config(aws_config::retry::RetryConfig::disabled());
         if let Some(region) = &self.region {
             loader = loader.region(aws_config::Region::new(region.clone()));

@@ -16,7 +16,7 @@ use sluice_engine::batch::{Envelope, PartitionInfo};
 use sluice_engine::dead_letter::{DeadLetter, SOURCE_STAGE};
 use sluice_engine::source::{LogEnd, PartitionReader};
 use sluice_engine::{Error, ErrorClass, Result};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -105,9 +105,15 @@ impl Fetch {
             }) => Some((sequence.clone(), *sub)),
             _ => None,
         };
-        // What a renewed iterator starts after: the last record handed to the reader.
-        let mut renew = start;
-        let mut iterator = self.iterator(&renew).await?;
+        // What a renewed iterator starts after: the last record handed to the reader. A
+        // shard started at `latest` that has fetched nothing yet renews at the time it
+        // started, not at a later "latest" (an expiry after an outage would skip records).
+        let first = start.clone();
+        let mut renew = match start {
+            Start::From(StartFrom::Latest) => Start::From(StartFrom::Time(now_ms())),
+            other => other,
+        };
+        let mut iterator = self.iterator(&first).await?;
         let mut backoff = Backoff::new();
         let mut next_call = Instant::now();
         loop {
@@ -126,11 +132,11 @@ impl Fetch {
                 Err(e) => {
                     match classify(&format!("GetRecords on {}", self.name), &e) {
                         Fault::Expired => iterator = self.iterator(&renew).await?,
-                        Fault::Throttled => next_call = called + backoff.next(),
+                        Fault::Throttled => next_call += backoff.next(),
                         Fault::Transient(why) => {
                             let wait = backoff.next();
                             tracing::warn!(shard = %self.name, retry_in = ?wait, "{why}");
-                            next_call = called + wait;
+                            next_call += wait;
                         }
                         Fault::Stop(e) => return Err(e),
                     }
@@ -183,7 +189,11 @@ impl Fetch {
                 });
                 done_in = None;
             }
-            let caught_up = fetched.is_empty() || out.millis_behind_latest() == Some(0);
+            // An empty page of a shard still behind is no reason to wait.
+            let caught_up = match out.millis_behind_latest() {
+                Some(ms) => ms == 0,
+                None => fetched.is_empty(),
+            };
             if !fetched.is_empty() && tx.send(Fetched::Records(fetched)).await.is_err() {
                 return Ok(());
             }
@@ -268,8 +278,9 @@ pub(super) struct ShardReader {
     pub(super) decoder: JsonDecoder,
     pub(super) dead_letters: bool,
     pub(super) book: Arc<Book>,
-    /// Told once the shard is read to its end.
-    pub(super) ended: mpsc::UnboundedSender<Arc<str>>,
+    /// Fired by the engine once the shard's end is checkpointed (see
+    /// [`PartitionReader::take_end_signal`]).
+    end_signal: Option<oneshot::Sender<()>>,
     fetched: mpsc::Receiver<Fetched>,
     fetch: JoinHandle<()>,
     pending: VecDeque<Raw>,
@@ -290,7 +301,7 @@ pub(super) struct ReaderParts {
     pub decoder: JsonDecoder,
     pub dead_letters: bool,
     pub book: Arc<Book>,
-    pub ended: mpsc::UnboundedSender<Arc<str>>,
+    pub end_signal: oneshot::Sender<()>,
 }
 
 impl ShardReader {
@@ -315,7 +326,7 @@ impl ShardReader {
             decoder: parts.decoder,
             dead_letters: parts.dead_letters,
             book: parts.book,
-            ended: parts.ended,
+            end_signal: Some(parts.end_signal),
             fetched,
             fetch: task,
             pending: VecDeque::new(),
@@ -424,6 +435,12 @@ impl ShardReader {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 fn sequence_text(raw: &Raw) -> String {
     match raw.sub {
         Some(sub) => format!("{}:{sub}", raw.sequence),
@@ -447,13 +464,17 @@ impl PartitionReader for ShardReader {
         Some(self.behind.clone())
     }
 
+    fn take_end_signal(&mut self) -> Option<oneshot::Sender<()>> {
+        self.end_signal.take()
+    }
+
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
         loop {
             if !self.pending.is_empty() {
                 return self.envelope(max).map(Some);
             }
             if self.at_end {
-                std::future::pending::<()>().await;
+                return Ok(None);
             }
             // Cancel safe: a response is taken whole, and only between awaits.
             match self.fetched.recv().await {
@@ -464,11 +485,11 @@ impl PartitionReader for ShardReader {
                     }
                 }
                 Some(Fetched::End) => {
-                    // Read to its end: the source revokes the shard once its last records
-                    // are checkpointed, and only then starts its children. Until then
-                    // nothing more comes.
+                    // Read to its end: the stages see the partition end, and once its last
+                    // records are checkpointed the engine fires the end signal, on which
+                    // the source starts the shard's children.
                     self.at_end = true;
-                    let _ = self.ended.send(self.info.name.clone());
+                    return Ok(None);
                 }
                 Some(Fetched::Failed(e)) => return Err(e),
                 None => {

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_kinesis::config::http::HttpResponse;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use sluice_engine::Error;
@@ -12,7 +13,8 @@ use sluice_engine::error::error_chain;
 pub enum Fault {
     /// Over the shard's or the account's limits: wait (with backoff and jitter) and retry.
     Throttled,
-    /// The shard iterator is older than five minutes: get a new one from the position.
+    /// The shard iterator is older than five minutes: get a new one from the position (or
+    /// a listing's page token expired: list from the first page again).
     Expired,
     /// The service or the network failed in a way that may pass: wait and retry.
     Transient(String),
@@ -38,10 +40,9 @@ const REFUSED: &[&str] = &[
 ];
 
 /// Classifies a failed call of `what` (`GetRecords on plays/shardId-000000000001`).
-pub fn classify<E, R>(what: &str, e: &SdkError<E, R>) -> Fault
+pub fn classify<E>(what: &str, e: &SdkError<E, HttpResponse>) -> Fault
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     match e {
         SdkError::ServiceError(service) => {
@@ -57,14 +58,18 @@ where
                     system: "kinesis",
                     message: format!("{what}: {code}: {message}"),
                 })
-            } else if code == "ResourceNotFoundException" || code == "InvalidArgumentException" {
+            } else if code == "ExpiredNextTokenException" {
+                Fault::Expired
+            } else if service.raw().status().is_server_error() {
+                // InternalFailure, ServiceUnavailable: the service's side, which passes.
+                Fault::Transient(format!("{what}: {code}: {message}"))
+            } else {
+                // The request's fault (no such stream, a bad argument, a validation error):
+                // the same request fails again.
                 Fault::Stop(Error::External {
                     system: "kinesis",
                     message: format!("{what}: {code}: {message}"),
                 })
-            } else {
-                // InternalFailure, ServiceUnavailable, KMS states that pass, unknown codes.
-                Fault::Transient(format!("{what}: {code}: {message}"))
             }
         }
         SdkError::ConstructionFailure(_) => Fault::Stop(Error::External {

@@ -1,8 +1,12 @@
 //! The Kinesis sink: rows as JSON records, sent with PutRecords in calls of up to 500
 //! records and 5 MiB. A checkpoint waits (`flush`) until Kinesis has acknowledged every
 //! record written before it; records a call failed inside a successful call (throttled
-//! shards) are sent again, alone and in their order, with backoff; a Kinesis that cannot be
+//! shards) are sent again in their order, with backoff; a Kinesis that cannot be
 //! reached is waited for, which back-pressures the pipeline as a Kafka outage does.
+//!
+//! Order: the records of a partition key are sent in the order of their rows. When a call
+//! fails some records and not a later one of the same key, that later one is written first
+//! (as with the Kinesis Producer Library); the failed ones follow in their order.
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
@@ -139,6 +143,15 @@ impl KinesisSink {
                 .send()
                 .await;
             match result {
+                Ok(out) if out.records().len() != n => {
+                    // Not an answer for each record: none is taken as written.
+                    tracing::warn!(
+                        sent = n,
+                        answered = out.records().len(),
+                        "PutRecords answered for another number of records; sending them again"
+                    );
+                    tokio::time::sleep(backoff.next()).await;
+                }
                 Ok(out) => {
                     // Entries that failed inside the call stay, in order, for the next one.
                     let mut kept = VecDeque::new();
@@ -150,9 +163,12 @@ impl KinesisSink {
                             self.sent += 1;
                         }
                     }
-                    if kept.is_empty() {
+                    let accepted = n - kept.len();
+                    if accepted > 0 {
+                        // Progress: the next wait starts short again.
                         backoff.reset();
-                    } else {
+                    }
+                    if !kept.is_empty() {
                         self.retried += kept.len() as u64;
                         for e in kept.into_iter().rev() {
                             self.waiting.push_front(e);
@@ -221,12 +237,29 @@ impl KinesisSink {
                 (Some(f), Some(c)) if c.is_valid(row) => Some(f.value(row).to_string()),
                 _ => None,
             };
+            if let Some(h) = &hash_key
+                && h.parse::<u128>().is_err()
+            {
+                self.refused.push((
+                    row as u32,
+                    format!("the explicit hash key `{h}` is not a decimal number below 2^128"),
+                ));
+                continue;
+            }
+            if key.is_empty() {
+                self.refused.push((
+                    row as u32,
+                    "the partition key is empty; Kinesis takes keys of 1 to 256 characters"
+                        .to_string(),
+                ));
+                continue;
+            }
             let entry = Entry {
                 data: line.to_vec(),
                 key,
                 hash_key,
             };
-            if entry.size() > MAX_RECORD_BYTES || entry.key.len() > 256 {
+            if entry.size() > MAX_RECORD_BYTES || entry.key.chars().count() > 256 {
                 self.refused.push((
                     row as u32,
                     format!(

@@ -14,7 +14,7 @@ use sluice_engine::batch::{self, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::source::{Assignment, PositionBook, Source};
 use sluice_engine::{Error, Result};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::position::{Book, Position};
@@ -40,10 +40,9 @@ pub struct KinesisSource {
     listed: bool,
     next_listing: Instant,
     pending: VecDeque<Assignment>,
-    ended_tx: mpsc::UnboundedSender<Arc<str>>,
-    ended: mpsc::UnboundedReceiver<Arc<str>>,
-    /// Shards revoked at their end: each yields its partition name once its last records
-    /// are checkpointed (`true`), or `false` when the pipeline stopped first.
+    /// Shards being read: each yields its partition name once the shard was read to its
+    /// end and its last records are checkpointed (`true`), or `false` when its reader
+    /// went first (the pipeline stopped).
     draining: FuturesUnordered<BoxFuture<'static, (Arc<str>, bool)>>,
     behind: BTreeMap<Arc<str>, Arc<MillisBehind>>,
 }
@@ -59,7 +58,6 @@ impl KinesisSource {
             &records,
             &batch::metadata_fields_with(&[Field::new(batch::SEQUENCE, DataType::Utf8, true)]),
         )?;
-        let (ended_tx, ended) = mpsc::unbounded_channel();
         Ok(KinesisSource {
             stream: config.stream_ref().name().into(),
             config,
@@ -74,8 +72,6 @@ impl KinesisSource {
             listed: false,
             next_listing: Instant::now(),
             pending: VecDeque::new(),
-            ended_tx,
-            ended,
             draining: FuturesUnordered::new(),
             behind: BTreeMap::new(),
         })
@@ -149,6 +145,10 @@ impl KinesisSource {
             };
             tracing::info!(partition = %name, start = ?start, "shard assigned");
             let behind = self.behind.entry(name.clone()).or_default().clone();
+            let (end_signal, ended) = oneshot::channel();
+            let done = name.clone();
+            self.draining
+                .push(Box::pin(async move { (done, ended.await.is_ok()) }));
             let info = Arc::new(PartitionInfo {
                 id,
                 name: name.clone(),
@@ -162,7 +162,7 @@ impl KinesisSource {
                 ),
                 dead_letters: self.dead_letters,
                 book: self.book.clone(),
-                ended: self.ended_tx.clone(),
+                end_signal,
             };
             let fetch = Fetch {
                 client: client.clone(),
@@ -175,21 +175,6 @@ impl KinesisSource {
             let reader = ShardReader::start(parts, fetch, start, first, skip_before);
             self.pending.push_back(Assignment::Assign(Box::new(reader)));
         }
-    }
-
-    /// A shard read to its end: revoked, so that the engine checkpoints its last records.
-    fn revoke_ended(&mut self, name: Arc<str>) {
-        let Some(shard) = name.strip_prefix(&format!("{}/", self.stream)) else {
-            return;
-        };
-        let id = partition_id(shard, &mut self.ids);
-        let (done, drained) = oneshot::channel();
-        self.pending.push_back(Assignment::Revoke {
-            partition: id,
-            drained: Some(done),
-        });
-        self.draining
-            .push(Box::pin(async move { (name, drained.await.is_ok()) }));
     }
 }
 
@@ -242,7 +227,6 @@ impl Source for KinesisSource {
                 continue;
             }
             tokio::select! {
-                Some(name) = self.ended.recv() => self.revoke_ended(name),
                 Some((name, checkpointed)) = self.draining.next(), if !self.draining.is_empty() => {
                     self.book.forget(&name);
                     if checkpointed {
@@ -306,7 +290,11 @@ async fn list_shards(
                     tracing::warn!(stream = %name, retry_in = ?wait, "{why}");
                     tokio::time::sleep(wait).await;
                 }
-                Fault::Throttled | Fault::Expired => tokio::time::sleep(backoff.next()).await,
+                Fault::Expired => {
+                    shards.clear();
+                    token = None;
+                }
+                Fault::Throttled => tokio::time::sleep(backoff.next()).await,
             },
         }
     }

@@ -11,7 +11,8 @@
 //!   in the sink's channel, and waits. When all wait, the sink task takes in what is in its
 //!   channel, snapshots the state with the offsets, and drops the resume senders
 //!   ([`Paused`]). No worker starts while a barrier is out (`pool::Barrier`).
-//! - **Drain** (a revoked partition): once the partition's reader has ended, a `Drain`
+//! - **Drain** (a revoked partition, or one whose source asks to be told when its end is
+//!   checkpointed): once the partition's reader has ended, a `Drain`
 //!   marker follows its last batch through the worker that has it; the sink task, on
 //!   receiving it, takes a checkpoint covering everything read and then fires `done`, on
 //!   which a consumer group waits before it gives the partition to another member.

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Batching;
 use super::lanes::{Ledger, Splitter};
-use super::messages::{Route, WorkerMsg};
+use super::messages::{Drained, Route, WorkerMsg};
 use crate::batch::{Envelope, PartitionInfo};
 use crate::source::PartitionReader;
 use crate::stats::{PartitionLag, RunStats};
@@ -177,6 +177,15 @@ pub(super) async fn read_partition(
             end: end.unwrap_or(0),
         };
         let _ = last.tx.send(ended).await;
+        // A source that waits for the partition's end to be checkpointed: the marker follows
+        // the end through the same worker, as a revoked partition's does.
+        if let Some(done) = reader.take_end_signal() {
+            let drained = Drained {
+                partition: info.clone(),
+                done,
+            };
+            let _ = last.tx.send(WorkerMsg::Drain(drained)).await;
+        }
     }
     // The worker that holds this partition's last batch: a Drain marker must follow it
     // there, even if a move was requested since.

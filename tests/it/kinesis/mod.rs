@@ -3,6 +3,7 @@
 //! `.tools/kinesalite`; `KINESALITE` names another executable. The tests read and write
 //! streams with the AWS SDK directly (not Sluice's code), as an independent client.
 
+mod faults;
 mod flow;
 
 use std::collections::BTreeMap;
@@ -87,6 +88,8 @@ pub struct Read {
     pub shard: String,
     pub key: String,
     pub data: Vec<u8>,
+    /// ApproximateArrivalTimestamp, in milliseconds.
+    pub arrival_ms: i64,
 }
 
 /// A shard as listed: its id, its parents, whether it is open, its hash keys.
@@ -289,6 +292,10 @@ impl Kinesis {
                             shard: shard.clone(),
                             key: rec.partition_key().unwrap_or_default().to_string(),
                             data: rec.data().as_ref().to_vec(),
+                            arrival_ms: rec
+                                .approximate_arrival_timestamp()
+                                .and_then(|t| t.to_millis().ok())
+                                .unwrap_or(0),
                         });
                     }
                     if r.records().is_empty() && r.millis_behind_latest().unwrap_or(0) == 0 {
@@ -307,6 +314,21 @@ impl Kinesis {
         loop {
             let read = self.read_all(stream);
             if read.len() >= want || Instant::now() > deadline {
+                return read;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Kinesis {
+    /// Reads `stream` until it holds every id of `0..n` (duplicates do not count).
+    pub fn wait_for_ids(&self, stream: &str, n: i64, timeout: Duration) -> Vec<Read> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let read = self.read_all(stream);
+            let out = ids(&read);
+            if (0..n).all(|i| out.contains_key(&i)) || Instant::now() > deadline {
                 return read;
             }
             std::thread::sleep(Duration::from_millis(500));

@@ -193,8 +193,10 @@ impl Part {
         if p.position.load(Ordering::Relaxed) == i64::MIN {
             return CaughtUp::Unknown;
         }
-        match p.lag() {
-            Some(0) => CaughtUp::Yes,
+        // In records where the source counts them (Kafka), else in time (Kinesis's
+        // MillisBehindLatest: 0 when the reader is at the tip).
+        match (p.lag(), p.lag_ms()) {
+            (Some(0), _) | (None, Some(0)) => CaughtUp::Yes,
             _ => CaughtUp::No,
         }
     }
