@@ -146,17 +146,20 @@ impl Fetch {
             backoff.reset();
             self.behind
                 .0
-                .store(out.millis_behind_latest().unwrap_or(-1), Ordering::Relaxed);
+                .store(out.millis_behind_latest.unwrap_or(-1), Ordering::Relaxed);
+            let millis_behind = out.millis_behind_latest;
+            let next_iterator = out.next_shard_iterator;
             let mut bytes = 0usize;
-            let mut fetched = Vec::with_capacity(out.records().len());
-            for record in out.records() {
-                let sequence: Arc<str> = record.sequence_number().into();
+            let mut fetched = Vec::with_capacity(out.records.len());
+            // The records are taken, not copied: a plain record's bytes become its `Raw`.
+            for record in out.records {
+                let sequence: Arc<str> = record.sequence_number.into();
                 let arrival_ms = record
-                    .approximate_arrival_timestamp()
+                    .approximate_arrival_timestamp
                     .and_then(|t| t.to_millis().ok());
-                let data = record.data().as_ref();
+                let data = record.data.into_inner();
                 bytes += data.len();
-                match kpl::deaggregate(data) {
+                match kpl::deaggregate(&data) {
                     Some(users) => {
                         let skip = match &done_in {
                             Some((s, sub)) if *s == sequence => Some(*sub),
@@ -178,9 +181,9 @@ impl Fetch {
                     None => fetched.push(Raw {
                         sequence: sequence.clone(),
                         sub: None,
-                        key: record.partition_key().map(str::to_owned),
+                        key: record.partition_key,
                         arrival_ms,
-                        data: data.to_vec(),
+                        data,
                     }),
                 }
                 renew = Start::After(Resume {
@@ -190,15 +193,15 @@ impl Fetch {
                 done_in = None;
             }
             // An empty page of a shard still behind is no reason to wait.
-            let caught_up = match out.millis_behind_latest() {
+            let caught_up = match millis_behind {
                 Some(ms) => ms == 0,
                 None => fetched.is_empty(),
             };
             if !fetched.is_empty() && tx.send(Fetched::Records(fetched)).await.is_err() {
                 return Ok(());
             }
-            match out.next_shard_iterator() {
-                Some(next) => iterator = next.to_owned(),
+            match next_iterator {
+                Some(next) => iterator = next,
                 None => {
                     let _ = tx.send(Fetched::End).await;
                     return Ok(());

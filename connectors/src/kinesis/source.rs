@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
+use std::future::Future;
+
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -15,6 +17,7 @@ use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::source::{Assignment, PositionBook, Source};
 use sluice_engine::{Error, Result};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::position::{Book, Position};
@@ -39,6 +42,10 @@ pub struct KinesisSource {
     /// Whether shards have been listed yet.
     listed: bool,
     next_listing: Instant,
+    /// The listing under way, in a task of its own: the engine drops `next_assignment`
+    /// whenever something else happens, and a listing (with its retries, and the client's
+    /// region and credentials lookups) must not start over each time.
+    listing: Option<JoinHandle<Result<Listing>>>,
     pending: VecDeque<Assignment>,
     /// Shards being read: each yields its partition name once the shard was read to its
     /// end and its last records are checkpointed (`true`), or `false` when its reader
@@ -71,6 +78,7 @@ impl KinesisSource {
             book: Arc::new(Book::default()),
             listed: false,
             next_listing: Instant::now(),
+            listing: None,
             pending: VecDeque::new(),
             draining: FuturesUnordered::new(),
             behind: BTreeMap::new(),
@@ -206,40 +214,81 @@ impl Source for KinesisSource {
             if let Some(next) = self.pending.pop_front() {
                 return Ok(Some(next));
             }
-            let client = match &self.client {
-                Some(c) => c.clone(),
-                None => {
-                    let c = self.config.client_config().client().await;
-                    self.client = Some(c.clone());
-                    c
-                }
-            };
-            if Instant::now() >= self.next_listing {
-                let listing = list_shards(&client, self.config.stream_ref()).await?;
-                if listing.is_empty() {
-                    return Err(Error::External {
-                        system: "kinesis",
-                        message: format!("the stream `{}` has no shards", self.stream),
-                    });
-                }
-                self.next_listing = Instant::now() + self.config.discover_every.get();
-                self.take_listing(listing);
-                continue;
+            if self.listing.is_none() && Instant::now() >= self.next_listing {
+                let (client, config) = (self.client.clone(), self.config.clone());
+                self.listing = Some(tokio::spawn(discover(client, config)));
             }
-            tokio::select! {
-                Some((name, checkpointed)) = self.draining.next(), if !self.draining.is_empty() => {
+            let listing_under_way = self.listing.is_some();
+            let listing = &mut self.listing;
+            let listed = std::future::poll_fn(|cx| match listing {
+                Some(task) => std::pin::Pin::new(task).poll(cx),
+                None => std::task::Poll::Pending,
+            });
+            let event = tokio::select! {
+                Some(drained) = self.draining.next(), if !self.draining.is_empty() => Event::Drained(drained),
+                listed = listed, if listing_under_way => Event::Listed(listed),
+                _ = tokio::time::sleep_until(self.next_listing), if !listing_under_way => Event::Due,
+            };
+            match event {
+                Event::Drained((name, checkpointed)) => {
                     self.book.forget(&name);
                     if checkpointed {
-                        let shard = name.strip_prefix(&format!("{}/", self.stream)).unwrap_or(&name);
+                        let shard = name
+                            .strip_prefix(&format!("{}/", self.stream))
+                            .unwrap_or(&name);
                         tracing::info!(partition = %name, "shard read to its end and checkpointed");
                         self.shards.done(shard);
                         self.start_ready(false);
                     }
                 }
-                _ = tokio::time::sleep_until(self.next_listing) => {}
+                Event::Listed(listed) => {
+                    self.listing = None;
+                    let (client, listing) =
+                        listed.map_err(|e| Error::task("Kinesis shard listing", e))??;
+                    if listing.is_empty() {
+                        return Err(Error::External {
+                            system: "kinesis",
+                            message: format!("the stream `{}` has no shards", self.stream),
+                        });
+                    }
+                    self.client = Some(client);
+                    self.next_listing = Instant::now() + self.config.discover_every.get();
+                    self.take_listing(listing);
+                }
+                Event::Due => {}
             }
         }
     }
+}
+
+impl Drop for KinesisSource {
+    fn drop(&mut self) {
+        if let Some(listing) = &self.listing {
+            listing.abort();
+        }
+    }
+}
+
+/// What `next_assignment` waited for.
+enum Event {
+    Drained((Arc<str>, bool)),
+    Listed(std::result::Result<Result<Listing>, tokio::task::JoinError>),
+    Due,
+}
+
+/// The client (made on the first listing) and every shard with whether it is closed.
+type Listing = (aws_sdk_kinesis::Client, Vec<(ShardDesc, bool)>);
+
+async fn discover(
+    client: Option<aws_sdk_kinesis::Client>,
+    config: KinesisSourceConfig,
+) -> Result<Listing> {
+    let client = match client {
+        Some(c) => c,
+        None => config.client_config().client().await,
+    };
+    let shards = list_shards(&client, config.stream_ref()).await?;
+    Ok((client, shards))
 }
 
 /// Every shard of the stream (with whether it is closed), paging through ListShards;

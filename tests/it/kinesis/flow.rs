@@ -433,3 +433,54 @@ fn the_kinesis_quickstart_runs_against_a_local_kinesis() {
     got.sort_unstable();
     assert_eq!(got, want, "{log}");
 }
+
+#[test]
+fn records_that_do_not_decode_are_dead_letters_naming_shard_and_sequence_number() {
+    let k = Kinesalite::start();
+    k.kinesis.create_stream("plays", 1);
+    k.kinesis.create_stream("shouted", 1);
+    let mut put = records(0, 100, 37);
+    for (i, bad) in [
+        &b"{\"id\": 1"[..],
+        b"not json",
+        b"{\"id\": \"x\", \"user\": 1}",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        put.insert(20 * (i + 1), ("bad".into(), bad.to_vec()));
+    }
+    k.kinesis.put("plays", &put);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = pipeline(&k, "plays", "shouted", dir.path())
+        + &format!(
+            "dead_letter: {{ type: file, path: {}, format: jsonl }}\n",
+            dir.path().join("dlq").display()
+        );
+    let path = write_pipeline(dir.path(), &yaml);
+    let sluice = Sluice::start(&path, dir.path().join("run.log"));
+    let read = k.kinesis.wait_for_ids("shouted", 100, WAIT);
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    assert_eq!(check_all(&read, 100), 0);
+    let dead: Vec<serde_json::Value> = std::fs::read_dir(dir.path().join("dlq"))
+        .unwrap()
+        .flat_map(|f| {
+            std::fs::read_to_string(f.unwrap().path())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    for d in &dead {
+        let text = d.to_string();
+        assert!(text.contains("plays/shardId-000000000000"), "{text}");
+        assert!(
+            text.contains("stream `plays` shard shardId-000000000000 sequence number 4"),
+            "{text}"
+        );
+        assert_eq!(d["key"], "bad", "{text}");
+    }
+}
