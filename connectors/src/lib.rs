@@ -14,3 +14,4 @@ pub mod nexmark;
 pub mod null;
 pub mod registry;
 pub mod stdout;
+pub mod stream;

@@ -74,6 +74,17 @@ fn unknown_source_type() {
 }
 
 #[test]
+fn kinesis_start_from_in_kafka_words() {
+    let yaml = format!(
+        "name: x\nsource:\n  type: kinesis\n  stream: s\n  start_from: earliest\n  schema: [{{name: a, type: int64}}]\n{SINK}"
+    );
+    assert_eq!(
+        one_problem(&yaml),
+        "source.start_from: `earliest` is not trim_horizon, latest or an RFC 3339 time such as 2026-01-31T12:00:00Z (x.yaml:5:15)"
+    );
+}
+
+#[test]
 fn text_where_a_number_belongs() {
     let yaml = format!("name: x\nsource:\n  type: generator\n  batch_size: lots\n{SINK}");
     assert_eq!(

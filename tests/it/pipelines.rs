@@ -202,6 +202,16 @@ fn docker_compose_runs_pipelines_that_validate() {
             yaml::Value::Map(_) => panic!("a list"),
         }
     };
+    // A service's `environment:` mapping.
+    let environment = |s: &sluice_engine::config::Node| -> Vec<(String, String)> {
+        match &s.get("environment").unwrap().value {
+            yaml::Value::Map(entries) => entries
+                .iter()
+                .map(|(k, v)| (k.scalar().unwrap().into(), v.scalar().unwrap().into()))
+                .collect(),
+            _ => panic!("environment as a mapping"),
+        }
+    };
 
     let kafka = service("kafka");
     assert!(
@@ -248,13 +258,7 @@ fn docker_compose_runs_pipelines_that_validate() {
         let expected = if name == "sluice" { "worker" } else { "run" };
         assert_eq!(command[0], expected, "{name}: {command:?}");
         let file = root().join(&command[1]);
-        let vars: Vec<(String, String)> = match &s.get("environment").unwrap().value {
-            yaml::Value::Map(entries) => entries
-                .iter()
-                .map(|(k, v)| (k.scalar().unwrap().into(), v.scalar().unwrap().into()))
-                .collect(),
-            _ => panic!("environment as a mapping"),
-        };
+        let vars = environment(s);
         let bootstrap = &vars.iter().find(|(k, _)| k == "KAFKA_BOOTSTRAP").unwrap().1;
         assert!(
             advertised.contains(&format!("PLAINTEXT://{bootstrap}")),
@@ -319,13 +323,7 @@ fn docker_compose_runs_pipelines_that_validate() {
         let command = list(s.get("command").unwrap());
         assert_eq!(command[0], "run", "{name}: {command:?}");
         let file = root().join(&command[1]);
-        let vars: Vec<(String, String)> = match &s.get("environment").unwrap().value {
-            yaml::Value::Map(entries) => entries
-                .iter()
-                .map(|(k, v)| (k.scalar().unwrap().into(), v.scalar().unwrap().into()))
-                .collect(),
-            _ => panic!("environment as a mapping"),
-        };
+        let vars = environment(s);
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let text = std::fs::read_to_string(&file).unwrap();
         let config = parse(&text, &vars).unwrap_or_else(|e| panic!("{}: {e}", file.display()));

@@ -5,6 +5,7 @@ use sluice_engine::config::schema::SchemaSpec;
 use sluice_engine::config::{ByteSize, Location, Node, Problems};
 
 use super::security::{self, KafkaSasl, KafkaTls};
+pub use crate::stream::{MessageFormat, StartFrom};
 
 /// Reads JSON records from Kafka topics as a member of a consumer group.
 ///
@@ -58,40 +59,6 @@ pub struct KafkaSourceConfig {
 
 fn default_max_record() -> ByteSize {
     ByteSize(16 << 20)
-}
-
-/// `start_from`
-#[derive(Debug, Clone, Default, PartialEq)]
-pub enum StartFrom {
-    Earliest,
-    #[default]
-    Latest,
-    /// Milliseconds since the epoch.
-    Time(i64),
-}
-
-impl<'de> Deserialize<'de> for StartFrom {
-    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(de)?;
-        match text.as_str() {
-            "earliest" => Ok(StartFrom::Earliest),
-            "latest" => Ok(StartFrom::Latest),
-            t => crate::generator::parse_time_ms(t)
-                .map(StartFrom::Time)
-                .ok_or_else(|| {
-                    serde::de::Error::custom(format!(
-                        "`{t}` is not earliest, latest or an RFC 3339 time such as 2026-01-31T12:00:00Z"
-                    ))
-                }),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageFormat {
-    #[default]
-    Json,
 }
 
 impl KafkaSourceConfig {

@@ -8,6 +8,8 @@ use sluice_engine::config::schema::SchemaSpec;
 use sluice_engine::config::types::{ByteSize, Duration};
 use sluice_engine::config::{Location, Node, Problems};
 
+pub use crate::stream::{MessageFormat, StartFrom};
+
 /// Reads a Kinesis data stream, a partition per shard.
 ///
 /// ```yaml
@@ -38,11 +40,11 @@ pub struct KinesisSourceConfig {
     pub secret_access_key: Option<String>,
     /// Where a shard with no checkpoint starts: `trim_horizon` (its oldest record),
     /// `latest` (default: records written from now on) or an RFC 3339 time.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::stream::kinesis_start_from")]
     pub start_from: StartFrom,
     /// The payload format; only `json` (one JSON object per record).
     #[serde(default)]
-    pub format: crate::kafka::MessageFormat,
+    pub format: MessageFormat,
     /// The records' fields; payloads are decoded straight into them.
     pub schema: SchemaSpec,
     /// How often the stream's shards are listed, to find the children of a split or merge.
@@ -253,33 +255,6 @@ impl ClientConfig {
         }
         let config = loader.load().await;
         aws_sdk_kinesis::Client::new(&config)
-    }
-}
-
-/// `start_from`
-#[derive(Debug, Clone, Default, PartialEq)]
-pub enum StartFrom {
-    TrimHorizon,
-    #[default]
-    Latest,
-    /// Milliseconds since the epoch.
-    Time(i64),
-}
-
-impl<'de> Deserialize<'de> for StartFrom {
-    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(de)?;
-        match text.as_str() {
-            "trim_horizon" => Ok(StartFrom::TrimHorizon),
-            "latest" => Ok(StartFrom::Latest),
-            t => crate::generator::parse_time_ms(t)
-                .map(StartFrom::Time)
-                .ok_or_else(|| {
-                    serde::de::Error::custom(format!(
-                        "`{t}` is not trim_horizon, latest or an RFC 3339 time such as 2026-01-31T12:00:00Z"
-                    ))
-                }),
-        }
     }
 }
 

@@ -238,7 +238,7 @@ impl Fetch {
                 }) => call
                     .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                     .starting_sequence_number(sequence.as_ref()),
-                Start::From(StartFrom::TrimHorizon) => {
+                Start::From(StartFrom::Earliest) => {
                     call.shard_iterator_type(ShardIteratorType::TrimHorizon)
                 }
                 Start::From(StartFrom::Latest) => {

@@ -145,7 +145,7 @@ impl KinesisSource {
                     let from = match (&self.config.start_from, first_listing) {
                         (StartFrom::Time(ms), _) => StartFrom::Time(*ms),
                         (other, true) => other.clone(),
-                        (_, false) => StartFrom::TrimHorizon,
+                        (_, false) => StartFrom::Earliest,
                     };
                     let at = offset.unwrap_or(0);
                     (Start::From(from), at, at)

@@ -181,9 +181,7 @@ fn start_proxy(upstream: String) -> (SocketAddr, Arc<Proxy>) {
 
 #[test]
 fn throttling_expired_iterators_and_failed_entries_are_ridden_out() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 2);
-    k.kinesis.create_stream("shouted", 2);
+    let k = Kinesalite::with_streams(&[("plays", 2), ("shouted", 2)]);
     let n = 20_000;
     k.kinesis.put("plays", &records(0, n, 37));
     let (addr, proxy) = start_proxy(k.endpoint());
@@ -239,9 +237,7 @@ fn throttling_expired_iterators_and_failed_entries_are_ridden_out() {
 
 #[test]
 fn a_record_too_large_for_kinesis_is_a_dead_letter_and_lag_is_in_milliseconds() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 2);
-    k.kinesis.create_stream("shouted", 1);
+    let k = Kinesalite::with_streams(&[("plays", 2), ("shouted", 1)]);
     let n = 1_000;
     k.kinesis.put("plays", &records(0, n, 37));
     let dir = tempfile::tempdir().unwrap();

@@ -40,9 +40,7 @@ fn keys_in_order(read: &[Read]) {
 
 #[test]
 fn kinesis_to_sql_to_kinesis_takes_every_record_once() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 4);
-    k.kinesis.create_stream("shouted", 2);
+    let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
     let n = 100_000;
     k.kinesis.put("plays", &records(0, n, 37));
     let dir = tempfile::tempdir().unwrap();
@@ -70,9 +68,7 @@ fn kinesis_to_sql_to_kinesis_takes_every_record_once() {
 
 #[test]
 fn kill_9_at_random_moments_loses_no_kinesis_record() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 4);
-    k.kinesis.create_stream("shouted", 2);
+    let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
     let n = 40_000;
     let dir = tempfile::tempdir().unwrap();
     let path = write_pipeline(dir.path(), &pipeline(&k, "plays", "shouted", dir.path()));
@@ -128,9 +124,7 @@ fn kill_9_at_random_moments_loses_no_kinesis_record() {
 
 #[test]
 fn a_split_and_a_merge_while_records_flow_lose_none_and_keep_each_key_in_order() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 4);
-    k.kinesis.create_stream("shouted", 2);
+    let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
     let n: i64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
     let path = write_pipeline(dir.path(), &pipeline(&k, "plays", "shouted", dir.path()));
@@ -169,9 +163,7 @@ fn a_split_and_a_merge_while_records_flow_lose_none_and_keep_each_key_in_order()
 
 #[test]
 fn windows_counted_across_a_split_and_a_merge_lose_no_record() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 4);
-    k.kinesis.create_stream("counts", 1);
+    let k = Kinesalite::with_streams(&[("plays", 4), ("counts", 1)]);
     let n: i64 = 20_000;
     let dir = tempfile::tempdir().unwrap();
     let yaml = pipeline(&k, "plays", "counts", dir.path())
@@ -253,9 +245,7 @@ fn chrono_ms(text: &str) -> i64 {
 
 #[test]
 fn records_the_kpl_aggregated_come_out_one_by_one() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 1);
-    k.kinesis.create_stream("shouted", 1);
+    let k = Kinesalite::with_streams(&[("plays", 1), ("shouted", 1)]);
     // Three KPL aggregates of 50 user records, between plain records.
     let mut put = records(0, 10, 37);
     for a in 0..3 {
@@ -383,9 +373,7 @@ fn the_test_md5_is_md5() {
 
 #[test]
 fn the_kinesis_quickstart_runs_against_a_local_kinesis() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("views", 4);
-    k.kinesis.create_stream("views-enriched", 2);
+    let k = Kinesalite::with_streams(&[("views", 4), ("views-enriched", 2)]);
     let dir = tempfile::tempdir().unwrap();
     let endpoint = k.endpoint();
     let checkpoints = dir.path().join("checkpoints");
@@ -436,9 +424,7 @@ fn the_kinesis_quickstart_runs_against_a_local_kinesis() {
 
 #[test]
 fn records_that_do_not_decode_are_dead_letters_naming_shard_and_sequence_number() {
-    let k = Kinesalite::start();
-    k.kinesis.create_stream("plays", 1);
-    k.kinesis.create_stream("shouted", 1);
+    let k = Kinesalite::with_streams(&[("plays", 1), ("shouted", 1)]);
     let mut put = records(0, 100, 37);
     for (i, bad) in [
         &b"{\"id\": 1"[..],

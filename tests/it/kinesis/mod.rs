@@ -57,6 +57,15 @@ impl Kinesalite {
         }
     }
 
+    /// A server with these streams (name, shards), active.
+    pub fn with_streams(streams: &[(&str, i32)]) -> Kinesalite {
+        let k = Kinesalite::start();
+        for (name, shards) in streams {
+            k.kinesis.create_stream(name, *shards);
+        }
+        k
+    }
+
     /// Another client, for a thread of the test's own.
     pub fn client(&self) -> Kinesis {
         Kinesis::new(&self.endpoint())
