@@ -225,11 +225,11 @@ fn bench_kinesis_decode(c: &mut Criterion) {
         .enumerate()
         .map(|(i, p)| (format!("user-{}", i % 997), p.as_slice()))
         .collect();
-    let aggregates: Vec<Vec<u8>> = keyed
+    let aggregates: Vec<bytes::Bytes> = keyed
         .chunks(1000)
         .map(|chunk| {
             let records: Vec<(&str, &[u8])> = chunk.iter().map(|(k, p)| (k.as_str(), *p)).collect();
-            kpl::aggregate(&records)
+            bytes::Bytes::from(kpl::aggregate(&records))
         })
         .collect();
     let schema = Arc::new(sluice_connectors::generator::record_schema());
@@ -241,12 +241,12 @@ fn bench_kinesis_decode(c: &mut Criterion) {
         &rows,
         |b, _| {
             b.iter(|| {
-                let users: Vec<(Option<String>, Vec<u8>)> = aggregates
+                let users: Vec<_> = aggregates
                     .iter()
                     .flat_map(|a| kpl::deaggregate(a).unwrap())
                     .collect();
                 decoder
-                    .decode(users.iter().map(|(_, d)| d.as_slice()))
+                    .decode(users.iter().map(|(_, d)| d.as_ref()))
                     .unwrap()
             });
         },

@@ -7,6 +7,9 @@
 //! A record that starts with the magic bytes but whose digest does not match, or whose
 //! protobuf does not parse, is a plain record (as the KCL reads it).
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use md5::{Digest, Md5};
 use prost::Message;
 
@@ -29,8 +32,9 @@ pub struct UserRecord {
     pub partition_key_index: u64,
     #[prost(uint64, optional, tag = "2")]
     pub explicit_hash_key_index: Option<u64>,
-    #[prost(bytes = "vec", tag = "3")]
-    pub data: Vec<u8>,
+    /// Decoded from a `Bytes` buffer, a slice of it: no copy per user record.
+    #[prost(bytes = "bytes", tag = "3")]
+    pub data: Bytes,
     #[prost(message, repeated, tag = "4")]
     pub tags: Vec<Tag>,
 }
@@ -43,8 +47,9 @@ pub struct Tag {
     pub value: Option<String>,
 }
 
-/// The user records of `data` with their partition keys, when `data` is a KPL aggregate.
-pub fn deaggregate(data: &[u8]) -> Option<Vec<(Option<String>, Vec<u8>)>> {
+/// The user records of `data` with their partition keys, when `data` is a KPL aggregate;
+/// each record's bytes are a slice of `data`, each key shared by the records that have it.
+pub fn deaggregate(data: &Bytes) -> Option<Vec<(Option<Arc<str>>, Bytes)>> {
     let body = data.strip_prefix(&MAGIC)?;
     if body.len() < DIGEST_LEN {
         return None;
@@ -53,8 +58,13 @@ pub fn deaggregate(data: &[u8]) -> Option<Vec<(Option<String>, Vec<u8>)>> {
     if Md5::digest(message).as_slice() != digest {
         return None;
     }
+    let message = data.slice(MAGIC.len()..data.len() - DIGEST_LEN);
     let aggregate = AggregatedRecord::decode(message).ok()?;
-    let keys = aggregate.partition_key_table;
+    let keys: Vec<Arc<str>> = aggregate
+        .partition_key_table
+        .into_iter()
+        .map(Arc::from)
+        .collect();
     Some(
         aggregate
             .records
@@ -84,7 +94,7 @@ pub fn aggregate(records: &[(&str, &[u8])]) -> Vec<u8> {
         user.push(UserRecord {
             partition_key_index: index as u64,
             explicit_hash_key_index: None,
-            data: data.to_vec(),
+            data: Bytes::copy_from_slice(data),
             tags: Vec::new(),
         });
     }
@@ -106,20 +116,27 @@ mod tests {
 
     #[test]
     fn an_aggregate_gives_back_its_user_records_in_order() {
-        let made = aggregate(&[
+        let made = Bytes::from(aggregate(&[
             ("a", b"{\"id\":1}"),
             ("b", b"{\"id\":2}"),
             ("a", b"{\"id\":3}"),
-        ]);
+        ]));
         let records = deaggregate(&made).unwrap();
+        let read: Vec<(Option<&str>, &[u8])> = records
+            .iter()
+            .map(|(k, d)| (k.as_deref(), d.as_ref()))
+            .collect();
         assert_eq!(
-            records,
-            vec![
-                (Some("a".into()), b"{\"id\":1}".to_vec()),
-                (Some("b".into()), b"{\"id\":2}".to_vec()),
-                (Some("a".into()), b"{\"id\":3}".to_vec()),
+            read,
+            [
+                (Some("a"), &b"{\"id\":1}"[..]),
+                (Some("b"), b"{\"id\":2}"),
+                (Some("a"), b"{\"id\":3}"),
             ]
         );
+        // The records are slices of the aggregate, not copies.
+        let inside = made.as_ptr_range();
+        assert!(records.iter().all(|(_, d)| inside.contains(&d.as_ptr())));
     }
 
     #[test]
@@ -127,12 +144,12 @@ mod tests {
         let mut made = aggregate(&[("a", b"x")]);
         let last = made.len() - 1;
         made[last] ^= 1; // the digest no longer matches
-        assert_eq!(deaggregate(&made), None);
-        assert_eq!(deaggregate(&MAGIC), None);
-        assert_eq!(deaggregate(b"{\"id\":1}"), None);
+        assert_eq!(deaggregate(&Bytes::from(made)), None);
+        assert_eq!(deaggregate(&Bytes::from_static(&MAGIC)), None);
+        assert_eq!(deaggregate(&Bytes::from_static(b"{\"id\":1}")), None);
         let mut garbage = MAGIC.to_vec();
         garbage.extend_from_slice(&[0xFF; 3]);
         garbage.extend_from_slice(&Md5::digest([0xFF; 3]));
-        assert_eq!(deaggregate(&garbage), None);
+        assert_eq!(deaggregate(&Bytes::from(garbage)), None);
     }
 }

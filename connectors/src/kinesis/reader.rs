@@ -12,6 +12,7 @@ use arrow::array::{
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use aws_sdk_kinesis::types::ShardIteratorType;
+use bytes::Bytes;
 use sluice_engine::batch::{Envelope, PartitionInfo};
 use sluice_engine::dead_letter::{DeadLetter, SOURCE_STAGE};
 use sluice_engine::source::{LogEnd, PartitionReader};
@@ -40,9 +41,9 @@ pub(super) struct Raw {
     sequence: Arc<str>,
     /// Its index in a KPL aggregate.
     sub: Option<u64>,
-    key: Option<String>,
+    key: Option<Arc<str>>,
     arrival_ms: Option<i64>,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 enum Fetched {
@@ -157,7 +158,7 @@ impl Fetch {
                 let arrival_ms = record
                     .approximate_arrival_timestamp
                     .and_then(|t| t.to_millis().ok());
-                let data = record.data.into_inner();
+                let data = Bytes::from(record.data.into_inner());
                 bytes += data.len();
                 match kpl::deaggregate(&data) {
                     Some(users) => {
@@ -181,7 +182,7 @@ impl Fetch {
                     None => fetched.push(Raw {
                         sequence: sequence.clone(),
                         sub: None,
-                        key: record.partition_key,
+                        key: record.partition_key.map(Arc::from),
                         arrival_ms,
                         data,
                     }),
@@ -355,7 +356,7 @@ impl ShardReader {
         let first = self.next;
         self.next += n as i64;
         let offsets = first..self.next;
-        let payloads: Vec<&[u8]> = raws.iter().map(|r| r.data.as_slice()).collect();
+        let payloads: Vec<&[u8]> = raws.iter().map(|r| r.data.as_ref()).collect();
         let mut dead = Vec::new();
         let (records, kept) = if self.dead_letters {
             let (records, bad) = self.decoder.decode_each(&payloads);
@@ -372,10 +373,10 @@ impl ShardReader {
                     attempts: 1,
                     partition: self.info.clone(),
                     offset: Some(first + *i as i64),
-                    key: raw.key.clone(),
+                    key: raw.key.as_deref().map(str::to_owned),
                     first_failed_at: now,
                     last_failed_at: now,
-                    payload: raw.data.clone(),
+                    payload: raw.data.to_vec(),
                 });
             }
             let kept: Vec<usize> = (0..n).filter(|i| !bad.iter().any(|b| b.0 == *i)).collect();
