@@ -13,6 +13,14 @@ use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::source::LogEnd;
 use tokio::time::Instant;
 
+/// `start_time` of a made-up stream, when it is not an RFC 3339 time: why.
+pub(crate) fn start_time_problem(start_time: Option<&str>) -> Option<String> {
+    let t = start_time?;
+    crate::generator::parse_time_ms(t)
+        .is_none()
+        .then(|| format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"))
+}
+
 /// One partition of a made-up stream: the next offset, what is left of its count, its pace.
 pub(crate) struct MadePartition {
     info: Arc<PartitionInfo>,

@@ -262,19 +262,19 @@ impl RunStats {
 
     /// The partitions' lag by name (those whose lag is known).
     pub fn lags(&self) -> Vec<(Arc<str>, u64)> {
-        let partitions = self.partitions.lock().expect("partitions lock");
-        partitions
-            .iter()
-            .filter_map(|(name, p)| Some((name.clone(), p.lag()?)))
-            .collect()
+        self.by_partition(PartitionLag::lag)
     }
 
     /// Every partition's lag in milliseconds, where its source measures it in time.
     pub fn lags_ms(&self) -> Vec<(Arc<str>, u64)> {
+        self.by_partition(PartitionLag::lag_ms)
+    }
+
+    fn by_partition(&self, lag: impl Fn(&PartitionLag) -> Option<u64>) -> Vec<(Arc<str>, u64)> {
         let partitions = self.partitions.lock().expect("partitions lock");
         partitions
             .iter()
-            .filter_map(|(name, p)| Some((name.clone(), p.lag_ms()?)))
+            .filter_map(|(name, p)| Some((name.clone(), lag(p)?)))
             .collect()
     }
 

@@ -213,6 +213,15 @@ fn docker_compose_runs_pipelines_that_validate() {
         }
     };
 
+    // The pipeline a service's `command` runs, read with its environment.
+    let pipeline_of = |command: &[String], vars: &[(String, String)]| {
+        let file = root().join(&command[1]);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let config = parse(&text, &vars).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        (file, config)
+    };
+
     let kafka = service("kafka");
     assert!(
         kafka
@@ -257,16 +266,13 @@ fn docker_compose_runs_pipelines_that_validate() {
         let command = list(s.get("command").unwrap());
         let expected = if name == "sluice" { "worker" } else { "run" };
         assert_eq!(command[0], expected, "{name}: {command:?}");
-        let file = root().join(&command[1]);
         let vars = environment(s);
         let bootstrap = &vars.iter().find(|(k, _)| k == "KAFKA_BOOTSTRAP").unwrap().1;
         assert!(
             advertised.contains(&format!("PLAINTEXT://{bootstrap}")),
             "{name} connects to {bootstrap}, the broker advertises {advertised}"
         );
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let text = std::fs::read_to_string(&file).unwrap();
-        let config = parse(&text, &vars).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let (file, config) = pipeline_of(&command, &vars);
         // The topics the pipeline reads and writes are created by the `topics` service.
         let mut topics = Vec::new();
         if let Some(k) = config.source.spec_as::<KafkaSourceConfig>() {
@@ -322,11 +328,7 @@ fn docker_compose_runs_pipelines_that_validate() {
         assert_eq!(s.get("build").and_then(|b| b.scalar()), Some("."));
         let command = list(s.get("command").unwrap());
         assert_eq!(command[0], "run", "{name}: {command:?}");
-        let file = root().join(&command[1]);
-        let vars = environment(s);
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let text = std::fs::read_to_string(&file).unwrap();
-        let config = parse(&text, &vars).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let (_, config) = pipeline_of(&command, &environment(s));
         let mut used = Vec::new();
         if let Some(k) = config.source.spec_as::<KinesisSourceConfig>() {
             assert_eq!(k.endpoint.as_deref(), Some("http://kinesis:4567"));

@@ -81,13 +81,8 @@ mod spec {
                     format!("must be a positive number of records per second, found {rate}"),
                 );
             }
-            if let Some(t) = &self.start_time
-                && crate::generator::parse_time_ms(t).is_none()
-            {
-                bad(
-                    "start_time",
-                    format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
-                );
+            if let Some(why) = crate::made::start_time_problem(self.start_time.as_deref()) {
+                bad("start_time", why);
             }
         }
 

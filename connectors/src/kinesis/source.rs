@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::position::{Book, Position};
-use super::reader::{Fetch, MillisBehind, ReaderParts, ShardReader, Start};
+use super::reader::{Fetch, ReaderParts, ShardReader, Start};
 use super::retry::{Backoff, Fault, classify};
 use super::shards::{ShardDesc, Shards, partition_id};
 use super::{KinesisSourceConfig, StartFrom, StreamRef};
@@ -47,11 +47,10 @@ pub struct KinesisSource {
     /// region and credentials lookups) must not start over each time.
     listing: Option<JoinHandle<Result<Listing>>>,
     pending: VecDeque<Assignment>,
-    /// Shards being read: each yields its partition name once the shard was read to its
-    /// end and its last records are checkpointed (`true`), or `false` when its reader
-    /// went first (the pipeline stopped).
-    draining: FuturesUnordered<BoxFuture<'static, (Arc<str>, bool)>>,
-    behind: BTreeMap<Arc<str>, Arc<MillisBehind>>,
+    /// Shards being read: each yields its partition name and shard once the shard was read
+    /// to its end and its last records are checkpointed (`true`), or `false` when its
+    /// reader went first (the pipeline stopped).
+    draining: FuturesUnordered<BoxFuture<'static, ShardEnd>>,
 }
 
 impl KinesisSource {
@@ -81,7 +80,6 @@ impl KinesisSource {
             listing: None,
             pending: VecDeque::new(),
             draining: FuturesUnordered::new(),
-            behind: BTreeMap::new(),
         })
     }
 
@@ -93,12 +91,10 @@ impl KinesisSource {
     /// this stream, `start_from: latest` starts at the open shards (closed ones hold only
     /// records older than "now").
     fn take_listing(&mut self, listing: Vec<(ShardDesc, bool)>) {
-        let fresh = !self.listed
-            && !self
-                .checkpoint
-                .offsets
-                .keys()
-                .any(|k| k.starts_with(&format!("{}/", self.stream)));
+        let first = !self.listed;
+        self.listed = true;
+        let ours = format!("{}/", self.stream);
+        let fresh = first && !self.checkpoint.offsets.keys().any(|k| k.starts_with(&ours));
         if fresh && self.config.start_from == StartFrom::Latest {
             for (shard, closed) in &listing {
                 if *closed {
@@ -106,8 +102,6 @@ impl KinesisSource {
                 }
             }
         }
-        let first = !self.listed;
-        self.listed = true;
         self.shards
             .listed(listing.into_iter().map(|(s, _)| s).collect());
         self.start_ready(first);
@@ -128,14 +122,11 @@ impl KinesisSource {
                 position.and_then(|p| Position::parse(p)),
                 offset,
             ) {
-                (Some(p), offset) => {
-                    let next = p.next;
-                    (
-                        Start::After(p.after),
-                        next,
-                        offset.unwrap_or(next).max(next),
-                    )
-                }
+                (Some(p), offset) => (
+                    Start::After(p.after),
+                    p.next,
+                    offset.map_or(p.next, |o| o.max(p.next)),
+                ),
                 (None, offset) => {
                     if let Some(at) = position {
                         tracing::warn!(partition = %name, position = %at, "the checkpoint's position of this shard is unreadable; starting at `start_from`");
@@ -152,11 +143,15 @@ impl KinesisSource {
                 }
             };
             tracing::info!(partition = %name, start = ?start, "shard assigned");
-            let behind = self.behind.entry(name.clone()).or_default().clone();
             let (end_signal, ended) = oneshot::channel();
-            let done = name.clone();
-            self.draining
-                .push(Box::pin(async move { (done, ended.await.is_ok()) }));
+            let (partition, ending) = (name.clone(), shard.clone());
+            self.draining.push(Box::pin(async move {
+                ShardEnd {
+                    partition,
+                    shard: ending,
+                    checkpointed: ended.await.is_ok(),
+                }
+            }));
             let info = Arc::new(PartitionInfo {
                 id,
                 name: name.clone(),
@@ -178,7 +173,7 @@ impl KinesisSource {
                 shard: shard.clone(),
                 name,
                 idle_wait: self.config.idle_wait.get(),
-                behind,
+                behind: Arc::default(),
             };
             let reader = ShardReader::start(parts, fetch, start, first, skip_before);
             self.pending.push_back(Assignment::Assign(Box::new(reader)));
@@ -230,14 +225,15 @@ impl Source for KinesisSource {
                 _ = tokio::time::sleep_until(self.next_listing), if !listing_under_way => Event::Due,
             };
             match event {
-                Event::Drained((name, checkpointed)) => {
+                Event::Drained(ShardEnd {
+                    partition: name,
+                    shard,
+                    checkpointed,
+                }) => {
                     self.book.forget(&name);
                     if checkpointed {
-                        let shard = name
-                            .strip_prefix(&format!("{}/", self.stream))
-                            .unwrap_or(&name);
                         tracing::info!(partition = %name, "shard read to its end and checkpointed");
-                        self.shards.done(shard);
+                        self.shards.done(&shard);
                         self.start_ready(false);
                     }
                 }
@@ -269,9 +265,16 @@ impl Drop for KinesisSource {
     }
 }
 
+/// A shard's reader gone: at the shard's end, checkpointed, or not (the pipeline stopped).
+struct ShardEnd {
+    partition: Arc<str>,
+    shard: Arc<str>,
+    checkpointed: bool,
+}
+
 /// What `next_assignment` waited for.
 enum Event {
-    Drained((Arc<str>, bool)),
+    Drained(ShardEnd),
     Listed(std::result::Result<Result<Listing>, tokio::task::JoinError>),
     Due,
 }

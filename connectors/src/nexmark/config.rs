@@ -76,13 +76,8 @@ mod spec {
             if self.in_flight_auctions == 0 {
                 bad("in_flight_auctions", "must be at least 1".into());
             }
-            if let Some(t) = &self.start_time
-                && crate::generator::parse_time_ms(t).is_none()
-            {
-                bad(
-                    "start_time",
-                    format!("expected an RFC 3339 time such as 2026-01-01T00:00:00Z, found `{t}`"),
-                );
+            if let Some(why) = crate::made::start_time_problem(self.start_time.as_deref()) {
+                bad("start_time", why);
             }
         }
 

@@ -146,7 +146,7 @@ pub(super) fn check_frozen(db: &rocksdb::DB, id: u64) -> std::result::Result<(),
     Ok(())
 }
 
-/// The checkpoint id and the offsets a database holds.
+/// The checkpoint id, the offsets and the positions a database holds.
 pub(super) fn read_checkpoint(db: &rocksdb::DB) -> std::result::Result<Checkpoint, String> {
     let mut checkpoint = Checkpoint::default();
     if let Some(id) = db.get(ID_KEY).map_err(|e| e.to_string())? {
@@ -156,27 +156,31 @@ pub(super) fn read_checkpoint(db: &rocksdb::DB) -> std::result::Result<Checkpoin
             .map_err(|_| "bad checkpoint id".to_string())?;
         checkpoint.id = u64::from_be_bytes(bytes);
     }
-    for item in db.prefix_iterator(OFFSET_PREFIX.as_bytes()) {
-        let (key, value) = item.map_err(|e| e.to_string())?;
-        let Some(name) = key.strip_prefix(OFFSET_PREFIX.as_bytes()) else {
-            break;
-        };
+    for (name, value) in prefixed(db, OFFSET_PREFIX)? {
         let offset = decode_offset(&value).ok_or("bad offset value")?;
-        checkpoint
-            .offsets
-            .insert(String::from_utf8_lossy(name).into_owned(), offset);
+        checkpoint.offsets.insert(name, offset);
     }
-    for item in db.prefix_iterator(POSITION_PREFIX.as_bytes()) {
-        let (key, value) = item.map_err(|e| e.to_string())?;
-        let Some(name) = key.strip_prefix(POSITION_PREFIX.as_bytes()) else {
-            break;
-        };
+    for (name, value) in prefixed(db, POSITION_PREFIX)? {
         let position = String::from_utf8(value.into_vec()).map_err(|_| "bad position value")?;
-        checkpoint
-            .positions
-            .insert(String::from_utf8_lossy(name).into_owned(), position);
+        checkpoint.positions.insert(name, position);
     }
     Ok(checkpoint)
+}
+
+/// A stored value by the partition name its key ends with.
+type Entries = Vec<(String, Box<[u8]>)>;
+
+/// The entries under `prefix`, by the rest of their key (a partition name).
+fn prefixed(db: &rocksdb::DB, prefix: &str) -> std::result::Result<Entries, String> {
+    let mut out = Vec::new();
+    for item in db.prefix_iterator(prefix.as_bytes()) {
+        let (key, value) = item.map_err(|e| e.to_string())?;
+        let Some(name) = key.strip_prefix(prefix.as_bytes()) else {
+            break;
+        };
+        out.push((String::from_utf8_lossy(name).into_owned(), value));
+    }
+    Ok(out)
 }
 
 /// Syncs a checkpoint's files and its directory, then `checkpoints/`, which holds its

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Batching;
 use super::lanes::{Ledger, Splitter};
-use super::messages::{Drained, Route, WorkerMsg};
+use super::messages::{Route, WorkerMsg};
 use crate::batch::{Envelope, PartitionInfo};
 use crate::source::PartitionReader;
 use crate::stats::{PartitionLag, RunStats};
@@ -103,7 +103,7 @@ pub(super) async fn read_partition(
     stop: CancellationToken,
     stats: Arc<RunStats>,
     lag: Arc<PartitionLag>,
-) -> Result<mpsc::Sender<WorkerMsg>> {
+) -> Result<ReadEnd> {
     let info = reader.info().clone();
     // Split partitions read a batch per lane at a time, so that each lane's part is about
     // a batch: n batches of the partition in flight at once, as with Lambda's factor.
@@ -177,19 +177,25 @@ pub(super) async fn read_partition(
             end: end.unwrap_or(0),
         };
         let _ = last.tx.send(ended).await;
-        // A source that waits for the partition's end to be checkpointed: the marker follows
-        // the end through the same worker, as a revoked partition's does.
-        if let Some(done) = reader.take_end_signal() {
-            let drained = Drained {
-                partition: info.clone(),
-                done,
-            };
-            let _ = last.tx.send(WorkerMsg::Drain(drained)).await;
-        }
     }
     // The worker that holds this partition's last batch: a Drain marker must follow it
-    // there, even if a move was requested since.
-    Ok(last.tx)
+    // there, even if a move was requested since. A source that waits for the partition's
+    // end to be checkpointed gets one as a revoked partition does.
+    Ok(ReadEnd {
+        last: last.tx,
+        end_signal: if exhausted {
+            reader.take_end_signal()
+        } else {
+            None
+        },
+    })
+}
+
+/// Where a partition's reading ended: the worker that has its last batch, and the end
+/// signal its source asked for (see [`PartitionReader::take_end_signal`]).
+pub(super) struct ReadEnd {
+    pub(super) last: mpsc::Sender<WorkerMsg>,
+    pub(super) end_signal: Option<oneshot::Sender<()>>,
 }
 
 /// Waits until the old worker has processed everything this partition sent it.

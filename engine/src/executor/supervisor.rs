@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::lanes::Splitter;
 use super::messages::{Drained, Route, WorkerMsg};
 use super::pool::Pool;
-use super::reader::read_partition;
+use super::reader::{ReadEnd, read_partition};
 use super::{Batching, Control, EMIT_INTERVAL, RunOptions, RunReport, interval, tick};
 use crate::autoscale::Autoscaler;
 use crate::batch::PartitionInfo;
@@ -40,7 +40,7 @@ pub(super) struct PartitionHandle {
     pub(super) task: tokio::task::Id,
 }
 
-type ReaderResult = Result<mpsc::Sender<WorkerMsg>>;
+type ReaderResult = Result<ReadEnd>;
 
 pub(super) struct Supervisor {
     source: Box<dyn Source>,
@@ -267,9 +267,10 @@ impl Supervisor {
             .filter(|id| self.partitions.get(id).is_some_and(|p| p.task == task))
             .and_then(|id| self.partitions.remove(&id));
         match (handle, result) {
-            (Some(p), Ok(last)) => {
+            (Some(p), Ok(ReadEnd { last, end_signal })) => {
                 self.pool.release_lanes(&p);
-                if let Some(done) = p.drained {
+                // Revoked, or ended with a source waiting for its end to be checkpointed.
+                if let Some(done) = p.drained.or(end_signal) {
                     // After the reader's last batch, through the worker that has it.
                     let marker = WorkerMsg::Drain(Drained {
                         partition: p.info,

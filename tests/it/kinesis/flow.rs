@@ -38,6 +38,22 @@ fn keys_in_order(read: &[Read]) {
     }
 }
 
+/// Writes ids `0..n` to `plays` (4 shards) in ten parts, `pause` apart, splitting shard 0
+/// after the fourth part and merging shards 2 and 3 after the seventh.
+fn put_while_resharding(k: &Kinesalite, n: i64, pause: Duration) {
+    let step = n / 10;
+    for part in 0..10 {
+        k.kinesis.put("plays", &records(part * step, step, 37));
+        match part {
+            3 => k.kinesis.split("plays", "shardId-000000000000"),
+            6 => k
+                .kinesis
+                .merge("plays", "shardId-000000000002", "shardId-000000000003"),
+            _ => std::thread::sleep(pause),
+        }
+    }
+}
+
 #[test]
 fn kinesis_to_sql_to_kinesis_takes_every_record_once() {
     let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
@@ -129,17 +145,7 @@ fn a_split_and_a_merge_while_records_flow_lose_none_and_keep_each_key_in_order()
     let dir = tempfile::tempdir().unwrap();
     let path = write_pipeline(dir.path(), &pipeline(&k, "plays", "shouted", dir.path()));
     let sluice = Sluice::start(&path, dir.path().join("run.log"));
-    let step = n / 10;
-    for part in 0..10 {
-        k.kinesis.put("plays", &records(part * step, step, 37));
-        match part {
-            3 => k.kinesis.split("plays", "shardId-000000000000"),
-            6 => k
-                .kinesis
-                .merge("plays", "shardId-000000000002", "shardId-000000000003"),
-            _ => {}
-        }
-    }
+    put_while_resharding(&k, n, Duration::ZERO);
     let read = k.kinesis.wait_for("shouted", n as usize, WAIT);
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
@@ -176,17 +182,7 @@ fn windows_counted_across_a_split_and_a_merge_lose_no_record() {
     assert!(yaml.contains("per_user"), "{yaml}");
     let path = write_pipeline(dir.path(), &yaml);
     let sluice = Sluice::start(&path, dir.path().join("run.log"));
-    let step = n / 10;
-    for part in 0..10 {
-        k.kinesis.put("plays", &records(part * step, step, 37));
-        match part {
-            3 => k.kinesis.split("plays", "shardId-000000000000"),
-            6 => k
-                .kinesis
-                .merge("plays", "shardId-000000000002", "shardId-000000000003"),
-            _ => std::thread::sleep(Duration::from_millis(300)),
-        }
-    }
+    put_while_resharding(&k, n, Duration::from_millis(300));
     // Event time moves on only with records: one for each user, two windows later, closes
     // the last window of the others.
     std::thread::sleep(Duration::from_millis(4_500));
