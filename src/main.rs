@@ -458,10 +458,11 @@ async fn run(
         Ok(c) => c,
         Err(code) => return code,
     };
-    if member.is_some() && config.source.kind != "kafka" {
-        eprintln!(
-            "error: `sluice worker` needs a Kafka source: worker processes split the partitions through a consumer group; run other sources with `sluice run`"
-        );
+    if let Some(refused) = member
+        .as_ref()
+        .and_then(|_| sluice::supervise::worker_refusal(&config))
+    {
+        eprintln!("error: `sluice worker`: {refused}");
         return INVALID;
     }
     let built = match &member {

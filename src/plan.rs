@@ -11,7 +11,7 @@ use sluice_engine::config::Problems;
 use sluice_engine::dead_letter::DeadLetterSink;
 use sluice_engine::executor::{CheckpointPolicy, Pipeline};
 use sluice_engine::sink::Sink;
-use sluice_engine::source::Source;
+use sluice_engine::source::{Member, Source};
 use sluice_engine::stage::PlannedStage;
 
 use crate::config::{PipelineConfig, SinkConfig, SourceConfig};
@@ -232,7 +232,14 @@ async fn build_with(
     member: Option<&str>,
 ) -> Result<Pipeline, Problems> {
     let mut problems = Problems::new(&config.file);
-    let source = open_source(&config.source, config.dead_letter.is_some(), &mut problems);
+    let mut source = open_source(&config.source, config.dead_letter.is_some(), &mut problems);
+    if let (Some(source), Some(member), Some(c)) = (&mut source, member, &config.checkpoint) {
+        // Sources without consumer groups share partitions through the shared directory.
+        source.set_member(&Member {
+            name: file_name_safe(member),
+            dir: c.dir.clone(),
+        });
+    }
     let stages = match &source {
         Some(s) => plan_stages(config, s.schema(), &mut problems).await,
         None => None,

@@ -191,6 +191,31 @@ fn terminate(child: &mut Child) {
     }
 }
 
+/// Why `config` cannot run as worker processes, if it cannot: they share a Kafka topic's
+/// partitions through a consumer group, a Kinesis stream's shards through leases kept in
+/// the checkpoint directory; a partition's windows move through that directory too.
+pub fn worker_refusal(config: &PipelineConfig) -> Option<String> {
+    match config.source.kind {
+        "kafka" if config.checkpoint.is_none() && config.stages.iter().any(|s| s.kind == "aggregate") => Some(
+            "an aggregate stage needs `checkpoint.dir` (a directory every worker process reaches): \
+             a partition's windows move with it from process to process through it"
+                .into(),
+        ),
+        "kafka" => None,
+        "kinesis" if config.checkpoint.is_none() => Some(
+            "a Kinesis source needs `checkpoint.dir` (a directory every worker process reaches): \
+             the members share the stream's shards through leases kept there"
+                .into(),
+        ),
+        "kinesis" => None,
+        _ => Some(
+            "worker processes need a Kafka source (its consumer group splits the partitions) or a Kinesis source \
+             (leases split the shards); run other sources with `sluice run` and --workers N|auto for more worker tasks"
+                .into(),
+        ),
+    }
+}
+
 /// Runs the workers of `config` (read from `file`) until `shutdown`.
 pub async fn supervise(
     file: &Path,
@@ -199,16 +224,14 @@ pub async fn supervise(
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Some(kafka) = downcast_source::<KafkaSourceConfig>(config.source.spec.as_ref()) else {
+    if let Some(refused) = worker_refusal(config) {
+        bail!("--processes: {refused}");
+    }
+    let kafka = downcast_source::<KafkaSourceConfig>(config.source.spec.as_ref());
+    if let (Count::Auto, None) = (count, kafka) {
         bail!(
-            "--processes needs a Kafka source: worker processes split the partitions through a consumer group. \
-             Other sources run in one process; use --workers N|auto for more worker tasks"
-        );
-    };
-    if config.checkpoint.is_none() && config.stages.iter().any(|s| s.kind == "aggregate") {
-        bail!(
-            "--processes with an aggregate stage needs `checkpoint.dir` (a directory every worker process reaches): \
-             a partition's windows move with it from process to process through it"
+            "--processes auto sizes the processes by a Kafka consumer group's lag; for a Kinesis source give a number \
+             (--processes N): its lag is in time, per shard, read by the members"
         );
     }
     if let Some(addr) = metrics_addr {
@@ -241,7 +264,7 @@ pub async fn supervise(
         Count::Auto => Some((
             // Each process that leaves is a rebalance: one at a time.
             Autoscaler::new(policy.clone()).one_step_down(),
-            Arc::new(GroupLag::new(kafka)?),
+            Arc::new(GroupLag::new(kafka.expect("checked above"))?),
         )),
     };
     let fixed = match count {

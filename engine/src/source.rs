@@ -119,12 +119,31 @@ pub trait PositionBook: Send + Sync {
 /// group): the last owner may have been another process.
 pub trait Handoff: Send + Sync {
     /// Takes over the named partitions' state where another process committed a newer one
-    /// than this process has; returns the offset (next to read) each such partition's state
-    /// is at. Blocking (reads other processes' checkpoints).
+    /// than this process has; returns where each such partition's state is: the offset
+    /// next to read and, for a source with positions of its own, the position committed
+    /// with it. Blocking (reads other processes' checkpoints).
     ///
     /// # Errors
     /// A checkpoint that cannot be read: the partition must not be read without its state.
-    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, i64>>;
+    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, TakenOver>>;
+}
+
+/// Where a partition taken over from another process resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenOver {
+    /// The next offset to read.
+    pub offset: i64,
+    /// The source's position committed with it ([`Checkpoint::positions`]).
+    pub position: Option<String>,
+}
+
+/// A worker process (`sluice worker`) of several sharing one checkpoint directory: its
+/// name and the directory. A source without consumer groups (Kinesis) shares its
+/// partitions among the members through leases kept there.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: String,
+    pub dir: std::path::PathBuf,
 }
 
 #[async_trait]
@@ -155,6 +174,10 @@ pub trait Source: Send {
     /// partitions move between processes calls it before it starts reading a partition, and
     /// starts the partition at the offset it returns.
     fn set_handoff(&mut self, _handoff: Arc<dyn Handoff>) {}
+
+    /// Given to a worker process before it runs (see [`Member`]). A source whose
+    /// partitions are shared by a consumer group has no use for it.
+    fn set_member(&mut self, _member: &Member) {}
 
     /// Whether the source needs checkpoints to run at all (a consumer group commits its
     /// offsets through them): the executor then checkpoints in memory when the pipeline

@@ -57,6 +57,15 @@ pub struct KinesisSourceConfig {
     /// The largest record accepted (default 1MiB, Kinesis's own limit).
     #[serde(default = "default_max_record")]
     pub max_record_size: ByteSize,
+    /// Worker processes (`sluice worker`): how long a member's lease on a shard lasts
+    /// without renewal before another member takes the shard (the KCL's failover time).
+    /// Members renew every third of it.
+    #[serde(default = "default_lease_duration")]
+    pub lease_duration: Duration,
+}
+
+fn default_lease_duration() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
 }
 
 fn default_discover_every() -> Duration {

@@ -29,6 +29,8 @@
 
 mod config;
 pub mod kpl;
+mod lease;
+mod members;
 mod position;
 mod reader;
 mod retry;

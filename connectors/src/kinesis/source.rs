@@ -14,12 +14,14 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use sluice_engine::batch::{self, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
-use sluice_engine::source::{Assignment, PositionBook, Source};
+use sluice_engine::source::{Assignment, CommitHook, Handoff, Member, PositionBook, Source};
 use sluice_engine::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::lease::LeaseTable;
+use super::members::{Membership, Passed, Wait, resume_of};
 use super::position::{Book, Position};
 use super::reader::{Fetch, ReaderParts, ShardReader, Start};
 use super::retry::{Backoff, Fault, classify};
@@ -51,6 +53,10 @@ pub struct KinesisSource {
     /// to its end and its last records are checkpointed (`true`), or `false` when its
     /// reader went first (the pipeline stopped).
     draining: FuturesUnordered<BoxFuture<'static, ShardEnd>>,
+    /// As one of several worker processes: the leases saying which shards it reads.
+    membership: Option<Membership>,
+    /// A fault found before the run (the lease table could not be made).
+    failed: Option<Error>,
 }
 
 impl KinesisSource {
@@ -80,6 +86,8 @@ impl KinesisSource {
             listing: None,
             pending: VecDeque::new(),
             draining: FuturesUnordered::new(),
+            membership: None,
+            failed: None,
         })
     }
 
@@ -107,76 +115,131 @@ impl KinesisSource {
         self.start_ready(first);
     }
 
-    /// Assigns every shard whose parents are done.
+    /// Assigns every shard whose parents are done (one process reads every shard).
     fn start_ready(&mut self, first_listing: bool) {
+        for shard in self.shards.ready() {
+            let name = self.partition_name(&shard);
+            let offset = self.checkpoint.offsets.get(name.as_ref()).copied();
+            let position = self.checkpoint.positions.get(name.as_ref()).cloned();
+            // Shards found after the first listing are children of shards read here: read
+            // from their first record, whatever `start_from` says.
+            self.start_shard(shard, (offset, position), !first_listing);
+        }
+    }
+
+    /// Where a shard without a position starts.
+    fn start_for(&self, child: bool) -> StartFrom {
+        match (&self.config.start_from, child) {
+            (StartFrom::Time(ms), _) => StartFrom::Time(*ms),
+            (other, false) => other.clone(),
+            (_, true) => StartFrom::Earliest,
+        }
+    }
+
+    /// Starts reading `shard` at `(offset, position)` (the next offset, and the position
+    /// committed with it), or where a shard without them starts.
+    fn start_shard(
+        &mut self,
+        shard: Arc<str>,
+        (offset, position): (Option<i64>, Option<String>),
+        child: bool,
+    ) {
         let client = self
             .client
             .clone()
             .expect("the client is made before listing");
-        for shard in self.shards.ready() {
-            let name = self.partition_name(&shard);
-            let id = partition_id(&shard, &mut self.ids);
-            let position = self.checkpoint.positions.get(name.as_ref());
-            let offset = self.checkpoint.offsets.get(name.as_ref()).copied();
-            let (start, first, skip_before) = match (
-                position.and_then(|p| Position::parse(p)),
-                offset,
-            ) {
-                (Some(p), offset) => (
-                    Start::After(p.after),
-                    p.next,
-                    offset.map_or(p.next, |o| o.max(p.next)),
-                ),
-                (None, offset) => {
-                    if let Some(at) = position {
-                        tracing::warn!(partition = %name, position = %at, "the checkpoint's position of this shard is unreadable; starting at `start_from`");
-                    }
-                    // Shards found after the first listing are children of shards read
-                    // here: read from their first record, whatever `start_from` says.
-                    let from = match (&self.config.start_from, first_listing) {
-                        (StartFrom::Time(ms), _) => StartFrom::Time(*ms),
-                        (other, true) => other.clone(),
-                        (_, false) => StartFrom::Earliest,
-                    };
-                    let at = offset.unwrap_or(0);
-                    (Start::From(from), at, at)
+        let name = self.partition_name(&shard);
+        let id = partition_id(&shard, &mut self.ids);
+        let (start, first, skip_before) = match (
+            position.as_deref().and_then(Position::parse),
+            offset,
+        ) {
+            (Some(p), offset) => (
+                Start::After(p.after),
+                p.next,
+                offset.map_or(p.next, |o| o.max(p.next)),
+            ),
+            (None, offset) => {
+                if let Some(at) = &position {
+                    tracing::warn!(partition = %name, position = %at, "the checkpoint's position of this shard is unreadable; starting at `start_from`");
                 }
-            };
-            tracing::info!(partition = %name, start = ?start, "shard assigned");
-            let (end_signal, ended) = oneshot::channel();
-            let (partition, ending) = (name.clone(), shard.clone());
-            self.draining.push(Box::pin(async move {
-                ShardEnd {
-                    partition,
-                    shard: ending,
-                    checkpointed: ended.await.is_ok(),
-                }
-            }));
-            let info = Arc::new(PartitionInfo {
-                id,
-                name: name.clone(),
-            });
-            let parts = ReaderParts {
-                info,
-                stream: self.stream.clone(),
-                schema: self.schema.clone(),
-                decoder: JsonDecoder::new(self.records.clone()).with_max_record(
-                    usize::try_from(self.config.max_record_size.0).unwrap_or(usize::MAX),
-                ),
-                dead_letters: self.dead_letters,
-                book: self.book.clone(),
-                end_signal,
-            };
-            let fetch = Fetch {
-                client: client.clone(),
-                stream: self.config.stream_ref(),
-                shard: shard.clone(),
-                name,
-                idle_wait: self.config.idle_wait.get(),
-                behind: Arc::default(),
-            };
-            let reader = ShardReader::start(parts, fetch, start, first, skip_before);
-            self.pending.push_back(Assignment::Assign(Box::new(reader)));
+                let at = offset.unwrap_or(0);
+                (Start::From(self.start_for(child)), at, at)
+            }
+        };
+        tracing::info!(partition = %name, start = ?start, "shard assigned");
+        let (end_signal, ended) = oneshot::channel();
+        let (partition, ending) = (name.clone(), shard.clone());
+        self.draining.push(Box::pin(async move {
+            ShardEnd {
+                partition,
+                shard: ending,
+                checkpointed: ended.await.is_ok(),
+            }
+        }));
+        let info = Arc::new(PartitionInfo {
+            id,
+            name: name.clone(),
+        });
+        let parts = ReaderParts {
+            info,
+            stream: self.stream.clone(),
+            schema: self.schema.clone(),
+            decoder: JsonDecoder::new(self.records.clone()).with_max_record(
+                usize::try_from(self.config.max_record_size.0).unwrap_or(usize::MAX),
+            ),
+            dead_letters: self.dead_letters,
+            book: self.book.clone(),
+            end_signal,
+        };
+        let fetch = Fetch {
+            client,
+            stream: self.config.stream_ref(),
+            shard,
+            name,
+            idle_wait: self.config.idle_wait.get(),
+            behind: Arc::default(),
+        };
+        let reader = ShardReader::start(parts, fetch, start, first, skip_before);
+        self.pending.push_back(Assignment::Assign(Box::new(reader)));
+    }
+
+    /// Acts on a pass over the lease table: stops reading lost shards at once, drains the
+    /// ones asked for before handing them over, and starts the taken ones where their last
+    /// owner's checkpoint left them.
+    fn on_pass(&mut self, passed: &Passed) {
+        let Some(membership) = self.membership.as_mut() else {
+            return;
+        };
+        let mut revokes = Vec::new();
+        for shard in &passed.decisions.lost {
+            tracing::warn!(stream = %self.stream, shard, "kinesis: another member took this shard's lease (this one was taken for gone); stopping it");
+            revokes.push((shard.clone(), None));
+        }
+        for shard in &passed.decisions.asked {
+            if membership.is_releasing(shard) {
+                continue;
+            }
+            tracing::info!(stream = %self.stream, shard, "kinesis: handing the shard over to the member that asked");
+            let (done, drained) = oneshot::channel();
+            membership.handing_over(shard.clone(), drained);
+            revokes.push((shard.clone(), Some(done)));
+        }
+        for (shard, drained) in revokes {
+            let partition = partition_id(&shard, &mut self.ids);
+            self.book.forget(&self.partition_name(&shard));
+            self.pending
+                .push_back(Assignment::Revoke { partition, drained });
+        }
+        for taken in &passed.decisions.taken {
+            let name = self.partition_name(&taken.shard);
+            let resume = resume_of(
+                taken,
+                passed.taken_over.get(name.as_ref()),
+                &self.checkpoint,
+                &name,
+            );
+            self.start_shard(taken.shard.as_str().into(), resume, taken.child);
         }
     }
 }
@@ -200,11 +263,40 @@ impl Source for KinesisSource {
         Some(self.book.clone())
     }
 
+    fn commit_hook(&self) -> Option<Arc<dyn CommitHook>> {
+        self.membership.as_ref().map(Membership::commit_hook)
+    }
+
+    fn set_member(&mut self, member: &Member) {
+        match LeaseTable::open(&member.dir, &self.stream) {
+            Ok(table) => {
+                tracing::info!(member = %member.name, leases = %table.dir().display(), "kinesis: sharing the stream's shards through leases");
+                self.membership = Some(Membership::new(
+                    &self.stream,
+                    table,
+                    &member.name,
+                    self.config.lease_duration.get(),
+                    self.config.start_from == StartFrom::Latest,
+                ));
+            }
+            Err(e) => self.failed = Some(Error::io(member.dir.join("leases"), e)),
+        }
+    }
+
+    fn set_handoff(&mut self, handoff: Arc<dyn Handoff>) {
+        if let Some(membership) = self.membership.as_mut() {
+            membership.set_handoff(handoff);
+        }
+    }
+
     fn needs_checkpoints(&self) -> bool {
         true
     }
 
     async fn next_assignment(&mut self) -> Result<Option<Assignment>> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         loop {
             if let Some(next) = self.pending.pop_front() {
                 return Ok(Some(next));
@@ -219,10 +311,19 @@ impl Source for KinesisSource {
                 Some(task) => std::pin::Pin::new(task).poll(cx),
                 None => std::task::Poll::Pending,
             });
+            let leasing = self.membership.is_some() && self.client.is_some();
+            let membership = &mut self.membership;
+            let leases = async move {
+                match membership.as_mut() {
+                    Some(m) => m.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
                 Some(drained) = self.draining.next(), if !self.draining.is_empty() => Event::Drained(drained),
                 listed = listed, if listing_under_way => Event::Listed(listed),
                 _ = tokio::time::sleep_until(self.next_listing), if !listing_under_way => Event::Due,
+                leased = leases, if leasing => Event::Leases(leased?),
             };
             match event {
                 Event::Drained(ShardEnd {
@@ -233,8 +334,13 @@ impl Source for KinesisSource {
                     self.book.forget(&name);
                     if checkpointed {
                         tracing::info!(partition = %name, "shard read to its end and checkpointed");
-                        self.shards.done(&shard);
-                        self.start_ready(false);
+                        match self.membership.as_mut() {
+                            Some(m) => m.shard_ended(&shard),
+                            None => {
+                                self.shards.done(&shard);
+                                self.start_ready(false);
+                            }
+                        }
                     }
                 }
                 Event::Listed(listed) => {
@@ -249,7 +355,14 @@ impl Source for KinesisSource {
                     }
                     self.client = Some(client);
                     self.next_listing = Instant::now() + self.config.discover_every.get();
-                    self.take_listing(listing);
+                    match self.membership.as_mut() {
+                        Some(m) => m.listed(listing),
+                        None => self.take_listing(listing),
+                    }
+                }
+                Event::Leases(Wait::Passed(passed)) => self.on_pass(&passed),
+                Event::Leases(Wait::Handed(shard, drained)) => {
+                    tracing::debug!(shard, drained, "kinesis: hand-over drained");
                 }
                 Event::Due => {}
             }
@@ -276,6 +389,7 @@ struct ShardEnd {
 enum Event {
     Drained(ShardEnd),
     Listed(std::result::Result<Result<Listing>, tokio::task::JoinError>),
+    Leases(Wait),
     Due,
 }
 

@@ -88,6 +88,12 @@ pub trait CheckpointStore: Send + Sync {
     fn take_over(&self, _partitions: &[(String, PartitionKeys)]) -> Result<BTreeMap<String, i64>> {
         Ok(BTreeMap::new())
     }
+
+    /// The position (see [`Checkpoint::positions`]) this process's database holds for
+    /// `partition` now: after [`CheckpointStore::take_over`], the one taken over with it.
+    fn position(&self, _partition: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// The database stage state is kept in. A scratch store's temporary directory goes with
@@ -405,6 +411,14 @@ impl CheckpointStore for RocksStore {
 
     fn db(&self) -> Option<Arc<StateDb>> {
         Some(self.db.clone())
+    }
+
+    fn position(&self, partition: &str) -> Result<Option<String>> {
+        let value = self
+            .db
+            .get(position_key(partition))
+            .map_err(|e| self.error(e))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     fn take_over(&self, partitions: &[(String, PartitionKeys)]) -> Result<BTreeMap<String, i64>> {

@@ -17,7 +17,7 @@ use super::pool::{Barrier, Target};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::dead_letter::DeadLetterSink;
 use crate::sink::Sink;
-use crate::source::{CommitHook, Handoff, PositionBook};
+use crate::source::{CommitHook, Handoff, PositionBook, TakenOver};
 use crate::state::{PartitionKeys, SnapshotStats, StageState};
 use crate::stats::RunStats;
 use crate::{Error, Result};
@@ -250,7 +250,7 @@ pub(super) struct TakeOver {
 }
 
 impl Handoff for TakeOver {
-    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, i64>> {
+    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, TakenOver>> {
         let keys: Vec<(String, PartitionKeys)> = partitions
             .iter()
             .map(|name| {
@@ -269,6 +269,12 @@ impl Handoff for TakeOver {
                 state.forget(name);
             }
         }
-        Ok(taken)
+        taken
+            .into_iter()
+            .map(|(name, offset)| {
+                let position = self.store.position(&name)?;
+                Ok((name, TakenOver { offset, position }))
+            })
+            .collect()
     }
 }

@@ -233,7 +233,7 @@ fn windows_counted_across_a_split_and_a_merge_lose_no_record() {
 
 /// Milliseconds of an RFC 3339 time as the JSON sink writes it (`2026-12-06T05:00:02Z`,
 /// with optional fractions).
-fn chrono_ms(text: &str) -> i64 {
+pub(super) fn chrono_ms(text: &str) -> i64 {
     let nanos = arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(text)
         .unwrap_or_else(|e| panic!("{text}: {e}"));
     nanos / 1_000_000

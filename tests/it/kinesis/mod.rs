@@ -5,6 +5,7 @@
 
 mod faults;
 mod flow;
+mod workers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -119,11 +119,11 @@ impl GroupContext {
             match handoff.take_over(&names) {
                 Ok(offsets) => {
                     let mut known = self.shared.checkpointed.lock().expect("checkpointed lock");
-                    for (name, offset) in offsets {
+                    for (name, at) in offsets {
                         if let Some((topic, partition)) = parse_name(&name) {
-                            taken.insert((topic.to_string(), partition), offset);
+                            taken.insert((topic.to_string(), partition), at.offset);
                         }
-                        known.insert(name, offset);
+                        known.insert(name, at.offset);
                     }
                 }
                 Err(e) => {
