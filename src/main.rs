@@ -389,7 +389,11 @@ async fn dlq(command: DlqCommand) -> u8 {
 
 /// How the pipeline's workers are set: `--workers` over the `scaling:` section. A fixed
 /// count keeps the section's parallelization factor.
-fn run_options(workers: Option<Count>, scaling: Option<&ScalingPolicy>) -> RunOptions {
+fn run_options(
+    workers: Option<Count>,
+    scaling: Option<&ScalingPolicy>,
+    source_kind: &str,
+) -> RunOptions {
     let scaling = match (workers, scaling) {
         (Some(Count::Fixed(n)), Some(policy)) => Some(ScalingPolicy {
             min_workers: n,
@@ -397,7 +401,11 @@ fn run_options(workers: Option<Count>, scaling: Option<&ScalingPolicy>) -> RunOp
             ..policy.clone()
         }),
         (Some(Count::Fixed(_)), None) => None,
-        (Some(Count::Auto), policy) => Some(policy.cloned().unwrap_or_default()),
+        (Some(Count::Auto), policy) => Some(
+            policy
+                .cloned()
+                .unwrap_or_else(|| sluice::config::default_scaling(source_kind)),
+        ),
         (None, policy) => policy.cloned(),
     };
     RunOptions {
@@ -504,7 +512,7 @@ async fn run(
     };
     let scaled = member.as_ref().is_none_or(|m| m.scaled);
     let scaling = config.scaling.as_ref().filter(|_| scaled);
-    let options = run_options(workers, scaling.map(|s| &s.policy));
+    let options = run_options(workers, scaling.map(|s| &s.policy), config.source.kind);
     let result = executor::run(pipeline, options, stats.clone(), shutdown, None).await;
     status_done.cancel();
     if let Some(line) = status_line {

@@ -21,13 +21,51 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// What one worker is meant to carry of the partitions' lag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LagThreshold {
+    /// Records written and not yet checkpointed, summed over partitions (Kafka's consumer
+    /// lag, a generator's records due).
+    Records(u64),
+    /// Time behind the stream's tip, summed over partitions: where a source measures lag
+    /// in time (Kinesis's `MillisBehindLatest`, what Lambda calls the iterator age).
+    Time(Duration),
+}
+
+impl LagThreshold {
+    /// The threshold in the lag's unit: records, or milliseconds.
+    pub fn units(self) -> u64 {
+        match self {
+            LagThreshold::Records(n) => n,
+            LagThreshold::Time(d) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// A lag in this threshold's unit, as a person reads it.
+    pub fn show(self, lag: u64) -> String {
+        match self {
+            LagThreshold::Records(_) => lag.to_string(),
+            LagThreshold::Time(_) => humantime(Duration::from_millis(lag)),
+        }
+    }
+}
+
+impl std::fmt::Display for LagThreshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LagThreshold::Records(n) => write!(f, "{n}"),
+            LagThreshold::Time(d) => f.write_str(&humantime(*d)),
+        }
+    }
+}
+
 /// The `scaling:` section of a pipeline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScalingPolicy {
     pub min_workers: usize,
     pub max_workers: usize,
-    /// Records of lag one worker is meant to carry.
-    pub lag_threshold: u64,
+    /// The lag one worker is meant to carry.
+    pub lag_threshold: LagThreshold,
     /// How long the lag must have asked for fewer workers before they go.
     pub scale_down_cooldown: Duration,
     /// Batches of one partition processed at once (1–10), keys kept in order.
@@ -44,7 +82,7 @@ impl Default for ScalingPolicy {
         ScalingPolicy {
             min_workers: 1,
             max_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            lag_threshold: 10_000,
+            lag_threshold: LagThreshold::Records(10_000),
             scale_down_cooldown: Duration::from_secs(60),
             parallelization_factor: 1,
             key: None,
@@ -60,9 +98,9 @@ impl ScalingPolicy {
         self.max_workers.min(useful).max(self.min_workers)
     }
 
-    /// The workers a lag asks for, before any hysteresis.
+    /// The workers a lag (in the threshold's unit) asks for, before any hysteresis.
     pub fn target(&self, lag: u64, partitions: usize) -> usize {
-        let wanted = lag.div_ceil(self.lag_threshold.max(1));
+        let wanted = lag.div_ceil(self.lag_threshold.units().max(1));
         let wanted = usize::try_from(wanted).unwrap_or(usize::MAX);
         wanted.clamp(self.min_workers, self.cap(partitions))
     }
@@ -149,7 +187,7 @@ impl Autoscaler {
         if target > from {
             self.desired = target;
             let bound = if target == self.policy.cap(partitions.max(1))
-                && lag.div_ceil(threshold.max(1)) > target as u64
+                && lag.div_ceil(threshold.units().max(1)) > target as u64
             {
                 format!(
                     " (capped: max_workers {}, {partitions} partitions × parallelization_factor {})",
@@ -162,7 +200,8 @@ impl Autoscaler {
                 from,
                 to: target,
                 reason: format!(
-                    "lag {lag} over {from} worker(s) at lag_threshold {threshold} asks for {target}{bound}"
+                    "lag {} over {from} worker(s) at lag_threshold {threshold} asks for {target}{bound}",
+                    threshold.show(lag)
                 ),
             });
         }
@@ -180,7 +219,8 @@ impl Autoscaler {
                 from,
                 to,
                 reason: format!(
-                    "lag {lag} has asked for at most {held} worker(s) for {} (scale_down_cooldown)",
+                    "lag {} has asked for at most {held} worker(s) for {} (scale_down_cooldown)",
+                    self.policy.lag_threshold.show(lag),
                     humantime(cooldown)
                 ),
             });
@@ -205,7 +245,7 @@ mod tests {
         ScalingPolicy {
             min_workers: 1,
             max_workers: 8,
-            lag_threshold: 1000,
+            lag_threshold: LagThreshold::Records(1000),
             scale_down_cooldown: Duration::from_secs(10),
             parallelization_factor: 1,
             key: None,
@@ -380,6 +420,24 @@ mod tests {
         assert!(
             down > Duration::from_millis(11_509) && down < Duration::from_millis(12_100),
             "{down:?}"
+        );
+    }
+
+    #[test]
+    fn a_threshold_in_time_asks_a_worker_per_so_much_time_behind() {
+        let p = ScalingPolicy {
+            lag_threshold: LagThreshold::Time(Duration::from_secs(10)),
+            ..policy()
+        };
+        assert_eq!(p.target(0, 8), 1);
+        assert_eq!(p.target(10_000, 8), 1);
+        assert_eq!(p.target(45_000, 8), 5);
+        let mut a = Autoscaler::new(p);
+        let up = a.observe(Instant::now(), 45_000, 8).unwrap();
+        assert_eq!(up.to, 5);
+        assert_eq!(
+            up.reason,
+            "lag 45s over 1 worker(s) at lag_threshold 10s asks for 5"
         );
     }
 }

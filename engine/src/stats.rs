@@ -284,6 +284,12 @@ impl RunStats {
         partitions.values().filter_map(|p| p.lag()).sum()
     }
 
+    /// The sum of every partition's lag in milliseconds, where sources measure it in time.
+    pub fn total_lag_ms(&self) -> u64 {
+        let partitions = self.partitions.lock().expect("partitions lock");
+        partitions.values().filter_map(|p| p.lag_ms()).sum()
+    }
+
     /// What the partition's lag is computed from, registered when it is assigned.
     pub fn partition(&self, name: &str) -> Option<Arc<PartitionLag>> {
         self.partitions

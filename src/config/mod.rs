@@ -27,7 +27,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sluice_connectors::file::FileSinkConfig;
 use sluice_connectors::registry;
-use sluice_engine::autoscale::ScalingPolicy;
+use sluice_engine::autoscale::{LagThreshold, ScalingPolicy};
 use sluice_engine::batch;
 use sluice_engine::breaker::{Breaker, BreakerPolicy, Fallback};
 use sluice_engine::config::yaml::{self, Env, ProcessEnv};
@@ -159,9 +159,9 @@ struct ScalingConfig {
     min_workers: usize,
     /// Default: one per core.
     max_workers: Option<usize>,
-    /// Records of lag one worker is meant to carry (default 10000).
-    #[serde(default = "default_lag_threshold")]
-    lag_threshold: u64,
+    /// The lag one worker is meant to carry: records (default 10000), or for a source
+    /// whose lag is in time (Kinesis) a time behind the stream's tip (default 30s).
+    lag_threshold: Option<Threshold>,
     /// How long the lag must ask for fewer workers before they go (default 60s).
     #[serde(default = "default_cooldown")]
     scale_down_cooldown: Duration,
@@ -180,8 +180,54 @@ fn one() -> usize {
     1
 }
 
-fn default_lag_threshold() -> u64 {
-    10_000
+/// `lag_threshold`: a number of records, or a time (`30s`).
+#[derive(Debug, Clone, Copy)]
+struct Threshold(LagThreshold);
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl serde::de::Visitor<'_> for Either {
+            type Value = Threshold;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of records (10000) or a time behind the stream's tip (30s)")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Threshold, E> {
+                Ok(Threshold(LagThreshold::Records(n)))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Threshold, E> {
+                // Zero is refused with the other scaling mistakes.
+                let n = u64::try_from(n).map_err(|_| E::custom("must be at least 1 record"))?;
+                Ok(Threshold(LagThreshold::Records(n)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Threshold, E> {
+                let time: Duration = text.parse().map_err(E::custom)?;
+                Ok(Threshold(LagThreshold::Time(time.get())))
+            }
+        }
+        d.deserialize_any(Either)
+    }
+}
+
+/// The `lag_threshold` a source's lag is measured against when the pipeline gives none:
+/// records, or for Kinesis (whose lag is in time) 30 seconds behind the stream's tip.
+pub fn default_lag_threshold(source_kind: &str) -> LagThreshold {
+    match source_kind {
+        "kinesis" => LagThreshold::Time(std::time::Duration::from_secs(30)),
+        _ => LagThreshold::Records(10_000),
+    }
+}
+
+/// The scaling policy of `--workers auto` for a pipeline without a `scaling:` section.
+pub fn default_scaling(source_kind: &str) -> ScalingPolicy {
+    ScalingPolicy {
+        lag_threshold: default_lag_threshold(source_kind),
+        ..ScalingPolicy::default()
+    }
 }
 
 fn default_cooldown() -> Duration {
@@ -192,7 +238,7 @@ fn default_scaling_interval() -> Duration {
     Duration::from_secs(1)
 }
 
-fn parse_scaling(n: &Node, problems: &mut Problems) -> Option<Scaling> {
+fn parse_scaling(n: &Node, source_kind: &str, problems: &mut Problems) -> Option<Scaling> {
     let path = Location::new("scaling");
     let c: ScalingConfig = from_node(n, &path, &[], problems)?;
     let before = problems.len();
@@ -210,8 +256,32 @@ fn parse_scaling(n: &Node, problems: &mut Problems) -> Option<Scaling> {
             format!("is {max_workers}, below min_workers ({})", c.min_workers),
         );
     }
-    if c.lag_threshold == 0 {
-        problems.at_key(n, &path, "lag_threshold", "must be at least 1 record");
+    let lag_threshold = c
+        .lag_threshold
+        .map_or_else(|| default_lag_threshold(source_kind), |t| t.0);
+    match (lag_threshold, source_kind) {
+        (LagThreshold::Records(0), _) => {
+            problems.at_key(n, &path, "lag_threshold", "must be at least 1 record");
+        }
+        (LagThreshold::Time(t), _) if t.is_zero() => {
+            problems.at_key(n, &path, "lag_threshold", "must be longer than 0s");
+        }
+        (LagThreshold::Records(_), "kinesis") => problems.at_key(
+            n,
+            &path,
+            "lag_threshold",
+            "is a number of records, but a Kinesis source's lag is in time (each shard's MillisBehindLatest): \
+             give a time behind the stream's tip, e.g. 30s",
+        ),
+        (LagThreshold::Time(_), kind) if kind != "kinesis" => problems.at_key(
+            n,
+            &path,
+            "lag_threshold",
+            format!(
+                "is a time, but a {kind} source's lag is in records: give a number of records, e.g. 10000"
+            ),
+        ),
+        _ => {}
     }
     if !(1..=10).contains(&c.parallelization_factor) {
         problems.at_key(
@@ -228,7 +298,7 @@ fn parse_scaling(n: &Node, problems: &mut Problems) -> Option<Scaling> {
         policy: ScalingPolicy {
             min_workers: c.min_workers,
             max_workers,
-            lag_threshold: c.lag_threshold,
+            lag_threshold,
             scale_down_cooldown: c.scale_down_cooldown.get(),
             parallelization_factor: c.parallelization_factor,
             key: c.key.map(Into::into),
@@ -374,9 +444,10 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
     } else if let (Some(sink), Some(dead)) = (&sink, &dead_letter) {
         check_dead_letter_files(sink, dead, &mut problems);
     }
+    let source_kind = source.as_ref().map_or("", |s| s.kind);
     let scaling = root
         .get("scaling")
-        .and_then(|n| parse_scaling(n, &mut problems));
+        .and_then(|n| parse_scaling(n, source_kind, &mut problems));
     let tests = parse_tests(root.get("tests"), &mut problems);
 
     match (name, source, stages, sink) {

@@ -2,6 +2,7 @@
 //! line:column and what was expected.
 
 use crate::parse;
+use sluice_engine::autoscale::LagThreshold;
 
 /// The problems in `yaml`, one per line.
 fn problems(yaml: &str) -> Vec<String> {
@@ -365,7 +366,7 @@ fn the_scaling_section_is_read_with_its_defaults() {
     let policy = &config.scaling.as_ref().unwrap().policy;
     assert_eq!(
         (policy.min_workers, policy.max_workers, policy.lag_threshold),
-        (1, 8, 5000)
+        (1, 8, LagThreshold::Records(5000))
     );
     assert_eq!(
         policy.scale_down_cooldown,
@@ -387,6 +388,42 @@ fn scaling_mistakes_are_named() {
             "scaling.lag_threshold: must be at least 1 record (x.yaml:7:18)",
             "scaling.parallelization_factor: is 11; it must be from 1 to 10 (x.yaml:8:27)",
         ]
+    );
+}
+
+#[test]
+fn a_lag_threshold_is_in_the_unit_the_source_measures_lag_in() {
+    let kinesis =
+        "name: x\nsource:\n  type: kinesis\n  stream: s\n  schema: [{name: a, type: int64}]\n";
+    let yaml = format!("{kinesis}scaling:\n  lag_threshold: 5000\n{SINK}");
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "scaling.lag_threshold: is a number of records, but a Kinesis source's lag is in time \
+             (each shard's MillisBehindLatest): give a time behind the stream's tip, e.g. 30s (x.yaml:7:18)"
+        ]
+    );
+    let yaml =
+        format!("name: x\nsource:\n  type: generator\nscaling:\n  lag_threshold: 30s\n{SINK}");
+    assert_eq!(
+        problems(&yaml),
+        vec![
+            "scaling.lag_threshold: is a time, but a generator source's lag is in records: \
+             give a number of records, e.g. 10000 (x.yaml:5:18)"
+        ]
+    );
+    let yaml = format!("{kinesis}scaling:\n  max_workers: 4\n{SINK}");
+    let config = parse(&yaml, &[]).unwrap();
+    assert_eq!(
+        config.scaling.unwrap().policy.lag_threshold,
+        LagThreshold::Time(std::time::Duration::from_secs(30)),
+        "a Kinesis source's default"
+    );
+    let yaml = format!("{kinesis}scaling:\n  lag_threshold: soon\n{SINK}");
+    let found = problems(&yaml);
+    assert!(
+        found[0].contains("expected a duration such as 500ms"),
+        "{found:?}"
     );
 }
 

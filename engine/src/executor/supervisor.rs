@@ -16,7 +16,7 @@ use super::messages::{Drained, Route, WorkerMsg};
 use super::pool::Pool;
 use super::reader::{ReadEnd, read_partition};
 use super::{Batching, Control, EMIT_INTERVAL, RunOptions, RunReport, interval, tick};
-use crate::autoscale::Autoscaler;
+use crate::autoscale::{Autoscaler, LagThreshold};
 use crate::batch::PartitionInfo;
 use crate::source::{Assignment, Source};
 use crate::state::StageState;
@@ -311,7 +311,10 @@ impl Supervisor {
         let Some(scaler) = self.autoscaler.as_mut() else {
             return;
         };
-        let lag = self.stats.total_lag();
+        let lag = match scaler.policy().lag_threshold {
+            LagThreshold::Records(_) => self.stats.total_lag(),
+            LagThreshold::Time(_) => self.stats.total_lag_ms(),
+        };
         if let Some(decision) = scaler.observe(Instant::now(), lag, self.partitions.len()) {
             tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: scaling {}", decision.direction());
             let counter = if decision.to > decision.from {

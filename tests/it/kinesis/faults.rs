@@ -33,6 +33,10 @@ struct Proxy {
     upstream: String,
     http: reqwest::Client,
     injected: Injected,
+    /// Injects faults (`true`), or only answers GetRecords with `behind_ms` as the
+    /// shard's MillisBehindLatest (kinesalite says 0 for an open shard).
+    faults: bool,
+    behind_ms: AtomicU64,
 }
 
 fn fault(code: &str) -> Response {
@@ -124,6 +128,19 @@ async fn handle(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes
         .unwrap_or("")
         .to_string();
     let injected = &proxy.injected;
+    if !proxy.faults {
+        let (status, body) = proxy.forward(&headers, body.to_vec()).await;
+        let body = match (target.ends_with(".GetRecords"), status) {
+            (true, StatusCode::OK) => {
+                let mut answer: Value = serde_json::from_slice(&body).unwrap();
+                answer["MillisBehindLatest"] = json!(proxy.behind_ms.load(Ordering::Relaxed));
+                serde_json::to_vec(&answer).unwrap()
+            }
+            _ => body,
+        };
+        let kind = [("content-type", "application/x-amz-json-1.1")];
+        return (status, kind, body).into_response();
+    }
     if target.ends_with(".GetRecords") {
         let call = injected.get_records.fetch_add(1, Ordering::Relaxed);
         if call % 3 == 1 {
@@ -154,11 +171,17 @@ async fn handle(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes
 
 /// Starts the proxy on its own thread; returns its address and what it injected.
 fn start_proxy(upstream: String) -> (SocketAddr, Arc<Proxy>) {
-    let proxy = Arc::new(Proxy {
+    serve(Proxy {
         upstream,
         http: reqwest::Client::new(),
         injected: Injected::default(),
-    });
+        faults: true,
+        behind_ms: AtomicU64::new(0),
+    })
+}
+
+fn serve(proxy: Proxy) -> (SocketAddr, Arc<Proxy>) {
+    let proxy = Arc::new(proxy);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -300,4 +323,55 @@ fn a_record_too_large_for_kinesis_is_a_dead_letter_and_lag_is_in_milliseconds() 
         "{:.2000}",
         dead
     );
+}
+
+#[test]
+fn workers_follow_a_kinesis_lag_in_time() {
+    let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
+    let (addr, proxy) = serve(Proxy {
+        upstream: k.endpoint(),
+        http: reqwest::Client::new(),
+        injected: Injected::default(),
+        faults: false,
+        behind_ms: AtomicU64::new(45_000),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{}scaling:\n  min_workers: 1\n  max_workers: 4\n  lag_threshold: 10s\n  scale_down_cooldown: 3s\n  interval: 500ms\n",
+        super::pipeline(&k, "plays", "shouted", dir.path())
+            .replace(&k.endpoint(), &format!("http://{addr}"))
+    );
+    let path = write_pipeline(dir.path(), &yaml);
+    let sluice = Sluice::start_args(
+        &path,
+        dir.path().join("run.log"),
+        &[],
+        &[("RUST_LOG", "info")],
+    );
+    let until = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !sluice.log_text().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{what}`:\n{}",
+                sluice.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Four shards 45 s behind: 3 minutes of lag at 10 s a worker, capped at max_workers.
+    until("autoscaler: scaling up");
+    until("to=4");
+    proxy.behind_ms.store(0, Ordering::Relaxed);
+    until("autoscaler: scaling down");
+    k.kinesis.put("plays", &records(0, 1_000, 37));
+    k.kinesis.wait_for_ids("shouted", 1_000, WAIT);
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let up = log.lines().find(|l| l.contains("scaling up")).unwrap();
+    assert!(
+        up.contains("lag 180s over 1 worker(s) at lag_threshold 10s"),
+        "{up}"
+    );
+    eprintln!("{up}");
 }

@@ -259,3 +259,39 @@ fn worker_processes_refuse_a_kinesis_source_without_a_checkpoint_directory() {
     assert!(!out.status.success());
     assert!(err.contains("needs `checkpoint.dir`"), "{err}");
 }
+
+#[test]
+fn processes_n_runs_kinesis_worker_processes_that_split_the_shards() {
+    let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
+    let n: i64 = 8_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(dir.path(), &leased(&k, "shouted", dir.path()));
+    let leases = dir.path().join("checkpoints/leases/plays");
+    k.kinesis.put("plays", &records(0, n / 2, 37));
+    let sluice = Sluice::start_args(
+        &path,
+        dir.path().join("run.log"),
+        &["--processes", "2"],
+        &[("RUST_LOG", "info")],
+    );
+    let t0 = Instant::now();
+    let split = loop {
+        let now = held(&leases);
+        if now.len() == 2 && now.values().all(|n| *n == 2) {
+            break now;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "leases held {now:?}:\n{}",
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    k.kinesis.put("plays", &records(n / 2, n / 2, 37));
+    let read = k.kinesis.wait_for_ids("shouted", n, WAIT);
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let out = ids(&read);
+    assert!((0..n).all(|i| out.contains_key(&i)), "{log}");
+    eprintln!("--processes 2: leases {split:?}");
+}
