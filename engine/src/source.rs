@@ -126,6 +126,11 @@ pub trait Handoff: Send + Sync {
     /// # Errors
     /// A checkpoint that cannot be read: the partition must not be read without its state.
     fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, TakenOver>>;
+
+    /// Where this process's own committed state of `partition` is (its database now, not
+    /// as restored at start-up): for a partition [`Handoff::take_over`] found no newer
+    /// state of, the state it will read from the store. Blocking.
+    fn own(&self, partition: &str) -> Result<Option<TakenOver>>;
 }
 
 /// Where a partition taken over from another process resumes.

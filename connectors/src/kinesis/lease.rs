@@ -46,6 +46,10 @@ pub struct Lease {
     pub parents: Vec<String>,
     #[serde(default)]
     pub ended: bool,
+    /// Ended without being read: a closed shard a new table at `latest` passed over. Its
+    /// children start at `start_from` like the other shards, not at their first record.
+    #[serde(default)]
+    pub skipped: bool,
     #[serde(default)]
     pub wanted_by: Option<String>,
     #[serde(default)]
@@ -99,8 +103,8 @@ pub struct Pass<'a> {
     /// The stream's shards as last listed (and whether each is closed), when listed since
     /// the last pass: leases are made for new ones.
     pub listing: Option<&'a [(ShardDesc, bool)]>,
-    /// A table made by this listing on a pipeline starting at `latest` ends the closed
-    /// shards at once (they hold only records older than now).
+    /// A table made by this listing for a pipeline starting at `latest` with nothing
+    /// checkpointed ends the closed shards at once (they hold only records older than now).
     pub skip_closed_when_new: bool,
     pub duration: Duration,
     pub now: Instant,
@@ -113,9 +117,11 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
     if let Some(listing) = p.listing {
         let new_table = table.is_empty();
         for (desc, closed) in listing {
+            let skipped = new_table && p.skip_closed_when_new && *closed;
             table.entry(desc.id.to_string()).or_insert_with(|| Lease {
                 parents: desc.parents.iter().map(|s| s.to_string()).collect(),
-                ended: new_table && p.skip_closed_when_new && *closed,
+                ended: skipped,
+                skipped,
                 ..Lease::default()
             });
         }
@@ -258,8 +264,12 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
     decisions
 }
 
+/// Whether the shard continues shards read before it (its first record follows theirs).
 fn table_has_parent(shard: &str, table: &Table) -> bool {
-    table[shard].parents.iter().any(|p| table.contains_key(p))
+    table[shard]
+        .parents
+        .iter()
+        .any(|p| table.get(p).is_some_and(|l| !l.skipped))
 }
 
 fn taken(shard: &str, lease: &Lease, child: bool) -> Taken {
@@ -291,10 +301,34 @@ impl LeaseTable {
     }
 
     /// Runs `change` on the whole table under the table's lock, then writes the leases it
-    /// changed. Blocking.
-    pub fn locked<T>(&self, change: impl FnOnce(&mut Table) -> T) -> std::io::Result<T> {
+    /// changed. Blocking, for at most `wait` on the lock: a member frozen while it holds it
+    /// (a paused container, a hung network file system) must not freeze the others; the
+    /// error then is of kind `WouldBlock`.
+    pub fn locked<T>(
+        &self,
+        wait: Duration,
+        change: impl FnOnce(&mut Table) -> T,
+    ) -> std::io::Result<T> {
         let lock = std::fs::File::create(self.dir.join(LOCK))?;
-        lock.lock()?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!(
+                            "the lease table {} has been locked by another member for over {wait:?}",
+                            self.dir.display()
+                        ),
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
         let before = self.read()?;
         let mut table = before.clone();
         let answer = change(&mut table);
@@ -554,6 +588,7 @@ mod tests {
         );
         assert!(table["s0"].ended);
         assert_eq!(d.taken.iter().map(|t| &t.shard).collect::<Vec<_>>(), ["s1"]);
+        assert!(!d.taken[0].child, "s1 starts at `latest` too");
     }
 
     #[test]
@@ -571,7 +606,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let table = LeaseTable::open(dir.path(), "plays").unwrap();
         table
-            .locked(|t| {
+            .locked(Duration::from_secs(1), |t| {
                 t.insert(
                     "shardId-000000000000".into(),
                     Lease {
@@ -602,5 +637,13 @@ mod tests {
         std::fs::write(table.dir().join("bad.json"), b"{").unwrap();
         let e = table.read().unwrap_err().to_string();
         assert!(e.contains("bad.json"), "{e}");
+        std::fs::remove_file(table.dir().join("bad.json")).unwrap();
+        // A member holding the lock for long makes the others wait a bounded time.
+        let held = std::fs::File::create(table.dir().join(LOCK)).unwrap();
+        held.lock().unwrap();
+        let e = table.locked(Duration::from_millis(50), |_| ()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+        drop(held);
+        table.locked(Duration::from_millis(50), |_| ()).unwrap();
     }
 }

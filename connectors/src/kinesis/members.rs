@@ -32,30 +32,49 @@ pub struct Membership {
     observed: Option<Observed>,
     /// Shards it reads, also those it is handing over.
     pub held: BTreeSet<String>,
+    /// Shards being read (their state taken over and their readers started).
+    started: BTreeSet<String>,
     /// Shards being drained to be handed over.
     releasing: BTreeSet<String>,
     hand_over: Vec<String>,
     ended: Vec<String>,
     listing: Option<Vec<(ShardDesc, bool)>>,
-    skip_closed_when_new: bool,
+    /// The pipeline starts at `latest`.
+    at_latest: bool,
+    fresh: bool,
     next_pass: Instant,
     under_way: Option<JoinHandle<Result<Passed>>>,
+    /// Taken shards whose state is to be brought here before they are read.
+    to_take: Vec<Taken>,
+    taking: Option<JoinHandle<Result<TakenShards>>>,
     /// Hand-overs draining: each yields its shard, and whether it was drained and
     /// checkpointed (not when the pipeline stopped first).
     handing: FuturesUnordered<BoxFuture<'static, (String, bool)>>,
 }
 
-/// A pass done: what to do, and where the taken shards' state was taken over.
+/// A pass done: what to do.
 pub struct Passed {
     observed: Observed,
     pub decisions: Decisions,
-    pub taken_over: BTreeMap<String, TakenOver>,
     finished: Vec<String>,
+    /// Hand-overs and ends a skipped pass did not write.
+    again: (Vec<String>, Vec<String>),
+}
+
+/// Shards taken, with where their stage state is now.
+pub struct TakenShards {
+    pub taken: Vec<Taken>,
+    pub at: BTreeMap<String, TakenOver>,
+    /// Whether the stages keep state: a taken shard then resumes exactly where its state
+    /// is (`at`), never further on.
+    pub stateful: bool,
 }
 
 /// What the member waits for.
 pub enum Wait {
+    /// A pass: shards lost and asked for (taken ones come as `Taken`).
     Passed(Box<Passed>),
+    Taken(Box<TakenShards>),
     /// A hand-over drained (or the pipeline stopped first).
     Handed(String, bool),
 }
@@ -66,7 +85,7 @@ impl Membership {
         table: LeaseTable,
         me: &str,
         duration: Duration,
-        skip_closed_when_new: bool,
+        at_latest: bool,
     ) -> Membership {
         Membership {
             prefix: format!("{stream}/").into(),
@@ -76,13 +95,17 @@ impl Membership {
             handoff: None,
             observed: Some(Observed::new()),
             held: BTreeSet::new(),
+            started: BTreeSet::new(),
             releasing: BTreeSet::new(),
             hand_over: Vec::new(),
             ended: Vec::new(),
             listing: None,
-            skip_closed_when_new,
+            at_latest,
+            fresh: false,
             next_pass: Instant::now(),
             under_way: None,
+            to_take: Vec::new(),
+            taking: None,
             handing: FuturesUnordered::new(),
         }
     }
@@ -102,8 +125,10 @@ impl Membership {
     }
 
     /// The shards as listed now: leases are made for new ones at the next pass, at once.
-    pub fn listed(&mut self, listing: Vec<(ShardDesc, bool)>) {
+    /// `fresh`: nothing of the stream is checkpointed here (see `Pass::skip_closed_when_new`).
+    pub fn listed(&mut self, listing: Vec<(ShardDesc, bool)>, fresh: bool) {
         self.listing = Some(listing);
+        self.fresh = fresh;
         self.next_pass = Instant::now();
     }
 
@@ -120,9 +145,11 @@ impl Membership {
             .push(Box::pin(async move { (shard, drained.await.is_ok()) }));
     }
 
-    /// Whether the shard is already being handed over (a pass reports an ask until then).
-    pub fn is_releasing(&self, shard: &str) -> bool {
-        self.releasing.contains(shard)
+    /// Whether an ask for the shard is to be acted on now: it is being read (not still
+    /// having its state brought here) and not being handed over already (a pass reports
+    /// an ask until the hand-over is written).
+    pub fn can_hand_over(&self, shard: &str) -> bool {
+        self.started.contains(shard) && !self.releasing.contains(shard)
     }
 
     /// Starts a pass when one is due and none is under way.
@@ -139,67 +166,108 @@ impl Membership {
         let hand_over = std::mem::take(&mut self.hand_over);
         let ended = std::mem::take(&mut self.ended);
         let listing = self.listing.take();
-        let (skip, duration) = (self.skip_closed_when_new, self.duration);
-        let handoff = self.handoff.clone();
-        let prefix = self.prefix.clone();
+        let (skip, duration) = (self.at_latest && self.fresh, self.duration);
         self.under_way = Some(tokio::task::spawn_blocking(move || {
             let now = Instant::now().into_std();
-            let decisions = table
-                .locked(|t| {
-                    pass(
-                        t,
-                        &mut observed,
-                        &Pass {
-                            me: &me,
-                            held: &held,
-                            hand_over: &hand_over,
-                            ended: &ended,
-                            listing: listing.as_deref(),
-                            skip_closed_when_new: skip,
-                            duration,
-                            now,
-                        },
-                    )
-                })
-                .map_err(|e| Error::io(table.dir(), e))?;
-            // The previous owner's last checkpoint holds the taken shards' stage state.
-            let taken_over = match (&handoff, decisions.taken.is_empty()) {
-                (Some(handoff), false) => {
-                    let names: Vec<String> = decisions
-                        .taken
-                        .iter()
-                        .map(|t| format!("{prefix}{}", t.shard))
-                        .collect();
-                    handoff.take_over(&names)?
+            let locked = table.locked(duration / 3, |t| {
+                pass(
+                    t,
+                    &mut observed,
+                    &Pass {
+                        me: &me,
+                        held: &held,
+                        hand_over: &hand_over,
+                        ended: &ended,
+                        listing: listing.as_deref(),
+                        skip_closed_when_new: skip,
+                        duration,
+                        now,
+                    },
+                )
+            });
+            match locked {
+                Ok(decisions) => {
+                    let mut finished = hand_over;
+                    finished.extend(ended);
+                    Ok(Passed {
+                        observed,
+                        decisions,
+                        finished,
+                        again: (Vec::new(), Vec::new()),
+                    })
                 }
-                _ => BTreeMap::new(),
-            };
-            let mut finished = hand_over;
-            finished.extend(ended);
-            Ok(Passed {
-                observed,
-                decisions,
-                taken_over,
-                finished,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Nothing renewed or taken this time; what it finished waits for the
+                    // next pass.
+                    tracing::warn!(error = %e, "kinesis: lease pass skipped");
+                    Ok(Passed {
+                        observed,
+                        decisions: Decisions::default(),
+                        finished: Vec::new(),
+                        again: (hand_over, ended),
+                    })
+                }
+                Err(e) => Err(Error::io(table.dir(), e)),
+            }
+        }));
+    }
+
+    /// Brings the stage state of taken shards here, in a task of its own so that passes
+    /// (renewals) never wait for it: the previous owner's last checkpoint holds it, or this
+    /// member's own store does, and a shard resumes exactly where its state is.
+    fn start_taking(&mut self) {
+        if self.taking.is_some() || self.to_take.is_empty() {
+            return;
+        }
+        let taken = std::mem::take(&mut self.to_take);
+        let handoff = self.handoff.clone();
+        let prefix = self.prefix.clone();
+        self.taking = Some(tokio::task::spawn_blocking(move || {
+            let mut at = BTreeMap::new();
+            if let Some(handoff) = &handoff {
+                let names: Vec<String> = taken
+                    .iter()
+                    .map(|t| format!("{prefix}{}", t.shard))
+                    .collect();
+                at = handoff.take_over(&names)?;
+                for name in names {
+                    if !at.contains_key(&name)
+                        && let Some(own) = handoff.own(&name)?
+                    {
+                        at.insert(name, own);
+                    }
+                }
+            }
+            Ok(TakenShards {
+                taken,
+                at,
+                stateful: handoff.is_some(),
             })
         }));
     }
 
-    /// The next pass done or hand-over drained.
+    /// The next pass done, shards' state taken over, or hand-over drained.
     ///
     /// # Cancel safety
-    /// Cancel safe: the pass runs in a task kept across calls.
+    /// Cancel safe: passes and take-overs run in tasks kept across calls.
     pub async fn next(&mut self) -> Result<Wait> {
         loop {
             self.start_pass();
-            let under_way = self.under_way.is_some();
-            let task = &mut self.under_way;
-            let passed = std::future::poll_fn(|cx| match task {
+            self.start_taking();
+            let (under_way, taking) = (self.under_way.is_some(), self.taking.is_some());
+            let (pass_task, take_task) = (&mut self.under_way, &mut self.taking);
+            let passed = std::future::poll_fn(|cx| match pass_task {
+                Some(t) => std::pin::Pin::new(t).poll(cx),
+                None => std::task::Poll::Pending,
+            });
+            let took = std::future::poll_fn(|cx| match take_task {
                 Some(t) => std::pin::Pin::new(t).poll(cx),
                 None => std::task::Poll::Pending,
             });
             tokio::select! {
                 Some((shard, drained)) = self.handing.next(), if !self.handing.is_empty() => {
+                    // Not drained: the pipeline is stopping; the lease goes with the
+                    // others when the source is dropped.
                     if drained {
                         self.hand_over.push(shard.clone());
                         self.next_pass = Instant::now();
@@ -210,7 +278,23 @@ impl Membership {
                     self.under_way = None;
                     self.next_pass = Instant::now() + self.duration / 3;
                     let passed = done.map_err(|e| Error::task("Kinesis lease pass", e))??;
-                    return Ok(Wait::Passed(Box::new(self.took(passed))));
+                    return Ok(Wait::Passed(Box::new(self.book(passed))));
+                }
+                done = took, if taking => {
+                    self.taking = None;
+                    let taken = done.map_err(|e| Error::task("Kinesis shard take-over", e))??;
+                    // Lost again meanwhile: not to be read.
+                    let taken = TakenShards {
+                        taken: taken
+                            .taken
+                            .into_iter()
+                            .filter(|t| self.held.contains(&t.shard))
+                            .collect(),
+                        ..taken
+                    };
+                    self.started
+                        .extend(taken.taken.iter().map(|t| t.shard.clone()));
+                    return Ok(Wait::Taken(Box::new(taken)));
                 }
                 _ = tokio::time::sleep_until(self.next_pass), if !under_way => {}
             }
@@ -218,19 +302,22 @@ impl Membership {
     }
 
     /// Books what a pass decided: shards handed over, ended or lost leave `held`, taken
-    /// ones join it.
-    fn took(&mut self, passed: Passed) -> Passed {
+    /// ones join it and have their state brought here next.
+    fn book(&mut self, mut passed: Passed) -> Passed {
         for shard in passed.finished.iter().chain(&passed.decisions.lost) {
             self.held.remove(shard);
+            self.started.remove(shard);
             self.releasing.remove(shard);
+            self.to_take.retain(|t| &t.shard != shard);
         }
         self.held
             .extend(passed.decisions.taken.iter().map(|t| t.shard.clone()));
-        self.observed = Some(passed.observed.clone());
-        Passed {
-            observed: Observed::new(),
-            ..passed
-        }
+        self.to_take.append(&mut passed.decisions.taken);
+        let (hand_over, ended) = std::mem::take(&mut passed.again);
+        self.hand_over.extend(hand_over);
+        self.ended.extend(ended);
+        self.observed = Some(std::mem::take(&mut passed.observed));
+        passed
     }
 }
 
@@ -239,7 +326,7 @@ impl Drop for Membership {
     /// is dropped last), so other members take them at once instead of after they expire.
     fn drop(&mut self) {
         let me = self.me.clone();
-        let released = self.table.locked(|t| {
+        let released = self.table.locked(self.duration / 3, |t| {
             for lease in t.values_mut() {
                 if lease.owner.as_deref() == Some(&me) {
                     lease.owner = None;
@@ -253,15 +340,21 @@ impl Drop for Membership {
     }
 }
 
-/// Where a taken shard resumes: the newest of its lease's checkpoint, the state taken over
-/// from its last owner and this member's own checkpoint (offsets only grow from owner to
-/// owner, so the highest is the newest).
+/// Where a taken shard resumes. With stage state: exactly where the state is (taken over
+/// from its last owner's checkpoint, or this member's own store now), so no record is
+/// counted twice or missing from it; a lease's checkpoint further on (a store lost since)
+/// only costs reading again. Without: the newest of the lease's checkpoint and this
+/// member's start-up checkpoint (offsets only grow from owner to owner).
 pub fn resume_of(
     taken: &Taken,
-    taken_over: Option<&TakenOver>,
+    shards: &TakenShards,
     own: &Checkpoint,
     partition: &str,
 ) -> (Option<i64>, Option<String>) {
+    let at = |t: TakenOver| (Some(t.offset), t.position);
+    if shards.stateful {
+        return shards.at.get(partition).cloned().map_or((None, None), at);
+    }
     let own = own.offsets.get(partition).map(|o| TakenOver {
         offset: *o,
         position: own.positions.get(partition).cloned(),
@@ -270,11 +363,11 @@ pub fn resume_of(
         offset: c.offset,
         position: c.position.clone(),
     });
-    [own, lease, taken_over.cloned()]
+    [own, lease]
         .into_iter()
         .flatten()
         .max_by_key(|t| t.offset)
-        .map_or((None, None), |t| (Some(t.offset), t.position))
+        .map_or((None, None), at)
 }
 
 struct LeaseCommits {
@@ -302,7 +395,9 @@ impl CommitHook for LeaseCommits {
         if updates.is_empty() {
             return;
         }
-        let written = self.table.locked(|t| {
+        // Bounded: this runs inside the checkpoint's commit. A write skipped leaves the
+        // lease an older checkpoint; this member's store has the newer one.
+        let written = self.table.locked(Duration::from_secs(1), |t| {
             for (shard, at) in updates {
                 if let Some(lease) = t.get_mut(shard)
                     && lease.owner.as_deref() == Some(&self.me)

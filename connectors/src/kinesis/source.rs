@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::lease::LeaseTable;
-use super::members::{Membership, Passed, Wait, resume_of};
+use super::members::{Membership, Passed, TakenShards, Wait, resume_of};
 use super::position::{Book, Position};
 use super::reader::{Fetch, ReaderParts, ShardReader, Start};
 use super::retry::{Backoff, Fault, classify};
@@ -101,8 +101,7 @@ impl KinesisSource {
     fn take_listing(&mut self, listing: Vec<(ShardDesc, bool)>) {
         let first = !self.listed;
         self.listed = true;
-        let ours = format!("{}/", self.stream);
-        let fresh = first && !self.checkpoint.offsets.keys().any(|k| k.starts_with(&ours));
+        let fresh = first && self.nothing_checkpointed();
         if fresh && self.config.start_from == StartFrom::Latest {
             for (shard, closed) in &listing {
                 if *closed {
@@ -113,6 +112,12 @@ impl KinesisSource {
         self.shards
             .listed(listing.into_iter().map(|(s, _)| s).collect());
         self.start_ready(first);
+    }
+
+    /// Whether the checkpoint restored at start holds nothing of this stream.
+    fn nothing_checkpointed(&self) -> bool {
+        let ours = format!("{}/", self.stream);
+        !self.checkpoint.offsets.keys().any(|k| k.starts_with(&ours))
     }
 
     /// Assigns every shard whose parents are done (one process reads every shard).
@@ -150,6 +155,9 @@ impl KinesisSource {
             .expect("the client is made before listing");
         let name = self.partition_name(&shard);
         let id = partition_id(&shard, &mut self.ids);
+        // What an earlier reader of the shard read: a position names its offset, so a
+        // drain still to commit without one resumes correctly from the last committed.
+        self.book.forget(&name);
         let (start, first, skip_before) = match (
             position.as_deref().and_then(Position::parse),
             offset,
@@ -204,9 +212,8 @@ impl KinesisSource {
         self.pending.push_back(Assignment::Assign(Box::new(reader)));
     }
 
-    /// Acts on a pass over the lease table: stops reading lost shards at once, drains the
-    /// ones asked for before handing them over, and starts the taken ones where their last
-    /// owner's checkpoint left them.
+    /// Acts on a pass over the lease table: stops reading lost shards at once, and drains
+    /// the ones asked for before handing them over.
     fn on_pass(&mut self, passed: &Passed) {
         let Some(membership) = self.membership.as_mut() else {
             return;
@@ -214,10 +221,13 @@ impl KinesisSource {
         let mut revokes = Vec::new();
         for shard in &passed.decisions.lost {
             tracing::warn!(stream = %self.stream, shard, "kinesis: another member took this shard's lease (this one was taken for gone); stopping it");
-            revokes.push((shard.clone(), None));
+            // Drained like any revoked partition, so that the stages let its state go
+            // (`StageState::release` after the drain's checkpoint); nobody waits for it.
+            let (done, _) = oneshot::channel();
+            revokes.push((shard.clone(), Some(done)));
         }
         for shard in &passed.decisions.asked {
-            if membership.is_releasing(shard) {
+            if !membership.can_hand_over(shard) {
                 continue;
             }
             tracing::info!(stream = %self.stream, shard, "kinesis: handing the shard over to the member that asked");
@@ -227,18 +237,16 @@ impl KinesisSource {
         }
         for (shard, drained) in revokes {
             let partition = partition_id(&shard, &mut self.ids);
-            self.book.forget(&self.partition_name(&shard));
             self.pending
                 .push_back(Assignment::Revoke { partition, drained });
         }
-        for taken in &passed.decisions.taken {
+    }
+
+    /// Starts the taken shards where their state is.
+    fn on_taken(&mut self, shards: &TakenShards) {
+        for taken in &shards.taken {
             let name = self.partition_name(&taken.shard);
-            let resume = resume_of(
-                taken,
-                passed.taken_over.get(name.as_ref()),
-                &self.checkpoint,
-                &name,
-            );
+            let resume = resume_of(taken, shards, &self.checkpoint, &name);
             self.start_shard(taken.shard.as_str().into(), resume, taken.child);
         }
     }
@@ -331,8 +339,11 @@ impl Source for KinesisSource {
                     shard,
                     checkpointed,
                 }) => {
-                    self.book.forget(&name);
+                    // A revoked shard's reader goes before its drain's checkpoint, which
+                    // still asks the book for its position: the book forgets a shard only
+                    // at its checkpointed end, or when the shard starts again.
                     if checkpointed {
+                        self.book.forget(&name);
                         tracing::info!(partition = %name, "shard read to its end and checkpointed");
                         match self.membership.as_mut() {
                             Some(m) => m.shard_ended(&shard),
@@ -355,12 +366,14 @@ impl Source for KinesisSource {
                     }
                     self.client = Some(client);
                     self.next_listing = Instant::now() + self.config.discover_every.get();
+                    let fresh = self.nothing_checkpointed();
                     match self.membership.as_mut() {
-                        Some(m) => m.listed(listing),
+                        Some(m) => m.listed(listing, fresh),
                         None => self.take_listing(listing),
                     }
                 }
                 Event::Leases(Wait::Passed(passed)) => self.on_pass(&passed),
+                Event::Leases(Wait::Taken(shards)) => self.on_taken(&shards),
                 Event::Leases(Wait::Handed(shard, drained)) => {
                     tracing::debug!(shard, drained, "kinesis: hand-over drained");
                 }

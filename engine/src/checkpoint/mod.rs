@@ -94,6 +94,12 @@ pub trait CheckpointStore: Send + Sync {
     fn position(&self, _partition: &str) -> Result<Option<String>> {
         Ok(None)
     }
+
+    /// The offset this process's database holds for `partition` now (its last commit,
+    /// or a take-over since).
+    fn offset(&self, _partition: &str) -> Result<Option<i64>> {
+        Ok(None)
+    }
 }
 
 /// The database stage state is kept in. A scratch store's temporary directory goes with
@@ -411,6 +417,14 @@ impl CheckpointStore for RocksStore {
 
     fn db(&self) -> Option<Arc<StateDb>> {
         Some(self.db.clone())
+    }
+
+    fn offset(&self, partition: &str) -> Result<Option<i64>> {
+        let value = self
+            .db
+            .get(offset_key(partition))
+            .map_err(|e| self.error(e))?;
+        Ok(value.as_deref().and_then(decode_offset))
     }
 
     fn position(&self, partition: &str) -> Result<Option<String>> {

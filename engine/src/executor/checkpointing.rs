@@ -277,4 +277,12 @@ impl Handoff for TakeOver {
             })
             .collect()
     }
+
+    fn own(&self, partition: &str) -> Result<Option<TakenOver>> {
+        let Some(offset) = self.store.offset(partition)? else {
+            return Ok(None);
+        };
+        let position = self.store.position(partition)?;
+        Ok(Some(TakenOver { offset, position }))
+    }
 }

@@ -295,3 +295,51 @@ fn processes_n_runs_kinesis_worker_processes_that_split_the_shards() {
     assert!((0..n).all(|i| out.contains_key(&i)), "{log}");
     eprintln!("--processes 2: leases {split:?}");
 }
+
+#[test]
+fn a_shard_handed_over_before_its_first_checkpoint_goes_on_where_it_was() {
+    // `latest` and checkpoints far apart: the hand-over's drain commits the first position
+    // of the shard, which the next owner must resume after (not at the tip again).
+    let k = Kinesalite::with_streams(&[("plays", 2), ("shouted", 2)]);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = leased(&k, "shouted", dir.path())
+        .replace("start_from: trim_horizon", "start_from: latest")
+        .replace("interval: 1s", "interval: 15s");
+    assert!(
+        yaml.contains("interval: 15s") && yaml.contains("latest"),
+        "{yaml}"
+    );
+    let path = write_pipeline(dir.path(), &yaml);
+    let leases = dir.path().join("checkpoints/leases/plays");
+    let a = worker(&path, "a", dir.path().join("a.log"));
+    wait_for_leases(&leases, &[("a", 2)], &[&a]);
+    // The readers have their LATEST iterators once a shard says it was assigned.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let n: i64 = 6_000;
+    let producer = {
+        let kinesis = k.client();
+        std::thread::spawn(move || {
+            for first in (0..n).step_by(200) {
+                kinesis.put("plays", &records(first, 200, 37));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let b = worker(&path, "b", dir.path().join("b.log"));
+    wait_for_leases(&leases, &[("a", 1), ("b", 1)], &[&a, &b]);
+    producer.join().unwrap();
+    let read = k
+        .kinesis
+        .wait_for_ids("shouted", n, Duration::from_secs(40));
+    let (_, log_b) = b.interrupt();
+    let (_, log_a) = a.interrupt();
+    let out = ids(&read);
+    let missing: Vec<i64> = (0..n).filter(|i| !out.contains_key(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} missing, e.g. {:?}\n{log_a}\n-----\n{log_b}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
