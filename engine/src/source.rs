@@ -57,6 +57,14 @@ pub trait PartitionReader: Send {
     fn take_end_signal(&mut self) -> Option<oneshot::Sender<()>> {
         None
     }
+
+    /// Asked once, after `read` returned `None`: whether the partition's records go on in
+    /// partitions this process reads next (a Kinesis shard's children, read here once its
+    /// end is checkpointed). The stages then keep open what the end would close (a window
+    /// the children's records fall in too) instead of completing it now.
+    fn continues_here(&self) -> bool {
+        false
+    }
 }
 
 /// Where a partition ends now: the offset the next record written to it will get (Kafka's

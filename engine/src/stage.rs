@@ -116,6 +116,13 @@ pub trait Stage: Send {
         Ok(())
     }
 
+    /// The partition `ctx.partition` has ended and its records go on in partitions this
+    /// process reads next (see [`crate::source::PartitionReader::continues_here`]): a
+    /// stage that holds rows back keeps them open for those; nothing closes because of it.
+    async fn partition_continues(&mut self, _ctx: &StageContext) -> Result<()> {
+        Ok(())
+    }
+
     /// Rows the stage produced beyond a call's output (closed windows), a chunk at a time.
     /// The worker calls it after every batch and every end of partition until it returns
     /// `None`, and sends each chunk through the stages after this one. In a pipeline with

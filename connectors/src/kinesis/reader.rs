@@ -285,6 +285,9 @@ pub(super) struct ShardReader {
     /// Fired by the engine once the shard's end is checkpointed (see
     /// [`PartitionReader::take_end_signal`]).
     end_signal: Option<oneshot::Sender<()>>,
+    /// The shard's children are read by this process after it (one process reads every
+    /// shard; not so for worker processes sharing leases).
+    continues_here: bool,
     fetched: mpsc::Receiver<Fetched>,
     fetch: JoinHandle<()>,
     pending: VecDeque<Raw>,
@@ -306,6 +309,7 @@ pub(super) struct ReaderParts {
     pub dead_letters: bool,
     pub book: Arc<Book>,
     pub end_signal: oneshot::Sender<()>,
+    pub continues_here: bool,
 }
 
 impl ShardReader {
@@ -331,6 +335,7 @@ impl ShardReader {
             dead_letters: parts.dead_letters,
             book: parts.book,
             end_signal: Some(parts.end_signal),
+            continues_here: parts.continues_here,
             fetched,
             fetch: task,
             pending: VecDeque::new(),
@@ -470,6 +475,10 @@ impl PartitionReader for ShardReader {
 
     fn take_end_signal(&mut self) -> Option<oneshot::Sender<()>> {
         self.end_signal.take()
+    }
+
+    fn continues_here(&self) -> bool {
+        self.continues_here
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {

@@ -199,6 +199,9 @@ impl KinesisSource {
             dead_letters: self.dead_letters,
             book: self.book.clone(),
             end_signal,
+            // One process reads a shard's children after it; worker processes may not
+            // (another member may take them), so there a shard's end closes its windows.
+            continues_here: self.membership.is_none(),
         };
         let fetch = Fetch {
             client,

@@ -28,10 +28,12 @@ pub(super) enum WorkerMsg {
     /// A batch, or a lane's part of one (with its ticket).
     Batch(Envelope, Option<Ticket>),
     /// The partition's source ended after the batches before this (bounded sources):
-    /// stages that hold rows back emit them. `end` is the partition's next offset.
+    /// stages that hold rows back emit them, unless its records go on in partitions read
+    /// next (`continued`). `end` is the partition's next offset.
     Ended {
         partition: Arc<PartitionInfo>,
         end: i64,
+        continued: bool,
     },
     /// A checkpoint of stage state: the worker says it waits here (after sending everything
     /// before it to the sink) and waits until the sink has taken the snapshot.

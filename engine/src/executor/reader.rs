@@ -175,6 +175,7 @@ pub(super) async fn read_partition(
         let ended = WorkerMsg::Ended {
             partition: info.clone(),
             end: end.unwrap_or(0),
+            continued: reader.continues_here(),
         };
         let _ = last.tx.send(ended).await;
     }

@@ -87,10 +87,18 @@ pub(super) async fn worker_loop(
                 }
                 continue;
             }
-            WorkerMsg::Ended { partition, end } => {
+            WorkerMsg::Ended {
+                partition,
+                end,
+                continued,
+            } => {
                 for (stage, ctx) in chain.stages.iter_mut() {
                     ctx.partition = Some(partition.clone());
-                    stage.end_of_partition(ctx).await?;
+                    if continued {
+                        stage.partition_continues(ctx).await?;
+                    } else {
+                        stage.end_of_partition(ctx).await?;
+                    }
                 }
                 if !chain.send_pending(&partition, end, &sink).await? {
                     break;

@@ -261,6 +261,11 @@ impl Stage for AggregateStage {
         Ok(())
     }
 
+    async fn partition_continues(&mut self, ctx: &StageContext) -> Result<()> {
+        self.shared.continues(&partition_of(ctx));
+        Ok(())
+    }
+
     async fn pending(&mut self, _ctx: &StageContext) -> Result<Option<RecordBatch>> {
         if let Some(e) = self.broken.take() {
             return Err(e);

@@ -61,6 +61,7 @@ impl StageState for AggregateState {
         // The executor gives this turn's lag next (`watch`); the last turn's is stale.
         *part.lag.lock().expect("lag lock") = None;
         part.revoked.store(false, Ordering::Release);
+        part.continued.store(false, Ordering::Release);
         part.restored.store(false, Ordering::Release);
         part.active.store(true, Ordering::Release);
     }

@@ -166,6 +166,10 @@ struct Part {
     active: AtomicBool,
     /// Revoked and not assigned again since: the release after its drain may drop it.
     revoked: AtomicBool,
+    /// Ended, its records going on in partitions read next here (a Kinesis shard's
+    /// children): it keeps its watermark, so its open windows wait for theirs, and counts
+    /// as caught up (it will get no more records) so that it goes idle like a silent one.
+    continued: AtomicBool,
     state: Mutex<PartState>,
 }
 
@@ -183,6 +187,9 @@ impl Part {
     /// its first record), silence decides, but the partition does not count as caught up
     /// when every partition is idle (see `AggregateState::due`).
     fn caught_up(&self) -> CaughtUp {
+        if self.continued.load(Ordering::Acquire) {
+            return CaughtUp::Yes;
+        }
         let lag = self.lag.lock().expect("lag lock");
         let Some(p) = lag.as_ref() else {
             return CaughtUp::Yes;
@@ -363,6 +370,7 @@ impl AggregateState {
             lag: Mutex::new(None),
             active: AtomicBool::new(true),
             revoked: AtomicBool::new(false),
+            continued: AtomicBool::new(false),
             state: Mutex::new(PartState {
                 prefix: self.key_prefix(b'w', name),
                 session_prefix: self.key_prefix(b's', name),
@@ -615,6 +623,17 @@ impl AggregateState {
     pub fn end(&self, partition: &PartitionInfo) {
         let part = self.part(partition);
         part.watermark.store(i64::MAX, Ordering::Release);
+    }
+
+    /// Marks the partition ended with its records going on in partitions read next here:
+    /// its windows are not closed by its end. Its watermark stays where it is (holding the
+    /// stage back until the partitions that follow it are assigned, which hold it back
+    /// themselves) and it goes idle after `idle_timeout` like a silent partition that is
+    /// caught up; its open windows close, merged with theirs, when the stage watermark
+    /// passes them.
+    pub fn continues(&self, partition: &PartitionInfo) {
+        let part = self.part(partition);
+        part.continued.store(true, Ordering::Release);
     }
 
     fn window_start(&self, end: i64) -> i64 {
