@@ -40,15 +40,16 @@ enum Command {
         /// machine only (127.0.0.1); serving others takes an address (0.0.0.0:9898).
         #[arg(long, value_name = "PORT|ADDR", value_parser = metrics_addr)]
         metrics_addr: Option<std::net::SocketAddr>,
-        /// Kafka sources: run the pipeline as N worker processes of its consumer group
-        /// (`sluice worker`), or as many as the group's lag asks for (`auto`, by the
-        /// `scaling:` section). Partitions move between them with their state, through the
-        /// checkpoint directory.
+        /// Run the pipeline as N worker processes (`sluice worker`): members of a Kafka
+        /// source's consumer group, or sharing a Kinesis stream's shards by leases; or, for
+        /// Kafka, as many as the group's lag asks for (`auto`, by the `scaling:` section).
+        /// Partitions move between them with their state, through the checkpoint directory.
         #[arg(long, value_name = "N|auto", conflicts_with = "workers")]
         processes: Option<Count>,
     },
-    /// Run the pipeline as one worker process of its Kafka consumer group, started by
-    /// something else (`sluice run --processes`, Kubernetes, `docker compose --scale`).
+    /// Run the pipeline as one worker process (a member of its Kafka consumer group, or
+    /// sharing its Kinesis stream's shards by leases in the checkpoint directory), started
+    /// by something else (`sluice run --processes`, Kubernetes, `docker compose --scale`).
     Worker {
         /// The pipeline file.
         file: PathBuf,

@@ -17,6 +17,18 @@
 //! then does the source start the children. Records of a key stay in order, as the KCL
 //! keeps them.
 //!
+//! A window open while its shard splits or merges waits for the children's records: the
+//! shard's end reaches the stages as a partition that continues (its children are read
+//! here next), not as an end that closes its windows.
+//!
+//! # Worker processes
+//! `sluice worker` processes share a stream's shards through leases kept in the shared
+//! checkpoint directory, with the KCL's rules (`lease.rs`: owner, renewal counter, expiry
+//! by the taker's clock, checkpoint, parents; balancing by asking for a lease, which the
+//! owner hands over after draining and checkpointing the shard). `members.rs` is the
+//! source's side: passes over the table in a task of their own, state taken over before a
+//! taken shard is read, checkpoints written into the leases.
+//!
 //! # Calls
 //! GetRecords is paced within a shard's limits (5 calls a second, 2 MiB a second);
 //! throttling and outages are retried with exponential backoff and jitter (`retry.rs`); an
@@ -25,6 +37,7 @@
 //!
 //! # Where things are
 //! `config.rs`: the YAML and the SDK client. `source.rs`: listing and assigning shards.
+//! `lease.rs`, `members.rs`: leases for worker processes.
 //! `reader.rs`: a shard's fetch task and its batches. `sink.rs`: PutRecords.
 
 mod config;
