@@ -41,8 +41,8 @@ enum Command {
         #[arg(long, value_name = "PORT|ADDR", value_parser = metrics_addr)]
         metrics_addr: Option<std::net::SocketAddr>,
         /// Run the pipeline as N worker processes (`sluice worker`): members of a Kafka
-        /// source's consumer group, or sharing a Kinesis stream's shards by leases; or, for
-        /// Kafka, as many as the group's lag asks for (`auto`, by the `scaling:` section).
+        /// source's consumer group, or sharing a Kinesis stream's shards by leases; or as
+        /// many as the lag asks for (`auto`, by the `scaling:` section).
         /// Partitions move between them with their state, through the checkpoint directory.
         #[arg(long, value_name = "N|auto", conflicts_with = "workers")]
         processes: Option<Count>,

@@ -25,6 +25,7 @@
 //! | `sluice_autoscaler_decisions_total` | pipeline, direction (up, down) |
 //! | `sluice_worker_processes`, `sluice_worker_processes_desired` (worker processes of `sluice run --processes`, running and wanted; set by the supervisor) | pipeline |
 //! | `sluice_group_lag_records` (the consumer group's lag summed over its partitions, as the supervisor reads it from the broker) | pipeline |
+//! | `sluice_group_lag_ms` (Kinesis: the shards' `MillisBehindLatest` summed, as the supervisor reads it from the members' leases) | pipeline |
 //! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
 //! | `sluice_checkpoint_state_bytes` (stage state the last checkpoint wrote) | pipeline |
 //!

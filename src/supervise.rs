@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Count;
 use crate::config::PipelineConfig;
 use sluice_connectors::kafka::KafkaSourceConfig;
+use sluice_connectors::kinesis::{KinesisSourceConfig, LeaseLag};
 use sluice_engine::connector::downcast_source;
 
 /// The name of worker slot `slot`: its checkpoint store's directory, kept across restarts.
@@ -148,12 +149,13 @@ impl Supervisor {
         Ok(())
     }
 
-    fn publish(&self, desired: usize, lag: Option<u64>) {
+    /// `lag`: the gauge's name and value.
+    fn publish(&self, desired: usize, lag: Option<(&'static str, u64)>) {
         let p = self.pipeline.clone();
         gauge!("sluice_worker_processes", "pipeline" => p.clone()).set(self.workers.len() as f64);
         gauge!("sluice_worker_processes_desired", "pipeline" => p.clone()).set(desired as f64);
-        if let Some(lag) = lag {
-            gauge!("sluice_group_lag_records", "pipeline" => p).set(lag as f64);
+        if let Some((name, lag)) = lag {
+            gauge!(name, "pipeline" => p).set(lag as f64);
         }
     }
 
@@ -188,6 +190,48 @@ fn terminate(child: &mut Child) {
         unsafe {
             libc::kill(pid as i32, libc::SIGTERM);
         }
+    }
+}
+
+/// What `--processes auto` reads the lag from: a Kafka consumer group's (records, from the
+/// broker), or a Kinesis stream's leases (time, as the members wrote it).
+enum LagReader {
+    Group(GroupLag),
+    Leases(LeaseLag),
+}
+
+impl LagReader {
+    fn new(config: &PipelineConfig) -> anyhow::Result<LagReader> {
+        let spec = config.source.spec.as_ref();
+        if let Some(kafka) = downcast_source::<KafkaSourceConfig>(spec) {
+            return Ok(LagReader::Group(GroupLag::new(kafka)?));
+        }
+        match (
+            downcast_source::<KinesisSourceConfig>(spec),
+            &config.checkpoint,
+        ) {
+            (Some(kinesis), Some(c)) => Ok(LagReader::Leases(LeaseLag::new(&c.dir, kinesis)?)),
+            _ => bail!("--processes auto needs a Kafka or a Kinesis source"),
+        }
+    }
+
+    /// The gauge the lag is published as.
+    fn gauge(&self) -> &'static str {
+        match self {
+            LagReader::Group(_) => "sluice_group_lag_records",
+            LagReader::Leases(_) => "sluice_group_lag_ms",
+        }
+    }
+
+    /// The total lag and the partitions there are to read. Blocking.
+    fn read(&self) -> anyhow::Result<(u64, usize)> {
+        Ok(match self {
+            LagReader::Group(group) => {
+                let lag = group.read()?;
+                (lag.total(), lag.partitions.len())
+            }
+            LagReader::Leases(leases) => leases.read()?,
+        })
     }
 }
 
@@ -227,13 +271,7 @@ pub async fn supervise(
     if let Some(refused) = worker_refusal(config) {
         bail!("--processes: {refused}");
     }
-    let kafka = downcast_source::<KafkaSourceConfig>(config.source.spec.as_ref());
-    if let (Count::Auto, None) = (count, kafka) {
-        bail!(
-            "--processes auto sizes the processes by a Kafka consumer group's lag; for a Kinesis source give a number \
-             (--processes N): its lag is in time, per shard, read by the members"
-        );
-    }
+
     if let Some(addr) = metrics_addr {
         PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -248,30 +286,29 @@ pub async fn supervise(
         restarts: BTreeMap::new(),
         pipeline: config.name.clone(),
     };
-    let policy = config
-        .scaling
-        .as_ref()
-        .map(|s| s.policy.clone())
-        .unwrap_or_default();
+    let policy = config.scaling.as_ref().map_or_else(
+        || crate::config::default_scaling(config.source.kind),
+        |s| s.policy.clone(),
+    );
     // A process is one member: the parallelization factor applies inside processes.
     let policy = ScalingPolicy {
         parallelization_factor: 1,
         ..policy
     };
-    // For `auto`: the autoscaler and what reads the group's lag.
+    // For `auto`: the autoscaler and what reads the lag.
     let mut scaling = match count {
         Count::Fixed(_) => None,
         Count::Auto => Some((
             // Each process that leaves is a rebalance: one at a time.
             Autoscaler::new(policy.clone()).one_step_down(),
-            Arc::new(GroupLag::new(kafka.expect("checked above"))?),
+            Arc::new(LagReader::new(config)?),
         )),
     };
     let fixed = match count {
         Count::Fixed(n) => n,
         Count::Auto => policy.min_workers,
     };
-    let desired = |scaling: &Option<(Autoscaler, Arc<GroupLag>)>| {
+    let desired = |scaling: &Option<(Autoscaler, Arc<LagReader>)>| {
         scaling
             .as_ref()
             .map_or(fixed, |(scaler, _)| scaler.desired())
@@ -297,14 +334,12 @@ pub async fn supervise(
             if !supervisor.stopping.is_empty() {
                 scaler.hold_scale_down(Instant::now());
             }
+            let gauge = reader.gauge();
             let reader = reader.clone();
             match tokio::task::spawn_blocking(move || reader.read()).await? {
-                Ok(lag) => {
-                    let total = lag.total();
-                    lag_now = Some(total);
-                    if let Some(decision) =
-                        scaler.observe(Instant::now(), total, lag.partitions.len())
-                    {
+                Ok((total, partitions)) => {
+                    lag_now = Some((gauge, total));
+                    if let Some(decision) = scaler.observe(Instant::now(), total, partitions) {
                         tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: worker processes {}", decision.direction());
                         counter!("sluice_autoscaler_decisions_total", "pipeline" => config.name.clone(), "direction" => decision.direction()).increment(1);
                         supervisor.scale_to(decision.to)?;
@@ -312,7 +347,7 @@ pub async fn supervise(
                 }
                 Err(e) => {
                     if lag_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                        tracing::warn!(error = %e, "cannot read the group's lag; keeping {} worker process(es)", scaler.desired());
+                        tracing::warn!(error = %e, "cannot read the lag; keeping {} worker process(es)", scaler.desired());
                         lag_warning = Some(Instant::now());
                     }
                 }

@@ -54,6 +54,10 @@ pub struct Lease {
     pub wanted_by: Option<String>,
     #[serde(default)]
     pub checkpoint: Option<LeaseCheckpoint>,
+    /// How far behind the stream's tip the owner's reader was at its last renewal
+    /// (`MillisBehindLatest`): what `--processes auto` sizes the worker processes by.
+    #[serde(default)]
+    pub lag_ms: Option<u64>,
 }
 
 /// Where the owner's last committed checkpoint left the shard.
@@ -100,6 +104,8 @@ pub struct Pass<'a> {
     pub hand_over: &'a [String],
     /// Shards it read to their end and checkpointed.
     pub ended: &'a [String],
+    /// Its readers' lag in time, by shard, written into their leases.
+    pub lags: &'a BTreeMap<String, u64>,
     /// The stream's shards as last listed (and whether each is closed), when listed since
     /// the last pass: leases are made for new ones.
     pub listing: Option<&'a [(ShardDesc, bool)]>,
@@ -144,6 +150,7 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
             lease.ended = true;
             lease.owner = None;
             lease.wanted_by = None;
+            lease.lag_ms = None;
             lease.counter += 1;
         }
     }
@@ -161,6 +168,7 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
         match table.get_mut(shard) {
             Some(lease) if lease.owner.as_deref() == Some(p.me) && !lease.ended => {
                 lease.counter += 1;
+                lease.lag_ms = p.lags.get(shard).copied();
                 if lease.wanted_by.as_deref().is_some_and(|w| w != p.me) {
                     decisions.asked.push(shard.clone());
                 }
@@ -265,6 +273,27 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
 }
 
 /// Whether the shard continues shards read before it (its first record follows theirs).
+/// The stream's lag in time as the members last wrote it into their leases: the sum over
+/// the shards being read, and how many shards there are to read (not ended, parents
+/// ended). A shard nobody reads yet counts 0.
+pub fn lag(table: &Table) -> (u64, usize) {
+    let readable: Vec<&Lease> = table
+        .values()
+        .filter(|l| {
+            !l.ended
+                && l.parents
+                    .iter()
+                    .all(|parent| table.get(parent).is_none_or(|p| p.ended))
+        })
+        .collect();
+    let total = readable
+        .iter()
+        .filter(|l| l.owner.is_some())
+        .filter_map(|l| l.lag_ms)
+        .sum();
+    (total, readable.len())
+}
+
 fn table_has_parent(shard: &str, table: &Table) -> bool {
     table[shard]
         .parents
@@ -428,6 +457,7 @@ mod tests {
                     held: &self.held,
                     hand_over,
                     ended,
+                    lags: &BTreeMap::new(),
                     listing: None,
                     skip_closed_when_new: false,
                     duration: DURATION,
@@ -454,6 +484,7 @@ mod tests {
                 held: &BTreeSet::new(),
                 hand_over: &[],
                 ended: &[],
+                lags: &BTreeMap::new(),
                 listing: Some(&listing(&[
                     ("s0", &[], false),
                     ("s1", &[], false),
@@ -549,6 +580,7 @@ mod tests {
                 held: &a.held,
                 hand_over: &[],
                 ended: &[],
+                lags: &BTreeMap::new(),
                 listing: Some(&shards),
                 skip_closed_when_new: false,
                 duration: DURATION,
@@ -580,6 +612,7 @@ mod tests {
                 held: &BTreeSet::new(),
                 hand_over: &[],
                 ended: &[],
+                lags: &BTreeMap::new(),
                 listing: Some(&shards),
                 skip_closed_when_new: true,
                 duration: DURATION,
@@ -599,6 +632,34 @@ mod tests {
         a.pass_at(&mut table, t0);
         let mut again = Member::new("a");
         assert_eq!(again.pass_at(&mut table, t0).taken.len(), 4);
+    }
+
+    #[test]
+    fn renewals_write_the_readers_lag_which_sums_over_the_shards_read() {
+        let t0 = Instant::now();
+        let mut table = four_shards();
+        let mut a = Member::new("a");
+        a.pass_at(&mut table, t0);
+        let lags: BTreeMap<String, u64> =
+            [("s0".to_string(), 4_000), ("s1".to_string(), 500)].into();
+        pass(
+            &mut table,
+            &mut a.observed,
+            &Pass {
+                me: "a",
+                held: &a.held,
+                hand_over: &[],
+                ended: &["s3".to_string()],
+                lags: &lags,
+                listing: None,
+                skip_closed_when_new: false,
+                duration: DURATION,
+                now: t0,
+            },
+        );
+        assert_eq!(table["s0"].lag_ms, Some(4_000));
+        assert_eq!(table["s2"].lag_ms, None, "not measured yet");
+        assert_eq!(lag(&table), (4_500, 3), "s3 ended");
     }
 
     #[test]

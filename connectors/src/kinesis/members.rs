@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::lease::{Decisions, LeaseCheckpoint, LeaseTable, Observed, Pass, Taken, pass};
+use super::reader::MillisBehind;
 use super::shards::ShardDesc;
+use sluice_engine::source::LogEnd;
 
 /// This member's side of the lease table.
 pub struct Membership {
@@ -34,6 +36,8 @@ pub struct Membership {
     pub held: BTreeSet<String>,
     /// Shards being read (their state taken over and their readers started).
     started: BTreeSet<String>,
+    /// Their readers' lag in time, written into their leases at each renewal.
+    behind: BTreeMap<String, Arc<MillisBehind>>,
     /// Shards being drained to be handed over.
     releasing: BTreeSet<String>,
     hand_over: Vec<String>,
@@ -96,6 +100,7 @@ impl Membership {
             observed: Some(Observed::new()),
             held: BTreeSet::new(),
             started: BTreeSet::new(),
+            behind: BTreeMap::new(),
             releasing: BTreeSet::new(),
             hand_over: Vec::new(),
             ended: Vec::new(),
@@ -145,6 +150,11 @@ impl Membership {
             .push(Box::pin(async move { (shard, drained.await.is_ok()) }));
     }
 
+    /// The shard's reader started: its lag goes into its lease from now on.
+    pub fn reading(&mut self, shard: &str, behind: Arc<MillisBehind>) {
+        self.behind.insert(shard.to_string(), behind);
+    }
+
     /// Whether an ask for the shard is to be acted on now: it is being read (not still
     /// having its state brought here) and not being handed over already (a pass reports
     /// an ask until the hand-over is written).
@@ -166,6 +176,11 @@ impl Membership {
         let hand_over = std::mem::take(&mut self.hand_over);
         let ended = std::mem::take(&mut self.ended);
         let listing = self.listing.take();
+        let lags: BTreeMap<String, u64> = self
+            .behind
+            .iter()
+            .filter_map(|(shard, b)| Some((shard.clone(), b.millis_behind()?)))
+            .collect();
         let (skip, duration) = (self.at_latest && self.fresh, self.duration);
         self.under_way = Some(tokio::task::spawn_blocking(move || {
             let now = Instant::now().into_std();
@@ -178,6 +193,7 @@ impl Membership {
                         held: &held,
                         hand_over: &hand_over,
                         ended: &ended,
+                        lags: &lags,
                         listing: listing.as_deref(),
                         skip_closed_when_new: skip,
                         duration,
@@ -307,6 +323,7 @@ impl Membership {
         for shard in passed.finished.iter().chain(&passed.decisions.lost) {
             self.held.remove(shard);
             self.started.remove(shard);
+            self.behind.remove(shard);
             self.releasing.remove(shard);
             self.to_take.retain(|t| &t.shard != shard);
         }
@@ -415,5 +432,31 @@ impl CommitHook for LeaseCommits {
         if let Err(e) = written {
             tracing::warn!(error = %e, "kinesis: writing checkpoints into the leases failed");
         }
+    }
+}
+
+/// The lag of a stream's shards in time as the worker processes write it into their
+/// leases: what `sluice run --processes auto` sizes the processes by (a Kinesis stream has
+/// no consumer group whose lag a broker could report).
+pub struct LeaseLag {
+    table: LeaseTable,
+}
+
+impl LeaseLag {
+    /// The lag of `config`'s stream, from the leases under `dir` (the checkpoint directory).
+    pub fn new(dir: &std::path::Path, config: &super::KinesisSourceConfig) -> Result<LeaseLag> {
+        let table = LeaseTable::open(dir, config.stream_ref().name())
+            .map_err(|e| Error::io(dir.join("leases"), e))?;
+        Ok(LeaseLag { table })
+    }
+
+    /// The sum of the shards' milliseconds behind the tip, and how many shards there are
+    /// to read. Blocking (reads the lease files).
+    pub fn read(&self) -> Result<(u64, usize)> {
+        let table = self
+            .table
+            .read()
+            .map_err(|e| Error::io(self.table.dir(), e))?;
+        Ok(super::lease::lag(&table))
     }
 }

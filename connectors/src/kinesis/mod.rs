@@ -52,5 +52,6 @@ mod sink;
 mod source;
 
 pub use config::{ClientConfig, KinesisSinkConfig, KinesisSourceConfig, StartFrom, StreamRef};
+pub use members::LeaseLag;
 pub use sink::KinesisSink;
 pub use source::KinesisSource;

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::lease::LeaseTable;
 use super::members::{Membership, Passed, TakenShards, Wait, resume_of};
 use super::position::{Book, Position};
-use super::reader::{Fetch, ReaderParts, ShardReader, Start};
+use super::reader::{Fetch, MillisBehind, ReaderParts, ShardReader, Start};
 use super::retry::{Backoff, Fault, classify};
 use super::shards::{ShardDesc, Shards, partition_id};
 use super::{KinesisSourceConfig, StartFrom, StreamRef};
@@ -203,13 +203,17 @@ impl KinesisSource {
             // (another member may take them), so there a shard's end closes its windows.
             continues_here: self.membership.is_none(),
         };
+        let behind = Arc::new(MillisBehind::default());
+        if let Some(membership) = self.membership.as_mut() {
+            membership.reading(&shard, behind.clone());
+        }
         let fetch = Fetch {
             client,
             stream: self.config.stream_ref(),
             shard,
             name,
             idle_wait: self.config.idle_wait.get(),
-            behind: Arc::default(),
+            behind,
         };
         let reader = ShardReader::start(parts, fetch, start, first, skip_before);
         self.pending.push_back(Assignment::Assign(Box::new(reader)));

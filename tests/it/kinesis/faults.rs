@@ -375,3 +375,80 @@ fn workers_follow_a_kinesis_lag_in_time() {
     );
     eprintln!("{up}");
 }
+
+#[test]
+fn processes_auto_sizes_kinesis_worker_processes_by_the_lag_in_their_leases() {
+    let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
+    let (addr, proxy) = serve(Proxy {
+        upstream: k.endpoint(),
+        http: reqwest::Client::new(),
+        injected: Injected::default(),
+        faults: false,
+        behind_ms: AtomicU64::new(45_000),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "{}scaling:\n  min_workers: 1\n  max_workers: 2\n  lag_threshold: 10s\n  scale_down_cooldown: 3s\n  interval: 500ms\n",
+        super::pipeline(&k, "plays", "shouted", dir.path())
+            .replace(&k.endpoint(), &format!("http://{addr}"))
+            .replace(
+                "  discover_every: 1s\n",
+                "  discover_every: 1s\n  lease_duration: 3s\n"
+            )
+    );
+    assert!(yaml.contains("lease_duration"), "{yaml}");
+    let path = write_pipeline(dir.path(), &yaml);
+    let leases = dir.path().join("checkpoints/leases/plays");
+    let sluice = Sluice::start_args(
+        &path,
+        dir.path().join("run.log"),
+        &["--processes", "auto"],
+        &[("RUST_LOG", "info")],
+    );
+    let owners = || -> BTreeMap<String, usize> {
+        let mut held = BTreeMap::new();
+        for entry in std::fs::read_dir(&leases).into_iter().flatten().flatten() {
+            let Ok(text) = std::fs::read(entry.path()) else {
+                continue;
+            };
+            let Ok(lease) = serde_json::from_slice::<Value>(&text) else {
+                continue;
+            };
+            if let Some(owner) = lease["owner"].as_str() {
+                *held.entry(owner.to_string()).or_default() += 1;
+            }
+        }
+        held
+    };
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "no {what}: leases {:?}\n{}",
+                owners(),
+                sluice.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Four shards 45 s behind at 10 s a process: as many as max_workers, sharing them.
+    until("second process", &|| {
+        owners().len() == 2 && owners().values().all(|n| *n == 2)
+    });
+    proxy.behind_ms.store(0, Ordering::Relaxed);
+    until("scale-down", &|| {
+        owners() == BTreeMap::from([("worker-0".to_string(), 4)])
+    });
+    k.kinesis.put("plays", &records(0, 1_000, 37));
+    k.kinesis.wait_for_ids("shouted", 1_000, WAIT);
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let up = log
+        .lines()
+        .find(|l| l.contains("worker processes up"))
+        .unwrap_or_else(|| panic!("{log}"));
+    eprintln!("{up}");
+    assert!(up.contains("at lag_threshold 10s"), "{up}");
+    assert!(log.contains("worker processes down"), "{log}");
+}
