@@ -170,7 +170,7 @@ fn a_split_and_a_merge_while_records_flow_lose_none_and_keep_each_key_in_order()
 #[test]
 fn windows_counted_across_a_split_and_a_merge_lose_no_record() {
     let k = Kinesalite::with_streams(&[("plays", 4), ("counts", 1)]);
-    let n: i64 = 20_000;
+    let n: i64 = 100_000;
     let (want, got, log) = windows_while(&k, n, || {
         put_while_resharding(&k, n, Duration::from_millis(300));
     });
