@@ -65,6 +65,12 @@ pub trait PartitionReader: Send {
     fn continues_here(&self) -> bool {
         false
     }
+
+    /// The partitions whose records this one continues, read here before it (a Kinesis
+    /// shard's parents): the stages held their open windows for this one.
+    fn follows(&self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
 }
 
 /// Where a partition ends now: the offset the next record written to it will get (Kafka's

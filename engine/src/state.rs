@@ -40,16 +40,21 @@ pub trait StageState: Send + Sync {
     /// The partition is read by this process from now on.
     fn assign(&self, partition: &PartitionInfo);
 
-    /// The partition is being revoked: its reader stops, and once its last batch is in a
-    /// checkpoint [`StageState::release`] follows, unless it is assigned again first.
     /// What the lag of a partition just assigned is computed from (its position and the source's
     /// end of it), given right after [`StageState::assign`].
     fn watch(&self, _partition: &PartitionInfo, _lag: &Arc<crate::stats::PartitionLag>) {}
+
+    /// The partition just assigned continues the records of `parents`, which ended here
+    /// (see [`crate::source::PartitionReader::follows`]), given right after
+    /// [`StageState::assign`].
+    fn follows(&self, _partition: &PartitionInfo, _parents: &[Arc<str>]) {}
 
     /// No more assignments will come (a bounded source has assigned all its partitions):
     /// restored partitions not assigned by now are not this process's.
     fn assignments_done(&self) {}
 
+    /// The partition is being revoked: its reader stops, and once its last batch is in a
+    /// checkpoint [`StageState::release`] follows, unless it is assigned again first.
     fn revoke(&self, _partition: &PartitionInfo) {}
 
     /// The partition left this process after a checkpoint that covers it: its memory can

@@ -159,6 +159,7 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
             && lease.owner.as_deref() == Some(p.me)
         {
             lease.owner = lease.wanted_by.take();
+            lease.lag_ms = None;
             lease.counter += 1;
         }
     }
@@ -236,6 +237,7 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
         let lease = table.get_mut(&shard).expect("listed above");
         lease.owner = Some(p.me.to_string());
         lease.wanted_by = None;
+        lease.lag_ms = None;
         lease.counter += 1;
         decisions.taken.push(taken(&shard, lease, child));
         count += 1;
@@ -272,7 +274,6 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
     decisions
 }
 
-/// Whether the shard continues shards read before it (its first record follows theirs).
 /// The stream's lag in time as the members last wrote it into their leases: the sum over
 /// the shards being read, and how many shards there are to read (not ended, parents
 /// ended). A shard nobody reads yet counts 0.
@@ -294,6 +295,7 @@ pub fn lag(table: &Table) -> (u64, usize) {
     (total, readable.len())
 }
 
+/// Whether the shard continues shards read before it (its first record follows theirs).
 fn table_has_parent(shard: &str, table: &Table) -> bool {
     table[shard]
         .parents

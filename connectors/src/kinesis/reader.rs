@@ -204,6 +204,8 @@ impl Fetch {
             match next_iterator {
                 Some(next) => iterator = next,
                 None => {
+                    // Read to its end: nothing of it is behind (kinesalite keeps counting).
+                    self.behind.0.store(0, Ordering::Relaxed);
                     let _ = tx.send(Fetched::End).await;
                     return Ok(());
                 }
@@ -288,6 +290,7 @@ pub(super) struct ShardReader {
     /// The shard's children are read by this process after it (one process reads every
     /// shard; not so for worker processes sharing leases).
     continues_here: bool,
+    follows: Vec<Arc<str>>,
     fetched: mpsc::Receiver<Fetched>,
     fetch: JoinHandle<()>,
     pending: VecDeque<Raw>,
@@ -310,6 +313,8 @@ pub(super) struct ReaderParts {
     pub book: Arc<Book>,
     pub end_signal: oneshot::Sender<()>,
     pub continues_here: bool,
+    /// Partition names of the shard's parents read here before it.
+    pub follows: Vec<Arc<str>>,
 }
 
 impl ShardReader {
@@ -336,6 +341,7 @@ impl ShardReader {
             book: parts.book,
             end_signal: Some(parts.end_signal),
             continues_here: parts.continues_here,
+            follows: parts.follows,
             fetched,
             fetch: task,
             pending: VecDeque::new(),
@@ -479,6 +485,10 @@ impl PartitionReader for ShardReader {
 
     fn continues_here(&self) -> bool {
         self.continues_here
+    }
+
+    fn follows(&self) -> Vec<Arc<str>> {
+        self.follows.clone()
     }
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {

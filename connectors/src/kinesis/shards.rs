@@ -24,6 +24,9 @@ pub struct Shards {
     reading: BTreeSet<Arc<str>>,
     /// Read to their end and checkpointed.
     done: BTreeSet<Arc<str>>,
+    /// Read before (the checkpoint has a position of them): their parents were done then,
+    /// so they start at once after a restart, beside the parents read again to their end.
+    resumed: BTreeSet<Arc<str>>,
 }
 
 impl Shards {
@@ -39,14 +42,28 @@ impl Shards {
             .values()
             .filter(|s| !self.reading.contains(&s.id) && !self.done.contains(&s.id))
             .filter(|s| {
-                s.parents
-                    .iter()
-                    .all(|p| self.done.contains(p) || !self.listed.contains_key(p))
+                self.resumed.contains(&s.id)
+                    || s.parents
+                        .iter()
+                        .all(|p| self.done.contains(p) || !self.listed.contains_key(p))
             })
             .map(|s| s.id.clone())
             .collect();
         self.reading.extend(ready.iter().cloned());
         ready
+    }
+
+    /// Read before this run (see `resumed`).
+    pub fn resume(&mut self, shard: &Arc<str>) {
+        self.resumed.insert(shard.clone());
+    }
+
+    /// The shard's parents, as listed.
+    pub fn parents(&self, shard: &str) -> Vec<Arc<str>> {
+        self.listed
+            .get(shard)
+            .map(|s| s.parents.clone())
+            .unwrap_or_default()
     }
 
     /// Never to be read (a closed shard a pipeline starting at `latest` passes over).
@@ -110,6 +127,20 @@ mod tests {
         assert_eq!(names(shards.ready()), ["2", "3"]);
         shards.done("2");
         assert_eq!(names(shards.ready()), ["4"]);
+    }
+
+    #[test]
+    fn a_shard_read_before_a_restart_starts_with_its_parents() {
+        let mut shards = Shards::default();
+        shards.listed(vec![
+            shard("0", &[]),
+            shard("1", &["0"]),
+            shard("2", &["0"]),
+        ]);
+        shards.resume(&Arc::from("1"));
+        assert_eq!(names(shards.ready()), ["0", "1"]);
+        shards.done("0");
+        assert_eq!(names(shards.ready()), ["2"]);
     }
 
     #[test]

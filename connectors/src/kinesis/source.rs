@@ -109,6 +109,14 @@ impl KinesisSource {
                 }
             }
         }
+        if first {
+            for (shard, _) in &listing {
+                let name = self.partition_name(&shard.id);
+                if self.checkpoint.positions.contains_key(name.as_ref()) {
+                    self.shards.resume(&shard.id);
+                }
+            }
+        }
         self.shards
             .listed(listing.into_iter().map(|(s, _)| s).collect());
         self.start_ready(first);
@@ -202,6 +210,15 @@ impl KinesisSource {
             // One process reads a shard's children after it; worker processes may not
             // (another member may take them), so there a shard's end closes its windows.
             continues_here: self.membership.is_none(),
+            follows: match self.membership {
+                None => self
+                    .shards
+                    .parents(&shard)
+                    .iter()
+                    .map(|p| self.partition_name(p))
+                    .collect(),
+                Some(_) => Vec::new(),
+            },
         };
         let behind = Arc::new(MillisBehind::default());
         if let Some(membership) = self.membership.as_mut() {

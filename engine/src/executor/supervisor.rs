@@ -192,8 +192,12 @@ impl Supervisor {
                 if let Some(start) = reader.start_offset() {
                     lag.start_at(start);
                 }
+                let parents = reader.follows();
                 for state in &self.states {
                     state.watch(&info, &lag);
+                    if !parents.is_empty() {
+                        state.follows(&info, &parents);
+                    }
                 }
                 self.stats
                     .partitions

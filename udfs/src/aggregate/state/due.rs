@@ -31,9 +31,15 @@ impl AggregateState {
                 continue;
             }
             let wm = p.watermark.load(Ordering::Acquire);
+            let continued = p.continued.load(Ordering::Acquire);
+            if continued == SUCCEEDED {
+                // Its successors hold the watermark; it only takes part in emissions.
+                continue;
+            }
             let caught_up = p.caught_up();
             let idle = now - p.last_data.load(Ordering::Relaxed) > self.plan.idle_timeout
-                && caught_up != CaughtUp::No;
+                && caught_up != CaughtUp::No
+                && continued == NOT_CONTINUED;
             if wm == i64::MAX || !idle {
                 through = Some(through.map_or(wm, |t| t.min(wm)));
             } else if active && !p.revoked.load(Ordering::Acquire) && caught_up == CaughtUp::Yes {

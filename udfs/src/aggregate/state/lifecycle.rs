@@ -61,7 +61,7 @@ impl StageState for AggregateState {
         // The executor gives this turn's lag next (`watch`); the last turn's is stale.
         *part.lag.lock().expect("lag lock") = None;
         part.revoked.store(false, Ordering::Release);
-        part.continued.store(false, Ordering::Release);
+        part.continued.store(NOT_CONTINUED, Ordering::Release);
         part.restored.store(false, Ordering::Release);
         part.active.store(true, Ordering::Release);
     }
@@ -69,6 +69,10 @@ impl StageState for AggregateState {
     fn watch(&self, partition: &PartitionInfo, lag: &Arc<PartitionLag>) {
         let part = self.part(partition);
         *part.lag.lock().expect("lag lock") = Some(lag.clone());
+    }
+
+    fn follows(&self, partition: &PartitionInfo, parents: &[Arc<str>]) {
+        self.follow(partition, parents);
     }
 
     fn assignments_done(&self) {

@@ -55,7 +55,7 @@
 
 use std::cmp::Ordering as Cmp;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -125,6 +125,15 @@ const WRITE_BATCH_BYTES: usize = 4 << 20;
 /// and headers.
 const ENTRY_OVERHEAD: usize = 32;
 
+/// `Part::continued`: the partition has not ended so (or not at all).
+const NOT_CONTINUED: u8 = 0;
+/// Ended, its successors not assigned yet: it holds the stage watermark at its own (never
+/// idle), so that no window open at its end closes before they hold it back themselves.
+const AWAITING_SUCCESSORS: u8 = 1;
+/// Ended, and a successor has been assigned here: it no longer counts in the stage
+/// watermark, and its open windows close, merged with its successors', when that passes.
+const SUCCEEDED: u8 = 2;
+
 pub struct AggregateState {
     pub plan: Plan,
     db: OnceLock<Arc<StateDb>>,
@@ -138,6 +147,8 @@ pub struct AggregateState {
     pub evicted: AtomicU64,
     /// Some accumulator's size changes with the values it sees (distinct sets, text).
     variable_size: bool,
+    /// Partitions a partition assigned here continues (see `StageState::follows`).
+    followed: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 struct Part {
@@ -167,9 +178,8 @@ struct Part {
     /// Revoked and not assigned again since: the release after its drain may drop it.
     revoked: AtomicBool,
     /// Ended, its records going on in partitions read next here (a Kinesis shard's
-    /// children): it keeps its watermark, so its open windows wait for theirs, and counts
-    /// as caught up (it will get no more records) so that it goes idle like a silent one.
-    continued: AtomicBool,
+    /// children): [`NOT_CONTINUED`], [`AWAITING_SUCCESSORS`] or [`SUCCEEDED`].
+    continued: AtomicU8,
     state: Mutex<PartState>,
 }
 
@@ -187,7 +197,7 @@ impl Part {
     /// its first record), silence decides, but the partition does not count as caught up
     /// when every partition is idle (see `AggregateState::due`).
     fn caught_up(&self) -> CaughtUp {
-        if self.continued.load(Ordering::Acquire) {
+        if self.continued.load(Ordering::Acquire) != NOT_CONTINUED {
             return CaughtUp::Yes;
         }
         let lag = self.lag.lock().expect("lag lock");
@@ -329,6 +339,7 @@ impl AggregateState {
             late_dropped: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             variable_size: plan.aggs.iter().any(AggDef::variable_size),
+            followed: Mutex::default(),
             plan,
         }
     }
@@ -370,7 +381,7 @@ impl AggregateState {
             lag: Mutex::new(None),
             active: AtomicBool::new(true),
             revoked: AtomicBool::new(false),
-            continued: AtomicBool::new(false),
+            continued: AtomicU8::new(NOT_CONTINUED),
             state: Mutex::new(PartState {
                 prefix: self.key_prefix(b'w', name),
                 session_prefix: self.key_prefix(b's', name),
@@ -626,14 +637,55 @@ impl AggregateState {
     }
 
     /// Marks the partition ended with its records going on in partitions read next here:
-    /// its windows are not closed by its end. Its watermark stays where it is (holding the
-    /// stage back until the partitions that follow it are assigned, which hold it back
-    /// themselves) and it goes idle after `idle_timeout` like a silent partition that is
-    /// caught up; its open windows close, merged with theirs, when the stage watermark
-    /// passes them.
+    /// its windows are not closed by its end. Its watermark holds the stage back until a
+    /// partition that follows it is assigned (which holds it back itself); then its open
+    /// windows close, merged with theirs, when the stage watermark passes them.
     pub fn continues(&self, partition: &PartitionInfo) {
         let part = self.part(partition);
-        part.continued.store(true, Ordering::Release);
+        // A successor assigned first (a restart resumes children with their parents).
+        let followed = self
+            .followed
+            .lock()
+            .expect("followed lock")
+            .contains(&partition.name);
+        let state = if followed {
+            SUCCEEDED
+        } else {
+            AWAITING_SUCCESSORS
+        };
+        part.continued.store(state, Ordering::Release);
+    }
+
+    /// `partition` continues `parents`: they stop holding the watermark, and a partition
+    /// new here starts where they were (its rows behind their watermark are late, as they
+    /// would have been in them; what they emitted it does not emit again).
+    pub fn follow(&self, partition: &PartitionInfo, parents: &[Arc<str>]) {
+        self.followed
+            .lock()
+            .expect("followed lock")
+            .extend(parents.iter().cloned());
+        let (mut watermark, mut emitted) = (i64::MIN, i64::MIN);
+        {
+            let parts = self.parts.read().expect("parts lock");
+            for parent in parents.iter().filter_map(|name| parts.get(name)) {
+                if parent.continued.load(Ordering::Acquire) != NOT_CONTINUED {
+                    parent.continued.store(SUCCEEDED, Ordering::Release);
+                }
+                watermark = watermark.max(parent.watermark.load(Ordering::Acquire));
+                emitted = emitted.max(parent.emitted.load(Ordering::Acquire));
+            }
+        }
+        let part = self.part(partition);
+        let st = part.state.lock().expect("partition lock");
+        // Only a partition with nothing of its own yet (not one resumed from a checkpoint).
+        if part.watermark.load(Ordering::Acquire) == i64::MIN
+            && part.emitted.load(Ordering::Acquire) == i64::MIN
+            && watermark != i64::MAX
+        {
+            part.watermark.store(watermark, Ordering::Release);
+            part.emitted.store(emitted, Ordering::Release);
+        }
+        drop(st);
     }
 
     fn window_start(&self, end: i64) -> i64 {

@@ -385,3 +385,29 @@ aggregates:
         .unwrap();
     assert_eq!(mean.value(0), 5.0);
 }
+
+#[tokio::test]
+async fn a_partition_that_continues_keeps_its_windows_open_for_its_successor() {
+    let mut h = Harness::new(TUMBLING);
+    // Partition 0 ends in the middle of [0,10); its records go on in partition 1 (a
+    // Kinesis shard and its child).
+    h.feed(0, &[("a", 1, 1_000), ("a", 2, 5_000)]).await;
+    let ctx = Harness::ctx(0);
+    h.stage.partition_continues(&ctx).await.unwrap();
+    h.drain(&ctx).await;
+    assert!(h.take().is_empty(), "its end closes nothing");
+    // Another partition far ahead: the ended one still holds the watermark (3s) until a
+    // successor is here.
+    h.feed(2, &[("b", 1, 30_000)]).await;
+    assert!(h.take().is_empty());
+    let state = h.factory.state().unwrap();
+    state.assign(&info(1));
+    state.follows(&info(1), &["topic/0".into()]);
+    // The successor starts at its parent's watermark (3s): its rows of [0,10) count there,
+    // and the window comes out once, merged, when the successor's watermark passes it.
+    h.feed(1, &[("a", 10, 8_000)]).await;
+    assert!(h.take().is_empty());
+    h.feed(1, &[("a", 20, 14_000)]).await;
+    assert_eq!(h.take(), ["a [0,10) c=3 s=13"]);
+    assert!(h.late.is_empty());
+}
