@@ -455,15 +455,9 @@ mod tests {
                 table,
                 &mut self.observed,
                 &Pass {
-                    me: self.name,
-                    held: &self.held,
                     hand_over,
                     ended,
-                    lags: &BTreeMap::new(),
-                    listing: None,
-                    skip_closed_when_new: false,
-                    duration: DURATION,
-                    now,
+                    ..plain(self.name, &self.held, now)
                 },
             );
             for s in hand_over.iter().chain(ended).chain(&d.lost) {
@@ -475,6 +469,23 @@ mod tests {
     }
 
     const DURATION: Duration = Duration::from_secs(10);
+    static NO_LAGS: BTreeMap<String, u64> = BTreeMap::new();
+    static NOBODY: BTreeSet<String> = BTreeSet::new();
+
+    /// A pass of `me` holding `held` at `now` that brings nothing else.
+    fn plain<'a>(me: &'a str, held: &'a BTreeSet<String>, now: Instant) -> Pass<'a> {
+        Pass {
+            me,
+            held,
+            hand_over: &[],
+            ended: &[],
+            lags: &NO_LAGS,
+            listing: None,
+            skip_closed_when_new: false,
+            duration: DURATION,
+            now,
+        }
+    }
 
     fn four_shards() -> Table {
         let mut table = Table::new();
@@ -482,20 +493,13 @@ mod tests {
             &mut table,
             &mut Observed::new(),
             &Pass {
-                me: "nobody",
-                held: &BTreeSet::new(),
-                hand_over: &[],
-                ended: &[],
-                lags: &BTreeMap::new(),
                 listing: Some(&listing(&[
                     ("s0", &[], false),
                     ("s1", &[], false),
                     ("s2", &[], false),
                     ("s3", &[], false),
                 ])),
-                skip_closed_when_new: false,
-                duration: DURATION,
-                now: Instant::now(),
+                ..plain("nobody", &NOBODY, Instant::now())
             },
         );
         for lease in table.values_mut() {
@@ -578,15 +582,8 @@ mod tests {
             &mut table,
             &mut a.observed,
             &Pass {
-                me: "a",
-                held: &a.held,
-                hand_over: &[],
-                ended: &[],
-                lags: &BTreeMap::new(),
                 listing: Some(&shards),
-                skip_closed_when_new: false,
-                duration: DURATION,
-                now: t0,
+                ..plain("a", &a.held, t0)
             },
         );
         assert_eq!(d.taken.iter().map(|t| &t.shard).collect::<Vec<_>>(), ["s0"]);
@@ -610,15 +607,9 @@ mod tests {
             &mut table,
             &mut Observed::new(),
             &Pass {
-                me: "a",
-                held: &BTreeSet::new(),
-                hand_over: &[],
-                ended: &[],
-                lags: &BTreeMap::new(),
                 listing: Some(&shards),
                 skip_closed_when_new: true,
-                duration: DURATION,
-                now: Instant::now(),
+                ..plain("a", &NOBODY, Instant::now())
             },
         );
         assert!(table["s0"].ended);
@@ -648,15 +639,9 @@ mod tests {
             &mut table,
             &mut a.observed,
             &Pass {
-                me: "a",
-                held: &a.held,
-                hand_over: &[],
                 ended: &["s3".to_string()],
                 lags: &lags,
-                listing: None,
-                skip_closed_when_new: false,
-                duration: DURATION,
-                now: t0,
+                ..plain("a", &a.held, t0)
             },
         );
         assert_eq!(table["s0"].lag_ms, Some(4_000));

@@ -325,8 +325,9 @@ fn a_record_too_large_for_kinesis_is_a_dead_letter_and_lag_is_in_milliseconds() 
     );
 }
 
-#[test]
-fn workers_follow_a_kinesis_lag_in_time() {
+/// A stream of 4 shards behind a proxy that reports each 45 s behind the tip, and a
+/// pipeline through it scaling up to `max` at a worker per 10 s of lag.
+fn behind_45s(max: usize) -> (Kinesalite, Arc<Proxy>, tempfile::TempDir, String) {
     let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
     let (addr, proxy) = serve(Proxy {
         upstream: k.endpoint(),
@@ -337,10 +338,16 @@ fn workers_follow_a_kinesis_lag_in_time() {
     });
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "{}scaling:\n  min_workers: 1\n  max_workers: 4\n  lag_threshold: 10s\n  scale_down_cooldown: 3s\n  interval: 500ms\n",
+        "{}scaling:\n  min_workers: 1\n  max_workers: {max}\n  lag_threshold: 10s\n  scale_down_cooldown: 3s\n  interval: 500ms\n",
         super::pipeline(&k, "plays", "shouted", dir.path())
             .replace(&k.endpoint(), &format!("http://{addr}"))
     );
+    (k, proxy, dir, yaml)
+}
+
+#[test]
+fn workers_follow_a_kinesis_lag_in_time() {
+    let (k, proxy, dir, yaml) = behind_45s(4);
     let path = write_pipeline(dir.path(), &yaml);
     let sluice = Sluice::start_args(
         &path,
@@ -378,23 +385,10 @@ fn workers_follow_a_kinesis_lag_in_time() {
 
 #[test]
 fn processes_auto_sizes_kinesis_worker_processes_by_the_lag_in_their_leases() {
-    let k = Kinesalite::with_streams(&[("plays", 4), ("shouted", 2)]);
-    let (addr, proxy) = serve(Proxy {
-        upstream: k.endpoint(),
-        http: reqwest::Client::new(),
-        injected: Injected::default(),
-        faults: false,
-        behind_ms: AtomicU64::new(45_000),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "{}scaling:\n  min_workers: 1\n  max_workers: 2\n  lag_threshold: 10s\n  scale_down_cooldown: 3s\n  interval: 500ms\n",
-        super::pipeline(&k, "plays", "shouted", dir.path())
-            .replace(&k.endpoint(), &format!("http://{addr}"))
-            .replace(
-                "  discover_every: 1s\n",
-                "  discover_every: 1s\n  lease_duration: 3s\n"
-            )
+    let (k, proxy, dir, yaml) = behind_45s(2);
+    let yaml = yaml.replace(
+        "  discover_every: 1s\n",
+        "  discover_every: 1s\n  lease_duration: 3s\n",
     );
     assert!(yaml.contains("lease_duration"), "{yaml}");
     let path = write_pipeline(dir.path(), &yaml);

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{Kinesalite, Read, ids, pipeline, records};
+use super::{
+    Kinesalite, Read, close_windows, counting, ids, pipeline, produce, records, window_rows,
+};
 use crate::kafka::{Sluice, write_pipeline};
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -91,15 +93,7 @@ fn kill_9_at_random_moments_loses_no_kinesis_record() {
     // A backlog, so that batches are in flight at every checkpoint, and records that keep
     // coming while the pipeline is killed: 500 every 100 ms.
     k.kinesis.put("plays", &records(0, n / 2, 37));
-    let producer = {
-        let kinesis = k.client();
-        std::thread::spawn(move || {
-            for first in (n / 2..n).step_by(500) {
-                kinesis.put("plays", &records(first, 500, 37));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let producer = produce(&k, "plays", (n / 2, n), 500, Duration::from_millis(100));
     let mut rng = fastrand::Rng::with_seed(7);
     for round in 0..5 {
         let sluice = Sluice::start(&path, dir.path().join(format!("run{round}.log")));
@@ -174,16 +168,7 @@ fn windows_counted_across_a_split_and_a_merge_lose_no_record() {
     let (want, got, log) = windows_while(&k, n, || {
         put_while_resharding(&k, n, Duration::from_millis(300));
     });
-    let split: Vec<_> = got
-        .iter()
-        .filter(|(_, rows)| rows.len() > 1)
-        .take(5)
-        .collect();
-    assert!(
-        split.is_empty(),
-        "windows in several rows: {split:?}\n{log}"
-    );
-    assert_eq!(one_row_each(&got), want, "{log}");
+    one_row_each(&want, &got, &log);
 }
 
 #[test]
@@ -212,6 +197,15 @@ fn a_window_open_while_a_lone_shard_splits_comes_out_as_one_row() {
             std::thread::sleep(Duration::from_millis(150));
         }
     });
+    one_row_each(&want, &got, &log);
+}
+
+/// Every (user, window) came out as one row, with the reference's count.
+fn one_row_each(
+    want: &BTreeMap<(String, i64), i64>,
+    got: &BTreeMap<(String, i64), Vec<i64>>,
+    log: &str,
+) {
     let split: Vec<_> = got
         .iter()
         .filter(|(_, rows)| rows.len() > 1)
@@ -221,14 +215,11 @@ fn a_window_open_while_a_lone_shard_splits_comes_out_as_one_row() {
         split.is_empty(),
         "windows in several rows: {split:?}\n{log}"
     );
-    assert_eq!(one_row_each(&got), want, "{log}");
-}
-
-/// Each (user, window)'s count (the sum of its rows).
-fn one_row_each(got: &BTreeMap<(String, i64), Vec<i64>>) -> BTreeMap<(String, i64), i64> {
-    got.iter()
+    let counts: BTreeMap<(String, i64), i64> = got
+        .iter()
         .map(|(key, rows)| (key.clone(), rows.iter().sum()))
-        .collect()
+        .collect();
+    assert_eq!(&counts, want, "{log}");
 }
 
 /// Runs a count per user and 2-second window of arrival over `plays` while `produce`
@@ -245,56 +236,14 @@ fn windows_while(
     String,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let yaml = pipeline(k, "plays", "counts", dir.path())
-        .replace(
-            "  - name: shout\n    type: sql\n    query: SELECT id, upper(user) AS user, _sequence AS seq FROM input\n",
-            "  - name: arrivals\n    type: sql\n    query: SELECT user, _timestamp AS t FROM input\n  \
-             - name: per_user\n    type: aggregate\n    group_by: [user]\n    event_time: t\n    \
-             window: { tumbling: 2s }\n    idle_timeout: 2s\n    aggregates:\n      n: count()\n",
-        );
-    assert!(yaml.contains("per_user"), "{yaml}");
+    let yaml = counting(&pipeline(k, "plays", "counts", dir.path()));
     let path = write_pipeline(dir.path(), &yaml);
     let sluice = Sluice::start(&path, dir.path().join("run.log"));
     produce();
-    // Event time moves on only with records: one for each user, two windows later, closes
-    // the last window of the others.
-    std::thread::sleep(Duration::from_millis(4_500));
-    k.kinesis.put("plays", &records(n, 37, 37));
-    // The reference: records per user and 2-second window of their arrival, from the
-    // stream as an independent client reads it.
-    let mut want: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    let mut ticks = i64::MAX;
-    for r in k.kinesis.read_all("plays") {
-        let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
-        let window = r.arrival_ms / 2000 * 2000;
-        if v["id"].as_i64().unwrap() >= n {
-            ticks = ticks.min(window);
-            continue;
-        }
-        let user = v["user"].as_str().unwrap().to_string();
-        *want.entry((user, window)).or_default() += 1;
-    }
-    assert_eq!(want.values().sum::<i64>(), n);
-    assert!(want.keys().all(|(_, w)| *w < ticks));
-    let deadline = std::time::Instant::now() + WAIT;
-    let got = loop {
-        let mut got: BTreeMap<(String, i64), Vec<i64>> = BTreeMap::new();
-        for r in k.kinesis.read_all("counts") {
-            let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
-            let start = chrono_ms(v["window_start"].as_str().unwrap());
-            if start >= ticks {
-                continue;
-            }
-            got.entry((v["user"].as_str().unwrap().to_string(), start))
-                .or_default()
-                .push(v["n"].as_i64().unwrap());
-        }
-        let total: i64 = got.values().flatten().sum();
-        if total >= n || std::time::Instant::now() > deadline {
-            break got;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let (want, ticks) = close_windows(k, n);
+    let got = window_rows(k, ticks, WAIT, |got| {
+        got.values().flatten().sum::<i64>() >= n
+    });
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
     let rows: usize = got.values().map(Vec::len).sum();

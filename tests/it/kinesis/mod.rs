@@ -369,6 +369,87 @@ pub fn records(first: i64, n: i64, users: i64) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Writes ids `from..to` to `stream` in puts of `step`, `pause` apart, on a thread of its
+/// own.
+pub fn produce(
+    k: &Kinesalite,
+    stream: &'static str,
+    (from, to): (i64, i64),
+    step: i64,
+    pause: Duration,
+) -> std::thread::JoinHandle<()> {
+    let kinesis = k.client();
+    std::thread::spawn(move || {
+        for first in (from..to).step_by(step as usize) {
+            kinesis.put(stream, &records(first, step.min(to - first), 37));
+            std::thread::sleep(pause);
+        }
+    })
+}
+
+/// `pipeline`'s SQL stage replaced by a count per user and 2-second window of arrival.
+pub fn counting(yaml: &str) -> String {
+    let counted = yaml.replace(
+        "  - name: shout\n    type: sql\n    query: SELECT id, upper(user) AS user, _sequence AS seq FROM input\n",
+        "  - name: arrivals\n    type: sql\n    query: SELECT user, _timestamp AS t FROM input\n  \
+         - name: per_user\n    type: aggregate\n    group_by: [user]\n    event_time: t\n    \
+         window: { tumbling: 2s }\n    idle_timeout: 2s\n    aggregates:\n      n: count()\n",
+    );
+    assert!(counted.contains("per_user"), "{counted}");
+    counted
+}
+
+/// Closes the windows of ids `0..n` written to `plays` (event time moves on only with
+/// records: one for each user, two windows later, closes the last of the others); returns
+/// the reference (records per user and 2-second window of arrival, as an independent
+/// client reads the stream) and the start of the closing records' first window.
+pub fn close_windows(k: &Kinesalite, n: i64) -> (BTreeMap<(String, i64), i64>, i64) {
+    std::thread::sleep(Duration::from_millis(4_500));
+    k.kinesis.put("plays", &records(n, 37, 37));
+    let mut want: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    let mut ticks = i64::MAX;
+    for r in k.kinesis.read_all("plays") {
+        let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
+        let window = r.arrival_ms / 2000 * 2000;
+        if v["id"].as_i64().unwrap() >= n {
+            ticks = ticks.min(window);
+            continue;
+        }
+        let user = v["user"].as_str().unwrap().to_string();
+        *want.entry((user, window)).or_default() += 1;
+    }
+    assert_eq!(want.values().sum::<i64>(), n);
+    assert!(want.keys().all(|(_, w)| *w < ticks));
+    (want, ticks)
+}
+
+/// The counts in `counts`, by (user, window start), of windows before `ticks`, waiting
+/// until `done` says they are all there (or `timeout`).
+pub fn window_rows(
+    k: &Kinesalite,
+    ticks: i64,
+    timeout: Duration,
+    done: impl Fn(&BTreeMap<(String, i64), Vec<i64>>) -> bool,
+) -> BTreeMap<(String, i64), Vec<i64>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut got: BTreeMap<(String, i64), Vec<i64>> = BTreeMap::new();
+        for r in k.kinesis.read_all("counts") {
+            let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
+            let start = flow::chrono_ms(v["window_start"].as_str().unwrap());
+            if start < ticks {
+                got.entry((v["user"].as_str().unwrap().to_string(), start))
+                    .or_default()
+                    .push(v["n"].as_i64().unwrap());
+            }
+        }
+        if done(&got) || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// A pipeline from `input` through SQL to `output`, checkpointing into `dir`.
 pub fn pipeline(k: &Kinesalite, input: &str, output: &str, dir: &std::path::Path) -> String {
     format!(

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{Kinesalite, ids, pipeline, records};
+use super::{Kinesalite, close_windows, counting, ids, pipeline, produce, records, window_rows};
 use crate::kafka::{Sluice, write_pipeline};
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -87,15 +87,7 @@ fn worker_processes_share_the_shards_and_take_over_a_killed_members() {
     let path = write_pipeline(dir.path(), &yaml);
     let leases = dir.path().join("checkpoints/leases/plays");
     k.kinesis.put("plays", &records(0, n / 3, 37));
-    let producer = {
-        let kinesis = k.client();
-        std::thread::spawn(move || {
-            for first in (n / 3..n).step_by(500) {
-                kinesis.put("plays", &records(first, 500, 37));
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        })
-    };
+    let producer = produce(&k, "plays", (n / 3, n), 500, Duration::from_millis(250));
     let a = worker(&path, "a", dir.path().join("a.log"));
     wait_for_leases(&leases, &[("a", 4)], &[&a]);
     let b = worker(&path, "b", dir.path().join("b.log"));
@@ -136,12 +128,7 @@ fn windows_move_with_their_shards_between_worker_processes() {
     let k = Kinesalite::with_streams(&[("plays", 4), ("counts", 1)]);
     let n: i64 = 24_000;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = leased(&k, "counts", dir.path()).replace(
-        "  - name: shout\n    type: sql\n    query: SELECT id, upper(user) AS user, _sequence AS seq FROM input\n",
-        "  - name: arrivals\n    type: sql\n    query: SELECT user, _timestamp AS t FROM input\n  \
-         - name: per_user\n    type: aggregate\n    group_by: [user]\n    event_time: t\n    \
-         window: { tumbling: 2s }\n    idle_timeout: 2s\n    aggregates:\n      n: count()\n",
-    );
+    let yaml = counting(&leased(&k, "counts", dir.path()));
     assert!(
         yaml.contains("per_user") && yaml.contains("lease_duration"),
         "{yaml}"
@@ -150,15 +137,7 @@ fn windows_move_with_their_shards_between_worker_processes() {
     let leases = dir.path().join("checkpoints/leases/plays");
     // Each user's records go to one shard (keyed by user): its windows are complete in
     // whichever member reads the shard.
-    let producer = {
-        let kinesis = k.client();
-        std::thread::spawn(move || {
-            for first in (0..n).step_by(400) {
-                kinesis.put("plays", &records(first, 400, 37));
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        })
-    };
+    let producer = produce(&k, "plays", (0, n), 400, Duration::from_millis(200));
     let a = worker(&path, "a", dir.path().join("a.log"));
     wait_for_leases(&leases, &[("a", 4)], &[&a]);
     std::thread::sleep(Duration::from_millis(1_500));
@@ -170,46 +149,15 @@ fn windows_move_with_their_shards_between_worker_processes() {
     let b = worker(&path, "b", dir.path().join("b2.log"));
     wait_for_leases(&leases, &[("a", 2), ("b", 2)], &[&a, &b]);
     producer.join().unwrap();
-    // Event time moves on only with records: one for each user, two windows later.
-    std::thread::sleep(Duration::from_millis(4_500));
-    k.kinesis.put("plays", &records(n, 37, 37));
-    let mut want: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    let mut ticks = i64::MAX;
-    let mut shard_of: BTreeMap<String, String> = BTreeMap::new();
-    for r in k.kinesis.read_all("plays") {
-        shard_of.insert(r.key.clone(), r.shard.clone());
-        let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
-        let window = r.arrival_ms / 2000 * 2000;
-        if v["id"].as_i64().unwrap() >= n {
-            ticks = ticks.min(window);
-            continue;
-        }
-        let user = v["user"].as_str().unwrap().to_string();
-        *want.entry((user, window)).or_default() += 1;
-    }
-    assert!(want.keys().all(|(_, w)| *w < ticks));
+    let (want, ticks) = close_windows(&k, n);
     // Every (user, window) once, or again with the same count (a killed member's windows
     // emitted after its last checkpoint are emitted again, the same).
-    let deadline = Instant::now() + WAIT;
-    let (got, rows) = loop {
-        let mut got: BTreeMap<(String, i64), BTreeSet<i64>> = BTreeMap::new();
-        let mut rows = 0;
-        for r in k.kinesis.read_all("counts") {
-            let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap();
-            let start = super::flow::chrono_ms(v["window_start"].as_str().unwrap());
-            if start >= ticks {
-                continue;
-            }
-            rows += 1;
-            got.entry((v["user"].as_str().unwrap().to_string(), start))
-                .or_default()
-                .insert(v["n"].as_i64().unwrap());
-        }
-        if got.len() >= want.len() || Instant::now() > deadline {
-            break (got, rows);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let got = window_rows(&k, ticks, WAIT, |got| got.len() >= want.len());
+    let rows: usize = got.values().map(Vec::len).sum();
+    let got: BTreeMap<(String, i64), BTreeSet<i64>> = got
+        .into_iter()
+        .map(|(key, counts)| (key, counts.into_iter().collect()))
+        .collect();
     let (status_b, log_b) = b.interrupt();
     let (status_a, log_a) = a.interrupt();
     assert!(status_a.success() && status_b.success(), "{log_a}\n{log_b}");
@@ -226,13 +174,7 @@ fn windows_move_with_their_shards_between_worker_processes() {
                 .unwrap()
                 .format("%H:%M:%S")
                 .to_string();
-            (
-                key.0.clone(),
-                shard_of[&key.0].clone(),
-                at,
-                *n,
-                got.get(key).cloned(),
-            )
+            (key.0.clone(), at, *n, got.get(key).cloned())
         })
         .collect();
     assert!(
@@ -316,15 +258,7 @@ fn a_shard_handed_over_before_its_first_checkpoint_goes_on_where_it_was() {
     // The readers have their LATEST iterators once a shard says it was assigned.
     std::thread::sleep(Duration::from_millis(1_500));
     let n: i64 = 6_000;
-    let producer = {
-        let kinesis = k.client();
-        std::thread::spawn(move || {
-            for first in (0..n).step_by(200) {
-                kinesis.put("plays", &records(first, 200, 37));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let producer = produce(&k, "plays", (0, n), 200, Duration::from_millis(100));
     std::thread::sleep(Duration::from_millis(500));
     let b = worker(&path, "b", dir.path().join("b.log"));
     wait_for_leases(&leases, &[("a", 1), ("b", 1)], &[&a, &b]);
