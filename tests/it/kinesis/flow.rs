@@ -177,27 +177,69 @@ fn a_window_open_while_a_lone_shard_splits_comes_out_as_one_row() {
     // holds the watermark back; the parent's open windows must wait for the children's.
     let k = Kinesalite::with_streams(&[("plays", 1), ("counts", 1)]);
     let n: i64 = 8_000;
-    let (want, got, log) = windows_while(&k, n, || {
-        let clock = || {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64
-        };
-        for part in 0..8 {
-            if part == 3 {
-                // The parent's last records and the split in the first half of a window,
-                // the children's first records in its second half.
-                std::thread::sleep(Duration::from_millis((2_100 - clock() % 2_000) % 2_000));
-            }
-            k.kinesis.put("plays", &records(part * n / 8, n / 8, 37));
-            if part == 3 {
-                k.kinesis.split("plays", "shardId-000000000000");
-            }
-            std::thread::sleep(Duration::from_millis(150));
-        }
-    });
+    let (want, got, log) = windows_while(&k, n, || split_mid_window(&k, n));
     one_row_each(&want, &got, &log);
+}
+
+/// Writes ids `0..n` to `plays` (one shard) in eight parts, splitting the shard after the
+/// fourth: the parent's last records and the split in the first half of a window, the
+/// children's first records in its second half.
+fn split_mid_window(k: &Kinesalite, n: i64) {
+    let clock = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    for part in 0..8 {
+        if part == 3 {
+            std::thread::sleep(Duration::from_millis((2_100 - clock() % 2_000) % 2_000));
+        }
+        k.kinesis.put("plays", &records(part * n / 8, n / 8, 37));
+        if part == 3 {
+            k.kinesis.split("plays", "shardId-000000000000");
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
+#[test]
+fn windows_open_across_a_split_stay_exact_through_a_kill_after_it() {
+    // Killed once the children have been read and checkpointed, before the window open
+    // across the split has closed: the restarted run reads the parent again to its end and
+    // resumes the children at once, and the window still comes out whole (again, the same,
+    // if the killed run had emitted it).
+    let k = Kinesalite::with_streams(&[("plays", 1), ("counts", 1)]);
+    let n: i64 = 8_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        &counting(&pipeline(&k, "plays", "counts", dir.path())),
+    );
+    let sluice = Sluice::start(&path, dir.path().join("run.log"));
+    split_mid_window(&k, n);
+    std::thread::sleep(Duration::from_millis(1_500));
+    sluice.kill9();
+    let sluice = Sluice::start(&path, dir.path().join("again.log"));
+    let (want, ticks) = close_windows(&k, n);
+    let got = window_rows(&k, ticks, WAIT, |got| got.len() >= want.len());
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let wrong: Vec<_> = want
+        .iter()
+        .filter(|(key, n)| {
+            got.get(*key)
+                .is_none_or(|rows| rows.iter().any(|r| r != *n))
+        })
+        .map(|(key, n)| (key, n, got.get(key)))
+        .take(5)
+        .collect();
+    assert!(wrong.is_empty(), "(window, want, rows): {wrong:?}\n{log}");
+    assert_eq!(got.len(), want.len(), "{log}");
+    assert!(
+        log.contains("partition=plays/shardId-000000000001"),
+        "the children were resumed:\n{log}"
+    );
 }
 
 /// Every (user, window) came out as one row, with the reference's count.
