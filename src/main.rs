@@ -393,7 +393,7 @@ async fn dlq(command: DlqCommand) -> u8 {
 fn run_options(
     workers: Option<Count>,
     scaling: Option<&ScalingPolicy>,
-    source_kind: &str,
+    lag_in_time: bool,
 ) -> RunOptions {
     let scaling = match (workers, scaling) {
         (Some(Count::Fixed(n)), Some(policy)) => Some(ScalingPolicy {
@@ -405,7 +405,7 @@ fn run_options(
         (Some(Count::Auto), policy) => Some(
             policy
                 .cloned()
-                .unwrap_or_else(|| sluice::config::default_scaling(source_kind)),
+                .unwrap_or_else(|| ScalingPolicy::for_lag(lag_in_time)),
         ),
         (None, policy) => policy.cloned(),
     };
@@ -513,7 +513,11 @@ async fn run(
     };
     let scaled = member.as_ref().is_none_or(|m| m.scaled);
     let scaling = config.scaling.as_ref().filter(|_| scaled);
-    let options = run_options(workers, scaling.map(|s| &s.policy), config.source.kind);
+    let options = run_options(
+        workers,
+        scaling.map(|s| &s.policy),
+        config.source.spec.lag_in_time().is_some(),
+    );
     let result = executor::run(pipeline, options, stats.clone(), shutdown, None).await;
     status_done.cancel();
     if let Some(line) = status_line {

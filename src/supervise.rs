@@ -287,7 +287,7 @@ pub async fn supervise(
         pipeline: config.name.clone(),
     };
     let policy = config.scaling.as_ref().map_or_else(
-        || crate::config::default_scaling(config.source.kind),
+        || ScalingPolicy::for_lag(config.source.spec.lag_in_time().is_some()),
         |s| s.policy.clone(),
     );
     // A process is one member: the parallelization factor applies inside processes.

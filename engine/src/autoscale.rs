@@ -92,6 +92,19 @@ impl Default for ScalingPolicy {
 }
 
 impl ScalingPolicy {
+    /// The defaults for a source whose lag is in time (`in_time`: a worker per 30 s behind
+    /// the stream's tip) or in records (a worker per 10,000).
+    pub fn for_lag(in_time: bool) -> ScalingPolicy {
+        ScalingPolicy {
+            lag_threshold: if in_time {
+                LagThreshold::Time(Duration::from_secs(30))
+            } else {
+                LagThreshold::Records(10_000)
+            },
+            ..ScalingPolicy::default()
+        }
+    }
+
     /// The most workers `partitions` can keep busy under this policy.
     pub fn cap(&self, partitions: usize) -> usize {
         let useful = partitions.saturating_mul(self.parallelization_factor);

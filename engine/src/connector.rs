@@ -42,6 +42,13 @@ pub trait SourceSpec: Any + Send + Sync {
     fn open_error_key(&self) -> &'static str {
         "type"
     }
+
+    /// Where the source measures a partition's lag in time rather than in records, what
+    /// that lag is, for people (`a Kinesis source's lag is in time (…)`): the autoscaler's
+    /// `lag_threshold` is then a time.
+    fn lag_in_time(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A sink kind as written in the pipeline file.

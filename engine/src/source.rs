@@ -139,20 +139,21 @@ pub trait Handoff: Send + Sync {
     ///
     /// # Errors
     /// A checkpoint that cannot be read: the partition must not be read without its state.
-    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, TakenOver>>;
+    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, ResumeAt>>;
 
     /// Where this process's own committed state of `partition` is (its database now, not
     /// as restored at start-up): for a partition [`Handoff::take_over`] found no newer
     /// state of, the state it will read from the store. Blocking.
-    fn own(&self, partition: &str) -> Result<Option<TakenOver>>;
+    fn own(&self, partition: &str) -> Result<Option<ResumeAt>>;
 }
 
-/// Where a partition taken over from another process resumes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TakenOver {
+/// Where a partition resumes: a committed offset and the source's position committed
+/// with it ([`Checkpoint::positions`]; none for a source whose positions are offsets).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeAt {
     /// The next offset to read.
     pub offset: i64,
-    /// The source's position committed with it ([`Checkpoint::positions`]).
+    #[serde(default)]
     pub position: Option<String>,
 }
 

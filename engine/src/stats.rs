@@ -280,14 +280,17 @@ impl RunStats {
 
     /// The sum of every partition's known lag.
     pub fn total_lag(&self) -> u64 {
-        let partitions = self.partitions.lock().expect("partitions lock");
-        partitions.values().filter_map(|p| p.lag()).sum()
+        self.total(PartitionLag::lag)
     }
 
     /// The sum of every partition's lag in milliseconds, where sources measure it in time.
     pub fn total_lag_ms(&self) -> u64 {
+        self.total(PartitionLag::lag_ms)
+    }
+
+    fn total(&self, lag: impl Fn(&PartitionLag) -> Option<u64>) -> u64 {
         let partitions = self.partitions.lock().expect("partitions lock");
-        partitions.values().filter_map(|p| p.lag_ms()).sum()
+        partitions.values().filter_map(|p| lag(p)).sum()
     }
 
     /// What the partition's lag is computed from, registered when it is assigned.

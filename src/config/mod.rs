@@ -213,23 +213,6 @@ impl<'de> Deserialize<'de> for Threshold {
     }
 }
 
-/// The `lag_threshold` a source's lag is measured against when the pipeline gives none:
-/// records, or for Kinesis (whose lag is in time) 30 seconds behind the stream's tip.
-pub fn default_lag_threshold(source_kind: &str) -> LagThreshold {
-    match source_kind {
-        "kinesis" => LagThreshold::Time(std::time::Duration::from_secs(30)),
-        _ => LagThreshold::Records(10_000),
-    }
-}
-
-/// The scaling policy of `--workers auto` for a pipeline without a `scaling:` section.
-pub fn default_scaling(source_kind: &str) -> ScalingPolicy {
-    ScalingPolicy {
-        lag_threshold: default_lag_threshold(source_kind),
-        ..ScalingPolicy::default()
-    }
-}
-
 fn default_cooldown() -> Duration {
     Duration::from_secs(60)
 }
@@ -238,7 +221,14 @@ fn default_scaling_interval() -> Duration {
     Duration::from_secs(1)
 }
 
-fn parse_scaling(n: &Node, source_kind: &str, problems: &mut Problems) -> Option<Scaling> {
+/// `source`: the pipeline's source (its kind, and how it measures lag), when it was read.
+fn parse_scaling(
+    n: &Node,
+    source: Option<&SourceConfig>,
+    problems: &mut Problems,
+) -> Option<Scaling> {
+    let kind = source.map_or("", |s| s.kind);
+    let in_time = source.and_then(|s| s.spec.lag_in_time());
     let path = Location::new("scaling");
     let c: ScalingConfig = from_node(n, &path, &[], problems)?;
     let before = problems.len();
@@ -256,24 +246,26 @@ fn parse_scaling(n: &Node, source_kind: &str, problems: &mut Problems) -> Option
             format!("is {max_workers}, below min_workers ({})", c.min_workers),
         );
     }
-    let lag_threshold = c
-        .lag_threshold
-        .map_or_else(|| default_lag_threshold(source_kind), |t| t.0);
-    match (lag_threshold, source_kind) {
+    let lag_threshold = c.lag_threshold.map_or_else(
+        || ScalingPolicy::for_lag(in_time.is_some()).lag_threshold,
+        |t| t.0,
+    );
+    match (lag_threshold, in_time) {
         (LagThreshold::Records(0), _) => {
             problems.at_key(n, &path, "lag_threshold", "must be at least 1 record");
         }
         (LagThreshold::Time(t), _) if t.is_zero() => {
             problems.at_key(n, &path, "lag_threshold", "must be longer than 0s");
         }
-        (LagThreshold::Records(_), "kinesis") => problems.at_key(
+        (LagThreshold::Records(_), Some(lag)) => problems.at_key(
             n,
             &path,
             "lag_threshold",
-            "is a number of records, but a Kinesis source's lag is in time (each shard's MillisBehindLatest): \
-             give a time behind the stream's tip, e.g. 30s",
+            format!(
+                "is a number of records, but {lag}: give a time behind the stream's tip, e.g. 30s"
+            ),
         ),
-        (LagThreshold::Time(_), kind) if kind != "kinesis" => problems.at_key(
+        (LagThreshold::Time(_), None) => problems.at_key(
             n,
             &path,
             "lag_threshold",
@@ -444,10 +436,9 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
     } else if let (Some(sink), Some(dead)) = (&sink, &dead_letter) {
         check_dead_letter_files(sink, dead, &mut problems);
     }
-    let source_kind = source.as_ref().map_or("", |s| s.kind);
     let scaling = root
         .get("scaling")
-        .and_then(|n| parse_scaling(n, source_kind, &mut problems));
+        .and_then(|n| parse_scaling(n, source.as_ref(), &mut problems));
     let tests = parse_tests(root.get("tests"), &mut problems);
 
     match (name, source, stages, sink) {

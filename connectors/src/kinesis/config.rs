@@ -294,6 +294,10 @@ mod spec {
             }
         }
 
+        fn lag_in_time(&self) -> Option<&'static str> {
+            Some("a Kinesis source's lag is in time (each shard's MillisBehindLatest)")
+        }
+
         /// The source's schema never needs a connection.
         fn declared_schema(&self) -> Option<SchemaRef> {
             KinesisSource::new(self.clone(), 1, false)

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use sluice_engine::source::ResumeAt;
 
 use super::shards::ShardDesc;
 
@@ -52,22 +53,14 @@ pub struct Lease {
     pub skipped: bool,
     #[serde(default)]
     pub wanted_by: Option<String>,
+    /// Where the owner's last committed checkpoint left the shard (the engine's offset
+    /// and the position `NEXT SEQUENCE [SUB]` committed with it).
     #[serde(default)]
-    pub checkpoint: Option<LeaseCheckpoint>,
+    pub checkpoint: Option<ResumeAt>,
     /// How far behind the stream's tip the owner's reader was at its last renewal
     /// (`MillisBehindLatest`): what `--processes auto` sizes the worker processes by.
     #[serde(default)]
     pub lag_ms: Option<u64>,
-}
-
-/// Where the owner's last committed checkpoint left the shard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseCheckpoint {
-    /// The next offset (the engine's count of the shard's records).
-    pub offset: i64,
-    /// The position committed with it (`NEXT SEQUENCE [SUB]`).
-    #[serde(default)]
-    pub position: Option<String>,
 }
 
 /// The lease table: shard id → lease.
@@ -91,7 +84,7 @@ pub struct Decisions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     pub shard: String,
-    pub checkpoint: Option<LeaseCheckpoint>,
+    pub checkpoint: Option<ResumeAt>,
     pub child: bool,
 }
 
@@ -184,21 +177,14 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
             .get(shard)
             .is_some_and(|(_, _, since)| p.now.duration_since(*since) >= p.duration),
     };
-    let readable = |lease: &Lease| {
-        !lease.ended
-            && lease
-                .parents
-                .iter()
-                .all(|parent| table.get(parent).is_none_or(|l| l.ended))
-    };
     let to_read: Vec<String> = table
         .iter()
-        .filter(|(_, l)| readable(l))
+        .filter(|(_, l)| readable(l, table))
         .map(|(s, _)| s.clone())
         .collect();
     let mut members: BTreeSet<&str> = table
         .iter()
-        .filter(|(s, l)| readable(l) && !expired(s, l))
+        .filter(|(s, l)| readable(l, table) && !expired(s, l))
         .filter_map(|(_, l)| l.owner.as_deref())
         .collect();
     members.insert(p.me);
@@ -278,21 +264,23 @@ pub fn pass(table: &mut Table, observed: &mut Observed, p: &Pass<'_>) -> Decisio
 /// the shards being read, and how many shards there are to read (not ended, parents
 /// ended). A shard nobody reads yet counts 0.
 pub fn lag(table: &Table) -> (u64, usize) {
-    let readable: Vec<&Lease> = table
-        .values()
-        .filter(|l| {
-            !l.ended
-                && l.parents
-                    .iter()
-                    .all(|parent| table.get(parent).is_none_or(|p| p.ended))
-        })
-        .collect();
-    let total = readable
+    let to_read: Vec<&Lease> = table.values().filter(|l| readable(l, table)).collect();
+    let total = to_read
         .iter()
         .filter(|l| l.owner.is_some())
         .filter_map(|l| l.lag_ms)
         .sum();
-    (total, readable.len())
+    (total, to_read.len())
+}
+
+/// Whether the lease's shard is to be read now: not ended, its parents ended (or gone
+/// past retention).
+fn readable(lease: &Lease, table: &Table) -> bool {
+    !lease.ended
+        && lease
+            .parents
+            .iter()
+            .all(|parent| table.get(parent).is_none_or(|p| p.ended))
 }
 
 /// Whether the shard continues shards read before it (its first record follows theirs).
@@ -660,7 +648,7 @@ mod tests {
                     Lease {
                         owner: Some("a".into()),
                         counter: 3,
-                        checkpoint: Some(LeaseCheckpoint {
+                        checkpoint: Some(ResumeAt {
                             offset: 10,
                             position: Some("10 4959".into()),
                         }),

@@ -11,16 +11,15 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use sluice_engine::checkpoint::Checkpoint;
-use sluice_engine::source::{CommitHook, Handoff, TakenOver};
+use sluice_engine::source::{CommitHook, Handoff, LogEnd, ResumeAt};
 use sluice_engine::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::lease::{Decisions, LeaseCheckpoint, LeaseTable, Observed, Pass, Taken, pass};
+use super::lease::{Decisions, LeaseTable, Observed, Pass, Taken, pass};
 use super::reader::MillisBehind;
 use super::shards::ShardDesc;
-use sluice_engine::source::LogEnd;
 
 /// This member's side of the lease table.
 pub struct Membership {
@@ -32,11 +31,10 @@ pub struct Membership {
     handoff: Option<Arc<dyn Handoff>>,
     /// Lent to the pass under way.
     observed: Option<Observed>,
-    /// Shards it reads, also those it is handing over.
-    pub held: BTreeSet<String>,
-    /// Shards being read (their state taken over and their readers started).
-    started: BTreeSet<String>,
-    /// Their readers' lag in time, written into their leases at each renewal.
+    /// Shards it holds the lease of, also those it is handing over.
+    held: BTreeSet<String>,
+    /// The shards being read (their state brought here, their readers started), with
+    /// their readers' lag in time, written into their leases at each renewal.
     behind: BTreeMap<String, Arc<MillisBehind>>,
     /// Shards being drained to be handed over.
     releasing: BTreeSet<String>,
@@ -60,15 +58,14 @@ pub struct Membership {
 pub struct Passed {
     observed: Observed,
     pub decisions: Decisions,
-    finished: Vec<String>,
-    /// Hand-overs and ends a skipped pass did not write.
-    again: (Vec<String>, Vec<String>),
+    /// The hand-overs and ends it wrote (none when it was skipped: they wait for the next).
+    written: Vec<String>,
 }
 
 /// Shards taken, with where their stage state is now.
 pub struct TakenShards {
     pub taken: Vec<Taken>,
-    pub at: BTreeMap<String, TakenOver>,
+    pub at: BTreeMap<String, ResumeAt>,
     /// Whether the stages keep state: a taken shard then resumes exactly where its state
     /// is (`at`), never further on.
     pub stateful: bool,
@@ -79,8 +76,6 @@ pub enum Wait {
     /// A pass: shards lost and asked for (taken ones come as `Taken`).
     Passed(Box<Passed>),
     Taken(Box<TakenShards>),
-    /// A hand-over drained (or the pipeline stopped first).
-    Handed(String, bool),
 }
 
 impl Membership {
@@ -99,7 +94,6 @@ impl Membership {
             handoff: None,
             observed: Some(Observed::new()),
             held: BTreeSet::new(),
-            started: BTreeSet::new(),
             behind: BTreeMap::new(),
             releasing: BTreeSet::new(),
             hand_over: Vec::new(),
@@ -159,7 +153,7 @@ impl Membership {
     /// having its state brought here) and not being handed over already (a pass reports
     /// an ask until the hand-over is written).
     pub fn can_hand_over(&self, shard: &str) -> bool {
-        self.started.contains(shard) && !self.releasing.contains(shard)
+        self.behind.contains_key(shard) && !self.releasing.contains(shard)
     }
 
     /// Starts a pass when one is due and none is under way.
@@ -173,8 +167,7 @@ impl Membership {
         let table = self.table.clone();
         let me = self.me.clone();
         let held = self.held.clone();
-        let hand_over = std::mem::take(&mut self.hand_over);
-        let ended = std::mem::take(&mut self.ended);
+        let (hand_over, ended) = (self.hand_over.clone(), self.ended.clone());
         let listing = self.listing.take();
         let lags: BTreeMap<String, u64> = self
             .behind
@@ -201,30 +194,20 @@ impl Membership {
                     },
                 )
             });
-            match locked {
-                Ok(decisions) => {
-                    let mut finished = hand_over;
-                    finished.extend(ended);
-                    Ok(Passed {
-                        observed,
-                        decisions,
-                        finished,
-                        again: (Vec::new(), Vec::new()),
-                    })
-                }
+            let (decisions, written) = match locked {
+                Ok(decisions) => (decisions, [hand_over, ended].concat()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Nothing renewed or taken this time; what it finished waits for the
-                    // next pass.
+                    // Nothing renewed or taken this time.
                     tracing::warn!(error = %e, "kinesis: lease pass skipped");
-                    Ok(Passed {
-                        observed,
-                        decisions: Decisions::default(),
-                        finished: Vec::new(),
-                        again: (hand_over, ended),
-                    })
+                    (Decisions::default(), Vec::new())
                 }
-                Err(e) => Err(Error::io(table.dir(), e)),
-            }
+                Err(e) => return Err(Error::io(table.dir(), e)),
+            };
+            Ok(Passed {
+                observed,
+                decisions,
+                written,
+            })
         }));
     }
 
@@ -262,7 +245,8 @@ impl Membership {
         }));
     }
 
-    /// The next pass done, shards' state taken over, or hand-over drained.
+    /// The next pass done, or shards' state taken over (hand-overs drained meanwhile are
+    /// booked for the next pass).
     ///
     /// # Cancel safety
     /// Cancel safe: passes and take-overs run in tasks kept across calls.
@@ -285,10 +269,9 @@ impl Membership {
                     // Not drained: the pipeline is stopping; the lease goes with the
                     // others when the source is dropped.
                     if drained {
-                        self.hand_over.push(shard.clone());
+                        self.hand_over.push(shard);
                         self.next_pass = Instant::now();
                     }
-                    return Ok(Wait::Handed(shard, drained));
                 }
                 done = passed, if under_way => {
                     self.under_way = None;
@@ -308,8 +291,6 @@ impl Membership {
                             .collect(),
                         ..taken
                     };
-                    self.started
-                        .extend(taken.taken.iter().map(|t| t.shard.clone()));
                     return Ok(Wait::Taken(Box::new(taken)));
                 }
                 _ = tokio::time::sleep_until(self.next_pass), if !under_way => {}
@@ -320,9 +301,11 @@ impl Membership {
     /// Books what a pass decided: shards handed over, ended or lost leave `held`, taken
     /// ones join it and have their state brought here next.
     fn book(&mut self, mut passed: Passed) -> Passed {
-        for shard in passed.finished.iter().chain(&passed.decisions.lost) {
+        let written = std::mem::take(&mut passed.written);
+        self.hand_over.retain(|s| !written.contains(s));
+        self.ended.retain(|s| !written.contains(s));
+        for shard in written.iter().chain(&passed.decisions.lost) {
             self.held.remove(shard);
-            self.started.remove(shard);
             self.behind.remove(shard);
             self.releasing.remove(shard);
             self.to_take.retain(|t| &t.shard != shard);
@@ -330,9 +313,6 @@ impl Membership {
         self.held
             .extend(passed.decisions.taken.iter().map(|t| t.shard.clone()));
         self.to_take.append(&mut passed.decisions.taken);
-        let (hand_over, ended) = std::mem::take(&mut passed.again);
-        self.hand_over.extend(hand_over);
-        self.ended.extend(ended);
         self.observed = Some(std::mem::take(&mut passed.observed));
         passed
     }
@@ -367,24 +347,14 @@ pub fn resume_of(
     shards: &TakenShards,
     own: &Checkpoint,
     partition: &str,
-) -> (Option<i64>, Option<String>) {
-    let at = |t: TakenOver| (Some(t.offset), t.position);
+) -> Option<ResumeAt> {
     if shards.stateful {
-        return shards.at.get(partition).cloned().map_or((None, None), at);
+        return shards.at.get(partition).cloned();
     }
-    let own = own.offsets.get(partition).map(|o| TakenOver {
-        offset: *o,
-        position: own.positions.get(partition).cloned(),
-    });
-    let lease = taken.checkpoint.as_ref().map(|c| TakenOver {
-        offset: c.offset,
-        position: c.position.clone(),
-    });
-    [own, lease]
+    [own.resume_at(partition), taken.checkpoint.clone()]
         .into_iter()
         .flatten()
-        .max_by_key(|t| t.offset)
-        .map_or((None, None), at)
+        .max_by_key(|at| at.offset)
 }
 
 struct LeaseCommits {
@@ -395,18 +365,12 @@ struct LeaseCommits {
 
 impl CommitHook for LeaseCommits {
     fn committed(&self, checkpoint: &Checkpoint) {
-        let updates: Vec<(&str, LeaseCheckpoint)> = checkpoint
+        let updates: Vec<(&str, ResumeAt)> = checkpoint
             .offsets
-            .iter()
-            .filter_map(|(name, offset)| {
+            .keys()
+            .filter_map(|name| {
                 let shard = name.strip_prefix(self.prefix.as_ref())?;
-                Some((
-                    shard,
-                    LeaseCheckpoint {
-                        offset: *offset,
-                        position: checkpoint.positions.get(name).cloned(),
-                    },
-                ))
+                Some((shard, checkpoint.resume_at(name)?))
             })
             .collect();
         if updates.is_empty() {
@@ -422,9 +386,9 @@ impl CommitHook for LeaseCommits {
                     // A checkpoint without a position keeps the last one (it says which
                     // offset it stands for; the records up to the new offset are skipped).
                     let kept = lease.checkpoint.take().and_then(|c| c.position);
-                    lease.checkpoint = Some(LeaseCheckpoint {
-                        offset: at.offset,
+                    lease.checkpoint = Some(ResumeAt {
                         position: at.position.or(kept),
+                        ..at
                     });
                 }
             }

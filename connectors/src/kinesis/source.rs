@@ -14,7 +14,9 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use sluice_engine::batch::{self, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
-use sluice_engine::source::{Assignment, CommitHook, Handoff, Member, PositionBook, Source};
+use sluice_engine::source::{
+    Assignment, CommitHook, Handoff, Member, PositionBook, ResumeAt, Source,
+};
 use sluice_engine::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -131,12 +133,10 @@ impl KinesisSource {
     /// Assigns every shard whose parents are done (one process reads every shard).
     fn start_ready(&mut self, first_listing: bool) {
         for shard in self.shards.ready() {
-            let name = self.partition_name(&shard);
-            let offset = self.checkpoint.offsets.get(name.as_ref()).copied();
-            let position = self.checkpoint.positions.get(name.as_ref()).cloned();
+            let at = self.checkpoint.resume_at(&self.partition_name(&shard));
             // Shards found after the first listing are children of shards read here: read
             // from their first record, whatever `start_from` says.
-            self.start_shard(shard, (offset, position), !first_listing);
+            self.start_shard(shard, at, !first_listing);
         }
     }
 
@@ -149,14 +149,9 @@ impl KinesisSource {
         }
     }
 
-    /// Starts reading `shard` at `(offset, position)` (the next offset, and the position
-    /// committed with it), or where a shard without them starts.
-    fn start_shard(
-        &mut self,
-        shard: Arc<str>,
-        (offset, position): (Option<i64>, Option<String>),
-        child: bool,
-    ) {
+    /// Starts reading `shard` where it resumes, or where a shard without a checkpoint
+    /// starts.
+    fn start_shard(&mut self, shard: Arc<str>, at: Option<ResumeAt>, child: bool) {
         let client = self
             .client
             .clone()
@@ -166,21 +161,15 @@ impl KinesisSource {
         // What an earlier reader of the shard read: a position names its offset, so a
         // drain still to commit without one resumes correctly from the last committed.
         self.book.forget(&name);
-        let (start, first, skip_before) = match (
-            position.as_deref().and_then(Position::parse),
-            offset,
-        ) {
-            (Some(p), offset) => (
-                Start::After(p.after),
-                p.next,
-                offset.map_or(p.next, |o| o.max(p.next)),
-            ),
-            (None, offset) => {
-                if let Some(at) = &position {
-                    tracing::warn!(partition = %name, position = %at, "the checkpoint's position of this shard is unreadable; starting at `start_from`");
+        let offset = at.as_ref().map_or(0, |at| at.offset);
+        let position = at.and_then(|at| at.position);
+        let (start, first, skip_before) = match position.as_deref().and_then(Position::parse) {
+            Some(p) => (Start::After(p.after), p.next, offset.max(p.next)),
+            None => {
+                if let Some(text) = &position {
+                    tracing::warn!(partition = %name, position = %text, "the checkpoint's position of this shard is unreadable; starting at `start_from`");
                 }
-                let at = offset.unwrap_or(0);
-                (Start::From(self.start_for(child)), at, at)
+                (Start::From(self.start_for(child)), offset, offset)
             }
         };
         tracing::info!(partition = %name, start = ?start, "shard assigned");
@@ -398,9 +387,6 @@ impl Source for KinesisSource {
                 }
                 Event::Leases(Wait::Passed(passed)) => self.on_pass(&passed),
                 Event::Leases(Wait::Taken(shards)) => self.on_taken(&shards),
-                Event::Leases(Wait::Handed(shard, drained)) => {
-                    tracing::debug!(shard, drained, "kinesis: hand-over drained");
-                }
                 Event::Due => {}
             }
         }

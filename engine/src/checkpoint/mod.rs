@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::source::ResumeAt;
 use crate::state::PartitionKeys;
 use crate::{Error, Result};
 
@@ -61,6 +62,14 @@ impl Checkpoint {
     pub fn start_of(&self, partition: &str) -> i64 {
         self.offsets.get(partition).copied().unwrap_or(0)
     }
+
+    /// Where `partition` resumes: its offset and position, when it has an offset.
+    pub fn resume_at(&self, partition: &str) -> Option<ResumeAt> {
+        Some(ResumeAt {
+            offset: *self.offsets.get(partition)?,
+            position: self.positions.get(partition).cloned(),
+        })
+    }
 }
 
 /// Where checkpoints are kept.
@@ -89,15 +98,9 @@ pub trait CheckpointStore: Send + Sync {
         Ok(BTreeMap::new())
     }
 
-    /// The position (see [`Checkpoint::positions`]) this process's database holds for
-    /// `partition` now: after [`CheckpointStore::take_over`], the one taken over with it.
-    fn position(&self, _partition: &str) -> Result<Option<String>> {
-        Ok(None)
-    }
-
-    /// The offset this process's database holds for `partition` now (its last commit,
-    /// or a take-over since).
-    fn offset(&self, _partition: &str) -> Result<Option<i64>> {
+    /// Where this process's database has `partition` now (its last commit, or a
+    /// [`CheckpointStore::take_over`] since): its offset and position.
+    fn resume_at(&self, _partition: &str) -> Result<Option<ResumeAt>> {
         Ok(None)
     }
 }
@@ -419,20 +422,17 @@ impl CheckpointStore for RocksStore {
         Some(self.db.clone())
     }
 
-    fn offset(&self, partition: &str) -> Result<Option<i64>> {
-        let value = self
-            .db
-            .get(offset_key(partition))
-            .map_err(|e| self.error(e))?;
-        Ok(value.as_deref().and_then(decode_offset))
-    }
-
-    fn position(&self, partition: &str) -> Result<Option<String>> {
-        let value = self
-            .db
-            .get(position_key(partition))
-            .map_err(|e| self.error(e))?;
-        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    fn resume_at(&self, partition: &str) -> Result<Option<ResumeAt>> {
+        let read = |key: String| self.db.get(key).map_err(|e| self.error(e));
+        let Some(offset) = read(offset_key(partition))?
+            .as_deref()
+            .and_then(decode_offset)
+        else {
+            return Ok(None);
+        };
+        let position =
+            read(position_key(partition))?.map(|v| String::from_utf8_lossy(&v).into_owned());
+        Ok(Some(ResumeAt { offset, position }))
     }
 
     fn take_over(&self, partitions: &[(String, PartitionKeys)]) -> Result<BTreeMap<String, i64>> {

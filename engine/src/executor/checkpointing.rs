@@ -17,7 +17,7 @@ use super::pool::{Barrier, Target};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::dead_letter::DeadLetterSink;
 use crate::sink::Sink;
-use crate::source::{CommitHook, Handoff, PositionBook, TakenOver};
+use crate::source::{CommitHook, Handoff, PositionBook, ResumeAt};
 use crate::state::{PartitionKeys, SnapshotStats, StageState};
 use crate::stats::RunStats;
 use crate::{Error, Result};
@@ -250,7 +250,7 @@ pub(super) struct TakeOver {
 }
 
 impl Handoff for TakeOver {
-    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, TakenOver>> {
+    fn take_over(&self, partitions: &[String]) -> Result<BTreeMap<String, ResumeAt>> {
         let keys: Vec<(String, PartitionKeys)> = partitions
             .iter()
             .map(|name| {
@@ -270,19 +270,15 @@ impl Handoff for TakeOver {
             }
         }
         taken
-            .into_iter()
-            .map(|(name, offset)| {
-                let position = self.store.position(&name)?;
-                Ok((name, TakenOver { offset, position }))
+            .into_keys()
+            .filter_map(|name| match self.store.resume_at(&name) {
+                Ok(at) => at.map(|at| Ok((name, at))),
+                Err(e) => Some(Err(e)),
             })
             .collect()
     }
 
-    fn own(&self, partition: &str) -> Result<Option<TakenOver>> {
-        let Some(offset) = self.store.offset(partition)? else {
-            return Ok(None);
-        };
-        let position = self.store.position(partition)?;
-        Ok(Some(TakenOver { offset, position }))
+    fn own(&self, partition: &str) -> Result<Option<ResumeAt>> {
+        self.store.resume_at(partition)
     }
 }

@@ -1,5 +1,6 @@
 //! The engine's handle on the state ([`StageState`]): restore at start-up, assignments and
-//! revocations as partitions move, take-overs, snapshots at checkpoints.
+//! revocations as partitions move, take-overs, snapshots at checkpoints; and a partition's
+//! end, for good or continued in the partitions that follow it.
 
 use super::*;
 
@@ -149,5 +150,66 @@ impl StageState for AggregateState {
             st.snapshot(db, emitted, id, &mut stats)?;
         }
         Ok(stats)
+    }
+}
+
+/// How a partition's end reaches the state: for good, or continued in partitions read next.
+impl AggregateState {
+    /// Marks the partition ended: its watermark no longer holds the stage back.
+    pub fn end(&self, partition: &PartitionInfo) {
+        let part = self.part(partition);
+        part.watermark.store(i64::MAX, Ordering::Release);
+    }
+
+    /// Marks the partition ended with its records going on in partitions read next here:
+    /// its windows are not closed by its end. Its watermark holds the stage back until a
+    /// partition that follows it is assigned (which holds it back itself); then its open
+    /// windows close, merged with theirs, when the stage watermark passes them.
+    pub fn continues(&self, partition: &PartitionInfo) {
+        let part = self.part(partition);
+        // A successor assigned first (a restart resumes children with their parents).
+        let followed = self
+            .followed
+            .lock()
+            .expect("followed lock")
+            .contains(&partition.name);
+        let state = if followed {
+            SUCCEEDED
+        } else {
+            AWAITING_SUCCESSORS
+        };
+        part.continued.store(state, Ordering::Release);
+    }
+
+    /// `partition` continues `parents`: they stop holding the watermark, and a partition
+    /// new here starts where they were (its rows behind their watermark are late, as they
+    /// would have been in them; what they emitted it does not emit again).
+    pub fn follow(&self, partition: &PartitionInfo, parents: &[Arc<str>]) {
+        self.followed
+            .lock()
+            .expect("followed lock")
+            .extend(parents.iter().cloned());
+        let (mut watermark, mut emitted) = (i64::MIN, i64::MIN);
+        {
+            let parts = self.parts.read().expect("parts lock");
+            for parent in parents.iter().filter_map(|name| parts.get(name)) {
+                if parent.continued.load(Ordering::Acquire) != NOT_CONTINUED {
+                    parent.continued.store(SUCCEEDED, Ordering::Release);
+                }
+                watermark = watermark.max(parent.watermark.load(Ordering::Acquire));
+                emitted = emitted.max(parent.emitted.load(Ordering::Acquire));
+            }
+        }
+        let part = self.part(partition);
+        let st = part.state.lock().expect("partition lock");
+        // Only a partition with nothing of its own yet (not one resumed from a checkpoint).
+        if part.watermark.load(Ordering::Acquire) == i64::MIN
+            && part.emitted.load(Ordering::Acquire) == i64::MIN
+            && watermark != i64::MAX
+        {
+            part.watermark.store(watermark, Ordering::Release);
+            part.emitted.store(emitted, Ordering::Release);
+        }
+        drop(st);
     }
 }
