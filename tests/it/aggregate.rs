@@ -317,7 +317,14 @@ fn peak_rss_kib(yaml: &str, dir: &Path) -> (u64, String) {
     (peak, String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn keys_yaml(dir: &Path, keys: u64, budget_mib: u64) -> String {
+/// Every record its own key, in one tumbling window of a day, or (`sessions`) in its own
+/// session with an hour's gap: all open until the end of the input.
+fn keys_yaml(dir: &Path, keys: u64, budget_mib: u64, sessions: bool) -> String {
+    let window = if sessions {
+        "{ session: { gap: 1h } }"
+    } else {
+        "{ tumbling: 1d }"
+    };
     format!(
         r#"name: many-keys
 source:
@@ -329,12 +336,12 @@ source:
   interval: 1ms
   batch_size: 8192
 stages:
-  # Every record is its own key: {keys} distinct keys in one open window.
+  # Every record is its own key: {keys} distinct keys in open windows.
   - name: per_record
     type: aggregate
     group_by: [_partition, _offset]
     event_time: event_time
-    window: {{ tumbling: 1d }}
+    window: {window}
     aggregates:
       c: count()
       watch: sum(watch_seconds)
@@ -354,19 +361,22 @@ checkpoint:
 /// flight, the emitted chunk), 30% of the budget (allocator slack: memory of evicted entries
 /// is reused, not returned), and 4 MiB per million keys (RocksDB's filters and indexes of the
 /// stored keys, compaction), plus 32 MiB for a debug build's own slack.
-fn keys_stay_within_budget(keys: u64, budget_mib: u64) {
+fn keys_stay_within_budget(keys: u64, budget_mib: u64, sessions: bool) {
     let overhead_mib = 80 + budget_mib * 3 / 10 + 4 * keys / 1_000_000 + 32;
     let base_dir = tempfile::tempdir().unwrap();
     let (base, _) = peak_rss_kib(
-        &keys_yaml(base_dir.path(), 10_000, budget_mib),
+        &keys_yaml(base_dir.path(), 10_000, budget_mib, sessions),
         base_dir.path(),
     );
     let dir = tempfile::tempdir().unwrap();
     let t0 = std::time::Instant::now();
-    let (peak, _) = peak_rss_kib(&keys_yaml(dir.path(), keys, budget_mib), dir.path());
+    let (peak, _) = peak_rss_kib(
+        &keys_yaml(dir.path(), keys, budget_mib, sessions),
+        dir.path(),
+    );
     let limit = base + (budget_mib + overhead_mib) * 1024;
     eprintln!(
-        "{keys} distinct keys, budget {budget_mib} MiB: peak RSS {} MiB (10,000 keys: {} MiB; limit {} MiB) in {:.1?}",
+        "{keys} distinct keys (sessions: {sessions}), budget {budget_mib} MiB: peak RSS {} MiB (10,000 keys: {} MiB; limit {} MiB) in {:.1?}",
         peak / 1024,
         base / 1024,
         limit / 1024,
@@ -382,7 +392,14 @@ fn keys_stay_within_budget(keys: u64, budget_mib: u64) {
 
 #[test]
 fn a_million_keys_stay_within_the_memory_budget() {
-    keys_stay_within_budget(1_000_000, 32);
+    keys_stay_within_budget(1_000_000, 32, false);
+}
+
+/// Sessions leave memory for the database as windows do: a million keys, each its own
+/// session open until the end of the input, which reads them back a chunk at a time.
+#[test]
+fn a_million_sessions_stay_within_the_memory_budget() {
+    keys_stay_within_budget(1_000_000, 32, true);
 }
 
 /// Ten million keys: about ten minutes on a debug build, so it runs with `SLUICE_SOAK=1`
@@ -393,7 +410,7 @@ fn ten_million_keys_stay_within_the_memory_budget() {
         eprintln!("skipped: set SLUICE_SOAK=1 to run 10 million keys");
         return;
     }
-    keys_stay_within_budget(10_000_000, 256);
+    keys_stay_within_budget(10_000_000, 256, false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,8 @@ pub struct Closing {
     windows: VecDeque<ClosingWindow>,
     /// Session rows, ready.
     pub(super) ready: Vec<SessionRow>,
+    /// Sessions in the database, all closing (the end of the input).
+    pub(super) stored_sessions: Option<StoredSessions>,
     pub(super) db: Option<Arc<StateDb>>,
     pub(super) aggs: usize,
 }
@@ -186,6 +188,13 @@ impl Closing {
             rows.extend(self.ready.drain(..n));
             return Ok(rows);
         }
+        if let (Some(sessions), Some(db)) = (&mut self.stored_sessions, &self.db) {
+            sessions.next_rows(db, self.aggs, &mut rows)?;
+            if rows.is_empty() {
+                self.stored_sessions = None;
+            }
+            return Ok(rows);
+        }
         while rows.len() < CHUNK {
             let Some(window) = self.windows.front_mut() else {
                 break;
@@ -247,40 +256,22 @@ impl PartEntries {
         if !st.buffer.is_empty() || st.done {
             return Ok(());
         }
-        let mut it = match &st.frozen {
+        let it = match &st.frozen {
             Some(frozen) => frozen.snapshot.raw_iterator(),
             None => db.raw_iterator(),
         };
-        match &st.next {
-            Some(next) => {
-                let mut k = st.prefix.clone();
-                k.extend_from_slice(next);
-                it.seek(&k);
-            }
-            None => it.seek(&st.prefix),
-        }
-        let mut last = None;
-        while st.buffer.len() < 4096 {
-            let Some(key) = it.key() else { break };
-            let Some(key) = key.strip_prefix(st.prefix.as_slice()) else {
-                break;
-            };
-            let (accs, _) = acc::decode(it.value().expect("a value at a key"), aggs)?;
-            st.buffer.push_back((key.into(), accs.into_boxed_slice()));
-            last = Some(key.to_vec());
-            it.next();
-        }
-        it.status().map_err(db_error)?;
-        match last {
-            Some(mut k) => {
-                // The key right after the last one read.
-                k.push(0);
-                st.next = Some(k);
-            }
-            None => st.done = true,
-        }
+        let buffer = &mut st.buffer;
         // Keys also in memory are older in the database.
-        Ok(())
+        read_range(
+            it,
+            &st.prefix,
+            (&mut st.next, &mut st.done),
+            |key, value| {
+                let (accs, _) = acc::decode(value, aggs)?;
+                buffer.push_back((key.into(), accs.into_boxed_slice()));
+                Ok(())
+            },
+        )
     }
 
     fn peek(&self) -> Option<&[u8]> {
@@ -351,6 +342,54 @@ impl PartEntries {
                 .as_ref()
                 .is_none_or(|s| s.buffer.is_empty() && s.done)
     }
+}
+
+/// Reads the next entries (at most 4,096) of the keys starting with `prefix`, from `next`
+/// (the key after the prefix; the start when `None`), giving `take` each key after the
+/// prefix and its value; then sets `next` past the last one read, or `done` when none was
+/// left.
+pub(super) fn read_range(
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, DB>,
+    prefix: &[u8],
+    (next, done): (&mut Option<Vec<u8>>, &mut bool),
+    mut take: impl FnMut(&[u8], &[u8]) -> Result<()>,
+) -> Result<()> {
+    match next {
+        Some(next) => it.seek([prefix, next.as_slice()].concat()),
+        None => it.seek(prefix),
+    }
+    let mut last = None;
+    for _ in 0..4096 {
+        let Some(key) = it.key() else { break };
+        let Some(key) = key.strip_prefix(prefix) else {
+            break;
+        };
+        take(key, it.value().expect("a value at a key"))?;
+        last = Some(key.to_vec());
+        it.next();
+    }
+    it.status().map_err(db_error)?;
+    match last {
+        Some(mut k) => {
+            // The key right after the last one read.
+            k.push(0);
+            *next = Some(k);
+        }
+        None => *done = true,
+    }
+    Ok(())
+}
+
+/// The first key after every key that starts with `prefix`.
+pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            break;
+        }
+    }
+    end
 }
 
 /// A point-in-time view of the state database that owns a handle to it: what a pane

@@ -113,8 +113,11 @@ impl AggregateState {
             .map(|p| p.state.lock().expect("partition lock"))
             .collect();
         let mut closing = Closing::default();
-        let mut freed = 0usize;
+        // What the partitions hold before: closing frees memory, and reads sessions that
+        // are due back from the database.
+        let before: usize = states.iter().map(|st| st.mem).sum();
         let db = self.db.get().cloned();
+        let store = db.as_deref().map(|d| &**d);
         // Taken (once) if a pane that spilled is emitted while it still changes.
         let mut frozen = None;
         let mut panes = Vec::new();
@@ -122,33 +125,42 @@ impl AggregateState {
             // Its windows ending after this were not emitted yet. Set under its lock: its
             // rows added from now on see it.
             let before = part.emitted.swap(through, Ordering::AcqRel);
+            let st = &mut **st;
             st.meta_dirty = true;
             if let Some(slide) = self.slide() {
                 let span = (before, through, slide);
-                freed += self.close_panes(st, span, db.as_ref(), &mut frozen, &mut panes)?;
+                self.close_panes(st, span, db.as_ref(), &mut frozen, &mut panes)?;
             }
             if through != i64::MAX {
-                st.sessions.close(through, &mut closing.ready);
+                st.sessions
+                    .close(store, through, &mut closing.ready, &mut st.mem)?;
             }
         }
         if through == i64::MAX {
             if matches!(self.plan.window, WindowKind::Session { .. }) {
-                closing.ready = merge_all_sessions(&mut states, &mut freed);
+                match store {
+                    Some(store) if states.iter().any(|st| st.sessions.spilled()) => {
+                        closing.stored_sessions = Some(write_all_sessions(&mut states, store)?);
+                    }
+                    _ => closing.ready = merge_all_sessions(&mut states, store)?,
+                }
             }
         } else if !closing.ready.is_empty() {
-            merge_sessions(
-                &mut states,
-                through,
-                &mut closing,
-                &self.plan.aggs,
-                &mut freed,
-            );
+            merge_sessions(&mut states, through, &mut closing, &self.plan.aggs, store)?;
         }
         for (part, st) in parts.iter().zip(states.iter()) {
             self.set_due(part, st, through);
         }
+        let after: usize = states.iter().map(|st| st.mem).sum();
+        self.account(before, after);
+        // Sessions read back for this emission that stay open count like any state.
+        if after > before
+            && let Some(store) = store
+        {
+            let mut states: Vec<&mut PartState> = states.iter_mut().map(|st| &mut **st).collect();
+            self.make_room(store, &mut states, &vec![through; parts.len()])?;
+        }
         drop(states);
-        self.memory.fetch_sub(freed as i64, Ordering::Relaxed);
         // Sorted once the partitions are free to go on.
         for pane in panes {
             let order = Arc::new(closing::sorted(&pane.table));
@@ -174,8 +186,7 @@ impl AggregateState {
     /// later window needs leaves the partition (its entries moved; its stored ones read as
     /// the windows are emitted and deleted after the last). A pane still needed stays: its
     /// entries in memory are copied, its stored ones read from a snapshot of the database
-    /// taken now, since it goes on changing while these windows are emitted. Returns the
-    /// bytes freed.
+    /// taken now, since it goes on changing while these windows are emitted.
     fn close_panes(
         &self,
         st: &mut PartState,
@@ -183,15 +194,14 @@ impl AggregateState {
         db: Option<&Arc<StateDb>>,
         frozen: &mut Option<Arc<Frozen>>,
         out: &mut Vec<PaneOut>,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         let span = self.last_window_of(0);
         // Panes with a window in (before, through]: pane <= through and pane + span > before.
         let lo = before.saturating_sub(span).saturating_add(1);
         if lo > through {
-            return Ok(0);
+            return Ok(());
         }
         let panes: Vec<i64> = st.windows.range(lo..=through).map(|(p, _)| *p).collect();
-        let mut freed = 0;
         for pane in panes {
             let last = self.last_window_of(pane);
             let first_end = if before < pane {
@@ -210,7 +220,6 @@ impl AggregateState {
                 let window = st.windows.remove(&pane).expect("a listed pane");
                 let bytes = window.filter.size() + window.entries.bytes();
                 st.mem = st.mem.saturating_sub(bytes);
-                freed += bytes;
                 let (stored, evicted) = (window.stored, window.evicted);
                 let mem = window.entries;
                 let stored = ((stored || evicted) && db.is_some()).then_some(None);
@@ -244,7 +253,7 @@ impl AggregateState {
                 windows,
             });
         }
-        Ok(freed)
+        Ok(())
     }
 }
 

@@ -116,6 +116,7 @@ impl StageState for AggregateState {
             prefixes: vec![
                 self.key_prefix(b'w', partition),
                 self.key_prefix(b's', partition),
+                self.key_prefix(b'e', partition),
             ],
             keys: vec![self.key_prefix(b'm', partition)],
         }

@@ -43,13 +43,15 @@
 //! agg/<stage>/m/<partition>                         partition progress
 //! agg/<stage>/w/<len><partition><end><key>          pane entry (end: order-preserving)
 //! agg/<stage>/s/<len><partition><key>               the key's sessions
+//! agg/<stage>/e/<len><partition><end><key>          an end marker of the key's sessions
 //! ```
 //!
 //! # Where things are
 //! Here: the plan, the partitions' progress, adding rows, the watermark. `due.rs`: which
 //! windows are due and taking them out of the partitions. `closing.rs`: closed windows
 //! read out in key order, merged across partitions.
-//! `table.rs`: a pane's entries. `sessions.rs`: session windows. `storage.rs`: eviction
+//! `table.rs`: a pane's entries. `sessions/`: session windows, in memory and in the
+//! database, and merged across partitions. `storage.rs`: eviction
 //! and checkpoint writes of a partition's state. `lifecycle.rs`: the engine's handle
 //! (restore, assign, revoke, release, take-over, snapshot, a partition's end).
 
@@ -64,7 +66,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::row::RowConverter;
 use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
-use rocksdb::{DB, Direction, IteratorMode, WriteBatch};
+use rocksdb::{DB, WriteBatch};
 use sluice_engine::batch::PartitionInfo;
 use sluice_engine::checkpoint::{StateDb, unlogged};
 use sluice_engine::state::{PartitionKeys, SnapshotStats, StageState};
@@ -81,8 +83,8 @@ mod storage;
 mod table;
 
 pub use closing::{Closing, OutRow};
-use closing::{Frozen, SessionRow, StoredRange};
-use sessions::{Sessions, merge_all_sessions, merge_sessions};
+use closing::{Frozen, SessionRow, StoredRange, prefix_end, read_range};
+use sessions::{Sessions, StoredSessions, merge_all_sessions, merge_sessions, write_all_sessions};
 use table::Table;
 
 /// How rows are assigned to windows (times in milliseconds).
@@ -121,9 +123,6 @@ pub struct Plan {
 const CHUNK: usize = 64 * 1024;
 /// A snapshot or eviction writes the database in batches of about this size.
 const WRITE_BATCH_BYTES: usize = 4 << 20;
-/// Memory a session costs beyond its key and accumulators: the two allocations' rounding
-/// and headers.
-const ENTRY_OVERHEAD: usize = 32;
 
 /// `Part::continued`: the partition has not ended so (or not at all).
 const NOT_CONTINUED: u8 = 0;
@@ -229,7 +228,6 @@ enum CaughtUp {
 
 struct PartState {
     prefix: Vec<u8>,
-    session_prefix: Vec<u8>,
     meta_key: Vec<u8>,
     max_time: i64,
     seq: u64,
@@ -269,9 +267,13 @@ struct KeyFilter {
 impl KeyFilter {
     const PROBES: u64 = 7;
 
-    fn probes(key: &[u8], bits: usize) -> impl Iterator<Item = usize> {
+    /// The key's two hashes: probe `i` is at `a + i * b`.
+    fn hash(key: &[u8]) -> (u64, u64) {
         let h = xxhash_rust::xxh3::xxh3_128(key);
-        let (a, b) = (h as u64, (h >> 64) as u64 | 1);
+        (h as u64, (h >> 64) as u64 | 1)
+    }
+
+    fn probes((a, b): (u64, u64), bits: usize) -> impl Iterator<Item = usize> {
         (0..Self::PROBES).map(move |i| (a.wrapping_add(i.wrapping_mul(b)) % bits as u64) as usize)
     }
 
@@ -286,30 +288,33 @@ impl KeyFilter {
         }
         let (bits, _, n) = self.parts.last_mut().expect("a filter");
         let len = bits.len() * 64;
-        for i in Self::probes(key, len) {
+        for i in Self::probes(Self::hash(key), len) {
             bits[i / 64] |= 1 << (i % 64);
         }
         *n += 1;
         grown
     }
 
+    /// Hashes the key once for all the filters.
     fn may_contain(&self, key: &[u8]) -> bool {
+        if self.parts.is_empty() {
+            return false;
+        }
+        let hash = Self::hash(key);
         self.parts.iter().any(|(bits, _, _)| {
             let len = bits.len() * 64;
-            Self::probes(key, len).all(|i| bits[i / 64] & (1 << (i % 64)) != 0)
+            Self::probes(hash, len).all(|i| bits[i / 64] & (1 << (i % 64)) != 0)
         })
     }
 
     fn size(&self) -> usize {
         self.parts.iter().map(|p| p.0.len() * 8).sum()
     }
-}
 
-fn entry_size(key: &[u8], accs: &[Acc]) -> usize {
-    key.len()
-        + ENTRY_OVERHEAD
-        + std::mem::size_of_val(accs)
-        + accs.iter().map(Acc::heap_size).sum::<usize>()
+    /// The keys inserted.
+    fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.2).sum()
+    }
 }
 
 /// Big-endian with the sign bit flipped: byte order is numeric order.
@@ -384,12 +389,15 @@ impl AggregateState {
             continued: AtomicU8::new(NOT_CONTINUED),
             state: Mutex::new(PartState {
                 prefix: self.key_prefix(b'w', name),
-                session_prefix: self.key_prefix(b's', name),
                 meta_key: self.key_prefix(b'm', name),
                 max_time: i64::MIN,
                 seq: 0,
                 windows: BTreeMap::new(),
-                sessions: Sessions::default(),
+                sessions: Sessions::new(
+                    self.key_prefix(b's', name),
+                    self.key_prefix(b'e', name),
+                    self.plan.aggs.len(),
+                ),
                 mem: 0,
                 meta_dirty: false,
             }),
@@ -464,16 +472,15 @@ impl AggregateState {
                     }
                 }
                 WindowKind::Session { gap } => st.sessions.add(
+                    db,
                     key,
-                    time,
-                    time.saturating_add(gap),
-                    closed,
+                    (time, time.saturating_add(gap), closed),
                     &self.plan.aggs,
                     &views,
                     row,
                     order,
                     &mut st.mem,
-                ),
+                )?,
             };
             if !taken {
                 added.late.push((row, time, closed));
@@ -485,18 +492,36 @@ impl AggregateState {
         part.watermark
             .store(self.watermark_of(st.max_time), Ordering::Release);
         part.last_data.store(self.now(), Ordering::Relaxed);
-        let grown = st.mem as i64 - mem_before as i64;
-        let total = self.memory.fetch_add(grown, Ordering::Relaxed) + grown;
-        if let Some(db) = db
-            && total > self.plan.budget as i64
-        {
-            // Down to 80% of the budget, from this partition's oldest windows.
-            let excess = total as usize - self.plan.budget * 4 / 5;
-            let (freed, entries) = st.evict(db, excess)?;
-            self.memory.fetch_sub(freed as i64, Ordering::Relaxed);
-            self.evicted.fetch_add(entries, Ordering::Relaxed);
+        self.account(mem_before, st.mem);
+        if let Some(db) = db {
+            self.make_room(db, &mut [st], &[emitted])?;
         }
         Ok(added)
+    }
+
+    /// Counts a partition's memory going from `before` to `after` in the stage's total.
+    fn account(&self, before: usize, after: usize) {
+        self.memory
+            .fetch_add(after as i64 - before as i64, Ordering::Relaxed);
+    }
+
+    /// When the stage's memory is past its budget, writes state of `states` (each with what
+    /// its partition has emitted) to the database, down to 80% of the budget: from the
+    /// partition being processed after a batch, from those that read sessions back after
+    /// an emission.
+    fn make_room(&self, db: &DB, states: &mut [&mut PartState], emitted: &[i64]) -> Result<()> {
+        for (st, &emitted) in states.iter_mut().zip(emitted) {
+            let total = self.memory.load(Ordering::Relaxed);
+            if total <= self.plan.budget as i64 {
+                break;
+            }
+            let excess = total as usize - self.plan.budget * 4 / 5;
+            let before = st.mem;
+            let entries = st.evict(db, excess, emitted)?;
+            self.account(before, st.mem);
+            self.evicted.fetch_add(entries, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -602,10 +627,7 @@ impl AggregateState {
                 it.seek(&seek);
             }
             it.status().map_err(db_error)?;
-            let sessions_prefix = st.session_prefix.clone();
-            let mem = st
-                .sessions
-                .restore(db, &sessions_prefix, self.plan.aggs.len())?;
+            let mem = st.sessions.restore(db)?;
             st.mem = mem;
             self.memory.fetch_add(mem as i64, Ordering::Relaxed);
             let emitted = part.emitted.load(Ordering::Relaxed);

@@ -1,11 +1,13 @@
-//! A partition's state in the database: evicting its oldest windows past the memory
-//! budget, and writing what changed at a checkpoint.
+//! A partition's state in the database: evicting its oldest windows (then sessions) past
+//! the memory budget, and writing what changed at a checkpoint.
 
 use super::*;
 
 impl PartState {
-    /// Writes and drops entries, oldest windows first, until about `target` bytes are free.
-    pub(super) fn evict(&mut self, db: &DB, target: usize) -> Result<(usize, u64)> {
+    /// Writes and drops entries, oldest windows first, then keys' sessions, until about
+    /// `target` bytes are free (`emitted`: what the partition has emitted). Returns the
+    /// entries and keys written out; `mem` is the partition's memory after.
+    pub(super) fn evict(&mut self, db: &DB, target: usize, emitted: i64) -> Result<u64> {
         let mut freed = 0usize;
         let mut filters = 0usize;
         let mut entries = 0u64;
@@ -60,7 +62,12 @@ impl PartState {
         }
         db.write_opt(batch, &unlogged()).map_err(db_error)?;
         self.mem = (self.mem + filters).saturating_sub(freed);
-        Ok((freed.saturating_sub(filters), entries))
+        if freed < target {
+            entries += self
+                .sessions
+                .evict(db, target - freed, emitted, &mut self.mem)?;
+        }
+        Ok(entries)
     }
 
     pub(super) fn snapshot(
@@ -102,9 +109,7 @@ impl PartState {
             }
         }
         self.sessions
-            .snapshot(&self.session_prefix, &mut batch, stats, &mut |b, s| {
-                flush(b, s, false)
-            })?;
+            .snapshot(emitted, &mut batch, stats, &mut |b, s| flush(b, s, false))?;
         if std::mem::take(&mut self.meta_dirty) {
             let mut meta = Vec::with_capacity(28);
             meta.extend_from_slice(&self.max_time.to_le_bytes());
