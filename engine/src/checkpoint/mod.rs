@@ -374,10 +374,19 @@ fn db_options() -> rocksdb::Options {
     options.set_max_write_buffer_number(2);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
-    // Lookups of keys that were never written are the common miss. The filters stay in
-    // memory with their tables (about 1.25 bytes per stored key), outside the cache: in
-    // the cache, a large state's filters would push each other out.
+    // Lookups of keys that were never written are the common miss: Bloom filters. Indexes
+    // and filters held whole beside each table grow with the stored keys (about 2 bytes a
+    // key: 20 MiB at 10 million) outside any bound, so they are partitioned and kept in the
+    // block cache at high priority, only their top levels pinned: the store's memory stays
+    // the write buffers plus the cache (10 million keys at a 32 MiB budget peaked 15 MiB
+    // lower, Nexmark q11 at 100M events 60 MiB lower, at the same speed).
     table.set_bloom_filter(10.0, false);
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
+    table.set_pin_top_level_index_and_filter(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     options.set_block_based_table_factory(&table);
     options
 }
