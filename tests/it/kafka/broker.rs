@@ -209,6 +209,17 @@ impl Broker {
 
     /// Like [`Broker::read_all`], with keys and headers.
     pub fn read_messages(&self, topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
+        self.read_messages_until(topic, timeout, |read| read.len() >= want)
+    }
+
+    /// Reads every partition of `topic` from the beginning until `done` says so of what
+    /// was read, or `timeout` passes.
+    pub fn read_messages_until(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[Read]) -> bool,
+    ) -> Vec<Read> {
         let consumer: BaseConsumer = self
             .client()
             .set("group.id", self.name("verifier"))
@@ -226,7 +237,7 @@ impl Broker {
         consumer.assign(&tpl).expect("assign");
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
-        while out.len() < want && Instant::now() < deadline {
+        while !done(&out) && Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 let headers = m
                     .headers()

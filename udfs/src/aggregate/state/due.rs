@@ -153,9 +153,11 @@ impl AggregateState {
         }
         let after: usize = states.iter().map(|st| st.mem).sum();
         self.account(before, after);
-        // Sessions read back for this emission that stay open count like any state.
-        if after > before
-            && let Some(store) = store
+        // Sessions read back for this emission that stay open count like any state (also
+        // where the emission freed as much elsewhere: the stage may be over its budget
+        // already, and an emission by time has no batch after it to make room).
+        if let Some(store) = store
+            && self.memory.load(Ordering::Relaxed) > self.plan.budget as i64
         {
             let mut states: Vec<&mut PartState> = states.iter_mut().map(|st| &mut **st).collect();
             self.make_room(store, &mut states, &vec![through; parts.len()])?;

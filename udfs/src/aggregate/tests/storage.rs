@@ -140,6 +140,38 @@ async fn a_restored_snapshot_goes_on_as_if_nothing_happened() {
     );
 }
 
+/// A key's session that closed on its own while another partition's session of the key
+/// held their group open is looked at again at the group's end: when that partition has
+/// left meanwhile (taken over elsewhere), the session comes out as a row of its own while
+/// the input goes on, not only at its end; in memory and written out of it alike.
+#[tokio::test]
+async fn a_session_held_open_by_a_partition_that_leaves_still_comes_out() {
+    for budget in ["1GiB", "1KiB"] {
+        let mut h = Harness::new(&sessions("10s").replace("1KiB", budget));
+        let state = h.factory.state().unwrap();
+        let store = RocksStore::scratch().unwrap();
+        state.restore(store.db().unwrap()).unwrap();
+        state.assign(&info(0));
+        state.assign(&info(1));
+        // k: [0,10) in partition 0 and [8,18) in partition 1, one group.
+        h.feed(0, &[("k", 1, 0)]).await;
+        h.feed(1, &[("k", 2, 8_000)]).await;
+        // Both at 12.5s: partition 0's session is closed, its group is not.
+        h.feed(0, &[("a", 1, 13_500)]).await;
+        h.feed(1, &[("b", 1, 13_500)]).await;
+        assert!(h.take().is_empty(), "{budget}");
+        // Partition 1 leaves (its part is the next owner's); partition 0 goes on.
+        state.revoke(&info(1));
+        state.release(&info(1));
+        h.feed(0, &[("a", 1, 40_000)]).await;
+        let rows = h.take();
+        assert!(
+            rows.iter().any(|r| r == "k [0,10) c=1 s=1"),
+            "{budget}: {rows:?}"
+        );
+    }
+}
+
 /// Sessions in the database at a checkpoint are read lazily after the restart: the keys
 /// into a filter, the sessions when a row or their end marker needs them.
 #[tokio::test]

@@ -42,6 +42,9 @@ pub(in super::super) fn merge_sessions(
         // index, group).
         let mut closed: Vec<Group> = Vec::new();
         let mut taken: Vec<(usize, usize, usize)> = Vec::new();
+        // (partition, group end) of sessions closed on their own whose group stays open
+        // (another partition's session of the key reaches past `through`).
+        let mut held: Vec<(usize, i64)> = Vec::new();
         let mut i = 0;
         while i < all.len() {
             let (start, mut end) = (all[i].0, all[i].1);
@@ -54,6 +57,13 @@ pub(in super::super) fn merge_sessions(
                 let group = closed.len();
                 closed.push((start, end, None));
                 taken.extend(all[i..j].iter().map(|&(_, _, p, s)| (p, s, group)));
+            } else {
+                held.extend(
+                    all[i..j]
+                        .iter()
+                        .filter(|x| session_closed(x.1, through))
+                        .map(|&(_, _, p, _)| (p, end)),
+                );
             }
             i = j;
         }
@@ -85,6 +95,19 @@ pub(in super::super) fn merge_sessions(
                     }
                 }
                 none => *none = Some(session.accs),
+            }
+        }
+        // A held session comes out with its group: marked at the group's end, in memory and
+        // at its next write, so that it is looked at again then, also if the partition
+        // holding the group open has left meanwhile (its part is then a row of its own).
+        for (p, end) in held {
+            let s = &mut states[p].sessions;
+            s.ends.push(std::cmp::Reverse((end, key.clone())));
+            if let Some(slot) = s.slots.get_mut(&key)
+                && slot.held.is_none_or(|h| h < end)
+            {
+                slot.held = Some(end);
+                slot.dirty = true;
             }
         }
         // A key left without sessions leaves memory, and the database.

@@ -77,6 +77,9 @@ struct Slot {
     /// The end of a marker the database holds for the key, at or before its earliest
     /// open session's end while that stays so: its writes need no new one meanwhile.
     marker: Option<i64>,
+    /// The end of the group its sessions closed on their own belong to, while another
+    /// partition's session of the key holds that group open: the key needs a marker there.
+    held: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -134,7 +137,8 @@ fn decode_sessions(value: &[u8], aggs: usize) -> Result<(Vec<Session>, Option<i6
     let bad = || Error::Internal("corrupt session state".into());
     let n = u32::from_le_bytes(value.get(..4).ok_or_else(bad)?.try_into().expect("4"));
     let mut rest = &value[4..];
-    let mut sessions = Vec::with_capacity(n as usize);
+    // A session takes at least 16 bytes: a corrupt count does not reserve more.
+    let mut sessions = Vec::with_capacity((n as usize).min(rest.len() / 16));
     for _ in 0..n {
         if rest.len() < 16 {
             return Err(bad());
@@ -587,6 +591,7 @@ impl DbKeys {
             .sessions
             .iter()
             .map(|s| s.end)
+            .chain(slot.held)
             .filter(|end| *end >= emitted);
         match open.min() {
             // The database's marker comes first still.
