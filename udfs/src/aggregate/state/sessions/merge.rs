@@ -156,7 +156,6 @@ pub(in super::super) fn merge_all_sessions(
     for st in states.iter_mut() {
         let st = &mut **st;
         let s = &mut st.sessions;
-        s.ends.clear();
         for (key, slot) in s.slots.drain() {
             st.mem = st.mem.saturating_sub(slot_size(&key, &slot));
             if slot.stored {
@@ -166,12 +165,10 @@ pub(in super::super) fn merge_all_sessions(
                 by_key.entry(key).or_default().extend(slot.sessions);
             }
         }
-        s.stored.keys = 0;
-        if s.stored.first.take().is_some() {
+        if s.stored.first.is_some() {
             batch.delete_range(&s.keys.ends, &prefix_end(&s.keys.ends));
         }
-        s.slots.shrink_to_fit();
-        st.sessions.count_table(&mut st.mem);
+        st.sessions.emptied(&mut st.mem);
     }
     if let Some(db) = db {
         db.write_opt(batch, &unlogged()).map_err(db_error)?;
@@ -251,16 +248,8 @@ pub(in super::super) fn write_all_sessions(
             }
         }
         db.write_opt(batch, &unlogged()).map_err(db_error)?;
-        s.ends.clear();
-        st.mem = st.mem.saturating_sub(s.filter.size());
-        s.filter = KeyFilter::default();
-        s.stored = StoredIndex::default();
-        s.slots.shrink_to_fit();
-        let keys = DbKeys {
-            sessions: s.keys.sessions.clone(),
-            ends: s.keys.ends.clone(),
-        };
-        st.sessions.count_table(&mut st.mem);
+        let keys = s.keys.clone();
+        st.sessions.emptied(&mut st.mem);
         sources.push(SessionSource {
             keys,
             next: None,

@@ -51,6 +51,7 @@ impl StoredIndex {
 }
 
 /// Where a partition's sessions are in the database.
+#[derive(Clone)]
 struct DbKeys {
     sessions: Vec<u8>,
     ends: Vec<u8>,
@@ -312,6 +313,17 @@ impl Sessions {
         Ok(true)
     }
 
+    /// After every slot was taken out (all sessions closing): no markers, nothing in the
+    /// database as far as the filter and the index know, the table's memory given back.
+    fn emptied(&mut self, mem: &mut usize) {
+        self.ends.clear();
+        *mem = mem.saturating_sub(self.filter.size());
+        self.filter = KeyFilter::default();
+        self.stored = StoredIndex::default();
+        self.slots.shrink_to_fit();
+        self.count_table(mem);
+    }
+
     /// Counts the hash table's capacity in `mem` as it changes.
     fn count_table(&mut self, mem: &mut usize) {
         let now = self.slots.capacity() * SLOT;
@@ -392,20 +404,7 @@ impl Sessions {
         // Keys deleted since they were written keep their bits: a filter holding many more
         // keys than the database is made again from the keys it holds.
         if self.filter.len() > 2 * self.stored.keys + 4096 {
-            *mem = mem.saturating_sub(self.filter.size());
-            self.filter = KeyFilter::default();
-            self.stored.keys = 0;
-            let mut it = db.raw_iterator();
-            it.seek(&self.keys.sessions);
-            while let Some(key) = it
-                .key()
-                .and_then(|k| k.strip_prefix(self.keys.sessions.as_slice()))
-            {
-                *mem += self.filter.insert(key);
-                self.stored.keys += 1;
-                it.next();
-            }
-            it.status().map_err(db_error)?;
+            self.refill_filter(db, mem)?;
         }
         if self.slots.len() < self.slots.capacity() / 4 {
             self.slots.shrink_to(self.slots.len() * 2);
@@ -533,17 +532,13 @@ impl Sessions {
             .map(unordered);
         // Every key written with sessions since end markers exist has one, so a partition
         // without any is from a checkpoint written before: they are set now.
-        let markers = self.stored.first.is_some();
-        let mut batch = WriteBatch::default();
-        let mut grown = 0;
-        it.seek(&self.keys.sessions);
-        while let Some(k) = it.key() {
-            let Some(key) = k.strip_prefix(self.keys.sessions.as_slice()) else {
-                break;
-            };
-            grown += self.filter.insert(key);
-            self.stored.keys += 1;
-            if !markers {
+        if self.stored.first.is_none() {
+            let mut batch = WriteBatch::default();
+            it.seek(&self.keys.sessions);
+            while let Some(k) = it.key() {
+                let Some(key) = k.strip_prefix(self.keys.sessions.as_slice()) else {
+                    break;
+                };
                 let value = it.value().expect("a value at a key");
                 if let Some(end) = first_end(&decode_sessions(value, self.aggs)?.0) {
                     batch.put(self.keys.end(end, key), []);
@@ -553,12 +548,33 @@ impl Sessions {
                     db.write_opt(std::mem::take(&mut batch), &unlogged())
                         .map_err(db_error)?;
                 }
+                it.next();
             }
+            it.status().map_err(db_error)?;
+            db.write_opt(batch, &unlogged()).map_err(db_error)?;
+        }
+        let mut mem = 0;
+        self.refill_filter(db, &mut mem)?;
+        Ok(mem)
+    }
+
+    /// Makes the filter (and the count of stored keys) again from the keys the database
+    /// holds sessions of, counting its memory in `mem`.
+    fn refill_filter(&mut self, db: &DB, mem: &mut usize) -> Result<()> {
+        *mem = mem.saturating_sub(self.filter.size());
+        self.filter = KeyFilter::default();
+        self.stored.keys = 0;
+        let mut it = db.raw_iterator();
+        it.seek(&self.keys.sessions);
+        while let Some(key) = it
+            .key()
+            .and_then(|k| k.strip_prefix(self.keys.sessions.as_slice()))
+        {
+            *mem += self.filter.insert(key);
+            self.stored.keys += 1;
             it.next();
         }
-        it.status().map_err(db_error)?;
-        db.write_opt(batch, &unlogged()).map_err(db_error)?;
-        Ok(grown)
+        it.status().map_err(db_error)
     }
 }
 
@@ -566,8 +582,8 @@ impl DbKeys {
     /// Puts `slot` into `batch`: its sessions and a marker at the earliest end of those
     /// still open (ending at or after `emitted`, what the partition has emitted), or its
     /// deletion when none is left. A key whose sessions all closed while another
-    /// partition's session of the key kept their group open gets no marker, as it has none
-    /// in memory: that session's marker brings the group out.
+    /// partition's session of the key keeps their group open is marked at the group's end
+    /// (`Slot::held`).
     fn write(
         &self,
         stored: &mut StoredIndex,
