@@ -31,7 +31,8 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use sluice_connectors::generator::{GeneratorConfig, GeneratorSource};
 use sluice_connectors::null::NullSink;
 use sluice_engine::batch::ColumnSelection;
-use sluice_engine::executor::{self, Batching, Pipeline, RunOptions};
+use sluice_engine::executor::{self, Batching, Output, Pipeline, RunOptions};
+use sluice_engine::graph::Graph;
 use sluice_engine::stage::{PlannedStage, StageContext, StageFactory};
 use sluice_engine::stats::RunStats;
 use sluice_udfs::sql::SqlStageFactory;
@@ -125,8 +126,8 @@ fn bench_pipeline(c: &mut Criterion) {
                 factory: factory.clone(),
                 policy: Default::default(),
             }],
-            sink: Box::new(NullSink::default()),
-            columns: ColumnSelection::default(),
+            graph: Graph::chain(1),
+            outputs: Output::single(Box::new(NullSink::default()), ColumnSelection::default()),
             checkpoint: None,
             dead_letter: None,
         };

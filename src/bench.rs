@@ -105,6 +105,11 @@ const BUILTINS: &[Builtin] = &[
         about: "url directories: the first three directories of each bid's url",
         yaml: Some(include_str!("../benches/nexmark/q22.yaml")),
     },
+    Builtin {
+        name: "fanout",
+        about: "one read, three outputs: q0, q1 and q2 as branches of one pipeline",
+        yaml: Some(include_str!("../benches/nexmark/fanout.yaml")),
+    },
 ];
 
 /// The built-in pipelines by name, for tests that run them on small inputs.

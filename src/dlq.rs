@@ -23,10 +23,11 @@ use serde_json::Value;
 use sluice_connectors::file::FileFormat;
 use sluice_connectors::json::JsonDecoder;
 use sluice_connectors::kafka::LoginContext;
-use sluice_engine::batch::{ColumnSelection, Envelope, PartitionInfo};
+use sluice_engine::batch::{Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
 use sluice_engine::dead_letter::{SOURCE_STAGE, decode_base64};
 use sluice_engine::executor::{self, Pipeline, RunOptions};
+use sluice_engine::graph::Input;
 use sluice_engine::source::{Assignment, PartitionReader, Source};
 use sluice_engine::stats::RunStats;
 use tokio_util::sync::CancellationToken;
@@ -417,7 +418,13 @@ pub async fn replay_into_pipeline(
         .ok_or_else(|| anyhow::anyhow!("{problems}"))?;
     let mut replayed = Replayed::default();
     // Rows the sink refused would be refused again: they stay where they are.
-    for l in letters.iter().filter(|l| l.stage == executor::SINK_STAGE) {
+    let refused_by_an_output = |stage: &str| {
+        stage == executor::SINK_STAGE
+            || stage
+                .strip_prefix(executor::SINK_STAGE)
+                .is_some_and(|rest| rest.starts_with('.'))
+    };
+    for l in letters.iter().filter(|l| refused_by_an_output(&l.stage)) {
         replayed.unreadable.push(format!(
             "{} offset {:?}: refused by the sink ({}); it stays in the dead letters",
             l.source, l.offset, l.error
@@ -436,12 +443,13 @@ pub async fn replay_into_pipeline(
         if group.is_empty() {
             continue;
         }
-        let input = if index == 0 {
-            schema.clone()
-        } else {
-            stages[index - 1].factory.output_schema()
+        let from_source = stage == SOURCE_STAGE;
+        // The schema of what the stage reads (all its inputs give the same columns).
+        let input = match config.stages.get(index).and_then(|s| s.inputs.first()) {
+            Some(Input::Stage(j)) if !from_source => stages[*j].factory.output_schema(),
+            _ => schema.clone(),
         };
-        let (batch, unreadable) = decode_letters(&group, &input, stage == SOURCE_STAGE);
+        let (batch, unreadable) = decode_letters(&group, &input, from_source);
         replayed.unreadable.extend(unreadable);
         replayed.letters += batch.num_rows();
         if batch.num_rows() == 0 {
@@ -452,13 +460,17 @@ pub async fn replay_into_pipeline(
             .await
             .map_err(|p| anyhow::anyhow!("{p}"))?;
         let planned = std::mem::take(&mut pipeline.stages);
+        // The stage and what it leads to, reading the letters as their source.
+        let (graph, kept) = if from_source {
+            (pipeline.graph.clone(), (0..planned.len()).collect())
+        } else {
+            pipeline.graph.from_stage(index)
+        };
         let pipeline = Pipeline {
             source: Box::new(ReplaySource::new(batch, &stage)),
-            stages: planned[index..].to_vec(),
+            stages: kept.iter().map(|&k| planned[k].clone()).collect(),
+            graph,
             checkpoint: None,
-            columns: ColumnSelection {
-                keep_metadata: config.sink.metadata_columns.clone(),
-            },
             ..pipeline
         };
         let stats = RunStats::new(pipeline.stages.iter().map(|s| &s.name));

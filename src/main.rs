@@ -582,11 +582,14 @@ async fn validate(files: Vec<PathBuf>) -> u8 {
     let mut code = 0;
     for file in files {
         let result = match config::load(&file) {
-            Ok(c) => plan::check(&c).await,
+            Ok(c) => plan::check(&c).await.map(|()| config::graph::describe(&c)),
             Err(p) => Err(p),
         };
         match result {
-            Ok(()) => println!("{}: ok", file.display()),
+            Ok(graph) => {
+                println!("{}: ok", file.display());
+                print!("{graph}");
+            }
             Err(problems) => {
                 println!("{problems}");
                 println!(

@@ -26,6 +26,8 @@
 //! | `sluice_worker_processes`, `sluice_worker_processes_desired` (worker processes of `sluice run --processes`, running and wanted; set by the supervisor) | pipeline |
 //! | `sluice_group_lag_records` (the consumer group's lag summed over its partitions, as the supervisor reads it from the broker) | pipeline |
 //! | `sluice_group_lag_ms` (Kinesis: the shards' `MillisBehindLatest` summed, as the supervisor reads it from the members' leases) | pipeline |
+//! | `sluice_output_rows_total` (rows written to each output) | pipeline, output |
+//! | `sluice_output_busy_seconds_total` (time writing and flushing each output: the one near 1 s per second holds every branch back) | pipeline, output |
 //! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
 //! | `sluice_checkpoint_state_bytes` (stage state the last checkpoint wrote) | pipeline |
 //!
@@ -137,6 +139,12 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         .absolute(get(&stats.scaled_down));
     gauge!("sluice_checkpoint_state_bytes", "pipeline" => p.clone())
         .set(get(&stats.checkpoint_state_bytes) as f64);
+    for o in stats.outputs() {
+        let labels = [("pipeline", p.clone()), ("output", o.name.to_string())];
+        counter!("sluice_output_rows_total", &labels).absolute(get(&o.rows));
+        // Seconds with their fraction: a gauge holds a float (it only grows).
+        gauge!("sluice_output_busy_seconds_total", &labels).set(get(&o.busy_nanos) as f64 / 1e9);
+    }
     let mut stage_dead = 0;
     for (i, s) in stats.stages.iter().enumerate() {
         let stage = s.name.to_string();

@@ -9,7 +9,8 @@ use sluice_engine::batch::{self, ColumnSelection};
 use sluice_engine::checkpoint::RocksStore;
 use sluice_engine::config::Problems;
 use sluice_engine::dead_letter::DeadLetterSink;
-use sluice_engine::executor::{CheckpointPolicy, Pipeline};
+use sluice_engine::executor::{CheckpointPolicy, Output, Pipeline};
+use sluice_engine::graph::{Graph, Input};
 use sluice_engine::sink::Sink;
 use sluice_engine::source::{Member, Source};
 use sluice_engine::stage::PlannedStage;
@@ -41,16 +42,73 @@ pub fn declared_schema(config: &SourceConfig) -> Option<SchemaRef> {
     config.spec.declared_schema()
 }
 
-/// Plans every stage in order. Stops at the first stage that cannot be planned, since the
-/// stages after it have no input schema.
+/// The schema of what reads `inputs`: the source's or a planned stage's; with several
+/// inputs, they must give the same columns (a problem at `at`'s `inputs` otherwise).
+fn schema_of(
+    inputs: &[Input],
+    source: &SchemaRef,
+    planned: &[PlannedStage],
+    names: &[String],
+    at: &crate::config::At,
+    problems: &mut Problems,
+) -> Option<SchemaRef> {
+    let of = |x: &Input| match x {
+        Input::Source => source.clone(),
+        Input::Stage(j) => planned[*j].factory.output_schema(),
+    };
+    let name = |x: &Input| match x {
+        Input::Source => crate::config::graph::SOURCE.to_string(),
+        Input::Stage(j) => names[*j].clone(),
+    };
+    let first = of(inputs.first()?);
+    for x in &inputs[1..] {
+        let other = of(x);
+        if other.fields() != first.fields() {
+            let columns = |s: &SchemaRef| {
+                s.fields()
+                    .iter()
+                    .map(|f| format!("{} {}", f.name(), f.data_type()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            at.problem(
+                problems,
+                "inputs",
+                format!(
+                    "`{}` and `{}` give different columns, so their rows cannot go to one place: `{}` has ({}), `{}` has ({})",
+                    name(&inputs[0]),
+                    name(x),
+                    name(&inputs[0]),
+                    columns(&first),
+                    name(x),
+                    columns(&other)
+                ),
+            );
+            return None;
+        }
+    }
+    Some(first)
+}
+
+/// The graph of the configuration: what each stage and output reads.
+pub fn graph_of(config: &PipelineConfig) -> Graph {
+    Graph {
+        stages: config.stages.iter().map(|s| s.inputs.clone()).collect(),
+        outputs: config.outputs.iter().map(|o| o.inputs.clone()).collect(),
+    }
+}
+
+/// Plans every stage in order, each against the schema of what it reads. Stops at the
+/// first stage that cannot be planned, since the stages after it may have no input schema.
 pub async fn plan_stages(
     config: &PipelineConfig,
     input: SchemaRef,
     problems: &mut Problems,
 ) -> Option<Vec<PlannedStage>> {
-    let mut schema = input;
     let mut planned = Vec::with_capacity(config.stages.len());
+    let names: Vec<String> = config.stages.iter().map(|s| s.name.clone()).collect();
     for stage in &config.stages {
+        let schema = schema_of(&stage.inputs, &input, &planned, &names, &stage.at, problems)?;
         let factory = stage.spec.plan(&stage.name, &schema).await;
         match factory {
             Ok(factory) => {
@@ -70,7 +128,6 @@ pub async fn plan_stages(
                         stage.at.problem(problems, "fallback_values", e.to_string());
                     }
                 }
-                schema = factory.output_schema();
                 planned.push(PlannedStage {
                     name: stage.name.as_str().into(),
                     factory,
@@ -86,6 +143,29 @@ pub async fn plan_stages(
         }
     }
     Some(planned)
+}
+
+/// The schema each output writes: what it reads, its metadata columns chosen.
+pub fn output_schemas(
+    config: &PipelineConfig,
+    source: &SchemaRef,
+    stages: &[PlannedStage],
+    problems: &mut Problems,
+) -> Option<Vec<SchemaRef>> {
+    let names: Vec<String> = config.stages.iter().map(|s| s.name.clone()).collect();
+    let mut out = Vec::with_capacity(config.outputs.len());
+    for output in &config.outputs {
+        let schema = schema_of(&output.inputs, source, stages, &names, &output.at, problems)?;
+        out.push(Arc::new(columns_of(output).apply_schema(&schema)));
+    }
+    Some(out)
+}
+
+/// The metadata columns an output writes.
+pub fn columns_of(output: &SinkConfig) -> ColumnSelection {
+    ColumnSelection {
+        keep_metadata: output.metadata_columns.clone(),
+    }
 }
 
 /// Opens the sink; `input` is the schema of the batches it will write.
@@ -159,6 +239,7 @@ pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
         && let Some(stages) = plan_stages(config, source.schema(), &mut problems).await
     {
         check_scaling(config, &source.schema(), &stages, &mut problems);
+        output_schemas(config, &source.schema(), &stages, &mut problems);
     }
     problems.into_result(())
 }
@@ -266,17 +347,23 @@ async fn build_with(
                 }
             }
         });
-    let sink = match (&source, &stages) {
+    let outputs = match (&source, &stages) {
         (Some(source), Some(stages)) if problems.is_empty() => {
-            let last = stages
-                .last()
-                .map_or_else(|| source.schema(), |s| s.factory.output_schema());
-            let input = ColumnSelection {
-                keep_metadata: config.sink.metadata_columns.clone(),
-            }
-            .apply_schema(&last);
-            let sink = own_files(&config.sink, member, beside_suffix);
-            open_sink(&sink, &input, &mut problems)
+            output_schemas(config, &source.schema(), stages, &mut problems).map(|schemas| {
+                config
+                    .outputs
+                    .iter()
+                    .zip(schemas)
+                    .filter_map(|(output, schema)| {
+                        let sink = own_files(output, member, beside_suffix);
+                        Some(Output {
+                            name: output.name.as_str().into(),
+                            sink: open_sink(&sink, &schema, &mut problems)?,
+                            columns: columns_of(output),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
         }
         _ => None,
     };
@@ -286,18 +373,16 @@ async fn build_with(
         }
         _ => None,
     };
-    match (source, stages, sink) {
-        (Some(source), Some(stages), Some(sink)) if problems.is_empty() => Ok(Pipeline {
+    match (source, stages, outputs) {
+        (Some(source), Some(stages), Some(outputs)) if problems.is_empty() => Ok(Pipeline {
             dead_letter,
             checkpoint,
             name: config.name.as_str().into(),
             source,
             batching: config.source.batching,
             stages,
-            sink,
-            columns: ColumnSelection {
-                keep_metadata: config.sink.metadata_columns.clone(),
-            },
+            graph: graph_of(config),
+            outputs,
         }),
         _ => Err(problems.sorted()),
     }

@@ -45,6 +45,7 @@ pub fn spawn_status_line(
     Some(tokio::spawn(async move {
         let started = Instant::now();
         let mut last = (0u64, 0u64, Instant::now());
+        let mut busy_before: Vec<u64> = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
@@ -56,8 +57,9 @@ pub fn spawn_status_line(
                 RunStats::get(&stats.records_out),
             );
             let dt = last.2.elapsed().as_secs_f64().max(1e-3);
+            let slowest = slowest_output(&stats, &mut busy_before, dt);
             eprint!(
-                "\r\x1b[2K▶ {name}  in {} ({})  out {} ({})  failed {}  {:.1}s",
+                "\r\x1b[2K▶ {name}  in {} ({})  out {} ({})  failed {}  {:.1}s{slowest}",
                 count(rin),
                 rate((rin - last.0) as f64 / dt),
                 count(rout),
@@ -70,6 +72,35 @@ pub fn spawn_status_line(
         }
         eprint!("\r\x1b[2K");
     }))
+}
+
+/// With several outputs, the one that was busy writing most of the last `seconds` (more
+/// than half of them), which holds every branch back: `  slow output: kafka 97% busy`.
+fn slowest_output(stats: &RunStats, before: &mut Vec<u64>, seconds: f64) -> String {
+    let outputs = stats.outputs();
+    let now: Vec<u64> = outputs
+        .iter()
+        .map(|o| RunStats::get(&o.busy_nanos))
+        .collect();
+    let busiest = now
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                i,
+                (n - before.get(i).copied().unwrap_or(0)) as f64 / 1e9 / seconds,
+            )
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    *before = now;
+    match busiest {
+        Some((i, busy)) if outputs.len() > 1 && busy > 0.5 => format!(
+            "  slow output: {} {:.0}% busy",
+            outputs[i].name,
+            (busy * 100.0).min(100.0)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The end-of-run summary: totals, per-stage counts and timings, what the sink wrote.
@@ -144,6 +175,18 @@ pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
             "  source: {} records did not decode (dead-lettered)\n",
             count(decode_dead)
         ));
+    }
+    let outputs = stats.outputs();
+    if outputs.len() > 1 {
+        let width = outputs.iter().map(|o| o.name.len()).max().unwrap_or(0);
+        for o in outputs {
+            out.push_str(&format!(
+                "  output {:width$}  {:>12} rows  busy {:.0}% of the run\n",
+                o.name,
+                count(RunStats::get(&o.rows)),
+                RunStats::get(&o.busy_nanos) as f64 / 1e9 * 100.0 / secs,
+            ));
+        }
     }
     out.push_str(&format!("  sink: {}", report.sink));
     out

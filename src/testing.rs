@@ -2,17 +2,19 @@
 //!
 //! Each case's `input` records are decoded with the source's schema (as the source would
 //! decode them), given metadata columns (partition 0, offsets from 0), run through every
-//! stage, and the rows the sink would write are compared, in order and exactly, with
-//! `expected`. A mismatch prints a diff: per row, the fields that differ.
+//! stage in the order of the graph, and the rows the case's output would write are
+//! compared, in order and exactly, with `expected`. A mismatch prints a diff: per row, the fields that differ.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use serde_json::Value as Json;
 use sluice_connectors::json::{decode_records, to_json_rows};
 use sluice_engine::batch::{self, ColumnSelection, is_metadata};
 use sluice_engine::config::Problems;
+use sluice_engine::graph::Input;
 use sluice_engine::stage::{PlannedStage, StageContext};
 
 use crate::config::{PipelineConfig, TestCase};
@@ -36,14 +38,14 @@ pub async fn run_tests(config: &PipelineConfig) -> Result<Vec<Outcome>, Problems
             None => return Err(problems),
         },
     };
-    let Some(stages) = plan::plan_stages(config, schema.clone(), &mut problems).await else {
-        return Err(problems);
-    };
-    let columns = ColumnSelection {
-        keep_metadata: config.sink.metadata_columns.clone(),
-    };
     let mut outcomes = Vec::with_capacity(config.tests.len());
     for case in &config.tests {
+        // Planned for each case: stateful stages keep their state in the factory, and each
+        // case starts empty.
+        let Some(stages) = plan::plan_stages(config, schema.clone(), &mut problems).await else {
+            return Err(problems);
+        };
+        let columns = plan::columns_of(&config.outputs[case.output]);
         match run_case(config, case, &schema, &stages, &columns, &mut problems).await {
             Some(failure) => outcomes.push(Outcome {
                 name: case.name.clone(),
@@ -95,11 +97,43 @@ async fn run_case(
             return None;
         }
     };
-    let mut batch = match batch::append_metadata(schema, decoded, 0, 0, None, None) {
+    let source = match batch::append_metadata(schema, decoded, 0, 0, None, None) {
         Ok(b) => b,
         Err(e) => return Some(Some(e.to_string())),
     };
-    for stage in stages {
+    // Each stage's rows, in the order of the stages (each after what it reads).
+    let mut rows: Vec<RecordBatch> = Vec::with_capacity(stages.len());
+    let gather = |inputs: &[Input], rows: &[RecordBatch]| {
+        let parts: Vec<RecordBatch> = inputs
+            .iter()
+            .map(|x| match x {
+                Input::Source => source.clone(),
+                Input::Stage(j) => rows[*j].clone(),
+            })
+            .collect();
+        arrow::compute::concat_batches(&parts[0].schema(), &parts)
+            .map_err(|e| sluice_engine::Error::arrow("joining inputs", e))
+    };
+    // Only the stages that lead to the case's output run.
+    let mut needed = vec![false; stages.len()];
+    let mut wanted: Vec<Input> = config.outputs[case.output].inputs.clone();
+    while let Some(x) = wanted.pop() {
+        if let Input::Stage(j) = x
+            && !needed[j]
+        {
+            needed[j] = true;
+            wanted.extend(config.stages[j].inputs.iter().copied());
+        }
+    }
+    for (i, (stage, config_stage)) in stages.iter().zip(&config.stages).enumerate() {
+        if !needed[i] {
+            rows.push(RecordBatch::new_empty(stage.factory.output_schema()));
+            continue;
+        }
+        let batch = match gather(&config_stage.inputs, &rows) {
+            Ok(b) => b,
+            Err(e) => return Some(Some(e.to_string())),
+        };
         let ctx = StageContext {
             pipeline: config.name.as_str().into(),
             ..StageContext::detached(&stage.name)
@@ -137,9 +171,13 @@ async fn run_case(
                 batch.num_rows()
             )));
         }
-        batch = out.batch;
+        rows.push(out.batch);
     }
-    let actual = match columns.apply(&batch).and_then(|b| to_json_rows(&b)) {
+    let written = gather(&config.outputs[case.output].inputs, &rows);
+    let actual = match written
+        .and_then(|b| columns.apply(&b))
+        .and_then(|b| to_json_rows(&b))
+    {
         Ok(rows) => rows,
         Err(e) => return Some(Some(e.to_string())),
     };

@@ -16,6 +16,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod executor;
 pub mod failure;
+pub mod graph;
 pub mod sink;
 pub mod source;
 pub mod stage;

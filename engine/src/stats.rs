@@ -154,7 +154,7 @@ impl LatencyHistogram {
 pub struct RunStats {
     /// Records read from the source and handed to a worker.
     pub records_in: AtomicU64,
-    /// Records written to the sink.
+    /// Records written to the outputs (a record written to two outputs counts twice).
     pub records_out: AtomicU64,
     /// Records that failed in a stage or at decoding (dead letters).
     pub records_failed: AtomicU64,
@@ -179,6 +179,26 @@ pub struct RunStats {
     /// The partitions this process reads, by name, with what their lag is computed from.
     pub partitions: Mutex<BTreeMap<Arc<str>, Arc<PartitionLag>>>,
     pub stages: Vec<StageStats>,
+    /// Per output (sink), in the pipeline's order: set once when the run starts.
+    pub outputs: std::sync::OnceLock<Vec<OutputStats>>,
+}
+
+/// What one output (sink) of the pipeline took.
+#[derive(Debug, Default)]
+pub struct OutputStats {
+    pub name: Arc<str>,
+    /// Rows written to it (refused ones not counted).
+    pub rows: AtomicU64,
+    /// Time spent writing and flushing it: an output busy most of the time is the one
+    /// that holds the pipeline back (every output of a batch is written before the next).
+    pub busy_nanos: AtomicU64,
+}
+
+impl RunStats {
+    /// The outputs' counters (none before the run starts).
+    pub fn outputs(&self) -> &[OutputStats] {
+        self.outputs.get().map_or(&[], Vec::as_slice)
+    }
 }
 
 /// How far one partition is: the source's end of it and the pipeline's position in it.

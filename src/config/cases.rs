@@ -2,9 +2,15 @@
 
 use super::*;
 
-pub(super) const TEST_KEYS: &[&str] = &["name", "input", "expected"];
+pub(super) const TEST_KEYS: &[&str] = &["name", "input", "expected", "output"];
 
-pub(super) fn parse_tests(node: Option<&Node>, problems: &mut Problems) -> Vec<TestCase> {
+/// `outputs`: the pipeline's outputs; a case names the one it checks (`output: NAME`)
+/// when there are several.
+pub(super) fn parse_tests(
+    node: Option<&Node>,
+    outputs: &[SinkConfig],
+    problems: &mut Problems,
+) -> Vec<TestCase> {
     let path = Location::new("tests");
     let Some(node) = node else { return Vec::new() };
     let Value::Seq(items) = &node.value else {
@@ -62,6 +68,42 @@ pub(super) fn parse_tests(node: Option<&Node>, problems: &mut Problems) -> Vec<T
                 }
             }
         };
+        let names = || {
+            outputs
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let output = match item.get("output") {
+            Some(n) => match outputs
+                .iter()
+                .position(|o| Some(o.name.as_str()) == n.scalar())
+            {
+                Some(o) => o,
+                None => {
+                    problems.at(
+                        &path.key("output"),
+                        n,
+                        format!(
+                            "{} is not an output of the pipeline; expected one of {}",
+                            n.describe(),
+                            names()
+                        ),
+                    );
+                    continue;
+                }
+            },
+            None if outputs.len() > 1 => {
+                problems.at(
+                    &path,
+                    item,
+                    format!("the pipeline has several outputs: say which one the case checks with `output:` (one of {})", names()),
+                );
+                continue;
+            }
+            None => 0,
+        };
         let input = rows("input", problems);
         let expected = rows("expected", problems);
         if let (Some(input), Some(expected)) = (input, expected) {
@@ -75,6 +117,7 @@ pub(super) fn parse_tests(node: Option<&Node>, problems: &mut Problems) -> Vec<T
                     })
                     .collect(),
                 expected: expected.iter().map(Node::to_json).collect(),
+                output,
                 at: At {
                     node: item.clone(),
                     path,

@@ -41,14 +41,20 @@ use sluice_engine::executor::{Batching, CheckpointPolicy};
 use sluice_engine::failure::FailurePolicy;
 
 mod cases;
+pub mod graph;
 mod sink;
 mod source;
 mod stages;
 
 use cases::*;
+use graph::{Entry, Ref, RouteEntry};
 use sink::*;
 use source::*;
 use stages::*;
+
+/// The name of the output the `sink:` makes (and of the stage its refused rows are
+/// dead-lettered under).
+pub const SINK_NAME: &str = sluice_engine::executor::SINK_STAGE;
 
 const TOP_LEVEL: &[&str] = &[
     "name",
@@ -68,8 +74,10 @@ pub struct PipelineConfig {
     pub file: String,
     pub name: String,
     pub source: SourceConfig,
+    /// In an order where each stage comes after what it reads (see [`graph`]).
     pub stages: Vec<StageConfig>,
-    pub sink: SinkConfig,
+    /// Where rows go: the `sink:`, and the `sinks:` entries that name an `input`.
+    pub outputs: Vec<SinkConfig>,
     pub dead_letter: Option<SinkConfig>,
     pub checkpoint: Option<Checkpointing>,
     /// Worker tasks follow the partitions' lag (see `sluice_engine::autoscale`).
@@ -107,16 +115,27 @@ impl SourceConfig {
 }
 
 pub struct StageConfig {
+    /// Its name; a route's branch is `ROUTE.BRANCH`.
     pub name: String,
     /// The `type:` that named it (an entry of `sluice_udfs::registry::STAGES`).
     pub kind: &'static str,
     pub spec: Arc<dyn StageSpec>,
     pub policy: FailurePolicy,
+    /// Its `input`/`inputs` as written; `None`: the stage before it.
+    pub reads: Option<Vec<Ref>>,
+    /// What it reads, resolved: the source or stages before it in `PipelineConfig::stages`.
+    pub inputs: Vec<sluice_engine::graph::Input>,
     pub at: At,
 }
 
 #[derive(Clone)]
 pub struct SinkConfig {
+    /// `sink` for the `sink:`, the entry's name for a `sinks:` entry used as an output.
+    pub name: String,
+    /// Its `input`/`inputs` as written; `None`: the last stage.
+    pub reads: Option<Vec<Ref>>,
+    /// What it reads, resolved (as `StageConfig::inputs`).
+    pub inputs: Vec<sluice_engine::graph::Input>,
     /// The `type:` that named it (an entry of `sluice_connectors::registry::SINKS`).
     pub kind: &'static str,
     pub spec: Arc<dyn SinkSpec>,
@@ -303,11 +322,13 @@ fn parse_scaling(
     })
 }
 
-/// A `tests:` case: records in, the exact records expected out of the last stage.
+/// A `tests:` case: records in, the exact records expected in an output.
 pub struct TestCase {
     pub name: String,
     pub input: Vec<(Node, serde_json::Value)>,
     pub expected: Vec<serde_json::Value>,
+    /// The output whose rows are compared (its index in `PipelineConfig::outputs`).
+    pub output: usize,
     pub at: At,
 }
 
@@ -373,13 +394,83 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
         .and_then(|n| pick(&root, n, "source", "sources", &mut problems))
         .and_then(|(n, path)| parse_source(n, path, &mut problems));
     let stages = parse_stages(root.get("stages"), &mut problems);
-    let sink = required("sink", &mut problems)
-        .and_then(|n| pick(&root, n, "sink", "sinks", &mut problems))
-        .and_then(|(n, path)| parse_sink(n, &path, &mut problems));
+    let is_output = |n: &Node| n.get("input").is_some() || n.get("inputs").is_some();
+    let sink_entries: Vec<(&Node, &Node)> = match root.get("sinks").map(|n| &n.value) {
+        Some(Value::Map(entries)) => entries.iter().map(|(k, v)| (k, v)).collect(),
+        _ => Vec::new(),
+    };
+    let graph_outputs = sink_entries.iter().any(|(_, v)| is_output(v));
+    let mut outputs = Vec::new();
+    let mut outputs_complete = true;
+    match root.get("sink") {
+        Some(n) => {
+            let picked = n.scalar().unwrap_or(SINK_NAME).to_string();
+            if let Some(entry) = n.scalar().and_then(|k| root.get("sinks")?.get(k))
+                && is_output(entry)
+            {
+                problems.at(
+                    &Location::new("sink"),
+                    n,
+                    format!("picks `{picked}`, which is an output of its own (it names an `input`): remove `sink:` or the entry's `input`"),
+                );
+            }
+            match pick(&root, n, "sink", "sinks", &mut problems)
+                .and_then(|(n, path)| parse_sink(n, &path, &picked, &mut problems))
+            {
+                Some(sink) => outputs.push(sink),
+                None => outputs_complete = false,
+            }
+        }
+        None if !graph_outputs => {
+            problems.at(
+                &root_path.key("sink"),
+                &root,
+                "missing required field `sink` (or `sinks:` entries that name their `input`)",
+            );
+            outputs_complete = false;
+        }
+        None => {}
+    }
+    for (key, node) in &sink_entries {
+        if !is_output(node) {
+            continue;
+        }
+        let name = key.scalar().unwrap_or_default();
+        let path = Location::new("sinks").key(name);
+        if !sluice_engine::config::valid_name(name) {
+            problems.at(
+                &path,
+                key,
+                format!("`{name}` is not a valid output name: use letters, digits, _ and -"),
+            );
+        }
+        if outputs.iter().any(|o: &SinkConfig| o.name == name) {
+            problems.at(
+                &path,
+                key,
+                format!(
+                    "the output name `{name}` is used twice (the `sink:` is named `{SINK_NAME}`)"
+                ),
+            );
+        }
+        match parse_sink(node, &path, name, &mut problems) {
+            Some(sink) => outputs.push(sink),
+            None => outputs_complete = false,
+        }
+    }
     let dead_letter = root
         .get("dead_letter")
         .and_then(|n| pick(&root, n, "dead_letter", "sinks", &mut problems))
-        .and_then(|(n, path)| parse_sink(n, &path, &mut problems));
+        .and_then(|(n, path)| parse_sink(n, &path, "dead_letter", &mut problems));
+    if let Some(dead) = &dead_letter
+        && dead.reads.is_some()
+    {
+        dead.at.problem(
+            &mut problems,
+            "input",
+            "does not apply to the dead letters: they are the records that failed anywhere in the pipeline",
+        );
+    }
     let checkpoint = root.get("checkpoint").and_then(|n| {
         let path = Location::new("checkpoint");
         let c: CheckpointConfig = from_node(n, &path, &[], &mut problems)?;
@@ -413,12 +504,20 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
             continue;
         }
         for (key, node) in entries {
-            let path = Location::new(alternatives).key(key.scalar().unwrap_or_default());
+            let name = key.scalar().unwrap_or_default();
+            let path = Location::new(alternatives).key(name);
             let picked = |k: &str| root.get(k).and_then(Node::scalar) == key.scalar();
             if is_source && !picked("source") {
                 parse_source(node, path, &mut problems);
-            } else if !is_source && !picked("sink") && !picked("dead_letter") {
-                parse_sink(node, &path, &mut problems);
+            } else if !is_source && !picked("sink") && !picked("dead_letter") && !is_output(node) {
+                parse_sink(node, &path, name, &mut problems);
+                if graph_outputs {
+                    problems.at(
+                        &path,
+                        key,
+                        format!("nothing feeds the sink `{name}`: give it `input: STAGE` (the other `sinks:` entries are outputs), or pick it with `dead_letter: {name}`"),
+                    );
+                }
             }
         }
     }
@@ -433,22 +532,35 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
             node,
             format!("picks `{dead}`, the same entry as `sink`: dead letters would be mixed into the output"),
         );
-    } else if let (Some(sink), Some(dead)) = (&sink, &dead_letter) {
-        check_dead_letter_files(sink, dead, &mut problems);
+    } else if let Some(dead) = &dead_letter {
+        for output in &outputs {
+            check_dead_letter_files(output, dead, &mut problems);
+        }
     }
+    for (i, a) in outputs.iter().enumerate() {
+        for b in &outputs[i + 1..] {
+            check_files_apart(a, b, &mut problems);
+        }
+    }
+    let stages = match stages {
+        Some((stages, entries, routes)) if outputs_complete => {
+            graph::resolve(stages, &entries, &routes, &mut outputs, &mut problems)
+        }
+        _ => None,
+    };
     let scaling = root
         .get("scaling")
         .and_then(|n| parse_scaling(n, source.as_ref(), &mut problems));
-    let tests = parse_tests(root.get("tests"), &mut problems);
+    let tests = parse_tests(root.get("tests"), &outputs, &mut problems);
 
-    match (name, source, stages, sink) {
-        (Some(name), Some(source), Some(stages), Some(sink)) if problems.is_empty() => {
+    match (name, source, stages) {
+        (Some(name), Some(source), Some(stages)) if problems.is_empty() && outputs_complete => {
             Ok(PipelineConfig {
                 file: file.to_string(),
                 name,
                 source,
                 stages,
-                sink,
+                outputs,
                 dead_letter,
                 checkpoint,
                 scaling,
@@ -463,12 +575,33 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
 /// and format): dead letters would be mixed into the output, and the two writers would
 /// number their files alike, replace each other's and remove each other's unfinished ones.
 fn check_dead_letter_files(sink: &SinkConfig, dead: &SinkConfig, problems: &mut Problems) {
-    let (Some(s), Some(d)) = (
-        downcast_sink::<FileSinkConfig>(sink.spec.as_ref()),
-        downcast_sink::<FileSinkConfig>(dead.spec.as_ref()),
-    ) else {
-        return;
-    };
+    if let Some(clash) = files_clash(sink, dead) {
+        dead.at.problem(
+            problems,
+            "path",
+            format!("{clash}: dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or a `prefix` that does not start the sink's"),
+        );
+    }
+}
+
+/// Two outputs of files must not write the same files, for the same reasons.
+fn check_files_apart(a: &SinkConfig, b: &SinkConfig, problems: &mut Problems) {
+    if let Some(clash) = files_clash(a, b) {
+        b.at.problem(
+            problems,
+            "path",
+            format!("{clash}: the two outputs would overwrite each other's files; give one another `path` or `prefix`"),
+        );
+    }
+}
+
+/// How `b` would write `a`'s files (the same directory and format, prefixes that overlap),
+/// if it would.
+fn files_clash(a: &SinkConfig, b: &SinkConfig) -> Option<String> {
+    let (s, d) = (
+        downcast_sink::<FileSinkConfig>(a.spec.as_ref())?,
+        downcast_sink::<FileSinkConfig>(b.spec.as_ref())?,
+    );
     let ext = s.format.extension();
     // Worker processes and replays add `-NAME` to a prefix, and `sluice dlq` reads every
     // `{prefix}-*` file: `part` and `part-out` in one directory would read as one.
@@ -477,22 +610,17 @@ fn check_dead_letter_files(sink: &SinkConfig, dead: &SinkConfig, problems: &mut 
         s.prefix == d.prefix || overlap(&s.prefix, &d.prefix) || overlap(&d.prefix, &s.prefix);
     if !overlapping || ext != d.format.extension() || same_dir_key(&s.path) != same_dir_key(&d.path)
     {
-        return;
+        return None;
     }
-    let line = sink
-        .at
-        .node
-        .get("path")
-        .map_or(sink.at.node.mark, |n| n.mark)
-        .line;
-    dead.at.problem(
-        problems,
-        "path",
-        format!(
-            "is where `{}` writes its files (line {line}), with names that overlap (`{}-*.{ext}` and `{}-*.{ext}`): dead letters would be mixed into the output and overwrite its files; give the dead letters another `path` or a `prefix` that does not start the sink's",
-            sink.at.path, s.prefix, d.prefix
-        ),
-    );
+    let line =
+        a.at.node
+            .get("path")
+            .map_or(a.at.node.mark, |n| n.mark)
+            .line;
+    Some(format!(
+        "is where `{}` writes its files (line {line}), with names that overlap (`{}-*.{ext}` and `{}-*.{ext}`)",
+        a.at.path, s.prefix, d.prefix
+    ))
 }
 
 /// The directory `path` names, the same for every spelling of it: absolute, with symbolic

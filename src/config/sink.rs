@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(super) const SINK_COMMON: &[&str] = &["type", "metadata_columns"];
+pub(super) const SINK_COMMON: &[&str] = &["type", "metadata_columns", "input", "inputs"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -12,14 +12,22 @@ pub(super) struct SinkCommon {
     /// Metadata columns to write along with the record columns (default none).
     #[serde(default)]
     pub(super) metadata_columns: Vec<String>,
+    /// What it writes (read with their locations by `graph::parse_reads`).
+    #[serde(default, rename = "input")]
+    pub(super) _input: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "inputs")]
+    pub(super) _inputs: Option<serde::de::IgnoredAny>,
 }
 
+/// Reads a sink named `name` (`sink`, or its `sinks:` entry's name).
 pub(super) fn parse_sink(
     node: &Node,
     path: &Location,
+    name: &str,
     problems: &mut Problems,
 ) -> Option<SinkConfig> {
     let (entry, node) = split_kind_in(node, path, registry::SINKS, problems)?;
+    let reads = graph::parse_reads(node, path, problems);
     let common = select_keys(node, SINK_COMMON, true);
     let rest = select_keys(node, SINK_COMMON, false);
     let common: Option<SinkCommon> = from_node(&common, path, &[], problems);
@@ -39,6 +47,9 @@ pub(super) fn parse_sink(
         }
     }
     Some(SinkConfig {
+        name: name.to_string(),
+        reads,
+        inputs: Vec::new(),
         kind: entry.name,
         spec: spec?,
         metadata_columns: common.metadata_columns,

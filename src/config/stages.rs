@@ -16,6 +16,8 @@ pub(super) const STAGE_COMMON: &[&str] = &[
     "circuit_breaker",
     "fallback",
     "fallback_values",
+    "input",
+    "inputs",
 ];
 
 #[derive(Deserialize)]
@@ -47,6 +49,11 @@ pub(super) struct StageCommon {
     /// `fallback: default`: values of output columns, e.g. `{ score: 0.0, label: unknown }`.
     #[serde(default)]
     pub(super) fallback_values: serde_json::Map<String, serde_json::Value>,
+    /// What it reads (read with their locations by `graph::parse_reads`).
+    #[serde(default, rename = "input")]
+    pub(super) _input: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "inputs")]
+    pub(super) _inputs: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize, Default, PartialEq)]
@@ -215,17 +222,18 @@ impl StageCommon {
     }
 }
 
-pub(super) fn parse_stages(
-    node: Option<&Node>,
-    problems: &mut Problems,
-) -> Option<Vec<StageConfig>> {
+/// The stages as written (a route already its branches' stages, `ROUTE.BRANCH`), the
+/// entries of `stages:` in order, and the routes. `None` when one could not be read.
+pub(super) type ParsedStages = (Vec<StageConfig>, Vec<Entry>, Vec<RouteEntry>);
+
+pub(super) fn parse_stages(node: Option<&Node>, problems: &mut Problems) -> Option<ParsedStages> {
     let Some(node) = node else {
-        return Some(Vec::new());
+        return Some(Default::default());
     };
     let path = Location::new("stages");
     let items = match &node.value {
         Value::Seq(items) => items,
-        _ if node.is_null() => return Some(Vec::new()),
+        _ if node.is_null() => return Some(Default::default()),
         _ => {
             problems.at(
                 &path,
@@ -235,28 +243,30 @@ pub(super) fn parse_stages(
             return None;
         }
     };
-    let mut stages = Vec::with_capacity(items.len());
+    let mut written: Vec<StageConfig> = Vec::with_capacity(items.len());
     let mut complete = true;
     for (i, item) in items.iter().enumerate() {
         match parse_stage(item, &path.index(i), problems) {
-            Some(stage) => stages.push(stage),
+            Some(stage) => written.push(stage),
             None => complete = false,
         }
     }
-    for (i, stage) in stages.iter().enumerate() {
+    for (i, stage) in written.iter().enumerate() {
         let name = &stage.name;
-        let valid = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !valid {
+        if !sluice_engine::config::valid_name(name) {
             stage.at.problem(
                 problems,
                 "name",
                 format!("`{name}` is not a valid stage name: use letters, digits, _ and -"),
             );
+        } else if name == graph::SOURCE {
+            stage.at.problem(
+                problems,
+                "name",
+                "`source` names the pipeline's source in `input:`; name the stage otherwise",
+            );
         }
-        if let Some(first) = stages[..i].iter().find(|s| s.name == *name) {
+        if let Some(first) = written[..i].iter().find(|s| s.name == *name) {
             stage.at.problem(
                 problems,
                 "name",
@@ -267,7 +277,40 @@ pub(super) fn parse_stages(
             );
         }
     }
-    complete.then_some(stages)
+    if !complete {
+        return None;
+    }
+    // Routes become a stage per branch, in the route's place.
+    let (mut stages, mut entries, mut routes) = (Vec::new(), Vec::new(), Vec::new());
+    for stage in written {
+        let Some(route) = (stage.spec.as_ref() as &dyn std::any::Any)
+            .downcast_ref::<sluice_udfs::route::RouteSpec>()
+        else {
+            entries.push(Entry::Stage(stages.len()));
+            stages.push(stage);
+            continue;
+        };
+        let mut branches = Vec::new();
+        for (branch, spec) in route.branches() {
+            branches.push(branch.clone());
+            stages.push(StageConfig {
+                name: format!("{}.{branch}", stage.name),
+                kind: stage.kind,
+                spec,
+                policy: stage.policy.clone(),
+                reads: stage.reads.clone(),
+                inputs: Vec::new(),
+                at: stage.at.clone(),
+            });
+        }
+        entries.push(Entry::Route(routes.len()));
+        routes.push(RouteEntry {
+            name: stage.name.clone(),
+            branches,
+            at: stage.at.clone(),
+        });
+    }
+    Some((stages, entries, routes))
 }
 
 pub(super) fn parse_stage(
@@ -280,6 +323,7 @@ pub(super) fn parse_stage(
     let rest = select_keys(node, STAGE_COMMON, false);
     let common: Option<StageCommon> = from_node(&common, path, &[], problems);
     let spec = (entry.parse)(&rest, node, path, STAGE_COMMON, problems);
+    let reads = graph::parse_reads(node, path, problems);
     let common = common?;
     let policy = common.policy(node, path, problems);
     Some(StageConfig {
@@ -287,6 +331,8 @@ pub(super) fn parse_stage(
         kind: entry.name,
         spec: spec?,
         policy,
+        reads,
+        inputs: Vec::new(),
         at: At {
             node: node.clone(),
             path: path.clone(),

@@ -10,7 +10,11 @@ use crate::{read_lines, root, sluice, text};
 fn validate_accepts_the_examples_and_lists_every_problem() {
     let out = sluice(&["validate", "pipelines/quickstart.yaml"]);
     assert!(out.status.success(), "{}", text(&out.stdout));
-    assert_eq!(text(&out.stdout), "pipelines/quickstart.yaml: ok\n");
+    // Then the graph: what each stage and output reads.
+    assert_eq!(
+        text(&out.stdout),
+        "pipelines/quickstart.yaml: ok\nsource (generator)\n  plays (sql)            ← source\n  experiment (function)  ← plays\noutput sink (file)       ← experiment\n"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.yaml");
@@ -26,7 +30,7 @@ fn validate_accepts_the_examples_and_lists_every_problem() {
         text(&out.stdout),
         format!(
             "source.batch_size: -1 is out of range: expected a whole number from 0 to 18446744073709551615 ({f}:4:15)\n\
-             stages[0].retries: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, query ({f}:9:5)\n\
+             stages[0].retries: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, input, inputs, query ({f}:9:5)\n\
              sink.type: unknown type `kafak`, expected one of file, kafka, kinesis, stdout, null ({f}:11:9)\n\
              {f}: 3 problems\n"
         )

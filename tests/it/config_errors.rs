@@ -38,7 +38,7 @@ sink:
 ";
     assert_eq!(
         one_problem(yaml),
-        "stages[1].batch_sise: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, query (x.yaml:10:5)"
+        "stages[1].batch_sise: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, input, inputs, query (x.yaml:10:5)"
     );
 }
 
@@ -61,7 +61,7 @@ fn unknown_top_level_section() {
 fn missing_sink() {
     assert_eq!(
         one_problem("name: x\nsource:\n  type: generator\n"),
-        "sink: missing required field `sink` (x.yaml:1:1)"
+        "sink: missing required field `sink` (or `sinks:` entries that name their `input`) (x.yaml:1:1)"
     );
 }
 
@@ -208,7 +208,7 @@ fn stage_without_a_type() {
     );
     assert_eq!(
         one_problem(&yaml),
-        "stages[0]: missing field `type`, expected one of sql, function, aggregate (x.yaml:5:5)"
+        "stages[0]: missing field `type`, expected one of sql, function, aggregate, route (x.yaml:5:5)"
     );
 }
 
@@ -251,7 +251,7 @@ sink:
             "source.partitions: expected a whole number, found `many` (x.yaml:4:15)",
             "source.colour: unknown field, expected one of type, batch_size, batch_window, partitions, count, rate, users, titles, seed, start_time, interval, disorder (x.yaml:5:3)",
             "stages[0].query: missing required field (x.yaml:7:5)",
-            "stages[0].qeury: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, query (x.yaml:9:5)",
+            "stages[0].qeury: unknown field, expected one of name, type, retry, bisect_on_error, max_record_age, timeout, concurrency, circuit_breaker, fallback, fallback_values, input, inputs, query (x.yaml:9:5)",
             "sink.path: missing required field (x.yaml:11:3)",
         ]
     );

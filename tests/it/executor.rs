@@ -12,7 +12,8 @@ use arrow::datatypes::{Int64Type, SchemaRef, UInt32Type};
 use async_trait::async_trait;
 use sluice_connectors::generator::{GeneratorConfig, GeneratorSource};
 use sluice_engine::batch::ColumnSelection;
-use sluice_engine::executor::{self, Batching, Control, Pipeline, RunOptions};
+use sluice_engine::executor::{self, Batching, Control, Output, Pipeline, RunOptions};
+use sluice_engine::graph::Graph;
 use sluice_engine::sink::Sink;
 use sluice_engine::source::{Assignment, Source};
 use sluice_engine::stats::RunStats;
@@ -103,10 +104,13 @@ fn pipeline(source: Box<dyn Source>, sink: Recording, size: usize, window: Durat
         source,
         batching: Batching { size, window },
         stages: Vec::new(),
-        sink: Box::new(sink),
-        columns: ColumnSelection {
-            keep_metadata: vec!["_partition".into(), "_offset".into()],
-        },
+        graph: Graph::chain(0),
+        outputs: Output::single(
+            Box::new(sink),
+            ColumnSelection {
+                keep_metadata: vec!["_partition".into(), "_offset".into()],
+            },
+        ),
         checkpoint: None,
         dead_letter: None,
     }
@@ -410,7 +414,7 @@ async fn a_sink_error_is_the_error_reported() {
         100,
         Duration::from_millis(10),
     );
-    p.sink = Box::new(FailingSink(0));
+    p.outputs[0].sink = Box::new(FailingSink(0));
     let stats = RunStats::new([]);
     let e = executor::run(
         p,
@@ -614,7 +618,8 @@ fn with_lanes(
         batch_size,
         Duration::from_millis(5),
     );
-    p.sink = Box::new(sink.clone());
+    p.outputs[0].sink = Box::new(sink.clone());
+    p.graph = Graph::chain(1);
     p.stages = vec![sluice_engine::stage::PlannedStage {
         name: "slow".into(),
         factory: Arc::new(Jitter {
@@ -784,6 +789,7 @@ async fn workers_started_during_a_checkpoint_wait_for_it() {
         100,
         Duration::from_millis(5),
     );
+    p.graph = Graph::chain(1);
     p.stages = vec![sluice_engine::stage::PlannedStage {
         name: "frozen".into(),
         factory: Arc::new(Frozen {

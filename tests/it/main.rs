@@ -10,6 +10,7 @@ mod examples;
 mod executor;
 mod failures;
 mod golden;
+mod graph;
 mod hostile;
 mod https;
 mod kafka;

@@ -359,7 +359,8 @@ fn sluice_bench_writes_a_report_and_a_chart() {
     assert_eq!(
         names,
         [
-            "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q21", "q22"
+            "generate", "null", "q0", "q1", "q2", "q5", "q7", "q8", "q11", "q14", "q21", "q22",
+            "fanout"
         ]
     );
     for w in workloads {
@@ -377,6 +378,12 @@ fn sluice_bench_writes_a_report_and_a_chart() {
     }
     // 20,000 events hold 18,400 bids: q0 writes every one.
     assert_eq!(workloads[2]["rows_out"], 18400);
+    // One read, three outputs: what q0, q1 and q2 wrote on their own reads.
+    let alone: u64 = (2..5)
+        .map(|i| workloads[i]["rows_out"].as_u64().unwrap())
+        .sum();
+    assert_eq!(workloads[12]["rows_out"].as_u64().unwrap(), alone);
+    assert_eq!(workloads[12]["events"], 20000);
     assert_eq!(report["machine"]["cores"].as_u64().unwrap() as usize, {
         std::thread::available_parallelism().unwrap().get()
     });

@@ -278,8 +278,10 @@ fn docker_compose_runs_pipelines_that_validate() {
         if let Some(k) = config.source.spec_as::<KafkaSourceConfig>() {
             topics.extend(k.topics.clone());
         }
-        if let Some(k) = config.sink.spec_as::<KafkaSinkConfig>() {
-            topics.push(k.topic.clone());
+        for output in &config.outputs {
+            if let Some(k) = output.spec_as::<KafkaSinkConfig>() {
+                topics.push(k.topic.clone());
+            }
         }
         if let Some(k) = config
             .dead_letter
@@ -334,9 +336,11 @@ fn docker_compose_runs_pipelines_that_validate() {
             assert_eq!(k.endpoint.as_deref(), Some("http://kinesis:4567"));
             used.push(k.stream.clone().unwrap());
         }
-        if let Some(k) = config.sink.spec_as::<KinesisSinkConfig>() {
-            assert_eq!(k.endpoint.as_deref(), Some("http://kinesis:4567"));
-            used.push(k.stream.clone().unwrap());
+        for output in &config.outputs {
+            if let Some(k) = output.spec_as::<KinesisSinkConfig>() {
+                assert_eq!(k.endpoint.as_deref(), Some("http://kinesis:4567"));
+                used.push(k.stream.clone().unwrap());
+            }
         }
         assert!(!used.is_empty(), "{name} uses Kinesis");
         for stream in used {

@@ -4,4 +4,5 @@
 pub mod aggregate;
 pub mod functions;
 pub mod registry;
+pub mod route;
 pub mod sql;

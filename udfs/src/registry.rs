@@ -4,7 +4,7 @@
 
 use sluice_engine::connector::StageEntry;
 
-use crate::{aggregate, functions, sql};
+use crate::{aggregate, functions, route, sql};
 
 pub static STAGES: &[StageEntry] = &[
     StageEntry {
@@ -21,5 +21,10 @@ pub static STAGES: &[StageEntry] = &[
         name: "aggregate",
         summary: "keyed windows in event time, emitted when the watermark passes their end",
         parse: aggregate::parse_stage,
+    },
+    StageEntry {
+        name: "route",
+        summary: "sends each row to the branches whose SQL predicates it matches (`ROUTE.BRANCH`)",
+        parse: route::parse_stage,
     },
 ];

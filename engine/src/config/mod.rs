@@ -160,6 +160,15 @@ impl fmt::Display for Problems {
 
 impl std::error::Error for Problems {}
 
+/// Whether `name` may name a stage, an output or a route's branch: letters, digits, `_`
+/// and `-` (a `.` joins a route and its branch, `route.branch`).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 /// Reads a mapping that must hold only `known` keys, reporting every other key.
 pub fn check_keys(node: &Node, path: &Location, known: &[&str], problems: &mut Problems) -> bool {
     let Value::Map(entries) = &node.value else {

@@ -1,5 +1,5 @@
 //! Checkpoints, taken by the sink task: the barrier that pauses every worker while stage
-//! state is snapshotted, the sink flushed, the offsets committed with the state, revoked
+//! state is snapshotted, every output flushed, the offsets committed with the state, revoked
 //! partitions released once a checkpoint covers them, and the take-over of a partition's
 //! state from another process sharing the checkpoint directory.
 
@@ -13,10 +13,10 @@ use tokio::task::JoinSet;
 
 use super::CheckpointPolicy;
 use super::messages::{Drained, Paused, WorkerMsg};
+use super::outputs::Outputs;
 use super::pool::{Barrier, Target};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::dead_letter::DeadLetterSink;
-use crate::sink::Sink;
 use crate::source::{CommitHook, Handoff, PositionBook, ResumeAt};
 use crate::state::{PartitionKeys, SnapshotStats, StageState};
 use crate::stats::RunStats;
@@ -52,7 +52,7 @@ impl Checkpointing {
     /// after a worker failed.
     pub(super) async fn take(
         &self,
-        sink: &mut dyn Sink,
+        sink: &mut Outputs,
         dead_letter: Option<&mut DeadLetterSink>,
         offsets: &mut Offsets,
     ) -> Result<()> {
@@ -80,7 +80,7 @@ impl Checkpointing {
     /// were drained for it.
     pub(super) async fn take_and_release(
         &self,
-        sink: &mut dyn Sink,
+        sink: &mut Outputs,
         dead_letter: Option<&mut DeadLetterSink>,
         drains: &mut Vec<Drained>,
         offsets: &mut Offsets,
@@ -105,14 +105,14 @@ impl Checkpointing {
         }
     }
 
-    /// Flushes the sink, then commits the offsets that advanced since the last checkpoint,
+    /// Flushes every output, then commits the offsets that advanced since the last checkpoint,
     /// and the stage state when it changed without them (windows that time closed: their
     /// rows went to the sink and the state no longer holds them). Whether there was
     /// anything to commit.
     async fn commit(
         &self,
         policy: &CheckpointPolicy,
-        sink: &mut dyn Sink,
+        sink: &mut Outputs,
         dead_letter: Option<&mut DeadLetterSink>,
         offsets: &mut Offsets,
         state_changed: bool,

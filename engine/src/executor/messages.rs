@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 
 use super::lanes::Ticket;
@@ -52,8 +53,16 @@ pub(super) enum WorkerMsg {
 }
 
 pub(super) enum SinkMsg {
-    Batch(Envelope, Option<Ticket>),
+    Batch(Delivery, Option<Ticket>),
     Drain(Drained),
+}
+
+/// What a batch of records led to: the rows for each output (`outputs[o]`, in the order
+/// of the pipeline's outputs), and the envelope with the partition, the offsets read and
+/// the records that failed. The batch in the envelope is not written anywhere.
+pub(super) struct Delivery {
+    pub(super) env: Envelope,
+    pub(super) outputs: Vec<Vec<RecordBatch>>,
 }
 
 /// A revoked partition whose last batch is ahead of this marker.

@@ -53,6 +53,7 @@
 mod checkpointing;
 mod lanes;
 mod messages;
+mod outputs;
 mod pool;
 mod reader;
 mod sink_task;
@@ -67,10 +68,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::ScalingPolicy;
-use crate::batch::ColumnSelection;
 use crate::checkpoint::{CheckpointStore, MemoryStore, RocksStore};
 use crate::dead_letter::DeadLetterSink;
-use crate::sink::Sink;
+use crate::graph::Graph;
 use crate::source::Source;
 use crate::stage::PlannedStage;
 use crate::state::StageState;
@@ -79,6 +79,8 @@ use crate::{Error, Result};
 
 use checkpointing::{Checkpointing, TakeOver};
 use messages::SinkMsg;
+pub use outputs::Output;
+use outputs::Outputs;
 use pool::Pool;
 pub use sink_task::SINK_STAGE;
 use sink_task::SinkTask;
@@ -98,9 +100,11 @@ pub struct Pipeline {
     pub name: Arc<str>,
     pub source: Box<dyn Source>,
     pub batching: Batching,
+    /// In a topological order: each reads the source or stages before it (`graph`).
     pub stages: Vec<PlannedStage>,
-    pub sink: Box<dyn Sink>,
-    pub columns: ColumnSelection,
+    /// What each stage and output reads ([`Graph::chain`] for a pipeline in a row).
+    pub graph: Graph,
+    pub outputs: Vec<Output>,
     pub checkpoint: Option<CheckpointPolicy>,
     /// Where records that fail go; without it, a failed record stops the run.
     pub dead_letter: Option<DeadLetterSink>,
@@ -179,11 +183,19 @@ pub async fn run(
         mut source,
         batching,
         stages,
-        sink,
-        columns,
+        graph,
+        outputs,
         checkpoint,
         dead_letter,
     } = pipeline;
+    graph
+        .check()
+        .map_err(|e| Error::Internal(format!("the pipeline's graph: {e}")))?;
+    if graph.stages.len() != stages.len() || graph.outputs.len() != outputs.len() {
+        return Err(Error::Internal(
+            "the pipeline's graph does not match its stages and outputs".into(),
+        ));
+    }
     let states: Vec<Arc<dyn StageState>> =
         stages.iter().filter_map(|s| s.factory.state()).collect();
     let checkpoint = restore(source.as_mut(), checkpoint, &states, &stats).await?;
@@ -191,6 +203,7 @@ pub async fn run(
     let (sink_tx, sink_rx) = mpsc::channel::<SinkMsg>(cap);
     let pool = Pool::new(
         stages,
+        graph,
         name.clone(),
         dead_letter.is_some(),
         stats.clone(),
@@ -206,10 +219,11 @@ pub async fn run(
         worker_failed: pool.failed(),
         stats: stats.clone(),
     };
+    let outputs = Outputs::new(outputs, stats.clone());
     let stop = shutdown.child_token();
     let mut supervisor = Supervisor::start(source, batching, &options, states, stats, pool, stop);
     let sink_task =
-        tokio::spawn(SinkTask::new(name, sink, dead_letter, columns, checkpointing).run(sink_rx));
+        tokio::spawn(SinkTask::new(name, outputs, dead_letter, checkpointing).run(sink_rx));
     supervisor.run(control).await;
     supervisor.finish(sink_task, started).await
 }

@@ -12,6 +12,7 @@ use super::messages::{Route, SinkMsg, WorkerMsg};
 use super::supervisor::PartitionHandle;
 use super::worker;
 use crate::Result;
+use crate::graph::Graph;
 use crate::stage::PlannedStage;
 use crate::stats::RunStats;
 
@@ -19,7 +20,8 @@ use crate::stats::RunStats;
 /// channel. Workers are numbered in the order they start; a retired one finishes what it
 /// was sent and ends once no reader routes to it any more.
 pub(super) struct Pool {
-    stages: Vec<PlannedStage>,
+    /// The stages every worker makes its instances of, and what each reads.
+    plan: Arc<(Vec<PlannedStage>, Graph)>,
     pipeline: Arc<str>,
     dead_letters: bool,
     stats: Arc<RunStats>,
@@ -102,6 +104,7 @@ impl Pool {
     /// A pool without workers yet; they send to `sink`.
     pub(super) fn new(
         stages: Vec<PlannedStage>,
+        graph: Graph,
         pipeline: Arc<str>,
         dead_letters: bool,
         stats: Arc<RunStats>,
@@ -109,7 +112,7 @@ impl Pool {
         capacity: usize,
     ) -> Self {
         Pool {
-            stages,
+            plan: Arc::new((stages, graph)),
             pipeline,
             dead_letters,
             stats,
@@ -143,14 +146,14 @@ impl Pool {
         self.next_id += 1;
         self.live.insert(id, (tx, 0));
         self.peak = self.peak.max(self.live.len());
-        let chain = self.stages.clone();
+        let plan = self.plan.clone();
         let (name, stats) = (self.pipeline.clone(), self.stats.clone());
         let sink = self.sink.clone().expect("the pool is open");
         let (failed, dead_letters) = (self.failed.clone(), self.dead_letters);
         self.tasks.spawn(async move {
             let _running = running;
             let result =
-                worker::worker_loop(id, name, chain, dead_letters, &mut rx, sink, stats).await;
+                worker::worker_loop(id, name, &plan, dead_letters, &mut rx, sink, stats).await;
             if result.is_err() {
                 // Before the channel (and any barrier in it) is dropped: the sink task must
                 // not snapshot state that is ahead of what it received.

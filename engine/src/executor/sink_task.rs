@@ -1,6 +1,6 @@
-//! The sink task: writes what the workers send, counts each partition's offsets as done
-//! once the sink (or the dead-letter sink) has its records, rolls files on the sink's
-//! timer, and takes the checkpoints (`checkpointing.rs`).
+//! The sink task: writes what the workers send to every output, counts each partition's
+//! offsets as done once every output (or the dead-letter sink) has its records, rolls
+//! files on the outputs' timers, and takes the checkpoints (`checkpointing.rs`).
 
 use std::sync::Arc;
 
@@ -8,21 +8,20 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::checkpointing::{Checkpointing, Offsets, pause_workers, wait_paused};
-use super::messages::{Drained, Paused, SinkMsg};
+use super::messages::{Delivery, Drained, Paused, SinkMsg};
+use super::outputs::{Outputs, Refused};
 use super::{interval, tick};
-use crate::batch::{ColumnSelection, Envelope};
+use crate::batch::Envelope;
 use crate::dead_letter::DeadLetterSink;
-use crate::sink::Sink;
 use crate::stats::RunStats;
 use crate::{Error, Result};
 
-/// The sink task's state: the sinks, what it has received and committed of each
+/// The sink task's state: the outputs, what it has received and committed of each
 /// partition, and the checkpoint under way.
 pub(super) struct SinkTask {
     pipeline: Arc<str>,
-    sink: Box<dyn Sink>,
+    sink: Outputs,
     dead_letter: Option<DeadLetterSink>,
-    columns: ColumnSelection,
     checkpointing: Checkpointing,
     stats: Arc<RunStats>,
     offsets: Offsets,
@@ -35,16 +34,14 @@ pub(super) struct SinkTask {
 impl SinkTask {
     pub(super) fn new(
         pipeline: Arc<str>,
-        sink: Box<dyn Sink>,
+        sink: Outputs,
         dead_letter: Option<DeadLetterSink>,
-        columns: ColumnSelection,
         checkpointing: Checkpointing,
     ) -> Self {
         SinkTask {
             pipeline,
             sink,
             dead_letter,
-            columns,
             stats: checkpointing.stats.clone(),
             checkpointing,
             offsets: Offsets::default(),
@@ -78,7 +75,7 @@ impl SinkTask {
                         self.receive(msg).await?;
                     }
                     let cp = &self.checkpointing;
-                    cp.take(self.sink.as_mut(), self.dead_letter.as_mut(), &mut self.offsets).await?;
+                    cp.take(&mut self.sink, self.dead_letter.as_mut(), &mut self.offsets).await?;
                     drop(paused);
                     cp.barrier.release();
                     cp.finish_drains(&mut self.drains, &mut self.offsets);
@@ -101,7 +98,7 @@ impl SinkTask {
             } else {
                 self.checkpointing
                     .take_and_release(
-                        self.sink.as_mut(),
+                        &mut self.sink,
                         self.dead_letter.as_mut(),
                         &mut self.drains,
                         &mut self.offsets,
@@ -116,7 +113,7 @@ impl SinkTask {
         // Every worker has ended: the state is still.
         self.checkpointing
             .take_and_release(
-                self.sink.as_mut(),
+                &mut self.sink,
                 self.dead_letter.as_mut(),
                 &mut self.drains,
                 &mut self.offsets,
@@ -135,30 +132,25 @@ impl SinkTask {
     /// Writes a batch (its failed records to the dead letters) and counts its offsets as
     /// received, or takes a drained partition's marker.
     async fn receive(&mut self, msg: SinkMsg) -> Result<()> {
-        let (env, ticket) = match msg {
-            SinkMsg::Batch(env, ticket) => (env, ticket),
+        let (Delivery { env, outputs }, ticket) = match msg {
+            SinkMsg::Batch(delivery, ticket) => (delivery, ticket),
             SinkMsg::Drain(drained) => {
                 self.drains.push(drained);
                 return Ok(());
             }
         };
         let stats = &self.stats;
-        if env.batch.num_rows() > 0 {
-            let batch = self.columns.apply(&env.batch)?;
-            let rows = batch.num_rows() as u64;
-            self.sink.write(batch).await?;
-            let refused = self.sink.take_refused();
-            RunStats::add(&stats.records_out, rows - refused.len() as u64);
-            if !refused.is_empty() {
-                bury_refused(
-                    &self.pipeline,
-                    &env,
-                    &refused,
-                    self.dead_letter.as_mut(),
-                    stats,
-                )
-                .await?;
-            }
+        for refused in self.sink.write(outputs).await? {
+            let stage = self.sink.stage_name(refused.output);
+            bury_refused(
+                &self.pipeline,
+                &env,
+                &stage,
+                &refused,
+                self.dead_letter.as_mut(),
+                stats,
+            )
+            .await?;
         }
         if !env.dead.is_empty() {
             let dlq = self
@@ -201,33 +193,36 @@ impl SinkTask {
 /// The stage name of rows the sink refused.
 pub const SINK_STAGE: &str = "sink";
 
-/// Rows the sink refused (it can never take them: larger than it allows) go to the dead
-/// letters of the stage `sink`; without a dead-letter sink, the first one stops the run.
+/// Rows an output refused (it can never take them: larger than it allows) go to the dead
+/// letters of the stage `stage` (`sink`, or `sink.NAME` with several outputs); without a
+/// dead-letter sink, the first one stops the run.
 async fn bury_refused(
     pipeline: &str,
     env: &Envelope,
-    refused: &[(u32, String)],
+    stage: &Arc<str>,
+    refused: &Refused,
     dead_letter: Option<&mut DeadLetterSink>,
     stats: &RunStats,
 ) -> Result<()> {
+    let batch = &refused.batch;
+    let refused = &refused.rows;
     let Some(dlq) = dead_letter else {
         let (row, reason) = &refused[0];
-        let origin = match crate::batch::offset_at(&env.batch, *row as usize) {
+        let origin = match crate::batch::offset_at(batch, *row as usize) {
             Some(o) => format!("{} offset {o}", env.partition.name),
             None => env.origin(),
         };
         return Err(Error::Stage {
-            stage: SINK_STAGE.into(),
+            stage: stage.to_string(),
             origin,
             class: crate::ErrorClass::Permanent,
             message: reason.clone(),
         });
     };
-    let stage: Arc<str> = SINK_STAGE.into();
     let mut letters = Vec::with_capacity(refused.len());
     for (row, reason) in refused {
         // Stages that drop `_offset` leave the batch's range as the best provenance.
-        let reason = match crate::batch::offset_at(&env.batch, *row as usize) {
+        let reason = match crate::batch::offset_at(batch, *row as usize) {
             Some(_) => reason.clone(),
             None => format!(
                 "{reason} (one of {}: the stages dropped `_offset`)",
@@ -235,11 +230,11 @@ async fn bury_refused(
             ),
         };
         letters.extend(crate::dead_letter::letters_of_rows(
-            &env.batch,
+            batch,
             &[*row],
             &env.partition,
             crate::dead_letter::RowFailure {
-                stage: &stage,
+                stage,
                 class: crate::ErrorClass::Permanent,
                 reason: &reason,
                 attempts: 1,

@@ -1,5 +1,6 @@
-//! A worker task: one instance of every stage, a batch at a time through them, and what
-//! stages produce beyond their batches (closed windows) sent on after each batch.
+//! A worker task: one instance of every stage, a batch at a time through the pipeline's
+//! graph, and what stages produce beyond their batches (closed windows) sent on through
+//! the stages and outputs that read them, after each batch.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -7,9 +8,12 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::{SinkMsg, WorkerMsg};
+use arrow::array::RecordBatch;
+
+use super::messages::{Delivery, SinkMsg, WorkerMsg};
 use crate::batch::{Envelope, PartitionInfo};
 use crate::failure::{self, Outcome};
+use crate::graph::{Graph, Input};
 use crate::stage::{PlannedStage, Stage, StageContext};
 use crate::stats::RunStats;
 use crate::{Error, Result};
@@ -19,7 +23,7 @@ use crate::{Error, Result};
 pub(super) async fn worker_loop(
     id: usize,
     pipeline: Arc<str>,
-    planned: Vec<PlannedStage>,
+    (planned, graph): &(Vec<PlannedStage>, Graph),
     dead_letters: bool,
     rx: &mut mpsc::Receiver<WorkerMsg>,
     sink: mpsc::Sender<SinkMsg>,
@@ -54,8 +58,9 @@ pub(super) async fn worker_loop(
 
     let mut chain = Chain {
         stages: chain,
-        planned: &planned,
+        planned,
         schemas: &schemas,
+        graph,
         dead_letters,
         stats: &stats,
     };
@@ -107,10 +112,11 @@ pub(super) async fn worker_loop(
             }
         };
         let started = Instant::now();
-        chain.run(0, &mut env).await?;
+        let outputs = chain.run(None, &mut env).await?;
         let (partition, end) = (env.partition.clone(), env.offsets.end);
         // Sent even when empty: the sink task counts its offsets as done.
-        if sink.send(SinkMsg::Batch(env, ticket)).await.is_err() {
+        let delivery = Delivery { env, outputs };
+        if sink.send(SinkMsg::Batch(delivery, ticket)).await.is_err() {
             break;
         }
         if !chain.send_pending(&partition, end, &sink).await? {
@@ -130,39 +136,89 @@ struct Chain<'a> {
     stages: Vec<(Box<dyn Stage>, StageContext)>,
     planned: &'a [PlannedStage],
     schemas: &'a [arrow::datatypes::SchemaRef],
+    graph: &'a Graph,
     dead_letters: bool,
     stats: &'a RunStats,
 }
 
 impl Chain<'_> {
-    /// Runs `env` through the stages from `from` on.
-    async fn run(&mut self, from: usize, env: &mut Envelope) -> Result<()> {
-        for (i, (stage, ctx)) in self.stages.iter_mut().enumerate().skip(from) {
-            if env.batch.num_rows() == 0 {
-                break;
+    /// Runs the source's batch (`env.batch`), or with `from` the rows a stage produced
+    /// beyond its batches, through the stages that read them, in order; each stage's rows
+    /// go to every stage that reads them, shared. The rows of each output; the records
+    /// that failed are added to `env.dead`.
+    async fn run(
+        &mut self,
+        from: Option<(usize, RecordBatch)>,
+        env: &mut Envelope,
+    ) -> Result<Vec<Vec<RecordBatch>>> {
+        let mut rows: Vec<Vec<RecordBatch>> = vec![Vec::new(); self.stages.len()];
+        let (source, first) = match from {
+            None => (vec![env.batch.clone()], 0),
+            Some((stage, batch)) => {
+                rows[stage].push(batch);
+                (Vec::new(), stage + 1)
             }
-            ctx.partition = Some(env.partition.clone());
-            let input = env.batch.clone();
-            let output = failure::run_stage(
-                stage.as_mut(),
-                ctx,
-                &self.planned[i].policy,
-                &self.schemas[i],
-                input,
-                Outcome {
-                    env: &mut *env,
-                    dead_letters: self.dead_letters,
-                },
-                &self.stats.stages[i],
-            )
-            .await?;
-            env.batch = output;
+        };
+        for i in first..self.stages.len() {
+            let mut produced = Vec::new();
+            for input in &self.graph.stages[i] {
+                let batches = match input {
+                    Input::Source => &source,
+                    Input::Stage(j) => &rows[*j],
+                };
+                for batch in batches.clone() {
+                    if batch.num_rows() == 0 {
+                        continue;
+                    }
+                    let output = self.run_stage(i, batch, env).await?;
+                    if output.num_rows() > 0 {
+                        produced.push(output);
+                    }
+                }
+            }
+            rows[i] = produced;
         }
-        Ok(())
+        Ok(self
+            .graph
+            .outputs
+            .iter()
+            .map(|inputs| {
+                inputs
+                    .iter()
+                    .flat_map(|input| match input {
+                        Input::Source => source.clone(),
+                        Input::Stage(j) => rows[*j].clone(),
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    async fn run_stage(
+        &mut self,
+        i: usize,
+        input: RecordBatch,
+        env: &mut Envelope,
+    ) -> Result<RecordBatch> {
+        let (stage, ctx) = &mut self.stages[i];
+        ctx.partition = Some(env.partition.clone());
+        failure::run_stage(
+            stage.as_mut(),
+            ctx,
+            &self.planned[i].policy,
+            &self.schemas[i],
+            input,
+            Outcome {
+                env,
+                dead_letters: self.dead_letters,
+            },
+            &self.stats.stages[i],
+        )
+        .await
     }
 
     /// Sends what stages produced beyond their batches (closed windows), each chunk
-    /// through the stages after the one that produced it. False when the sink is gone.
+    /// through the stages that read the one that produced it. False when the sink is gone.
     async fn send_pending(
         &mut self,
         partition: &Arc<PartitionInfo>,
@@ -179,11 +235,15 @@ impl Chain<'_> {
                 let mut env = Envelope {
                     partition: partition.clone(),
                     offsets: end..end,
-                    batch,
+                    batch: RecordBatch::new_empty(batch.schema()),
                     dead: Vec::new(),
                 };
-                self.run(i + 1, &mut env).await?;
-                if sink.send(SinkMsg::Batch(env, None)).await.is_err() {
+                let outputs = self.run(Some((i, batch)), &mut env).await?;
+                if sink
+                    .send(SinkMsg::Batch(Delivery { env, outputs }, None))
+                    .await
+                    .is_err()
+                {
                     return Ok(false);
                 }
             }

@@ -203,10 +203,13 @@ async fn a_failing_remote_function_opens_the_breaker_and_it_closes_after_recover
                 window: Duration::from_millis(20),
             },
             stages: vec![stage],
-            sink: Box::new(out.clone()),
-            columns: ColumnSelection {
-                keep_metadata: vec!["_partition".into(), "_offset".into()],
-            },
+            graph: Graph::chain(1),
+            outputs: Output::single(
+                Box::new(out.clone()),
+                ColumnSelection {
+                    keep_metadata: vec!["_partition".into(), "_offset".into()],
+                },
+            ),
             checkpoint: None,
             dead_letter: Some(DeadLetterSink {
                 sink: Box::new(dead.clone()),

@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use sluice_connectors::generator::{GeneratorConfig, GeneratorSource};
 use sluice_engine::batch::ColumnSelection;
 use sluice_engine::dead_letter::DeadLetterSink;
-use sluice_engine::executor::{self, Batching, Pipeline, RunOptions};
+use sluice_engine::executor::{self, Batching, Output, Pipeline, RunOptions};
 use sluice_engine::failure::FailurePolicy;
+use sluice_engine::graph::Graph;
 use sluice_engine::sink::Sink;
 use sluice_engine::stage::{
     PlannedStage, RowFailure, Stage, StageContext, StageFactory, StageOutput,
@@ -180,11 +181,14 @@ async fn run(
             size: 500,
             window: Duration::from_millis(20),
         },
+        graph: Graph::chain(stages.len()),
         stages,
-        sink: Box::new(out.clone()),
-        columns: ColumnSelection {
-            keep_metadata: vec!["_partition".into(), "_offset".into()],
-        },
+        outputs: Output::single(
+            Box::new(out.clone()),
+            ColumnSelection {
+                keep_metadata: vec!["_partition".into(), "_offset".into()],
+            },
+        ),
         checkpoint: None,
         dead_letter: dead.map(|d| DeadLetterSink {
             sink: Box::new(d.clone()),
@@ -476,8 +480,8 @@ async fn an_unavailable_dead_letter_sink_pauses_the_pipeline_and_loses_nothing()
             window: Duration::from_millis(20),
         },
         stages: vec![picky],
-        sink: Box::new(out.clone()),
-        columns: ColumnSelection::default(),
+        graph: Graph::chain(1),
+        outputs: Output::single(Box::new(out.clone()), ColumnSelection::default()),
         checkpoint: None,
         dead_letter: Some(DeadLetterSink {
             sink: Box::new(dlq),

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    Broker, Sluice, assigned_partitions, by_id, events, pipeline_yaml, produce_paced,
-    wait_assigned, wait_for_output, write_pipeline,
+    Broker, Sluice, assigned_partitions, by_id, events, moments, pipeline_yaml, produce_paced,
+    run_and_kill_9, wait_assigned, wait_for_output, write_pipeline,
 };
 
 const INPUT_PARTITIONS: i32 = 4;
@@ -45,19 +45,6 @@ fn kafka_to_sql_to_kafka_delivers_every_record_transformed() {
     }
 }
 
-/// A small deterministic generator of kill moments (no RNG crate needed).
-fn moments(seed: u64, n: usize) -> Vec<Duration> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            Duration::from_millis(200 + x % 2500)
-        })
-        .collect()
-}
-
 #[test]
 fn kill_9_at_random_moments_loses_nothing() {
     const N: usize = 60_000;
@@ -84,13 +71,7 @@ fn kill_9_at_random_moments_loses_nothing() {
         .unwrap()
         .as_nanos() as u64;
     let waits = moments(seed, KILLS);
-    for (i, wait) in waits.iter().enumerate() {
-        let mut sluice = Sluice::start(&pipeline, dir.path().join(format!("log{i}")));
-        wait_assigned(&mut sluice, Duration::from_secs(60));
-        std::thread::sleep(*wait);
-        assert!(sluice.running(), "sluice exited:\n{}", sluice.log_text());
-        sluice.kill9();
-    }
+    run_and_kill_9(&pipeline, dir.path(), &waits);
     let last = Sluice::start(&pipeline, dir.path().join("log-last"));
     producer.join().unwrap();
     let out = wait_for_output(&broker, &output, N, Duration::from_secs(120));

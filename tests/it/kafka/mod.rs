@@ -10,6 +10,7 @@ mod dead_letters;
 mod delivery;
 mod errors;
 mod examples;
+mod graph;
 mod processes;
 mod scaling;
 mod secure;
@@ -42,21 +43,10 @@ pub fn events(n: usize, partitions: i32) -> Vec<(i32, Option<String>, Vec<u8>)> 
         .collect()
 }
 
-/// A pipeline from topic `input` through SQL to topic `output`.
-pub fn pipeline_yaml(
-    broker: &Broker,
-    input: &str,
-    output: &str,
-    group: &str,
-    checkpoint: Option<&Path>,
-    extra_source: &str,
-) -> String {
-    let checkpoint = checkpoint
-        .map(|dir| format!("checkpoint:\n  dir: {}\n  interval: 500ms\n", dir.display()))
-        .unwrap_or_default();
+/// The `source:` of the test pipelines: topic `input` of `events`, read by `group`.
+pub fn source_yaml(broker: &Broker, input: &str, group: &str) -> String {
     format!(
-        r#"name: kafka-test
-source:
+        r#"source:
   type: kafka
   bootstrap_servers: {bootstrap}
   topics: [{input}]
@@ -72,7 +62,26 @@ source:
   options:
     session.timeout.ms: "6000"
     heartbeat.interval.ms: "500"
-{extra_source}stages:
+"#,
+        bootstrap = broker.bootstrap
+    )
+}
+
+/// A pipeline from topic `input` through SQL to topic `output`.
+pub fn pipeline_yaml(
+    broker: &Broker,
+    input: &str,
+    output: &str,
+    group: &str,
+    checkpoint: Option<&Path>,
+    extra_source: &str,
+) -> String {
+    let checkpoint = checkpoint
+        .map(|dir| format!("checkpoint:\n  dir: {}\n  interval: 500ms\n", dir.display()))
+        .unwrap_or_default();
+    format!(
+        r#"name: kafka-test
+{source}{extra_source}stages:
   - name: enrich
     type: sql
     query: >
@@ -86,8 +95,34 @@ sink:
   key: user_id
   headers: [country]
 {checkpoint}"#,
+        source = source_yaml(broker, input, group),
         bootstrap = broker.bootstrap
     )
+}
+
+/// Starts the pipeline, lets it run for each of `waits` after it has partitions, and kills
+/// it with SIGKILL each time (logs `log0`, `log1`, … in `dir`).
+pub fn run_and_kill_9(pipeline: &Path, dir: &Path, waits: &[Duration]) {
+    for (i, wait) in waits.iter().enumerate() {
+        let mut sluice = Sluice::start(pipeline, dir.join(format!("log{i}")));
+        wait_assigned(&mut sluice, Duration::from_secs(60));
+        std::thread::sleep(*wait);
+        assert!(sluice.running(), "sluice exited:\n{}", sluice.log_text());
+        sluice.kill9();
+    }
+}
+
+/// Kill moments from 200 ms to 2.7 s, from a small deterministic generator (xorshift).
+pub fn moments(seed: u64, n: usize) -> Vec<Duration> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            Duration::from_millis(200 + x % 2500)
+        })
+        .collect()
 }
 
 /// A `sluice run` in its own process; its stderr goes to a file.
