@@ -103,6 +103,8 @@ async fn run_case(
     };
     // Each stage's rows, in the order of the stages (each after what it reads).
     let mut rows: Vec<RecordBatch> = Vec::with_capacity(stages.len());
+    // What the executor hands a stage or output: its inputs' rows, merged in record order
+    // when there are several; nothing when they are empty.
     let gather = |inputs: &[Input], rows: &[RecordBatch]| {
         let parts: Vec<RecordBatch> = inputs
             .iter()
@@ -111,8 +113,7 @@ async fn run_case(
                 Input::Stage(j) => rows[*j].clone(),
             })
             .collect();
-        arrow::compute::concat_batches(&parts[0].schema(), &parts)
-            .map_err(|e| sluice_engine::Error::arrow("joining inputs", e))
+        batch::merge_inputs(parts)
     };
     // Only the stages that lead to the case's output run.
     let mut needed = vec![false; stages.len()];
@@ -131,7 +132,12 @@ async fn run_case(
             continue;
         }
         let batch = match gather(&config_stage.inputs, &rows) {
-            Ok(b) => b,
+            Ok(Some(b)) => b,
+            // Nothing to call the stage with (an empty branch): it is not called.
+            Ok(None) => {
+                rows.push(RecordBatch::new_empty(stage.factory.output_schema()));
+                continue;
+            }
             Err(e) => return Some(Some(e.to_string())),
         };
         let ctx = StageContext {
@@ -174,10 +180,10 @@ async fn run_case(
         rows.push(out.batch);
     }
     let written = gather(&config.outputs[case.output].inputs, &rows);
-    let actual = match written
-        .and_then(|b| columns.apply(&b))
-        .and_then(|b| to_json_rows(&b))
-    {
+    let actual = match written.and_then(|b| match b {
+        Some(b) => columns.apply(&b).and_then(|b| to_json_rows(&b)),
+        None => Ok(Vec::new()),
+    }) {
         Ok(rows) => rows,
         Err(e) => return Some(Some(e.to_string())),
     };

@@ -102,6 +102,28 @@ pub fn with_metadata_fields(records: &Schema, metadata: &[Field]) -> Result<Sche
     Ok(Arc::new(Schema::new(fields)))
 }
 
+/// What a stage or output with several inputs gets of one batch of records: the inputs'
+/// rows as one batch, in the order of the records (by `_offset`, when the rows have it;
+/// in the order of the inputs otherwise), so that each partition's order holds where
+/// branches meet again. `None` when every input is empty. One input is passed on as it is.
+pub fn merge_inputs(mut batches: Vec<RecordBatch>) -> Result<Option<RecordBatch>> {
+    batches.retain(|b| b.num_rows() > 0);
+    if batches.len() <= 1 {
+        return Ok(batches.pop());
+    }
+    let schema = batches[0].schema();
+    let merged = arrow::compute::concat_batches(&schema, &batches)
+        .map_err(|e| Error::arrow("joining the rows of several inputs", e))?;
+    let Ok(offsets) = schema.index_of(OFFSET) else {
+        return Ok(Some(merged));
+    };
+    let order = arrow::compute::sort_to_indices(merged.column(offsets), None, None)
+        .map_err(|e| Error::arrow("ordering the rows of several inputs", e))?;
+    arrow::compute::take_record_batch(&merged, &order)
+        .map(Some)
+        .map_err(|e| Error::arrow("ordering the rows of several inputs", e))
+}
+
 /// Where a batch came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionInfo {

@@ -97,7 +97,11 @@ pub(super) fn parse_reads(
 /// A route as written, before it became its branches' stages.
 pub(super) struct RouteEntry {
     pub name: String,
-    pub branches: Vec<String>,
+    /// The stage that evaluates the predicates (named as the route; not an input anyone
+    /// may name).
+    pub stage: usize,
+    /// Each branch's name and stage (`ROUTE.BRANCH`, reading the route's stage).
+    pub branches: Vec<(String, usize)>,
     pub at: At,
 }
 
@@ -123,10 +127,18 @@ pub(super) fn resolve(
     let mut names: HashMap<String, Input> = HashMap::new();
     names.insert(SOURCE.to_string(), Input::Source);
     for (i, s) in stages.iter().enumerate() {
-        names.insert(s.name.clone(), Input::Stage(i));
+        if !routes.iter().any(|r| r.stage == i) {
+            names.insert(s.name.clone(), Input::Stage(i));
+        }
     }
     let expected = std::iter::once(SOURCE)
-        .chain(stages.iter().map(|s| s.name.as_str()))
+        .chain(
+            stages
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !routes.iter().any(|r| r.stage == *i))
+                .map(|(_, s)| s.name.as_str()),
+        )
         .collect::<Vec<_>>()
         .join(", ");
     let lookup = |r: &Ref, problems: &mut Problems, path: &Location| -> Option<Input> {
@@ -140,7 +152,7 @@ pub(super) fn resolve(
                 route
                     .branches
                     .iter()
-                    .map(|b| format!("{}.{b}", route.name))
+                    .map(|(b, _)| format!("{}.{b}", route.name))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -164,7 +176,7 @@ pub(super) fn resolve(
                     &at.node,
                     format!(
                         "{what} follows the route `{}`: say which branch it reads, e.g. `input: {}.{}`",
-                        route.name, route.name, route.branches[0]
+                        route.name, route.name, route.branches[0].0
                     ),
                 );
                 None
@@ -173,44 +185,40 @@ pub(super) fn resolve(
     };
     let input_path = |at: &At| at.path.key("input");
     for (k, entry) in entries.iter().enumerate() {
-        let indices: Vec<usize> = match entry {
-            Entry::Stage(i) => vec![*i],
-            Entry::Route(r) => routes[*r]
-                .branches
-                .iter()
-                .filter_map(|b| names.get(&format!("{}.{b}", routes[*r].name)))
-                .filter_map(|x| match x {
-                    Input::Stage(i) => Some(*i),
-                    Input::Source => None,
-                })
-                .collect(),
+        // A stage, or a route's own stage (its branches read it already).
+        let i = match entry {
+            Entry::Stage(i) => *i,
+            Entry::Route(r) => routes[*r].stage,
         };
-        let Some(&first) = indices.first() else {
-            continue;
-        };
-        let inputs: Vec<Input> = match stages[first].reads.clone() {
-            Some(reads) => reads
-                .iter()
-                .filter_map(|r| lookup(r, problems, &input_path(&stages[first].at)))
-                .collect(),
+        let inputs: Vec<Input> = match stages[i].reads.clone() {
+            Some(reads) => {
+                let path = input_path(&stages[i].at);
+                repeated(&reads, &path, problems);
+                reads
+                    .iter()
+                    .filter_map(|r| lookup(r, problems, &path))
+                    .collect()
+            }
             None => {
-                let at = stages[first].at.clone();
+                let at = stages[i].at.clone();
                 previous(k, problems, &at, "this stage")
                     .into_iter()
                     .collect()
             }
         };
-        for i in indices {
-            stages[i].inputs = inputs.clone();
-        }
+        stages[i].inputs = inputs;
     }
     let last = entries.len();
     for output in outputs.iter_mut() {
         output.inputs = match output.reads.clone() {
-            Some(reads) => reads
-                .iter()
-                .filter_map(|r| lookup(r, problems, &input_path(&output.at)))
-                .collect(),
+            Some(reads) => {
+                let path = input_path(&output.at);
+                repeated(&reads, &path, problems);
+                reads
+                    .iter()
+                    .filter_map(|r| lookup(r, problems, &path))
+                    .collect()
+            }
             None => previous(last, problems, &output.at, "the sink")
                 .into_iter()
                 .collect(),
@@ -221,6 +229,19 @@ pub(super) fn resolve(
         return None;
     }
     order(stages, outputs, problems)
+}
+
+/// An input named twice would take every row twice.
+fn repeated(reads: &[Ref], path: &Location, problems: &mut Problems) {
+    for (i, r) in reads.iter().enumerate() {
+        if reads[..i].iter().any(|x| x.name == r.name) {
+            problems.at(
+                path,
+                &r.node,
+                format!("`{}` is named twice: its rows would be taken twice", r.name),
+            );
+        }
+    }
 }
 
 /// Every stage's and branch's rows must go somewhere: a stage nothing reads is a mistake

@@ -405,6 +405,8 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
     match root.get("sink") {
         Some(n) => {
             let picked = n.scalar().unwrap_or(SINK_NAME).to_string();
+            // Named `sink` whichever entry it picks: tests, metrics and dead letters keep
+            // their names when the environment picks another.
             if let Some(entry) = n.scalar().and_then(|k| root.get("sinks")?.get(k))
                 && is_output(entry)
             {
@@ -415,7 +417,7 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
                 );
             }
             match pick(&root, n, "sink", "sinks", &mut problems)
-                .and_then(|(n, path)| parse_sink(n, &path, &picked, &mut problems))
+                .and_then(|(n, path)| parse_sink(n, &path, SINK_NAME, &mut problems))
             {
                 Some(sink) => outputs.push(sink),
                 None => outputs_complete = false,
@@ -511,7 +513,10 @@ pub fn parse(file: &str, text: &str, env: &dyn Env) -> Result<PipelineConfig, Pr
                 parse_source(node, path, &mut problems);
             } else if !is_source && !picked("sink") && !picked("dead_letter") && !is_output(node) {
                 parse_sink(node, &path, name, &mut problems);
-                if graph_outputs {
+                // An entry left out is an alternative of a `sink:` or `dead_letter:` that
+                // picks by name; with neither, it is an output nothing feeds.
+                let picks = |k: &str| root.get(k).and_then(Node::scalar).is_some();
+                if graph_outputs && !picks("sink") && !picks("dead_letter") {
                     problems.at(
                         &path,
                         key,

@@ -259,11 +259,11 @@ pub(super) fn parse_stages(node: Option<&Node>, problems: &mut Problems) -> Opti
                 "name",
                 format!("`{name}` is not a valid stage name: use letters, digits, _ and -"),
             );
-        } else if name == graph::SOURCE {
+        } else if name == graph::SOURCE || name == SINK_NAME {
             stage.at.problem(
                 problems,
                 "name",
-                "`source` names the pipeline's source in `input:`; name the stage otherwise",
+                format!("`{name}` is a reserved name (`source` is read as the pipeline's source in `input:`, `sink` names the rows an output refused in the dead letters); name the stage otherwise"),
             );
         }
         if let Some(first) = written[..i].iter().find(|s| s.name == *name) {
@@ -280,7 +280,8 @@ pub(super) fn parse_stages(node: Option<&Node>, problems: &mut Problems) -> Opti
     if !complete {
         return None;
     }
-    // Routes become a stage per branch, in the route's place.
+    // A route becomes its own stage (the predicates, evaluated once) and a stage per
+    // branch reading it, in the route's place.
     let (mut stages, mut entries, mut routes) = (Vec::new(), Vec::new(), Vec::new());
     for stage in written {
         let Some(route) = (stage.spec.as_ref() as &dyn std::any::Any)
@@ -290,24 +291,30 @@ pub(super) fn parse_stages(node: Option<&Node>, problems: &mut Problems) -> Opti
             stages.push(stage);
             continue;
         };
+        let branch_specs = route.branches();
+        let at = stage.at.clone();
+        let name = stage.name.clone();
+        let route_stage = stages.len();
+        stages.push(stage);
         let mut branches = Vec::new();
-        for (branch, spec) in route.branches() {
-            branches.push(branch.clone());
+        for (branch, spec) in branch_specs {
+            branches.push((branch.clone(), stages.len()));
             stages.push(StageConfig {
-                name: format!("{}.{branch}", stage.name),
-                kind: stage.kind,
+                name: format!("{name}.{branch}"),
+                kind: "route",
                 spec,
-                policy: stage.policy.clone(),
-                reads: stage.reads.clone(),
-                inputs: Vec::new(),
-                at: stage.at.clone(),
+                policy: FailurePolicy::default(),
+                reads: None,
+                inputs: vec![sluice_engine::graph::Input::Stage(route_stage)],
+                at: at.clone(),
             });
         }
         entries.push(Entry::Route(routes.len()));
         routes.push(RouteEntry {
-            name: stage.name.clone(),
+            name,
+            stage: route_stage,
             branches,
-            at: stage.at.clone(),
+            at,
         });
     }
     Some((stages, entries, routes))

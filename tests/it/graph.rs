@@ -153,6 +153,31 @@ async fn a_route_sends_each_row_to_every_branch_it_matches_and_the_rest_to_defau
     assert_eq!(json_lines(&out.join("tv")).len(), tv.len());
 }
 
+/// A predicate is evaluated once per row, by the route: with `random()`, each row is in
+/// its branch or in `default`, never in both and never in neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_of_a_random_route_is_in_exactly_one_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let yaml = format!(
+        "name: sample\n{SOURCE}stages:\n  - name: split\n    type: route\n    routes: {{ sample: random() < 0.5 }}\nsinks:\n{}{}",
+        sink(&out, "sample", "split.sample"),
+        sink(&out, "rest", "split.default"),
+    );
+    run_yaml(&yaml, &[]).await.unwrap();
+    let at = |r: &Value| {
+        (
+            r["_partition"].as_i64().unwrap(),
+            r["_offset"].as_i64().unwrap(),
+        )
+    };
+    let sample: BTreeSet<_> = json_lines(&out.join("sample")).iter().map(at).collect();
+    let rest: BTreeSet<_> = json_lines(&out.join("rest")).iter().map(at).collect();
+    assert!(!sample.is_empty() && !rest.is_empty());
+    assert!(sample.is_disjoint(&rest), "a row in both branches");
+    assert_eq!(sample.len() + rest.len(), 40_000, "every row in one branch");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_reads_several_inputs_and_tests_check_the_named_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,7 +187,7 @@ async fn a_stage_reads_several_inputs_and_tests_check_the_named_output() {
         "name: merge\n{SOURCE}stages:
   - name: pick
     type: sql
-    query: SELECT _partition AS p, _offset AS o, event_type FROM input
+    query: SELECT _partition, _offset, event_type FROM input
   - name: split
     type: route
     input: pick
@@ -170,7 +195,7 @@ async fn a_stage_reads_several_inputs_and_tests_check_the_named_output() {
   - name: both
     inputs: [split.plays, split.default]
     type: sql
-    query: SELECT p, o FROM input
+    query: SELECT _partition AS p, _offset AS o FROM input
 sinks:
   merged: {{ type: file, path: {}, format: jsonl, input: both }}
 ",
@@ -181,6 +206,16 @@ sinks:
         .iter()
         .map(|r| (r["p"].as_i64().unwrap(), r["o"].as_i64().unwrap()))
         .collect();
+    // Where the branches meet again, each partition's rows are in the partition's order
+    // (the rows kept `_offset`).
+    let mut last: BTreeMap<i64, i64> = BTreeMap::new();
+    for (p, o) in &got {
+        let before = last.insert(*p, *o);
+        assert!(
+            before.is_none_or(|b| b < *o),
+            "partition {p}: {o} after {before:?}"
+        );
+    }
     got.sort();
     got.dedup();
     assert_eq!(
@@ -268,6 +303,27 @@ sinks:
         "sinks.spare: nothing feeds the sink `spare`: give it `input: STAGE` (the other `sinks:` entries are outputs), or pick it with `dead_letter: spare` (x.yaml:22:3)",
     ];
     assert_eq!(p, expect, "{p:#?}");
+
+    // An input named twice, and a stage named as the outputs' refusals are.
+    let yaml = "name: x
+source: { type: generator }
+stages:
+  - name: sink
+    type: sql
+    query: SELECT * FROM input
+sinks:
+  out: { type: stdout, inputs: [sink, sink] }
+";
+    let p = problems(yaml);
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(
+        p[0].starts_with("stages[0].name: `sink` is a reserved name"),
+        "{p:#?}"
+    );
+    assert_eq!(
+        p[1],
+        "sinks.out.input: `sink` is named twice: its rows would be taken twice (x.yaml:8:39)"
+    );
 
     // A stage after a route must say which branch it reads.
     let yaml = "name: x

@@ -77,7 +77,7 @@ async fn run_query(name: &str) -> (Vec<RecordBatch>, SessionContext) {
     (out, ctx)
 }
 
-fn read_parquet(dir: &Path) -> Vec<RecordBatch> {
+pub fn read_parquet(dir: &Path) -> Vec<RecordBatch> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -9,26 +9,36 @@
 //!     eu: country IN ('DE', 'FR')
 //!   # unmatched: drop      # rows that match no route are dropped (default: `split.default`)
 //! ```
-//! Stages and sinks read a branch as `input: split.big`. A route is planned as one filter
-//! per branch (`SELECT * FROM input WHERE ...`), each a stage of its own named
-//! `ROUTE.BRANCH` in metrics, errors and dead letters; the branches share the route's
-//! input batch (nothing is copied to route it). A predicate that is NULL for a row does not
-//! match; `default` takes the rows no predicate matched, so every row of the route's input
-//! is in at least one branch unless `unmatched: drop` says otherwise.
+//! Stages and sinks read a branch as `input: split.big`. A route is planned as one stage
+//! that evaluates every predicate once per row (`SELECT *, COALESCE(p, false) AS mask ...`,
+//! named after the route) and one cheap stage per branch, `ROUTE.BRANCH`, that keeps the
+//! rows of its mask (`filter_record_batch`, the masks dropped): a row's branches follow from
+//! one evaluation, so a predicate that is not deterministic (`random()`, `now()`) cannot put
+//! a row in no branch, and a predicate that fails a row fails it once, in the route. A
+//! predicate that is NULL for a row does not match; `default` takes the rows no predicate
+//! matched, so every row of the route's input is in at least one branch unless `unmatched:
+//! drop` says otherwise. The branches share the route's columns (nothing is copied but the
+//! rows each keeps).
 
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use arrow::compute::kernels::boolean::{not, or};
+use arrow::datatypes::{Schema, SchemaRef};
 use async_trait::async_trait;
 use sluice_engine::config::{Location, Node, Problems, Value};
 use sluice_engine::connector::StageSpec;
-use sluice_engine::stage::StageFactory;
+use sluice_engine::stage::{Stage, StageContext, StageFactory, StageOutput};
 use sluice_engine::{Error, Result};
 
 use crate::sql::SqlStageFactory;
 
 /// The branch that takes the rows no route matched.
 pub const DEFAULT_BRANCH: &str = "default";
+
+/// The prefix of the mask columns the route stage adds (one per route, in order).
+const MASK: &str = "__sluice_route_";
 
 /// `type: route`, as written.
 pub struct RouteSpec {
@@ -39,29 +49,24 @@ pub struct RouteSpec {
 }
 
 impl RouteSpec {
-    /// The branches to plan, each with its filter: the routes, then `default` (unless
-    /// unmatched rows are dropped).
+    /// The branches to plan after the route stage, each a stage reading it: the routes,
+    /// then `default` (unless unmatched rows are dropped).
     pub fn branches(&self) -> Vec<(String, Arc<dyn StageSpec>)> {
+        let masks = self.routes.len();
         let mut out: Vec<(String, Arc<dyn StageSpec>)> = self
             .routes
             .iter()
-            .map(|(name, predicate)| {
+            .enumerate()
+            .map(|(i, (name, _))| {
                 let spec = BranchSpec {
-                    filter: format!("({predicate})"),
+                    masks,
+                    keep: Some(i),
                 };
                 (name.clone(), Arc::new(spec) as Arc<dyn StageSpec>)
             })
             .collect();
         if !self.drop_unmatched {
-            let any = self
-                .routes
-                .iter()
-                .map(|(_, p)| format!("COALESCE(({p}), false)"))
-                .collect::<Vec<_>>()
-                .join(" OR ");
-            let spec = BranchSpec {
-                filter: format!("NOT ({any})"),
-            };
+            let spec = BranchSpec { masks, keep: None };
             out.push((DEFAULT_BRANCH.to_string(), Arc::new(spec)));
         }
         out
@@ -74,16 +79,29 @@ impl StageSpec for RouteSpec {
         "routes"
     }
 
-    async fn plan(&self, name: &str, _input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        Err(Error::Plan(format!(
-            "the route `{name}` is planned as its branches, not as one stage"
-        )))
+    /// Every input column, then each route's mask: its predicate, NULL read as false.
+    async fn plan(&self, _name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
+        let masks: Vec<String> = self
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("COALESCE(({p}), false) AS {MASK}{i}"))
+            .collect();
+        let query = format!(
+            "SELECT *, {} FROM {}",
+            masks.join(", "),
+            crate::sql::INPUT_TABLE
+        );
+        let factory = SqlStageFactory::plan(&query, input.clone()).await?;
+        Ok(Arc::new(factory))
     }
 }
 
-/// One branch of a route: the rows of the route's input that match its filter.
+/// One branch of a route: the rows of the route stage whose mask `keep` is set (`None`:
+/// those with no mask set), without the masks.
 struct BranchSpec {
-    filter: String,
+    masks: usize,
+    keep: Option<usize>,
 }
 
 #[async_trait]
@@ -93,15 +111,64 @@ impl StageSpec for BranchSpec {
     }
 
     async fn plan(&self, name: &str, input: &SchemaRef) -> Result<Arc<dyn StageFactory>> {
-        let query = format!(
-            "SELECT * FROM {} WHERE {}",
-            crate::sql::INPUT_TABLE,
-            self.filter
-        );
-        let factory = SqlStageFactory::plan(&query, input.clone())
-            .await
-            .map_err(|e| Error::Plan(format!("branch `{name}`: {e}")))?;
-        Ok(Arc::new(factory))
+        let columns = input.fields().len();
+        let first = columns
+            .checked_sub(self.masks)
+            .filter(|&f| (f..columns).all(|c| input.field(c).name().starts_with(MASK)));
+        let Some(first) = first else {
+            return Err(Error::Plan(format!(
+                "branch `{name}` reads something other than its route"
+            )));
+        };
+        let output = Arc::new(Schema::new(input.fields()[..first].to_vec()));
+        Ok(Arc::new(Branch {
+            output,
+            first,
+            masks: self.masks,
+            keep: self.keep,
+        }))
+    }
+}
+
+/// A planned branch: the columns before the masks, the rows its mask keeps.
+#[derive(Clone)]
+struct Branch {
+    output: SchemaRef,
+    first: usize,
+    masks: usize,
+    keep: Option<usize>,
+}
+
+impl StageFactory for Branch {
+    fn output_schema(&self) -> SchemaRef {
+        self.output.clone()
+    }
+
+    fn create(&self) -> Result<Box<dyn Stage>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl Stage for Branch {
+    async fn process_batch(&mut self, batch: RecordBatch, _: &StageContext) -> Result<StageOutput> {
+        let mask = |i: usize| batch.column(self.first + i).as_boolean();
+        let keep = match self.keep {
+            Some(i) => mask(i).clone(),
+            None => {
+                let mut any = mask(0).clone();
+                for i in 1..self.masks {
+                    any = or(&any, mask(i)).map_err(|e| Error::arrow("routing rows", e))?;
+                }
+                not(&any).map_err(|e| Error::arrow("routing rows", e))?
+            }
+        };
+        let columns =
+            RecordBatch::try_new(self.output.clone(), batch.columns()[..self.first].to_vec())
+                .map_err(|e| Error::arrow("routing rows", e))?;
+        let rows =
+            filter_record_batch(&columns, &keep).map_err(|e| Error::arrow("routing rows", e))?;
+        Ok(StageOutput::ok(rows))
     }
 }
 
@@ -183,22 +250,67 @@ pub fn parse_stage(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field};
+
+    fn spec(drop_unmatched: bool) -> RouteSpec {
+        RouteSpec {
+            routes: vec![
+                ("big".into(), "a > 1".into()),
+                ("de".into(), "c = 'DE'".into()),
+            ],
+            drop_unmatched,
+        }
+    }
 
     #[test]
     fn the_default_branch_takes_what_no_route_matched() {
-        let spec = RouteSpec {
-            routes: vec![
-                ("big".into(), "a > 1".into()),
-                ("eu".into(), "c = 'DE'".into()),
+        let names: Vec<String> = spec(false).branches().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["big", "de", "default"]);
+        assert_eq!(spec(true).branches().len(), 2);
+    }
+
+    /// Each predicate is evaluated once, by the route; each branch keeps its rows, a row
+    /// in two branches when it matches two, NULL matching none.
+    #[tokio::test]
+    async fn every_row_lands_in_the_branches_it_matches() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("c", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![Some(5), Some(0), None, Some(2)])),
+                Arc::new(StringArray::from(vec![
+                    Some("DE"),
+                    Some("FR"),
+                    Some("US"),
+                    None,
+                ])),
             ],
-            drop_unmatched: false,
-        };
-        let names: Vec<String> = spec.branches().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["big", "eu", "default"]);
-        let dropped = RouteSpec {
-            drop_unmatched: true,
-            ..spec
-        };
-        assert_eq!(dropped.branches().len(), 2);
+        )
+        .unwrap();
+        let ctx = StageContext::detached("split");
+        let route = spec(false).plan("split", &schema).await.unwrap();
+        let mut stage = route.create().unwrap();
+        stage.open(&ctx).await.unwrap();
+        let marked = stage.process_batch(batch, &ctx).await.unwrap().batch;
+        let mut kept = Vec::new();
+        for (_, branch) in spec(false).branches() {
+            let factory = branch.plan("b", &marked.schema()).await.unwrap();
+            assert_eq!(factory.output_schema(), schema);
+            let mut b = factory.create().unwrap();
+            let rows = b.process_batch(marked.clone(), &ctx).await.unwrap().batch;
+            let a: Vec<Option<i64>> = rows
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .iter()
+                .collect();
+            kept.push(a);
+        }
+        assert_eq!(kept[0], [Some(5), Some(2)]);
+        assert_eq!(kept[1], [Some(5)]);
+        assert_eq!(kept[2], [Some(0), None]);
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use arrow::array::RecordBatch;
 
 use super::messages::{Delivery, SinkMsg, WorkerMsg};
-use crate::batch::{Envelope, PartitionInfo};
+use crate::batch::{self, Envelope, PartitionInfo};
 use crate::failure::{self, Outcome};
 use crate::graph::{Graph, Input};
 use crate::stage::{PlannedStage, Stage, StageContext};
@@ -58,6 +58,7 @@ pub(super) async fn worker_loop(
 
     let mut chain = Chain {
         stages: chain,
+        empty: None,
         planned,
         schemas: &schemas,
         graph,
@@ -113,6 +114,8 @@ pub(super) async fn worker_loop(
         };
         let started = Instant::now();
         let outputs = chain.run(None, &mut env).await?;
+        // The source's batch is not written anywhere: not kept while the delivery waits.
+        env.batch = chain.empty(&env.batch);
         let (partition, end) = (env.partition.clone(), env.offsets.end);
         // Sent even when empty: the sink task counts its offsets as done.
         let delivery = Delivery { env, outputs };
@@ -131,9 +134,31 @@ pub(super) async fn worker_loop(
     Ok(())
 }
 
+/// What a stage or output reads of one batch of records: its one input's batches (shared),
+/// or the rows of its several inputs merged in the records' order.
+fn gather(
+    inputs: &[Input],
+    source: &[RecordBatch],
+    rows: &[Vec<RecordBatch>],
+) -> Result<Vec<RecordBatch>> {
+    let read = |input: &Input| match input {
+        Input::Source => source.to_vec(),
+        Input::Stage(j) => rows[*j].clone(),
+    };
+    match inputs {
+        [one] => Ok(read(one)),
+        several => {
+            let all = several.iter().flat_map(read).collect();
+            Ok(batch::merge_inputs(all)?.into_iter().collect())
+        }
+    }
+}
+
 /// A worker's instances of the stages, and how to run a batch through them.
 struct Chain<'a> {
     stages: Vec<(Box<dyn Stage>, StageContext)>,
+    /// An empty batch of the source's schema, made once.
+    empty: Option<RecordBatch>,
     planned: &'a [PlannedStage],
     schemas: &'a [arrow::datatypes::SchemaRef],
     graph: &'a Graph,
@@ -142,6 +167,13 @@ struct Chain<'a> {
 }
 
 impl Chain<'_> {
+    /// An empty batch with `like`'s schema (kept from the first call: one source, one schema).
+    fn empty(&mut self, like: &RecordBatch) -> RecordBatch {
+        self.empty
+            .get_or_insert_with(|| RecordBatch::new_empty(like.schema()))
+            .clone()
+    }
+
     /// Runs the source's batch (`env.batch`), or with `from` the rows a stage produced
     /// beyond its batches, through the stages that read them, in order; each stage's rows
     /// go to every stage that reads them, shared. The rows of each output; the records
@@ -161,37 +193,22 @@ impl Chain<'_> {
         };
         for i in first..self.stages.len() {
             let mut produced = Vec::new();
-            for input in &self.graph.stages[i] {
-                let batches = match input {
-                    Input::Source => &source,
-                    Input::Stage(j) => &rows[*j],
-                };
-                for batch in batches.clone() {
-                    if batch.num_rows() == 0 {
-                        continue;
-                    }
-                    let output = self.run_stage(i, batch, env).await?;
-                    if output.num_rows() > 0 {
-                        produced.push(output);
-                    }
+            for batch in gather(&self.graph.stages[i], &source, &rows)? {
+                if batch.num_rows() == 0 {
+                    continue;
+                }
+                let output = self.run_stage(i, batch, env).await?;
+                if output.num_rows() > 0 {
+                    produced.push(output);
                 }
             }
             rows[i] = produced;
         }
-        Ok(self
-            .graph
+        self.graph
             .outputs
             .iter()
-            .map(|inputs| {
-                inputs
-                    .iter()
-                    .flat_map(|input| match input {
-                        Input::Source => source.clone(),
-                        Input::Stage(j) => rows[*j].clone(),
-                    })
-                    .collect()
-            })
-            .collect())
+            .map(|inputs| gather(inputs, &source, &rows))
+            .collect()
     }
 
     async fn run_stage(
