@@ -178,6 +178,62 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
     );
 }
 
+/// Two aggregates over one read (10 s and 20 s windows), each to its own topic: their
+/// state is in the same checkpoints, so after kills at random moments every window of
+/// both is written, each with the reference result.
+#[test]
+fn kill_9_with_two_aggregates_over_one_read_loses_no_window_on_either() {
+    const N: i64 = 24_000;
+    const KILLS: usize = 3;
+    let (broker, (input, output), dir, yaml) = set_up(PARTITIONS, WINDOW);
+    let wide = broker.name("agg-wide");
+    broker.create_topic(&wide, 1);
+    let second_branch = format!(
+        r#"  - name: per_country_wide
+    input: source
+    type: aggregate
+    group_by: [country]
+    event_time: ts
+    window: {{ tumbling: {}ms }}
+    allowed_lateness: 100ms
+    aggregates: {{ events: count(), amount: sum(amount), highest: max(amount), amounts: count_distinct(amount) }}
+  - name: flatten_wide
+    type: sql
+    query: SELECT country, arrow_cast(window_start, 'Int64') AS start_ms, events, amount, highest, amounts FROM input
+sinks:
+  wide: {{ type: kafka, bootstrap_servers: {}, topic: {wide}, input: flatten_wide }}
+sink:
+  input: flatten
+"#,
+        2 * WINDOW,
+        broker.bootstrap
+    );
+    let yaml = yaml.replacen("sink:\n", &second_branch, 1);
+    let path = write_pipeline(dir.path(), &yaml);
+    let producer = produce_paced(&broker, &input, messages(N, mixed), 4_000);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let waits = super::moments(seed, KILLS);
+    super::run_and_kill_9(&path, dir.path(), &waits);
+    let last = Sluice::start(&path, dir.path().join("log-last"));
+    producer.join().unwrap();
+    let (narrow_want, wide_want) = (expected(N, mixed, WINDOW), expected(N, mixed, 2 * WINDOW));
+    wait_for_windows(&broker, &output, &narrow_want);
+    wait_for_windows(&broker, &wide, &wide_want);
+    let (status, log) = last.interrupt();
+    assert!(status.success(), "sluice failed: {log}");
+    let context = format!("kills after {waits:?}; last log:\n{log}");
+    assert_each_window_once(&broker, &output, &narrow_want, &context);
+    assert_each_window_once(&broker, &wide, &wide_want, &context);
+    eprintln!(
+        "two aggregates, kill -9 x{KILLS} after {waits:?}: {} and {} windows, each once with the reference result",
+        narrow_want.len(),
+        wide_want.len()
+    );
+}
+
 /// A partition that stops sending holds windows back only until it is idle: then they come
 /// out by themselves, with no further record to carry them out. (Before emission ran on a
 /// timer, they waited for the next record of any partition; here, for ever.) What came out
