@@ -197,6 +197,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_status_line_names_an_output_busy_most_of_the_time() {
+        use sluice_engine::stats::OutputStats;
+        let stats = RunStats::new([]);
+        let _ = stats.outputs.set(
+            ["files", "topic"]
+                .into_iter()
+                .map(|name| OutputStats {
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        let mut before = Vec::new();
+        assert_eq!(slowest_output(&stats, &mut before, 1.0), "");
+        RunStats::add(&stats.outputs()[0].busy_nanos, 100_000_000);
+        RunStats::add(&stats.outputs()[1].busy_nanos, 900_000_000);
+        assert_eq!(
+            slowest_output(&stats, &mut before, 1.0),
+            "  slow output: topic 90% busy"
+        );
+        // Only what it was busy since the last line counts.
+        assert_eq!(slowest_output(&stats, &mut before, 1.0), "");
+    }
+
+    #[test]
     fn formats_numbers_for_people() {
         assert_eq!(count(0), "0");
         assert_eq!(count(1234567), "1,234,567");

@@ -239,6 +239,9 @@ sink: { type: null }
         "sluice_stage_batch_duration_seconds_count{pipeline=\"m\",stage=\"s\"}",
         "sluice_stage_cold_start_seconds{pipeline=\"m\",stage=\"s\"}",
         "sluice_stage_cache_hits_total{pipeline=\"m\",stage=\"s\"} 0",
+        // Per output: what the pipeline's one output (`sink`) took and how long it was busy.
+        "sluice_output_rows_total{pipeline=\"m\",output=\"sink\"}",
+        "sluice_output_busy_seconds_total{pipeline=\"m\",output=\"sink\"}",
     ] {
         assert!(body.contains(want), "{want} in:\n{body}");
     }
