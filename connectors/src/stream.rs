@@ -44,10 +44,12 @@ pub fn kinesis_start_from<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Sta
     StartFrom::read(&String::deserialize(de)?, "trim_horizon").map_err(serde::de::Error::custom)
 }
 
-/// The payload format; only `json` (one JSON object per record).
+/// The payload format: `json` (one JSON object per record) or `avro` (Confluent-framed
+/// Avro, Kafka only: see [`crate::avro`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageFormat {
     #[default]
     Json,
+    Avro,
 }

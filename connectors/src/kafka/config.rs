@@ -39,11 +39,15 @@ pub struct KafkaSourceConfig {
     /// `latest` (default), or an RFC 3339 time (the first record at or after it).
     #[serde(default)]
     pub start_from: StartFrom,
-    /// The payload format; only `json` (one JSON object per message).
+    /// The payload format: `json` (one JSON object per message, the default) or `avro`
+    /// (Confluent-framed, with `avro:`).
     #[serde(default)]
     pub format: MessageFormat,
-    /// The records' fields; payloads are decoded straight into them.
+    /// The records' fields (JSON); payloads are decoded straight into them.
+    #[serde(default)]
     pub schema: SchemaSpec,
+    /// `format: avro`: the reader schema and the schema registry (see [`crate::avro`]).
+    pub avro: Option<crate::avro::AvroConfig>,
     /// The largest message accepted (default 16MiB); a larger one is a bad record (a dead
     /// letter naming this limit), never decoded.
     #[serde(default = "default_max_record")]
@@ -204,8 +208,34 @@ mod spec {
                 );
                 }
             }
-            if self.schema.0.is_empty() {
-                problems.at_key(node, path, "schema", "declare at least one field");
+            match (self.format, &self.avro) {
+                (MessageFormat::Json, None) if self.schema.0.is_empty() => {
+                    problems.at_key(node, path, "schema", "declare at least one field");
+                }
+                (MessageFormat::Json, Some(_)) => problems.at_key(
+                    node,
+                    path,
+                    "avro",
+                    "applies to `format: avro`; this source reads JSON",
+                ),
+                (MessageFormat::Avro, None) => problems.at_key(
+                    node,
+                    path,
+                    "format",
+                    "`format: avro` needs `avro: { schema: FILE.avsc, schema_registry: { url } }`",
+                ),
+                (MessageFormat::Avro, Some(_)) if !self.schema.0.is_empty() => problems.at_key(
+                    node,
+                    path,
+                    "schema",
+                    "the columns of Avro records come from the reader schema (`avro.schema`); leave `schema` out",
+                ),
+                (MessageFormat::Avro, Some(avro)) => {
+                    if let Err(e) = crate::avro::AvroFormat::open(avro) {
+                        problems.at_key(node, path, "avro", e.to_string());
+                    }
+                }
+                _ => {}
             }
             let security = (self.tls.as_ref(), self.sasl.as_deref());
             check_options(

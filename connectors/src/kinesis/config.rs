@@ -279,6 +279,14 @@ mod spec {
 
     impl SourceSpec for KinesisSourceConfig {
         fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
+            if self.format == MessageFormat::Avro {
+                problems.at_key(
+                    node,
+                    path,
+                    "format",
+                    "Avro is read from Kafka sources so far; Kinesis records are JSON",
+                );
+            }
             self.stream_ref().check(node, path, problems);
             self.client_config().check(node, path, problems);
             if self.schema.0.is_empty() {

@@ -4,6 +4,7 @@
 //! SIGKILL, interrupted, and run two at a time in one consumer group.
 
 mod aggregate;
+mod avro;
 mod broker;
 mod chaos;
 mod dead_letters;

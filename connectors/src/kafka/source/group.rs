@@ -211,8 +211,15 @@ impl GroupContext {
             ));
             partitions.live.insert(key, buffer.clone());
             let reader = KafkaReader {
-                decoder: JsonDecoder::new(self.shared.records.clone())
-                    .with_max_record(self.shared.max_record),
+                decoder: match &self.shared.avro {
+                    Some(format) => {
+                        Payloads::Avro(AvroDecoder::new(format.clone(), self.shared.max_record))
+                    }
+                    None => Payloads::Json(
+                        JsonDecoder::new(self.shared.records.clone())
+                            .with_max_record(self.shared.max_record),
+                    ),
+                },
                 schema: self.shared.schema.clone(),
                 buffer,
                 shared: self.shared.clone(),

@@ -56,7 +56,9 @@ use sluice_engine::{Error, ErrorClass, Result};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{KafkaSourceConfig, StartFrom};
+use crate::avro::{AvroDecoder, AvroFormat};
 use crate::json::JsonDecoder;
+use crate::stream::MessageFormat;
 
 /// How long a revoke waits for the engine to drain a partition before letting it go
 /// anyway (its records are then read again by the next owner: duplicates, not loss).
@@ -88,7 +90,17 @@ impl KafkaSource {
     /// With `dead_letters`, messages that do not decode become dead letters; without, the
     /// first one stops the run.
     pub fn new(config: KafkaSourceConfig, batch_size: usize, dead_letters: bool) -> Result<Self> {
-        let records = config.schema.to_arrow();
+        let avro = match (&config.format, &config.avro) {
+            (MessageFormat::Avro, Some(avro)) => Some(Arc::new(AvroFormat::open(avro)?)),
+            (MessageFormat::Avro, None) => {
+                return Err(Error::Plan("`format: avro` needs `avro:`".into()));
+            }
+            _ => None,
+        };
+        let records = match &avro {
+            Some(format) => format.records(),
+            None => config.schema.to_arrow(),
+        };
         let schema = batch::with_metadata_fields(
             &records,
             &batch::metadata_fields_with(&[
@@ -98,6 +110,7 @@ impl KafkaSource {
         )?;
         let (tx, events) = mpsc::unbounded_channel();
         let shared = Arc::new(GroupState {
+            avro,
             records,
             schema: schema.clone(),
             start_from: config.start_from.clone(),
@@ -270,6 +283,8 @@ fn kafka_error(doing: &str, e: &KafkaError) -> Error {
 /// State shared by the source, the polling thread (and its rebalance callbacks), the
 /// partition readers and the commit hook.
 struct GroupState {
+    /// `format: avro`: the reader schema and the writer schemas fetched so far.
+    avro: Option<Arc<AvroFormat>>,
     records: SchemaRef,
     schema: SchemaRef,
     start_from: StartFrom,

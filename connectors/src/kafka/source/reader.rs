@@ -2,9 +2,15 @@
 
 use super::*;
 
+/// How a partition's payloads are decoded.
+pub(super) enum Payloads {
+    Json(JsonDecoder),
+    Avro(AvroDecoder),
+}
+
 /// Reads one partition's buffer and decodes it into batches.
 pub(super) struct KafkaReader {
-    pub(super) decoder: JsonDecoder,
+    pub(super) decoder: Payloads,
     pub(super) schema: SchemaRef,
     pub(super) buffer: Arc<PartitionBuffer>,
     pub(super) shared: Arc<GroupState>,
@@ -19,22 +25,32 @@ impl KafkaReader {
         }
         let chunk = &chunk;
         let n = chunk.len();
-        let records = self
-            .decoder
-            .decode((0..n).map(|i| chunk.payload(i)))
-            .map_err(|e| {
-                let at = match e.index {
-                    Some(i) => format!("offset {}", chunk.offsets[i]),
-                    None => format!("offsets {}..={}", chunk.offsets[0], chunk.offsets[n - 1]),
-                };
-                Error::BadRecord {
-                    origin: format!(
-                        "topic `{}` partition {} {at}",
-                        self.buffer.topic, self.buffer.partition
-                    ),
-                    reason: e.reason,
+        let bad = |index: Option<usize>, reason: String| {
+            let at = match index {
+                Some(i) => format!("offset {}", chunk.offsets[i]),
+                None => format!("offsets {}..={}", chunk.offsets[0], chunk.offsets[n - 1]),
+            };
+            Error::BadRecord {
+                origin: format!(
+                    "topic `{}` partition {} {at}",
+                    self.buffer.topic, self.buffer.partition
+                ),
+                reason,
+            }
+        };
+        let records = match &mut self.decoder {
+            Payloads::Json(json) => json
+                .decode((0..n).map(|i| chunk.payload(i)))
+                .map_err(|e| bad(e.index, e.reason))?,
+            Payloads::Avro(avro) => {
+                let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
+                let (records, refused) = avro.decode_each(&payloads);
+                if let Some((i, reason)) = refused.into_iter().next() {
+                    return Err(bad(Some(i), reason));
                 }
-            })?;
+                records?
+            }
+        };
         let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
         self.assemble(records, chunk, offsets, Vec::new())
     }
@@ -64,10 +80,19 @@ impl KafkaReader {
     pub(super) fn envelope_keeping_bad(&mut self, chunk: Chunk) -> Result<Envelope> {
         let n = chunk.len();
         let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
-        let (records, bad) = self.decoder.decode_each(&payloads);
-        let records = records.map_err(|e| {
-            Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
-        })?;
+        let (records, bad) = match &mut self.decoder {
+            Payloads::Json(json) => {
+                let (records, bad) = json.decode_each(&payloads);
+                let records = records.map_err(|e| {
+                    Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
+                })?;
+                (records, bad)
+            }
+            Payloads::Avro(avro) => {
+                let (records, bad) = avro.decode_each(&payloads);
+                (records?, bad)
+            }
+        };
         let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
         let mut dead = Vec::with_capacity(bad.len());
         let now = sluice_engine::dead_letter::now_ms();
@@ -160,6 +185,11 @@ impl PartitionReader for KafkaReader {
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
         loop {
             if let Some(chunk) = self.buffer.take(max.max(1), &self.shared) {
+                if let Payloads::Avro(avro) = &mut self.decoder {
+                    // Writer schemas first: fetched (waiting for the registry) before decoding.
+                    avro.prepare((0..chunk.len()).map(|i| chunk.payload(i)))
+                        .await?;
+                }
                 return self.envelope(chunk).map(Some);
             }
             if self.buffer.closed.load(Ordering::SeqCst) {

@@ -1,0 +1,484 @@
+//! Avro payloads in the Confluent wire format (a `0` byte, the writer schema's 4-byte
+//! registry id, the Avro body), decoded straight into Arrow by `arrow-avro`.
+//!
+//! ```yaml
+//! source:
+//!   type: kafka
+//!   format: avro
+//!   avro:
+//!     schema: schemas/views.avsc             # the reader schema: the columns the pipeline sees
+//!     schema_registry: { url: http://registry:8081 }
+//! ```
+//! Each writer schema is fetched from the registry by its id the first time a message
+//! names it, cached for the process, and resolved against the reader schema by Avro's
+//! rules (fields added with defaults, fields removed, promoted types): producers can move
+//! to a new compatible schema while the pipeline runs. A message whose writer schema does
+//! not resolve, that is not framed, or whose body does not decode is a bad record (a dead
+//! letter with its bytes and the reason naming the schema id); the others go on. While the
+//! registry does not answer, the partition waits for it (as for a broker outage): no
+//! record is decoded with a schema it does not have.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow_avro::reader::{Decoder, ReaderBuilder};
+use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
+use serde::Deserialize;
+use sluice_engine::{Error, Result};
+
+/// `avro:` of a Kafka source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvroConfig {
+    /// The reader schema (`.avsc`): the records' columns, whatever schema wrote them.
+    pub schema: PathBuf,
+    /// Where writer schemas are fetched by id.
+    pub schema_registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The registry's base URL (`http://registry:8081`).
+    pub url: String,
+}
+
+/// A writer schema known to the process: resolvable against the reader schema, or not
+/// (with the reason).
+#[derive(Clone)]
+enum Writer {
+    Resolves(AvroSchema),
+    Refused(String),
+}
+
+/// The reader schema, the registry, and the writer schemas fetched so far (shared by
+/// every partition's decoder).
+pub struct AvroFormat {
+    reader: AvroSchema,
+    records: SchemaRef,
+    registry: String,
+    client: reqwest::Client,
+    writers: Mutex<HashMap<u32, Writer>>,
+}
+
+/// The first byte of a Confluent-framed message.
+const MAGIC: u8 = 0;
+
+impl AvroFormat {
+    /// Reads the reader schema; the records' Arrow schema follows from it.
+    pub fn open(config: &AvroConfig) -> Result<Self> {
+        let text = std::fs::read_to_string(&config.schema).map_err(|e| {
+            Error::Plan(format!(
+                "cannot read the Avro schema {}: {e}",
+                config.schema.display()
+            ))
+        })?;
+        let reader = AvroSchema::new(text);
+        let records = decoder_for(&reader, &[(0, reader.clone())])
+            .map_err(|e| Error::Plan(format!("the Avro schema {}: {e}", config.schema.display())))?
+            .schema();
+        Ok(AvroFormat {
+            reader,
+            records,
+            registry: config.schema_registry.url.trim_end_matches('/').to_string(),
+            client: reqwest::Client::new(),
+            writers: Mutex::default(),
+        })
+    }
+
+    /// The records' columns (before the metadata columns).
+    pub fn records(&self) -> SchemaRef {
+        self.records.clone()
+    }
+
+    /// Fetches the writer schemas of `ids` not known yet, waiting while the registry does
+    /// not answer.
+    async fn learn(&self, ids: impl Iterator<Item = u32>) -> Result<()> {
+        let missing: HashSet<u32> = {
+            let known = self.writers.lock().expect("writers lock");
+            ids.filter(|id| !known.contains_key(id)).collect()
+        };
+        for id in missing {
+            let writer = self.fetch(id).await?;
+            self.writers
+                .lock()
+                .expect("writers lock")
+                .insert(id, writer);
+        }
+        Ok(())
+    }
+
+    /// One writer schema by id: resolved against the reader schema, or refused with the
+    /// reason. Retries (1 s apart, a warning every 10 s) while the registry is away or
+    /// failing; an id it does not have is refused.
+    async fn fetch(&self, id: u32) -> Result<Writer> {
+        #[derive(Deserialize)]
+        struct Body {
+            schema: String,
+            #[serde(rename = "schemaType", default)]
+            schema_type: Option<String>,
+        }
+        let url = format!("{}/schemas/ids/{id}", self.registry);
+        let started = Instant::now();
+        let mut next_warning = Duration::from_secs(10);
+        loop {
+            let outcome = match self.client.get(&url).send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+                    return Ok(Writer::Refused(format!(
+                        "schema id {id} is not in the registry at {}",
+                        self.registry
+                    )));
+                }
+                Ok(r) if r.status().is_success() => match r.json::<Body>().await {
+                    Ok(body) => Ok(body),
+                    Err(e) => Err(format!("unreadable answer: {e}")),
+                },
+                Ok(r) => Err(format!("HTTP {}", r.status())),
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(body) => {
+                    if let Some(kind) = body.schema_type.filter(|k| k != "AVRO") {
+                        return Ok(Writer::Refused(format!(
+                            "schema id {id} is a {kind} schema, not Avro"
+                        )));
+                    }
+                    let writer = AvroSchema::new(body.schema);
+                    return Ok(match decoder_for(&self.reader, &[(id, writer.clone())]) {
+                        Ok(_) => {
+                            tracing::info!(id, "new Avro writer schema");
+                            Writer::Resolves(writer)
+                        }
+                        Err(e) => Writer::Refused(format!(
+                            "schema id {id} does not resolve against the reader schema: {e}"
+                        )),
+                    });
+                }
+                Err(why) => {
+                    if started.elapsed() >= next_warning {
+                        tracing::warn!(id, %why, waited = ?started.elapsed(), "waiting for the schema registry");
+                        next_warning += Duration::from_secs(10);
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A decoder from the writer schemas `writers` (by id) to the reader schema.
+fn decoder_for(
+    reader: &AvroSchema,
+    writers: &[(u32, AvroSchema)],
+) -> std::result::Result<Decoder, arrow::error::ArrowError> {
+    let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
+    for (id, schema) in writers {
+        store.set(Fingerprint::Id(*id), schema.clone())?;
+    }
+    ReaderBuilder::new()
+        .with_batch_size(65_536)
+        .with_reader_schema(reader.clone())
+        .with_writer_schema_store(store)
+        .build_decoder()
+}
+
+/// The writer schema id a message is framed with, if it is framed.
+fn schema_id(payload: &[u8]) -> Option<u32> {
+    match payload {
+        [MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// One partition's decoder: Avro messages into the reader schema's columns.
+pub struct AvroDecoder {
+    format: Arc<AvroFormat>,
+    /// The largest message decoded (`max_record_size`); a larger one is refused unread.
+    max_record: usize,
+    /// Built for the resolvable writer ids in `ids`; rebuilt when a message names another.
+    decoder: Option<Decoder>,
+    ids: HashSet<u32>,
+}
+
+impl AvroDecoder {
+    pub fn new(format: Arc<AvroFormat>, max_record: usize) -> Self {
+        AvroDecoder {
+            format,
+            max_record,
+            decoder: None,
+            ids: HashSet::new(),
+        }
+    }
+
+    /// Makes sure every writer schema the messages name is known (fetched, waiting for the
+    /// registry) before [`AvroDecoder::decode_each`] runs.
+    pub async fn prepare<'a>(&mut self, payloads: impl Iterator<Item = &'a [u8]>) -> Result<()> {
+        let ids: HashSet<u32> = payloads.filter_map(schema_id).collect();
+        if ids.is_subset(&self.ids) {
+            return Ok(());
+        }
+        self.format.learn(ids.into_iter()).await?;
+        let resolvable: Vec<(u32, AvroSchema)> = {
+            let known = self.format.writers.lock().expect("writers lock");
+            known
+                .iter()
+                .filter_map(|(id, w)| match w {
+                    Writer::Resolves(s) => Some((*id, s.clone())),
+                    Writer::Refused(_) => None,
+                })
+                .collect()
+        };
+        self.ids = self
+            .format
+            .writers
+            .lock()
+            .expect("writers lock")
+            .keys()
+            .copied()
+            .collect();
+        self.decoder =
+            Some(decoder_for(&self.format.reader, &resolvable).map_err(|e| {
+                Error::Internal(format!("an Avro decoder of resolved schemas: {e}"))
+            })?);
+        Ok(())
+    }
+
+    /// Why a message cannot be decoded before its body is read: not framed, or a writer
+    /// schema that does not resolve.
+    fn refusal(&self, payload: &[u8]) -> Option<String> {
+        if payload.len() > self.max_record {
+            return Some(format!(
+                "the record is {} bytes, larger than max_record_size ({})",
+                payload.len(),
+                sluice_engine::config::ByteSize(self.max_record as u64)
+            ));
+        }
+        let Some(id) = schema_id(payload) else {
+            return Some(
+                "not an Avro message in the Confluent wire format (a 0 byte, then a 4-byte schema id)"
+                    .into(),
+            );
+        };
+        match self.format.writers.lock().expect("writers lock").get(&id) {
+            Some(Writer::Refused(why)) => Some(why.clone()),
+            Some(Writer::Resolves(_)) => None,
+            None => Some(format!("schema id {id} was not fetched")),
+        }
+    }
+
+    /// Decodes what decodes, in the reader schema's columns; each message that does not is
+    /// named by index with the reason.
+    pub fn decode_each(
+        &mut self,
+        payloads: &[&[u8]],
+    ) -> (Result<RecordBatch>, Vec<(usize, String)>) {
+        let mut bad: Vec<(usize, String)> = payloads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| self.refusal(p).map(|why| (i, why)))
+            .collect();
+        let refused: HashSet<usize> = bad.iter().map(|(i, _)| *i).collect();
+        let good: Vec<usize> = (0..payloads.len())
+            .filter(|i| !refused.contains(i))
+            .collect();
+        match self.decode_all(good.iter().map(|&i| payloads[i])) {
+            Ok(batch) => (Ok(batch), bad),
+            Err(_) => {
+                // A body that does not decode: find it (and any other) one message at a time.
+                let mut fine = Vec::with_capacity(good.len());
+                for &i in &good {
+                    match self.decode_all(std::iter::once(payloads[i])) {
+                        Ok(_) => fine.push(i),
+                        Err(why) => bad.push((i, why)),
+                    }
+                }
+                bad.sort_by_key(|(i, _)| *i);
+                let batch = self
+                    .decode_all(fine.iter().map(|&i| payloads[i]))
+                    .map_err(|why| {
+                        Error::Internal(format!("decoding messages that decoded alone: {why}"))
+                    });
+                (batch, bad)
+            }
+        }
+    }
+
+    /// Every message, each a whole framed Avro datum, as one batch; the reason of the first
+    /// failure otherwise (the decoder is rebuilt after one: its state is unknown).
+    fn decode_all<'a>(
+        &mut self,
+        payloads: impl Iterator<Item = &'a [u8]>,
+    ) -> std::result::Result<RecordBatch, String> {
+        let result = self.try_decode_all(payloads);
+        if result.is_err() {
+            self.ids.clear();
+            self.decoder = None;
+        }
+        result
+    }
+
+    fn try_decode_all<'a>(
+        &mut self,
+        payloads: impl Iterator<Item = &'a [u8]>,
+    ) -> std::result::Result<RecordBatch, String> {
+        if self.decoder.is_none() {
+            let resolvable: Vec<(u32, AvroSchema)> = self
+                .format
+                .writers
+                .lock()
+                .expect("writers lock")
+                .iter()
+                .filter_map(|(id, w)| match w {
+                    Writer::Resolves(s) => Some((*id, s.clone())),
+                    Writer::Refused(_) => None,
+                })
+                .collect();
+            self.decoder =
+                Some(decoder_for(&self.format.reader, &resolvable).map_err(|e| e.to_string())?);
+            self.ids = self
+                .format
+                .writers
+                .lock()
+                .expect("writers lock")
+                .keys()
+                .copied()
+                .collect();
+        }
+        let decoder = self.decoder.as_mut().expect("built above");
+        let size = decoder.batch_size();
+        let mut batches = Vec::new();
+        // Rows out so far (flushed, and in the batch being filled): after each message one
+        // more, so a message that ends inside a value (or holds two) is caught at its end,
+        // before the next message's bytes could be read as its rest.
+        let mut flushed = 0;
+        for (done, payload) in payloads.enumerate() {
+            let mut at = 0;
+            while at < payload.len() {
+                let used = decoder.decode(&payload[at..]).map_err(|e| e.to_string())?;
+                at += used;
+                if at < payload.len() {
+                    // A new writer schema: the rows before it come out first.
+                    match decoder.flush().map_err(|e| e.to_string())? {
+                        Some(batch) => {
+                            flushed += batch.num_rows();
+                            batches.push(batch);
+                        }
+                        None if used == 0 => return Err("the message ends inside a value".into()),
+                        None => {}
+                    }
+                }
+            }
+            if flushed + (size - decoder.capacity()) != done + 1 {
+                return Err("the message is not one whole Avro value".into());
+            }
+        }
+        if let Some(batch) = decoder.flush().map_err(|e| e.to_string())? {
+            batches.push(batch);
+        }
+        match batches.len() {
+            0 => Ok(RecordBatch::new_empty(self.format.records.clone())),
+            1 => Ok(batches.pop().expect("one")),
+            _ => arrow::compute::concat_batches(&self.format.records, &batches)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READER: &str = r#"{"type":"record","name":"R","fields":[{"name":"id","type":"long"},{"name":"tag","type":"string","default":"none"}]}"#;
+
+    fn format() -> Arc<AvroFormat> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.avsc");
+        std::fs::write(&path, READER).unwrap();
+        let format = AvroFormat::open(&AvroConfig {
+            schema: path,
+            schema_registry: RegistryConfig {
+                url: "http://127.0.0.1:9".into(),
+            },
+        })
+        .unwrap();
+        // A writer without `tag`, known as id 7 (as if fetched).
+        let writer = AvroSchema::new(
+            r#"{"type":"record","name":"R","fields":[{"name":"id","type":"long"}]}"#.into(),
+        );
+        format
+            .writers
+            .lock()
+            .unwrap()
+            .insert(7, Writer::Resolves(writer));
+        format
+            .writers
+            .lock()
+            .unwrap()
+            .insert(8, Writer::Refused("schema id 8 does not resolve".into()));
+        Arc::new(format)
+    }
+
+    /// `id` as Avro's zig-zag varint, framed with schema id `schema`.
+    fn message(schema: u32, id: i64) -> Vec<u8> {
+        let mut out = vec![MAGIC];
+        out.extend_from_slice(&schema.to_be_bytes());
+        let mut z = ((id << 1) ^ (id >> 63)) as u64;
+        loop {
+            let byte = (z & 0x7f) as u8;
+            z >>= 7;
+            if z == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+        out
+    }
+
+    #[test]
+    fn messages_decode_into_the_reader_schema_and_bad_ones_are_named() {
+        let format = format();
+        assert_eq!(format.records().fields().len(), 2);
+        let mut decoder = AvroDecoder::new(format, 64);
+        let (good, unframed, refused, cut, big) = (
+            message(7, 300),
+            b"{\"id\":1}".to_vec(),
+            message(8, 5),
+            message(7, 300)[..5].to_vec(),
+            vec![0u8; 100],
+        );
+        let second = message(7, -2);
+        let payloads: Vec<&[u8]> = vec![&good, &unframed, &refused, &cut, &big, &second];
+        let (batch, bad) = decoder.decode_each(&payloads);
+        let batch = batch.unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        let ids = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        assert_eq!(ids.values(), &[300, -2]);
+        let tags = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
+        assert_eq!(tags.value(0), "none", "the reader's default");
+        let reasons: Vec<(usize, &str)> = bad.iter().map(|(i, r)| (*i, r.as_str())).collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(
+            reasons[0].1.contains("Confluent wire format"),
+            "{reasons:?}"
+        );
+        assert_eq!(reasons[1], (2, "schema id 8 does not resolve"));
+        assert_eq!(reasons[2].0, 3, "{reasons:?}");
+        assert!(
+            reasons[3].1.contains("larger than max_record_size"),
+            "{reasons:?}"
+        );
+    }
+}
