@@ -77,6 +77,15 @@ impl AvroFormat {
                 config.schema.display()
             ))
         })?;
+        let registry = config.schema_registry.url.trim_end_matches('/').to_string();
+        match reqwest::Url::parse(&registry) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            _ => {
+                return Err(Error::Plan(format!(
+                    "the schema registry's url `{registry}` is not an http:// or https:// URL"
+                )));
+            }
+        }
         let reader = AvroSchema::new(text);
         let records = decoder_for(&reader, &[(0, reader.clone())])
             .map_err(|e| Error::Plan(format!("the Avro schema {}: {e}", config.schema.display())))?
@@ -84,8 +93,12 @@ impl AvroFormat {
         Ok(AvroFormat {
             reader,
             records,
-            registry: config.schema_registry.url.trim_end_matches('/').to_string(),
-            client: reqwest::Client::new(),
+            registry,
+            client: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10))
+                .build()
+                .map_err(|e| Error::Plan(format!("an HTTP client for the schema registry: {e}")))?,
             writers: Mutex::default(),
         })
     }
@@ -104,59 +117,63 @@ impl AvroFormat {
         };
         for id in missing {
             let writer = self.fetch(id).await?;
+            // Another partition may have fetched it meanwhile: the first answer stays.
             self.writers
                 .lock()
                 .expect("writers lock")
-                .insert(id, writer);
+                .entry(id)
+                .or_insert(writer);
         }
         Ok(())
     }
 
     /// One writer schema by id: resolved against the reader schema, or refused with the
-    /// reason. Retries (1 s apart, a warning every 10 s) while the registry is away or
-    /// failing; an id it does not have is refused.
+    /// reason. The registry saying it has no such schema (error code 40403), or refusing
+    /// the request for this id (another 4xx but 401, 403, 408, 429), refuses it; anything
+    /// else (no answer, 5xx, a proxy's 404, a login refused) is waited out, a second apart,
+    /// with a warning every 10 s.
     async fn fetch(&self, id: u32) -> Result<Writer> {
         #[derive(Deserialize)]
         struct Body {
             schema: String,
             #[serde(rename = "schemaType", default)]
             schema_type: Option<String>,
+            #[serde(default)]
+            references: Vec<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        struct Refusal {
+            error_code: Option<i64>,
+            message: Option<String>,
         }
         let url = format!("{}/schemas/ids/{id}", self.registry);
         let started = Instant::now();
         let mut next_warning = Duration::from_secs(10);
         loop {
             let outcome = match self.client.get(&url).send().await {
-                Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
-                    return Ok(Writer::Refused(format!(
-                        "schema id {id} is not in the registry at {}",
-                        self.registry
-                    )));
-                }
                 Ok(r) if r.status().is_success() => match r.json::<Body>().await {
                     Ok(body) => Ok(body),
                     Err(e) => Err(format!("unreadable answer: {e}")),
                 },
-                Ok(r) => Err(format!("HTTP {}", r.status())),
+                Ok(r) => {
+                    let status = r.status();
+                    let refusal = r.json::<Refusal>().await.ok();
+                    let code = refusal.as_ref().and_then(|r| r.error_code);
+                    let said = refusal.and_then(|r| r.message).unwrap_or_default();
+                    let passing = [401, 403, 404, 408, 429].contains(&status.as_u16());
+                    if code == Some(40403) || (status.is_client_error() && !passing) {
+                        return Ok(Writer::Refused(format!(
+                            "schema id {id}: the registry at {} answers {status} {said}",
+                            self.registry
+                        )));
+                    }
+                    Err(format!("HTTP {status} {said}"))
+                }
                 Err(e) => Err(e.to_string()),
             };
             match outcome {
                 Ok(body) => {
-                    if let Some(kind) = body.schema_type.filter(|k| k != "AVRO") {
-                        return Ok(Writer::Refused(format!(
-                            "schema id {id} is a {kind} schema, not Avro"
-                        )));
-                    }
-                    let writer = AvroSchema::new(body.schema);
-                    return Ok(match decoder_for(&self.reader, &[(id, writer.clone())]) {
-                        Ok(_) => {
-                            tracing::info!(id, "new Avro writer schema");
-                            Writer::Resolves(writer)
-                        }
-                        Err(e) => Writer::Refused(format!(
-                            "schema id {id} does not resolve against the reader schema: {e}"
-                        )),
-                    });
+                    return Ok(self.resolve(id, body.schema, body.schema_type, &body.references));
                 }
                 Err(why) => {
                     if started.elapsed() >= next_warning {
@@ -167,6 +184,47 @@ impl AvroFormat {
                 }
             }
         }
+    }
+
+    /// A fetched writer schema, resolved against the reader schema or refused.
+    fn resolve(
+        &self,
+        id: u32,
+        schema: String,
+        kind: Option<String>,
+        references: &[serde_json::Value],
+    ) -> Writer {
+        if let Some(kind) = kind.filter(|k| k != "AVRO") {
+            return Writer::Refused(format!("schema id {id} is a {kind} schema, not Avro"));
+        }
+        if !references.is_empty() {
+            return Writer::Refused(format!(
+                "schema id {id} uses schema references, which are not read yet"
+            ));
+        }
+        let writer = AvroSchema::new(schema);
+        match decoder_for(&self.reader, &[(id, writer.clone())]) {
+            Ok(_) => {
+                tracing::info!(id, "new Avro writer schema");
+                Writer::Resolves(writer)
+            }
+            Err(e) => Writer::Refused(format!(
+                "schema id {id} does not resolve against the reader schema: {e}"
+            )),
+        }
+    }
+
+    /// The writer schemas that resolve, and every id known (both read at once).
+    fn known(&self) -> (Vec<(u32, AvroSchema)>, HashSet<u32>) {
+        let writers = self.writers.lock().expect("writers lock");
+        let resolvable = writers
+            .iter()
+            .filter_map(|(id, w)| match w {
+                Writer::Resolves(s) => Some((*id, s.clone())),
+                Writer::Refused(_) => None,
+            })
+            .collect();
+        (resolvable, writers.keys().copied().collect())
     }
 }
 
@@ -222,28 +280,19 @@ impl AvroDecoder {
             return Ok(());
         }
         self.format.learn(ids.into_iter()).await?;
-        let resolvable: Vec<(u32, AvroSchema)> = {
-            let known = self.format.writers.lock().expect("writers lock");
-            known
-                .iter()
-                .filter_map(|(id, w)| match w {
-                    Writer::Resolves(s) => Some((*id, s.clone())),
-                    Writer::Refused(_) => None,
-                })
-                .collect()
+        self.rebuild()
+            .map_err(|e| Error::Internal(format!("an Avro decoder of resolved schemas: {e}")))
+    }
+
+    /// A decoder of every writer schema that resolves (none while none does).
+    fn rebuild(&mut self) -> std::result::Result<(), String> {
+        let (resolvable, ids) = self.format.known();
+        self.ids = ids;
+        self.decoder = if resolvable.is_empty() {
+            None
+        } else {
+            Some(decoder_for(&self.format.reader, &resolvable).map_err(|e| e.to_string())?)
         };
-        self.ids = self
-            .format
-            .writers
-            .lock()
-            .expect("writers lock")
-            .keys()
-            .copied()
-            .collect();
-        self.decoder =
-            Some(decoder_for(&self.format.reader, &resolvable).map_err(|e| {
-                Error::Internal(format!("an Avro decoder of resolved schemas: {e}"))
-            })?);
         Ok(())
     }
 
@@ -263,11 +312,39 @@ impl AvroDecoder {
                     .into(),
             );
         };
-        match self.format.writers.lock().expect("writers lock").get(&id) {
-            Some(Writer::Refused(why)) => Some(why.clone()),
-            Some(Writer::Resolves(_)) => None,
-            None => Some(format!("schema id {id} was not fetched")),
+        let writer = match self.format.writers.lock().expect("writers lock").get(&id) {
+            Some(Writer::Refused(why)) => return Some(why.clone()),
+            Some(Writer::Resolves(writer)) => writer.clone(),
+            None => return Some(format!("schema id {id} was not fetched")),
+        };
+        self.second_frame(payload, id, writer)
+    }
+
+    /// A message that holds its value and then another frame (`0` and a known id) would
+    /// leave the decoder waiting for that frame's body in the next message: refused. A
+    /// valid message never decodes whole without its last five bytes (Avro reads exactly
+    /// the bytes of one value), so that is the test, made only for messages ending so.
+    fn second_frame(&self, payload: &[u8], id: u32, writer: AvroSchema) -> Option<String> {
+        let tail = payload.len().checked_sub(5).filter(|&t| t > 5)?;
+        let trailing = schema_id(&payload[tail..])?;
+        if !self
+            .format
+            .writers
+            .lock()
+            .expect("writers lock")
+            .contains_key(&trailing)
+        {
+            return None;
         }
+        let mut alone = decoder_for(&self.format.reader, &[(id, writer)]).ok()?;
+        let head = &payload[..tail];
+        let whole = alone.decode(head).ok()? == head.len()
+            && alone
+                .flush()
+                .ok()
+                .flatten()
+                .is_some_and(|b| b.num_rows() == 1);
+        whole.then(|| "the message holds a second frame after its value".to_string())
     }
 
     /// Decodes what decodes, in the reader schema's columns; each message that does not is
@@ -325,30 +402,16 @@ impl AvroDecoder {
         &mut self,
         payloads: impl Iterator<Item = &'a [u8]>,
     ) -> std::result::Result<RecordBatch, String> {
-        if self.decoder.is_none() {
-            let resolvable: Vec<(u32, AvroSchema)> = self
-                .format
-                .writers
-                .lock()
-                .expect("writers lock")
-                .iter()
-                .filter_map(|(id, w)| match w {
-                    Writer::Resolves(s) => Some((*id, s.clone())),
-                    Writer::Refused(_) => None,
-                })
-                .collect();
-            self.decoder =
-                Some(decoder_for(&self.format.reader, &resolvable).map_err(|e| e.to_string())?);
-            self.ids = self
-                .format
-                .writers
-                .lock()
-                .expect("writers lock")
-                .keys()
-                .copied()
-                .collect();
+        let mut payloads = payloads.peekable();
+        if payloads.peek().is_none() {
+            return Ok(RecordBatch::new_empty(self.format.records.clone()));
         }
-        let decoder = self.decoder.as_mut().expect("built above");
+        if self.decoder.is_none() {
+            self.rebuild()?;
+        }
+        let Some(decoder) = self.decoder.as_mut() else {
+            return Err("no writer schema resolves".into());
+        };
         let size = decoder.batch_size();
         let mut batches = Vec::new();
         // Rows out so far (flushed, and in the batch being filled): after each message one
@@ -480,5 +543,38 @@ mod tests {
             reasons[3].1.contains("larger than max_record_size"),
             "{reasons:?}"
         );
+    }
+
+    /// A value followed by a second frame of a known id is refused, not left to swallow
+    /// the next message's header; the next message still decodes.
+    #[test]
+    fn a_second_frame_after_the_value_is_refused() {
+        let mut decoder = AvroDecoder::new(format(), 1 << 20);
+        let mut doubled = message(7, 300);
+        doubled.extend_from_slice(&[MAGIC, 0, 0, 0, 7]);
+        let next = message(7, 5);
+        let (batch, bad) = decoder.decode_each(&[&doubled, &next]);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].1.contains("second frame"), "{bad:?}");
+        let batch = batch.unwrap();
+        let ids = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        assert_eq!(ids.values(), &[5]);
+    }
+
+    /// Before any writer schema resolves, a chunk of refused messages is all dead letters,
+    /// not a failure of the run.
+    #[test]
+    fn refused_messages_alone_are_only_refused() {
+        let format = format();
+        format.writers.lock().unwrap().remove(&7);
+        let mut decoder = AvroDecoder::new(format, 1 << 20);
+        let refused = message(8, 1);
+        let (batch, bad) = decoder.decode_each(&[&refused, b"x"]);
+        assert_eq!(batch.unwrap().num_rows(), 0);
+        assert_eq!(bad.len(), 2);
     }
 }

@@ -223,6 +223,7 @@ impl GroupContext {
                 schema: self.shared.schema.clone(),
                 buffer,
                 shared: self.shared.clone(),
+                held: None,
                 start: match e.offset() {
                     Offset::Offset(o) => Some(o),
                     _ => None,

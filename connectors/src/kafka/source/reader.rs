@@ -16,6 +16,9 @@ pub(super) struct KafkaReader {
     pub(super) shared: Arc<GroupState>,
     /// Where the assignment starts it, when set here (not left to the group's offset).
     pub(super) start: Option<i64>,
+    /// A chunk taken from the buffer whose Avro writer schemas are being fetched: kept
+    /// here, so that a `read` cancelled while it waits for the registry loses nothing.
+    pub(super) held: Option<Chunk>,
 }
 
 impl KafkaReader {
@@ -184,12 +187,17 @@ impl PartitionReader for KafkaReader {
 
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
         loop {
-            if let Some(chunk) = self.buffer.take(max.max(1), &self.shared) {
+            if self.held.is_none() {
+                self.held = self.buffer.take(max.max(1), &self.shared);
+            }
+            if let Some(chunk) = &self.held {
                 if let Payloads::Avro(avro) = &mut self.decoder {
-                    // Writer schemas first: fetched (waiting for the registry) before decoding.
+                    // Writer schemas first: fetched (waiting for the registry) before
+                    // decoding. Cancel safe: the chunk stays held until it is decoded.
                     avro.prepare((0..chunk.len()).map(|i| chunk.payload(i)))
                         .await?;
                 }
+                let chunk = self.held.take().expect("held above");
                 return self.envelope(chunk).map(Some);
             }
             if self.buffer.closed.load(Ordering::SeqCst) {
