@@ -210,7 +210,51 @@ fn bench_kafka_decode(c: &mut Criterion) {
     group.bench_with_input(BenchmarkId::new("arrow_json", rows), &rows, |b, _| {
         b.iter(|| arrow.decode(payloads.iter().map(Vec::as_slice)).unwrap());
     });
+    // The same events as Avro in the Confluent wire format (schema id 1), as a registry-
+    // backed producer writes them: arrow-avro's encoder, one message per row.
+    let (avro, avro_payloads) = avro_view_events(rows);
+    let mut decoder = sluice_connectors::avro::AvroDecoder::new(avro, usize::MAX);
+    let slices: Vec<&[u8]> = avro_payloads.iter().map(|p| p.as_ref()).collect();
+    let (decoded, bad) = decoder.decode_each(&slices);
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(decoded.unwrap().num_rows(), rows);
+    eprintln!(
+        "kafka_decode: the Avro messages are {:.0} bytes each on average",
+        slices.iter().map(|p| p.len()).sum::<usize>() as f64 / rows as f64
+    );
+    group.bench_with_input(BenchmarkId::new("avro_confluent", rows), &rows, |b, _| {
+        b.iter(|| decoder.decode_each(&slices).0.unwrap());
+    });
     group.finish();
+}
+
+/// Generated view events as Confluent-framed Avro messages, and the format that reads them
+/// (reader schema = writer schema, id 1, known without a registry).
+fn avro_view_events(rows: usize) -> (Arc<sluice_connectors::avro::AvroFormat>, Vec<bytes::Bytes>) {
+    use arrow_avro::schema::{AvroSchema, FingerprintStrategy};
+    use arrow_avro::writer::{WriterBuilder, format::AvroSoeFormat};
+    let batch = generator(None).partition(0).generate(rows).unwrap();
+    let records = ColumnSelection::default().apply(&batch.batch).unwrap();
+    let schema = records.schema();
+    let mut encoder = WriterBuilder::new(schema.as_ref().clone())
+        .with_fingerprint_strategy(FingerprintStrategy::Id(1))
+        .build_encoder::<AvroSoeFormat>()
+        .unwrap();
+    encoder.encode(&records).unwrap();
+    let payloads = encoder.flush().iter().collect();
+    let avsc = AvroSchema::try_from(schema.as_ref()).unwrap().json_string;
+    let dir = std::env::temp_dir().join(format!("sluice-bench-avro-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("views.avsc"), &avsc).unwrap();
+    let format = sluice_connectors::avro::AvroFormat::open(&sluice_connectors::avro::AvroConfig {
+        schema: dir.join("views.avsc"),
+        schema_registry: sluice_connectors::avro::RegistryConfig {
+            url: "http://127.0.0.1:9".into(),
+        },
+    })
+    .unwrap();
+    assert!(format.add_writer(1, avsc));
+    (Arc::new(format), payloads)
 }
 
 /// Kinesis records as the Kinesis Producer Library aggregates them (1,000 user records a

@@ -214,6 +214,19 @@ impl AvroFormat {
         }
     }
 
+    /// Takes writer schema `schema` as id `id` without asking the registry (a schema the
+    /// caller already has, as benches do); whether it resolves against the reader schema.
+    pub fn add_writer(&self, id: u32, schema: String) -> bool {
+        let writer = self.resolve(id, schema, None, &[]);
+        let resolves = matches!(writer, Writer::Resolves(_));
+        self.writers
+            .lock()
+            .expect("writers lock")
+            .entry(id)
+            .or_insert(writer);
+        resolves
+    }
+
     /// The writer schemas that resolve, and every id known (both read at once).
     fn known(&self) -> (Vec<(u32, AvroSchema)>, HashSet<u32>) {
         let writers = self.writers.lock().expect("writers lock");
