@@ -309,9 +309,9 @@ impl AvroDecoder {
         Ok(())
     }
 
-    /// Why a message cannot be decoded before its body is read: not framed, or a writer
-    /// schema that does not resolve.
-    fn refusal(&self, payload: &[u8]) -> Option<String> {
+    /// Why a message cannot be decoded before its body is read: too large, not framed, a
+    /// writer schema that does not resolve (`writers`: the known ones, locked once a chunk).
+    fn refusal(&self, payload: &[u8], writers: &HashMap<u32, Writer>) -> Option<String> {
         if payload.len() > self.max_record {
             return Some(format!(
                 "the record is {} bytes, larger than max_record_size ({})",
@@ -325,31 +325,30 @@ impl AvroDecoder {
                     .into(),
             );
         };
-        let writer = match self.format.writers.lock().expect("writers lock").get(&id) {
-            Some(Writer::Refused(why)) => return Some(why.clone()),
-            Some(Writer::Resolves(writer)) => writer.clone(),
-            None => return Some(format!("schema id {id} was not fetched")),
-        };
-        self.second_frame(payload, id, writer)
+        match writers.get(&id) {
+            Some(Writer::Refused(why)) => Some(why.clone()),
+            Some(Writer::Resolves(writer)) => self.second_frame(payload, id, writer, writers),
+            None => Some(format!("schema id {id} was not fetched")),
+        }
     }
 
     /// A message that holds its value and then another frame (`0` and a known id) would
     /// leave the decoder waiting for that frame's body in the next message: refused. A
     /// valid message never decodes whole without its last five bytes (Avro reads exactly
     /// the bytes of one value), so that is the test, made only for messages ending so.
-    fn second_frame(&self, payload: &[u8], id: u32, writer: AvroSchema) -> Option<String> {
+    fn second_frame(
+        &self,
+        payload: &[u8],
+        id: u32,
+        writer: &AvroSchema,
+        writers: &HashMap<u32, Writer>,
+    ) -> Option<String> {
         let tail = payload.len().checked_sub(5).filter(|&t| t > 5)?;
         let trailing = schema_id(&payload[tail..])?;
-        if !self
-            .format
-            .writers
-            .lock()
-            .expect("writers lock")
-            .contains_key(&trailing)
-        {
+        if !writers.contains_key(&trailing) {
             return None;
         }
-        let mut alone = decoder_for(&self.format.reader, &[(id, writer)]).ok()?;
+        let mut alone = decoder_for(&self.format.reader, &[(id, writer.clone())]).ok()?;
         let head = &payload[..tail];
         let whole = alone.decode(head).ok()? == head.len()
             && alone
@@ -366,11 +365,14 @@ impl AvroDecoder {
         &mut self,
         payloads: &[&[u8]],
     ) -> (Result<RecordBatch>, Vec<(usize, String)>) {
-        let mut bad: Vec<(usize, String)> = payloads
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| self.refusal(p).map(|why| (i, why)))
-            .collect();
+        let mut bad: Vec<(usize, String)> = {
+            let writers = self.format.writers.lock().expect("writers lock");
+            payloads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| self.refusal(p, &writers).map(|why| (i, why)))
+                .collect()
+        };
         let refused: HashSet<usize> = bad.iter().map(|(i, _)| *i).collect();
         let good: Vec<usize> = (0..payloads.len())
             .filter(|i| !refused.contains(i))

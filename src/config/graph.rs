@@ -100,13 +100,13 @@ pub(super) struct RouteEntry {
     /// The stage that evaluates the predicates (named as the route; not an input anyone
     /// may name).
     pub stage: usize,
-    /// Each branch's name and stage (`ROUTE.BRANCH`, reading the route's stage).
-    pub branches: Vec<(String, usize)>,
+    /// Its branches' names (each a stage `ROUTE.BRANCH` reading the route's stage).
+    pub branches: Vec<String>,
     pub at: At,
 }
 
 /// One entry of `stages:` in the order written: a stage (its index in the stages before
-/// ordering) or a route (its branches' indices).
+/// ordering) or a route (its index in the routes).
 pub(super) enum Entry {
     Stage(usize),
     Route(usize),
@@ -152,7 +152,7 @@ pub(super) fn resolve(
                 route
                     .branches
                     .iter()
-                    .map(|(b, _)| format!("{}.{b}", route.name))
+                    .map(|b| format!("{}.{b}", route.name))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -176,7 +176,7 @@ pub(super) fn resolve(
                     &at.node,
                     format!(
                         "{what} follows the route `{}`: say which branch it reads, e.g. `input: {}.{}`",
-                        route.name, route.name, route.branches[0].0
+                        route.name, route.name, route.branches[0]
                     ),
                 );
                 None

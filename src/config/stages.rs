@@ -298,7 +298,7 @@ pub(super) fn parse_stages(node: Option<&Node>, problems: &mut Problems) -> Opti
         stages.push(stage);
         let mut branches = Vec::new();
         for (branch, spec) in branch_specs {
-            branches.push((branch.clone(), stages.len()));
+            branches.push(branch.clone());
             stages.push(StageConfig {
                 name: format!("{name}.{branch}"),
                 kind: "route",

@@ -19,43 +19,20 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+ID = {"name": "id", "type": "long"}
+USER = {"name": "user", "type": ["null", "string"], "default": None}
+COUNTRY = {"name": "country", "type": "string", "default": "??"}
+
+
+def view(*fields):
+    return {"type": "record", "name": "View", "fields": list(fields)}
+
+
 SCHEMAS = {
-    "v1": {
-        "type": "record",
-        "name": "View",
-        "fields": [
-            {"name": "id", "type": "long"},
-            {"name": "user", "type": ["null", "string"], "default": None},
-            {"name": "amount", "type": "long"},
-        ],
-    },
-    "v2": {
-        "type": "record",
-        "name": "View",
-        "fields": [
-            {"name": "id", "type": "long"},
-            {"name": "user", "type": ["null", "string"], "default": None},
-            {"name": "amount", "type": "long"},
-            {"name": "country", "type": "string", "default": "??"},
-        ],
-    },
-    "v3": {
-        "type": "record",
-        "name": "View",
-        "fields": [
-            {"name": "id", "type": "long"},
-            {"name": "amount", "type": "int"},
-            {"name": "country", "type": "string", "default": "??"},
-        ],
-    },
-    "bad": {
-        "type": "record",
-        "name": "View",
-        "fields": [
-            {"name": "id", "type": "long"},
-            {"name": "amount", "type": "string"},
-        ],
-    },
+    "v1": view(ID, USER, {"name": "amount", "type": "long"}),
+    "v2": view(ID, USER, {"name": "amount", "type": "long"}, COUNTRY),
+    "v3": view(ID, {"name": "amount", "type": "int"}, COUNTRY),
+    "bad": view(ID, {"name": "amount", "type": "string"}),
 }
 
 

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    Broker, Sluice, assigned_partitions, by_id, events, moments, pipeline_yaml, produce_paced,
-    run_and_kill_9, wait_assigned, wait_for_output, write_pipeline,
+    Broker, Sluice, assigned_partitions, by_id, events, missing_ids, moments, pipeline_yaml,
+    produce_paced, run_and_kill_9, wait_assigned, wait_for_output, write_pipeline,
 };
 
 const INPUT_PARTITIONS: i32 = 4;
@@ -88,10 +88,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     assert!(status.success(), "sluice failed: {log}");
     let out = broker.read_all(&output, usize::MAX, Duration::from_secs(15));
     let (rows, counts) = by_id(&out);
-    let missing: Vec<i64> = (0..N as i64)
-        .filter(|i| !rows.contains_key(i))
-        .take(10)
-        .collect();
+    let missing = missing_ids(&rows, 0..N as i64);
     assert!(
         missing.is_empty(),
         "lost records, e.g. ids {missing:?} (kills after {waits:?})"
@@ -219,10 +216,7 @@ fn a_frozen_broker_is_waited_for() {
         out
     };
     let (rows, counts) = by_id(&out);
-    let missing: Vec<i64> = (0..N as i64)
-        .filter(|i| !rows.contains_key(i))
-        .take(10)
-        .collect();
+    let missing = missing_ids(&rows, 0..N as i64);
     assert!(missing.is_empty(), "lost records, e.g. {missing:?}:\n{log}");
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
     eprintln!("broker frozen 10s: {N} records, none lost, {duplicates} duplicates");

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{
-    Broker, Sluice, by_id, events, moments, produce_paced, run_and_kill_9, source_yaml,
-    write_pipeline,
+    Broker, Sluice, by_id, events, missing_ids, moments, produce_paced, run_and_kill_9,
+    source_yaml, write_pipeline,
 };
 
 /// The complete files' rows of a file output (not the one being written).
@@ -123,10 +123,7 @@ fn kill_9_five_times_loses_nothing_on_either_output() {
 
     let topic = broker.read_all(&output, usize::MAX, Duration::from_secs(15));
     let (rows, counts) = by_id(&topic);
-    let lost: Vec<i64> = (0..N as i64)
-        .filter(|i| !rows.contains_key(i))
-        .take(10)
-        .collect();
+    let lost = missing_ids(&rows, 0..N as i64);
     assert!(
         lost.is_empty(),
         "lost in the topic: {lost:?} (kills after {waits:?})"
@@ -141,10 +138,7 @@ fn kill_9_five_times_loses_nothing_on_either_output() {
         );
         *in_files.entry(id).or_default() += 1;
     }
-    let lost: Vec<i64> = (0..N as i64)
-        .filter(|i| i % 100 >= 50 && !in_files.contains_key(i))
-        .take(10)
-        .collect();
+    let lost = missing_ids(&in_files, (0..N as i64).filter(|i| i % 100 >= 50));
     assert!(
         lost.is_empty(),
         "lost in the files: {lost:?} (kills after {waits:?})"

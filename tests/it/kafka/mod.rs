@@ -228,6 +228,11 @@ pub fn by_id(payloads: &[String]) -> (HashMap<i64, Value>, HashMap<i64, usize>) 
     (rows, counts)
 }
 
+/// The first ten of `want` that `have` lacks (none: nothing lost).
+pub fn missing_ids<V>(have: &HashMap<i64, V>, want: impl Iterator<Item = i64>) -> Vec<i64> {
+    want.filter(|i| !have.contains_key(i)).take(10).collect()
+}
+
 /// Waits until `topic` holds at least `want` messages (read from the beginning each time).
 pub fn wait_for_output(
     broker: &Broker,
