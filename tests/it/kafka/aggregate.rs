@@ -159,7 +159,7 @@ fn kill_9_during_an_aggregation_loses_no_window_and_changes_none() {
         assert!(sluice.running(), "sluice exited:\n{}", sluice.log_text());
         sluice.kill9();
     }
-    let last = Sluice::start(&path, dir.path().join("log-last"));
+    let last = super::start_last(&path, dir.path());
     producer.join().unwrap();
 
     let want = expected(N, mixed, WINDOW);
@@ -217,7 +217,7 @@ sink:
         .as_nanos() as u64;
     let waits = super::moments(seed, KILLS);
     super::run_and_kill_9(&path, dir.path(), &waits);
-    let last = Sluice::start(&path, dir.path().join("log-last"));
+    let last = super::start_last(&path, dir.path());
     producer.join().unwrap();
     let (narrow_want, wide_want) = (expected(N, mixed, WINDOW), expected(N, mixed, 2 * WINDOW));
     wait_for_windows(&broker, &output, &narrow_want);

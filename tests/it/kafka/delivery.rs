@@ -72,7 +72,7 @@ fn kill_9_at_random_moments_loses_nothing() {
         .as_nanos() as u64;
     let waits = moments(seed, KILLS);
     run_and_kill_9(&pipeline, dir.path(), &waits);
-    let last = Sluice::start(&pipeline, dir.path().join("log-last"));
+    let last = super::start_last(&pipeline, dir.path());
     producer.join().unwrap();
     let out = wait_for_output(&broker, &output, N, Duration::from_secs(120));
     let (rows, _) = by_id(&out);

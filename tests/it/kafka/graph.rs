@@ -95,7 +95,7 @@ fn kill_9_five_times_loses_nothing_on_either_output() {
         .as_nanos() as u64;
     let waits = moments(seed, KILLS);
     run_and_kill_9(&pipeline, dir.path(), &waits);
-    let last = Sluice::start(&pipeline, dir.path().join("log-last"));
+    let last = super::start_last(&pipeline, dir.path());
     producer.join().unwrap();
     let want_files = (0..N as i64).filter(|i| i % 100 >= 50).count();
     let deadline = Instant::now() + Duration::from_secs(180);

@@ -113,6 +113,15 @@ pub fn run_and_kill_9(pipeline: &Path, dir: &Path, waits: &[Duration]) {
     }
 }
 
+/// The run after the kills: started, and interrupted by the test only once it has
+/// partitions (the killed runs may have done everything; a SIGINT before its handler is
+/// installed would kill it).
+pub fn start_last(pipeline: &Path, dir: &Path) -> Sluice {
+    let mut last = Sluice::start(pipeline, dir.join("log-last"));
+    wait_assigned(&mut last, Duration::from_secs(60));
+    last
+}
+
 /// Kill moments from 200 ms to 2.7 s, from a small deterministic generator (xorshift).
 pub fn moments(seed: u64, n: usize) -> Vec<Duration> {
     let mut x = seed | 1;
