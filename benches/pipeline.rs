@@ -248,9 +248,7 @@ fn avro_view_events(rows: usize) -> (Arc<sluice_connectors::avro::AvroFormat>, V
     std::fs::write(dir.join("views.avsc"), &avsc).unwrap();
     let format = sluice_connectors::avro::AvroFormat::open(&sluice_connectors::avro::AvroConfig {
         schema: dir.join("views.avsc"),
-        schema_registry: sluice_connectors::avro::RegistryConfig {
-            url: "http://127.0.0.1:9".into(),
-        },
+        schema_registry: sluice_connectors::avro::RegistryConfig::at("http://127.0.0.1:9"),
     })
     .unwrap();
     assert!(format.add_writer(1, avsc));

@@ -28,6 +28,9 @@
 //! | `sluice_group_lag_ms` (Kinesis: the shards' `MillisBehindLatest` summed, as the supervisor reads it from the members' leases) | pipeline |
 //! | `sluice_output_rows_total` (rows written to each output) | pipeline, output |
 //! | `sluice_output_busy_seconds_total` (time writing and flushing each output: the one near 1 s per second holds every branch back) | pipeline, output |
+//! | `sluice_schema_registry_requests_total` (requests to the schema registry: `answered`, `refused` — an unknown id, an incompatible schema —, `unanswered` — tries waited out) | pipeline, outcome |
+//! | `sluice_schema_cache_hits_total` (Avro messages read whose writer schema the process already held) | pipeline |
+//! | `sluice_schema_records_total` (Avro records per schema id: `decoded`, `refused` — its schema does not resolve, or the value does not decode —, `encoded` by a sink) | pipeline, schema_id, outcome |
 //! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
 //! | `sluice_checkpoint_state_bytes` (stage state the last checkpoint wrote) | pipeline |
 //!
@@ -46,6 +49,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use metrics_util::MetricKindMask;
+use sluice_connectors::avro;
 use sluice_engine::ErrorClass;
 use sluice_engine::breaker::{Breaker, State};
 use sluice_engine::dead_letter::SOURCE_STAGE;
@@ -145,6 +149,7 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         // Seconds with their fraction: a gauge holds a float (it only grows).
         gauge!("sluice_output_busy_seconds_total", &labels).set(get(&o.busy_nanos) as f64 / 1e9);
     }
+    publish_schemas(&p);
     let mut stage_dead = 0;
     for (i, s) in stats.stages.iter().enumerate() {
         let stage = s.name.to_string();
@@ -179,4 +184,35 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
     }
     counter!("sluice_stage_failures_total", "pipeline" => p, "stage" => SOURCE_STAGE, "class" => ErrorClass::Decode.as_str())
         .absolute(get(&stats.records_dead_lettered).saturating_sub(stage_dead));
+}
+
+/// The schema registry's requests and records per schema id (Avro sources and sinks);
+/// nothing while the pipeline has none.
+fn publish_schemas(p: &str) {
+    let schemas = avro::stats();
+    let get = RunStats::get;
+    let requests = [
+        ("answered", &schemas.fetched),
+        ("refused", &schemas.refused),
+        ("unanswered", &schemas.unanswered),
+    ];
+    if requests.iter().all(|(_, n)| get(n) == 0) {
+        return;
+    }
+    for (outcome, n) in requests {
+        counter!("sluice_schema_registry_requests_total", "pipeline" => p.to_string(), "outcome" => outcome)
+            .absolute(get(n));
+    }
+    counter!("sluice_schema_cache_hits_total", "pipeline" => p.to_string())
+        .absolute(get(&schemas.cache_hits));
+    for (id, counts) in schemas.by_id() {
+        for (outcome, n) in [
+            ("decoded", counts.decoded),
+            ("refused", counts.refused),
+            ("encoded", counts.encoded),
+        ] {
+            counter!("sluice_schema_records_total", "pipeline" => p.to_string(), "schema_id" => id.to_string(), "outcome" => outcome)
+                .absolute(n);
+        }
+    }
 }

@@ -255,8 +255,29 @@ fn docker_compose_runs_pipelines_that_validate() {
     assert!(dockerfile.contains("cargo build --release --locked --bin sluice"));
     assert!(dockerfile.contains("COPY pipelines /app/pipelines"));
 
+    // The `avro` profile: a schema registry on the broker, and the Avro example using it.
+    let registry = service("schema-registry");
+    assert_eq!(list(registry.get("profiles").unwrap()), ["avro"]);
+    let image = registry.get("image").unwrap().scalar().unwrap();
+    assert!(
+        image.starts_with("confluentinc/cp-schema-registry:"),
+        "{image}"
+    );
+    let renv = environment(registry);
+    let store = &renv
+        .iter()
+        .find(|(k, _)| k == "SCHEMA_REGISTRY_KAFKASTORE_BOOTSTRAP_SERVERS")
+        .unwrap()
+        .1;
+    assert!(advertised.contains(store.as_str()), "{store}: {advertised}");
+    let avro = environment(service("orders-avro"));
+    assert!(avro.contains(&(
+        "SCHEMA_REGISTRY".into(),
+        "http://schema-registry:8081".into()
+    )));
+
     let mut pipelines = 0;
-    for name in ["generate", "sluice"] {
+    for name in ["generate", "sluice", "orders-avro"] {
         let s = service(name);
         assert_eq!(
             s.get("build").and_then(|b| b.scalar()),
@@ -305,7 +326,7 @@ fn docker_compose_runs_pipelines_that_validate() {
         );
         pipelines += 1;
     }
-    assert_eq!(pipelines, 2);
+    assert_eq!(pipelines, 3);
 
     // The `kinesis` profile: kinesalite, the streams, and two pipelines that use them.
     let kinesis = service("kinesis");

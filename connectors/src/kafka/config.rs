@@ -82,7 +82,8 @@ impl KafkaSourceConfig {
     }
 }
 
-/// Writes each row as a JSON message to a Kafka topic.
+/// Writes each row as a message to a Kafka topic: a JSON object, or Avro through a schema
+/// registry (`format: avro`, see [`crate::avro::AvroSinkConfig`]).
 ///
 /// ```yaml
 /// sink:
@@ -105,6 +106,11 @@ pub struct KafkaSinkConfig {
     /// Columns sent as message headers (values as text), as well as in the payload.
     #[serde(default)]
     pub headers: Vec<String>,
+    /// The payload format: `json` (the default) or `avro` (Confluent-framed, with `avro:`).
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// `format: avro`: the schema registry, and the writer schema when not derived.
+    pub avro: Option<crate::avro::AvroSinkConfig>,
     /// An encrypted connection (see [`KafkaTls`]).
     pub tls: Option<KafkaTls>,
     /// A SASL login (see [`KafkaSasl`]).
@@ -273,6 +279,26 @@ mod spec {
                     "topic",
                     format!("`{}` is not a Kafka topic name", self.topic),
                 );
+            }
+            match (self.format, &self.avro) {
+                (MessageFormat::Json, None) => {}
+                (MessageFormat::Json, Some(_)) => problems.at_key(
+                    node,
+                    path,
+                    "avro",
+                    "applies to `format: avro`; this sink writes JSON",
+                ),
+                (MessageFormat::Avro, None) => problems.at_key(
+                    node,
+                    path,
+                    "format",
+                    "`format: avro` needs `avro: { schema_registry: { url } }`",
+                ),
+                (MessageFormat::Avro, Some(avro)) => {
+                    if let Err(e) = avro.check() {
+                        problems.at_key(node, path, "avro", e.to_string());
+                    }
+                }
             }
             let security = (self.tls.as_ref(), self.sasl.as_deref());
             check_options(

@@ -1,4 +1,5 @@
-//! The Kafka sink: one JSON message per row, from an idempotent producer with `acks=all`.
+//! The Kafka sink: one message per row (JSON, or Avro through a schema registry), from an
+//! idempotent producer with `acks=all`.
 //!
 //! Every message sent is counted as outstanding until its delivery report arrives.
 //! [`Sink::flush`] (which the engine calls before each checkpoint) waits until none is
@@ -27,7 +28,8 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use sluice_engine::sink::Sink;
 use sluice_engine::{Error, Result};
 
-use super::KafkaSinkConfig;
+use super::{KafkaSinkConfig, MessageFormat};
+use crate::avro::AvroEncoder;
 use crate::json::lines_writer;
 
 pub struct KafkaSink {
@@ -37,7 +39,10 @@ pub struct KafkaSink {
     dead_letters: bool,
     producer: ThreadedProducer<DeliveryContext>,
     deliveries: Arc<Deliveries>,
-    /// The batch being sent, as JSON lines (or dead-letter payloads back to back).
+    /// `format: avro`: rows into Confluent-framed Avro.
+    avro: Option<AvroEncoder>,
+    /// The batch being sent, as JSON lines (or Avro messages, or dead-letter payloads,
+    /// back to back).
     lines: Vec<u8>,
     /// Where each message of `lines` ends.
     line_ends: Vec<usize>,
@@ -171,6 +176,15 @@ impl KafkaSink {
                 )));
             }
         }
+        let avro = match (config.format, &config.avro) {
+            (MessageFormat::Avro, Some(avro)) => {
+                Some(AvroEncoder::open(avro, &config.topic, input)?)
+            }
+            (MessageFormat::Avro, None) => {
+                return Err(Error::Plan("`format: avro` needs `avro:`".into()));
+            }
+            (MessageFormat::Json, _) => None,
+        };
         let deliveries = Arc::new(Deliveries::default());
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &config.bootstrap_servers)
@@ -201,6 +215,7 @@ impl KafkaSink {
             dead_letters: false,
             producer,
             deliveries,
+            avro,
             lines: Vec::new(),
             line_ends: Vec::new(),
             sent: 0,
@@ -214,6 +229,13 @@ impl KafkaSink {
     /// partition, offset and failure times as headers. Messages wait for the broker for as
     /// long as it takes (`message.timeout.ms` 0): a dead letter is never dropped.
     pub fn open_dead_letter(mut config: KafkaSinkConfig) -> Result<Self> {
+        if config.format != MessageFormat::Json || config.avro.is_some() {
+            return Err(Error::Plan(
+                "dead letters carry each record's bytes as they came, with provenance headers: \
+                 leave `format` and `avro` out of the dead-letter sink"
+                    .into(),
+            ));
+        }
         config.key = Some("key".into());
         config.headers = sluice_engine::dead_letter::PROVENANCE
             .iter()
@@ -260,17 +282,27 @@ impl Sink for KafkaSink {
     async fn write(&mut self, batch: RecordBatch) -> Result<()> {
         self.check_failed()?;
         self.lines.clear();
+        self.line_ends.clear();
+        // Bytes between messages in `lines`: the newline that ends a JSON row.
+        let mut separator = 0;
         if self.dead_letters {
             // The payloads as they are, one per line slot.
             let payload = batch
                 .column(0)
                 .as_binary_opt::<i32>()
                 .ok_or_else(|| Error::Internal("dead letters without a binary payload".into()))?;
-            self.line_ends.clear();
             for p in payload.iter() {
                 self.lines.extend_from_slice(p.unwrap_or_default());
                 self.line_ends.push(self.lines.len());
             }
+        } else if let Some(avro) = &mut self.avro {
+            avro.encode(
+                &batch,
+                &mut self.lines,
+                &mut self.line_ends,
+                &mut self.refused,
+            )
+            .await?;
         } else {
             let mut writer = lines_writer(&mut self.lines);
             writer
@@ -281,13 +313,16 @@ impl Sink for KafkaSink {
                 .map_err(|e| Error::arrow("encoding rows as JSON", e))?;
             drop(writer);
             // JSON escapes newlines inside strings: every `\n` ends a row.
-            self.line_ends.clear();
             for (i, b) in self.lines.iter().enumerate() {
                 if *b == b'\n' {
                     self.line_ends.push(i);
                 }
             }
+            separator = 1;
         }
+        // Rows refused while encoding (not sent; their slots are empty).
+        let unsent: std::collections::HashSet<u32> =
+            self.refused.iter().map(|(row, _)| *row).collect();
         let keys = match &self.config.key {
             Some(k) => Some(text_column(&batch, k)?),
             None => None,
@@ -303,8 +338,10 @@ impl Sink for KafkaSink {
         for row in 0..batch.num_rows() {
             let end = self.line_ends.get(row).copied().unwrap_or(self.lines.len());
             let payload = &self.lines[start..end];
-            // Skip the newline that ends a JSON row.
-            start = if self.dead_letters { end } else { end + 1 };
+            start = end + separator;
+            if unsent.contains(&(row as u32)) {
+                continue;
+            }
             let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
             if let Some(keys) = &keys
                 && keys.is_valid(row)

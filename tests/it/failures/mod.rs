@@ -465,6 +465,8 @@ async fn an_unavailable_dead_letter_sink_pauses_the_pipeline_and_loses_nothing()
         topic: "dlq".into(),
         key: None,
         headers: Vec::new(),
+        format: Default::default(),
+        avro: None,
         tls: None,
         sasl: None,
         options: Default::default(),

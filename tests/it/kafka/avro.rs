@@ -2,6 +2,8 @@
 //! (confluent-kafka's AvroSerializer) with writer schemas that change mid-stream, read
 //! into one reader schema without a restart; a writer schema that does not resolve sends
 //! its records to the dead letters; a registry that stops answering is waited for.
+//! Rows written as Avro by Sluice's Kafka sink are read back by the reference client's
+//! AvroDeserializer.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,22 @@ use crate::{free_port, json_lines, root};
 
 fn tools() -> PathBuf {
     root().join("tests/it/kafka/avro_tools.py")
+}
+
+/// Runs `avro_tools.py ARGS`; its stdout, or the test fails with its stderr.
+fn tool(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(tools())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "avro_tools.py {} failed: {}",
+        args[0],
+        crate::text(&out.stderr)
+    );
+    crate::text(&out.stdout)
 }
 
 /// The test registry on a loopback port, killed when dropped.
@@ -103,22 +121,13 @@ fn avro_writer_schemas_change_mid_stream_and_an_incompatible_one_is_dead_lettere
     let topic = broker.name("avro");
     broker.create_topic(&topic, 2);
     let registry = Registry::start();
-    let produced = Command::new("python3")
-        .arg(tools())
-        .args([
-            "produce",
-            &broker.bootstrap,
-            &registry.url,
-            &topic,
-            &N.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        produced.status.success(),
-        "the reference producer failed: {}",
-        crate::text(&produced.stderr)
-    );
+    tool(&[
+        "produce",
+        &broker.bootstrap,
+        &registry.url,
+        &topic,
+        &N.to_string(),
+    ]);
 
     // The registry stops answering before Sluice has fetched any writer schema: it waits.
     registry.signal(libc::SIGSTOP);
@@ -128,7 +137,7 @@ fn avro_writer_schemas_change_mid_stream_and_an_incompatible_one_is_dead_lettere
         &pipeline(&broker, &topic, &registry.url, dir.path()),
     );
     let mut sluice = Sluice::start(&path, dir.path().join("log"));
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(10));
     assert!(
         sluice.running(),
         "sluice gave up on the registry:\n{}",
@@ -184,4 +193,164 @@ fn avro_writer_schemas_change_mid_stream_and_an_incompatible_one_is_dead_lettere
         );
         assert_eq!(l["stage"], "source");
     }
+}
+
+/// 100,000 records of a schema with a nullable union, timestamps, a date, a decimal, a
+/// nested record, an array, written by the reference producer, through the example
+/// pipeline `pipelines/orders-avro.yaml` (a SQL stage adding a column), out as Avro (the schema derived from the columns and registered under `{topic}-value`),
+/// read back by the reference consumer: every id once, every value equal. Malformed
+/// messages on the same topic (wrong magic byte, an id the registry does not have, a
+/// truncated value, an empty value, a tombstone) are dead letters naming their partition
+/// and offset; nothing panics.
+#[test]
+fn avro_round_trip_of_100k_records_read_back_by_the_reference_consumer() {
+    const N: usize = 100_000;
+    let broker = Broker::start();
+    let (input, output) = (broker.name("orders"), broker.name("orders-avro"));
+    broker.create_topic(&input, 2);
+    broker.create_topic(&output, 2);
+    let registry = Registry::start();
+    tool(&[
+        "produce-rich",
+        &broker.bootstrap,
+        &registry.url,
+        &input,
+        &N.to_string(),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut sluice = Sluice::start_args(
+        &root().join("pipelines/orders-avro.yaml"),
+        dir.path().join("log"),
+        &["--metrics-addr", &metrics],
+        &[
+            ("KAFKA_BOOTSTRAP", &broker.bootstrap),
+            ("SCHEMA_REGISTRY", &registry.url),
+            ("INPUT_TOPIC", &input),
+            ("OUTPUT_TOPIC", &output),
+            ("GROUP", &broker.name("g")),
+            ("DEAD_LETTERS", "file"),
+            ("DLQ_DIR", dir.path().join("dlq").to_str().unwrap()),
+            ("CHECKPOINT_DIR", dir.path().join("ckpt").to_str().unwrap()),
+        ],
+    );
+    let checked = Command::new("python3")
+        .arg(tools())
+        .args([
+            "check",
+            &broker.bootstrap,
+            &registry.url,
+            &output,
+            &N.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(sluice.running(), "sluice stopped:\n{}", sluice.log_text());
+    // Records per schema id on /metrics: the input's schema (the registry's id 1) decoded,
+    // the output's (id 2) encoded, id 999 (unknown to the registry) refused.
+    let records = |samples: &crate::Samples, id: &str, outcome: &str| {
+        samples
+            .iter()
+            .find(|(name, labels, _)| {
+                name == "sluice_schema_records_total"
+                    && labels["schema_id"] == id
+                    && labels["outcome"] == outcome
+            })
+            .map_or(0.0, |s| s.2)
+    };
+    let n = N as f64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let samples = loop {
+        let samples = crate::scrape(&metrics).unwrap_or_default();
+        if (
+            records(&samples, "1", "decoded"),
+            records(&samples, "2", "encoded"),
+        ) == (n, n)
+            && records(&samples, "999", "refused") == 1.0
+        {
+            break samples;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "schema metrics: {:?}",
+            samples
+                .iter()
+                .filter(|s| s.0.starts_with("sluice_schema"))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let value = |name: &str, outcome: Option<&str>| {
+        samples
+            .iter()
+            .find(|(m, labels, _)| {
+                m == name
+                    && outcome.is_none_or(|o| labels.get("outcome").map(String::as_str) == Some(o))
+            })
+            .map_or(0.0, |s| s.2)
+    };
+    assert!(
+        value("sluice_schema_registry_requests_total", Some("answered")) >= 2.0,
+        "{samples:?}"
+    );
+    assert_eq!(
+        value("sluice_schema_registry_requests_total", Some("refused")),
+        1.0,
+        "id 999"
+    );
+    assert!(value("sluice_schema_cache_hits_total", None) >= n - 10.0);
+    let (status, log) = sluice.interrupt();
+    assert!(
+        checked.status.success(),
+        "the reference consumer: {}\n{log}",
+        crate::text(&checked.stderr)
+    );
+    assert!(status.success(), "{log}");
+    let said = crate::text(&checked.stdout);
+    assert!(
+        said.starts_with(&format!("checked {N} records, 0 duplicates, schema ids [")),
+        "{said}"
+    );
+    let (ids, subject) = said.trim().split_once("; ").unwrap();
+    let ids = ids.rsplit_once('[').unwrap().1.trim_end_matches(']');
+    assert_eq!(
+        ids,
+        subject.rsplit_once(' ').unwrap().1,
+        "messages framed with the one id registered under the topic's subject: {said}"
+    );
+
+    let letters = json_lines(&dir.path().join("dlq"));
+    let mut by_key: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l["source"], format!("{input}/0"), "{l}");
+            assert_eq!(l["partition"], 0, "{l}");
+            assert!(l["offset"].as_i64().unwrap() >= (N / 2) as i64, "{l}");
+            (
+                l["key"].as_str().unwrap_or_default().to_string(),
+                l["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    by_key.sort();
+    let keys: Vec<&str> = by_key.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "empty",
+            "tombstone",
+            "truncated",
+            "unknown-id",
+            "wrong-magic"
+        ],
+        "{by_key:?}"
+    );
+    let reason = |key: &str| by_key.iter().find(|(k, _)| k == key).unwrap().1.clone();
+    assert!(
+        reason("wrong-magic").contains("Confluent wire format"),
+        "{by_key:?}"
+    );
+    assert!(reason("unknown-id").contains("schema id 999"), "{by_key:?}");
+    assert!(reason("empty").contains("empty message"), "{by_key:?}");
+    assert!(!reason("truncated").is_empty(), "{by_key:?}");
 }

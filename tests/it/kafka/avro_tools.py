@@ -12,10 +12,23 @@
       schemas in turn (record i uses schema i % 4): v1 (no `country`), v2 (`country` added),
       v3 (`user` removed), and one whose `amount` is a string (it does not resolve against a
       reader schema where it is a long). Partition i % 2, key "k{i}".
+
+  python3 avro_tools.py produce-rich BOOTSTRAP REGISTRY_URL TOPIC N
+      Produces N records of RICH (a nullable union, a timestamp, a date, a decimal, a nested
+      record, an array, a double, a boolean) with the AvroSerializer, partition i % 2, key
+      "{i}"; then, to partition 0, the malformed messages of MALFORMED, keyed by their name.
+
+  python3 avro_tools.py check BOOTSTRAP REGISTRY_URL TOPIC N
+      Reads TOPIC from the start with the reference AvroDeserializer (writer schemas by id
+      from the registry) until it holds N distinct ids, and compares each
+      record with rich(i) (and an item_count column, when there is one, with its items'
+      count). Prints "checked N records, D duplicates, schema ids [...]; TOPIC-value
+      is id I" (the subject's latest), or the differences and exits 1. Gives up after 180 s.
 """
 
 import json
 import sys
+from pathlib import Path
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -44,6 +57,37 @@ def record(i, version):
     if version == "v3":
         return {"id": i, "amount": i * 3, "country": "FR"}
     return {"id": i, "amount": str(i * 3)}
+
+
+# The example pipeline's reader schema (pipelines/orders-avro.yaml).
+with open(Path(__file__).resolve().parents[3] / "pipelines/schemas/order.avsc") as f:
+    RICH = json.load(f)
+
+# Not one whole Avro value of a known schema: each is a dead letter, keyed by its name.
+MALFORMED = {
+    "wrong-magic": b"\x01\x00\x00\x00\x01\x02",
+    "unknown-id": b"\x00\x00\x00\x03\xe7\x02\x04",
+    "empty": b"",
+    "tombstone": None,
+}
+
+
+def rich(i):
+    import datetime
+    import decimal
+
+    utc = datetime.timezone.utc
+    return {
+        "id": i,
+        "user": None if i % 3 == 0 else f"user-{i % 97}\u00e9",
+        "at": datetime.datetime(2026, 1, 1, tzinfo=utc) + datetime.timedelta(microseconds=i * 1_000_003),
+        "day": datetime.date(2026, 1, 1) + datetime.timedelta(days=i % 400),
+        "amount": decimal.Decimal(i * 7 - 50_000).scaleb(-2),
+        "address": {"city": ["Berlin", "Paris", "Lagos"][i % 3], "zip": None if i % 5 == 0 else 10_000 + i % 90_000},
+        "items": list(range(i % 4)),
+        "score": i / 8,
+        "gift": i % 2 == 0,
+    }
 
 
 def serve(port):
@@ -148,10 +192,98 @@ def produce(bootstrap, registry, topic, n):
         sys.exit(f"{left} messages not delivered")
 
 
+def producer_for(bootstrap):
+    from confluent_kafka import Producer
+
+    return Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20})
+
+
+def send(producer, topic, value, key, partition):
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, partition=partition)
+            break
+        except BufferError:
+            producer.poll(0.1)
+    producer.poll(0)
+
+
+def produce_rich(bootstrap, registry, topic, n):
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    client = SchemaRegistryClient({"url": registry})
+    serializer = AvroSerializer(client, json.dumps(RICH))
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    producer = producer_for(bootstrap)
+    last = None
+    for i in range(n):
+        last = serializer(rich(i), ctx)
+        send(producer, topic, last, str(i), i % 2)
+    for name, value in MALFORMED.items():
+        send(producer, topic, value, name, 0)
+    send(producer, topic, last[: len(last) // 2], "truncated", 0)
+    left = producer.flush(60)
+    if left:
+        sys.exit(f"{left} messages not delivered")
+
+
+def check(bootstrap, registry, topic, n):
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"check-{time.time()}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([topic])
+    client = SchemaRegistryClient({"url": registry})
+    deserializer = AvroDeserializer(client)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    seen, duplicates, ids, wrong = {}, 0, set(), []
+    deadline = time.time() + 180
+    while len(seen) < n and time.time() < deadline:
+        m = consumer.poll(1.0)
+        if m is None or m.error():
+            continue
+        value = m.value()
+        sid = int.from_bytes(value[1:5], "big")
+        ids.add(sid)
+        record = deserializer(value, ctx)
+        i = record["id"]
+        if i in seen:
+            duplicates += 1
+            if seen[i] != record:
+                wrong.append(f"id {i}: a duplicate that differs: {record} vs {seen[i]}")
+            continue
+        seen[i] = record
+        want = rich(i)
+        if "item_count" in record:
+            # The example pipeline's one new column.
+            want["item_count"] = len(want["items"])
+        if record != want or m.key() != str(i).encode():
+            wrong.append(f"id {i} (key {m.key()}): got {record}, want {want}")
+    consumer.close()
+    missing = n - len(seen)
+    if wrong or missing:
+        print("\n".join(wrong[:10]), f"\n{len(wrong)} records differ, {missing} missing", file=sys.stderr)
+        sys.exit(1)
+    latest = client.get_latest_version(f"{topic}-value").schema_id
+    print(f"checked {len(seen)} records, {duplicates} duplicates, schema ids {sorted(ids)}; {topic}-value is id {latest}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "registry":
         serve(int(sys.argv[2]))
     elif sys.argv[1] == "produce":
         produce(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    elif sys.argv[1] == "produce-rich":
+        produce_rich(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    elif sys.argv[1] == "check":
+        check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         sys.exit(__doc__)

@@ -1,269 +1,15 @@
-//! Avro payloads in the Confluent wire format (a `0` byte, the writer schema's 4-byte
-//! registry id, the Avro body), decoded straight into Arrow by `arrow-avro`.
-//!
-//! ```yaml
-//! source:
-//!   type: kafka
-//!   format: avro
-//!   avro:
-//!     schema: schemas/views.avsc             # the reader schema: the columns the pipeline sees
-//!     schema_registry: { url: http://registry:8081 }
-//! ```
-//! Each writer schema is fetched from the registry by its id the first time a message
-//! names it, cached for the process, and resolved against the reader schema by Avro's
-//! rules (fields added with defaults, fields removed, promoted types): producers can move
-//! to a new compatible schema while the pipeline runs. A message whose writer schema does
-//! not resolve, that is not framed, or whose body does not decode is a bad record (a dead
-//! letter with its bytes and the reason naming the schema id); the others go on. While the
-//! registry does not answer, the partition waits for it (as for a broker outage): no
-//! record is decoded with a schema it does not have.
+//! One partition's Avro decoding: framed messages into the reader schema's columns, each
+//! message that does not decode named with the reason.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
-use arrow_avro::reader::{Decoder, ReaderBuilder};
-use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
-use serde::Deserialize;
+use arrow_avro::reader::Decoder;
+use arrow_avro::schema::AvroSchema;
 use sluice_engine::{Error, Result};
 
-/// `avro:` of a Kafka source.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AvroConfig {
-    /// The reader schema (`.avsc`): the records' columns, whatever schema wrote them.
-    pub schema: PathBuf,
-    /// Where writer schemas are fetched by id.
-    pub schema_registry: RegistryConfig,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    /// The registry's base URL (`http://registry:8081`).
-    pub url: String,
-}
-
-/// A writer schema known to the process: resolvable against the reader schema, or not
-/// (with the reason).
-#[derive(Clone)]
-enum Writer {
-    Resolves(AvroSchema),
-    Refused(String),
-}
-
-/// The reader schema, the registry, and the writer schemas fetched so far (shared by
-/// every partition's decoder).
-pub struct AvroFormat {
-    reader: AvroSchema,
-    records: SchemaRef,
-    registry: String,
-    client: reqwest::Client,
-    writers: Mutex<HashMap<u32, Writer>>,
-}
-
-/// The first byte of a Confluent-framed message.
-const MAGIC: u8 = 0;
-
-impl AvroFormat {
-    /// Reads the reader schema; the records' Arrow schema follows from it.
-    pub fn open(config: &AvroConfig) -> Result<Self> {
-        let text = std::fs::read_to_string(&config.schema).map_err(|e| {
-            Error::Plan(format!(
-                "cannot read the Avro schema {}: {e}",
-                config.schema.display()
-            ))
-        })?;
-        let registry = config.schema_registry.url.trim_end_matches('/').to_string();
-        match reqwest::Url::parse(&registry) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            _ => {
-                return Err(Error::Plan(format!(
-                    "the schema registry's url `{registry}` is not an http:// or https:// URL"
-                )));
-            }
-        }
-        let reader = AvroSchema::new(text);
-        let records = decoder_for(&reader, &[(0, reader.clone())])
-            .map_err(|e| Error::Plan(format!("the Avro schema {}: {e}", config.schema.display())))?
-            .schema();
-        Ok(AvroFormat {
-            reader,
-            records,
-            registry,
-            client: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(10))
-                .build()
-                .map_err(|e| Error::Plan(format!("an HTTP client for the schema registry: {e}")))?,
-            writers: Mutex::default(),
-        })
-    }
-
-    /// The records' columns (before the metadata columns).
-    pub fn records(&self) -> SchemaRef {
-        self.records.clone()
-    }
-
-    /// Fetches the writer schemas of `ids` not known yet, waiting while the registry does
-    /// not answer.
-    async fn learn(&self, ids: impl Iterator<Item = u32>) -> Result<()> {
-        let missing: HashSet<u32> = {
-            let known = self.writers.lock().expect("writers lock");
-            ids.filter(|id| !known.contains_key(id)).collect()
-        };
-        for id in missing {
-            let writer = self.fetch(id).await?;
-            // Another partition may have fetched it meanwhile: the first answer stays.
-            self.writers
-                .lock()
-                .expect("writers lock")
-                .entry(id)
-                .or_insert(writer);
-        }
-        Ok(())
-    }
-
-    /// One writer schema by id: resolved against the reader schema, or refused with the
-    /// reason. The registry saying it has no such schema (error code 40403), or refusing
-    /// the request for this id (another 4xx but 401, 403, 408, 429), refuses it; anything
-    /// else (no answer, 5xx, a proxy's 404, a login refused) is waited out, a second apart,
-    /// with a warning every 10 s.
-    async fn fetch(&self, id: u32) -> Result<Writer> {
-        #[derive(Deserialize)]
-        struct Body {
-            schema: String,
-            #[serde(rename = "schemaType", default)]
-            schema_type: Option<String>,
-            #[serde(default)]
-            references: Vec<serde_json::Value>,
-        }
-        #[derive(Deserialize)]
-        struct Refusal {
-            error_code: Option<i64>,
-            message: Option<String>,
-        }
-        let url = format!("{}/schemas/ids/{id}", self.registry);
-        let started = Instant::now();
-        let mut next_warning = Duration::from_secs(10);
-        loop {
-            let outcome = match self.client.get(&url).send().await {
-                Ok(r) if r.status().is_success() => match r.json::<Body>().await {
-                    Ok(body) => Ok(body),
-                    Err(e) => Err(format!("unreadable answer: {e}")),
-                },
-                Ok(r) => {
-                    let status = r.status();
-                    let refusal = r.json::<Refusal>().await.ok();
-                    let code = refusal.as_ref().and_then(|r| r.error_code);
-                    let said = refusal.and_then(|r| r.message).unwrap_or_default();
-                    let passing = [401, 403, 404, 408, 429].contains(&status.as_u16());
-                    if code == Some(40403) || (status.is_client_error() && !passing) {
-                        return Ok(Writer::Refused(format!(
-                            "schema id {id}: the registry at {} answers {status} {said}",
-                            self.registry
-                        )));
-                    }
-                    Err(format!("HTTP {status} {said}"))
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            match outcome {
-                Ok(body) => {
-                    return Ok(self.resolve(id, body.schema, body.schema_type, &body.references));
-                }
-                Err(why) => {
-                    if started.elapsed() >= next_warning {
-                        tracing::warn!(id, %why, waited = ?started.elapsed(), "waiting for the schema registry");
-                        next_warning += Duration::from_secs(10);
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    }
-
-    /// A fetched writer schema, resolved against the reader schema or refused.
-    fn resolve(
-        &self,
-        id: u32,
-        schema: String,
-        kind: Option<String>,
-        references: &[serde_json::Value],
-    ) -> Writer {
-        if let Some(kind) = kind.filter(|k| k != "AVRO") {
-            return Writer::Refused(format!("schema id {id} is a {kind} schema, not Avro"));
-        }
-        if !references.is_empty() {
-            return Writer::Refused(format!(
-                "schema id {id} uses schema references, which are not read yet"
-            ));
-        }
-        let writer = AvroSchema::new(schema);
-        match decoder_for(&self.reader, &[(id, writer.clone())]) {
-            Ok(_) => {
-                tracing::info!(id, "new Avro writer schema");
-                Writer::Resolves(writer)
-            }
-            Err(e) => Writer::Refused(format!(
-                "schema id {id} does not resolve against the reader schema: {e}"
-            )),
-        }
-    }
-
-    /// Takes writer schema `schema` as id `id` without asking the registry (a schema the
-    /// caller already has, as benches do); whether it resolves against the reader schema.
-    pub fn add_writer(&self, id: u32, schema: String) -> bool {
-        let writer = self.resolve(id, schema, None, &[]);
-        let resolves = matches!(writer, Writer::Resolves(_));
-        self.writers
-            .lock()
-            .expect("writers lock")
-            .entry(id)
-            .or_insert(writer);
-        resolves
-    }
-
-    /// The writer schemas that resolve, and every id known (both read at once).
-    fn known(&self) -> (Vec<(u32, AvroSchema)>, HashSet<u32>) {
-        let writers = self.writers.lock().expect("writers lock");
-        let resolvable = writers
-            .iter()
-            .filter_map(|(id, w)| match w {
-                Writer::Resolves(s) => Some((*id, s.clone())),
-                Writer::Refused(_) => None,
-            })
-            .collect();
-        (resolvable, writers.keys().copied().collect())
-    }
-}
-
-/// A decoder from the writer schemas `writers` (by id) to the reader schema.
-fn decoder_for(
-    reader: &AvroSchema,
-    writers: &[(u32, AvroSchema)],
-) -> std::result::Result<Decoder, arrow::error::ArrowError> {
-    let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
-    for (id, schema) in writers {
-        store.set(Fingerprint::Id(*id), schema.clone())?;
-    }
-    ReaderBuilder::new()
-        .with_batch_size(65_536)
-        .with_reader_schema(reader.clone())
-        .with_writer_schema_store(store)
-        .build_decoder()
-}
-
-/// The writer schema id a message is framed with, if it is framed.
-fn schema_id(payload: &[u8]) -> Option<u32> {
-    match payload {
-        [MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
-        _ => None,
-    }
-}
+use super::{AvroFormat, Writer, decoder_for, schema_id, stats};
 
 /// One partition's decoder: Avro messages into the reader schema's columns.
 pub struct AvroDecoder {
@@ -288,11 +34,25 @@ impl AvroDecoder {
     /// Makes sure every writer schema the messages name is known (fetched, waiting for the
     /// registry) before [`AvroDecoder::decode_each`] runs.
     pub async fn prepare<'a>(&mut self, payloads: impl Iterator<Item = &'a [u8]>) -> Result<()> {
-        let ids: HashSet<u32> = payloads.filter_map(schema_id).collect();
-        if ids.is_subset(&self.ids) {
+        // Messages per writer schema id.
+        let mut ids: HashMap<u32, u64> = HashMap::new();
+        for id in payloads.filter_map(schema_id) {
+            *ids.entry(id).or_default() += 1;
+        }
+        let cached: u64 = if ids.keys().all(|id| self.ids.contains(id)) {
+            ids.values().sum()
+        } else {
+            let known = self.format.writers.lock().expect("writers lock");
+            ids.iter()
+                .filter(|(id, _)| known.contains_key(id))
+                .map(|(_, n)| n)
+                .sum()
+        };
+        stats().count(&stats().cache_hits, cached);
+        if ids.keys().all(|id| self.ids.contains(id)) {
             return Ok(());
         }
-        self.format.learn(ids.into_iter()).await?;
+        self.format.learn(ids.into_keys()).await?;
         self.rebuild()
             .map_err(|e| Error::Internal(format!("an Avro decoder of resolved schemas: {e}")))
     }
@@ -318,6 +78,12 @@ impl AvroDecoder {
                 payload.len(),
                 sluice_engine::config::ByteSize(self.max_record as u64)
             ));
+        }
+        if payload.is_empty() {
+            return Some(
+                "an empty message (a tombstone, or a value of zero bytes) holds no Avro value"
+                    .into(),
+            );
         }
         let Some(id) = schema_id(payload) else {
             return Some(
@@ -378,7 +144,10 @@ impl AvroDecoder {
             .filter(|i| !refused.contains(i))
             .collect();
         match self.decode_all(good.iter().map(|&i| payloads[i])) {
-            Ok(batch) => (Ok(batch), bad),
+            Ok(batch) => {
+                stats().read(payloads, &bad);
+                (Ok(batch), bad)
+            }
             Err(_) => {
                 // A body that does not decode: find it (and any other) one message at a time.
                 let mut fine = Vec::with_capacity(good.len());
@@ -394,6 +163,7 @@ impl AvroDecoder {
                     .map_err(|why| {
                         Error::Internal(format!("decoding messages that decoded alone: {why}"))
                     });
+                stats().read(payloads, &bad);
                 (batch, bad)
             }
         }
@@ -469,6 +239,7 @@ impl AvroDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::avro::{AvroConfig, MAGIC, RegistryConfig};
 
     const READER: &str = r#"{"type":"record","name":"R","fields":[{"name":"id","type":"long"},{"name":"tag","type":"string","default":"none"}]}"#;
 
@@ -478,9 +249,7 @@ mod tests {
         std::fs::write(&path, READER).unwrap();
         let format = AvroFormat::open(&AvroConfig {
             schema: path,
-            schema_registry: RegistryConfig {
-                url: "http://127.0.0.1:9".into(),
-            },
+            schema_registry: RegistryConfig::at("http://127.0.0.1:9"),
         })
         .unwrap();
         // A writer without `tag`, known as id 7 (as if fetched).

@@ -1,0 +1,208 @@
+//! Avro payloads in the Confluent wire format (a `0` byte, the writer schema's 4-byte
+//! registry id, the Avro body), decoded straight into Arrow by `arrow-avro`.
+//!
+//! ```yaml
+//! source:
+//!   type: kafka
+//!   format: avro
+//!   avro:
+//!     schema: schemas/views.avsc             # the reader schema: the columns the pipeline sees
+//!     schema_registry: { url: http://registry:8081 }
+//! ```
+//! Each writer schema is fetched from the registry by its id the first time a message
+//! names it, cached for the process, and resolved against the reader schema by Avro's
+//! rules (fields added with defaults, fields removed, promoted types): producers can move
+//! to a new compatible schema while the pipeline runs. A message whose writer schema does
+//! not resolve, that is not framed, or whose body does not decode is a bad record (a dead
+//! letter with its bytes and the reason naming the schema id); the others go on. While the
+//! registry does not answer, the partition waits for it (as for a broker outage): no
+//! record is decoded with a schema it does not have.
+
+mod decode;
+mod encode;
+mod registry;
+mod stats;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use arrow::datatypes::SchemaRef;
+use arrow_avro::reader::{Decoder, ReaderBuilder};
+use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
+use serde::Deserialize;
+use sluice_engine::{Error, Result};
+
+pub use decode::AvroDecoder;
+pub use encode::{AvroEncoder, AvroSinkConfig};
+pub use registry::{RegistryConfig, SchemaRegistry};
+pub use stats::{IdCounts, SchemaStats, stats};
+
+/// `avro:` of a Kafka source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvroConfig {
+    /// The reader schema (`.avsc`): the records' columns, whatever schema wrote them.
+    pub schema: PathBuf,
+    /// Where writer schemas are fetched by id.
+    pub schema_registry: RegistryConfig,
+}
+
+/// A writer schema known to the process: resolvable against the reader schema, or not
+/// (with the reason).
+#[derive(Clone)]
+enum Writer {
+    Resolves(AvroSchema),
+    Refused(String),
+}
+
+/// The reader schema, the registry, and the writer schemas fetched so far (shared by
+/// every partition's decoder).
+pub struct AvroFormat {
+    reader: AvroSchema,
+    records: SchemaRef,
+    registry: SchemaRegistry,
+    writers: Mutex<HashMap<u32, Writer>>,
+}
+
+/// The first byte of a Confluent-framed message.
+const MAGIC: u8 = 0;
+
+impl AvroFormat {
+    /// Reads the reader schema; the records' Arrow schema follows from it.
+    pub fn open(config: &AvroConfig) -> Result<Self> {
+        let text = std::fs::read_to_string(&config.schema).map_err(|e| {
+            Error::Plan(format!(
+                "cannot read the Avro schema {}: {e}",
+                config.schema.display()
+            ))
+        })?;
+        let registry = SchemaRegistry::new(&config.schema_registry)?;
+        let reader = AvroSchema::new(text);
+        let records = decoder_for(&reader, &[(0, reader.clone())])
+            .map_err(|e| Error::Plan(format!("the Avro schema {}: {e}", config.schema.display())))?
+            .schema();
+        Ok(AvroFormat {
+            reader,
+            records,
+            registry,
+            writers: Mutex::default(),
+        })
+    }
+
+    /// The records' columns (before the metadata columns).
+    pub fn records(&self) -> SchemaRef {
+        self.records.clone()
+    }
+
+    /// Fetches the writer schemas of `ids` not known yet, waiting while the registry does
+    /// not answer.
+    async fn learn(&self, ids: impl Iterator<Item = u32>) -> Result<()> {
+        let missing: HashSet<u32> = {
+            let known = self.writers.lock().expect("writers lock");
+            ids.filter(|id| !known.contains_key(id)).collect()
+        };
+        for id in missing {
+            let writer = self.fetch(id).await?;
+            // Another partition may have fetched it meanwhile: the first answer stays.
+            self.writers
+                .lock()
+                .expect("writers lock")
+                .entry(id)
+                .or_insert(writer);
+        }
+        Ok(())
+    }
+
+    /// One writer schema by id: resolved against the reader schema, or refused with the
+    /// reason (the registry has no such id). Waits while the registry does not answer.
+    async fn fetch(&self, id: u32) -> Result<Writer> {
+        Ok(match self.registry.schema(id).await? {
+            Ok(s) => self.resolve(id, s.schema, s.schema_type, &s.references),
+            Err(no) => Writer::Refused(format!(
+                "schema id {id}: the registry at {} answers {} {}",
+                self.registry.url(),
+                no.status,
+                no.said
+            )),
+        })
+    }
+
+    /// A fetched writer schema, resolved against the reader schema or refused.
+    fn resolve(
+        &self,
+        id: u32,
+        schema: String,
+        kind: Option<String>,
+        references: &[serde_json::Value],
+    ) -> Writer {
+        if let Some(kind) = kind.filter(|k| k != "AVRO") {
+            return Writer::Refused(format!("schema id {id} is a {kind} schema, not Avro"));
+        }
+        if !references.is_empty() {
+            return Writer::Refused(format!(
+                "schema id {id} uses schema references, which are not read yet"
+            ));
+        }
+        let writer = AvroSchema::new(schema);
+        match decoder_for(&self.reader, &[(id, writer.clone())]) {
+            Ok(_) => {
+                tracing::info!(id, "new Avro writer schema");
+                Writer::Resolves(writer)
+            }
+            Err(e) => Writer::Refused(format!(
+                "schema id {id} does not resolve against the reader schema: {e}"
+            )),
+        }
+    }
+
+    /// Takes writer schema `schema` as id `id` without asking the registry (a schema the
+    /// caller already has, as benches do); whether it resolves against the reader schema.
+    pub fn add_writer(&self, id: u32, schema: String) -> bool {
+        let writer = self.resolve(id, schema, None, &[]);
+        let resolves = matches!(writer, Writer::Resolves(_));
+        self.writers
+            .lock()
+            .expect("writers lock")
+            .entry(id)
+            .or_insert(writer);
+        resolves
+    }
+
+    /// The writer schemas that resolve, and every id known (both read at once).
+    fn known(&self) -> (Vec<(u32, AvroSchema)>, HashSet<u32>) {
+        let writers = self.writers.lock().expect("writers lock");
+        let resolvable = writers
+            .iter()
+            .filter_map(|(id, w)| match w {
+                Writer::Resolves(s) => Some((*id, s.clone())),
+                Writer::Refused(_) => None,
+            })
+            .collect();
+        (resolvable, writers.keys().copied().collect())
+    }
+}
+
+/// A decoder from the writer schemas `writers` (by id) to the reader schema.
+pub(crate) fn decoder_for(
+    reader: &AvroSchema,
+    writers: &[(u32, AvroSchema)],
+) -> std::result::Result<Decoder, arrow::error::ArrowError> {
+    let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
+    for (id, schema) in writers {
+        store.set(Fingerprint::Id(*id), schema.clone())?;
+    }
+    ReaderBuilder::new()
+        .with_batch_size(65_536)
+        .with_reader_schema(reader.clone())
+        .with_writer_schema_store(store)
+        .build_decoder()
+}
+
+/// The writer schema id a message is framed with, if it is framed.
+pub(crate) fn schema_id(payload: &[u8]) -> Option<u32> {
+    match payload {
+        [MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
