@@ -21,8 +21,12 @@
 
 use std::path::PathBuf;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{Fields, Schema};
+use std::sync::Arc;
+
+use arrow::array::{Array, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow_avro::errors::AvroError;
 use arrow_avro::schema::{
     AvroSchema, FingerprintAlgorithm, FingerprintStrategy, SCHEMA_METADATA_KEY,
 };
@@ -31,6 +35,7 @@ use arrow_avro::writer::{Encoder, WriterBuilder};
 use serde::Deserialize;
 use sluice_engine::{Error, Result};
 
+use super::shape::Shape;
 use super::{RegistryConfig, SchemaRegistry, stats};
 
 /// `avro:` of a Kafka sink.
@@ -65,16 +70,18 @@ impl AvroSinkConfig {
 pub struct AvroEncoder {
     registry: SchemaRegistry,
     subject: String,
-    /// The output's columns, with the writer schema (once known) in their metadata.
-    columns: Schema,
+    /// The output's columns as written (dictionaries as their values).
+    columns: SchemaRef,
+    /// What the columns derive to, to compare a given or pinned schema with.
+    derived: AvroSchema,
     /// The writer schema, once known (a pinned id without a file: fetched at first use).
     writer: Option<AvroSchema>,
     pinned: Option<u32>,
     /// Built once the schema's id is known (every message starts with it).
     encoder: Option<Encoder>,
     id: u32,
-    /// The writer schema's JSON, to find nulls it cannot hold.
-    shape: serde_json::Value,
+    /// The writer schema's shape, to find nulls it cannot hold.
+    shape: Option<Shape>,
 }
 
 /// A `.avsc` file, parsed.
@@ -93,23 +100,90 @@ fn read_schema(path: &std::path::Path) -> Result<AvroSchema> {
     Ok(schema)
 }
 
+/// The Avro schema `columns` derive to, named `name`; nullable fields default to null (so
+/// that a nullable column added later is a compatible change for the registry).
+fn derive(columns: &Schema, name: &str) -> Result<AvroSchema> {
+    let mut named = columns.clone();
+    named.metadata.insert("avro.name".into(), name.into());
+    let schema = AvroSchema::try_from(&named).map_err(|e| {
+        Error::Plan(format!(
+            "the output's columns as an Avro schema (topic `{name}`): {e}"
+        ))
+    })?;
+    let mut json: serde_json::Value = serde_json::from_str(&schema.json_string)
+        .map_err(|e| Error::Internal(format!("arrow-avro's schema JSON: {e}")))?;
+    default_nulls(&mut json);
+    Ok(AvroSchema::new(json.to_string()))
+}
+
+/// Gives every field of a record (nested ones too) whose type is a union starting with
+/// `null` a `"default": null`.
+fn default_nulls(ty: &mut serde_json::Value) {
+    if let Some(fields) = ty.get_mut("fields").and_then(|f| f.as_array_mut()) {
+        for field in fields {
+            let first_null = field["type"]
+                .as_array()
+                .is_some_and(|b| b.first().is_some_and(|b| b == "null"));
+            if first_null && field.get("default").is_none() {
+                field["default"] = serde_json::Value::Null;
+            }
+            default_nulls(&mut field["type"]);
+        }
+    }
+    for key in ["type", "items", "values"] {
+        if let Some(inner) = ty.get_mut(key).filter(|v| v.is_object() || v.is_array()) {
+            default_nulls(inner);
+        }
+    }
+    if let Some(branches) = ty.as_array_mut() {
+        branches.iter_mut().for_each(default_nulls);
+    }
+}
+
+/// The output's columns as written: a dictionary column as its values.
+fn plain(input: &Schema) -> Schema {
+    Schema::new(
+        input
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Dictionary(_, values) => {
+                    Arc::new(f.as_ref().clone().with_data_type(values.as_ref().clone()))
+                }
+                _ => f.clone(),
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Why `given`'s field types are not what the columns are written as (arrow-avro writes
+/// by the Arrow type), if they are not.
+fn misfit(given: &AvroSchema, derived: &AvroSchema) -> Option<String> {
+    let given = Shape::parse(&given.json_string).ok()?;
+    let derived = Shape::parse(&derived.json_string).ok()?;
+    let wrong = given.mismatches(&derived);
+    (!wrong.is_empty()).then(|| wrong.join("; "))
+}
+
 impl AvroEncoder {
     /// An encoder of `input` rows for `topic`; fails when the columns do not fit the
     /// writer schema (or have a type Avro cannot hold).
     pub fn open(config: &AvroSinkConfig, topic: &str, input: &Schema) -> Result<Self> {
+        let columns = plain(input);
+        let derived = derive(&columns, topic)?;
         let writer = match (&config.schema, config.schema_id) {
-            (Some(path), _) => Some(read_schema(path)?),
-            (None, Some(_)) => None,
-            (None, None) => {
-                // Named after the topic (arrow-avro makes it a valid Avro name).
-                let mut named = input.clone();
-                named.metadata.insert("avro.name".into(), topic.into());
-                Some(AvroSchema::try_from(&named).map_err(|e| {
-                    Error::Plan(format!(
-                        "the output's columns as an Avro schema (topic `{topic}`): {e}"
-                    ))
-                })?)
+            (Some(path), _) => {
+                let given = read_schema(path)?;
+                if let Some(why) = misfit(&given, &derived) {
+                    return Err(Error::Plan(format!(
+                        "the output's columns do not fit the Avro schema {}: {why}",
+                        path.display()
+                    )));
+                }
+                Some(given)
             }
+            (None, Some(_)) => None,
+            (None, None) => Some(derived.clone()),
         };
         let mut encoder = AvroEncoder {
             registry: SchemaRegistry::new(&config.schema_registry)?,
@@ -117,12 +191,13 @@ impl AvroEncoder {
                 .subject
                 .clone()
                 .unwrap_or_else(|| format!("{topic}-value")),
-            columns: Schema::new(input.fields().clone()),
+            columns: Arc::new(columns),
+            derived,
             writer: None,
             pinned: config.schema_id,
             encoder: None,
             id: 0,
-            shape: serde_json::Value::Null,
+            shape: None,
         };
         if let Some(writer) = writer {
             // Built once with a placeholder id, to say now if the columns do not fit.
@@ -141,7 +216,7 @@ impl AvroEncoder {
 
     /// An encoder of the columns with `writer`, framing each message with `id`.
     fn build(&mut self, writer: AvroSchema, id: u32) -> Result<()> {
-        let mut columns = self.columns.clone();
+        let mut columns = self.columns.as_ref().clone();
         columns
             .metadata
             .insert(SCHEMA_METADATA_KEY.into(), writer.json_string.clone());
@@ -149,68 +224,106 @@ impl AvroEncoder {
             .with_fingerprint_strategy(FingerprintStrategy::Id(id))
             .build_encoder::<AvroSoeFormat>()
             .map_err(|e| Error::Refused {
-                system: "schema registry",
+                system: "avro",
                 message: format!(
                     "the output's columns do not fit the Avro writer schema of subject `{}`: {e}",
                     self.subject
                 ),
             })?;
-        self.shape = serde_json::from_str(&writer.json_string).unwrap_or_default();
+        self.shape = Some(
+            Shape::parse(&writer.json_string)
+                .map_err(|e| Error::Internal(format!("an Avro schema's JSON: {e}")))?,
+        );
         self.writer = Some(writer);
         self.encoder = Some(encoder);
         self.id = id;
         Ok(())
     }
 
+    /// The schema registered as `id`, refused unless it is Avro and fits the columns
+    /// (and, with a file, is the file's schema).
+    async fn pinned_schema(&self, id: u32) -> Result<AvroSchema> {
+        let refused = |message: String| Error::Refused {
+            system: "schema registry",
+            message,
+        };
+        let stored = match self.registry.schema(id).await? {
+            Ok(stored) => stored,
+            Err(no) => {
+                return Err(refused(format!(
+                    "schema id {id}: the registry at {} answers {} {}",
+                    self.registry.url(),
+                    no.status,
+                    no.said
+                )));
+            }
+        };
+        if let Some(kind) = stored.schema_type.filter(|t| t != "AVRO") {
+            return Err(refused(format!(
+                "schema id {id} is a {kind} schema, not Avro"
+            )));
+        }
+        let registered = AvroSchema::new(stored.schema);
+        let fingerprint = |s: &AvroSchema| s.fingerprint(FingerprintAlgorithm::Rabin).ok();
+        match &self.writer {
+            Some(file) if fingerprint(file) != fingerprint(&registered) => Err(refused(format!(
+                "schema id {id} is not the schema of the sink's `avro.schema` file (their canonical forms differ)"
+            ))),
+            Some(file) => Ok(file.clone()),
+            None => match misfit(&registered, &self.derived) {
+                Some(why) => Err(refused(format!(
+                    "the output's columns do not fit schema id {id}: {why}"
+                ))),
+                None => Ok(registered),
+            },
+        }
+    }
+
     /// Builds the encoder, registering the writer schema (or fetching the pinned one).
     async fn ready(&mut self) -> Result<()> {
-        if self.encoder.is_none() {
-            let (writer, id) = match (self.writer.clone(), self.pinned) {
-                (Some(writer), Some(id)) => (writer, id),
-                (Some(writer), None) => {
-                    let id = self
-                        .registry
-                        .register(&self.subject, &writer.json_string)
-                        .await?;
-                    tracing::info!(subject = %self.subject, id, "Avro writer schema registered");
-                    (writer, id)
-                }
-                (None, Some(id)) => match self.registry.schema(id).await? {
-                    Ok(stored) if stored.schema_type.as_deref().is_none_or(|t| t == "AVRO") => {
-                        (AvroSchema::new(stored.schema), id)
-                    }
-                    Ok(stored) => {
-                        return Err(Error::Refused {
-                            system: "schema registry",
-                            message: format!(
-                                "schema id {id} is a {} schema, not Avro",
-                                stored.schema_type.unwrap_or_default()
-                            ),
-                        });
-                    }
-                    Err(no) => {
-                        return Err(Error::Refused {
-                            system: "schema registry",
-                            message: format!(
-                                "schema id {id}: the registry at {} answers {} {}",
-                                self.registry.url(),
-                                no.status,
-                                no.said
-                            ),
-                        });
-                    }
-                },
-                (None, None) => unreachable!("open derives a schema when none is pinned"),
-            };
-            self.build(writer, id)?;
+        if self.encoder.is_some() {
+            return Ok(());
         }
-        Ok(())
+        let (writer, id) = match (self.writer.clone(), self.pinned) {
+            (_, Some(id)) => (self.pinned_schema(id).await?, id),
+            (Some(writer), None) => {
+                let id = self
+                    .registry
+                    .register(&self.subject, &writer.json_string)
+                    .await?;
+                tracing::info!(subject = %self.subject, id, "Avro writer schema registered");
+                (writer, id)
+            }
+            (None, None) => unreachable!("open derives a schema when none is pinned"),
+        };
+        self.build(writer, id)
+    }
+
+    /// `batch` on the encoder's columns: dictionaries cast to their values, the fields
+    /// (nullability, metadata) as planned.
+    fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(self.columns.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c.clone())
+                } else {
+                    cast(c, f.data_type())
+                        .map_err(|e| Error::arrow(format!("column `{}` for Avro", f.name()), e))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        RecordBatch::try_new(self.columns.clone(), columns)
+            .map_err(|e| Error::arrow("the sink's rows on its planned columns", e))
     }
 
     /// Appends each row of `batch` as one message to `out`, its end in `ends` (one per
     /// row). A row that does not encode (a null where the writer schema has no null, a
     /// value its type cannot hold) gets an empty message and is named in `refused` with
-    /// the reason.
+    /// the reason; a batch no row of which can encode (a type arrow-avro cannot write)
+    /// fails.
     pub async fn encode(
         &mut self,
         batch: &RecordBatch,
@@ -219,19 +332,21 @@ impl AvroEncoder {
         refused: &mut Vec<(u32, String)>,
     ) -> Result<()> {
         self.ready().await?;
+        let batch = &self.conform(batch)?;
         let refused_before = refused.len();
         // arrow-avro writes a null where the schema has none as the type's empty value:
         // such rows are found first.
-        let mut nulls = vec![None; batch.num_rows()];
-        if let Some(fields) = self.shape.get("fields") {
-            forbidden_nulls(
-                batch.columns(),
-                &batch.schema().fields,
-                fields,
-                "",
-                &mut nulls,
-            );
-        }
+        let names: Vec<&str> = self
+            .columns
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        let nulls = self
+            .shape
+            .as_ref()
+            .expect("ready")
+            .forbidden_nulls(batch.columns(), &names);
         let encoder = self.encoder.as_mut().expect("ready");
         if nulls.iter().all(Option::is_none) && encoder.encode(batch).is_ok() {
             append(encoder, out, ends);
@@ -250,6 +365,13 @@ impl AvroEncoder {
                         append(encoder, out, ends);
                         None
                     }
+                    // The columns, not the row: no row can be written.
+                    Err(e @ (AvroError::SchemaError(_) | AvroError::NYI(_))) => {
+                        return Err(Error::Refused {
+                            system: "avro",
+                            message: format!("the output's rows cannot be written as Avro: {e}"),
+                        });
+                    }
                     Err(e) => {
                         drop(encoder.flush());
                         Some(format!("the row does not encode as Avro: {e}"))
@@ -264,50 +386,6 @@ impl AvroEncoder {
         let written = batch.num_rows() - (refused.len() - refused_before);
         stats().written(self.id, written as u64);
         Ok(())
-    }
-}
-
-/// Marks in `nulls` (one per row) the rows where a column of `columns` is null while its
-/// field in `fields` (a record's Avro fields) has no null in its type, naming the field;
-/// records nested in records are followed (not those inside arrays or maps).
-fn forbidden_nulls(
-    columns: &[ArrayRef],
-    arrow: &Fields,
-    fields: &serde_json::Value,
-    path: &str,
-    nulls: &mut [Option<String>],
-) {
-    for field in fields.as_array().into_iter().flatten() {
-        let Some(name) = field.get("name").and_then(|n| n.as_str()) else {
-            continue;
-        };
-        let Some((i, _)) = arrow.find(name) else {
-            continue;
-        };
-        let column = &columns[i];
-        let mut ty = &field["type"];
-        if let Some(branches) = ty.as_array() {
-            if branches.iter().any(|b| b == "null") {
-                continue;
-            }
-            // A union without null: its one branch, if it is one.
-            if let [one] = branches.as_slice() {
-                ty = one;
-            }
-        }
-        if let Some(null) = column.logical_nulls()
-            && null.null_count() > 0
-        {
-            for (row, valid) in null.iter().enumerate() {
-                if !valid && nulls[row].is_none() {
-                    nulls[row] = Some(format!("{path}{name}"));
-                }
-            }
-        }
-        if let (Some(inner), Some(record)) = (ty.get("fields"), column.as_struct_opt()) {
-            let path = format!("{path}{name}.");
-            forbidden_nulls(record.columns(), record.fields(), inner, &path, nulls);
-        }
     }
 }
 
@@ -327,7 +405,7 @@ mod tests {
         Array, ArrayRef, Decimal128Array, Int64Array, ListArray, StringArray, StructArray,
         TimestampMicrosecondArray,
     };
-    use arrow::datatypes::{DataType, Field, Int64Type, TimeUnit};
+    use arrow::datatypes::{DataType, Field, Fields, Int64Type, TimeUnit};
 
     use super::*;
     use crate::avro::{AvroConfig, AvroDecoder, AvroFormat};
@@ -495,5 +573,183 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("missing"), "{err}");
+    }
+
+    /// A given schema whose types are not what the columns are written as is refused at
+    /// open, naming the fields (arrow-avro would write them by the Arrow type).
+    #[test]
+    fn a_given_schema_of_other_types_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.avsc");
+        std::fs::write(
+            &path,
+            r#"{"type":"record","name":"Out","fields":[
+                {"name":"id","type":"double"},
+                {"name":"at","type":{"type":"long","logicalType":"timestamp-millis"}},
+                {"name":"user","type":["null","string"]}]}"#,
+        )
+        .unwrap();
+        let err = AvroEncoder::open(&config(Some(path)), "t", &rows().schema())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("`id`: the schema says \"double\""), "{err}");
+        assert!(
+            err.contains("`at`") && err.contains("timestamp-millis"),
+            "{err}"
+        );
+        assert!(!err.contains("`user`"), "{err}");
+    }
+
+    /// Nulls the schema has no null for, inside records (under a nullable union too) and
+    /// among array items, refuse their rows, named by path; the others are written.
+    #[tokio::test]
+    async fn nested_nulls_the_schema_cannot_hold_refuse_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.avsc");
+        std::fs::write(
+            &path,
+            r#"{"type":"record","name":"Out","fields":[
+                {"name":"id","type":"long"},
+                {"name":"point","type":["null",{"type":"record","name":"P","fields":[
+                    {"name":"x","type":"long"},{"name":"label","type":"string"}]}]},
+                {"name":"tags","type":{"type":"array","items":"long"}}]}"#,
+        )
+        .unwrap();
+        let point = Fields::from(vec![
+            Field::new("x", DataType::Int64, false),
+            Field::new("label", DataType::Utf8, true),
+        ]);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("point", DataType::Struct(point.clone()), true),
+            Field::new(
+                "tags",
+                DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
+                false,
+            ),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4])),
+                Arc::new(StructArray::new(
+                    point,
+                    vec![
+                        Arc::new(Int64Array::from(vec![7, 8, 9, 10])),
+                        Arc::new(StringArray::from(vec![Some("a"), None, None, Some("d")])),
+                    ],
+                    // Row 2's point is null: its null label is not written.
+                    Some(vec![true, true, false, true].into()),
+                )),
+                Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(vec![
+                    Some(vec![Some(1)]),
+                    Some(vec![Some(2)]),
+                    Some(vec![Some(3)]),
+                    Some(vec![Some(4), None]),
+                ])),
+            ],
+        )
+        .unwrap();
+        // Counts are per process: an id no other test uses.
+        let mut encoder = encoder(&config(Some(path)), &schema, 31);
+        let (mut out, mut ends, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        encoder
+            .encode(&batch, &mut out, &mut ends, &mut refused)
+            .await
+            .unwrap();
+        let named: Vec<(u32, bool)> = refused
+            .iter()
+            .map(|(row, why)| {
+                (
+                    *row,
+                    why.contains(if *row == 1 {
+                        "`point.label`"
+                    } else {
+                        "`tags[]`"
+                    }),
+                )
+            })
+            .collect();
+        assert_eq!(named, [(1, true), (3, true)], "{refused:?}");
+        assert_eq!(ends.len(), 4);
+        assert_eq!(
+            stats()
+                .by_id()
+                .iter()
+                .find(|(id, _)| *id == 31)
+                .unwrap()
+                .1
+                .encoded,
+            2
+        );
+    }
+
+    /// A dictionary column is written as its values.
+    #[tokio::test]
+    async fn a_dictionary_column_is_written_as_its_values() {
+        use arrow::array::DictionaryArray;
+        use arrow::datatypes::Int32Type;
+        let dict: DictionaryArray<Int32Type> = vec!["tv", "phone", "tv"].into_iter().collect();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "device",
+            dict.data_type().clone(),
+            false,
+        )]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(dict)]).unwrap();
+        let mut encoder = encoder(&config(None), &schema, 4);
+        assert!(encoder.schema_json().unwrap().contains("\"string\""));
+        let (mut out, mut ends, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        encoder
+            .encode(&batch, &mut out, &mut ends, &mut refused)
+            .await
+            .unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(&out[ends[0]..ends[1]], b"\x00\x00\x00\x00\x04\x0aphone");
+    }
+
+    /// A pinned id whose registered schema is not the sink's file is refused before a
+    /// message is written with it.
+    #[tokio::test]
+    async fn a_pinned_id_of_another_schema_than_the_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.avsc");
+        std::fs::write(
+            &path,
+            r#"{"type":"record","name":"Out","fields":[{"name":"id","type":"long"}]}"#,
+        )
+        .unwrap();
+        let (registry, _) = crate::avro::registry::tests::scripted(vec![(
+            200,
+            r#"{"schema":"{\"type\":\"record\",\"name\":\"Out\",\"fields\":[{\"name\":\"id\",\"type\":\"int\"}]}"}"#,
+        )])
+        .await;
+        let mut config = config(Some(path));
+        config.schema_id = Some(12);
+        let batch = rows();
+        let mut encoder = AvroEncoder::open(&config, "t", &batch.schema()).unwrap();
+        encoder.registry = registry;
+        let err = encoder
+            .encode(&batch, &mut Vec::new(), &mut Vec::new(), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("schema id 12 is not the schema of the sink's"),
+            "{err}"
+        );
+    }
+
+    /// Derived nullable fields default to null: adding a nullable column is a compatible
+    /// change for a registry that checks.
+    #[test]
+    fn derived_nullable_fields_default_to_null() {
+        let encoder = AvroEncoder::open(&config(None), "t", &rows().schema()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(encoder.schema_json().unwrap()).unwrap();
+        let user = &json["fields"][1];
+        assert_eq!(user["name"], "user");
+        assert_eq!(user["default"], serde_json::Value::Null);
+        assert!(user.get("default").is_some(), "{user}");
+        assert!(json["fields"][0].get("default").is_none());
     }
 }

@@ -21,6 +21,7 @@
 mod decode;
 mod encode;
 mod registry;
+mod shape;
 mod stats;
 
 use std::collections::{HashMap, HashSet};

@@ -117,10 +117,21 @@ impl SchemaRegistry {
         &self.url
     }
 
+    /// The URL of the endpoint at `segments` under the registry's URL (each escaped: a
+    /// subject may hold `/` or `%`).
+    fn endpoint(&self, segments: &[&str]) -> String {
+        let mut url = reqwest::Url::parse(&self.url).expect("checked in new");
+        url.path_segments_mut()
+            .expect("an http(s) URL")
+            .pop_if_empty()
+            .extend(segments);
+        url.to_string()
+    }
+
     /// The schema registered as `id` (`GET /schemas/ids/{id}`); the registry's refusal
     /// when it has none.
     pub async fn schema(&self, id: u32) -> Result<std::result::Result<Stored, Refusal>> {
-        let url = format!("{}/schemas/ids/{id}", self.url);
+        let url = self.endpoint(&["schemas", "ids", &id.to_string()]);
         self.answer(|| self.client.get(&url), &format!("schema id {id}"))
             .await
     }
@@ -132,7 +143,7 @@ impl SchemaRegistry {
         struct Registered {
             id: u32,
         }
-        let url = format!("{}/subjects/{subject}/versions", self.url);
+        let url = self.endpoint(&["subjects", subject, "versions"]);
         let body = serde_json::json!({ "schema": schema });
         let what = format!("registering the schema under subject `{subject}`");
         match self
@@ -152,9 +163,10 @@ impl SchemaRegistry {
 
     /// Sends the request `make` builds until the registry answers: its answer, or its
     /// refusal. The registry's own "not found" (a 404 with an error code: a proxy's 404
-    /// has none) and a 4xx other than 401, 403, 408 and 429 are refusals; 401 and 403 stop
-    /// the run (no retry cures a refused login); anything else (no answer, 5xx, 408, 429,
-    /// a proxy's 404) is waited out, a second apart, with a warning every 10 s.
+    /// has none) and a 4xx other than 401, 403, 408 and 429 are refusals; 401 and 403, an
+    /// untrusted certificate and a success that is not a registry's answer stop the run
+    /// (no retry cures them); anything else (no answer, 5xx, 408, 429, a proxy's 404) is
+    /// waited out, a second apart, with a warning every 10 s.
     async fn answer<T: DeserializeOwned>(
         &self,
         make: impl Fn() -> RequestBuilder,
@@ -172,13 +184,26 @@ impl SchemaRegistry {
             if let Some((user, password)) = &self.login {
                 request = request.basic_auth(user, password.as_ref());
             }
+            let refused = |message: String| {
+                stats().count(&stats().refused, 1);
+                Err(Error::Refused {
+                    system: "schema registry",
+                    message: format!("{what}: {message}"),
+                })
+            };
             let why = match request.send().await {
                 Ok(r) if r.status().is_success() => match r.json::<T>().await {
                     Ok(answer) => {
                         stats().count(&stats().fetched, 1);
                         return Ok(Ok(answer));
                     }
-                    Err(e) => format!("unreadable answer: {e}"),
+                    // Not a registry there (a web page, another API): the URL is wrong.
+                    Err(e) => {
+                        return refused(format!(
+                            "{} answers, but not as a schema registry: {e}",
+                            self.url
+                        ));
+                    }
                 },
                 Ok(r) => {
                     let status = r.status();
@@ -186,14 +211,10 @@ impl SchemaRegistry {
                     let code = said.as_ref().and_then(|s| s.error_code);
                     let said = said.and_then(|s| s.message).unwrap_or_default();
                     if matches!(status.as_u16(), 401 | 403) {
-                        stats().count(&stats().refused, 1);
-                        return Err(Error::Refused {
-                            system: "schema registry",
-                            message: format!(
-                                "{what}: the registry at {} refuses the login: {status} {said}",
-                                self.url
-                            ),
-                        });
+                        return refused(format!(
+                            "the registry at {} refuses the login: {status} {said}",
+                            self.url
+                        ));
                     }
                     let passing = matches!(status.as_u16(), 404 | 408 | 429);
                     if (status == StatusCode::NOT_FOUND && code.is_some())
@@ -204,7 +225,17 @@ impl SchemaRegistry {
                     }
                     format!("HTTP {status} {said}")
                 }
-                Err(e) => e.to_string(),
+                Err(e) => {
+                    // An untrusted or wrong certificate: no retry cures it.
+                    let chain = format!("{e:?}");
+                    if chain.contains("certificate") || chain.contains("Certificate") {
+                        return refused(format!(
+                            "the TLS handshake with {} fails (is `ca_file` the CA that signed its certificate?): {chain}",
+                            self.url
+                        ));
+                    }
+                    e.to_string()
+                }
             };
             stats().count(&stats().unanswered, 1);
             if started.elapsed() >= next_warning {
@@ -217,7 +248,7 @@ impl SchemaRegistry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -225,7 +256,7 @@ mod tests {
     /// A registry on loopback that answers its connections in turn with `answers`
     /// (status and JSON body; status 0 closes the connection without a word). The
     /// requests' first lines come back once all are answered.
-    async fn scripted(
+    pub(crate) async fn scripted(
         answers: Vec<(u16, &'static str)>,
     ) -> (SchemaRegistry, tokio::task::JoinHandle<Vec<String>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -290,7 +321,10 @@ mod tests {
             .unanswered
             .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(
-            registry.register("views-value", "\"long\"").await.unwrap(),
+            registry
+                .register("shop/views-value", "\"long\"")
+                .await
+                .unwrap(),
             7
         );
         let requests = served.await.unwrap();
@@ -298,7 +332,7 @@ mod tests {
         assert!(
             requests
                 .iter()
-                .all(|r| r.starts_with("POST /subjects/views-value/versions")),
+                .all(|r| r.starts_with("POST /subjects/shop%2Fviews-value/versions")),
             "{requests:?}"
         );
         assert!(

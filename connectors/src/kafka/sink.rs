@@ -283,6 +283,7 @@ impl Sink for KafkaSink {
         self.check_failed()?;
         self.lines.clear();
         self.line_ends.clear();
+        let refused_before = self.refused.len();
         // Bytes between messages in `lines`: the newline that ends a JSON row.
         let mut separator = 0;
         if self.dead_letters {
@@ -321,8 +322,10 @@ impl Sink for KafkaSink {
             separator = 1;
         }
         // Rows refused while encoding (not sent; their slots are empty).
-        let unsent: std::collections::HashSet<u32> =
-            self.refused.iter().map(|(row, _)| *row).collect();
+        let unsent: std::collections::HashSet<u32> = self.refused[refused_before..]
+            .iter()
+            .map(|(row, _)| *row)
+            .collect();
         let keys = match &self.config.key {
             Some(k) => Some(text_column(&batch, k)?),
             None => None,
