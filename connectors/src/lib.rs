@@ -5,6 +5,7 @@
 //! `sluice_engine::source::Source` and `sluice_engine::sink::Sink`.
 
 pub mod avro;
+pub mod debezium;
 pub mod file;
 pub mod generator;
 pub mod json;

@@ -44,12 +44,14 @@ pub fn kinesis_start_from<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Sta
     StartFrom::read(&String::deserialize(de)?, "trim_horizon").map_err(serde::de::Error::custom)
 }
 
-/// The payload format: `json` (one JSON object per record) or `avro` (Confluent-framed
-/// Avro, Kafka only: see [`crate::avro`]).
+/// The payload format: `json` (one JSON object per record), `avro` (Confluent-framed
+/// Avro, Kafka only: see [`crate::avro`]) or `debezium` (change events in Debezium's JSON
+/// envelope, Kafka sources only: see [`crate::debezium`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageFormat {
     #[default]
     Json,
     Avro,
+    Debezium,
 }

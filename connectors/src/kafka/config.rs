@@ -39,8 +39,9 @@ pub struct KafkaSourceConfig {
     /// `latest` (default), or an RFC 3339 time (the first record at or after it).
     #[serde(default)]
     pub start_from: StartFrom,
-    /// The payload format: `json` (one JSON object per message, the default) or `avro`
-    /// (Confluent-framed, with `avro:`).
+    /// The payload format: `json` (one JSON object per message, the default), `avro`
+    /// (Confluent-framed, with `avro:`) or `debezium` (change events; `schema` is the
+    /// table's columns, see [`crate::debezium`]).
     #[serde(default)]
     pub format: MessageFormat,
     /// The records' fields (JSON); payloads are decoded straight into them.
@@ -48,6 +49,8 @@ pub struct KafkaSourceConfig {
     pub schema: SchemaSpec,
     /// `format: avro`: the reader schema and the schema registry (see [`crate::avro`]).
     pub avro: Option<crate::avro::AvroConfig>,
+    /// `format: debezium`: what tombstones become.
+    pub debezium: Option<crate::debezium::DebeziumConfig>,
     /// The largest message accepted (default 16MiB); a larger one is a bad record (a dead
     /// letter naming this limit), never decoded.
     #[serde(default = "default_max_record")]
@@ -214,11 +217,14 @@ mod spec {
                 );
                 }
             }
+            if self.debezium.is_some() && self.format != MessageFormat::Debezium {
+                problems.at_key(node, path, "debezium", "applies to `format: debezium`");
+            }
             match (self.format, &self.avro) {
-                (MessageFormat::Json, None) if self.schema.0.is_empty() => {
-                    problems.at_key(node, path, "schema", "declare at least one field");
+                (MessageFormat::Json | MessageFormat::Debezium, None) if self.schema.0.is_empty() => {
+                    problems.at_key(node, path, "schema", "declare at least one field (with `format: debezium`, the table's columns)");
                 }
-                (MessageFormat::Json, Some(_)) => problems.at_key(
+                (MessageFormat::Json | MessageFormat::Debezium, Some(_)) => problems.at_key(
                     node,
                     path,
                     "avro",
@@ -282,6 +288,12 @@ mod spec {
             }
             match (self.format, &self.avro) {
                 (MessageFormat::Json, None) => {}
+                (MessageFormat::Debezium, _) => problems.at_key(
+                    node,
+                    path,
+                    "format",
+                    "Debezium change events are read, not written: a sink writes `json` or `avro`",
+                ),
                 (MessageFormat::Json, Some(_)) => problems.at_key(
                     node,
                     path,

@@ -183,7 +183,7 @@ impl KafkaSink {
             (MessageFormat::Avro, None) => {
                 return Err(Error::Plan("`format: avro` needs `avro:`".into()));
             }
-            (MessageFormat::Json, _) => None,
+            (MessageFormat::Json | MessageFormat::Debezium, _) => None,
         };
         let deliveries = Arc::new(Deliveries::default());
         let mut c = ClientConfig::new();

@@ -279,12 +279,12 @@ mod spec {
 
     impl SourceSpec for KinesisSourceConfig {
         fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
-            if self.format == MessageFormat::Avro {
+            if self.format != MessageFormat::Json {
                 problems.at_key(
                     node,
                     path,
                     "format",
-                    "Avro is read from Kafka sources so far; Kinesis records are JSON",
+                    "Avro and Debezium events are read from Kafka sources so far; Kinesis records are JSON",
                 );
             }
             self.stream_ref().check(node, path, problems);

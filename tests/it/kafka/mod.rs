@@ -8,6 +8,7 @@ mod avro;
 mod broker;
 mod chaos;
 mod dead_letters;
+mod debezium;
 mod delivery;
 mod errors;
 mod examples;

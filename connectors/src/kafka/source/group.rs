@@ -211,11 +211,16 @@ impl GroupContext {
             ));
             partitions.live.insert(key, buffer.clone());
             let reader = KafkaReader {
-                decoder: match &self.shared.avro {
-                    Some(format) => {
+                decoder: match (&self.shared.avro, &self.shared.debezium) {
+                    (Some(format), _) => {
                         Payloads::Avro(AvroDecoder::new(format.clone(), self.shared.max_record))
                     }
-                    None => Payloads::Json(
+                    (None, Some((table, config))) => Payloads::Debezium(DebeziumDecoder::new(
+                        table,
+                        config,
+                        self.shared.max_record,
+                    )),
+                    (None, None) => Payloads::Json(
                         JsonDecoder::new(self.shared.records.clone())
                             .with_max_record(self.shared.max_record),
                     ),

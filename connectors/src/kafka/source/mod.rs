@@ -57,6 +57,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{KafkaSourceConfig, StartFrom};
 use crate::avro::{AvroDecoder, AvroFormat};
+use crate::debezium::DebeziumDecoder;
 use crate::json::JsonDecoder;
 use crate::stream::MessageFormat;
 
@@ -97,9 +98,16 @@ impl KafkaSource {
             }
             _ => None,
         };
-        let records = match &avro {
-            Some(format) => format.records(),
-            None => config.schema.to_arrow(),
+        let debezium = (config.format == MessageFormat::Debezium).then(|| {
+            (
+                config.schema.to_arrow(),
+                config.debezium.clone().unwrap_or_default(),
+            )
+        });
+        let records = match (&avro, &debezium) {
+            (Some(format), _) => format.records(),
+            (None, Some((table, _))) => crate::debezium::records_schema(table),
+            (None, None) => config.schema.to_arrow(),
         };
         let schema = batch::with_metadata_fields(
             &records,
@@ -111,6 +119,7 @@ impl KafkaSource {
         let (tx, events) = mpsc::unbounded_channel();
         let shared = Arc::new(GroupState {
             avro,
+            debezium,
             records,
             schema: schema.clone(),
             start_from: config.start_from.clone(),
@@ -285,6 +294,8 @@ fn kafka_error(doing: &str, e: &KafkaError) -> Error {
 struct GroupState {
     /// `format: avro`: the reader schema and the writer schemas fetched so far.
     avro: Option<Arc<AvroFormat>>,
+    /// `format: debezium`: the table's columns, and what tombstones become.
+    debezium: Option<(SchemaRef, crate::debezium::DebeziumConfig)>,
     records: SchemaRef,
     schema: SchemaRef,
     start_from: StartFrom,

@@ -6,6 +6,7 @@ use super::*;
 pub(super) enum Payloads {
     Json(JsonDecoder),
     Avro(AvroDecoder),
+    Debezium(DebeziumDecoder),
 }
 
 /// Reads one partition's buffer and decodes it into batches.
@@ -26,12 +27,13 @@ impl KafkaReader {
         if self.shared.dead_letters {
             return self.envelope_keeping_bad(chunk);
         }
-        let chunk = &chunk;
         let n = chunk.len();
+        let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
+        let whole = &chunk;
         let bad = |index: Option<usize>, reason: String| {
             let at = match index {
-                Some(i) => format!("offset {}", chunk.offsets[i]),
-                None => format!("offsets {}..={}", chunk.offsets[0], chunk.offsets[n - 1]),
+                Some(i) => format!("offset {}", whole.offsets[i]),
+                None => format!("offsets {}..={}", whole.offsets[0], whole.offsets[n - 1]),
             };
             Error::BadRecord {
                 origin: format!(
@@ -41,21 +43,34 @@ impl KafkaReader {
                 reason,
             }
         };
-        let records = match &mut self.decoder {
-            Payloads::Json(json) => json
-                .decode((0..n).map(|i| chunk.payload(i)))
-                .map_err(|e| bad(e.index, e.reason))?,
+        let payloads = || (0..n).map(|i| whole.payload(i));
+        let (records, skipped) = match &mut self.decoder {
+            Payloads::Json(json) => (
+                json.decode(payloads())
+                    .map_err(|e| bad(e.index, e.reason))?,
+                Vec::new(),
+            ),
             Payloads::Avro(avro) => {
-                let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
-                let (records, refused) = avro.decode_each(&payloads);
+                let (records, refused) = avro.decode_each(&payloads().collect::<Vec<_>>());
                 if let Some((i, reason)) = refused.into_iter().next() {
                     return Err(bad(Some(i), reason));
                 }
-                records?
+                (records?, Vec::new())
+            }
+            Payloads::Debezium(debezium) => {
+                let decoded = debezium.decode_each(&payloads().collect::<Vec<_>>());
+                if let Some((i, reason)) = decoded.bad.into_iter().next() {
+                    return Err(bad(Some(i), reason));
+                }
+                (decoded.rows?, decoded.skipped)
             }
         };
-        let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
-        self.assemble(records, chunk, offsets, Vec::new())
+        if skipped.is_empty() {
+            self.assemble(records, whole, offsets, Vec::new())
+        } else {
+            // Debezium tombstones: no row, their offsets read all the same.
+            self.assemble(records, &whole.without(&skipped), offsets, Vec::new())
+        }
     }
 
     /// Decoded records of `chunk` with their metadata columns, for the offset range read.
@@ -83,17 +98,21 @@ impl KafkaReader {
     pub(super) fn envelope_keeping_bad(&mut self, chunk: Chunk) -> Result<Envelope> {
         let n = chunk.len();
         let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
-        let (records, bad) = match &mut self.decoder {
+        let (records, bad, skipped) = match &mut self.decoder {
             Payloads::Json(json) => {
                 let (records, bad) = json.decode_each(&payloads);
                 let records = records.map_err(|e| {
                     Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
                 })?;
-                (records, bad)
+                (records, bad, Vec::new())
             }
             Payloads::Avro(avro) => {
                 let (records, bad) = avro.decode_each(&payloads);
-                (records?, bad)
+                (records?, bad, Vec::new())
+            }
+            Payloads::Debezium(debezium) => {
+                let decoded = debezium.decode_each(&payloads);
+                (decoded.rows?, decoded.bad, decoded.skipped)
             }
         };
         let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
@@ -115,11 +134,13 @@ impl KafkaReader {
                 payload: payloads[*i].to_vec(),
             });
         }
-        let chunk = if bad.is_empty() {
+        // Rows only for the messages neither bad nor skipped (Debezium tombstones).
+        let chunk = if bad.is_empty() && skipped.is_empty() {
             chunk
         } else {
-            let bad: Vec<usize> = bad.iter().map(|b| b.0).collect();
-            chunk.without(&bad)
+            let mut gone: Vec<usize> = bad.iter().map(|b| b.0).chain(skipped).collect();
+            gone.sort_unstable();
+            chunk.without(&gone)
         };
         self.assemble(records, &chunk, offsets, dead)
     }

@@ -1,0 +1,231 @@
+//! Debezium change events from Kafka: a table's snapshot, inserts, updates and deletes
+//! (with tombstones), in both envelope forms, become one row each with `_op`; replaying
+//! the rows per key gives the table's final state.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{Broker, Sluice, write_pipeline};
+use crate::json_lines;
+
+/// The messages (partition, key, value), the final table by id, and the events per op.
+type Changes = (
+    Vec<(i32, Option<String>, Vec<u8>)>,
+    BTreeMap<i64, Value>,
+    BTreeMap<&'static str, usize>,
+);
+
+/// The changes of a `customers(id, email, tier)` table as Debezium would write them:
+/// every message (partition by id, key, value; an empty value is a tombstone), the final
+/// table, and the number of events of each op.
+fn changes(snapshot: i64, n: usize) -> Changes {
+    let mut table: BTreeMap<i64, Value> = BTreeMap::new();
+    let mut messages = Vec::new();
+    let mut ops = BTreeMap::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut emit = |messages: &mut Vec<_>,
+                    i: usize,
+                    id: i64,
+                    op: &'static str,
+                    before: Value,
+                    after: Value| {
+        *ops.entry(op).or_insert(0) += 1;
+        messages.push(event(i, id, op, before, after));
+    };
+    for id in 0..snapshot {
+        let row = json!({"id": id, "email": format!("c{id}@shop"), "tier": "free"});
+        emit(
+            &mut messages,
+            id as usize,
+            id,
+            "r",
+            Value::Null,
+            row.clone(),
+        );
+        table.insert(id, row);
+    }
+    for i in 0..n {
+        let id = (next() % (snapshot as u64 * 3 / 2)) as i64;
+        match table.get(&id).cloned() {
+            None => {
+                let row = json!({"id": id, "email": format!("new{i}@shop"), "tier": "free"});
+                emit(&mut messages, i, id, "c", Value::Null, row.clone());
+                table.insert(id, row);
+            }
+            Some(old) if next() % 10 < 7 => {
+                let tier = ["free", "plus", "pro"][(next() % 3) as usize];
+                let row = json!({"id": id, "email": format!("u{i}@shop"), "tier": tier});
+                emit(&mut messages, i, id, "u", old, row.clone());
+                table.insert(id, row);
+            }
+            Some(old) => {
+                // Replica identity default: the before image holds the key only.
+                emit(
+                    &mut messages,
+                    i,
+                    id,
+                    "d",
+                    json!({"id": old["id"], "email": null, "tier": null}),
+                    Value::Null,
+                );
+                messages.push((
+                    (id % 2) as i32,
+                    Some(format!("{{\"id\":{id}}}")),
+                    Vec::new(),
+                ));
+                table.remove(&id);
+            }
+        }
+    }
+    (messages, table, ops)
+}
+
+/// One change event as Debezium's JSON converter writes it: half with the
+/// `schema`/`payload` wrapper (`schemas.enable`), half without.
+fn event(
+    i: usize,
+    id: i64,
+    op: &str,
+    before: Value,
+    after: Value,
+) -> (i32, Option<String>, Vec<u8>) {
+    let change = json!({"before": before, "after": after, "op": op, "ts_ms": 1_700_000_000_000_i64 + i as i64,
+        "source": {"connector": "postgresql", "table": "customers"}});
+    let value = if i.is_multiple_of(2) {
+        json!({"schema": {"type": "struct"}, "payload": change})
+    } else {
+        change
+    };
+    (
+        (id % 2) as i32,
+        Some(format!("{{\"id\":{id}}}")),
+        value.to_string().into_bytes(),
+    )
+}
+
+#[test]
+fn debezium_changes_become_rows_and_replay_to_the_final_table() {
+    let broker = Broker::start();
+    let topic = broker.name("shop.public.customers");
+    broker.create_topic(&topic, 2);
+    let (mut messages, table, ops) = changes(400, 4_000);
+    let events: usize = ops.values().sum();
+    // Not change events: dead letters naming why.
+    for bad in [
+        r#"{"op":"t","ts_ms":1}"#,
+        r#"{"id":1,"email":"a row, not an event"}"#,
+        "{",
+    ] {
+        messages.push((0, Some("bad".into()), bad.as_bytes().to_vec()));
+    }
+    broker.produce(&topic, &messages);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"name: cdc
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{topic}]
+  group: {group}
+  start_from: earliest
+  format: debezium
+  schema:
+    - {{ name: id, type: int64 }}
+    - {{ name: email, type: utf8 }}
+    - {{ name: tier, type: utf8 }}
+stages:
+  - name: changes
+    type: sql
+    query: SELECT _partition, _offset, _op, id, email, tier, _before FROM input
+sink: {{ type: file, path: {out}, format: jsonl, metadata_columns: [_partition, _offset] }}
+dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
+checkpoint: {{ dir: {ckpt}, interval: 500ms }}
+"#,
+            bootstrap = broker.bootstrap,
+            group = broker.name("g"),
+            out = dir.path().join("out").display(),
+            dlq = dir.path().join("dlq").display(),
+            ckpt = dir.path().join("ckpt").display(),
+        ),
+    );
+    let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while json_lines(&dir.path().join("out")).len() < events
+        || json_lines(&dir.path().join("dlq")).len() < 3
+    {
+        assert!(
+            sluice.running() && Instant::now() < deadline,
+            "{}",
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+
+    let mut rows = json_lines(&dir.path().join("out"));
+    assert_eq!(
+        rows.len(),
+        events,
+        "one row per change event; tombstones skipped"
+    );
+    rows.sort_by_key(|r| (r["_partition"].as_i64(), r["_offset"].as_i64()));
+    let mut seen = BTreeMap::new();
+    let mut replayed: BTreeMap<i64, Value> = BTreeMap::new();
+    for r in &rows {
+        let op = r["_op"].as_str().unwrap().to_string();
+        *seen.entry(op.clone()).or_insert(0) += 1;
+        let id = r["id"].as_i64().unwrap();
+        let image = json!({"id": id, "email": r["email"], "tier": r["tier"]});
+        match op.as_str() {
+            "r" | "c" => {
+                assert!(r["_before"].is_null(), "{r}");
+                assert!(replayed.insert(id, image).is_none(), "{r}");
+            }
+            "u" => {
+                // The before image is the state the update replaced.
+                let before = replayed
+                    .insert(id, image)
+                    .expect("an update of a row there");
+                assert_eq!(r["_before"], before, "{r}");
+            }
+            "d" => {
+                assert!(replayed.remove(&id).is_some(), "{r}");
+                assert!(
+                    r["email"].is_null(),
+                    "a delete's row is its before image: {r}"
+                );
+            }
+            other => panic!("op {other}: {r}"),
+        }
+    }
+    let expected: BTreeMap<String, usize> = ops.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(
+        replayed, table,
+        "the replayed rows end in the table's final state"
+    );
+
+    let letters = json_lines(&dir.path().join("dlq"));
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l["error"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("truncate")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("no `op`")), "{reasons:?}");
+}
