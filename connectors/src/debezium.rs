@@ -123,10 +123,15 @@ impl DebeziumDecoder {
     }
 
     /// Decodes each message of `payloads` into a row, naming those that are not change
-    /// events; tombstones are skipped or kept as configured.
-    pub fn decode_each(&mut self, payloads: &[&[u8]]) -> Decoded {
-        let (events, tombstones): (Vec<usize>, Vec<usize>) =
-            (0..payloads.len()).partition(|&i| !payloads[i].is_empty());
+    /// events; tombstones (the messages `tombstone` says have a null value: an empty value
+    /// is no tombstone, and no event) are skipped or kept as configured.
+    pub fn decode_each(
+        &mut self,
+        payloads: &[&[u8]],
+        tombstone: impl Fn(usize) -> bool,
+    ) -> Decoded {
+        let (tombstones, events): (Vec<usize>, Vec<usize>) =
+            (0..payloads.len()).partition(|&i| tombstone(i));
         let bodies: Vec<&[u8]> = events.iter().map(|&i| payloads[i]).collect();
         let (envelopes, unread) = self.json.decode_each(&bodies);
         let mut bad: Vec<(usize, String)> = unread

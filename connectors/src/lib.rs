@@ -14,6 +14,7 @@ pub mod kinesis;
 mod made;
 pub mod nexmark;
 pub mod null;
+pub mod protobuf;
 pub mod registry;
 pub mod stdout;
 pub mod stream;

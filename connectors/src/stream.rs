@@ -45,7 +45,8 @@ pub fn kinesis_start_from<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Sta
 }
 
 /// The payload format: `json` (one JSON object per record), `avro` (Confluent-framed
-/// Avro, Kafka only: see [`crate::avro`]) or `debezium` (change events in Debezium's JSON
+/// Avro, Kafka only: see [`crate::avro`]), `protobuf` (plain or Confluent-framed, Kafka
+/// sources only: see [`crate::protobuf`]) or `debezium` (change events in Debezium's JSON
 /// envelope, Kafka sources only: see [`crate::debezium`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,5 +54,6 @@ pub enum MessageFormat {
     #[default]
     Json,
     Avro,
+    Protobuf,
     Debezium,
 }

@@ -51,7 +51,7 @@ impl SchemaStats {
 
     /// A chunk read: each framed message decoded, or refused when its index is in
     /// `refused` (ascending).
-    pub(super) fn read(&self, payloads: &[&[u8]], refused: &[(usize, String)]) {
+    pub(crate) fn read(&self, payloads: &[&[u8]], refused: &[(usize, String)]) {
         let mut chunk: Vec<(u32, IdCounts)> = Vec::new();
         let mut next = refused.iter().map(|(i, _)| *i).peekable();
         for (i, payload) in payloads.iter().enumerate() {

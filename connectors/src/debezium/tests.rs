@@ -31,7 +31,7 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> &'a ArrayRef {
 fn change_events_become_one_row_each() {
     let mut decoder = DebeziumDecoder::new(&table(), &DebeziumConfig::default(), 1 << 20);
     let payloads: Vec<&[u8]> = EVENTS.iter().map(|e| e.as_bytes()).collect();
-    let decoded = decoder.decode_each(&payloads);
+    let decoded = decoder.decode_each(&payloads, |i| payloads[i].is_empty());
     assert!(decoded.bad.is_empty(), "{:?}", decoded.bad);
     assert_eq!(decoded.skipped, [4]);
     let rows = decoded.rows.unwrap();
@@ -75,7 +75,7 @@ fn kept_tombstones_are_rows_where_their_messages_were() {
     };
     let mut decoder = DebeziumDecoder::new(&table(), &config, 1 << 20);
     let payloads: Vec<&[u8]> = EVENTS.iter().map(|e| e.as_bytes()).collect();
-    let decoded = decoder.decode_each(&payloads);
+    let decoded = decoder.decode_each(&payloads, |i| payloads[i].is_empty());
     assert!(decoded.skipped.is_empty());
     let rows = decoded.rows.unwrap();
     let ops: Vec<&str> = column(&rows, OP)
@@ -99,8 +99,10 @@ fn messages_that_are_no_row_change_are_named() {
         br#"{"after":{"id":"x"},"op":"c"}"#,
         b"not json",
         br#"{"after":{"id":9},"op":"u"}"#,
+        // An empty value that is not null: no tombstone, and no event.
+        b"",
     ];
-    let decoded = decoder.decode_each(&payloads);
+    let decoded = decoder.decode_each(&payloads, |_| false);
     let ids = column(decoded.rows.as_ref().unwrap(), "id")
         .as_any()
         .downcast_ref::<Int64Array>()
@@ -109,7 +111,7 @@ fn messages_that_are_no_row_change_are_named() {
         .to_vec();
     assert_eq!(ids, [1, 9]);
     let bad: Vec<usize> = decoded.bad.iter().map(|(i, _)| *i).collect();
-    assert_eq!(bad, [1, 2, 3, 4, 5, 6], "{:?}", decoded.bad);
+    assert_eq!(bad, [1, 2, 3, 4, 5, 6, 8], "{:?}", decoded.bad);
     let why = |i: usize| decoded.bad.iter().find(|(b, _)| *b == i).unwrap().1.clone();
     assert!(why(1).contains("no `op`"), "{}", why(1));
     assert!(why(2).contains("truncate"), "{}", why(2));
@@ -122,5 +124,42 @@ fn messages_that_are_no_row_change_are_named() {
         why(4).contains("`d` event without its `before` image"),
         "{}",
         why(4)
+    );
+}
+
+/// Kept tombstones between events that are bad (not JSON) and invalid (no row): every
+/// row where its message was, each message a row, a dead letter or skipped, never two.
+#[test]
+fn kept_tombstones_among_bad_events_keep_their_places() {
+    let config = DebeziumConfig {
+        tombstones: Tombstones::Keep,
+    };
+    let mut decoder = DebeziumDecoder::new(&table(), &config, 1 << 20);
+    let payloads: Vec<&[u8]> = vec![
+        b"",
+        br#"{"after":{"id":1},"op":"c"}"#,
+        b"{",
+        b"",
+        br#"{"op":"t"}"#,
+        br#"{"after":{"id":2},"op":"r"}"#,
+        b"",
+    ];
+    let decoded = decoder.decode_each(&payloads, |i| payloads[i].is_empty());
+    let bad: Vec<usize> = decoded.bad.iter().map(|(i, _)| *i).collect();
+    assert_eq!(bad, [2, 4]);
+    let rows = decoded.rows.unwrap();
+    let ops: Vec<&str> = column(&rows, OP)
+        .as_string::<i32>()
+        .iter()
+        .flatten()
+        .collect();
+    assert_eq!(ops, ["tombstone", "c", "tombstone", "r", "tombstone"]);
+    let ids = column(&rows, "id")
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap();
+    assert_eq!(
+        ids.iter().collect::<Vec<_>>(),
+        [None, Some(1), None, Some(2), None]
     );
 }

@@ -49,6 +49,8 @@ pub struct KafkaSourceConfig {
     pub schema: SchemaSpec,
     /// `format: avro`: the reader schema and the schema registry (see [`crate::avro`]).
     pub avro: Option<crate::avro::AvroConfig>,
+    /// `format: protobuf`: the `.proto`, the message type, and the registry if framed.
+    pub protobuf: Option<crate::protobuf::ProtobufConfig>,
     /// `format: debezium`: what tombstones become.
     pub debezium: Option<crate::debezium::DebeziumConfig>,
     /// The largest message accepted (default 16MiB); a larger one is a bad record (a dead
@@ -217,10 +219,48 @@ mod spec {
                 );
                 }
             }
+            match (self.format, &self.protobuf) {
+                (MessageFormat::Protobuf, None) => problems.at_key(
+                    node,
+                    path,
+                    "format",
+                    "`format: protobuf` needs `protobuf: { schema: FILE.proto, message: NAME }`",
+                ),
+                (MessageFormat::Protobuf, Some(p)) => {
+                    if !self.schema.0.is_empty() {
+                        problems.at_key(node, path, "schema", "the columns of Protobuf records come from the message type (`protobuf.message`); leave `schema` out");
+                    }
+                    if let Err(e) = crate::protobuf::ProtobufFormat::open(p) {
+                        problems.at_key(node, path, "protobuf", e.to_string());
+                    }
+                }
+                (_, Some(_)) => {
+                    problems.at_key(node, path, "protobuf", "applies to `format: protobuf`")
+                }
+                (_, None) => {}
+            }
             if self.debezium.is_some() && self.format != MessageFormat::Debezium {
                 problems.at_key(node, path, "debezium", "applies to `format: debezium`");
             }
+            if self.format == MessageFormat::Debezium {
+                let reserved = [
+                    crate::debezium::OP,
+                    crate::debezium::BEFORE,
+                    crate::debezium::TS_MS,
+                ];
+                for field in &self.schema.0 {
+                    if reserved.contains(&field.0.name().as_str()) {
+                        problems.at_key(
+                            node,
+                            path,
+                            "schema",
+                            format!("`{}` is a column Sluice adds to Debezium rows; the table's columns cannot use it", field.0.name()),
+                        );
+                    }
+                }
+            }
             match (self.format, &self.avro) {
+                (MessageFormat::Protobuf, _) => {}
                 (MessageFormat::Json | MessageFormat::Debezium, None) if self.schema.0.is_empty() => {
                     problems.at_key(node, path, "schema", "declare at least one field (with `format: debezium`, the table's columns)");
                 }
@@ -288,11 +328,11 @@ mod spec {
             }
             match (self.format, &self.avro) {
                 (MessageFormat::Json, None) => {}
-                (MessageFormat::Debezium, _) => problems.at_key(
+                (MessageFormat::Debezium | MessageFormat::Protobuf, _) => problems.at_key(
                     node,
                     path,
                     "format",
-                    "Debezium change events are read, not written: a sink writes `json` or `avro`",
+                    "a Kafka sink writes `json` or `avro` (Protobuf output and Debezium events are not written yet)",
                 ),
                 (MessageFormat::Json, Some(_)) => problems.at_key(
                     node,

@@ -183,7 +183,12 @@ impl KafkaSink {
             (MessageFormat::Avro, None) => {
                 return Err(Error::Plan("`format: avro` needs `avro:`".into()));
             }
-            (MessageFormat::Json | MessageFormat::Debezium, _) => None,
+            (MessageFormat::Json, _) => None,
+            (MessageFormat::Debezium | MessageFormat::Protobuf, _) => {
+                return Err(Error::Plan(
+                    "a Kafka sink writes `json` or `avro` (Protobuf output and Debezium events are not written yet)".into(),
+                ));
+            }
         };
         let deliveries = Arc::new(Deliveries::default());
         let mut c = ClientConfig::new();

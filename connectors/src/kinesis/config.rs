@@ -284,7 +284,7 @@ mod spec {
                     node,
                     path,
                     "format",
-                    "Avro and Debezium events are read from Kafka sources so far; Kinesis records are JSON",
+                    "Avro, Protobuf and Debezium events are read from Kafka sources so far; Kinesis records are JSON",
                 );
             }
             self.stream_ref().check(node, path, problems);

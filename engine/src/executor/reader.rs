@@ -53,8 +53,14 @@ impl Batcher {
                 None => reader.read(want).await?,
             };
             match read {
-                // Reads whose records all failed still carry their offsets and dead letters.
-                Some(env) if env.batch.num_rows() > 0 || !env.dead.is_empty() => {
+                // Reads whose records all failed still carry their offsets and dead letters,
+                // and reads of only messages that hold no record (Debezium tombstones) their
+                // offsets: the partition is done past them.
+                Some(env)
+                    if env.batch.num_rows() > 0
+                        || !env.dead.is_empty()
+                        || !env.offsets.is_empty() =>
+                {
                     if self.parts.is_empty() {
                         self.deadline = Some(tokio::time::Instant::now() + self.batching.window);
                     }

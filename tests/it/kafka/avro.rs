@@ -15,12 +15,12 @@ use serde_json::Value;
 use super::{Broker, Sluice, broker, write_pipeline};
 use crate::{free_port, json_lines, root};
 
-fn tools() -> PathBuf {
-    root().join("tests/it/kafka/avro_tools.py")
+pub(super) fn tools() -> PathBuf {
+    root().join("tests/it/kafka/schema_tools.py")
 }
 
-/// Runs `avro_tools.py ARGS`; its stdout, or the test fails with its stderr.
-fn tool(args: &[&str]) -> String {
+/// Runs `schema_tools.py ARGS`; its stdout, or the test fails with its stderr.
+pub(super) fn tool(args: &[&str]) -> String {
     let out = Command::new("python3")
         .arg(tools())
         .args(args)
@@ -28,7 +28,7 @@ fn tool(args: &[&str]) -> String {
         .unwrap();
     assert!(
         out.status.success(),
-        "avro_tools.py {} failed: {}",
+        "schema_tools.py {} failed: {}",
         args[0],
         crate::text(&out.stderr)
     );
@@ -36,13 +36,13 @@ fn tool(args: &[&str]) -> String {
 }
 
 /// The test registry on a loopback port, killed when dropped.
-struct Registry {
+pub(super) struct Registry {
     child: Child,
-    url: String,
+    pub(super) url: String,
 }
 
 impl Registry {
-    fn start() -> Registry {
+    pub(super) fn start() -> Registry {
         let port = free_port();
         let mut child = Command::new("python3")
             .arg(tools())

@@ -24,6 +24,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+/// A message to produce: partition, key, value (`None`: a tombstone).
+pub type Produced = (i32, Option<String>, Option<Vec<u8>>);
+
 pub struct Broker {
     pub bootstrap: String,
     process: Option<Child>,
@@ -175,11 +178,33 @@ impl Broker {
 
     /// Sends `(partition, key, payload)` messages and waits until all are acknowledged.
     pub fn produce(&self, topic: &str, messages: &[(i32, Option<String>, Vec<u8>)]) {
+        self.send(
+            topic,
+            messages.iter().map(|(p, k, v)| (*p, k.as_ref(), Some(v))),
+        );
+    }
+
+    /// As [`Broker::produce`], with null values (tombstones) where the payload is `None`.
+    pub fn produce_values(&self, topic: &str, messages: &[Produced]) {
+        self.send(
+            topic,
+            messages
+                .iter()
+                .map(|(p, k, v)| (*p, k.as_ref(), v.as_ref())),
+        );
+    }
+
+    fn send<'a>(
+        &self,
+        topic: &str,
+        messages: impl Iterator<Item = (i32, Option<&'a String>, Option<&'a Vec<u8>>)>,
+    ) {
         let producer = self.producer();
         for (partition, key, payload) in messages {
-            let mut record = BaseRecord::<String, Vec<u8>>::to(topic)
-                .partition(*partition)
-                .payload(payload);
+            let mut record = BaseRecord::<String, Vec<u8>>::to(topic).partition(partition);
+            if let Some(payload) = payload {
+                record = record.payload(payload);
+            }
             if let Some(k) = key {
                 record = record.key(k);
             }

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::broker::Produced;
 use super::{Broker, Sluice, write_pipeline};
 use crate::json_lines;
 
 /// The messages (partition, key, value), the final table by id, and the events per op.
 type Changes = (
-    Vec<(i32, Option<String>, Vec<u8>)>,
+    Vec<Produced>,
     BTreeMap<i64, Value>,
     BTreeMap<&'static str, usize>,
 );
@@ -76,11 +77,8 @@ fn changes(snapshot: i64, n: usize) -> Changes {
                     json!({"id": old["id"], "email": null, "tier": null}),
                     Value::Null,
                 );
-                messages.push((
-                    (id % 2) as i32,
-                    Some(format!("{{\"id\":{id}}}")),
-                    Vec::new(),
-                ));
+                // The tombstone: a null value under the same key.
+                messages.push(((id % 2) as i32, Some(format!("{{\"id\":{id}}}")), None));
                 table.remove(&id);
             }
         }
@@ -90,13 +88,7 @@ fn changes(snapshot: i64, n: usize) -> Changes {
 
 /// One change event as Debezium's JSON converter writes it: half with the
 /// `schema`/`payload` wrapper (`schemas.enable`), half without.
-fn event(
-    i: usize,
-    id: i64,
-    op: &str,
-    before: Value,
-    after: Value,
-) -> (i32, Option<String>, Vec<u8>) {
+fn event(i: usize, id: i64, op: &str, before: Value, after: Value) -> Produced {
     let change = json!({"before": before, "after": after, "op": op, "ts_ms": 1_700_000_000_000_i64 + i as i64,
         "source": {"connector": "postgresql", "table": "customers"}});
     let value = if i.is_multiple_of(2) {
@@ -107,7 +99,7 @@ fn event(
     (
         (id % 2) as i32,
         Some(format!("{{\"id\":{id}}}")),
-        value.to_string().into_bytes(),
+        Some(value.to_string().into_bytes()),
     )
 }
 
@@ -118,15 +110,22 @@ fn debezium_changes_become_rows_and_replay_to_the_final_table() {
     broker.create_topic(&topic, 2);
     let (mut messages, table, ops) = changes(400, 4_000);
     let events: usize = ops.values().sum();
-    // Not change events: dead letters naming why.
-    for bad in [
+    // Not change events (an empty value is no tombstone): dead letters naming why.
+    let bad = [
         r#"{"op":"t","ts_ms":1}"#,
         r#"{"id":1,"email":"a row, not an event"}"#,
         "{",
-    ] {
-        messages.push((0, Some("bad".into()), bad.as_bytes().to_vec()));
+        "",
+    ];
+    for b in bad {
+        messages.push((0, Some("bad".into()), Some(b.as_bytes().to_vec())));
     }
-    broker.produce(&topic, &messages);
+    // Both partitions end with a tombstone: a read of nothing but it still moves the
+    // partition past it (lag 0).
+    for partition in 0..2 {
+        messages.push((partition, Some(format!("{{\"id\":{partition}}}")), None));
+    }
+    broker.produce_values(&topic, &messages);
 
     let dir = tempfile::tempdir().unwrap();
     let path = write_pipeline(
@@ -147,8 +146,8 @@ source:
 stages:
   - name: changes
     type: sql
-    query: SELECT _partition, _offset, _op, id, email, tier, _before FROM input
-sink: {{ type: file, path: {out}, format: jsonl, metadata_columns: [_partition, _offset] }}
+    query: SELECT _partition, _offset, _key, _op, id, email, tier, _before FROM input
+sink: {{ type: file, path: {out}, format: jsonl, metadata_columns: [_partition, _offset, _key] }}
 dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
 checkpoint: {{ dir: {ckpt}, interval: 500ms }}
 "#,
@@ -159,16 +158,35 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
             ckpt = dir.path().join("ckpt").display(),
         ),
     );
-    let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    let metrics = format!("127.0.0.1:{}", crate::free_port());
+    let mut sluice = Sluice::start_args(
+        &path,
+        dir.path().join("log"),
+        &["--metrics-addr", &metrics],
+        &[],
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     while json_lines(&dir.path().join("out")).len() < events
-        || json_lines(&dir.path().join("dlq")).len() < 3
+        || json_lines(&dir.path().join("dlq")).len() < bad.len()
     {
         assert!(
             sluice.running() && Instant::now() < deadline,
             "{}",
             sluice.log_text()
         );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Checkpoints commit both partitions to their ends, past the last tombstones.
+    let lag = || {
+        crate::scrape(&metrics).and_then(|samples| {
+            samples
+                .iter()
+                .find(|(name, _, _)| name == "sluice_lag_records")
+                .map(|s| s.2)
+        })
+    };
+    while lag() != Some(0.0) {
+        assert!(Instant::now() < deadline, "lag {:?}", lag());
         std::thread::sleep(Duration::from_millis(300));
     }
     let (status, log) = sluice.interrupt();
@@ -187,6 +205,8 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         let op = r["_op"].as_str().unwrap().to_string();
         *seen.entry(op.clone()).or_insert(0) += 1;
         let id = r["id"].as_i64().unwrap();
+        // Each row has its own message's metadata (the key Debezium gave the event).
+        assert_eq!(r["_key"], format!("{{\"id\":{id}}}"), "{r}");
         let image = json!({"id": id, "email": r["email"], "tier": r["tier"]});
         match op.as_str() {
             "r" | "c" => {
@@ -222,7 +242,7 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         .iter()
         .map(|l| l["error"].as_str().unwrap())
         .collect();
-    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(reasons.len(), bad.len(), "{reasons:?}");
     assert!(
         reasons.iter().any(|r| r.contains("truncate")),
         "{reasons:?}"

@@ -14,6 +14,7 @@ mod errors;
 mod examples;
 mod graph;
 mod processes;
+mod protobuf;
 mod scaling;
 mod secure;
 mod throughput;

@@ -98,6 +98,8 @@ pub(super) struct Chunk {
     pub(super) payloads: Vec<u8>,
     pub(super) payload_ends: Vec<usize>,
     pub(super) offsets: Vec<i64>,
+    /// Whether each message has a value (a null one is a tombstone; an empty one is not).
+    pub(super) has_payload: Vec<bool>,
     pub(super) keys: Vec<u8>,
     pub(super) key_ends: Vec<usize>,
     pub(super) has_key: Vec<bool>,
@@ -121,6 +123,7 @@ impl Chunk {
         let payload = m.payload().unwrap_or_default();
         self.payloads.extend_from_slice(payload);
         self.payload_ends.push(self.payloads.len());
+        self.has_payload.push(m.payload().is_some());
         self.offsets.push(m.offset());
         let key = m.key();
         self.keys.extend_from_slice(key.unwrap_or_default());
@@ -162,6 +165,7 @@ impl Chunk {
                 continue;
             }
             kept.payload_ends.push(0);
+            kept.has_payload.push(self.has_payload[i]);
             kept.offsets.push(self.offsets[i]);
             let key = self.key(i);
             kept.keys.extend_from_slice(key.unwrap_or_default());
@@ -194,6 +198,7 @@ impl Chunk {
         Chunk {
             payloads,
             payload_ends,
+            has_payload: self.has_payload.drain(..n).collect(),
             offsets: self.offsets.drain(..n).collect(),
             keys,
             key_ends,

@@ -212,6 +212,12 @@ impl GroupContext {
             partitions.live.insert(key, buffer.clone());
             let reader = KafkaReader {
                 decoder: match (&self.shared.avro, &self.shared.debezium) {
+                    _ if self.shared.protobuf.is_some() => {
+                        Payloads::Protobuf(ProtobufDecoder::new(
+                            self.shared.protobuf.clone().expect("some"),
+                            self.shared.max_record,
+                        ))
+                    }
                     (Some(format), _) => {
                         Payloads::Avro(AvroDecoder::new(format.clone(), self.shared.max_record))
                     }

@@ -59,6 +59,7 @@ use super::{KafkaSourceConfig, StartFrom};
 use crate::avro::{AvroDecoder, AvroFormat};
 use crate::debezium::DebeziumDecoder;
 use crate::json::JsonDecoder;
+use crate::protobuf::{ProtobufDecoder, ProtobufFormat};
 use crate::stream::MessageFormat;
 
 /// How long a revoke waits for the engine to drain a partition before letting it go
@@ -104,7 +105,15 @@ impl KafkaSource {
                 config.debezium.clone().unwrap_or_default(),
             )
         });
+        let protobuf = match (&config.format, &config.protobuf) {
+            (MessageFormat::Protobuf, Some(p)) => Some(Arc::new(ProtobufFormat::open(p)?)),
+            (MessageFormat::Protobuf, None) => {
+                return Err(Error::Plan("`format: protobuf` needs `protobuf:`".into()));
+            }
+            _ => None,
+        };
         let records = match (&avro, &debezium) {
+            _ if protobuf.is_some() => protobuf.as_ref().expect("some").records(),
             (Some(format), _) => format.records(),
             (None, Some((table, _))) => crate::debezium::records_schema(table),
             (None, None) => config.schema.to_arrow(),
@@ -119,6 +128,7 @@ impl KafkaSource {
         let (tx, events) = mpsc::unbounded_channel();
         let shared = Arc::new(GroupState {
             avro,
+            protobuf,
             debezium,
             records,
             schema: schema.clone(),
@@ -294,6 +304,8 @@ fn kafka_error(doing: &str, e: &KafkaError) -> Error {
 struct GroupState {
     /// `format: avro`: the reader schema and the writer schemas fetched so far.
     avro: Option<Arc<AvroFormat>>,
+    /// `format: protobuf`: the message type and the writer schemas fetched so far.
+    protobuf: Option<Arc<ProtobufFormat>>,
     /// `format: debezium`: the table's columns, and what tombstones become.
     debezium: Option<(SchemaRef, crate::debezium::DebeziumConfig)>,
     records: SchemaRef,

@@ -6,6 +6,7 @@ use super::*;
 pub(super) enum Payloads {
     Json(JsonDecoder),
     Avro(AvroDecoder),
+    Protobuf(ProtobufDecoder),
     Debezium(DebeziumDecoder),
 }
 
@@ -57,8 +58,16 @@ impl KafkaReader {
                 }
                 (records?, Vec::new())
             }
+            Payloads::Protobuf(protobuf) => {
+                let (records, refused) = protobuf.decode_each(&payloads().collect::<Vec<_>>());
+                if let Some((i, reason)) = refused.into_iter().next() {
+                    return Err(bad(Some(i), reason));
+                }
+                (records?, Vec::new())
+            }
             Payloads::Debezium(debezium) => {
-                let decoded = debezium.decode_each(&payloads().collect::<Vec<_>>());
+                let decoded = debezium
+                    .decode_each(&payloads().collect::<Vec<_>>(), |i| !whole.has_payload[i]);
                 if let Some((i, reason)) = decoded.bad.into_iter().next() {
                     return Err(bad(Some(i), reason));
                 }
@@ -110,8 +119,12 @@ impl KafkaReader {
                 let (records, bad) = avro.decode_each(&payloads);
                 (records?, bad, Vec::new())
             }
+            Payloads::Protobuf(protobuf) => {
+                let (records, bad) = protobuf.decode_each(&payloads);
+                (records?, bad, Vec::new())
+            }
             Payloads::Debezium(debezium) => {
-                let decoded = debezium.decode_each(&payloads);
+                let decoded = debezium.decode_each(&payloads, |i| !chunk.has_payload[i]);
                 (decoded.rows?, decoded.bad, decoded.skipped)
             }
         };
@@ -212,11 +225,13 @@ impl PartitionReader for KafkaReader {
                 self.held = self.buffer.take(max.max(1), &self.shared);
             }
             if let Some(chunk) = &self.held {
-                if let Payloads::Avro(avro) = &mut self.decoder {
-                    // Writer schemas first: fetched (waiting for the registry) before
-                    // decoding. Cancel safe: the chunk stays held until it is decoded.
-                    avro.prepare((0..chunk.len()).map(|i| chunk.payload(i)))
-                        .await?;
+                // Writer schemas first: fetched (waiting for the registry) before
+                // decoding. Cancel safe: the chunk stays held until it is decoded.
+                let payloads = (0..chunk.len()).map(|i| chunk.payload(i));
+                match &mut self.decoder {
+                    Payloads::Avro(avro) => avro.prepare(payloads).await?,
+                    Payloads::Protobuf(protobuf) => protobuf.prepare(payloads).await?,
+                    Payloads::Json(_) | Payloads::Debezium(_) => {}
                 }
                 let chunk = self.held.take().expect("held above");
                 return self.envelope(chunk).map(Some);

@@ -1,24 +1,33 @@
-"""Avro test peers: a schema registry on loopback, and a producer using the reference client.
+"""Schema test peers: a schema registry on loopback, and producers and a consumer using the
+reference client (confluent-kafka's Avro and Protobuf serializers).
 
-  python3 avro_tools.py registry PORT
-      Serves the Confluent Schema Registry REST endpoints clients use, in memory:
+  python3 schema_tools.py registry PORT
+      Serves the Confluent Schema Registry REST endpoints clients use, in memory (Avro
+      schemas and, with their schemaType, Protobuf ones):
       POST /subjects/{subject}/versions (register; the same schema gets the same id),
       GET /schemas/ids/{id}, GET /subjects/{subject}/versions/latest, GET /subjects,
       POST /compatibility/subjects/{subject}/versions/latest (always compatible: the
       registry records; the reader decides). Prints "ready" once listening.
 
-  python3 avro_tools.py produce BOOTSTRAP REGISTRY_URL TOPIC N
+  python3 schema_tools.py produce BOOTSTRAP REGISTRY_URL TOPIC N
       Produces N records with confluent-kafka's AvroSerializer, each with one of four writer
       schemas in turn (record i uses schema i % 4): v1 (no `country`), v2 (`country` added),
       v3 (`user` removed), and one whose `amount` is a string (it does not resolve against a
       reader schema where it is a long). Partition i % 2, key "k{i}".
 
-  python3 avro_tools.py produce-rich BOOTSTRAP REGISTRY_URL TOPIC N
+  python3 schema_tools.py produce-rich BOOTSTRAP REGISTRY_URL TOPIC N
       Produces N records of RICH (a nullable union, a timestamp, a date, a decimal, a nested
       record, an array, a double, a boolean) with the AvroSerializer, partition i % 2, key
       "{i}"; then, to partition 0, the malformed messages of MALFORMED, keyed by their name.
 
-  python3 avro_tools.py check BOOTSTRAP REGISTRY_URL TOPIC N
+  python3 schema_tools.py produce-proto BOOTSTRAP REGISTRY_URL TOPIC N
+      Produces N shop.Order messages (tests/it/kafka/proto/order.proto: nested messages,
+      repeated fields, a oneof, an enum, a map, proto3 optional, a Timestamp) with the
+      ProtobufSerializer, partition i % 2, key "{i}", as proto_order(i) says; then, to
+      partition 0, messages that are no shop.Order, keyed by name: a shop.Refund (index
+      path [1]), an index path out of range, an unknown schema id, a truncated body.
+
+  python3 schema_tools.py check BOOTSTRAP REGISTRY_URL TOPIC N
       Reads TOPIC from the start with the reference AvroDeserializer (writer schemas by id
       from the registry) until it holds N distinct ids, and compares each
       record with rich(i) (and an item_count column, when there is one, with its items'
@@ -95,6 +104,18 @@ def serve(port):
     ids = {}  # canonical schema text -> id
     texts = {}  # id -> schema text
     subjects = {}  # subject -> [id]
+    kinds = {}  # id -> schemaType
+
+    def canonical(body):
+        kind = body.get("schemaType", "AVRO")
+        if kind == "AVRO":
+            return json.dumps(json.loads(body["schema"]), separators=(",", ":"), sort_keys=True)
+        return kind + ":" + body["schema"]
+
+    def answer(sid):
+        if kinds[sid] == "AVRO":
+            return {"schema": texts[sid]}
+        return {"schema": texts[sid], "schemaType": kinds[sid]}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -118,7 +139,7 @@ def serve(port):
                 if parts[:2] == ["schemas", "ids"] and len(parts) >= 3:
                     sid = int(parts[2])
                     if sid in texts:
-                        return self.reply(200, {"schema": texts[sid]})
+                        return self.reply(200, answer(sid))
                     return self.reply(404, {"error_code": 40403, "message": "Schema not found"})
                 if parts == ["subjects"]:
                     return self.reply(200, sorted(subjects))
@@ -128,9 +149,7 @@ def serve(port):
                         return self.reply(404, {"error_code": 40401, "message": "Subject not found"})
                     v = len(versions) if parts[3] == "latest" else int(parts[3])
                     sid = versions[v - 1]
-                    return self.reply(
-                        200, {"subject": parts[1], "version": v, "id": sid, "schema": texts[sid]}
-                    )
+                    return self.reply(200, {"subject": parts[1], "version": v, "id": sid, **answer(sid)})
             self.reply(404, {"error_code": 404, "message": "Not found"})
 
         def do_POST(self):
@@ -138,22 +157,22 @@ def serve(port):
             body = self.body()
             with lock:
                 if parts[0] == "subjects" and len(parts) == 3 and parts[2] == "versions":
-                    text = json.dumps(json.loads(body["schema"]), separators=(",", ":"), sort_keys=True)
+                    text = canonical(body)
                     if text not in ids:
                         ids[text] = len(ids) + 1
                         texts[ids[text]] = body["schema"]
+                        kinds[ids[text]] = body.get("schemaType", "AVRO")
                     sid = ids[text]
                     versions = subjects.setdefault(parts[1], [])
                     if sid not in versions:
                         versions.append(sid)
                     return self.reply(200, {"id": sid})
                 if parts[0] == "subjects" and len(parts) == 2:
-                    text = json.dumps(json.loads(body["schema"]), separators=(",", ":"), sort_keys=True)
-                    sid = ids.get(text)
+                    sid = ids.get(canonical(body))
                     if sid is None or sid not in subjects.get(parts[1], []):
                         return self.reply(404, {"error_code": 40403, "message": "Schema not found"})
                     v = subjects[parts[1]].index(sid) + 1
-                    return self.reply(200, {"subject": parts[1], "version": v, "id": sid, "schema": texts[sid]})
+                    return self.reply(200, {"subject": parts[1], "version": v, "id": sid, **answer(sid)})
                 if parts[0] == "compatibility":
                     return self.reply(200, {"is_compatible": True})
             self.reply(404, {"error_code": 404, "message": "Not found"})
@@ -229,6 +248,74 @@ def produce_rich(bootstrap, registry, topic, n):
         sys.exit(f"{left} messages not delivered")
 
 
+def proto_classes():
+    """order_pb2, compiled from proto/order.proto by grpc_tools' protoc."""
+    import importlib
+    import os
+    import tempfile
+
+    import grpc_tools
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp()
+    proto = Path(__file__).resolve().parent / "proto"
+    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    if protoc.main(["protoc", f"-I{proto}", f"-I{well_known}", f"--python_out={out}", str(proto / "order.proto")]):
+        sys.exit("protoc failed on order.proto")
+    sys.path.insert(0, out)
+    return importlib.import_module("order_pb2")
+
+
+def proto_order(pb, i):
+    order = pb.Order(id=i, score=i / 8, status=i % 3)
+    if i % 3:
+        order.user = f"user-{i % 97}\u00e9"
+    order.at.seconds = 1_767_225_600 + i
+    order.at.nanos = (i % 1000) * 1000
+    order.address.city = ["Berlin", "Paris", "Lagos"][i % 3]
+    if i % 5:
+        order.address.zip = 10_000 + i
+    order.items.extend(range(i % 4))
+    if i % 2:
+        order.card = f"card-{i}"
+    else:
+        order.voucher = f"V{i}"
+    order.counts["a"] = i % 7
+    order.counts["b"] = 1
+    return order
+
+
+def produce_proto(bootstrap, registry, topic, n):
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    pb = proto_classes()
+    client = SchemaRegistryClient({"url": registry})
+    orders = ProtobufSerializer(pb.Order, client)
+    refunds = ProtobufSerializer(pb.Refund, client)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    producer = producer_for(bootstrap)
+    last = None
+    for i in range(n):
+        last = orders(proto_order(pb, i), ctx)
+        send(producer, topic, last, str(i), i % 2)
+    # The same schema id (the subject's one file), the index path [1]: a shop.Refund.
+    refund = refunds(pb.Refund(order_id=7), ctx)
+    sid = last[1:5]
+    bad = {
+        "refund": refund,
+        "index-out-of-range": b"\x00" + sid + b"\x02\x12" + pb.Order(id=1).SerializeToString(),
+        "unknown-id": b"\x00\x00\x00\x03\xe7\x00\x08\x01",
+        "truncated": last[: len(last) - 3],
+    }
+    for name, value in bad.items():
+        send(producer, topic, value, name, 0)
+    left = producer.flush(60)
+    if left:
+        sys.exit(f"{left} messages not delivered")
+
+
 def check(bootstrap, registry, topic, n):
     import time
 
@@ -290,6 +377,8 @@ if __name__ == "__main__":
         produce(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif sys.argv[1] == "produce-rich":
         produce_rich(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    elif sys.argv[1] == "produce-proto":
+        produce_proto(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif sys.argv[1] == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:

@@ -1,0 +1,230 @@
+//! Protobuf messages into columns: every kind of field, framing, and messages refused.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Int64Array};
+use prost::Message as _;
+use prost_reflect::{DynamicMessage, Value};
+
+use super::*;
+
+const PROTO: &str = r#"
+syntax = "proto3";
+package shop;
+import "google/protobuf/timestamp.proto";
+message Order {
+  int64 id = 1;
+  optional string user = 2;
+  google.protobuf.Timestamp at = 3;
+  Address address = 4;
+  repeated int64 items = 5;
+  oneof payment { string card = 6; string voucher = 7; }
+  Status status = 8;
+  map<string, int32> counts = 9;
+  message Address { string city = 1; optional int32 zip = 2; }
+  enum Status { NEW = 0; PAID = 1; }
+}
+message Refund { int64 order_id = 1; }
+message Node { Node next = 1; }
+"#;
+
+fn config(dir: &std::path::Path, message: &str, registry: bool) -> ProtobufConfig {
+    std::fs::write(dir.join("order.proto"), PROTO).unwrap();
+    ProtobufConfig {
+        schema: dir.join("order.proto"),
+        message: message.into(),
+        include: Vec::new(),
+        schema_registry: registry.then(|| RegistryConfig::at("http://127.0.0.1:9")),
+    }
+}
+
+/// An order with every field set as `i` says.
+fn order(format: &ProtobufFormat, i: i64) -> DynamicMessage {
+    let d = &format.message;
+    let mut m = DynamicMessage::new(d.clone());
+    m.set_field_by_name("id", Value::I64(i));
+    if i % 2 == 0 {
+        m.set_field_by_name("user", Value::String(format!("u{i}")));
+        m.set_field_by_name("card", Value::String("visa".into()));
+    } else {
+        m.set_field_by_name("voucher", Value::String("V1".into()));
+    }
+    let mut at = DynamicMessage::new(
+        d.get_field_by_name("at")
+            .unwrap()
+            .kind()
+            .as_message()
+            .unwrap()
+            .clone(),
+    );
+    at.set_field_by_name("seconds", Value::I64(1_700_000_000 + i));
+    at.set_field_by_name("nanos", Value::I32(5));
+    m.set_field_by_name("at", Value::Message(at));
+    let mut address = DynamicMessage::new(
+        d.get_field_by_name("address")
+            .unwrap()
+            .kind()
+            .as_message()
+            .unwrap()
+            .clone(),
+    );
+    address.set_field_by_name("city", Value::String("Lagos".into()));
+    m.set_field_by_name("address", Value::Message(address));
+    m.set_field_by_name("items", Value::List((0..i).map(Value::I64).collect()));
+    m.set_field_by_name("status", Value::EnumNumber((i % 2) as i32));
+    let mut counts = std::collections::HashMap::new();
+    counts.insert(prost_reflect::MapKey::String("b".into()), Value::I32(2));
+    counts.insert(prost_reflect::MapKey::String("a".into()), Value::I32(1));
+    m.set_field_by_name("counts", Value::Map(counts));
+    m
+}
+
+/// `body` framed with schema `id` and the index path `[index]` (`[0]` as one 0 byte).
+fn framed(id: u32, index: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&id.to_be_bytes());
+    if index == 0 {
+        out.push(0);
+    } else {
+        out.extend_from_slice(&[2, index * 2]);
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+#[test]
+fn plain_messages_decode_into_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let format = Arc::new(ProtobufFormat::open(&config(dir.path(), "shop.Order", false)).unwrap());
+    let names: Vec<String> = format
+        .records()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "id", "user", "at", "address", "items", "card", "voucher", "status", "counts"
+        ]
+    );
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| order(&format, i).encode_to_vec()).collect();
+    let payloads: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let mut decoder = ProtobufDecoder::new(format, 1 << 20);
+    let (batch, bad) = decoder.decode_each(&payloads);
+    assert!(bad.is_empty(), "{bad:?}");
+    let batch = batch.unwrap();
+    let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+    let ids = column("id");
+    assert_eq!(
+        ids.as_any().downcast_ref::<Int64Array>().unwrap().values(),
+        &[0, 1, 2]
+    );
+    let user = column("user");
+    assert_eq!(
+        (user.as_string::<i32>().value(0), user.is_null(1)),
+        ("u0", true)
+    );
+    let at = column("at");
+    let at = at.as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+    assert_eq!(at.value(1), 1_700_000_001_000_000_005);
+    let address = column("address");
+    assert_eq!(
+        address.as_struct().column(0).as_string::<i32>().value(2),
+        "Lagos"
+    );
+    assert!(
+        address.as_struct().column(1).is_null(2),
+        "an optional field not set is null"
+    );
+    let items = column("items");
+    assert_eq!(items.as_list::<i32>().value(2).len(), 2);
+    let (card, voucher) = (column("card"), column("voucher"));
+    assert_eq!(
+        (card.is_null(0), voucher.is_null(0)),
+        (false, true),
+        "a oneof's other fields are null"
+    );
+    assert_eq!(column("status").as_string::<i32>().value(1), "PAID");
+    let counts = column("counts");
+    let keys = counts
+        .as_map()
+        .keys()
+        .as_string::<i32>()
+        .iter()
+        .flatten()
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(keys, ["a", "b"], "map entries ordered by key");
+}
+
+#[test]
+fn framed_messages_of_another_type_or_index_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let format = Arc::new(ProtobufFormat::open(&config(dir.path(), "shop.Order", true)).unwrap());
+    let file = protox_parse::parse("order.proto", PROTO).unwrap();
+    format
+        .writers
+        .lock()
+        .unwrap()
+        .insert(4, Writer::File(Box::new(file)));
+    let good = framed(4, 0, &order(&format, 7).encode_to_vec());
+    let refund = framed(4, 1, &[8, 1]);
+    let out_of_range = framed(4, 9, &[8, 1]);
+    let unknown = framed(999, 0, &[8, 1]);
+    let truncated = good[..good.len() - 3].to_vec();
+    let payloads: Vec<&[u8]> = vec![
+        &good,
+        &refund,
+        &out_of_range,
+        &unknown,
+        b"\x01\x00\x00\x00\x04\x00",
+        &truncated,
+        b"",
+    ];
+    let mut decoder = ProtobufDecoder::new(format, 1 << 20);
+    let (batch, bad) = decoder.decode_each(&payloads);
+    assert_eq!(batch.unwrap().num_rows(), 1);
+    let why: Vec<(usize, &str)> = bad.iter().map(|(i, w)| (*i, w.as_str())).collect();
+    assert_eq!(why.len(), 6, "{why:?}");
+    assert!(
+        why[0]
+            .1
+            .contains("the message is a shop.Refund, not a shop.Order"),
+        "{why:?}"
+    );
+    assert!(why[1].1.contains("no message at index path [9]"), "{why:?}");
+    assert!(
+        why[2].1.contains("schema id 999 was not fetched"),
+        "{why:?}"
+    );
+    assert!(why[3].1.contains("Confluent wire format"), "{why:?}");
+    assert!(why[4].1.contains("not a shop.Order"), "{why:?}");
+    assert!(why[5].1.contains("empty message"), "{why:?}");
+}
+
+#[test]
+fn a_schema_or_message_that_cannot_be_columns_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |message: &str| {
+        ProtobufFormat::open(&config(dir.path(), message, false))
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        err("shop.Node").contains("holds itself (shop.Node → shop.Node)"),
+        "{}",
+        err("shop.Node")
+    );
+    assert!(
+        err("shop.Nope").contains("declares no message `shop.Nope`"),
+        "{}",
+        err("shop.Nope")
+    );
+    let mut bad = config(dir.path(), "shop.Order", false);
+    std::fs::write(&bad.schema, "syntax = \"proto3\"; message {").unwrap();
+    bad.schema = bad.schema.clone();
+    let e = ProtobufFormat::open(&bad).err().unwrap().to_string();
+    assert!(e.contains("the Protobuf schema"), "{e}");
+}
