@@ -139,12 +139,20 @@ impl SchemaRegistry {
     /// Registers `schema` (Avro JSON) under `subject` (`POST /subjects/{subject}/versions`;
     /// a schema registered before gets its id back) and returns its id.
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32> {
+        self.register_as(subject, schema, "AVRO").await
+    }
+
+    /// Registers `schema` of the type `kind` (`AVRO`, `PROTOBUF`) under `subject`.
+    pub async fn register_as(&self, subject: &str, schema: &str, kind: &str) -> Result<u32> {
         #[derive(Deserialize)]
         struct Registered {
             id: u32,
         }
         let url = self.endpoint(&["subjects", subject, "versions"]);
-        let body = serde_json::json!({ "schema": schema });
+        let body = match kind {
+            "AVRO" => serde_json::json!({ "schema": schema }),
+            kind => serde_json::json!({ "schema": schema, "schemaType": kind }),
+        };
         let what = format!("registering the schema under subject `{subject}`");
         match self
             .answer::<Registered>(|| self.client.post(&url).json(&body), &what)

@@ -81,7 +81,7 @@ impl SchemaStats {
     }
 
     /// `rows` written by a sink with schema `id`.
-    pub(super) fn written(&self, id: u32, rows: u64) {
+    pub(crate) fn written(&self, id: u32, rows: u64) {
         let mut ids = self.ids.lock().expect("schema stats lock");
         ids.entry(id).or_default().encoded += rows;
     }

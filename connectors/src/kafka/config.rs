@@ -116,6 +116,8 @@ pub struct KafkaSinkConfig {
     pub format: MessageFormat,
     /// `format: avro`: the schema registry, and the writer schema when not derived.
     pub avro: Option<crate::avro::AvroSinkConfig>,
+    /// `format: protobuf`: the `.proto`, the message type, and the registry if framed.
+    pub protobuf: Option<crate::protobuf::ProtobufSinkConfig>,
     /// An encrypted connection (see [`KafkaTls`]).
     pub tls: Option<KafkaTls>,
     /// A SASL login (see [`KafkaSasl`]).
@@ -326,14 +328,38 @@ mod spec {
                     format!("`{}` is not a Kafka topic name", self.topic),
                 );
             }
-            match (self.format, &self.avro) {
-                (MessageFormat::Json, None) => {}
-                (MessageFormat::Debezium | MessageFormat::Protobuf, _) => problems.at_key(
+            match (self.format, &self.protobuf) {
+                (MessageFormat::Protobuf, None) => problems.at_key(
                     node,
                     path,
                     "format",
-                    "a Kafka sink writes `json` or `avro` (Protobuf output and Debezium events are not written yet)",
+                    "`format: protobuf` needs `protobuf: { schema: FILE.proto, message: NAME }`",
                 ),
+                (MessageFormat::Protobuf, Some(p)) => {
+                    let source = crate::protobuf::ProtobufConfig {
+                        schema: p.schema.clone(),
+                        message: p.message.clone(),
+                        include: p.include.clone(),
+                        schema_registry: None,
+                    };
+                    if let Err(e) = crate::protobuf::ProtobufFormat::open(&source) {
+                        problems.at_key(node, path, "protobuf", e.to_string());
+                    }
+                }
+                (_, Some(_)) => {
+                    problems.at_key(node, path, "protobuf", "applies to `format: protobuf`")
+                }
+                (_, None) => {}
+            }
+            match (self.format, &self.avro) {
+                (MessageFormat::Json, None) => {}
+                (MessageFormat::Debezium, _) => problems.at_key(
+                    node,
+                    path,
+                    "format",
+                    "Debezium change events are read, not written: a Kafka sink writes `json`, `avro` or `protobuf`",
+                ),
+                (MessageFormat::Protobuf, _) => {}
                 (MessageFormat::Json, Some(_)) => problems.at_key(
                     node,
                     path,

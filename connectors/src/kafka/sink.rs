@@ -31,6 +31,7 @@ use sluice_engine::{Error, Result};
 use super::{KafkaSinkConfig, MessageFormat};
 use crate::avro::AvroEncoder;
 use crate::json::lines_writer;
+use crate::protobuf::ProtobufEncoder;
 
 pub struct KafkaSink {
     config: KafkaSinkConfig,
@@ -41,6 +42,8 @@ pub struct KafkaSink {
     deliveries: Arc<Deliveries>,
     /// `format: avro`: rows into Confluent-framed Avro.
     avro: Option<AvroEncoder>,
+    /// `format: protobuf`: rows into Protobuf messages.
+    protobuf: Option<ProtobufEncoder>,
     /// The batch being sent, as JSON lines (or Avro messages, or dead-letter payloads,
     /// back to back).
     lines: Vec<u8>,
@@ -183,12 +186,21 @@ impl KafkaSink {
             (MessageFormat::Avro, None) => {
                 return Err(Error::Plan("`format: avro` needs `avro:`".into()));
             }
-            (MessageFormat::Json, _) => None,
-            (MessageFormat::Debezium | MessageFormat::Protobuf, _) => {
+            (MessageFormat::Json | MessageFormat::Protobuf, _) => None,
+            (MessageFormat::Debezium, _) => {
                 return Err(Error::Plan(
-                    "a Kafka sink writes `json` or `avro` (Protobuf output and Debezium events are not written yet)".into(),
+                    "Debezium change events are read, not written: a Kafka sink writes `json`, `avro` or `protobuf`".into(),
                 ));
             }
+        };
+        let protobuf = match (config.format, &config.protobuf) {
+            (MessageFormat::Protobuf, Some(p)) => {
+                Some(ProtobufEncoder::open(p, &config.topic, input)?)
+            }
+            (MessageFormat::Protobuf, None) => {
+                return Err(Error::Plan("`format: protobuf` needs `protobuf:`".into()));
+            }
+            _ => None,
         };
         let deliveries = Arc::new(Deliveries::default());
         let mut c = ClientConfig::new();
@@ -221,6 +233,7 @@ impl KafkaSink {
             producer,
             deliveries,
             avro,
+            protobuf,
             lines: Vec::new(),
             line_ends: Vec::new(),
             sent: 0,
@@ -234,7 +247,10 @@ impl KafkaSink {
     /// partition, offset and failure times as headers. Messages wait for the broker for as
     /// long as it takes (`message.timeout.ms` 0): a dead letter is never dropped.
     pub fn open_dead_letter(mut config: KafkaSinkConfig) -> Result<Self> {
-        if config.format != MessageFormat::Json || config.avro.is_some() {
+        if config.format != MessageFormat::Json
+            || config.avro.is_some()
+            || config.protobuf.is_some()
+        {
             return Err(Error::Plan(
                 "dead letters carry each record's bytes as they came, with provenance headers: \
                  leave `format` and `avro` out of the dead-letter sink"
@@ -301,6 +317,15 @@ impl Sink for KafkaSink {
                 self.lines.extend_from_slice(p.unwrap_or_default());
                 self.line_ends.push(self.lines.len());
             }
+        } else if let Some(protobuf) = &mut self.protobuf {
+            protobuf
+                .encode(
+                    &batch,
+                    &mut self.lines,
+                    &mut self.line_ends,
+                    &mut self.refused,
+                )
+                .await?;
         } else if let Some(avro) = &mut self.avro {
             avro.encode(
                 &batch,

@@ -20,6 +20,7 @@
 
 mod columns;
 mod decode;
+mod encode;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ use sluice_engine::{Error, Result};
 
 use crate::avro::{RegistryConfig, SchemaRegistry};
 pub use decode::ProtobufDecoder;
+pub use encode::{ProtobufEncoder, ProtobufSinkConfig};
 
 /// `protobuf:` of a Kafka source.
 #[derive(Debug, Clone, Deserialize)]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Int64Array};
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
 use prost::Message as _;
 use prost_reflect::{DynamicMessage, Value};
 
@@ -227,4 +227,123 @@ fn a_schema_or_message_that_cannot_be_columns_is_refused_at_open() {
     bad.schema = bad.schema.clone();
     let e = ProtobufFormat::open(&bad).err().unwrap().to_string();
     assert!(e.contains("the Protobuf schema"), "{e}");
+}
+
+fn sink_config(dir: &std::path::Path) -> ProtobufSinkConfig {
+    let source = config(dir, "shop.Order", false);
+    ProtobufSinkConfig {
+        schema: source.schema,
+        message: source.message,
+        include: Vec::new(),
+        schema_registry: None,
+        subject: None,
+    }
+}
+
+/// Rows written as messages read back as the same rows; a row Protobuf cannot hold (a
+/// null where the field has no presence, a null list item, an enum name the enum does
+/// not have) is refused alone with the reason.
+#[tokio::test]
+async fn rows_written_as_messages_read_back_and_rows_protobuf_cannot_hold_are_refused() {
+    use arrow::array::{ListArray, StringArray};
+    use arrow::datatypes::{DataType, Field, Int32Type, Schema};
+    let dir = tempfile::tempdir().unwrap();
+    let format = Arc::new(ProtobufFormat::open(&config(dir.path(), "shop.Order", false)).unwrap());
+    let bodies: Vec<Vec<u8>> = (0..4).map(|i| order(&format, i).encode_to_vec()).collect();
+    let payloads: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let (rows, _) = ProtobufDecoder::new(format.clone(), 1 << 20).decode_each(&payloads);
+    let rows = rows.unwrap();
+
+    let mut encoder = ProtobufEncoder::open(&sink_config(dir.path()), "t", &rows.schema()).unwrap();
+    let (mut out, mut ends, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    encoder
+        .encode(&rows, &mut out, &mut ends, &mut refused)
+        .await
+        .unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    let mut start = 0;
+    for (i, end) in ends.iter().enumerate() {
+        let back = DynamicMessage::decode(format.message.clone(), &out[start..*end]).unwrap();
+        // Both as decoded: a default set explicitly is the default not set.
+        let want = DynamicMessage::decode(format.message.clone(), bodies[i].as_slice()).unwrap();
+        assert_eq!(back, want, "row {i}");
+        start = *end;
+    }
+
+    // `id` (no presence) null, an item null, a status no enum value has.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int32, true),
+        Field::new(
+            "items",
+            DataType::List(Arc::new(Field::new_list_field(DataType::Int32, true))),
+            true,
+        ),
+        Field::new("status", DataType::Utf8, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(arrow::array::Int32Array::from(vec![
+                Some(1),
+                None,
+                Some(3),
+                Some(4),
+            ])),
+            Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
+                Some(vec![Some(1)]),
+                Some(vec![]),
+                Some(vec![Some(2), None]),
+                None,
+            ])),
+            Arc::new(StringArray::from(vec!["PAID", "NEW", "NEW", "LOST"])),
+        ],
+    )
+    .unwrap();
+    let mut encoder = ProtobufEncoder::open(&sink_config(dir.path()), "t", &schema).unwrap();
+    let (mut out, mut ends, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    encoder
+        .encode(&batch, &mut out, &mut ends, &mut refused)
+        .await
+        .unwrap();
+    let why: Vec<(u32, bool)> = refused
+        .iter()
+        .map(|(row, w)| {
+            let said = [
+                "`id` is null",
+                "`items` holds a null item",
+                "LOST is not a value of shop.Order.Status",
+            ];
+            (*row, said.iter().any(|s| w.contains(s)))
+        })
+        .collect();
+    assert_eq!(why, [(1, true), (2, true), (3, true)], "{refused:?}");
+    assert_eq!(ends.len(), 4);
+    let first = DynamicMessage::decode(format.message.clone(), &out[..ends[0]]).unwrap();
+    assert_eq!(
+        first.get_field_by_name("id").unwrap().as_i64(),
+        Some(1),
+        "an int32 column cast to int64"
+    );
+}
+
+#[test]
+fn columns_that_are_no_field_or_of_another_type_are_refused_at_open() {
+    use arrow::datatypes::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("extra", DataType::Int64, false),
+    ]);
+    let err = ProtobufEncoder::open(&sink_config(dir.path()), "t", &schema)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("`extra` is not a field of shop.Order"),
+        "{err}"
+    );
+    assert!(
+        err.contains("`id` is Utf8; the field is read as Int64"),
+        "{err}"
+    );
 }

@@ -467,6 +467,7 @@ async fn an_unavailable_dead_letter_sink_pauses_the_pipeline_and_loses_nothing()
         headers: Vec::new(),
         format: Default::default(),
         avro: None,
+        protobuf: None,
         tls: None,
         sasl: None,
         options: Default::default(),

@@ -1,8 +1,9 @@
-//! Protobuf from Kafka through a schema registry: messages written by the reference
+//! Protobuf through a schema registry, both ways: messages written by the reference
 //! client's ProtobufSerializer (nested messages, repeated fields, a oneof, an enum, a map,
-//! proto3 optional, a Timestamp) read into columns, each value as written; messages that
-//! are no `shop.Order` (another message of the file, an index path out of range, an
-//! unknown schema id, a truncated body) are dead letters naming why.
+//! proto3 optional, a Timestamp) read into columns, each value as written, and written
+//! back as Protobuf that its ProtobufDeserializer reads equal to what was produced;
+//! messages that are no `shop.Order` (another message of the file, an index path out of
+//! range, an unknown schema id, a truncated body) are dead letters naming why.
 
 use std::time::{Duration, Instant};
 
@@ -32,11 +33,12 @@ fn expected(i: i64) -> Value {
 }
 
 #[test]
-fn protobuf_from_the_reference_serializer_reads_every_value() {
-    const N: usize = 20_000;
+fn protobuf_round_trip_of_100k_orders_through_the_reference_client() {
+    const N: usize = 100_000;
     let broker = Broker::start();
-    let topic = broker.name("orders-proto");
+    let (topic, output) = (broker.name("orders-proto"), broker.name("orders-proto-out"));
     broker.create_topic(&topic, 2);
+    broker.create_topic(&output, 2);
     let registry = Registry::start();
     tool(&[
         "produce-proto",
@@ -64,8 +66,23 @@ source:
 stages:
   - name: orders
     type: sql
+    query: SELECT id, user, at, address, items, card, voucher, status, counts, score FROM input
+  - name: rows
+    type: sql
     query: SELECT id, user, arrow_cast(at, 'Int64') AS at_ns, address, items, card, voucher, status, counts, score FROM input
-sink: {{ type: file, path: {out}, format: jsonl }}
+sinks:
+  rows: {{ type: file, path: {out}, format: jsonl, input: rows }}
+  topic:
+    input: orders
+    type: kafka
+    bootstrap_servers: {bootstrap}
+    topic: {output}
+    key: id
+    format: protobuf
+    protobuf:
+      schema: {proto}
+      message: shop.Order
+      schema_registry: {{ url: "{registry}" }}
 dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
 checkpoint: {{ dir: {ckpt}, interval: 500ms }}
 "#,
@@ -79,6 +96,18 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         ),
     );
     let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    // The reference consumer reads the Protobuf output while it is written.
+    let checked = tool(&[
+        "check-proto",
+        &broker.bootstrap,
+        &registry.url,
+        &output,
+        &N.to_string(),
+    ]);
+    assert!(
+        checked.starts_with(&format!("checked {N} records, 0 duplicates")),
+        "{checked}"
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     while json_lines(&dir.path().join("out")).len() < N
         || json_lines(&dir.path().join("dlq")).len() < 4

@@ -27,6 +27,9 @@ reference client (confluent-kafka's Avro and Protobuf serializers).
       partition 0, messages that are no shop.Order, keyed by name: a shop.Refund (index
       path [1]), an index path out of range, an unknown schema id, a truncated body.
 
+  python3 schema_tools.py check-proto BOOTSTRAP REGISTRY_URL TOPIC N
+      As check, with the ProtobufDeserializer, each message compared with proto_order(i).
+
   python3 schema_tools.py check BOOTSTRAP REGISTRY_URL TOPIC N
       Reads TOPIC from the start with the reference AvroDeserializer (writer schemas by id
       from the registry) until it holds N distinct ids, and compares each
@@ -316,12 +319,46 @@ def produce_proto(bootstrap, registry, topic, n):
         sys.exit(f"{left} messages not delivered")
 
 
-def check(bootstrap, registry, topic, n):
+def avro_reading(client):
+    """Decodes a message with the AvroDeserializer; what rich(i) says it holds; the id."""
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+
+    deserializer = AvroDeserializer(client)
+
+    def decode(value, ctx):
+        return deserializer(value, ctx)
+
+    def differs(record, i):
+        want = rich(i)
+        if "item_count" in record:
+            # The example pipeline's one new column.
+            want["item_count"] = len(want["items"])
+        # Decimal equality ignores the scale: compare it too.
+        same_scale = record["amount"].as_tuple().exponent == want["amount"].as_tuple().exponent
+        return None if record == want and same_scale else want
+
+    return decode, differs, lambda record: record["id"]
+
+
+def proto_reading(client):
+    """Decodes a message with the ProtobufDeserializer as a shop.Order; proto_order(i); the id."""
+    from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer
+
+    pb = proto_classes()
+    deserializer = ProtobufDeserializer(pb.Order, {"use.deprecated.format": False})
+
+    def differs(record, i):
+        want = proto_order(pb, i)
+        return None if record == want else want
+
+    return (lambda value, ctx: deserializer(value, ctx)), differs, lambda record: record.id
+
+
+def check(bootstrap, registry, topic, n, reading):
     import time
 
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer
     from confluent_kafka.schema_registry import SchemaRegistryClient
-    from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     consumer = Consumer(
@@ -329,7 +366,7 @@ def check(bootstrap, registry, topic, n):
     )
     consumer.subscribe([topic])
     client = SchemaRegistryClient({"url": registry})
-    deserializer = AvroDeserializer(client)
+    decode, differs, id_of = reading(client)
     ctx = SerializationContext(topic, MessageField.VALUE)
     seen, duplicates, ids, wrong = {}, 0, set(), []
     deadline = time.time() + 180
@@ -342,23 +379,17 @@ def check(bootstrap, registry, topic, n):
         if m is None or m.error():
             continue
         value = m.value()
-        sid = int.from_bytes(value[1:5], "big")
-        ids.add(sid)
-        record = deserializer(value, ctx)
-        i = record["id"]
+        ids.add(int.from_bytes(value[1:5], "big"))
+        record = decode(value, ctx)
+        i = id_of(record)
         if i in seen:
             duplicates += 1
             if seen[i] != record:
                 wrong.append(f"id {i}: a duplicate that differs: {record} vs {seen[i]}")
             continue
         seen[i] = record
-        want = rich(i)
-        if "item_count" in record:
-            # The example pipeline's one new column.
-            want["item_count"] = len(want["items"])
-        # Decimal equality ignores the scale: compare it too.
-        same_scale = record["amount"].as_tuple().exponent == want["amount"].as_tuple().exponent
-        if record != want or not same_scale or m.key() != str(i).encode():
+        want = differs(record, i)
+        if want is not None or m.key() != str(i).encode():
             wrong.append(f"id {i} (key {m.key()}): got {record}, want {want}")
     consumer.close()
     missing = n - len(seen)
@@ -380,6 +411,8 @@ if __name__ == "__main__":
     elif sys.argv[1] == "produce-proto":
         produce_proto(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif sys.argv[1] == "check":
-        check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), avro_reading)
+    elif sys.argv[1] == "check-proto":
+        check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), proto_reading)
     else:
         sys.exit(__doc__)
