@@ -7,7 +7,8 @@
 //!   single-threaded tokio runtime, so the figure is records per second on one core.
 //!
 //! - `kafka_decode`: Kafka message payloads (JSON view events, as the Kafka sink writes them,
-//!   ~150 bytes) into one Arrow batch, no network: the sonic-rs fast path against arrow-json.
+//!   ~150 bytes) into one Arrow batch, no network: the sonic-rs fast path against arrow-json,
+//!   and the same events as Confluent-framed Avro and as plain Protobuf.
 //!
 //! - `score`: personalization — 8192 events of users drawn from 100,000, each with a
 //!   32-feature taste vector, scored against 1,000 titles for the top 10; `generated` with
@@ -225,7 +226,78 @@ fn bench_kafka_decode(c: &mut Criterion) {
     group.bench_with_input(BenchmarkId::new("avro_confluent", rows), &rows, |b, _| {
         b.iter(|| decoder.decode_each(&slices).0.unwrap());
     });
+    // And as plain Protobuf messages (Sluice's Protobuf encoder, one message per row).
+    let (protobuf, proto_payloads) = protobuf_view_events(rows);
+    let mut decoder = sluice_connectors::protobuf::ProtobufDecoder::new(protobuf, usize::MAX);
+    let slices: Vec<&[u8]> = proto_payloads.iter().map(Vec::as_slice).collect();
+    let (decoded, bad) = decoder.decode_each(&slices, |_| false);
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(decoded.unwrap().num_rows(), rows);
+    eprintln!(
+        "kafka_decode: the Protobuf messages are {:.0} bytes each on average",
+        slices.iter().map(|p| p.len()).sum::<usize>() as f64 / rows as f64
+    );
+    group.bench_with_input(BenchmarkId::new("protobuf", rows), &rows, |b, _| {
+        b.iter(|| decoder.decode_each(&slices, |_| false).0.unwrap());
+    });
     group.finish();
+}
+
+/// Generated view events as plain Protobuf messages, and the format that reads them.
+fn protobuf_view_events(
+    rows: usize,
+) -> (
+    Arc<sluice_connectors::protobuf::ProtobufFormat>,
+    Vec<Vec<u8>>,
+) {
+    use sluice_connectors::protobuf::{
+        ProtobufConfig, ProtobufEncoder, ProtobufFormat, ProtobufSinkConfig,
+    };
+    const PROTO: &str = r#"syntax = "proto3";
+package bench;
+import "google/protobuf/timestamp.proto";
+message View {
+  int64 user_id = 1; int64 title_id = 2; string event_type = 3; string device = 4;
+  string country = 5; int32 watch_seconds = 6; int32 bitrate_kbps = 7;
+  google.protobuf.Timestamp event_time = 8;
+}"#;
+    let dir = std::env::temp_dir().join(format!("sluice-bench-proto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("views.proto"), PROTO).unwrap();
+    let batch = generator(None).partition(0).generate(rows).unwrap();
+    let records = ColumnSelection::default().apply(&batch.batch).unwrap();
+    let sink = ProtobufSinkConfig {
+        schema: dir.join("views.proto"),
+        message: "bench.View".into(),
+        include: Vec::new(),
+        schema_registry: None,
+        subject: None,
+    };
+    let mut encoder = ProtobufEncoder::open(&sink, "views", &records.schema()).unwrap();
+    let (mut out, mut ends, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(encoder.encode(&records, &mut out, &mut ends, &mut refused))
+        .unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    let mut start = 0;
+    let payloads = ends
+        .iter()
+        .map(|end| {
+            let p = out[start..*end].to_vec();
+            start = *end;
+            p
+        })
+        .collect();
+    let format = ProtobufFormat::open(&ProtobufConfig {
+        schema: dir.join("views.proto"),
+        message: "bench.View".into(),
+        include: Vec::new(),
+        schema_registry: None,
+    })
+    .unwrap();
+    (Arc::new(format), payloads)
 }
 
 /// Generated view events as Confluent-framed Avro messages, and the format that reads them

@@ -35,6 +35,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use serde::Deserialize;
 use sluice_engine::{Error, Result};
 
+use crate::avro::{AvroDecoder, AvroFormat};
 use crate::json::JsonDecoder;
 
 /// `debezium:` of a Kafka source.
@@ -84,10 +85,45 @@ fn image_fields(table: &Schema) -> Fields {
 
 /// One partition's decoder of change events.
 pub struct DebeziumDecoder {
-    /// Of the envelope: `before`, `after`, `op`, `ts_ms`, at the top and under `payload`.
-    json: JsonDecoder,
+    envelopes: Envelopes,
     records: SchemaRef,
     tombstones: Tombstones,
+}
+
+/// How envelopes are read.
+enum Envelopes {
+    /// JSON: `before`, `after`, `op`, `ts_ms`, at the top and under `payload`.
+    Json(JsonDecoder),
+    /// Avro (Debezium's AvroConverter, through a registry), in the envelope's reader schema.
+    Avro(AvroDecoder),
+}
+
+/// The table's columns of Debezium's Avro envelope `envelope`: the fields of its `after`
+/// record; why not, when it is no envelope.
+pub fn table_of(envelope: &Schema) -> Result<Schema> {
+    let no = |what: &str| {
+        Error::Plan(format!(
+            "the Avro schema is not a Debezium envelope: {what} (it has: {})",
+            envelope
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    };
+    let after = envelope
+        .field_with_name("after")
+        .map_err(|_| no("no `after` field"))?;
+    let DataType::Struct(fields) = after.data_type() else {
+        return Err(no("`after` is not a record"));
+    };
+    for name in ["before", "op"] {
+        envelope
+            .field_with_name(name)
+            .map_err(|_| no(&format!("no `{name}` field")))?;
+    }
+    Ok(Schema::new(fields.clone()))
 }
 
 /// What [`DebeziumDecoder::decode_each`] made of a chunk.
@@ -116,9 +152,32 @@ impl DebeziumDecoder {
         let payload = Field::new("payload", DataType::Struct(change(vec![]).into()), true);
         let envelope = Arc::new(Schema::new(change(vec![payload])));
         DebeziumDecoder {
-            json: JsonDecoder::new(envelope).with_max_record(max_record),
+            envelopes: Envelopes::Json(JsonDecoder::new(envelope).with_max_record(max_record)),
             records: records_schema(table),
             tombstones: config.tombstones,
+        }
+    }
+
+    /// A decoder of Debezium's Avro envelopes, read in `format`'s reader schema (the
+    /// envelope's `.avsc`), whose `after` record has the fields of `table` ([`table_of`]).
+    pub fn avro(
+        format: Arc<AvroFormat>,
+        table: &Schema,
+        config: &DebeziumConfig,
+        max_record: usize,
+    ) -> Self {
+        DebeziumDecoder {
+            envelopes: Envelopes::Avro(AvroDecoder::new(format, max_record)),
+            records: records_schema(table),
+            tombstones: config.tombstones,
+        }
+    }
+
+    /// Avro: fetches the writer schemas the messages name (see [`AvroDecoder::prepare`]).
+    pub async fn prepare<'a>(&mut self, payloads: impl Iterator<Item = &'a [u8]>) -> Result<()> {
+        match &mut self.envelopes {
+            Envelopes::Avro(avro) => avro.prepare(payloads).await,
+            Envelopes::Json(_) => Ok(()),
         }
     }
 
@@ -133,7 +192,16 @@ impl DebeziumDecoder {
         let (tombstones, events): (Vec<usize>, Vec<usize>) =
             (0..payloads.len()).partition(|&i| tombstone(i));
         let bodies: Vec<&[u8]> = events.iter().map(|&i| payloads[i]).collect();
-        let (envelopes, unread) = self.json.decode_each(&bodies);
+        let (envelopes, unread) = match &mut self.envelopes {
+            Envelopes::Json(json) => {
+                let (envelopes, unread) = json.decode_each(&bodies);
+                let envelopes = envelopes.map_err(|e| {
+                    Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
+                });
+                (envelopes, unread)
+            }
+            Envelopes::Avro(avro) => avro.decode_each(&bodies),
+        };
         let mut bad: Vec<(usize, String)> = unread
             .into_iter()
             .map(|(i, why)| (events[i], why))
@@ -146,9 +214,6 @@ impl DebeziumDecoder {
                 .collect()
         };
         let rows = envelopes
-            .map_err(|e| {
-                Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
-            })
             .and_then(|envelopes| self.rows(&envelopes))
             .and_then(|(rows, invalid)| {
                 // Events without a row: dead letters; the others, with the tombstones kept.
@@ -181,13 +246,37 @@ impl DebeziumDecoder {
         fn arrow(what: &'static str) -> impl Fn(arrow::error::ArrowError) -> Error {
             move |e| Error::arrow(format!("Debezium events: {what}"), e)
         }
-        let payload = envelopes.column(4).as_struct();
-        // With `schemas.enable`, the change is under `payload`; without, at the top.
-        let top = is_not_null(envelopes.column(2)).map_err(arrow("op"))?;
-        let pick = |i: usize| -> Result<ArrayRef> {
-            zip(&top, envelopes.column(i), payload.column(i)).map_err(arrow("envelope"))
+        let (before, after, op, ts) = match &self.envelopes {
+            Envelopes::Json(_) => {
+                let payload = envelopes.column(4).as_struct();
+                // With `schemas.enable`, the change is under `payload`; without, at the top.
+                let top = is_not_null(envelopes.column(2)).map_err(arrow("op"))?;
+                let pick = |i: usize| -> Result<ArrayRef> {
+                    zip(&top, envelopes.column(i), payload.column(i)).map_err(arrow("envelope"))
+                };
+                (pick(0)?, pick(1)?, pick(2)?, pick(3)?)
+            }
+            Envelopes::Avro(_) => {
+                let column = |name: &str| envelopes.column_by_name(name).cloned();
+                let absent = || new_null_array(&DataType::Int64, envelopes.num_rows());
+                (
+                    column("before").expect("checked by table_of"),
+                    column("after").expect("checked by table_of"),
+                    column("op").expect("checked by table_of"),
+                    column("ts_ms").unwrap_or_else(absent),
+                )
+            }
         };
-        let (before, after, op, ts) = (pick(0)?, pick(1)?, pick(2)?, pick(3)?);
+        // On the rows' own types (an Avro image's fields may be non-nullable).
+        let before = cast(
+            &before,
+            self.records
+                .field_with_name(BEFORE)
+                .expect("a column")
+                .data_type(),
+        )
+        .map_err(arrow("before"))?;
+        let after = cast(&after, before.data_type()).map_err(arrow("after"))?;
         let ops = op.as_string::<i32>();
         let mut invalid = Vec::new();
         for row in 0..envelopes.num_rows() {

@@ -266,12 +266,25 @@ mod spec {
                 (MessageFormat::Json | MessageFormat::Debezium, None) if self.schema.0.is_empty() => {
                     problems.at_key(node, path, "schema", "declare at least one field (with `format: debezium`, the table's columns)");
                 }
-                (MessageFormat::Json | MessageFormat::Debezium, Some(_)) => problems.at_key(
+                (MessageFormat::Json, Some(_)) => problems.at_key(
                     node,
                     path,
                     "avro",
-                    "applies to `format: avro`; this source reads JSON",
+                    "applies to `format: avro` (and `debezium`); this source reads JSON",
                 ),
+                (MessageFormat::Debezium, Some(avro)) => {
+                    if !self.schema.0.is_empty() {
+                        problems.at_key(node, path, "schema", "with Debezium's Avro envelopes, the table's columns are the envelope's `after` record; leave `schema` out");
+                    }
+                    match crate::avro::AvroFormat::open(avro) {
+                        Ok(format) => {
+                            if let Err(e) = crate::debezium::table_of(&format.records()) {
+                                problems.at_key(node, path, "avro", e.to_string());
+                            }
+                        }
+                        Err(e) => problems.at_key(node, path, "avro", e.to_string()),
+                    }
+                }
                 (MessageFormat::Avro, None) => problems.at_key(
                     node,
                     path,

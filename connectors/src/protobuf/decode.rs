@@ -14,6 +14,11 @@ use crate::avro::schema_id;
 /// Index paths deeper than this are refused (no real schema nests messages so deep).
 const MAX_PATH: usize = 16;
 
+/// The largest message decoded (whatever `max_record_size` says): a decoded message takes
+/// up to ~60 times its size (each packed element is a value of its own), so a 16 MiB one
+/// could take a gigabyte.
+const MAX_MESSAGE: usize = 4 << 20;
+
 pub struct ProtobufDecoder {
     format: Arc<ProtobufFormat>,
     /// The largest message decoded (`max_record_size`); a larger one is refused unread.
@@ -26,7 +31,7 @@ impl ProtobufDecoder {
         ProtobufDecoder {
             columns: Message::new(&format.message),
             format,
-            max_record,
+            max_record: max_record.min(MAX_MESSAGE),
         }
     }
 
@@ -43,18 +48,23 @@ impl ProtobufDecoder {
     }
 
     /// Decodes what decodes, in the message type's columns; each message that does not
-    /// is named by index with the reason.
+    /// is named by index with the reason. `tombstone` says which messages have a null
+    /// value (none to decode; an empty value is a message of defaults).
     pub fn decode_each(
         &mut self,
         payloads: &[&[u8]],
+        tombstone: impl Fn(usize) -> bool,
     ) -> (Result<RecordBatch>, Vec<(usize, String)>) {
         let mut bad = Vec::new();
         {
             let writers = self.format.writers.lock().expect("writers lock");
             for (i, payload) in payloads.iter().enumerate() {
-                let decoded = self
-                    .body(payload, &writers)
-                    .and_then(|body| self.message(body));
+                let decoded = if tombstone(i) {
+                    Err("a tombstone (a null value): no message".to_string())
+                } else {
+                    self.body(payload, &writers)
+                        .and_then(|body| self.message(body))
+                };
                 match decoded {
                     Ok(message) => self.columns.append(Some(&message)),
                     Err(why) => bad.push((i, why)),
@@ -78,13 +88,11 @@ impl ProtobufDecoder {
     ) -> std::result::Result<&'a [u8], String> {
         if payload.len() > self.max_record {
             return Err(format!(
-                "the record is {} bytes, larger than max_record_size ({})",
+                "the record is {} bytes, larger than max_record_size ({}; Protobuf messages at most {})",
                 payload.len(),
-                sluice_engine::config::ByteSize(self.max_record as u64)
+                sluice_engine::config::ByteSize(self.max_record as u64),
+                sluice_engine::config::ByteSize(MAX_MESSAGE as u64)
             ));
-        }
-        if payload.is_empty() {
-            return Err("an empty message (a tombstone, or a value of zero bytes)".into());
         }
         if self.format.registry.is_none() {
             return Ok(payload);

@@ -16,7 +16,8 @@
 //! would read (integers and floats are cast to the field's width). A row that Protobuf
 //! cannot hold (a null in a field without presence, a null list item or map value, an
 //! enum name the enum does not have, a timestamp out of range) is refused with the
-//! reason: a dead letter of the sink. The `.proto` is registered when the first rows are
+//! reason: a dead letter of the sink. The file that declares the message is registered
+//! (as a serialized descriptor, as the reference clients do) when the first rows are
 //! written; imports other than Google's well-known types are not registered yet (refused
 //! at start).
 
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::{can_cast_types, cast};
 use arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
+use base64::Engine as _;
 use prost::Message as _;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, Value};
 use serde::Deserialize;
@@ -123,9 +125,11 @@ impl ProtobufEncoder {
                         config.schema.display()
                     )));
                 }
-                let text = std::fs::read_to_string(&config.schema).map_err(|e| {
-                    Error::Plan(format!("cannot read {}: {e}", config.schema.display()))
-                })?;
+                // The file that declares the message, as clients register it (a base64
+                // FileDescriptorProto, which registries take beside .proto text): the
+                // index path of every message points into it.
+                let text = base64::engine::general_purpose::STANDARD
+                    .encode(file.file_descriptor_proto().encode_to_vec());
                 let subject = config
                     .subject
                     .clone()
@@ -190,23 +194,42 @@ impl ProtobufEncoder {
     ) -> Result<()> {
         self.ready().await?;
         let prefix = self.prefix.as_deref().expect("ready");
+        // Columns widened to their fields' types; a value the cast could not hold (out of
+        // range) comes out null where the column had one: its row is refused, not written
+        // with the field unset.
+        let mut lost: Vec<Option<String>> = vec![None; batch.num_rows()];
         let columns: Vec<ArrayRef> = batch
             .columns()
             .iter()
             .zip(self.columns.fields())
             .map(|(c, f)| {
-                if c.data_type().equals_datatype(f.data_type()) {
-                    Ok(c.clone())
-                } else {
-                    cast(c, f.data_type())
-                        .map_err(|e| Error::arrow(format!("column `{}` for Protobuf", f.name()), e))
+                if same(c.data_type(), f.data_type()) {
+                    return Ok(c.clone());
                 }
+                let cast = cast(c, f.data_type())
+                    .map_err(|e| Error::arrow(format!("column `{}` for Protobuf", f.name()), e))?;
+                if cast.logical_null_count() > c.logical_null_count() {
+                    for (row, slot) in lost.iter_mut().enumerate() {
+                        if slot.is_none() && c.is_valid(row) && cast.is_null(row) {
+                            *slot = Some(format!(
+                                "`{}` holds a value a {} field cannot (out of its range)",
+                                f.name(),
+                                f.data_type()
+                            ));
+                        }
+                    }
+                }
+                Ok(cast)
             })
             .collect::<Result<_>>()?;
         let mut written = 0;
-        for row in 0..batch.num_rows() {
+        for (row, lost) in lost.into_iter().enumerate() {
             let start = out.len();
-            match self.row(&columns, row) {
+            let message = match lost {
+                Some(why) => Err(why),
+                None => self.row(&columns, row),
+            };
+            match message {
                 Ok(message) => {
                     out.extend_from_slice(prefix);
                     message.encode(out).map_err(|e| {
@@ -245,15 +268,44 @@ impl ProtobufEncoder {
     }
 }
 
-/// Whether a column of type `from` can be written as a field read as `to`: the same, or
-/// an integer, float or timestamp cast to the field's width or unit (in lists too).
+/// Whether a column of type `from` can be written as a field read as `to`: the same
+/// ([`same`]), or an integer cast to another integer's width, a float to another float's,
+/// a timestamp to nanoseconds (at the top of a column or as a list's items: values a cast
+/// cannot hold are refused by row).
 fn fits(from: &DataType, to: &DataType) -> bool {
-    let scalar = |t: &DataType| t.is_integer() || t.is_floating() || t.is_temporal();
-    from.equals_datatype(to)
+    same(from, to)
         || match (from, to) {
-            (DataType::List(a), DataType::List(b)) => fits(a.data_type(), b.data_type()),
-            _ => scalar(from) && can_cast_types(from, to),
+            (DataType::List(a), DataType::List(b)) => {
+                same(a.data_type(), b.data_type()) || widens(a.data_type(), b.data_type())
+            }
+            _ => widens(from, to),
         }
+}
+
+/// A cast within one family: integer to integer, float to float, timestamp to timestamp.
+fn widens(from: &DataType, to: &DataType) -> bool {
+    let family = (from.is_integer() && to.is_integer())
+        || (from.is_floating() && to.is_floating())
+        || matches!(
+            (from, to),
+            (DataType::Timestamp(_, _), DataType::Timestamp(_, _))
+        );
+    family && can_cast_types(from, to)
+}
+
+/// The same type, structs compared by their children's names (a struct's values are
+/// written to its message's fields by name): every child of `from` a field of `to` of
+/// the same type.
+fn same(from: &DataType, to: &DataType) -> bool {
+    match (from, to) {
+        (DataType::Struct(a), DataType::Struct(b)) => a.iter().all(|child| {
+            b.find(child.name())
+                .is_some_and(|(_, f)| same(child.data_type(), f.data_type()))
+        }),
+        (DataType::List(a), DataType::List(b)) => same(a.data_type(), b.data_type()),
+        (DataType::Map(a, _), DataType::Map(b, _)) => same(a.data_type(), b.data_type()),
+        _ => from.equals_datatype(to),
+    }
 }
 
 /// Appends `v` as a zig-zag varint.
@@ -304,10 +356,10 @@ fn field_value(
             if values.is_null(i) {
                 return Err(format!("`{}` has a null value", field.name()));
             }
-            out.insert(
-                key,
-                value_of(&value_field.kind(), values.as_ref(), i, field.name())?,
-            );
+            let value = value_of(&value_field.kind(), values.as_ref(), i, field.name())?;
+            if out.insert(key, value).is_some() {
+                return Err(format!("`{}` holds a key twice", field.name()));
+            }
         }
         return Ok(Some(Value::Map(out)));
     }

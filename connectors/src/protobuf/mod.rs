@@ -149,7 +149,13 @@ impl ProtobufFormat {
         };
         for id in missing {
             let writer = match registry.schema(id).await? {
-                Ok(stored) => writer_of(id, &stored.schema, stored.schema_type.as_deref()),
+                Ok(stored) => match writer_of(id, &stored.schema, stored.schema_type.as_deref()) {
+                    Writer::File(file) => match conflicts(&file, &self.message) {
+                        Some(why) => Writer::Refused(format!("schema id {id}: {why}")),
+                        None => Writer::File(file),
+                    },
+                    refused => refused,
+                },
                 Err(no) => Writer::Refused(format!(
                     "schema id {id}: the registry at {} answers {} {}",
                     registry.url(),
@@ -187,6 +193,139 @@ fn writer_of(id: u32, schema: &str, kind: Option<&str>) -> Writer {
             "schema id {id} is not a .proto Sluice can read: {e}"
         )),
     }
+}
+
+/// Why the writer file's declaration of the reader's message type would decode wrong with
+/// the reader's (a field number of another type, or repeated in one and not the other, in
+/// it or in the messages it holds), if it would. Protobuf's compatible changes pass: a
+/// field only one side has, int32 to int64, uint32 to uint64 or int64, sint32 to sint64,
+/// an enum and int32, string and bytes.
+fn conflicts(file: &FileDescriptorProto, reader: &MessageDescriptor) -> Option<String> {
+    use prost_types::DescriptorProto;
+    fn collect<'a>(
+        prefix: &str,
+        messages: &'a [DescriptorProto],
+        out: &mut HashMap<String, &'a DescriptorProto>,
+    ) {
+        for m in messages {
+            let name = format!("{prefix}.{}", m.name());
+            collect(&name, &m.nested_type, out);
+            out.insert(name, m);
+        }
+    }
+    let mut messages = HashMap::new();
+    let prefix = match file.package() {
+        "" => String::new(),
+        p => format!(".{p}"),
+    };
+    collect(&prefix, &file.message_type, &mut messages);
+    let name = format!(".{}", reader.full_name());
+    let writer = messages.get(&name)?;
+    let mut seen = std::collections::HashSet::new();
+    check(reader, &name, writer, &messages, &mut seen)
+}
+
+/// The message a field's `type_name` names, seen from the message `scope` (a parsed
+/// `.proto` leaves names as written: relative to the scopes around the field).
+fn resolve<'a>(
+    type_name: &str,
+    scope: &str,
+    messages: &HashMap<String, &'a prost_types::DescriptorProto>,
+) -> Option<&'a prost_types::DescriptorProto> {
+    if type_name.starts_with('.') {
+        return messages.get(type_name).copied();
+    }
+    let mut scope = scope;
+    loop {
+        if let Some(m) = messages.get(&format!("{scope}.{type_name}")) {
+            return Some(m);
+        }
+        let (outer, _) = scope.rsplit_once('.')?;
+        scope = outer;
+    }
+}
+
+fn check(
+    reader: &MessageDescriptor,
+    name: &str,
+    writer: &prost_types::DescriptorProto,
+    messages: &HashMap<String, &prost_types::DescriptorProto>,
+    seen: &mut std::collections::HashSet<String>,
+) -> Option<String> {
+    use prost_reflect::Kind;
+    use prost_types::field_descriptor_proto::{Label, Type};
+    if !seen.insert(reader.full_name().to_string()) {
+        return None;
+    }
+    for w in &writer.field {
+        let Some(r) = u32::try_from(w.number())
+            .ok()
+            .and_then(|n| reader.get_field(n))
+        else {
+            continue;
+        };
+        let said = |what: &str| {
+            Some(format!(
+                "field {} (`{}` of {}) {what}",
+                w.number(),
+                r.name(),
+                reader.full_name()
+            ))
+        };
+        if (w.label() == Label::Repeated) != (r.is_list() || r.is_map()) {
+            return said("is repeated on one side only");
+        }
+        // A parsed (not compiled) file leaves a named type's kind unset: a message if the
+        // name resolves to one of the file's; else an enum, or a type from an import (not
+        // in the file to check: it reads as a message or an enum).
+        let named = w
+            .r#type
+            .is_none()
+            .then(|| resolve(w.type_name(), name, messages));
+        let kind = match named {
+            Some(Some(_)) => Type::Message,
+            Some(None) => Type::Group,
+            None => w.r#type(),
+        };
+        let reads = match (kind, r.kind()) {
+            (Type::Group, Kind::Message(_) | Kind::Enum(_) | Kind::Int32) => true,
+            (Type::Double, Kind::Double)
+            | (Type::Float, Kind::Float)
+            | (Type::Int32 | Type::Enum, Kind::Int32 | Kind::Enum(_))
+            | (Type::Int32 | Type::Int64, Kind::Int64)
+            | (Type::Uint32, Kind::Uint32 | Kind::Uint64 | Kind::Int64)
+            | (Type::Uint64, Kind::Uint64)
+            | (Type::Sint32, Kind::Sint32 | Kind::Sint64)
+            | (Type::Sint64, Kind::Sint64)
+            | (Type::Fixed32, Kind::Fixed32)
+            | (Type::Fixed64, Kind::Fixed64)
+            | (Type::Sfixed32, Kind::Sfixed32)
+            | (Type::Sfixed64, Kind::Sfixed64)
+            | (Type::Bool, Kind::Bool)
+            | (Type::String | Type::Bytes, Kind::String | Kind::Bytes) => true,
+            (Type::Message, Kind::Message(inner)) => {
+                let nested = resolve(w.type_name(), name, messages);
+                if let Some(nested) = nested
+                    && !inner.full_name().starts_with("google.protobuf.")
+                {
+                    let inner_name = format!(".{}", inner.full_name());
+                    if let Some(why) = check(&inner, &inner_name, nested, messages, seen) {
+                        return Some(why);
+                    }
+                }
+                true
+            }
+            _ => false,
+        };
+        if !reads {
+            return said(&format!(
+                "is {:?} in the writer's schema and {:?} in the pipeline's",
+                w.r#type(),
+                r.kind()
+            ));
+        }
+    }
+    None
 }
 
 /// The full name of the message at `path` (indexes into the file's messages, then into

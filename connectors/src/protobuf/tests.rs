@@ -111,7 +111,7 @@ fn plain_messages_decode_into_columns() {
     let bodies: Vec<Vec<u8>> = (0..3).map(|i| order(&format, i).encode_to_vec()).collect();
     let payloads: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
     let mut decoder = ProtobufDecoder::new(format, 1 << 20);
-    let (batch, bad) = decoder.decode_each(&payloads);
+    let (batch, bad) = decoder.decode_each(&payloads, |_| false);
     assert!(bad.is_empty(), "{bad:?}");
     let batch = batch.unwrap();
     let column = |name: &str| batch.column_by_name(name).unwrap().clone();
@@ -183,7 +183,7 @@ fn framed_messages_of_another_type_or_index_are_refused() {
         b"",
     ];
     let mut decoder = ProtobufDecoder::new(format, 1 << 20);
-    let (batch, bad) = decoder.decode_each(&payloads);
+    let (batch, bad) = decoder.decode_each(&payloads, |_| false);
     assert_eq!(batch.unwrap().num_rows(), 1);
     let why: Vec<(usize, &str)> = bad.iter().map(|(i, w)| (*i, w.as_str())).collect();
     assert_eq!(why.len(), 6, "{why:?}");
@@ -200,7 +200,10 @@ fn framed_messages_of_another_type_or_index_are_refused() {
     );
     assert!(why[3].1.contains("Confluent wire format"), "{why:?}");
     assert!(why[4].1.contains("not a shop.Order"), "{why:?}");
-    assert!(why[5].1.contains("empty message"), "{why:?}");
+    assert!(
+        why[5].1.contains("Confluent wire format"),
+        "an empty value is not framed: {why:?}"
+    );
 }
 
 #[test]
@@ -251,7 +254,7 @@ async fn rows_written_as_messages_read_back_and_rows_protobuf_cannot_hold_are_re
     let format = Arc::new(ProtobufFormat::open(&config(dir.path(), "shop.Order", false)).unwrap());
     let bodies: Vec<Vec<u8>> = (0..4).map(|i| order(&format, i).encode_to_vec()).collect();
     let payloads: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
-    let (rows, _) = ProtobufDecoder::new(format.clone(), 1 << 20).decode_each(&payloads);
+    let (rows, _) = ProtobufDecoder::new(format.clone(), 1 << 20).decode_each(&payloads, |_| false);
     let rows = rows.unwrap();
 
     let mut encoder = ProtobufEncoder::open(&sink_config(dir.path()), "t", &rows.schema()).unwrap();
@@ -346,4 +349,131 @@ fn columns_that_are_no_field_or_of_another_type_are_refused_at_open() {
         err.contains("`id` is Utf8; the field is read as Int64"),
         "{err}"
     );
+}
+
+/// A writer schema comes as .proto text or a base64 descriptor; one whose declaration of
+/// the message reads wrong (a field number of another type, or repeated on one side only)
+/// is refused with the field named, while Protobuf's compatible changes pass.
+#[test]
+fn writer_schemas_that_read_wrong_are_refused() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let format = ProtobufFormat::open(&config(dir.path(), "shop.Order", true)).unwrap();
+    let text =
+        |fields: &str| format!("syntax = \"proto3\"; package shop; message Order {{ {fields} }}");
+    let file = |fields: &str| match writer_of(1, &text(fields), Some("PROTOBUF")) {
+        Writer::File(file) => file,
+        Writer::Refused(why) => panic!("{why}"),
+    };
+    // int32 to int64 and a field the pipeline does not have: compatible.
+    assert_eq!(
+        conflicts(&file("int32 id = 1; string note = 42;"), &format.message),
+        None
+    );
+    let why = conflicts(&file("string id = 1;"), &format.message).unwrap();
+    assert!(
+        why.contains("field 1 (`id` of shop.Order) is String"),
+        "{why}"
+    );
+    let why = conflicts(&file("int64 items = 5;"), &format.message).unwrap();
+    assert!(why.contains("repeated on one side only"), "{why}");
+    // In a nested message too.
+    let why = conflicts(
+        &file("Address address = 4; message Address { int64 city = 1; }"),
+        &format.message,
+    )
+    .unwrap();
+    assert!(why.contains("`city` of shop.Order.Address"), "{why}");
+    // A type from an import (not in the file) is not checked; an enum of the file reads
+    // as the pipeline's enum.
+    assert_eq!(
+        conflicts(
+            &file("google.protobuf.Timestamp at = 3; S status = 8; enum S { A = 0; }"),
+            &format.message
+        ),
+        None
+    );
+    // The same file as a base64 descriptor reads the same; another type is refused.
+    let serialized =
+        base64::engine::general_purpose::STANDARD.encode(file("int64 id = 1;").encode_to_vec());
+    assert!(matches!(
+        writer_of(2, &serialized, Some("PROTOBUF")),
+        Writer::File(_)
+    ));
+    assert!(
+        matches!(writer_of(3, "{}", None), Writer::Refused(why) if why.contains("not Protobuf"))
+    );
+}
+
+/// A null value (a tombstone) is no message; an empty value is the message of defaults.
+#[test]
+fn an_empty_value_is_a_message_of_defaults_and_a_null_one_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let format = Arc::new(ProtobufFormat::open(&config(dir.path(), "shop.Order", false)).unwrap());
+    let mut decoder = ProtobufDecoder::new(format, 1 << 20);
+    let (batch, bad) = decoder.decode_each(&[b"", b""], |i| i == 1);
+    let batch = batch.unwrap();
+    assert_eq!(batch.num_rows(), 1);
+    assert_eq!(
+        batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0),
+        0
+    );
+    assert_eq!(bad.len(), 1);
+    assert!(bad[0].1.contains("tombstone"), "{bad:?}");
+}
+
+/// A value a widening cast cannot hold refuses its row (it would be written as an unset
+/// field); a struct whose children are not the message's fields by name is refused at
+/// open (its values would be written nowhere).
+#[tokio::test]
+async fn values_out_of_a_fields_range_and_renamed_struct_children_are_refused() {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Fields, Schema};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("m.proto"),
+        "syntax = \"proto3\"; package t; message M { optional int32 n = 1; Sub s = 2; message Sub { int64 a = 1; } }",
+    )
+    .unwrap();
+    let sink = ProtobufSinkConfig {
+        schema: dir.path().join("m.proto"),
+        message: "t.M".into(),
+        include: Vec::new(),
+        schema_registry: None,
+        subject: None,
+    };
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(Int64Array::from(vec![7, 3_000_000_000]))],
+    )
+    .unwrap();
+    let mut encoder = ProtobufEncoder::open(&sink, "t", &schema).unwrap();
+    let (mut out, mut ends, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    encoder
+        .encode(&batch, &mut out, &mut ends, &mut refused)
+        .await
+        .unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, 1);
+    assert!(
+        refused[0]
+            .1
+            .contains("`n` holds a value a Int32 field cannot"),
+        "{refused:?}"
+    );
+    assert_eq!(&out[..ends[0]], &[8, 7]);
+
+    let renamed = Fields::from(vec![Field::new("b", DataType::Int64, true)]);
+    let schema = Schema::new(vec![Field::new("s", DataType::Struct(renamed), true)]);
+    let err = ProtobufEncoder::open(&sink, "t", &schema)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("`s` is Struct"), "{err}");
 }

@@ -103,6 +103,45 @@ fn event(i: usize, id: i64, op: &str, before: Value, after: Value) -> Produced {
     )
 }
 
+/// The rows (with `_partition`, `_offset`, `_key`) applied in order per partition: the
+/// table they end in, and the rows per op. Each row's key is its message's, an update's
+/// `_before` the state it replaced, a delete's row its before image.
+fn replay(mut rows: Vec<Value>) -> (BTreeMap<i64, Value>, BTreeMap<String, usize>) {
+    rows.sort_by_key(|r| (r["_partition"].as_i64(), r["_offset"].as_i64()));
+    let mut seen = BTreeMap::new();
+    let mut replayed: BTreeMap<i64, Value> = BTreeMap::new();
+    for r in &rows {
+        let op = r["_op"].as_str().unwrap().to_string();
+        *seen.entry(op.clone()).or_insert(0) += 1;
+        let id = r["id"].as_i64().unwrap();
+        // Each row has its own message's metadata (the key Debezium gave the event).
+        assert_eq!(r["_key"], format!("{{\"id\":{id}}}"), "{r}");
+        let image = json!({"id": id, "email": r["email"], "tier": r["tier"]});
+        match op.as_str() {
+            "r" | "c" => {
+                assert!(r["_before"].is_null(), "{r}");
+                assert!(replayed.insert(id, image).is_none(), "{r}");
+            }
+            "u" => {
+                // The before image is the state the update replaced.
+                let before = replayed
+                    .insert(id, image)
+                    .expect("an update of a row there");
+                assert_eq!(r["_before"], before, "{r}");
+            }
+            "d" => {
+                assert!(replayed.remove(&id).is_some(), "{r}");
+                assert!(
+                    r["email"].is_null(),
+                    "a delete's row is its before image: {r}"
+                );
+            }
+            other => panic!("op {other}: {r}"),
+        }
+    }
+    (replayed, seen)
+}
+
 #[test]
 fn debezium_changes_become_rows_and_replay_to_the_final_table() {
     let broker = Broker::start();
@@ -192,44 +231,13 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
 
-    let mut rows = json_lines(&dir.path().join("out"));
+    let rows = json_lines(&dir.path().join("out"));
     assert_eq!(
         rows.len(),
         events,
         "one row per change event; tombstones skipped"
     );
-    rows.sort_by_key(|r| (r["_partition"].as_i64(), r["_offset"].as_i64()));
-    let mut seen = BTreeMap::new();
-    let mut replayed: BTreeMap<i64, Value> = BTreeMap::new();
-    for r in &rows {
-        let op = r["_op"].as_str().unwrap().to_string();
-        *seen.entry(op.clone()).or_insert(0) += 1;
-        let id = r["id"].as_i64().unwrap();
-        // Each row has its own message's metadata (the key Debezium gave the event).
-        assert_eq!(r["_key"], format!("{{\"id\":{id}}}"), "{r}");
-        let image = json!({"id": id, "email": r["email"], "tier": r["tier"]});
-        match op.as_str() {
-            "r" | "c" => {
-                assert!(r["_before"].is_null(), "{r}");
-                assert!(replayed.insert(id, image).is_none(), "{r}");
-            }
-            "u" => {
-                // The before image is the state the update replaced.
-                let before = replayed
-                    .insert(id, image)
-                    .expect("an update of a row there");
-                assert_eq!(r["_before"], before, "{r}");
-            }
-            "d" => {
-                assert!(replayed.remove(&id).is_some(), "{r}");
-                assert!(
-                    r["email"].is_null(),
-                    "a delete's row is its before image: {r}"
-                );
-            }
-            other => panic!("op {other}: {r}"),
-        }
-    }
+    let (replayed, seen) = replay(rows);
     let expected: BTreeMap<String, usize> = ops.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     assert_eq!(seen, expected);
     assert_eq!(
@@ -248,4 +256,98 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         "{reasons:?}"
     );
     assert!(reasons.iter().any(|r| r.contains("no `op`")), "{reasons:?}");
+}
+
+/// The same from Debezium's AvroConverter: Avro envelopes through a registry (the reader
+/// schema the envelope's `.avsc`, the table its `after` record), written by the reference
+/// AvroSerializer; null tombstones after each delete.
+#[test]
+fn debezium_avro_envelopes_replay_to_the_final_table() {
+    let broker = Broker::start();
+    let topic = broker.name("shop.public.customers-avro");
+    broker.create_topic(&topic, 2);
+    let registry = super::avro::Registry::start();
+    let produced: Value = serde_json::from_str(&super::avro::tool(&[
+        "produce-debezium",
+        &broker.bootstrap,
+        &registry.url,
+        &topic,
+        "3000",
+    ]))
+    .unwrap();
+    let table: BTreeMap<i64, Value> = produced["table"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.parse().unwrap(), v.clone()))
+        .collect();
+    let ops: BTreeMap<String, usize> = produced["ops"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap() as usize))
+        .collect();
+    let events: usize = ops.values().sum();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("envelope.avsc"),
+        super::avro::tool(&["debezium-schema"]),
+    )
+    .unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"name: cdc-avro
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{topic}]
+  group: {group}
+  start_from: earliest
+  format: debezium
+  avro:
+    schema: {avsc}
+    schema_registry: {{ url: "{registry}" }}
+stages:
+  - name: changes
+    type: sql
+    query: SELECT _partition, _offset, _key, _op, id, email, tier, _before FROM input
+sink: {{ type: file, path: {out}, format: jsonl, metadata_columns: [_partition, _offset, _key] }}
+dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
+checkpoint: {{ dir: {ckpt}, interval: 500ms }}
+"#,
+            bootstrap = broker.bootstrap,
+            group = broker.name("g"),
+            avsc = dir.path().join("envelope.avsc").display(),
+            registry = registry.url,
+            out = dir.path().join("out").display(),
+            dlq = dir.path().join("dlq").display(),
+            ckpt = dir.path().join("ckpt").display(),
+        ),
+    );
+    let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while json_lines(&dir.path().join("out")).len() < events {
+        assert!(
+            sluice.running() && Instant::now() < deadline,
+            "{}",
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let rows = json_lines(&dir.path().join("out"));
+    assert_eq!(
+        rows.len(),
+        events,
+        "one row per change event; tombstones skipped"
+    );
+    assert!(json_lines(&dir.path().join("dlq")).is_empty());
+    let (replayed, seen) = replay(rows);
+    assert_eq!(seen, ops);
+    assert_eq!(
+        replayed, table,
+        "the replayed rows end in the table's final state"
+    );
 }

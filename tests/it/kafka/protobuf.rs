@@ -108,6 +108,12 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         checked.starts_with(&format!("checked {N} records, 0 duplicates")),
         "{checked}"
     );
+    let (ids, subject) = checked.trim().split_once("; ").unwrap();
+    assert_eq!(
+        ids.rsplit_once('[').unwrap().1.trim_end_matches(']'),
+        subject.rsplit_once(' ').unwrap().1,
+        "messages framed with the one id registered under the topic's subject: {checked}"
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     while json_lines(&dir.path().join("out")).len() < N
         || json_lines(&dir.path().join("dlq")).len() < 4

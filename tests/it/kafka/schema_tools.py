@@ -27,6 +27,16 @@ reference client (confluent-kafka's Avro and Protobuf serializers).
       partition 0, messages that are no shop.Order, keyed by name: a shop.Refund (index
       path [1]), an index path out of range, an unknown schema id, a truncated body.
 
+  python3 schema_tools.py produce-debezium BOOTSTRAP REGISTRY_URL TOPIC N
+      Produces the changes of a `customers(id, email, tier)` table as Debezium's
+      AvroConverter would (DEBEZIUM_ENVELOPE, with the AvroSerializer): a snapshot of
+      N // 10 rows (op r), then N inserts, updates and deletes (each delete followed by a
+      tombstone, a null value), keyed '{"id":N}', partition id % 2. Prints the final table
+      and the number of events per op as one JSON object.
+
+  python3 schema_tools.py debezium-schema
+      Prints DEBEZIUM_ENVELOPE as an .avsc (the reader schema of the envelopes).
+
   python3 schema_tools.py check-proto BOOTSTRAP REGISTRY_URL TOPIC N
       As check, with the ProtobufDeserializer, each message compared with proto_order(i).
 
@@ -345,13 +355,94 @@ def proto_reading(client):
     from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer
 
     pb = proto_classes()
-    deserializer = ProtobufDeserializer(pb.Order, {"use.deprecated.format": False})
+    # With the registry: the writer schema fetched by id (format=serialized) and the
+    # message its index path names found in it, as a consumer of a real registry does.
+    deserializer = ProtobufDeserializer(pb.Order, {"use.deprecated.format": False}, client)
 
     def differs(record, i):
         want = proto_order(pb, i)
         return None if record == want else want
 
     return (lambda value, ctx: deserializer(value, ctx)), differs, lambda record: record.id
+
+
+VALUE = {
+    "type": "record",
+    "name": "Value",
+    "namespace": "shop.public.customers",
+    "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "email", "type": ["null", "string"], "default": None},
+        {"name": "tier", "type": ["null", "string"], "default": None},
+    ],
+}
+
+DEBEZIUM_ENVELOPE = {
+    "type": "record",
+    "name": "Envelope",
+    "namespace": "shop.public.customers",
+    "fields": [
+        {"name": "before", "type": ["null", VALUE], "default": None},
+        {"name": "after", "type": ["null", "Value"], "default": None},
+        {
+            "name": "source",
+            "type": {
+                "type": "record",
+                "name": "Source",
+                "namespace": "io.debezium.connector.postgresql",
+                "fields": [{"name": "connector", "type": "string"}, {"name": "table", "type": "string"}],
+            },
+        },
+        {"name": "op", "type": "string"},
+        {"name": "ts_ms", "type": ["null", "long"], "default": None},
+    ],
+}
+
+
+def produce_debezium(bootstrap, registry, topic, n):
+    import random
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    client = SchemaRegistryClient({"url": registry})
+    serializer = AvroSerializer(client, json.dumps(DEBEZIUM_ENVELOPE))
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    producer = producer_for(bootstrap)
+    rng = random.Random(7)
+    table, ops = {}, {}
+    source = {"connector": "postgresql", "table": "customers"}
+
+    def emit(i, key, op, before, after):
+        ops[op] = ops.get(op, 0) + 1
+        event = {"before": before, "after": after, "source": source, "op": op, "ts_ms": 1_700_000_000_000 + i}
+        send(producer, topic, serializer(event, ctx), json.dumps({"id": key}, separators=(",", ":")), key % 2)
+
+    snapshot = max(n // 10, 1)
+    for key in range(snapshot):
+        row = {"id": key, "email": f"c{key}@shop", "tier": "free"}
+        emit(key, key, "r", None, row)
+        table[key] = row
+    for i in range(n):
+        key = rng.randrange(snapshot * 3 // 2)
+        old = table.get(key)
+        if old is None:
+            row = {"id": key, "email": f"new{i}@shop", "tier": None}
+            emit(i, key, "c", None, row)
+            table[key] = row
+        elif rng.random() < 0.7:
+            row = {"id": key, "email": f"u{i}@shop", "tier": rng.choice(["free", "plus", "pro"])}
+            emit(i, key, "u", old, row)
+            table[key] = row
+        else:
+            emit(i, key, "d", {"id": key, "email": None, "tier": None}, None)
+            send(producer, topic, None, json.dumps({"id": key}, separators=(",", ":")), key % 2)
+            del table[key]
+    left = producer.flush(60)
+    if left:
+        sys.exit(f"{left} messages not delivered")
+    print(json.dumps({"table": {str(k): v for k, v in table.items()}, "ops": ops}))
 
 
 def check(bootstrap, registry, topic, n, reading):
@@ -412,6 +503,10 @@ if __name__ == "__main__":
         produce_proto(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif sys.argv[1] == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), avro_reading)
+    elif sys.argv[1] == "debezium-schema":
+        print(json.dumps(DEBEZIUM_ENVELOPE, indent=1))
+    elif sys.argv[1] == "produce-debezium":
+        produce_debezium(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif sys.argv[1] == "check-proto":
         check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), proto_reading)
     else:

@@ -218,7 +218,15 @@ impl GroupContext {
                             self.shared.max_record,
                         ))
                     }
-                    (Some(format), _) => {
+                    (Some(format), Some((table, config))) => {
+                        Payloads::Debezium(DebeziumDecoder::avro(
+                            format.clone(),
+                            table,
+                            config,
+                            self.shared.max_record,
+                        ))
+                    }
+                    (Some(format), None) => {
                         Payloads::Avro(AvroDecoder::new(format.clone(), self.shared.max_record))
                     }
                     (None, Some((table, config))) => Payloads::Debezium(DebeziumDecoder::new(

@@ -93,18 +93,26 @@ impl KafkaSource {
     /// first one stops the run.
     pub fn new(config: KafkaSourceConfig, batch_size: usize, dead_letters: bool) -> Result<Self> {
         let avro = match (&config.format, &config.avro) {
-            (MessageFormat::Avro, Some(avro)) => Some(Arc::new(AvroFormat::open(avro)?)),
+            (MessageFormat::Avro | MessageFormat::Debezium, Some(avro)) => {
+                Some(Arc::new(AvroFormat::open(avro)?))
+            }
             (MessageFormat::Avro, None) => {
                 return Err(Error::Plan("`format: avro` needs `avro:`".into()));
             }
             _ => None,
         };
-        let debezium = (config.format == MessageFormat::Debezium).then(|| {
-            (
+        let debezium = match (config.format, &avro) {
+            (MessageFormat::Debezium, None) => Some((
                 config.schema.to_arrow(),
                 config.debezium.clone().unwrap_or_default(),
-            )
-        });
+            )),
+            // Debezium's Avro envelopes: the table is the envelope's `after` record.
+            (MessageFormat::Debezium, Some(format)) => Some((
+                Arc::new(crate::debezium::table_of(&format.records())?),
+                config.debezium.clone().unwrap_or_default(),
+            )),
+            _ => None,
+        };
         let protobuf = match (&config.format, &config.protobuf) {
             (MessageFormat::Protobuf, Some(p)) => Some(Arc::new(ProtobufFormat::open(p)?)),
             (MessageFormat::Protobuf, None) => {
@@ -114,8 +122,8 @@ impl KafkaSource {
         };
         let records = match (&avro, &debezium) {
             _ if protobuf.is_some() => protobuf.as_ref().expect("some").records(),
-            (Some(format), _) => format.records(),
-            (None, Some((table, _))) => crate::debezium::records_schema(table),
+            (_, Some((table, _))) => crate::debezium::records_schema(table),
+            (Some(format), None) => format.records(),
             (None, None) => config.schema.to_arrow(),
         };
         let schema = batch::with_metadata_fields(

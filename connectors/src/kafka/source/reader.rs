@@ -59,7 +59,8 @@ impl KafkaReader {
                 (records?, Vec::new())
             }
             Payloads::Protobuf(protobuf) => {
-                let (records, refused) = protobuf.decode_each(&payloads().collect::<Vec<_>>());
+                let (records, refused) = protobuf
+                    .decode_each(&payloads().collect::<Vec<_>>(), |i| !whole.has_payload[i]);
                 if let Some((i, reason)) = refused.into_iter().next() {
                     return Err(bad(Some(i), reason));
                 }
@@ -120,7 +121,7 @@ impl KafkaReader {
                 (records?, bad, Vec::new())
             }
             Payloads::Protobuf(protobuf) => {
-                let (records, bad) = protobuf.decode_each(&payloads);
+                let (records, bad) = protobuf.decode_each(&payloads, |i| !chunk.has_payload[i]);
                 (records?, bad, Vec::new())
             }
             Payloads::Debezium(debezium) => {
@@ -231,7 +232,8 @@ impl PartitionReader for KafkaReader {
                 match &mut self.decoder {
                     Payloads::Avro(avro) => avro.prepare(payloads).await?,
                     Payloads::Protobuf(protobuf) => protobuf.prepare(payloads).await?,
-                    Payloads::Json(_) | Payloads::Debezium(_) => {}
+                    Payloads::Debezium(debezium) => debezium.prepare(payloads).await?,
+                    Payloads::Json(_) => {}
                 }
                 let chunk = self.held.take().expect("held above");
                 return self.envelope(chunk).map(Some);
