@@ -582,7 +582,19 @@ async fn validate(files: Vec<PathBuf>) -> u8 {
     let mut code = 0;
     for file in files {
         let result = match config::load(&file) {
-            Ok(c) => plan::check(&c).await.map(|()| config::graph::describe(&c)),
+            Ok(c) => match plan::check(&c).await {
+                Ok(()) => {
+                    // What only the outside systems can say: each is asked once.
+                    let (problems, notes) = plan::check_remote(&c).await;
+                    for note in notes {
+                        println!("note: {note}");
+                    }
+                    problems
+                        .into_result(())
+                        .map(|()| config::graph::describe(&c))
+                }
+                Err(p) => Err(p),
+            },
             Err(p) => Err(p),
         };
         match result {

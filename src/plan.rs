@@ -244,6 +244,17 @@ pub async fn check(config: &PipelineConfig) -> Result<(), Problems> {
     problems.into_result(())
 }
 
+/// `sluice validate`'s questions to the outside systems the pipeline names (the source's
+/// schema against its registry): problems at their keys, and notes.
+pub async fn check_remote(config: &PipelineConfig) -> (Problems, Vec<String>) {
+    let mut problems = Problems::new(&config.file);
+    let check = config.source.spec.check_remote().await;
+    for (key, message) in check.problems {
+        config.source.at.problem(&mut problems, key, message);
+    }
+    (problems, check.notes)
+}
+
 /// Builds the pipeline: source opened, stages planned, sink opened.
 pub async fn build(config: &PipelineConfig) -> Result<Pipeline, Problems> {
     build_with(config, None, None).await

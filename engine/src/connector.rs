@@ -24,7 +24,17 @@ use crate::sink::Sink;
 use crate::source::Source;
 use crate::stage::StageFactory;
 
+/// What `sluice validate` finds when it asks the outside systems a source or sink names
+/// (a schema registry): problems at the component's keys, and notes (a system it could not
+/// reach: not a problem, the file may be right).
+#[derive(Debug, Default)]
+pub struct RemoteCheck {
+    pub problems: Vec<(&'static str, String)>,
+    pub notes: Vec<String>,
+}
+
 /// A source kind as written in the pipeline file.
+#[async_trait]
 pub trait SourceSpec: Any + Send + Sync {
     /// Checks what the types cannot (pure, no I/O), placing problems at the keys of `node`,
     /// the source's mapping at `path`.
@@ -41,6 +51,12 @@ pub trait SourceSpec: Any + Send + Sync {
     /// The key of the source's mapping a failure to open it is shown at.
     fn open_error_key(&self) -> &'static str {
         "type"
+    }
+
+    /// Checks what only an outside system can say (for `sluice validate`, never for a
+    /// run): a declared schema against the registry's latest version.
+    async fn check_remote(&self) -> RemoteCheck {
+        RemoteCheck::default()
     }
 
     /// Where the source measures a partition's lag in time rather than in records, what

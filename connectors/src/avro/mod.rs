@@ -36,7 +36,7 @@ use sluice_engine::{Error, Result};
 
 pub use decode::AvroDecoder;
 pub use encode::{AvroEncoder, AvroSinkConfig};
-pub use registry::{RegistryConfig, SchemaRegistry};
+pub use registry::{Latest, RegistryConfig, SchemaRegistry};
 pub use stats::{IdCounts, SchemaStats, stats};
 
 /// `avro:` of a Kafka source.
@@ -155,6 +155,45 @@ impl AvroFormat {
                 "schema id {id} does not resolve against the reader schema: {e}"
             )),
         }
+    }
+
+    /// For `sluice validate`: each topic's subject (`{topic}-value`) in the registry, its
+    /// latest version resolved against the reader schema.
+    pub async fn check_latest(
+        &self,
+        topics: &[String],
+        file: &std::path::Path,
+    ) -> sluice_engine::connector::RemoteCheck {
+        let mut check = sluice_engine::connector::RemoteCheck::default();
+        for topic in topics {
+            let subject = format!("{topic}-value");
+            match self.registry.latest_once(&subject).await {
+                Err(why) => check.notes.push(format!(
+                    "the schema registry at {} did not answer ({why}): {} not checked against subject `{subject}`",
+                    self.registry.url(),
+                    file.display()
+                )),
+                Ok(None) => check.notes.push(format!(
+                    "the schema registry has no subject `{subject}` yet: {} not checked against it",
+                    file.display()
+                )),
+                Ok(Some(latest)) => {
+                    if let Writer::Refused(why) =
+                        self.resolve(latest.id, latest.schema, latest.schema_type, &[])
+                    {
+                        check.problems.push((
+                            "avro",
+                            format!(
+                                "the registry's latest version of subject `{subject}` (version {}): {why}; {} cannot read what producers write now",
+                                latest.version,
+                                file.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        check
     }
 
     /// Takes writer schema `schema` as id `id` without asking the registry (a schema the

@@ -60,6 +60,16 @@ pub struct Stored {
     pub references: Vec<serde_json::Value>,
 }
 
+/// A subject's latest version.
+#[derive(Deserialize)]
+pub struct Latest {
+    pub id: u32,
+    pub version: u32,
+    pub schema: String,
+    #[serde(rename = "schemaType", default)]
+    pub schema_type: Option<String>,
+}
+
 /// The registry said no: the HTTP status and its message.
 pub struct Refusal {
     pub status: StatusCode,
@@ -166,6 +176,27 @@ impl SchemaRegistry {
                     self.url
                 ),
             }),
+        }
+    }
+
+    /// The latest version of `subject` (`GET /subjects/{subject}/versions/latest`), asked
+    /// once (for `sluice validate`): `None` when the registry has no such subject; why not,
+    /// when the registry does not answer.
+    pub async fn latest_once(&self, subject: &str) -> std::result::Result<Option<Latest>, String> {
+        let url = self.endpoint(&["subjects", subject, "versions", "latest"]);
+        let mut request = self.client.get(&url).timeout(Duration::from_secs(5));
+        if let Some((user, password)) = &self.login {
+            request = request.basic_auth(user, password.as_ref());
+        }
+        let answer = request.send().await.map_err(|e| e.to_string())?;
+        match answer.status() {
+            s if s.is_success() => answer
+                .json::<Latest>()
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(format!("HTTP {s}")),
         }
     }
 

@@ -184,6 +184,7 @@ mod spec {
 
     use crate::kafka::{KafkaSink, KafkaSource};
 
+    #[async_trait::async_trait]
     impl SourceSpec for KafkaSourceConfig {
         fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
             match (self.topics.is_empty(), &self.topic_pattern) {
@@ -313,6 +314,24 @@ mod spec {
                 path,
                 problems,
             );
+        }
+
+        /// `sluice validate`: an Avro or Protobuf source's declared schema against the
+        /// registry's latest version of each topic's subject.
+        async fn check_remote(&self) -> sluice_engine::connector::RemoteCheck {
+            match (self.format, &self.avro, &self.protobuf) {
+                (MessageFormat::Avro, Some(avro), _) => match crate::avro::AvroFormat::open(avro) {
+                    Ok(format) => format.check_latest(&self.topics, &avro.schema).await,
+                    Err(_) => Default::default(),
+                },
+                (MessageFormat::Protobuf, _, Some(p)) => {
+                    match crate::protobuf::ProtobufFormat::open(p) {
+                        Ok(format) => format.check_latest(&self.topics, &p.schema).await,
+                        Err(_) => Default::default(),
+                    }
+                }
+                _ => Default::default(),
+            }
         }
 
         /// The Kafka source's schema never needs a connection.

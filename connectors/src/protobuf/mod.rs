@@ -173,6 +173,51 @@ impl ProtobufFormat {
     }
 }
 
+impl ProtobufFormat {
+    /// For `sluice validate`: each topic's subject (`{topic}-value`) in the registry, its
+    /// latest version's declaration of the message checked against the pipeline's.
+    pub async fn check_latest(
+        &self,
+        topics: &[String],
+        file: &std::path::Path,
+    ) -> sluice_engine::connector::RemoteCheck {
+        let mut check = sluice_engine::connector::RemoteCheck::default();
+        let Some(registry) = &self.registry else {
+            return check;
+        };
+        for topic in topics {
+            let subject = format!("{topic}-value");
+            match registry.latest_once(&subject).await {
+                Err(why) => check.notes.push(format!(
+                    "the schema registry at {} did not answer ({why}): {} not checked against subject `{subject}`",
+                    registry.url(),
+                    file.display()
+                )),
+                Ok(None) => check.notes.push(format!(
+                    "the schema registry has no subject `{subject}` yet: {} not checked against it",
+                    file.display()
+                )),
+                Ok(Some(latest)) => {
+                    let why = match writer_of(latest.id, &latest.schema, latest.schema_type.as_deref()) {
+                        Writer::File(f) => conflicts(&f, &self.message),
+                        Writer::Refused(why) => Some(why),
+                    };
+                    if let Some(why) = why {
+                        check.problems.push((
+                            "protobuf",
+                            format!(
+                                "the registry's latest version of subject `{subject}` (version {}, id {}): {why}",
+                                latest.version, latest.id
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        check
+    }
+}
+
 /// A fetched writer schema: a `.proto` text, or (as clients register it, and registries
 /// give it with `?format=serialized`) a base64 `FileDescriptorProto`.
 fn writer_of(id: u32, schema: &str, kind: Option<&str>) -> Writer {

@@ -432,3 +432,98 @@ dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
         assert!(m.payload.ends_with(&[2, b'u']), "{:?}", m.payload);
     }
 }
+
+/// `sluice validate` asks the registry for each topic's subject and resolves its latest
+/// version against the reader schema: a latest version the pipeline cannot read is a
+/// problem at the `avro` key's line; no subject yet, or a registry that does not answer,
+/// is a note (the file may be right). Protobuf sources likewise.
+#[test]
+fn validate_checks_declared_schemas_against_the_registrys_latest_versions() {
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("view.avsc"), READER).unwrap();
+    let avro = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"name: avro-validate
+source:
+  type: kafka
+  bootstrap_servers: 127.0.0.1:9
+  topics: [views]
+  group: g
+  format: avro
+  avro:
+    schema: {avsc}
+    schema_registry: {{ url: "{registry}" }}
+sink: {{ type: stdout }}
+"#,
+            avsc = dir.path().join("view.avsc").display(),
+            registry = registry.url,
+        ),
+    );
+    let validate = |path: &Path| {
+        let out = crate::sluice(&["validate", path.to_str().unwrap()]);
+        (out.status.success(), crate::text(&out.stdout))
+    };
+    let (ok, said) = validate(&avro);
+    assert!(
+        ok && said.contains("note: the schema registry has no subject `views-value` yet"),
+        "{said}"
+    );
+
+    tool(&["register", &registry.url, "views-value", "v2"]);
+    let (ok, said) = validate(&avro);
+    assert!(
+        ok && !said.contains("note:"),
+        "a compatible latest version: {said}"
+    );
+
+    tool(&["register", &registry.url, "views-value", "bad"]);
+    let (ok, said) = validate(&avro);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("pipeline.yaml:9:"),
+        "at the `avro` key's line: {said}"
+    );
+    assert!(
+        said.contains("the registry's latest version of subject `views-value` (version 2)")
+            && said.contains("does not resolve against the reader schema"),
+        "{said}"
+    );
+
+    // Protobuf: a latest version whose `id` is a string.
+    let proto = dir.path().join("proto.yaml");
+    std::fs::write(
+        &proto,
+        format!(
+            r#"name: proto-validate
+source:
+  type: kafka
+  bootstrap_servers: 127.0.0.1:9
+  topics: [orders]
+  group: g
+  format: protobuf
+  protobuf:
+    schema: {schema}
+    message: shop.Order
+    schema_registry: {{ url: "{registry}" }}
+sink: {{ type: stdout }}
+"#,
+            schema = root().join("tests/it/kafka/proto/order.proto").display(),
+            registry = registry.url,
+        ),
+    )
+    .unwrap();
+    tool(&["register", &registry.url, "orders-value", "proto-bad"]);
+    let (ok, said) = validate(&proto);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("field 1 (`id` of shop.Order) is String"),
+        "{said}"
+    );
+
+    // The registry gone: a note, not a problem.
+    drop(registry);
+    let (ok, said) = validate(&avro);
+    assert!(ok && said.contains("did not answer"), "{said}");
+}

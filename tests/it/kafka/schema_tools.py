@@ -37,6 +37,10 @@ reference client (confluent-kafka's Avro and Protobuf serializers).
   python3 schema_tools.py debezium-schema
       Prints DEBEZIUM_ENVELOPE as an .avsc (the reader schema of the envelopes).
 
+  python3 schema_tools.py register REGISTRY_URL SUBJECT NAME
+      Registers a schema under SUBJECT with the reference client: NAME is one of SCHEMAS
+      (Avro), or proto-bad (a shop.Order whose id is a string).
+
   python3 schema_tools.py check-proto BOOTSTRAP REGISTRY_URL TOPIC N
       As check, with the ProtobufDeserializer, each message compared with proto_order(i).
 
@@ -445,6 +449,20 @@ def produce_debezium(bootstrap, registry, topic, n):
     print(json.dumps({"table": {str(k): v for k, v in table.items()}, "ops": ops}))
 
 
+PROTO_BAD = 'syntax = "proto3";\npackage shop;\nmessage Order {\n  string id = 1;\n}\n'
+
+
+def register(registry, subject, name):
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    client = SchemaRegistryClient({"url": registry})
+    if name == "proto-bad":
+        schema = Schema(PROTO_BAD, "PROTOBUF")
+    else:
+        schema = Schema(json.dumps(SCHEMAS[name]), "AVRO")
+    print(client.register_schema(subject, schema))
+
+
 def check(bootstrap, registry, topic, n, reading):
     import time
 
@@ -507,6 +525,8 @@ if __name__ == "__main__":
         print(json.dumps(DEBEZIUM_ENVELOPE, indent=1))
     elif sys.argv[1] == "produce-debezium":
         produce_debezium(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    elif sys.argv[1] == "register":
+        register(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "check-proto":
         check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), proto_reading)
     else:
