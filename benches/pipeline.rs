@@ -318,10 +318,14 @@ fn avro_view_events(rows: usize) -> (Arc<sluice_connectors::avro::AvroFormat>, V
     let dir = std::env::temp_dir().join(format!("sluice-bench-avro-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("views.avsc"), &avsc).unwrap();
-    let format = sluice_connectors::avro::AvroFormat::open(&sluice_connectors::avro::AvroConfig {
-        schema: dir.join("views.avsc"),
-        schema_registry: sluice_connectors::avro::RegistryConfig::at("http://127.0.0.1:9"),
-    })
+    let format = sluice_connectors::avro::AvroFormat::open(
+        &sluice_connectors::avro::AvroConfig {
+            schema: Some(dir.join("views.avsc")),
+            schema_registry: sluice_connectors::avro::RegistryConfig::at("http://127.0.0.1:9"),
+            subject: None,
+        },
+        &[],
+    )
     .unwrap();
     assert!(format.add_writer(1, avsc));
     (Arc::new(format), payloads)

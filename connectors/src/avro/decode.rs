@@ -247,10 +247,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.avsc");
         std::fs::write(&path, READER).unwrap();
-        let format = AvroFormat::open(&AvroConfig {
-            schema: path,
-            schema_registry: RegistryConfig::at("http://127.0.0.1:9"),
-        })
+        let format = AvroFormat::open(
+            &AvroConfig {
+                schema: Some(path),
+                schema_registry: RegistryConfig::at("http://127.0.0.1:9"),
+                subject: None,
+            },
+            &[],
+        )
         .unwrap();
         // A writer without `tag`, known as id 7 (as if fetched).
         let writer = AvroSchema::new(

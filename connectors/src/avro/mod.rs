@@ -9,6 +9,8 @@
 //!     schema: schemas/views.avsc             # the reader schema: the columns the pipeline sees
 //!     schema_registry: { url: http://registry:8081 }
 //! ```
+//! Without `schema:`, the reader schema is the registry's latest version of the topic's
+//! subject (`{topic}-value`, or `subject:`) when the pipeline starts.
 //! Each writer schema is fetched from the registry by its id the first time a message
 //! names it, cached for the process, and resolved against the reader schema by Avro's
 //! rules (fields added with defaults, fields removed, promoted types): producers can move
@@ -44,9 +46,31 @@ pub use stats::{IdCounts, SchemaStats, stats};
 #[serde(deny_unknown_fields)]
 pub struct AvroConfig {
     /// The reader schema (`.avsc`): the records' columns, whatever schema wrote them.
-    pub schema: PathBuf,
+    /// Without it, the registry's latest version of `subject` when the pipeline starts.
+    pub schema: Option<PathBuf>,
     /// Where writer schemas are fetched by id.
     pub schema_registry: RegistryConfig,
+    /// Without `schema`, the subject whose latest version is the reader schema (default
+    /// `{topic}-value` for a source of one topic).
+    pub subject: Option<String>,
+}
+
+impl AvroConfig {
+    /// What the reader schema is, for people.
+    pub fn reader(&self, topics: &[String]) -> String {
+        match (&self.schema, self.subject_for(topics)) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(subject)) => format!("the latest version of subject `{subject}`"),
+            (None, None) => "the reader schema".into(),
+        }
+    }
+
+    fn subject_for(&self, topics: &[String]) -> Option<String> {
+        self.subject.clone().or(match topics {
+            [topic] => Some(format!("{topic}-value")),
+            _ => None,
+        })
+    }
 }
 
 /// A writer schema known to the process: resolvable against the reader schema, or not
@@ -71,17 +95,53 @@ const MAGIC: u8 = 0;
 
 impl AvroFormat {
     /// Reads the reader schema; the records' Arrow schema follows from it.
-    pub fn open(config: &AvroConfig) -> Result<Self> {
-        let text = std::fs::read_to_string(&config.schema).map_err(|e| {
-            Error::Plan(format!(
-                "cannot read the Avro schema {}: {e}",
-                config.schema.display()
-            ))
-        })?;
+    /// The reader schema is `config.schema`, or (without it) the registry's latest version
+    /// of the subject of `topics`, asked once now.
+    pub fn open(config: &AvroConfig, topics: &[String]) -> Result<Self> {
         let registry = SchemaRegistry::new(&config.schema_registry)?;
+        let text = match (&config.schema, config.subject_for(topics)) {
+            (Some(path), _) => std::fs::read_to_string(path).map_err(|e| {
+                Error::Plan(format!(
+                    "cannot read the Avro schema {}: {e}",
+                    path.display()
+                ))
+            })?,
+            (None, None) => {
+                return Err(Error::Plan(
+                    "give the reader schema (`schema: FILE.avsc`), or the `subject` whose latest version it is (a source of several topics has no one subject)".into(),
+                ));
+            }
+            (None, Some(subject)) => {
+                match registry::latest_blocking(&config.schema_registry, &subject) {
+                    Ok(Some(latest))
+                        if latest.schema_type.as_deref().is_none_or(|t| t == "AVRO") =>
+                    {
+                        tracing::info!(%subject, version = latest.version, id = latest.id, "reader schema: the registry's latest version");
+                        latest.schema
+                    }
+                    Ok(Some(_)) => {
+                        return Err(Error::Plan(format!(
+                            "the latest version of subject `{subject}` is not an Avro schema"
+                        )));
+                    }
+                    Ok(None) => {
+                        return Err(Error::Plan(format!(
+                            "the registry at {} has no subject `{subject}` to take the reader schema from: give `schema: FILE.avsc`",
+                            registry.url()
+                        )));
+                    }
+                    Err(why) => {
+                        return Err(Error::Plan(format!(
+                            "the reader schema is the latest version of subject `{subject}`, and the registry at {} did not answer: {why}",
+                            registry.url()
+                        )));
+                    }
+                }
+            }
+        };
         let reader = AvroSchema::new(text);
         let records = decoder_for(&reader, &[(0, reader.clone())])
-            .map_err(|e| Error::Plan(format!("the Avro schema {}: {e}", config.schema.display())))?
+            .map_err(|e| Error::Plan(format!("the Avro schema {}: {e}", config.reader(topics))))?
             .schema();
         Ok(AvroFormat {
             reader,
@@ -162,7 +222,7 @@ impl AvroFormat {
     pub async fn check_latest(
         &self,
         topics: &[String],
-        file: &std::path::Path,
+        file: &str,
     ) -> sluice_engine::connector::RemoteCheck {
         let mut check = sluice_engine::connector::RemoteCheck::default();
         for topic in topics {
@@ -171,11 +231,11 @@ impl AvroFormat {
                 Err(why) => check.notes.push(format!(
                     "the schema registry at {} did not answer ({why}): {} not checked against subject `{subject}`",
                     self.registry.url(),
-                    file.display()
+                    file
                 )),
                 Ok(None) => check.notes.push(format!(
                     "the schema registry has no subject `{subject}` yet: {} not checked against it",
-                    file.display()
+                    file
                 )),
                 Ok(Some(latest)) => {
                     if let Writer::Refused(why) =
@@ -186,7 +246,7 @@ impl AvroFormat {
                             format!(
                                 "the registry's latest version of subject `{subject}` (version {}): {why}; {} cannot read what producers write now",
                                 latest.version,
-                                file.display()
+                                file
                             ),
                         ));
                     }

@@ -60,6 +60,27 @@ pub struct Stored {
     pub references: Vec<serde_json::Value>,
 }
 
+/// [`SchemaRegistry::latest_once`] from synchronous code (planning a pipeline): on a thread
+/// of its own, with a runtime of its own.
+pub fn latest_blocking(
+    config: &RegistryConfig,
+    subject: &str,
+) -> std::result::Result<Option<Latest>, String> {
+    let (config, subject) = (config.clone(), subject.to_string());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let registry = SchemaRegistry::new(&config).map_err(|e| e.to_string())?;
+            registry.latest_once(&subject).await
+        })
+    })
+    .join()
+    .map_err(|_| "the registry lookup failed".to_string())?
+}
+
 /// A subject's latest version.
 #[derive(Deserialize)]
 pub struct Latest {

@@ -277,7 +277,7 @@ mod spec {
                     if !self.schema.0.is_empty() {
                         problems.at_key(node, path, "schema", "with Debezium's Avro envelopes, the table's columns are the envelope's `after` record; leave `schema` out");
                     }
-                    match crate::avro::AvroFormat::open(avro) {
+                    match crate::avro::AvroFormat::open(avro, &self.topics) {
                         Ok(format) => {
                             if let Err(e) = crate::debezium::table_of(&format.records()) {
                                 problems.at_key(node, path, "avro", e.to_string());
@@ -290,7 +290,7 @@ mod spec {
                     node,
                     path,
                     "format",
-                    "`format: avro` needs `avro: { schema: FILE.avsc, schema_registry: { url } }`",
+                    "`format: avro` needs `avro: { schema_registry: { url } }` (and `schema: FILE.avsc`, else the registry's latest version is the reader schema)",
                 ),
                 (MessageFormat::Avro, Some(_)) if !self.schema.0.is_empty() => problems.at_key(
                     node,
@@ -299,7 +299,7 @@ mod spec {
                     "the columns of Avro records come from the reader schema (`avro.schema`); leave `schema` out",
                 ),
                 (MessageFormat::Avro, Some(avro)) => {
-                    if let Err(e) = crate::avro::AvroFormat::open(avro) {
+                    if let Err(e) = crate::avro::AvroFormat::open(avro, &self.topics) {
                         problems.at_key(node, path, "avro", e.to_string());
                     }
                 }
@@ -320,13 +320,23 @@ mod spec {
         /// registry's latest version of each topic's subject.
         async fn check_remote(&self) -> sluice_engine::connector::RemoteCheck {
             match (self.format, &self.avro, &self.protobuf) {
-                (MessageFormat::Avro, Some(avro), _) => match crate::avro::AvroFormat::open(avro) {
-                    Ok(format) => format.check_latest(&self.topics, &avro.schema).await,
-                    Err(_) => Default::default(),
-                },
+                (MessageFormat::Avro, Some(avro), _) => {
+                    match crate::avro::AvroFormat::open(avro, &self.topics) {
+                        Ok(format) => {
+                            format
+                                .check_latest(&self.topics, &avro.reader(&self.topics))
+                                .await
+                        }
+                        Err(_) => Default::default(),
+                    }
+                }
                 (MessageFormat::Protobuf, _, Some(p)) => {
                     match crate::protobuf::ProtobufFormat::open(p) {
-                        Ok(format) => format.check_latest(&self.topics, &p.schema).await,
+                        Ok(format) => {
+                            format
+                                .check_latest(&self.topics, &p.schema.display().to_string())
+                                .await
+                        }
                         Err(_) => Default::default(),
                     }
                 }

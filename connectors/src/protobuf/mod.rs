@@ -179,7 +179,7 @@ impl ProtobufFormat {
     pub async fn check_latest(
         &self,
         topics: &[String],
-        file: &std::path::Path,
+        file: &str,
     ) -> sluice_engine::connector::RemoteCheck {
         let mut check = sluice_engine::connector::RemoteCheck::default();
         let Some(registry) = &self.registry else {
@@ -191,11 +191,11 @@ impl ProtobufFormat {
                 Err(why) => check.notes.push(format!(
                     "the schema registry at {} did not answer ({why}): {} not checked against subject `{subject}`",
                     registry.url(),
-                    file.display()
+                    file
                 )),
                 Ok(None) => check.notes.push(format!(
                     "the schema registry has no subject `{subject}` yet: {} not checked against it",
-                    file.display()
+                    file
                 )),
                 Ok(Some(latest)) => {
                     let why = match writer_of(latest.id, &latest.schema, latest.schema_type.as_deref()) {

@@ -527,3 +527,87 @@ sink: {{ type: stdout }}
     let (ok, said) = validate(&avro);
     assert!(ok && said.contains("did not answer"), "{said}");
 }
+
+/// Without `schema:`, the reader schema is the registry's latest version of the topic's
+/// subject when the pipeline starts; a subject the registry does not have stops the start
+/// with that said.
+#[test]
+fn without_a_schema_file_the_registrys_latest_version_is_the_reader_schema() {
+    const N: usize = 2_000;
+    let broker = Broker::start();
+    let topic = broker.name("orders-latest");
+    broker.create_topic(&topic, 2);
+    let registry = Registry::start();
+    tool(&[
+        "produce-rich",
+        &broker.bootstrap,
+        &registry.url,
+        &topic,
+        &N.to_string(),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = |topic: &str| {
+        format!(
+            r#"name: avro-latest
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{topic}]
+  group: {group}
+  start_from: earliest
+  format: avro
+  avro:
+    schema_registry: {{ url: "{registry}" }}
+stages:
+  - name: orders
+    type: sql
+    query: SELECT id, user, address.city AS city FROM input
+sink: {{ type: file, path: {out}, format: jsonl }}
+dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
+"#,
+            bootstrap = broker.bootstrap,
+            group = broker.name("g"),
+            registry = registry.url,
+            out = dir.path().join("out").display(),
+            dlq = dir.path().join("dlq").display(),
+        )
+    };
+    let missing = write_pipeline(dir.path(), &yaml("no-such-topic"));
+    let out = crate::sluice(&["validate", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        crate::text(&out.stdout)
+            .contains("has no subject `no-such-topic-value` to take the reader schema from"),
+        "{}",
+        crate::text(&out.stdout)
+    );
+
+    let path = write_pipeline(dir.path(), &yaml(&topic));
+    let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while json_lines(&dir.path().join("out")).len() < N {
+        assert!(
+            sluice.running() && Instant::now() < deadline,
+            "{}",
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let mut rows = json_lines(&dir.path().join("out"));
+    rows.sort_by_key(|r| r["id"].as_i64());
+    assert_eq!(rows.len(), N);
+    for (i, r) in rows.iter().enumerate() {
+        let user = if i % 3 == 0 {
+            Value::Null
+        } else {
+            Value::from(format!("user-{}\u{e9}", i % 97))
+        };
+        assert_eq!(
+            (&r["user"], r["city"].as_str()),
+            (&user, Some(["Berlin", "Paris", "Lagos"][i % 3])),
+            "{r}"
+        );
+    }
+}

@@ -107,10 +107,14 @@ async fn rows_encode_into_a_derived_schema_and_decode_back_unchanged() {
     assert!(json.contains("\"name\":\"views_out\""), "{json}");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("w.avsc"), &json).unwrap();
-    let format = AvroFormat::open(&AvroConfig {
-        schema: dir.path().join("w.avsc"),
-        schema_registry: RegistryConfig::at("http://127.0.0.1:9"),
-    })
+    let format = AvroFormat::open(
+        &AvroConfig {
+            schema: Some(dir.path().join("w.avsc")),
+            schema_registry: RegistryConfig::at("http://127.0.0.1:9"),
+            subject: None,
+        },
+        &[],
+    )
     .unwrap();
     assert!(format.add_writer(42, json));
     let mut decoder = AvroDecoder::new(Arc::new(format), 1 << 20);

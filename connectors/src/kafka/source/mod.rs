@@ -94,7 +94,7 @@ impl KafkaSource {
     pub fn new(config: KafkaSourceConfig, batch_size: usize, dead_letters: bool) -> Result<Self> {
         let avro = match (&config.format, &config.avro) {
             (MessageFormat::Avro | MessageFormat::Debezium, Some(avro)) => {
-                Some(Arc::new(AvroFormat::open(avro)?))
+                Some(Arc::new(AvroFormat::open(avro, &config.topics)?))
             }
             (MessageFormat::Avro, None) => {
                 return Err(Error::Plan("`format: avro` needs `avro:`".into()));
