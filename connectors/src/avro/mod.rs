@@ -224,36 +224,14 @@ impl AvroFormat {
         topics: &[String],
         file: &str,
     ) -> sluice_engine::connector::RemoteCheck {
-        let mut check = sluice_engine::connector::RemoteCheck::default();
-        for topic in topics {
-            let subject = format!("{topic}-value");
-            match self.registry.latest_once(&subject).await {
-                Err(why) => check.notes.push(format!(
-                    "the schema registry at {} did not answer ({why}): {} not checked against subject `{subject}`",
-                    self.registry.url(),
-                    file
-                )),
-                Ok(None) => check.notes.push(format!(
-                    "the schema registry has no subject `{subject}` yet: {} not checked against it",
-                    file
-                )),
-                Ok(Some(latest)) => {
-                    if let Writer::Refused(why) =
-                        self.resolve(latest.id, latest.schema, latest.schema_type, &[])
-                    {
-                        check.problems.push((
-                            "avro",
-                            format!(
-                                "the registry's latest version of subject `{subject}` (version {}): {why}; {} cannot read what producers write now",
-                                latest.version,
-                                file
-                            ),
-                        ));
-                    }
+        self.registry
+            .check_subjects(topics, file, "avro", |latest| {
+                match self.resolve(latest.id, latest.schema, latest.schema_type, &[]) {
+                    Writer::Refused(why) => Some(why),
+                    Writer::Resolves(_) => None,
                 }
-            }
-        }
-        check
+            })
+            .await
     }
 
     /// Takes writer schema `schema` as id `id` without asking the registry (a schema the

@@ -60,6 +60,45 @@ pub struct Stored {
     pub references: Vec<serde_json::Value>,
 }
 
+impl SchemaRegistry {
+    /// For `sluice validate`: the latest version of each topic's subject (`{topic}-value`)
+    /// put to `reads` (why the pipeline's schema, `file`, cannot read it, if it cannot),
+    /// each refusal a problem at `key`; a missing subject or a silent registry a note.
+    pub async fn check_subjects(
+        &self,
+        topics: &[String],
+        file: &str,
+        key: &'static str,
+        reads: impl Fn(Latest) -> Option<String>,
+    ) -> sluice_engine::connector::RemoteCheck {
+        let mut check = sluice_engine::connector::RemoteCheck::default();
+        for topic in topics {
+            let subject = format!("{topic}-value");
+            match self.latest_once(&subject).await {
+                Err(why) => check.notes.push(format!(
+                    "the schema registry at {} did not answer ({why}): {file} not checked against subject `{subject}`",
+                    self.url
+                )),
+                Ok(None) => check.notes.push(format!(
+                    "the schema registry has no subject `{subject}` yet: {file} not checked against it"
+                )),
+                Ok(Some(latest)) => {
+                    let version = latest.version;
+                    if let Some(why) = reads(latest) {
+                        check.problems.push((
+                            key,
+                            format!(
+                                "the registry's latest version of subject `{subject}` (version {version}): {why}; {file} cannot read what producers write now"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        check
+    }
+}
+
 /// [`SchemaRegistry::latest_once`] from synchronous code (planning a pipeline): on a thread
 /// of its own, with a runtime of its own.
 pub fn latest_blocking(

@@ -181,40 +181,17 @@ impl ProtobufFormat {
         topics: &[String],
         file: &str,
     ) -> sluice_engine::connector::RemoteCheck {
-        let mut check = sluice_engine::connector::RemoteCheck::default();
         let Some(registry) = &self.registry else {
-            return check;
+            return Default::default();
         };
-        for topic in topics {
-            let subject = format!("{topic}-value");
-            match registry.latest_once(&subject).await {
-                Err(why) => check.notes.push(format!(
-                    "the schema registry at {} did not answer ({why}): {} not checked against subject `{subject}`",
-                    registry.url(),
-                    file
-                )),
-                Ok(None) => check.notes.push(format!(
-                    "the schema registry has no subject `{subject}` yet: {} not checked against it",
-                    file
-                )),
-                Ok(Some(latest)) => {
-                    let why = match writer_of(latest.id, &latest.schema, latest.schema_type.as_deref()) {
-                        Writer::File(f) => conflicts(&f, &self.message),
-                        Writer::Refused(why) => Some(why),
-                    };
-                    if let Some(why) = why {
-                        check.problems.push((
-                            "protobuf",
-                            format!(
-                                "the registry's latest version of subject `{subject}` (version {}, id {}): {why}",
-                                latest.version, latest.id
-                            ),
-                        ));
-                    }
+        registry
+            .check_subjects(topics, file, "protobuf", |latest| {
+                match writer_of(latest.id, &latest.schema, latest.schema_type.as_deref()) {
+                    Writer::File(f) => conflicts(&f, &self.message),
+                    Writer::Refused(why) => Some(why),
                 }
-            }
-        }
-        check
+            })
+            .await
     }
 }
 
