@@ -143,6 +143,30 @@ const CONSUMER_MANAGED: &[&str] = &[
 ];
 const PRODUCER_MANAGED: &[&str] = &["enable.idempotence", "acks", "bootstrap.servers"];
 
+/// `format: protobuf` and `protobuf:` go together; `opened` is how compiling the
+/// `protobuf:`'s message type went.
+fn check_protobuf(
+    format: MessageFormat,
+    opened: Option<sluice_engine::Result<()>>,
+    node: &Node,
+    path: &Location,
+    problems: &mut Problems,
+) {
+    match (format, opened) {
+        (MessageFormat::Protobuf, None) => problems.at_key(
+            node,
+            path,
+            "format",
+            "`format: protobuf` needs `protobuf: { schema: FILE.proto, message: NAME }`",
+        ),
+        (MessageFormat::Protobuf, Some(Err(e))) => {
+            problems.at_key(node, path, "protobuf", e.to_string())
+        }
+        (MessageFormat::Protobuf, Some(Ok(()))) | (_, None) => {}
+        (_, Some(_)) => problems.at_key(node, path, "protobuf", "applies to `format: protobuf`"),
+    }
+}
+
 /// Checks a client's `options` (none of the `managed` ones) and its `tls:` and `sasl:`.
 fn check_options(
     options: &BTreeMap<String, String>,
@@ -222,26 +246,14 @@ mod spec {
                 );
                 }
             }
-            match (self.format, &self.protobuf) {
-                (MessageFormat::Protobuf, None) => problems.at_key(
-                    node,
-                    path,
-                    "format",
-                    "`format: protobuf` needs `protobuf: { schema: FILE.proto, message: NAME }`",
-                ),
-                (MessageFormat::Protobuf, Some(p)) => {
-                    if !self.schema.0.is_empty() {
-                        problems.at_key(node, path, "schema", "the columns of Protobuf records come from the message type (`protobuf.message`); leave `schema` out");
-                    }
-                    if let Err(e) = crate::protobuf::ProtobufFormat::open(p) {
-                        problems.at_key(node, path, "protobuf", e.to_string());
-                    }
-                }
-                (_, Some(_)) => {
-                    problems.at_key(node, path, "protobuf", "applies to `format: protobuf`")
-                }
-                (_, None) => {}
+            if self.format == MessageFormat::Protobuf && !self.schema.0.is_empty() {
+                problems.at_key(node, path, "schema", "the columns of Protobuf records come from the message type (`protobuf.message`); leave `schema` out");
             }
+            let opened = self
+                .protobuf
+                .as_ref()
+                .map(|p| crate::protobuf::ProtobufFormat::open(p).map(drop));
+            check_protobuf(self.format, opened, node, path, problems);
             if self.debezium.is_some() && self.format != MessageFormat::Debezium {
                 problems.at_key(node, path, "debezium", "applies to `format: debezium`");
             }
@@ -370,29 +382,8 @@ mod spec {
                     format!("`{}` is not a Kafka topic name", self.topic),
                 );
             }
-            match (self.format, &self.protobuf) {
-                (MessageFormat::Protobuf, None) => problems.at_key(
-                    node,
-                    path,
-                    "format",
-                    "`format: protobuf` needs `protobuf: { schema: FILE.proto, message: NAME }`",
-                ),
-                (MessageFormat::Protobuf, Some(p)) => {
-                    let source = crate::protobuf::ProtobufConfig {
-                        schema: p.schema.clone(),
-                        message: p.message.clone(),
-                        include: p.include.clone(),
-                        schema_registry: None,
-                    };
-                    if let Err(e) = crate::protobuf::ProtobufFormat::open(&source) {
-                        problems.at_key(node, path, "protobuf", e.to_string());
-                    }
-                }
-                (_, Some(_)) => {
-                    problems.at_key(node, path, "protobuf", "applies to `format: protobuf`")
-                }
-                (_, None) => {}
-            }
+            let opened = self.protobuf.as_ref().map(|p| p.format().map(drop));
+            check_protobuf(self.format, opened, node, path, problems);
             match (self.format, &self.avro) {
                 (MessageFormat::Json, None) => {}
                 (MessageFormat::Debezium, _) => problems.at_key(

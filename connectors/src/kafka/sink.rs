@@ -40,10 +40,8 @@ pub struct KafkaSink {
     dead_letters: bool,
     producer: ThreadedProducer<DeliveryContext>,
     deliveries: Arc<Deliveries>,
-    /// `format: avro`: rows into Confluent-framed Avro.
-    avro: Option<AvroEncoder>,
-    /// `format: protobuf`: rows into Protobuf messages.
-    protobuf: Option<ProtobufEncoder>,
+    /// How rows become messages.
+    encoding: Encoding,
     /// The batch being sent, as JSON lines (or Avro messages, or dead-letter payloads,
     /// back to back).
     lines: Vec<u8>,
@@ -54,6 +52,16 @@ pub struct KafkaSink {
     max_message: usize,
     /// Rows of the last write that were larger than `max_message` (not sent), with why.
     refused: Vec<(u32, String)>,
+}
+
+/// How a sink's rows become messages.
+enum Encoding {
+    /// One JSON object per row.
+    Json,
+    /// Confluent-framed Avro.
+    Avro(AvroEncoder),
+    /// Protobuf, plain or Confluent-framed.
+    Protobuf(ProtobufEncoder),
 }
 
 /// librdkafka's default `message.max.bytes`.
@@ -179,28 +187,25 @@ impl KafkaSink {
                 )));
             }
         }
-        let avro = match (config.format, &config.avro) {
-            (MessageFormat::Avro, Some(avro)) => {
-                Some(AvroEncoder::open(avro, &config.topic, input)?)
+        let encoding = match (config.format, &config.avro, &config.protobuf) {
+            (MessageFormat::Json, _, _) => Encoding::Json,
+            (MessageFormat::Avro, Some(avro), _) => {
+                Encoding::Avro(AvroEncoder::open(avro, &config.topic, input)?)
             }
-            (MessageFormat::Avro, None) => {
+            (MessageFormat::Protobuf, _, Some(p)) => {
+                Encoding::Protobuf(ProtobufEncoder::open(p, &config.topic, input)?)
+            }
+            (MessageFormat::Avro, None, _) => {
                 return Err(Error::Plan("`format: avro` needs `avro:`".into()));
             }
-            (MessageFormat::Json | MessageFormat::Protobuf, _) => None,
-            (MessageFormat::Debezium, _) => {
+            (MessageFormat::Protobuf, _, None) => {
+                return Err(Error::Plan("`format: protobuf` needs `protobuf:`".into()));
+            }
+            (MessageFormat::Debezium, _, _) => {
                 return Err(Error::Plan(
                     "Debezium change events are read, not written: a Kafka sink writes `json`, `avro` or `protobuf`".into(),
                 ));
             }
-        };
-        let protobuf = match (config.format, &config.protobuf) {
-            (MessageFormat::Protobuf, Some(p)) => {
-                Some(ProtobufEncoder::open(p, &config.topic, input)?)
-            }
-            (MessageFormat::Protobuf, None) => {
-                return Err(Error::Plan("`format: protobuf` needs `protobuf:`".into()));
-            }
-            _ => None,
         };
         let deliveries = Arc::new(Deliveries::default());
         let mut c = ClientConfig::new();
@@ -232,8 +237,7 @@ impl KafkaSink {
             dead_letters: false,
             producer,
             deliveries,
-            avro,
-            protobuf,
+            encoding,
             lines: Vec::new(),
             line_ends: Vec::new(),
             sent: 0,
@@ -317,23 +321,14 @@ impl Sink for KafkaSink {
                 self.lines.extend_from_slice(p.unwrap_or_default());
                 self.line_ends.push(self.lines.len());
             }
-        } else if let Some(protobuf) = &mut self.protobuf {
+        } else if let Encoding::Protobuf(protobuf) = &mut self.encoding {
+            let (out, ends) = (&mut self.lines, &mut self.line_ends);
             protobuf
-                .encode(
-                    &batch,
-                    &mut self.lines,
-                    &mut self.line_ends,
-                    &mut self.refused,
-                )
+                .encode(&batch, out, ends, &mut self.refused)
                 .await?;
-        } else if let Some(avro) = &mut self.avro {
-            avro.encode(
-                &batch,
-                &mut self.lines,
-                &mut self.line_ends,
-                &mut self.refused,
-            )
-            .await?;
+        } else if let Encoding::Avro(avro) = &mut self.encoding {
+            let (out, ends) = (&mut self.lines, &mut self.line_ends);
+            avro.encode(&batch, out, ends, &mut self.refused).await?;
         } else {
             let mut writer = lines_writer(&mut self.lines);
             writer

@@ -53,6 +53,18 @@ pub struct ProtobufSinkConfig {
     pub subject: Option<String>,
 }
 
+impl ProtobufSinkConfig {
+    /// The message type rows are written as (its `.proto` compiled).
+    pub fn format(&self) -> Result<ProtobufFormat> {
+        ProtobufFormat::open(&ProtobufConfig {
+            schema: self.schema.clone(),
+            message: self.message.clone(),
+            include: self.include.clone(),
+            schema_registry: None,
+        })
+    }
+}
+
 /// A sink's encoder: rows into Protobuf messages.
 pub struct ProtobufEncoder {
     message: MessageDescriptor,
@@ -71,12 +83,7 @@ impl ProtobufEncoder {
     /// An encoder of `input` rows; fails when a column is not a field of the message or
     /// has a type the field cannot take.
     pub fn open(config: &ProtobufSinkConfig, topic: &str, input: &Schema) -> Result<Self> {
-        let format = ProtobufFormat::open(&ProtobufConfig {
-            schema: config.schema.clone(),
-            message: config.message.clone(),
-            include: config.include.clone(),
-            schema_registry: None,
-        })?;
+        let format = config.format()?;
         let message = format.message.clone();
         let want = fields_of(&message);
         let mut problems = Vec::new();

@@ -150,19 +150,7 @@ fn avro_writer_schemas_change_mid_stream_and_an_incompatible_one_is_dead_lettere
     registry.signal(libc::SIGCONT);
 
     let (good, bad) = ((N - N / 4) as usize, (N / 4) as usize);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while json_lines(&dir.path().join("out")).len() < good
-        || json_lines(&dir.path().join("dlq")).len() < bad
-    {
-        assert!(
-            sluice.running() && Instant::now() < deadline,
-            "{} rows, {} dead letters:\n{}",
-            json_lines(&dir.path().join("out")).len(),
-            json_lines(&dir.path().join("dlq")).len(),
-            sluice.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    super::wait_for_lines(&mut sluice, dir.path(), good, bad, Duration::from_secs(120));
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
 
@@ -584,15 +572,7 @@ dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
 
     let path = write_pipeline(dir.path(), &yaml(&topic));
     let mut sluice = Sluice::start(&path, dir.path().join("log"));
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while json_lines(&dir.path().join("out")).len() < N {
-        assert!(
-            sluice.running() && Instant::now() < deadline,
-            "{}",
-            sluice.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    super::wait_for_lines(&mut sluice, dir.path(), N, 0, Duration::from_secs(90));
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
     let mut rows = json_lines(&dir.path().join("out"));

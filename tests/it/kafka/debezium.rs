@@ -205,16 +205,13 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         &[],
     );
     let deadline = Instant::now() + Duration::from_secs(120);
-    while json_lines(&dir.path().join("out")).len() < events
-        || json_lines(&dir.path().join("dlq")).len() < bad.len()
-    {
-        assert!(
-            sluice.running() && Instant::now() < deadline,
-            "{}",
-            sluice.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    super::wait_for_lines(
+        &mut sluice,
+        dir.path(),
+        events,
+        bad.len(),
+        Duration::from_secs(120),
+    );
     // Checkpoints commit both partitions to their ends, past the last tombstones.
     let lag = || {
         crate::scrape(&metrics).and_then(|samples| {
@@ -326,15 +323,7 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         ),
     );
     let mut sluice = Sluice::start(&path, dir.path().join("log"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while json_lines(&dir.path().join("out")).len() < events {
-        assert!(
-            sluice.running() && Instant::now() < deadline,
-            "{}",
-            sluice.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    super::wait_for_lines(&mut sluice, dir.path(), events, 0, Duration::from_secs(120));
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
     let rows = json_lines(&dir.path().join("out"));

@@ -254,6 +254,29 @@ pub fn wait_for_output(
     broker.read_all(topic, want, timeout)
 }
 
+/// Waits while `sluice` runs until `dir/out` holds `rows` JSON lines and `dir/dlq`
+/// `letters`; fails after `timeout` with the counts and the log.
+pub fn wait_for_lines(
+    sluice: &mut Sluice,
+    dir: &Path,
+    rows: usize,
+    letters: usize,
+    timeout: Duration,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    let count = |name: &str| crate::json_lines(&dir.join(name)).len();
+    while count("out") < rows || count("dlq") < letters {
+        assert!(
+            sluice.running() && std::time::Instant::now() < deadline,
+            "{} rows, {} dead letters:\n{}",
+            count("out"),
+            count("dlq"),
+            sluice.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// Writes the pipeline file into `dir`.
 pub fn write_pipeline(dir: &Path, yaml: &str) -> PathBuf {
     let path = dir.join("pipeline.yaml");

@@ -5,7 +5,7 @@
 //! messages that are no `shop.Order` (another message of the file, an index path out of
 //! range, an unknown schema id, a truncated body) are dead letters naming why.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -114,17 +114,7 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         subject.rsplit_once(' ').unwrap().1,
         "messages framed with the one id registered under the topic's subject: {checked}"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while json_lines(&dir.path().join("out")).len() < N
-        || json_lines(&dir.path().join("dlq")).len() < 4
-    {
-        assert!(
-            sluice.running() && Instant::now() < deadline,
-            "{}",
-            sluice.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    super::wait_for_lines(&mut sluice, dir.path(), N, 4, Duration::from_secs(120));
     let (status, log) = sluice.interrupt();
     assert!(status.success(), "{log}");
 

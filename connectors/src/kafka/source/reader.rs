@@ -10,6 +10,48 @@ pub(super) enum Payloads {
     Debezium(DebeziumDecoder),
 }
 
+/// What a chunk's payloads decoded to.
+struct Decoded {
+    records: RecordBatch,
+    /// Messages that did not decode, by index (ascending), with why.
+    bad: Vec<(usize, String)>,
+    /// Messages that hold no record (Debezium tombstones), by index (ascending).
+    skipped: Vec<usize>,
+}
+
+impl Payloads {
+    /// Decodes what decodes of `payloads` (the messages of `chunk`), naming the rest.
+    fn decode_each(&mut self, chunk: &Chunk, payloads: &[&[u8]]) -> Result<Decoded> {
+        let tombstone = |i: usize| !chunk.has_payload[i];
+        let (records, bad, skipped) = match self {
+            Payloads::Json(json) => {
+                let (records, bad) = json.decode_each(payloads);
+                let records = records.map_err(|e| {
+                    Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
+                })?;
+                (records, bad, Vec::new())
+            }
+            Payloads::Avro(avro) => {
+                let (records, bad) = avro.decode_each(payloads);
+                (records?, bad, Vec::new())
+            }
+            Payloads::Protobuf(protobuf) => {
+                let (records, bad) = protobuf.decode_each(payloads, tombstone);
+                (records?, bad, Vec::new())
+            }
+            Payloads::Debezium(debezium) => {
+                let decoded = debezium.decode_each(payloads, tombstone);
+                (decoded.rows?, decoded.bad, decoded.skipped)
+            }
+        };
+        Ok(Decoded {
+            records,
+            bad,
+            skipped,
+        })
+    }
+}
+
 /// Reads one partition's buffer and decodes it into batches.
 pub(super) struct KafkaReader {
     pub(super) decoder: Payloads,
@@ -46,33 +88,18 @@ impl KafkaReader {
         };
         let payloads = || (0..n).map(|i| whole.payload(i));
         let (records, skipped) = match &mut self.decoder {
+            // JSON's own path: one decode, and the first bad record's error as it says it.
             Payloads::Json(json) => (
                 json.decode(payloads())
                     .map_err(|e| bad(e.index, e.reason))?,
                 Vec::new(),
             ),
-            Payloads::Avro(avro) => {
-                let (records, refused) = avro.decode_each(&payloads().collect::<Vec<_>>());
-                if let Some((i, reason)) = refused.into_iter().next() {
-                    return Err(bad(Some(i), reason));
-                }
-                (records?, Vec::new())
-            }
-            Payloads::Protobuf(protobuf) => {
-                let (records, refused) = protobuf
-                    .decode_each(&payloads().collect::<Vec<_>>(), |i| !whole.has_payload[i]);
-                if let Some((i, reason)) = refused.into_iter().next() {
-                    return Err(bad(Some(i), reason));
-                }
-                (records?, Vec::new())
-            }
-            Payloads::Debezium(debezium) => {
-                let decoded = debezium
-                    .decode_each(&payloads().collect::<Vec<_>>(), |i| !whole.has_payload[i]);
+            decoder => {
+                let decoded = decoder.decode_each(whole, &payloads().collect::<Vec<_>>())?;
                 if let Some((i, reason)) = decoded.bad.into_iter().next() {
                     return Err(bad(Some(i), reason));
                 }
-                (decoded.rows?, decoded.skipped)
+                (decoded.records, decoded.skipped)
             }
         };
         if skipped.is_empty() {
@@ -108,27 +135,11 @@ impl KafkaReader {
     pub(super) fn envelope_keeping_bad(&mut self, chunk: Chunk) -> Result<Envelope> {
         let n = chunk.len();
         let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
-        let (records, bad, skipped) = match &mut self.decoder {
-            Payloads::Json(json) => {
-                let (records, bad) = json.decode_each(&payloads);
-                let records = records.map_err(|e| {
-                    Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
-                })?;
-                (records, bad, Vec::new())
-            }
-            Payloads::Avro(avro) => {
-                let (records, bad) = avro.decode_each(&payloads);
-                (records?, bad, Vec::new())
-            }
-            Payloads::Protobuf(protobuf) => {
-                let (records, bad) = protobuf.decode_each(&payloads, |i| !chunk.has_payload[i]);
-                (records?, bad, Vec::new())
-            }
-            Payloads::Debezium(debezium) => {
-                let decoded = debezium.decode_each(&payloads, |i| !chunk.has_payload[i]);
-                (decoded.rows?, decoded.bad, decoded.skipped)
-            }
-        };
+        let Decoded {
+            records,
+            bad,
+            skipped,
+        } = self.decoder.decode_each(&chunk, &payloads)?;
         let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
         let mut dead = Vec::with_capacity(bad.len());
         let now = sluice_engine::dead_letter::now_ms();
