@@ -11,6 +11,9 @@ use super::broker::Produced;
 use super::{Broker, Sluice, write_pipeline};
 use crate::json_lines;
 
+/// When the first change event happened (ms since the epoch, on a 5 s window boundary).
+const BASE_MS: i64 = 1_700_000_000_000;
+
 /// The messages (partition, key, value), the final table by id, and the events per op.
 type Changes = (
     Vec<Produced>,
@@ -54,24 +57,26 @@ fn changes(snapshot: i64, n: usize) -> Changes {
         table.insert(id, row);
     }
     for i in 0..n {
+        // Event times go on from the snapshot's, 10 ms apart.
+        let seq = snapshot as usize + i;
         let id = (next() % (snapshot as u64 * 3 / 2)) as i64;
         match table.get(&id).cloned() {
             None => {
                 let row = json!({"id": id, "email": format!("new{i}@shop"), "tier": "free"});
-                emit(&mut messages, i, id, "c", Value::Null, row.clone());
+                emit(&mut messages, seq, id, "c", Value::Null, row.clone());
                 table.insert(id, row);
             }
             Some(old) if next() % 10 < 7 => {
                 let tier = ["free", "plus", "pro"][(next() % 3) as usize];
                 let row = json!({"id": id, "email": format!("u{i}@shop"), "tier": tier});
-                emit(&mut messages, i, id, "u", old, row.clone());
+                emit(&mut messages, seq, id, "u", old, row.clone());
                 table.insert(id, row);
             }
             Some(old) => {
                 // Replica identity default: the before image holds the key only.
                 emit(
                     &mut messages,
-                    i,
+                    seq,
                     id,
                     "d",
                     json!({"id": old["id"], "email": null, "tier": null}),
@@ -87,9 +92,10 @@ fn changes(snapshot: i64, n: usize) -> Changes {
 }
 
 /// One change event as Debezium's JSON converter writes it: half with the
-/// `schema`/`payload` wrapper (`schemas.enable`), half without.
+/// `schema`/`payload` wrapper (`schemas.enable`), half without; the `i`th event happened
+/// at `ts_ms` [`BASE_MS`] + 10 ms × `i`.
 fn event(i: usize, id: i64, op: &str, before: Value, after: Value) -> Produced {
-    let change = json!({"before": before, "after": after, "op": op, "ts_ms": 1_700_000_000_000_i64 + i as i64,
+    let change = json!({"before": before, "after": after, "op": op, "ts_ms": BASE_MS + 10 * i as i64,
         "source": {"connector": "postgresql", "table": "customers"}});
     let value = if i.is_multiple_of(2) {
         json!({"schema": {"type": "struct"}, "payload": change})
@@ -339,4 +345,144 @@ checkpoint: {{ dir: {ckpt}, interval: 500ms }}
         replayed, table,
         "the replayed rows end in the table's final state"
     );
+}
+
+/// Each key's latest state per window, counted: a tumbling aggregate keeps each customer's
+/// last change in a 5 s window (`last(_op)`, `last(tier)`, `count()`), a SQL stage drops
+/// those whose last change deleted them, and a second aggregate counts the customers left
+/// per tier and window. The counts equal a reference computed here from the produced
+/// events (the order of a key's events is its partition's).
+#[test]
+fn a_windowed_count_of_each_keys_latest_state_equals_the_reference() {
+    const WINDOW_MS: i64 = 5_000;
+    let broker = Broker::start();
+    let topic = broker.name("shop.public.customers-windows");
+    broker.create_topic(&topic, 2);
+    let (mut messages, _, ops) = changes(400, 4_000);
+    let events: usize = ops.values().sum();
+
+    // The reference: per (window, id) the last op and tier and the number of changes;
+    // then per (window start in s, tier) the customers not deleted and their changes.
+    let mut latest: BTreeMap<(i64, i64), (String, Value, i64)> = BTreeMap::new();
+    for (_, _, value) in &messages {
+        let Some(value) = value else { continue };
+        let v: Value = serde_json::from_slice(value).unwrap();
+        let change = v.get("payload").unwrap_or(&v);
+        let op = change["op"].as_str().unwrap().to_string();
+        let image = if op == "d" {
+            &change["before"]
+        } else {
+            &change["after"]
+        };
+        let window = change["ts_ms"].as_i64().unwrap().div_euclid(WINDOW_MS) * WINDOW_MS;
+        let entry = latest
+            .entry((window, image["id"].as_i64().unwrap()))
+            .or_insert((String::new(), Value::Null, 0));
+        *entry = (op, image["tier"].clone(), entry.2 + 1);
+    }
+    let mut reference: BTreeMap<(i64, String), (i64, i64)> = BTreeMap::new();
+    for ((window, _), (op, tier, changes)) in &latest {
+        if op != "d" {
+            let counts = reference
+                .entry((window / 1000, tier.as_str().unwrap().to_string()))
+                .or_default();
+            counts.0 += 1;
+            counts.1 += changes;
+        }
+    }
+    let windows = latest
+        .keys()
+        .map(|(w, _)| w)
+        .collect::<std::collections::BTreeSet<_>>();
+    assert!(windows.len() >= 8, "{windows:?}");
+
+    // Two later events per partition close every window of the changes (the first
+    // aggregate's last window, then the second's): the input is unbounded.
+    let last = events + 1;
+    for (n, seq) in [(0, last + 6_000), (1, last + 12_000)] {
+        for partition in 0..2 {
+            let id = 10_000_000 + 2 * n + partition;
+            let row = json!({"id": id, "email": "flush@shop", "tier": "flush"});
+            messages.push(event(seq, id, "c", Value::Null, row));
+        }
+    }
+    broker.produce_values(&topic, &messages);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"name: cdc-windows
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{topic}]
+  group: {group}
+  start_from: earliest
+  format: debezium
+  schema:
+    - {{ name: id, type: int64 }}
+    - {{ name: email, type: utf8 }}
+    - {{ name: tier, type: utf8 }}
+stages:
+  - name: latest
+    type: aggregate
+    group_by: [id]
+    event_time: _ts_ms
+    window: {{ tumbling: 5s }}
+    aggregates: {{ op: last(_op), tier: last(tier), changes: count() }}
+  - name: live
+    type: sql
+    query: SELECT window_start, tier, changes FROM input WHERE op <> 'd'
+  - name: per_tier
+    type: aggregate
+    group_by: [tier]
+    event_time: window_start
+    window: {{ tumbling: 5s }}
+    aggregates: {{ customers: count(), changes: sum(changes) }}
+  - name: shaped
+    type: sql
+    query: SELECT to_unixtime(window_start) AS start_s, tier, customers, changes FROM input WHERE tier <> 'flush'
+sink: {{ type: file, path: {out}, format: jsonl }}
+dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
+checkpoint: {{ dir: {ckpt}, interval: 500ms }}
+"#,
+            bootstrap = broker.bootstrap,
+            group = broker.name("g"),
+            out = dir.path().join("out").display(),
+            dlq = dir.path().join("dlq").display(),
+            ckpt = dir.path().join("ckpt").display(),
+        ),
+    );
+    let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    super::wait_for_lines(
+        &mut sluice,
+        dir.path(),
+        reference.len(),
+        0,
+        Duration::from_secs(120),
+    );
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let got: BTreeMap<(i64, String), (i64, i64)> = json_lines(&dir.path().join("out"))
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r["start_s"].as_i64().unwrap(),
+                    r["tier"].as_str().unwrap().to_string(),
+                ),
+                (
+                    r["customers"].as_i64().unwrap(),
+                    r["changes"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got.len(),
+        json_lines(&dir.path().join("out")).len(),
+        "one row per window and tier"
+    );
+    assert_eq!(got, reference);
 }
