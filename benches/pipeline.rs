@@ -272,6 +272,7 @@ message View {
         include: Vec::new(),
         schema_registry: None,
         subject: None,
+        subject_strategy: Default::default(),
     };
     let mut encoder = ProtobufEncoder::open(&sink, "views", &records.schema()).unwrap();
     let (mut out, mut ends, mut refused) = (Vec::new(), Vec::new(), Vec::new());

@@ -7,6 +7,7 @@
 pub mod avro;
 pub mod debezium;
 pub mod file;
+pub mod format;
 pub mod generator;
 pub mod json;
 pub mod kafka;

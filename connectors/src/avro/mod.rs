@@ -38,7 +38,7 @@ use sluice_engine::{Error, Result};
 
 pub use decode::AvroDecoder;
 pub use encode::{AvroEncoder, AvroSinkConfig};
-pub use registry::{Latest, RegistryConfig, SchemaRegistry};
+pub use registry::{Latest, RegistryConfig, SchemaRegistry, SubjectStrategy};
 pub use stats::{IdCounts, SchemaStats, stats};
 
 /// `avro:` of a Kafka source.

@@ -16,6 +16,30 @@ use sluice_engine::{Error, Result};
 
 use super::stats;
 
+/// How a sink names the subject its writer schema registers under, as Confluent's
+/// serializers do: `topic` (`{topic}-value`, the default), `record` (the record's or
+/// message's full name: one subject per type, topics sharing it) or `topic_record`
+/// (`{topic}-{full name}`: several types on one topic).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategy {
+    #[default]
+    Topic,
+    Record,
+    TopicRecord,
+}
+
+impl SubjectStrategy {
+    /// The subject for a value of type `record` (its full name) written to `topic`.
+    pub fn subject(self, topic: &str, record: &str) -> String {
+        match self {
+            SubjectStrategy::Topic => format!("{topic}-value"),
+            SubjectStrategy::Record => record.to_string(),
+            SubjectStrategy::TopicRecord => format!("{topic}-{record}"),
+        }
+    }
+}
+
 /// `schema_registry:` of an Avro source or sink.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,6 +5,7 @@ use sluice_engine::config::schema::SchemaSpec;
 use sluice_engine::config::{ByteSize, Location, Node, Problems};
 
 use super::security::{self, KafkaSasl, KafkaTls};
+use crate::format::{SinkKeys, SourceKeys};
 pub use crate::stream::{MessageFormat, StartFrom};
 
 /// Reads JSON records from Kafka topics as a member of a consumer group.
@@ -76,6 +77,18 @@ impl KafkaSourceConfig {
         security::client_options(self.tls.as_ref(), self.sasl.as_deref(), &self.options)
     }
 
+    /// The keys that say how payloads read.
+    pub fn format_keys(&self) -> SourceKeys<'_> {
+        SourceKeys {
+            format: self.format,
+            schema: &self.schema,
+            avro: self.avro.as_ref(),
+            protobuf: self.protobuf.as_ref(),
+            debezium: self.debezium.as_ref(),
+            subjects: self.topics.clone(),
+        }
+    }
+
     /// What librdkafka subscribes to: the topics, or the pattern (librdkafka reads a
     /// subscription starting with `^` as a regular expression).
     pub fn subscription(&self) -> Vec<String> {
@@ -128,6 +141,16 @@ pub struct KafkaSinkConfig {
 }
 
 impl KafkaSinkConfig {
+    /// The keys that say how rows become payloads.
+    pub fn format_keys(&self) -> SinkKeys<'_> {
+        SinkKeys {
+            format: self.format,
+            avro: self.avro.as_ref(),
+            protobuf: self.protobuf.as_ref(),
+            topic: &self.topic,
+        }
+    }
+
     /// The librdkafka properties of `tls`, `sasl` and `options`.
     pub fn client_options(&self) -> BTreeMap<String, String> {
         security::client_options(self.tls.as_ref(), self.sasl.as_deref(), &self.options)
@@ -142,30 +165,6 @@ const CONSUMER_MANAGED: &[&str] = &[
     "bootstrap.servers",
 ];
 const PRODUCER_MANAGED: &[&str] = &["enable.idempotence", "acks", "bootstrap.servers"];
-
-/// `format: protobuf` and `protobuf:` go together; `opened` is how compiling the
-/// `protobuf:`'s message type went.
-fn check_protobuf(
-    format: MessageFormat,
-    opened: Option<sluice_engine::Result<()>>,
-    node: &Node,
-    path: &Location,
-    problems: &mut Problems,
-) {
-    match (format, opened) {
-        (MessageFormat::Protobuf, None) => problems.at_key(
-            node,
-            path,
-            "format",
-            "`format: protobuf` needs `protobuf: { schema: FILE.proto, message: NAME }`",
-        ),
-        (MessageFormat::Protobuf, Some(Err(e))) => {
-            problems.at_key(node, path, "protobuf", e.to_string())
-        }
-        (MessageFormat::Protobuf, Some(Ok(()))) | (_, None) => {}
-        (_, Some(_)) => problems.at_key(node, path, "protobuf", "applies to `format: protobuf`"),
-    }
-}
 
 /// Checks a client's `options` (none of the `managed` ones) and its `tls:` and `sasl:`.
 fn check_options(
@@ -246,77 +245,7 @@ mod spec {
                 );
                 }
             }
-            if self.format == MessageFormat::Protobuf && !self.schema.0.is_empty() {
-                problems.at_key(node, path, "schema", "the columns of Protobuf records come from the message type (`protobuf.message`); leave `schema` out");
-            }
-            let opened = self
-                .protobuf
-                .as_ref()
-                .map(|p| crate::protobuf::ProtobufFormat::open(p).map(drop));
-            check_protobuf(self.format, opened, node, path, problems);
-            if self.debezium.is_some() && self.format != MessageFormat::Debezium {
-                problems.at_key(node, path, "debezium", "applies to `format: debezium`");
-            }
-            if self.format == MessageFormat::Debezium {
-                let reserved = [
-                    crate::debezium::OP,
-                    crate::debezium::BEFORE,
-                    crate::debezium::TS_MS,
-                ];
-                for field in &self.schema.0 {
-                    if reserved.contains(&field.0.name().as_str()) {
-                        problems.at_key(
-                            node,
-                            path,
-                            "schema",
-                            format!("`{}` is a column Sluice adds to Debezium rows; the table's columns cannot use it", field.0.name()),
-                        );
-                    }
-                }
-            }
-            match (self.format, &self.avro) {
-                (MessageFormat::Protobuf, _) => {}
-                (MessageFormat::Json | MessageFormat::Debezium, None) if self.schema.0.is_empty() => {
-                    problems.at_key(node, path, "schema", "declare at least one field (with `format: debezium`, the table's columns)");
-                }
-                (MessageFormat::Json, Some(_)) => problems.at_key(
-                    node,
-                    path,
-                    "avro",
-                    "applies to `format: avro` (and `debezium`); this source reads JSON",
-                ),
-                (MessageFormat::Debezium, Some(avro)) => {
-                    if !self.schema.0.is_empty() {
-                        problems.at_key(node, path, "schema", "with Debezium's Avro envelopes, the table's columns are the envelope's `after` record; leave `schema` out");
-                    }
-                    match crate::avro::AvroFormat::open(avro, &self.topics) {
-                        Ok(format) => {
-                            if let Err(e) = crate::debezium::table_of(&format.records()) {
-                                problems.at_key(node, path, "avro", e.to_string());
-                            }
-                        }
-                        Err(e) => problems.at_key(node, path, "avro", e.to_string()),
-                    }
-                }
-                (MessageFormat::Avro, None) => problems.at_key(
-                    node,
-                    path,
-                    "format",
-                    "`format: avro` needs `avro: { schema_registry: { url } }` (and `schema: FILE.avsc`, else the registry's latest version is the reader schema)",
-                ),
-                (MessageFormat::Avro, Some(_)) if !self.schema.0.is_empty() => problems.at_key(
-                    node,
-                    path,
-                    "schema",
-                    "the columns of Avro records come from the reader schema (`avro.schema`); leave `schema` out",
-                ),
-                (MessageFormat::Avro, Some(avro)) => {
-                    if let Err(e) = crate::avro::AvroFormat::open(avro, &self.topics) {
-                        problems.at_key(node, path, "avro", e.to_string());
-                    }
-                }
-                _ => {}
-            }
+            self.format_keys().check(node, path, problems);
             let security = (self.tls.as_ref(), self.sasl.as_deref());
             check_options(
                 &self.options,
@@ -331,29 +260,7 @@ mod spec {
         /// `sluice validate`: an Avro or Protobuf source's declared schema against the
         /// registry's latest version of each topic's subject.
         async fn check_remote(&self) -> sluice_engine::connector::RemoteCheck {
-            match (self.format, &self.avro, &self.protobuf) {
-                (MessageFormat::Avro, Some(avro), _) => {
-                    match crate::avro::AvroFormat::open(avro, &self.topics) {
-                        Ok(format) => {
-                            format
-                                .check_latest(&self.topics, &avro.reader(&self.topics))
-                                .await
-                        }
-                        Err(_) => Default::default(),
-                    }
-                }
-                (MessageFormat::Protobuf, _, Some(p)) => {
-                    match crate::protobuf::ProtobufFormat::open(p) {
-                        Ok(format) => {
-                            format
-                                .check_latest(&self.topics, &p.schema.display().to_string())
-                                .await
-                        }
-                        Err(_) => Default::default(),
-                    }
-                }
-                _ => Default::default(),
-            }
+            self.format_keys().check_remote().await
         }
 
         /// The Kafka source's schema never needs a connection.
@@ -382,35 +289,7 @@ mod spec {
                     format!("`{}` is not a Kafka topic name", self.topic),
                 );
             }
-            let opened = self.protobuf.as_ref().map(|p| p.format().map(drop));
-            check_protobuf(self.format, opened, node, path, problems);
-            match (self.format, &self.avro) {
-                (MessageFormat::Json, None) => {}
-                (MessageFormat::Debezium, _) => problems.at_key(
-                    node,
-                    path,
-                    "format",
-                    "Debezium change events are read, not written: a Kafka sink writes `json`, `avro` or `protobuf`",
-                ),
-                (MessageFormat::Protobuf, _) => {}
-                (MessageFormat::Json, Some(_)) => problems.at_key(
-                    node,
-                    path,
-                    "avro",
-                    "applies to `format: avro`; this sink writes JSON",
-                ),
-                (MessageFormat::Avro, None) => problems.at_key(
-                    node,
-                    path,
-                    "format",
-                    "`format: avro` needs `avro: { schema_registry: { url } }`",
-                ),
-                (MessageFormat::Avro, Some(avro)) => {
-                    if let Err(e) = avro.check() {
-                        problems.at_key(node, path, "avro", e.to_string());
-                    }
-                }
-            }
+            self.format_keys().check(node, path, problems);
             let security = (self.tls.as_ref(), self.sasl.as_deref());
             check_options(
                 &self.options,

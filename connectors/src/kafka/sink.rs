@@ -29,9 +29,7 @@ use sluice_engine::sink::Sink;
 use sluice_engine::{Error, Result};
 
 use super::{KafkaSinkConfig, MessageFormat};
-use crate::avro::AvroEncoder;
-use crate::json::lines_writer;
-use crate::protobuf::ProtobufEncoder;
+use crate::format::{Encoded, Encoding};
 
 pub struct KafkaSink {
     config: KafkaSinkConfig,
@@ -42,26 +40,13 @@ pub struct KafkaSink {
     deliveries: Arc<Deliveries>,
     /// How rows become messages.
     encoding: Encoding,
-    /// The batch being sent, as JSON lines (or Avro messages, or dead-letter payloads,
-    /// back to back).
-    lines: Vec<u8>,
-    /// Where each message of `lines` ends.
-    line_ends: Vec<usize>,
+    /// The batch being sent: its messages' payloads (or the dead letters'), back to back.
+    encoded: Encoded,
     sent: u64,
     /// The producer's `message.max.bytes`: librdkafka refuses a larger message outright.
     max_message: usize,
     /// Rows of the last write that were larger than `max_message` (not sent), with why.
     refused: Vec<(u32, String)>,
-}
-
-/// How a sink's rows become messages.
-enum Encoding {
-    /// One JSON object per row.
-    Json,
-    /// Confluent-framed Avro.
-    Avro(AvroEncoder),
-    /// Protobuf, plain or Confluent-framed.
-    Protobuf(ProtobufEncoder),
 }
 
 /// librdkafka's default `message.max.bytes`.
@@ -187,26 +172,7 @@ impl KafkaSink {
                 )));
             }
         }
-        let encoding = match (config.format, &config.avro, &config.protobuf) {
-            (MessageFormat::Json, _, _) => Encoding::Json,
-            (MessageFormat::Avro, Some(avro), _) => {
-                Encoding::Avro(AvroEncoder::open(avro, &config.topic, input)?)
-            }
-            (MessageFormat::Protobuf, _, Some(p)) => {
-                Encoding::Protobuf(ProtobufEncoder::open(p, &config.topic, input)?)
-            }
-            (MessageFormat::Avro, None, _) => {
-                return Err(Error::Plan("`format: avro` needs `avro:`".into()));
-            }
-            (MessageFormat::Protobuf, _, None) => {
-                return Err(Error::Plan("`format: protobuf` needs `protobuf:`".into()));
-            }
-            (MessageFormat::Debezium, _, _) => {
-                return Err(Error::Plan(
-                    "Debezium change events are read, not written: a Kafka sink writes `json`, `avro` or `protobuf`".into(),
-                ));
-            }
-        };
+        let encoding = Encoding::open(&config.format_keys(), input)?;
         let deliveries = Arc::new(Deliveries::default());
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &config.bootstrap_servers)
@@ -238,8 +204,7 @@ impl KafkaSink {
             producer,
             deliveries,
             encoding,
-            lines: Vec::new(),
-            line_ends: Vec::new(),
+            encoded: Encoded::default(),
             sent: 0,
             max_message,
             refused: Vec::new(),
@@ -306,45 +271,21 @@ fn text_column(batch: &RecordBatch, name: &str) -> Result<StringArray> {
 impl Sink for KafkaSink {
     async fn write(&mut self, batch: RecordBatch) -> Result<()> {
         self.check_failed()?;
-        self.lines.clear();
-        self.line_ends.clear();
         let refused_before = self.refused.len();
-        // Bytes between messages in `lines`: the newline that ends a JSON row.
-        let mut separator = 0;
         if self.dead_letters {
-            // The payloads as they are, one per line slot.
+            // The payloads as they are, one per slot.
             let payload = batch
                 .column(0)
                 .as_binary_opt::<i32>()
                 .ok_or_else(|| Error::Internal("dead letters without a binary payload".into()))?;
+            self.encoded.clear();
             for p in payload.iter() {
-                self.lines.extend_from_slice(p.unwrap_or_default());
-                self.line_ends.push(self.lines.len());
+                self.encoded.push(p.unwrap_or_default());
             }
-        } else if let Encoding::Protobuf(protobuf) = &mut self.encoding {
-            let (out, ends) = (&mut self.lines, &mut self.line_ends);
-            protobuf
-                .encode(&batch, out, ends, &mut self.refused)
-                .await?;
-        } else if let Encoding::Avro(avro) = &mut self.encoding {
-            let (out, ends) = (&mut self.lines, &mut self.line_ends);
-            avro.encode(&batch, out, ends, &mut self.refused).await?;
         } else {
-            let mut writer = lines_writer(&mut self.lines);
-            writer
-                .write(&batch)
-                .map_err(|e| Error::arrow("encoding rows as JSON", e))?;
-            writer
-                .finish()
-                .map_err(|e| Error::arrow("encoding rows as JSON", e))?;
-            drop(writer);
-            // JSON escapes newlines inside strings: every `\n` ends a row.
-            for (i, b) in self.lines.iter().enumerate() {
-                if *b == b'\n' {
-                    self.line_ends.push(i);
-                }
-            }
-            separator = 1;
+            self.encoding
+                .encode(&batch, &mut self.encoded, &mut self.refused)
+                .await?;
         }
         // Rows refused while encoding (not sent; their slots are empty).
         let unsent: std::collections::HashSet<u32> = self.refused[refused_before..]
@@ -362,11 +303,7 @@ impl Sink for KafkaSink {
             .map(|h| Ok((h.as_str(), text_column(&batch, h)?)))
             .collect::<Result<_>>()?;
         let topic = self.config.topic.as_str();
-        let mut start = 0;
-        for row in 0..batch.num_rows() {
-            let end = self.line_ends.get(row).copied().unwrap_or(self.lines.len());
-            let payload = &self.lines[start..end];
-            start = end + separator;
+        for (row, payload) in self.encoded.payloads().enumerate() {
             if unsent.contains(&(row as u32)) {
                 continue;
             }

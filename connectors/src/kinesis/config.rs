@@ -8,6 +8,7 @@ use sluice_engine::config::schema::SchemaSpec;
 use sluice_engine::config::types::{ByteSize, Duration};
 use sluice_engine::config::{Location, Node, Problems};
 
+use crate::format::{SinkKeys, SourceKeys};
 pub use crate::stream::{MessageFormat, StartFrom};
 
 /// Reads a Kinesis data stream, a partition per shard.
@@ -42,11 +43,21 @@ pub struct KinesisSourceConfig {
     /// `latest` (default: records written from now on) or an RFC 3339 time.
     #[serde(default, deserialize_with = "crate::stream::kinesis_start_from")]
     pub start_from: StartFrom,
-    /// The payload format; only `json` (one JSON object per record).
+    /// The payload format: `json` (one JSON object per record, the default), `avro`
+    /// (Confluent-framed, with `avro:`), `protobuf` (with `protobuf:`) or `debezium`
+    /// (change events; `schema` is the table's columns), as on a Kafka source
+    /// (see [`crate::format`]); the registry subject is `{stream}-value`.
     #[serde(default)]
     pub format: MessageFormat,
-    /// The records' fields; payloads are decoded straight into them.
+    /// The records' fields (JSON); payloads are decoded straight into them.
+    #[serde(default)]
     pub schema: SchemaSpec,
+    /// `format: avro`: the reader schema and the schema registry (see [`crate::avro`]).
+    pub avro: Option<crate::avro::AvroConfig>,
+    /// `format: protobuf`: the `.proto`, the message type, and the registry if framed.
+    pub protobuf: Option<crate::protobuf::ProtobufConfig>,
+    /// `format: debezium`: what tombstones become.
+    pub debezium: Option<crate::debezium::DebeziumConfig>,
     /// How often the stream's shards are listed, to find the children of a split or merge.
     #[serde(default = "default_discover_every")]
     pub discover_every: Duration,
@@ -108,6 +119,40 @@ pub struct KinesisSinkConfig {
     /// A column holding an explicit hash key (a decimal 128-bit number) that picks the
     /// shard instead of the partition key's hash.
     pub explicit_hash_key: Option<String>,
+    /// The payload format: `json` (the default), `avro` (with `avro:`) or `protobuf` (with
+    /// `protobuf:`), as on a Kafka sink; writer schemas register under `{stream}-value`.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// `format: avro`: the schema registry, and the writer schema when not derived.
+    pub avro: Option<crate::avro::AvroSinkConfig>,
+    /// `format: protobuf`: the `.proto`, the message type, and the registry if framed.
+    pub protobuf: Option<crate::protobuf::ProtobufSinkConfig>,
+}
+
+impl KinesisSourceConfig {
+    /// The keys that say how payloads read; the stream's name names its subject.
+    pub fn format_keys(&self) -> SourceKeys<'_> {
+        SourceKeys {
+            format: self.format,
+            schema: &self.schema,
+            avro: self.avro.as_ref(),
+            protobuf: self.protobuf.as_ref(),
+            debezium: self.debezium.as_ref(),
+            subjects: vec![self.stream_ref().name().to_string()],
+        }
+    }
+}
+
+impl KinesisSinkConfig {
+    /// The keys that say how rows become payloads; the stream's name names its subject.
+    pub fn format_keys(&self) -> SinkKeys<'_> {
+        SinkKeys {
+            format: self.format,
+            avro: self.avro.as_ref(),
+            protobuf: self.protobuf.as_ref(),
+            topic: stream_name(&self.stream, &self.stream_arn),
+        }
+    }
 }
 
 /// `stream` or `stream_arn`.
@@ -120,11 +165,7 @@ pub struct StreamRef {
 impl StreamRef {
     /// The name for people and partition names: the stream's name (from its ARN too).
     pub fn name(&self) -> &str {
-        match (&self.stream, &self.stream_arn) {
-            (Some(name), _) => name,
-            (None, Some(arn)) => arn.rsplit('/').next().unwrap_or(arn),
-            (None, None) => "",
-        }
+        stream_name(&self.stream, &self.stream_arn)
     }
 
     fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
@@ -160,6 +201,15 @@ impl StreamRef {
                 }
             }
         }
+    }
+}
+
+/// `stream`, or the name at the end of `stream_arn`.
+fn stream_name<'a>(stream: &'a Option<String>, stream_arn: &'a Option<String>) -> &'a str {
+    match (stream, stream_arn) {
+        (Some(name), _) => name,
+        (None, Some(arn)) => arn.rsplit('/').next().unwrap_or(arn),
+        (None, None) => "",
     }
 }
 
@@ -277,21 +327,12 @@ mod spec {
 
     use crate::kinesis::{KinesisSink, KinesisSource};
 
+    #[async_trait::async_trait]
     impl SourceSpec for KinesisSourceConfig {
         fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
-            if self.format != MessageFormat::Json {
-                problems.at_key(
-                    node,
-                    path,
-                    "format",
-                    "Avro, Protobuf and Debezium events are read from Kafka sources so far; Kinesis records are JSON",
-                );
-            }
             self.stream_ref().check(node, path, problems);
             self.client_config().check(node, path, problems);
-            if self.schema.0.is_empty() {
-                problems.at_key(node, path, "schema", "declare at least one field");
-            }
+            self.format_keys().check(node, path, problems);
             if self.idle_wait.get() < std::time::Duration::from_millis(200) {
                 problems.at_key(
                     node,
@@ -300,6 +341,12 @@ mod spec {
                     "must be at least 200ms: a shard takes at most 5 GetRecords calls a second",
                 );
             }
+        }
+
+        /// `sluice validate`: an Avro or Protobuf source's declared schema against the
+        /// registry's latest version of the stream's subject.
+        async fn check_remote(&self) -> sluice_engine::connector::RemoteCheck {
+            self.format_keys().check_remote().await
         }
 
         fn lag_in_time(&self) -> Option<&'static str> {
@@ -326,6 +373,7 @@ mod spec {
         fn check(&self, node: &Node, path: &Location, problems: &mut Problems) {
             self.stream_ref().check(node, path, problems);
             self.client_config().check(node, path, problems);
+            self.format_keys().check(node, path, problems);
         }
 
         fn open(&self, input: &Schema) -> Result<Box<dyn Sink>> {

@@ -25,7 +25,7 @@ use super::kpl;
 use super::position::{Book, Resume};
 use super::retry::{Backoff, Fault, classify};
 use super::{StartFrom, StreamRef};
-use crate::json::JsonDecoder;
+use crate::format::Payloads;
 
 /// A shard takes at most 5 GetRecords calls a second…
 const MIN_CALL_GAP: Duration = Duration::from_millis(200);
@@ -281,7 +281,7 @@ pub(super) struct ShardReader {
     pub(super) stream: Arc<str>,
     pub(super) shard: Arc<str>,
     pub(super) schema: SchemaRef,
-    pub(super) decoder: JsonDecoder,
+    pub(super) decoder: Payloads,
     pub(super) dead_letters: bool,
     pub(super) book: Arc<Book>,
     /// Fired by the engine once the shard's end is checkpointed (see
@@ -308,7 +308,7 @@ pub(super) struct ReaderParts {
     pub info: Arc<PartitionInfo>,
     pub stream: Arc<str>,
     pub schema: SchemaRef,
-    pub decoder: JsonDecoder,
+    pub decoder: Payloads,
     pub dead_letters: bool,
     pub book: Arc<Book>,
     pub end_signal: oneshot::Sender<()>,
@@ -353,12 +353,7 @@ impl ShardReader {
     }
 
     fn origin(&self, raw: &Raw) -> String {
-        format!(
-            "stream `{}` shard {} sequence number {}",
-            self.stream,
-            self.shard,
-            sequence_text(raw)
-        )
+        origin(&self.stream, &self.shard, raw)
     }
 
     fn envelope(&mut self, max: usize) -> Result<Envelope> {
@@ -369,13 +364,11 @@ impl ShardReader {
         let offsets = first..self.next;
         let payloads: Vec<&[u8]> = raws.iter().map(|r| r.data.as_ref()).collect();
         let mut dead = Vec::new();
+        // Kinesis has no null records: no payload is a tombstone.
         let (records, kept) = if self.dead_letters {
-            let (records, bad) = self.decoder.decode_each(&payloads);
-            let records = records.map_err(|e| {
-                Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
-            })?;
+            let decoded = self.decoder.decode_each(&payloads, |_| false)?;
             let now = sluice_engine::dead_letter::now_ms();
-            for (i, reason) in &bad {
+            for (i, reason) in &decoded.bad {
                 let raw = &raws[*i];
                 dead.push(DeadLetter {
                     stage: SOURCE_STAGE.into(),
@@ -390,20 +383,23 @@ impl ShardReader {
                     payload: raw.data.to_vec(),
                 });
             }
-            let kept: Vec<usize> = (0..n).filter(|i| !bad.iter().any(|b| b.0 == *i)).collect();
-            (records, kept)
+            let gone = decoded.gone();
+            let kept: Vec<usize> = (0..n).filter(|i| gone.binary_search(i).is_err()).collect();
+            (decoded.records, kept)
         } else {
-            let records =
-                self.decoder
-                    .decode(payloads.iter().copied())
-                    .map_err(|e| Error::BadRecord {
-                        origin: match e.index {
-                            Some(i) => self.origin(&raws[i]),
-                            None => format!("stream `{}` shard {}", self.stream, self.shard),
-                        },
-                        reason: e.reason,
-                    })?;
-            (records, (0..n).collect())
+            let (stream, shard) = (&self.stream, &self.shard);
+            let bad = |index: Option<usize>, reason: String| Error::BadRecord {
+                origin: match index {
+                    Some(i) => origin(stream, shard, &raws[i]),
+                    None => format!("stream `{stream}` shard {shard}"),
+                },
+                reason,
+            };
+            let (records, skipped) = self.decoder.decode_all(&payloads, |_| false, bad)?;
+            let kept: Vec<usize> = (0..n)
+                .filter(|i| skipped.binary_search(i).is_err())
+                .collect();
+            (records, kept)
         };
         let mut columns = records.columns().to_vec();
         columns.extend(self.metadata(&raws, &kept, first));
@@ -456,6 +452,14 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Where a record came from, for errors and dead letters.
+fn origin(stream: &str, shard: &str, raw: &Raw) -> String {
+    format!(
+        "stream `{stream}` shard {shard} sequence number {}",
+        sequence_text(raw)
+    )
+}
+
 fn sequence_text(raw: &Raw) -> String {
     match raw.sub {
         Some(sub) => format!("{}:{sub}", raw.sequence),
@@ -494,6 +498,11 @@ impl PartitionReader for ShardReader {
     async fn read(&mut self, max: usize) -> Result<Option<Envelope>> {
         loop {
             if !self.pending.is_empty() {
+                // Writer schemas first: fetched (waiting for the registry) before
+                // decoding. Cancel safe: the records stay pending until decoded.
+                let n = self.pending.len().min(max.max(1));
+                let payloads = self.pending.iter().take(n).map(|r| r.data.as_ref());
+                self.decoder.prepare(payloads).await?;
                 return self.envelope(max).map(Some);
             }
             if self.at_end {

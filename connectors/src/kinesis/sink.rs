@@ -1,4 +1,4 @@
-//! The Kinesis sink: rows as JSON records, sent with PutRecords in calls of up to 500
+//! The Kinesis sink: rows as JSON records (or Avro, Protobuf: see [`crate::format`]), sent with PutRecords in calls of up to 500
 //! records and 5 MiB. A checkpoint waits (`flush`) until Kinesis has acknowledged every
 //! record written before it; records a call failed inside a successful call (throttled
 //! shards) are sent again in their order, with backoff; a Kinesis that cannot be
@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::KinesisSinkConfig;
 use super::retry::{Backoff, Fault, classify};
+use crate::format::{Encoded, Encoding};
 
 /// PutRecords takes at most 500 records…
 const RECORDS_PER_CALL: usize = 500;
@@ -55,7 +56,10 @@ pub struct KinesisSink {
     waiting: VecDeque<Entry>,
     waiting_bytes: usize,
     refused: Vec<(u32, String)>,
-    lines: Vec<u8>,
+    /// How rows become records.
+    encoding: Encoding,
+    /// The batch being written, encoded.
+    encoded: Encoded,
     sent: u64,
     retried: u64,
 }
@@ -76,6 +80,7 @@ impl KinesisSink {
             }
         };
         Ok(KinesisSink {
+            encoding: Encoding::open(&config.format_keys(), input)?,
             key: column(&config.partition_key)?,
             hash_key: column(&config.explicit_hash_key)?,
             config,
@@ -83,7 +88,7 @@ impl KinesisSink {
             waiting: VecDeque::new(),
             waiting_bytes: 0,
             refused: Vec::new(),
-            lines: Vec::new(),
+            encoded: Encoded::default(),
             sent: 0,
             retried: 0,
         })
@@ -198,16 +203,17 @@ impl KinesisSink {
 }
 
 impl KinesisSink {
-    /// The batch's rows as records waiting to be sent; rows Kinesis cannot take are
-    /// refused.
-    fn take_rows(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.lines.clear();
-        let mut writer = crate::json::lines_writer(&mut self.lines);
-        writer
-            .write(batch)
-            .and_then(|_| writer.finish())
-            .map_err(|e| Error::arrow("encoding rows as JSON", e))?;
-        drop(writer);
+    /// The batch's rows as records waiting to be sent; rows that do not encode, or that
+    /// Kinesis cannot take, are refused.
+    async fn take_rows(&mut self, batch: &RecordBatch) -> Result<()> {
+        let refused_before = self.refused.len();
+        self.encoding
+            .encode(batch, &mut self.encoded, &mut self.refused)
+            .await?;
+        let unsent: std::collections::HashSet<u32> = self.refused[refused_before..]
+            .iter()
+            .map(|(row, _)| *row)
+            .collect();
         let options = FormatOptions::default();
         let text = |column: Option<usize>| -> Result<Option<ArrayFormatter<'_>>> {
             column
@@ -219,12 +225,10 @@ impl KinesisSink {
         let hash_keys = text(self.hash_key)?;
         let key_column = self.key.map(|i| batch.column(i));
         let hash_column = self.hash_key.map(|i| batch.column(i));
-        let lines = std::mem::take(&mut self.lines);
-        for (row, line) in lines
-            .split(|b| *b == b'\n')
-            .take(batch.num_rows())
-            .enumerate()
-        {
+        for (row, line) in self.encoded.payloads().enumerate() {
+            if unsent.contains(&(row as u32)) {
+                continue;
+            }
             let key = match (&keys, key_column) {
                 (Some(f), Some(c)) if c.is_valid(row) => f.value(row).to_string(),
                 _ => {
@@ -274,7 +278,6 @@ impl KinesisSink {
             self.waiting_bytes += entry.size();
             self.waiting.push_back(entry);
         }
-        self.lines = lines;
         Ok(())
     }
 }
@@ -282,7 +285,7 @@ impl KinesisSink {
 #[async_trait]
 impl Sink for KinesisSink {
     async fn write(&mut self, batch: RecordBatch) -> Result<()> {
-        self.take_rows(&batch)?;
+        self.take_rows(&batch).await?;
         self.send(false).await
     }
 

@@ -29,12 +29,13 @@ use super::reader::{Fetch, MillisBehind, ReaderParts, ShardReader, Start};
 use super::retry::{Backoff, Fault, classify};
 use super::shards::{ShardDesc, Shards, partition_id};
 use super::{KinesisSourceConfig, StartFrom, StreamRef};
-use crate::json::JsonDecoder;
+use crate::format::SourceFormat;
 
 pub struct KinesisSource {
     config: KinesisSourceConfig,
     stream: Arc<str>,
-    records: SchemaRef,
+    /// How payloads decode: the reader schema and the writer schemas fetched so far.
+    format: SourceFormat,
     schema: SchemaRef,
     dead_letters: bool,
     client: Option<aws_sdk_kinesis::Client>,
@@ -67,15 +68,16 @@ impl KinesisSource {
         _batch_size: usize,
         dead_letters: bool,
     ) -> Result<Self> {
-        let records = config.schema.to_arrow();
+        let max_record = usize::try_from(config.max_record_size.0).unwrap_or(usize::MAX);
+        let format = SourceFormat::open(&config.format_keys(), max_record)?;
         let schema = batch::with_metadata_fields(
-            &records,
+            &format.records(),
             &batch::metadata_fields_with(&[Field::new(batch::SEQUENCE, DataType::Utf8, true)]),
         )?;
         Ok(KinesisSource {
             stream: config.stream_ref().name().into(),
             config,
-            records,
+            format,
             schema,
             dead_letters,
             client: None,
@@ -190,9 +192,7 @@ impl KinesisSource {
             info,
             stream: self.stream.clone(),
             schema: self.schema.clone(),
-            decoder: JsonDecoder::new(self.records.clone()).with_max_record(
-                usize::try_from(self.config.max_record_size.0).unwrap_or(usize::MAX),
-            ),
+            decoder: self.format.decoder(),
             dead_letters: self.dead_letters,
             book: self.book.clone(),
             end_signal,

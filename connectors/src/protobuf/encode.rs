@@ -35,7 +35,7 @@ use sluice_engine::{Error, Result};
 
 use super::columns::fields_of;
 use super::{ProtobufConfig, ProtobufFormat};
-use crate::avro::{RegistryConfig, SchemaRegistry, stats};
+use crate::avro::{RegistryConfig, SchemaRegistry, SubjectStrategy, stats};
 
 /// `protobuf:` of a Kafka sink.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,8 +49,12 @@ pub struct ProtobufSinkConfig {
     pub include: Vec<PathBuf>,
     /// Frame messages with the registered schema's id; without it, plain messages.
     pub schema_registry: Option<RegistryConfig>,
-    /// The subject to register under (default `{topic}-value`).
+    /// The subject to register under (default: as `subject_strategy` names it).
     pub subject: Option<String>,
+    /// How the subject is named when `subject` is not given: `topic` (`{topic}-value`,
+    /// the default), `record` (the message's full name, `shop.Order`) or `topic_record`.
+    #[serde(default)]
+    pub subject_strategy: SubjectStrategy,
 }
 
 impl ProtobufSinkConfig {
@@ -137,10 +141,10 @@ impl ProtobufEncoder {
                 // index path of every message points into it.
                 let text = base64::engine::general_purpose::STANDARD
                     .encode(file.file_descriptor_proto().encode_to_vec());
-                let subject = config
-                    .subject
-                    .clone()
-                    .unwrap_or_else(|| format!("{topic}-value"));
+                let subject = match &config.subject {
+                    Some(subject) => subject.clone(),
+                    None => config.subject_strategy.subject(topic, message.full_name()),
+                };
                 Some((SchemaRegistry::new(r)?, subject, text))
             }
         };

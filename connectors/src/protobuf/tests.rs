@@ -240,6 +240,7 @@ fn sink_config(dir: &std::path::Path) -> ProtobufSinkConfig {
         include: Vec::new(),
         schema_registry: None,
         subject: None,
+        subject_strategy: Default::default(),
     }
 }
 
@@ -446,6 +447,7 @@ async fn values_out_of_a_fields_range_and_renamed_struct_children_are_refused() 
         include: Vec::new(),
         schema_registry: None,
         subject: None,
+        subject_strategy: Default::default(),
     };
     let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
     let batch = RecordBatch::try_new(

@@ -15,12 +15,12 @@ use serde_json::Value;
 use super::{Broker, Sluice, broker, write_pipeline};
 use crate::{free_port, json_lines, root};
 
-pub(super) fn tools() -> PathBuf {
+pub(crate) fn tools() -> PathBuf {
     root().join("tests/it/kafka/schema_tools.py")
 }
 
 /// Runs `schema_tools.py ARGS`; its stdout, or the test fails with its stderr.
-pub(super) fn tool(args: &[&str]) -> String {
+pub(crate) fn tool(args: &[&str]) -> String {
     let out = Command::new("python3")
         .arg(tools())
         .args(args)
@@ -36,13 +36,13 @@ pub(super) fn tool(args: &[&str]) -> String {
 }
 
 /// The test registry on a loopback port, killed when dropped.
-pub(super) struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    pub(super) url: String,
+    pub(crate) url: String,
 }
 
 impl Registry {
-    pub(super) fn start() -> Registry {
+    pub(crate) fn start() -> Registry {
         let port = free_port();
         let mut child = Command::new("python3")
             .arg(tools())

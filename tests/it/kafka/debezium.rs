@@ -148,6 +148,26 @@ fn replay(mut rows: Vec<Value>) -> (BTreeMap<i64, Value>, BTreeMap<String, usize
     (replayed, seen)
 }
 
+/// The source of the JSON tests: `topic` from the start, the table's three columns.
+fn json_source(broker: &Broker, topic: &str) -> String {
+    format!(
+        r#"source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{topic}]
+  group: {group}
+  start_from: earliest
+  format: debezium
+  schema:
+    - {{ name: id, type: int64 }}
+    - {{ name: email, type: utf8 }}
+    - {{ name: tier, type: utf8 }}
+"#,
+        bootstrap = broker.bootstrap,
+        group = broker.name("g"),
+    )
+}
+
 #[test]
 fn debezium_changes_become_rows_and_replay_to_the_final_table() {
     let broker = Broker::start();
@@ -177,18 +197,7 @@ fn debezium_changes_become_rows_and_replay_to_the_final_table() {
         dir.path(),
         &format!(
             r#"name: cdc
-source:
-  type: kafka
-  bootstrap_servers: {bootstrap}
-  topics: [{topic}]
-  group: {group}
-  start_from: earliest
-  format: debezium
-  schema:
-    - {{ name: id, type: int64 }}
-    - {{ name: email, type: utf8 }}
-    - {{ name: tier, type: utf8 }}
-stages:
+{source}stages:
   - name: changes
     type: sql
     query: SELECT _partition, _offset, _key, _op, id, email, tier, _before FROM input
@@ -196,8 +205,7 @@ sink: {{ type: file, path: {out}, format: jsonl, metadata_columns: [_partition, 
 dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
 checkpoint: {{ dir: {ckpt}, interval: 500ms }}
 "#,
-            bootstrap = broker.bootstrap,
-            group = broker.name("g"),
+            source = json_source(&broker, &topic),
             out = dir.path().join("out").display(),
             dlq = dir.path().join("dlq").display(),
             ckpt = dir.path().join("ckpt").display(),
@@ -413,18 +421,7 @@ fn a_windowed_count_of_each_keys_latest_state_equals_the_reference() {
         dir.path(),
         &format!(
             r#"name: cdc-windows
-source:
-  type: kafka
-  bootstrap_servers: {bootstrap}
-  topics: [{topic}]
-  group: {group}
-  start_from: earliest
-  format: debezium
-  schema:
-    - {{ name: id, type: int64 }}
-    - {{ name: email, type: utf8 }}
-    - {{ name: tier, type: utf8 }}
-stages:
+{source}stages:
   - name: latest
     type: aggregate
     group_by: [id]
@@ -447,8 +444,7 @@ sink: {{ type: file, path: {out}, format: jsonl }}
 dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
 checkpoint: {{ dir: {ckpt}, interval: 500ms }}
 "#,
-            bootstrap = broker.bootstrap,
-            group = broker.name("g"),
+            source = json_source(&broker, &topic),
             out = dir.path().join("out").display(),
             dlq = dir.path().join("dlq").display(),
             ckpt = dir.path().join("ckpt").display(),

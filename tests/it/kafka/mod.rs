@@ -4,7 +4,7 @@
 //! SIGKILL, interrupted, and run two at a time in one consumer group.
 
 mod aggregate;
-mod avro;
+pub(crate) mod avro;
 mod broker;
 mod chaos;
 mod dead_letters;

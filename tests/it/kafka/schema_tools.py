@@ -50,6 +50,14 @@ reference client (confluent-kafka's Avro and Protobuf serializers).
       record with rich(i) (and an item_count column, when there is one, with its items'
       count). Prints "checked N records, D duplicates, schema ids [...]; TOPIC-value
       is id I" (the subject's latest), or the differences and exits 1. Gives up after 180 s.
+
+  python3 schema_tools.py serialize-rich REGISTRY_URL TOPIC N
+      Prints rich(0..N) as the AvroSerializer frames them for TOPIC (registering RICH
+      under TOPIC-value), one hex line each: values for another system (Kinesis).
+
+  python3 schema_tools.py check-lines REGISTRY_URL TOPIC N
+      As check, of `KEY<TAB>HEX VALUE` lines on standard input (records read from
+      another system).
 """
 
 import json
@@ -463,51 +471,91 @@ def register(registry, subject, name):
     print(client.register_schema(subject, schema))
 
 
+class Verifier:
+    """Decodes messages of `topic` with the reference deserializer and compares each
+    with what was produced under its id (the key is the id too)."""
+
+    def __init__(self, registry, topic, reading):
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        self.client = SchemaRegistryClient({"url": registry})
+        self.topic = topic
+        self.decode, self.differs, self.id_of = reading(self.client)
+        self.ctx = SerializationContext(topic, MessageField.VALUE)
+        self.seen, self.duplicates, self.ids, self.wrong = {}, 0, set(), []
+
+    def add(self, key, value):
+        self.ids.add(int.from_bytes(value[1:5], "big"))
+        record = self.decode(value, self.ctx)
+        i = self.id_of(record)
+        if i in self.seen:
+            self.duplicates += 1
+            if self.seen[i] != record:
+                self.wrong.append(f"id {i}: a duplicate that differs: {record} vs {self.seen[i]}")
+            return
+        self.seen[i] = record
+        want = self.differs(record, i)
+        if want is not None or key != str(i).encode():
+            self.wrong.append(f"id {i} (key {key}): got {record}, want {want}")
+
+    def report(self, n):
+        missing = n - len(self.seen)
+        wrong = self.wrong + [f"id {i} not in the input" for i in self.seen if not 0 <= i < n]
+        if wrong or missing:
+            print("\n".join(wrong[:10]), f"\n{len(wrong)} records differ, {missing} missing", file=sys.stderr)
+            sys.exit(1)
+        latest = self.client.get_latest_version(f"{self.topic}-value").schema_id
+        print(
+            f"checked {len(self.seen)} records, {self.duplicates} duplicates, schema ids {sorted(self.ids)}; "
+            f"{self.topic}-value is id {latest}"
+        )
+
+
 def check(bootstrap, registry, topic, n, reading):
     import time
 
     from confluent_kafka import Consumer
-    from confluent_kafka.schema_registry import SchemaRegistryClient
-    from confluent_kafka.serialization import MessageField, SerializationContext
 
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"check-{time.time()}", "auto.offset.reset": "earliest"}
     )
     consumer.subscribe([topic])
-    client = SchemaRegistryClient({"url": registry})
-    decode, differs, id_of = reading(client)
-    ctx = SerializationContext(topic, MessageField.VALUE)
-    seen, duplicates, ids, wrong = {}, 0, set(), []
+    verifier = Verifier(registry, topic, reading)
     deadline = time.time() + 180
     # Until every id is in, then 3 s more: a message after them (a duplicate, garbage) counts.
     quiet_until = None
     while time.time() < deadline and (quiet_until is None or time.time() < quiet_until):
-        if quiet_until is None and len(seen) >= n:
+        if quiet_until is None and len(verifier.seen) >= n:
             quiet_until = time.time() + 3
         m = consumer.poll(0.5)
         if m is None or m.error():
             continue
-        value = m.value()
-        ids.add(int.from_bytes(value[1:5], "big"))
-        record = decode(value, ctx)
-        i = id_of(record)
-        if i in seen:
-            duplicates += 1
-            if seen[i] != record:
-                wrong.append(f"id {i}: a duplicate that differs: {record} vs {seen[i]}")
-            continue
-        seen[i] = record
-        want = differs(record, i)
-        if want is not None or m.key() != str(i).encode():
-            wrong.append(f"id {i} (key {m.key()}): got {record}, want {want}")
+        verifier.add(m.key(), m.value())
     consumer.close()
-    missing = n - len(seen)
-    wrong += [f"id {i} not in the input" for i in seen if not 0 <= i < n]
-    if wrong or missing:
-        print("\n".join(wrong[:10]), f"\n{len(wrong)} records differ, {missing} missing", file=sys.stderr)
-        sys.exit(1)
-    latest = client.get_latest_version(f"{topic}-value").schema_id
-    print(f"checked {len(seen)} records, {duplicates} duplicates, schema ids {sorted(ids)}; {topic}-value is id {latest}")
+    verifier.report(n)
+
+
+def serialize_rich(registry, topic, n):
+    """rich(0..n) as the AvroSerializer frames them for `topic`, a hex line each."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    serializer = AvroSerializer(SchemaRegistryClient({"url": registry}), json.dumps(RICH))
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    for i in range(n):
+        print(serializer(rich(i), ctx).hex())
+
+
+def check_lines(registry, topic, n):
+    """Like check, of records read elsewhere (a Kinesis stream): `key<TAB>hex value`
+    lines on standard input."""
+    verifier = Verifier(registry, topic, avro_reading)
+    for line in sys.stdin:
+        key, value = line.rstrip("\n").split("\t")
+        verifier.add(key.encode(), bytes.fromhex(value))
+    verifier.report(n)
 
 
 if __name__ == "__main__":
@@ -527,6 +575,10 @@ if __name__ == "__main__":
         produce_debezium(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     elif sys.argv[1] == "register":
         register(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "serialize-rich":
+        serialize_rich(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif sys.argv[1] == "check-lines":
+        check_lines(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif sys.argv[1] == "check-proto":
         check(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), proto_reading)
     else:

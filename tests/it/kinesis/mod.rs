@@ -5,6 +5,7 @@
 
 mod faults;
 mod flow;
+mod formats;
 mod workers;
 
 use std::collections::BTreeMap;

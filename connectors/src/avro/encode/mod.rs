@@ -8,7 +8,7 @@
 //!   avro:
 //!     schema_registry: { url: http://registry:8081 }
 //!     # schema: schemas/out.avsc   # the writer schema; derived from the columns by default
-//!     # subject: views-by-title-value
+//!     # subject: views-by-title-value      # or subject_strategy: record | topic_record
 //! ```
 //! The writer schema is the given `.avsc` (its fields matched to columns by name) or one
 //! derived from the output's columns (nullable columns as `["null", T]` unions, structs as
@@ -36,7 +36,7 @@ use serde::Deserialize;
 use sluice_engine::{Error, Result};
 
 use super::shape::Shape;
-use super::{RegistryConfig, SchemaRegistry, stats};
+use super::{RegistryConfig, SchemaRegistry, SubjectStrategy, stats};
 
 /// `avro:` of a Kafka sink.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,8 +47,12 @@ pub struct AvroSinkConfig {
     pub schema: Option<PathBuf>,
     /// Where the schema is registered.
     pub schema_registry: RegistryConfig,
-    /// The subject to register under (default `{topic}-value`).
+    /// The subject to register under (default: as `subject_strategy` names it).
     pub subject: Option<String>,
+    /// How the subject is named when `subject` is not given: `topic` (`{topic}-value`,
+    /// the default), `record` (the record's full name) or `topic_record`.
+    #[serde(default)]
+    pub subject_strategy: SubjectStrategy,
     /// The id of a schema already registered: messages carry it, nothing is registered.
     /// Without `schema`, the schema is fetched by this id.
     pub schema_id: Option<u32>,
@@ -114,6 +118,19 @@ fn derive(columns: &Schema, name: &str) -> Result<AvroSchema> {
         .map_err(|e| Error::Internal(format!("arrow-avro's schema JSON: {e}")))?;
     default_nulls(&mut json);
     Ok(AvroSchema::new(json.to_string()))
+}
+
+/// The full name of the record an Avro schema's JSON declares (`namespace.name`), for
+/// the record name strategies.
+fn full_name(json: &str) -> String {
+    let schema: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let name = schema["name"].as_str().unwrap_or_default();
+    match schema["namespace"].as_str() {
+        Some(namespace) if !namespace.is_empty() && !name.contains('.') => {
+            format!("{namespace}.{name}")
+        }
+        _ => name.to_string(),
+    }
 }
 
 /// Gives every field of a record (nested ones too) whose type is a union starting with
@@ -187,10 +204,15 @@ impl AvroEncoder {
         };
         let mut encoder = AvroEncoder {
             registry: SchemaRegistry::new(&config.schema_registry)?,
-            subject: config
-                .subject
-                .clone()
-                .unwrap_or_else(|| format!("{topic}-value")),
+            subject: match &config.subject {
+                Some(subject) => subject.clone(),
+                None => {
+                    let named = writer.as_ref().unwrap_or(&derived);
+                    config
+                        .subject_strategy
+                        .subject(topic, &full_name(&named.json_string))
+                }
+            },
             columns: Arc::new(columns),
             derived,
             writer: None,

@@ -15,6 +15,7 @@ fn config(schema: Option<PathBuf>) -> AvroSinkConfig {
         schema,
         schema_registry: RegistryConfig::at("http://127.0.0.1:9"),
         subject: None,
+        subject_strategy: SubjectStrategy::Topic,
         schema_id: None,
     }
 }
@@ -355,4 +356,40 @@ fn derived_nullable_fields_default_to_null() {
     assert_eq!(user["default"], serde_json::Value::Null);
     assert!(user.get("default").is_some(), "{user}");
     assert!(json["fields"][0].get("default").is_none());
+}
+
+/// The subject a writer schema registers under, by each strategy: the topic's, the
+/// record's full name (namespace and name of a given `.avsc`), or both.
+#[test]
+fn subject_strategies_name_the_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("order.avsc");
+    std::fs::write(
+        &path,
+        r#"{"type":"record","name":"Order","namespace":"shop","fields":[{"name":"id","type":"long"}]}"#,
+    )
+    .unwrap();
+    let input = Schema::new(vec![Field::new("id", DataType::Int64, false)]);
+    for (strategy, want) in [
+        (SubjectStrategy::Topic, "orders-value"),
+        (SubjectStrategy::Record, "shop.Order"),
+        (SubjectStrategy::TopicRecord, "orders-shop.Order"),
+    ] {
+        let mut config = config(Some(path.clone()));
+        config.subject_strategy = strategy;
+        let encoder = AvroEncoder::open(&config, "orders", &input).unwrap();
+        assert_eq!(encoder.subject, want, "{strategy:?}");
+    }
+    // Derived from the columns, the record is named after the topic.
+    let mut derived = config(None);
+    derived.subject_strategy = SubjectStrategy::Record;
+    let encoder = AvroEncoder::open(&derived, "orders", &input).unwrap();
+    assert_eq!(encoder.subject, "orders");
+    // A given subject is used as it is.
+    let mut given = config(None);
+    given.subject = Some("mine".into());
+    assert_eq!(
+        AvroEncoder::open(&given, "orders", &input).unwrap().subject,
+        "mine"
+    );
 }

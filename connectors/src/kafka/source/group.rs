@@ -211,34 +211,7 @@ impl GroupContext {
             ));
             partitions.live.insert(key, buffer.clone());
             let reader = KafkaReader {
-                decoder: match (&self.shared.avro, &self.shared.debezium) {
-                    _ if self.shared.protobuf.is_some() => {
-                        Payloads::Protobuf(ProtobufDecoder::new(
-                            self.shared.protobuf.clone().expect("some"),
-                            self.shared.max_record,
-                        ))
-                    }
-                    (Some(format), Some((table, config))) => {
-                        Payloads::Debezium(DebeziumDecoder::avro(
-                            format.clone(),
-                            table,
-                            config,
-                            self.shared.max_record,
-                        ))
-                    }
-                    (Some(format), None) => {
-                        Payloads::Avro(AvroDecoder::new(format.clone(), self.shared.max_record))
-                    }
-                    (None, Some((table, config))) => Payloads::Debezium(DebeziumDecoder::new(
-                        table,
-                        config,
-                        self.shared.max_record,
-                    )),
-                    (None, None) => Payloads::Json(
-                        JsonDecoder::new(self.shared.records.clone())
-                            .with_max_record(self.shared.max_record),
-                    ),
-                },
+                decoder: self.shared.format.decoder(),
                 schema: self.shared.schema.clone(),
                 buffer,
                 shared: self.shared.clone(),

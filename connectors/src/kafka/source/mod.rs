@@ -56,11 +56,7 @@ use sluice_engine::{Error, ErrorClass, Result};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{KafkaSourceConfig, StartFrom};
-use crate::avro::{AvroDecoder, AvroFormat};
-use crate::debezium::DebeziumDecoder;
-use crate::json::JsonDecoder;
-use crate::protobuf::{ProtobufDecoder, ProtobufFormat};
-use crate::stream::MessageFormat;
+use crate::format::{Payloads, SourceFormat};
 
 /// How long a revoke waits for the engine to drain a partition before letting it go
 /// anyway (its records are then read again by the next owner: duplicates, not loss).
@@ -92,40 +88,9 @@ impl KafkaSource {
     /// With `dead_letters`, messages that do not decode become dead letters; without, the
     /// first one stops the run.
     pub fn new(config: KafkaSourceConfig, batch_size: usize, dead_letters: bool) -> Result<Self> {
-        let avro = match (&config.format, &config.avro) {
-            (MessageFormat::Avro | MessageFormat::Debezium, Some(avro)) => {
-                Some(Arc::new(AvroFormat::open(avro, &config.topics)?))
-            }
-            (MessageFormat::Avro, None) => {
-                return Err(Error::Plan("`format: avro` needs `avro:`".into()));
-            }
-            _ => None,
-        };
-        let debezium = match (config.format, &avro) {
-            (MessageFormat::Debezium, None) => Some((
-                config.schema.to_arrow(),
-                config.debezium.clone().unwrap_or_default(),
-            )),
-            // Debezium's Avro envelopes: the table is the envelope's `after` record.
-            (MessageFormat::Debezium, Some(format)) => Some((
-                Arc::new(crate::debezium::table_of(&format.records())?),
-                config.debezium.clone().unwrap_or_default(),
-            )),
-            _ => None,
-        };
-        let protobuf = match (&config.format, &config.protobuf) {
-            (MessageFormat::Protobuf, Some(p)) => Some(Arc::new(ProtobufFormat::open(p)?)),
-            (MessageFormat::Protobuf, None) => {
-                return Err(Error::Plan("`format: protobuf` needs `protobuf:`".into()));
-            }
-            _ => None,
-        };
-        let records = match (&avro, &debezium) {
-            _ if protobuf.is_some() => protobuf.as_ref().expect("some").records(),
-            (_, Some((table, _))) => crate::debezium::records_schema(table),
-            (Some(format), None) => format.records(),
-            (None, None) => config.schema.to_arrow(),
-        };
+        let max_record = usize::try_from(config.max_record_size.0).unwrap_or(usize::MAX);
+        let format = SourceFormat::open(&config.format_keys(), max_record)?;
+        let records = format.records();
         let schema = batch::with_metadata_fields(
             &records,
             &batch::metadata_fields_with(&[
@@ -135,14 +100,10 @@ impl KafkaSource {
         )?;
         let (tx, events) = mpsc::unbounded_channel();
         let shared = Arc::new(GroupState {
-            avro,
-            protobuf,
-            debezium,
-            records,
+            format,
             schema: schema.clone(),
             start_from: config.start_from.clone(),
             batch_size: batch_size.max(1),
-            max_record: usize::try_from(config.max_record_size.0).unwrap_or(usize::MAX),
             dead_letters,
             checkpointed: Mutex::default(),
             checkpoint_first: AtomicBool::new(false),
@@ -310,18 +271,11 @@ fn kafka_error(doing: &str, e: &KafkaError) -> Error {
 /// State shared by the source, the polling thread (and its rebalance callbacks), the
 /// partition readers and the commit hook.
 struct GroupState {
-    /// `format: avro`: the reader schema and the writer schemas fetched so far.
-    avro: Option<Arc<AvroFormat>>,
-    /// `format: protobuf`: the message type and the writer schemas fetched so far.
-    protobuf: Option<Arc<ProtobufFormat>>,
-    /// `format: debezium`: the table's columns, and what tombstones become.
-    debezium: Option<(SchemaRef, crate::debezium::DebeziumConfig)>,
-    records: SchemaRef,
+    /// How payloads decode: the reader schema and the writer schemas fetched so far.
+    format: SourceFormat,
     schema: SchemaRef,
     start_from: StartFrom,
     batch_size: usize,
-    /// The largest payload decoded (`max_record_size`).
-    max_record: usize,
     /// Messages that do not decode become dead letters instead of stopping the run.
     dead_letters: bool,
     /// Per partition name, the next offset to read according to this pipeline's

@@ -2,56 +2,6 @@
 
 use super::*;
 
-/// How a partition's payloads are decoded.
-pub(super) enum Payloads {
-    Json(JsonDecoder),
-    Avro(AvroDecoder),
-    Protobuf(ProtobufDecoder),
-    Debezium(DebeziumDecoder),
-}
-
-/// What a chunk's payloads decoded to.
-struct Decoded {
-    records: RecordBatch,
-    /// Messages that did not decode, by index (ascending), with why.
-    bad: Vec<(usize, String)>,
-    /// Messages that hold no record (Debezium tombstones), by index (ascending).
-    skipped: Vec<usize>,
-}
-
-impl Payloads {
-    /// Decodes what decodes of `payloads` (the messages of `chunk`), naming the rest.
-    fn decode_each(&mut self, chunk: &Chunk, payloads: &[&[u8]]) -> Result<Decoded> {
-        let tombstone = |i: usize| !chunk.has_payload[i];
-        let (records, bad, skipped) = match self {
-            Payloads::Json(json) => {
-                let (records, bad) = json.decode_each(payloads);
-                let records = records.map_err(|e| {
-                    Error::Internal(format!("decoding records that decoded alone: {}", e.reason))
-                })?;
-                (records, bad, Vec::new())
-            }
-            Payloads::Avro(avro) => {
-                let (records, bad) = avro.decode_each(payloads);
-                (records?, bad, Vec::new())
-            }
-            Payloads::Protobuf(protobuf) => {
-                let (records, bad) = protobuf.decode_each(payloads, tombstone);
-                (records?, bad, Vec::new())
-            }
-            Payloads::Debezium(debezium) => {
-                let decoded = debezium.decode_each(payloads, tombstone);
-                (decoded.rows?, decoded.bad, decoded.skipped)
-            }
-        };
-        Ok(Decoded {
-            records,
-            bad,
-            skipped,
-        })
-    }
-}
-
 /// Reads one partition's buffer and decodes it into batches.
 pub(super) struct KafkaReader {
     pub(super) decoder: Payloads,
@@ -86,22 +36,9 @@ impl KafkaReader {
                 reason,
             }
         };
-        let payloads = || (0..n).map(|i| whole.payload(i));
-        let (records, skipped) = match &mut self.decoder {
-            // JSON's own path: one decode, and the first bad record's error as it says it.
-            Payloads::Json(json) => (
-                json.decode(payloads())
-                    .map_err(|e| bad(e.index, e.reason))?,
-                Vec::new(),
-            ),
-            decoder => {
-                let decoded = decoder.decode_each(whole, &payloads().collect::<Vec<_>>())?;
-                if let Some((i, reason)) = decoded.bad.into_iter().next() {
-                    return Err(bad(Some(i), reason));
-                }
-                (decoded.records, decoded.skipped)
-            }
-        };
+        let payloads: Vec<&[u8]> = (0..n).map(|i| whole.payload(i)).collect();
+        let tombstone = |i: usize| !whole.has_payload[i];
+        let (records, skipped) = self.decoder.decode_all(&payloads, tombstone, bad)?;
         if skipped.is_empty() {
             self.assemble(records, whole, offsets, Vec::new())
         } else {
@@ -135,15 +72,13 @@ impl KafkaReader {
     pub(super) fn envelope_keeping_bad(&mut self, chunk: Chunk) -> Result<Envelope> {
         let n = chunk.len();
         let payloads: Vec<&[u8]> = (0..n).map(|i| chunk.payload(i)).collect();
-        let Decoded {
-            records,
-            bad,
-            skipped,
-        } = self.decoder.decode_each(&chunk, &payloads)?;
+        let decoded = self
+            .decoder
+            .decode_each(&payloads, |i| !chunk.has_payload[i])?;
         let offsets = chunk.offsets[0]..chunk.offsets[n - 1] + 1;
-        let mut dead = Vec::with_capacity(bad.len());
+        let mut dead = Vec::with_capacity(decoded.bad.len());
         let now = sluice_engine::dead_letter::now_ms();
-        for (i, reason) in &bad {
+        for (i, reason) in &decoded.bad {
             dead.push(DeadLetter {
                 stage: SOURCE_STAGE.into(),
                 class: ErrorClass::Decode,
@@ -160,14 +95,13 @@ impl KafkaReader {
             });
         }
         // Rows only for the messages neither bad nor skipped (Debezium tombstones).
-        let chunk = if bad.is_empty() && skipped.is_empty() {
+        let gone = decoded.gone();
+        let chunk = if gone.is_empty() {
             chunk
         } else {
-            let mut gone: Vec<usize> = bad.iter().map(|b| b.0).chain(skipped).collect();
-            gone.sort_unstable();
             chunk.without(&gone)
         };
-        self.assemble(records, &chunk, offsets, dead)
+        self.assemble(decoded.records, &chunk, offsets, dead)
     }
 
     /// `_partition _offset _key _timestamp _topic _headers`
@@ -240,12 +174,7 @@ impl PartitionReader for KafkaReader {
                 // Writer schemas first: fetched (waiting for the registry) before
                 // decoding. Cancel safe: the chunk stays held until it is decoded.
                 let payloads = (0..chunk.len()).map(|i| chunk.payload(i));
-                match &mut self.decoder {
-                    Payloads::Avro(avro) => avro.prepare(payloads).await?,
-                    Payloads::Protobuf(protobuf) => protobuf.prepare(payloads).await?,
-                    Payloads::Debezium(debezium) => debezium.prepare(payloads).await?,
-                    Payloads::Json(_) => {}
-                }
+                self.decoder.prepare(payloads).await?;
                 let chunk = self.held.take().expect("held above");
                 return self.envelope(chunk).map(Some);
             }
