@@ -38,7 +38,8 @@ use sluice_engine::{Error, Result};
 use crate::avro::{AvroDecoder, AvroFormat};
 use crate::json::JsonDecoder;
 
-/// `debezium:` of a Kafka source.
+/// `debezium:` of a Kafka or Kinesis source (Kinesis has no null records: on Kinesis
+/// `tombstones` never applies, and an empty record is a dead letter).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DebeziumConfig {

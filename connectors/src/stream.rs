@@ -44,10 +44,10 @@ pub fn kinesis_start_from<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Sta
     StartFrom::read(&String::deserialize(de)?, "trim_horizon").map_err(serde::de::Error::custom)
 }
 
-/// The payload format: `json` (one JSON object per record), `avro` (Confluent-framed
-/// Avro, Kafka only: see [`crate::avro`]), `protobuf` (plain or Confluent-framed, Kafka
-/// sources only: see [`crate::protobuf`]) or `debezium` (change events in Debezium's JSON
-/// envelope, Kafka sources only: see [`crate::debezium`]).
+/// The payload format of a Kafka or Kinesis source or sink: `json` (one JSON object per
+/// record), `avro` (Confluent-framed Avro: see [`crate::avro`]), `protobuf` (plain or
+/// Confluent-framed: see [`crate::protobuf`]) or, for sources, `debezium` (change events
+/// in Debezium's JSON or Avro envelope: see [`crate::debezium`]); see [`crate::format`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageFormat {

@@ -520,3 +520,29 @@ fn dead_letters_never_write_the_sinks_files() {
         assert!(said.contains(&want), "{command}:\n{said}");
     }
 }
+
+/// The format keys are checked alike on Kafka and Kinesis, at their lines.
+#[test]
+fn format_keys_are_checked_on_kinesis_as_on_kafka() {
+    let yaml = "name: x
+source:
+  type: kinesis
+  stream: s
+  format: avro
+sink:
+  type: kinesis
+  stream: t
+  format: avro
+  avro:
+    schema_registry: { url: \"http://127.0.0.1:8081\" }
+    subject: mine
+    subject_strategy: record
+";
+    assert_eq!(
+        problems(yaml),
+        [
+            "source.format: `format: avro` needs `avro: { schema_registry: { url } }` (and `schema: FILE.avsc`, else the registry's latest version is the reader schema) (x.yaml:5:11)",
+            "sink.avro: give `subject` or `subject_strategy`, not both (x.yaml:11:5)",
+        ]
+    );
+}

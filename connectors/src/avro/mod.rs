@@ -41,7 +41,7 @@ pub use encode::{AvroEncoder, AvroSinkConfig};
 pub use registry::{Latest, RegistryConfig, SchemaRegistry, SubjectStrategy};
 pub use stats::{IdCounts, SchemaStats, stats};
 
-/// `avro:` of a Kafka source.
+/// `avro:` of a Kafka or Kinesis source.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AvroConfig {

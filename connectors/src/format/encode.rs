@@ -43,6 +43,19 @@ impl Encoded {
         self.ends.push(self.bytes.len());
     }
 
+    /// Fails unless there is a slot for each of `rows`: a row without one would be
+    /// acknowledged and written nowhere.
+    pub fn check_slots(&self, rows: usize) -> Result<()> {
+        if self.ends.len() == rows {
+            Ok(())
+        } else {
+            Err(Error::Internal(format!(
+                "{rows} rows encoded into {} payloads",
+                self.ends.len()
+            )))
+        }
+    }
+
     /// The payloads, a slot per row in order.
     pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
         let mut start = 0;
@@ -90,6 +103,16 @@ impl Encoding {
         refused: &mut Vec<(u32, String)>,
     ) -> Result<()> {
         out.clear();
+        self.encode_rows(batch, out, refused).await?;
+        out.check_slots(batch.num_rows())
+    }
+
+    async fn encode_rows(
+        &mut self,
+        batch: &RecordBatch,
+        out: &mut Encoded,
+        refused: &mut Vec<(u32, String)>,
+    ) -> Result<()> {
         match self {
             Encoding::Protobuf(protobuf) => {
                 protobuf

@@ -162,6 +162,23 @@ impl SinkKeys<'_> {
                 );
             }
         }
+        // What names a subject, where nothing is registered.
+        let unregistered = self.avro.is_some_and(|a| a.schema_id.is_some())
+            || self.protobuf.is_some_and(|p| p.schema_registry.is_none());
+        let named = self.avro.map(|a| (a.subject.is_some(), a.subject_strategy));
+        let named = named.or(self
+            .protobuf
+            .map(|p| (p.subject.is_some(), p.subject_strategy)));
+        if unregistered
+            && named.is_some_and(|(s, strategy)| s || strategy != SubjectStrategy::Topic)
+        {
+            problems.at_key(
+                node,
+                path,
+                if self.avro.is_some() { "avro" } else { "protobuf" },
+                "`subject` and `subject_strategy` name where a schema is registered: nothing is (a pinned `schema_id`, or no `schema_registry`)",
+            );
+        }
         match (self.format, self.avro) {
             (MessageFormat::Json, None) | (MessageFormat::Protobuf, _) => {}
             (MessageFormat::Debezium, _) => problems.at_key(

@@ -37,7 +37,7 @@ use super::columns::fields_of;
 use super::{ProtobufConfig, ProtobufFormat};
 use crate::avro::{RegistryConfig, SchemaRegistry, SubjectStrategy, stats};
 
-/// `protobuf:` of a Kafka sink.
+/// `protobuf:` of a Kafka or Kinesis sink.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProtobufSinkConfig {

@@ -38,7 +38,7 @@ use crate::avro::{RegistryConfig, SchemaRegistry};
 pub use decode::ProtobufDecoder;
 pub use encode::{ProtobufEncoder, ProtobufSinkConfig};
 
-/// `protobuf:` of a Kafka source.
+/// `protobuf:` of a Kafka or Kinesis source.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProtobufConfig {

@@ -38,7 +38,7 @@ use sluice_engine::{Error, Result};
 use super::shape::Shape;
 use super::{RegistryConfig, SchemaRegistry, SubjectStrategy, stats};
 
-/// `avro:` of a Kafka sink.
+/// `avro:` of a Kafka or Kinesis sink.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AvroSinkConfig {
@@ -50,7 +50,8 @@ pub struct AvroSinkConfig {
     /// The subject to register under (default: as `subject_strategy` names it).
     pub subject: Option<String>,
     /// How the subject is named when `subject` is not given: `topic` (`{topic}-value`,
-    /// the default), `record` (the record's full name) or `topic_record`.
+    /// the default), `record` (the record's full name: the `.avsc`'s; a schema derived
+    /// from the columns is a record named after the topic) or `topic_record`.
     #[serde(default)]
     pub subject_strategy: SubjectStrategy,
     /// The id of a schema already registered: messages carry it, nothing is registered.
@@ -111,7 +112,7 @@ fn derive(columns: &Schema, name: &str) -> Result<AvroSchema> {
     named.metadata.insert("avro.name".into(), name.into());
     let schema = AvroSchema::try_from(&named).map_err(|e| {
         Error::Plan(format!(
-            "the output's columns as an Avro schema (topic `{name}`): {e}"
+            "the output's columns as an Avro schema (for `{name}`): {e}"
         ))
     })?;
     let mut json: serde_json::Value = serde_json::from_str(&schema.json_string)
@@ -122,15 +123,20 @@ fn derive(columns: &Schema, name: &str) -> Result<AvroSchema> {
 
 /// The full name of the record an Avro schema's JSON declares (`namespace.name`), for
 /// the record name strategies.
-fn full_name(json: &str) -> String {
-    let schema: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-    let name = schema["name"].as_str().unwrap_or_default();
-    match schema["namespace"].as_str() {
+fn full_name(json: &str) -> Result<String> {
+    let schema: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Error::Internal(format!("a writer schema that is not JSON: {e}")))?;
+    let Some(name) = schema["name"].as_str().filter(|n| !n.is_empty()) else {
+        return Err(Error::Plan(
+            "the writer schema is not a named record: no record name to name its subject by".into(),
+        ));
+    };
+    Ok(match schema["namespace"].as_str() {
         Some(namespace) if !namespace.is_empty() && !name.contains('.') => {
             format!("{namespace}.{name}")
         }
         _ => name.to_string(),
-    }
+    })
 }
 
 /// Gives every field of a record (nested ones too) whose type is a union starting with
@@ -210,7 +216,7 @@ impl AvroEncoder {
                     let named = writer.as_ref().unwrap_or(&derived);
                     config
                         .subject_strategy
-                        .subject(topic, &full_name(&named.json_string))
+                        .subject(topic, &full_name(&named.json_string)?)
                 }
             },
             columns: Arc::new(columns),
