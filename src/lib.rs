@@ -12,7 +12,10 @@ pub mod metrics;
 pub mod plan;
 pub mod status;
 pub mod supervise;
+pub mod tap;
 pub mod testing;
+pub mod top;
+mod top_ui;
 
 use std::sync::Arc;
 

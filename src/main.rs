@@ -46,6 +46,10 @@ enum Command {
         /// Partitions move between them with their state, through the checkpoint directory.
         #[arg(long, value_name = "N|auto", conflicts_with = "workers")]
         processes: Option<Count>,
+        /// Serve taps at http://ADDR/tap on the metrics address: `sluice tap` prints the
+        /// rows of a stage as they go by (off by default).
+        #[arg(long, requires = "metrics_addr")]
+        tap: bool,
     },
     /// Run the pipeline as one worker process (a member of its Kafka consumer group, or
     /// sharing its Kinesis stream's shards by leases in the checkpoint directory), started
@@ -66,6 +70,42 @@ enum Command {
         /// Ignore the `scaling:` section (the supervisor scales processes by it).
         #[arg(long, hide = true)]
         no_scaling: bool,
+        /// Serve taps at http://ADDR/tap on the metrics address (off by default).
+        #[arg(long, requires = "metrics_addr")]
+        tap: bool,
+    },
+    /// Watch running pipelines: stages, partitions and workers, refreshed every second,
+    /// from their metrics addresses (`--metrics-addr`). Keys: q quits, s sorts the
+    /// stages, tab switches between pipelines. Not on a terminal (or with --once), prints
+    /// one plain-text snapshot.
+    Top {
+        /// Metrics addresses (HOST:PORT or a port on this machine) of `sluice run` or
+        /// `sluice worker` processes, or of a `--processes` supervisor (its members are
+        /// found from it). Default: 127.0.0.1:9898.
+        addrs: Vec<String>,
+        /// Print one snapshot (two scrapes a second apart) as plain text and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Print the rows leaving a stage of a running pipeline (run with --metrics-addr and
+    /// --tap) as JSON lines: `sink` for the rows reaching the sink, `dead_letters` for
+    /// failed records. A tap never slows the pipeline: rows it cannot keep up with are
+    /// skipped and counted.
+    Tap {
+        /// The pipeline's metrics address (HOST:PORT, or a port on this machine).
+        addr: String,
+        /// The stage (or `sink`, `sink.NAME`, `dead_letters`).
+        #[arg(long)]
+        stage: String,
+        /// Only rows for which this SQL predicate holds (`country = 'fr' AND n > 3`).
+        #[arg(long = "where", value_name = "SQL")]
+        filter: Option<String>,
+        /// Stop after this many rows.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// At most this many rows a second (the rest skipped and counted): `--rate 100/s`.
+        #[arg(long, value_name = "N/s", value_parser = per_second)]
+        rate: Option<f64>,
     },
     /// Check pipeline files and print every problem.
     Validate {
@@ -168,6 +208,15 @@ impl DlqFilter {
     }
 }
 
+/// `--rate 100/s` (or `100`): rows a second.
+fn per_second(text: &str) -> Result<f64, String> {
+    let n = text.strip_suffix("/s").unwrap_or(text);
+    match n.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 => Ok(n),
+        _ => Err(format!("`{text}` is not a rate such as 100/s")),
+    }
+}
+
 /// Exit codes: 0 success, 1 the pipeline failed or a test failed, 2 the file has problems.
 const FAILED: u8 = 1;
 const INVALID: u8 = 2;
@@ -239,13 +288,15 @@ fn main() -> ExitCode {
                 quiet,
                 metrics_addr,
                 processes: None,
-            } => run(file, workers, quiet, metrics_addr, None).await,
+                tap,
+            } => run(file, workers, quiet, (metrics_addr, tap), None).await,
             Command::Worker {
                 file,
                 member,
                 workers,
                 metrics_addr,
                 no_scaling,
+                tap,
             } => {
                 let member = member
                     .or_else(|| std::env::var("SLUICE_MEMBER").ok())
@@ -255,9 +306,32 @@ fn main() -> ExitCode {
                     name: member,
                     scaled: !no_scaling,
                 };
-                run(file, workers, true, metrics_addr, Some(member)).await
+                run(file, workers, true, (metrics_addr, tap), Some(member)).await
             }
             Command::Validate { files } => validate(files).await,
+            Command::Top { addrs, once } => match sluice::top::run(&addrs, once).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    FAILED
+                }
+            },
+            Command::Tap {
+                addr,
+                stage,
+                filter,
+                limit,
+                rate,
+            } => {
+                let addr = sluice::top::address(&addr);
+                match sluice::tap::client(&addr, &stage, filter.as_deref(), limit, rate).await {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        FAILED
+                    }
+                }
+            }
             Command::Test { files } => test(files).await,
             Command::Dlq { command } => dlq(command).await,
             Command::Bench {
@@ -468,7 +542,7 @@ async fn run(
     file: PathBuf,
     workers: Option<Count>,
     quiet: bool,
-    metrics_addr: Option<std::net::SocketAddr>,
+    (metrics_addr, tap): (Option<std::net::SocketAddr>, bool),
     member: Option<Member>,
 ) -> u8 {
     let config = match load(&file) {
@@ -508,6 +582,7 @@ async fn run(
             &config.name,
             stats.clone(),
             breakers,
+            tap,
             status_done.clone(),
         ) {
             eprintln!("error: {e}");

@@ -23,7 +23,9 @@
 //! | `sluice_lag_records` (the sum over this process's partitions) | pipeline |
 //! | `sluice_workers`, `sluice_workers_desired` (worker tasks running, and wanted) | pipeline |
 //! | `sluice_autoscaler_decisions_total` | pipeline, direction (up, down) |
+//! | `sluice_autoscaler_last_decision_seconds` (when the last decision was taken, seconds since the epoch; worker tasks, or worker processes on a supervisor) | pipeline, direction, from, to, reason |
 //! | `sluice_worker_processes`, `sluice_worker_processes_desired` (worker processes of `sluice run --processes`, running and wanted; set by the supervisor) | pipeline |
+//! | `sluice_member_metrics` (1 for each running worker process of a supervisor that serves metrics: where the member serves its own, the supervisor's port + 1 + its slot) | pipeline, member, addr |
 //! | `sluice_group_lag_records` (the consumer group's lag summed over its partitions, as the supervisor reads it from the broker) | pipeline |
 //! | `sluice_group_lag_ms` (Kinesis: the shards' `MillisBehindLatest` summed, as the supervisor reads it from the members' leases) | pipeline |
 //! | `sluice_output_rows_total` (rows written to each output) | pipeline, output |
@@ -32,6 +34,14 @@
 //! | `sluice_schema_cache_hits_total` (Avro messages read whose writer schema the process already held) | pipeline |
 //! | `sluice_schema_records_total` (Avro records per schema id: `decoded`, `refused` — its schema does not resolve, or the value does not decode —, `encoded` by a sink) | pipeline, schema_id, outcome |
 //! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
+//! | `sluice_stage_busy_seconds_total` (time in the stage's calls), `sluice_stage_back_pressured_seconds_total` (time its rows waited for the stages after it and the sink task), `sluice_stage_cpu_seconds_total` (thread CPU time of its calls) | pipeline, stage |
+//! | `sluice_stage_position` (the stage's place in the pipeline file, from 0: `sluice top` lists stages in this order) | pipeline, stage |
+//! | `sluice_worker_seconds_total` (the worker tasks' time alive, summed: a stage's busy fraction is `rate(busy) / rate(worker seconds)`, its idle fraction what busy and back-pressured leave) | pipeline |
+//! | `sluice_source_cpu_seconds_total` (CPU of the partition readers' reads: decoding), `sluice_source_back_pressured_seconds_total` (time they waited for a worker to take a batch), `sluice_reader_seconds_total` (their time alive) | pipeline |
+//! | `sluice_output_cpu_seconds_total` (CPU of each output's writes and flushes) | pipeline, output |
+//! | `sluice_queue_batches` (batches waiting in the workers' queues, `queue="workers"`, and in the sink task's, `queue="sink"`) | pipeline, queue |
+//! | `sluice_process_cpu_seconds_total` (the process's CPU time, every thread) | pipeline |
+//! | `sluice_tap_rows_total` (rows copied to `sluice tap` readers), `sluice_tap_skipped_rows_total` (rows a tap reader missed: it was behind) | pipeline, point (a stage, `sink`, `dead_letters`) |
 //! | `sluice_checkpoint_state_bytes` (stage state the last checkpoint wrote) | pipeline |
 //!
 //! A partition's lag is what a consumer group tool shows for it: the broker's log end
@@ -65,28 +75,50 @@ const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Serves `/metrics` on `addr` and keeps it current until `done`.
+/// Serves `/metrics` on `addr` (and with `tap`, `/tap`: see [`crate::tap`]) and keeps it
+/// current until `done`.
+///
+/// The server and the publishing run on a thread of their own: stages that hold the
+/// pipeline's threads for long polls (a CPU-bound SQL stage) would otherwise leave
+/// `/metrics` unanswered for seconds.
 pub fn serve(
     addr: SocketAddr,
     pipeline: &str,
     stats: Arc<RunStats>,
     breakers: Vec<Option<Arc<Breaker>>>,
+    tap: bool,
     done: CancellationToken,
 ) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let handle = PrometheusBuilder::new()
         .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .set_buckets_for_metric(
             Matcher::Suffix("_duration_seconds".into()),
             DURATION_BUCKETS,
         )
-        .and_then(|b| b.install())
+        .and_then(|b| b.install_recorder())
         .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+    let render = handle.clone();
+    let mut app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(render.render())),
+    );
+    if tap {
+        app = app.route(
+            "/tap",
+            axum::routing::get(crate::tap::serve).with_state(stats.clone()),
+        );
+    }
     let reach = match addr.ip().is_loopback() {
         true => "this machine only",
         false => "open to other machines",
     };
     eprintln!("metrics: http://{addr}/metrics ({reach})");
+    if tap {
+        eprintln!("taps: sluice tap {addr} --stage NAME ({reach})");
+    }
     let pipeline = pipeline.to_string();
     // Durations go to their histograms as they are recorded.
     for s in &stats.stages {
@@ -100,7 +132,7 @@ pub fn serve(
         "sluice_checkpoint_duration_seconds",
         "pipeline" => pipeline.clone()
     ));
-    tokio::spawn(async move {
+    let publishing = async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -111,7 +143,36 @@ pub fn serve(
                 }
             }
         }
-    });
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("sluice-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(listener, app).await {
+                                tracing::warn!("the metrics server stopped: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!("serving metrics on {addr}: {e}"),
+                }
+                // What the exporter's own listener would do: drop idle gauges.
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        handle.run_upkeep();
+                    }
+                });
+                publishing.await;
+                // Answering until the process ends.
+                std::future::pending::<()>().await;
+            });
+        })?;
     Ok(())
 }
 
@@ -141,6 +202,9 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         .absolute(get(&stats.scaled_up));
     counter!("sluice_autoscaler_decisions_total", "pipeline" => p.clone(), "direction" => "down")
         .absolute(get(&stats.scaled_down));
+    if let Some((at, decision)) = &*stats.last_decision.lock().expect("decision lock") {
+        publish_decision(&p, *at, decision);
+    }
     gauge!("sluice_checkpoint_state_bytes", "pipeline" => p.clone())
         .set(get(&stats.checkpoint_state_bytes) as f64);
     for o in stats.outputs() {
@@ -149,6 +213,7 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
         // Seconds with their fraction: a gauge holds a float (it only grows).
         gauge!("sluice_output_busy_seconds_total", &labels).set(get(&o.busy_nanos) as f64 / 1e9);
     }
+    publish_time(&p, stats);
     publish_schemas(&p);
     let mut stage_dead = 0;
     for (i, s) in stats.stages.iter().enumerate() {
@@ -184,6 +249,64 @@ fn publish(pipeline: &str, stats: &RunStats, breakers: &[Option<Arc<Breaker>>]) 
     }
     counter!("sluice_stage_failures_total", "pipeline" => p, "stage" => SOURCE_STAGE, "class" => ErrorClass::Decode.as_str())
         .absolute(get(&stats.records_dead_lettered).saturating_sub(stage_dead));
+}
+
+/// The autoscaler's last decision: when (seconds since the epoch), labelled with what it
+/// did and why.
+pub fn publish_decision(p: &str, at: u64, decision: &sluice_engine::autoscale::Decision) {
+    gauge!(
+        "sluice_autoscaler_last_decision_seconds",
+        "pipeline" => p.to_string(),
+        "direction" => decision.direction(),
+        "from" => decision.from.to_string(),
+        "to" => decision.to.to_string(),
+        "reason" => decision.reason.clone()
+    )
+    .set(at as f64);
+}
+
+/// Where time goes (see `sluice_engine::busy`): seconds as gauges that only grow (the
+/// counters of the `metrics` crate hold integers).
+fn publish_time(p: &str, stats: &RunStats) {
+    let seconds = |nanos: u64| nanos as f64 / 1e9;
+    let get = RunStats::get;
+    for (i, s) in stats.stages.iter().enumerate() {
+        let labels = [("pipeline", p.to_string()), ("stage", s.name.to_string())];
+        gauge!("sluice_stage_position", &labels).set(i as f64);
+        gauge!("sluice_stage_busy_seconds_total", &labels).set(seconds(get(&s.busy_nanos)));
+        gauge!("sluice_stage_back_pressured_seconds_total", &labels)
+            .set(seconds(get(&s.back_pressured_nanos)));
+        gauge!("sluice_stage_cpu_seconds_total", &labels).set(seconds(get(&s.cpu_nanos)));
+    }
+    let pipeline = [("pipeline", p.to_string())];
+    gauge!("sluice_worker_seconds_total", &pipeline).set(seconds(stats.worker_time.nanos()));
+    gauge!("sluice_reader_seconds_total", &pipeline).set(seconds(stats.reader_time.nanos()));
+    gauge!("sluice_source_cpu_seconds_total", &pipeline).set(seconds(get(&stats.source_cpu_nanos)));
+    gauge!("sluice_source_back_pressured_seconds_total", &pipeline)
+        .set(seconds(get(&stats.source_blocked_nanos)));
+    gauge!("sluice_process_cpu_seconds_total", &pipeline)
+        .set(seconds(sluice_engine::busy::process_cpu_nanos()));
+    for o in stats.outputs() {
+        let labels = [("pipeline", p.to_string()), ("output", o.name.to_string())];
+        gauge!("sluice_output_cpu_seconds_total", &labels).set(seconds(get(&o.cpu_nanos)));
+    }
+    if let Some(taps) = stats.taps.get() {
+        for point in taps.points() {
+            let labels = [
+                ("pipeline", p.to_string()),
+                ("point", point.name.to_string()),
+            ];
+            counter!("sluice_tap_rows_total", &labels).absolute(get(&point.rows));
+            counter!("sluice_tap_skipped_rows_total", &labels).absolute(get(&point.skipped));
+        }
+    }
+    for (queue, n) in [
+        ("workers", &stats.queued_for_workers),
+        ("sink", &stats.queued_for_sink),
+    ] {
+        gauge!("sluice_queue_batches", "pipeline" => p.to_string(), "queue" => queue)
+            .set(n.load(std::sync::atomic::Ordering::Relaxed).max(0) as f64);
+    }
 }
 
 /// The schema registry's requests and records per schema id (Avro sources and sinks);

@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice_engine::busy::{self, Split};
 use sluice_engine::executor::RunReport;
 use sluice_engine::stats::RunStats;
 use tokio_util::sync::CancellationToken;
@@ -103,6 +104,18 @@ fn slowest_output(stats: &RunStats, before: &mut Vec<u64>, seconds: f64) -> Stri
     }
 }
 
+/// CPU seconds, and per million `rows` (the self-hosted equivalent of a function's bill).
+fn cpu(nanos: u64, rows: u64) -> String {
+    let seconds = nanos as f64 / 1e9;
+    if rows == 0 {
+        return format!("{seconds:.2}s");
+    }
+    format!(
+        "{seconds:.2}s ({:.3}s per million rows)",
+        seconds * 1e6 / rows as f64
+    )
+}
+
 /// The end-of-run summary: totals, per-stage counts and timings, what the sink wrote.
 pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
     let secs = report.elapsed.as_secs_f64().max(1e-9);
@@ -117,6 +130,7 @@ pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
         report.workers,
     );
     let width = stats.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let workers = stats.worker_time.nanos();
     for s in &stats.stages {
         let ms = |q: f64| s.latency.quantile(q).map_or(0.0, |d| d.as_secs_f64() * 1e3);
         out.push_str(&format!(
@@ -129,6 +143,20 @@ pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
             ms(0.95),
             ms(0.99),
             s.cold_start().as_secs_f64() * 1e3,
+        ));
+        let rows = RunStats::get(&s.rows_in);
+        let split = Split::of(
+            RunStats::get(&s.busy_nanos),
+            RunStats::get(&s.back_pressured_nanos),
+            workers,
+        );
+        out.push_str(&format!(
+            "  {:width$}        busy {:.0}%, back-pressured {:.0}%, idle {:.0}%; CPU {}\n",
+            "",
+            split.busy * 100.0,
+            split.back_pressured * 100.0,
+            split.idle * 100.0,
+            cpu(RunStats::get(&s.cpu_nanos), rows),
         ));
         let (hits, misses) = (RunStats::get(&s.cache_hits), RunStats::get(&s.cache_misses));
         if hits + misses > 0 {
@@ -176,18 +204,50 @@ pub fn summary(name: &str, stats: &RunStats, report: &RunReport) -> String {
             count(decode_dead)
         ));
     }
+    let readers = Split::of(
+        RunStats::get(&stats.source_cpu_nanos),
+        RunStats::get(&stats.source_blocked_nanos),
+        stats.reader_time.nanos(),
+    );
+    out.push_str(&format!(
+        "  source: back-pressured {:.0}% (waiting for a worker); CPU {}\n",
+        readers.back_pressured * 100.0,
+        cpu(RunStats::get(&stats.source_cpu_nanos), rin),
+    ));
     let outputs = stats.outputs();
-    if outputs.len() > 1 {
-        let width = outputs.iter().map(|o| o.name.len()).max().unwrap_or(0);
-        for o in outputs {
+    for o in outputs {
+        out.push_str(&format!(
+            "  output {}: {} rows, busy {:.0}% of the run; CPU {}\n",
+            o.name,
+            count(RunStats::get(&o.rows)),
+            RunStats::get(&o.busy_nanos) as f64 / 1e9 * 100.0 / secs,
+            cpu(RunStats::get(&o.cpu_nanos), RunStats::get(&o.rows)),
+        ));
+    }
+    let measured: u64 = stats
+        .stages
+        .iter()
+        .map(|s| RunStats::get(&s.cpu_nanos))
+        .chain(outputs.iter().map(|o| RunStats::get(&o.cpu_nanos)))
+        .sum::<u64>()
+        + RunStats::get(&stats.source_cpu_nanos);
+    for point in stats.taps.get().iter().flat_map(|t| t.points()) {
+        let (sent, skipped) = (RunStats::get(&point.rows), RunStats::get(&point.skipped));
+        if sent + skipped > 0 {
             out.push_str(&format!(
-                "  output {:width$}  {:>12} rows  busy {:.0}% of the run\n",
-                o.name,
-                count(RunStats::get(&o.rows)),
-                RunStats::get(&o.busy_nanos) as f64 / 1e9 * 100.0 / secs,
+                "  tap {}: {} rows to readers, {} skipped (a reader was behind)\n",
+                point.name,
+                count(sent),
+                count(skipped)
             ));
         }
     }
+    let process = busy::process_cpu_nanos();
+    out.push_str(&format!(
+        "  CPU: {:.2}s in the stages, source and outputs, of {:.2}s the process used\n",
+        measured as f64 / 1e9,
+        process as f64 / 1e9,
+    ));
     out.push_str(&format!("  sink: {}", report.sink));
     out
 }

@@ -58,6 +58,11 @@ struct Supervisor {
     /// Slots whose worker died, with when to start it again and its failure count.
     restarts: BTreeMap<usize, (Instant, u32)>,
     pipeline: String,
+    /// The supervisor's metrics address: worker slot K serves its own on the port K + 1
+    /// above it, and the supervisor lists them (`sluice_member_metrics`) for `sluice top`.
+    metrics_addr: Option<SocketAddr>,
+    /// The autoscaler's last decision, and when (seconds since the epoch).
+    last_decision: Option<(u64, sluice_engine::autoscale::Decision)>,
 }
 
 /// A worker that ran this long before exiting on its own was not crash-looping.
@@ -66,10 +71,15 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 impl Supervisor {
     fn start(&mut self, slot: usize, failures: u32) -> anyhow::Result<()> {
         let member = member_name(slot);
-        let child = Command::new(&self.exe)
+        let mut command = Command::new(&self.exe);
+        command
             .arg("worker")
             .arg(&self.file)
-            .args(["--member", &member, "--no-scaling"])
+            .args(["--member", &member, "--no-scaling"]);
+        if let Some(addr) = self.member_metrics(slot) {
+            command.args(["--metrics-addr", &addr.to_string()]);
+        }
+        let child = command
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting worker process {member}"))?;
@@ -149,9 +159,25 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Where worker slot `slot` serves its metrics, when the supervisor serves its own.
+    fn member_metrics(&self, slot: usize) -> Option<SocketAddr> {
+        let addr = self.metrics_addr?;
+        let port = u16::try_from(usize::from(addr.port()) + 1 + slot).ok()?;
+        Some(SocketAddr::new(addr.ip(), port))
+    }
+
     /// `lag`: the gauge's name and value.
     fn publish(&self, desired: usize, lag: Option<(&'static str, u64)>) {
         let p = self.pipeline.clone();
+        if let Some((at, decision)) = &self.last_decision {
+            crate::metrics::publish_decision(&p, *at, decision);
+        }
+        for slot in self.workers.keys() {
+            if let Some(addr) = self.member_metrics(*slot) {
+                gauge!("sluice_member_metrics", "pipeline" => p.clone(), "member" => member_name(*slot), "addr" => addr.to_string())
+                    .set(1.0);
+            }
+        }
         gauge!("sluice_worker_processes", "pipeline" => p.clone()).set(self.workers.len() as f64);
         gauge!("sluice_worker_processes_desired", "pipeline" => p.clone()).set(desired as f64);
         if let Some((name, lag)) = lag {
@@ -275,6 +301,10 @@ pub async fn supervise(
     if let Some(addr) = metrics_addr {
         PrometheusBuilder::new()
             .with_http_listener(addr)
+            .idle_timeout(
+                metrics_util::MetricKindMask::GAUGE,
+                Some(Duration::from_secs(5)),
+            )
             .install()
             .map_err(|e| anyhow!("serving metrics on {addr}: {e}"))?;
     }
@@ -285,6 +315,8 @@ pub async fn supervise(
         stopping: Vec::new(),
         restarts: BTreeMap::new(),
         pipeline: config.name.clone(),
+        metrics_addr,
+        last_decision: None,
     };
     let policy = config.scaling.as_ref().map_or_else(
         || ScalingPolicy::for_lag(config.source.spec.lag_in_time().is_some()),
@@ -343,6 +375,8 @@ pub async fn supervise(
                         tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: worker processes {}", decision.direction());
                         counter!("sluice_autoscaler_decisions_total", "pipeline" => config.name.clone(), "direction" => decision.direction()).increment(1);
                         supervisor.scale_to(decision.to)?;
+                        let at = sluice_engine::dead_letter::now_ms() as u64 / 1000;
+                        supervisor.last_decision = Some((at, decision));
                     }
                 }
                 Err(e) => {

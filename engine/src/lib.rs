@@ -9,6 +9,7 @@
 pub mod autoscale;
 pub mod batch;
 pub mod breaker;
+pub mod busy;
 pub mod checkpoint;
 pub mod config;
 pub mod connector;
@@ -22,5 +23,6 @@ pub mod source;
 pub mod stage;
 pub mod state;
 pub mod stats;
+pub mod tap;
 
 pub use error::{Error, ErrorClass, Result};

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::busy::TaskTime;
 use crate::source::LogEnd;
+use crate::tap::Taps;
 
 #[derive(Debug, Default)]
 pub struct StageStats {
@@ -42,6 +44,11 @@ pub struct StageStats {
     pub cache_misses: AtomicU64,
     /// Late rows dropped because the pipeline has no dead-letter sink.
     pub late_dropped: AtomicU64,
+    /// Time in the stage's calls (see [`crate::busy`]), and the CPU time of those calls.
+    pub busy_nanos: AtomicU64,
+    pub cpu_nanos: AtomicU64,
+    /// Time the rows the stage produced waited for the stages after it and the sink task.
+    pub back_pressured_nanos: AtomicU64,
 }
 
 impl StageStats {
@@ -176,11 +183,26 @@ pub struct RunStats {
     /// Autoscaler decisions, up and down.
     pub scaled_up: AtomicU64,
     pub scaled_down: AtomicU64,
+    /// The autoscaler's last decision, and when (seconds since the epoch).
+    pub last_decision: Mutex<Option<(u64, crate::autoscale::Decision)>>,
     /// The partitions this process reads, by name, with what their lag is computed from.
     pub partitions: Mutex<BTreeMap<Arc<str>, Arc<PartitionLag>>>,
     pub stages: Vec<StageStats>,
     /// Per output (sink), in the pipeline's order: set once when the run starts.
     pub outputs: std::sync::OnceLock<Vec<OutputStats>>,
+    /// Where time goes (see [`crate::busy`]): the workers' time alive, the partition
+    /// readers' (with the CPU of their reads: decoding, and the time they waited for a
+    /// worker to take a batch), the sink task's.
+    pub worker_time: TaskTime,
+    pub reader_time: TaskTime,
+    pub source_cpu_nanos: AtomicU64,
+    pub source_blocked_nanos: AtomicU64,
+    pub sink_time: TaskTime,
+    /// Where rows can be tapped (`sluice tap`): set once when the run starts.
+    pub taps: std::sync::OnceLock<Arc<Taps>>,
+    /// Batches waiting in the workers' queues, and in the sink task's.
+    pub queued_for_workers: AtomicI64,
+    pub queued_for_sink: AtomicI64,
 }
 
 /// What one output (sink) of the pipeline took.
@@ -192,6 +214,8 @@ pub struct OutputStats {
     /// Time spent writing and flushing it: an output busy most of the time is the one
     /// that holds the pipeline back (every output of a batch is written before the next).
     pub busy_nanos: AtomicU64,
+    /// The CPU time of its writes and flushes (encoding, the client library's calls).
+    pub cpu_nanos: AtomicU64,
 }
 
 impl RunStats {

@@ -17,6 +17,7 @@ mod kafka;
 mod kinesis;
 mod lookups;
 mod nexmark;
+mod observe;
 mod pipelines;
 mod secrets;
 mod services;

@@ -13,8 +13,10 @@ use arrow::array::RecordBatch;
 
 use crate::Result;
 use crate::batch::ColumnSelection;
+use crate::busy::metered;
 use crate::sink::Sink;
 use crate::stats::{OutputStats, RunStats};
+use crate::tap::Taps;
 
 /// A sink of the pipeline, with its name and the metadata columns it writes.
 pub struct Output {
@@ -59,16 +61,23 @@ impl Outputs {
             .collect();
         // Set once per run; a second run with the same counters keeps the first.
         let _ = stats.outputs.set(counters);
+        let stages: Vec<Arc<str>> = stats.stages.iter().map(|s| s.name.clone()).collect();
+        let outputs: Vec<Arc<str>> = (0..list.len())
+            .map(|o| match list.len() {
+                1 => super::SINK_STAGE.into(),
+                _ => format!("{}.{}", super::SINK_STAGE, list[o].name).into(),
+            })
+            .collect();
+        let _ = stats.taps.set(Taps::new(&stages, &outputs));
         Outputs { list, stats }
     }
 
     /// The name an output's refused rows are dead-lettered under: `sink`, or with several
     /// outputs `sink.NAME`.
     pub(super) fn stage_name(&self, output: usize) -> Arc<str> {
-        if self.list.len() == 1 {
-            super::SINK_STAGE.into()
-        } else {
-            format!("{}.{}", super::SINK_STAGE, self.list[output].name).into()
+        match self.stats.taps.get() {
+            Some(taps) => taps.outputs[output].name.clone(),
+            None => super::SINK_STAGE.into(),
         }
     }
 
@@ -76,6 +85,7 @@ impl Outputs {
     /// The rows they refused.
     pub(super) async fn write(&mut self, batches: Vec<Vec<RecordBatch>>) -> Result<Vec<Refused>> {
         let stats = self.stats.outputs();
+        let taps = self.stats.taps.get();
         let writes = self
             .list
             .iter_mut()
@@ -83,11 +93,20 @@ impl Outputs {
             .enumerate()
             .filter(|(_, (_, b))| b.iter().any(|b| b.num_rows() > 0))
             .map(|(o, (output, batches))| async move {
+                let cpu = stats.get(o).map(|s| &s.cpu_nanos);
                 let t0 = Instant::now();
                 let mut refused = Vec::new();
                 let mut rows = 0;
                 for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
-                    output.sink.write(output.columns.apply(&batch)?).await?;
+                    let columns = output.columns.apply(&batch)?;
+                    if let Some(taps) = taps {
+                        taps.outputs[o].offer(&columns);
+                    }
+                    let write = output.sink.write(columns);
+                    match cpu {
+                        Some(cpu) => metered(cpu, write).await?,
+                        None => write.await?,
+                    }
                     let refusals = output.sink.take_refused();
                     rows += (batch.num_rows() - refusals.len()) as u64;
                     if !refusals.is_empty() {
@@ -121,7 +140,10 @@ impl Outputs {
             .enumerate()
             .map(|(o, output)| async move {
                 let t0 = Instant::now();
-                let flushed = output.sink.flush().await;
+                let flushed = match stats.get(o) {
+                    Some(s) => metered(&s.cpu_nanos, output.sink.flush()).await,
+                    None => output.sink.flush().await,
+                };
                 if let Some(s) = stats.get(o) {
                     RunStats::add(&s.busy_nanos, t0.elapsed().as_nanos() as u64);
                 }

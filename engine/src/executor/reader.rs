@@ -3,6 +3,8 @@
 //! another worker is handed off: the old worker finishes the lane's batches first.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use arrow::compute::concat_batches;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -12,6 +14,7 @@ use super::Batching;
 use super::lanes::{Ledger, Splitter};
 use super::messages::{Route, WorkerMsg};
 use crate::batch::{Envelope, PartitionInfo};
+use crate::busy::metered;
 use crate::source::PartitionReader;
 use crate::stats::{PartitionLag, RunStats};
 use crate::{Error, Result};
@@ -111,6 +114,7 @@ pub(super) async fn read_partition(
     lag: Arc<PartitionLag>,
 ) -> Result<ReadEnd> {
     let info = reader.info().clone();
+    let _alive = stats.reader_time.enter();
     // Split partitions read a batch per lane at a time, so that each lane's part is about
     // a batch: n batches of the partition in flight at once, as with Lambda's factor.
     let batching = Batching {
@@ -129,7 +133,7 @@ pub(super) async fn read_partition(
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => batcher.take()?,
-            next = batcher.next(reader.as_mut()) => {
+            next = metered(&stats.source_cpu_nanos, batcher.next(reader.as_mut())) => {
                 let next = next?;
                 exhausted = next.is_none();
                 next
@@ -155,13 +159,13 @@ pub(super) async fn read_partition(
                     current[lane] = new;
                 }
             }
-            if current[lane]
-                .tx
-                .send(WorkerMsg::Batch(env, ticket))
-                .await
-                .is_err()
-            {
+            let t0 = Instant::now();
+            stats.queued_for_workers.fetch_add(1, Ordering::Relaxed);
+            let sent = current[lane].tx.send(WorkerMsg::Batch(env, ticket)).await;
+            RunStats::add(&stats.source_blocked_nanos, t0.elapsed().as_nanos() as u64);
+            if sent.is_err() {
                 // The worker is gone: the pipeline is stopping and the worker's error says why.
+                stats.queued_for_workers.fetch_sub(1, Ordering::Relaxed);
                 break 'read;
             }
         }

@@ -3,6 +3,7 @@
 //! files on the outputs' timers, and takes the checkpoints (`checkpointing.rs`).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -53,6 +54,8 @@ impl SinkTask {
     /// Runs until every worker has dropped its sender, then closes the sinks and takes the
     /// last checkpoint. The sinks' summary.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<SinkMsg>) -> Result<String> {
+        let stats = self.stats.clone();
+        let _alive = stats.sink_time.enter();
         let mut ticker = self.sink.tick_interval().map(interval);
         let mut checkpoints = self
             .checkpointing
@@ -133,7 +136,10 @@ impl SinkTask {
     /// received, or takes a drained partition's marker.
     async fn receive(&mut self, msg: SinkMsg) -> Result<()> {
         let (Delivery { env, outputs }, ticket) = match msg {
-            SinkMsg::Batch(delivery, ticket) => (delivery, ticket),
+            SinkMsg::Batch(delivery, ticket) => {
+                self.stats.queued_for_sink.fetch_sub(1, Ordering::Relaxed);
+                (delivery, ticket)
+            }
             SinkMsg::Drain(drained) => {
                 self.drains.push(drained);
                 return Ok(());
@@ -158,6 +164,7 @@ impl SinkTask {
                 .as_mut()
                 .ok_or_else(|| Error::Internal("dead letters without a dead-letter sink".into()))?;
             dlq.write(&self.pipeline, &env.dead).await?;
+            tap_dead_letters(stats, &self.pipeline, &env.dead);
             RunStats::add(&stats.records_dead_lettered, env.dead.len() as u64);
             RunStats::add(&stats.records_failed, env.dead.len() as u64);
         }
@@ -243,7 +250,22 @@ async fn bury_refused(
         )?);
     }
     dlq.write(pipeline, &letters).await?;
+    tap_dead_letters(stats, pipeline, &letters);
     RunStats::add(&stats.records_dead_lettered, letters.len() as u64);
     RunStats::add(&stats.records_failed, letters.len() as u64);
     Ok(())
+}
+
+/// Copies dead letters to their listeners (`sluice tap --stage dead_letters`), if any, as
+/// the rows a file dead-letter sink writes.
+fn tap_dead_letters(stats: &RunStats, pipeline: &str, letters: &[crate::dead_letter::DeadLetter]) {
+    let Some(point) = stats.taps.get().map(|t| &t.dead_letters) else {
+        return;
+    };
+    if point.active()
+        && let Ok(rows) = crate::dead_letter::to_batch(pipeline, letters)
+            .and_then(|b| crate::dead_letter::text_batch(&b))
+    {
+        point.offer(&rows);
+    }
 }

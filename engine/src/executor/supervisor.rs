@@ -328,6 +328,8 @@ impl Supervisor {
             };
             RunStats::add(counter, 1);
             self.pool.scale_to(decision.to, &mut self.partitions);
+            *self.stats.last_decision.lock().expect("decision lock") =
+                Some((crate::dead_letter::now_ms() as u64 / 1000, decision));
         }
     }
 

@@ -12,6 +12,7 @@ use arrow::array::RecordBatch;
 
 use super::messages::{Delivery, SinkMsg, WorkerMsg};
 use crate::batch::{self, Envelope, PartitionInfo};
+use crate::busy::metered;
 use crate::failure::{self, Outcome};
 use crate::graph::{Graph, Input};
 use crate::stage::{PlannedStage, Stage, StageContext};
@@ -56,7 +57,9 @@ pub(super) async fn worker_loop(
         chain.push((instance, ctx));
     }
 
+    let _alive = stats.worker_time.enter();
     let mut chain = Chain {
+        spent: vec![None; chain.len()],
         stages: chain,
         empty: None,
         planned,
@@ -67,7 +70,10 @@ pub(super) async fn worker_loop(
     };
     while let Some(msg) = rx.recv().await {
         let (mut env, ticket) = match msg {
-            WorkerMsg::Batch(env, ticket) => (env, ticket),
+            WorkerMsg::Batch(env, ticket) => {
+                stats.queued_for_workers.fetch_sub(1, Ordering::Relaxed);
+                (env, ticket)
+            }
             WorkerMsg::Release { partition, done } => {
                 tracing::trace!(worker = id, partition, "released partition");
                 let _ = done.send(());
@@ -98,13 +104,16 @@ pub(super) async fn worker_loop(
                 end,
                 continued,
             } => {
-                for (stage, ctx) in chain.stages.iter_mut() {
+                for (i, (stage, ctx)) in chain.stages.iter_mut().enumerate() {
                     ctx.partition = Some(partition.clone());
+                    let s = &stats.stages[i];
+                    let t0 = Instant::now();
                     if continued {
-                        stage.partition_continues(ctx).await?;
+                        metered(&s.cpu_nanos, stage.partition_continues(ctx)).await?;
                     } else {
-                        stage.end_of_partition(ctx).await?;
+                        metered(&s.cpu_nanos, stage.end_of_partition(ctx)).await?;
                     }
+                    RunStats::add(&s.busy_nanos, t0.elapsed().as_nanos() as u64);
                 }
                 if !chain.send_pending(&partition, end, &sink).await? {
                     break;
@@ -119,7 +128,7 @@ pub(super) async fn worker_loop(
         let (partition, end) = (env.partition.clone(), env.offsets.end);
         // Sent even when empty: the sink task counts its offsets as done.
         let delivery = Delivery { env, outputs };
-        if sink.send(SinkMsg::Batch(delivery, ticket)).await.is_err() {
+        if !chain.deliver(&sink, SinkMsg::Batch(delivery, ticket)).await {
             break;
         }
         if !chain.send_pending(&partition, end, &sink).await? {
@@ -164,9 +173,32 @@ struct Chain<'a> {
     graph: &'a Graph,
     dead_letters: bool,
     stats: &'a RunStats,
+    /// Time each stage's calls took for the rows on their way to the sink task now (see
+    /// [`Chain::deliver`]), for the stages called.
+    spent: Vec<Option<u64>>,
 }
 
 impl Chain<'_> {
+    /// Hands a delivery to the sink task; false when it is gone. Each stage that worked on
+    /// it was back-pressured meanwhile: its rows waited for the stages after it and for
+    /// the sink task to take them (see [`crate::busy`]).
+    async fn deliver(&mut self, sink: &mpsc::Sender<SinkMsg>, msg: SinkMsg) -> bool {
+        let t0 = Instant::now();
+        self.stats.queued_for_sink.fetch_add(1, Ordering::Relaxed);
+        let sent = sink.send(msg).await.is_ok();
+        let mut waited = t0.elapsed().as_nanos() as u64;
+        if !sent {
+            self.stats.queued_for_sink.fetch_sub(1, Ordering::Relaxed);
+        }
+        for i in (0..self.spent.len()).rev() {
+            if let Some(spent) = self.spent[i].take() {
+                RunStats::add(&self.stats.stages[i].back_pressured_nanos, waited);
+                waited += spent;
+            }
+        }
+        sent
+    }
+
     /// An empty batch with `like`'s schema (kept from the first call: one source, one schema).
     fn empty(&mut self, like: &RecordBatch) -> RecordBatch {
         self.empty
@@ -199,6 +231,7 @@ impl Chain<'_> {
                 }
                 let output = self.run_stage(i, batch, env).await?;
                 if output.num_rows() > 0 {
+                    self.tap(i, &output);
                     produced.push(output);
                 }
             }
@@ -219,19 +252,40 @@ impl Chain<'_> {
     ) -> Result<RecordBatch> {
         let (stage, ctx) = &mut self.stages[i];
         ctx.partition = Some(env.partition.clone());
-        failure::run_stage(
-            stage.as_mut(),
-            ctx,
-            &self.planned[i].policy,
-            &self.schemas[i],
-            input,
-            Outcome {
-                env,
-                dead_letters: self.dead_letters,
-            },
-            &self.stats.stages[i],
+        let s = &self.stats.stages[i];
+        let t0 = Instant::now();
+        let output = metered(
+            &s.cpu_nanos,
+            failure::run_stage(
+                stage.as_mut(),
+                ctx,
+                &self.planned[i].policy,
+                &self.schemas[i],
+                input,
+                Outcome {
+                    env,
+                    dead_letters: self.dead_letters,
+                },
+                s,
+            ),
         )
-        .await
+        .await;
+        self.spent(i, t0);
+        output
+    }
+
+    /// Copies stage `i`'s rows to its listeners (`sluice tap`), if any.
+    fn tap(&self, i: usize, rows: &RecordBatch) {
+        if let Some(taps) = self.stats.taps.get() {
+            taps.stages[i].offer(rows);
+        }
+    }
+
+    /// Counts the time since `t0` as stage `i`'s.
+    fn spent(&mut self, i: usize, t0: Instant) {
+        let spent = t0.elapsed().as_nanos() as u64;
+        RunStats::add(&self.stats.stages[i].busy_nanos, spent);
+        *self.spent[i].get_or_insert(0) += spent;
     }
 
     /// Sends what stages produced beyond their batches (closed windows), each chunk
@@ -245,10 +299,16 @@ impl Chain<'_> {
         for i in 0..self.stages.len() {
             loop {
                 let (stage, ctx) = &mut self.stages[i];
-                let Some(batch) = stage.pending(ctx).await? else {
+                let t0 = Instant::now();
+                let pending = metered(&self.stats.stages[i].cpu_nanos, stage.pending(ctx)).await?;
+                self.spent(i, t0);
+                let Some(batch) = pending else {
+                    // Nothing more: the time asking was the stage's alone.
+                    self.spent[i] = None;
                     break;
                 };
                 RunStats::add(&self.stats.stages[i].rows_out, batch.num_rows() as u64);
+                self.tap(i, &batch);
                 let mut env = Envelope {
                     partition: partition.clone(),
                     offsets: end..end,
@@ -256,10 +316,9 @@ impl Chain<'_> {
                     dead: Vec::new(),
                 };
                 let outputs = self.run(Some((i, batch)), &mut env).await?;
-                if sink
-                    .send(SinkMsg::Batch(Delivery { env, outputs }, None))
+                if !self
+                    .deliver(sink, SinkMsg::Batch(Delivery { env, outputs }, None))
                     .await
-                    .is_err()
                 {
                     return Ok(false);
                 }

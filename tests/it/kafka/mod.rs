@@ -18,6 +18,7 @@ mod protobuf;
 mod scaling;
 mod secure;
 mod throughput;
+mod top;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,392 @@
+//! Seeing a pipeline run: busy and back-pressured time and CPU per stage (on `/metrics`,
+//! in the summary and in `sluice top --once`), `sluice tap`, and the Grafana dashboard's
+//! metrics.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::kafka::{Sluice, write_pipeline};
+use crate::{free_port, root, scrape, sluice, text};
+
+/// Generated views through a cheap stage and one made slow on purpose (hashing every row
+/// twice), to a null sink.
+fn slow_pipeline(dir: &std::path::Path, count: u64, rate: Option<u64>) -> std::path::PathBuf {
+    let rate = rate.map_or(String::new(), |r| format!(", rate: {r}"));
+    write_pipeline(
+        dir,
+        &format!(
+            r#"name: observed
+source: {{ type: generator, partitions: 2, count: {count}{rate} }}
+stages:
+  - name: shape
+    type: sql
+    query: SELECT user_id, title_id, country FROM input
+  - name: heavy
+    type: sql
+    query: >-
+      SELECT user_id, country,
+        encode(sha256(concat(country, encode(sha256(concat(country, CAST(user_id AS VARCHAR))), 'hex'))), 'hex') AS h
+      FROM input
+sink: {{ type: null }}
+"#
+        ),
+    )
+}
+
+/// A metric's value summed over its samples whose labels include `labels`.
+fn value(samples: &crate::Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+        })
+        .map(|s| s.2)
+        .sum()
+}
+
+/// Waits for the metrics endpoint to show the run started.
+fn scrape_running(addr: &str) -> crate::Samples {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(samples) = scrape(addr)
+            && value(&samples, "sluice_records_in_total", &[]) > 0.0
+        {
+            return samples;
+        }
+        assert!(Instant::now() < deadline, "no metrics at {addr}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `(busy, back-pressured)` of `stage` between two scrapes, as fractions of worker time.
+fn split(before: &crate::Samples, after: &crate::Samples, stage: &str) -> (f64, f64) {
+    let workers = value(after, "sluice_worker_seconds_total", &[])
+        - value(before, "sluice_worker_seconds_total", &[]);
+    let d = |name: &str| {
+        value(after, name, &[("stage", stage)]) - value(before, name, &[("stage", stage)])
+    };
+    (
+        d("sluice_stage_busy_seconds_total") / workers,
+        d("sluice_stage_back_pressured_seconds_total") / workers,
+    )
+}
+
+/// The percentage after `word` in `line` ("busy 91%").
+fn percent_after(line: &str, word: &str) -> f64 {
+    let rest = line
+        .split(word)
+        .nth(1)
+        .unwrap_or_else(|| panic!("{word} in {line}"));
+    rest.trim_start()
+        .split('%')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+#[test]
+fn a_slow_stage_shows_busy_and_the_stages_before_it_back_pressured() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = slow_pipeline(dir.path(), 1_500_000, None);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut run = Sluice::start_args(
+        &path,
+        dir.path().join("log"),
+        &["--metrics-addr", &addr],
+        &[],
+    );
+    let before = scrape_running(&addr);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = scrape(&addr).expect("metrics while running");
+    let (heavy_busy, _) = split(&before, &after, "heavy");
+    let (_, shape_waiting) = split(&before, &after, "shape");
+    assert!(heavy_busy >= 0.8, "heavy busy {heavy_busy}");
+    assert!(shape_waiting >= 0.5, "shape back-pressured {shape_waiting}");
+    // The same in `sluice top --once`: the slow stage's row says ≥ 80% busy.
+    let top = sluice(&["top", "--once", &addr]);
+    let screen = text(&top.stdout);
+    assert!(top.status.success(), "{screen}{}", text(&top.stderr));
+    let heavy = screen
+        .lines()
+        .find(|l| l.trim_start().starts_with("heavy "))
+        .unwrap_or_else(|| panic!("{screen}"));
+    let cells: Vec<&str> = heavy.split_whitespace().collect();
+    let busy: f64 = cells[5].trim_end_matches('%').parse().unwrap();
+    assert!(busy >= 80.0, "{screen}");
+    let shape = screen
+        .lines()
+        .find(|l| l.trim_start().starts_with("shape "))
+        .unwrap();
+    let backpr: f64 = shape.split_whitespace().collect::<Vec<_>>()[6]
+        .trim_end_matches('%')
+        .parse()
+        .unwrap();
+    assert!(backpr >= 50.0, "{screen}");
+    assert!(
+        screen.contains("generator/0") && screen.contains("generator/1"),
+        "{screen}"
+    );
+
+    // The summary: the same split, and CPU per stage adding up to the process's.
+    let status = run.wait(Duration::from_secs(300));
+    let log = run.log_text();
+    assert!(status.success(), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    let after_stage = |name: &str| {
+        let i = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with(&format!("stage {name} ")))
+            .unwrap_or_else(|| panic!("{log}"));
+        lines[i + 1]
+    };
+    assert!(percent_after(after_stage("heavy"), "busy") >= 80.0, "{log}");
+    assert!(
+        percent_after(after_stage("shape"), "back-pressured") >= 50.0,
+        "{log}"
+    );
+    let cpu = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("CPU: "))
+        .unwrap_or_else(|| panic!("{log}"));
+    let seconds: Vec<f64> = cpu
+        .split_whitespace()
+        .filter_map(|w| w.strip_suffix('s')?.parse().ok())
+        .collect();
+    let (measured, process) = (seconds[0], seconds[1]);
+    assert!(
+        measured >= 0.9 * process && measured <= process * 1.01,
+        "the stages' CPU does not add up to the process's: {cpu}"
+    );
+}
+
+#[test]
+fn an_idle_pipeline_shows_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = slow_pipeline(dir.path(), 1_000_000, Some(20));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let run = Sluice::start_args(
+        &path,
+        dir.path().join("log"),
+        &["--metrics-addr", &addr],
+        &[],
+    );
+    let before = scrape_running(&addr);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = scrape(&addr).unwrap();
+    let (busy, waiting) = split(&before, &after, "heavy");
+    assert!(
+        busy < 0.1 && waiting < 0.1,
+        "busy {busy}, back-pressured {waiting}"
+    );
+    let top = sluice(&["top", "--once", &addr]);
+    let screen = text(&top.stdout);
+    let heavy = screen
+        .lines()
+        .find(|l| l.trim_start().starts_with("heavy "))
+        .unwrap_or_else(|| panic!("{screen}"));
+    assert_eq!(heavy.split_whitespace().nth(5), Some("0%"), "{screen}");
+    let (status, log) = run.interrupt();
+    assert!(status.success(), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("stage heavy "))
+        .unwrap();
+    assert!(percent_after(lines[i + 1], "idle") >= 90.0, "{log}");
+}
+
+/// The seconds a generator run took, from its summary ("… in 2.31s (…").
+fn elapsed(log: &str) -> f64 {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("observed: "))
+        .unwrap_or_else(|| panic!("{log}"));
+    line.split(" in ")
+        .nth(1)
+        .and_then(|r| r.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"))
+}
+
+#[test]
+fn tap_prints_matching_rows_and_a_stalled_reader_does_not_slow_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    // rows are cheap here: the tap's cost shows, if it has one.
+    let path = write_pipeline(
+        dir.path(),
+        "name: observed
+source: { type: generator, partitions: 2, count: 20000000 }
+stages:
+  - name: shape
+    type: sql
+    query: SELECT user_id, title_id, country FROM input
+sink: { type: null }
+",
+    );
+    let run_once = |tap: &dyn Fn(&str)| -> (f64, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut run = Sluice::start_args(
+            &path,
+            dir.path().join("log"),
+            &["--metrics-addr", &addr, "--tap"],
+            &[],
+        );
+        // Tapped as soon as the metrics server answers (the first rows go by untapped).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while scrape(&addr).is_none() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tap(&addr);
+        let status = run.wait(Duration::from_secs(300));
+        let log = run.log_text();
+        assert!(status.success(), "{log}");
+        (elapsed(&log), log)
+    };
+
+    // --where and --limit.
+    let (_, _) = run_once(&|addr| {
+        let out = sluice(&[
+            "tap",
+            addr,
+            "--stage",
+            "shape",
+            "--where",
+            "country = 'DE'",
+            "--limit",
+            "5",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let rows: Vec<serde_json::Value> = text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 5, "{rows:?}");
+        assert!(
+            rows.iter()
+                .all(|r| r["country"] == "DE" && r["title_id"].is_number()),
+            "{rows:?}"
+        );
+    });
+
+    // A reader that asks and then never reads, against no reader at all: best of two each.
+    let held = std::sync::Mutex::new(Vec::new());
+    let stalled = |addr: &str| {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET /tap?stage=shape HTTP/1.1\r\nhost: {addr}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 64];
+        let _ = stream.read(&mut head);
+        // Kept open, unread, until the run ends.
+        held.lock().unwrap().push(stream);
+    };
+    let mut untapped = f64::MAX;
+    let mut tapped = f64::MAX;
+    let mut skipped = 0;
+    for _ in 0..2 {
+        untapped = untapped.min(run_once(&|_| {}).0);
+        let (seconds, log) = run_once(&stalled);
+        tapped = tapped.min(seconds);
+        let line = log
+            .lines()
+            .find(|l| l.trim_start().starts_with("tap shape:"))
+            .unwrap_or_else(|| panic!("{log}"));
+        skipped = line
+            .split(", ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .map(|n| n.replace(',', "").parse::<u64>().unwrap())
+            .unwrap();
+    }
+    let ratio = untapped / tapped;
+    eprintln!(
+        "untapped {untapped:.2}s, tapped {tapped:.2}s: throughput ratio {ratio:.3}; {skipped} rows skipped"
+    );
+    assert!(
+        ratio >= 0.9,
+        "a stalled tap slowed the pipeline: {untapped:.2}s → {tapped:.2}s"
+    );
+    assert!(skipped > 1_000_000, "{skipped} rows skipped");
+}
+
+/// The dashboard parses, and every metric its queries use is on a running process's
+/// `/metrics`; the Prometheus configuration of docker-compose.yml passes `promtool`.
+#[test]
+fn the_grafana_dashboard_queries_metrics_that_exist() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("docs/grafana/sluice.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs: Vec<String> = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        exprs.push(var["definition"].as_str().unwrap().to_string());
+    }
+    let mut used: Vec<String> = Vec::new();
+    for expr in &exprs {
+        for (i, _) in expr.match_indices("sluice_") {
+            let name: String = expr[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !used.contains(&name) {
+                used.push(name);
+            }
+        }
+    }
+    assert!(used.len() >= 15, "{used:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = slow_pipeline(dir.path(), 1_000_000, Some(50_000));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let run = Sluice::start_args(
+        &path,
+        dir.path().join("log"),
+        &["--metrics-addr", &addr],
+        &[],
+    );
+    scrape_running(&addr);
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = scrape(&addr).unwrap();
+    let served: HashMap<&str, ()> = samples.iter().map(|s| (s.0.as_str(), ())).collect();
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|m| !served.contains_key(m.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "not on /metrics: {missing:?}");
+    drop(run);
+
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(root().join("docs/grafana/prometheus.yml"))
+        .output()
+        .expect("promtool (Debian package prometheus; `make test` installs it)");
+    assert!(
+        promtool.status.success(),
+        "{}{}",
+        text(&promtool.stdout),
+        text(&promtool.stderr)
+    );
+    // docker-compose.yml mounts that file and the dashboard.
+    let compose = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    for mounted in [
+        "./docs/grafana/prometheus.yml:/etc/prometheus/prometheus.yml",
+        "./docs/grafana/sluice.json:/var/lib/grafana/dashboards/sluice.json",
+        "./docs/grafana/provisioning:/etc/grafana/provisioning",
+    ] {
+        assert!(compose.contains(mounted), "{mounted}");
+    }
+}
