@@ -73,6 +73,10 @@ enum Command {
         /// Serve taps at http://ADDR/tap on the metrics address (off by default).
         #[arg(long, requires = "metrics_addr")]
         tap: bool,
+        /// Run without metrics when the metrics address is taken (the supervisor gives
+        /// its members theirs; a member still draining may hold the port a while).
+        #[arg(long, hide = true)]
+        metrics_optional: bool,
     },
     /// Watch running pipelines: stages, partitions and workers, refreshed every second,
     /// from their metrics addresses (`--metrics-addr`). Keys: q quits, s sorts the
@@ -280,8 +284,9 @@ fn main() -> ExitCode {
                 file,
                 metrics_addr,
                 processes: Some(count),
+                tap,
                 ..
-            } => supervise(file, count, metrics_addr).await,
+            } => supervise(file, count, (metrics_addr, tap)).await,
             Command::Run {
                 file,
                 workers,
@@ -289,7 +294,7 @@ fn main() -> ExitCode {
                 metrics_addr,
                 processes: None,
                 tap,
-            } => run(file, workers, quiet, (metrics_addr, tap), None).await,
+            } => run(file, workers, quiet, (metrics_addr, tap, false), None).await,
             Command::Worker {
                 file,
                 member,
@@ -297,6 +302,7 @@ fn main() -> ExitCode {
                 metrics_addr,
                 no_scaling,
                 tap,
+                metrics_optional,
             } => {
                 let member = member
                     .or_else(|| std::env::var("SLUICE_MEMBER").ok())
@@ -306,7 +312,8 @@ fn main() -> ExitCode {
                     name: member,
                     scaled: !no_scaling,
                 };
-                run(file, workers, true, (metrics_addr, tap), Some(member)).await
+                let metrics = (metrics_addr, tap, metrics_optional);
+                run(file, workers, true, metrics, Some(member)).await
             }
             Command::Validate { files } => validate(files).await,
             Command::Top { addrs, once } => match sluice::top::run(&addrs, once).await {
@@ -501,7 +508,11 @@ fn run_options(
     }
 }
 
-async fn supervise(file: PathBuf, count: Count, metrics_addr: Option<std::net::SocketAddr>) -> u8 {
+async fn supervise(
+    file: PathBuf,
+    count: Count,
+    metrics: (Option<std::net::SocketAddr>, bool),
+) -> u8 {
     let config = match load(&file) {
         Ok(c) => c,
         Err(code) => return code,
@@ -513,7 +524,7 @@ async fn supervise(file: PathBuf, count: Count, metrics_addr: Option<std::net::S
     }
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    match sluice::supervise::supervise(&file, &config, count, metrics_addr, shutdown).await {
+    match sluice::supervise::supervise(&file, &config, count, metrics, shutdown).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -542,7 +553,7 @@ async fn run(
     file: PathBuf,
     workers: Option<Count>,
     quiet: bool,
-    (metrics_addr, tap): (Option<std::net::SocketAddr>, bool),
+    (metrics_addr, tap, optional): (Option<std::net::SocketAddr>, bool, bool),
     member: Option<Member>,
 ) -> u8 {
     let config = match load(&file) {
@@ -585,8 +596,11 @@ async fn run(
             tap,
             status_done.clone(),
         ) {
-            eprintln!("error: {e}");
-            return FAILED;
+            if !optional {
+                eprintln!("error: {e}");
+                return FAILED;
+            }
+            tracing::warn!("running without metrics: {e}");
         }
     }
     let status_line = if quiet {
@@ -603,6 +617,13 @@ async fn run(
     );
     let result = executor::run(pipeline, options, stats.clone(), shutdown, None).await;
     status_done.cancel();
+    if let Some(taps) = stats.taps.get() {
+        // Taps end with the pipeline: their readers' streams finish cleanly.
+        taps.close();
+        if tap {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
     if let Some(line) = status_line {
         let _ = line.await;
     }

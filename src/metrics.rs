@@ -101,9 +101,15 @@ pub fn serve(
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
     let render = handle.clone();
+    let breakers = Arc::new(breakers);
+    let (p, s, b) = (pipeline.to_string(), stats.clone(), breakers.clone());
+    // Published as it is read, so that two reads a second apart see a second's counts.
     let mut app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || std::future::ready(render.render())),
+        axum::routing::get(move || {
+            publish(&p, &s, &b);
+            std::future::ready(render.render())
+        }),
     );
     if tap {
         app = app.route(

@@ -61,6 +61,8 @@ struct Supervisor {
     /// The supervisor's metrics address: worker slot K serves its own on the port K + 1
     /// above it, and the supervisor lists them (`sluice_member_metrics`) for `sluice top`.
     metrics_addr: Option<SocketAddr>,
+    /// `--tap`: each member serves taps on its metrics address.
+    tap: bool,
     /// The autoscaler's last decision, and when (seconds since the epoch).
     last_decision: Option<(u64, sluice_engine::autoscale::Decision)>,
 }
@@ -77,7 +79,11 @@ impl Supervisor {
             .arg(&self.file)
             .args(["--member", &member, "--no-scaling"]);
         if let Some(addr) = self.member_metrics(slot) {
-            command.args(["--metrics-addr", &addr.to_string()]);
+            // A port still held (a member of the slot draining) is no reason to fail.
+            command.args(["--metrics-addr", &addr.to_string(), "--metrics-optional"]);
+            if self.tap {
+                command.arg("--tap");
+            }
         }
         let child = command
             .kill_on_drop(true)
@@ -161,7 +167,7 @@ impl Supervisor {
 
     /// Where worker slot `slot` serves its metrics, when the supervisor serves its own.
     fn member_metrics(&self, slot: usize) -> Option<SocketAddr> {
-        let addr = self.metrics_addr?;
+        let addr = self.metrics_addr.filter(|a| a.port() != 0)?;
         let port = u16::try_from(usize::from(addr.port()) + 1 + slot).ok()?;
         Some(SocketAddr::new(addr.ip(), port))
     }
@@ -291,7 +297,7 @@ pub async fn supervise(
     file: &Path,
     config: &PipelineConfig,
     count: Count,
-    metrics_addr: Option<SocketAddr>,
+    (metrics_addr, tap): (Option<SocketAddr>, bool),
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     if let Some(refused) = worker_refusal(config) {
@@ -316,6 +322,7 @@ pub async fn supervise(
         restarts: BTreeMap::new(),
         pipeline: config.name.clone(),
         metrics_addr,
+        tap,
         last_decision: None,
     };
     let policy = config.scaling.as_ref().map_or_else(

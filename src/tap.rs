@@ -58,7 +58,17 @@ pub async fn serve(State(stats): State<Arc<RunStats>>, Query(q): Query<TapQuery>
         Ok(filter) => filter,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let rows = point.listen();
+    let Some(rows) = point.listen() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "`{}` has {} taps already; try again when one ends\n",
+                q.stage,
+                sluice_engine::tap::MAX_LISTENERS
+            ),
+        )
+            .into_response();
+    };
     let (tx, body) = mpsc::channel::<Bytes>(4);
     tokio::spawn(feed(rows, tx, filter, q.limit, q.rate));
     let stream = futures::stream::unfold(body, |mut body| async move {
@@ -83,7 +93,12 @@ async fn feed(
     let mut left = limit.unwrap_or(u64::MAX);
     let mut budget = rate.map(Budget::new);
     while left > 0 {
-        let Some(tapped) = rows.recv().await else {
+        // A client that left ends the tap at once, even when nothing comes to tell it.
+        let tapped = tokio::select! {
+            tapped = rows.recv() => tapped,
+            () = body.closed() => return,
+        };
+        let Some(tapped) = tapped else {
             return;
         };
         let (lines, skipped) = match tapped {

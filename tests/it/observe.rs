@@ -93,9 +93,9 @@ fn percent_after(line: &str, word: &str) -> f64 {
 #[test]
 fn a_slow_stage_shows_busy_and_the_stages_before_it_back_pressured() {
     let dir = tempfile::tempdir().unwrap();
-    let path = slow_pipeline(dir.path(), 1_500_000, None);
+    let path = slow_pipeline(dir.path(), 20_000_000, None);
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut run = Sluice::start_args(
+    let run = Sluice::start_args(
         &path,
         dir.path().join("log"),
         &["--metrics-addr", &addr],
@@ -134,8 +134,7 @@ fn a_slow_stage_shows_busy_and_the_stages_before_it_back_pressured() {
     );
 
     // The summary: the same split, and CPU per stage adding up to the process's.
-    let status = run.wait(Duration::from_secs(300));
-    let log = run.log_text();
+    let (status, log) = run.interrupt();
     assert!(status.success(), "{log}");
     let lines: Vec<&str> = log.lines().collect();
     let after_stage = |name: &str| {
@@ -237,12 +236,8 @@ sink: { type: null }
             &["--metrics-addr", &addr, "--tap"],
             &[],
         );
-        // Tapped as soon as the metrics server answers (the first rows go by untapped).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while scrape(&addr).is_none() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Tapped once rows flow (the first go by untapped).
+        scrape_running(&addr);
         tap(&addr);
         let status = run.wait(Duration::from_secs(300));
         let log = run.log_text();
@@ -250,8 +245,17 @@ sink: { type: null }
         (elapsed(&log), log)
     };
 
-    // --where and --limit.
+    // --where and --limit; and a tap with no limit ends when the pipeline does.
+    let endless = std::sync::Mutex::new(None);
     let (_, _) = run_once(&|addr| {
+        *endless.lock().unwrap() = Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["tap", addr, "--stage", "sink", "--rate", "10/s"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let out = sluice(&[
             "tap",
             addr,
@@ -274,8 +278,13 @@ sink: { type: null }
             "{rows:?}"
         );
     });
+    let endless = endless.lock().unwrap().take().unwrap();
+    let endless = endless.wait_with_output().unwrap();
+    assert!(endless.status.success(), "{}", text(&endless.stderr));
+    let rows = text(&endless.stdout).lines().count();
+    assert!((1..=60).contains(&rows), "{rows} rows at 10/s");
 
-    // A reader that asks and then never reads, against no reader at all: best of two each.
+    // A reader that asks and then never reads, against no reader at all: best of three each.
     let held = std::sync::Mutex::new(Vec::new());
     let stalled = |addr: &str| {
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -292,7 +301,7 @@ sink: { type: null }
     let mut untapped = f64::MAX;
     let mut tapped = f64::MAX;
     let mut skipped = 0;
-    for _ in 0..2 {
+    for _ in 0..3 {
         untapped = untapped.min(run_once(&|_| {}).0);
         let (seconds, log) = run_once(&stalled);
         tapped = tapped.min(seconds);

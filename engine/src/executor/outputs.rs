@@ -75,8 +75,8 @@ impl Outputs {
     /// The name an output's refused rows are dead-lettered under: `sink`, or with several
     /// outputs `sink.NAME`.
     pub(super) fn stage_name(&self, output: usize) -> Arc<str> {
-        match self.stats.taps.get() {
-            Some(taps) => taps.outputs[output].name.clone(),
+        match self.stats.taps.get().and_then(|t| t.outputs.get(output)) {
+            Some(point) => point.name.clone(),
             None => super::SINK_STAGE.into(),
         }
     }
@@ -99,8 +99,8 @@ impl Outputs {
                 let mut rows = 0;
                 for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
                     let columns = output.columns.apply(&batch)?;
-                    if let Some(taps) = taps {
-                        taps.outputs[o].offer(&columns);
+                    if let Some(point) = taps.and_then(|t| t.outputs.get(o)) {
+                        point.offer(&columns);
                     }
                     let write = output.sink.write(columns);
                     match cpu {
