@@ -137,3 +137,173 @@ checkpoint: {{ dir: {ckpt}, interval: 1s }}
         assert!(reason.contains("stream `orders` shard"), "{reason}");
     }
 }
+
+/// Debezium's JSON envelopes on Kinesis: each change event one row with `_op`; an empty or
+/// non-event record a dead letter.
+#[test]
+fn debezium_change_events_on_kinesis_become_rows() {
+    let k = Kinesalite::with_streams(&[("customers", 2)]);
+    let event = |op: &str, id: i64, before: serde_json::Value, after: serde_json::Value| {
+        let change = serde_json::json!({"before": before, "after": after, "op": op, "ts_ms": 1_700_000_000_000_i64 + id});
+        (format!("{id}"), change.to_string().into_bytes())
+    };
+    let row = |id: i64, tier: &str| serde_json::json!({"id": id, "email": format!("c{id}@shop"), "tier": tier});
+    let mut records = Vec::new();
+    for id in 0..100 {
+        records.push(event("r", id, serde_json::Value::Null, row(id, "free")));
+    }
+    for id in 0..50 {
+        records.push(event("u", id, row(id, "free"), row(id, "pro")));
+    }
+    for id in 90..100 {
+        records.push(event("d", id, row(id, "free"), serde_json::Value::Null));
+    }
+    records.push(("bad".into(), br#"{"op":"t","ts_ms":1}"#.to_vec()));
+    k.kinesis.put("customers", &records);
+
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"name: kinesis-cdc
+source:
+  type: kinesis
+  {input}
+  start_from: trim_horizon
+  idle_wait: 200ms
+  format: debezium
+  schema:
+    - {{ name: id, type: int64 }}
+    - {{ name: email, type: utf8 }}
+    - {{ name: tier, type: utf8 }}
+stages:
+  - name: changes
+    type: sql
+    query: SELECT _op, id, tier FROM input
+sink: {{ type: file, path: {out}, format: jsonl }}
+dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
+checkpoint: {{ dir: {ckpt}, interval: 500ms }}
+"#,
+        input = k.yaml("customers").replace("\n    ", "\n  "),
+        out = dir.path().join("out").display(),
+        dlq = dir.path().join("dlq").display(),
+        ckpt = dir.path().join("ckpt").display(),
+    );
+    let path = write_pipeline(dir.path(), &yaml);
+    let mut sluice = Sluice::start(&path, dir.path().join("log"));
+    crate::kafka::wait_for_lines(&mut sluice, dir.path(), 160, 1, Duration::from_secs(120));
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let rows = json_lines(&dir.path().join("out"));
+    let count = |op: &str, tier: Option<&str>| {
+        rows.iter()
+            .filter(|r| r["_op"] == op && tier.is_none_or(|t| r["tier"] == t))
+            .count()
+    };
+    assert_eq!(
+        (
+            count("r", Some("free")),
+            count("u", Some("pro")),
+            count("d", None)
+        ),
+        (100, 50, 10),
+        "{rows:?}"
+    );
+    let letters = json_lines(&dir.path().join("dlq"));
+    assert!(
+        letters[0]["error"].as_str().unwrap().contains("truncate"),
+        "{letters:?}"
+    );
+}
+
+/// Protobuf both ways on Kinesis (plain messages, no registry): rows written by a Kinesis
+/// sink as `shop.View` messages, read back by a Kinesis source into the same columns.
+#[test]
+fn protobuf_records_go_through_kinesis_and_back() {
+    const N: i64 = 3_000;
+    let k = Kinesalite::with_streams(&[("views-pb", 2)]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("view.proto"),
+        "syntax = \"proto3\";\npackage shop;\nmessage View {\n  int64 id = 1;\n  string user = 2;\n  optional double amount = 3;\n}\n",
+    )
+    .unwrap();
+    let input: String = (0..N)
+        .map(|i| match i % 3 {
+            0 => format!("{{\"id\":{i},\"user\":\"u{}\",\"amount\":null}}\n", i % 7),
+            _ => format!("{{\"id\":{i},\"user\":\"u{}\",\"amount\":{i}.5}}\n", i % 7),
+        })
+        .collect();
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    let proto = format!(
+        "{{ schema: {}, message: shop.View }}",
+        dir.path().join("view.proto").display()
+    );
+    let writer = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"name: kinesis-pb-out
+source:
+  type: file
+  path: {input}
+  format: jsonl
+  schema:
+    - {{ name: id, type: int64 }}
+    - {{ name: user, type: utf8 }}
+    - {{ name: amount, type: float64 }}
+sink:
+  type: kinesis
+  {output}
+  partition_key: id
+  format: protobuf
+  protobuf: {proto}
+"#,
+            input = dir.path().join("in.jsonl").display(),
+            output = k.yaml("views-pb").replace("\n    ", "\n  "),
+        ),
+    );
+    let out = crate::sluice(&["run", writer.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", crate::text(&out.stderr));
+
+    let reader = dir.path().join("reader.yaml");
+    std::fs::write(
+        &reader,
+        format!(
+            r#"name: kinesis-pb-in
+source:
+  type: kinesis
+  {input}
+  start_from: trim_horizon
+  idle_wait: 200ms
+  format: protobuf
+  protobuf: {proto}
+sink: {{ type: file, path: {out}, format: jsonl }}
+checkpoint: {{ dir: {ckpt}, interval: 500ms }}
+"#,
+            input = k.yaml("views-pb").replace("\n    ", "\n  "),
+            out = dir.path().join("out").display(),
+            ckpt = dir.path().join("ckpt").display(),
+        ),
+    )
+    .unwrap();
+    let mut sluice = Sluice::start(&reader, dir.path().join("log"));
+    crate::kafka::wait_for_lines(
+        &mut sluice,
+        dir.path(),
+        N as usize,
+        0,
+        Duration::from_secs(120),
+    );
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let mut rows = json_lines(&dir.path().join("out"));
+    rows.sort_by_key(|r| r["id"].as_i64());
+    assert_eq!(rows.len(), N as usize);
+    for (i, r) in rows.iter().enumerate() {
+        let i = i as i64;
+        assert_eq!(r["id"], i, "{r}");
+        assert_eq!(r["user"], format!("u{}", i % 7), "{r}");
+        match i % 3 {
+            0 => assert!(r["amount"].is_null(), "unset optional: {r}"),
+            _ => assert_eq!(r["amount"], i as f64 + 0.5, "{r}"),
+        }
+    }
+}
