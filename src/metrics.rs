@@ -34,7 +34,7 @@
 //! | `sluice_schema_cache_hits_total` (Avro messages read whose writer schema the process already held) | pipeline |
 //! | `sluice_schema_records_total` (Avro records per schema id: `decoded`, `refused` — its schema does not resolve, or the value does not decode —, `encoded` by a sink) | pipeline, schema_id, outcome |
 //! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
-//! | `sluice_stage_busy_seconds_total` (time in the stage's calls), `sluice_stage_back_pressured_seconds_total` (time its rows waited for the stages after it and the sink task), `sluice_stage_cpu_seconds_total` (thread CPU time of its calls) | pipeline, stage |
+//! | `sluice_stage_busy_seconds_total` (time in the stage's calls), `sluice_stage_back_pressured_seconds_total` (time its rows waited for the stages they reach and the sink task), `sluice_stage_cpu_seconds_total` (thread CPU time of its calls) | pipeline, stage |
 //! | `sluice_stage_position` (the stage's place in the pipeline file, from 0: `sluice top` lists stages in this order) | pipeline, stage |
 //! | `sluice_worker_seconds_total` (the worker tasks' time alive, summed: a stage's busy fraction is `rate(busy) / rate(worker seconds)`, its idle fraction what busy and back-pressured leave) | pipeline |
 //! | `sluice_source_cpu_seconds_total` (CPU of the partition readers' reads: decoding), `sluice_source_back_pressured_seconds_total` (time they waited for a worker to take a batch), `sluice_reader_seconds_total` (their time alive) | pipeline |

@@ -9,7 +9,8 @@
 //! - **Busy, back-pressured, idle** (as Flink's busyTimeMsPerSecond and
 //!   backPressuredTimeMsPerSecond): a worker runs a batch through every stage in turn and
 //!   then hands its rows to the sink task. A stage is busy while its call runs; it is
-//!   back-pressured while the rows it produced wait for the stages after it and for the
+//!   back-pressured while the rows it produced wait for the stages they reach (those that
+//!   read them, directly or through others; not sibling branches) and for the
 //!   sink task to take them (as it would be, were each stage a task of its own with no
 //!   buffer between them); idle otherwise. The fractions are of the workers' time
 //!   ([`TaskTime`]: the workers alive, integrated over time), so a stage at 0.9 busy is

@@ -60,6 +60,7 @@ pub(super) async fn worker_loop(
     let _alive = stats.worker_time.enter();
     let mut chain = Chain {
         spent: vec![None; chain.len()],
+        downstream: downstream(graph),
         stages: chain,
         empty: None,
         planned,
@@ -176,6 +177,30 @@ struct Chain<'a> {
     /// Time each stage's calls took for the rows on their way to the sink task now (see
     /// [`Chain::deliver`]), for the stages called.
     spent: Vec<Option<u64>>,
+    /// Per stage, the stages that read its rows, directly or through others.
+    downstream: Vec<Vec<usize>>,
+}
+
+/// Per stage, the later stages its rows reach in `graph`.
+fn downstream(graph: &Graph) -> Vec<Vec<usize>> {
+    let n = graph.stages.len();
+    let mut after: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for i in (0..n).rev() {
+        let mut reached = Vec::new();
+        for (j, inputs) in graph.stages.iter().enumerate().skip(i + 1) {
+            if inputs
+                .iter()
+                .any(|input| matches!(input, Input::Stage(s) if *s == i))
+            {
+                reached.push(j);
+                reached.extend(after[j].iter().copied());
+            }
+        }
+        reached.sort_unstable();
+        reached.dedup();
+        after[i] = reached;
+    }
+    after
 }
 
 impl Chain<'_> {
@@ -186,16 +211,21 @@ impl Chain<'_> {
         let t0 = Instant::now();
         self.stats.queued_for_sink.fetch_add(1, Ordering::Relaxed);
         let sent = sink.send(msg).await.is_ok();
-        let mut waited = t0.elapsed().as_nanos() as u64;
+        let waited = t0.elapsed().as_nanos() as u64;
         if !sent {
             self.stats.queued_for_sink.fetch_sub(1, Ordering::Relaxed);
         }
-        for i in (0..self.spent.len()).rev() {
-            if let Some(spent) = self.spent[i].take() {
-                RunStats::add(&self.stats.stages[i].back_pressured_nanos, waited);
-                waited += spent;
+        for i in 0..self.spent.len() {
+            if self.spent[i].is_some() {
+                // The stages that read this one's rows, directly or not: not its siblings.
+                let after: u64 = self.downstream[i]
+                    .iter()
+                    .filter_map(|j| self.spent[*j])
+                    .sum();
+                RunStats::add(&self.stats.stages[i].back_pressured_nanos, waited + after);
             }
         }
+        self.spent.iter_mut().for_each(|s| *s = None);
         sent
     }
 
@@ -325,5 +355,26 @@ impl Chain<'_> {
             }
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_waits_for_the_stages_its_rows_reach_not_its_siblings() {
+        // 0 → 1 → 3; 0 → 2 (a sibling branch of 1); 3 also reads the source.
+        let graph = Graph {
+            stages: vec![
+                vec![Input::Source],
+                vec![Input::Stage(0)],
+                vec![Input::Stage(0)],
+                vec![Input::Stage(1), Input::Source],
+            ],
+            outputs: vec![vec![Input::Stage(3)], vec![Input::Stage(2)]],
+        };
+        assert_eq!(downstream(&graph), [vec![1, 2, 3], vec![3], vec![], vec![]]);
+        assert_eq!(downstream(&Graph::chain(3)), [vec![1, 2], vec![2], vec![]]);
     }
 }
