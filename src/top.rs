@@ -231,21 +231,7 @@ fn pipeline_view(name: &str, processes: &BTreeMap<String, Process>) -> PipelineV
             .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
     };
     // Stage names, in the pipeline's order.
-    let mut stages: Vec<(f64, String)> = Vec::new();
-    for p in processes.values() {
-        for s in p
-            .latest()
-            .iter()
-            .filter(|s| s.name == "sluice_stage_position")
-        {
-            if s.labels.get("pipeline").is_some_and(|p| p == name)
-                && let Some(stage) = s.labels.get("stage")
-                && !stages.iter().any(|(_, x)| x == stage)
-            {
-                stages.push((s.value, stage.clone()));
-            }
-        }
-    }
+    let mut stages = label_values(processes, name, "sluice_stage_position", "stage");
     stages.sort_by(|a, b| a.0.total_cmp(&b.0));
     let stages: Vec<String> = stages.into_iter().map(|s| s.1).collect();
     let workers = total("sluice_worker_seconds_total", None).1;
@@ -322,21 +308,10 @@ fn pipeline_view(name: &str, processes: &BTreeMap<String, Process>) -> PipelineV
             false => src_cpu_total / total("sluice_records_in_total", None).0.max(1.0) * 1e6,
         }
     );
-    let mut outputs: Vec<String> = Vec::new();
-    for p in processes.values() {
-        for s in p
-            .latest()
-            .iter()
-            .filter(|s| s.name == "sluice_output_rows_total")
-        {
-            if s.labels.get("pipeline").is_some_and(|p| p == name)
-                && let Some(o) = s.labels.get("output")
-                && !outputs.contains(o)
-            {
-                outputs.push(o.clone());
-            }
-        }
-    }
+    let outputs: Vec<String> = label_values(processes, name, "sluice_output_rows_total", "output")
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
     let outputs = outputs
         .iter()
         .map(|o| {
@@ -390,7 +365,8 @@ fn pipeline_view(name: &str, processes: &BTreeMap<String, Process>) -> PipelineV
         {
             if decision.as_ref().is_none_or(|d| d.0 < s.value) {
                 let l = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
-                let ago = (crate_now() - s.value).max(0.0);
+                let now = sluice_engine::dead_letter::now_ms() as f64 / 1e3;
+                let ago = (now - s.value).max(0.0);
                 let text = format!(
                     "{} {} → {}, {ago:.0} s ago: {}",
                     l("direction"),
@@ -414,10 +390,27 @@ fn pipeline_view(name: &str, processes: &BTreeMap<String, Process>) -> PipelineV
     }
 }
 
-fn crate_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+/// Each distinct value of `label` on `metric`'s samples of `pipeline`, with the sample's
+/// value (the first process's that has it), in the order the processes list them.
+fn label_values(
+    processes: &BTreeMap<String, Process>,
+    pipeline: &str,
+    metric: &str,
+    label: &str,
+) -> Vec<(f64, String)> {
+    let mut out: Vec<(f64, String)> = Vec::new();
+    let samples = processes
+        .values()
+        .flat_map(|p| p.latest())
+        .filter(|s| s.name == metric && s.labels.get("pipeline").is_some_and(|p| p == pipeline));
+    for s in samples {
+        if let Some(value) = s.labels.get(label)
+            && !out.iter().any(|(_, x)| x == value)
+        {
+            out.push((s.value, value.clone()));
+        }
+    }
+    out
 }
 
 /// The snapshot as plain text (`--once`, or stdout not a terminal).

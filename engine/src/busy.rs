@@ -23,31 +23,24 @@ use std::time::Instant;
 
 /// The calling thread's CPU time, in nanoseconds.
 pub fn thread_cpu_nanos() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec for the call to fill.
-    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
-    if ok {
-        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-    } else {
-        0
-    }
+    clock_nanos(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// The process's CPU time (user and system, every thread), in nanoseconds.
 pub fn process_cpu_nanos() -> u64 {
+    clock_nanos(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// `clock`'s reading in nanoseconds (0 if the clock cannot be read).
+fn clock_nanos(clock: libc::clockid_t) -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `t` is a valid timespec for the call to fill.
-    let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } == 0;
-    if ok {
-        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-    } else {
-        0
+    match unsafe { libc::clock_gettime(clock, &mut t) } {
+        0 => t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64,
+        _ => 0,
     }
 }
 

@@ -62,6 +62,42 @@ fn scrape_running(addr: &str) -> crate::Samples {
     }
 }
 
+/// The slow pipeline of `count` rows (at `rate` a second) running with metrics: the run,
+/// its metrics address, and a first scrape once rows flow.
+fn run_observed(
+    dir: &std::path::Path,
+    count: u64,
+    rate: Option<u64>,
+) -> (Sluice, String, crate::Samples) {
+    let path = slow_pipeline(dir, count, rate);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let run = Sluice::start_args(&path, dir.join("log"), &["--metrics-addr", &addr], &[]);
+    let first = scrape_running(&addr);
+    (run, addr, first)
+}
+
+/// Cell `column` of `stage`'s row in a `sluice top --once` screen, as a number ("91%").
+fn top_cell(screen: &str, stage: &str, column: usize) -> f64 {
+    let row = screen
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{stage} ")))
+        .unwrap_or_else(|| panic!("{screen}"));
+    row.split_whitespace().collect::<Vec<_>>()[column]
+        .trim_end_matches('%')
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {row}"))
+}
+
+/// The summary's line after `stage`'s (its time: busy, back-pressured, idle, CPU).
+fn stage_time<'a>(log: &'a str, stage: &str) -> &'a str {
+    let lines: Vec<&str> = log.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with(&format!("stage {stage} ")))
+        .unwrap_or_else(|| panic!("{log}"));
+    lines[i + 1]
+}
+
 /// `(busy, back-pressured)` of `stage` between two scrapes, as fractions of worker time.
 fn split(before: &crate::Samples, after: &crate::Samples, stage: &str) -> (f64, f64) {
     let workers = value(after, "sluice_worker_seconds_total", &[])
@@ -93,15 +129,7 @@ fn percent_after(line: &str, word: &str) -> f64 {
 #[test]
 fn a_slow_stage_shows_busy_and_the_stages_before_it_back_pressured() {
     let dir = tempfile::tempdir().unwrap();
-    let path = slow_pipeline(dir.path(), 20_000_000, None);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let run = Sluice::start_args(
-        &path,
-        dir.path().join("log"),
-        &["--metrics-addr", &addr],
-        &[],
-    );
-    let before = scrape_running(&addr);
+    let (run, addr, before) = run_observed(dir.path(), 20_000_000, None);
     std::thread::sleep(Duration::from_secs(2));
     let after = scrape(&addr).expect("metrics while running");
     let (heavy_busy, _) = split(&before, &after, "heavy");
@@ -112,22 +140,8 @@ fn a_slow_stage_shows_busy_and_the_stages_before_it_back_pressured() {
     let top = sluice(&["top", "--once", &addr]);
     let screen = text(&top.stdout);
     assert!(top.status.success(), "{screen}{}", text(&top.stderr));
-    let heavy = screen
-        .lines()
-        .find(|l| l.trim_start().starts_with("heavy "))
-        .unwrap_or_else(|| panic!("{screen}"));
-    let cells: Vec<&str> = heavy.split_whitespace().collect();
-    let busy: f64 = cells[5].trim_end_matches('%').parse().unwrap();
-    assert!(busy >= 80.0, "{screen}");
-    let shape = screen
-        .lines()
-        .find(|l| l.trim_start().starts_with("shape "))
-        .unwrap();
-    let backpr: f64 = shape.split_whitespace().collect::<Vec<_>>()[6]
-        .trim_end_matches('%')
-        .parse()
-        .unwrap();
-    assert!(backpr >= 50.0, "{screen}");
+    assert!(top_cell(&screen, "heavy", 5) >= 80.0, "{screen}");
+    assert!(top_cell(&screen, "shape", 6) >= 50.0, "{screen}");
     assert!(
         screen.contains("generator/0") && screen.contains("generator/1"),
         "{screen}"
@@ -136,21 +150,16 @@ fn a_slow_stage_shows_busy_and_the_stages_before_it_back_pressured() {
     // The summary: the same split, and CPU per stage adding up to the process's.
     let (status, log) = run.interrupt();
     assert!(status.success(), "{log}");
-    let lines: Vec<&str> = log.lines().collect();
-    let after_stage = |name: &str| {
-        let i = lines
-            .iter()
-            .position(|l| l.trim_start().starts_with(&format!("stage {name} ")))
-            .unwrap_or_else(|| panic!("{log}"));
-        lines[i + 1]
-    };
-    assert!(percent_after(after_stage("heavy"), "busy") >= 80.0, "{log}");
     assert!(
-        percent_after(after_stage("shape"), "back-pressured") >= 50.0,
+        percent_after(stage_time(&log, "heavy"), "busy") >= 80.0,
         "{log}"
     );
-    let cpu = lines
-        .iter()
+    assert!(
+        percent_after(stage_time(&log, "shape"), "back-pressured") >= 50.0,
+        "{log}"
+    );
+    let cpu = log
+        .lines()
         .find(|l| l.trim_start().starts_with("CPU: "))
         .unwrap_or_else(|| panic!("{log}"));
     let seconds: Vec<f64> = cpu
@@ -167,15 +176,7 @@ fn a_slow_stage_shows_busy_and_the_stages_before_it_back_pressured() {
 #[test]
 fn an_idle_pipeline_shows_idle() {
     let dir = tempfile::tempdir().unwrap();
-    let path = slow_pipeline(dir.path(), 1_000_000, Some(20));
-    let addr = format!("127.0.0.1:{}", free_port());
-    let run = Sluice::start_args(
-        &path,
-        dir.path().join("log"),
-        &["--metrics-addr", &addr],
-        &[],
-    );
-    let before = scrape_running(&addr);
+    let (run, addr, before) = run_observed(dir.path(), 1_000_000, Some(20));
     std::thread::sleep(Duration::from_secs(2));
     let after = scrape(&addr).unwrap();
     let (busy, waiting) = split(&before, &after, "heavy");
@@ -185,19 +186,13 @@ fn an_idle_pipeline_shows_idle() {
     );
     let top = sluice(&["top", "--once", &addr]);
     let screen = text(&top.stdout);
-    let heavy = screen
-        .lines()
-        .find(|l| l.trim_start().starts_with("heavy "))
-        .unwrap_or_else(|| panic!("{screen}"));
-    assert_eq!(heavy.split_whitespace().nth(5), Some("0%"), "{screen}");
+    assert_eq!(top_cell(&screen, "heavy", 5), 0.0, "{screen}");
     let (status, log) = run.interrupt();
     assert!(status.success(), "{log}");
-    let lines: Vec<&str> = log.lines().collect();
-    let i = lines
-        .iter()
-        .position(|l| l.trim_start().starts_with("stage heavy "))
-        .unwrap();
-    assert!(percent_after(lines[i + 1], "idle") >= 90.0, "{log}");
+    assert!(
+        percent_after(stage_time(&log, "heavy"), "idle") >= 90.0,
+        "{log}"
+    );
 }
 
 /// The CPU seconds the process used, from its summary ("CPU: … of 4.62s the process used").
@@ -385,15 +380,7 @@ fn the_grafana_dashboard_queries_metrics_that_exist() {
     assert!(used.len() >= 15, "{used:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    let path = slow_pipeline(dir.path(), 1_000_000, Some(50_000));
-    let addr = format!("127.0.0.1:{}", free_port());
-    let run = Sluice::start_args(
-        &path,
-        dir.path().join("log"),
-        &["--metrics-addr", &addr],
-        &[],
-    );
-    scrape_running(&addr);
+    let (run, addr, _) = run_observed(dir.path(), 1_000_000, Some(50_000));
     std::thread::sleep(Duration::from_secs(2));
     let samples = scrape(&addr).unwrap();
     let served: HashMap<&str, ()> = samples.iter().map(|s| (s.0.as_str(), ())).collect();

@@ -282,7 +282,6 @@ impl Sink for KafkaSink {
             for p in payload.iter() {
                 self.encoded.push(p.unwrap_or_default());
             }
-            self.encoded.check_slots(batch.num_rows())?;
         } else {
             self.encoding
                 .encode(&batch, &mut self.encoded, &mut self.refused)

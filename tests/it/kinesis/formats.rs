@@ -11,6 +11,22 @@ use crate::json_lines;
 use crate::kafka::avro::{Registry, tool, tools};
 use crate::kafka::{Sluice, write_pipeline};
 
+/// The keys of a `source:` reading `stream` from its start (indented for a top-level key).
+fn reading(k: &Kinesalite, stream: &str) -> String {
+    format!(
+        "{}\n  start_from: trim_horizon\n  idle_wait: 200ms",
+        writing(k, stream)
+    )
+}
+
+/// The keys of a `sink:` writing `stream`.
+fn writing(k: &Kinesalite, stream: &str) -> String {
+    format!(
+        "type: kinesis\n  {}",
+        k.yaml(stream).replace("\n    ", "\n  ")
+    )
+}
+
 fn from_hex(hex: &str) -> Vec<u8> {
     (0..hex.len())
         .step_by(2)
@@ -46,10 +62,7 @@ fn avro_records_go_through_kinesis_both_ways() {
     let yaml = format!(
         r#"name: kinesis-avro
 source:
-  type: kinesis
   {input}
-  start_from: trim_horizon
-  idle_wait: 200ms
   format: avro
   avro:
     schema: {avsc}
@@ -59,7 +72,6 @@ stages:
     type: sql
     query: SELECT *, CAST(cardinality(items) AS BIGINT) AS item_count FROM input
 sink:
-  type: kinesis
   {output}
   partition_key: id
   format: avro
@@ -68,8 +80,8 @@ sink:
 dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
 checkpoint: {{ dir: {ckpt}, interval: 1s }}
 "#,
-        input = k.yaml("orders").replace("\n    ", "\n  "),
-        output = k.yaml("orders-enriched").replace("\n    ", "\n  "),
+        input = reading(&k, "orders"),
+        output = writing(&k, "orders-enriched"),
         avsc = crate::root().join("pipelines/schemas/order.avsc").display(),
         registry = registry.url,
         dlq = dir.path().join("dlq").display(),
@@ -165,10 +177,7 @@ fn debezium_change_events_on_kinesis_become_rows() {
     let yaml = format!(
         r#"name: kinesis-cdc
 source:
-  type: kinesis
   {input}
-  start_from: trim_horizon
-  idle_wait: 200ms
   format: debezium
   schema:
     - {{ name: id, type: int64 }}
@@ -182,7 +191,7 @@ sink: {{ type: file, path: {out}, format: jsonl }}
 dead_letter: {{ type: file, path: {dlq}, format: jsonl }}
 checkpoint: {{ dir: {ckpt}, interval: 500ms }}
 "#,
-        input = k.yaml("customers").replace("\n    ", "\n  "),
+        input = reading(&k, "customers"),
         out = dir.path().join("out").display(),
         dlq = dir.path().join("dlq").display(),
         ckpt = dir.path().join("ckpt").display(),
@@ -250,14 +259,13 @@ source:
     - {{ name: user, type: utf8 }}
     - {{ name: amount, type: float64 }}
 sink:
-  type: kinesis
   {output}
   partition_key: id
   format: protobuf
   protobuf: {proto}
 "#,
             input = dir.path().join("in.jsonl").display(),
-            output = k.yaml("views-pb").replace("\n    ", "\n  "),
+            output = writing(&k, "views-pb"),
         ),
     );
     let out = crate::sluice(&["run", writer.to_str().unwrap()]);
@@ -269,16 +277,13 @@ sink:
         format!(
             r#"name: kinesis-pb-in
 source:
-  type: kinesis
   {input}
-  start_from: trim_horizon
-  idle_wait: 200ms
   format: protobuf
   protobuf: {proto}
 sink: {{ type: file, path: {out}, format: jsonl }}
 checkpoint: {{ dir: {ckpt}, interval: 500ms }}
 "#,
-            input = k.yaml("views-pb").replace("\n    ", "\n  "),
+            input = reading(&k, "views-pb"),
             out = dir.path().join("out").display(),
             ckpt = dir.path().join("ckpt").display(),
         ),
