@@ -14,6 +14,9 @@
 //!   finishes and commits what it read, and its partitions move with their state.
 //!
 //! On SIGINT or SIGTERM every worker is stopped the same way, and the supervisor waits.
+//! A worker that has not exited [`STOP_GRACE`] after its SIGTERM is killed (SIGKILL), as
+//! Kubernetes does after a pod's grace period: what it committed stands, and what it read
+//! since is read again by the partition's next owner.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -53,8 +56,8 @@ struct Supervisor {
     file: PathBuf,
     /// Running workers by slot.
     workers: BTreeMap<usize, Worker>,
-    /// Workers told to stop, until they have.
-    stopping: Vec<(usize, Child)>,
+    /// Workers told to stop, with when, until they have.
+    stopping: Vec<Stopping>,
     /// Slots whose worker died, with when to start it again and its failure count.
     restarts: BTreeMap<usize, (Instant, u32)>,
     pipeline: String,
@@ -69,6 +72,36 @@ struct Supervisor {
 
 /// A worker that ran this long before exiting on its own was not crash-looping.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+/// How long a worker has to finish after SIGTERM before it is killed. A clean stop takes a
+/// batch and a checkpoint; one that hangs (a consumer whose group leave never completes)
+/// would otherwise keep the supervisor waiting for good.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// A worker told to stop.
+struct Stopping {
+    slot: usize,
+    child: Child,
+    since: Instant,
+    killed: bool,
+}
+
+impl Stopping {
+    /// Kills the worker once its grace period is over.
+    fn kill_when_overdue(&mut self) {
+        if self.killed || self.since.elapsed() < STOP_GRACE {
+            return;
+        }
+        tracing::warn!(
+            member = member_name(self.slot),
+            "worker process still running {STOP_GRACE:?} after SIGTERM; killing it (its last checkpoint stands)"
+        );
+        if let Err(e) = self.child.start_kill() {
+            tracing::warn!(member = member_name(self.slot), error = %e, "cannot kill a worker process");
+        }
+        self.killed = true;
+    }
+}
 
 impl Supervisor {
     fn start(&mut self, slot: usize, failures: u32) -> anyhow::Result<()> {
@@ -106,7 +139,12 @@ impl Supervisor {
         if let Some((slot, mut worker)) = self.workers.pop_last() {
             terminate(&mut worker.child);
             tracing::info!(member = member_name(slot), "worker process stopping");
-            self.stopping.push((slot, worker.child));
+            self.stopping.push(Stopping {
+                slot,
+                child: worker.child,
+                since: Instant::now(),
+                killed: false,
+            });
         }
     }
 
@@ -140,14 +178,16 @@ impl Supervisor {
             self.restarts
                 .insert(slot, (Instant::now() + pause, failures));
         }
-        self.stopping
-            .retain_mut(|(slot, child)| match child.try_wait() {
-                Ok(Some(status)) => {
-                    tracing::info!(member = member_name(*slot), %status, "worker process stopped");
-                    false
-                }
-                _ => true,
-            });
+        self.stopping.retain_mut(|w| match w.child.try_wait() {
+            Ok(Some(status)) => {
+                tracing::info!(member = member_name(w.slot), %status, "worker process stopped");
+                false
+            }
+            _ => {
+                w.kill_when_overdue();
+                true
+            }
+        });
     }
 
     fn restart_due(&mut self) -> anyhow::Result<()> {
@@ -197,8 +237,13 @@ impl Supervisor {
             self.stop_one();
         }
         let mut clean = true;
-        for (slot, mut child) in self.stopping.drain(..) {
-            match child.wait().await {
+        for mut w in std::mem::take(&mut self.stopping) {
+            let left = STOP_GRACE.saturating_sub(w.since.elapsed());
+            if tokio::time::timeout(left, w.child.wait()).await.is_err() {
+                w.kill_when_overdue();
+            }
+            let slot = w.slot;
+            match w.child.wait().await {
                 Ok(status) if status.success() => {
                     tracing::info!(member = member_name(slot), "worker process stopped");
                 }

@@ -289,7 +289,7 @@ impl GroupContext {
 
 /// Commits the group's offsets after each checkpoint.
 pub(super) struct GroupCommitter {
-    pub(super) consumer: Arc<OnceLock<Arc<GroupConsumer>>>,
+    pub(super) consumer: Arc<Mutex<Option<Arc<GroupConsumer>>>>,
     pub(super) shared: Arc<GroupState>,
 }
 
@@ -313,7 +313,7 @@ impl CommitHook for GroupCommitter {
                 }
             }
         }
-        let Some(consumer) = self.consumer.get() else {
+        let Some(consumer) = self.consumer.lock().expect("consumer lock").clone() else {
             return;
         };
         if tpl.count() == 0 {

@@ -63,6 +63,11 @@ use crate::format::{Payloads, SourceFormat};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Broker round trips made inside a rebalance (committed offsets, offsets for times).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing waits for the consumer to leave its group. librdkafka's close waits
+/// for a rebalance in flight to end, which a broker can hold for the rebalance timeout
+/// (minutes): the checkpoint is taken by then, so the process goes on without it and the
+/// group drops the member when its session times out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A partition's buffer pauses fetching beyond this many bytes.
 const MAX_BUFFERED_BYTES: usize = 32 << 20;
 
@@ -73,7 +78,8 @@ pub struct KafkaSource {
     schema: SchemaRef,
     shared: Arc<GroupState>,
     events: mpsc::UnboundedReceiver<Event>,
-    consumer: Arc<OnceLock<Arc<GroupConsumer>>>,
+    /// Shared with the commit hook; taken at close.
+    consumer: Arc<Mutex<Option<Arc<GroupConsumer>>>>,
     poller: Option<std::thread::JoinHandle<()>>,
     watermarks: Option<std::thread::JoinHandle<()>>,
 }
@@ -169,7 +175,7 @@ impl KafkaSource {
             .subscribe(&topics)
             .map_err(|e| kafka_error(&format!("subscribing to {topics:?}"), &e))?;
         let consumer = Arc::new(consumer);
-        let _ = self.consumer.set(consumer.clone());
+        *self.consumer.lock().expect("consumer lock") = Some(consumer.clone());
         let shared = self.shared.clone();
         let polled = consumer.clone();
         let poller = std::thread::Builder::new()
@@ -214,6 +220,34 @@ impl Drop for KafkaSource {
         if let Some(watermarks) = self.watermarks.take() {
             let _ = watermarks.join();
         }
+        if let Some(consumer) = self.consumer.lock().expect("consumer lock").take() {
+            leave_group(consumer, &self.config.group);
+        }
+    }
+}
+
+/// Drops the consumer (it leaves the group: its last revoke, a LeaveGroup) on a thread of
+/// its own, waiting at most [`CLOSE_TIMEOUT`] for it.
+fn leave_group(consumer: Arc<GroupConsumer>, group: &str) {
+    let (left, done) = std::sync::mpsc::channel();
+    let closing = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = left.send(());
+        });
+    if closing.is_err() {
+        tracing::warn!(
+            group,
+            "kafka: cannot start the closing thread; not leaving the group"
+        );
+        return;
+    }
+    if done.recv_timeout(CLOSE_TIMEOUT).is_err() {
+        tracing::warn!(
+            group,
+            "kafka: leaving the consumer group did not finish in {CLOSE_TIMEOUT:?}; going on (the group drops this member when its session times out)"
+        );
     }
 }
 
