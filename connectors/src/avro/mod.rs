@@ -111,33 +111,28 @@ impl AvroFormat {
                     "give the reader schema (`schema: FILE.avsc`), or the `subject` whose latest version it is (a source of several topics has no one subject)".into(),
                 ));
             }
-            (None, Some(subject)) => {
-                match registry::latest_blocking(&config.schema_registry, &subject) {
-                    Ok(Some(latest))
-                        if latest.schema_type.as_deref().is_none_or(|t| t == "AVRO") =>
-                    {
-                        tracing::info!(%subject, version = latest.version, id = latest.id, "reader schema: the registry's latest version");
-                        latest.schema
-                    }
-                    Ok(Some(_)) => {
-                        return Err(Error::Plan(format!(
-                            "the latest version of subject `{subject}` is not an Avro schema"
-                        )));
-                    }
-                    Ok(None) => {
-                        return Err(Error::Plan(format!(
-                            "the registry at {} has no subject `{subject}` to take the reader schema from: give `schema: FILE.avsc`",
-                            registry.url()
-                        )));
-                    }
-                    Err(why) => {
-                        return Err(Error::Plan(format!(
-                            "the reader schema is the latest version of subject `{subject}`, and the registry at {} did not answer: {why}",
-                            registry.url()
-                        )));
-                    }
+            (None, Some(subject)) => match latest_reader(&config.schema_registry, &subject) {
+                Ok(Some(latest)) if latest.schema_type.as_deref().is_none_or(|t| t == "AVRO") => {
+                    latest.schema
                 }
-            }
+                Ok(Some(_)) => {
+                    return Err(Error::Plan(format!(
+                        "the latest version of subject `{subject}` is not an Avro schema"
+                    )));
+                }
+                Ok(None) => {
+                    return Err(Error::Plan(format!(
+                        "the registry at {} has no subject `{subject}` to take the reader schema from: give `schema: FILE.avsc`",
+                        registry.url()
+                    )));
+                }
+                Err(why) => {
+                    return Err(Error::Plan(format!(
+                        "the reader schema is the latest version of subject `{subject}`, and the registry at {} did not answer: {why}",
+                        registry.url()
+                    )));
+                }
+            },
         };
         let reader = AvroSchema::new(text);
         let records = decoder_for(&reader, &[(0, reader.clone())])
@@ -259,6 +254,34 @@ impl AvroFormat {
             .collect();
         (resolvable, writers.keys().copied().collect())
     }
+}
+
+/// The registry's latest version of `subject`, asked once per process: the config check,
+/// the plan's columns and the source each open the format at start, and a reader schema
+/// is fixed for the run. Only answers are kept (a failed lookup is asked again).
+fn latest_reader(
+    config: &RegistryConfig,
+    subject: &str,
+) -> std::result::Result<Option<registry::Latest>, String> {
+    static KNOWN: Mutex<Vec<((String, String), registry::Latest)>> = Mutex::new(Vec::new());
+    let key = (config.url.clone(), subject.to_string());
+    if let Some((_, latest)) = KNOWN
+        .lock()
+        .expect("reader schemas lock")
+        .iter()
+        .find(|(k, _)| *k == key)
+    {
+        return Ok(Some(latest.clone()));
+    }
+    let latest = registry::latest_blocking(config, subject)?;
+    if let Some(found) = &latest {
+        tracing::info!(%subject, version = found.version, id = found.id, "reader schema: the registry's latest version");
+        KNOWN
+            .lock()
+            .expect("reader schemas lock")
+            .push((key, found.clone()));
+    }
+    Ok(latest)
 }
 
 /// A decoder from the writer schemas `writers` (by id) to the reader schema.

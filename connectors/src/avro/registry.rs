@@ -145,7 +145,7 @@ pub fn latest_blocking(
 }
 
 /// A subject's latest version.
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 pub struct Latest {
     pub id: u32,
     pub version: u32,
