@@ -186,7 +186,8 @@ fn an_idle_pipeline_shows_idle() {
     );
     let top = sluice(&["top", "--once", &addr]);
     let screen = text(&top.stdout);
-    assert_eq!(top_cell(&screen, "heavy", 5), 0.0, "{screen}");
+    // Busy, in percent: 20 rows a second take a few milliseconds of a second.
+    assert!(top_cell(&screen, "heavy", 5) < 10.0, "{screen}");
     let (status, log) = run.interrupt();
     assert!(status.success(), "{log}");
     assert!(
@@ -255,7 +256,7 @@ sink: { type: null }
 
     // --where and --limit; and a tap with no limit ends when the pipeline does.
     let endless = std::sync::Mutex::new(None);
-    let (_, _) = run_once(&|addr| {
+    let (ran, _) = run_once(&|addr| {
         *endless.lock().unwrap() = Some(
             std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
                 .args(["tap", addr, "--stage", "sink", "--rate", "10/s"])
@@ -290,7 +291,11 @@ sink: { type: null }
     let endless = endless.wait_with_output().unwrap();
     assert!(endless.status.success(), "{}", text(&endless.stderr));
     let rows = text(&endless.stdout).lines().count();
-    assert!((1..=60).contains(&rows), "{rows} rows at 10/s");
+    // At most 10 a second while the pipeline ran (it was tapped a little after it started).
+    assert!(
+        rows >= 1 && rows as f64 <= 10.0 * ran + 10.0,
+        "{rows} rows at 10/s in {ran}s"
+    );
 
     // A reader that asks and then never reads, against no reader at all: best of three each.
     let held = std::sync::Mutex::new(Vec::new());
