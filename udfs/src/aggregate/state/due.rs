@@ -163,9 +163,13 @@ impl AggregateState {
             self.make_room(store, &mut states, &vec![through; parts.len()])?;
         }
         drop(states);
-        // Sorted once the partitions are free to go on.
+        // Sorted once the partitions are free to go on, and once for all the pane's
+        // emissions while it gains no entries.
         for pane in panes {
-            let order = Arc::new(closing::sorted(&pane.table));
+            let order = pane
+                .order
+                .get_or_init(|| Arc::new(closing::sorted(&pane.table)))
+                .clone();
             // Shared by the windows: read in end order, the last one takes the entries.
             let table = Arc::new(pane.table);
             for (end, start, stored) in pane.windows {
@@ -218,17 +222,20 @@ impl AggregateState {
             let done = last <= through;
             let prefix = [st.prefix.as_slice(), &ordered(pane)].concat();
             let upto = [st.prefix.as_slice(), &ordered(pane.saturating_add(1))].concat();
-            let (entries, stored) = if done {
-                let window = st.windows.remove(&pane).expect("a listed pane");
+            let (entries, order, stored) = if done {
+                let mut window = st.windows.remove(&pane).expect("a listed pane");
+                let order = window.key_order(&mut st.mem);
+                window.forget_order(&mut st.mem);
                 let bytes = window.filter.size() + window.entries.bytes();
                 st.mem = st.mem.saturating_sub(bytes);
                 let (stored, evicted) = (window.stored, window.evicted);
                 let mem = window.entries;
                 let stored = ((stored || evicted) && db.is_some()).then_some(None);
-                (mem, stored)
+                (mem, order, stored)
             } else {
-                let window = &st.windows[&pane];
-                let mem = window.entries.clone();
+                let window = st.windows.get_mut(&pane).expect("a listed pane");
+                let order = window.key_order(&mut st.mem);
+                let mem = window.entries.snapshot();
                 // Not evicted: every key in the database is in memory too, newer or equal.
                 let stored = match db {
                     Some(db) if window.evicted => {
@@ -236,7 +243,7 @@ impl AggregateState {
                     }
                     _ => None,
                 };
-                (mem, stored)
+                (mem, order, stored)
             };
             let mut windows = Vec::new();
             let mut end = first_end;
@@ -252,6 +259,7 @@ impl AggregateState {
             }
             out.push(PaneOut {
                 table: entries,
+                order: order.cell,
                 windows,
             });
         }
@@ -285,6 +293,8 @@ impl PartState {
 /// pane's entries in the database, if any.
 struct PaneOut {
     table: Table,
+    /// Its key order: sorted by an earlier emission, or to sort now.
+    order: Arc<OnceLock<Arc<Vec<u32>>>>,
     windows: Vec<ClosingAt>,
 }
 

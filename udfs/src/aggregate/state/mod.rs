@@ -85,7 +85,7 @@ mod table;
 pub use closing::{Closing, OutRow};
 use closing::{Frozen, SessionRow, StoredRange, prefix_end, read_range};
 use sessions::{Sessions, StoredSessions, merge_all_sessions, merge_sessions, write_all_sessions};
-use table::Table;
+use table::{KeyOrder, Table};
 
 /// How rows are assigned to windows (times in milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +249,10 @@ struct Window {
     filter: KeyFilter,
     /// Restored from a checkpoint: any key may be in the database.
     restored: bool,
+    /// The entries in key order, when an emission sorted them and none was added or moved
+    /// since: a sliding window's pane is in `size / slide` emissions, and each sorted it
+    /// again. Counted in the partition's memory.
+    order: Option<KeyOrder>,
 }
 
 /// Whether an evicted window's database entries may hold `key` (its fields apart: the

@@ -20,6 +20,10 @@ impl PartState {
             let mut key = self.prefix.clone();
             key.extend_from_slice(&ordered(*end));
             let base = key.len();
+            // Entries leave and the others move down: a key order of them no longer holds.
+            if let Some(order) = window.order.take() {
+                freed += order.bytes();
+            }
             let filter = &mut window.filter;
             let table = &mut window.entries;
             let mut filter_bytes = 0;

@@ -11,9 +11,11 @@
 //! the allocator (a million keys under a 32 MiB budget took 100 MiB more that way).
 
 use std::hash::BuildHasher;
+use std::sync::{Arc, OnceLock};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
+use super::Window;
 use super::acc::Acc;
 
 /// Entries in the first chunk; each next chunk holds four times more, up to [`MAX_CHUNK`].
@@ -56,6 +58,53 @@ struct KeyAt {
     len: u32,
 }
 
+/// A pane's entries in key order, as sorted for an emission (outside the partition's lock,
+/// into a cell the pane shares), with the number of entries it covers.
+#[derive(Clone)]
+pub(super) struct KeyOrder {
+    pub(super) cell: Arc<OnceLock<Arc<Vec<u32>>>>,
+    pub(super) len: usize,
+}
+
+impl KeyOrder {
+    fn new(len: usize) -> Self {
+        KeyOrder {
+            cell: Arc::default(),
+            len,
+        }
+    }
+
+    /// What it takes in memory (counted from when it is made: it is filled later).
+    pub(super) fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<u32>()
+    }
+}
+
+impl Window {
+    /// The pane's key order for an emission that takes its entries now: the one sorted
+    /// before while it still covers them, else a new one to sort. `mem`: the partition's.
+    pub(super) fn key_order(&mut self, mem: &mut usize) -> KeyOrder {
+        let len = self.entries.len();
+        match &self.order {
+            Some(order) if order.len == len => order.clone(),
+            _ => {
+                self.forget_order(mem);
+                let order = KeyOrder::new(len);
+                *mem += order.bytes();
+                self.order = Some(order.clone());
+                order
+            }
+        }
+    }
+
+    /// Drops the key order (entries moved or left).
+    pub(super) fn forget_order(&mut self, mem: &mut usize) {
+        if let Some(order) = self.order.take() {
+            *mem = mem.saturating_sub(order.bytes());
+        }
+    }
+}
+
 /// The chunk and place of entry `i`.
 #[inline]
 fn locate(i: usize) -> (usize, usize) {
@@ -96,6 +145,21 @@ impl Table {
 
     pub(super) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// A copy of the entries for an emission to read in order: without the hash index,
+    /// which only adding and finding use.
+    pub(super) fn snapshot(&self) -> Table {
+        Table {
+            index: HashTable::new(),
+            hasher: self.hasher.clone(),
+            chunks: self.chunks.clone(),
+            blocks: self.blocks.clone(),
+            len: self.len,
+            width: self.width,
+            allocated: self.allocated,
+            heap: self.heap,
+        }
     }
 
     /// The memory the table takes: its index, chunks and key blocks as allocated, and the

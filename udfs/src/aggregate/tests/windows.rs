@@ -94,6 +94,43 @@ aggregates:
     );
 }
 
+/// A pane is in `size / slide` emissions and its key order is kept for the next ones: a
+/// key it gains after its first window closed (on time for the later ones) is in them,
+/// in key order.
+#[tokio::test]
+async fn a_key_a_pane_gains_after_its_first_window_is_in_the_later_ones() {
+    let mut h = Harness::new(
+        "
+group_by: [user]
+event_time: t
+window: { sliding: { size: 6s, slide: 2s } }
+idle_timeout: 1h
+aggregates:
+  c: count()
+  s: sum(n)
+",
+    );
+    h.feed(0, &[("c", 1, 1_000), ("x", 1, 2_500)]).await;
+    assert_eq!(h.take(), ["c [-4,2) c=1 s=1"]);
+    // Pane [0,2) gains `a` and `b` while its windows ending at 4s and 6s are open.
+    h.feed(0, &[("b", 2, 1_500), ("x", 1, 4_500)]).await;
+    assert_eq!(
+        h.take(),
+        ["b [-2,4) c=1 s=2", "c [-2,4) c=1 s=1", "x [-2,4) c=1 s=1"]
+    );
+    h.feed(0, &[("a", 4, 1_200), ("x", 1, 6_500)]).await;
+    assert_eq!(
+        h.take(),
+        [
+            "a [0,6) c=1 s=4",
+            "b [0,6) c=1 s=2",
+            "c [0,6) c=1 s=1",
+            "x [0,6) c=2 s=2"
+        ]
+    );
+    assert!(h.late.is_empty());
+}
+
 #[tokio::test]
 async fn sessions_merge_across_rows_and_partitions() {
     let mut h = Harness::new(
