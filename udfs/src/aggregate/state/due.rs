@@ -224,8 +224,7 @@ impl AggregateState {
             let upto = [st.prefix.as_slice(), &ordered(pane.saturating_add(1))].concat();
             let (entries, order, stored) = if done {
                 let mut window = st.windows.remove(&pane).expect("a listed pane");
-                let order = window.key_order(&mut st.mem);
-                window.forget_order(&mut st.mem);
+                let order = window.take_order(&mut st.mem);
                 let bytes = window.filter.size() + window.entries.bytes();
                 st.mem = st.mem.saturating_sub(bytes);
                 let (stored, evicted) = (window.stored, window.evicted);

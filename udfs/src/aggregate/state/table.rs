@@ -97,11 +97,21 @@ impl Window {
         }
     }
 
+    /// The pane's key order for an emission that takes its entries out of the state: the
+    /// one sorted before while it still covers them, else a new one to sort; no longer
+    /// counted in `mem`.
+    pub(super) fn take_order(&mut self, mem: &mut usize) -> KeyOrder {
+        let len = self.entries.len();
+        self.forget_order(mem)
+            .filter(|order| order.len == len)
+            .unwrap_or_else(|| KeyOrder::new(len))
+    }
+
     /// Drops the key order (entries moved or left).
-    pub(super) fn forget_order(&mut self, mem: &mut usize) {
-        if let Some(order) = self.order.take() {
-            *mem = mem.saturating_sub(order.bytes());
-        }
+    fn forget_order(&mut self, mem: &mut usize) -> Option<KeyOrder> {
+        let order = self.order.take()?;
+        *mem = mem.saturating_sub(order.bytes());
+        Some(order)
     }
 }
 

@@ -52,19 +52,24 @@ async fn tumbling_windows_with_disorder_lateness_and_two_partitions() {
     assert_eq!(h.take(), ["a [20,30) c=1 s=40", "b [20,30) c=1 s=6"]);
 }
 
-#[tokio::test]
-async fn sliding_windows_count_a_row_in_every_window_it_falls_in() {
-    let mut h = Harness::new(
+/// Count and sum per user in sliding windows of `size`, every `slide`.
+fn sliding(size: &str, slide: &str) -> String {
+    format!(
         "
 group_by: [user]
 event_time: t
-window: { sliding: { size: 10s, slide: 5s } }
+window: {{ sliding: {{ size: {size}, slide: {slide} }} }}
 idle_timeout: 1h
 aggregates:
   c: count()
   s: sum(n)
-",
-    );
+"
+    )
+}
+
+#[tokio::test]
+async fn sliding_windows_count_a_row_in_every_window_it_falls_in() {
+    let mut h = Harness::new(&sliding("10s", "5s"));
     h.feed(
         0,
         &[
@@ -99,17 +104,7 @@ aggregates:
 /// in key order.
 #[tokio::test]
 async fn a_key_a_pane_gains_after_its_first_window_is_in_the_later_ones() {
-    let mut h = Harness::new(
-        "
-group_by: [user]
-event_time: t
-window: { sliding: { size: 6s, slide: 2s } }
-idle_timeout: 1h
-aggregates:
-  c: count()
-  s: sum(n)
-",
-    );
+    let mut h = Harness::new(&sliding("6s", "2s"));
     h.feed(0, &[("c", 1, 1_000), ("x", 1, 2_500)]).await;
     assert_eq!(h.take(), ["c [-4,2) c=1 s=1"]);
     // Pane [0,2) gains `a` and `b` while its windows ending at 4s and 6s are open.
