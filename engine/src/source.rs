@@ -91,6 +91,13 @@ pub trait LogEnd: Send + Sync {
     fn millis_behind(&self) -> Option<u64> {
         None
     }
+
+    /// Where the source fetches ahead of its reader (a Kinesis shard's pages): the offset
+    /// after the last record fetched. Records before it exist and are on their way, so the
+    /// partition is not caught up while the pipeline's position is behind it.
+    fn fetched_end(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// A change in the partitions this process reads.

@@ -233,6 +233,10 @@ pub struct PartitionLag {
     /// them (what a consumer group's committed offset says), else written to the sink.
     /// `i64::MIN` until known.
     pub position: AtomicI64,
+    /// The end of the batches read from the partition and handed to the workers:
+    /// `i64::MIN` before the first. Past `position`, batches are in flight (in the
+    /// stages, in retries, on their way to the sink or to a checkpoint).
+    pub read: AtomicI64,
 }
 
 impl std::fmt::Debug for PartitionLag {
@@ -240,6 +244,7 @@ impl std::fmt::Debug for PartitionLag {
         f.debug_struct("PartitionLag")
             .field("end", &self.end.as_ref().and_then(|e| e.log_end()))
             .field("position", &self.position.load(Ordering::Relaxed))
+            .field("read", &self.read.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -249,6 +254,7 @@ impl PartitionLag {
         PartitionLag {
             end,
             position: AtomicI64::new(i64::MIN),
+            read: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -279,6 +285,23 @@ impl PartitionLag {
 
     pub fn advance_to(&self, offset: i64) {
         self.position.fetch_max(offset, Ordering::Relaxed);
+    }
+
+    /// A batch ending at `end` was read and handed to the workers.
+    pub fn read_to(&self, end: i64) {
+        self.read.fetch_max(end, Ordering::Relaxed);
+    }
+
+    /// Whether records read, or fetched by the source ahead of its reader, are not done
+    /// yet: a batch between the reader and the sink or a checkpoint, a fetched page not
+    /// read yet (see [`LogEnd::fetched_end`]).
+    pub fn in_flight(&self) -> bool {
+        let position = self.position.load(Ordering::Relaxed);
+        let fetched = self.end.as_ref().and_then(|e| e.fetched_end());
+        [Some(self.read.load(Ordering::Relaxed)), fetched]
+            .into_iter()
+            .flatten()
+            .any(|end| end != i64::MIN && (position == i64::MIN || position < end))
     }
 }
 

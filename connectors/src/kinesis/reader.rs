@@ -35,6 +35,9 @@ const BYTES_PER_SECOND: f64 = 2.0 * 1024.0 * 1024.0;
 const RECORDS_PER_CALL: i32 = 10_000;
 /// Fetched responses waiting for the reader: bounds memory when the pipeline is slower.
 const FETCHED_AHEAD: usize = 2;
+/// How long past a shard's next call (every `idle_wait` at its tip) its last "at the tip"
+/// still holds.
+const FRESH_SLACK: Duration = Duration::from_secs(1);
 
 /// One user record as fetched.
 pub(super) struct Raw {
@@ -60,12 +63,31 @@ pub(super) enum Start {
     From(StartFrom),
 }
 
-/// A shard's milliseconds behind the stream's tip, as its last GetRecords said.
-pub struct MillisBehind(AtomicI64);
+/// How far a shard's reader is: milliseconds behind the stream's tip as its last
+/// GetRecords said, and the records fetched.
+pub struct MillisBehind {
+    /// What the last response said (`-1` before the first), and when (milliseconds since
+    /// the epoch). A confirmation ages: past `fresh` after it, the time since counts as
+    /// behind too (a call that hangs or fails, an outage), so an old "at the tip" never
+    /// lets a shard pass for caught up.
+    said: std::sync::Mutex<(i64, i64)>,
+    fresh: i64,
+    /// The offset after the last record fetched (see [`LogEnd::fetched_end`]).
+    fetched: AtomicI64,
+}
 
-impl Default for MillisBehind {
-    fn default() -> Self {
-        MillisBehind(AtomicI64::new(-1))
+impl MillisBehind {
+    /// For a shard called every `idle_wait` while at its tip.
+    pub(super) fn new(idle_wait: Duration) -> Self {
+        MillisBehind {
+            said: std::sync::Mutex::new((-1, 0)),
+            fresh: (idle_wait + FRESH_SLACK).as_millis() as i64,
+            fetched: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    fn said(&self, behind: i64) {
+        *self.said.lock().expect("behind lock") = (behind, now_ms());
     }
 }
 
@@ -76,7 +98,13 @@ impl LogEnd for MillisBehind {
     }
 
     fn millis_behind(&self) -> Option<u64> {
-        u64::try_from(self.0.load(Ordering::Relaxed)).ok()
+        let (behind, at) = *self.said.lock().expect("behind lock");
+        let aged = (now_ms() - at - self.fresh).max(0);
+        u64::try_from(behind).ok().map(|b| b + aged as u64)
+    }
+
+    fn fetched_end(&self) -> Option<i64> {
+        Some(self.fetched.load(Ordering::Acquire)).filter(|&f| f != i64::MIN)
     }
 }
 
@@ -145,9 +173,6 @@ impl Fetch {
                 }
             };
             backoff.reset();
-            self.behind
-                .0
-                .store(out.millis_behind_latest.unwrap_or(-1), Ordering::Relaxed);
             let millis_behind = out.millis_behind_latest;
             let next_iterator = out.next_shard_iterator;
             let mut bytes = 0usize;
@@ -198,6 +223,12 @@ impl Fetch {
                 Some(ms) => ms == 0,
                 None => fetched.is_empty(),
             };
+            // Counted before the reader can see them, and before the response's "at the
+            // tip": the shard is not caught up until the pipeline is past them.
+            self.behind
+                .fetched
+                .fetch_add(fetched.len() as i64, Ordering::AcqRel);
+            self.behind.said(millis_behind.unwrap_or(-1));
             if !fetched.is_empty() && tx.send(Fetched::Records(fetched)).await.is_err() {
                 return Ok(());
             }
@@ -205,7 +236,7 @@ impl Fetch {
                 Some(next) => iterator = next,
                 None => {
                     // Read to its end: nothing of it is behind (kinesalite keeps counting).
-                    self.behind.0.store(0, Ordering::Relaxed);
+                    self.behind.said(0);
                     let _ = tx.send(Fetched::End).await;
                     return Ok(());
                 }
@@ -330,6 +361,7 @@ impl ShardReader {
         let (tx, fetched) = mpsc::channel(FETCHED_AHEAD);
         let shard = fetch.shard.clone();
         let behind = fetch.behind.clone();
+        behind.fetched.store(first, Ordering::Release);
         let task = tokio::spawn(fetch.run(start, tx));
         ShardReader {
             info: parts.info,
@@ -483,6 +515,12 @@ impl PartitionReader for ShardReader {
         Some(self.behind.clone())
     }
 
+    /// Records before the resume point were done before a restart: the position starts
+    /// there, so a shard is not caught up while a page it fetched is on its way.
+    fn start_offset(&self) -> Option<i64> {
+        Some(self.skip_before)
+    }
+
     fn take_end_signal(&mut self) -> Option<oneshot::Sender<()>> {
         self.end_signal.take()
     }
@@ -532,5 +570,28 @@ impl PartitionReader for ShardReader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_answer_that_a_shard_is_at_its_tip_ages_into_lag() {
+        let behind = MillisBehind::new(Duration::from_millis(200));
+        assert_eq!(behind.millis_behind(), None, "before its first call");
+        assert_eq!(behind.fetched_end(), None);
+        behind.said(0);
+        assert_eq!(behind.millis_behind(), Some(0));
+        // The last answer came 5 s ago (calls hang, or the service is unreachable): 3.8 s
+        // past when the next was due count as behind.
+        behind.said.lock().unwrap().1 -= 5_000;
+        let aged = behind.millis_behind().unwrap();
+        assert!((3_800..4_000).contains(&aged), "{aged}");
+        behind.said(250);
+        assert_eq!(behind.millis_behind(), Some(250));
+        behind.fetched.store(7, Ordering::Release);
+        assert_eq!(behind.fetched_end(), Some(7));
     }
 }

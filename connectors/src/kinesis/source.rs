@@ -209,7 +209,7 @@ impl KinesisSource {
                 Some(_) => Vec::new(),
             },
         };
-        let behind = Arc::new(MillisBehind::default());
+        let behind = Arc::new(MillisBehind::new(self.config.idle_wait.get()));
         if let Some(membership) = self.membership.as_mut() {
             membership.reading(&shard, behind.clone());
         }

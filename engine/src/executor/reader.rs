@@ -145,6 +145,7 @@ pub(super) async fn read_partition(
             lag.start_at(env.offsets.start);
         }
         end = Some(env.offsets.end);
+        lag.read_to(env.offsets.end);
         RunStats::add(&stats.records_in, env.batch.num_rows() as u64);
         RunStats::add(&stats.batches_in, 1);
         let parts = match (&splitter, &ledger) {

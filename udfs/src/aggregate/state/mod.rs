@@ -190,11 +190,12 @@ impl Part {
 
     /// Whether every record of the partition known to exist is done (its lag is 0), or
     /// nothing tells (a source that cannot say where a partition ends): only then may
-    /// silence count as idleness. Records in retries, behind a slow stage or not fetched
-    /// yet keep the partition's windows open, and so does a log end not read yet. Where the
-    /// source can tell but the position is not known yet (a partition it never read, before
-    /// its first record), silence decides, but the partition does not count as caught up
-    /// when every partition is idle (see `AggregateState::due`).
+    /// silence count as idleness. Batches read and not done (in retries, behind a slow
+    /// stage, before the checkpoint that takes them), pages fetched and not read, records
+    /// not fetched yet keep the partition's windows open, and so does a log end not read
+    /// yet. Where the source can tell but the position is not known yet (a partition it
+    /// never read, before its first record), silence decides, but the partition does not
+    /// count as caught up when every partition is idle (see `AggregateState::due`).
     fn caught_up(&self) -> CaughtUp {
         if self.continued.load(Ordering::Acquire) != NOT_CONTINUED {
             return CaughtUp::Yes;
@@ -203,6 +204,9 @@ impl Part {
         let Some(p) = lag.as_ref() else {
             return CaughtUp::Yes;
         };
+        if p.in_flight() {
+            return CaughtUp::No;
+        }
         if p.end.is_none() {
             return CaughtUp::Yes;
         }

@@ -358,6 +358,52 @@ async fn a_silent_partition_with_a_backlog_is_not_idle() {
     assert!(h.late.is_empty());
 }
 
+/// Batches read and not done (behind a slow stage, in retries, before the checkpoint that
+/// takes them) and pages a source fetched ahead of its reader keep a silent partition from
+/// idling, also where the source cannot say where the partition ends.
+#[tokio::test]
+async fn a_silent_partition_with_batches_in_flight_is_not_idle() {
+    use sluice_engine::source::LogEnd;
+    use sluice_engine::stats::PartitionLag;
+    /// A Kinesis shard's: at the tip as of its last call, with records fetched to 40.
+    struct Fetched;
+    impl LogEnd for Fetched {
+        fn log_end(&self) -> Option<i64> {
+            None
+        }
+        fn millis_behind(&self) -> Option<u64> {
+            Some(0)
+        }
+        fn fetched_end(&self) -> Option<i64> {
+            Some(40)
+        }
+    }
+    for end in [None, Some(Arc::new(Fetched) as Arc<dyn LogEnd>)] {
+        let fetching = end.is_some();
+        let lag = Arc::new(PartitionLag::new(end));
+        lag.start_at(10);
+        lag.read_to(30);
+        let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+        h.factory.state().unwrap().watch(&info(1), &lag);
+        h.feed(1, &[("a", 1, 1_000)]).await;
+        h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        // Records 10..30 of partition 1 are in the stages, and its silence is not idleness.
+        h.feed(0, &[("a", 4, 16_000)]).await;
+        assert!(h.take().is_empty(), "fetching: {fetching}");
+        lag.advance_to(30);
+        if fetching {
+            // Done with what was read, but records 30..40 were fetched and not read.
+            h.feed(0, &[("a", 5, 17_000)]).await;
+            assert!(h.take().is_empty());
+            lag.advance_to(40);
+        }
+        h.feed(0, &[("a", 6, 18_000)]).await;
+        assert_eq!(h.take(), ["a [0,10) c=2 s=3"], "fetching: {fetching}");
+        assert!(h.late.is_empty());
+    }
+}
+
 #[tokio::test]
 async fn every_aggregate_over_one_window() {
     let mut h = Harness::new(
