@@ -89,6 +89,11 @@ impl MillisBehind {
     fn said(&self, behind: i64) {
         *self.said.lock().expect("behind lock") = (behind, now_ms());
     }
+
+    /// Read to its end: nothing of it is behind, for good (no call follows to renew it).
+    fn ended(&self) {
+        *self.said.lock().expect("behind lock") = (0, i64::MAX);
+    }
 }
 
 impl LogEnd for MillisBehind {
@@ -99,7 +104,10 @@ impl LogEnd for MillisBehind {
 
     fn millis_behind(&self) -> Option<u64> {
         let (behind, at) = *self.said.lock().expect("behind lock");
-        let aged = (now_ms() - at - self.fresh).max(0);
+        let aged = now_ms()
+            .saturating_sub(at)
+            .saturating_sub(self.fresh)
+            .max(0);
         u64::try_from(behind).ok().map(|b| b + aged as u64)
     }
 
@@ -236,7 +244,7 @@ impl Fetch {
                 Some(next) => iterator = next,
                 None => {
                     // Read to its end: nothing of it is behind (kinesalite keeps counting).
-                    self.behind.said(0);
+                    self.behind.ended();
                     let _ = tx.send(Fetched::End).await;
                     return Ok(());
                 }
@@ -578,7 +586,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_old_answer_that_a_shard_is_at_its_tip_ages_into_lag() {
+    fn an_old_answer_that_a_shard_is_at_its_tip_ages_into_lag_and_its_end_does_not() {
         let behind = MillisBehind::new(Duration::from_millis(200));
         assert_eq!(behind.millis_behind(), None, "before its first call");
         assert_eq!(behind.fetched_end(), None);
@@ -591,6 +599,9 @@ mod tests {
         assert!((3_800..4_000).contains(&aged), "{aged}");
         behind.said(250);
         assert_eq!(behind.millis_behind(), Some(250));
+        behind.ended();
+        behind.said.lock().unwrap().1 -= 5_000;
+        assert_eq!(behind.millis_behind(), Some(0), "an end does not age");
         behind.fetched.store(7, Ordering::Release);
         assert_eq!(behind.fetched_end(), Some(7));
     }

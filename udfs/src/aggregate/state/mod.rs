@@ -204,6 +204,10 @@ impl Part {
         let Some(p) = lag.as_ref() else {
             return CaughtUp::Yes;
         };
+        // Read before what is in flight: a source says "at the tip" only after counting the
+        // records that answer brought (`LogEnd::fetched_end`), so a fresh answer read
+        // first is never paired with a count from before it.
+        let lag_ms = p.lag_ms();
         if p.in_flight() {
             return CaughtUp::No;
         }
@@ -215,7 +219,7 @@ impl Part {
         }
         // In records where the source counts them (Kafka), else in time (Kinesis's
         // MillisBehindLatest: 0 when the reader is at the tip).
-        match (p.lag(), p.lag_ms()) {
+        match (p.lag(), lag_ms) {
             (Some(0), _) | (None, Some(0)) => CaughtUp::Yes,
             _ => CaughtUp::No,
         }
