@@ -327,6 +327,17 @@ async fn windows_come_out_without_a_batch_once_every_partition_is_idle() {
     assert!(h.take().is_empty());
 }
 
+/// A tumbling stage with a 50 ms idle timeout whose partition 1, with `lag`, had one row
+/// at 1 s and then nothing for longer than the timeout, while partition 0 went on to 15 s.
+async fn partition_1_silent(lag: &Arc<sluice_engine::stats::PartitionLag>) -> Harness {
+    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
+    h.factory.state().unwrap().watch(&info(1), lag);
+    h.feed(1, &[("a", 1, 1_000)]).await;
+    h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    h
+}
+
 /// Silence is not idleness while the partition has records not done yet (in retries,
 /// behind a slow stage, not fetched yet): its lag keeps its windows open, and only once it
 /// is caught up does its silence let the others close them.
@@ -342,11 +353,7 @@ async fn a_silent_partition_with_a_backlog_is_not_idle() {
     }
     let behind = Arc::new(PartitionLag::new(Some(Arc::new(End(100)))));
     behind.start_at(10);
-    let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
-    h.factory.state().unwrap().watch(&info(1), &behind);
-    h.feed(1, &[("a", 1, 1_000)]).await;
-    h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
-    std::thread::sleep(std::time::Duration::from_millis(120));
+    let mut h = partition_1_silent(&behind).await;
     // Partition 1 is silent for longer than 50ms, but 90 of its records are not done.
     h.feed(0, &[("a", 4, 16_000)]).await;
     let out = h.take();
@@ -383,11 +390,7 @@ async fn a_silent_partition_with_batches_in_flight_is_not_idle() {
         let lag = Arc::new(PartitionLag::new(end));
         lag.start_at(10);
         lag.read_to(30);
-        let mut h = Harness::new(&TUMBLING.replace("idle_timeout: 1h", "idle_timeout: 50ms"));
-        h.factory.state().unwrap().watch(&info(1), &lag);
-        h.feed(1, &[("a", 1, 1_000)]).await;
-        h.feed(0, &[("a", 2, 2_000), ("a", 3, 15_000)]).await;
-        std::thread::sleep(std::time::Duration::from_millis(120));
+        let mut h = partition_1_silent(&lag).await;
         // Records 10..30 of partition 1 are in the stages, and its silence is not idleness.
         h.feed(0, &[("a", 4, 16_000)]).await;
         assert!(h.take().is_empty(), "fetching: {fetching}");
