@@ -198,28 +198,27 @@ fn an_idle_pipeline_shows_idle() {
 
 /// The CPU seconds the process used, from its summary ("CPU: … of 4.62s the process used").
 fn process_cpu(log: &str) -> f64 {
-    let line = log
-        .lines()
-        .find(|l| l.trim_start().starts_with("CPU: "))
-        .unwrap_or_else(|| panic!("{log}"));
-    line.split(" of ")
-        .nth(1)
-        .and_then(|r| r.split('s').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"))
+    summary_number(log, "CPU: ", " of ", 's')
 }
 
 /// The seconds a generator run took, from its summary ("… in 2.31s (…").
 fn elapsed(log: &str) -> f64 {
-    let line = log
+    summary_number(log, "observed: ", " in ", 's')
+}
+
+/// The number in the summary line that starts with `line`: after the first `after`, up to
+/// `until`, its thousands separators dropped.
+fn summary_number(log: &str, line: &str, after: &str, until: char) -> f64 {
+    let found = log
         .lines()
-        .find(|l| l.starts_with("observed: "))
+        .find(|l| l.trim_start().starts_with(line))
         .unwrap_or_else(|| panic!("{log}"));
-    line.split(" in ")
+    found
+        .split(after)
         .nth(1)
-        .and_then(|r| r.split('s').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"))
+        .and_then(|r| r.split(until).next())
+        .and_then(|n| n.replace(',', "").parse().ok())
+        .unwrap_or_else(|| panic!("{found}"))
 }
 
 #[test]
@@ -311,21 +310,11 @@ sink: { type: null }
         // Kept open, unread, until the run ends.
         held.lock().unwrap().push(stream);
     };
-    let skipped_in = |log: &str| -> u64 {
-        let line = log
-            .lines()
-            .find(|l| l.trim_start().starts_with("tap shape:"))
-            .unwrap_or_else(|| panic!("{log}"));
-        line.split(", ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .map(|n| n.replace(',', "").parse::<u64>().unwrap())
-            .unwrap()
-    };
     // The stalled reader holds nothing up: the run ends, and the batches that found its
     // queue full went by it, counted.
     let (_, log) = run_once(&stalled);
-    let skipped = skipped_in(&log);
+    // "tap shape: 1,234 rows to readers, 19,295,488 skipped (a reader was behind)"
+    let skipped = summary_number(&log, "tap shape:", ", ", ' ') as u64;
     assert!(skipped > 1_000_000, "{skipped} rows skipped\n{log}");
     // What it costs in time is a measurement, not a test (it swings with the load of the
     // tests beside it: 0.81 per CPU-second once in a full run, 0.996 alone): with

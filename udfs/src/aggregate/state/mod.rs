@@ -187,51 +187,6 @@ impl Part {
     fn restored_unassigned(&self) -> bool {
         self.restored.load(Ordering::Acquire) && !self.active.load(Ordering::Acquire)
     }
-
-    /// Whether every record of the partition known to exist is done (its lag is 0), or
-    /// nothing tells (a source that cannot say where a partition ends): only then may
-    /// silence count as idleness. Batches read and not done (in retries, behind a slow
-    /// stage, before the checkpoint that takes them), pages fetched and not read, records
-    /// not fetched yet keep the partition's windows open, and so does a log end not read
-    /// yet. Where the source can tell but the position is not known yet (a partition it
-    /// never read, before its first record), silence decides, but the partition does not
-    /// count as caught up when every partition is idle (see `AggregateState::due`).
-    fn caught_up(&self) -> CaughtUp {
-        if self.continued.load(Ordering::Acquire) != NOT_CONTINUED {
-            return CaughtUp::Yes;
-        }
-        let lag = self.lag.lock().expect("lag lock");
-        let Some(p) = lag.as_ref() else {
-            return CaughtUp::Yes;
-        };
-        // Read before what is in flight: a source says "at the tip" only after counting the
-        // records that answer brought (`LogEnd::fetched_end`), so a fresh answer read
-        // first is never paired with a count from before it.
-        let lag_ms = p.lag_ms();
-        if p.in_flight() {
-            return CaughtUp::No;
-        }
-        if p.end.is_none() {
-            return CaughtUp::Yes;
-        }
-        if p.position.load(Ordering::Relaxed) == i64::MIN {
-            return CaughtUp::Unknown;
-        }
-        // In records where the source counts them (Kafka), else in time (Kinesis's
-        // MillisBehindLatest: 0 when the reader is at the tip).
-        match (p.lag(), lag_ms) {
-            (Some(0), _) | (None, Some(0)) => CaughtUp::Yes,
-            _ => CaughtUp::No,
-        }
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum CaughtUp {
-    Yes,
-    No,
-    /// The source can say where the partition ends, but where it reads is not known yet.
-    Unknown,
 }
 
 struct PartState {
