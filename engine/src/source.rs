@@ -43,7 +43,8 @@ pub trait PartitionReader: Send {
     }
 
     /// The offset of the first record it will read, when the source knows it before
-    /// reading (Kafka: the offset a checkpoint, a take-over or `start_from` set): the
+    /// reading (Kafka: a checkpoint's offset, a take-over's, the group's, or `start_from`
+    /// resolved at the assignment; Kinesis: the shard's sequence number): the
     /// partition's lag is then known from its assignment on, so a partition with records
     /// waiting to be read is never taken for an idle one.
     fn start_offset(&self) -> Option<i64> {

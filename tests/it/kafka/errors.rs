@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
-use super::{Broker, Sluice, pipeline_yaml, write_pipeline};
+use super::{Broker, Sluice, jsonl_sink, pipeline_yaml, spawn_run, write_pipeline};
 
 #[test]
 fn malformed_messages_name_topic_partition_and_offset() {
@@ -174,20 +174,10 @@ source:
   batch_size: 1000
   schema:
     - {{ name: id, type: int64, nullable: false }}
-sink:
-  type: file
-  path: {}
-  format: jsonl
-  max_file_age: 100ms
-"#,
-        out.display()
+{}"#,
+        jsonl_sink(&out)
     );
-    let config = crate::parse(&yaml, &[]).unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn({
-        let stop = stop.clone();
-        async move { sluice::run_config(&config, Default::default(), stop).await }
-    });
+    let (stop, run) = spawn_run(crate::parse(&yaml, &[]).unwrap());
     let count = |out: &std::path::Path| -> HashSet<i64> {
         if !out.exists() {
             return HashSet::new();

@@ -12,6 +12,7 @@ mod debezium;
 mod delivery;
 mod errors;
 mod examples;
+mod first_fetch;
 mod graph;
 mod processes;
 mod protobuf;
@@ -350,4 +351,33 @@ pub fn ids_written(broker: &Broker, topic: &str, want: usize) -> (usize, usize) 
         ids.len() - distinct
     );
     (ids.len(), distinct)
+}
+
+/// A file sink writing JSON lines under `out`, closing a file every 100 ms.
+pub fn jsonl_sink(out: &Path) -> String {
+    format!(
+        "sink:\n  type: file\n  path: {}\n  format: jsonl\n  max_file_age: 100ms\n",
+        out.display()
+    )
+}
+
+/// A pipeline run in this process: its stats and report once it ends.
+pub type Run = tokio::task::JoinHandle<
+    anyhow::Result<(
+        std::sync::Arc<sluice_engine::stats::RunStats>,
+        sluice_engine::executor::RunReport,
+    )>,
+>;
+
+/// Runs the pipeline in this process (against a mock cluster the test holds) until the
+/// token is cancelled.
+pub fn spawn_run(
+    config: sluice::config::PipelineConfig,
+) -> (tokio_util::sync::CancellationToken, Run) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { sluice::run_config(&config, Default::default(), stop).await }
+    });
+    (stop, run)
 }

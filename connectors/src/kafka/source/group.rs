@@ -139,30 +139,24 @@ impl GroupContext {
                 .filter_map(|(t, p)| Some(((t.clone(), *p), *known.get(&partition_name(t, *p))?)))
                 .collect()
         };
-        let by_time = matches!(self.shared.start_from, StartFrom::Time(_));
-        if checkpointed.is_empty() && !by_time {
-            // librdkafka starts at the committed offset, else at auto.offset.reset.
-            return true;
-        }
-        let committed = match consumer.committed_offsets(tpl.clone(), LOOKUP_TIMEOUT) {
-            Ok(c) => c.to_topic_map(),
-            Err(e) => {
-                tracing::warn!(error = %e, "kafka: reading committed offsets failed; using the checkpoint");
-                HashMap::new()
-            }
-        };
+        // The group's committed offsets, also for a pipeline with no checkpoint yet, and
+        // each partition's log start and end now: every partition's start is then known at
+        // its assignment, and so is its lag before its first record arrives (a partition
+        // whose first fetch is slow is not taken for an idle one while the others close its
+        // windows).
+        let committed = committed_offsets(consumer, tpl);
+        let bounds = log_bounds(consumer, &parts).unwrap_or_default();
         let checkpoint_first = self.shared.checkpoint_first.load(Ordering::Relaxed);
+        let mut starts = HashMap::new();
         let mut unknown = Vec::new();
-        for (topic, partition) in &parts {
-            let key = (topic.clone(), *partition);
-            let group = match committed.get(&key) {
-                Some(Offset::Offset(o)) => Some(*o),
-                _ => None,
-            };
+        for key in &parts {
+            let group = committed
+                .as_ref()
+                .and_then(|c| c.get(key).copied().flatten());
             let start = taken
-                .get(&key)
+                .get(key)
                 .copied()
-                .or(match (checkpointed.get(&key), group) {
+                .or(match (checkpointed.get(key), group) {
                     (Some(c), Some(_)) if checkpoint_first => Some(*c),
                     (Some(c), Some(g)) => Some((*c).max(g)),
                     (Some(c), None) => Some(*c),
@@ -171,9 +165,9 @@ impl GroupContext {
                 });
             match start {
                 Some(o) => {
-                    let _ = tpl.set_partition_offset(topic, *partition, Offset::Offset(o));
+                    starts.insert(key.clone(), o);
                 }
-                None => unknown.push(key),
+                None => unknown.push(key.clone()),
             }
         }
         if let (StartFrom::Time(ms), false) = (&self.shared.start_from, unknown.is_empty()) {
@@ -184,10 +178,26 @@ impl GroupContext {
             match consumer.offsets_for_times(times, LOOKUP_TIMEOUT) {
                 Ok(found) => {
                     for e in found.elements() {
-                        let _ = tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
+                        if let (Ok(()), Offset::Offset(o)) = (e.error(), e.offset()) {
+                            starts.insert((e.topic().to_string(), e.partition()), o);
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "kafka: offsets for start_from time failed"),
+            }
+        }
+        for key in &parts {
+            // `start_from` resolves only where the group answered that it has no offset: a
+            // partition whose committed offset could not be read is left to librdkafka.
+            let resolve = committed.as_ref().is_some_and(|c| c.contains_key(key));
+            let start = start_offset(
+                starts.get(key).copied(),
+                resolve,
+                bounds.get(key).copied(),
+                &self.shared.start_from,
+            );
+            if let Some(o) = start {
+                let _ = tpl.set_partition_offset(&key.0, key.1, Offset::Offset(o));
             }
         }
         true
@@ -284,6 +294,100 @@ impl GroupContext {
                 .draining
                 .remove(&(e.topic().to_string(), e.partition()));
         }
+    }
+}
+
+/// The group's committed offset of each partition (`None`: the group has none); a
+/// partition the brokers answered with an error is left out, and `None` when the lookup
+/// failed.
+fn committed_offsets(
+    consumer: &GroupConsumer,
+    tpl: &TopicPartitionList,
+) -> Option<HashMap<(String, i32), Option<i64>>> {
+    match consumer.committed_offsets(tpl.clone(), LOOKUP_TIMEOUT) {
+        Ok(found) => Some(
+            found
+                .elements()
+                .iter()
+                .filter(|e| e.error().is_ok())
+                .map(|e| {
+                    let offset = match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    };
+                    ((e.topic().to_string(), e.partition()), offset)
+                })
+                .collect(),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka: reading committed offsets failed; starting from the checkpoint, else where librdkafka finds the group's offset");
+            None
+        }
+    }
+}
+
+/// Each partition's log start and end now, asked in one round trip per leader (the end at
+/// the consumer's isolation level: read_committed's last stable offset, as librdkafka's own
+/// reset asks); a partition the brokers did not answer is left out.
+fn log_bounds(
+    consumer: &GroupConsumer,
+    parts: &[(String, i32)],
+) -> Option<HashMap<(String, i32), (i64, i64)>> {
+    let ask = |at: Offset| -> Option<HashMap<(String, i32), i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in parts {
+            tpl.add_partition_offset(topic, *partition, at).ok()?;
+        }
+        match consumer.offsets_for_times(tpl, LOOKUP_TIMEOUT) {
+            Ok(found) => Some(
+                found
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match (e.error(), e.offset()) {
+                        (Ok(()), Offset::Offset(o)) => {
+                            Some(((e.topic().to_string(), e.partition()), o))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka: reading the partitions' log start and end failed; a partition with no offset has no known lag until its first record");
+                None
+            }
+        }
+    };
+    let low = ask(Offset::Beginning)?;
+    let high = ask(Offset::End)?;
+    Some(
+        low.into_iter()
+            .filter_map(|(key, low)| Some((key.clone(), (low, *high.get(&key)?))))
+            .collect(),
+    )
+}
+
+/// Where a partition starts: `at` (a checkpoint's offset, a take-over's, the group's, or
+/// the first record at `start_from`'s time), else, where the group said it has no offset
+/// (`resolve`), `start_from` at the log's start or end now. An offset the log no longer
+/// holds (retention deleted it) goes where librdkafka's reset takes it: the log's start for
+/// `earliest`, its end otherwise. `None`: left to librdkafka (the start is then known from
+/// the first record).
+pub(super) fn start_offset(
+    at: Option<i64>,
+    resolve: bool,
+    bounds: Option<(i64, i64)>,
+    start_from: &StartFrom,
+) -> Option<i64> {
+    let reset = |(low, high): (i64, i64)| match start_from {
+        StartFrom::Earliest => low,
+        // A time with no record at or after it: the end, like `latest`.
+        StartFrom::Latest | StartFrom::Time(_) => high,
+    };
+    match (at, bounds) {
+        (Some(o), Some(b)) if o < b.0 => Some(reset(b)),
+        (Some(o), _) => Some(o),
+        (None, Some(b)) if resolve => Some(reset(b)),
+        (None, _) => None,
     }
 }
 

@@ -16,7 +16,9 @@
 //! change owner. Rebalance callbacks run on the polling thread.
 //! - **Assign**: each partition starts at the larger of its offset in this pipeline's
 //!   checkpoint and the group's committed offset (both only ever hold offsets whose records
-//!   are in the sink), else at `start_from`. Its reader is handed to the engine.
+//!   are in the sink), else at `start_from`, resolved at the assignment to an offset (the
+//!   log's start or end, or the first record at a time). Its reader is handed to the
+//!   engine with that start, so the partition's lag is known before its first record.
 //! - **Revoke**: the engine drains the partition (everything read goes through the stages
 //!   into the sink, then a checkpoint commits its offset to RocksDB and to the group) and
 //!   only then is the partition released. The next owner starts exactly where this one
@@ -61,7 +63,8 @@ use crate::format::{Payloads, SourceFormat};
 /// How long a revoke waits for the engine to drain a partition before letting it go
 /// anyway (its records are then read again by the next owner: duplicates, not loss).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// Broker round trips made inside a rebalance (committed offsets, offsets for times).
+/// Broker round trips made inside a rebalance (committed offsets, offsets for times, the
+/// logs' start and end).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing waits for the consumer to leave its group. librdkafka's close waits
 /// for a rebalance in flight to end, which a broker can hold for the rebalance timeout
@@ -370,5 +373,29 @@ mod tests {
             Some(("views.v2", 11))
         );
         assert_eq!(parse_name("data/x.jsonl"), None);
+    }
+
+    /// A partition starts at its offset while the log holds it, where librdkafka's reset
+    /// goes once retention deleted it, and at `start_from` where the group has none; what
+    /// the brokers did not answer is left to librdkafka.
+    #[test]
+    fn a_partition_starts_where_librdkafka_would_read_first() {
+        let (earliest, latest) = (StartFrom::Earliest, StartFrom::Latest);
+        let log = Some((100, 500));
+        // An offset the log holds, its end included.
+        assert_eq!(start_offset(Some(120), true, log, &earliest), Some(120));
+        assert_eq!(start_offset(Some(500), true, log, &latest), Some(500));
+        // Deleted by retention: the log's start, or its end.
+        assert_eq!(start_offset(Some(40), true, log, &earliest), Some(100));
+        assert_eq!(start_offset(Some(40), true, log, &latest), Some(500));
+        // No offset anywhere.
+        assert_eq!(start_offset(None, true, log, &earliest), Some(100));
+        assert_eq!(start_offset(None, true, log, &latest), Some(500));
+        let time = StartFrom::read("2026-01-01T00:00:00Z", "earliest").unwrap();
+        assert_eq!(start_offset(None, true, log, &time), Some(500));
+        // Unanswered: the group's offset, or the log's bounds.
+        assert_eq!(start_offset(None, false, log, &earliest), None);
+        assert_eq!(start_offset(None, true, None, &earliest), None);
+        assert_eq!(start_offset(Some(40), true, None, &earliest), Some(40));
     }
 }

@@ -8,7 +8,8 @@ pub(super) struct KafkaReader {
     pub(super) schema: SchemaRef,
     pub(super) buffer: Arc<PartitionBuffer>,
     pub(super) shared: Arc<GroupState>,
-    /// Where the assignment starts it, when set here (not left to the group's offset).
+    /// Where the assignment starts it; `None` where the brokers did not answer the lookups
+    /// and librdkafka finds the start itself.
     pub(super) start: Option<i64>,
     /// A chunk taken from the buffer whose Avro writer schemas are being fetched: kept
     /// here, so that a `read` cancelled while it waits for the registry loses nothing.

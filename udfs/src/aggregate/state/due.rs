@@ -313,8 +313,9 @@ impl Part {
     /// silence count as idleness. Batches read and not done (in retries, behind a slow
     /// stage, before the checkpoint that takes them), pages fetched and not read, records
     /// not fetched yet keep the partition's windows open, and so does a log end not read
-    /// yet. Where the source can tell but the position is not known yet (a partition it
-    /// never read, before its first record), silence decides, but the partition does not
+    /// yet. Where the source can tell, has read the end, but the position is not known yet
+    /// (a partition whose start could not be looked up, before its first record), silence
+    /// decides, but the partition does not
     /// count as caught up when every partition is idle (see `AggregateState::due`).
     fn caught_up(&self) -> CaughtUp {
         if self.continued.load(Ordering::Acquire) != NOT_CONTINUED {
@@ -335,7 +336,15 @@ impl Part {
             return CaughtUp::Yes;
         }
         if p.position.load(Ordering::Relaxed) == i64::MIN {
-            return CaughtUp::Unknown;
+            // Where it ends not read yet either (the broker has not answered since the
+            // assignment): nothing says it is caught up.
+            let end_read =
+                lag_ms.is_some() || p.end.as_ref().is_some_and(|e| e.log_end().is_some());
+            return if end_read {
+                CaughtUp::Unknown
+            } else {
+                CaughtUp::No
+            };
         }
         // In records where the source counts them (Kafka), else in time (Kinesis's
         // MillisBehindLatest: 0 when the reader is at the tip).

@@ -365,6 +365,34 @@ async fn a_silent_partition_with_a_backlog_is_not_idle() {
     assert!(h.late.is_empty());
 }
 
+/// A partition whose source can say where it ends, before it has said so and before the
+/// partition's start is known (the broker has not answered since the assignment), is not
+/// idle: nothing says it is caught up. Once its end is read, its start still unknown,
+/// silence decides.
+#[tokio::test]
+async fn a_silent_partition_whose_end_and_start_are_unknown_is_not_idle() {
+    use sluice_engine::source::LogEnd;
+    use sluice_engine::stats::PartitionLag;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    struct End(AtomicI64);
+    impl LogEnd for End {
+        fn log_end(&self) -> Option<i64> {
+            let end = self.0.load(Ordering::Relaxed);
+            (end >= 0).then_some(end)
+        }
+    }
+    let end = Arc::new(End(AtomicI64::new(-1)));
+    let lag = Arc::new(PartitionLag::new(Some(end.clone())));
+    let mut h = partition_1_silent(&lag).await;
+    h.feed(0, &[("a", 4, 16_000)]).await;
+    let out = h.take();
+    assert!(out.is_empty(), "{out:?}");
+    end.0.store(100, Ordering::Relaxed);
+    h.feed(0, &[("a", 5, 17_000)]).await;
+    assert_eq!(h.take(), ["a [0,10) c=2 s=3"]);
+    assert!(h.late.is_empty());
+}
+
 /// Batches read and not done (behind a slow stage, in retries, before the checkpoint that
 /// takes them) and pages a source fetched ahead of its reader keep a silent partition from
 /// idling, also where the source cannot say where the partition ends.
