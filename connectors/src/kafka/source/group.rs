@@ -148,7 +148,6 @@ impl GroupContext {
         let bounds = log_bounds(consumer, &parts).unwrap_or_default();
         let checkpoint_first = self.shared.checkpoint_first.load(Ordering::Relaxed);
         let mut starts = HashMap::new();
-        let mut unknown = Vec::new();
         for key in &parts {
             let group = committed
                 .as_ref()
@@ -163,25 +162,18 @@ impl GroupContext {
                     (None, Some(g)) => Some(g),
                     (None, None) => None,
                 });
-            match start {
-                Some(o) => {
-                    starts.insert(key.clone(), o);
-                }
-                None => unknown.push(key.clone()),
+            if let Some(o) = start {
+                starts.insert(key.clone(), o);
             }
         }
-        if let (StartFrom::Time(ms), false) = (&self.shared.start_from, unknown.is_empty()) {
+        if let (StartFrom::Time(ms), true) = (&self.shared.start_from, starts.len() < parts.len()) {
             let mut times = TopicPartitionList::new();
-            for (t, p) in &unknown {
+            for (t, p) in parts.iter().filter(|key| !starts.contains_key(*key)) {
                 let _ = times.add_partition_offset(t, *p, Offset::Offset(*ms));
             }
             match consumer.offsets_for_times(times, LOOKUP_TIMEOUT) {
                 Ok(found) => {
-                    for e in found.elements() {
-                        if let (Ok(()), Offset::Offset(o)) = (e.error(), e.offset()) {
-                            starts.insert((e.topic().to_string(), e.partition()), o);
-                        }
-                    }
+                    starts.extend(answered(&found).filter_map(|(key, o)| Some((key, o?))));
                 }
                 Err(e) => tracing::warn!(error = %e, "kafka: offsets for start_from time failed"),
             }
@@ -297,6 +289,22 @@ impl GroupContext {
     }
 }
 
+/// The partitions of a lookup's answer that the brokers answered without an error, each
+/// with its offset (`None`: not an offset, such as the group having none).
+fn answered(found: &TopicPartitionList) -> impl Iterator<Item = ((String, i32), Option<i64>)> + '_ {
+    found
+        .elements()
+        .into_iter()
+        .filter(|e| e.error().is_ok())
+        .map(|e| {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            ((e.topic().to_string(), e.partition()), offset)
+        })
+}
+
 /// The group's committed offset of each partition (`None`: the group has none); a
 /// partition the brokers answered with an error is left out, and `None` when the lookup
 /// failed.
@@ -305,20 +313,7 @@ fn committed_offsets(
     tpl: &TopicPartitionList,
 ) -> Option<HashMap<(String, i32), Option<i64>>> {
     match consumer.committed_offsets(tpl.clone(), LOOKUP_TIMEOUT) {
-        Ok(found) => Some(
-            found
-                .elements()
-                .iter()
-                .filter(|e| e.error().is_ok())
-                .map(|e| {
-                    let offset = match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    };
-                    ((e.topic().to_string(), e.partition()), offset)
-                })
-                .collect(),
-        ),
+        Ok(found) => Some(answered(&found).collect()),
         Err(e) => {
             tracing::warn!(error = %e, "kafka: reading committed offsets failed; starting from the checkpoint, else where librdkafka finds the group's offset");
             None
@@ -340,15 +335,8 @@ fn log_bounds(
         }
         match consumer.offsets_for_times(tpl, LOOKUP_TIMEOUT) {
             Ok(found) => Some(
-                found
-                    .elements()
-                    .iter()
-                    .filter_map(|e| match (e.error(), e.offset()) {
-                        (Ok(()), Offset::Offset(o)) => {
-                            Some(((e.topic().to_string(), e.partition()), o))
-                        }
-                        _ => None,
-                    })
+                answered(&found)
+                    .filter_map(|(key, o)| Some((key, o?)))
                     .collect(),
             ),
             Err(e) => {

@@ -315,8 +315,8 @@ impl Part {
     /// not fetched yet keep the partition's windows open, and so does a log end not read
     /// yet. Where the source can tell, has read the end, but the position is not known yet
     /// (a partition whose start could not be looked up, before its first record), silence
-    /// decides, but the partition does not
-    /// count as caught up when every partition is idle (see `AggregateState::due`).
+    /// decides, but the partition does not count as caught up when every partition is idle
+    /// (see `AggregateState::due`).
     fn caught_up(&self) -> CaughtUp {
         if self.continued.load(Ordering::Acquire) != NOT_CONTINUED {
             return CaughtUp::Yes;
@@ -332,14 +332,13 @@ impl Part {
         if p.in_flight() {
             return CaughtUp::No;
         }
-        if p.end.is_none() {
+        let Some(end) = p.end.as_ref() else {
             return CaughtUp::Yes;
-        }
+        };
         if p.position.load(Ordering::Relaxed) == i64::MIN {
             // Where it ends not read yet either (the broker has not answered since the
             // assignment): nothing says it is caught up.
-            let end_read =
-                lag_ms.is_some() || p.end.as_ref().is_some_and(|e| e.log_end().is_some());
+            let end_read = lag_ms.is_some() || end.log_end().is_some();
             return if end_read {
                 CaughtUp::Unknown
             } else {
