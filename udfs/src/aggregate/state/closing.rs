@@ -6,12 +6,6 @@ use super::*;
 /// integer first: keys of a column or two differ there, and a million keys then sort
 /// without a `memcmp` per step.
 pub(super) fn sorted(table: &Table) -> Vec<u32> {
-    let prefix = |k: &[u8]| {
-        let mut b = [0u8; 16];
-        let n = k.len().min(16);
-        b[..n].copy_from_slice(&k[..n]);
-        u128::from_be_bytes(b)
-    };
     let mut order: Vec<(u128, u32)> = (0..table.len())
         .map(|i| (prefix(table.key(i)), i as u32))
         .collect();
@@ -20,6 +14,123 @@ pub(super) fn sorted(table: &Table) -> Vec<u32> {
             .then_with(|| table.key(a.1 as usize).cmp(table.key(b.1 as usize)))
     });
     order.into_iter().map(|(_, i)| i).collect()
+}
+
+/// A key's first 16 bytes as one integer, in the keys' order where they differ there.
+fn prefix(k: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    let n = k.len().min(16);
+    b[..n].copy_from_slice(&k[..n]);
+    u128::from_be_bytes(b)
+}
+
+/// The sources of a closing window that have entries left, as a binary heap ordered by
+/// their next key, then by source: the top is the first source holding the smallest key,
+/// as the merge takes them. A window of `size / slide` panes from `p` partitions has that
+/// many sources, most holding the same keys; choosing the next key costs about log2 of
+/// them, each an integer compare of the keys' first 16 bytes and lengths, which order keys
+/// up to 16 bytes long completely (a key is read from its table only where longer ones tie).
+struct Heads(Vec<Head>);
+
+/// A source's next key, as its first 16 bytes (one integer) and its length.
+#[derive(Clone, Copy)]
+struct Head {
+    prefix: u128,
+    len: u32,
+    source: u32,
+}
+
+impl Head {
+    fn new(key: &[u8], source: usize) -> Head {
+        Head {
+            prefix: prefix(key),
+            len: key.len() as u32,
+            source: source as u32,
+        }
+    }
+
+    /// The keys' order: by prefix, then (padded keys that tie are equal up to the shorter
+    /// one's end) by length, unless both are longer than the prefix: then by the keys.
+    fn cmp_keys<'a>(&self, other: &Head, keys: impl FnOnce() -> (&'a [u8], &'a [u8])) -> Cmp {
+        self.prefix.cmp(&other.prefix).then_with(|| {
+            if self.len > 16 && other.len > 16 {
+                let (a, b) = keys();
+                a.cmp(b)
+            } else {
+                self.len.cmp(&other.len)
+            }
+        })
+    }
+}
+
+impl Heads {
+    fn new(sources: &[PartEntries]) -> Self {
+        let mut heads = Heads(
+            sources
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some(Head::new(s.peek()?, i)))
+                .collect(),
+        );
+        for i in (0..heads.0.len() / 2).rev() {
+            heads.sift_down(i, sources);
+        }
+        heads
+    }
+
+    fn top(&self) -> Option<usize> {
+        self.0.first().map(|h| h.source as usize)
+    }
+
+    /// Whether the top source's next key is `key`.
+    fn top_is(&self, key: &[u8], sources: &[PartEntries]) -> bool {
+        self.0.first().is_some_and(|h| {
+            let keys = || (Self::key(h, sources), key);
+            h.cmp_keys(&Head::new(key, 0), keys).is_eq()
+        })
+    }
+
+    fn key<'a>(head: &Head, sources: &'a [PartEntries]) -> &'a [u8] {
+        sources[head.source as usize].peek().expect("a head's key")
+    }
+
+    /// Whether head `a` comes before head `b`.
+    fn before(&self, a: usize, b: usize, sources: &[PartEntries]) -> bool {
+        let (a, b) = (&self.0[a], &self.0[b]);
+        a.cmp_keys(b, || (Self::key(a, sources), Self::key(b, sources)))
+            .then(a.source.cmp(&b.source))
+            .is_lt()
+    }
+
+    fn sift_down(&mut self, mut i: usize, sources: &[PartEntries]) {
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if l < self.0.len() && self.before(l, least, sources) {
+                least = l;
+            }
+            if r < self.0.len() && self.before(r, least, sources) {
+                least = r;
+            }
+            if least == i {
+                return;
+            }
+            self.0.swap(i, least);
+            i = least;
+        }
+    }
+
+    /// The top source moved on: its next key takes its place, or it leaves if it has none.
+    fn advance_top(&mut self, sources: &[PartEntries]) {
+        let source = self.0[0].source as usize;
+        match sources[source].peek() {
+            Some(key) => self.0[0] = Head::new(key, source),
+            None => {
+                self.0.swap_remove(0);
+            }
+        }
+        self.sift_down(0, sources);
+    }
 }
 
 /// Windows taken out of the partitions, waiting to be emitted.
@@ -200,27 +311,27 @@ impl Closing {
                 break;
             };
             let (start, end) = (window.start, window.end);
+            let db = self.db.as_deref().map(|d| &**d);
+            for s in window.sources.iter_mut() {
+                s.fill(db, self.aggs)?;
+            }
+            let sources = &mut window.sources;
+            let mut heads = Heads::new(sources);
             while rows.len() < CHUNK {
-                for s in window.sources.iter_mut() {
-                    s.fill(self.db.as_deref().map(|d| &**d), self.aggs)?;
-                }
                 // The smallest key among the sources (the first source that has it), merged
                 // with the same key of the sources after it. Moved, not copied.
-                let Some(first) = window
-                    .sources
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, s)| s.peek().map(|k| (i, k)))
-                    .min_by(|a, b| a.1.cmp(b.1))
-                    .map(|(i, _)| i)
-                else {
+                let Some(first) = heads.top() else {
                     break;
                 };
-                let (key, mut accs) = window.sources[first].pop();
-                for s in window.sources[first + 1..].iter_mut() {
-                    if s.peek() == Some(key.as_ref()) {
-                        s.pop_into(&mut accs);
-                    }
+                let (key, mut accs) = sources[first].pop();
+                sources[first].fill(db, self.aggs)?;
+                heads.advance_top(sources);
+                while let Some(next) = heads.top()
+                    && heads.top_is(&key, sources)
+                {
+                    sources[next].pop_into(&mut accs);
+                    sources[next].fill(db, self.aggs)?;
+                    heads.advance_top(sources);
                 }
                 rows.push(OutRow {
                     key,
@@ -426,4 +537,38 @@ pub(super) struct StoredRange {
     pub(super) delete: bool,
     /// Read from this snapshot (the pane still changes), else from the database.
     pub(super) frozen: Option<Arc<Frozen>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Heads order raw keys as their bytes do: keys that are another's start padded with
+    /// zeros, keys of exactly 16 bytes, and longer ones sharing their first 16.
+    #[test]
+    fn heads_order_keys_as_their_bytes_do() {
+        let sixteen = [7u8; 16];
+        let keys: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![0, 0],
+            b"ab".to_vec(),
+            b"ab\0".to_vec(),
+            b"ab\0\0".to_vec(),
+            b"ab\x01".to_vec(),
+            sixteen.to_vec(),
+            [&sixteen[..], &[0]].concat(),
+            [&sixteen[..], &[0, 0]].concat(),
+            [&sixteen[..], &[1]].concat(),
+            [&sixteen[..15], &[0]].concat(),
+            [&sixteen[..15], &[0, 9]].concat(),
+        ];
+        for a in &keys {
+            for b in &keys {
+                let (ha, hb) = (Head::new(a, 0), Head::new(b, 1));
+                let got = ha.cmp_keys(&hb, || (a.as_slice(), b.as_slice()));
+                assert_eq!(got, a.cmp(b), "{a:?} against {b:?}");
+            }
+        }
+    }
 }

@@ -99,6 +99,72 @@ async fn sliding_windows_count_a_row_in_every_window_it_falls_in() {
     );
 }
 
+/// A window's rows are merged from every partition's panes (here 3 partitions × 3 panes):
+/// keys of every length, also longer than the 16 bytes the merge compares as one integer
+/// and sharing them, and keys that are another's start, come out once per window, in key
+/// order, with every partition's rows counted.
+#[tokio::test]
+async fn a_window_s_keys_of_any_length_merge_across_partitions_and_panes_in_order() {
+    let long = "k".repeat(15);
+    let keys: Vec<String> = ["", "a", "a\0", "ab", "b", "\u{ff}"]
+        .iter()
+        .map(|k| k.to_string())
+        .chain((14..=19).map(|n| long.clone() + &"x".repeat(n - 14)))
+        .chain((0..4).map(|i| format!("{long}xxxxxxxxxxxxx{i}")))
+        .collect();
+    let keys: Vec<&'static str> = keys.into_iter().map(|k| &*k.leak()).collect();
+    let mut h = Harness::new(&sliding("6s", "2s"));
+    // (end, key) -> (count, sum), from every row of its windows.
+    let mut want: std::collections::BTreeMap<(i64, &str), (i64, i64)> = Default::default();
+    let mut add = |key: &'static str, n: i64, t: i64| {
+        let first_end = t.div_euclid(2_000) * 2_000 + 2_000;
+        for end in (first_end..first_end + 6_000).step_by(2_000) {
+            let e = want.entry((end, key)).or_default();
+            *e = (e.0 + 1, e.1 + n);
+        }
+    };
+    // Each partition's rows in time order, fed a second of event time at a time, every
+    // partition known from the start: none is late.
+    let mut next = 7u64;
+    let mut rows: Vec<Vec<In>> = (0..3)
+        .map(|_| {
+            let mut rows: Vec<In> = (0..400)
+                .map(|i| {
+                    next = next
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let key = keys[(next >> 33) as usize % keys.len()];
+                    (key, i, (next >> 20) as i64 % 10_000)
+                })
+                .collect();
+            rows.sort_by_key(|r| r.2);
+            rows
+        })
+        .collect();
+    for r in rows.iter().flatten() {
+        add(r.0, r.1, r.2);
+    }
+    for second in 0..10 {
+        for (p, rows) in rows.iter_mut().enumerate() {
+            let n = rows.partition_point(|r| r.2 < (second + 1) * 1_000);
+            let now: Vec<In> = rows.drain(..n).collect();
+            h.feed(p as u32, &now).await;
+        }
+    }
+    for p in 0..3 {
+        h.end(p).await;
+    }
+    let want: Vec<String> = want
+        .iter()
+        .map(|((end, key), (c, s))| {
+            let (start, end) = ((end - 6_000) as f64 / 1000.0, *end as f64 / 1000.0);
+            format!("{key} [{start},{end}) c={c} s={s}")
+        })
+        .collect();
+    assert!(h.late.is_empty());
+    assert_eq!(h.take(), want);
+}
+
 /// A pane is in `size / slide` emissions and its key order is kept for the next ones: a
 /// key it gains after its first window closed (on time for the later ones) is in them,
 /// in key order.
