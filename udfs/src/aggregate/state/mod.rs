@@ -56,7 +56,7 @@
 //! (restore, assign, revoke, release, take-over, snapshot, a partition's end).
 
 use std::cmp::Ordering as Cmp;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;

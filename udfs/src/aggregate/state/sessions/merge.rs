@@ -22,12 +22,23 @@ pub(in super::super) fn merge_sessions(
     let mut rows = Vec::new();
     let mut batch = WriteBatch::default();
     for key in keys {
-        // (start, end, partition index, session index)
-        let mut all: Vec<(i64, i64, usize, usize)> = Vec::new();
-        for (p, st) in states.iter_mut().enumerate() {
+        for st in states.iter_mut() {
             let st = &mut **st;
             st.sessions.fetch(db, &key, &mut st.mem)?;
-            if let Some(slot) = st.sessions.slots.get(&key) {
+        }
+        // Each partition's slot of the key, looked up once, and what it took before.
+        let mut slots: Vec<Option<(&mut Slot, usize)>> = states
+            .iter_mut()
+            .map(|st| {
+                let slot = st.sessions.slots.get_mut(&key)?;
+                let size = slot_size(&key, slot);
+                Some((slot, size))
+            })
+            .collect();
+        // (start, end, partition index, session index)
+        let mut all: Vec<(i64, i64, usize, usize)> = Vec::new();
+        for (p, slot) in slots.iter().enumerate() {
+            if let Some((slot, _)) = slot {
                 all.extend(
                     slot.sessions
                         .iter()
@@ -67,25 +78,10 @@ pub(in super::super) fn merge_sessions(
             }
             i = j;
         }
-        // What each partition's slot of the key took before.
-        let before: Vec<Option<usize>> = states
-            .iter()
-            .map(|st| {
-                st.sessions
-                    .slots
-                    .get(&key)
-                    .map(|slot| slot_size(&key, slot))
-            })
-            .collect();
         // Highest index first, so the others keep theirs.
         taken.sort_unstable_by(|a, b| b.cmp(a));
         for (p, s, group) in taken {
-            let st = &mut *states[p];
-            let slot = st
-                .sessions
-                .slots
-                .get_mut(&key)
-                .expect("slot of a taken session");
+            let (slot, _) = slots[p].as_mut().expect("slot of a taken session");
             let session = slot.sessions.remove(s);
             slot.dirty = true;
             match &mut closed[group].2 {
@@ -100,30 +96,39 @@ pub(in super::super) fn merge_sessions(
         // A held session comes out with its group: marked at the group's end, in memory and
         // at its next write, so that it is looked at again then, also if the partition
         // holding the group open has left meanwhile (its part is then a row of its own).
-        for (p, end) in held {
-            let s = &mut states[p].sessions;
-            s.ends.push(std::cmp::Reverse((end, key.clone())));
-            if let Some(slot) = s.slots.get_mut(&key)
-                && slot.held.is_none_or(|h| h < end)
-            {
+        for &(p, end) in &held {
+            let (slot, _) = slots[p].as_mut().expect("slot of a held session");
+            if slot.held.is_none_or(|h| h < end) {
                 slot.held = Some(end);
                 slot.dirty = true;
             }
         }
-        // A key left without sessions leaves memory, and the database.
-        for (st, before) in states.iter_mut().zip(before) {
+        // What each slot takes now; a key left without sessions leaves memory, and the
+        // database.
+        let sizes: Vec<Option<(usize, Option<usize>)>> = slots
+            .into_iter()
+            .map(|slot| {
+                let (slot, before) = slot?;
+                Some((
+                    before,
+                    (!slot.sessions.is_empty()).then(|| slot_size(&key, slot)),
+                ))
+            })
+            .collect();
+        for (st, size) in states.iter_mut().zip(sizes) {
             let st = &mut **st;
-            let s = &mut st.sessions;
-            let (Some(before), Some(slot)) = (before, s.slots.get(&key)) else {
+            let Some((before, now)) = size else {
                 continue;
             };
-            st.mem = st.mem.saturating_sub(before);
-            if !slot.sessions.is_empty() {
-                st.mem += slot_size(&key, slot);
-            } else if s.slots.remove(&key).is_some_and(|slot| slot.stored) {
+            st.mem = st.mem.saturating_sub(before) + now.unwrap_or(0);
+            let s = &mut st.sessions;
+            if now.is_none() && s.slots.remove(&key).is_some_and(|slot| slot.stored) {
                 batch.delete(s.keys.session(&key));
                 s.stored.keys = s.stored.keys.saturating_sub(1);
             }
+        }
+        for (p, end) in held {
+            states[p].sessions.ends.push(end, key.clone());
         }
         for (start, end, accs) in closed {
             let accs = accs.unwrap_or_else(|| aggs.iter().map(AggDef::new_acc).collect());

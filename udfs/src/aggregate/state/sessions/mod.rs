@@ -24,7 +24,7 @@ pub(super) struct Sessions {
     slots: HashMap<Box<[u8]>, Slot>,
     /// (end, key) of every session end ever set in memory; stale ones are skipped when
     /// popped.
-    ends: BinaryHeap<std::cmp::Reverse<(i64, Box<[u8]>)>>,
+    ends: EndMarks,
     /// Keys whose sessions the database may hold while memory does not.
     filter: KeyFilter,
     stored: StoredIndex,
@@ -32,6 +32,43 @@ pub(super) struct Sessions {
     table: usize,
     keys: DbKeys,
     aggs: usize,
+}
+
+/// End markers in memory: keys whose sessions may close at an end, grouped by the end.
+/// Closing takes every key of the ends due at once; which key of one end comes first
+/// does not matter (closed keys are grouped and sorted afterwards). A binary heap of
+/// (end, key) cost a compare of keys where ends tie and about log2(sessions) cache misses
+/// a key popped; many sessions end in the same millisecond.
+#[derive(Default)]
+pub(super) struct EndMarks {
+    by_end: BTreeMap<i64, Vec<Box<[u8]>>>,
+    len: usize,
+}
+
+impl EndMarks {
+    pub(super) fn push(&mut self, end: i64, key: Box<[u8]>) {
+        self.by_end.entry(end).or_default().push(key);
+        self.len += 1;
+    }
+
+    fn first(&self) -> Option<i64> {
+        self.by_end.first_key_value().map(|(end, _)| *end)
+    }
+
+    /// The keys of the earliest end, if `through` closes it.
+    fn pop_closed(&mut self, through: i64) -> Option<Vec<Box<[u8]>>> {
+        let entry = self.by_end.first_entry()?;
+        if !session_closed(*entry.key(), through) {
+            return None;
+        }
+        let keys = entry.remove();
+        self.len -= keys.len();
+        Some(keys)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
 }
 
 /// What is known of a partition's sessions in the database.
@@ -171,7 +208,7 @@ impl Sessions {
     pub(super) fn new(sessions: Vec<u8>, ends: Vec<u8>, aggs: usize) -> Self {
         Sessions {
             slots: HashMap::new(),
-            ends: BinaryHeap::new(),
+            ends: EndMarks::default(),
             filter: KeyFilter::default(),
             stored: StoredIndex::default(),
             table: 0,
@@ -246,7 +283,7 @@ impl Sessions {
             None => {
                 // A new session needs an end marker. A session that grows keeps the
                 // marker it has: an end it has passed, re-armed when popped (`close`).
-                self.ends.push(std::cmp::Reverse((end, Box::from(key))));
+                self.ends.push(end, Box::from(key));
                 // Most keys have one session at a time: no room for four.
                 slot.sessions.reserve_exact(1);
                 slot.sessions.push(Session {
@@ -299,7 +336,7 @@ impl Sessions {
         };
         let (sessions, marker) = decode_sessions(&value, self.aggs)?;
         if let Some(end) = first_end(&sessions) {
-            self.ends.push(std::cmp::Reverse((end, Box::from(key))));
+            self.ends.push(end, Box::from(key));
         }
         let slot = Slot {
             sessions,
@@ -316,7 +353,7 @@ impl Sessions {
     /// After every slot was taken out (all sessions closing): no markers, nothing in the
     /// database as far as the filter and the index know, the table's memory given back.
     fn emptied(&mut self, mem: &mut usize) {
-        self.ends.clear();
+        self.ends = EndMarks::default();
         *mem = mem.saturating_sub(self.filter.size());
         self.filter = KeyFilter::default();
         self.stored = StoredIndex::default();
@@ -334,7 +371,7 @@ impl Sessions {
     /// The earliest end marker, in memory or in the database: at or before every
     /// session's end.
     pub(super) fn first_end(&self) -> Option<i64> {
-        let memory = self.ends.peek().map(|m| (m.0).0);
+        let memory = self.ends.first();
         match (memory, self.stored.first) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -343,16 +380,13 @@ impl Sessions {
 
     /// Drops stale end markers.
     pub(super) fn compact(&mut self) {
-        let live: Vec<_> = self
-            .slots
-            .iter()
-            .flat_map(|(k, s)| {
-                s.sessions
-                    .iter()
-                    .map(move |x| std::cmp::Reverse((x.end, k.clone())))
-            })
-            .collect();
-        self.ends = live.into();
+        let mut live = EndMarks::default();
+        for (key, slot) in &self.slots {
+            for session in &slot.sessions {
+                live.push(session.end, key.clone());
+            }
+        }
+        self.ends = live;
     }
 
     /// Writes keys' sessions to the database (those changed; the others are there) and
@@ -434,30 +468,33 @@ impl Sessions {
         {
             self.read_due(db, through, mem)?;
         }
-        while let Some(std::cmp::Reverse((end, _))) = self.ends.peek() {
-            if !session_closed(*end, through) {
-                break;
-            }
-            let std::cmp::Reverse((_, key)) = self.ends.pop().expect("peeked");
-            let Some(slot) = self.slots.get(&key) else {
-                continue;
-            };
-            if slot.sessions.iter().any(|x| session_closed(x.end, through)) {
-                out.push(SessionRow {
-                    key: key.clone(),
-                    start: 0,
-                    end: 0,
-                    accs: Box::new([]),
-                });
-            }
-            let open = slot
-                .sessions
-                .iter()
-                .map(|x| x.end)
-                .filter(|end| !session_closed(*end, through))
-                .min();
-            if let Some(open) = open {
-                self.ends.push(std::cmp::Reverse((open, key)));
+        while let Some(keys) = self.ends.pop_closed(through) {
+            for key in keys {
+                let Some(slot) = self.slots.get(&key) else {
+                    continue;
+                };
+                let closed = slot.sessions.iter().any(|x| session_closed(x.end, through));
+                let open = slot
+                    .sessions
+                    .iter()
+                    .map(|x| x.end)
+                    .filter(|end| !session_closed(*end, through))
+                    .min();
+                let key = match open {
+                    Some(open) => {
+                        self.ends.push(open, key.clone());
+                        key
+                    }
+                    None => key,
+                };
+                if closed {
+                    out.push(SessionRow {
+                        key,
+                        start: 0,
+                        end: 0,
+                        accs: Box::new([]),
+                    });
+                }
             }
         }
         Ok(())
