@@ -171,7 +171,7 @@ impl AggregateState {
                 .get_or_init(|| Arc::new(closing::sorted(&pane.table)))
                 .clone();
             // Shared by the windows: read in end order, the last one takes the entries.
-            let table = Arc::new(pane.table);
+            let table = pane.table;
             for (end, start, stored) in pane.windows {
                 closing.add(end, start, (table.clone(), order.clone()), stored);
             }
@@ -228,13 +228,13 @@ impl AggregateState {
                 let bytes = window.filter.size() + window.entries.bytes();
                 st.mem = st.mem.saturating_sub(bytes);
                 let (stored, evicted) = (window.stored, window.evicted);
-                let mem = window.entries;
+                let mem = window.entries.into_shared();
                 let stored = ((stored || evicted) && db.is_some()).then_some(None);
                 (mem, order, stored)
             } else {
                 let window = st.windows.get_mut(&pane).expect("a listed pane");
                 let order = window.key_order(&mut st.mem);
-                let mem = window.entries.snapshot();
+                let mem = window.entries.share();
                 // Not evicted: every key in the database is in memory too, newer or equal.
                 let stored = match db {
                     Some(db) if window.evicted => {
@@ -291,7 +291,7 @@ impl PartState {
 /// A pane's part of an emission: its entries, and the windows that hold it, each with the
 /// pane's entries in the database, if any.
 struct PaneOut {
-    table: Table,
+    table: Arc<Table>,
     /// Its key order: sorted by an earlier emission, or to sort now.
     order: Arc<OnceLock<Arc<Vec<u32>>>>,
     windows: Vec<ClosingAt>,

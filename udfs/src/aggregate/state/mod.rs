@@ -85,7 +85,7 @@ mod table;
 pub use closing::{Closing, OutRow};
 use closing::{Frozen, SessionRow, StoredRange, prefix_end, read_range};
 use sessions::{Sessions, StoredSessions, merge_all_sessions, merge_sessions, write_all_sessions};
-use table::{KeyOrder, Table};
+use table::{KeyOrder, PaneTable, Table};
 
 /// How rows are assigned to windows (times in milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +202,7 @@ struct PartState {
 
 #[derive(Default)]
 struct Window {
-    entries: Table,
+    entries: PaneTable,
     /// Some entries of this window are in the database and not in memory.
     evicted: bool,
     /// The database may hold entries of this window.
@@ -504,7 +504,7 @@ impl AggregateState {
         order: Order,
     ) -> Result<()> {
         let window = st.windows.entry(end).or_default();
-        let table = &mut window.entries;
+        let table = window.entries.to_mut();
         let before = table.bytes();
         let hash = table.hash(key);
         let i = match table.find(hash, key) {

@@ -25,7 +25,7 @@ impl PartState {
                 freed += order.bytes();
             }
             let filter = &mut window.filter;
-            let table = &mut window.entries;
+            let table = window.entries.to_mut();
             let mut filter_bytes = 0;
             let before = table.bytes();
             // What leaving frees, as it goes: an entry's share of the vectors and index,
@@ -96,11 +96,12 @@ impl PartState {
             let mut key = self.prefix.clone();
             key.extend_from_slice(&ordered(*end));
             let base = key.len();
-            let table = &mut window.entries;
-            for i in 0..table.len() {
-                if !table.is_dirty(i) {
+            for i in 0..window.entries.len() {
+                if !window.entries.is_dirty(i) {
                     continue;
                 }
+                // Taken back (from an emission reading the pane) only where it changes.
+                let table = window.entries.to_mut();
                 key.truncate(base);
                 key.extend_from_slice(table.key(i));
                 value.clear();

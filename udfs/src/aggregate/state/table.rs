@@ -58,6 +58,67 @@ struct KeyAt {
     len: u32,
 }
 
+/// A pane's table: its own, or shared with an emission that reads it while later windows
+/// still need the pane. The first change after that takes it back: moved where the
+/// emission is done with it, copied only where it still reads it. (Every emission of a
+/// sliding window copied the `size / slide - 1` panes it leaves open, of every partition,
+/// under their locks; a pane behind the watermark is seldom changed again.)
+pub(super) enum PaneTable {
+    Owned(Table),
+    Shared(Arc<Table>),
+}
+
+impl Default for PaneTable {
+    fn default() -> Self {
+        PaneTable::Owned(Table::default())
+    }
+}
+
+impl std::ops::Deref for PaneTable {
+    type Target = Table;
+
+    fn deref(&self) -> &Table {
+        match self {
+            PaneTable::Owned(table) => table,
+            PaneTable::Shared(table) => table,
+        }
+    }
+}
+
+impl PaneTable {
+    /// The table to change.
+    #[inline]
+    pub(super) fn to_mut(&mut self) -> &mut Table {
+        if let PaneTable::Shared(shared) = self {
+            let shared = std::mem::take(shared);
+            *self = PaneTable::Owned(Arc::unwrap_or_clone(shared));
+        }
+        match self {
+            PaneTable::Owned(table) => table,
+            PaneTable::Shared(_) => unreachable!("taken back above"),
+        }
+    }
+
+    /// The table for an emission to read while the pane stays.
+    pub(super) fn share(&mut self) -> Arc<Table> {
+        if let PaneTable::Owned(table) = self {
+            *self = PaneTable::Shared(Arc::new(std::mem::take(table)));
+        }
+        match self {
+            PaneTable::Shared(table) => table.clone(),
+            PaneTable::Owned(_) => unreachable!("shared above"),
+        }
+    }
+
+    /// The table, for an emission that takes the pane out of the state.
+    pub(super) fn into_shared(self) -> Arc<Table> {
+        match self {
+            PaneTable::Owned(table) => Arc::new(table),
+            PaneTable::Shared(table) => table,
+        }
+    }
+}
+
 /// A pane's entries in key order, as sorted for an emission (outside the partition's lock,
 /// into a cell the pane shares), with the number of entries it covers.
 #[derive(Clone)]
@@ -155,21 +216,6 @@ impl Table {
 
     pub(super) fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// A copy of the entries for an emission to read in order: without the hash index,
-    /// which only adding and finding use.
-    pub(super) fn snapshot(&self) -> Table {
-        Table {
-            index: HashTable::new(),
-            hasher: self.hasher.clone(),
-            chunks: self.chunks.clone(),
-            blocks: self.blocks.clone(),
-            len: self.len,
-            width: self.width,
-            allocated: self.allocated,
-            heap: self.heap,
-        }
     }
 
     /// The memory the table takes: its index, chunks and key blocks as allocated, and the

@@ -165,6 +165,50 @@ async fn a_window_s_keys_of_any_length_merge_across_partitions_and_panes_in_orde
     assert_eq!(h.take(), want);
 }
 
+/// A pane later windows still need is shared with the emission reading it: a row added
+/// to it meanwhile (by another worker, while that emission is between chunks) counts in
+/// the later windows only, and the emission reads the pane as it was.
+#[tokio::test]
+async fn a_pane_changed_while_an_emission_reads_it_is_read_as_it_was() {
+    let factory = factory(&sliding("4s", "2s"));
+    let (mut a, mut b) = (factory.create().unwrap(), factory.create().unwrap());
+    let ctx = Harness::ctx(0);
+    // More keys in pane [0,2) than an emission's chunk (65,536 rows), and a row at 2.5s:
+    // the window ending at 2s closes, the one ending at 4s (holding the pane) stays open.
+    let keys: Vec<&'static str> = (0..70_000).map(|i| &*format!("k{i:05}").leak()).collect();
+    let mut rows: Vec<In> = keys.iter().map(|&k| (k, 1, 1_000)).collect();
+    rows.push(("zz", 1, 2_500));
+    a.process_batch(batch(&rows), &ctx).await.unwrap();
+    let first = a.pending(&ctx).await.unwrap().expect("a first chunk");
+    // Another worker adds to the pane while the emission has more to read.
+    let out = b
+        .process_batch(batch(&[("k00001", 10, 1_500)]), &ctx)
+        .await
+        .unwrap();
+    assert!(out.failed.is_empty(), "counted in the window ending at 4s");
+    let mut closed = rows_of(&first);
+    while let Some(more) = a.pending(&ctx).await.unwrap() {
+        closed.extend(rows_of(&more));
+    }
+    let want: Vec<String> = keys.iter().map(|k| format!("{k} [-2,2) c=1 s=1")).collect();
+    assert_eq!(closed, want);
+    b.end_of_partition(&ctx).await.unwrap();
+    let mut rest = Vec::new();
+    while let Some(more) = b.pending(&ctx).await.unwrap() {
+        rest.extend(rows_of(&more));
+    }
+    let mut want: Vec<String> = keys
+        .iter()
+        .map(|&k| match k {
+            "k00001" => format!("{k} [0,4) c=2 s=11"),
+            _ => format!("{k} [0,4) c=1 s=1"),
+        })
+        .collect();
+    want.push("zz [0,4) c=1 s=1".into());
+    want.push("zz [2,6) c=1 s=1".into());
+    assert_eq!(rest, want);
+}
+
 /// A pane is in `size / slide` emissions and its key order is kept for the next ones: a
 /// key it gains after its first window closed (on time for the later ones) is in them,
 /// in key order.
