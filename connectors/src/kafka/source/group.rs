@@ -328,6 +328,11 @@ fn log_bounds(
     consumer: &GroupConsumer,
     parts: &[(String, i32)],
 ) -> Option<HashMap<(String, i32), (i64, i64)>> {
+    // A rebalance that only revoked assigns an empty list (librdkafka refuses to look up
+    // none: "Invalid argument").
+    if parts.is_empty() {
+        return Some(HashMap::new());
+    }
     let ask = |at: Offset| -> Option<HashMap<(String, i32), i64>> {
         let mut tpl = TopicPartitionList::new();
         for (topic, partition) in parts {
