@@ -130,13 +130,14 @@ struct Session {
 /// A slot of the sessions' hash table (key and slot, and the control byte), counted for
 /// the table's capacity.
 const SLOT: usize = std::mem::size_of::<(Box<[u8]>, Slot)>() + 1;
-/// An end marker in the heap (its key apart).
-const MARKER: usize = std::mem::size_of::<(i64, Box<[u8]>)>();
+/// An end marker (its key apart): its place in its end's vector, with half as much again
+/// for the vectors' room to grow and the map of ends.
+const MARKER: usize = std::mem::size_of::<Box<[u8]>>() * 3 / 2;
 /// An allocation's rounding, on average.
 const ALLOC: usize = 16;
 
 /// What a key's sessions take beyond its place in the table: the key (twice: the table's
-/// and its heap marker's, each with the marker), the sessions' vector as allocated, and
+/// and its end marker's, each with the marker), the sessions' vector as allocated, and
 /// each session's accumulators with what they own.
 fn slot_size(key: &[u8], slot: &Slot) -> usize {
     2 * (key.len() + ALLOC)
@@ -453,8 +454,8 @@ impl Sessions {
     /// Keys in the database with a marker `through` passed are read into memory first.
     ///
     /// Every session has a marker at or before its end: set when it opened, and left
-    /// behind as it grew (one heap push per session rather than per row). A marker
-    /// popped for a key whose sessions are not all closed is set again at the earliest
+    /// behind as it grew (one marker per session rather than per row). A marker
+    /// taken for a key whose sessions are not all closed is set again at the earliest
     /// open one's end.
     pub(super) fn close(
         &mut self,
