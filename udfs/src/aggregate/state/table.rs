@@ -26,7 +26,7 @@ const MAX_CHUNK: usize = 4096;
 const FIRST_BLOCK: usize = 256;
 const MAX_BLOCK: usize = 64 * 1024;
 
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub(super) struct Table {
     /// Entry numbers, hashed by their keys.
     index: HashTable<u32>,
@@ -42,9 +42,43 @@ pub(super) struct Table {
     pub(super) heap: usize,
 }
 
+/// A copy that goes on as the original: every chunk and key block allocated at the size
+/// the original's has, so `allocated` counts it as it is and what is added to it goes in
+/// place. (A vector's `clone` allocates its length only: a copied pane that gained a key
+/// grew its last chunk by doubling, beyond its count, and eviction then took more off the
+/// count than was on it.)
+impl Clone for Table {
+    fn clone(&self) -> Self {
+        Table {
+            index: self.index.clone(),
+            hasher: self.hasher.clone(),
+            chunks: self
+                .chunks
+                .iter()
+                .map(|c| Chunk {
+                    keys: clone_full(&c.keys),
+                    accs: clone_full(&c.accs),
+                    dirty: clone_full(&c.dirty),
+                })
+                .collect(),
+            blocks: self.blocks.iter().map(clone_full).collect(),
+            len: self.len,
+            width: self.width,
+            allocated: self.allocated,
+            heap: self.heap,
+        }
+    }
+}
+
+/// A copy of `v` with `v`'s capacity.
+fn clone_full<T: Clone>(v: &Vec<T>) -> Vec<T> {
+    let mut copy = Vec::with_capacity(v.capacity());
+    copy.extend_from_slice(v);
+    copy
+}
+
 /// Entries, in order: where each key is, its accumulators, and whether it changed since
 /// the database last had it. Allocated at its full size and never grown.
-#[derive(Clone)]
 struct Chunk {
     keys: Vec<KeyAt>,
     accs: Vec<Acc>,
@@ -540,5 +574,37 @@ mod tests {
         let copy = t.clone();
         assert!(matches!(&*t.take_accs(i), [Acc::Count(_)]));
         assert_eq!(copy.accs(i), &[Acc::Count(3753)][..], "{:?}", copy.accs(i));
+    }
+
+    /// A copy (a pane taken back from an emission that still reads it) counts what it
+    /// allocates, keeps its chunks and blocks from growing as it gains keys, and gives
+    /// back exactly what it counted when everything leaves.
+    #[test]
+    fn a_copy_goes_on_within_its_count() {
+        let mut t = Table::default();
+        // The last chunk (4,096 entries) part full, the last key block too.
+        for n in 0..3_000u32 {
+            let k = format!("key-{n}");
+            t.insert(t.hash(k.as_bytes()), k.as_bytes(), count(1), true);
+        }
+        let mut copy = t.clone();
+        assert_eq!(copy.bytes(), t.bytes());
+        let capacities = |t: &Table| -> Vec<usize> {
+            let chunks = t
+                .chunks
+                .iter()
+                .flat_map(|c| [c.keys.capacity(), c.accs.capacity(), c.dirty.capacity()]);
+            chunks.chain(t.blocks.iter().map(Vec::capacity)).collect()
+        };
+        assert_eq!(capacities(&copy), capacities(&t));
+        for n in 3_000..4_000u32 {
+            let k = format!("key-{n}");
+            copy.insert(copy.hash(k.as_bytes()), k.as_bytes(), count(1), true);
+        }
+        let allocated: usize = copy.chunks.iter().map(chunk_bytes).sum::<usize>()
+            + copy.blocks.iter().map(Vec::capacity).sum::<usize>();
+        assert_eq!(copy.allocated, allocated);
+        copy.retain(|_, _, _| false);
+        assert_eq!(copy.allocated, 0);
     }
 }
