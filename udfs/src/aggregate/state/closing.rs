@@ -82,12 +82,13 @@ impl Heads {
         self.0.first().map(|h| h.source as usize)
     }
 
-    /// Whether the top source's next key is `key`.
-    fn top_is(&self, key: &[u8], sources: &[PartEntries]) -> bool {
-        self.0.first().is_some_and(|h| {
-            let keys = || (Self::key(h, sources), key);
-            h.cmp_keys(&Head::new(key, 0), keys).is_eq()
-        })
+    /// The top source, if its next key is `key` (whose head is `head`).
+    fn top_if(&self, head: &Head, key: &[u8], sources: &[PartEntries]) -> Option<usize> {
+        let top = self.0.first()?;
+        let keys = || (Self::key(top, sources), key);
+        top.cmp_keys(head, keys)
+            .is_eq()
+            .then_some(top.source as usize)
     }
 
     fn key<'a>(head: &Head, sources: &'a [PartEntries]) -> &'a [u8] {
@@ -320,18 +321,20 @@ impl Closing {
             while rows.len() < CHUNK {
                 // The smallest key among the sources (the first source that has it), merged
                 // with the same key of the sources after it. Moved, not copied.
-                let Some(first) = heads.top() else {
+                let Some(mut at) = heads.top() else {
                     break;
                 };
-                let (key, mut accs) = sources[first].pop();
-                sources[first].fill(db, self.aggs)?;
-                heads.advance_top(sources);
-                while let Some(next) = heads.top()
-                    && heads.top_is(&key, sources)
-                {
-                    sources[next].pop_into(&mut accs);
-                    sources[next].fill(db, self.aggs)?;
+                let (key, mut accs) = sources[at].pop();
+                let head = Head::new(&key, at);
+                loop {
+                    // The source taken from moves on; the next holds the key too, or not.
+                    sources[at].fill(db, self.aggs)?;
                     heads.advance_top(sources);
+                    let Some(next) = heads.top_if(&head, &key, sources) else {
+                        break;
+                    };
+                    at = next;
+                    sources[at].pop_into(&mut accs);
                 }
                 rows.push(OutRow {
                     key,
