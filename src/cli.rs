@@ -68,6 +68,13 @@ pub(crate) enum Command {
         /// its members theirs; a member still draining may hold the port a while).
         #[arg(long, hide = true)]
         metrics_optional: bool,
+        /// Start each log line with the member's name (the supervisor's members share its
+        /// standard error).
+        #[arg(long, hide = true)]
+        log_member: bool,
+        /// Keep this file holding the partitions this process reads (for the supervisor).
+        #[arg(long, hide = true, value_name = "FILE")]
+        report_partitions: Option<PathBuf>,
     },
     /// Watch running pipelines: stages, partitions and workers, refreshed every second,
     /// from their metrics addresses (`--metrics-addr`). Keys: q quits, s sorts the

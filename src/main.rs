@@ -51,6 +51,15 @@ fn main() -> ExitCode {
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
+    let cli = Cli::parse();
+    let log_prefix = match &cli.command {
+        Command::Worker {
+            member,
+            log_member: true,
+            ..
+        } => Some(member_name(member.clone())),
+        _ => None,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -59,8 +68,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colour codes only for people: logs redirected to a file stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .event_format(Prefixed {
+            prefix: log_prefix,
+            inner: tracing_subscriber::fmt::format(),
+        })
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,13 +102,12 @@ fn main() -> ExitCode {
                 no_scaling,
                 tap,
                 metrics_optional,
+                log_member: _,
+                report_partitions,
             } => {
-                let member = member
-                    .or_else(|| std::env::var("SLUICE_MEMBER").ok())
-                    .or_else(|| std::env::var("HOSTNAME").ok())
-                    .unwrap_or_else(|| format!("worker-{}", std::process::id()));
                 let member = Member {
-                    name: member,
+                    name: member_name(member),
+                    report: report_partitions,
                     scaled: !no_scaling,
                 };
                 let metrics = (metrics_addr, tap, metrics_optional);
@@ -328,11 +339,46 @@ fn load(file: &std::path::Path) -> Result<config::PipelineConfig, u8> {
     })
 }
 
+/// `sluice worker`'s name: `--member`, else $SLUICE_MEMBER, else $HOSTNAME (a pod's name).
+fn member_name(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("SLUICE_MEMBER").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+}
+
+/// Log lines, each after `prefix` and ` | ` when there is one (the supervisor's members
+/// write to its standard error, as `docker compose` prefixes its services).
+struct Prefixed<F> {
+    prefix: Option<String>,
+    inner: F,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Prefixed<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if let Some(prefix) = &self.prefix {
+            write!(writer, "{prefix} | ")?;
+        }
+        self.inner.format_event(ctx, writer, event)
+    }
+}
+
 /// `sluice worker`: the process's member name, and whether `scaling:` sizes its tasks (not
 /// when a supervisor sizes the processes by it).
 struct Member {
     name: String,
     scaled: bool,
+    /// Where to report the partitions it reads (`--report-partitions`).
+    report: Option<PathBuf>,
 }
 
 /// `sluice run` (no member), or `sluice worker`.
@@ -389,6 +435,9 @@ async fn run(
             }
             tracing::warn!("running without metrics: {e}");
         }
+    }
+    if let Some(path) = member.as_ref().and_then(|m| m.report.clone()) {
+        sluice::supervise::owners::report(path, stats.clone(), status_done.clone());
     }
     let status_line = if quiet {
         None

@@ -11,12 +11,18 @@
 //! - `auto`: the pipeline's `scaling:` section (or its defaults) decides how many, from the
 //!   group's lag as the broker reports it (what KEDA reads): `min_workers` to `max_workers`,
 //!   never more than the partitions. A worker stopped on the way down gets SIGTERM: it
-//!   finishes and commits what it read, and its partitions move with their state.
+//!   finishes and commits what it read, and its partitions move with their state. None is
+//!   stopped until every partition has an owner among the workers ([`owners`]).
+//!
+//! Each worker's log lines start with its name (`worker-1 | ...`): they share the
+//! supervisor's standard error.
 //!
 //! On SIGINT or SIGTERM every worker is stopped the same way, and the supervisor waits.
 //! A worker that has not exited [`STOP_GRACE`] after its SIGTERM is killed (SIGKILL), as
 //! Kubernetes does after a pod's grace period: what it committed stands, and what it read
 //! since is read again by the partition's next owner.
+
+pub mod owners;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -68,6 +74,8 @@ struct Supervisor {
     tap: bool,
     /// The autoscaler's last decision, and when (seconds since the epoch).
     last_decision: Option<(u64, sluice_engine::autoscale::Decision)>,
+    /// Where the workers report the partitions they read.
+    reports: owners::Reports,
 }
 
 /// A worker that ran this long before exiting on its own was not crash-looping.
@@ -110,7 +118,9 @@ impl Supervisor {
         command
             .arg("worker")
             .arg(&self.file)
-            .args(["--member", &member, "--no-scaling"]);
+            .args(["--member", &member, "--no-scaling", "--log-member"])
+            .arg("--report-partitions")
+            .arg(self.reports.fresh(slot));
         if let Some(addr) = self.member_metrics(slot) {
             // A port still held (a member of the slot draining) is no reason to fail.
             command.args(["--metrics-addr", &addr.to_string(), "--metrics-optional"]);
@@ -369,6 +379,7 @@ pub async fn supervise(
         metrics_addr,
         tap,
         last_decision: None,
+        reports: owners::Reports::create().context("creating the workers' report directory")?,
     };
     let policy = config.scaling.as_ref().map_or_else(
         || ScalingPolicy::for_lag(config.source.spec.lag_in_time().is_some()),
@@ -404,6 +415,7 @@ pub async fn supervise(
     });
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lag_warning: Option<Instant> = None;
+    let mut unsettled = owners::Unsettled::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -413,16 +425,20 @@ pub async fn supervise(
         supervisor.restart_due()?;
         let mut lag_now = None;
         if let Some((scaler, reader)) = scaling.as_mut() {
-            // One member leaves the group at a time, and the next only a cooldown after the
-            // last has gone (not after it was told to go).
-            if !supervisor.stopping.is_empty() {
-                scaler.hold_scale_down(Instant::now());
-            }
             let gauge = reader.gauge();
             let reader = reader.clone();
             match tokio::task::spawn_blocking(move || reader.read()).await? {
                 Ok((total, partitions)) => {
                     lag_now = Some((gauge, total));
+                    // One member leaves the group at a time, and the next only a cooldown
+                    // after the last has gone (not after it was told to go) and every
+                    // partition has an owner among the workers, each of them one (see
+                    // `owners`).
+                    let owners = supervisor.reports.read(supervisor.workers.keys().copied());
+                    if !supervisor.stopping.is_empty() || !owners.settled(partitions) {
+                        scaler.hold_scale_down(Instant::now());
+                    }
+                    unsettled.observe(&owners, partitions);
                     if let Some(decision) = scaler.observe(Instant::now(), total, partitions) {
                         tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: worker processes {}", decision.direction());
                         counter!("sluice_autoscaler_decisions_total", "pipeline" => config.name.clone(), "direction" => decision.direction()).increment(1);

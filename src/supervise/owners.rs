@@ -1,0 +1,215 @@
+//! Which partitions the supervisor's workers read, as each worker reports it: the
+//! supervisor stops no worker while a partition has no owner or a started worker has none.
+//!
+//! A worker (`sluice worker --report-partitions FILE`) keeps FILE holding the names of the
+//! partitions it reads, one per line, rewritten (atomically) when they change. The
+//! supervisor gives each worker slot its file in a directory of its own.
+//!
+//! Why the workers and not the broker: a member that leaves while the rebalance its own
+//! join started is still under way restarts that rebalance on any broker, and tansu 0.6
+//! lost two partitions for good that way in the chaos test (its last member was never given
+//! them). What the coordinator says does not tell when that is over: tansu reports the group
+//! `Stable` seconds before the new member receives its assignment (cooperative rebalancing
+//! assigns revoked partitions in a second round). The partitions the workers read do.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_engine::stats::RunStats;
+use tokio_util::sync::CancellationToken;
+
+/// How often a worker looks at its partitions.
+const EVERY: Duration = Duration::from_millis(200);
+
+/// Keeps `path` holding the names of the partitions this process reads, until `done`.
+pub fn report(path: PathBuf, stats: Arc<RunStats>, done: CancellationToken) {
+    tokio::spawn(async move {
+        let mut written: Option<String> = None;
+        let mut warned = false;
+        loop {
+            let names = {
+                let partitions = stats.partitions.lock().expect("partitions lock");
+                partitions.keys().fold(String::new(), |mut s, name| {
+                    s.push_str(name);
+                    s.push('\n');
+                    s
+                })
+            };
+            if written.as_ref() != Some(&names) {
+                match write_atomically(&path, &names) {
+                    Ok(()) => written = Some(names),
+                    Err(e) if !warned => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot report this worker's partitions to its supervisor, which then stops no worker");
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            tokio::select! {
+                () = done.cancelled() => return,
+                () = tokio::time::sleep(EVERY) => {}
+            }
+        }
+    });
+}
+
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The files of a supervisor's workers, one per slot.
+pub struct Reports {
+    dir: PathBuf,
+}
+
+impl Reports {
+    /// A directory of this supervisor's own under the system's temporary directory.
+    pub fn create() -> std::io::Result<Reports> {
+        let dir = std::env::temp_dir().join(format!("sluice-supervisor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Reports { dir })
+    }
+
+    /// The file of the worker in `slot`, emptied for a worker about to start there (what
+    /// its predecessor reported is no longer read by anyone).
+    pub fn fresh(&self, slot: usize) -> PathBuf {
+        let path = self.path(slot);
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    fn path(&self, slot: usize) -> PathBuf {
+        self.dir.join(super::member_name(slot))
+    }
+
+    /// What the workers in `slots` read now.
+    pub fn read(&self, slots: impl IntoIterator<Item = usize>) -> Owners {
+        let mut owners = Owners::default();
+        for slot in slots {
+            owners.workers += 1;
+            // No file yet: the worker reads nothing yet.
+            let text = std::fs::read_to_string(self.path(slot)).unwrap_or_default();
+            let mut names = text.lines().filter(|l| !l.is_empty()).peekable();
+            if names.peek().is_none() {
+                owners.idle += 1;
+            }
+            owners.partitions.extend(names.map(str::to_string));
+        }
+        owners
+    }
+}
+
+impl Drop for Reports {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The partitions a supervisor's running workers read.
+#[derive(Debug, Default)]
+pub struct Owners {
+    /// Distinct partitions with an owner.
+    pub partitions: BTreeSet<String>,
+    /// Workers running.
+    pub workers: usize,
+    /// Workers reading no partition.
+    pub idle: usize,
+}
+
+impl Owners {
+    /// The group has settled on these workers: every one of `partitions` has an owner, and
+    /// every worker owns one when there are enough to go round.
+    pub fn settled(&self, partitions: usize) -> bool {
+        self.partitions.len() >= partitions && (self.idle == 0 || partitions < self.workers)
+    }
+
+    /// Says how far from settled (for the log).
+    pub fn describe(&self, partitions: usize) -> String {
+        format!(
+            "{} of {partitions} partitions read by the {} worker process(es), {} of them reading none",
+            self.partitions.len(),
+            self.workers,
+            self.idle
+        )
+    }
+}
+
+/// Warns when the workers have not settled for a long time: scale-downs wait meanwhile.
+#[derive(Default)]
+pub struct Unsettled {
+    since: Option<Instant>,
+    warned: bool,
+}
+
+impl Unsettled {
+    const WARN_AFTER: Duration = Duration::from_secs(60);
+
+    pub fn observe(&mut self, owners: &Owners, partitions: usize) {
+        if owners.settled(partitions) {
+            if self.warned {
+                tracing::info!(
+                    "every partition has an owner again; worker processes may be stopped"
+                );
+            }
+            *self = Unsettled::default();
+            return;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if !self.warned && since.elapsed() >= Self::WARN_AFTER {
+            tracing::warn!(
+                "the group has not settled for {:?}: {}; no worker process is stopped until every partition has an owner",
+                Self::WARN_AFTER,
+                owners.describe(partitions)
+            );
+            self.warned = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners(workers: &[&[&str]]) -> Owners {
+        let mut o = Owners::default();
+        for w in workers {
+            o.workers += 1;
+            o.idle += usize::from(w.is_empty());
+            o.partitions.extend(w.iter().map(|s| s.to_string()));
+        }
+        o
+    }
+
+    #[test]
+    fn settled_only_when_every_partition_and_every_worker_has_its_share() {
+        // A newcomer that has joined but not been given anything yet.
+        assert!(!owners(&[&["t/0", "t/1", "t/2", "t/3"], &[]]).settled(4));
+        // The second round of a cooperative rebalance: two revoked, not yet reassigned.
+        assert!(!owners(&[&["t/2", "t/3"], &[]]).settled(4));
+        assert!(owners(&[&["t/2", "t/3"], &["t/0", "t/1"]]).settled(4));
+        // A partition read twice (a move under way) does not stand in for a missing one.
+        assert!(!owners(&[&["t/0", "t/1", "t/2"], &["t/2"]]).settled(4));
+        // More workers than partitions: some read none.
+        assert!(owners(&[&["t/0"], &[]]).settled(1));
+        assert!(!owners(&[&[], &[]]).settled(1));
+    }
+
+    #[test]
+    fn a_report_is_read_back_by_slot_and_a_fresh_slot_reads_none() {
+        let reports = Reports {
+            dir: tempfile::tempdir().unwrap().keep(),
+        };
+        write_atomically(&reports.path(0), "t/0\nt/1\n").unwrap();
+        write_atomically(&reports.path(1), "t/2\n").unwrap();
+        let o = reports.read([0, 1]);
+        assert_eq!(o.partitions.len(), 3);
+        assert_eq!(o.idle, 0);
+        reports.fresh(1);
+        let o = reports.read([0, 1]);
+        assert_eq!((o.partitions.len(), o.workers, o.idle), (2, 2, 1));
+    }
+}
