@@ -74,8 +74,8 @@ struct Supervisor {
     tap: bool,
     /// The autoscaler's last decision, and when (seconds since the epoch).
     last_decision: Option<(u64, sluice_engine::autoscale::Decision)>,
-    /// Where the workers report the partitions they read.
-    reports: owners::Reports,
+    /// Where the workers report the partitions they read (`--processes auto`).
+    reports: Option<owners::Reports>,
 }
 
 /// A worker that ran this long before exiting on its own was not crash-looping.
@@ -115,12 +115,15 @@ impl Supervisor {
     fn start(&mut self, slot: usize, failures: u32) -> anyhow::Result<()> {
         let member = member_name(slot);
         let mut command = Command::new(&self.exe);
-        command
-            .arg("worker")
-            .arg(&self.file)
-            .args(["--member", &member, "--no-scaling", "--log-member"])
-            .arg("--report-partitions")
-            .arg(self.reports.fresh(slot));
+        command.arg("worker").arg(&self.file).args([
+            "--member",
+            &member,
+            "--no-scaling",
+            "--log-member",
+        ]);
+        if let Some(reports) = &self.reports {
+            command.arg("--report-partitions").arg(reports.fresh(slot));
+        }
         if let Some(addr) = self.member_metrics(slot) {
             // A port still held (a member of the slot draining) is no reason to fail.
             command.args(["--metrics-addr", &addr.to_string(), "--metrics-optional"]);
@@ -379,7 +382,12 @@ pub async fn supervise(
         metrics_addr,
         tap,
         last_decision: None,
-        reports: owners::Reports::create().context("creating the workers' report directory")?,
+        reports: match count {
+            Count::Fixed(_) => None,
+            Count::Auto => owners::Reports::create()
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot create a directory for the workers to report their partitions in: scale-downs wait for time alone, not for every partition to have an owner"))
+                .ok(),
+        },
     };
     let policy = config.scaling.as_ref().map_or_else(
         || ScalingPolicy::for_lag(config.source.spec.lag_in_time().is_some()),
@@ -434,11 +442,14 @@ pub async fn supervise(
                     // after the last has gone (not after it was told to go) and every
                     // partition has an owner among the workers, each of them one (see
                     // `owners`).
-                    let owners = supervisor.reports.read(supervisor.workers.keys().copied());
-                    if !supervisor.stopping.is_empty() || !owners.settled(partitions) {
+                    let settled = supervisor.reports.as_ref().is_none_or(|reports| {
+                        let owners = reports.read(supervisor.workers.keys().copied());
+                        unsettled.observe(&owners, partitions);
+                        owners.settled(partitions)
+                    });
+                    if !supervisor.stopping.is_empty() || !settled {
                         scaler.hold_scale_down(Instant::now());
                     }
-                    unsettled.observe(&owners, partitions);
                     if let Some(decision) = scaler.observe(Instant::now(), total, partitions) {
                         tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: worker processes {}", decision.direction());
                         counter!("sluice_autoscaler_decisions_total", "pipeline" => config.name.clone(), "direction" => decision.direction()).increment(1);

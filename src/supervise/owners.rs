@@ -67,11 +67,30 @@ pub struct Reports {
 }
 
 impl Reports {
-    /// A directory of this supervisor's own under the system's temporary directory.
+    /// A directory of this supervisor's own under the system's temporary directory: made
+    /// new (never one that was there, which someone else could have placed), readable by
+    /// this user alone.
     pub fn create() -> std::io::Result<Reports> {
-        let dir = std::env::temp_dir().join(format!("sluice-supervisor-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Reports { dir })
+        use std::os::unix::fs::DirBuilderExt;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.mode(0o700);
+        let mut attempt = 0u32;
+        loop {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let dir = std::env::temp_dir().join(format!(
+                "sluice-supervisor-{}-{nanos:x}",
+                std::process::id()
+            ));
+            match builder.create(&dir) {
+                Ok(()) => return Ok(Reports { dir }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The file of the worker in `slot`, emptied for a worker about to start there (what
@@ -200,9 +219,15 @@ mod tests {
 
     #[test]
     fn a_report_is_read_back_by_slot_and_a_fresh_slot_reads_none() {
-        let reports = Reports {
-            dir: tempfile::tempdir().unwrap().keep(),
-        };
+        use std::os::unix::fs::PermissionsExt;
+        let reports = Reports::create().unwrap();
+        let other = Reports::create().unwrap();
+        assert_ne!(reports.dir, other.dir);
+        let mode = std::fs::metadata(&reports.dir)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
         write_atomically(&reports.path(0), "t/0\nt/1\n").unwrap();
         write_atomically(&reports.path(1), "t/2\n").unwrap();
         let o = reports.read([0, 1]);
@@ -211,5 +236,8 @@ mod tests {
         reports.fresh(1);
         let o = reports.read([0, 1]);
         assert_eq!((o.partitions.len(), o.workers, o.idle), (2, 2, 1));
+        let dir = reports.dir.clone();
+        drop(reports);
+        assert!(!dir.exists());
     }
 }
