@@ -11,8 +11,9 @@
 //! - `auto`: the pipeline's `scaling:` section (or its defaults) decides how many, from the
 //!   group's lag as the broker reports it (what KEDA reads): `min_workers` to `max_workers`,
 //!   never more than the partitions. A worker stopped on the way down gets SIGTERM: it
-//!   finishes and commits what it read, and its partitions move with their state. None is
-//!   stopped until every partition has an owner among the workers ([`owners`]).
+//!   finishes and commits what it read, and its partitions move with their state. With a
+//!   Kafka source none is stopped while the group moves partitions, for up to a minute
+//!   ([`owners`]).
 //!
 //! Each worker's log lines start with its name (`worker-1 | ...`): they share the
 //! supervisor's standard error.
@@ -55,6 +56,8 @@ struct Worker {
     started: Instant,
     /// Consecutive starts that ended early: the pause before the next grows with them.
     failures: u32,
+    /// Where it reports the partitions it reads (`--processes auto` of a Kafka source).
+    report: Option<PathBuf>,
 }
 
 struct Supervisor {
@@ -74,7 +77,8 @@ struct Supervisor {
     tap: bool,
     /// The autoscaler's last decision, and when (seconds since the epoch).
     last_decision: Option<(u64, sluice_engine::autoscale::Decision)>,
-    /// Where the workers report the partitions they read (`--processes auto`).
+    /// Where the workers report the partitions they read (`--processes auto` of a Kafka
+    /// source: see [`owners`]).
     reports: Option<owners::Reports>,
 }
 
@@ -121,8 +125,9 @@ impl Supervisor {
             "--no-scaling",
             "--log-member",
         ]);
-        if let Some(reports) = &self.reports {
-            command.arg("--report-partitions").arg(reports.fresh(slot));
+        let report = self.reports.as_mut().map(|r| r.next(slot));
+        if let Some(file) = &report {
+            command.arg("--report-partitions").arg(file);
         }
         if let Some(addr) = self.member_metrics(slot) {
             // A port still held (a member of the slot draining) is no reason to fail.
@@ -142,6 +147,7 @@ impl Supervisor {
                 child,
                 started: Instant::now(),
                 failures,
+                report,
             },
         );
         Ok(())
@@ -313,16 +319,37 @@ impl LagReader {
         }
     }
 
-    /// The total lag and the partitions there are to read. Blocking.
-    fn read(&self) -> anyhow::Result<(u64, usize)> {
+    /// The lag now. Blocking.
+    fn read(&self) -> anyhow::Result<Reading> {
         Ok(match self {
             LagReader::Group(group) => {
                 let lag = group.read()?;
-                (lag.total(), lag.partitions.len())
+                Reading {
+                    total: lag.total(),
+                    partitions: lag.partitions.len(),
+                    names: lag.partitions.into_iter().map(|(name, _)| name).collect(),
+                }
             }
-            LagReader::Leases(leases) => leases.read()?,
+            LagReader::Leases(leases) => {
+                let (total, partitions) = leases.read()?;
+                Reading {
+                    total,
+                    partitions,
+                    names: Vec::new(),
+                }
+            }
         })
     }
+}
+
+/// One reading of the lag.
+struct Reading {
+    /// In the gauge's unit.
+    total: u64,
+    /// The partitions there are to read.
+    partitions: usize,
+    /// Their names (`topic/partition`), where the reader knows them (a consumer group).
+    names: Vec<String>,
 }
 
 /// Why `config` cannot run as worker processes, if it cannot: they share a Kafka topic's
@@ -382,11 +409,11 @@ pub async fn supervise(
         metrics_addr,
         tap,
         last_decision: None,
-        reports: match count {
-            Count::Fixed(_) => None,
-            Count::Auto => owners::Reports::create()
+        reports: match (count, config.source.kind) {
+            (Count::Auto, "kafka") => owners::Reports::create()
                 .inspect_err(|e| tracing::warn!(error = %e, "cannot create a directory for the workers to report their partitions in: scale-downs wait for time alone, not for every partition to have an owner"))
                 .ok(),
+            _ => None,
         },
     };
     let policy = config.scaling.as_ref().map_or_else(
@@ -433,22 +460,30 @@ pub async fn supervise(
         supervisor.restart_due()?;
         let mut lag_now = None;
         if let Some((scaler, reader)) = scaling.as_mut() {
+            // One member leaves the group at a time, and the next only a cooldown after the
+            // last has gone (not after it was told to go).
+            if !supervisor.stopping.is_empty() {
+                scaler.hold_scale_down(Instant::now());
+            }
             let gauge = reader.gauge();
             let reader = reader.clone();
             match tokio::task::spawn_blocking(move || reader.read()).await? {
-                Ok((total, partitions)) => {
+                Ok(Reading {
+                    total,
+                    partitions,
+                    names,
+                }) => {
                     lag_now = Some((gauge, total));
-                    // One member leaves the group at a time, and the next only a cooldown
-                    // after the last has gone (not after it was told to go) and every
-                    // partition has an owner among the workers, each of them one (see
-                    // `owners`).
-                    let settled = supervisor.reports.as_ref().is_none_or(|reports| {
-                        let owners = reports.read(supervisor.workers.keys().copied());
-                        unsettled.observe(&owners, partitions);
-                        owners.settled(partitions)
-                    });
-                    if !supervisor.stopping.is_empty() || !settled {
-                        scaler.hold_scale_down(Instant::now());
+                    // Nor while the group moves partitions: one leaving in the middle of a
+                    // rebalance starts it over (see `owners`).
+                    if supervisor.reports.is_some() {
+                        let files = supervisor
+                            .workers
+                            .values()
+                            .filter_map(|w| w.report.as_deref());
+                        if !unsettled.observe(&owners::Reports::read(files), &names) {
+                            scaler.unsettled();
+                        }
                     }
                     if let Some(decision) = scaler.observe(Instant::now(), total, partitions) {
                         tracing::info!(from = decision.from, to = decision.to, reason = %decision.reason, "autoscaler: worker processes {}", decision.direction());

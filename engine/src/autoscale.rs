@@ -145,7 +145,16 @@ pub struct Autoscaler {
     first: Option<Instant>,
     /// At most this many fewer per scale-down (`None`: down to what the window needs).
     step_down: Option<usize>,
+    /// The next observation is of a group still moving partitions ([`Self::unsettled`]).
+    unsettled: bool,
+    /// Since when a scale-down due has waited for the group to settle.
+    waiting: Option<Instant>,
 }
+
+/// How long a scale-down due waits for the group to settle at most: a group that never
+/// does (a member that keeps failing, a partition no worker of this supervisor can read)
+/// must not keep every worker for good.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(60);
 
 impl Autoscaler {
     /// Starts at `min_workers`.
@@ -156,6 +165,8 @@ impl Autoscaler {
             recent: VecDeque::new(),
             first: None,
             step_down: None,
+            unsettled: false,
+            waiting: None,
         }
     }
 
@@ -176,6 +187,15 @@ impl Autoscaler {
     /// (tansu did, with two members leaving 1.5 s apart); scale-ups are not held.
     pub fn hold_scale_down(&mut self, now: Instant) {
         self.first = Some(now);
+    }
+
+    /// At the next observation the group is still moving partitions (a partition without
+    /// an owner, a new member without a partition): a scale-down due then waits, for at
+    /// most [`SETTLE_WAIT`], and comes at the first observation after it has settled. A
+    /// member that leaves in the middle of a rebalance starts it over (and tansu lost
+    /// partitions for good that way).
+    pub fn unsettled(&mut self) {
+        self.unsettled = true;
     }
 
     pub fn desired(&self) -> usize {
@@ -222,22 +242,37 @@ impl Autoscaler {
         // was needed within the window stays.
         let held = self.recent.iter().map(|(_, t)| *t).max().unwrap_or(target);
         let window_full = now.duration_since(*self.first.get_or_insert(now)) >= cooldown;
+        let unsettled = std::mem::take(&mut self.unsettled);
         if held < from && window_full {
+            let waited = now.duration_since(*self.waiting.get_or_insert(now));
+            if unsettled && waited < SETTLE_WAIT {
+                return None;
+            }
+            self.waiting = None;
             let to = self
                 .step_down
                 .map_or(held, |k| held.max(from.saturating_sub(k)));
             self.desired = to;
             self.first = Some(now);
+            let settle = if unsettled {
+                format!(
+                    "; the group has not settled in {} (moving partitions)",
+                    humantime(waited)
+                )
+            } else {
+                String::new()
+            };
             return Some(Decision {
                 from,
                 to,
                 reason: format!(
-                    "lag {} has asked for at most {held} worker(s) for {} (scale_down_cooldown)",
+                    "lag {} has asked for at most {held} worker(s) for {} (scale_down_cooldown){settle}",
                     self.policy.lag_threshold.show(lag),
                     humantime(cooldown)
                 ),
             });
         }
+        self.waiting = None;
         None
     }
 }
@@ -317,6 +352,45 @@ mod tests {
         assert_eq!((down.from, down.to, down.direction()), (8, 1, "down"));
         assert!(down.reason.contains("10s"), "{}", down.reason);
         assert_eq!(a.desired(), 1);
+    }
+
+    #[test]
+    fn a_scale_down_waits_for_the_group_to_settle_but_not_for_ever() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut a = Autoscaler::new(policy());
+        a.observe(at(0), 4500, 8).unwrap();
+        // Due at 11s; the group settles at 20s: down at the first observation after.
+        for s in 1..20 {
+            a.unsettled();
+            assert_eq!(a.observe(at(s), 0, 8), None, "at {s}s");
+        }
+        let down = a.observe(at(20), 0, 8).unwrap();
+        assert_eq!((down.from, down.to), (5, 1));
+        assert!(!down.reason.contains("settled"), "{}", down.reason);
+        // A group that never settles: down SETTLE_WAIT after it was due.
+        let mut a = Autoscaler::new(policy());
+        a.observe(at(0), 4500, 8).unwrap();
+        let mut down = None;
+        for s in 1..200 {
+            a.unsettled();
+            if let Some(d) = a.observe(at(s), 0, 8) {
+                down = Some((s, d));
+                break;
+            }
+        }
+        let (s, d) = down.expect("a scale-down");
+        assert_eq!(s, 11 + SETTLE_WAIT.as_secs(), "{}", d.reason);
+        assert!(d.reason.contains("has not settled in 60s"), "{}", d.reason);
+        // Settling that is not needed (no scale-down due) waits for nothing.
+        let mut a = Autoscaler::new(policy());
+        a.unsettled();
+        assert_eq!(a.observe(at(0), 0, 8), None);
+        a.observe(at(1), 4500, 8).unwrap();
+        for s in 2..11 {
+            assert_eq!(a.observe(at(s), 0, 8), None);
+        }
+        assert!(a.observe(at(12), 0, 8).is_some());
     }
 
     #[test]

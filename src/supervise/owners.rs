@@ -1,9 +1,11 @@
-//! Which partitions the supervisor's workers read, as each worker reports it: the
-//! supervisor stops no worker while a partition has no owner or a started worker has none.
+//! Which partitions the supervisor's workers read, as each worker reports it: with a Kafka
+//! source the supervisor stops no worker while a partition has no owner or a started worker
+//! has none (for at most [`sluice_engine::autoscale::SETTLE_WAIT`]).
 //!
 //! A worker (`sluice worker --report-partitions FILE`) keeps FILE holding the names of the
 //! partitions it reads, one per line, rewritten (atomically) when they change. The
-//! supervisor gives each worker slot its file in a directory of its own.
+//! supervisor gives each worker process it starts a file of its own in a directory of its
+//! own.
 //!
 //! Why the workers and not the broker: a member that leaves while the rebalance its own
 //! join started is still under way restarts that rebalance on any broker, and tansu 0.6
@@ -61,9 +63,11 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The files of a supervisor's workers, one per slot.
+/// The files of a supervisor's workers: one per worker process started (a slot's next
+/// worker may start while the one before drains and still writes its own).
 pub struct Reports {
     dir: PathBuf,
+    started: u64,
 }
 
 impl Reports {
@@ -84,7 +88,9 @@ impl Reports {
                 std::process::id()
             ));
             match builder.create(&dir) {
-                Ok(()) => return Ok(Reports { dir }),
+                Ok(()) => {
+                    return Ok(Reports { dir, started: 0 });
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
                     attempt += 1;
                 }
@@ -93,25 +99,20 @@ impl Reports {
         }
     }
 
-    /// The file of the worker in `slot`, emptied for a worker about to start there (what
-    /// its predecessor reported is no longer read by anyone).
-    pub fn fresh(&self, slot: usize) -> PathBuf {
-        let path = self.path(slot);
-        let _ = std::fs::remove_file(&path);
-        path
+    /// The file of a worker about to start in `slot`.
+    pub fn next(&mut self, slot: usize) -> PathBuf {
+        self.started += 1;
+        self.dir
+            .join(format!("{}.{}", super::member_name(slot), self.started))
     }
 
-    fn path(&self, slot: usize) -> PathBuf {
-        self.dir.join(super::member_name(slot))
-    }
-
-    /// What the workers in `slots` read now.
-    pub fn read(&self, slots: impl IntoIterator<Item = usize>) -> Owners {
+    /// What the workers reporting to `files` read now.
+    pub fn read<'a>(files: impl IntoIterator<Item = &'a Path>) -> Owners {
         let mut owners = Owners::default();
-        for slot in slots {
+        for file in files {
             owners.workers += 1;
             // No file yet: the worker reads nothing yet.
-            let text = std::fs::read_to_string(self.path(slot)).unwrap_or_default();
+            let text = std::fs::read_to_string(file).unwrap_or_default();
             let mut names = text.lines().filter(|l| !l.is_empty()).peekable();
             if names.peek().is_none() {
                 owners.idle += 1;
@@ -131,7 +132,7 @@ impl Drop for Reports {
 /// The partitions a supervisor's running workers read.
 #[derive(Debug, Default)]
 pub struct Owners {
-    /// Distinct partitions with an owner.
+    /// Partitions with an owner, by name (`topic/partition`).
     pub partitions: BTreeSet<String>,
     /// Workers running.
     pub workers: usize,
@@ -140,24 +141,37 @@ pub struct Owners {
 }
 
 impl Owners {
-    /// The group has settled on these workers: every one of `partitions` has an owner, and
-    /// every worker owns one when there are enough to go round.
-    pub fn settled(&self, partitions: usize) -> bool {
-        self.partitions.len() >= partitions && (self.idle == 0 || partitions < self.workers)
+    /// The group has settled on these workers: each of `partitions` (by name) has an
+    /// owner, and every worker reads one when there are enough to go round (what the
+    /// group's cooperative-sticky assignment gives once a rebalance is over).
+    pub fn settled(&self, partitions: &[String]) -> bool {
+        partitions.iter().all(|p| self.partitions.contains(p))
+            && (self.idle == 0 || partitions.len() < self.workers)
     }
 
     /// Says how far from settled (for the log).
-    pub fn describe(&self, partitions: usize) -> String {
+    pub fn describe(&self, partitions: &[String]) -> String {
+        let unowned: Vec<&str> = partitions
+            .iter()
+            .filter(|p| !self.partitions.contains(*p))
+            .map(String::as_str)
+            .take(5)
+            .collect();
         format!(
-            "{} of {partitions} partitions read by the {} worker process(es), {} of them reading none",
-            self.partitions.len(),
+            "{} of {} partitions read by the {} worker process(es) (without an owner: {unowned:?}), {} of the workers reading none",
+            partitions.len()
+                - partitions
+                    .iter()
+                    .filter(|p| !self.partitions.contains(*p))
+                    .count(),
+            partitions.len(),
             self.workers,
             self.idle
         )
     }
 }
 
-/// Warns when the workers have not settled for a long time: scale-downs wait meanwhile.
+/// Warns when the workers have not settled for a long time.
 #[derive(Default)]
 pub struct Unsettled {
     since: Option<Instant>,
@@ -167,25 +181,25 @@ pub struct Unsettled {
 impl Unsettled {
     const WARN_AFTER: Duration = Duration::from_secs(60);
 
-    pub fn observe(&mut self, owners: &Owners, partitions: usize) {
+    /// Takes one look; true when settled.
+    pub fn observe(&mut self, owners: &Owners, partitions: &[String]) -> bool {
         if owners.settled(partitions) {
             if self.warned {
-                tracing::info!(
-                    "every partition has an owner again; worker processes may be stopped"
-                );
+                tracing::info!("every partition has an owner among the worker processes again");
             }
             *self = Unsettled::default();
-            return;
+            return true;
         }
         let since = *self.since.get_or_insert_with(Instant::now);
         if !self.warned && since.elapsed() >= Self::WARN_AFTER {
             tracing::warn!(
-                "the group has not settled for {:?}: {}; no worker process is stopped until every partition has an owner",
+                "the group has not settled for {:?}: {}",
                 Self::WARN_AFTER,
                 owners.describe(partitions)
             );
             self.warned = true;
         }
+        false
     }
 }
 
@@ -203,24 +217,36 @@ mod tests {
         o
     }
 
-    #[test]
-    fn settled_only_when_every_partition_and_every_worker_has_its_share() {
-        // A newcomer that has joined but not been given anything yet.
-        assert!(!owners(&[&["t/0", "t/1", "t/2", "t/3"], &[]]).settled(4));
-        // The second round of a cooperative rebalance: two revoked, not yet reassigned.
-        assert!(!owners(&[&["t/2", "t/3"], &[]]).settled(4));
-        assert!(owners(&[&["t/2", "t/3"], &["t/0", "t/1"]]).settled(4));
-        // A partition read twice (a move under way) does not stand in for a missing one.
-        assert!(!owners(&[&["t/0", "t/1", "t/2"], &["t/2"]]).settled(4));
-        // More workers than partitions: some read none.
-        assert!(owners(&[&["t/0"], &[]]).settled(1));
-        assert!(!owners(&[&[], &[]]).settled(1));
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|p| format!("t/{p}")).collect()
     }
 
     #[test]
-    fn a_report_is_read_back_by_slot_and_a_fresh_slot_reads_none() {
+    fn settled_only_when_every_partition_and_every_worker_has_its_share() {
+        let four = names(4);
+        // A newcomer that has joined but not been given anything yet.
+        assert!(!owners(&[&["t/0", "t/1", "t/2", "t/3"], &[]]).settled(&four));
+        // The second round of a cooperative rebalance: two revoked, not yet reassigned.
+        assert!(!owners(&[&["t/2", "t/3"], &[]]).settled(&four));
+        assert!(owners(&[&["t/2", "t/3"], &["t/0", "t/1"]]).settled(&four));
+        // A partition read twice (a move under way) does not stand in for a missing one,
+        // nor does one the group does not have to read.
+        assert!(!owners(&[&["t/0", "t/1", "t/2"], &["t/2"]]).settled(&four));
+        assert!(!owners(&[&["t/0", "t/1", "t/2"], &["u/0"]]).settled(&four));
+        // More workers than partitions: some read none.
+        assert!(owners(&[&["t/0"], &[]]).settled(&names(1)));
+        assert!(!owners(&[&[], &[]]).settled(&names(1)));
+        assert!(
+            owners(&[&["t/0"], &[]])
+                .describe(&four)
+                .contains(r#"1 of 4 partitions read by the 2 worker process(es) (without an owner: ["t/1", "t/2", "t/3"]), 1 of the workers reading none"#)
+        );
+    }
+
+    #[test]
+    fn each_worker_started_reports_to_a_file_of_its_own() {
         use std::os::unix::fs::PermissionsExt;
-        let reports = Reports::create().unwrap();
+        let mut reports = Reports::create().unwrap();
         let other = Reports::create().unwrap();
         assert_ne!(reports.dir, other.dir);
         let mode = std::fs::metadata(&reports.dir)
@@ -228,13 +254,16 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
-        write_atomically(&reports.path(0), "t/0\nt/1\n").unwrap();
-        write_atomically(&reports.path(1), "t/2\n").unwrap();
-        let o = reports.read([0, 1]);
-        assert_eq!(o.partitions.len(), 3);
-        assert_eq!(o.idle, 0);
-        reports.fresh(1);
-        let o = reports.read([0, 1]);
+        let (a, b) = (reports.next(0), reports.next(1));
+        write_atomically(&a, "t/0\nt/1\n").unwrap();
+        write_atomically(&b, "t/2\n").unwrap();
+        let o = Reports::read([a.as_path(), b.as_path()]);
+        assert_eq!((o.partitions.len(), o.workers, o.idle), (3, 2, 0));
+        // Slot 1 started again while its last worker still drains and writes.
+        let b2 = reports.next(1);
+        assert_ne!(b, b2);
+        write_atomically(&b, "t/2\nt/3\n").unwrap();
+        let o = Reports::read([a.as_path(), b2.as_path()]);
         assert_eq!((o.partitions.len(), o.workers, o.idle), (2, 2, 1));
         let dir = reports.dir.clone();
         drop(reports);
