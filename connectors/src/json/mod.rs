@@ -7,7 +7,8 @@
 mod decoder;
 #[cfg(test)]
 mod hostile;
-mod limits;
+
+use sluice_engine::json_limits as limits;
 
 pub use decoder::JsonDecoder;
 pub use limits::{MAX_DEPTH, check_depth};

@@ -82,13 +82,15 @@ use serde::Deserialize;
 use sluice_engine::config::{Duration, Location, Node, Problems, Value};
 use sluice_engine::plan_err;
 use sluice_engine::stage::{RowFailure, Stage, StageContext, StageFactory, StageOutput};
-use sluice_engine::{Error, ErrorClass, Result};
+use sluice_engine::{Error, ErrorClass, Result, json_limits};
 use tokio::sync::Semaphore;
 
 use super::{FunctionSpec, Params, assemble, extend_schema};
 
+mod body;
 mod tls;
 
+use body::{Capped, MAX_ANSWER_BYTES, excerpt, read_capped};
 use tls::HttpTls;
 
 /// The `system` of transient errors ([`Error::External`] takes a static name, so the url
@@ -97,9 +99,6 @@ const SYSTEM: &str = "http";
 
 /// The result field that marks a row as failed.
 const ERROR_FIELD: &str = "error";
-
-/// How much of a response body an error message quotes.
-const EXCERPT_CHARS: usize = 200;
 
 /// ```yaml
 /// params:
@@ -456,19 +455,6 @@ fn encode(rows: &RecordBatch) -> Result<Vec<u8>> {
 }
 
 /// The start of a response body, for an error message.
-fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    if text.is_empty() {
-        return "(empty body)".to_string();
-    }
-    let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
-    if out.len() < text.len() {
-        out.push('…');
-    }
-    out
-}
-
 fn permanent(message: String) -> Error {
     Error::Function {
         class: ErrorClass::Permanent,
@@ -539,6 +525,9 @@ impl HttpStage {
                 excerpt(body)
             ))
         };
+        // Nested past the limit, or not one whole value: arrow-json quoting a value in an
+        // error recurses once per level (a stack overflow, at every retry).
+        json_limits::check_line(body).map_err(malformed)?;
         let mut decoder = ReaderBuilder::new(self.endpoint.response.clone())
             .with_batch_size(1)
             .with_coerce_primitive(true)
@@ -596,7 +585,17 @@ impl HttpStage {
             .await
             .map_err(|e| self.send_error(e))?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| self.send_error(e))?;
+        let body = read_capped(response, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                Capped::Failed(e) => self.send_error(e),
+                Capped::Over(cap) => permanent(format!(
+                    "{} answered more than {} MiB for {} rows (lower max_batch_rows)",
+                    self.endpoint.name,
+                    cap >> 20,
+                    rows.num_rows()
+                )),
+            })?;
         if !status.is_success() {
             return Err(self.status_error(status, &body));
         }

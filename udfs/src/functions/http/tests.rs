@@ -23,6 +23,8 @@ enum Reply {
     Short,
     /// A body that is not JSON.
     Garbage,
+    /// A result whose value nests arrays 100,000 deep (of the wrong type for its column).
+    Deep,
 }
 
 #[derive(Default)]
@@ -79,6 +81,11 @@ async fn answer(State(s): State<Arc<Server>>, Json(body): Json<serde_json::Value
             Json(json!({ "results": results })).into_response()
         }
         Reply::Garbage => "<html>oops</html>".into_response(),
+        Reply::Deep => {
+            let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+            let body = format!(r#"{{"results": [{{"toxicity": {deep}}}, {{}}]}}"#);
+            ([(CONTENT_TYPE, "application/json")], body).into_response()
+        }
     }
 }
 
@@ -259,6 +266,9 @@ async fn statuses_and_refusals_are_classified() {
             "returned 1 results for 2 rows",
         ),
         (Reply::Garbage, ErrorClass::Permanent, "malformed response"),
+        // arrow-json quoting such a value in its error recursed once per level: a stack
+        // overflow, the process aborted, and again at every retry.
+        (Reply::Deep, ErrorClass::Permanent, "nesting limit"),
     ];
     let mut cases = Vec::new();
     for (reply, class, says) in replies {
@@ -293,6 +303,24 @@ async fn statuses_and_refusals_are_classified() {
         assert!(e.to_string().contains(&says), "{e}");
         assert!(e.to_string().contains(&url), "{e}");
     }
+}
+
+#[tokio::test]
+async fn an_answer_is_read_up_to_its_cap() {
+    let url = serve(Arc::new(Server::default())).await;
+    let client = reqwest::Client::new();
+    let body = || json!({ "rows": [{ "comment": "a" }, { "comment": "b" }] }).to_string();
+    let send = || {
+        client
+            .post(&url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body())
+    };
+    let whole = read_capped(send().send().await.unwrap(), 1 << 20).await;
+    let whole = whole.ok().expect("within the cap");
+    assert!(whole.starts_with(br#"{"results""#));
+    let cut = read_capped(send().send().await.unwrap(), whole.len() - 1).await;
+    assert!(matches!(cut, Err(Capped::Over(n)) if n == whole.len() - 1));
 }
 
 #[tokio::test]

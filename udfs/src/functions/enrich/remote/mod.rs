@@ -28,7 +28,7 @@ use arrow::compute::take_record_batch;
 use arrow::datatypes::{DataType, SchemaRef};
 use async_trait::async_trait;
 use serde::Deserialize;
-use sluice_engine::{Error, ErrorClass, Result, plan_err};
+use sluice_engine::{Error, ErrorClass, Result, json_limits, plan_err};
 use tokio::sync::OnceCell;
 
 use crate::functions::redact;
@@ -143,8 +143,34 @@ fn cast_texts(
 /// JSON objects (with the index of their key) decoded against the declared columns. Each
 /// must be exactly one JSON value: an empty value, two values, or one that does not fit the
 /// columns is unreadable on its own, and can never shift another key's row.
+///
+/// A value that is not one whole JSON value nested at most
+/// [`json_limits::MAX_DEPTH`] deep never reaches the parser: arrow-json quoting a value in an
+/// error recurses once per level (a stored `[[[…` would overflow the stack), and a value that
+/// leaves a string open would run into the next.
 fn decode_objects(objects: &[(usize, &str)], schema: &SchemaRef, source: &str) -> Result<Fetched> {
     let mut fetched = Fetched::default();
+    let mut whole = Vec::with_capacity(objects.len());
+    for &(k, object) in objects {
+        match json_limits::check_line(object.as_bytes()) {
+            Ok(()) => whole.push((k, object)),
+            Err(reason) => fetched
+                .unreadable
+                .push((k, format!("{source}: the stored value: {reason}"))),
+        }
+    }
+    let mut fetched = decode_whole(&whole, schema, source, fetched)?;
+    fetched.unreadable.sort_by_key(|(k, _)| *k);
+    Ok(fetched)
+}
+
+/// [`decode_objects`] of values each one whole JSON value within the nesting limit.
+fn decode_whole(
+    objects: &[(usize, &str)],
+    schema: &SchemaRef,
+    source: &str,
+    mut fetched: Fetched,
+) -> Result<Fetched> {
     let decoder = |rows: usize| {
         arrow::json::ReaderBuilder::new(schema.clone())
             .with_batch_size(rows.max(1) + 1)

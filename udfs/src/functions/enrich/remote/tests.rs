@@ -44,6 +44,38 @@ fn a_bad_json_value_fails_its_own_key_and_never_shifts_another() {
 }
 
 #[test]
+fn a_stored_value_nested_past_the_limit_is_unreadable_not_a_crash() {
+    let deep = format!(
+        r#"{{"plan": {}{}, "age": 1}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    // A value that leaves a string open, and one whose brackets only that string would
+    // hide: decoded together, the second would be read as nested 100,000 deep.
+    let hidden = format!(r#""{}"#, "[".repeat(100_000));
+    let objects = [
+        (0, deep.as_str()),
+        (1, r#"{"plan": "a", "age": 1}"#),
+        (2, r#"{"plan": ""#),
+        (3, hidden.as_str()),
+    ];
+    let fetched = decode_objects(&objects, &schema(), "redis").unwrap();
+    let found: Vec<usize> = fetched.found.iter().map(|(k, _)| *k).collect();
+    assert_eq!(found, [1]);
+    let bad: Vec<(usize, bool)> = fetched
+        .unreadable
+        .iter()
+        .map(|(k, why)| (*k, why.contains("nesting limit")))
+        .collect();
+    assert_eq!(
+        bad,
+        [(0, true), (2, false), (3, false)],
+        "{:?}",
+        fetched.unreadable
+    );
+}
+
+#[test]
 fn good_json_values_are_decoded_at_once() {
     let objects = [
         (3, r#"{"plan": "a", "age": 1}"#),

@@ -1,7 +1,7 @@
 //! Limits every JSON record is held to before a parser sees it.
 //!
 //! A record comes from outside: a Kafka message, a line of a file, a dead letter being
-//! replayed. Two of the parsers Sluice uses walk nested values by recursion with no bound
+//! replayed, a remote function's answer, a value looked up in Redis or PostgreSQL. Two of the parsers Sluice uses walk nested values by recursion with no bound
 //! of their own (sonic-rs when it skips a value, arrow-json when it quotes a value in an
 //! error), so a record of a few hundred kilobytes of `[` would overflow the stack and
 //! abort the process — on every restart, for a record that stays in its topic. So each
@@ -33,9 +33,9 @@ pub const FAST_DEPTH: usize = 8;
 /// Only the count of openers is a bound whatever a parser takes for the inside of a
 /// string: parsers differ on malformed escapes (a `\u` without four hex digits), so where
 /// this scan and sonic-rs's skip saw a string end differs, and a record this scan found 2
-/// deep sent sonic-rs 1,800 levels down (found by the fuzz test, 2026-12-06; kept in
-/// `hostile::a_record_whose_strings_parsers_read_differently_is_not_a_crash`). So a
-/// record with more openers than [`FAST_DEPTH`] never takes the fast path, however
+/// deep sent sonic-rs 1,800 levels down (found by the fuzz test, 2026-12-06; kept in the
+/// connectors' `json::hostile::a_record_whose_strings_parsers_read_differently_is_not_a_crash`).
+/// So a record with more openers than [`FAST_DEPTH`] never takes the fast path, however
 /// shallow it looks.
 ///
 /// # Errors
