@@ -92,6 +92,14 @@ impl PartitionBuffer {
 /// A header's name and value.
 pub(super) type HeaderPair = (Box<str>, Option<Box<[u8]>>);
 
+/// What a header takes in memory: its name and value, its pair, and their allocations'
+/// rounding. Headers count in the buffer's bound like payloads: a message of a megabyte
+/// can carry half a million empty headers, 32 bytes of pair each, and uncounted they let
+/// the buffer hold tens of gigabytes before it paused the partition.
+fn header_bytes((name, value): &HeaderPair) -> usize {
+    name.len() + value.as_ref().map_or(0, |v| v.len()) + std::mem::size_of::<HeaderPair>() + 32
+}
+
 /// Messages stored column by column, as they will be decoded.
 #[derive(Default)]
 pub(super) struct Chunk {
@@ -114,8 +122,10 @@ impl Chunk {
         self.offsets.len()
     }
 
+    /// The memory the chunk's messages take, as the buffer's bound counts it: payloads,
+    /// keys and headers.
     pub(super) fn bytes(&self) -> usize {
-        self.payloads.len() + self.keys.len()
+        self.payloads.len() + self.keys.len() + self.headers.iter().map(header_bytes).sum::<usize>()
     }
 
     /// Appends a message; returns the bytes it added.
@@ -130,16 +140,19 @@ impl Chunk {
         self.key_ends.push(self.keys.len());
         self.has_key.push(key.is_some());
         self.timestamps.push(m.timestamp().to_millis());
+        let mut header_bytes = 0;
         if let Some(headers) = m.headers() {
             for h in headers.iter() {
-                self.headers.push((
+                let pair = (
                     String::from_utf8_lossy(h.key.as_bytes()).into(),
                     h.value.map(Into::into),
-                ));
+                );
+                header_bytes += self::header_bytes(&pair);
+                self.headers.push(pair);
             }
         }
         self.header_ends.push(self.headers.len());
-        payload.len() + key.map_or(0, <[u8]>::len)
+        payload.len() + key.map_or(0, <[u8]>::len) + header_bytes
     }
 
     pub(super) fn range(ends: &[usize], i: usize) -> std::ops::Range<usize> {
@@ -207,5 +220,36 @@ impl Chunk {
             headers,
             header_ends,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_count_in_the_buffers_bytes_and_follow_a_split() {
+        let empty: HeaderPair = ("".into(), None);
+        let mut chunk = Chunk::default();
+        for (payload, headers) in [(&b"ab"[..], 100_000), (b"c", 0), (b"d", 2)] {
+            chunk.payloads.extend_from_slice(payload);
+            chunk.payload_ends.push(chunk.payloads.len());
+            chunk.has_payload.push(true);
+            chunk.offsets.push(chunk.offsets.len() as i64);
+            chunk.key_ends.push(0);
+            chunk.has_key.push(false);
+            chunk.timestamps.push(None);
+            chunk
+                .headers
+                .extend(std::iter::repeat_n(empty.clone(), headers));
+            chunk.header_ends.push(chunk.headers.len());
+        }
+        let per_header = header_bytes(&empty);
+        assert!(per_header >= std::mem::size_of::<HeaderPair>());
+        assert_eq!(chunk.bytes(), 4 + 100_002 * per_header);
+        // A message of 100,000 empty headers is over 3 MB as counted, not 2 bytes.
+        let front = chunk.split_front(1);
+        assert_eq!(front.bytes(), 2 + 100_000 * per_header);
+        assert_eq!(chunk.bytes(), 2 + 2 * per_header);
     }
 }
