@@ -278,6 +278,10 @@ impl DebeziumDecoder {
         )
         .map_err(arrow("before"))?;
         let after = cast(&after, before.data_type()).map_err(arrow("after"))?;
+        // `op` as text whatever the envelope's schema made it (an Avro enum is a dictionary;
+        // a registry's schema could make it anything): a type that is no text is an error,
+        // never a panic at every batch.
+        let op = cast(&op, &DataType::Utf8).map_err(arrow("op"))?;
         let ops = op.as_string::<i32>();
         let mut invalid = Vec::new();
         for row in 0..envelopes.num_rows() {
