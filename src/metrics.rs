@@ -32,7 +32,7 @@
 //! | `sluice_output_busy_seconds_total` (time writing and flushing each output: the one near 1 s per second holds every branch back) | pipeline, output |
 //! | `sluice_schema_registry_requests_total` (requests to the schema registry: `answered`, `refused` — an unknown id, an incompatible schema —, `unanswered` — tries waited out) | pipeline, outcome |
 //! | `sluice_schema_cache_hits_total` (Avro messages read whose writer schema the process already held) | pipeline |
-//! | `sluice_schema_records_total` (Avro records per schema id: `decoded`, `refused` — its schema does not resolve, or the value does not decode —, `encoded` by a sink) | pipeline, schema_id, outcome |
+//! | `sluice_schema_records_total` (Avro records per schema id: `decoded`, `refused` — its schema does not resolve, or the value does not decode —, `encoded` by a sink; ids past the first 256 counted as `schema_id="other"`) | pipeline, schema_id, outcome |
 //! | `sluice_checkpoint_duration_seconds` (histogram) | pipeline |
 //! | `sluice_stage_busy_seconds_total` (time in the stage's calls), `sluice_stage_back_pressured_seconds_total` (time its rows waited for the stages they reach and the sink task), `sluice_stage_cpu_seconds_total` (thread CPU time of its calls) | pipeline, stage |
 //! | `sluice_stage_position` (the stage's place in the pipeline file, from 0: `sluice top` lists stages in this order) | pipeline, stage |
@@ -340,7 +340,8 @@ fn publish_schemas(p: &str) {
             ("refused", counts.refused),
             ("encoded", counts.encoded),
         ] {
-            counter!("sluice_schema_records_total", "pipeline" => p.to_string(), "schema_id" => id.to_string(), "outcome" => outcome)
+            let id = id.map_or_else(|| "other".to_string(), |id| id.to_string());
+            counter!("sluice_schema_records_total", "pipeline" => p.to_string(), "schema_id" => id, "outcome" => outcome)
                 .absolute(n);
         }
     }

@@ -161,11 +161,9 @@ impl AvroFormat {
         for id in missing {
             let writer = self.fetch(id).await?;
             // Another partition may have fetched it meanwhile: the first answer stays.
-            self.writers
-                .lock()
-                .expect("writers lock")
-                .entry(id)
-                .or_insert(writer);
+            let mut writers = self.writers.lock().expect("writers lock");
+            writers.entry(id).or_insert(writer);
+            forget_refused(&mut writers, |w| matches!(w, Writer::Refused(_)));
         }
         Ok(())
     }
@@ -256,6 +254,29 @@ impl AvroFormat {
     }
 }
 
+/// Refused writer schemas kept at most. Ids come from the messages, and a producer can
+/// name a new one in each: past this many refused ones, they are all forgotten (their
+/// messages are then refused as "not fetched" by partitions that had looked them up, and
+/// looked up again by the others).
+pub(crate) const MAX_REFUSED: usize = 65_536;
+
+/// Forgets every refused writer of `writers` once there are more than [`MAX_REFUSED`].
+pub(crate) fn forget_refused<W>(
+    writers: &mut HashMap<u32, W>,
+    refused: impl Fn(&W) -> bool,
+) -> bool {
+    if writers.len() <= MAX_REFUSED
+        || writers.values().filter(|w| refused(w)).count() <= MAX_REFUSED
+    {
+        return false;
+    }
+    writers.retain(|_, w| !refused(w));
+    tracing::warn!(
+        "more than {MAX_REFUSED} schema ids the registry refused were named by messages: forgetting them"
+    );
+    true
+}
+
 /// The registry's latest version of `subject`, asked once per process: the config check,
 /// the plan's columns and the source each open the format at start, and a reader schema
 /// is fixed for the run. Only answers are kept (a failed lookup is asked again).
@@ -305,5 +326,24 @@ pub(crate) fn schema_id(payload: &[u8]) -> Option<u32> {
     match payload {
         [MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_ids_past_the_limit_are_forgotten_and_resolved_ones_stay() {
+        let mut writers: HashMap<u32, Option<&str>> = HashMap::new();
+        writers.insert(0, Some("resolves"));
+        for id in 1..=MAX_REFUSED as u32 {
+            writers.insert(id, None);
+            assert!(!forget_refused(&mut writers, Option::is_none));
+        }
+        writers.insert(u32::MAX, None);
+        assert!(forget_refused(&mut writers, Option::is_none));
+        assert_eq!(writers.len(), 1);
+        assert_eq!(writers[&0], Some("resolves"));
     }
 }

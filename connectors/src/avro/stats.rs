@@ -18,8 +18,14 @@ pub struct SchemaStats {
     pub unanswered: AtomicU64,
     /// Messages read whose writer schema was in the process's cache.
     pub cache_hits: AtomicU64,
-    ids: Mutex<BTreeMap<u32, IdCounts>>,
+    /// By schema id; `None`: ids past [`MAX_IDS`].
+    ids: Mutex<BTreeMap<Option<u32>, IdCounts>>,
 }
+
+/// Schema ids counted apart at most. Ids come from the messages: a producer writing a new
+/// id in each would otherwise add a metrics series (and an entry here) per message. Ids
+/// beyond count together, as `other`.
+const MAX_IDS: usize = 256;
 
 /// Records of one schema id.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,8 +45,8 @@ pub fn stats() -> &'static SchemaStats {
 }
 
 impl SchemaStats {
-    /// Records per schema id, by id.
-    pub fn by_id(&self) -> Vec<(u32, IdCounts)> {
+    /// Records per schema id, by id (`None`: the ids past the first [`MAX_IDS`]).
+    pub fn by_id(&self) -> Vec<(Option<u32>, IdCounts)> {
         let ids = self.ids.lock().expect("schema stats lock");
         ids.iter().map(|(id, c)| (*id, *c)).collect()
     }
@@ -74,7 +80,7 @@ impl SchemaStats {
         }
         let mut ids = self.ids.lock().expect("schema stats lock");
         for (id, c) in chunk {
-            let counts = ids.entry(id).or_default();
+            let counts = entry(&mut ids, id);
             counts.decoded += c.decoded;
             counts.refused += c.refused;
         }
@@ -83,6 +89,42 @@ impl SchemaStats {
     /// `rows` written by a sink with schema `id`.
     pub(crate) fn written(&self, id: u32, rows: u64) {
         let mut ids = self.ids.lock().expect("schema stats lock");
-        ids.entry(id).or_default().encoded += rows;
+        entry(&mut ids, id).encoded += rows;
+    }
+}
+
+/// The counts of `id`, or of `other` once [`MAX_IDS`] ids are counted.
+fn entry(ids: &mut BTreeMap<Option<u32>, IdCounts>, id: u32) -> &mut IdCounts {
+    let key = if ids.contains_key(&Some(id)) || ids.len() < MAX_IDS {
+        Some(id)
+    } else {
+        None
+    };
+    ids.entry(key).or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_past_the_limit_count_together() {
+        let stats = SchemaStats::default();
+        let framed: Vec<[u8; 6]> = (0..(MAX_IDS as u32 + 1000))
+            .map(|id| {
+                let b = id.to_be_bytes();
+                [0, b[0], b[1], b[2], b[3], 0]
+            })
+            .collect();
+        let payloads: Vec<&[u8]> = framed.iter().map(|f| &f[..]).collect();
+        stats.read(&payloads, &[]);
+        stats.written(3, 5);
+        stats.written(u32::MAX, 1);
+        let by_id = stats.by_id();
+        assert_eq!(by_id.len(), MAX_IDS + 1);
+        let other = by_id.iter().find(|(id, _)| id.is_none()).unwrap().1;
+        assert_eq!((other.decoded, other.encoded), (1000, 1));
+        let three = by_id.iter().find(|(id, _)| *id == Some(3)).unwrap().1;
+        assert_eq!((three.decoded, three.encoded), (1, 5));
     }
 }

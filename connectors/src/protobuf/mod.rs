@@ -163,11 +163,9 @@ impl ProtobufFormat {
                     no.said
                 )),
             };
-            self.writers
-                .lock()
-                .expect("writers lock")
-                .entry(id)
-                .or_insert(writer);
+            let mut writers = self.writers.lock().expect("writers lock");
+            writers.entry(id).or_insert(writer);
+            crate::avro::forget_refused(&mut writers, |w| matches!(w, Writer::Refused(_)));
         }
         Ok(())
     }

@@ -282,7 +282,7 @@ async fn nested_nulls_the_schema_cannot_hold_refuse_their_rows() {
         stats()
             .by_id()
             .iter()
-            .find(|(id, _)| *id == 31)
+            .find(|(id, _)| *id == Some(31))
             .unwrap()
             .1
             .encoded,
