@@ -5,7 +5,11 @@
 //! F3 89 9A C2 | AggregatedRecord (protobuf) | MD5 of the protobuf bytes (16 bytes)
 //! ```
 //! A record that starts with the magic bytes but whose digest does not match, or whose
-//! protobuf does not parse, is a plain record (as the KCL reads it).
+//! protobuf does not parse, is a plain record (as the KCL reads it). So is an aggregate the
+//! KCL would not hand out whole: one with no user record, more than [`MAX_USER_RECORDS`],
+//! or a record naming a partition key the table does not have. Read as a plain record, its
+//! bytes then fail to decode: a dead letter naming the shard and sequence, never records
+//! dropped or keys made up unseen.
 
 use std::sync::Arc;
 
@@ -14,6 +18,10 @@ use md5::{Digest, Md5};
 use prost::Message;
 
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+
+/// User records in one aggregate at most: empty user records take two bytes each, so a
+/// 1 MiB aggregate could otherwise become half a million rows (and dead letters).
+pub const MAX_USER_RECORDS: usize = 65_536;
 const DIGEST_LEN: usize = 16;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -60,6 +68,16 @@ pub fn deaggregate(data: &Bytes) -> Option<Vec<(Option<Arc<str>>, Bytes)>> {
     }
     let message = data.slice(MAGIC.len()..data.len() - DIGEST_LEN);
     let aggregate = AggregatedRecord::decode(message).ok()?;
+    let keyed = |r: &UserRecord| {
+        usize::try_from(r.partition_key_index)
+            .is_ok_and(|i| i < aggregate.partition_key_table.len())
+    };
+    if aggregate.records.is_empty()
+        || aggregate.records.len() > MAX_USER_RECORDS
+        || !aggregate.records.iter().all(keyed)
+    {
+        return None;
+    }
     let keys: Vec<Arc<str>> = aggregate
         .partition_key_table
         .into_iter()
@@ -151,5 +169,40 @@ mod tests {
         garbage.extend_from_slice(&[0xFF; 3]);
         garbage.extend_from_slice(&Md5::digest([0xFF; 3]));
         assert_eq!(deaggregate(&Bytes::from(garbage)), None);
+    }
+
+    /// Frames `aggregate` as the KPL would, digest included.
+    fn framed(aggregate: AggregatedRecord) -> Bytes {
+        let message = aggregate.encode_to_vec();
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&message);
+        out.extend_from_slice(&Md5::digest(&message));
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn an_aggregate_the_kcl_would_refuse_is_a_plain_record_not_rows_made_up_or_dropped() {
+        let user = |key: u64| UserRecord {
+            partition_key_index: key,
+            explicit_hash_key_index: None,
+            data: Bytes::new(),
+            tags: Vec::new(),
+        };
+        let with = |records: Vec<UserRecord>| AggregatedRecord {
+            partition_key_table: vec!["k".into()],
+            explicit_hash_key_table: Vec::new(),
+            records,
+        };
+        // No user record: it was dropped unseen.
+        assert_eq!(deaggregate(&framed(with(Vec::new()))), None);
+        // A key index past the table: its key was made up as null.
+        assert_eq!(deaggregate(&framed(with(vec![user(0), user(1)]))), None);
+        // Empty user records take two bytes each: one row each past the limit.
+        let many = with((0..=MAX_USER_RECORDS).map(|_| user(0)).collect());
+        assert_eq!(deaggregate(&framed(many)), None);
+        let most = deaggregate(&framed(with(
+            (0..MAX_USER_RECORDS).map(|_| user(0)).collect(),
+        )));
+        assert_eq!(most.map(|r| r.len()), Some(MAX_USER_RECORDS));
     }
 }
