@@ -66,43 +66,29 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 /// The files of a supervisor's workers: one per worker process started (a slot's next
 /// worker may start while the one before drains and still writes its own).
 pub struct Reports {
-    dir: PathBuf,
+    /// A directory of this supervisor's own, made new under the system's temporary
+    /// directory (never one found in place, which someone else could have planted),
+    /// readable by this user alone, removed with it.
+    dir: tempfile::TempDir,
     started: u64,
 }
 
 impl Reports {
-    /// A directory of this supervisor's own under the system's temporary directory: made
-    /// new (never one that was there, which someone else could have placed), readable by
-    /// this user alone.
     pub fn create() -> std::io::Result<Reports> {
-        use std::os::unix::fs::DirBuilderExt;
-        let mut builder = std::fs::DirBuilder::new();
-        builder.mode(0o700);
-        let mut attempt = 0u32;
-        loop {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos());
-            let dir = std::env::temp_dir().join(format!(
-                "sluice-supervisor-{}-{nanos:x}",
-                std::process::id()
-            ));
-            match builder.create(&dir) {
-                Ok(()) => {
-                    return Ok(Reports { dir, started: 0 });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(Reports {
+            dir: tempfile::Builder::new()
+                .prefix("sluice-supervisor-")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .tempdir()?,
+            started: 0,
+        })
     }
 
     /// The file of a worker about to start in `slot`.
     pub fn next(&mut self, slot: usize) -> PathBuf {
         self.started += 1;
         self.dir
+            .path()
             .join(format!("{}.{}", super::member_name(slot), self.started))
     }
 
@@ -120,12 +106,6 @@ impl Reports {
             owners.partitions.extend(names.map(str::to_string));
         }
         owners
-    }
-}
-
-impl Drop for Reports {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -155,17 +135,13 @@ impl Owners {
             .iter()
             .filter(|p| !self.partitions.contains(*p))
             .map(String::as_str)
-            .take(5)
             .collect();
         format!(
-            "{} of {} partitions read by the {} worker process(es) (without an owner: {unowned:?}), {} of the workers reading none",
-            partitions.len()
-                - partitions
-                    .iter()
-                    .filter(|p| !self.partitions.contains(*p))
-                    .count(),
+            "{} of {} partitions read by the {} worker process(es) (without an owner: {:?}), {} of the workers reading none",
+            partitions.len() - unowned.len(),
             partitions.len(),
             self.workers,
+            &unowned[..unowned.len().min(5)],
             self.idle
         )
     }
@@ -248,8 +224,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mut reports = Reports::create().unwrap();
         let other = Reports::create().unwrap();
-        assert_ne!(reports.dir, other.dir);
-        let mode = std::fs::metadata(&reports.dir)
+        assert_ne!(reports.dir.path(), other.dir.path());
+        let mode = std::fs::metadata(reports.dir.path())
             .unwrap()
             .permissions()
             .mode();
@@ -265,7 +241,7 @@ mod tests {
         write_atomically(&b, "t/2\nt/3\n").unwrap();
         let o = Reports::read([a.as_path(), b2.as_path()]);
         assert_eq!((o.partitions.len(), o.workers, o.idle), (2, 2, 1));
-        let dir = reports.dir.clone();
+        let dir = reports.dir.path().to_path_buf();
         drop(reports);
         assert!(!dir.exists());
     }
