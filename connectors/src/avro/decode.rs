@@ -94,10 +94,7 @@ impl AvroDecoder {
         match writers.get(&id) {
             Some(Writer::Refused(why)) => Some(why.clone()),
             Some(Writer::Resolves(writer)) => self.second_frame(payload, id, writer, writers),
-            None => Some(format!(
-                "schema id {id} was not fetched (or was refused, and forgotten among more than {} refused ids)",
-                super::MAX_REFUSED
-            )),
+            None => Some(super::not_fetched(id)),
         }
     }
 

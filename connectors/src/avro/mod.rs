@@ -260,6 +260,13 @@ impl AvroFormat {
 /// looked up again by the others).
 pub(crate) const MAX_REFUSED: usize = 65_536;
 
+/// Why a message naming schema `id` is refused when no writer of that id is known.
+pub(crate) fn not_fetched(id: u32) -> String {
+    format!(
+        "schema id {id} was not fetched (or was refused, and forgotten among more than {MAX_REFUSED} refused ids)"
+    )
+}
+
 /// Forgets every refused writer of `writers` once there are more than [`MAX_REFUSED`].
 pub(crate) fn forget_refused<W>(
     writers: &mut HashMap<u32, W>,

@@ -88,10 +88,9 @@ pub fn deaggregate(data: &Bytes) -> Option<Vec<(Option<Arc<str>>, Bytes)>> {
             .records
             .into_iter()
             .map(|r| {
-                let key = usize::try_from(r.partition_key_index)
-                    .ok()
-                    .and_then(|i| keys.get(i).cloned());
-                (key, r.data)
+                // In the table: checked above.
+                let key = keys[r.partition_key_index as usize].clone();
+                (Some(key), r.data)
             })
             .collect(),
     )
@@ -116,12 +115,16 @@ pub fn aggregate(records: &[(&str, &[u8])]) -> Vec<u8> {
             tags: Vec::new(),
         });
     }
-    let message = AggregatedRecord {
+    frame(&AggregatedRecord {
         partition_key_table: keys,
         explicit_hash_key_table: Vec::new(),
         records: user,
-    }
-    .encode_to_vec();
+    })
+}
+
+/// `aggregate` as a Kinesis record's data: the magic bytes, the protobuf, its digest.
+fn frame(aggregate: &AggregatedRecord) -> Vec<u8> {
+    let message = aggregate.encode_to_vec();
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&message);
     out.extend_from_slice(&Md5::digest(&message));
@@ -171,13 +174,8 @@ mod tests {
         assert_eq!(deaggregate(&Bytes::from(garbage)), None);
     }
 
-    /// Frames `aggregate` as the KPL would, digest included.
     fn framed(aggregate: AggregatedRecord) -> Bytes {
-        let message = aggregate.encode_to_vec();
-        let mut out = MAGIC.to_vec();
-        out.extend_from_slice(&message);
-        out.extend_from_slice(&Md5::digest(&message));
-        Bytes::from(out)
+        Bytes::from(frame(&aggregate))
     }
 
     #[test]

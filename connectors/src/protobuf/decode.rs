@@ -106,12 +106,7 @@ impl ProtobufDecoder {
         let file = match writers.get(&id) {
             Some(Writer::File(file)) => file,
             Some(Writer::Refused(why)) => return Err(why.clone()),
-            None => {
-                return Err(format!(
-                    "schema id {id} was not fetched (or was refused, and forgotten among more than {} refused ids)",
-                    crate::avro::MAX_REFUSED
-                ));
-            }
+            None => return Err(crate::avro::not_fetched(id)),
         };
         let want = self.format.message.full_name();
         match message_at(file, &path) {
