@@ -25,7 +25,7 @@ use sluice_connectors::json::JsonDecoder;
 use sluice_connectors::kafka::LoginContext;
 use sluice_engine::batch::{Envelope, PartitionInfo};
 use sluice_engine::checkpoint::Checkpoint;
-use sluice_engine::dead_letter::{SOURCE_STAGE, decode_base64};
+use sluice_engine::dead_letter::{Header, SOURCE_STAGE, decode_base64};
 use sluice_engine::executor::{self, Pipeline, RunOptions};
 use sluice_engine::graph::Input;
 use sluice_engine::source::{Assignment, PartitionReader, Source};
@@ -48,7 +48,9 @@ pub struct Letter {
     pub source: String,
     pub partition: u64,
     pub offset: Option<i64>,
-    pub key: Option<String>,
+    /// The record's key and headers as they came (`sluice_engine::dead_letter`).
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<Header>,
     pub first_failed_at: String,
     pub last_failed_at: String,
     pub payload: Vec<u8>,
@@ -159,13 +161,36 @@ fn read_files(
     Ok(letters)
 }
 
+/// Bytes written as `{name}` (text) or `{name}_base64` in `row`.
+fn bytes_of(row: &Value, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let base64 = format!("{name}_base64");
+    Ok(match (&row[name], &row[base64.as_str()]) {
+        (Value::String(t), _) => Some(t.as_bytes().to_vec()),
+        (_, Value::String(b)) => {
+            Some(decode_base64(b).with_context(|| format!("{base64} is not base64"))?)
+        }
+        _ => None,
+    })
+}
+
+/// A file letter's `headers`: a list of `{name, value, value_base64}` (none before
+/// dead letters kept headers).
+fn headers_of(row: &Value) -> anyhow::Result<Vec<Header>> {
+    let Some(list) = row["headers"].as_array() else {
+        return Ok(Vec::new());
+    };
+    list.iter()
+        .map(|h| {
+            let name = h["name"].as_str().context("a header without a name")?;
+            let value = bytes_of(h, "value")?;
+            Ok((name.into(), value.map(Into::into)))
+        })
+        .collect()
+}
+
 fn letter_from_row(row: &Value) -> anyhow::Result<Letter> {
     let text = |k: &str| row[k].as_str().map(str::to_string);
-    let payload = match (&row["payload"], &row["payload_base64"]) {
-        (Value::String(t), _) => t.as_bytes().to_vec(),
-        (_, Value::String(b)) => decode_base64(b).context("payload_base64 is not base64")?,
-        _ => Vec::new(),
-    };
+    let payload = bytes_of(row, "payload")?.unwrap_or_default();
     Ok(Letter {
         stage: text("stage").context("no `stage`: not a dead letter")?,
         error_class: text("error_class").unwrap_or_default(),
@@ -174,7 +199,8 @@ fn letter_from_row(row: &Value) -> anyhow::Result<Letter> {
         source: text("source").unwrap_or_default(),
         partition: row["partition"].as_u64().unwrap_or(0),
         offset: row["offset"].as_i64(),
-        key: text("key"),
+        key: bytes_of(row, "key")?,
+        headers: headers_of(row)?,
         first_failed_at: text("first_failed_at").unwrap_or_default(),
         last_failed_at: text("last_failed_at").unwrap_or_default(),
         payload_size: row["payload_size"]
@@ -227,11 +253,20 @@ fn read_topic(
     }
     consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !ends.is_empty() {
+    // Past the ends, what is there already is read too, until a poll finds nothing: a
+    // broker may give an end short of the last record (tansu gives the last batch's first
+    // offset, plus one).
+    loop {
         if std::time::Instant::now() > deadline {
+            if ends.is_empty() {
+                break;
+            }
             bail!("reading `{topic}` took too long");
         }
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            if ends.is_empty() {
+                break;
+            }
             continue;
         };
         let m = m?;
@@ -242,8 +277,23 @@ fn read_topic(
             ends.remove(&m.partition());
         }
         let mut row = serde_json::Map::new();
+        let all: Vec<Header> = m.headers().map_or_else(Vec::new, |headers| {
+            headers
+                .iter()
+                .map(|h| (h.key.into(), h.value.map(Into::into)))
+                .collect()
+        });
+        // The record's own headers come first; the last header says how many there are.
+        let own = match all.last() {
+            Some((name, Some(count))) if &**name == "headers" => std::str::from_utf8(count)
+                .ok()
+                .and_then(|c| c.parse::<usize>().ok())
+                .filter(|c| *c < all.len())
+                .with_context(|| format!("`{topic}`: a dead letter's header count is not one"))?,
+            _ => 0,
+        };
         if let Some(headers) = m.headers() {
-            for h in headers.iter() {
+            for h in headers.iter().skip(own) {
                 let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
                 let value = match h.key {
                     "attempts" | "partition" | "offset" | "payload_size" => value
@@ -255,11 +305,11 @@ fn read_topic(
                 row.insert(h.key.to_string(), value);
             }
         }
-        if let Some(k) = m.key() {
-            row.insert("key".into(), String::from_utf8_lossy(k).into());
-        }
         let mut letter = letter_from_row(&Value::Object(row))?;
         letter.payload = m.payload().unwrap_or_default().to_vec();
+        letter.key = m.key().map(<[u8]>::to_vec);
+        letter.headers = all;
+        letter.headers.truncate(own);
         letters.push(letter);
     }
     Ok(letters)
@@ -345,14 +395,37 @@ pub fn client_options_of(config: &PipelineConfig) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Sends the letters' original bytes (with their keys) to a Kafka topic.
+/// What a replay to a topic did.
+#[derive(Debug, Default)]
+pub struct SentBack {
+    pub sent: usize,
+    /// Letters whose payload was cut (not the record's bytes): not sent, they stay in the
+    /// dead-letter sink.
+    pub left_out: Vec<String>,
+}
+
+/// Why a letter whose payload was cut to fit the dead-letter sink is not replayed.
+fn cut_reason(l: &Letter) -> String {
+    format!(
+        "{} offset {:?}: its payload was cut to {} of {} bytes to fit the dead-letter sink; \
+         read the record from its source",
+        l.source,
+        l.offset,
+        l.payload.len(),
+        l.payload_size
+    )
+}
+
+/// Sends the letters' original bytes, with their keys and headers, to a Kafka topic; not
+/// those whose payload was cut.
 pub fn replay_to_topic(
     letters: &[Letter],
     bootstrap: &str,
     topic: &str,
     options: &BTreeMap<String, String>,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<SentBack> {
     use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let mut client = ClientConfig::new();
     for (k, v) in security(options) {
@@ -363,10 +436,25 @@ pub fn replay_to_topic(
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create_with_context(LoginContext)?;
+    let mut back = SentBack::default();
     for l in letters {
-        let mut record = BaseRecord::<str, [u8]>::to(topic).payload(&l.payload);
+        if l.payload_cut {
+            back.left_out.push(cut_reason(l));
+            continue;
+        }
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(&l.payload);
         if let Some(k) = &l.key {
-            record = record.key(k.as_str());
+            record = record.key(k);
+        }
+        if !l.headers.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(l.headers.len());
+            for (name, value) in &l.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: value.as_deref(),
+                });
+            }
+            record = record.headers(headers);
         }
         loop {
             match producer.send(record) {
@@ -387,7 +475,8 @@ pub fn replay_to_topic(
     producer
         .flush(Duration::from_secs(60))
         .with_context(|| format!("waiting for `{topic}` to acknowledge"))?;
-    Ok(letters.len())
+    back.sent = letters.len() - back.left_out.len();
+    Ok(back)
 }
 
 /// What a replay into the pipeline did.
@@ -499,14 +588,7 @@ fn decode_letters(
     let mut unreadable = Vec::new();
     for l in letters {
         if l.payload_cut {
-            unreadable.push(format!(
-                "{} offset {:?}: its payload was cut to {} of {} bytes to fit the dead-letter \
-                 sink; read the record from its source",
-                l.source,
-                l.offset,
-                l.payload.len(),
-                l.payload_size
-            ));
+            unreadable.push(cut_reason(l));
             continue;
         }
         if !raw {
@@ -520,7 +602,7 @@ fn decode_letters(
                     row.insert("_offset".into(), o.into());
                 }
                 if let Some(k) = &l.key {
-                    row.insert("_key".into(), k.clone().into());
+                    row.insert("_key".into(), String::from_utf8_lossy(k).into());
                 }
                 rows.push(serde_json::to_vec(&row).expect("JSON values serialize"));
             }

@@ -244,8 +244,16 @@ async fn dlq(command: DlqCommand) -> u8 {
                 let options = sluice::dlq::client_options_of(&config);
                 sluice::dlq::replay_to_topic(&letters, &bootstrap, &topic, &options)
             }) {
-                Ok(n) => {
-                    println!("replayed {n} dead letters to topic `{topic}`");
+                Ok(back) => {
+                    println!("replayed {} dead letters to topic `{topic}`", back.sent);
+                    if !back.left_out.is_empty() {
+                        let n = back.left_out.len();
+                        let s = if n == 1 { "" } else { "s" };
+                        println!("{n} dead letter{s} left out (still in the dead letters):");
+                    }
+                    for l in &back.left_out {
+                        println!("  {l}");
+                    }
                     0
                 }
                 Err(e) => {

@@ -12,7 +12,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array, new_null_array};
+use arrow::array::{
+    Array, ArrayRef, BinaryBuilder, Int64Array, MapBuilder, MapFieldNames, RecordBatch,
+    StringBuilder, UInt32Array, new_null_array,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::dead_letter::DeadLetter;
@@ -60,6 +63,16 @@ pub fn headers_type() -> DataType {
         false,
     );
     DataType::Map(Arc::new(entries), false)
+}
+
+/// A builder of `_headers` columns ([`headers_type`]).
+pub fn headers_builder() -> MapBuilder<StringBuilder, BinaryBuilder> {
+    let names = MapFieldNames {
+        entry: "entries".into(),
+        key: "keys".into(),
+        value: "values".into(),
+    };
+    MapBuilder::new(Some(names), StringBuilder::new(), BinaryBuilder::new())
 }
 
 /// The metadata fields every source appends, then `extra` (e.g. `_topic`, `_headers`).

@@ -482,6 +482,7 @@ impl JsonlReader {
                         partition: self.common.info.clone(),
                         offset: Some(offset),
                         key: None,
+                        headers: Vec::new(),
                         first_failed_at: now,
                         last_failed_at: now,
                         payload: line.to_vec(),

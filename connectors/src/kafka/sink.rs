@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use arrow::array::{Array, AsArray, BinaryArray, RecordBatch, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema};
 use async_trait::async_trait;
@@ -212,9 +212,11 @@ impl KafkaSink {
     }
 
     /// A sink for dead letters: each failed record's bytes as the message value, keyed by
-    /// its original key, with pipeline, stage, error class, error, attempts, source,
-    /// partition, offset and failure times as headers. Messages wait for the broker for as
-    /// long as it takes (`message.timeout.ms` 0): a dead letter is never dropped.
+    /// its original key, with its own headers and then pipeline, stage, error class, error,
+    /// attempts, source, partition, offset and failure times as headers, the last one
+    /// `headers`, how many of the message's first headers are the record's own
+    /// (`sluice_engine::dead_letter`). Messages wait for the broker for as long as it takes
+    /// (`message.timeout.ms` 0): a dead letter is never dropped.
     pub fn open_dead_letter(mut config: KafkaSinkConfig) -> Result<Self> {
         if config.format != MessageFormat::Json
             || config.avro.is_some()
@@ -229,7 +231,7 @@ impl KafkaSink {
         config.key = Some("key".into());
         config.headers = sluice_engine::dead_letter::PROVENANCE
             .iter()
-            .filter(|c| **c != "key")
+            .filter(|c| !matches!(**c, "key" | "headers"))
             .map(|c| c.to_string())
             .collect();
         config
@@ -253,6 +255,19 @@ impl KafkaSink {
         Error::External {
             system: "kafka",
             message: format!("delivery to topic `{}` failed: {reason}", self.config.topic),
+        }
+    }
+}
+
+/// A key column as bytes: binary as it is, anything else as text.
+fn key_column(batch: &RecordBatch, name: &str) -> Result<BinaryArray> {
+    match batch.column_by_name(name).map(|c| c.as_binary_opt::<i32>()) {
+        Some(Some(bytes)) => Ok(bytes.clone()),
+        _ => {
+            let text = text_column(batch, name)?;
+            let bytes = cast(&text, &DataType::Binary)
+                .map_err(|e| Error::arrow(format!("column `{name}` as bytes"), e))?;
+            Ok(bytes.as_binary::<i32>().clone())
         }
     }
 }
@@ -293,8 +308,13 @@ impl Sink for KafkaSink {
             .map(|(row, _)| *row)
             .collect();
         let keys = match &self.config.key {
-            Some(k) => Some(text_column(&batch, k)?),
+            Some(k) => Some(key_column(&batch, k)?),
             None => None,
+        };
+        // A dead letter's record's own headers, sent first.
+        let own = match self.dead_letters {
+            true => batch.column_by_name("headers").and_then(|c| c.as_map_opt()),
+            false => None,
         };
         let headers: Vec<(&str, StringArray)> = self
             .config
@@ -311,16 +331,39 @@ impl Sink for KafkaSink {
             if let Some(keys) = &keys
                 && keys.is_valid(row)
             {
-                record = record.key(keys.value(row).as_bytes());
+                record = record.key(keys.value(row));
             }
             let mut size = FRAMING + payload.len() + record.key.map_or(0, <[u8]>::len);
             if !headers.is_empty() {
                 let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+                let mut own_count = 0;
+                if let Some(own) = own.filter(|m| m.is_valid(row)) {
+                    let entries = own.value(row);
+                    let names = entries.column(0).as_string::<i32>();
+                    let values = entries.column(1).as_binary::<i32>();
+                    for j in 0..entries.len() {
+                        let value = values.is_valid(j).then(|| values.value(j));
+                        size += 10 + names.value(j).len() + value.map_or(0, <[u8]>::len);
+                        owned = owned.insert(Header {
+                            key: names.value(j),
+                            value,
+                        });
+                    }
+                    own_count = entries.len();
+                }
                 for (name, values) in &headers {
                     let value = values.is_valid(row).then(|| values.value(row));
                     // Each header also carries two lengths (varints).
                     size += 10 + name.len() + value.map_or(0, str::len);
                     owned = owned.insert(Header { key: name, value });
+                }
+                if self.dead_letters {
+                    let count = own_count.to_string();
+                    size += 10 + "headers".len() + count.len();
+                    owned = owned.insert(Header {
+                        key: "headers",
+                        value: Some(&count),
+                    });
                 }
                 record = record.headers(owned);
             }

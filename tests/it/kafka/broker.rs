@@ -278,9 +278,20 @@ impl Broker {
                             .collect()
                     })
                     .unwrap_or_default();
+                let header_list = m
+                    .headers()
+                    .map(|h| {
+                        use rdkafka::message::Headers;
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 out.push(Read {
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    key_bytes: m.key().map(<[u8]>::to_vec),
                     headers,
+                    header_list,
                     payload: m.payload().unwrap_or_default().to_vec(),
                 });
             }
@@ -316,7 +327,10 @@ impl Broker {
 
 pub struct Read {
     pub key: Option<String>,
+    pub key_bytes: Option<Vec<u8>>,
     pub headers: HashMap<String, String>,
+    /// The headers in order, as bytes.
+    pub header_list: Vec<(String, Option<Vec<u8>>)>,
     pub payload: Vec<u8>,
 }
 

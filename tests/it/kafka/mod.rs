@@ -16,6 +16,7 @@ mod first_fetch;
 mod graph;
 mod processes;
 mod protobuf;
+mod replay;
 mod scaling;
 mod secure;
 mod throughput;

@@ -90,7 +90,7 @@ impl PartitionBuffer {
 }
 
 /// A header's name and value.
-pub(super) type HeaderPair = (Box<str>, Option<Box<[u8]>>);
+pub(super) type HeaderPair = sluice_engine::dead_letter::Header;
 
 /// What a header takes in memory: its name and value, its pair, and their allocations'
 /// rounding. Headers count in the buffer's bound like payloads: a message of a megabyte

@@ -39,8 +39,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    ArrayRef, BinaryBuilder, Int64Array, MapBuilder, MapFieldNames, RecordBatch, StringArray,
-    StringBuilder, TimestampMillisecondArray, UInt32Array,
+    ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMillisecondArray,
+    UInt32Array,
 };
 use arrow::datatypes::{Field, SchemaRef};
 use async_trait::async_trait;

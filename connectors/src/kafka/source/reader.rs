@@ -87,9 +87,8 @@ impl KafkaReader {
                 attempts: 1,
                 partition: self.buffer.info.clone(),
                 offset: Some(chunk.offsets[*i]),
-                key: chunk
-                    .key(*i)
-                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                key: chunk.key(*i).map(<[u8]>::to_vec),
+                headers: chunk.headers[Chunk::range(&chunk.header_ends, *i)].to_vec(),
                 first_failed_at: now,
                 last_failed_at: now,
                 payload: payloads[*i].to_vec(),
@@ -120,12 +119,7 @@ impl KafkaReader {
                 keys.append_null();
             }
         }
-        let names = MapFieldNames {
-            entry: "entries".into(),
-            key: "keys".into(),
-            value: "values".into(),
-        };
-        let mut headers = MapBuilder::new(Some(names), StringBuilder::new(), BinaryBuilder::new());
+        let mut headers = sluice_engine::batch::headers_builder();
         for i in 0..n {
             for (k, v) in &chunk.headers[Chunk::range(&chunk.header_ends, i)] {
                 headers.keys().append_value(k);

@@ -11,10 +11,21 @@
 //! # The dead-letter record
 //! [`schema`]: `payload` (the bytes), then the provenance — `pipeline`, `stage` (`source`
 //! for decoding), `error_class`, `error`, `attempts`, `source` (file or `topic/N`),
-//! `partition`, `offset`, `key`, `first_failed_at`, `last_failed_at`, `payload_size`,
-//! `payload_cut`, `payload_checksum`. A Kafka dead-letter sink sends `payload` as the
-//! message value and the rest as headers; the other sinks get [`text_batch`], where
-//! `payload` is text and `payload_base64` holds payloads that are not UTF-8.
+//! `partition`, `offset`, `key` (the record's key bytes), `first_failed_at`,
+//! `last_failed_at`, `payload_size`, `payload_cut`, `payload_checksum`, `headers` (the
+//! record's own headers, in order, values as bytes; null when it had none).
+//!
+//! A Kafka dead-letter sink sends `payload` as the message value and `key` as its key, both
+//! as they came, then the record's own headers as they came, then the rest as headers,
+//! the last of them `headers`: how many of the message's headers, from the first, are the
+//! record's own. So `sluice dlq replay --to-topic` sends a record back with the key,
+//! headers and bytes it had, whatever bytes they are. The other sinks get [`text_batch`]
+//! ([`text`]).
+//!
+//! The key and headers are exact for records that failed at decoding, the ones replayed
+//! as they came. A row that failed in a stage carries its `_key` and `_headers` columns as
+//! the stage saw them, when the stage kept them: `_key` is text, so a key that is not
+//! UTF-8 has replacement characters there.
 //!
 //! # Dead letters larger than their sink allows
 //! A sink may take messages of a bounded size (a Kafka producer's `message.max.bytes`,
@@ -25,6 +36,8 @@
 //! `xxh3:` and 16 hex digits), next to its source and offset, so the whole record can be
 //! found again. `sluice dlq replay` refuses letters whose payload was cut.
 
+mod text;
+
 use std::sync::Arc;
 
 use arrow::array::{
@@ -33,14 +46,15 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use crate::batch::{PartitionInfo, timestamp_type};
+pub use self::text::{decode_base64, encode_base64, text_batch, text_schema};
+use crate::batch::{PartitionInfo, headers_type, timestamp_type};
 use crate::{Error, ErrorClass, Result};
 
 /// The stage name of records that failed at decoding.
 pub const SOURCE_STAGE: &str = "source";
 
 /// The provenance columns, in order, after `payload`.
-pub const PROVENANCE: [&str; 14] = [
+pub const PROVENANCE: [&str; 15] = [
     "pipeline",
     "stage",
     "error_class",
@@ -55,7 +69,11 @@ pub const PROVENANCE: [&str; 14] = [
     "payload_size",
     "payload_cut",
     "payload_checksum",
+    "headers",
 ];
+
+/// A record's header as it came: its name and its value's bytes (`None`: a null value).
+pub type Header = (Box<str>, Option<Box<[u8]>>);
 
 /// Room left in a message for what is not payload or provenance text (header names,
 /// framing): generous, since librdkafka counts its own framing against the limit too.
@@ -72,7 +90,10 @@ pub struct DeadLetter {
     pub partition: Arc<PartitionInfo>,
     /// The record's offset when known (a stage may have dropped `_offset`).
     pub offset: Option<i64>,
-    pub key: Option<String>,
+    /// The record's key as it came (bytes, whatever they are).
+    pub key: Option<Vec<u8>>,
+    /// The record's own headers, in order (Kafka's; none for the other sources).
+    pub headers: Vec<Header>,
     /// Milliseconds since the epoch.
     pub first_failed_at: i64,
     pub last_failed_at: i64,
@@ -96,28 +117,19 @@ fn provenance_fields() -> Vec<Field> {
         Field::new("source", DataType::Utf8, false),
         Field::new("partition", DataType::UInt32, false),
         Field::new("offset", DataType::Int64, true),
-        Field::new("key", DataType::Utf8, true),
+        Field::new("key", DataType::Binary, true),
         Field::new("first_failed_at", timestamp_type(), false),
         Field::new("last_failed_at", timestamp_type(), false),
         Field::new("payload_size", DataType::Int64, false),
         Field::new("payload_cut", DataType::Boolean, false),
         Field::new("payload_checksum", DataType::Utf8, true),
+        Field::new("headers", headers_type(), true),
     ]
 }
 
 /// The schema of dead-letter batches as the engine makes them.
 pub fn schema() -> SchemaRef {
     let mut fields = vec![Field::new("payload", DataType::Binary, false)];
-    fields.extend(provenance_fields());
-    Arc::new(Schema::new(fields))
-}
-
-/// The schema of [`text_batch`].
-pub fn text_schema() -> SchemaRef {
-    let mut fields = vec![
-        Field::new("payload", DataType::Utf8, true),
-        Field::new("payload_base64", DataType::Utf8, true),
-    ];
     fields.extend(provenance_fields());
     Arc::new(Schema::new(fields))
 }
@@ -176,6 +188,7 @@ pub fn to_batch_within(
         Arc::new(size.finish()) as ArrayRef,
         Arc::new(cut.finish()),
         Arc::new(checksum.finish()),
+        Arc::new(headers_column(letters)),
     ]);
     RecordBatch::try_new(schema(), columns).map_err(|e| Error::arrow("making dead letters", e))
 }
@@ -183,16 +196,20 @@ pub fn to_batch_within(
 /// The most of a key or reason a letter keeps when its provenance alone is too large.
 const SHORT_PROVENANCE: usize = 4096;
 
-/// `l` with its key and reason cut to [`SHORT_PROVENANCE`] bytes, the reason saying so.
+/// `l` with its key and reason cut to [`SHORT_PROVENANCE`] bytes and its headers left out,
+/// the reason saying so.
 fn with_short_provenance(l: &DeadLetter) -> DeadLetter {
-    let cut = |text: &str| {
-        let mut end = SHORT_PROVENANCE.min(text.len());
-        while !text.is_char_boundary(end) {
-            end -= 1;
+    // Text is cut where a character starts; a key that is not text, anywhere.
+    let cut = |bytes: &[u8]| {
+        let mut end = SHORT_PROVENANCE.min(bytes.len());
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
         }
-        text[..end].to_string()
+        bytes[..end].to_vec()
     };
-    let mut reason = cut(&l.reason);
+    let mut reason = String::from_utf8(cut(l.reason.as_bytes())).expect("cut at a character");
     if reason.len() < l.reason.len() {
         reason.push_str(&format!("… (the error was {} bytes)", l.reason.len()));
     }
@@ -202,22 +219,39 @@ fn with_short_provenance(l: &DeadLetter) -> DeadLetter {
             key.len()
         ));
     }
+    if !l.headers.is_empty() {
+        reason.push_str(&format!(
+            " (its {} headers, {} bytes, were left out)",
+            l.headers.len(),
+            headers_bytes(&l.headers)
+        ));
+    }
     DeadLetter {
         reason,
         key: l.key.as_deref().map(cut),
+        headers: Vec::new(),
         ..l.clone()
     }
 }
 
-/// The bytes a letter's provenance takes as text (header values), a bound.
+/// The bytes a letter's provenance takes as header values and key, a bound.
 fn provenance_bytes(pipeline: &str, l: &DeadLetter) -> usize {
     // Numbers and times as text, and the cut columns, take under 200 bytes together.
     pipeline.len()
         + l.stage.len()
         + l.reason.len()
         + l.partition.name.len()
-        + l.key.as_ref().map_or(0, String::len)
+        + l.key.as_ref().map_or(0, Vec::len)
+        + headers_bytes(&l.headers)
         + 200
+}
+
+/// The bytes headers take in a message: names, values, and two lengths each.
+pub fn headers_bytes(headers: &[Header]) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| 10 + name.len() + value.as_ref().map_or(0, |v| v.len()))
+        .sum()
 }
 
 /// Why and where rows of a batch failed, for [`letters_of_rows`].
@@ -231,7 +265,7 @@ pub struct RowFailure<'a> {
 }
 
 /// The rows of `batch` at `rows` as dead letters of `partition`: each row as JSON (record
-/// and metadata columns), with the offset and key its metadata columns hold.
+/// and metadata columns), with the offset, key and headers its metadata columns hold.
 pub fn letters_of_rows(
     batch: &RecordBatch,
     rows: &[u32],
@@ -246,9 +280,8 @@ pub fn letters_of_rows(
             .map_err(|e| Error::arrow("selecting failed rows", e))?
     };
     let payloads = row_json(&selected)?;
-    let keys = selected
-        .column_by_name(crate::batch::KEY)
-        .and_then(|c| c.as_string_opt::<i32>().cloned());
+    let key_at = key_reader(&selected);
+    let headers_at = headers_reader(&selected);
     let now = now_ms();
     Ok(payloads
         .into_iter()
@@ -260,15 +293,54 @@ pub fn letters_of_rows(
             attempts: failure.attempts,
             partition: partition.clone(),
             offset: crate::batch::offset_at(&selected, i),
-            key: keys
-                .as_ref()
-                .filter(|k| k.is_valid(i))
-                .map(|k| k.value(i).to_string()),
+            key: key_at(i),
+            headers: headers_at(i),
             first_failed_at: failure.first_failed_at.min(now),
             last_failed_at: now,
             payload,
         })
         .collect())
+}
+
+/// The `_key` of a row of `batch`, as bytes (text or binary; none without the column).
+fn key_reader(batch: &RecordBatch) -> impl Fn(usize) -> Option<Vec<u8>> + '_ {
+    let column = batch.column_by_name(crate::batch::KEY);
+    let text = column.and_then(|c| c.as_string_opt::<i32>());
+    let binary = column.and_then(|c| c.as_binary_opt::<i32>());
+    move |i| {
+        if let Some(k) = text.filter(|k| k.is_valid(i)) {
+            Some(k.value(i).as_bytes().to_vec())
+        } else {
+            binary
+                .filter(|k| k.is_valid(i))
+                .map(|k| k.value(i).to_vec())
+        }
+    }
+}
+
+/// The `_headers` of a row of `batch` (none without the column).
+fn headers_reader(batch: &RecordBatch) -> impl Fn(usize) -> Vec<Header> + '_ {
+    let map = batch
+        .column_by_name(crate::batch::HEADERS)
+        .and_then(|c| c.as_map_opt());
+    move |i| {
+        let Some(map) = map.filter(|m| m.is_valid(i)) else {
+            return Vec::new();
+        };
+        let entries = map.value(i);
+        let (Some(names), Some(values)) = (
+            entries.column(0).as_string_opt::<i32>(),
+            entries.column(1).as_binary_opt::<i32>(),
+        ) else {
+            return Vec::new();
+        };
+        (0..entries.len())
+            .map(|j| {
+                let value = values.is_valid(j).then(|| values.value(j).into());
+                (names.value(j).into(), value)
+            })
+            .collect()
+    }
 }
 
 /// Each row as a JSON object (record and metadata columns), for dead letters.
@@ -290,38 +362,6 @@ fn row_json(batch: &RecordBatch) -> Result<Vec<Vec<u8>>> {
         .collect())
 }
 
-/// A batch of [`schema`] for sinks that write text: `payload` as text when it is UTF-8,
-/// else in `payload_base64`.
-pub fn text_batch(batch: &RecordBatch) -> Result<RecordBatch> {
-    let payload = batch
-        .column(0)
-        .as_any()
-        .downcast_ref::<arrow::array::BinaryArray>()
-        .ok_or_else(|| Error::Internal("dead letters without a binary payload".into()))?;
-    let mut text = StringBuilder::new();
-    let mut base64 = StringBuilder::new();
-    for bytes in payload.iter() {
-        match bytes.map(std::str::from_utf8) {
-            Some(Ok(s)) => {
-                text.append_value(s);
-                base64.append_null();
-            }
-            Some(Err(_)) => {
-                text.append_null();
-                base64.append_value(encode_base64(bytes.unwrap_or_default()));
-            }
-            None => {
-                text.append_null();
-                base64.append_null();
-            }
-        }
-    }
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(text.finish()), Arc::new(base64.finish())];
-    columns.extend(batch.columns()[1..].iter().cloned());
-    RecordBatch::try_new(text_schema(), columns)
-        .map_err(|e| Error::arrow("making dead letters as text", e))
-}
-
 fn provenance_columns(pipeline: &str, letters: &[DeadLetter]) -> Vec<ArrayRef> {
     let n = letters.len();
     let mut pipeline_col = StringBuilder::with_capacity(n, n * pipeline.len());
@@ -332,7 +372,7 @@ fn provenance_columns(pipeline: &str, letters: &[DeadLetter]) -> Vec<ArrayRef> {
     let mut source = StringBuilder::new();
     let mut partition = UInt32Builder::with_capacity(n);
     let mut offset = Int64Builder::with_capacity(n);
-    let mut key = StringBuilder::new();
+    let mut key = BinaryBuilder::new();
     let mut first = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut last = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
     for l in letters {
@@ -363,52 +403,18 @@ fn provenance_columns(pipeline: &str, letters: &[DeadLetter]) -> Vec<ArrayRef> {
     ]
 }
 
-/// Standard base64 with padding (RFC 4648).
-pub fn encode_base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
+/// The letters' headers as a `_headers` map column; null for a letter without headers.
+fn headers_column(letters: &[DeadLetter]) -> arrow::array::MapArray {
+    let mut map = crate::batch::headers_builder();
+    for l in letters {
+        for (name, value) in &l.headers {
+            map.keys().append_value(name);
+            map.values().append_option(value.as_deref());
         }
+        map.append(!l.headers.is_empty())
+            .expect("keys and values appended in pairs");
     }
-    out
-}
-
-/// The inverse of [`encode_base64`]; `None` for text that is not base64.
-pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let bytes = text.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= value(c)? << (18 - 6 * i);
-        }
-        for i in 0..chunk.len().saturating_sub(1) {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    Some(out)
+    map.finish()
 }
 
 /// The pipeline's dead-letter sink, and the form it takes records in.
@@ -434,140 +440,4 @@ impl DeadLetterSink {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_round_trips() {
-        for bytes in [
-            &b""[..],
-            b"f",
-            b"fo",
-            b"foo",
-            b"foob",
-            b"fooba",
-            b"foobar",
-            &[0xff, 0, 0x80],
-        ] {
-            let text = encode_base64(bytes);
-            assert_eq!(decode_base64(&text).as_deref(), Some(bytes), "{text}");
-        }
-        assert_eq!(encode_base64(b"foobar"), "Zm9vYmFy");
-        assert_eq!(encode_base64(b"fo"), "Zm8=");
-    }
-
-    #[test]
-    fn letters_become_rows() {
-        let letter = DeadLetter {
-            stage: SOURCE_STAGE.into(),
-            class: ErrorClass::Decode,
-            reason: "not JSON".into(),
-            attempts: 1,
-            partition: Arc::new(PartitionInfo {
-                id: 2,
-                name: "views/2".into(),
-            }),
-            offset: Some(17),
-            key: Some("u1".into()),
-            first_failed_at: 1,
-            last_failed_at: 1,
-            payload: vec![0xff, b'x'],
-        };
-        let batch = to_batch("p", &[letter]).unwrap();
-        assert_eq!(batch.num_rows(), 1);
-        let text = text_batch(&batch).unwrap();
-        assert!(text.column(0).is_null(0));
-        assert_eq!(
-            text.column(1)
-                .as_any()
-                .downcast_ref::<arrow::array::StringArray>()
-                .unwrap()
-                .value(0),
-            "/3g="
-        );
-    }
-
-    #[test]
-    fn letters_larger_than_the_sink_takes_are_cut_with_their_size_and_checksum() {
-        let letter = |payload: Vec<u8>| DeadLetter {
-            stage: SOURCE_STAGE.into(),
-            class: ErrorClass::Decode,
-            reason: "not JSON".into(),
-            attempts: 1,
-            partition: Arc::new(PartitionInfo {
-                id: 0,
-                name: "in/0".into(),
-            }),
-            offset: Some(3),
-            key: None,
-            first_failed_at: 1,
-            last_failed_at: 1,
-            payload,
-        };
-        let big = vec![b'x'; 1_000_500];
-        let batch = to_batch_within(
-            "p",
-            &[letter(b"small".to_vec()), letter(big.clone())],
-            1_000_000,
-        )
-        .unwrap();
-        let payload = batch.column(0).as_binary::<i32>();
-        assert_eq!(payload.value(0), b"small");
-        assert!(payload.value(1).len() < 1_000_000 - 1024);
-        assert!(big.starts_with(payload.value(1)));
-        let column = |name: &str| batch.column_by_name(name).unwrap().clone();
-        let sizes = column("payload_size");
-        let sizes = sizes.as_primitive::<arrow::datatypes::Int64Type>();
-        assert_eq!((sizes.value(0), sizes.value(1)), (5, 1_000_500));
-        let cut = column("payload_cut");
-        let cut = cut.as_boolean();
-        assert_eq!((cut.value(0), cut.value(1)), (false, true));
-        let checksum = column("payload_checksum");
-        let checksum = checksum.as_string::<i32>();
-        assert!(checksum.is_null(0));
-        assert_eq!(
-            checksum.value(1),
-            format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&big))
-        );
-        // Text sinks get the same provenance.
-        let text = text_batch(&batch).unwrap();
-        assert!(text.column_by_name("payload_cut").is_some());
-    }
-
-    #[test]
-    fn a_provenance_too_large_for_the_sink_is_cut_too() {
-        let letter = DeadLetter {
-            stage: SOURCE_STAGE.into(),
-            class: ErrorClass::Decode,
-            reason: "é".repeat(300_000),
-            attempts: 1,
-            partition: Arc::new(PartitionInfo {
-                id: 0,
-                name: "in/0".into(),
-            }),
-            offset: Some(3),
-            key: Some("k".repeat(999_900)),
-            first_failed_at: 1,
-            last_failed_at: 1,
-            payload: b"x".to_vec(),
-        };
-        let batch = to_batch_within("p", &[letter], 1_000_000).unwrap();
-        let text = |name: &str| {
-            batch
-                .column_by_name(name)
-                .unwrap()
-                .as_string::<i32>()
-                .value(0)
-                .to_string()
-        };
-        assert_eq!(text("key").len(), SHORT_PROVENANCE);
-        assert!(text("error").contains("the error was 600000 bytes"));
-        assert!(text("error").contains("the key was cut to 4096 of 999900 bytes"));
-        let total: usize = batch
-            .columns()
-            .iter()
-            .map(|c| c.get_array_memory_size())
-            .sum();
-        assert!(total < 1_000_000, "{total}");
-    }
-}
+mod tests;
