@@ -18,6 +18,7 @@ pub mod error;
 pub mod executor;
 pub mod failure;
 pub mod graph;
+pub mod http_body;
 pub mod json_limits;
 pub mod sink;
 pub mod source;

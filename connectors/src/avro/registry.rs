@@ -144,6 +144,24 @@ pub fn latest_blocking(
     .map_err(|_| "the registry lookup failed".to_string())?
 }
 
+/// The most of a registry's answer read: schemas are kilobytes, and a URL that points
+/// at something else (or a hostile server) could otherwise fill memory.
+pub const MAX_REGISTRY_ANSWER: usize = 16 << 20;
+
+/// A registry's answer as `T`, read up to [`MAX_REGISTRY_ANSWER`] bytes.
+async fn read_json<T: DeserializeOwned>(
+    answer: reqwest::Response,
+) -> std::result::Result<T, String> {
+    use sluice_engine::http_body::{Capped, excerpt, read_capped};
+    let body = read_capped(answer, MAX_REGISTRY_ANSWER)
+        .await
+        .map_err(|e| match e {
+            Capped::Failed(e) => e.to_string(),
+            Capped::Over(cap) => format!("its answer is longer than {cap} bytes"),
+        })?;
+    serde_json::from_slice(&body).map_err(|e| format!("{e} (it said: {})", excerpt(&body)))
+}
+
 /// A subject's latest version.
 #[derive(Deserialize, Clone)]
 pub struct Latest {
@@ -274,11 +292,7 @@ impl SchemaRegistry {
         }
         let answer = request.send().await.map_err(|e| e.to_string())?;
         match answer.status() {
-            s if s.is_success() => answer
-                .json::<Latest>()
-                .await
-                .map(Some)
-                .map_err(|e| e.to_string()),
+            s if s.is_success() => read_json::<Latest>(answer).await.map(Some),
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(format!("HTTP {s}")),
         }
@@ -315,7 +329,7 @@ impl SchemaRegistry {
                 })
             };
             let why = match request.send().await {
-                Ok(r) if r.status().is_success() => match r.json::<T>().await {
+                Ok(r) if r.status().is_success() => match read_json::<T>(r).await {
                     Ok(answer) => {
                         stats().count(&stats().fetched, 1);
                         return Ok(Ok(answer));
@@ -330,7 +344,7 @@ impl SchemaRegistry {
                 },
                 Ok(r) => {
                     let status = r.status();
-                    let said = r.json::<Said>().await.ok();
+                    let said = read_json::<Said>(r).await.ok();
                     let code = said.as_ref().and_then(|s| s.error_code);
                     let said = said.and_then(|s| s.message).unwrap_or_default();
                     if matches!(status.as_u16(), 401 | 403) {
@@ -499,5 +513,21 @@ pub(super) mod tests {
             .err()
             .expect("a refused login stops");
         assert!(err.to_string().contains("refuses the login: 401"), "{err}");
+    }
+
+    /// An answer past the cap is not read on (it would fill memory): the registry is not
+    /// one, and the run stops saying so.
+    #[tokio::test]
+    async fn an_answer_longer_than_any_schema_is_not_read_whole() {
+        let huge: &'static str = Box::leak(
+            format!(r#"{{"schema":"{}"}}"#, "x".repeat(MAX_REGISTRY_ANSWER)).into_boxed_str(),
+        );
+        let (registry, _served) = scripted(vec![(200, huge)]).await;
+        let err = registry.schema(3).await.err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains(&format!("longer than {MAX_REGISTRY_ANSWER} bytes")),
+            "{err}"
+        );
     }
 }

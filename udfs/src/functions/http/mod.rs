@@ -87,10 +87,12 @@ use tokio::sync::Semaphore;
 
 use super::{FunctionSpec, Params, assemble, extend_schema};
 
-mod body;
 mod tls;
 
-use body::{Capped, MAX_ANSWER_BYTES, excerpt, read_capped};
+use sluice_engine::http_body::{Capped, excerpt, read_capped};
+
+/// The most of an answer read.
+const MAX_ANSWER_BYTES: usize = 256 << 20;
 use tls::HttpTls;
 
 /// The `system` of transient errors ([`Error::External`] takes a static name, so the url

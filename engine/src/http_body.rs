@@ -1,22 +1,18 @@
-//! Reading an endpoint's answer: at most so many bytes, and quoted in errors in part.
-
-/// The most of an answer read: a server that never stops would otherwise fill memory.
-pub(super) const MAX_ANSWER_BYTES: usize = 256 << 20;
+//! Reading an HTTP answer (a remote function's, a schema registry's): at most so many
+//! bytes, since a server that never stops would otherwise fill memory, and quoted in
+//! errors in part.
 
 /// How much of a response body an error message quotes.
 const EXCERPT_CHARS: usize = 200;
 
-pub(super) enum Capped {
+pub enum Capped {
     Failed(reqwest::Error),
     /// Longer than this.
     Over(usize),
 }
 
 /// The body of `response`, up to `cap` bytes.
-pub(super) async fn read_capped(
-    mut response: reqwest::Response,
-    cap: usize,
-) -> Result<Vec<u8>, Capped> {
+pub async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, Capped> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(Capped::Failed)? {
         if body.len() + chunk.len() > cap {
@@ -27,7 +23,7 @@ pub(super) async fn read_capped(
     Ok(body)
 }
 
-pub(super) fn excerpt(body: &[u8]) -> String {
+pub fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     if text.is_empty() {
