@@ -240,13 +240,18 @@ impl AvroDecoder {
 mod tests {
     use super::*;
     use crate::avro::{AvroConfig, MAGIC, RegistryConfig};
+    use arrow::array::AsArray;
 
     const READER: &str = r#"{"type":"record","name":"R","fields":[{"name":"id","type":"long"},{"name":"tag","type":"string","default":"none"}]}"#;
 
     fn format() -> Arc<AvroFormat> {
+        format_reading(READER)
+    }
+
+    fn format_reading(reader: &str) -> Arc<AvroFormat> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.avsc");
-        std::fs::write(&path, READER).unwrap();
+        std::fs::write(&path, reader).unwrap();
         let format = AvroFormat::open(
             &AvroConfig {
                 schema: Some(path),
@@ -350,6 +355,38 @@ mod tests {
             .as_any()
             .downcast_ref::<arrow::array::Int64Array>()
             .unwrap();
+        assert_eq!(ids.values(), &[5]);
+    }
+
+    /// A writer whose values take no bytes makes a message of two headers: the value, then
+    /// a second frame whose body would be the next message. `second_frame` does not look
+    /// at it (its head is a header alone, for which the decoder gives no row), but the
+    /// count of rows per message refuses it; the next message decodes.
+    #[test]
+    fn a_second_frame_after_a_value_of_no_bytes_is_refused() {
+        let reader = READER.replace(r#""type":"long""#, r#""type":"long","default":0"#);
+        let format = format_reading(&reader);
+        let empty = AvroSchema::new(r#"{"type":"record","name":"R","fields":[]}"#.into());
+        assert!(matches!(
+            format.resolve(9, empty.json_string.clone(), None, &[]),
+            Writer::Resolves(_)
+        ));
+        format.add_writer(9, empty.json_string);
+        let mut decoder = AvroDecoder::new(format, 1 << 20);
+        let mut doubled = message(9, 0)[..5].to_vec();
+        doubled.extend_from_slice(&[MAGIC, 0, 0, 0, 7]);
+        assert_eq!(doubled.len(), 10);
+        let next = message(7, 5);
+        let (batch, bad) = decoder.decode_each(&[&doubled, &next]);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(
+            bad[0],
+            (0, "the message is not one whole Avro value".into())
+        );
+        let batch = batch.unwrap();
+        let ids = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>();
         assert_eq!(ids.values(), &[5]);
     }
 
