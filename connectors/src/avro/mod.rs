@@ -154,18 +154,21 @@ impl AvroFormat {
     /// Fetches the writer schemas of `ids` not known yet, waiting while the registry does
     /// not answer.
     async fn learn(&self, ids: impl Iterator<Item = u32>) -> Result<()> {
-        let missing: HashSet<u32> = {
+        let missing: Vec<u32> = {
             let known = self.writers.lock().expect("writers lock");
             ids.filter(|id| !known.contains_key(id)).collect()
         };
-        for id in missing {
-            let writer = self.fetch(id).await?;
-            // Another partition may have fetched it meanwhile: the first answer stays.
-            let mut writers = self.writers.lock().expect("writers lock");
-            writers.entry(id).or_insert(writer);
-            forget_refused(&mut writers, |w| matches!(w, Writer::Refused(_)));
-        }
-        Ok(())
+        look_up(
+            missing,
+            |id| self.fetch(id),
+            |id, writer| {
+                // Another partition may have fetched it meanwhile: the first answer stays.
+                let mut writers = self.writers.lock().expect("writers lock");
+                writers.entry(id).or_insert(writer);
+                forget_refused(&mut writers, |w| matches!(w, Writer::Refused(_)));
+            },
+        )
+        .await
     }
 
     /// One writer schema by id: resolved against the reader schema, or refused with the
@@ -263,8 +266,52 @@ pub(crate) const MAX_REFUSED: usize = 65_536;
 /// Why a message naming schema `id` is refused when no writer of that id is known.
 pub(crate) fn not_fetched(id: u32) -> String {
     format!(
-        "schema id {id} was not fetched (or was refused, and forgotten among more than {MAX_REFUSED} refused ids)"
+        "schema id {id} was not fetched: its chunk of messages named more than {MAX_LOOKUPS} ids not seen before, or it was refused and forgotten among more than {MAX_REFUSED} refused ids"
     )
+}
+
+/// Schema ids not seen before looked up at most for one chunk of messages. Ids come from
+/// the messages: without a bound, a chunk naming a new id in each message would wait for
+/// as many registry round trips. The messages of the ids past it are dead letters
+/// ([`not_fetched`]); no producer's schemas change that fast.
+pub(crate) const MAX_LOOKUPS: usize = 256;
+
+/// Registry lookups in flight at once.
+const LOOKUPS_IN_FLIGHT: usize = 8;
+
+/// Looks up the first [`MAX_LOOKUPS`] of `missing` with `fetch`, [`LOOKUPS_IN_FLIGHT`] at
+/// a time, and gives each answer to `keep` as it comes.
+pub(crate) async fn look_up<W, F>(
+    missing: Vec<u32>,
+    fetch: impl Fn(u32) -> F,
+    mut keep: impl FnMut(u32, W),
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<W>>,
+{
+    use futures::StreamExt;
+    if missing.len() > MAX_LOOKUPS {
+        static WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if WARNED
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(1000)
+        {
+            tracing::warn!(
+                ids = missing.len(),
+                "a chunk of messages names more than {MAX_LOOKUPS} schema ids not seen before: the messages of the ids past the first {MAX_LOOKUPS} are dead letters (said the first time, then every 1,000th)"
+            );
+        }
+    }
+    let mut answers = futures::stream::iter(missing.into_iter().take(MAX_LOOKUPS))
+        .map(|id| {
+            let answer = fetch(id);
+            async move { (id, answer.await) }
+        })
+        .buffer_unordered(LOOKUPS_IN_FLIGHT);
+    while let Some((id, answer)) = answers.next().await {
+        keep(id, answer?);
+    }
+    Ok(())
 }
 
 /// Forgets every refused writer of `writers` once there are more than [`MAX_REFUSED`].
@@ -339,6 +386,35 @@ pub(crate) fn schema_id(payload: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chunk naming more new ids than the bound looks up the first ones only, several
+    /// at a time.
+    #[tokio::test]
+    async fn new_ids_past_the_bound_are_not_looked_up() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (in_flight, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let mut kept = Vec::new();
+        look_up(
+            (0..MAX_LOOKUPS as u32 + 44).collect(),
+            |id| {
+                let (in_flight, most) = (&in_flight, &most);
+                async move {
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    Ok(id * 10)
+                }
+            },
+            |id, w| kept.push((id, w)),
+        )
+        .await
+        .unwrap();
+        kept.sort_unstable();
+        let expected: Vec<(u32, u32)> = (0..MAX_LOOKUPS as u32).map(|id| (id, id * 10)).collect();
+        assert_eq!(kept, expected);
+        assert_eq!(most.load(Ordering::SeqCst), LOOKUPS_IN_FLIGHT);
+    }
 
     #[test]
     fn refused_ids_past_the_limit_are_forgotten_and_resolved_ones_stay() {

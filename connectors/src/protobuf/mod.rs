@@ -147,8 +147,8 @@ impl ProtobufFormat {
             let known = self.writers.lock().expect("writers lock");
             ids.filter(|id| !known.contains_key(id)).collect()
         };
-        for id in missing {
-            let writer = match registry.schema(id).await? {
+        let fetch = |id: u32| async move {
+            Ok(match registry.schema(id).await? {
                 Ok(stored) => match writer_of(id, &stored.schema, stored.schema_type.as_deref()) {
                     Writer::File(file) => match conflicts(&file, &self.message) {
                         Some(why) => Writer::Refused(format!("schema id {id}: {why}")),
@@ -162,12 +162,14 @@ impl ProtobufFormat {
                     no.status,
                     no.said
                 )),
-            };
+            })
+        };
+        crate::avro::look_up(missing, fetch, |id, writer| {
             let mut writers = self.writers.lock().expect("writers lock");
             writers.entry(id).or_insert(writer);
             crate::avro::forget_refused(&mut writers, |w| matches!(w, Writer::Refused(_)));
-        }
-        Ok(())
+        })
+        .await
     }
 }
 
