@@ -52,7 +52,9 @@ impl AvroDecoder {
         if ids.keys().all(|id| self.ids.contains(id)) {
             return Ok(());
         }
-        self.format.learn(ids.into_keys()).await?;
+        self.format
+            .learn(super::most_named_first(ids).into_iter())
+            .await?;
         self.rebuild()
             .map_err(|e| Error::Internal(format!("an Avro decoder of resolved schemas: {e}")))
     }

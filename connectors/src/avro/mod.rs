@@ -276,6 +276,15 @@ pub(crate) fn not_fetched(id: u32) -> String {
 /// ([`not_fetched`]); no producer's schemas change that fast.
 pub(crate) const MAX_LOOKUPS: usize = 256;
 
+/// Schema ids by how many messages name them, most first (ties by id): the order
+/// [`look_up`] takes them in, so that a chunk over its bound still gets the ids of most of
+/// its messages.
+pub(crate) fn most_named_first(counts: HashMap<u32, u64>) -> Vec<u32> {
+    let mut ids: Vec<(u32, u64)> = counts.into_iter().collect();
+    ids.sort_unstable_by_key(|&(id, n)| (std::cmp::Reverse(n), id));
+    ids.into_iter().map(|(id, _)| id).collect()
+}
+
 /// Registry lookups in flight at once.
 const LOOKUPS_IN_FLIGHT: usize = 8;
 

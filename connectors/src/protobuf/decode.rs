@@ -41,9 +41,11 @@ impl ProtobufDecoder {
         if self.format.registry.is_none() {
             return Ok(());
         }
-        let mut ids: Vec<u32> = payloads.filter_map(schema_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let mut ids = std::collections::HashMap::new();
+        for id in payloads.filter_map(schema_id) {
+            *ids.entry(id).or_default() += 1;
+        }
+        let ids = crate::avro::most_named_first(ids);
         self.format.learn(ids.into_iter()).await
     }
 

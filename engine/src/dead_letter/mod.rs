@@ -34,7 +34,14 @@
 //! that does not fit is written with its payload cut to fit: `payload_cut` is true,
 //! `payload_size` holds the whole payload's size and `payload_checksum` its XXH3-64 (as
 //! `xxh3:` and 16 hex digits), next to its source and offset, so the whole record can be
-//! found again. `sluice dlq replay` refuses letters whose payload was cut.
+//! found again. A letter whose provenance alone is too large has its key and reason cut
+//! and its headers left out, the error saying so, and is marked `payload_cut` too: it no
+//! longer holds its record as it came. `sluice dlq replay` refuses letters marked cut.
+//!
+//! A sink may also refuse a letter it cannot take at all (a Kinesis record over 1 MiB once
+//! written as text and base64): [`DeadLetterSink::write`] writes it again cut to half its
+//! size, and again, and stops the run naming it only when even [`MIN_CUT`] bytes are
+//! refused. A letter is never dropped.
 
 mod text;
 
@@ -147,17 +154,23 @@ pub fn to_batch_within(
     max_message: usize,
 ) -> Result<RecordBatch> {
     // A provenance too large on its own (a huge key or reason) is cut first.
+    // A letter whose key or headers were cut no longer holds its record as it came: it is
+    // marked cut, as one whose payload was.
     let fits = |l: &DeadLetter| provenance_bytes(pipeline, l) + MESSAGE_MARGIN <= max_message;
+    let mut whole = vec![true; letters.len()];
     let letters: std::borrow::Cow<[DeadLetter]> = if letters.iter().all(fits) {
         letters.into()
     } else {
         letters
             .iter()
-            .map(|l| {
+            .zip(&mut whole)
+            .map(|(l, whole)| {
                 if fits(l) {
                     l.clone()
                 } else {
-                    with_short_provenance(l)
+                    let short = with_short_provenance(l);
+                    *whole = short.key == l.key && short.headers.len() == l.headers.len();
+                    short
                 }
             })
             .collect::<Vec<_>>()
@@ -168,12 +181,12 @@ pub fn to_batch_within(
     let mut size = Int64Builder::with_capacity(letters.len());
     let mut cut = BooleanBuilder::with_capacity(letters.len());
     let mut checksum = StringBuilder::new();
-    for l in letters {
+    for (l, whole) in letters.iter().zip(whole) {
         let room = max_message.saturating_sub(provenance_bytes(pipeline, l) + MESSAGE_MARGIN);
         size.append_value(l.payload.len() as i64);
         if l.payload.len() <= room {
             payload.append_value(&l.payload);
-            cut.append_value(false);
+            cut.append_value(!whole);
             checksum.append_null();
         } else {
             payload.append_value(&l.payload[..room]);
@@ -302,18 +315,27 @@ pub fn letters_of_rows(
         .collect())
 }
 
-/// The `_key` of a row of `batch`, as bytes (text or binary; none without the column).
-fn key_reader(batch: &RecordBatch) -> impl Fn(usize) -> Option<Vec<u8>> + '_ {
-    let column = batch.column_by_name(crate::batch::KEY);
-    let text = column.and_then(|c| c.as_string_opt::<i32>());
-    let binary = column.and_then(|c| c.as_binary_opt::<i32>());
+/// The `_key` of a row of `batch`, as bytes: binary as it is, anything else as text (none
+/// without the column, or of a type that has no text).
+fn key_reader(batch: &RecordBatch) -> impl Fn(usize) -> Option<Vec<u8>> {
+    let column = batch
+        .column_by_name(crate::batch::KEY)
+        .and_then(|c| match c.data_type() {
+            DataType::Binary | DataType::Utf8 => Some(c.clone()),
+            _ => arrow::compute::cast(c, &DataType::Utf8).ok(),
+        });
+    let text = column
+        .as_ref()
+        .and_then(|c| c.as_string_opt::<i32>().cloned());
+    let binary = column
+        .as_ref()
+        .and_then(|c| c.as_binary_opt::<i32>().cloned());
     move |i| {
-        if let Some(k) = text.filter(|k| k.is_valid(i)) {
+        if let Some(k) = text.as_ref().filter(|k| k.is_valid(i)) {
             Some(k.value(i).as_bytes().to_vec())
         } else {
-            binary
-                .filter(|k| k.is_valid(i))
-                .map(|k| k.value(i).to_vec())
+            let k = binary.as_ref().filter(|k| k.is_valid(i))?;
+            Some(k.value(i).to_vec())
         }
     }
 }
@@ -425,17 +447,55 @@ pub struct DeadLetterSink {
     pub text: bool,
 }
 
+/// The smallest size a letter a sink refuses is cut to before the run stops on it.
+pub const MIN_CUT: usize = 16 << 10;
+
 impl DeadLetterSink {
-    /// Writes the letters, each cut to fit the sink's largest message if it has one.
+    /// Writes the letters, each cut to fit the sink's largest message if it has one; the
+    /// ones it refuses even so, again cut smaller (the module's essay).
     pub async fn write(&mut self, pipeline: &str, letters: &[DeadLetter]) -> Result<()> {
-        let max = self.sink.max_message_bytes().unwrap_or(usize::MAX);
-        let batch = to_batch_within(pipeline, letters, max)?;
-        let batch = if self.text {
-            text_batch(&batch)?
-        } else {
-            batch
-        };
-        self.sink.write(batch).await
+        let mut max = self.sink.max_message_bytes().unwrap_or(usize::MAX);
+        let mut todo: std::borrow::Cow<[DeadLetter]> = letters.into();
+        loop {
+            let batch = to_batch_within(pipeline, &todo, max)?;
+            let batch = if self.text {
+                text_batch(&batch)?
+            } else {
+                batch
+            };
+            self.sink.write(batch).await?;
+            let refused = self.sink.take_refused();
+            let Some((row, why)) = refused.first() else {
+                return Ok(());
+            };
+            let largest = refused
+                .iter()
+                .map(|(r, _)| {
+                    let l = &todo[*r as usize];
+                    l.payload.len() + provenance_bytes(pipeline, l) + MESSAGE_MARGIN
+                })
+                .max()
+                .unwrap_or(0);
+            if max.min(largest) <= MIN_CUT {
+                let l = &todo[*row as usize];
+                return Err(Error::Refused {
+                    system: "dead-letter sink",
+                    message: format!(
+                        "it refuses the dead letter of {} offset {:?} (stage {}) even cut to {} bytes: {why}",
+                        l.partition.name,
+                        l.offset,
+                        l.stage,
+                        max.min(largest)
+                    ),
+                });
+            }
+            max = (max.min(largest) / 2).max(MIN_CUT);
+            todo = refused
+                .iter()
+                .map(|(r, _)| todo[*r as usize].clone())
+                .collect::<Vec<_>>()
+                .into();
+        }
     }
 }
 

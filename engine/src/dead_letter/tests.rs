@@ -158,10 +158,100 @@ fn a_provenance_too_large_for_the_sink_is_cut_too() {
     assert!(error.contains("the key was cut to 4096 of 999900 bytes"));
     assert!(error.contains("its 1 headers, 100011 bytes, were left out"));
     assert!(batch.column_by_name("headers").unwrap().is_null(0));
+    // Its payload is whole, but it no longer holds the record as it came.
+    assert!(
+        batch
+            .column_by_name("payload_cut")
+            .unwrap()
+            .as_boolean()
+            .value(0)
+    );
+    assert_eq!(text_at(&batch, "payload_checksum", 0), None);
     let total: usize = batch
         .columns()
         .iter()
         .map(|c| c.get_array_memory_size())
         .sum();
     assert!(total < 1_000_000, "{total}");
+}
+
+/// A sink that takes text letters of at most `max` bytes of payload and refuses larger
+/// ones, as a Kinesis stream refuses records over 1 MiB.
+struct Refusing {
+    max: usize,
+    written: Arc<std::sync::Mutex<Vec<RecordBatch>>>,
+    refused: Vec<(u32, String)>,
+}
+
+#[async_trait::async_trait]
+impl crate::sink::Sink for Refusing {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        let size = |column: &str, row| text_at(&batch, column, row).map_or(0, |t| t.len());
+        let mut kept = Vec::new();
+        for row in 0..batch.num_rows() {
+            if size("payload", row) + size("payload_base64", row) > self.max {
+                self.refused.push((row as u32, "too large".into()));
+            } else {
+                kept.push(row as u32);
+            }
+        }
+        let kept = arrow::array::UInt32Array::from(kept);
+        let kept = arrow::compute::take_record_batch(&batch, &kept).unwrap();
+        self.written.lock().unwrap().push(kept);
+        Ok(())
+    }
+    async fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn summary(&self) -> String {
+        String::new()
+    }
+    fn take_refused(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.refused)
+    }
+}
+
+/// A letter the sink refuses is written again, cut, instead of being dropped; one it
+/// refuses at any size stops the run naming it.
+#[tokio::test]
+async fn a_letter_the_sink_refuses_is_cut_until_it_is_taken() {
+    let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = |max| DeadLetterSink {
+        sink: Box::new(Refusing {
+            max,
+            written: written.clone(),
+            refused: Vec::new(),
+        }),
+        text: true,
+    };
+    let letters = [letter(b"small"), letter(&vec![0xfe; 200_000]), letter(b"x")];
+    sink(100_000).write("p", &letters).await.unwrap();
+    let written = written.lock().unwrap().clone();
+    let rows: usize = written.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 3, "every letter written");
+    let last = written.last().unwrap();
+    assert_eq!(last.num_rows(), 1);
+    assert!(
+        last.column_by_name("payload_cut")
+            .unwrap()
+            .as_boolean()
+            .value(0)
+    );
+    assert_eq!(
+        last.column_by_name("payload_size")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0),
+        200_000
+    );
+
+    let err = sink(0).write("p", &letters[..1]).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("refuses the dead letter of views/2 offset Some(17)"),
+        "{err}"
+    );
 }
