@@ -608,7 +608,14 @@ fn decode_letters(
                     row.insert("_offset".into(), o.into());
                 }
                 if let Some(k) = &l.key {
-                    row.insert("_key".into(), String::from_utf8_lossy(k).into());
+                    // A binary `_key` (`key_format: bytes`) reads as hex in JSON.
+                    let key = match schema.field_with_name(sluice_engine::batch::KEY) {
+                        Ok(f) if f.data_type() == &arrow::datatypes::DataType::Binary => {
+                            k.iter().map(|b| format!("{b:02x}")).collect()
+                        }
+                        _ => String::from_utf8_lossy(k).into_owned(),
+                    };
+                    row.insert("_key".into(), key.into());
                 }
                 rows.push(serde_json::to_vec(&row).expect("JSON values serialize"));
             }

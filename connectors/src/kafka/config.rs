@@ -58,6 +58,11 @@ pub struct KafkaSourceConfig {
     /// letter naming this limit), never decoded.
     #[serde(default = "default_max_record")]
     pub max_record_size: ByteSize,
+    /// What `_key` holds: the key as text (`text`, the default; bytes that are not UTF-8
+    /// become U+FFFD), or its bytes as they are (`bytes`: a binary column, for keys such as
+    /// a registry-framed Avro key that a sink keyed by `_key` must send on unchanged).
+    #[serde(default)]
+    pub key_format: KeyFormat,
     /// An encrypted connection (see [`KafkaTls`]).
     pub tls: Option<KafkaTls>,
     /// A SASL login (see [`KafkaSasl`]).
@@ -65,6 +70,15 @@ pub struct KafkaSourceConfig {
     /// librdkafka consumer properties, passed through (`fetch.min.bytes: "1"`, …).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+}
+
+/// The type of a Kafka source's `_key` column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyFormat {
+    #[default]
+    Text,
+    Bytes,
 }
 
 fn default_max_record() -> ByteSize {

@@ -8,7 +8,7 @@ mod security;
 mod sink;
 mod source;
 
-pub use config::{KafkaSinkConfig, KafkaSourceConfig, MessageFormat, StartFrom};
+pub use config::{KafkaSinkConfig, KafkaSourceConfig, KeyFormat, MessageFormat, StartFrom};
 pub use lag::{GroupLag, Lag};
 pub use security::{KafkaSasl, KafkaTls, LoginContext, is_security_property};
 pub use sink::KafkaSink;

@@ -185,3 +185,65 @@ fn a_replayed_dead_letter_has_the_key_headers_and_bytes_its_record_came_with() {
         assert_eq!(read, expected, "{kind}");
     }
 }
+
+/// With `key_format: bytes`, `_key` holds a key's bytes as they are, and a sink keyed by
+/// it (renamed: metadata columns do not reach a sink) sends them on unchanged (as text, `ff 00 01` would become `ef bf bd 00 01`).
+#[test]
+fn a_binary_key_goes_through_unchanged_with_key_format_bytes() {
+    let broker = Broker::start();
+    let (input, output) = (broker.name("in"), broker.name("out"));
+    broker.create_topic(&input, 1);
+    broker.create_topic(&output, 1);
+    let keys: Vec<Option<Vec<u8>>> = vec![
+        Some(vec![0xff, 0x00, 0x01]),
+        Some(b"text".to_vec()),
+        None,
+        Some(vec![0x00, 0x00, 0x00, 0x00, 0x07, 0xc8, 0x01]),
+    ];
+    let messages: Vec<Message> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            (
+                k.clone(),
+                Vec::new(),
+                format!(r#"{{"id":{i}}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    produce(&broker, &input, &messages);
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"name: binary-keys
+source:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topics: [{input}]
+  group: {group}
+  start_from: earliest
+  key_format: bytes
+  schema:
+    - {{ name: id, type: int64, nullable: false }}
+stages:
+  - name: keep
+    type: sql
+    query: SELECT id, _key AS k FROM input
+sink:
+  type: kafka
+  bootstrap_servers: {bootstrap}
+  topic: {output}
+  key: k
+"#,
+        bootstrap = broker.bootstrap,
+        group = broker.name("g"),
+    );
+    let sluice = Sluice::start(&write_pipeline(dir.path(), &yaml), dir.path().join("log"));
+    let out = broker.read_messages(&output, keys.len(), Duration::from_secs(60));
+    assert_eq!(out.len(), keys.len(), "{}", sluice.log_text());
+    let (status, log) = sluice.interrupt();
+    assert!(status.success(), "{log}");
+    let got: Vec<Option<Vec<u8>>> = out.iter().map(|m| m.key_bytes.clone()).collect();
+    assert_eq!(got, keys);
+    let first: serde_json::Value = serde_json::from_slice(&out[0].payload).unwrap();
+    assert_eq!(first, serde_json::json!({"id": 0, "k": "ff0001"}));
+}

@@ -100,13 +100,16 @@ impl KafkaSource {
         let max_record = usize::try_from(config.max_record_size.0).unwrap_or(usize::MAX);
         let format = SourceFormat::open(&config.format_keys(), max_record)?;
         let records = format.records();
-        let schema = batch::with_metadata_fields(
-            &records,
-            &batch::metadata_fields_with(&[
-                Field::new(batch::TOPIC, arrow::datatypes::DataType::Utf8, true),
-                Field::new(batch::HEADERS, batch::headers_type(), true),
-            ]),
-        )?;
+        let mut metadata = batch::metadata_fields_with(&[
+            Field::new(batch::TOPIC, arrow::datatypes::DataType::Utf8, true),
+            Field::new(batch::HEADERS, batch::headers_type(), true),
+        ]);
+        if config.key_format == super::KeyFormat::Bytes {
+            for f in metadata.iter_mut().filter(|f| f.name() == batch::KEY) {
+                *f = Field::new(batch::KEY, arrow::datatypes::DataType::Binary, true);
+            }
+        }
+        let schema = batch::with_metadata_fields(&records, &metadata)?;
         let (tx, events) = mpsc::unbounded_channel();
         let shared = Arc::new(GroupState {
             format,

@@ -107,18 +107,26 @@ impl KafkaReader {
     /// `_partition _offset _key _timestamp _topic _headers`
     pub(super) fn metadata(&self, chunk: &Chunk) -> [ArrayRef; 6] {
         let n = chunk.len();
-        let mut keys = StringBuilder::with_capacity(n, chunk.keys.len());
-        for i in 0..n {
-            if chunk.has_key[i] {
-                let key = &chunk.keys[Chunk::range(&chunk.key_ends, i)];
-                match std::str::from_utf8(key) {
-                    Ok(k) => keys.append_value(k),
-                    Err(_) => keys.append_value(String::from_utf8_lossy(key)),
-                }
-            } else {
-                keys.append_null();
+        let key_at =
+            |i: usize| chunk.has_key[i].then(|| &chunk.keys[Chunk::range(&chunk.key_ends, i)]);
+        // `key_format: bytes` makes `_key` binary.
+        let as_bytes = self
+            .schema
+            .field_with_name(batch::KEY)
+            .is_ok_and(|f| f.data_type() == &arrow::datatypes::DataType::Binary);
+        let keys: ArrayRef = if as_bytes {
+            let mut keys = arrow::array::BinaryBuilder::with_capacity(n, chunk.keys.len());
+            for i in 0..n {
+                keys.append_option(key_at(i));
             }
-        }
+            Arc::new(keys.finish())
+        } else {
+            let mut keys = StringBuilder::with_capacity(n, chunk.keys.len());
+            for i in 0..n {
+                keys.append_option(key_at(i).map(String::from_utf8_lossy));
+            }
+            Arc::new(keys.finish())
+        };
         let mut headers = sluice_engine::batch::headers_builder();
         for i in 0..n {
             for (k, v) in &chunk.headers[Chunk::range(&chunk.header_ends, i)] {
@@ -136,7 +144,7 @@ impl KafkaReader {
         [
             Arc::new(UInt32Array::from_value(self.buffer.info.id, n)),
             Arc::new(Int64Array::from(chunk.offsets.clone())),
-            Arc::new(keys.finish()),
+            keys,
             Arc::new(
                 TimestampMillisecondArray::from(chunk.timestamps.clone()).with_timezone("UTC"),
             ),
