@@ -1,7 +1,8 @@
 //! Batches and the metadata columns that travel with them.
 //!
 //! Every source appends four columns to the records it reads: `_partition` (UInt32),
-//! `_offset` (Int64, the record's position in its partition), `_key` (Utf8, nullable) and
+//! `_offset` (Int64, the record's position in its partition), `_key` (Utf8, nullable; Binary
+//! for a Kafka source with `key_format: bytes`) and
 //! `_timestamp` (event time in milliseconds, UTC, nullable). Stages see and may use them, so
 //! every output and every failure can be traced to its input. Sinks leave them out unless a
 //! sink selects them.

@@ -373,10 +373,8 @@ impl Sink for KafkaSink {
                      takes (message.max.bytes: {})",
                     self.max_message
                 );
-                if self.dead_letters {
-                    // Dead letters are cut to fit (`max_message_bytes`): this is a bug.
-                    return Err(Error::Internal(reason));
-                }
+                // A dead letter too, when even cut to `max_message_bytes` it does not fit
+                // (a huge pipeline or stage name): `DeadLetterSink::write` cuts it smaller.
                 self.refused.push((row as u32, reason));
                 continue;
             }

@@ -24,8 +24,8 @@
 //!
 //! The key and headers are exact for records that failed at decoding, the ones replayed
 //! as they came. A row that failed in a stage carries its `_key` and `_headers` columns as
-//! the stage saw them, when the stage kept them: `_key` is text, so a key that is not
-//! UTF-8 has replacement characters there.
+//! the stage saw them, when the stage kept them: `_key` is text unless the Kafka source
+//! says `key_format: bytes`, so a key that is not UTF-8 has replacement characters there.
 //!
 //! # Dead letters larger than their sink allows
 //! A sink may take messages of a bounded size (a Kafka producer's `message.max.bytes`,
@@ -40,8 +40,9 @@
 //!
 //! A sink may also refuse a letter it cannot take at all (a Kinesis record over 1 MiB once
 //! written as text and base64): [`DeadLetterSink::write`] writes it again cut to half its
-//! size, and again, and stops the run naming it only when even [`MIN_CUT`] bytes are
-//! refused. A letter is never dropped.
+//! size, and again, and stops the run naming it when even [`MIN_CUT`] bytes are refused,
+//! or when a cut letter is refused for the same reason as before (not its size: an empty
+//! Kinesis partition key). A letter is never dropped.
 
 mod text;
 
@@ -456,6 +457,9 @@ impl DeadLetterSink {
     pub async fn write(&mut self, pipeline: &str, letters: &[DeadLetter]) -> Result<()> {
         let mut max = self.sink.max_message_bytes().unwrap_or(usize::MAX);
         let mut todo: std::borrow::Cow<[DeadLetter]> = letters.into();
+        // Why each letter of `todo` was refused the last time: refused again for the same
+        // reason once cut, it is not its size the sink refuses (an empty partition key).
+        let mut before: Vec<String> = Vec::new();
         loop {
             let batch = to_batch_within(pipeline, &todo, max)?;
             let batch = if self.text {
@@ -465,7 +469,7 @@ impl DeadLetterSink {
             };
             self.sink.write(batch).await?;
             let refused = self.sink.take_refused();
-            let Some((row, why)) = refused.first() else {
+            let Some(first) = refused.first() else {
                 return Ok(());
             };
             let largest = refused
@@ -476,20 +480,25 @@ impl DeadLetterSink {
                 })
                 .max()
                 .unwrap_or(0);
-            if max.min(largest) <= MIN_CUT {
+            let again = refused
+                .iter()
+                .find(|(r, why)| before.get(*r as usize) == Some(why));
+            if max.min(largest) <= MIN_CUT || again.is_some() {
+                let (row, why) = again.unwrap_or(first);
                 let l = &todo[*row as usize];
                 return Err(Error::Refused {
                     system: "dead-letter sink",
                     message: format!(
-                        "it refuses the dead letter of {} offset {:?} (stage {}) even cut to {} bytes: {why}",
+                        "it refuses the dead letter of {}{} (stage {}), also at {} bytes: {why}",
                         l.partition.name,
-                        l.offset,
+                        l.offset.map_or(String::new(), |o| format!(" offset {o}")),
                         l.stage,
                         max.min(largest)
                     ),
                 });
             }
             max = (max.min(largest) / 2).max(MIN_CUT);
+            before = refused.iter().map(|(_, why)| why.clone()).collect();
             todo = refused
                 .iter()
                 .map(|(r, _)| todo[*r as usize].clone())

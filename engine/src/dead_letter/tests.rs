@@ -179,6 +179,8 @@ fn a_provenance_too_large_for_the_sink_is_cut_too() {
 /// ones, as a Kinesis stream refuses records over 1 MiB.
 struct Refusing {
     max: usize,
+    /// The reason of every refusal; by default one naming the size.
+    reason: Option<&'static str>,
     written: Arc<std::sync::Mutex<Vec<RecordBatch>>>,
     refused: Vec<(u32, String)>,
 }
@@ -189,8 +191,13 @@ impl crate::sink::Sink for Refusing {
         let size = |column: &str, row| text_at(&batch, column, row).map_or(0, |t| t.len());
         let mut kept = Vec::new();
         for row in 0..batch.num_rows() {
-            if size("payload", row) + size("payload_base64", row) > self.max {
-                self.refused.push((row as u32, "too large".into()));
+            let bytes = size("payload", row) + size("payload_base64", row);
+            if bytes > self.max {
+                let why = self.reason.map_or_else(
+                    || format!("{bytes} bytes, more than {}", self.max),
+                    str::to_string,
+                );
+                self.refused.push((row as u32, why));
             } else {
                 kept.push(row as u32);
             }
@@ -219,20 +226,21 @@ impl crate::sink::Sink for Refusing {
 #[tokio::test]
 async fn a_letter_the_sink_refuses_is_cut_until_it_is_taken() {
     let written = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = |max| DeadLetterSink {
+    let sink = |max, reason| DeadLetterSink {
         sink: Box::new(Refusing {
             max,
+            reason,
             written: written.clone(),
             refused: Vec::new(),
         }),
         text: true,
     };
     let letters = [letter(b"small"), letter(&vec![0xfe; 200_000]), letter(b"x")];
-    sink(100_000).write("p", &letters).await.unwrap();
-    let written = written.lock().unwrap().clone();
-    let rows: usize = written.iter().map(RecordBatch::num_rows).sum();
+    sink(100_000, None).write("p", &letters).await.unwrap();
+    let batches = written.lock().unwrap().clone();
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     assert_eq!(rows, 3, "every letter written");
-    let last = written.last().unwrap();
+    let last = batches.last().unwrap();
     assert_eq!(last.num_rows(), 1);
     assert!(
         last.column_by_name("payload_cut")
@@ -248,10 +256,26 @@ async fn a_letter_the_sink_refuses_is_cut_until_it_is_taken() {
         200_000
     );
 
-    let err = sink(0).write("p", &letters[..1]).await.unwrap_err();
+    let err = sink(0, None).write("p", &letters[..1]).await.unwrap_err();
     assert!(
         err.to_string()
-            .contains("refuses the dead letter of views/2 offset Some(17)"),
+            .contains("refuses the dead letter of views/2 offset 17"),
         "{err}"
+    );
+
+    // Refused again for the same reason once cut: not its size; the run stops at once.
+    written.lock().unwrap().clear();
+    let err = sink(100_000, Some("the partition key is empty"))
+        .write("p", &letters[1..2])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().ends_with(": the partition key is empty"),
+        "{err}"
+    );
+    assert_eq!(
+        written.lock().unwrap().len(),
+        2,
+        "written once, and once cut"
     );
 }
