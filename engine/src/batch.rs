@@ -66,6 +66,19 @@ pub fn headers_type() -> DataType {
     DataType::Map(Arc::new(entries), false)
 }
 
+/// A column as bytes: binary as it is, anything else as its text (a key of any type,
+/// `_key` of either form).
+pub fn bytes_column(column: &ArrayRef) -> Result<arrow::array::BinaryArray> {
+    use arrow::array::AsArray;
+    if let Some(bytes) = column.as_binary_opt::<i32>() {
+        return Ok(bytes.clone());
+    }
+    let bytes = arrow::compute::cast(column, &DataType::Utf8)
+        .and_then(|text| arrow::compute::cast(&text, &DataType::Binary))
+        .map_err(|e| Error::arrow("a column as bytes", e))?;
+    Ok(bytes.as_binary::<i32>().clone())
+}
+
 /// A builder of `_headers` columns ([`headers_type`]).
 pub fn headers_builder() -> MapBuilder<StringBuilder, BinaryBuilder> {
     let names = MapFieldNames {

@@ -261,15 +261,10 @@ impl KafkaSink {
 
 /// A key column as bytes: binary as it is, anything else as text.
 fn key_column(batch: &RecordBatch, name: &str) -> Result<BinaryArray> {
-    match batch.column_by_name(name).map(|c| c.as_binary_opt::<i32>()) {
-        Some(Some(bytes)) => Ok(bytes.clone()),
-        _ => {
-            let text = text_column(batch, name)?;
-            let bytes = cast(&text, &DataType::Binary)
-                .map_err(|e| Error::arrow(format!("column `{name}` as bytes"), e))?;
-            Ok(bytes.as_binary::<i32>().clone())
-        }
-    }
+    let column = batch
+        .column_by_name(name)
+        .ok_or_else(|| Error::Internal(format!("the sink's input lost column `{name}`")))?;
+    sluice_engine::batch::bytes_column(column)
 }
 
 /// A column as text, for keys and headers.

@@ -154,9 +154,9 @@ pub fn to_batch_within(
     letters: &[DeadLetter],
     max_message: usize,
 ) -> Result<RecordBatch> {
-    // A provenance too large on its own (a huge key or reason) is cut first.
-    // A letter whose key or headers were cut no longer holds its record as it came: it is
-    // marked cut, as one whose payload was.
+    // A provenance too large on its own (a huge key, reason or headers) is cut first; a
+    // letter whose key or headers were cut no longer holds its record as it came, and is
+    // marked cut as one whose payload was.
     let fits = |l: &DeadLetter| provenance_bytes(pipeline, l) + MESSAGE_MARGIN <= max_message;
     let mut whole = vec![true; letters.len()];
     let letters: std::borrow::Cow<[DeadLetter]> = if letters.iter().all(fits) {
@@ -261,7 +261,7 @@ fn provenance_bytes(pipeline: &str, l: &DeadLetter) -> usize {
 }
 
 /// The bytes headers take in a message: names, values, and two lengths each.
-pub fn headers_bytes(headers: &[Header]) -> usize {
+fn headers_bytes(headers: &[Header]) -> usize {
     headers
         .iter()
         .map(|(name, value)| 10 + name.len() + value.as_ref().map_or(0, |v| v.len()))
@@ -319,25 +319,12 @@ pub fn letters_of_rows(
 /// The `_key` of a row of `batch`, as bytes: binary as it is, anything else as text (none
 /// without the column, or of a type that has no text).
 fn key_reader(batch: &RecordBatch) -> impl Fn(usize) -> Option<Vec<u8>> {
-    let column = batch
+    let keys = batch
         .column_by_name(crate::batch::KEY)
-        .and_then(|c| match c.data_type() {
-            DataType::Binary | DataType::Utf8 => Some(c.clone()),
-            _ => arrow::compute::cast(c, &DataType::Utf8).ok(),
-        });
-    let text = column
-        .as_ref()
-        .and_then(|c| c.as_string_opt::<i32>().cloned());
-    let binary = column
-        .as_ref()
-        .and_then(|c| c.as_binary_opt::<i32>().cloned());
+        .and_then(|c| crate::batch::bytes_column(c).ok());
     move |i| {
-        if let Some(k) = text.as_ref().filter(|k| k.is_valid(i)) {
-            Some(k.value(i).as_bytes().to_vec())
-        } else {
-            let k = binary.as_ref().filter(|k| k.is_valid(i))?;
-            Some(k.value(i).to_vec())
-        }
+        let k = keys.as_ref().filter(|k| k.is_valid(i))?;
+        Some(k.value(i).to_vec())
     }
 }
 
