@@ -18,16 +18,10 @@ pub(super) fn read_topic(
     topic: &str,
     options: &BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<Letter>> {
-    use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     use rdkafka::{Offset, TopicPartitionList};
-    let mut client = ClientConfig::new();
-    for (k, v) in security(options) {
-        client.set(k, v);
-    }
-    let consumer: BaseConsumer<LoginContext> = client
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer<LoginContext> = client(bootstrap, options)
         .set("group.id", "sluice-dlq-inspect")
         .set("enable.auto.commit", "false")
         .create_with_context(LoginContext)?;
@@ -131,12 +125,18 @@ fn kafka_client_of(config: &PipelineConfig) -> Option<(String, BTreeMap<String, 
     Some((k.bootstrap_servers.clone(), k.client_options()))
 }
 
-/// The properties of `options` that say how to connect (TLS, SASL): the pipeline's other
-/// client properties mean nothing to the clients `sluice dlq` makes.
-fn security(options: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
-    options
-        .iter()
-        .filter(|(k, _)| sluice_connectors::kafka::is_security_property(k))
+/// A client of `bootstrap` with the properties of `options` that say how to connect (TLS,
+/// SASL): the pipeline's other client properties mean nothing to the clients `sluice dlq`
+/// makes.
+fn client(bootstrap: &str, options: &BTreeMap<String, String>) -> rdkafka::ClientConfig {
+    let mut client = rdkafka::ClientConfig::new();
+    for (k, v) in options {
+        if sluice_connectors::kafka::is_security_property(k) {
+            client.set(k, v);
+        }
+    }
+    client.set("bootstrap.servers", bootstrap);
+    client
 }
 
 /// How the pipeline connects to its brokers (`tls:`, `sasl:`, `options:` of its Kafka
@@ -164,15 +164,9 @@ pub fn replay_to_topic(
     topic: &str,
     options: &BTreeMap<String, String>,
 ) -> anyhow::Result<SentBack> {
-    use rdkafka::config::ClientConfig;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-    let mut client = ClientConfig::new();
-    for (k, v) in security(options) {
-        client.set(k, v);
-    }
-    let producer: ThreadedProducer<LoginContext> = client
-        .set("bootstrap.servers", bootstrap)
+    let producer: ThreadedProducer<LoginContext> = client(bootstrap, options)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create_with_context(LoginContext)?;
