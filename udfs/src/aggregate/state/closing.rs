@@ -161,8 +161,11 @@ pub(super) type KeyedAccs = (Box<[u8]>, Box<[Acc]>);
 struct ClosingWindow {
     end: i64,
     start: i64,
-    /// One per partition that had the window.
+    /// One per partition that had the window (or one per pane, merged across them).
     sources: Vec<PartEntries>,
+    /// Ranges of the database to delete once the window is emitted (see
+    /// [`Closing::delete_after`]).
+    deletes: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A pane's entries in memory, in key order, shared by the windows of one emission that
@@ -275,19 +278,32 @@ impl Closing {
                 done: false,
             }),
         };
-        // Windows arrive partition by partition; keep them in end order, one per end.
+        self.window_at(end, start).sources.push(source);
+    }
+
+    /// Deletes a pane's entries in the database once the window ending at `end` is
+    /// emitted: a pane read from memory only (merged across partitions) whose entries a
+    /// checkpoint wrote, none evicted since (memory holds each of them, newer or equal).
+    pub(super) fn delete_after(&mut self, end: i64, start: i64, range: (Vec<u8>, Vec<u8>)) {
+        self.window_at(end, start).deletes.push(range);
+    }
+
+    /// The window ending at `end`. Windows arrive partition by partition; they are kept
+    /// in end order, one per end.
+    fn window_at(&mut self, end: i64, start: i64) -> &mut ClosingWindow {
         let at = self.windows.partition_point(|w| w.end < end);
-        match self.windows.get_mut(at) {
-            Some(w) if w.end == end => w.sources.push(source),
-            _ => self.windows.insert(
+        if self.windows.get(at).is_none_or(|w| w.end != end) {
+            self.windows.insert(
                 at,
                 ClosingWindow {
                     end,
                     start,
-                    sources: vec![source],
+                    sources: Vec::new(),
+                    deletes: Vec::new(),
                 },
-            ),
+            );
         }
+        &mut self.windows[at]
     }
 
     /// The next rows, at most [`CHUNK`];
@@ -347,6 +363,9 @@ impl Closing {
                 let window = self.windows.pop_front().expect("front window");
                 if let Some(db) = &self.db {
                     let mut batch = WriteBatch::default();
+                    for (from, upto) in &window.deletes {
+                        batch.delete_range(from, upto);
+                    }
                     for s in window.sources {
                         if let Some(st) = s.stored
                             && st.delete

@@ -163,19 +163,7 @@ impl AggregateState {
             self.make_room(store, &mut states, &vec![through; parts.len()])?;
         }
         drop(states);
-        // Sorted once the partitions are free to go on, and once for all the pane's
-        // emissions while it gains no entries.
-        for pane in panes {
-            let order = pane
-                .order
-                .get_or_init(|| Arc::new(closing::sorted(&pane.table)))
-                .clone();
-            // Shared by the windows: read in end order, the last one takes the entries.
-            let table = pane.table;
-            for (end, start, stored) in pane.windows {
-                closing.add(end, start, (table.clone(), order.clone()), stored);
-            }
-        }
+        self.add_panes(&mut closing, panes, through);
         closing.db = db;
         closing.aggs = self.plan.aggs.len();
         Ok(Some(closing))
@@ -222,7 +210,7 @@ impl AggregateState {
             let done = last <= through;
             let prefix = [st.prefix.as_slice(), &ordered(pane)].concat();
             let upto = [st.prefix.as_slice(), &ordered(pane.saturating_add(1))].concat();
-            let (entries, order, stored) = if done {
+            let (entries, order, stored, evicted) = if done {
                 let mut window = st.windows.remove(&pane).expect("a listed pane");
                 let order = window.take_order(&mut st.mem);
                 let bytes = window.filter.size() + window.entries.bytes();
@@ -230,7 +218,7 @@ impl AggregateState {
                 let (stored, evicted) = (window.stored, window.evicted);
                 let mem = window.entries.into_shared();
                 let stored = ((stored || evicted) && db.is_some()).then_some(None);
-                (mem, order, stored)
+                (mem, order, stored, evicted)
             } else {
                 let window = st.windows.get_mut(&pane).expect("a listed pane");
                 let order = window.key_order(&mut st.mem);
@@ -242,7 +230,7 @@ impl AggregateState {
                     }
                     _ => None,
                 };
-                (mem, order, stored)
+                (mem, order, stored, window.evicted)
             };
             let mut windows = Vec::new();
             let mut end = first_end;
@@ -257,9 +245,12 @@ impl AggregateState {
                 end += slide;
             }
             out.push(PaneOut {
+                pane,
                 table: entries,
                 order: order.cell,
                 windows,
+                done,
+                evicted,
             });
         }
         Ok(())
@@ -287,18 +278,6 @@ impl PartState {
         panes.min(sessions)
     }
 }
-
-/// A pane's part of an emission: its entries, and the windows that hold it, each with the
-/// pane's entries in the database, if any.
-struct PaneOut {
-    table: Arc<Table>,
-    /// Its key order: sorted by an earlier emission, or to sort now.
-    order: Arc<OnceLock<Arc<Vec<u32>>>>,
-    windows: Vec<ClosingAt>,
-}
-
-/// A window a pane is emitted in: end, start, and the pane's entries in the database.
-type ClosingAt = (i64, i64, Option<StoredRange>);
 
 /// What [`AggregateState::due`] found.
 struct Due {

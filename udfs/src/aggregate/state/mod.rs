@@ -78,12 +78,14 @@ use super::acc::{self, Acc, AggDef, Input, Order};
 mod closing;
 mod due;
 mod lifecycle;
+mod merged;
 mod sessions;
 mod storage;
 mod table;
 
 pub use closing::{Closing, OutRow};
 use closing::{Frozen, SessionRow, StoredRange, prefix_end, read_range};
+use merged::{MergedPane, PaneOut};
 use sessions::{Sessions, StoredSessions, merge_all_sessions, merge_sessions, write_all_sessions};
 use table::{KeyOrder, PaneTable, Table};
 
@@ -139,6 +141,8 @@ pub struct AggregateState {
     parts: RwLock<BTreeMap<Arc<str>, Arc<Part>>>,
     /// Held while windows are taken out of the partitions to be emitted.
     emission: Mutex<()>,
+    /// Panes merged across partitions for their later windows, by pane end.
+    merged: Mutex<BTreeMap<i64, MergedPane>>,
     memory: AtomicI64,
     epoch: Instant,
     pub late_dropped: AtomicU64,
@@ -306,6 +310,7 @@ impl AggregateState {
             db: OnceLock::new(),
             parts: RwLock::new(BTreeMap::new()),
             emission: Mutex::new(()),
+            merged: Mutex::default(),
             memory: AtomicI64::new(0),
             epoch: Instant::now(),
             late_dropped: AtomicU64::new(0),
@@ -475,8 +480,11 @@ impl AggregateState {
     /// When the stage's memory is past its budget, writes state of `states` (each with what
     /// its partition has emitted) to the database, down to 80% of the budget: from the
     /// partition being processed after a batch, from those that read sessions back after
-    /// an emission.
+    /// an emission. Panes merged across partitions go first: they are copies.
     fn make_room(&self, db: &DB, states: &mut [&mut PartState], emitted: &[i64]) -> Result<()> {
+        if self.memory.load(Ordering::Relaxed) > self.plan.budget as i64 {
+            self.forget_all_merged();
+        }
         for (st, &emitted) in states.iter_mut().zip(emitted) {
             let total = self.memory.load(Ordering::Relaxed);
             if total <= self.plan.budget as i64 {

@@ -95,6 +95,39 @@ async fn sliding_panes_beyond_the_budget_give_the_same_windows() {
     assert_eq!(keys_left(&store, b"/w/"), 0);
 }
 
+/// Panes that snapshots wrote to the database and that stay in memory (none evicted) are
+/// merged across the partitions from memory: the same windows as without a database, and
+/// their entries leave the database with their last window.
+#[tokio::test]
+async fn checkpointed_panes_merged_across_partitions_leave_the_database_with_their_last_window() {
+    let sliding = SPILLING
+        .replace("{ tumbling: 10s }", "{ sliding: { size: 10s, slide: 2s } }")
+        .replace("1KiB", "1GiB");
+    let batches = workload();
+    let mut reference = Harness::new(&sliding);
+    run_workload(&mut reference, &batches).await;
+    reference.end(0).await;
+    reference.end(1).await;
+
+    let store = RocksStore::scratch().unwrap();
+    let mut h = Harness::new(&sliding);
+    let state = h.factory.state().unwrap();
+    state.restore(store.db().unwrap()).unwrap();
+    for some in batches.chunks(7) {
+        run_workload(&mut h, some).await;
+        state.snapshot().unwrap();
+        assert!(
+            keys_left(&store, b"/w/") > 0,
+            "open panes are in the database"
+        );
+    }
+    h.end(0).await;
+    h.end(1).await;
+    assert_eq!(h.take(), reference.take());
+    assert_eq!(h.late, reference.late);
+    assert_eq!(keys_left(&store, b"/w/"), 0);
+}
+
 /// Keys of the store whose name has `space` (`/w/`: panes, `/s/`: sessions, `/e/`: session
 /// end markers).
 fn keys_left(store: &RocksStore, space: &[u8]) -> usize {

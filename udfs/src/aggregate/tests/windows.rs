@@ -236,6 +236,32 @@ async fn a_key_a_pane_gains_after_its_first_window_is_in_the_later_ones() {
     assert!(h.late.is_empty());
 }
 
+/// A pane two partitions hold is merged once for the windows holding it; a row either
+/// partition adds to it after its first window (a new key, or a key's value) is in the
+/// later windows: the merge is not reused once a part changed.
+#[tokio::test]
+async fn a_pane_merged_across_partitions_is_merged_again_when_a_part_changes() {
+    let mut h = Harness::new(&sliding("6s", "2s"));
+    // Both partitions known before a window closes.
+    h.feed(0, &[("c", 1, 1_000)]).await;
+    h.feed(1, &[("c", 10, 1_500), ("x", 1, 2_500)]).await;
+    h.feed(0, &[("x", 1, 2_500)]).await;
+    assert_eq!(h.take(), ["c [-4,2) c=2 s=11"]);
+    // Partition 1's part of pane [0,2) changes a key's value while later windows are open.
+    h.feed(1, &[("c", 100, 1_800)]).await;
+    h.feed(0, &[("x", 1, 4_500)]).await;
+    h.feed(1, &[("x", 1, 4_500)]).await;
+    assert_eq!(h.take(), ["c [-2,4) c=3 s=111", "x [-2,4) c=2 s=2"]);
+    // Partition 0's part gains a key; partition 1's pane [2,4) keeps its merge.
+    h.feed(0, &[("a", 4, 1_200), ("x", 1, 6_500)]).await;
+    h.feed(1, &[("x", 1, 6_500)]).await;
+    assert_eq!(
+        h.take(),
+        ["a [0,6) c=1 s=4", "c [0,6) c=3 s=111", "x [0,6) c=4 s=4"]
+    );
+    assert!(h.late.is_empty());
+}
+
 #[tokio::test]
 async fn sessions_merge_across_rows_and_partitions() {
     let mut h = Harness::new(
