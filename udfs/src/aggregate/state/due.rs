@@ -210,15 +210,21 @@ impl AggregateState {
             let done = last <= through;
             let prefix = [st.prefix.as_slice(), &ordered(pane)].concat();
             let upto = [st.prefix.as_slice(), &ordered(pane.saturating_add(1))].concat();
-            let (entries, order, stored, evicted) = if done {
+            let mut delete = None;
+            let (entries, order, stored) = if done {
                 let mut window = st.windows.remove(&pane).expect("a listed pane");
                 let order = window.take_order(&mut st.mem);
                 let bytes = window.filter.size() + window.entries.bytes();
                 st.mem = st.mem.saturating_sub(bytes);
-                let (stored, evicted) = (window.stored, window.evicted);
                 let mem = window.entries.into_shared();
-                let stored = ((stored || evicted) && db.is_some()).then_some(None);
-                (mem, order, stored, evicted)
+                // Evicted: its windows read the database too, the last one deletes it.
+                // Else what a checkpoint wrote is in memory as well (newer or equal): it
+                // is only deleted, after the last window.
+                let evicted = window.evicted && db.is_some();
+                if window.stored && !evicted && db.is_some() {
+                    delete = Some((prefix.clone(), upto.clone()));
+                }
+                (mem, order, evicted.then_some(None))
             } else {
                 let window = st.windows.get_mut(&pane).expect("a listed pane");
                 let order = window.key_order(&mut st.mem);
@@ -230,7 +236,7 @@ impl AggregateState {
                     }
                     _ => None,
                 };
-                (mem, order, stored, window.evicted)
+                (mem, order, stored)
             };
             let mut windows = Vec::new();
             let mut end = first_end;
@@ -250,7 +256,7 @@ impl AggregateState {
                 order: order.cell,
                 windows,
                 done,
-                evicted,
+                delete,
             });
         }
         Ok(())

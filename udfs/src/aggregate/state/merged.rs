@@ -36,9 +36,9 @@ pub(super) struct PaneOut {
     pub(super) windows: Vec<ClosingAt>,
     /// The pane left its partition with this emission (its last window is in it).
     pub(super) done: bool,
-    /// Some of its entries are in the database only: its windows read them there. Else
-    /// its stored range (a checkpoint wrote entries, each in memory too) is only deleted.
-    pub(super) evicted: bool,
+    /// Its range of the database, to delete after its last window (the last in
+    /// `windows`): entries a checkpoint wrote that memory holds too.
+    pub(super) delete: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A window a pane is emitted in: end, start, and the pane's entries in the database.
@@ -55,17 +55,18 @@ impl AggregateState {
         for pane in panes {
             groups.entry(pane.pane).or_default().push(pane);
         }
-        for (pane, parts) in groups {
+        for (pane, mut parts) in groups {
+            for part in &mut parts {
+                if let (Some(range), Some(&(end, start, _))) =
+                    (part.delete.take(), part.windows.last())
+                {
+                    closing.delete_after(end, start, range);
+                }
+            }
             match self.merge_parts(&mut merged, pane, &parts) {
                 Some((table, order)) => {
                     for &(end, start, _) in &parts[0].windows {
                         closing.add(end, start, (table.clone(), order.clone()), None);
-                    }
-                    let stored = parts.into_iter().flat_map(|p| p.windows);
-                    for (end, start, range) in stored {
-                        if let Some(range) = range.filter(|r| r.delete) {
-                            closing.delete_after(end, start, (range.prefix, range.upto));
-                        }
                     }
                 }
                 None => {
@@ -107,7 +108,7 @@ impl AggregateState {
         let mergeable = parts.len() > 1
             && parts.iter().all(|p| {
                 p.windows.len() == parts[0].windows.len()
-                    && !p.evicted
+                    && p.windows.iter().all(|w| w.2.is_none())
                     && p.windows
                         .iter()
                         .zip(&parts[0].windows)
@@ -131,7 +132,7 @@ impl AggregateState {
         // must fit beside them.
         let bytes: usize = parts
             .iter()
-            .map(|p| p.table.bytes() + p.table.len() * std::mem::size_of::<u32>())
+            .map(|p| p.table.bytes() + order_bytes(p.table.len()))
             .sum();
         if self.memory.load(Ordering::Relaxed) + bytes as i64 > self.plan.budget as i64 {
             return None;
@@ -141,7 +142,7 @@ impl AggregateState {
         let table = Arc::new(table);
         // Kept for the pane's later windows: none when this emission holds its last.
         if !parts[0].done {
-            let bytes = table.bytes() + order.len() * std::mem::size_of::<u32>();
+            let bytes = table.bytes() + order_bytes(order.len());
             self.memory.fetch_add(bytes as i64, Ordering::Relaxed);
             merged.insert(
                 pane,
@@ -160,8 +161,9 @@ impl AggregateState {
     /// partition's lock held: `add_panes` takes no partition lock while it holds these.
     pub(super) fn forget_all_merged(&self) {
         let mut merged = self.merged.lock().expect("merged panes lock");
-        for (_, m) in std::mem::take(&mut *merged) {
-            self.memory.fetch_sub(m.bytes as i64, Ordering::Relaxed);
+        let panes: Vec<i64> = merged.keys().copied().collect();
+        for pane in panes {
+            self.forget_merged(&mut merged, pane);
         }
     }
 

@@ -87,7 +87,7 @@ pub use closing::{Closing, OutRow};
 use closing::{Frozen, SessionRow, StoredRange, prefix_end, read_range};
 use merged::{MergedPane, PaneOut};
 use sessions::{Sessions, StoredSessions, merge_all_sessions, merge_sessions, write_all_sessions};
-use table::{KeyOrder, PaneTable, Table};
+use table::{KeyOrder, PaneTable, Table, order_bytes};
 
 /// How rows are assigned to windows (times in milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

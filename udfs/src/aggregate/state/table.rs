@@ -171,8 +171,13 @@ impl KeyOrder {
 
     /// What it takes in memory (counted from when it is made: it is filled later).
     pub(super) fn bytes(&self) -> usize {
-        self.len * std::mem::size_of::<u32>()
+        order_bytes(self.len)
     }
+}
+
+/// What a key order of `len` entries takes.
+pub(super) fn order_bytes(len: usize) -> usize {
+    len * std::mem::size_of::<u32>()
 }
 
 impl Window {
