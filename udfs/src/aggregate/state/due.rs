@@ -121,6 +121,8 @@ impl AggregateState {
         // Taken (once) if a pane that spilled is emitted while it still changes.
         let mut frozen = None;
         let mut panes = Vec::new();
+        // Keys with a session closed, of any partition.
+        let mut session_keys = Vec::new();
         for (part, st) in parts.iter().zip(states.iter_mut()) {
             // Its windows ending after this were not emitted yet. Set under its lock: its
             // rows added from now on see it.
@@ -133,7 +135,7 @@ impl AggregateState {
             }
             if through != i64::MAX {
                 st.sessions
-                    .close(store, through, &mut closing.ready, &mut st.mem)?;
+                    .close(store, through, &mut session_keys, &mut st.mem)?;
             }
         }
         if through == i64::MAX {
@@ -145,8 +147,9 @@ impl AggregateState {
                     _ => closing.ready = merge_all_sessions(&mut states, store)?,
                 }
             }
-        } else if !closing.ready.is_empty() {
-            merge_sessions(&mut states, through, &mut closing, &self.plan.aggs, store)?;
+        } else if !session_keys.is_empty() {
+            let keys = (session_keys, &self.plan.aggs[..]);
+            closing.ready = merge_sessions(&mut states, through, keys, store)?;
         }
         for (part, st) in parts.iter().zip(states.iter()) {
             self.set_due(part, st, through);

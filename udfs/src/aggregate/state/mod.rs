@@ -368,7 +368,7 @@ impl AggregateState {
                 sessions: Sessions::new(
                     self.key_prefix(b's', name),
                     self.key_prefix(b'e', name),
-                    self.plan.aggs.len(),
+                    sessions::Shape::of(&self.plan.aggs),
                 ),
                 mem: 0,
                 meta_dirty: false,

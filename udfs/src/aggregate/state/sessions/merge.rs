@@ -7,38 +7,55 @@ use super::*;
 /// A group of sessions that closed: start, end, and its merged accumulators.
 type Group = (i64, i64, Option<Box<[Acc]>>);
 
-/// Sessions of the keys in `closing.ready` from every partition (read from the database
-/// where memory does not have them), grouped where they overlap or touch; groups closed by
-/// `through` become rows and leave the partitions.
+/// Sessions of `keys` (each named by every partition that has one of it closed) from
+/// every partition (read from the database where memory does not have them), grouped
+/// where they overlap or touch; groups closed by `through` become rows, sorted, and leave
+/// the partitions.
 pub(in super::super) fn merge_sessions(
     states: &mut [std::sync::MutexGuard<'_, PartState>],
     through: i64,
-    closing: &mut Closing,
-    aggs: &[AggDef],
+    (keys, aggs): (Vec<Key>, &[AggDef]),
     db: Option<&DB>,
-) -> Result<()> {
-    // Every partition names its keys: each once, in any order (the rows are sorted last).
-    let keys: hashbrown::HashSet<Box<[u8]>> = closing.ready.drain(..).map(|r| r.key).collect();
+) -> Result<Vec<SessionRow>> {
+    // Each once, in any order (the rows are sorted last).
+    let keys: hashbrown::HashSet<Key> = keys.into_iter().collect();
     let mut rows = Vec::new();
     let mut batch = WriteBatch::default();
+    // Per key, made again for each (kept here: allocated once for all the keys).
+    // (start, end, partition index, session index)
+    let mut all: Vec<(i64, i64, usize, usize)> = Vec::new();
+    // Groups of sessions that overlap or touch; the closed ones become rows, their
+    // sessions taken out of the partitions: (partition, session index, group).
+    let mut closed: Vec<Group> = Vec::new();
+    let mut taken: Vec<(usize, usize, usize)> = Vec::new();
+    // (partition, group end) of sessions closed on their own whose group stays open
+    // (another partition's session of the key reaches past `through`).
+    let mut held: Vec<(usize, i64)> = Vec::new();
+    // Each partition's slot of the key: what it took before, and what it takes after
+    // (`None` when it is left without sessions).
+    let mut sizes: Vec<Option<(usize, Option<usize>)>> = Vec::with_capacity(states.len());
+    let Some(shape) = states.first().map(|st| st.sessions.shape) else {
+        return Ok(rows);
+    };
     for key in keys {
         for st in states.iter_mut() {
             let st = &mut **st;
             st.sessions.fetch(db, &key, &mut st.mem)?;
         }
-        // Each partition's slot of the key, looked up once, and what it took before.
-        let mut slots: Vec<Option<(&mut Slot, usize)>> = states
+        // Each partition's slot of the key, looked up once.
+        let mut slots: Vec<Option<&mut Slot>> = states
             .iter_mut()
-            .map(|st| {
-                let slot = st.sessions.slots.get_mut(&key)?;
-                let size = slot_size(&key, slot);
-                Some((slot, size))
-            })
+            .map(|st| st.sessions.slots.get_mut(&*key))
             .collect();
-        // (start, end, partition index, session index)
-        let mut all: Vec<(i64, i64, usize, usize)> = Vec::new();
+        sizes.clear();
+        sizes.extend(
+            slots
+                .iter()
+                .map(|s| s.as_ref().map(|s| (slot_size(&key, s, shape), None))),
+        );
+        all.clear();
         for (p, slot) in slots.iter().enumerate() {
-            if let Some((slot, _)) = slot {
+            if let Some(slot) = slot {
                 all.extend(
                     slot.sessions
                         .iter()
@@ -48,14 +65,9 @@ pub(in super::super) fn merge_sessions(
             }
         }
         all.sort_unstable();
-        // Groups of sessions that overlap or touch, as ranges of `all`; the closed ones
-        // become rows, their sessions taken out of the partitions: (partition, session
-        // index, group).
-        let mut closed: Vec<Group> = Vec::new();
-        let mut taken: Vec<(usize, usize, usize)> = Vec::new();
-        // (partition, group end) of sessions closed on their own whose group stays open
-        // (another partition's session of the key reaches past `through`).
-        let mut held: Vec<(usize, i64)> = Vec::new();
+        closed.clear();
+        taken.clear();
+        held.clear();
         let mut i = 0;
         while i < all.len() {
             let (start, mut end) = (all[i].0, all[i].1);
@@ -80,8 +92,8 @@ pub(in super::super) fn merge_sessions(
         }
         // Highest index first, so the others keep theirs.
         taken.sort_unstable_by(|a, b| b.cmp(a));
-        for (p, s, group) in taken {
-            let (slot, _) = slots[p].as_mut().expect("slot of a taken session");
+        for &(p, s, group) in &taken {
+            let slot = slots[p].as_mut().expect("slot of a taken session");
             let session = slot.sessions.remove(s);
             slot.dirty = true;
             match &mut closed[group].2 {
@@ -97,43 +109,45 @@ pub(in super::super) fn merge_sessions(
         // at its next write, so that it is looked at again then, also if the partition
         // holding the group open has left meanwhile (its part is then a row of its own).
         for &(p, end) in &held {
-            let (slot, _) = slots[p].as_mut().expect("slot of a held session");
+            let slot = slots[p].as_mut().expect("slot of a held session");
             if slot.held.is_none_or(|h| h < end) {
                 slot.held = Some(end);
                 slot.dirty = true;
             }
         }
-        // What each slot takes now; a key left without sessions leaves memory, and the
-        // database.
-        let sizes: Vec<Option<(usize, Option<usize>)>> = slots
-            .into_iter()
-            .map(|slot| {
-                let (slot, before) = slot?;
-                Some((
-                    before,
-                    (!slot.sessions.is_empty()).then(|| slot_size(&key, slot)),
-                ))
-            })
-            .collect();
-        for (st, size) in states.iter_mut().zip(sizes) {
+        for (slot, size) in slots.iter().zip(sizes.iter_mut()) {
+            if let (Some(slot), Some((_, now))) = (slot, size) {
+                *now = (!slot.sessions.is_empty()).then(|| slot_size(&key, slot, shape));
+            }
+        }
+        drop(slots);
+        // A key left without sessions leaves memory, and the database.
+        for (st, size) in states.iter_mut().zip(&sizes) {
             let st = &mut **st;
-            let Some((before, now)) = size else {
+            let Some((before, now)) = *size else {
                 continue;
             };
             st.mem = st.mem.saturating_sub(before) + now.unwrap_or(0);
             let s = &mut st.sessions;
-            if now.is_none() && s.slots.remove(&key).is_some_and(|slot| slot.stored) {
+            if now.is_none() && s.slots.remove(&*key).is_some_and(|slot| slot.stored) {
                 batch.delete(s.keys.session(&key));
                 s.stored.keys = s.stored.keys.saturating_sub(1);
             }
         }
-        for (p, end) in held {
-            states[p].sessions.ends.push(end, key.clone());
+        for &(p, end) in &held {
+            // The partition's own copy of the key (the set's may be another's).
+            let s = &mut states[p].sessions;
+            let own = s
+                .slots
+                .get_key_value(&*key)
+                .map_or(&key, |(k, _)| k)
+                .clone();
+            s.ends.push(end, own);
         }
-        for (start, end, accs) in closed {
+        for (start, end, accs) in closed.drain(..) {
             let accs = accs.unwrap_or_else(|| aggs.iter().map(AggDef::new_acc).collect());
             rows.push(SessionRow {
-                key: key.clone(),
+                key: key[..].into(),
                 start,
                 end,
                 accs,
@@ -144,8 +158,7 @@ pub(in super::super) fn merge_sessions(
         db.write_opt(batch, &unlogged()).map_err(db_error)?;
     }
     rows.sort_unstable_by(|a, b| (a.end, a.start, &a.key).cmp(&(b.end, b.start, &b.key)));
-    closing.ready = rows;
-    Ok(())
+    Ok(rows)
 }
 
 /// Every session of `states` closes (the end of the input), all in memory (none in the
@@ -156,13 +169,13 @@ pub(in super::super) fn merge_all_sessions(
     states: &mut [std::sync::MutexGuard<'_, PartState>],
     db: Option<&DB>,
 ) -> Result<Vec<SessionRow>> {
-    let mut by_key: HashMap<Box<[u8]>, Vec<Session>> = HashMap::new();
+    let mut by_key: HashMap<Key, Vec<Session>> = HashMap::new();
     let mut batch = WriteBatch::default();
     for st in states.iter_mut() {
         let st = &mut **st;
         let s = &mut st.sessions;
         for (key, slot) in s.slots.drain() {
-            st.mem = st.mem.saturating_sub(slot_size(&key, &slot));
+            st.mem = st.mem.saturating_sub(slot_size(&key, &slot, s.shape));
             if slot.stored {
                 batch.delete(s.keys.session(&key));
             }
@@ -235,7 +248,7 @@ pub(in super::super) fn write_all_sessions(
         let s = &mut st.sessions;
         let mut batch = WriteBatch::default();
         for (key, mut slot) in s.slots.drain() {
-            st.mem = st.mem.saturating_sub(slot_size(&key, &slot));
+            st.mem = st.mem.saturating_sub(slot_size(&key, &slot, s.shape));
             if slot.dirty {
                 // No markers: every session closes now.
                 s.keys.write(

@@ -20,8 +20,12 @@ mod merge;
 
 pub(super) use merge::{StoredSessions, merge_all_sessions, merge_sessions, write_all_sessions};
 
+/// A key as the sessions hold it: once, shared by its slot and its end markers (a marker
+/// set or re-armed copies a pointer, not the key).
+pub(super) type Key = Arc<[u8]>;
+
 pub(super) struct Sessions {
-    slots: HashMap<Box<[u8]>, Slot>,
+    slots: HashMap<Key, Slot>,
     /// (end, key) of every session end ever set in memory; stale ones are skipped when
     /// popped.
     ends: EndMarks,
@@ -31,7 +35,7 @@ pub(super) struct Sessions {
     /// The hash table's bytes as counted: its capacity's.
     table: usize,
     keys: DbKeys,
-    aggs: usize,
+    shape: Shape,
 }
 
 /// End markers in memory: keys whose sessions may close at an end, grouped by the end.
@@ -41,12 +45,12 @@ pub(super) struct Sessions {
 /// a key popped; many sessions end in the same millisecond.
 #[derive(Default)]
 pub(super) struct EndMarks {
-    by_end: BTreeMap<i64, Vec<Box<[u8]>>>,
+    by_end: BTreeMap<i64, Vec<Key>>,
     len: usize,
 }
 
 impl EndMarks {
-    pub(super) fn push(&mut self, end: i64, key: Box<[u8]>) {
+    pub(super) fn push(&mut self, end: i64, key: Key) {
         self.by_end.entry(end).or_default().push(key);
         self.len += 1;
     }
@@ -56,7 +60,7 @@ impl EndMarks {
     }
 
     /// The keys of the earliest end, if `through` closes it.
-    fn pop_closed(&mut self, through: i64) -> Option<Vec<Box<[u8]>>> {
+    fn pop_closed(&mut self, through: i64) -> Option<Vec<Key>> {
         let entry = self.by_end.first_entry()?;
         if !session_closed(*entry.key(), through) {
             return None;
@@ -129,30 +133,54 @@ struct Session {
 
 /// A slot of the sessions' hash table (key and slot, and the control byte), counted for
 /// the table's capacity.
-const SLOT: usize = std::mem::size_of::<(Box<[u8]>, Slot)>() + 1;
+const SLOT: usize = std::mem::size_of::<(Key, Slot)>() + 1;
 /// An end marker (its key apart): its place in its end's vector, with half as much again
 /// for the vectors' room to grow and the map of ends.
-const MARKER: usize = std::mem::size_of::<Box<[u8]>>() * 3 / 2;
+const MARKER: usize = std::mem::size_of::<Key>() * 3 / 2;
 /// An allocation's rounding, on average.
 const ALLOC: usize = 16;
 
-/// What a key's sessions take beyond its place in the table: the key (twice: the table's
-/// and its end marker's, each with the marker), the sessions' vector as allocated, and
-/// each session's accumulators with what they own.
-fn slot_size(key: &[u8], slot: &Slot) -> usize {
-    2 * (key.len() + ALLOC)
-        + MARKER
+/// A shared key's counts beside its bytes.
+const SHARED: usize = 2 * std::mem::size_of::<usize>();
+
+/// What a key's sessions take beyond its place in the table: the key (shared by the table
+/// and the end markers), a marker, the sessions' vector as allocated, and each session's
+/// accumulators with what they own.
+fn slot_size(key: &[u8], slot: &Slot, shape: Shape) -> usize {
+    let fixed = key.len()
+        + SHARED
         + ALLOC
+        + MARKER
         + slot.sessions.capacity() * std::mem::size_of::<Session>()
+        + slot.sessions.len() * (ALLOC + shape.aggs * std::mem::size_of::<Acc>());
+    if !shape.heap {
+        return fixed;
+    }
+    fixed
         + slot
             .sessions
             .iter()
-            .map(|s| {
-                ALLOC
-                    + std::mem::size_of_val(&*s.accs)
-                    + s.accs.iter().map(Acc::heap_size).sum::<usize>()
-            })
+            .flat_map(|s| s.accs.iter())
+            .map(Acc::heap_size)
             .sum::<usize>()
+}
+
+/// The sessions' accumulators: how many a session has, and whether any may own memory
+/// beyond its own (a distinct set, text). Counts and sums do not: a row that only
+/// changes their values leaves a key's size as it was, known without reading them.
+#[derive(Clone, Copy)]
+pub(super) struct Shape {
+    aggs: usize,
+    heap: bool,
+}
+
+impl Shape {
+    pub(super) fn of(aggs: &[AggDef]) -> Shape {
+        Shape {
+            aggs: aggs.len(),
+            heap: aggs.iter().any(AggDef::owns_heap),
+        }
+    }
 }
 
 /// A key's sessions as the database holds them, with the end of the marker written with
@@ -206,7 +234,7 @@ fn first_end(sessions: &[Session]) -> Option<i64> {
 }
 
 impl Sessions {
-    pub(super) fn new(sessions: Vec<u8>, ends: Vec<u8>, aggs: usize) -> Self {
+    pub(super) fn new(sessions: Vec<u8>, ends: Vec<u8>, shape: Shape) -> Self {
         Sessions {
             slots: HashMap::new(),
             ends: EndMarks::default(),
@@ -214,7 +242,7 @@ impl Sessions {
             stored: StoredIndex::default(),
             table: 0,
             keys: DbKeys { sessions, ends },
-            aggs,
+            shape,
         }
     }
 
@@ -237,14 +265,15 @@ impl Sessions {
             return Ok(false);
         }
         self.fetch(db, key, mem)?;
-        let slot = match self.slots.entry_ref(key) {
-            EntryRef::Occupied(o) => o.into_mut(),
-            EntryRef::Vacant(v) => v.insert(Slot::default()),
+        let mut entry = match self.slots.entry_ref(key) {
+            EntryRef::Occupied(o) => o,
+            EntryRef::Vacant(v) => v.insert_entry(Slot::default()),
         };
+        let slot = entry.get_mut();
         let before = if slot.sessions.is_empty() {
             0
         } else {
-            slot_size(key, slot)
+            slot_size(key, slot, self.shape)
         };
         // Sessions that overlap or touch merge (Flink's rule): rows exactly `gap` apart
         // are one session. The first one the row touches takes it and the others it
@@ -274,6 +303,12 @@ impl Sessions {
                 }
             }
         }
+        // A new session needs an end marker. A session that grows keeps the marker it
+        // has: an end it has passed, re-armed when popped (`close`).
+        if at.is_none() {
+            self.ends.push(end, entry.key().clone());
+        }
+        let slot = entry.into_mut();
         let session = match at {
             Some(j) => {
                 let s = &mut slot.sessions[j];
@@ -282,9 +317,6 @@ impl Sessions {
                 s
             }
             None => {
-                // A new session needs an end marker. A session that grows keeps the
-                // marker it has: an end it has passed, re-armed when popped (`close`).
-                self.ends.push(end, Box::from(key));
                 // Most keys have one session at a time: no room for four.
                 slot.sessions.reserve_exact(1);
                 slot.sessions.push(Session {
@@ -300,7 +332,7 @@ impl Sessions {
         }
         slot.dirty = true;
         slot.touched = true;
-        *mem = (*mem + slot_size(key, slot)).saturating_sub(before);
+        *mem = (*mem + slot_size(key, slot, self.shape)).saturating_sub(before);
         self.count_table(mem);
         if self.ends.len() > 4 * self.slots.len() + 1024 {
             self.compact();
@@ -335,9 +367,10 @@ impl Sessions {
         let Some(value) = db.get_pinned(self.keys.session(key)).map_err(db_error)? else {
             return Ok(false);
         };
-        let (sessions, marker) = decode_sessions(&value, self.aggs)?;
+        let (sessions, marker) = decode_sessions(&value, self.shape.aggs)?;
+        let key = Key::from(key);
         if let Some(end) = first_end(&sessions) {
-            self.ends.push(end, Box::from(key));
+            self.ends.push(end, key.clone());
         }
         let slot = Slot {
             sessions,
@@ -345,8 +378,8 @@ impl Sessions {
             marker,
             ..Slot::default()
         };
-        *mem += slot_size(key, &slot);
-        self.slots.insert(key.into(), slot);
+        *mem += slot_size(&key, &slot, self.shape);
+        self.slots.insert(key, slot);
         self.count_table(mem);
         Ok(true)
     }
@@ -403,7 +436,8 @@ impl Sessions {
     ) -> Result<u64> {
         // Keys no row came for since the last pass first; then any.
         let mut estimate = 0;
-        let mut out: Vec<(Box<[u8]>, Slot)> = Vec::new();
+        let shape = self.shape;
+        let mut out: Vec<(Key, Slot)> = Vec::new();
         for spare_touched in [true, false] {
             if estimate >= target {
                 break;
@@ -412,7 +446,7 @@ impl Sessions {
                 if estimate >= target || (spare_touched && std::mem::take(&mut slot.touched)) {
                     return false;
                 }
-                estimate += slot_size(key, slot);
+                estimate += slot_size(key, slot, shape);
                 true
             }));
         }
@@ -422,7 +456,7 @@ impl Sessions {
         let mut batch = WriteBatch::default();
         let mut value = Vec::new();
         for (key, slot) in out.iter_mut() {
-            *mem = mem.saturating_sub(slot_size(key, slot));
+            *mem = mem.saturating_sub(slot_size(key, slot, self.shape));
             if slot.dirty {
                 self.keys
                     .write(&mut self.stored, key, slot, emitted, &mut batch, &mut value);
@@ -449,8 +483,8 @@ impl Sessions {
         Ok(out.len() as u64)
     }
 
-    /// Moves the keys with a session closed by `through` (see [`session_closed`]) to `out`
-    /// (key only, with empty rows): the merge across partitions decides what is emitted.
+    /// Moves the keys with a session closed by `through` (see [`session_closed`]) to `out`:
+    /// the merge across partitions decides what is emitted.
     /// Keys in the database with a marker `through` passed are read into memory first.
     ///
     /// Every session has a marker at or before its end: set when it opened, and left
@@ -461,7 +495,7 @@ impl Sessions {
         &mut self,
         db: Option<&DB>,
         through: i64,
-        out: &mut Vec<SessionRow>,
+        out: &mut Vec<Key>,
         mem: &mut usize,
     ) -> Result<()> {
         if let (Some(db), Some(first)) = (db, self.stored.first)
@@ -471,9 +505,12 @@ impl Sessions {
         }
         while let Some(keys) = self.ends.pop_closed(through) {
             for key in keys {
-                let Some(slot) = self.slots.get(&key) else {
+                // The slot's own key from here on: the marker's may be of a slot the key
+                // had before (left and came back), kept only by stale markers.
+                let Some((key, slot)) = self.slots.get_key_value(&*key) else {
                     continue;
                 };
+                let key = key.clone();
                 let closed = slot.sessions.iter().any(|x| session_closed(x.end, through));
                 let open = slot
                     .sessions
@@ -489,12 +526,7 @@ impl Sessions {
                     None => key,
                 };
                 if closed {
-                    out.push(SessionRow {
-                        key,
-                        start: 0,
-                        end: 0,
-                        accs: Box::new([]),
-                    });
+                    out.push(key);
                 }
             }
         }
@@ -530,7 +562,7 @@ impl Sessions {
         db.write_opt(batch, &unlogged()).map_err(db_error)?;
         for key in due {
             if self.load(db, &key, mem)? {
-                let slot = self.slots.get_mut(&key).expect("in memory");
+                let slot = self.slots.get_mut(&*key).expect("in memory");
                 slot.dirty = true;
                 slot.marker = None;
             }
@@ -578,7 +610,7 @@ impl Sessions {
                     break;
                 };
                 let value = it.value().expect("a value at a key");
-                if let Some(end) = first_end(&decode_sessions(value, self.aggs)?.0) {
+                if let Some(end) = first_end(&decode_sessions(value, self.shape.aggs)?.0) {
                     batch.put(self.keys.end(end, key), []);
                     self.stored.marker_at(end);
                 }
