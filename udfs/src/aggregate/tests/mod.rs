@@ -18,6 +18,7 @@ use sluice_engine::state::StageState;
 
 use super::{AggregateConfig, AggregateFactory};
 
+mod concurrent;
 mod storage;
 mod windows;
 
