@@ -152,20 +152,6 @@ impl AggDef {
         }
     }
 
-    /// Whether its accumulator may own memory beyond its own ([`Acc::heap_size`] above 0).
-    pub fn owns_heap(&self) -> bool {
-        match self.func {
-            Func::CountRows | Func::Count | Func::Sum | Func::Avg => false,
-            Func::Min | Func::Max => self.input.is_none_or(|(_, kind)| kind == Kind::Text),
-            Func::CountDistinct
-            | Func::ApproxCountDistinct
-            | Func::First
-            | Func::Last
-            | Func::MaxBy
-            | Func::MinBy => true,
-        }
-    }
-
     pub fn new_acc(&self) -> Acc {
         let kind = self.input.map(|(_, k)| k);
         match self.func {

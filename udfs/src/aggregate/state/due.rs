@@ -216,6 +216,7 @@ impl AggregateState {
             let mut delete = None;
             let (entries, order, stored) = if done {
                 let mut window = st.windows.remove(&pane).expect("a listed pane");
+                st.pane_hint = window.entries.len();
                 let order = window.take_order(&mut st.mem);
                 let bytes = window.filter.size() + window.entries.bytes();
                 st.mem = st.mem.saturating_sub(bytes);

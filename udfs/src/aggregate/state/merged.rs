@@ -137,7 +137,7 @@ impl AggregateState {
         if self.memory.load(Ordering::Relaxed) + bytes as i64 > self.plan.budget as i64 {
             return None;
         }
-        let table = merge_tables(parts.iter().map(|p| &*p.table));
+        let table = merge_tables(parts.iter().map(|p| &*p.table).collect());
         let order = Arc::new(closing::sorted(&table));
         let table = Arc::new(table);
         // Kept for the pane's later windows: none when this emission holds its last.
@@ -175,8 +175,9 @@ impl AggregateState {
 }
 
 /// One table of the keys of `tables`, each key's accumulators merged in the tables' order.
-fn merge_tables<'a>(tables: impl Iterator<Item = &'a Table>) -> Table {
-    let mut merged = Table::default();
+fn merge_tables(tables: Vec<&Table>) -> Table {
+    // At least the largest part's keys (with keys in every partition, about as many).
+    let mut merged = Table::with_capacity(tables.iter().map(|t| t.len()).max().unwrap_or(0));
     for table in tables {
         merged.heap += table.heap;
         for i in 0..table.len() {
@@ -189,7 +190,7 @@ fn merge_tables<'a>(tables: impl Iterator<Item = &'a Table>) -> Table {
                     }
                 }
                 None => {
-                    merged.insert(hash, key, table.accs(i).to_vec(), false);
+                    merged.insert(hash, key, table.accs(i).iter().cloned(), false);
                 }
             }
         }

@@ -249,6 +249,15 @@ fn grown(first: usize, n: usize, max: usize) -> usize {
 }
 
 impl Table {
+    /// A table whose index holds `keys` entries before it grows (growing, it reads every
+    /// key it holds again to hash it).
+    pub(super) fn with_capacity(keys: usize) -> Table {
+        Table {
+            index: HashTable::with_capacity(keys),
+            ..Table::default()
+        }
+    }
+
     pub(super) fn len(&self) -> usize {
         self.len
     }
@@ -302,7 +311,14 @@ impl Table {
     }
 
     /// Adds an entry for a key not in the table (`hash` is [`Table::hash`] of it).
-    pub(super) fn insert(&mut self, hash: u64, key: &[u8], accs: Vec<Acc>, dirty: bool) -> usize {
+    pub(super) fn insert(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        accs: impl IntoIterator<Item = Acc, IntoIter: ExactSizeIterator>,
+        dirty: bool,
+    ) -> usize {
+        let accs = accs.into_iter();
         if self.is_empty() {
             self.width = accs.len();
         }

@@ -151,34 +151,43 @@ fn slot_size(key: &[u8], slot: &Slot, shape: Shape) -> usize {
         + SHARED
         + ALLOC
         + MARKER
-        + slot.sessions.capacity() * std::mem::size_of::<Session>()
-        + slot.sessions.len() * (ALLOC + shape.aggs * std::mem::size_of::<Acc>());
-    if !shape.heap {
-        return fixed;
+        + slot.sessions.capacity() * std::mem::size_of::<Session>();
+    if shape.variable {
+        return fixed
+            + slot
+                .sessions
+                .iter()
+                .map(|s| {
+                    ALLOC
+                        + std::mem::size_of_val(&*s.accs)
+                        + s.accs.iter().map(Acc::heap_size).sum::<usize>()
+                })
+                .sum::<usize>();
     }
-    fixed
-        + slot
-            .sessions
-            .iter()
-            .flat_map(|s| s.accs.iter())
-            .map(Acc::heap_size)
-            .sum::<usize>()
+    fixed + slot.sessions.len() * shape.session
 }
 
-/// The sessions' accumulators: how many a session has, and whether any may own memory
-/// beyond its own (a distinct set, text). Counts and sums do not: a row that only
-/// changes their values leaves a key's size as it was, known without reading them.
+/// The sessions' accumulators: how many a session has, and what they take where that
+/// stays as made (counts, sums; not a distinct set, not text, see `AggDef::variable_size`):
+/// then a row that only changes their values leaves its key's size as it was, known
+/// without reading them.
 #[derive(Clone, Copy)]
 pub(super) struct Shape {
     aggs: usize,
-    heap: bool,
+    variable: bool,
+    /// A session's accumulators with what they own, where not `variable`.
+    session: usize,
 }
 
 impl Shape {
     pub(super) fn of(aggs: &[AggDef]) -> Shape {
+        let accs: Box<[Acc]> = aggs.iter().map(AggDef::new_acc).collect();
         Shape {
             aggs: aggs.len(),
-            heap: aggs.iter().any(AggDef::owns_heap),
+            variable: aggs.iter().any(AggDef::variable_size),
+            session: ALLOC
+                + std::mem::size_of_val(&*accs)
+                + accs.iter().map(Acc::heap_size).sum::<usize>(),
         }
     }
 }
