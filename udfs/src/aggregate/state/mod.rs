@@ -79,6 +79,8 @@ mod closing;
 mod due;
 mod lifecycle;
 mod merged;
+#[cfg(test)]
+mod recount;
 mod sessions;
 mod storage;
 mod table;
@@ -517,10 +519,7 @@ impl AggregateState {
         order: Order,
     ) -> Result<()> {
         let hint = st.pane_hint;
-        let window = st.windows.entry(end).or_insert_with(|| Window {
-            entries: PaneTable::Owned(Table::with_capacity(hint)),
-            ..Window::default()
-        });
+        let window = st.windows.entry(end).or_default();
         let table = window.entries.to_mut();
         let before = table.bytes();
         let hash = table.hash(key);
@@ -542,6 +541,10 @@ impl AggregateState {
                     }
                     _ => None,
                 };
+                // Counted below, with the entry.
+                if table.is_empty() {
+                    table.reserve(hint);
+                }
                 // Made in place (a vector of them for every new entry was an allocation).
                 let i = match stored {
                     Some(accs) => table.insert(hash, key, accs, false),

@@ -258,6 +258,14 @@ impl Table {
         }
     }
 
+    /// Makes room in the index for `keys` more entries.
+    pub(super) fn reserve(&mut self, keys: usize) {
+        let (chunks, blocks, hasher) = (&self.chunks, &self.blocks, &self.hasher);
+        self.index.reserve(keys, |&j| {
+            hasher.hash_one(key_at(chunks, blocks, j as usize))
+        });
+    }
+
     pub(super) fn len(&self) -> usize {
         self.len
     }

@@ -39,7 +39,7 @@ pub(super) fn concrete(yaml: &str) -> AggregateFactory {
     config.unwrap().factory("agg", &schema()).unwrap()
 }
 
-pub(super) fn factory(yaml: &str) -> Arc<dyn StageFactory> {
+pub(super) fn factory(yaml: &str) -> Arc<AggregateFactory> {
     Arc::new(concrete(yaml))
 }
 
@@ -64,7 +64,7 @@ pub(super) fn batch(rows: &[In]) -> RecordBatch {
 /// Runs batches through one instance of the stage, each on its partition; returns the
 /// emitted rows (as text, in emission order) and the late rows (partition, index in batch).
 pub(super) struct Harness {
-    pub(super) factory: Arc<dyn StageFactory>,
+    pub(super) factory: Arc<AggregateFactory>,
     pub(super) stage: Box<dyn Stage>,
     pub(super) out: Vec<String>,
     pub(super) late: Vec<(u32, usize)>,
@@ -75,7 +75,7 @@ impl Harness {
         Self::with(factory(yaml))
     }
 
-    pub(super) fn with(factory: Arc<dyn StageFactory>) -> Harness {
+    pub(super) fn with(factory: Arc<AggregateFactory>) -> Harness {
         let stage = factory.create().unwrap();
         Harness {
             factory,
@@ -104,12 +104,14 @@ impl Harness {
             self.late.push((p, f.row));
         }
         self.drain(&ctx).await;
+        self.factory.shared.check_memory();
     }
 
     pub(super) async fn end(&mut self, p: u32) {
         let ctx = Self::ctx(p);
         self.stage.end_of_partition(&ctx).await.unwrap();
         self.drain(&ctx).await;
+        self.factory.shared.check_memory();
     }
 
     pub(super) async fn drain(&mut self, ctx: &StageContext) {

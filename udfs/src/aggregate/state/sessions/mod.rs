@@ -16,8 +16,10 @@
 
 use super::*;
 
+mod ends;
 mod merge;
 
+use ends::EndMarks;
 pub(super) use merge::{StoredSessions, merge_all_sessions, merge_sessions, write_all_sessions};
 
 /// A key as the sessions hold it: once, shared by its slot and its end markers (a marker
@@ -36,43 +38,6 @@ pub(super) struct Sessions {
     table: usize,
     keys: DbKeys,
     shape: Shape,
-}
-
-/// End markers in memory: keys whose sessions may close at an end, grouped by the end.
-/// Closing takes every key of the ends due at once; which key of one end comes first
-/// does not matter (closed keys are grouped and sorted afterwards). A binary heap of
-/// (end, key) cost a compare of keys where ends tie and about log2(sessions) cache misses
-/// a key popped; many sessions end in the same millisecond.
-#[derive(Default)]
-pub(super) struct EndMarks {
-    by_end: BTreeMap<i64, Vec<Key>>,
-    len: usize,
-}
-
-impl EndMarks {
-    pub(super) fn push(&mut self, end: i64, key: Key) {
-        self.by_end.entry(end).or_default().push(key);
-        self.len += 1;
-    }
-
-    fn first(&self) -> Option<i64> {
-        self.by_end.first_key_value().map(|(end, _)| *end)
-    }
-
-    /// The keys of the earliest end, if `through` closes it.
-    fn pop_closed(&mut self, through: i64) -> Option<Vec<Key>> {
-        let entry = self.by_end.first_entry()?;
-        if !session_closed(*entry.key(), through) {
-            return None;
-        }
-        let keys = entry.remove();
-        self.len -= keys.len();
-        Some(keys)
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
 }
 
 /// What is known of a partition's sessions in the database.
@@ -347,6 +312,19 @@ impl Sessions {
             self.compact();
         }
         Ok(true)
+    }
+
+    /// What [`Self::add`] and the others count in a partition's memory, counted again
+    /// from what the sessions hold (tests compare the two).
+    #[cfg(test)]
+    pub(super) fn recount(&self) -> usize {
+        self.slots.capacity() * SLOT
+            + self
+                .slots
+                .iter()
+                .map(|(key, slot)| slot_size(key, slot, self.shape))
+                .sum::<usize>()
+            + self.filter.size()
     }
 
     /// Whether the database may hold sessions that memory does not.
