@@ -66,12 +66,22 @@ pub fn headers_type() -> DataType {
     DataType::Map(Arc::new(entries), false)
 }
 
-/// A column as bytes: binary as it is, anything else as its text (a key of any type,
-/// `_key` of either form).
+/// A column as bytes: binary of any form as it is, anything else as its text (a key of any
+/// type, `_key` of either form).
 pub fn bytes_column(column: &ArrayRef) -> Result<arrow::array::BinaryArray> {
     use arrow::array::AsArray;
     if let Some(bytes) = column.as_binary_opt::<i32>() {
         return Ok(bytes.clone());
+    }
+    // Not through text: a cast to text turns bytes that are not UTF-8 into nulls, so a
+    // `LargeBinary` or `BinaryView` key (DataFusion makes views) lost its bytes.
+    if matches!(
+        column.data_type(),
+        DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_)
+    ) {
+        let bytes = arrow::compute::cast(column, &DataType::Binary)
+            .map_err(|e| Error::arrow("a binary column as bytes", e))?;
+        return Ok(bytes.as_binary::<i32>().clone());
     }
     let bytes = arrow::compute::cast(column, &DataType::Utf8)
         .and_then(|text| arrow::compute::cast(&text, &DataType::Binary))
@@ -282,6 +292,29 @@ impl ColumnSelection {
 mod tests {
     use super::*;
     use arrow::array::StringArray;
+
+    #[test]
+    fn binary_of_every_form_is_bytes_as_it_is() {
+        use arrow::array::{
+            Array, BinaryViewArray, FixedSizeBinaryArray, LargeBinaryArray, UInt32Array,
+        };
+        // Not UTF-8: through text these became nulls.
+        let raw: [&[u8]; 2] = [&[0xff, 0x00, 0xfe], &[0xc3, 0x28, 0x80]];
+        let columns: [ArrayRef; 3] = [
+            Arc::new(LargeBinaryArray::from_iter_values(raw)),
+            Arc::new(BinaryViewArray::from_iter_values(raw)),
+            Arc::new(FixedSizeBinaryArray::try_from_iter(raw.into_iter()).unwrap()),
+        ];
+        for column in &columns {
+            let bytes = bytes_column(column).unwrap();
+            assert_eq!(bytes.null_count(), 0, "{}", column.data_type());
+            assert_eq!(bytes.value(0), raw[0], "{}", column.data_type());
+            assert_eq!(bytes.value(1), raw[1], "{}", column.data_type());
+        }
+        // Anything else is its text.
+        let ints: ArrayRef = Arc::new(UInt32Array::from(vec![7, 42]));
+        assert_eq!(bytes_column(&ints).unwrap().value(1), b"42");
+    }
 
     #[test]
     fn metadata_round_trip() {
