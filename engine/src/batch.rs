@@ -75,10 +75,16 @@ pub fn bytes_column(column: &ArrayRef) -> Result<arrow::array::BinaryArray> {
     }
     // Not through text: a cast to text turns bytes that are not UTF-8 into nulls, so a
     // `LargeBinary` or `BinaryView` key (DataFusion makes views) lost its bytes.
-    if matches!(
-        column.data_type(),
-        DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_)
-    ) {
+    let binary = |t: &DataType| {
+        matches!(
+            t,
+            DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_)
+        )
+    };
+    if match column.data_type() {
+        DataType::Dictionary(_, values) => binary(values) || **values == DataType::Binary,
+        t => binary(t),
+    } {
         let bytes = arrow::compute::cast(column, &DataType::Binary)
             .map_err(|e| Error::arrow("a binary column as bytes", e))?;
         return Ok(bytes.as_binary::<i32>().clone());
@@ -300,17 +306,32 @@ mod tests {
         };
         // Not UTF-8: through text these became nulls.
         let raw: [&[u8]; 2] = [&[0xff, 0x00, 0xfe], &[0xc3, 0x28, 0x80]];
-        let columns: [ArrayRef; 3] = [
+        let dictionary = arrow::array::DictionaryArray::new(
+            arrow::array::Int32Array::from(vec![1, 0]),
+            Arc::new(arrow::array::BinaryArray::from_iter_values([
+                raw[1], raw[0],
+            ])),
+        );
+        let columns: [ArrayRef; 4] = [
             Arc::new(LargeBinaryArray::from_iter_values(raw)),
             Arc::new(BinaryViewArray::from_iter_values(raw)),
             Arc::new(FixedSizeBinaryArray::try_from_iter(raw.into_iter()).unwrap()),
+            Arc::new(dictionary),
         ];
         for column in &columns {
             let bytes = bytes_column(column).unwrap();
             assert_eq!(bytes.null_count(), 0, "{}", column.data_type());
             assert_eq!(bytes.value(0), raw[0], "{}", column.data_type());
             assert_eq!(bytes.value(1), raw[1], "{}", column.data_type());
+            // A slice, as a batch split for a sink is.
+            let slice = bytes_column(&column.slice(1, 1)).unwrap();
+            assert_eq!((slice.len(), slice.value(0)), (1, raw[1]));
         }
+        // A null key stays null.
+        let nulls: ArrayRef = Arc::new(LargeBinaryArray::from(vec![None, Some(raw[0])]));
+        let bytes = bytes_column(&nulls).unwrap();
+        assert!(bytes.is_null(0));
+        assert_eq!(bytes.value(1), raw[0]);
         // Anything else is its text.
         let ints: ArrayRef = Arc::new(UInt32Array::from(vec![7, 42]));
         assert_eq!(bytes_column(&ints).unwrap().value(1), b"42");

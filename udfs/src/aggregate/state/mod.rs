@@ -201,9 +201,10 @@ struct PartState {
     max_time: i64,
     seq: u64,
     windows: BTreeMap<i64, Window>,
-    /// Entries of the last pane this partition emitted whole: a new pane's index is made
-    /// that large (one that grows from empty rehashes its keys at each doubling, reading
-    /// each again: with 8 partitions' copies of Nexmark q5's auctions, 4% of the time).
+    /// Entries of the last pane this partition emitted whole: a pane that fills gets an
+    /// index that large (one that grows from empty rehashes its keys at each doubling,
+    /// reading each again: with 8 partitions' copies of Nexmark q5's auctions, 4% of the
+    /// time).
     pane_hint: usize,
     sessions: Sessions,
     mem: usize,
@@ -541,9 +542,12 @@ impl AggregateState {
                     }
                     _ => None,
                 };
+                // A pane that fills (an eighth of the last whole pane's entries) gets room
+                // for the rest at once, and skips the doublings that would rehash most of
+                // its keys; one that stays sparse (late rows, a pane ahead) never does.
                 // Counted below, with the entry.
-                if table.is_empty() {
-                    table.reserve(hint);
+                if hint >= 64 && table.len() == hint / 8 {
+                    table.reserve(hint - table.len());
                 }
                 // Made in place (a vector of them for every new entry was an allocation).
                 let i = match stored {

@@ -20,7 +20,7 @@ impl PartState {
             .windows
             .values()
             .map(|w| {
-                w.filter.size() + w.entries.bytes() + w.order.as_ref().map_or(0, KeyOrder::bytes)
+                w.filter.size() + w.entries.recount() + w.order.as_ref().map_or(0, KeyOrder::bytes)
             })
             .sum();
         windows + self.sessions.recount()

@@ -280,6 +280,21 @@ impl Table {
         self.index.capacity() * (std::mem::size_of::<u32>() + 1) + self.allocated + self.heap
     }
 
+    /// [`Table::bytes`] counted again from the allocations and the accumulators, rather
+    /// than from the running counts (tests).
+    #[cfg(test)]
+    pub(super) fn recount(&self) -> usize {
+        self.index.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self.chunks.iter().map(chunk_bytes).sum::<usize>()
+            + self.blocks.iter().map(Vec::capacity).sum::<usize>()
+            + self
+                .chunks
+                .iter()
+                .flat_map(|c| &c.accs)
+                .map(Acc::heap_size)
+                .sum::<usize>()
+    }
+
     pub(super) fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }

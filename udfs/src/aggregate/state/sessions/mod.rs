@@ -315,14 +315,18 @@ impl Sessions {
     }
 
     /// What [`Self::add`] and the others count in a partition's memory, counted again
-    /// from what the sessions hold (tests compare the two).
+    /// from what the sessions hold, every accumulator read (tests compare the two).
     #[cfg(test)]
     pub(super) fn recount(&self) -> usize {
+        let every = Shape {
+            variable: true,
+            ..self.shape
+        };
         self.slots.capacity() * SLOT
             + self
                 .slots
                 .iter()
-                .map(|(key, slot)| slot_size(key, slot, self.shape))
+                .map(|(key, slot)| slot_size(key, slot, every))
                 .sum::<usize>()
             + self.filter.size()
     }
