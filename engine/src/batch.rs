@@ -75,16 +75,17 @@ pub fn bytes_column(column: &ArrayRef) -> Result<arrow::array::BinaryArray> {
     }
     // Not through text: a cast to text turns bytes that are not UTF-8 into nulls, so a
     // `LargeBinary` or `BinaryView` key (DataFusion makes views) lost its bytes.
-    let binary = |t: &DataType| {
-        matches!(
-            t,
-            DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_)
-        )
+    let values = match column.data_type() {
+        DataType::Dictionary(_, values) => &**values,
+        t => t,
     };
-    if match column.data_type() {
-        DataType::Dictionary(_, values) => binary(values) || **values == DataType::Binary,
-        t => binary(t),
-    } {
+    if matches!(
+        values,
+        DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+            | DataType::FixedSizeBinary(_)
+    ) {
         let bytes = arrow::compute::cast(column, &DataType::Binary)
             .map_err(|e| Error::arrow("a binary column as bytes", e))?;
         return Ok(bytes.as_binary::<i32>().clone());

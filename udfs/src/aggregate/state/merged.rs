@@ -177,7 +177,8 @@ impl AggregateState {
 /// One table of the keys of `tables`, each key's accumulators merged in the tables' order.
 fn merge_tables(tables: Vec<&Table>) -> Table {
     // At least the largest part's keys (with keys in every partition, about as many).
-    let mut merged = Table::with_capacity(tables.iter().map(|t| t.len()).max().unwrap_or(0));
+    let mut merged = Table::default();
+    merged.reserve(tables.iter().map(|t| t.len()).max().unwrap_or(0));
     for table in tables {
         merged.heap += table.heap;
         for i in 0..table.len() {

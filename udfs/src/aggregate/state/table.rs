@@ -249,21 +249,11 @@ fn grown(first: usize, n: usize, max: usize) -> usize {
 }
 
 impl Table {
-    /// A table whose index holds `keys` entries before it grows (growing, it reads every
-    /// key it holds again to hash it).
-    pub(super) fn with_capacity(keys: usize) -> Table {
-        Table {
-            index: HashTable::with_capacity(keys),
-            ..Table::default()
-        }
-    }
-
-    /// Makes room in the index for `keys` more entries.
+    /// Makes room in the index for `keys` more entries (growing on its own, it doubles,
+    /// and reads every key it holds again to hash it each time).
     pub(super) fn reserve(&mut self, keys: usize) {
-        let (chunks, blocks, hasher) = (&self.chunks, &self.blocks, &self.hasher);
-        self.index.reserve(keys, |&j| {
-            hasher.hash_one(key_at(chunks, blocks, j as usize))
-        });
+        let rehash = rehasher(&self.chunks, &self.blocks, &self.hasher);
+        self.index.reserve(keys, rehash);
     }
 
     pub(super) fn len(&self) -> usize {
@@ -371,10 +361,8 @@ impl Table {
 
     /// Puts entry `i`, whose key hashes to `hash`, in the index.
     fn index_entry(&mut self, hash: u64, i: u32) {
-        let (chunks, blocks, hasher) = (&self.chunks, &self.blocks, &self.hasher);
-        self.index.insert_unique(hash, i, |&j| {
-            hasher.hash_one(key_at(chunks, blocks, j as usize))
-        });
+        let rehash = rehasher(&self.chunks, &self.blocks, &self.hasher);
+        self.index.insert_unique(hash, i, rehash);
     }
 
     fn store_key(&mut self, key: &[u8]) -> KeyAt {
@@ -535,6 +523,15 @@ fn prefetch<T>(p: *const T) {
 fn block_key(blocks: &[Vec<u8>], at: KeyAt) -> &[u8] {
     let start = at.offset as usize;
     &blocks[at.block as usize][start..start + at.len as usize]
+}
+
+/// The hash of an entry number's key, for the index when it grows.
+fn rehasher<'a>(
+    chunks: &'a [Chunk],
+    blocks: &'a [Vec<u8>],
+    hasher: &'a DefaultHashBuilder,
+) -> impl Fn(&u32) -> u64 + 'a {
+    move |&j| hasher.hash_one(key_at(chunks, blocks, j as usize))
 }
 
 fn key_at<'a>(chunks: &[Chunk], blocks: &'a [Vec<u8>], i: usize) -> &'a [u8] {

@@ -122,14 +122,15 @@ fn slot_size(key: &[u8], slot: &Slot, shape: Shape) -> usize {
             + slot
                 .sessions
                 .iter()
-                .map(|s| {
-                    ALLOC
-                        + std::mem::size_of_val(&*s.accs)
-                        + s.accs.iter().map(Acc::heap_size).sum::<usize>()
-                })
+                .map(|s| accs_size(&s.accs))
                 .sum::<usize>();
     }
     fixed + slot.sessions.len() * shape.session
+}
+
+/// A session's accumulators: their allocation, and what they own.
+fn accs_size(accs: &[Acc]) -> usize {
+    ALLOC + std::mem::size_of_val(accs) + accs.iter().map(Acc::heap_size).sum::<usize>()
 }
 
 /// The sessions' accumulators: how many a session has, and what they take where that
@@ -150,9 +151,7 @@ impl Shape {
         Shape {
             aggs: aggs.len(),
             variable: aggs.iter().any(AggDef::variable_size),
-            session: ALLOC
-                + std::mem::size_of_val(&*accs)
-                + accs.iter().map(Acc::heap_size).sum::<usize>(),
+            session: accs_size(&accs),
         }
     }
 }
